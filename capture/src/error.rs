@@ -1,0 +1,19 @@
+//! Errors of the capture engine.
+
+/// Why a checkpoint or guest set-up failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CaptureError {
+    /// Guest memory could not be created or mapped.
+    #[error("guest memory: {0}")]
+    Memory(#[source] std::io::Error),
+    /// The dirty-page tracker failed.
+    #[error("dirty tracking: {0}")]
+    Tracking(#[source] std::io::Error),
+    /// The configuration is unusable.
+    #[error("invalid capture config: {0}")]
+    Config(String),
+    /// The guest stopped (its workload failed or was shut down).
+    #[error("guest stopped: {0}")]
+    Stopped(String),
+}

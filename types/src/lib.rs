@@ -1,0 +1,80 @@
+//! Shared identifiers and records of remus.
+//!
+//! Everything that more than one stage of the pipeline
+//! (capture → wan → store → restore) must agree on lives here and nowhere
+//! else: the page size, the newtype identifiers, the checkpoint record that
+//! capture hands to the sender, and the [`MemoryDigest`] that lets any stage
+//! prove that a memory image is the one the primary had at an epoch.
+
+mod digest;
+mod ids;
+
+pub use digest::{MemoryDigest, GROUP_PAGES};
+pub use ids::{ChunkId, EpochId, GuestId, Pfn};
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Size of one guest page in bytes.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Content hash of a page: blake3 of its 4096 bytes.
+#[must_use]
+pub fn page_hash(page: &[u8]) -> ChunkId {
+    ChunkId(*blake3::hash(page).as_bytes())
+}
+
+/// Hash of the all-zero page, computed once.
+#[must_use]
+pub fn zero_page_hash() -> ChunkId {
+    static ZERO: std::sync::OnceLock<ChunkId> = std::sync::OnceLock::new();
+    *ZERO.get_or_init(|| page_hash(&[0u8; PAGE_SIZE]))
+}
+
+/// True when every byte of `page` is zero (16 bytes at a time).
+#[must_use]
+pub fn is_zero_page(page: &[u8]) -> bool {
+    let mut words = page.chunks_exact(16);
+    words.all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0)
+        && words.remainder().iter().all(|&b| b == 0)
+}
+
+/// Wall-clock time as nanoseconds since the Unix epoch.
+#[must_use]
+pub fn now_unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Everything one epoch changed in a guest, as sealed by the capture engine
+/// while the guest was paused.
+///
+/// Invariant: `pages.len() == pfns.len() * PAGE_SIZE`, and page `i` of
+/// `pages` is the content of guest page `pfns[i]` at the end of the epoch.
+#[derive(Debug, Clone, Default)]
+pub struct Checkpoint {
+    /// Protected guest.
+    pub guest: GuestId,
+    /// Epoch this checkpoint closes.
+    pub epoch: EpochId,
+    /// Wall-clock time of the pause, ns since the Unix epoch.
+    pub time_unix_ns: u64,
+    /// Guest memory size in pages.
+    pub page_count: u64,
+    /// Page numbers written during the epoch, ascending.
+    pub pfns: Vec<Pfn>,
+    /// Their contents, `PAGE_SIZE` bytes each, in the order of `pfns`.
+    pub pages: Vec<u8>,
+    /// Opaque device state of the guest at the pause.
+    pub device_state: Vec<u8>,
+    /// How long the guest was paused for this checkpoint, in nanoseconds.
+    pub pause_ns: u64,
+}
+
+impl Checkpoint {
+    /// Content of the `i`-th captured page.
+    #[must_use]
+    pub fn page(&self, i: usize) -> &[u8] {
+        &self.pages[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+    }
+}

@@ -1,0 +1,488 @@
+//! The tokio/quinn driver around the sans-IO cores: sockets, streams and
+//! timers, nothing of the protocol itself.
+//!
+//! The primary opens one bidirectional control stream per connection and
+//! one unidirectional stream per epoch, so several epochs are in flight
+//! and a slow one does not hold back the others' delivery. The backup
+//! reads each epoch stream whole (bounded by the guest's size), hands
+//! complete epochs to the [`Replica`] in order, and acknowledges each
+//! after the replica has committed it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
+use remus_types::{Checkpoint, ChunkId, EpochId, GuestId};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::encoding::EncodingMix;
+use crate::error::{LinkError, ProtocolError};
+use crate::frame::{FrameReader, Message};
+use crate::receiver::{ReceivedEpoch, ReceiverCore, ReceiverEvent};
+use crate::sender::{SenderConfig, SenderCore, SenderEvent, Transmit};
+
+/// UDP socket buffer size: the default 208 KiB drops packets under load.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Transport settings for long fat pipes: large windows, many streams.
+#[must_use]
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_uni_streams(VarInt::from_u32(1024));
+    t.stream_receive_window(VarInt::from_u32(64 << 20));
+    t.receive_window(VarInt::from_u32(512 << 20));
+    t.send_window(512 << 20);
+    t.keep_alive_interval(Some(Duration::from_millis(500)));
+    t.max_idle_timeout(Some(VarInt::from_u32(10_000).into()));
+    t
+}
+
+/// A UDP endpoint on `bind` with large socket buffers; a server when
+/// `server` is given.
+///
+/// # Errors
+/// [`LinkError::Io`] when the socket cannot be created or bound.
+pub fn endpoint(bind: SocketAddr, server: Option<quinn::ServerConfig>) -> Result<Endpoint, LinkError> {
+    let domain = if bind.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    // Best effort: the kernel caps these at rmem_max/wmem_max.
+    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+    sock.bind(&bind.into())?;
+    let runtime = quinn::default_runtime().ok_or_else(|| LinkError::Connect("no async runtime".into()))?;
+    Ok(Endpoint::new(quinn::EndpointConfig::default(), server, sock.into(), runtime)?)
+}
+
+/// What the primary's link reports.
+#[derive(Debug, Clone)]
+pub enum LinkEvent {
+    /// A checkpoint was taken over; `root` is the guest's memory root at it.
+    Sealed {
+        /// The epoch.
+        epoch: EpochId,
+        /// Memory root.
+        root: ChunkId,
+    },
+    /// An epoch went onto the wire.
+    Sent {
+        /// The epoch.
+        epoch: EpochId,
+        /// Its size on the wire.
+        wire_bytes: u64,
+        /// Dirty pages it carried.
+        pages: u64,
+        /// How they were encoded.
+        mix: EncodingMix,
+    },
+    /// The backup durably committed every epoch up to `epoch`.
+    Acked {
+        /// The epoch.
+        epoch: EpochId,
+        /// Its manifest hash.
+        manifest: ChunkId,
+    },
+    /// Connected and welcomed.
+    Connected,
+    /// The connection was lost; the link reconnects.
+    Disconnected(String),
+}
+
+/// Where and how the primary connects.
+#[derive(Clone)]
+pub struct PrimaryLinkConfig {
+    /// Backup address.
+    pub backup: SocketAddr,
+    /// TLS client config (with the primary's certificate).
+    pub client: quinn::ClientConfig,
+    /// Protocol tuning.
+    pub sender: SenderConfig,
+    /// The protected guest.
+    pub guest: GuestId,
+    /// This run of the primary.
+    pub instance: u64,
+    /// Guest memory size in pages.
+    pub page_count: u64,
+}
+
+enum Input {
+    Control(Result<Message, String>),
+}
+
+/// Runs the primary's link until `checkpoints` closes and every epoch is
+/// acknowledged, reconnecting as needed.
+///
+/// # Errors
+/// [`LinkError::Protocol`] when the backup refuses this primary (another
+/// instance of the guest, lost history); transport errors are retried.
+pub async fn run_primary(
+    cfg: PrimaryLinkConfig,
+    mut checkpoints: mpsc::Receiver<Checkpoint>,
+    events: mpsc::UnboundedSender<LinkEvent>,
+) -> Result<(), LinkError> {
+    let bind: SocketAddr = if cfg.backup.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("addr");
+    let ep = endpoint(bind, None)?;
+    let mut core = SenderCore::new(cfg.sender, cfg.guest, cfg.instance, cfg.page_count);
+    let mut input_closed = false;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if input_closed && core.unacked() == 0 {
+            ep.close(VarInt::from_u32(0), b"done");
+            ep.wait_idle().await;
+            return Ok(());
+        }
+        // Connect, still taking checkpoints so the guest never waits on us.
+        let connecting = ep.connect_with(cfg.client.clone(), cfg.backup, crate::tls::SERVER_NAME);
+        let conn = match connecting {
+            Ok(c) => {
+                let mut fut = std::pin::pin!(c);
+                loop {
+                    tokio::select! {
+                        r = &mut fut => break r.map_err(|e| e.to_string()),
+                        cp = checkpoints.recv(), if !input_closed => match cp {
+                            Some(cp) => push(&mut core, cp, &events),
+                            None => input_closed = true,
+                        },
+                    }
+                }
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = events.send(LinkEvent::Disconnected(e));
+                let until = tokio::time::Instant::now() + backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                while tokio::time::Instant::now() < until {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(until) => {}
+                        cp = checkpoints.recv(), if !input_closed => match cp {
+                            Some(cp) => push(&mut core, cp, &events),
+                            None => input_closed = true,
+                        },
+                    }
+                }
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        match serve_connection(&conn, &mut core, &mut checkpoints, &mut input_closed, &events).await {
+            Ok(()) => {}
+            Err(LinkError::Protocol(e)) => {
+                conn.close(VarInt::from_u32(2), e.to_string().as_bytes());
+                return Err(LinkError::Protocol(e));
+            }
+            Err(e) => {
+                conn.close(VarInt::from_u32(1), b"reconnecting");
+                let _ = events.send(LinkEvent::Disconnected(e.to_string()));
+            }
+        }
+        core.handle_disconnected();
+    }
+}
+
+fn push(core: &mut SenderCore, cp: Checkpoint, events: &mpsc::UnboundedSender<LinkEvent>) {
+    let epoch = cp.epoch;
+    let root = core.push_checkpoint(cp);
+    let _ = events.send(LinkEvent::Sealed { epoch, root });
+}
+
+async fn serve_connection(
+    conn: &Connection,
+    core: &mut SenderCore,
+    checkpoints: &mut mpsc::Receiver<Checkpoint>,
+    input_closed: &mut bool,
+    events: &mpsc::UnboundedSender<LinkEvent>,
+) -> Result<(), LinkError> {
+    let (mut control, recv) = conn.open_bi().await?;
+    core.handle_connected(Instant::now());
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let reader = tokio::spawn(read_control(recv, tx.clone()));
+    let _guard = AbortOnDrop(reader);
+    let mut streams = JoinSet::new();
+    let mut welcomed = false;
+    loop {
+        flush_sender(core, &mut control, conn, &mut streams, events).await?;
+        while let Some(ev) = core.poll_event() {
+            match ev {
+                SenderEvent::Acked { epoch, manifest } => {
+                    let _ = events.send(LinkEvent::Acked { epoch, manifest });
+                }
+                SenderEvent::PeerSilent => return Err(LinkError::Peer("backup silent".into())),
+            }
+        }
+        if core.is_connected() && !welcomed {
+            welcomed = true;
+            let _ = events.send(LinkEvent::Connected);
+        }
+        if *input_closed && core.unacked() == 0 {
+            let _ = control.finish();
+            return Ok(());
+        }
+        let deadline = core.poll_timeout().map(tokio::time::Instant::from_std);
+        tokio::select! {
+            cp = checkpoints.recv(), if !*input_closed => match cp {
+                Some(cp) => push(core, cp, events),
+                None => *input_closed = true,
+            },
+            Some(input) = rx.recv() => match input {
+                Input::Control(Ok(m)) => core.handle_message(Instant::now(), m)?,
+                Input::Control(Err(e)) => return Err(LinkError::Peer(e)),
+            },
+            Some(done) = streams.join_next(), if !streams.is_empty() => {
+                if let Ok(Err(e)) = done {
+                    return Err(LinkError::Peer(e));
+                }
+            }
+            () = sleep_opt(deadline) => core.handle_timeout(Instant::now()),
+        }
+    }
+}
+
+async fn flush_sender(
+    core: &mut SenderCore,
+    control: &mut SendStream,
+    conn: &Connection,
+    streams: &mut JoinSet<Result<(), String>>,
+    events: &mpsc::UnboundedSender<LinkEvent>,
+) -> Result<(), LinkError> {
+    while let Some(t) = core.poll_transmit() {
+        match t {
+            Transmit::Control(b) => control.write_all(&b).await.map_err(|e| LinkError::Peer(e.to_string()))?,
+            Transmit::Epoch { epoch, bytes, pages, mix } => {
+                let _ = events.send(LinkEvent::Sent { epoch, wire_bytes: bytes.len() as u64, pages, mix });
+                let conn = conn.clone();
+                streams.spawn(async move {
+                    let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
+                    s.write_all(&bytes).await.map_err(|e| e.to_string())?;
+                    s.finish().map_err(|e| e.to_string())?;
+                    Ok(())
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn read_control(mut recv: RecvStream, tx: mpsc::UnboundedSender<Input>) {
+    let mut rd = FrameReader::default();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        loop {
+            match rd.next_message() {
+                Ok(Some(m)) => {
+                    if tx.send(Input::Control(Ok(m))).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(Input::Control(Err(e.to_string())));
+                    return;
+                }
+            }
+        }
+        match recv.read(&mut buf).await {
+            Ok(Some(n)) => rd.push(&buf[..n]),
+            Ok(None) => {
+                let _ = tx.send(Input::Control(Err("control stream closed".into())));
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send(Input::Control(Err(e.to_string())));
+                return;
+            }
+        }
+    }
+}
+
+async fn sleep_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The backup's store, as the driver sees it.
+pub trait Replica: Send + Sync + 'static {
+    /// A primary says Hello. Returns the last committed epoch of `guest`
+    /// and its manifest hash, or why the primary is refused.
+    ///
+    /// # Errors
+    /// A message sent to the primary before the connection is closed.
+    fn welcome(&self, guest: GuestId, instance: u64, page_count: u64) -> Result<(EpochId, ChunkId), String>;
+
+    /// Durably commits a complete epoch (blocking); returns its manifest hash.
+    ///
+    /// # Errors
+    /// A message; the connection is then closed and the epoch is resent
+    /// by the primary on its next connection.
+    fn commit(&self, epoch: ReceivedEpoch) -> Result<ChunkId, String>;
+
+    /// The primary of `guest` went silent after `committed`.
+    fn primary_lost(&self, guest: GuestId, committed: EpochId);
+
+    /// The connection of `guest` ended (for any reason).
+    fn disconnected(&self, guest: GuestId);
+}
+
+/// Timing of the backup's side.
+#[derive(Debug, Clone, Copy)]
+pub struct BackupLinkConfig {
+    /// Heartbeat period (default 50 ms).
+    pub heartbeat: Duration,
+    /// Silence after which the primary counts as lost (default 3 heartbeats).
+    pub primary_timeout: Duration,
+}
+
+impl Default for BackupLinkConfig {
+    fn default() -> Self {
+        Self { heartbeat: Duration::from_millis(50), primary_timeout: Duration::from_millis(150) }
+    }
+}
+
+/// Accepts primaries on `ep` until the endpoint closes.
+pub async fn run_backup<R: Replica>(ep: Endpoint, replica: Arc<R>, cfg: BackupLinkConfig) {
+    while let Some(incoming) = ep.accept().await {
+        let replica = Arc::clone(&replica);
+        tokio::spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "refused connection");
+                    return;
+                }
+            };
+            let peer = conn.remote_address();
+            if let Err(e) = serve_primary(&conn, &replica, cfg).await {
+                tracing::warn!(%peer, error = %e, "primary connection ended");
+                conn.close(VarInt::from_u32(1), e.to_string().as_bytes());
+            }
+        });
+    }
+}
+
+async fn serve_primary<R: Replica>(conn: &Connection, replica: &Arc<R>, cfg: BackupLinkConfig) -> Result<(), LinkError> {
+    let (mut control, mut recv) = conn.accept_bi().await?;
+    let mut rd = FrameReader::default();
+    let mut buf = vec![0u8; 64 << 10];
+    let hello = loop {
+        if let Some(m) = rd.next_message().map_err(ProtocolError::from)? {
+            break m;
+        }
+        let n = recv.read(&mut buf).await.map_err(|e| LinkError::Peer(e.to_string()))?.ok_or(LinkError::Closed)?;
+        rd.push(&buf[..n]);
+    };
+    let Message::Hello { guest, instance, page_count } = hello else {
+        return Err(ProtocolError::Unexpected("first control message is not Hello").into());
+    };
+    let r2 = Arc::clone(replica);
+    let welcome = tokio::task::spawn_blocking(move || r2.welcome(guest, instance, page_count))
+        .await
+        .map_err(|e| LinkError::Peer(e.to_string()))?;
+    let (committed, head) = match welcome {
+        Ok(w) => w,
+        Err(m) => {
+            let _ = control.write_all(&Message::Error(m.clone()).to_bytes()).await;
+            let _ = control.finish();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return Err(LinkError::Peer(m));
+        }
+    };
+    tracing::info!(%guest, committed = committed.0, peer = %conn.remote_address(), "primary connected");
+    let result = serve_epochs(conn, replica, cfg, guest, page_count, committed, head, control, recv, rd).await;
+    replica.disconnected(guest);
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_epochs<R: Replica>(
+    conn: &Connection,
+    replica: &Arc<R>,
+    cfg: BackupLinkConfig,
+    guest: GuestId,
+    page_count: u64,
+    committed: EpochId,
+    head: ChunkId,
+    mut control: SendStream,
+    recv: RecvStream,
+    rd: FrameReader,
+) -> Result<(), LinkError> {
+    let mut core = ReceiverCore::new(Instant::now(), cfg.heartbeat, cfg.primary_timeout);
+    core.accept(guest, page_count, committed, head);
+    let max = core.max_epoch_bytes();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
+    let mut leftovers = rd;
+    // Control messages after Hello may already sit in the reader.
+    while let Some(m) = leftovers.next_message().map_err(ProtocolError::from)? {
+        core.handle_message(Instant::now(), m)?;
+    }
+    let _control_reader = AbortOnDrop(tokio::spawn(read_control(recv, tx)));
+    let (etx, mut erx) = mpsc::unbounded_channel::<Result<Vec<u8>, String>>();
+    let c2 = conn.clone();
+    let _epoch_reader = AbortOnDrop(tokio::spawn(async move {
+        loop {
+            let Ok(mut s) = c2.accept_uni().await else { return };
+            let etx = etx.clone();
+            tokio::spawn(async move {
+                let r = s.read_to_end(max).await.map_err(|e| e.to_string());
+                let _ = etx.send(r);
+            });
+        }
+    }));
+    let mut commit: Option<tokio::task::JoinHandle<(EpochId, Result<ChunkId, String>)>> = None;
+    loop {
+        if commit.is_none() {
+            if let Some(e) = core.poll_commit() {
+                let r2 = Arc::clone(replica);
+                let epoch = e.header.epoch;
+                commit = Some(tokio::task::spawn_blocking(move || (epoch, r2.commit(e))));
+            }
+        }
+        while let Some(b) = core.poll_transmit() {
+            control.write_all(&b).await.map_err(|e| LinkError::Peer(e.to_string()))?;
+        }
+        while let Some(ev) = core.poll_event() {
+            match ev {
+                ReceiverEvent::PrimaryLost { guest, committed } => {
+                    tracing::warn!(%guest, committed = committed.0, "primary lost");
+                    replica.primary_lost(guest, committed);
+                    return Err(LinkError::Peer("primary silent".into()));
+                }
+            }
+        }
+        let deadline = core.poll_timeout().map(tokio::time::Instant::from_std);
+        tokio::select! {
+            Some(input) = rx.recv() => match input {
+                Input::Control(Ok(m)) => core.handle_message(Instant::now(), m)?,
+                Input::Control(Err(e)) => return Err(LinkError::Peer(e)),
+            },
+            Some(bytes) = erx.recv() => {
+                let bytes = bytes.map_err(LinkError::Peer)?;
+                core.handle_epoch_stream(Instant::now(), &bytes)?;
+            }
+            Some(done) = async { match commit.as_mut() { Some(h) => Some(h.await), None => None } }, if commit.is_some() => {
+                commit = None;
+                let (epoch, r) = done.map_err(|e| LinkError::Peer(e.to_string()))?;
+                match r {
+                    Ok(manifest) => core.handle_committed(epoch, manifest),
+                    Err(m) => {
+                        let _ = control.write_all(&Message::Error(m.clone()).to_bytes()).await;
+                        return Err(LinkError::Peer(format!("commit of epoch {epoch} failed: {m}")));
+                    }
+                }
+            }
+            () = sleep_opt(deadline) => core.handle_timeout(Instant::now()),
+        }
+    }
+}

@@ -1,0 +1,452 @@
+//! Page encodings: how one dirty page crosses the wire.
+//!
+//! Record layout (little-endian):
+//! ```text
+//! pfn: u64 | kind: u8 | body
+//!   kind 0 Zero      body: -                      (the all-zero page)
+//!   kind 1 Ref       body: hash[32]               (a page the backup holds)
+//!   kind 2 Xor       body: hash[32] base[32] len:u32 zstd(page ^ base)[len]
+//!   kind 3 RawZstd   body: hash[32] len:u32 zstd(page)[len]
+//!   kind 4 RawPlain  body: hash[32] page[4096]    (incompressible)
+//! ```
+//! `hash` is the blake3 of the page; the receiver re-derives it from the
+//! decoded bytes and refuses a mismatch. Decoding is bounded: a
+//! decompressed page must be exactly 4096 bytes.
+
+use std::collections::{HashMap, VecDeque};
+
+use remus_types::{is_zero_page, page_hash, zero_page_hash, ChunkId, EpochId, Pfn, PAGE_SIZE};
+
+use crate::codec::{Reader, Writer};
+use crate::error::DecodeError;
+
+/// How one page is carried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PageEncoding {
+    /// The all-zero page.
+    Zero,
+    /// A page whose content the backup already holds, named by its hash.
+    Ref,
+    /// XOR against a page the backup holds, zstd-compressed.
+    Xor {
+        /// Hash of the base page.
+        base: ChunkId,
+        /// zstd frame of `page ^ base`.
+        delta: Vec<u8>,
+    },
+    /// The page, zstd-compressed.
+    RawZstd(Vec<u8>),
+    /// The page as is (it did not compress).
+    RawPlain(Vec<u8>),
+}
+
+/// One dirty page on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageRecord {
+    /// Guest page number.
+    pub pfn: Pfn,
+    /// blake3 of the page content (zero hash for `Zero`).
+    pub hash: ChunkId,
+    /// Its encoding.
+    pub encoding: PageEncoding,
+}
+
+impl PageRecord {
+    /// Appends the record to `w`.
+    pub fn encode(&self, w: &mut Writer) {
+        w.u64(self.pfn.0);
+        match &self.encoding {
+            PageEncoding::Zero => w.u8(0),
+            PageEncoding::Ref => {
+                w.u8(1);
+                w.bytes(&self.hash.0);
+            }
+            PageEncoding::Xor { base, delta } => {
+                w.u8(2);
+                w.bytes(&self.hash.0);
+                w.bytes(&base.0);
+                w.blob(delta);
+            }
+            PageEncoding::RawZstd(z) => {
+                w.u8(3);
+                w.bytes(&self.hash.0);
+                w.blob(z);
+            }
+            PageEncoding::RawPlain(p) => {
+                w.u8(4);
+                w.bytes(&self.hash.0);
+                w.bytes(p);
+            }
+        }
+    }
+
+    /// Bytes this record takes on the wire.
+    #[must_use]
+    pub fn wire_len(&self) -> usize {
+        9 + match &self.encoding {
+            PageEncoding::Zero => 0,
+            PageEncoding::Ref => 32,
+            PageEncoding::Xor { delta, .. } => 68 + delta.len(),
+            PageEncoding::RawZstd(z) => 36 + z.len(),
+            PageEncoding::RawPlain(p) => 32 + p.len(),
+        }
+    }
+
+    /// Reads one record.
+    ///
+    /// # Errors
+    /// [`DecodeError`] on truncation, an unknown kind or an oversized blob.
+    pub fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let pfn = Pfn(r.u64()?);
+        let kind = r.u8()?;
+        let (hash, encoding) = match kind {
+            0 => (zero_page_hash(), PageEncoding::Zero),
+            1 => (r.hash()?, PageEncoding::Ref),
+            2 => {
+                let hash = r.hash()?;
+                let base = r.hash()?;
+                (hash, PageEncoding::Xor { base, delta: r.blob(PAGE_SIZE * 2)?.to_vec() })
+            }
+            3 => {
+                let hash = r.hash()?;
+                (hash, PageEncoding::RawZstd(r.blob(PAGE_SIZE * 2)?.to_vec()))
+            }
+            4 => {
+                let hash = r.hash()?;
+                (hash, PageEncoding::RawPlain(r.take(PAGE_SIZE)?.to_vec()))
+            }
+            k => return Err(DecodeError::UnknownKind { what: "page encoding", kind: k }),
+        };
+        Ok(Self { pfn, hash, encoding })
+    }
+
+    /// Rebuilds the page content. `base` looks up a page the receiver
+    /// holds by hash (needed for `Ref` and `Xor`).
+    ///
+    /// # Errors
+    /// [`DecodeError::MissingBase`] when `base` does not know a referenced
+    /// page, [`DecodeError::Corrupt`] when decompression fails or yields the
+    /// wrong size, [`DecodeError::HashMismatch`] when the result does not
+    /// hash to `hash`.
+    pub fn decode_page(&self, base: impl FnOnce(&ChunkId) -> Option<Vec<u8>>) -> Result<Vec<u8>, DecodeError> {
+        let page = match &self.encoding {
+            PageEncoding::Zero => return Ok(vec![0u8; PAGE_SIZE]),
+            PageEncoding::Ref => return base(&self.hash).ok_or(DecodeError::MissingBase(self.hash)),
+            PageEncoding::Xor { base: b, delta } => {
+                let mut page = base(b).ok_or(DecodeError::MissingBase(*b))?;
+                let d = decompress_page(delta)?;
+                if page.len() != PAGE_SIZE {
+                    return Err(DecodeError::Corrupt("base page has the wrong size"));
+                }
+                xor_into(&mut page, &d);
+                page
+            }
+            PageEncoding::RawZstd(z) => decompress_page(z)?,
+            PageEncoding::RawPlain(p) => p.clone(),
+        };
+        if page_hash(&page) != self.hash {
+            return Err(DecodeError::HashMismatch { pfn: self.pfn.0 });
+        }
+        Ok(page)
+    }
+}
+
+/// Decompresses a zstd frame that must hold exactly one page.
+///
+/// # Errors
+/// [`DecodeError::Corrupt`] when it is not a valid frame of 4096 bytes.
+pub fn decompress_page(z: &[u8]) -> Result<Vec<u8>, DecodeError> {
+    let out = zstd::bulk::decompress(z, PAGE_SIZE).map_err(|_| DecodeError::Corrupt("bad zstd frame"))?;
+    if out.len() != PAGE_SIZE {
+        return Err(DecodeError::Corrupt("decompressed page is not 4096 bytes"));
+    }
+    Ok(out)
+}
+
+fn xor_into(dst: &mut [u8], src: &[u8]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d ^= s;
+    }
+}
+
+/// Tally of encodings chosen, for the summary.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EncodingMix {
+    /// Zero pages.
+    pub zero: u64,
+    /// Pages sent as references.
+    pub reference: u64,
+    /// Pages sent as XOR deltas.
+    pub xor: u64,
+    /// Pages sent zstd-compressed.
+    pub raw_zstd: u64,
+    /// Pages sent plain.
+    pub raw_plain: u64,
+}
+
+impl EncodingMix {
+    /// Counts one record.
+    pub fn add(&mut self, e: &PageEncoding) {
+        match e {
+            PageEncoding::Zero => self.zero += 1,
+            PageEncoding::Ref => self.reference += 1,
+            PageEncoding::Xor { .. } => self.xor += 1,
+            PageEncoding::RawZstd(_) => self.raw_zstd += 1,
+            PageEncoding::RawPlain(_) => self.raw_plain += 1,
+        }
+    }
+
+    /// Adds another tally.
+    pub fn merge(&mut self, o: &Self) {
+        self.zero += o.zero;
+        self.reference += o.reference;
+        self.xor += o.xor;
+        self.raw_zstd += o.raw_zstd;
+        self.raw_plain += o.raw_plain;
+    }
+
+    /// Total pages counted.
+    #[must_use]
+    pub fn total(&self) -> u64 {
+        self.zero + self.reference + self.xor + self.raw_zstd + self.raw_plain
+    }
+}
+
+/// Tuning of the sender's encoder.
+#[derive(Debug, Clone, Copy)]
+pub struct EncoderConfig {
+    /// zstd level for page content (default 1).
+    pub zstd_level: i32,
+    /// Hashes remembered as held by the backup (default 1 Mi).
+    pub held_capacity: usize,
+    /// Previous page contents kept for XOR deltas (default 16 Ki pages).
+    pub shadow_capacity: usize,
+}
+
+impl Default for EncoderConfig {
+    fn default() -> Self {
+        Self { zstd_level: 1, held_capacity: 1 << 20, shadow_capacity: 16 << 10 }
+    }
+}
+
+/// Sender-side encoder: remembers which hashes the backup holds (bounded)
+/// and the last content of recently written pages (bounded), and picks the
+/// cheapest encoding for each page.
+///
+/// Invariant: a hash is in `held` only if a page with that content was
+/// sent in an epoch recorded next to it, so after a reconnect
+/// [`forget_after`](Self::forget_after) the committed epoch removes every
+/// reference the backup might not hold.
+pub struct PageEncoder {
+    cfg: EncoderConfig,
+    held: HashMap<ChunkId, EpochId>,
+    held_order: VecDeque<ChunkId>,
+    shadow: HashMap<Pfn, (ChunkId, Box<[u8]>)>,
+    shadow_order: VecDeque<Pfn>,
+    zstd: zstd::bulk::Compressor<'static>,
+}
+
+impl PageEncoder {
+    /// A fresh encoder (the backup is assumed to hold nothing).
+    ///
+    /// # Panics
+    /// If zstd cannot create a compression context (out of memory).
+    #[must_use]
+    pub fn new(cfg: EncoderConfig) -> Self {
+        Self {
+            cfg,
+            held: HashMap::new(),
+            held_order: VecDeque::new(),
+            shadow: HashMap::new(),
+            shadow_order: VecDeque::new(),
+            zstd: zstd::bulk::Compressor::new(cfg.zstd_level).expect("zstd context"),
+        }
+    }
+
+    /// Encodes `page` (written at `pfn` in `epoch`).
+    pub fn encode(&mut self, epoch: EpochId, pfn: Pfn, page: &[u8]) -> PageRecord {
+        let hash = if is_zero_page(page) { zero_page_hash() } else { page_hash(page) };
+        self.encode_hashed(epoch, pfn, page, hash)
+    }
+
+    /// Encodes `page` whose blake3 the caller already computed.
+    pub fn encode_hashed(&mut self, epoch: EpochId, pfn: Pfn, page: &[u8], hash: ChunkId) -> PageRecord {
+        debug_assert_eq!(page.len(), PAGE_SIZE);
+        if hash == zero_page_hash() {
+            self.shadow.remove(&pfn);
+            return PageRecord { pfn, hash, encoding: PageEncoding::Zero };
+        }
+        let encoding = if self.held.contains_key(&hash) {
+            PageEncoding::Ref
+        } else {
+            let xor = self.xor_delta(pfn, page);
+            self.mark_held(hash, epoch);
+            match xor {
+                Some(x) => x,
+                None => self.compress(page),
+            }
+        };
+        self.remember(pfn, hash, page);
+        PageRecord { pfn, hash, encoding }
+    }
+
+    /// After a reconnect: the backup committed everything up to
+    /// `committed` and nothing after, so forget hashes first sent later.
+    pub fn forget_after(&mut self, committed: EpochId) {
+        self.held.retain(|_, e| *e <= committed);
+        let held = &self.held;
+        self.held_order.retain(|h| held.contains_key(h));
+        let held = &self.held;
+        self.shadow.retain(|_, (h, _)| held.contains_key(h));
+    }
+
+    /// Number of hashes believed held by the backup.
+    #[must_use]
+    pub fn held_len(&self) -> usize {
+        self.held.len()
+    }
+
+    fn xor_delta(&mut self, pfn: Pfn, page: &[u8]) -> Option<PageEncoding> {
+        let (base, old) = self.shadow.get(&pfn)?;
+        if !self.held.contains_key(base) {
+            return None;
+        }
+        // Only worth it for a small change: count differing 8-byte words.
+        let differing = old
+            .chunks_exact(8)
+            .zip(page.chunks_exact(8))
+            .filter(|(a, b)| a != b)
+            .count();
+        if differing * 4 > PAGE_SIZE / 8 {
+            return None;
+        }
+        let mut delta = old.to_vec();
+        xor_into(&mut delta, page);
+        let z = self.zstd.compress(&delta).ok()?;
+        Some(PageEncoding::Xor { base: *base, delta: z })
+    }
+
+    fn compress(&mut self, page: &[u8]) -> PageEncoding {
+        match self.zstd.compress(page) {
+            Ok(z) if z.len() + 64 < PAGE_SIZE => PageEncoding::RawZstd(z),
+            _ => PageEncoding::RawPlain(page.to_vec()),
+        }
+    }
+
+    fn mark_held(&mut self, hash: ChunkId, epoch: EpochId) {
+        if self.held.insert(hash, epoch).is_none() {
+            self.held_order.push_back(hash);
+            while self.held_order.len() > self.cfg.held_capacity {
+                if let Some(old) = self.held_order.pop_front() {
+                    self.held.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn remember(&mut self, pfn: Pfn, hash: ChunkId, page: &[u8]) {
+        match self.shadow.get_mut(&pfn) {
+            Some(slot) => {
+                slot.0 = hash;
+                slot.1.copy_from_slice(page);
+            }
+            None => {
+                self.shadow.insert(pfn, (hash, page.into()));
+                self.shadow_order.push_back(pfn);
+                while self.shadow.len() > self.cfg.shadow_capacity {
+                    match self.shadow_order.pop_front() {
+                        Some(old) => {
+                            self.shadow.remove(&old);
+                        }
+                        None => break,
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn round_trip(rec: &PageRecord) -> PageRecord {
+        let mut w = Writer::default();
+        rec.encode(&mut w);
+        let buf = w.into_inner();
+        let mut r = Reader::new(&buf);
+        let back = PageRecord::decode(&mut r).unwrap();
+        assert!(r.is_empty());
+        back
+    }
+
+    fn page_from(seed: &[u8], fill: u8) -> Vec<u8> {
+        let mut p = vec![fill; PAGE_SIZE];
+        for (i, b) in seed.iter().enumerate() {
+            p[(i * 97) % PAGE_SIZE] = *b;
+        }
+        p
+    }
+
+    proptest! {
+        #[test]
+        fn every_encoding_round_trips(seed in proptest::collection::vec(any::<u8>(), 0..64), fill in any::<u8>(), edits in proptest::collection::vec((0usize..PAGE_SIZE, any::<u8>()), 1..8)) {
+            let mut enc = PageEncoder::new(EncoderConfig::default());
+            let mut store: HashMap<ChunkId, Vec<u8>> = HashMap::new();
+            let first = page_from(&seed, fill);
+            let mut second = first.clone();
+            for (at, v) in edits { second[at] ^= v | 1; }
+            let pages = [first.clone(), second, first, vec![0; PAGE_SIZE], (0..PAGE_SIZE).map(|i| (i * 7919 % 251) as u8).collect()];
+            for (i, page) in pages.iter().enumerate() {
+                let rec = enc.encode(EpochId(1), Pfn(3), page);
+                let back = round_trip(&rec);
+                prop_assert_eq!(&back, &rec);
+                let out = back.decode_page(|h| store.get(h).cloned()).unwrap();
+                prop_assert_eq!(&out, page, "page {}", i);
+                store.insert(rec.hash, out);
+            }
+        }
+
+        #[test]
+        fn garbage_never_panics(buf in proptest::collection::vec(any::<u8>(), 0..6000)) {
+            let mut r = Reader::new(&buf);
+            if let Ok(rec) = PageRecord::decode(&mut r) {
+                let _ = rec.decode_page(|_| None);
+            }
+        }
+    }
+
+    #[test]
+    fn encoder_picks_the_cheap_encodings() {
+        let mut enc = PageEncoder::new(EncoderConfig::default());
+        let text: Vec<u8> = b"the epoch of a guest ".iter().copied().cycle().take(PAGE_SIZE).collect();
+        assert!(matches!(enc.encode(EpochId(1), Pfn(1), &[0; PAGE_SIZE]).encoding, PageEncoding::Zero));
+        assert!(matches!(enc.encode(EpochId(1), Pfn(1), &text).encoding, PageEncoding::RawZstd(_)));
+        assert!(matches!(enc.encode(EpochId(1), Pfn(2), &text).encoding, PageEncoding::Ref));
+        let mut edited = text.clone();
+        edited[100] = b'X';
+        let rec = enc.encode(EpochId(2), Pfn(1), &edited);
+        match &rec.encoding {
+            PageEncoding::Xor { delta, .. } => assert!(delta.len() < 64, "delta {} bytes", delta.len()),
+            e => panic!("expected xor, got {e:?}"),
+        }
+        let random: Vec<u8> = (0..PAGE_SIZE as u64).map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8).collect();
+        let _ = enc.encode(EpochId(2), Pfn(9), &random);
+        // After a reconnect at epoch 1, epoch 2's pages are no longer held.
+        enc.forget_after(EpochId(1));
+        assert!(matches!(enc.encode(EpochId(3), Pfn(5), &edited).encoding, PageEncoding::RawZstd(_) | PageEncoding::Xor { .. }));
+        assert!(matches!(enc.encode(EpochId(3), Pfn(6), &text).encoding, PageEncoding::Ref));
+    }
+
+    #[test]
+    fn tampered_page_is_refused() {
+        let mut enc = PageEncoder::new(EncoderConfig::default());
+        let text: Vec<u8> = b"abc ".iter().copied().cycle().take(PAGE_SIZE).collect();
+        let mut rec = enc.encode(EpochId(1), Pfn(1), &text);
+        rec.hash.0[0] ^= 1;
+        assert_eq!(rec.decode_page(|_| None), Err(DecodeError::HashMismatch { pfn: 1 }));
+        let rec = PageRecord { pfn: Pfn(2), hash: rec.hash, encoding: PageEncoding::Ref };
+        assert_eq!(rec.decode_page(|_| None), Err(DecodeError::MissingBase(rec.hash)));
+    }
+}

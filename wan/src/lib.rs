@@ -1,0 +1,32 @@
+//! The replication protocol of remus.
+//!
+//! - [`encoding`]: how a dirty page crosses the wire (`Zero`, `Ref`, `Xor`,
+//!   `Raw`), and the sender's [`PageEncoder`] that picks among them.
+//! - [`frame`]: the versioned, length-prefixed, checksummed frame and the
+//!   [`Message`]s it carries.
+//! - [`SenderCore`] / [`ReceiverCore`]: the protocol as sans-IO state
+//!   machines (no sockets, no clock), tested on a virtual clock.
+//! - [`tls`] and [`driver`]: QUIC with quinn and mutual TLS with rustls.
+//!
+//! Invariant: the backup acknowledges epoch `N` only after `N` and every
+//! epoch before it are durably committed; the primary releases output of
+//! `N` only on that acknowledgement.
+
+mod codec;
+pub mod driver;
+pub mod encoding;
+mod error;
+pub mod frame;
+mod receiver;
+mod sender;
+pub mod tls;
+
+pub use codec::{Reader, Writer};
+pub use encoding::{decompress_page, EncoderConfig, EncodingMix, PageEncoder, PageEncoding, PageRecord};
+pub use error::{DecodeError, LinkError, ProtocolError};
+pub use frame::{EpochHeader, FrameReader, Message};
+pub use receiver::{ReceivedEpoch, ReceiverCore, ReceiverEvent};
+pub use sender::{SenderConfig, SenderCore, SenderEvent, Transmit};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,236 @@
+//! The backup's side of the protocol, sans IO, one per connection.
+//!
+//! Epoch streams may complete in any order; [`ReceiverCore::poll_commit`]
+//! hands them out strictly in epoch order, one at a time, and only after
+//! [`ReceiverCore::handle_committed`] reports epoch `N` durably committed
+//! is `Ack(N)` queued. An epoch at or below the committed one (resent after
+//! a reconnect) is dropped and acknowledged again.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use remus_types::{ChunkId, EpochId, GuestId};
+
+use crate::encoding::PageRecord;
+use crate::error::ProtocolError;
+use crate::frame::{EpochHeader, FrameReader, Message};
+
+/// An epoch received whole, ready to commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedEpoch {
+    /// Its header.
+    pub header: EpochHeader,
+    /// Page records, in the order sent.
+    pub records: Vec<PageRecord>,
+    /// Device state.
+    pub device_state: Vec<u8>,
+    /// The primary's memory root at this epoch.
+    pub memory_root: ChunkId,
+    /// Bytes this epoch took on the wire.
+    pub wire_bytes: u64,
+}
+
+/// What happened, for the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReceiverEvent {
+    /// The primary has been silent for longer than the timeout: fail over
+    /// from this epoch, the last committed.
+    PrimaryLost {
+        /// The guest.
+        guest: GuestId,
+        /// Last committed epoch.
+        committed: EpochId,
+    },
+}
+
+/// Sans-IO state of one connection at the backup.
+pub struct ReceiverCore {
+    guest: Option<GuestId>,
+    page_count: u64,
+    committed: EpochId,
+    committing: bool,
+    ready: BTreeMap<EpochId, ReceivedEpoch>,
+    heartbeat: Duration,
+    timeout: Duration,
+    next_heartbeat: Option<Instant>,
+    last_heard: Option<Instant>,
+    control: VecDeque<Message>,
+    events: VecDeque<ReceiverEvent>,
+}
+
+impl ReceiverCore {
+    /// A connection's state; heartbeats every `heartbeat`, the primary is
+    /// lost after `timeout` of silence.
+    #[must_use]
+    pub fn new(now: Instant, heartbeat: Duration, timeout: Duration) -> Self {
+        Self {
+            guest: None,
+            page_count: 0,
+            committed: EpochId(0),
+            committing: false,
+            ready: BTreeMap::new(),
+            heartbeat,
+            timeout,
+            next_heartbeat: Some(now + heartbeat),
+            last_heard: Some(now),
+            control: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// The Hello was accepted by the store, which had `committed` (manifest
+    /// `head`) for this guest: queue the Welcome.
+    pub fn accept(&mut self, guest: GuestId, page_count: u64, committed: EpochId, head: ChunkId) {
+        self.guest = Some(guest);
+        self.page_count = page_count;
+        self.committed = committed;
+        self.control.push_back(Message::Welcome { guest, committed, head });
+    }
+
+    /// Largest epoch stream accepted, in bytes: every page plain, plus slack.
+    #[must_use]
+    pub fn max_epoch_bytes(&self) -> usize {
+        usize::try_from(self.page_count.saturating_mul(4200)).unwrap_or(usize::MAX).saturating_add(8 << 20)
+    }
+
+    /// A control-stream message from the primary (Hello is handled by the
+    /// driver before the core exists).
+    ///
+    /// # Errors
+    /// [`ProtocolError`] for anything but a heartbeat or an error.
+    pub fn handle_message(&mut self, now: Instant, msg: Message) -> Result<(), ProtocolError> {
+        self.last_heard = Some(now);
+        match msg {
+            Message::Heartbeat { .. } => Ok(()),
+            Message::Error(m) => Err(ProtocolError::Peer(m)),
+            _ => Err(ProtocolError::Unexpected("message on the control stream")),
+        }
+    }
+
+    /// A whole epoch stream.
+    ///
+    /// # Errors
+    /// [`ProtocolError`] when the stream is malformed, belongs to another
+    /// guest, or its record count does not add up.
+    pub fn handle_epoch_stream(&mut self, now: Instant, bytes: &[u8]) -> Result<(), ProtocolError> {
+        self.last_heard = Some(now);
+        let guest = self.guest.ok_or(ProtocolError::Unexpected("epoch before hello"))?;
+        let mut rd = FrameReader::default();
+        rd.push(bytes);
+        let header = match rd.next_message()? {
+            Some(Message::EpochBegin(h)) => h,
+            _ => return Err(ProtocolError::Unexpected("epoch stream without EpochBegin")),
+        };
+        let bad = |reason| ProtocolError::BadEpoch { epoch: header.epoch, reason };
+        if header.guest != guest {
+            return Err(bad("epoch of another guest"));
+        }
+        if header.page_count != self.page_count {
+            return Err(bad("page count differs from hello"));
+        }
+        let mut records = Vec::with_capacity(header.records as usize);
+        let mut device_state = Vec::new();
+        let memory_root = loop {
+            match rd.next_message()? {
+                Some(Message::Pages(mut batch)) => {
+                    if records.len() + batch.len() > header.records as usize {
+                        return Err(bad("more records than announced"));
+                    }
+                    if batch.iter().any(|r| r.pfn.0 >= self.page_count) {
+                        return Err(bad("page number beyond guest memory"));
+                    }
+                    records.append(&mut batch);
+                }
+                Some(Message::DeviceState(d)) => device_state = d,
+                Some(Message::EpochEnd { epoch, memory_root }) => {
+                    if epoch != header.epoch {
+                        return Err(bad("EpochEnd of another epoch"));
+                    }
+                    break memory_root;
+                }
+                Some(_) => return Err(bad("unexpected message in epoch stream")),
+                None => return Err(bad("stream ended before EpochEnd")),
+            }
+        };
+        if rd.pending() != 0 {
+            return Err(bad("bytes after EpochEnd"));
+        }
+        if records.len() != header.records as usize {
+            return Err(bad("fewer records than announced"));
+        }
+        if header.epoch <= self.committed {
+            // Resent after a reconnect: already durable, acknowledge again.
+            self.control.push_back(Message::Ack { epoch: self.committed, manifest: ChunkId::default() });
+            return Ok(());
+        }
+        self.ready.insert(
+            header.epoch,
+            ReceivedEpoch { header, records, device_state, memory_root, wire_bytes: bytes.len() as u64 },
+        );
+        Ok(())
+    }
+
+    /// The next epoch to commit, if it is complete and no commit is running.
+    pub fn poll_commit(&mut self) -> Option<ReceivedEpoch> {
+        if self.committing {
+            return None;
+        }
+        let next = self.committed.next();
+        let e = self.ready.remove(&next)?;
+        self.committing = true;
+        Some(e)
+    }
+
+    /// The store durably committed `epoch` under manifest `manifest`.
+    pub fn handle_committed(&mut self, epoch: EpochId, manifest: ChunkId) {
+        self.committing = false;
+        self.committed = epoch;
+        self.control.push_back(Message::Ack { epoch, manifest });
+    }
+
+    /// When to call [`handle_timeout`](Self::handle_timeout).
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let silent = self.last_heard.map(|t| t + self.timeout);
+        match (self.next_heartbeat, silent) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Advances the clock.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.next_heartbeat.is_some_and(|t| now >= t) {
+            self.control.push_back(Message::Heartbeat { epoch: self.committed });
+            self.next_heartbeat = Some(now + self.heartbeat);
+        }
+        if self.last_heard.is_some_and(|t| now >= t + self.timeout) {
+            self.last_heard = None;
+            if let Some(guest) = self.guest {
+                self.events.push_back(ReceiverEvent::PrimaryLost { guest, committed: self.committed });
+            }
+        }
+    }
+
+    /// Next control frame to send.
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.control.pop_front().map(|m| m.to_bytes())
+    }
+
+    /// Next event.
+    pub fn poll_event(&mut self) -> Option<ReceiverEvent> {
+        self.events.pop_front()
+    }
+
+    /// Last committed epoch.
+    #[must_use]
+    pub fn committed(&self) -> EpochId {
+        self.committed
+    }
+
+    /// Complete epochs waiting for their turn to commit.
+    #[must_use]
+    pub fn waiting(&self) -> usize {
+        self.ready.len()
+    }
+}

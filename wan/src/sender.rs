@@ -1,0 +1,336 @@
+//! The primary's side of the protocol, sans IO: no sockets, no clock of
+//! its own. The driver feeds it checkpoints ([`SenderCore::push_checkpoint`]),
+//! control messages ([`SenderCore::handle_message`]) and time
+//! ([`SenderCore::handle_timeout`]), and drains
+//! [`SenderCore::poll_transmit`] and [`SenderCore::poll_event`].
+//!
+//! Several epochs may be in flight (up to `max_in_flight`). Every
+//! checkpoint is retained until acknowledged; after a reconnect the
+//! backup's Welcome says what it committed, the encoder forgets every hash
+//! it sent later, and the retained epochs are encoded and sent again, so
+//! nothing the backup holds is resent and nothing it lacks is referenced.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use remus_types::{is_zero_page, page_hash, zero_page_hash, Checkpoint, ChunkId, EpochId, GuestId, MemoryDigest};
+
+use crate::encoding::{EncoderConfig, EncodingMix, PageEncoder};
+use crate::error::ProtocolError;
+use crate::frame::{EpochHeader, Message};
+
+/// Tuning of the sender.
+#[derive(Debug, Clone, Copy)]
+pub struct SenderConfig {
+    /// Epochs sent but not yet acknowledged, at most (default 16).
+    pub max_in_flight: usize,
+    /// Heartbeat period (default 50 ms).
+    pub heartbeat: Duration,
+    /// Silence after which the backup counts as lost (default 10 heartbeats).
+    pub peer_timeout: Duration,
+    /// Target payload bytes per Pages frame (default 256 KiB).
+    pub batch_bytes: usize,
+    /// Page encoder tuning.
+    pub encoder: EncoderConfig,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 16,
+            heartbeat: Duration::from_millis(50),
+            peer_timeout: Duration::from_millis(500),
+            batch_bytes: 256 << 10,
+            encoder: EncoderConfig::default(),
+        }
+    }
+}
+
+/// What the driver must send.
+#[derive(Debug)]
+pub enum Transmit {
+    /// Frames for the control stream.
+    Control(Vec<u8>),
+    /// A whole epoch, for a stream of its own.
+    Epoch {
+        /// The epoch.
+        epoch: EpochId,
+        /// Its frames.
+        bytes: Vec<u8>,
+        /// Dirty pages it carries.
+        pages: u64,
+        /// How they were encoded.
+        mix: EncodingMix,
+    },
+}
+
+/// What happened, for the driver and the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SenderEvent {
+    /// The backup committed every epoch up to this one.
+    Acked {
+        /// The epoch.
+        epoch: EpochId,
+        /// Its manifest hash.
+        manifest: ChunkId,
+    },
+    /// The backup has been silent for longer than the peer timeout.
+    PeerSilent,
+}
+
+struct Retained {
+    cp: Checkpoint,
+    hashes: Vec<ChunkId>,
+    root: ChunkId,
+    sent: bool,
+}
+
+/// Sans-IO state of the primary.
+pub struct SenderCore {
+    cfg: SenderConfig,
+    guest: GuestId,
+    instance: u64,
+    page_count: u64,
+    encoder: PageEncoder,
+    digest: MemoryDigest,
+    retained: BTreeMap<EpochId, Retained>,
+    acked: EpochId,
+    sealed: EpochId,
+    connected: bool,
+    next_heartbeat: Option<Instant>,
+    last_heard: Option<Instant>,
+    control: VecDeque<Message>,
+    events: VecDeque<SenderEvent>,
+}
+
+impl SenderCore {
+    /// A sender for `guest` (memory of `page_count` pages). `instance`
+    /// identifies this run of the primary to the backup.
+    #[must_use]
+    pub fn new(cfg: SenderConfig, guest: GuestId, instance: u64, page_count: u64) -> Self {
+        Self {
+            cfg,
+            guest,
+            instance,
+            page_count,
+            encoder: PageEncoder::new(cfg.encoder),
+            digest: MemoryDigest::zeroed(page_count),
+            retained: BTreeMap::new(),
+            acked: EpochId(0),
+            sealed: EpochId(0),
+            connected: false,
+            next_heartbeat: None,
+            last_heard: None,
+            control: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// A connection is up: queue the Hello.
+    pub fn handle_connected(&mut self, now: Instant) {
+        self.control.push_back(Message::Hello { guest: self.guest, instance: self.instance, page_count: self.page_count });
+        self.connected = false;
+        self.next_heartbeat = Some(now + self.cfg.heartbeat);
+        self.last_heard = Some(now);
+    }
+
+    /// The connection broke: everything unacknowledged will be sent again
+    /// after the next Welcome.
+    pub fn handle_disconnected(&mut self) {
+        self.connected = false;
+        self.next_heartbeat = None;
+        self.last_heard = None;
+        self.control.clear();
+        for r in self.retained.values_mut() {
+            r.sent = false;
+        }
+    }
+
+    /// Takes a sealed checkpoint (epochs must arrive in order) and returns
+    /// the memory root of the guest at that epoch.
+    ///
+    /// # Panics
+    /// If epochs are pushed out of order or the page count differs.
+    pub fn push_checkpoint(&mut self, cp: Checkpoint) -> ChunkId {
+        assert!(cp.epoch > self.sealed, "checkpoints must be pushed in epoch order");
+        assert_eq!(cp.page_count, self.page_count, "page count changed");
+        let hashes: Vec<ChunkId> = (0..cp.pfns.len())
+            .map(|i| {
+                let page = cp.page(i);
+                if is_zero_page(page) {
+                    zero_page_hash()
+                } else {
+                    page_hash(page)
+                }
+            })
+            .collect();
+        for (pfn, h) in cp.pfns.iter().zip(&hashes) {
+            self.digest.set(*pfn, *h);
+        }
+        let root = self.digest.root();
+        self.sealed = cp.epoch;
+        self.retained.insert(cp.epoch, Retained { cp, hashes, root, sent: false });
+        root
+    }
+
+    /// Handles a message from the backup's control stream.
+    ///
+    /// # Errors
+    /// [`ProtocolError`] for a message that makes no sense here, or the
+    /// backup's own error; the driver then closes the connection.
+    pub fn handle_message(&mut self, now: Instant, msg: Message) -> Result<(), ProtocolError> {
+        self.last_heard = Some(now);
+        match msg {
+            Message::Welcome { guest, committed, head } => {
+                if guest != self.guest {
+                    return Err(ProtocolError::Unexpected("welcome for another guest"));
+                }
+                if committed < self.acked {
+                    return Err(ProtocolError::BadEpoch { epoch: committed, reason: "backup lost acknowledged epochs" });
+                }
+                if committed > self.sealed {
+                    return Err(ProtocolError::BadEpoch { epoch: committed, reason: "backup is ahead of this primary" });
+                }
+                self.connected = true;
+                self.encoder.forget_after(committed);
+                for r in self.retained.values_mut() {
+                    r.sent = false;
+                }
+                self.ack(committed, head);
+            }
+            Message::Ack { epoch, manifest } => {
+                if !self.connected || epoch > self.sealed {
+                    return Err(ProtocolError::BadEpoch { epoch, reason: "ack for an epoch never sent" });
+                }
+                self.ack(epoch, manifest);
+            }
+            Message::Heartbeat { .. } => {}
+            Message::Error(m) => return Err(ProtocolError::Peer(m)),
+            _ => return Err(ProtocolError::Unexpected("data message on the control stream")),
+        }
+        Ok(())
+    }
+
+    fn ack(&mut self, epoch: EpochId, manifest: ChunkId) {
+        if epoch > self.acked {
+            self.acked = epoch;
+            self.retained = self.retained.split_off(&epoch.next());
+            self.events.push_back(SenderEvent::Acked { epoch, manifest });
+        }
+    }
+
+    /// When the driver should call [`handle_timeout`](Self::handle_timeout).
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let silent = self.last_heard.map(|t| t + self.cfg.peer_timeout);
+        match (self.next_heartbeat, silent) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Advances the clock: queues heartbeats, notices a silent backup.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(t) = self.next_heartbeat {
+            if now >= t {
+                self.control.push_back(Message::Heartbeat { epoch: self.sealed });
+                self.next_heartbeat = Some(now + self.cfg.heartbeat);
+            }
+        }
+        if let Some(t) = self.last_heard {
+            if now >= t + self.cfg.peer_timeout {
+                self.last_heard = None;
+                self.events.push_back(SenderEvent::PeerSilent);
+            }
+        }
+    }
+
+    /// The next thing to send, encoding an epoch when the window allows.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if let Some(m) = self.control.pop_front() {
+            return Some(Transmit::Control(m.to_bytes()));
+        }
+        if !self.connected || self.in_flight() >= self.cfg.max_in_flight {
+            return None;
+        }
+        let epoch = *self.retained.iter().find(|(_, r)| !r.sent)?.0;
+        let r = self.retained.get_mut(&epoch).expect("present");
+        r.sent = true;
+        let (bytes, mix) = encode_epoch(&mut self.encoder, &self.cfg, &r.cp, &r.hashes, r.root);
+        Some(Transmit::Epoch { epoch, bytes, pages: r.cp.pfns.len() as u64, mix })
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<SenderEvent> {
+        self.events.pop_front()
+    }
+
+    /// Epochs sent and not yet acknowledged.
+    #[must_use]
+    pub fn in_flight(&self) -> usize {
+        self.retained.values().filter(|r| r.sent).count()
+    }
+
+    /// Epochs retained (sent or not) awaiting an ack.
+    #[must_use]
+    pub fn unacked(&self) -> usize {
+        self.retained.len()
+    }
+
+    /// Highest acknowledged epoch.
+    #[must_use]
+    pub fn acked(&self) -> EpochId {
+        self.acked
+    }
+
+    /// Highest sealed epoch.
+    #[must_use]
+    pub fn sealed(&self) -> EpochId {
+        self.sealed
+    }
+
+    /// True once the backup has welcomed this connection.
+    #[must_use]
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+}
+
+fn encode_epoch(
+    enc: &mut PageEncoder,
+    cfg: &SenderConfig,
+    cp: &Checkpoint,
+    hashes: &[ChunkId],
+    root: ChunkId,
+) -> (Vec<u8>, EncodingMix) {
+    let mut out = Vec::with_capacity(cp.pfns.len() * 1024 + 256);
+    let records = u32::try_from(cp.pfns.len()).expect("fewer than 4 Gi pages per epoch");
+    Message::EpochBegin(EpochHeader {
+        guest: cp.guest,
+        epoch: cp.epoch,
+        time_unix_ns: cp.time_unix_ns,
+        page_count: cp.page_count,
+        pause_ns: cp.pause_ns,
+        records,
+    })
+    .encode(&mut out);
+    let mut mix = EncodingMix::default();
+    let mut batch = Vec::new();
+    let mut batch_bytes = 0;
+    for (i, pfn) in cp.pfns.iter().enumerate() {
+        let rec = enc.encode_hashed(cp.epoch, *pfn, cp.page(i), hashes[i]);
+        mix.add(&rec.encoding);
+        batch_bytes += rec.wire_len();
+        batch.push(rec);
+        if batch_bytes >= cfg.batch_bytes {
+            Message::Pages(std::mem::take(&mut batch)).encode(&mut out);
+            batch_bytes = 0;
+        }
+    }
+    if !batch.is_empty() {
+        Message::Pages(batch).encode(&mut out);
+    }
+    Message::DeviceState(cp.device_state.clone()).encode(&mut out);
+    Message::EpochEnd { epoch: cp.epoch, memory_root: root }.encode(&mut out);
+    (out, mix)
+}
