@@ -66,6 +66,7 @@ pub struct ArenaGuest {
     tracker: Tracker,
     workload: Option<JoinHandle<()>>,
     pfns: Vec<u64>,
+    last_dirty: usize,
 }
 
 impl ArenaGuest {
@@ -114,7 +115,7 @@ impl ArenaGuest {
             .name("remus-workload".into())
             .spawn(move || workload::run(&s2, &wl))
             .map_err(|e| CaptureError::Stopped(e.to_string()))?;
-        Ok(Self { shared, tracker, workload: Some(workload), pfns: Vec::new() })
+        Ok(Self { shared, tracker, workload: Some(workload), pfns: Vec::new(), last_dirty: 0 })
     }
 
     /// True when dirty pages are found by write-protect scanning.
@@ -160,18 +161,46 @@ impl ProtectedGuest for ArenaGuest {
         if self.workload.as_ref().is_some_and(JoinHandle::is_finished) && !self.shared.stop.load(Ordering::Relaxed) {
             return Err(CaptureError::Stopped("workload thread exited".into()));
         }
+        // Fault the page buffer in before pausing (sized from the last
+        // epoch), so the copy inside the pause takes no page faults.
+        let estimate = (self.last_dirty + self.last_dirty / 2 + 64) * PAGE_SIZE;
+        if cp.pages.capacity() < estimate {
+            cp.pages = vec![0u8; estimate];
+            cp.pages.fill(1);
+        }
+        // Two-phase scan. Phase one runs with the guest running: it takes
+        // (and re-protects) every page written so far in the epoch, which
+        // is most of them. Phase two, paused, finds only the pages written
+        // since phase one, so the pause pays the per-page cost of
+        // re-protection for a handful of pages. A page in either set is
+        // copied inside the pause, so the checkpoint holds its content at
+        // the pause; a write racing phase one lands in phase two's set.
+        self.pfns.clear();
+        if let Tracker::WriteProtect(s) = &mut self.tracker {
+            s.collect(&mut self.pfns).map_err(CaptureError::Tracking)?;
+        }
         let t0 = Instant::now();
         self.shared.pause.store(true, Ordering::Release);
         let mem = self.shared.memory.lock();
         self.shared.output.seal(epoch);
-        self.pfns.clear();
-        match &mut self.tracker {
-            Tracker::WriteProtect(s) => s.collect(&mut self.pfns).map_err(CaptureError::Tracking)?,
-            Tracker::Hash(hashes) => diff_hashes(mem.as_slice(), hashes, &mut self.pfns),
+        let result = match &mut self.tracker {
+            Tracker::WriteProtect(s) => s.collect(&mut self.pfns).map_err(CaptureError::Tracking),
+            Tracker::Hash(hashes) => {
+                diff_hashes(mem.as_slice(), hashes, &mut self.pfns);
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            drop(mem);
+            self.shared.pause.store(false, Ordering::Release);
+            return Err(e);
         }
+        self.pfns.sort_unstable();
+        self.pfns.dedup();
         let bytes = mem.as_slice();
         cp.pages.clear();
         cp.pages.reserve(self.pfns.len() * PAGE_SIZE);
+        self.last_dirty = self.pfns.len();
         for &pfn in &self.pfns {
             let off = pfn as usize * PAGE_SIZE;
             cp.pages.extend_from_slice(&bytes[off..off + PAGE_SIZE]);

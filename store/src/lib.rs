@@ -1,1 +1,17 @@
-//! placeholder
+//! The store of remus: a content-addressed log of every committed epoch.
+//!
+//! Pages are chunks named by their blake3; each epoch adds only the chunks
+//! it introduced, its page-index entries and a [`Manifest`] hash-chained to
+//! its parent. See [`Store`] for the RocksDB layout and the commit rule
+//! (one atomic, synced write batch per epoch).
+
+mod db;
+mod error;
+mod manifest;
+
+pub use db::{content_id, CommitOutcome, EpochCommit, Head, Store, StoreOptions, StoredChunk};
+pub use error::{ErrorKind, StoreError};
+pub use manifest::{page_delta_hash, Manifest, MANIFEST_LEN};
+
+#[cfg(test)]
+mod tests;

@@ -12,7 +12,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
+pub use quinn::Endpoint;
+use quinn::{Connection, RecvStream, SendStream, VarInt};
 use remus_types::{Checkpoint, ChunkId, EpochId, GuestId};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -108,6 +109,8 @@ pub struct PrimaryLinkConfig {
 
 enum Input {
     Control(Result<Message, String>),
+    /// The peer finished its control stream: a clean end.
+    Closed,
 }
 
 /// Runs the primary's link until `checkpoints` closes and every epoch is
@@ -204,7 +207,9 @@ async fn serve_connection(
     let mut streams = JoinSet::new();
     let mut welcomed = false;
     loop {
-        flush_sender(core, &mut control, conn, &mut streams, events).await?;
+        // Encode at most one epoch per turn so heartbeats and acks are
+        // never held up behind a backlog of encoding.
+        let more = flush_sender(core, &mut control, conn, &mut streams, events).await?;
         while let Some(ev) = core.poll_event() {
             match ev {
                 SenderEvent::Acked { epoch, manifest } => {
@@ -218,7 +223,9 @@ async fn serve_connection(
             let _ = events.send(LinkEvent::Connected);
         }
         if *input_closed && core.unacked() == 0 {
+            // Finish the control stream and let the backup close: a clean end.
             let _ = control.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
             return Ok(());
         }
         let deadline = core.poll_timeout().map(tokio::time::Instant::from_std);
@@ -230,6 +237,7 @@ async fn serve_connection(
             Some(input) = rx.recv() => match input {
                 Input::Control(Ok(m)) => core.handle_message(Instant::now(), m)?,
                 Input::Control(Err(e)) => return Err(LinkError::Peer(e)),
+                Input::Closed => return Err(LinkError::Peer("backup closed the control stream".into())),
             },
             Some(done) = streams.join_next(), if !streams.is_empty() => {
                 if let Ok(Err(e)) = done {
@@ -237,6 +245,7 @@ async fn serve_connection(
                 }
             }
             () = sleep_opt(deadline) => core.handle_timeout(Instant::now()),
+            () = std::future::ready(()), if more => {}
         }
     }
 }
@@ -247,7 +256,7 @@ async fn flush_sender(
     conn: &Connection,
     streams: &mut JoinSet<Result<(), String>>,
     events: &mpsc::UnboundedSender<LinkEvent>,
-) -> Result<(), LinkError> {
+) -> Result<bool, LinkError> {
     while let Some(t) = core.poll_transmit() {
         match t {
             Transmit::Control(b) => control.write_all(&b).await.map_err(|e| LinkError::Peer(e.to_string()))?,
@@ -260,10 +269,11 @@ async fn flush_sender(
                     s.finish().map_err(|e| e.to_string())?;
                     Ok(())
                 });
+                return Ok(true);
             }
         }
     }
-    Ok(())
+    Ok(false)
 }
 
 async fn read_control(mut recv: RecvStream, tx: mpsc::UnboundedSender<Input>) {
@@ -287,7 +297,7 @@ async fn read_control(mut recv: RecvStream, tx: mpsc::UnboundedSender<Input>) {
         match recv.read(&mut buf).await {
             Ok(Some(n)) => rd.push(&buf[..n]),
             Ok(None) => {
-                let _ = tx.send(Input::Control(Err("control stream closed".into())));
+                let _ = tx.send(Input::Closed);
                 return;
             }
             Err(e) => {
@@ -341,13 +351,14 @@ pub trait Replica: Send + Sync + 'static {
 pub struct BackupLinkConfig {
     /// Heartbeat period (default 50 ms).
     pub heartbeat: Duration,
-    /// Silence after which the primary counts as lost (default 3 heartbeats).
+    /// Silence after which the primary counts as lost (default 10
+    /// heartbeats: on a loaded host a few periods of silence are common).
     pub primary_timeout: Duration,
 }
 
 impl Default for BackupLinkConfig {
     fn default() -> Self {
-        Self { heartbeat: Duration::from_millis(50), primary_timeout: Duration::from_millis(150) }
+        Self { heartbeat: Duration::from_millis(50), primary_timeout: Duration::from_millis(500) }
     }
 }
 
@@ -364,9 +375,12 @@ pub async fn run_backup<R: Replica>(ep: Endpoint, replica: Arc<R>, cfg: BackupLi
                 }
             };
             let peer = conn.remote_address();
-            if let Err(e) = serve_primary(&conn, &replica, cfg).await {
-                tracing::warn!(%peer, error = %e, "primary connection ended");
-                conn.close(VarInt::from_u32(1), e.to_string().as_bytes());
+            match serve_primary(&conn, &replica, cfg).await {
+                Ok(()) => conn.close(VarInt::from_u32(0), b"done"),
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "primary connection ended");
+                    conn.close(VarInt::from_u32(1), e.to_string().as_bytes());
+                }
             }
         });
     }
@@ -464,10 +478,18 @@ async fn serve_epochs<R: Replica>(
         let deadline = core.poll_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
             Some(input) = rx.recv() => match input {
-                Input::Control(Ok(m)) => core.handle_message(Instant::now(), m)?,
+                Input::Control(Ok(m)) => {
+                    tracing::debug!(?m, "control message from primary");
+                    core.handle_message(Instant::now(), m)?;
+                }
                 Input::Control(Err(e)) => return Err(LinkError::Peer(e)),
+                Input::Closed => {
+                    tracing::info!(%guest, committed = core.committed().0, "primary finished");
+                    return Ok(());
+                }
             },
             Some(bytes) = erx.recv() => {
+                tracing::debug!(len = bytes.as_ref().map_or(0, Vec::len), "epoch stream from primary");
                 let bytes = bytes.map_err(LinkError::Peer)?;
                 core.handle_epoch_stream(Instant::now(), &bytes)?;
             }
@@ -482,7 +504,10 @@ async fn serve_epochs<R: Replica>(
                     }
                 }
             }
-            () = sleep_opt(deadline) => core.handle_timeout(Instant::now()),
+            () = sleep_opt(deadline) => {
+                tracing::debug!("backup timer");
+                core.handle_timeout(Instant::now());
+            }
         }
     }
 }

@@ -1,0 +1,89 @@
+//! The backup at run time: a store, a QUIC endpoint and the replica that
+//! commits what arrives, on a thread with its own runtime.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::{Context, Result};
+use remus_store::{Store, StoreOptions};
+use remus_wan::driver::{endpoint, run_backup, BackupLinkConfig, Endpoint};
+use remus_wan::tls::{server_config, TlsDir};
+
+use crate::replica::StoreReplica;
+
+/// Everything a backup needs.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// Address to listen on (port 0 picks one).
+    pub listen: SocketAddr,
+    /// Store directory.
+    pub store: PathBuf,
+    /// TLS material.
+    pub tls: TlsDir,
+    /// Heartbeat timing.
+    pub link: BackupLinkConfig,
+}
+
+/// A running backup.
+pub struct Backup {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Its store.
+    pub store: Arc<Store>,
+    /// Its replica (for statistics).
+    pub replica: Arc<StoreReplica>,
+    endpoint: Endpoint,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Backup {
+    /// Opens the store and starts listening.
+    ///
+    /// # Errors
+    /// When the store cannot be opened, the TLS material is unusable or
+    /// the address cannot be bound.
+    pub fn start(opts: BackupOptions) -> Result<Self> {
+        let store = Arc::new(
+            Store::open(&opts.store, StoreOptions::default()).with_context(|| format!("opening store {}", opts.store.display()))?,
+        );
+        let server = server_config(opts.tls.identity("backup")?, opts.tls.roots()?)?;
+        let replica = Arc::new(StoreReplica::new(Arc::clone(&store)));
+        let r2 = Arc::clone(&replica);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let link = opts.link;
+        let listen = opts.listen;
+        let thread = std::thread::Builder::new().name("remus-backup".into()).spawn(move || {
+            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(anyhow::Error::from(e)));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let ep = match endpoint(listen, Some(server)) {
+                    Ok(ep) => ep,
+                    Err(e) => {
+                        let _ = tx.send(Err(anyhow::Error::from(e).context(format!("listening on {listen}"))));
+                        return;
+                    }
+                };
+                let _ = tx.send(Ok(ep.clone()));
+                run_backup(ep, r2, link).await;
+            });
+        })?;
+        let endpoint = rx.recv().context("backup thread ended early")??;
+        let addr = endpoint.local_addr()?;
+        Ok(Self { addr, store, replica, endpoint, thread: Some(thread) })
+    }
+
+    /// Stops accepting and waits for the backup thread.
+    pub fn stop(mut self) {
+        self.endpoint.close(0u32.into(), b"backup stopping");
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

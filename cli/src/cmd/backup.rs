@@ -1,0 +1,60 @@
+//! `remus backup`: keep replicas of one or more primaries.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Result;
+use remus_wan::driver::BackupLinkConfig;
+
+use crate::backup::{Backup, BackupOptions};
+use crate::config::Config;
+
+/// Arguments.
+#[derive(Debug, clap::Args)]
+pub struct BackupArgs {
+    /// Address to listen on (default 127.0.0.1:7400; port 0 picks one).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Store directory (default `<data-dir>/store`).
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+}
+
+/// Runs until SIGINT or SIGTERM.
+///
+/// # Errors
+/// When the store or the address cannot be opened, or TLS material is missing.
+pub fn run(args: &BackupArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
+    super::install_stop_handler();
+    let tls = super::tls_dir(data_dir, false)?;
+    let b = &cfg.backup;
+    let store = args.store.clone().or_else(|| b.store.clone()).unwrap_or_else(|| data_dir.join("store"));
+    let backup = Backup::start(BackupOptions {
+        listen: args.listen.unwrap_or(b.listen),
+        store: store.clone(),
+        tls,
+        link: BackupLinkConfig {
+            heartbeat: Duration::from_millis(b.heartbeat_ms),
+            primary_timeout: Duration::from_millis(b.primary_timeout_ms),
+        },
+    })?;
+    // Scripts and tests read this line to learn the port.
+    println!("listening on {} (store {})", backup.addr, store.display());
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    while !super::stop_requested() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (g, head) in backup.store.guests()? {
+        let s = backup.replica.stats(g);
+        eprintln!(
+            "{g}: committed up to epoch {} ({} this run){}",
+            head.epoch.0,
+            s.epochs,
+            s.lost_at.map(|e| format!(", primary lost after epoch {}", e.0)).unwrap_or_default()
+        );
+    }
+    backup.stop();
+    Ok(())
+}

@@ -1,0 +1,71 @@
+//! `remus log`: committed epochs of the guests in a store.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use remus_store::{Store, StoreOptions};
+use remus_types::GuestId;
+
+use super::format_time;
+
+/// Arguments.
+#[derive(Debug, clap::Args)]
+pub struct LogArgs {
+    /// Store directory (default `<data-dir>/store`).
+    #[arg(long)]
+    pub store: Option<std::path::PathBuf>,
+    /// Only this guest.
+    #[arg(long)]
+    pub guest: Option<u64>,
+    /// Only the last N epochs of each guest.
+    #[arg(long)]
+    pub last: Option<usize>,
+    /// One JSON object per epoch.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs the command.
+///
+/// # Errors
+/// When the store cannot be opened or is damaged.
+pub fn run(args: &LogArgs, data_dir: &Path) -> Result<()> {
+    let path = args.store.clone().unwrap_or_else(|| data_dir.join("store"));
+    anyhow::ensure!(path.exists(), "no store at {}", path.display());
+    let store = Store::open(&path, StoreOptions::default()).with_context(|| format!("opening {}", path.display()))?;
+    let guests: Vec<GuestId> = match args.guest {
+        Some(g) => vec![GuestId(g)],
+        None => store.guests()?.into_iter().map(|(g, _)| g).collect(),
+    };
+    for g in guests {
+        let ms = store.manifests(g)?;
+        let skip = args.last.map_or(0, |n| ms.len().saturating_sub(n));
+        if !args.json {
+            println!("{g}: {} committed epochs", ms.len());
+            println!("{:>8}  {:<24}  {:>6}  {:>9}  {:>9}  {:>8}  manifest", "epoch", "time", "pages", "wire B", "new B", "pause ms");
+        }
+        for m in &ms[skip..] {
+            if args.json {
+                let v = serde_json::json!({
+                    "guest": g.0, "epoch": m.epoch.0, "time": format_time(m.time_unix_ns), "time_unix_ns": m.time_unix_ns,
+                    "dirty_pages": m.dirty_pages, "wire_bytes": m.wire_bytes, "new_chunk_bytes": m.new_chunk_bytes,
+                    "pause_ms": m.pause_ns as f64 / 1e6, "manifest": m.id().to_hex(), "parent": m.parent.to_hex(),
+                    "memory_root": m.memory_root.to_hex(),
+                });
+                println!("{v}");
+            } else {
+                println!(
+                    "{:>8}  {:<24}  {:>6}  {:>9}  {:>9}  {:>8.2}  {}",
+                    m.epoch.0,
+                    format_time(m.time_unix_ns),
+                    m.dirty_pages,
+                    m.wire_bytes,
+                    m.new_chunk_bytes,
+                    m.pause_ns as f64 / 1e6,
+                    &m.id().to_hex()[..16]
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,89 @@
+//! One module per subcommand, plus the few helpers they share.
+
+pub mod backup;
+pub mod demo;
+pub mod keygen;
+pub mod log;
+pub mod protect;
+pub mod restore;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result};
+use remus_wan::tls::TlsDir;
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// Makes SIGINT and SIGTERM request a clean stop (see [`stop_requested`]).
+pub fn install_stop_handler() {
+    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+}
+
+/// True once SIGINT or SIGTERM arrived.
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::Relaxed)
+}
+
+/// The TLS directory of `data_dir`, generating it when `create` and absent.
+///
+/// # Errors
+/// When the files are missing (and not created) or generation fails.
+pub fn tls_dir(data_dir: &Path, create: bool) -> Result<TlsDir> {
+    let tls = TlsDir(data_dir.join("tls"));
+    if !tls.is_complete() {
+        anyhow::ensure!(
+            create,
+            "no TLS material in {}: run `remus keygen --data-dir {}` first",
+            tls.0.display(),
+            data_dir.display()
+        );
+        remus_wan::tls::keygen(&tls.0).with_context(|| format!("generating TLS material in {}", tls.0.display()))?;
+        eprintln!("generated a CA and backup/primary certificates in {}", tls.0.display());
+    }
+    Ok(tls)
+}
+
+/// Parses a time as RFC 3339 (`2026-11-25T15:41:00Z`) or Unix seconds.
+///
+/// # Errors
+/// When it is neither.
+pub fn parse_time(s: &str) -> Result<u64> {
+    if let Ok(secs) = s.parse::<f64>() {
+        anyhow::ensure!(secs >= 0.0 && secs.is_finite(), "time must be non-negative: {s}");
+        return Ok((secs * 1e9) as u64);
+    }
+    let t = humantime::parse_rfc3339_weak(s).with_context(|| format!("time {s:?} is neither RFC 3339 nor Unix seconds"))?;
+    let d = t.duration_since(std::time::UNIX_EPOCH).context("time before 1970")?;
+    Ok(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Formats ns since the Unix epoch as RFC 3339 with milliseconds.
+#[must_use]
+pub fn format_time(ns: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_parse_both_ways() {
+        assert_eq!(parse_time("1.5").unwrap(), 1_500_000_000);
+        let ns = parse_time("2026-11-25T15:41:00Z").unwrap();
+        assert_eq!(format_time(ns), "2026-11-25T15:41:00.000Z");
+        assert!(parse_time("yesterday").is_err());
+        assert!(parse_time("-3").is_err());
+    }
+}

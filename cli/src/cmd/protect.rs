@@ -1,0 +1,172 @@
+//! `remus protect`: run a protected guest and replicate it to a backup.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use remus_types::GuestId;
+use remus_wan::SenderConfig;
+
+use crate::config::Config;
+use crate::primary::{Primary, PrimaryOptions};
+use crate::stats::Summary;
+
+/// Flags shared by `protect` and `demo`; each overrides the config file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct GuestFlags {
+    /// Guest memory in MiB (default 1024).
+    #[arg(long)]
+    pub memory_mib: Option<u64>,
+    /// Epochs per second (default 40).
+    #[arg(long, conflicts_with = "epoch_ms")]
+    pub hz: Option<f64>,
+    /// Epoch length in milliseconds (default 25).
+    #[arg(long)]
+    pub epoch_ms: Option<u64>,
+    /// Page writes per second of the built-in workload (default 20000).
+    #[arg(long)]
+    pub pages_per_sec: Option<u64>,
+}
+
+/// Arguments.
+#[derive(Debug, clap::Args)]
+pub struct ProtectArgs {
+    /// Backup address (default 127.0.0.1:7400).
+    #[arg(long)]
+    pub backup: Option<SocketAddr>,
+    /// Guest id (default 1).
+    #[arg(long)]
+    pub guest: Option<u64>,
+    /// Stop after this many seconds (default: run until SIGINT/SIGTERM).
+    #[arg(long)]
+    pub seconds: Option<f64>,
+    /// Append released output lines to this file.
+    #[arg(long)]
+    pub output_log: Option<PathBuf>,
+    /// Record each sealed epoch's memory root here (JSON lines).
+    #[arg(long)]
+    pub record_roots: Option<PathBuf>,
+    /// Print the final summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Guest shape.
+    #[command(flatten)]
+    pub guest_flags: GuestFlags,
+}
+
+/// Builds the primary's options from the config and the flags.
+///
+/// # Errors
+/// When a value is out of range.
+pub fn primary_options(cfg: &Config, flags: &GuestFlags, tls: remus_wan::tls::TlsDir, backup: SocketAddr, guest: u64) -> Result<PrimaryOptions> {
+    let p = &cfg.protect;
+    let mut arena = p.arena.clone();
+    if let Some(m) = flags.memory_mib {
+        arena.memory_mib = m;
+    }
+    if let Some(r) = flags.pages_per_sec {
+        arena.workload.pages_per_sec = r;
+    }
+    let epoch = match (flags.hz, flags.epoch_ms) {
+        (Some(hz), _) => {
+            anyhow::ensure!(hz > 0.0 && hz <= 1000.0, "--hz must be in (0, 1000], got {hz}");
+            Duration::from_secs_f64(1.0 / hz)
+        }
+        (None, Some(ms)) => {
+            anyhow::ensure!((1..=10_000).contains(&ms), "--epoch-ms must be in 1..=10000, got {ms}");
+            Duration::from_millis(ms)
+        }
+        (None, None) => Duration::from_millis(p.epoch_ms),
+    };
+    let sender = SenderConfig {
+        max_in_flight: p.max_in_flight,
+        heartbeat: Duration::from_millis(p.heartbeat_ms),
+        peer_timeout: Duration::from_millis(p.backup_timeout_ms),
+        ..SenderConfig::default()
+    };
+    Ok(PrimaryOptions { guest: GuestId(guest), arena, epoch, backup, tls, sender, output_log: None, record_roots: None })
+}
+
+/// Reports progress: redrawn on a terminal, a line a second otherwise.
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    quiet: bool,
+    last: Instant,
+}
+
+impl Progress {
+    /// A reporter; `quiet` prints nothing.
+    #[must_use]
+    pub fn new(quiet: bool) -> Self {
+        use std::io::IsTerminal;
+        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.enable_steady_tick(Duration::from_millis(100));
+            b
+        });
+        Self { bar, quiet, last: Instant::now() }
+    }
+
+    /// Shows `line`.
+    pub fn show(&mut self, line: String) {
+        match &self.bar {
+            Some(b) => b.set_message(line),
+            None if !self.quiet && self.last.elapsed() >= Duration::from_secs(1) => {
+                eprintln!("{line}");
+                self.last = Instant::now();
+            }
+            None => {}
+        }
+    }
+
+    /// Clears the display.
+    pub fn finish(self) {
+        if let Some(b) = self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// Waits while the primary runs, showing progress, until `until` or a stop
+/// signal or the engine ending by itself.
+pub fn watch(primary: &Primary, until: Option<Instant>, progress: &mut Progress) {
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        progress.show(primary.stats.lock().progress_line());
+        if super::stop_requested() || until.is_some_and(|t| Instant::now() >= t) || primary.engine_finished() {
+            break;
+        }
+    }
+}
+
+/// Runs the command.
+///
+/// # Errors
+/// When the guest cannot start, TLS material is missing, or the backup
+/// refuses this primary.
+pub fn run(args: &ProtectArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
+    super::install_stop_handler();
+    let tls = super::tls_dir(data_dir, false)?;
+    let backup = args.backup.unwrap_or(cfg.protect.backup);
+    let mut opts = primary_options(cfg, &args.guest_flags, tls, backup, args.guest.unwrap_or(cfg.protect.guest))?;
+    opts.output_log = args.output_log.clone();
+    opts.record_roots = args.record_roots.clone();
+    eprintln!("protecting guest {} ({} MiB) at {:.1} Hz, replicating to {backup}", opts.guest.0, opts.arena.memory_mib, 1.0 / opts.epoch.as_secs_f64());
+    let primary = Primary::start(opts)?;
+    let mut progress = Progress::new(args.json);
+    let until = args.seconds.map(|s| Instant::now() + Duration::from_secs_f64(s));
+    watch(&primary, until, &mut progress);
+    progress.finish();
+    let stats = std::sync::Arc::clone(&primary.stats);
+    let exact = primary.exact_tracking;
+    eprintln!("stopping: waiting for the backup to acknowledge every sealed epoch");
+    primary.finish()?;
+    let summary = Summary::from_stats(&stats.lock(), exact);
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!("{}", summary.render());
+    }
+    Ok(())
+}

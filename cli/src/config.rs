@@ -1,0 +1,164 @@
+//! The TOML configuration file. Every key is optional; flags on the
+//! command line override it. Example (all defaults shown):
+//!
+//! ```toml
+//! data-dir = "remus-data"
+//!
+//! [protect]
+//! guest = 1
+//! backup = "127.0.0.1:7400"
+//! epoch-ms = 25
+//! max-in-flight = 16
+//! heartbeat-ms = 50
+//! backup-timeout-ms = 500
+//!
+//! [protect.arena]
+//! memory-mib = 1024
+//! tracking = "auto"          # auto | write-protect | hash
+//!
+//! [protect.arena.workload]
+//! pages-per-sec = 20000
+//! hot-fraction = 0.02
+//! hot-probability = 0.9
+//! seed = 1
+//! output-interval-ms = 25
+//! mix = { zero = 10, text = 25, random = 10, duplicate = 20, edit = 35 }
+//!
+//! [backup]
+//! listen = "127.0.0.1:7400"
+//! heartbeat-ms = 50
+//! primary-timeout-ms = 500
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use remus_capture::ArenaConfig;
+
+/// The whole file.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct Config {
+    /// Data directory (TLS material, store).
+    pub data_dir: Option<PathBuf>,
+    /// The primary.
+    pub protect: ProtectConfig,
+    /// The backup.
+    pub backup: BackupConfig,
+}
+
+/// `[protect]`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct ProtectConfig {
+    /// Guest id (default 1).
+    pub guest: u64,
+    /// Backup address (default 127.0.0.1:7400).
+    pub backup: SocketAddr,
+    /// Epoch length in ms (default 25, i.e. 40 Hz).
+    pub epoch_ms: u64,
+    /// Epochs in flight at most (default 16).
+    pub max_in_flight: usize,
+    /// Heartbeat period (default 50 ms).
+    pub heartbeat_ms: u64,
+    /// Silence after which the backup counts as lost (default 500 ms).
+    pub backup_timeout_ms: u64,
+    /// The arena guest.
+    pub arena: ArenaConfig,
+}
+
+impl Default for ProtectConfig {
+    fn default() -> Self {
+        Self {
+            guest: 1,
+            backup: default_listen(),
+            epoch_ms: 25,
+            max_in_flight: 16,
+            heartbeat_ms: 50,
+            backup_timeout_ms: 500,
+            arena: ArenaConfig::default(),
+        }
+    }
+}
+
+/// `[backup]`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct BackupConfig {
+    /// Listen address (default 127.0.0.1:7400).
+    pub listen: SocketAddr,
+    /// Store directory (default `<data-dir>/store`).
+    pub store: Option<PathBuf>,
+    /// Heartbeat period (default 50 ms).
+    pub heartbeat_ms: u64,
+    /// Silence after which a primary counts as lost (default 500 ms).
+    pub primary_timeout_ms: u64,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        Self { listen: default_listen(), store: None, heartbeat_ms: 50, primary_timeout_ms: 500 }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    "127.0.0.1:7400".parse().expect("valid address")
+}
+
+impl Config {
+    /// Reads `path`, or the defaults when `None`.
+    ///
+    /// # Errors
+    /// When the file cannot be read, is not TOML, has an unknown key or a
+    /// value out of range.
+    pub fn load(path: Option<&Path>) -> Result<Self> {
+        let Some(path) = path else { return Ok(Self::default()) };
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        let cfg: Self = toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+        cfg.validate().with_context(|| format!("config {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    /// Checks ranges.
+    ///
+    /// # Errors
+    /// A message naming the bad key.
+    pub fn validate(&self) -> Result<()> {
+        let p = &self.protect;
+        anyhow::ensure!((1..=10_000).contains(&p.epoch_ms), "protect.epoch-ms must be in 1..=10000, got {}", p.epoch_ms);
+        anyhow::ensure!(p.max_in_flight >= 1, "protect.max-in-flight must be at least 1");
+        anyhow::ensure!(p.heartbeat_ms >= 1, "protect.heartbeat-ms must be at least 1");
+        anyhow::ensure!(p.backup_timeout_ms > p.heartbeat_ms, "protect.backup-timeout-ms must exceed heartbeat-ms");
+        p.arena.workload.validate().map_err(|e| anyhow::anyhow!("protect.arena.workload: {e}"))?;
+        let b = &self.backup;
+        anyhow::ensure!(b.heartbeat_ms >= 1, "backup.heartbeat-ms must be at least 1");
+        anyhow::ensure!(b.primary_timeout_ms > b.heartbeat_ms, "backup.primary-timeout-ms must exceed heartbeat-ms");
+        Ok(())
+    }
+
+    /// The data directory: the flag, else the file's, else `remus-data`.
+    #[must_use]
+    pub fn data_dir(&self, flag: Option<&Path>) -> PathBuf {
+        flag.map(Path::to_path_buf).or_else(|| self.data_dir.clone()).unwrap_or_else(|| PathBuf::from("remus-data"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_parses_and_unknown_keys_are_refused() {
+        let doc = include_str!("config.rs");
+        let start = doc.find("```toml").unwrap() + 7;
+        let end = doc[start..].find("```").unwrap() + start;
+        let example: String = doc[start..end].lines().map(|l| l.trim_start_matches("//!").trim_start()).collect::<Vec<_>>().join("\n");
+        let cfg: Config = toml::from_str(&example).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.protect.arena.memory_mib, 1024);
+        assert!(toml::from_str::<Config>("[protect]\nepoch = 3\n").is_err());
+        let bad: Config = toml::from_str("[protect]\nepoch-ms = 0\n").unwrap();
+        assert!(bad.validate().is_err());
+    }
+}

@@ -1,0 +1,62 @@
+//! `remus`: protect a guest, keep its backup, read its history.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use remus_cli::cmd;
+use remus_cli::config::Config;
+
+#[derive(Debug, Parser)]
+#[command(name = "remus", version, about = "High availability and history for running guests by epoch replication")]
+struct Cli {
+    /// TOML configuration file.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Data directory: TLS material and store (default remus-data).
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// Log more (info level; RUST_LOG overrides).
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Primary and backup on loopback, then verified restores.
+    Demo(cmd::demo::DemoArgs),
+    /// Protect a guest, replicating to a backup.
+    Protect(cmd::protect::ProtectArgs),
+    /// Keep replicas of primaries.
+    Backup(cmd::backup::BackupArgs),
+    /// List committed epochs.
+    Log(cmd::log::LogArgs),
+    /// Generate the CA and certificates for mutual TLS.
+    Keygen(cmd::keygen::KeygenArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    remus_cli::init_logging(cli.verbose);
+    let run = || -> anyhow::Result<bool> {
+        let cfg = Config::load(cli.config.as_deref())?;
+        let data_dir = cfg.data_dir(cli.data_dir.as_deref());
+        match &cli.command {
+            Command::Demo(a) => cmd::demo::run(a, &cfg, &data_dir),
+            Command::Protect(a) => cmd::protect::run(a, &cfg, &data_dir).map(|()| true),
+            Command::Backup(a) => cmd::backup::run(a, &cfg, &data_dir).map(|()| true),
+            Command::Log(a) => cmd::log::run(a, &data_dir).map(|()| true),
+            Command::Keygen(a) => cmd::keygen::run(a, &data_dir).map(|()| true),
+        }
+    };
+    match run() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("remus: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

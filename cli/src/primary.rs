@@ -1,0 +1,230 @@
+//! The primary at run time: the epoch engine on a thread of its own, the
+//! QUIC link on another, and a consumer of link events that releases held
+//! output when epochs are acknowledged.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use parking_lot::Mutex;
+use remus_capture::{ArenaConfig, ArenaGuest, EpochEngine, OutputBuffer, ProtectedGuest};
+use remus_types::{EpochId, GuestId};
+use remus_wan::driver::{run_primary, LinkEvent, PrimaryLinkConfig};
+use remus_wan::tls::{client_config, TlsDir};
+use remus_wan::SenderConfig;
+use tokio::sync::mpsc;
+
+use crate::stats::PrimaryStats;
+
+/// Everything a primary needs.
+#[derive(Debug, Clone)]
+pub struct PrimaryOptions {
+    /// Guest id.
+    pub guest: GuestId,
+    /// The arena guest.
+    pub arena: ArenaConfig,
+    /// Epoch length.
+    pub epoch: Duration,
+    /// Backup address.
+    pub backup: SocketAddr,
+    /// TLS material.
+    pub tls: TlsDir,
+    /// Protocol tuning.
+    pub sender: SenderConfig,
+    /// Where released output lines go.
+    pub output_log: Option<PathBuf>,
+    /// Where each sealed epoch's memory root is recorded (JSON lines).
+    pub record_roots: Option<PathBuf>,
+}
+
+/// A running primary.
+pub struct Primary {
+    stop: Arc<AtomicBool>,
+    engine: Option<JoinHandle<Result<()>>>,
+    link: Option<JoinHandle<Result<()>>>,
+    /// Live statistics.
+    pub stats: Arc<Mutex<PrimaryStats>>,
+    /// True when dirty tracking is exact.
+    pub exact_tracking: bool,
+}
+
+impl Primary {
+    /// Starts the guest, the engine and the link.
+    ///
+    /// # Errors
+    /// When the guest cannot start or the TLS material is unusable.
+    pub fn start(opts: PrimaryOptions) -> Result<Self> {
+        let client = client_config(Some(opts.tls.identity("primary")?), opts.tls.roots()?)?;
+        let output = Arc::new(OutputBuffer::default());
+        let guest = ArenaGuest::start(&opts.arena, Arc::clone(&output)).context("starting the arena guest")?;
+        let exact_tracking = guest.exact_tracking();
+        let page_count = guest.page_count();
+        let stats = Arc::new(Mutex::new(PrimaryStats::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel(256);
+        let (etx, erx) = mpsc::unbounded_channel();
+        let link_cfg = PrimaryLinkConfig {
+            backup: opts.backup,
+            client,
+            sender: opts.sender,
+            guest: opts.guest,
+            instance: rand::random(),
+            page_count,
+        };
+        let mut roots_file = match &opts.record_roots {
+            Some(p) => Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?),
+            None => None,
+        };
+        let mut output_file = match &opts.output_log {
+            Some(p) => Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?),
+            None => None,
+        };
+        let s2 = Arc::clone(&stats);
+        let out2 = Arc::clone(&output);
+        let link = std::thread::Builder::new().name("remus-link".into()).spawn(move || -> Result<()> {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let consumer = tokio::spawn(consume_events(erx, s2, out2, roots_file.take(), output_file.take()));
+                let r = run_primary(link_cfg, rx, etx).await;
+                let _ = consumer.await;
+                r.context("replication link")
+            })
+        })?;
+        let s3 = Arc::clone(&stats);
+        let stop2 = Arc::clone(&stop);
+        let period = opts.epoch;
+        let id = opts.guest;
+        let engine = std::thread::Builder::new().name("remus-epoch".into()).spawn(move || {
+            run_engine(EpochEngine::new(id, guest, output), period, &tx, &s3, &stop2)
+        })?;
+        Ok(Self { stop, engine: Some(engine), link: Some(link), stats, exact_tracking })
+    }
+
+    /// Stops sealing epochs; the link keeps going until every sealed epoch
+    /// is acknowledged.
+    pub fn stop_sealing(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// True once the engine stopped (by request or failure).
+    pub fn engine_finished(&self) -> bool {
+        self.engine.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Stops sealing and waits until every epoch is acknowledged.
+    ///
+    /// # Errors
+    /// The engine's or the link's failure.
+    pub fn finish(mut self) -> Result<()> {
+        self.stop_sealing();
+        let engine = self.engine.take().expect("joined once").join().map_err(|_| anyhow::anyhow!("engine thread panicked"))?;
+        let link = self.link.take().expect("joined once").join().map_err(|_| anyhow::anyhow!("link thread panicked"))?;
+        engine.and(link)
+    }
+}
+
+fn run_engine<G: ProtectedGuest>(
+    mut engine: EpochEngine<G>,
+    period: Duration,
+    tx: &mpsc::Sender<remus_types::Checkpoint>,
+    stats: &Mutex<PrimaryStats>,
+    stop: &AtomicBool,
+) -> Result<()> {
+    raise_priority();
+    {
+        let mut s = stats.lock();
+        s.started = Instant::now();
+    }
+    let mut next = Instant::now() + period;
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        }
+        let cp = engine.seal().context("checkpoint")?;
+        let sealed_at = Instant::now();
+        {
+            let mut s = stats.lock();
+            s.pauses_ns.push(cp.pause_ns);
+            s.dirty_pages += cp.pfns.len() as u64;
+            s.sealed = cp.epoch;
+            s.sealed_at.insert(cp.epoch, sealed_at);
+            s.last_seal = Some(sealed_at);
+        }
+        next += period;
+        if next < sealed_at {
+            next = sealed_at + period; // fell behind: do not burst
+        }
+        if tx.blocking_send(cp).is_err() {
+            anyhow::bail!("replication link stopped");
+        }
+    }
+    Ok(())
+}
+
+/// The epoch thread runs at real-time priority where allowed, so that a
+/// pause is not stretched by preemption; elsewhere it runs as it is.
+pub fn raise_priority() {
+    let param = libc::sched_param { sched_priority: 10 };
+    // SAFETY: plain syscall on the calling thread with a valid parameter.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if rc != 0 {
+        tracing::debug!("real-time priority not available; epochs run at normal priority");
+    }
+}
+
+async fn consume_events(
+    mut rx: mpsc::UnboundedReceiver<LinkEvent>,
+    stats: Arc<Mutex<PrimaryStats>>,
+    output: Arc<OutputBuffer<Vec<u8>>>,
+    mut roots: Option<std::fs::File>,
+    mut out_file: Option<std::fs::File>,
+) {
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            LinkEvent::Sealed { epoch, root } => {
+                stats.lock().roots.insert(epoch, root);
+                if let Some(f) = roots.as_mut() {
+                    let _ = writeln!(f, "{{\"epoch\":{},\"root\":\"{}\"}}", epoch.0, root.to_hex());
+                }
+            }
+            LinkEvent::Sent { wire_bytes, pages, mix, .. } => {
+                let mut s = stats.lock();
+                s.wire_bytes += wire_bytes;
+                s.wire_pages += pages;
+                s.mix.merge(&mix);
+            }
+            LinkEvent::Acked { epoch, .. } => {
+                let released = output.release(epoch);
+                let now = Instant::now();
+                let mut s = stats.lock();
+                for e in s.acked.0 + 1..=epoch.0 {
+                    if let Some(t) = s.sealed_at.remove(&EpochId(e)) {
+                        s.commit_ns.push(u64::try_from(now.duration_since(t).as_nanos()).unwrap_or(u64::MAX));
+                    }
+                }
+                s.acked = s.acked.max(epoch);
+                s.output_released += released.len() as u64;
+                drop(s);
+                if let Some(f) = out_file.as_mut() {
+                    for line in &released {
+                        let _ = f.write_all(line);
+                    }
+                }
+            }
+            LinkEvent::Connected => tracing::info!("connected to backup"),
+            LinkEvent::Disconnected(why) => {
+                stats.lock().disconnects += 1;
+                tracing::warn!(%why, "backup link lost; retrying");
+            }
+        }
+    }
+    if let Some(f) = roots.as_mut() {
+        let _ = f.flush();
+    }
+}

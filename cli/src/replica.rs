@@ -1,0 +1,148 @@
+//! The backup's replica: turns received epochs into store commits.
+//!
+//! Each page record is decoded and verified against its hash before
+//! anything is written (`Raw` pages are stored as the zstd frame that
+//! arrived; `Xor` pages are rebuilt against their base and compressed;
+//! `Ref` pages must name a chunk already held). The epoch is then
+//! committed in one atomic write, and only then acknowledged.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use remus_store::{EpochCommit, Store, StoredChunk};
+use remus_types::{zero_page_hash, ChunkId, EpochId, GuestId};
+use remus_wan::driver::Replica;
+use remus_wan::{PageEncoding, ReceivedEpoch};
+
+/// Commit statistics of one guest at the backup.
+#[derive(Debug, Default, Clone)]
+pub struct GuestStats {
+    /// Epochs committed.
+    pub epochs: u64,
+    /// Last committed epoch.
+    pub committed: EpochId,
+    /// Time spent decoding and committing, per epoch, in ns.
+    pub commit_ns: Vec<u64>,
+    /// The primary went silent (failover point), if it did.
+    pub lost_at: Option<EpochId>,
+}
+
+/// A [`Replica`] backed by a [`Store`].
+pub struct StoreReplica {
+    store: Arc<Store>,
+    zstd_level: i32,
+    active: Mutex<HashSet<GuestId>>,
+    instances: Mutex<HashMap<GuestId, u64>>,
+    stats: Mutex<HashMap<GuestId, GuestStats>>,
+}
+
+impl StoreReplica {
+    /// A replica writing into `store`.
+    pub fn new(store: Arc<Store>) -> Self {
+        Self { store, zstd_level: 1, active: Mutex::new(HashSet::new()), instances: Mutex::new(HashMap::new()), stats: Mutex::new(HashMap::new()) }
+    }
+
+    /// Statistics of `guest`.
+    pub fn stats(&self, guest: GuestId) -> GuestStats {
+        self.stats.lock().get(&guest).cloned().unwrap_or_default()
+    }
+
+    fn build_commit(&self, e: ReceivedEpoch, instance: u64) -> Result<EpochCommit, String> {
+        let h = e.header;
+        let mut staged: HashMap<ChunkId, Vec<u8>> = HashMap::new();
+        let mut c = EpochCommit {
+            guest: h.guest,
+            epoch: h.epoch,
+            instance,
+            time_unix_ns: h.time_unix_ns,
+            page_count: h.page_count,
+            memory_root: e.memory_root,
+            pause_ns: h.pause_ns,
+            wire_bytes: e.wire_bytes,
+            pages: Vec::with_capacity(e.records.len()),
+            chunks: Vec::new(),
+            device_state: e.device_state,
+        };
+        let base = |id: &ChunkId, staged: &HashMap<ChunkId, Vec<u8>>| {
+            staged.get(id).cloned().or_else(|| self.store.chunk(id).ok())
+        };
+        for r in e.records {
+            let fail = |err: remus_wan::DecodeError| format!("epoch {}: page {}: {err}", h.epoch, r.pfn.0);
+            match &r.encoding {
+                PageEncoding::Zero => {}
+                PageEncoding::Ref => {
+                    let held = staged.contains_key(&r.hash) || self.store.has_chunk(&r.hash).map_err(|e| e.to_string())?;
+                    if !held {
+                        return Err(fail(remus_wan::DecodeError::MissingBase(r.hash)));
+                    }
+                }
+                PageEncoding::Xor { .. } => {
+                    let page = r.decode_page(|id| base(id, &staged)).map_err(fail)?;
+                    let z = zstd::bulk::compress(&page, self.zstd_level).map_err(|e| e.to_string())?;
+                    c.chunks.push((r.hash, StoredChunk::Zstd(z)));
+                    staged.insert(r.hash, page);
+                }
+                PageEncoding::RawZstd(z) => {
+                    let page = r.decode_page(|_| None).map_err(fail)?;
+                    c.chunks.push((r.hash, StoredChunk::Zstd(z.clone())));
+                    staged.insert(r.hash, page);
+                }
+                PageEncoding::RawPlain(p) => {
+                    r.decode_page(|_| None).map_err(fail)?;
+                    c.chunks.push((r.hash, StoredChunk::Plain(p.clone())));
+                    staged.insert(r.hash, p.clone());
+                }
+            }
+            let hash = if r.encoding == PageEncoding::Zero { zero_page_hash() } else { r.hash };
+            c.pages.push((r.pfn, hash));
+        }
+        Ok(c)
+    }
+}
+
+impl Replica for StoreReplica {
+    fn welcome(&self, guest: GuestId, instance: u64, page_count: u64) -> Result<(EpochId, ChunkId), String> {
+        let head = self.store.head(guest).map_err(|e| e.to_string())?;
+        if let Some(h) = head {
+            if h.instance != instance {
+                return Err(format!(
+                    "{guest} already has history from another primary instance (committed up to epoch {}); \
+                     protect this guest under a new guest id",
+                    h.epoch
+                ));
+            }
+            if h.page_count != page_count {
+                return Err(format!("{guest}: memory size changed from {} to {page_count} pages", h.page_count));
+            }
+        }
+        if !self.active.lock().insert(guest) {
+            return Err(format!("{guest} is already connected from another primary"));
+        }
+        self.instances.lock().insert(guest, instance);
+        Ok(head.map_or((EpochId(0), ChunkId::default()), |h| (h.epoch, h.manifest)))
+    }
+
+    fn commit(&self, e: ReceivedEpoch) -> Result<ChunkId, String> {
+        let t0 = Instant::now();
+        let guest = e.header.guest;
+        let instance = *self.instances.lock().get(&guest).ok_or("commit for a guest that was never welcomed")?;
+        let c = self.build_commit(e, instance)?;
+        let out = self.store.commit(c).map_err(|e| e.to_string())?;
+        let mut stats = self.stats.lock();
+        let s = stats.entry(guest).or_default();
+        s.epochs += 1;
+        s.committed = out.manifest.epoch;
+        s.commit_ns.push(u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        Ok(out.id)
+    }
+
+    fn primary_lost(&self, guest: GuestId, committed: EpochId) {
+        self.stats.lock().entry(guest).or_default().lost_at = Some(committed);
+    }
+
+    fn disconnected(&self, guest: GuestId) {
+        self.active.lock().remove(&guest);
+    }
+}

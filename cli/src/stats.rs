@@ -1,0 +1,257 @@
+//! Run statistics and the summary that `demo` and `protect` print.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use remus_types::{ChunkId, EpochId, PAGE_SIZE};
+use remus_wan::EncodingMix;
+
+/// Percentile of a sample (nearest rank), in the sample's unit.
+#[must_use]
+pub fn percentile(values: &[u64], p: f64) -> u64 {
+    if values.is_empty() {
+        return 0;
+    }
+    let mut v = values.to_vec();
+    v.sort_unstable();
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+/// What the primary observed, updated as the run goes.
+#[derive(Debug)]
+pub struct PrimaryStats {
+    /// When protection started.
+    pub started: Instant,
+    /// Pause of each sealed epoch, ns.
+    pub pauses_ns: Vec<u64>,
+    /// Dirty pages sealed.
+    pub dirty_pages: u64,
+    /// Epochs sealed.
+    pub sealed: EpochId,
+    /// Seal instant of each unacknowledged epoch.
+    pub sealed_at: HashMap<EpochId, Instant>,
+    /// Memory root of each sealed epoch.
+    pub roots: BTreeMap<EpochId, ChunkId>,
+    /// Bytes of epochs put on the wire (resends included).
+    pub wire_bytes: u64,
+    /// Dirty pages put on the wire (resends included).
+    pub wire_pages: u64,
+    /// Encodings chosen.
+    pub mix: EncodingMix,
+    /// Highest acknowledged epoch.
+    pub acked: EpochId,
+    /// Seal-to-ack latency of each acknowledged epoch, ns.
+    pub commit_ns: Vec<u64>,
+    /// Output lines released after their epoch was acknowledged.
+    pub output_released: u64,
+    /// Connection losses seen.
+    pub disconnects: u64,
+    /// Time the last epoch was sealed.
+    pub last_seal: Option<Instant>,
+}
+
+impl Default for PrimaryStats {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            pauses_ns: Vec::new(),
+            dirty_pages: 0,
+            sealed: EpochId(0),
+            sealed_at: HashMap::new(),
+            roots: BTreeMap::new(),
+            wire_bytes: 0,
+            wire_pages: 0,
+            mix: EncodingMix::default(),
+            acked: EpochId(0),
+            commit_ns: Vec::new(),
+            output_released: 0,
+            disconnects: 0,
+            last_seal: None,
+        }
+    }
+}
+
+impl PrimaryStats {
+    /// Epochs per second achieved so far.
+    #[must_use]
+    pub fn hz(&self) -> f64 {
+        let end = self.last_seal.unwrap_or(self.started);
+        let secs = end.duration_since(self.started).as_secs_f64();
+        if secs <= 0.0 {
+            0.0
+        } else {
+            self.sealed.0 as f64 / secs
+        }
+    }
+
+    /// One progress line.
+    #[must_use]
+    pub fn progress_line(&self) -> String {
+        format!(
+            "epoch {:>6} | {:5.1} Hz | pause p99 {:5.2} ms | lag {:>3} | wire {:6.1} B/page | released {:>6} lines",
+            self.sealed.0,
+            self.hz(),
+            ms(percentile(&self.pauses_ns, 99.0)),
+            self.sealed.0.saturating_sub(self.acked.0),
+            if self.wire_pages == 0 { 0.0 } else { self.wire_bytes as f64 / self.wire_pages as f64 },
+            self.output_released,
+        )
+    }
+}
+
+/// The run summary (`--json` prints it as one object; fields are
+/// documented in docs/cli.md).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    /// Epochs sealed.
+    pub epochs: u64,
+    /// Epochs acknowledged by the backup.
+    pub epochs_committed: u64,
+    /// Seconds protected.
+    pub seconds: f64,
+    /// Achieved epochs per second.
+    pub hz: f64,
+    /// Pause percentiles and maximum, ms.
+    pub pause_ms_p50: f64,
+    /// 99th percentile pause, ms.
+    pub pause_ms_p99: f64,
+    /// Longest pause, ms.
+    pub pause_ms_max: f64,
+    /// Dirty pages sealed.
+    pub dirty_pages: u64,
+    /// Mean dirty pages per epoch.
+    pub dirty_pages_per_epoch: f64,
+    /// Bytes on the wire.
+    pub wire_bytes: u64,
+    /// Wire bytes per dirty page (4096 would be raw copy).
+    pub wire_bytes_per_dirty_page: f64,
+    /// Wire bytes over raw page bytes.
+    pub wire_ratio: f64,
+    /// Encoding mix, pages.
+    pub encoding: EncodingSummary,
+    /// Seal-to-ack latency percentiles, ms.
+    pub commit_ms_p50: f64,
+    /// 99th percentile seal-to-ack latency, ms.
+    pub commit_ms_p99: f64,
+    /// Output lines released after ack.
+    pub output_lines_released: u64,
+    /// Restores checked against the primary's own memory root.
+    pub restores_verified: u64,
+    /// Restores that failed or differed.
+    pub restores_failed: u64,
+    /// Epochs restored.
+    pub restored_epochs: Vec<u64>,
+    /// Seconds per restore.
+    pub restore_seconds: Vec<f64>,
+    /// Whether dirty tracking was exact (write-protect scanning).
+    pub exact_tracking: bool,
+}
+
+/// Page counts per encoding.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct EncodingSummary {
+    /// Zero pages.
+    pub zero: u64,
+    /// References to held pages.
+    pub reference: u64,
+    /// XOR deltas.
+    pub xor: u64,
+    /// zstd pages.
+    pub raw_zstd: u64,
+    /// Plain pages.
+    pub raw_plain: u64,
+}
+
+impl Summary {
+    /// Builds the summary from the primary's statistics.
+    #[must_use]
+    pub fn from_stats(s: &PrimaryStats, exact_tracking: bool) -> Self {
+        let end = s.last_seal.unwrap_or(s.started);
+        let m = s.mix;
+        Self {
+            epochs: s.sealed.0,
+            epochs_committed: s.acked.0,
+            seconds: end.duration_since(s.started).as_secs_f64(),
+            hz: s.hz(),
+            pause_ms_p50: ms(percentile(&s.pauses_ns, 50.0)),
+            pause_ms_p99: ms(percentile(&s.pauses_ns, 99.0)),
+            pause_ms_max: ms(s.pauses_ns.iter().copied().max().unwrap_or(0)),
+            dirty_pages: s.dirty_pages,
+            dirty_pages_per_epoch: if s.sealed.0 == 0 { 0.0 } else { s.dirty_pages as f64 / s.sealed.0 as f64 },
+            wire_bytes: s.wire_bytes,
+            wire_bytes_per_dirty_page: if s.wire_pages == 0 { 0.0 } else { s.wire_bytes as f64 / s.wire_pages as f64 },
+            wire_ratio: if s.wire_pages == 0 { 0.0 } else { s.wire_bytes as f64 / (s.wire_pages * PAGE_SIZE as u64) as f64 },
+            encoding: EncodingSummary { zero: m.zero, reference: m.reference, xor: m.xor, raw_zstd: m.raw_zstd, raw_plain: m.raw_plain },
+            commit_ms_p50: ms(percentile(&s.commit_ns, 50.0)),
+            commit_ms_p99: ms(percentile(&s.commit_ns, 99.0)),
+            output_lines_released: s.output_released,
+            restores_verified: 0,
+            restores_failed: 0,
+            restored_epochs: Vec::new(),
+            restore_seconds: Vec::new(),
+            exact_tracking,
+        }
+    }
+
+    /// The human-readable form.
+    #[must_use]
+    pub fn render(&self) -> String {
+        let e = &self.encoding;
+        let total = (e.zero + e.reference + e.xor + e.raw_zstd + e.raw_plain).max(1) as f64;
+        let pct = |n: u64| 100.0 * n as f64 / total;
+        format!(
+            "epochs            {} sealed, {} committed in {:.1} s ({:.1} Hz)\n\
+             pause             p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} tracking)\n\
+             dirty pages       {} ({:.0} per epoch)\n\
+             wire              {} bytes, {:.1} bytes per dirty page ({:.1}% of raw)\n\
+             encodings         zero {:.1}%, ref {:.1}%, xor {:.1}%, zstd {:.1}%, plain {:.1}%\n\
+             commit latency    p50 {:.2} ms, p99 {:.2} ms (seal to ack)\n\
+             output released   {} lines, each after its epoch was acknowledged\n\
+             restores          {} verified byte-exact, {} failed (epochs {:?})",
+            self.epochs,
+            self.epochs_committed,
+            self.seconds,
+            self.hz,
+            self.pause_ms_p50,
+            self.pause_ms_p99,
+            self.pause_ms_max,
+            if self.exact_tracking { "exact write-protect" } else { "page-hash" },
+            self.dirty_pages,
+            self.dirty_pages_per_epoch,
+            self.wire_bytes,
+            self.wire_bytes_per_dirty_page,
+            100.0 * self.wire_ratio,
+            pct(e.zero),
+            pct(e.reference),
+            pct(e.xor),
+            pct(e.raw_zstd),
+            pct(e.raw_plain),
+            self.commit_ms_p50,
+            self.commit_ms_p99,
+            self.output_lines_released,
+            self.restores_verified,
+            self.restores_failed,
+            self.restored_epochs,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 50.0), 50);
+        assert_eq!(percentile(&v, 99.0), 99);
+        assert_eq!(percentile(&v, 100.0), 100);
+        assert_eq!(percentile(&[], 99.0), 0);
+        assert_eq!(percentile(&[7], 1.0), 7);
+    }
+}

@@ -1,0 +1,459 @@
+//! The RocksDB-backed log.
+//!
+//! Column families and keys (integers big-endian so keys sort numerically):
+//! - `chunks`:  blake3 id [32] → codec u8 | bytes  (codec 0 plain, 1 zstd).
+//!   Values arrive compressed, so the family has no block compression and
+//!   keeps values in blob files (integrated BlobDB): compaction moves keys,
+//!   not page data.
+//! - `epochs`:  guest u64 | epoch u64 → manifest (see [`Manifest`]).
+//! - `pages`:   guest u64 | pfn u64 | !epoch u64 → page hash [32]. "Page P
+//!   at epoch N" is one seek to (P, !N): the first key at or after it
+//!   with the same P is the newest version at or before N.
+//! - `meta`:    b"head" | guest u64 → epoch u64 | manifest id [32] |
+//!   instance u64 | page_count u64.
+//!
+//! An epoch is committed with one atomic, synced `WriteBatch` holding its
+//! new chunks, its page-index entries, its manifest and the new head:
+//! either all of it is visible after a crash or none of it.
+
+use std::path::{Path, PathBuf};
+
+use remus_types::{ChunkId, EpochId, GuestId, Pfn};
+use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+
+use crate::error::StoreError;
+use crate::manifest::{page_delta_hash, Manifest};
+
+const CF_CHUNKS: &str = "chunks";
+const CF_EPOCHS: &str = "epochs";
+const CF_PAGES: &str = "pages";
+const CF_META: &str = "meta";
+
+const CODEC_PLAIN: u8 = 0;
+const CODEC_ZSTD: u8 = 1;
+
+/// Chunk content as it is to be stored.
+#[derive(Debug, Clone)]
+pub enum StoredChunk {
+    /// Bytes as they are.
+    Plain(Vec<u8>),
+    /// A zstd frame of the content.
+    Zstd(Vec<u8>),
+}
+
+impl StoredChunk {
+    fn value(&self) -> Vec<u8> {
+        let (codec, b) = match self {
+            Self::Plain(b) => (CODEC_PLAIN, b),
+            Self::Zstd(b) => (CODEC_ZSTD, b),
+        };
+        let mut v = Vec::with_capacity(b.len() + 1);
+        v.push(codec);
+        v.extend_from_slice(b);
+        v
+    }
+}
+
+/// Everything needed to commit one epoch.
+#[derive(Debug, Clone, Default)]
+pub struct EpochCommit {
+    /// Guest.
+    pub guest: GuestId,
+    /// Epoch; must be the head + 1.
+    pub epoch: EpochId,
+    /// The primary run that produced it.
+    pub instance: u64,
+    /// Time of its pause at the primary.
+    pub time_unix_ns: u64,
+    /// Guest memory size in pages.
+    pub page_count: u64,
+    /// The primary's memory root at this epoch.
+    pub memory_root: ChunkId,
+    /// Pause of the guest.
+    pub pause_ns: u64,
+    /// Bytes on the wire.
+    pub wire_bytes: u64,
+    /// Page-index entries: each page written in the epoch and its hash.
+    pub pages: Vec<(Pfn, ChunkId)>,
+    /// Content of chunks that may be new (existing ones are skipped).
+    pub chunks: Vec<(ChunkId, StoredChunk)>,
+    /// Device state.
+    pub device_state: Vec<u8>,
+}
+
+/// The committed head of a guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    /// Last committed epoch.
+    pub epoch: EpochId,
+    /// Its manifest id.
+    pub manifest: ChunkId,
+    /// The primary run that wrote the history.
+    pub instance: u64,
+    /// Guest memory size in pages.
+    pub page_count: u64,
+}
+
+/// What a commit did.
+#[derive(Debug, Clone)]
+pub struct CommitOutcome {
+    /// The new manifest.
+    pub manifest: Manifest,
+    /// Its id.
+    pub id: ChunkId,
+    /// Chunks written.
+    pub new_chunks: u64,
+    /// Chunks that were already stored.
+    pub dup_chunks: u64,
+}
+
+/// Durability of commits.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreOptions {
+    /// Sync the WAL on every commit (default true). Off only for benchmarks
+    /// that measure the rest of the pipeline.
+    pub sync: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self { sync: true }
+    }
+}
+
+/// The content-addressed epoch log.
+pub struct Store {
+    db: DB,
+    path: PathBuf,
+    opts: StoreOptions,
+}
+
+fn guest_key(prefix: &[u8], guest: GuestId) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    k.extend_from_slice(&guest.0.to_be_bytes());
+    k
+}
+
+fn epoch_key(guest: GuestId, epoch: EpochId) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&guest.0.to_be_bytes());
+    k[8..].copy_from_slice(&epoch.0.to_be_bytes());
+    k
+}
+
+fn page_key(guest: GuestId, pfn: Pfn, epoch: EpochId) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[..8].copy_from_slice(&guest.0.to_be_bytes());
+    k[8..16].copy_from_slice(&pfn.0.to_be_bytes());
+    k[16..].copy_from_slice(&(!epoch.0).to_be_bytes());
+    k
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `path`.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] when RocksDB cannot open it (locked by another
+    /// process, unreadable, ...).
+    pub fn open(path: &Path, opts: StoreOptions) -> Result<Self, StoreError> {
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_compression_type(DBCompressionType::None);
+        let plain = || {
+            let mut o = Options::default();
+            o.set_compression_type(DBCompressionType::None);
+            o
+        };
+        let mut chunks = plain();
+        chunks.set_enable_blob_files(true);
+        chunks.set_min_blob_size(256);
+        chunks.set_blob_compression_type(DBCompressionType::None);
+        chunks.set_enable_blob_gc(true);
+        chunks.set_write_buffer_size(64 << 20);
+        let mut bbo = BlockBasedOptions::default();
+        bbo.set_bloom_filter(10.0, false);
+        chunks.set_block_based_table_factory(&bbo);
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_CHUNKS, chunks),
+            ColumnFamilyDescriptor::new(CF_EPOCHS, plain()),
+            ColumnFamilyDescriptor::new(CF_PAGES, plain()),
+            ColumnFamilyDescriptor::new(CF_META, plain()),
+        ];
+        let db = DB::open_cf_descriptors(&db_opts, path, cfs)?;
+        Ok(Self { db, path: path.to_path_buf(), opts })
+    }
+
+    /// Where the store lives.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("column family created at open")
+    }
+
+    /// The committed head of `guest`, if it has history.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`], or [`StoreError::Corrupt`] for a damaged record.
+    pub fn head(&self, guest: GuestId) -> Result<Option<Head>, StoreError> {
+        let Some(v) = self.db.get_cf(self.cf(CF_META), guest_key(b"head", guest))? else {
+            return Ok(None);
+        };
+        if v.len() != 56 {
+            return Err(StoreError::Corrupt(format!("{guest}: head record")));
+        }
+        Ok(Some(Head {
+            epoch: EpochId(u64_at(&v, 0)),
+            manifest: ChunkId(v[8..40].try_into().expect("32 bytes")),
+            instance: u64_at(&v, 40),
+            page_count: u64_at(&v, 48),
+        }))
+    }
+
+    /// Every guest with history, with its head.
+    ///
+    /// # Errors
+    /// As [`head`](Self::head).
+    pub fn guests(&self) -> Result<Vec<(GuestId, Head)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.db.prefix_iterator_cf(self.cf(CF_META), b"head") {
+            let (k, _) = kv?;
+            if !k.starts_with(b"head") || k.len() != 12 {
+                break;
+            }
+            let g = GuestId(u64_at(&k, 4));
+            if let Some(h) = self.head(g)? {
+                out.push((g, h));
+            }
+        }
+        Ok(out)
+    }
+
+    /// True when the chunk is stored.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn has_chunk(&self, id: &ChunkId) -> Result<bool, StoreError> {
+        let cf = self.cf(CF_CHUNKS);
+        if !self.db.key_may_exist_cf(cf, id.0) {
+            return Ok(false);
+        }
+        Ok(self.db.get_pinned_cf(cf, id.0)?.is_some())
+    }
+
+    /// The content of a chunk, decompressed and verified against its id.
+    ///
+    /// # Errors
+    /// [`StoreError::ChunkMissing`], [`StoreError::ChunkCorrupt`] when the
+    /// bytes are damaged, [`StoreError::Db`].
+    pub fn chunk(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+        let v = self.db.get_pinned_cf(self.cf(CF_CHUNKS), id.0)?.ok_or(StoreError::ChunkMissing(*id))?;
+        let data = match v.split_first() {
+            Some((&CODEC_PLAIN, b)) => b.to_vec(),
+            Some((&CODEC_ZSTD, b)) => zstd::bulk::decompress(b, 16 << 20).map_err(|_| StoreError::ChunkCorrupt(*id))?,
+            _ => return Err(StoreError::ChunkCorrupt(*id)),
+        };
+        if content_id(&data) != *id {
+            return Err(StoreError::ChunkCorrupt(*id));
+        }
+        Ok(data)
+    }
+
+    /// Commits one epoch atomically and durably.
+    ///
+    /// # Errors
+    /// [`StoreError::OutOfOrder`] unless `c.epoch` is the head + 1 (or 1
+    /// for a new guest); [`StoreError::Db`] when the write fails, in which
+    /// case nothing of the epoch is visible.
+    pub fn commit(&self, c: EpochCommit) -> Result<CommitOutcome, StoreError> {
+        let head = self.head(c.guest)?;
+        let (head_epoch, parent) = head.map_or((EpochId(0), ChunkId::default()), |h| (h.epoch, h.manifest));
+        if c.epoch != head_epoch.next() {
+            return Err(StoreError::OutOfOrder { guest: c.guest, epoch: c.epoch, head: head_epoch });
+        }
+        let mut batch = WriteBatch::default();
+        let chunks_cf = self.cf(CF_CHUNKS);
+        let mut new_chunks = 0;
+        let mut dup_chunks = 0;
+        let mut new_bytes = 0u64;
+        let mut seen = std::collections::HashSet::new();
+        for (id, chunk) in &c.chunks {
+            if !seen.insert(*id) || self.has_chunk(id)? {
+                dup_chunks += 1;
+                continue;
+            }
+            let v = chunk.value();
+            new_bytes += v.len() as u64;
+            batch.put_cf(chunks_cf, id.0, v);
+            new_chunks += 1;
+        }
+        let ds_id = content_id(&c.device_state);
+        if !self.has_chunk(&ds_id)? && seen.insert(ds_id) {
+            batch.put_cf(chunks_cf, ds_id.0, StoredChunk::Plain(c.device_state.clone()).value());
+        }
+        let pages_cf = self.cf(CF_PAGES);
+        for (pfn, id) in &c.pages {
+            batch.put_cf(pages_cf, page_key(c.guest, *pfn, c.epoch), id.0);
+        }
+        let manifest = Manifest {
+            guest: c.guest,
+            epoch: c.epoch,
+            parent,
+            time_unix_ns: c.time_unix_ns,
+            page_count: c.page_count,
+            dirty_pages: c.pages.len() as u64,
+            memory_root: c.memory_root,
+            page_delta: page_delta_hash(&c.pages),
+            device_state: ds_id,
+            instance: c.instance,
+            pause_ns: c.pause_ns,
+            wire_bytes: c.wire_bytes,
+            new_chunk_bytes: new_bytes,
+        };
+        let id = manifest.id();
+        batch.put_cf(self.cf(CF_EPOCHS), epoch_key(c.guest, c.epoch), manifest.encode());
+        let mut head_v = Vec::with_capacity(56);
+        head_v.extend_from_slice(&c.epoch.0.to_be_bytes());
+        head_v.extend_from_slice(&id.0);
+        head_v.extend_from_slice(&c.instance.to_be_bytes());
+        head_v.extend_from_slice(&c.page_count.to_be_bytes());
+        batch.put_cf(self.cf(CF_META), guest_key(b"head", c.guest), head_v);
+        let mut wo = WriteOptions::default();
+        wo.set_sync(self.opts.sync);
+        self.db.write_opt(batch, &wo)?;
+        Ok(CommitOutcome { manifest, id, new_chunks, dup_chunks })
+    }
+
+    /// The manifest of `epoch`.
+    ///
+    /// # Errors
+    /// [`StoreError::NoEpoch`] when it is not committed,
+    /// [`StoreError::Corrupt`] when damaged.
+    pub fn manifest(&self, guest: GuestId, epoch: EpochId) -> Result<Manifest, StoreError> {
+        let v = self.db.get_cf(self.cf(CF_EPOCHS), epoch_key(guest, epoch))?.ok_or(StoreError::NoEpoch { guest, epoch })?;
+        let m = Manifest::decode(&v).map_err(|e| StoreError::Corrupt(format!("{guest} epoch {epoch}: {e}")))?;
+        if m.guest != guest || m.epoch != epoch {
+            return Err(StoreError::Corrupt(format!("{guest} epoch {epoch}: manifest names another epoch")));
+        }
+        Ok(m)
+    }
+
+    /// Every manifest of `guest`, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] or [`StoreError::Corrupt`].
+    pub fn manifests(&self, guest: GuestId) -> Result<Vec<Manifest>, StoreError> {
+        let start = epoch_key(guest, EpochId(0));
+        let mut out = Vec::new();
+        for kv in self.db.iterator_cf(self.cf(CF_EPOCHS), IteratorMode::From(&start, Direction::Forward)) {
+            let (k, v) = kv?;
+            if k.len() != 16 || u64_at(&k, 0) != guest.0 {
+                break;
+            }
+            out.push(Manifest::decode(&v).map_err(|e| StoreError::Corrupt(format!("{guest} epoch {}: {e}", u64_at(&k, 8))))?);
+        }
+        Ok(out)
+    }
+
+    /// The newest committed epoch of `guest` whose pause was at or before
+    /// `time_unix_ns`.
+    ///
+    /// # Errors
+    /// [`StoreError::NoGuest`] or what reading the manifests returns.
+    pub fn epoch_at(&self, guest: GuestId, time_unix_ns: u64) -> Result<Option<EpochId>, StoreError> {
+        let all = self.manifests(guest)?;
+        if all.is_empty() {
+            return Err(StoreError::NoGuest(guest));
+        }
+        Ok(all.iter().take_while(|m| m.time_unix_ns <= time_unix_ns).last().map(|m| m.epoch))
+    }
+
+    /// The hash of page `pfn` of `guest` as of `epoch` (`None`: never
+    /// written, so zero).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn page_at(&self, guest: GuestId, pfn: Pfn, epoch: EpochId) -> Result<Option<ChunkId>, StoreError> {
+        let key = page_key(guest, pfn, epoch);
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_PAGES));
+        it.seek(key);
+        it.status()?;
+        match (it.key(), it.value()) {
+            (Some(k), Some(v)) if k.len() == 24 && k[..16] == key[..16] => Ok(Some(hash_value(v)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Calls `f(pfn, hash)` for every page of `guest` written at or before
+    /// `epoch`, with its newest version at or before `epoch`, ascending pfn.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`], [`StoreError::Corrupt`], or what `f` returns.
+    pub fn for_each_page_at(
+        &self,
+        guest: GuestId,
+        epoch: EpochId,
+        mut f: impl FnMut(Pfn, ChunkId) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_PAGES));
+        it.seek(page_key(guest, Pfn(0), epoch));
+        loop {
+            it.status()?;
+            let Some(k) = it.key() else { break };
+            if k.len() != 24 || u64_at(k, 0) != guest.0 {
+                break;
+            }
+            let pfn = u64_at(k, 8);
+            if !u64_at(k, 16) > epoch.0 {
+                // The first key of a pfn is its newest version; this one is
+                // newer than asked for, so jump to its version at `epoch`.
+                it.seek(page_key(guest, Pfn(pfn), epoch));
+                continue;
+            }
+            f(Pfn(pfn), hash_value(it.value().unwrap_or_default())?)?;
+            let Some(next) = pfn.checked_add(1) else { break };
+            it.seek(page_key(guest, Pfn(next), epoch));
+        }
+        Ok(())
+    }
+
+    /// Flushes memtables (for tests that inspect files).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn flush(&self) -> Result<(), StoreError> {
+        for cf in [CF_CHUNKS, CF_EPOCHS, CF_PAGES, CF_META] {
+            self.db.flush_cf(self.cf(cf))?;
+        }
+        Ok(())
+    }
+
+    /// Overwrites a stored chunk's raw value: for tamper tests only.
+    #[doc(hidden)]
+    pub fn corrupt_chunk_for_test(&self, id: &ChunkId, flip_at: usize) -> Result<(), StoreError> {
+        let mut v = self.db.get_cf(self.cf(CF_CHUNKS), id.0)?.ok_or(StoreError::ChunkMissing(*id))?;
+        let i = flip_at % v.len();
+        v[i] ^= 1;
+        self.db.put_cf(self.cf(CF_CHUNKS), id.0, v)?;
+        Ok(())
+    }
+}
+
+/// Content id of arbitrary bytes (pages and device state alike): blake3,
+/// so for a page it equals [`remus_types::page_hash`].
+#[must_use]
+pub fn content_id(data: &[u8]) -> ChunkId {
+    ChunkId(*blake3::hash(data).as_bytes())
+}
+
+fn hash_value(v: &[u8]) -> Result<ChunkId, StoreError> {
+    v.try_into().map(ChunkId).map_err(|_| StoreError::Corrupt("page index entry".into()))
+}

@@ -1,0 +1,73 @@
+//! Errors of the store, with a small closed [`ErrorKind`] that retry logic
+//! can match.
+
+use remus_types::{ChunkId, EpochId, GuestId};
+
+/// Coarse class of a [`StoreError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Stored bytes fail their checksum or hash.
+    Corrupt,
+    /// The disk is full.
+    NoSpace,
+    /// The request conflicts with what is stored (order, instance).
+    Conflict,
+    /// Something asked for is not there.
+    NotFound,
+    /// Any other I/O or database failure.
+    Io,
+}
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// RocksDB failed.
+    #[error("rocksdb: {0}")]
+    Db(#[from] rocksdb::Error),
+    /// A chunk's bytes do not hash to its id.
+    #[error("chunk {0} is corrupt: content does not match its hash")]
+    ChunkCorrupt(ChunkId),
+    /// A chunk referenced by the log is missing.
+    #[error("chunk {0} is missing")]
+    ChunkMissing(ChunkId),
+    /// Other stored bytes are damaged.
+    #[error("corrupt {0}")]
+    Corrupt(String),
+    /// The epoch does not follow the guest's head.
+    #[error("{guest}: epoch {epoch} does not follow the committed head {head}")]
+    OutOfOrder {
+        /// Guest.
+        guest: GuestId,
+        /// Epoch offered.
+        epoch: EpochId,
+        /// Current head.
+        head: EpochId,
+    },
+    /// No such epoch.
+    #[error("{guest}: no committed epoch {epoch}")]
+    NoEpoch {
+        /// Guest.
+        guest: GuestId,
+        /// Epoch asked for.
+        epoch: EpochId,
+    },
+    /// No such guest.
+    #[error("{0}: no history in this store")]
+    NoGuest(GuestId),
+}
+
+impl StoreError {
+    /// The error's class.
+    #[must_use]
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Db(e) if e.to_string().contains("No space left") => ErrorKind::NoSpace,
+            Self::Db(_) => ErrorKind::Io,
+            Self::ChunkCorrupt(_) | Self::Corrupt(_) => ErrorKind::Corrupt,
+            Self::OutOfOrder { .. } => ErrorKind::Conflict,
+            Self::ChunkMissing(_) | Self::NoEpoch { .. } | Self::NoGuest(_) => ErrorKind::NotFound,
+        }
+    }
+}

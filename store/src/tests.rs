@@ -1,0 +1,114 @@
+//! Store tests on a real RocksDB in a temporary directory.
+
+use std::collections::BTreeMap;
+
+use remus_types::{ChunkId, EpochId, GuestId, Pfn, PAGE_SIZE};
+
+use crate::*;
+
+fn page(seed: u8) -> Vec<u8> {
+    (0..PAGE_SIZE).map(|i| (i as u8).wrapping_mul(seed).wrapping_add(seed)).collect()
+}
+
+fn commit_of(guest: GuestId, epoch: u64, pages: &[(u64, u8)]) -> EpochCommit {
+    let mut c = EpochCommit { guest, epoch: EpochId(epoch), instance: 5, page_count: 64, ..EpochCommit::default() };
+    for &(pfn, seed) in pages {
+        let p = page(seed);
+        let id = content_id(&p);
+        c.pages.push((Pfn(pfn), id));
+        let chunk = if seed % 2 == 0 { StoredChunk::Zstd(zstd::bulk::compress(&p, 1).unwrap()) } else { StoredChunk::Plain(p) };
+        c.chunks.push((id, chunk));
+    }
+    c
+}
+
+#[test]
+fn commits_chain_and_index_every_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(1);
+    let history: Vec<Vec<(u64, u8)>> = vec![vec![(1, 1), (2, 2)], vec![(2, 3)], vec![(1, 2), (9, 2)], vec![(2, 4)]];
+    let mut model: BTreeMap<u64, u8> = BTreeMap::new();
+    let mut states = Vec::new();
+    let mut prev = ChunkId::default();
+    for (i, pages) in history.iter().enumerate() {
+        let out = store.commit(commit_of(g, i as u64 + 1, pages)).unwrap();
+        assert_eq!(out.manifest.parent, prev, "hash chain");
+        prev = out.id;
+        for &(p, s) in pages {
+            model.insert(p, s);
+        }
+        states.push(model.clone());
+    }
+    // Epoch 3 re-wrote seed 2, which epoch 1 already stored.
+    assert_eq!(store.manifest(g, EpochId(3)).unwrap().new_chunk_bytes, 0);
+    drop(store);
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    assert_eq!(store.head(g).unwrap().unwrap().epoch, EpochId(4));
+    for (i, want) in states.iter().enumerate() {
+        let e = EpochId(i as u64 + 1);
+        let mut got = BTreeMap::new();
+        store
+            .for_each_page_at(g, e, |pfn, id| {
+                let data = store.chunk(&id)?;
+                let seed = (1..=4).find(|&s| page(s) == data).expect("known page");
+                got.insert(pfn.0, seed);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(&got, want, "epoch {e}");
+        for (&pfn, &seed) in want {
+            assert_eq!(store.page_at(g, Pfn(pfn), e).unwrap(), Some(content_id(&page(seed))));
+        }
+        assert_eq!(store.page_at(g, Pfn(5), e).unwrap(), None);
+    }
+    let ms = store.manifests(g).unwrap();
+    assert_eq!(ms.len(), 4);
+    for w in ms.windows(2) {
+        assert_eq!(w[1].parent, w[0].id());
+    }
+}
+
+#[test]
+fn out_of_order_commit_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(2);
+    store.commit(commit_of(g, 1, &[(1, 1)])).unwrap();
+    let err = store.commit(commit_of(g, 3, &[(1, 7)])).unwrap_err();
+    assert!(matches!(err, StoreError::OutOfOrder { epoch: EpochId(3), head: EpochId(1), .. }));
+    assert_eq!(err.kind(), ErrorKind::Conflict);
+    assert!(!store.has_chunk(&content_id(&page(7))).unwrap());
+    assert_eq!(store.head(g).unwrap().unwrap().epoch, EpochId(1));
+    assert!(matches!(store.manifest(g, EpochId(2)), Err(StoreError::NoEpoch { .. })));
+}
+
+#[test]
+fn a_flipped_byte_in_a_chunk_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    store.commit(commit_of(GuestId(1), 1, &[(1, 1), (2, 2)])).unwrap();
+    for seed in [1u8, 2] {
+        let id = content_id(&page(seed));
+        store.corrupt_chunk_for_test(&id, 100).unwrap();
+        let err = store.chunk(&id).unwrap_err();
+        assert!(matches!(err, StoreError::ChunkCorrupt(x) if x == id), "{err}");
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+    }
+    let missing = ChunkId([9; 32]);
+    assert!(matches!(store.chunk(&missing), Err(StoreError::ChunkMissing(x)) if x == missing));
+}
+
+#[test]
+fn guests_are_kept_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    store.commit(commit_of(GuestId(1), 1, &[(1, 1)])).unwrap();
+    store.commit(commit_of(GuestId(2), 1, &[(1, 3)])).unwrap();
+    store.commit(commit_of(GuestId(2), 2, &[(4, 3)])).unwrap();
+    let gs = store.guests().unwrap();
+    assert_eq!(gs.iter().map(|(g, h)| (g.0, h.epoch.0)).collect::<Vec<_>>(), vec![(1, 1), (2, 2)]);
+    let mut n = 0;
+    store.for_each_page_at(GuestId(1), EpochId(1), |_, _| { n += 1; Ok(()) }).unwrap();
+    assert_eq!(n, 1);
+}
