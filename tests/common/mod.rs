@@ -1,0 +1,124 @@
+//! Helpers for end-to-end tests: the real binaries, run as processes.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Path of the `remus` binary built for these tests.
+pub fn remus() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_remus"))
+}
+
+/// Path of the `remus-restore` binary.
+pub fn remus_restore() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_remus-restore"))
+}
+
+/// Runs a command to completion, killing it after `limit`.
+pub fn run_limited(cmd: &mut Command, limit: Duration) -> Output {
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.expect("wait"),
+        Err(_) => {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            panic!("command did not finish within {limit:?}: {cmd:?}");
+        }
+    }
+}
+
+/// A backup process with a reader of its stdout lines.
+pub struct BackupProcess {
+    pub child: Child,
+    pub addr: String,
+    lines: mpsc::Receiver<String>,
+}
+
+impl BackupProcess {
+    /// Starts `remus backup` on `listen` and waits for its "listening on" line.
+    pub fn start(data_dir: &Path, listen: &str) -> Self {
+        let mut child = Command::new(remus())
+            .args(["backup", "--data-dir"])
+            .arg(data_dir)
+            .args(["--listen", listen])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn backup");
+        let lines = spawn_line_reader(child.stdout.take().expect("stdout"));
+        let first = lines.recv_timeout(Duration::from_secs(30)).expect("backup printed no listening line");
+        let addr = first
+            .strip_prefix("listening on ")
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected first line: {first}"))
+            .to_string();
+        Self { child, addr, lines }
+    }
+
+    /// Waits until the backup reports `guest` committed at least `epoch`.
+    pub fn wait_committed(&self, guest: u64, epoch: u64, limit: Duration) -> u64 {
+        let deadline = Instant::now() + limit;
+        let prefix = format!("committed guest-{guest} epoch ");
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left).unwrap_or_else(|_| panic!("guest {guest} never reached epoch {epoch}"));
+            if let Some(n) = line.strip_prefix(&prefix).and_then(|n| n.trim().parse::<u64>().ok()) {
+                if n >= epoch {
+                    return n;
+                }
+            }
+        }
+    }
+
+    /// SIGKILL: no chance to flush anything beyond what was committed.
+    pub fn kill(mut self) {
+        self.child.kill().expect("kill");
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                assert!(status.success(), "backup exited with {status}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "backup did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn spawn_line_reader(out: ChildStdout) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Reads the primary's recorded roots (JSON lines) into a map.
+pub fn read_roots(path: &Path) -> std::collections::HashMap<u64, String> {
+    let text = std::fs::read_to_string(path).expect("roots file");
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json line");
+            (v["epoch"].as_u64().expect("epoch"), v["root"].as_str().expect("root").to_string())
+        })
+        .collect()
+}

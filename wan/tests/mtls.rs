@@ -1,0 +1,103 @@
+//! Mutual TLS over real QUIC on loopback: a primary with a certificate
+//! from the deployment's CA is welcomed; one without a certificate, or
+//! with one from another CA, is refused before it can say Hello.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use remus_types::{ChunkId, EpochId, GuestId};
+use remus_wan::driver::{endpoint, run_backup, BackupLinkConfig, Replica};
+use remus_wan::tls::{client_config, keygen, server_config, TlsDir, SERVER_NAME};
+use remus_wan::{FrameReader, Message, ReceivedEpoch};
+
+/// Counts Hellos; commits nothing (the store is tested elsewhere).
+#[derive(Default)]
+struct CountingReplica {
+    welcomed: AtomicU64,
+}
+
+impl Replica for CountingReplica {
+    fn welcome(&self, _: GuestId, _: u64, _: u64) -> Result<(EpochId, ChunkId), String> {
+        self.welcomed.fetch_add(1, Ordering::SeqCst);
+        Ok((EpochId(0), ChunkId::default()))
+    }
+    fn commit(&self, _: ReceivedEpoch) -> Result<ChunkId, String> {
+        Err("not in this test".into())
+    }
+    fn primary_lost(&self, _: GuestId, _: EpochId) {}
+    fn disconnected(&self, _: GuestId) {}
+}
+
+/// Connects with `client`, sends Hello, and returns the first message the
+/// backup answers, or the error that ended the attempt.
+async fn hello(client: quinn::ClientConfig, addr: std::net::SocketAddr) -> Result<Message, String> {
+    let ep = endpoint("127.0.0.1:0".parse().unwrap(), None).map_err(|e| e.to_string())?;
+    let conn = ep.connect_with(client, addr, SERVER_NAME).map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(&Message::Hello { guest: GuestId(1), instance: 7, page_count: 16 }.to_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut rd = FrameReader::default();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        if let Some(m) = rd.next_message().map_err(|e| e.to_string())? {
+            return Ok(m);
+        }
+        match recv.read(&mut buf).await.map_err(|e| e.to_string())? {
+            Some(n) => rd.push(&buf[..n]),
+            None => return Err("stream closed".into()),
+        }
+    }
+}
+
+#[tokio::test]
+async fn only_primaries_with_a_certificate_from_our_ca_are_admitted() {
+    let ours = tempfile::tempdir().unwrap();
+    let theirs = tempfile::tempdir().unwrap();
+    keygen(ours.path()).unwrap();
+    keygen(theirs.path()).unwrap();
+    let ours = TlsDir(ours.path().to_path_buf());
+    let theirs = TlsDir(theirs.path().to_path_buf());
+
+    let replica = Arc::new(CountingReplica::default());
+    let server = server_config(ours.identity("backup").unwrap(), ours.roots().unwrap()).unwrap();
+    let ep = endpoint("127.0.0.1:0".parse().unwrap(), Some(server)).unwrap();
+    let addr = ep.local_addr().unwrap();
+    tokio::spawn(run_backup(ep.clone(), Arc::clone(&replica), BackupLinkConfig::default()));
+    let limit = Duration::from_secs(10);
+
+    // No client certificate at all.
+    let anon = client_config(None, ours.roots().unwrap()).unwrap();
+    let r = tokio::time::timeout(limit, hello(anon, addr)).await.expect("attempt ends by itself");
+    assert!(r.is_err(), "a client without a certificate got {r:?}");
+
+    // A certificate from another CA.
+    let foreign = client_config(Some(theirs.identity("primary").unwrap()), ours.roots().unwrap()).unwrap();
+    let r = tokio::time::timeout(limit, hello(foreign, addr)).await.expect("attempt ends by itself");
+    assert!(r.is_err(), "a client with a foreign certificate got {r:?}");
+    assert_eq!(replica.welcomed.load(Ordering::SeqCst), 0, "refused clients never reach the replica");
+
+    // Control: our own primary certificate is welcomed.
+    let good = client_config(Some(ours.identity("primary").unwrap()), ours.roots().unwrap()).unwrap();
+    let r = tokio::time::timeout(limit, hello(good, addr)).await.expect("attempt ends by itself");
+    assert!(matches!(r, Ok(Message::Welcome { guest: GuestId(1), committed: EpochId(0), .. })), "{r:?}");
+    assert_eq!(replica.welcomed.load(Ordering::SeqCst), 1);
+
+    // A primary that does not trust the backup's CA refuses the backup.
+    let wrong_roots = client_config(Some(ours.identity("primary").unwrap()), theirs.roots().unwrap()).unwrap();
+    let r = tokio::time::timeout(limit, hello(wrong_roots, addr)).await.expect("attempt ends by itself");
+    assert!(r.is_err());
+    ep.close(0u32.into(), b"done");
+}
+
+#[test]
+fn unreadable_tls_material_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = TlsDir(dir.path().to_path_buf());
+    let err = tls.identity("primary").err().expect("missing files are an error").to_string();
+    assert!(err.contains("primary.pem"), "{err}");
+    std::fs::write(dir.path().join("ca.pem"), "not a certificate").unwrap();
+    let err = tls.roots().err().expect("garbage is an error").to_string();
+    assert!(err.contains("ca.pem"), "{err}");
+}
