@@ -143,12 +143,20 @@ impl ArenaGuest {
     /// failover hand-back).
     #[must_use]
     pub fn snapshot(&self) -> Vec<u8> {
+        let mut copy = Vec::new();
+        self.snapshot_into(&mut copy);
+        copy
+    }
+
+    /// Pauses the guest and copies its whole memory into `buf` (reusing
+    /// its allocation): what a checkpoint without dirty tracking costs.
+    pub fn snapshot_into(&self, buf: &mut Vec<u8>) {
         self.shared.pause.store(true, Ordering::Release);
         let mem = self.shared.memory.lock();
-        let copy = mem.as_slice().to_vec();
+        buf.clear();
+        buf.extend_from_slice(mem.as_slice());
         drop(mem);
         self.shared.pause.store(false, Ordering::Release);
-        copy
     }
 }
 

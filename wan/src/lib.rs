@@ -28,5 +28,13 @@ pub use frame::{EpochHeader, FrameReader, Message};
 pub use receiver::{ReceivedEpoch, ReceiverCore, ReceiverEvent};
 pub use sender::{SenderConfig, SenderCore, SenderEvent, Transmit};
 
+/// The earlier of two optional deadlines.
+fn earliest(a: Option<std::time::Instant>, b: Option<std::time::Instant>) -> Option<std::time::Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 #[cfg(test)]
 mod tests;

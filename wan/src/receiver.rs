@@ -191,11 +191,7 @@ impl ReceiverCore {
     /// When to call [`handle_timeout`](Self::handle_timeout).
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let silent = self.last_heard.map(|t| t + self.timeout);
-        match (self.next_heartbeat, silent) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        crate::earliest(self.next_heartbeat, self.last_heard.map(|t| t + self.timeout))
     }
 
     /// Advances the clock.

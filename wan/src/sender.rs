@@ -222,11 +222,7 @@ impl SenderCore {
     /// When the driver should call [`handle_timeout`](Self::handle_timeout).
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let silent = self.last_heard.map(|t| t + self.cfg.peer_timeout);
-        match (self.next_heartbeat, silent) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        crate::earliest(self.next_heartbeat, self.last_heard.map(|t| t + self.cfg.peer_timeout))
     }
 
     /// Advances the clock: queues heartbeats, notices a silent backup.

@@ -42,6 +42,7 @@ pub fn run(args: &DemoArgs, cfg: &Config, data_dir: &Path) -> Result<bool> {
     anyhow::ensure!(args.seconds > 0.0 && args.seconds.is_finite(), "--seconds must be positive");
     super::install_stop_handler();
     std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let _lock = lock_data_dir(data_dir)?;
     let tls = super::tls_dir(data_dir, true)?;
     let store_dir = data_dir.join("demo-store");
     if store_dir.exists() {
@@ -83,13 +84,12 @@ pub fn run(args: &DemoArgs, cfg: &Config, data_dir: &Path) -> Result<bool> {
     epochs.sort_unstable();
     let img = data_dir.join("demo-restore.img");
     for &e in &epochs {
-        let t0 = Instant::now();
         let expected = stats.lock().roots.get(&EpochId(e)).copied();
-        let ok = RestorePlan::new(&store, guest, Target::Epoch(EpochId(e)))
-            .and_then(|plan| plan.execute(&store, &img, |_| {}))
-            .map_err(anyhow::Error::from)
-            .and_then(|_| image_root(&img).map_err(anyhow::Error::from));
+        let t0 = Instant::now();
+        let restored = RestorePlan::new(&store, guest, Target::Epoch(EpochId(e))).and_then(|plan| plan.execute(&store, &img, |_| {}));
         let secs = t0.elapsed().as_secs_f64();
+        // Independent check: hash the written file itself.
+        let ok = restored.map_err(anyhow::Error::from).and_then(|_| image_root(&img).map_err(anyhow::Error::from));
         match (ok, expected) {
             (Ok(root), Some(want)) if root == want => summary.restores_verified += 1,
             (Ok(_), _) => {
@@ -113,4 +113,16 @@ pub fn run(args: &DemoArgs, cfg: &Config, data_dir: &Path) -> Result<bool> {
         println!("{}", summary.render());
     }
     Ok(summary.restores_failed == 0)
+}
+
+/// Holds an exclusive lock on `<data-dir>/demo.lock` for the demo's life:
+/// a second demo on the same directory would delete the first one's store.
+fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let path = data_dir.join("demo.lock");
+    let f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own; the lock goes with the file.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    anyhow::ensure!(rc == 0, "another remus demo is running with data directory {}", data_dir.display());
+    Ok(f)
 }

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs the whole remus test suite, installing what it needs first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/deps.sh
+start=$(date +%s)
+cargo build --release --workspace --all-targets
+echo "build: $(( $(date +%s) - start )) s" >&2
+cargo test --release --workspace
+echo "build and tests: $(( $(date +%s) - start )) s" >&2
