@@ -49,9 +49,10 @@ impl StoreReplica {
         self.stats.lock().get(&guest).cloned().unwrap_or_default()
     }
 
-    fn build_commit(&self, e: ReceivedEpoch, instance: u64) -> Result<EpochCommit, String> {
+    /// Decodes and verifies one epoch. `staged` holds pages decoded earlier
+    /// in the same commit group, not yet in the store.
+    fn build_commit(&self, e: ReceivedEpoch, instance: u64, staged: &mut HashMap<ChunkId, Vec<u8>>) -> Result<EpochCommit, String> {
         let h = e.header;
-        let mut staged: HashMap<ChunkId, Vec<u8>> = HashMap::new();
         let mut c = EpochCommit {
             guest: h.guest,
             epoch: h.epoch,
@@ -79,7 +80,7 @@ impl StoreReplica {
                     }
                 }
                 PageEncoding::Xor { .. } => {
-                    let page = r.decode_page(|id| base(id, &staged)).map_err(fail)?;
+                    let page = r.decode_page(|id| base(id, staged)).map_err(fail)?;
                     let z = zstd::bulk::compress(&page, self.zstd_level).map_err(|e| e.to_string())?;
                     c.chunks.push((r.hash, StoredChunk::Zstd(z)));
                     staged.insert(r.hash, page);
@@ -124,18 +125,24 @@ impl Replica for StoreReplica {
         Ok(head.map_or((EpochId(0), ChunkId::default()), |h| (h.epoch, h.manifest)))
     }
 
-    fn commit(&self, e: ReceivedEpoch) -> Result<ChunkId, String> {
+    fn commit(&self, epochs: Vec<ReceivedEpoch>) -> Result<ChunkId, String> {
         let t0 = Instant::now();
-        let guest = e.header.guest;
+        let guest = epochs.first().ok_or("empty commit group")?.header.guest;
         let instance = *self.instances.lock().get(&guest).ok_or("commit for a guest that was never welcomed")?;
-        let c = self.build_commit(e, instance)?;
-        let out = self.store.commit(c).map_err(|e| e.to_string())?;
+        let mut staged = HashMap::new();
+        let n = epochs.len() as u64;
+        let commits = epochs
+            .into_iter()
+            .map(|e| self.build_commit(e, instance, &mut staged))
+            .collect::<Result<Vec<_>, _>>()?;
+        let outs = self.store.commit_many(commits).map_err(|e| e.to_string())?;
+        let last = outs.last().ok_or("empty commit group")?;
         let mut stats = self.stats.lock();
         let s = stats.entry(guest).or_default();
-        s.epochs += 1;
-        s.committed = out.manifest.epoch;
+        s.epochs += n;
+        s.committed = last.manifest.epoch;
         s.commit_ns.push(u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX));
-        Ok(out.id)
+        Ok(last.id)
     }
 
     fn primary_lost(&self, guest: GuestId, committed: EpochId) {

@@ -270,21 +270,54 @@ impl Store {
     /// Commits one epoch atomically and durably.
     ///
     /// # Errors
-    /// [`StoreError::OutOfOrder`] unless `c.epoch` is the head + 1 (or 1
-    /// for a new guest); [`StoreError::Db`] when the write fails, in which
-    /// case nothing of the epoch is visible.
+    /// As [`commit_many`](Self::commit_many).
     pub fn commit(&self, c: EpochCommit) -> Result<CommitOutcome, StoreError> {
-        let head = self.head(c.guest)?;
-        let (head_epoch, parent) = head.map_or((EpochId(0), ChunkId::default()), |h| (h.epoch, h.manifest));
-        if c.epoch != head_epoch.next() {
-            return Err(StoreError::OutOfOrder { guest: c.guest, epoch: c.epoch, head: head_epoch });
-        }
+        Ok(self.commit_many(vec![c])?.pop().expect("one outcome per commit"))
+    }
+
+    /// Commits consecutive epochs with one atomic, synced write: all of
+    /// them are visible after a crash, or none.
+    ///
+    /// # Errors
+    /// [`StoreError::OutOfOrder`] unless each epoch follows its guest's
+    /// head (or the previous epoch of the group); [`StoreError::Db`] when
+    /// the write fails. Either way nothing of the group is visible.
+    pub fn commit_many(&self, commits: Vec<EpochCommit>) -> Result<Vec<CommitOutcome>, StoreError> {
         let mut batch = WriteBatch::default();
+        let mut seen = std::collections::HashSet::new();
+        let mut heads: std::collections::HashMap<GuestId, (EpochId, ChunkId)> = std::collections::HashMap::new();
+        let mut outcomes = Vec::with_capacity(commits.len());
+        for c in commits {
+            let (head_epoch, parent) = match heads.get(&c.guest) {
+                Some(h) => *h,
+                None => self.head(c.guest)?.map_or((EpochId(0), ChunkId::default()), |h| (h.epoch, h.manifest)),
+            };
+            if c.epoch != head_epoch.next() {
+                return Err(StoreError::OutOfOrder { guest: c.guest, epoch: c.epoch, head: head_epoch });
+            }
+            let out = self.stage(&mut batch, &mut seen, c, parent)?;
+            heads.insert(out.manifest.guest, (out.manifest.epoch, out.id));
+            outcomes.push(out);
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(self.opts.sync);
+        self.db.write_opt(batch, &wo)?;
+        Ok(outcomes)
+    }
+
+    /// Adds one epoch to `batch`: its new chunks (skipping those stored or
+    /// already in `seen`), index entries, manifest and head.
+    fn stage(
+        &self,
+        batch: &mut WriteBatch,
+        seen: &mut std::collections::HashSet<ChunkId>,
+        c: EpochCommit,
+        parent: ChunkId,
+    ) -> Result<CommitOutcome, StoreError> {
         let chunks_cf = self.cf(CF_CHUNKS);
         let mut new_chunks = 0;
         let mut dup_chunks = 0;
         let mut new_bytes = 0u64;
-        let mut seen = std::collections::HashSet::new();
         for (id, chunk) in &c.chunks {
             if !seen.insert(*id) || self.has_chunk(id)? {
                 dup_chunks += 1;
@@ -296,7 +329,7 @@ impl Store {
             new_chunks += 1;
         }
         let ds_id = content_id(&c.device_state);
-        if !self.has_chunk(&ds_id)? && seen.insert(ds_id) {
+        if seen.insert(ds_id) && !self.has_chunk(&ds_id)? {
             batch.put_cf(chunks_cf, ds_id.0, StoredChunk::Plain(c.device_state.clone()).value());
         }
         let pages_cf = self.cf(CF_PAGES);
@@ -326,9 +359,6 @@ impl Store {
         head_v.extend_from_slice(&c.instance.to_be_bytes());
         head_v.extend_from_slice(&c.page_count.to_be_bytes());
         batch.put_cf(self.cf(CF_META), guest_key(b"head", c.guest), head_v);
-        let mut wo = WriteOptions::default();
-        wo.set_sync(self.opts.sync);
-        self.db.write_opt(batch, &wo)?;
         Ok(CommitOutcome { manifest, id, new_chunks, dup_chunks })
     }
 

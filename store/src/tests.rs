@@ -112,3 +112,18 @@ fn guests_are_kept_apart() {
     store.for_each_page_at(GuestId(1), EpochId(1), |_, _| { n += 1; Ok(()) }).unwrap();
     assert_eq!(n, 1);
 }
+
+#[test]
+fn a_commit_group_is_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(3);
+    let outs = store.commit_many(vec![commit_of(g, 1, &[(1, 1)]), commit_of(g, 2, &[(2, 2)])]).unwrap();
+    assert_eq!(outs[1].manifest.parent, outs[0].id, "chained inside the group");
+    assert_eq!(store.head(g).unwrap().unwrap().epoch, EpochId(2));
+    // Epoch 4 does not follow 3: the whole group is refused, 3 included.
+    let err = store.commit_many(vec![commit_of(g, 3, &[(3, 5)]), commit_of(g, 5, &[(4, 6)])]).unwrap_err();
+    assert!(matches!(err, StoreError::OutOfOrder { epoch: EpochId(5), head: EpochId(3), .. }));
+    assert_eq!(store.head(g).unwrap().unwrap().epoch, EpochId(2));
+    assert!(!store.has_chunk(&content_id(&page(5))).unwrap());
+}

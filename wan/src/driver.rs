@@ -332,12 +332,13 @@ pub trait Replica: Send + Sync + 'static {
     /// A message sent to the primary before the connection is closed.
     fn welcome(&self, guest: GuestId, instance: u64, page_count: u64) -> Result<(EpochId, ChunkId), String>;
 
-    /// Durably commits a complete epoch (blocking); returns its manifest hash.
+    /// Durably commits complete, consecutive epochs (blocking), all or
+    /// none; returns the last one's manifest hash.
     ///
     /// # Errors
-    /// A message; the connection is then closed and the epoch is resent
+    /// A message; the connection is then closed and the epochs are resent
     /// by the primary on its next connection.
-    fn commit(&self, epoch: ReceivedEpoch) -> Result<ChunkId, String>;
+    fn commit(&self, epochs: Vec<ReceivedEpoch>) -> Result<ChunkId, String>;
 
     /// The primary of `guest` went silent after `committed`.
     fn primary_lost(&self, guest: GuestId, committed: EpochId);
@@ -457,10 +458,10 @@ async fn serve_epochs<R: Replica>(
     let mut commit: Option<tokio::task::JoinHandle<(EpochId, Result<ChunkId, String>)>> = None;
     loop {
         if commit.is_none() {
-            if let Some(e) = core.poll_commit() {
+            if let Some(group) = core.poll_commit() {
                 let r2 = Arc::clone(replica);
-                let epoch = e.header.epoch;
-                commit = Some(tokio::task::spawn_blocking(move || (epoch, r2.commit(e))));
+                let epoch = group.last().expect("non-empty").header.epoch;
+                commit = Some(tokio::task::spawn_blocking(move || (epoch, r2.commit(group))));
             }
         }
         while let Some(b) = core.poll_transmit() {

@@ -25,7 +25,7 @@ pub use codec::{Reader, Writer};
 pub use encoding::{decompress_page, EncoderConfig, EncodingMix, PageEncoder, PageEncoding, PageRecord};
 pub use error::{DecodeError, LinkError, ProtocolError};
 pub use frame::{EpochHeader, FrameReader, Message};
-pub use receiver::{ReceivedEpoch, ReceiverCore, ReceiverEvent};
+pub use receiver::{ReceivedEpoch, ReceiverCore, ReceiverEvent, MAX_GROUP};
 pub use sender::{SenderConfig, SenderCore, SenderEvent, Transmit};
 
 /// The earlier of two optional deadlines.

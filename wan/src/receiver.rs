@@ -15,6 +15,9 @@ use crate::encoding::PageRecord;
 use crate::error::ProtocolError;
 use crate::frame::{EpochHeader, FrameReader, Message};
 
+/// Most epochs handed out in one commit group.
+pub const MAX_GROUP: usize = 32;
+
 /// An epoch received whole, ready to commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReceivedEpoch {
@@ -170,18 +173,30 @@ impl ReceiverCore {
         Ok(())
     }
 
-    /// The next epoch to commit, if it is complete and no commit is running.
-    pub fn poll_commit(&mut self) -> Option<ReceivedEpoch> {
+    /// The next epochs to commit, in order and consecutive from the
+    /// committed one, when no commit is running: every complete epoch that
+    /// is ready goes in one group (at most [`MAX_GROUP`]), so the store can
+    /// commit them with one synced write when the backup falls behind.
+    pub fn poll_commit(&mut self) -> Option<Vec<ReceivedEpoch>> {
         if self.committing {
             return None;
         }
-        let next = self.committed.next();
-        let e = self.ready.remove(&next)?;
+        let mut group = Vec::new();
+        let mut next = self.committed.next();
+        while group.len() < MAX_GROUP {
+            let Some(e) = self.ready.remove(&next) else { break };
+            group.push(e);
+            next = next.next();
+        }
+        if group.is_empty() {
+            return None;
+        }
         self.committing = true;
-        Some(e)
+        Some(group)
     }
 
-    /// The store durably committed `epoch` under manifest `manifest`.
+    /// The store durably committed every epoch up to `epoch` (the last of
+    /// the group), whose manifest is `manifest`.
     pub fn handle_committed(&mut self, epoch: EpochId, manifest: ChunkId) {
         self.committing = false;
         self.committed = epoch;

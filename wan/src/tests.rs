@@ -129,9 +129,11 @@ impl Sim {
                 }
             }
             if let Some(rx) = self.receiver.as_mut() {
-                while let Some(e) = rx.poll_commit() {
-                    self.backup.commit(&e);
-                    rx.handle_committed(e.header.epoch, ChunkId([1; 32]));
+                while let Some(group) = rx.poll_commit() {
+                    for e in &group {
+                        self.backup.commit(e);
+                    }
+                    rx.handle_committed(group.last().expect("non-empty").header.epoch, ChunkId([1; 32]));
                 }
                 while let Some(b) = rx.poll_transmit() {
                     self.net.push((self.now + self.latency, Packet::ToPrimary(b)));

@@ -22,7 +22,7 @@ impl Replica for CountingReplica {
         self.welcomed.fetch_add(1, Ordering::SeqCst);
         Ok((EpochId(0), ChunkId::default()))
     }
-    fn commit(&self, _: ReceivedEpoch) -> Result<ChunkId, String> {
+    fn commit(&self, _: Vec<ReceivedEpoch>) -> Result<ChunkId, String> {
         Err("not in this test".into())
     }
     fn primary_lost(&self, _: GuestId, _: EpochId) {}
