@@ -25,6 +25,7 @@ fn main() -> Result<()> {
         store: dir.path().join("store"),
         tls: tls.clone(),
         link: BackupLinkConfig::default(),
+        failover: remus_cli::replica::FailoverAction::Record,
     })?;
     let primary = Primary::start(PrimaryOptions {
         guest: GuestId(1),
@@ -38,7 +39,7 @@ fn main() -> Result<()> {
     })?;
     std::thread::sleep(Duration::from_secs(2));
     let stats = std::sync::Arc::clone(&primary.stats);
-    primary.finish()?;
+    primary.finish(Duration::from_secs(30))?;
     let (epoch, want) = {
         let s = stats.lock();
         (s.acked, s.roots[&s.acked])

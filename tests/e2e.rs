@@ -97,3 +97,56 @@ fn separate_processes_replicate_survive_a_backup_restart_and_restore_byte_exact(
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["epoch"], mid["epoch"]);
 }
+
+/// The primary dies (SIGKILL); the backup notices the silence, fences it,
+/// and hands back the last committed epoch as a memory image that is
+/// byte-exact the primary's memory at that epoch.
+#[test]
+fn a_killed_primary_fails_over_to_its_last_committed_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let out = run_limited(Command::new(remus()).args(["keygen", "--data-dir"]).arg(data), Duration::from_secs(30));
+    assert!(out.status.success());
+    let failover = data.join("failover");
+    // Tests run in parallel on a small machine: allow 2 s of silence so
+    // that only the kill below, not a scheduling stall, causes failover.
+    let config = data.join("remus.toml");
+    std::fs::write(&config, "[backup]\nprimary-timeout-ms = 2000\n").unwrap();
+    let backup = BackupProcess::start_with(
+        data,
+        "127.0.0.1:0",
+        &["--config", config.to_str().unwrap(), "--failover-dir", failover.to_str().unwrap()],
+    );
+    let roots = data.join("roots.jsonl");
+    let mut primary = Command::new(remus())
+        .args(["protect", "--data-dir"])
+        .arg(data)
+        .args(["--backup", &backup.addr, "--memory-mib", "64", "--seconds", "120", "--record-roots"])
+        .arg(&roots)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    backup.wait_committed(1, 30, Duration::from_secs(60));
+    primary.kill().unwrap();
+    primary.wait().unwrap();
+
+    let line = backup.wait_line("failover guest-1 epoch ", Duration::from_secs(30));
+    let mut words = line.split_whitespace().skip(3);
+    let epoch: u64 = words.next().unwrap().parse().unwrap();
+    let image = std::path::PathBuf::from(words.nth(1).unwrap());
+    assert!(epoch >= 30);
+    let roots = read_roots(&roots);
+    let bytes = std::fs::read(&image).unwrap();
+    assert_eq!(MemoryDigest::of_image(&bytes).to_hex(), roots[&epoch], "failover image of epoch {epoch} is not byte-exact");
+
+    // The old primary is fenced: a new run of guest 1 is refused.
+    let out = run_limited(
+        Command::new(remus()).args(["protect", "--data-dir"]).arg(data).args(["--backup", &backup.addr, "--memory-mib", "64", "--seconds", "5"]),
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("failed over") || err.contains("another primary instance"), "{err}");
+    backup.stop();
+}

@@ -11,7 +11,7 @@ use remus_store::{Store, StoreOptions};
 use remus_wan::driver::{endpoint, run_backup, BackupLinkConfig, Endpoint};
 use remus_wan::tls::{server_config, TlsDir};
 
-use crate::replica::StoreReplica;
+use crate::replica::{FailoverAction, StoreReplica};
 
 /// Everything a backup needs.
 #[derive(Debug, Clone)]
@@ -24,6 +24,8 @@ pub struct BackupOptions {
     pub tls: TlsDir,
     /// Heartbeat timing.
     pub link: BackupLinkConfig,
+    /// What to do when a primary goes silent.
+    pub failover: FailoverAction,
 }
 
 /// A running backup.
@@ -49,7 +51,7 @@ impl Backup {
             Store::open(&opts.store, StoreOptions::default()).with_context(|| format!("opening store {}", opts.store.display()))?,
         );
         let server = server_config(opts.tls.identity("backup")?, opts.tls.roots()?)?;
-        let replica = Arc::new(StoreReplica::new(Arc::clone(&store)));
+        let replica = Arc::new(StoreReplica::new(Arc::clone(&store), opts.failover.clone()));
         let r2 = Arc::clone(&replica);
         let (tx, rx) = std::sync::mpsc::channel();
         let link = opts.link;

@@ -116,15 +116,31 @@ impl Primary {
         self.engine.as_ref().is_none_or(JoinHandle::is_finished)
     }
 
-    /// Stops sealing and waits until every epoch is acknowledged.
+    /// Stops sealing and waits, at most `drain`, until every sealed epoch
+    /// is acknowledged.
     ///
     /// # Errors
-    /// The engine's or the link's failure.
-    pub fn finish(mut self) -> Result<()> {
+    /// The engine's or the link's failure, or the backup not acknowledging
+    /// in time: those epochs' output is then never released.
+    pub fn finish(mut self, drain: Duration) -> Result<()> {
         self.stop_sealing();
+        let deadline = Instant::now() + drain;
+        while !(self.engine_finished() && self.link.as_ref().is_none_or(JoinHandle::is_finished)) {
+            if Instant::now() >= deadline {
+                let s = self.stats.lock();
+                anyhow::bail!(
+                    "the backup did not acknowledge epochs {}..={} within {drain:?}; their output was never released",
+                    s.acked.0 + 1,
+                    s.sealed.0
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let engine = self.engine.take().expect("joined once").join().map_err(|_| anyhow::anyhow!("engine thread panicked"))?;
         let link = self.link.take().expect("joined once").join().map_err(|_| anyhow::anyhow!("link thread panicked"))?;
-        engine.and(link)
+        // The link's failure is the cause when both failed (the engine stops
+        // because the link did).
+        link.and(engine)
     }
 }
 

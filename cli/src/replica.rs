@@ -29,9 +29,23 @@ pub struct GuestStats {
     pub lost_at: Option<EpochId>,
 }
 
+/// What the backup does when a primary goes silent.
+#[derive(Debug, Clone, Default)]
+pub enum FailoverAction {
+    /// Record it (the default): the primary may come back and resume.
+    #[default]
+    Record,
+    /// Fail over: fence the old primary (its guest is refused from now on)
+    /// and hand back the last committed epoch as a memory image in this
+    /// directory, ready to resume from.
+    RestoreTo(std::path::PathBuf),
+}
+
 /// A [`Replica`] backed by a [`Store`].
 pub struct StoreReplica {
     store: Arc<Store>,
+    failover: FailoverAction,
+    fenced: Mutex<HashMap<GuestId, EpochId>>,
     zstd_level: i32,
     active: Mutex<HashSet<GuestId>>,
     instances: Mutex<HashMap<GuestId, u64>>,
@@ -40,8 +54,8 @@ pub struct StoreReplica {
 
 impl StoreReplica {
     /// A replica writing into `store`.
-    pub fn new(store: Arc<Store>) -> Self {
-        Self { store, zstd_level: 1, active: Mutex::new(HashSet::new()), instances: Mutex::new(HashMap::new()), stats: Mutex::new(HashMap::new()) }
+    pub fn new(store: Arc<Store>, failover: FailoverAction) -> Self {
+        Self { store, failover, fenced: Mutex::new(HashMap::new()), zstd_level: 1, active: Mutex::new(HashSet::new()), instances: Mutex::new(HashMap::new()), stats: Mutex::new(HashMap::new()) }
     }
 
     /// Statistics of `guest`.
@@ -105,6 +119,9 @@ impl StoreReplica {
 
 impl Replica for StoreReplica {
     fn welcome(&self, guest: GuestId, instance: u64, page_count: u64) -> Result<(EpochId, ChunkId), String> {
+        if let Some(e) = self.fenced.lock().get(&guest) {
+            return Err(format!("{guest} failed over at epoch {}; its old primary is fenced", e.0));
+        }
         let head = self.store.head(guest).map_err(|e| e.to_string())?;
         if let Some(h) = head {
             if h.instance != instance {
@@ -147,9 +164,33 @@ impl Replica for StoreReplica {
 
     fn primary_lost(&self, guest: GuestId, committed: EpochId) {
         self.stats.lock().entry(guest).or_default().lost_at = Some(committed);
+        let FailoverAction::RestoreTo(dir) = &self.failover else { return };
+        self.fenced.lock().insert(guest, committed);
+        let store = Arc::clone(&self.store);
+        let dir = dir.clone();
+        // Restoring a large guest takes a while: off the network thread.
+        std::thread::spawn(move || match failover_image(&store, guest, &dir) {
+            Ok((epoch, path)) => {
+                println!("failover {guest} epoch {} image {}", epoch.0, path.display());
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+            }
+            Err(e) => eprintln!("failover of {guest} failed: {e:#}"),
+        });
     }
 
     fn disconnected(&self, guest: GuestId) {
         self.active.lock().remove(&guest);
     }
+}
+
+/// Writes the last committed epoch of `guest` into `dir` as a memory image.
+fn failover_image(store: &Store, guest: GuestId, dir: &std::path::Path) -> anyhow::Result<(EpochId, std::path::PathBuf)> {
+    use remus_restore::{RestorePlan, Target};
+    std::fs::create_dir_all(dir)?;
+    let plan = RestorePlan::new(store, guest, Target::Latest)?;
+    let epoch = plan.manifest.epoch;
+    let path = dir.join(format!("{guest}-epoch-{}.img", epoch.0));
+    plan.execute(store, &path, |_| {})?;
+    Ok((epoch, path))
 }

@@ -93,12 +93,13 @@ impl PrimaryStats {
     #[must_use]
     pub fn progress_line(&self) -> String {
         format!(
-            "epoch {:>6} | {:5.1} Hz | pause p99 {:5.2} ms | lag {:>3} | wire {:6.1} B/page | released {:>6} lines",
+            "epoch {:>6} | {:5.1} Hz | pause p99 {:5.2} ms | lag {:>3} epochs | wire {:6.1} B/page ({:4.1}% of raw) | released {:>6} lines",
             self.sealed.0,
             self.hz(),
             ms(percentile(&self.pauses_ns, 99.0)),
             self.sealed.0.saturating_sub(self.acked.0),
             if self.wire_pages == 0 { 0.0 } else { self.wire_bytes as f64 / self.wire_pages as f64 },
+            if self.wire_pages == 0 { 0.0 } else { 100.0 * self.wire_bytes as f64 / (self.wire_pages * PAGE_SIZE as u64) as f64 },
             self.output_released,
         )
     }

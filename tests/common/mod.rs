@@ -45,10 +45,16 @@ pub struct BackupProcess {
 impl BackupProcess {
     /// Starts `remus backup` on `listen` and waits for its "listening on" line.
     pub fn start(data_dir: &Path, listen: &str) -> Self {
+        Self::start_with(data_dir, listen, &[])
+    }
+
+    /// As [`start`](Self::start), with extra arguments.
+    pub fn start_with(data_dir: &Path, listen: &str, extra: &[&str]) -> Self {
         let mut child = Command::new(remus())
             .args(["backup", "--data-dir"])
             .arg(data_dir)
             .args(["--listen", listen])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -78,11 +84,24 @@ impl BackupProcess {
         }
     }
 
+    /// Waits for a stdout line starting with `prefix` and returns it.
+    pub fn wait_line(&self, prefix: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left).unwrap_or_else(|_| panic!("no line starting with {prefix:?}"));
+            if line.starts_with(prefix) {
+                return line;
+            }
+        }
+    }
+
     /// SIGKILL: no chance to flush anything beyond what was committed.
     pub fn kill(mut self) {
         self.child.kill().expect("kill");
         let _ = self.child.wait();
     }
+
 
     /// SIGTERM and wait for a clean exit.
     pub fn stop(mut self) {
@@ -96,6 +115,14 @@ impl BackupProcess {
             assert!(Instant::now() < deadline, "backup did not stop on SIGTERM");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+impl Drop for BackupProcess {
+    /// A failing test must not leave a backup behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -143,7 +143,7 @@ pub async fn run_primary(
                 loop {
                     tokio::select! {
                         r = &mut fut => break r.map_err(|e| e.to_string()),
-                        cp = checkpoints.recv(), if !input_closed => match cp {
+                        cp = checkpoints.recv(), if !input_closed && core.can_accept() => match cp {
                             Some(cp) => push(&mut core, cp, &events),
                             None => input_closed = true,
                         },
@@ -161,7 +161,7 @@ pub async fn run_primary(
                 while tokio::time::Instant::now() < until {
                     tokio::select! {
                         () = tokio::time::sleep_until(until) => {}
-                        cp = checkpoints.recv(), if !input_closed => match cp {
+                        cp = checkpoints.recv(), if !input_closed && core.can_accept() => match cp {
                             Some(cp) => push(&mut core, cp, &events),
                             None => input_closed = true,
                         },
@@ -230,7 +230,7 @@ async fn serve_connection(
         }
         let deadline = core.poll_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
-            cp = checkpoints.recv(), if !*input_closed => match cp {
+            cp = checkpoints.recv(), if !*input_closed && core.can_accept() => match cp {
                 Some(cp) => push(core, cp, events),
                 None => *input_closed = true,
             },

@@ -30,6 +30,11 @@ pub struct SenderConfig {
     pub peer_timeout: Duration,
     /// Target payload bytes per Pages frame (default 256 KiB).
     pub batch_bytes: usize,
+    /// Bytes of unacknowledged checkpoints kept for resending, at most
+    /// (default 2 GiB). Beyond it the sender takes no new checkpoint, so
+    /// the capture engine blocks and the guest runs on in a longer epoch:
+    /// memory stays bounded while the backup is away.
+    pub max_retained_bytes: usize,
     /// Page encoder tuning.
     pub encoder: EncoderConfig,
 }
@@ -41,6 +46,7 @@ impl Default for SenderConfig {
             heartbeat: Duration::from_millis(50),
             peer_timeout: Duration::from_millis(500),
             batch_bytes: 256 << 10,
+            max_retained_bytes: 2 << 30,
             encoder: EncoderConfig::default(),
         }
     }
@@ -94,6 +100,7 @@ pub struct SenderCore {
     encoder: PageEncoder,
     digest: MemoryDigest,
     retained: BTreeMap<EpochId, Retained>,
+    retained_bytes: usize,
     acked: EpochId,
     sealed: EpochId,
     connected: bool,
@@ -116,6 +123,7 @@ impl SenderCore {
             encoder: PageEncoder::new(cfg.encoder),
             digest: MemoryDigest::zeroed(page_count),
             retained: BTreeMap::new(),
+            retained_bytes: 0,
             acked: EpochId(0),
             sealed: EpochId(0),
             connected: false,
@@ -169,6 +177,7 @@ impl SenderCore {
         }
         let root = self.digest.root();
         self.sealed = cp.epoch;
+        self.retained_bytes += cp.pages.len();
         self.retained.insert(cp.epoch, Retained { cp, hashes, root, sent: false });
         root
     }
@@ -215,6 +224,7 @@ impl SenderCore {
         if epoch > self.acked {
             self.acked = epoch;
             self.retained = self.retained.split_off(&epoch.next());
+            self.retained_bytes = self.retained.values().map(|r| r.cp.pages.len()).sum();
             self.events.push_back(SenderEvent::Acked { epoch, manifest });
         }
     }
@@ -265,6 +275,13 @@ impl SenderCore {
     #[must_use]
     pub fn in_flight(&self) -> usize {
         self.retained.values().filter(|r| r.sent).count()
+    }
+
+    /// False while retained checkpoints exceed `max_retained_bytes`: the
+    /// driver then stops taking checkpoints until acks free memory.
+    #[must_use]
+    pub fn can_accept(&self) -> bool {
+        self.retained_bytes < self.cfg.max_retained_bytes
     }
 
     /// Epochs retained (sent or not) awaiting an ack.

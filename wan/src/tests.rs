@@ -250,3 +250,30 @@ fn malformed_epoch_streams_are_refused() {
     assert!(matches!(rx.handle_epoch_stream(now, &flipped), Err(ProtocolError::Decode(DecodeError::ChecksumMismatch))));
     assert_eq!(rx.poll_commit(), None);
 }
+
+#[test]
+fn retained_checkpoints_are_bounded_while_the_backup_is_away() {
+    let cfg = SenderConfig { max_retained_bytes: 3 * 20 * PAGE_SIZE, ..SenderConfig::default() };
+    let mut s = SenderCore::new(cfg, GuestId(1), 1, PAGES);
+    let cp = |e: u64| Checkpoint {
+        guest: GuestId(1),
+        epoch: EpochId(e),
+        page_count: PAGES,
+        pfns: (0..20).map(Pfn).collect(),
+        pages: vec![e as u8; 20 * PAGE_SIZE],
+        ..Checkpoint::default()
+    };
+    for e in 1..=2 {
+        assert!(s.can_accept());
+        s.push_checkpoint(cp(e));
+    }
+    s.push_checkpoint(cp(3));
+    assert!(!s.can_accept(), "three epochs reach the bound");
+    // An ack frees them.
+    let now = Instant::now();
+    s.handle_connected(now);
+    s.handle_message(now, Message::Welcome { guest: GuestId(1), committed: EpochId(0), head: ChunkId::default() }).unwrap();
+    s.handle_message(now, Message::Ack { epoch: EpochId(2), manifest: ChunkId::default() }).unwrap();
+    assert!(s.can_accept());
+    assert_eq!(s.unacked(), 1);
+}

@@ -8,6 +8,7 @@ use anyhow::Result;
 use remus_wan::driver::BackupLinkConfig;
 
 use crate::backup::{Backup, BackupOptions};
+use crate::replica::FailoverAction;
 use crate::config::Config;
 
 /// Arguments.
@@ -19,6 +20,10 @@ pub struct BackupArgs {
     /// Store directory (default `<data-dir>/store`).
     #[arg(long)]
     pub store: Option<PathBuf>,
+    /// Fail over when a primary goes silent: fence it and write its last
+    /// committed epoch as a memory image into this directory.
+    #[arg(long)]
+    pub failover_dir: Option<PathBuf>,
 }
 
 /// Runs until SIGINT or SIGTERM.
@@ -38,6 +43,7 @@ pub fn run(args: &BackupArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
             heartbeat: Duration::from_millis(b.heartbeat_ms),
             primary_timeout: Duration::from_millis(b.primary_timeout_ms),
         },
+        failover: args.failover_dir.clone().map_or(FailoverAction::Record, FailoverAction::RestoreTo),
     })?;
     // Scripts and tests read this line to learn the port.
     println!("listening on {} (store {})", backup.addr, store.display());

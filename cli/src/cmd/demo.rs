@@ -12,6 +12,7 @@ use remus_types::EpochId;
 use remus_wan::driver::BackupLinkConfig;
 
 use super::protect::{primary_options, watch, GuestFlags, Progress};
+use super::DRAIN;
 use crate::backup::{Backup, BackupOptions};
 use crate::config::Config;
 use crate::primary::Primary;
@@ -53,6 +54,7 @@ pub fn run(args: &DemoArgs, cfg: &Config, data_dir: &Path) -> Result<bool> {
         store: store_dir.clone(),
         tls: tls.clone(),
         link: BackupLinkConfig::default(),
+        failover: crate::replica::FailoverAction::Record,
     })?;
     let opts = primary_options(cfg, &args.guest_flags, tls, backup.addr, cfg.protect.guest)?;
     let guest = opts.guest;
@@ -72,7 +74,7 @@ pub fn run(args: &DemoArgs, cfg: &Config, data_dir: &Path) -> Result<bool> {
     progress.finish();
     let stats = std::sync::Arc::clone(&primary.stats);
     let exact = primary.exact_tracking;
-    primary.finish()?;
+    primary.finish(DRAIN)?;
     let mut summary = Summary::from_stats(&stats.lock(), exact);
 
     // Restore random committed epochs and compare with the primary's roots.

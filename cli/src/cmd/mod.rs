@@ -13,6 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result};
 use remus_wan::tls::TlsDir;
 
+/// How long a stopping primary waits for the backup to acknowledge what
+/// it has sealed.
+pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
+
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {

@@ -161,7 +161,7 @@ pub fn run(args: &ProtectArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
     let stats = std::sync::Arc::clone(&primary.stats);
     let exact = primary.exact_tracking;
     eprintln!("stopping: waiting for the backup to acknowledge every sealed epoch");
-    primary.finish()?;
+    primary.finish(super::DRAIN)?;
     let summary = Summary::from_stats(&stats.lock(), exact);
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
