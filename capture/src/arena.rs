@@ -7,11 +7,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use parking_lot::Mutex;
 use remus_types::{Checkpoint, EpochId, PAGE_SIZE};
 
 use crate::engine::ProtectedGuest;
-use crate::sys::{Mapping, WriteProtectScanner};
+use crate::sys::{Mapping, PiMutex, WriteProtectScanner};
 use crate::workload::{self, WorkloadConfig};
 use crate::{CaptureError, OutputBuffer};
 
@@ -47,7 +46,7 @@ impl Default for ArenaConfig {
 }
 
 pub(crate) struct Shared {
-    pub(crate) memory: Mutex<Mapping>,
+    pub(crate) memory: PiMutex<Mapping>,
     pub(crate) pause: AtomicBool,
     pub(crate) stop: AtomicBool,
     pub(crate) written: AtomicU64,
@@ -103,7 +102,7 @@ impl ArenaGuest {
         };
         let shared = Arc::new(Shared {
             page_count: (len / PAGE_SIZE) as u64,
-            memory: Mutex::new(mapping),
+            memory: PiMutex::new(mapping),
             pause: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             written: AtomicU64::new(0),
@@ -171,7 +170,7 @@ impl ProtectedGuest for ArenaGuest {
         }
         // Fault the page buffer in before pausing (sized from the last
         // epoch), so the copy inside the pause takes no page faults.
-        let estimate = (self.last_dirty + self.last_dirty / 2 + 64) * PAGE_SIZE;
+        let estimate = (self.last_dirty * 2).max(1024) * PAGE_SIZE;
         if cp.pages.capacity() < estimate {
             cp.pages = vec![0u8; estimate];
             cp.pages.fill(1);

@@ -24,9 +24,9 @@ use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Dire
 use crate::error::StoreError;
 use crate::manifest::{page_delta_hash, Manifest};
 
-const CF_CHUNKS: &str = "chunks";
-const CF_EPOCHS: &str = "epochs";
-const CF_PAGES: &str = "pages";
+pub(crate) const CF_CHUNKS: &str = "chunks";
+pub(crate) const CF_EPOCHS: &str = "epochs";
+pub(crate) const CF_PAGES: &str = "pages";
 const CF_META: &str = "meta";
 
 const CODEC_PLAIN: u8 = 0;
@@ -123,7 +123,7 @@ impl Default for StoreOptions {
 
 /// The content-addressed epoch log.
 pub struct Store {
-    db: DB,
+    pub(crate) db: DB,
     path: PathBuf,
     opts: StoreOptions,
 }
@@ -149,7 +149,7 @@ fn page_key(guest: GuestId, pfn: Pfn, epoch: EpochId) -> [u8; 24] {
     k
 }
 
-fn u64_at(b: &[u8], at: usize) -> u64 {
+pub(crate) fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
@@ -195,7 +195,7 @@ impl Store {
         &self.path
     }
 
-    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+    pub(crate) fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
         self.db.cf_handle(name).expect("column family created at open")
     }
 
@@ -311,9 +311,12 @@ impl Store {
         &self,
         batch: &mut WriteBatch,
         seen: &mut std::collections::HashSet<ChunkId>,
-        c: EpochCommit,
+        mut c: EpochCommit,
         parent: ChunkId,
     ) -> Result<CommitOutcome, StoreError> {
+        // Canonical order: the manifest's page delta is over pfn order,
+        // the order the page index yields them back in.
+        c.pages.sort_unstable_by_key(|(pfn, _)| *pfn);
         let chunks_cf = self.cf(CF_CHUNKS);
         let mut new_chunks = 0;
         let mut dup_chunks = 0;
@@ -463,6 +466,13 @@ impl Store {
         for cf in [CF_CHUNKS, CF_EPOCHS, CF_PAGES, CF_META] {
             self.db.flush_cf(self.cf(cf))?;
         }
+        Ok(())
+    }
+
+    /// Overwrites a stored manifest's raw bytes: for tamper tests only.
+    #[doc(hidden)]
+    pub fn corrupt_manifest_for_test(&self, guest: GuestId, epoch: EpochId, bytes: &[u8]) -> Result<(), StoreError> {
+        self.db.put_cf(self.cf(CF_EPOCHS), epoch_key(guest, epoch), bytes)?;
         Ok(())
     }
 

@@ -8,10 +8,12 @@
 mod db;
 mod error;
 mod manifest;
+mod verify;
 
 pub use db::{content_id, CommitOutcome, EpochCommit, Head, Store, StoreOptions, StoredChunk};
 pub use error::{ErrorKind, StoreError};
 pub use manifest::{page_delta_hash, Manifest, MANIFEST_LEN};
+pub use verify::{damaged_guests, Damage, VerifyReport};
 
 #[cfg(test)]
 mod tests;

@@ -127,3 +127,50 @@ fn a_commit_group_is_all_or_nothing() {
     assert_eq!(store.head(g).unwrap().unwrap().epoch, EpochId(2));
     assert!(!store.has_chunk(&content_id(&page(5))).unwrap());
 }
+
+fn store_with_history(dir: &std::path::Path) -> Store {
+    let store = Store::open(dir, StoreOptions::default()).unwrap();
+    let g = GuestId(1);
+    store.commit(commit_of(g, 1, &[(3, 1), (1, 2)])).unwrap();
+    store.commit(commit_of(g, 2, &[(2, 3)])).unwrap();
+    store.commit(commit_of(g, 3, &[(1, 4)])).unwrap();
+    store
+}
+
+#[test]
+fn verify_passes_a_sound_store_and_names_a_flipped_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_history(dir.path());
+    let r = store.verify(|_| {}).unwrap();
+    assert_eq!(r.damage, vec![], "sound store");
+    assert_eq!(r.manifests, 3);
+    assert_eq!(r.pages, 4);
+    let id = content_id(&page(3));
+    store.corrupt_chunk_for_test(&id, 7).unwrap();
+    let r = store.verify(|_| {}).unwrap();
+    assert_eq!(r.damage, vec![Damage::ChunkCorrupt { chunk: id.to_hex() }]);
+}
+
+#[test]
+fn verify_names_a_flipped_manifest_byte_and_a_broken_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_history(dir.path());
+    let g = GuestId(1);
+    let mut m = store.manifest(g, EpochId(2)).unwrap().encode().to_vec();
+    m[60] ^= 1;
+    store.corrupt_manifest_for_test(g, EpochId(2), &m).unwrap();
+    let r = store.verify(|_| {}).unwrap();
+    assert_eq!(
+        r.damage,
+        vec![Damage::ManifestCorrupt { guest: 1, epoch: 2, reason: "corrupt manifest: checksum mismatch".into() }]
+    );
+    // A well-formed manifest with the wrong parent breaks the chain.
+    let mut forged = store.manifest(g, EpochId(3)).unwrap();
+    forged.parent = ChunkId([5; 32]);
+    let dir2 = tempfile::tempdir().unwrap();
+    let store2 = store_with_history(dir2.path());
+    store2.corrupt_manifest_for_test(g, EpochId(3), &forged.encode()).unwrap();
+    let r = store2.verify(|_| {}).unwrap();
+    assert!(r.damage.contains(&Damage::ChainBroken { guest: 1, epoch: 3 }), "{:?}", r.damage);
+    assert!(r.damage.contains(&Damage::HeadMismatch { guest: 1 }), "{:?}", r.damage);
+}

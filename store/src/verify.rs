@@ -1,0 +1,189 @@
+//! `verify`: re-hash every chunk, walk every guest's manifest chain and
+//! check every page-index entry, naming exactly what is damaged.
+
+use std::collections::{BTreeMap, HashSet};
+
+use remus_types::{ChunkId, EpochId, GuestId, Pfn};
+use rocksdb::IteratorMode;
+
+use crate::db::{u64_at, Store, CF_CHUNKS, CF_EPOCHS, CF_PAGES};
+use crate::error::StoreError;
+use crate::manifest::{page_delta_hash, Manifest};
+
+/// One thing found damaged.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Damage {
+    /// A chunk whose bytes do not hash to its id (or do not decompress).
+    ChunkCorrupt {
+        /// The chunk.
+        chunk: String,
+    },
+    /// A chunk the log references but the store lacks.
+    ChunkMissing {
+        /// The chunk.
+        chunk: String,
+        /// Guest referencing it.
+        guest: u64,
+        /// Epoch referencing it.
+        epoch: u64,
+    },
+    /// A manifest that fails its checksum or layout.
+    ManifestCorrupt {
+        /// Guest.
+        guest: u64,
+        /// Epoch.
+        epoch: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A manifest whose parent is not the previous manifest's id.
+    ChainBroken {
+        /// Guest.
+        guest: u64,
+        /// Epoch whose parent link is wrong.
+        epoch: u64,
+    },
+    /// The page index of an epoch does not match its manifest.
+    PageIndexMismatch {
+        /// Guest.
+        guest: u64,
+        /// Epoch.
+        epoch: u64,
+    },
+    /// The head does not name the newest manifest.
+    HeadMismatch {
+        /// Guest.
+        guest: u64,
+    },
+}
+
+/// What `verify` checked and found.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct VerifyReport {
+    /// Chunks re-hashed.
+    pub chunks: u64,
+    /// Manifests checked.
+    pub manifests: u64,
+    /// Page-index entries checked.
+    pub pages: u64,
+    /// Everything damaged, in the order found.
+    pub damage: Vec<Damage>,
+}
+
+impl Store {
+    /// Checks the whole store; `progress(done)` is called per 4096 chunks.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] when RocksDB itself fails; damage is reported in
+    /// the [`VerifyReport`], not as an error.
+    pub fn verify(&self, mut progress: impl FnMut(u64)) -> Result<VerifyReport, StoreError> {
+        let mut report = VerifyReport::default();
+        // Page index, grouped by (guest, epoch), in pfn order.
+        let mut index: BTreeMap<(u64, u64), Vec<(Pfn, ChunkId)>> = BTreeMap::new();
+        for kv in self.db.iterator_cf(self.cf(CF_PAGES), IteratorMode::Start) {
+            let (k, v) = kv?;
+            report.pages += 1;
+            if k.len() != 24 || v.len() != 32 {
+                report.damage.push(Damage::PageIndexMismatch { guest: prefix_u64(&k, 0), epoch: 0 });
+                continue;
+            }
+            let id = ChunkId(v[..].try_into().expect("32 bytes"));
+            index.entry((u64_at(&k, 0), !u64_at(&k, 16))).or_default().push((Pfn(u64_at(&k, 8)), id));
+        }
+        let mut referenced = HashSet::new();
+        for (guest, head) in self.guests()? {
+            let mut prev = ChunkId::default();
+            let mut last = None;
+            for kv in self.db.prefix_iterator_cf(self.cf(CF_EPOCHS), guest.0.to_be_bytes()) {
+                let (k, v) = kv?;
+                if k.len() != 16 || u64_at(&k, 0) != guest.0 {
+                    break;
+                }
+                let epoch = u64_at(&k, 8);
+                report.manifests += 1;
+                let pages = index.remove(&(guest.0, epoch)).unwrap_or_default();
+                let m = match Manifest::decode(&v) {
+                    Ok(m) if m.guest == guest && m.epoch == EpochId(epoch) => m,
+                    Ok(_) => {
+                        report.damage.push(Damage::ManifestCorrupt { guest: guest.0, epoch, reason: "names another epoch".into() });
+                        prev = ChunkId::default();
+                        continue;
+                    }
+                    Err(e) => {
+                        report.damage.push(Damage::ManifestCorrupt { guest: guest.0, epoch, reason: e.to_string() });
+                        prev = ChunkId::default();
+                        continue;
+                    }
+                };
+                if last.is_some() && m.parent != prev && prev != ChunkId::default() {
+                    report.damage.push(Damage::ChainBroken { guest: guest.0, epoch });
+                }
+                if pages.len() as u64 != m.dirty_pages || page_delta_hash(&pages) != m.page_delta {
+                    report.damage.push(Damage::PageIndexMismatch { guest: guest.0, epoch });
+                }
+                let zero = remus_types::zero_page_hash();
+                for id in pages.iter().map(|(_, id)| *id).filter(|id| *id != zero).chain([m.device_state]) {
+                    if referenced.insert(id) && !self.has_chunk(&id)? {
+                        report.damage.push(Damage::ChunkMissing { chunk: id.to_hex(), guest: guest.0, epoch });
+                    }
+                }
+                prev = m.id();
+                last = Some(m);
+            }
+            if last.as_ref().map(Manifest::id) != Some(head.manifest) {
+                report.damage.push(Damage::HeadMismatch { guest: guest.0 });
+            }
+        }
+        for ((guest, epoch), _) in index {
+            report.damage.push(Damage::PageIndexMismatch { guest, epoch });
+        }
+        for kv in self.db.iterator_cf(self.cf(CF_CHUNKS), IteratorMode::Start) {
+            let (k, _) = kv?;
+            report.chunks += 1;
+            let Ok(id) = <[u8; 32]>::try_from(&k[..]).map(ChunkId) else {
+                report.damage.push(Damage::ChunkCorrupt { chunk: format!("key of {} bytes", k.len()) });
+                continue;
+            };
+            match self.chunk(&id) {
+                Ok(_) => {}
+                Err(StoreError::ChunkCorrupt(_)) => report.damage.push(Damage::ChunkCorrupt { chunk: id.to_hex() }),
+                Err(e) => return Err(e),
+            }
+            if report.chunks % 4096 == 0 {
+                progress(report.chunks);
+            }
+        }
+        progress(report.chunks);
+        Ok(report)
+    }
+}
+
+fn prefix_u64(k: &[u8], at: usize) -> u64 {
+    if k.len() >= at + 8 {
+        u64_at(k, at)
+    } else {
+        0
+    }
+}
+
+/// The guest ids named in a report (for messages).
+#[must_use]
+pub fn damaged_guests(r: &VerifyReport) -> Vec<GuestId> {
+    let mut g: Vec<GuestId> = r
+        .damage
+        .iter()
+        .filter_map(|d| match d {
+            Damage::ChunkMissing { guest, .. }
+            | Damage::ManifestCorrupt { guest, .. }
+            | Damage::ChainBroken { guest, .. }
+            | Damage::PageIndexMismatch { guest, .. }
+            | Damage::HeadMismatch { guest } => Some(GuestId(*guest)),
+            Damage::ChunkCorrupt { .. } => None,
+        })
+        .collect();
+    g.sort_unstable();
+    g.dedup();
+    g
+}
