@@ -67,6 +67,13 @@ fn separate_processes_replicate_survive_a_backup_restart_and_restore_byte_exact(
         assert_eq!(w[1]["parent"], w[0]["manifest"], "manifest chain");
     }
 
+    // The store verifies clean after a SIGKILLed backup.
+    let out = run_limited(Command::new(remus()).args(["verify", "--json", "--data-dir"]).arg(data), Duration::from_secs(60));
+    assert!(out.status.success(), "verify: {}", String::from_utf8_lossy(&out.stdout));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["manifests"].as_u64().unwrap(), committed);
+    assert_eq!(report["damage"].as_array().unwrap().len(), 0);
+
     // Restore random epochs: some from before the kill, some after.
     let roots = read_roots(&roots);
     let mut rng = rand::thread_rng();

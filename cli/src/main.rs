@@ -35,6 +35,8 @@ enum Command {
     Log(cmd::log::LogArgs),
     /// Generate the CA and certificates for mutual TLS.
     Keygen(cmd::keygen::KeygenArgs),
+    /// Re-hash chunks, walk manifest chains, name what is damaged.
+    Verify(cmd::verify::VerifyArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +51,7 @@ fn main() -> ExitCode {
             Command::Backup(a) => cmd::backup::run(a, &cfg, &data_dir).map(|()| true),
             Command::Log(a) => cmd::log::run(a, &data_dir).map(|()| true),
             Command::Keygen(a) => cmd::keygen::run(a, &data_dir).map(|()| true),
+            Command::Verify(a) => cmd::verify::run(a, &data_dir),
         }
     };
     match run() {

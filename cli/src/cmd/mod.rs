@@ -6,6 +6,7 @@ pub mod keygen;
 pub mod log;
 pub mod protect;
 pub mod restore;
+pub mod verify;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
