@@ -80,9 +80,6 @@ impl StoreReplica {
             chunks: Vec::new(),
             device_state: e.device_state,
         };
-        let base = |id: &ChunkId, staged: &HashMap<ChunkId, Vec<u8>>| {
-            staged.get(id).cloned().or_else(|| self.store.chunk(id).ok())
-        };
         for r in e.records {
             let fail = |err: remus_wan::DecodeError| format!("epoch {}: page {}: {err}", h.epoch, r.pfn.0);
             match &r.encoding {
@@ -93,8 +90,17 @@ impl StoreReplica {
                         return Err(fail(remus_wan::DecodeError::MissingBase(r.hash)));
                     }
                 }
-                PageEncoding::Xor { .. } => {
-                    let page = r.decode_page(|id| base(id, staged)).map_err(fail)?;
+                PageEncoding::Xor { base, .. } => {
+                    // A damaged or missing base is named as such, not as a
+                    // decoding error of this page.
+                    let base_page = match staged.get(base) {
+                        Some(p) => p.clone(),
+                        None => self
+                            .store
+                            .chunk(base)
+                            .map_err(|e| format!("epoch {}: page {}: xor base: {e}", h.epoch, r.pfn.0))?,
+                    };
+                    let page = r.decode_page(|_| Some(base_page)).map_err(fail)?;
                     let z = zstd::bulk::compress(&page, self.zstd_level).map_err(|e| e.to_string())?;
                     c.chunks.push((r.hash, StoredChunk::Zstd(z)));
                     staged.insert(r.hash, page);

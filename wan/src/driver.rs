@@ -173,7 +173,9 @@ pub async fn run_primary(
         backoff = Duration::from_millis(50);
         match serve_connection(&conn, &mut core, &mut checkpoints, &mut input_closed, &events).await {
             Ok(()) => {}
-            Err(LinkError::Protocol(e)) => {
+            Err(LinkError::Protocol(e @ (ProtocolError::Refused(_) | ProtocolError::BadEpoch { .. }))) => {
+                // Refused at Hello, or a backup whose history contradicts
+                // this primary's: retrying cannot help.
                 conn.close(VarInt::from_u32(2), e.to_string().as_bytes());
                 return Err(LinkError::Protocol(e));
             }

@@ -62,9 +62,14 @@ pub enum ProtocolError {
     /// A message that is not allowed in the current state.
     #[error("unexpected {0}")]
     Unexpected(&'static str),
-    /// The peer reported an error.
+    /// The peer reported an error during the session (retryable: the
+    /// primary reconnects and resends what is unacknowledged).
     #[error("peer error: {0}")]
     Peer(String),
+    /// The backup refused this primary at Hello (another instance, fenced,
+    /// already connected): retrying cannot help.
+    #[error("refused by the backup: {0}")]
+    Refused(String),
     /// An epoch stream that does not add up (count, order, guest).
     #[error("epoch {epoch}: {reason}")]
     BadEpoch {

@@ -51,6 +51,7 @@ pub struct ReceiverCore {
     guest: Option<GuestId>,
     page_count: u64,
     committed: EpochId,
+    manifest: ChunkId,
     committing: bool,
     ready: BTreeMap<EpochId, ReceivedEpoch>,
     heartbeat: Duration,
@@ -70,6 +71,7 @@ impl ReceiverCore {
             guest: None,
             page_count: 0,
             committed: EpochId(0),
+            manifest: ChunkId::default(),
             committing: false,
             ready: BTreeMap::new(),
             heartbeat,
@@ -87,6 +89,7 @@ impl ReceiverCore {
         self.guest = Some(guest);
         self.page_count = page_count;
         self.committed = committed;
+        self.manifest = head;
         self.control.push_back(Message::Welcome { guest, committed, head });
     }
 
@@ -163,7 +166,7 @@ impl ReceiverCore {
         }
         if header.epoch <= self.committed {
             // Resent after a reconnect: already durable, acknowledge again.
-            self.control.push_back(Message::Ack { epoch: self.committed, manifest: ChunkId::default() });
+            self.control.push_back(Message::Ack { epoch: self.committed, manifest: self.manifest });
             return Ok(());
         }
         self.ready.insert(
@@ -200,6 +203,7 @@ impl ReceiverCore {
     pub fn handle_committed(&mut self, epoch: EpochId, manifest: ChunkId) {
         self.committing = false;
         self.committed = epoch;
+        self.manifest = manifest;
         self.control.push_back(Message::Ack { epoch, manifest });
     }
 

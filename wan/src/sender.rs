@@ -214,7 +214,8 @@ impl SenderCore {
                 self.ack(epoch, manifest);
             }
             Message::Heartbeat { .. } => {}
-            Message::Error(m) => return Err(ProtocolError::Peer(m)),
+            Message::Error(m) if self.connected => return Err(ProtocolError::Peer(m)),
+            Message::Error(m) => return Err(ProtocolError::Refused(m)),
             _ => return Err(ProtocolError::Unexpected("data message on the control stream")),
         }
         Ok(())

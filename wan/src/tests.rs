@@ -277,3 +277,15 @@ fn retained_checkpoints_are_bounded_while_the_backup_is_away() {
     assert!(s.can_accept());
     assert_eq!(s.unacked(), 1);
 }
+
+#[test]
+fn an_error_before_welcome_is_a_refusal_and_after_it_is_retryable() {
+    let now = Instant::now();
+    let mut s = SenderCore::new(SenderConfig::default(), GuestId(1), 1, PAGES);
+    s.handle_connected(now);
+    assert_eq!(s.handle_message(now, Message::Error("fenced".into())), Err(ProtocolError::Refused("fenced".into())));
+    s.handle_disconnected();
+    s.handle_connected(now);
+    s.handle_message(now, Message::Welcome { guest: GuestId(1), committed: EpochId(0), head: ChunkId::default() }).unwrap();
+    assert_eq!(s.handle_message(now, Message::Error("disk full".into())), Err(ProtocolError::Peer("disk full".into())));
+}
