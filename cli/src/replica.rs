@@ -41,8 +41,40 @@ pub enum FailoverAction {
     RestoreTo(std::path::PathBuf),
 }
 
+/// Recently committed pages by hash, bounded: most XOR bases and
+/// references name a page committed a few epochs ago, and reading it back
+/// from the store costs a blob read, a decompression and a re-hash.
+/// Invariant: only pages durably committed are inserted.
+struct PageCache {
+    pages: HashMap<ChunkId, Arc<Vec<u8>>>,
+    order: std::collections::VecDeque<ChunkId>,
+    capacity: usize,
+}
+
+impl PageCache {
+    fn new(capacity: usize) -> Self {
+        Self { pages: HashMap::new(), order: std::collections::VecDeque::new(), capacity }
+    }
+
+    fn get(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
+        self.pages.get(id).cloned()
+    }
+
+    fn insert(&mut self, id: ChunkId, page: Arc<Vec<u8>>) {
+        if self.pages.insert(id, page).is_none() {
+            self.order.push_back(id);
+            while self.order.len() > self.capacity {
+                if let Some(old) = self.order.pop_front() {
+                    self.pages.remove(&old);
+                }
+            }
+        }
+    }
+}
+
 /// A [`Replica`] backed by a [`Store`].
 pub struct StoreReplica {
+    cache: Mutex<PageCache>,
     store: Arc<Store>,
     failover: FailoverAction,
     fenced: Mutex<HashMap<GuestId, EpochId>>,
@@ -55,7 +87,7 @@ pub struct StoreReplica {
 impl StoreReplica {
     /// A replica writing into `store`.
     pub fn new(store: Arc<Store>, failover: FailoverAction) -> Self {
-        Self { store, failover, fenced: Mutex::new(HashMap::new()), zstd_level: 1, active: Mutex::new(HashSet::new()), instances: Mutex::new(HashMap::new()), stats: Mutex::new(HashMap::new()) }
+        Self { cache: Mutex::new(PageCache::new(16 << 10)), store, failover, fenced: Mutex::new(HashMap::new()), zstd_level: 1, active: Mutex::new(HashSet::new()), instances: Mutex::new(HashMap::new()), stats: Mutex::new(HashMap::new()) }
     }
 
     /// Statistics of `guest`.
@@ -65,7 +97,7 @@ impl StoreReplica {
 
     /// Decodes and verifies one epoch. `staged` holds pages decoded earlier
     /// in the same commit group, not yet in the store.
-    fn build_commit(&self, e: ReceivedEpoch, instance: u64, staged: &mut HashMap<ChunkId, Vec<u8>>) -> Result<EpochCommit, String> {
+    fn build_commit(&self, e: ReceivedEpoch, instance: u64, staged: &mut HashMap<ChunkId, Arc<Vec<u8>>>) -> Result<EpochCommit, String> {
         let h = e.header;
         let mut c = EpochCommit {
             guest: h.guest,
@@ -85,7 +117,9 @@ impl StoreReplica {
             match &r.encoding {
                 PageEncoding::Zero => {}
                 PageEncoding::Ref => {
-                    let held = staged.contains_key(&r.hash) || self.store.has_chunk(&r.hash).map_err(|e| e.to_string())?;
+                    let held = staged.contains_key(&r.hash)
+                        || self.cache.lock().get(&r.hash).is_some()
+                        || self.store.has_chunk(&r.hash).map_err(|e| e.to_string())?;
                     if !held {
                         return Err(fail(remus_wan::DecodeError::MissingBase(r.hash)));
                     }
@@ -93,8 +127,9 @@ impl StoreReplica {
                 PageEncoding::Xor { base, .. } => {
                     // A damaged or missing base is named as such, not as a
                     // decoding error of this page.
-                    let base_page = match staged.get(base) {
-                        Some(p) => p.clone(),
+                    let cached = staged.get(base).cloned().or_else(|| self.cache.lock().get(base));
+                    let base_page = match cached {
+                        Some(p) => p.to_vec(),
                         None => self
                             .store
                             .chunk(base)
@@ -103,17 +138,17 @@ impl StoreReplica {
                     let page = r.decode_page(|_| Some(base_page)).map_err(fail)?;
                     let z = zstd::bulk::compress(&page, self.zstd_level).map_err(|e| e.to_string())?;
                     c.chunks.push((r.hash, StoredChunk::Zstd(z)));
-                    staged.insert(r.hash, page);
+                    staged.insert(r.hash, Arc::new(page));
                 }
                 PageEncoding::RawZstd(z) => {
                     let page = r.decode_page(|_| None).map_err(fail)?;
                     c.chunks.push((r.hash, StoredChunk::Zstd(z.clone())));
-                    staged.insert(r.hash, page);
+                    staged.insert(r.hash, Arc::new(page));
                 }
                 PageEncoding::RawPlain(p) => {
                     r.decode_page(|_| None).map_err(fail)?;
                     c.chunks.push((r.hash, StoredChunk::Plain(p.clone())));
-                    staged.insert(r.hash, p.clone());
+                    staged.insert(r.hash, Arc::new(p.clone()));
                 }
             }
             let hash = if r.encoding == PageEncoding::Zero { zero_page_hash() } else { r.hash };
@@ -159,6 +194,11 @@ impl Replica for StoreReplica {
             .map(|e| self.build_commit(e, instance, &mut staged))
             .collect::<Result<Vec<_>, _>>()?;
         let outs = self.store.commit_many(commits).map_err(|e| e.to_string())?;
+        let mut cache = self.cache.lock();
+        for (id, page) in staged {
+            cache.insert(id, page);
+        }
+        drop(cache);
         let last = outs.last().ok_or("empty commit group")?;
         let mut stats = self.stats.lock();
         let s = stats.entry(guest).or_default();

@@ -76,6 +76,9 @@ pub fn run(args: &DemoArgs, cfg: &Config, data_dir: &Path) -> Result<bool> {
     let exact = primary.exact_tracking;
     primary.finish(DRAIN)?;
     let mut summary = Summary::from_stats(&stats.lock(), exact);
+    let commits = backup.replica.stats(guest).commit_ns;
+    summary.backup_commit_ms_p50 = crate::stats::ms(crate::stats::percentile(&commits, 50.0));
+    summary.backup_commit_ms_p99 = crate::stats::ms(crate::stats::percentile(&commits, 99.0));
 
     // Restore random committed epochs and compare with the primary's roots.
     let store = std::sync::Arc::clone(&backup.store);
