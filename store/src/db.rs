@@ -113,11 +113,22 @@ pub struct StoreOptions {
     /// Sync the WAL on every commit (default true). Off only for benchmarks
     /// that measure the rest of the pipeline.
     pub sync: bool,
+    /// Open for reading only (default false): writes nothing, so it works
+    /// on a full disk and beside a running backup's lock-free readers.
+    pub read_only: bool,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { sync: true }
+        Self { sync: true, read_only: false }
+    }
+}
+
+impl StoreOptions {
+    /// Options for commands that only read (log, verify, restore).
+    #[must_use]
+    pub fn read_only() -> Self {
+        Self { read_only: true, ..Self::default() }
     }
 }
 
@@ -185,7 +196,11 @@ impl Store {
             ColumnFamilyDescriptor::new(CF_PAGES, plain()),
             ColumnFamilyDescriptor::new(CF_META, plain()),
         ];
-        let db = DB::open_cf_descriptors(&db_opts, path, cfs)?;
+        let db = if opts.read_only {
+            DB::open_cf_descriptors_read_only(&db_opts, path, cfs, false)?
+        } else {
+            DB::open_cf_descriptors(&db_opts, path, cfs)?
+        };
         Ok(Self { db, path: path.to_path_buf(), opts })
     }
 

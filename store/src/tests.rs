@@ -174,3 +174,14 @@ fn verify_names_a_flipped_manifest_byte_and_a_broken_chain() {
     assert!(r.damage.contains(&Damage::ChainBroken { guest: 1, epoch: 3 }), "{:?}", r.damage);
     assert!(r.damage.contains(&Damage::HeadMismatch { guest: 1 }), "{:?}", r.damage);
 }
+
+#[test]
+fn a_read_only_open_reads_everything_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(store_with_history(dir.path()));
+    let ro = Store::open(dir.path(), StoreOptions::read_only()).unwrap();
+    assert_eq!(ro.head(GuestId(1)).unwrap().unwrap().epoch, EpochId(3));
+    assert_eq!(ro.verify(|_| {}).unwrap().damage, vec![]);
+    assert!(ro.commit(commit_of(GuestId(1), 4, &[(1, 9)])).is_err(), "a read-only store refuses commits");
+    assert!(Store::open(&dir.path().join("absent"), StoreOptions::read_only()).is_err());
+}

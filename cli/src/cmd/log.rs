@@ -32,7 +32,7 @@ pub struct LogArgs {
 pub fn run(args: &LogArgs, data_dir: &Path) -> Result<()> {
     let path = args.store.clone().unwrap_or_else(|| data_dir.join("store"));
     anyhow::ensure!(path.exists(), "no store at {}", path.display());
-    let store = Store::open(&path, StoreOptions::default()).with_context(|| format!("opening {}", path.display()))?;
+    let store = Store::open(&path, StoreOptions::read_only()).with_context(|| format!("opening {}", path.display()))?;
     let guests: Vec<GuestId> = match args.guest {
         Some(g) => vec![GuestId(g)],
         None => store.guests()?.into_iter().map(|(g, _)| g).collect(),

@@ -50,6 +50,10 @@ pub struct ProtectArgs {
     /// Print the final summary as JSON.
     #[arg(long)]
     pub json: bool,
+    /// When stopping, wait this long for the backup to acknowledge what
+    /// was sealed (default 30).
+    #[arg(long, default_value_t = 30.0)]
+    pub drain_seconds: f64,
     /// Guest shape.
     #[command(flatten)]
     pub guest_flags: GuestFlags,
@@ -161,7 +165,8 @@ pub fn run(args: &ProtectArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
     let stats = std::sync::Arc::clone(&primary.stats);
     let exact = primary.exact_tracking;
     eprintln!("stopping: waiting for the backup to acknowledge every sealed epoch");
-    primary.finish(super::DRAIN)?;
+    anyhow::ensure!(args.drain_seconds >= 0.0 && args.drain_seconds.is_finite(), "--drain-seconds must be non-negative");
+    primary.finish(Duration::from_secs_f64(args.drain_seconds))?;
     let summary = Summary::from_stats(&stats.lock(), exact);
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);

@@ -50,7 +50,7 @@ pub struct RestoreArgs {
 pub fn run(args: &RestoreArgs) -> Result<()> {
     let path = args.store.clone().unwrap_or_else(|| args.data_dir.join("store"));
     anyhow::ensure!(path.exists(), "no store at {}", path.display());
-    let store = Store::open(&path, StoreOptions::default()).with_context(|| format!("opening {}", path.display()))?;
+    let store = Store::open(&path, StoreOptions::read_only()).with_context(|| format!("opening {}", path.display()))?;
     let target = match (args.epoch, &args.at) {
         (Some(e), _) => Target::Epoch(EpochId(e)),
         (None, Some(t)) => Target::At(parse_time(t)?),

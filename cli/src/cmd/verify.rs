@@ -24,7 +24,7 @@ pub struct VerifyArgs {
 pub fn run(args: &VerifyArgs, data_dir: &Path) -> Result<bool> {
     let path = args.store.clone().unwrap_or_else(|| data_dir.join("store"));
     anyhow::ensure!(path.exists(), "no store at {}", path.display());
-    let store = Store::open(&path, StoreOptions::default()).with_context(|| format!("opening {}", path.display()))?;
+    let store = Store::open(&path, StoreOptions::read_only()).with_context(|| format!("opening {}", path.display()))?;
     let mut bar = super::protect::Progress::new(args.json);
     let report = store.verify(|n| bar.show(format!("verifying: {n} chunks re-hashed")))?;
     bar.finish();
