@@ -107,8 +107,8 @@ pub struct PrimaryLinkConfig {
     pub page_count: u64,
 }
 
-enum Input {
-    Control(Result<Message, String>),
+enum Control {
+    Message(Result<Message, String>),
     /// The peer finished its control stream: a clean end.
     Closed,
 }
@@ -127,51 +127,30 @@ pub async fn run_primary(
     let bind: SocketAddr = if cfg.backup.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("addr");
     let ep = endpoint(bind, None)?;
     let mut core = SenderCore::new(cfg.sender, cfg.guest, cfg.instance, cfg.page_count);
-    let mut input_closed = false;
-    let mut backoff = Duration::from_millis(50);
+    let mut input = Input::default();
+    let mut backoff = MIN_BACKOFF;
     loop {
-        if input_closed && core.unacked() == 0 {
+        if input.closed && core.unacked() == 0 {
             ep.close(VarInt::from_u32(0), b"done");
             ep.wait_idle().await;
             return Ok(());
         }
         // Connect, still taking checkpoints so the guest never waits on us.
-        let connecting = ep.connect_with(cfg.client.clone(), cfg.backup, crate::tls::SERVER_NAME);
-        let conn = match connecting {
-            Ok(c) => {
-                let mut fut = std::pin::pin!(c);
-                loop {
-                    tokio::select! {
-                        r = &mut fut => break r.map_err(|e| e.to_string()),
-                        cp = checkpoints.recv(), if !input_closed && core.can_accept() => match cp {
-                            Some(cp) => push(&mut core, cp, &events),
-                            None => input_closed = true,
-                        },
-                    }
-                }
-            }
+        let conn = match ep.connect_with(cfg.client.clone(), cfg.backup, crate::tls::SERVER_NAME) {
+            Ok(c) => input.take_while(&mut core, &mut checkpoints, &events, c).await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         let conn = match conn {
             Ok(c) => c,
             Err(e) => {
                 let _ = events.send(LinkEvent::Disconnected(e));
-                let until = tokio::time::Instant::now() + backoff;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                while tokio::time::Instant::now() < until {
-                    tokio::select! {
-                        () = tokio::time::sleep_until(until) => {}
-                        cp = checkpoints.recv(), if !input_closed && core.can_accept() => match cp {
-                            Some(cp) => push(&mut core, cp, &events),
-                            None => input_closed = true,
-                        },
-                    }
-                }
+                input.take_while(&mut core, &mut checkpoints, &events, tokio::time::sleep(backoff)).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
             }
         };
-        backoff = Duration::from_millis(50);
-        match serve_connection(&conn, &mut core, &mut checkpoints, &mut input_closed, &events).await {
+        let acked_before = core.acked();
+        match serve_connection(&conn, &mut core, &mut checkpoints, &mut input.closed, &events).await {
             Ok(()) => {}
             Err(LinkError::Protocol(e @ (ProtocolError::Refused(_) | ProtocolError::BadEpoch { .. }))) => {
                 // Refused at Hello, or a backup whose history contradicts
@@ -185,6 +164,46 @@ pub async fn run_primary(
             }
         }
         core.handle_disconnected();
+        if core.acked() > acked_before {
+            backoff = MIN_BACKOFF;
+        } else {
+            // A connection that acknowledged nothing (a backup failing its
+            // commits, say): back off before resending everything again.
+            input.take_while(&mut core, &mut checkpoints, &events, tokio::time::sleep(backoff)).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+}
+
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The primary's intake of checkpoints while it is not connected.
+#[derive(Default)]
+struct Input {
+    closed: bool,
+}
+
+impl Input {
+    /// Awaits `fut`, taking checkpoints meanwhile so the guest never waits
+    /// on a connection attempt or a backoff.
+    async fn take_while<F: std::future::Future>(
+        &mut self,
+        core: &mut SenderCore,
+        checkpoints: &mut mpsc::Receiver<Checkpoint>,
+        events: &mpsc::UnboundedSender<LinkEvent>,
+        fut: F,
+    ) -> F::Output {
+        let mut fut = std::pin::pin!(fut);
+        loop {
+            tokio::select! {
+                r = &mut fut => return r,
+                cp = checkpoints.recv(), if !self.closed && core.can_accept() => match cp {
+                    Some(cp) => push(core, cp, events),
+                    None => self.closed = true,
+                },
+            }
+        }
     }
 }
 
@@ -237,9 +256,9 @@ async fn serve_connection(
                 None => *input_closed = true,
             },
             Some(input) = rx.recv() => match input {
-                Input::Control(Ok(m)) => core.handle_message(Instant::now(), m)?,
-                Input::Control(Err(e)) => return Err(LinkError::Peer(e)),
-                Input::Closed => return Err(LinkError::Peer("backup closed the control stream".into())),
+                Control::Message(Ok(m)) => core.handle_message(Instant::now(), m)?,
+                Control::Message(Err(e)) => return Err(LinkError::Peer(e)),
+                Control::Closed => return Err(LinkError::Peer("backup closed the control stream".into())),
             },
             Some(done) = streams.join_next(), if !streams.is_empty() => {
                 if let Ok(Err(e)) = done {
@@ -278,20 +297,20 @@ async fn flush_sender(
     Ok(false)
 }
 
-async fn read_control(mut recv: RecvStream, tx: mpsc::UnboundedSender<Input>) {
+async fn read_control(mut recv: RecvStream, tx: mpsc::UnboundedSender<Control>) {
     let mut rd = FrameReader::default();
     let mut buf = vec![0u8; 64 << 10];
     loop {
         loop {
             match rd.next_message() {
                 Ok(Some(m)) => {
-                    if tx.send(Input::Control(Ok(m))).is_err() {
+                    if tx.send(Control::Message(Ok(m))).is_err() {
                         return;
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = tx.send(Input::Control(Err(e.to_string())));
+                    let _ = tx.send(Control::Message(Err(e.to_string())));
                     return;
                 }
             }
@@ -299,11 +318,11 @@ async fn read_control(mut recv: RecvStream, tx: mpsc::UnboundedSender<Input>) {
         match recv.read(&mut buf).await {
             Ok(Some(n)) => rd.push(&buf[..n]),
             Ok(None) => {
-                let _ = tx.send(Input::Closed);
+                let _ = tx.send(Control::Closed);
                 return;
             }
             Err(e) => {
-                let _ = tx.send(Input::Control(Err(e.to_string())));
+                let _ = tx.send(Control::Message(Err(e.to_string())));
                 return;
             }
         }
@@ -438,7 +457,7 @@ async fn serve_epochs<R: Replica>(
     let mut core = ReceiverCore::new(Instant::now(), cfg.heartbeat, cfg.primary_timeout);
     core.accept(guest, page_count, committed, head);
     let max = core.max_epoch_bytes();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Control>();
     let mut leftovers = rd;
     // Control messages after Hello may already sit in the reader.
     while let Some(m) = leftovers.next_message().map_err(ProtocolError::from)? {
@@ -481,12 +500,12 @@ async fn serve_epochs<R: Replica>(
         let deadline = core.poll_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
             Some(input) = rx.recv() => match input {
-                Input::Control(Ok(m)) => {
+                Control::Message(Ok(m)) => {
                     tracing::debug!(?m, "control message from primary");
                     core.handle_message(Instant::now(), m)?;
                 }
-                Input::Control(Err(e)) => return Err(LinkError::Peer(e)),
-                Input::Closed => {
+                Control::Message(Err(e)) => return Err(LinkError::Peer(e)),
+                Control::Closed => {
                     tracing::info!(%guest, committed = core.committed().0, "primary finished");
                     return Ok(());
                 }
