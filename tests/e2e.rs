@@ -17,8 +17,7 @@ use remus_types::MemoryDigest;
 fn separate_processes_replicate_survive_a_backup_restart_and_restore_byte_exact() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
-    let out = run_limited(Command::new(remus()).args(["keygen", "--data-dir"]).arg(data), Duration::from_secs(30));
-    assert!(out.status.success(), "keygen: {}", String::from_utf8_lossy(&out.stderr));
+    keygen(data);
 
     let backup = BackupProcess::start(data, "127.0.0.1:0");
     let addr = backup.addr.clone();
@@ -112,8 +111,7 @@ fn separate_processes_replicate_survive_a_backup_restart_and_restore_byte_exact(
 fn a_killed_primary_fails_over_to_its_last_committed_epoch() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
-    let out = run_limited(Command::new(remus()).args(["keygen", "--data-dir"]).arg(data), Duration::from_secs(30));
-    assert!(out.status.success());
+    keygen(data);
     let failover = data.join("failover");
     // Tests run in parallel on a small machine: allow 2 s of silence so
     // that only the kill below, not a scheduling stall, causes failover.
@@ -166,8 +164,7 @@ fn a_killed_primary_fails_over_to_its_last_committed_epoch() {
 fn a_full_disk_at_the_backup_loses_nothing_committed() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
-    let out = run_limited(Command::new(remus()).args(["keygen", "--data-dir"]).arg(data), Duration::from_secs(30));
-    assert!(out.status.success());
+    keygen(data);
     let small = data.join("small");
     std::fs::create_dir(&small).unwrap();
     let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"]).arg(&small).status().unwrap();

@@ -139,6 +139,12 @@ fn spawn_line_reader(out: ChildStdout) -> mpsc::Receiver<String> {
     rx
 }
 
+/// Writes TLS material into `data_dir` with `remus keygen`.
+pub fn keygen(data_dir: &Path) {
+    let out = run_limited(Command::new(remus()).args(["keygen", "--data-dir"]).arg(data_dir), Duration::from_secs(30));
+    assert!(out.status.success(), "keygen: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// Reads the primary's recorded roots (JSON lines) into a map.
 pub fn read_roots(path: &Path) -> std::collections::HashMap<u64, String> {
     let text = std::fs::read_to_string(path).expect("roots file");

@@ -2,8 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
-use remus_store::{Store, StoreOptions};
+use anyhow::Result;
 use remus_types::GuestId;
 
 use super::format_time;
@@ -30,9 +29,7 @@ pub struct LogArgs {
 /// # Errors
 /// When the store cannot be opened or is damaged.
 pub fn run(args: &LogArgs, data_dir: &Path) -> Result<()> {
-    let path = args.store.clone().unwrap_or_else(|| data_dir.join("store"));
-    anyhow::ensure!(path.exists(), "no store at {}", path.display());
-    let store = Store::open(&path, StoreOptions::read_only()).with_context(|| format!("opening {}", path.display()))?;
+    let store = super::open_store_read_only(args.store.as_deref(), data_dir)?;
     let guests: Vec<GuestId> = match args.guest {
         Some(g) => vec![GuestId(g)],
         None => store.guests()?.into_iter().map(|(g, _)| g).collect(),

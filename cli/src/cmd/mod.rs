@@ -58,6 +58,16 @@ pub fn tls_dir(data_dir: &Path, create: bool) -> Result<TlsDir> {
     Ok(tls)
 }
 
+/// Opens a store read-only: `flag` if given, else `<data_dir>/store`.
+///
+/// # Errors
+/// When there is no store there or RocksDB cannot open it.
+pub fn open_store_read_only(flag: Option<&Path>, data_dir: &Path) -> Result<remus_store::Store> {
+    let path = flag.map_or_else(|| data_dir.join("store"), Path::to_path_buf);
+    anyhow::ensure!(path.exists(), "no store at {}", path.display());
+    remus_store::Store::open(&path, remus_store::StoreOptions::read_only()).with_context(|| format!("opening {}", path.display()))
+}
+
 /// Parses a time as RFC 3339 (`2026-11-25T15:41:00Z`) or Unix seconds.
 ///
 /// # Errors

@@ -4,9 +4,8 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use remus_restore::{RestorePlan, Target};
-use remus_store::{Store, StoreOptions};
 use remus_types::{EpochId, GuestId};
 
 use super::parse_time;
@@ -48,9 +47,7 @@ pub struct RestoreArgs {
 /// When the store cannot be opened, nothing matches the target, a chunk is
 /// missing or corrupt, or the image cannot be written.
 pub fn run(args: &RestoreArgs) -> Result<()> {
-    let path = args.store.clone().unwrap_or_else(|| args.data_dir.join("store"));
-    anyhow::ensure!(path.exists(), "no store at {}", path.display());
-    let store = Store::open(&path, StoreOptions::read_only()).with_context(|| format!("opening {}", path.display()))?;
+    let store = super::open_store_read_only(args.store.as_deref(), &args.data_dir)?;
     let target = match (args.epoch, &args.at) {
         (Some(e), _) => Target::Epoch(EpochId(e)),
         (None, Some(t)) => Target::At(parse_time(t)?),

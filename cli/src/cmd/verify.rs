@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
-use remus_store::{Damage, Store, StoreOptions};
+use anyhow::Result;
+use remus_store::Damage;
 
 /// Arguments.
 #[derive(Debug, clap::Args)]
@@ -22,9 +22,7 @@ pub struct VerifyArgs {
 /// # Errors
 /// When the store cannot be opened or read.
 pub fn run(args: &VerifyArgs, data_dir: &Path) -> Result<bool> {
-    let path = args.store.clone().unwrap_or_else(|| data_dir.join("store"));
-    anyhow::ensure!(path.exists(), "no store at {}", path.display());
-    let store = Store::open(&path, StoreOptions::read_only()).with_context(|| format!("opening {}", path.display()))?;
+    let store = super::open_store_read_only(args.store.as_deref(), data_dir)?;
     let mut bar = super::protect::Progress::new(args.json);
     let report = store.verify(|n| bar.show(format!("verifying: {n} chunks re-hashed")))?;
     bar.finish();
