@@ -101,3 +101,37 @@ fn unreadable_tls_material_is_named() {
     let err = tls.roots().err().expect("garbage is an error").to_string();
     assert!(err.contains("ca.pem"), "{err}");
 }
+
+/// A garbage epoch stream from an authenticated primary: the backup closes
+/// the connection naming the fault, and commits nothing.
+#[tokio::test]
+async fn a_corrupt_epoch_stream_closes_the_connection_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    keygen(dir.path()).unwrap();
+    let tls = TlsDir(dir.path().to_path_buf());
+    let replica = Arc::new(CountingReplica::default());
+    let server = server_config(tls.identity("backup").unwrap(), tls.roots().unwrap()).unwrap();
+    let ep = endpoint("127.0.0.1:0".parse().unwrap(), Some(server)).unwrap();
+    let addr = ep.local_addr().unwrap();
+    tokio::spawn(run_backup(ep.clone(), Arc::clone(&replica), BackupLinkConfig::default()));
+
+    let client = client_config(Some(tls.identity("primary").unwrap()), tls.roots().unwrap()).unwrap();
+    let cep = endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
+    let conn = cep.connect_with(client, addr, SERVER_NAME).unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&Message::Hello { guest: GuestId(1), instance: 7, page_count: 16 }.to_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = recv.read(&mut buf).await.unwrap().unwrap();
+    assert!(matches!(Message::decode(&buf[..n]), Ok(Some((Message::Welcome { .. }, _)))));
+
+    // A frame with a flipped payload byte.
+    let mut bad = Message::Heartbeat { epoch: EpochId(1) }.to_bytes();
+    bad[20] ^= 0xff;
+    let mut s = conn.open_uni().await.unwrap();
+    s.write_all(&bad).await.unwrap();
+    s.finish().unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.expect("backup closes the connection");
+    let text = reason.to_string();
+    assert!(text.contains("checksum"), "close reason: {text}");
+    ep.close(0u32.into(), b"done");
+}
