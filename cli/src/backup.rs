@@ -81,11 +81,15 @@ impl Backup {
         Ok(Self { addr, store, replica, endpoint, thread: Some(thread) })
     }
 
-    /// Stops accepting and waits for the backup thread.
+    /// Stops accepting, waits for the backup thread, and flushes the
+    /// store's memtables so the next open need not replay the WAL.
     pub fn stop(mut self) {
         self.endpoint.close(0u32.into(), b"backup stopping");
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        if let Err(e) = self.store.flush() {
+            tracing::warn!(error = %e, "flushing the store on stop failed; the next open replays the WAL");
         }
     }
 }

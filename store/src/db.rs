@@ -29,6 +29,9 @@ pub(crate) const CF_EPOCHS: &str = "epochs";
 pub(crate) const CF_PAGES: &str = "pages";
 const CF_META: &str = "meta";
 
+/// Largest chunk content accepted when reading.
+const MAX_CHUNK: usize = 16 << 20;
+
 const CODEC_PLAIN: u8 = 0;
 const CODEC_ZSTD: u8 = 1;
 
@@ -273,7 +276,15 @@ impl Store {
         let v = self.db.get_pinned_cf(self.cf(CF_CHUNKS), id.0)?.ok_or(StoreError::ChunkMissing(*id))?;
         let data = match v.split_first() {
             Some((&CODEC_PLAIN, b)) => b.to_vec(),
-            Some((&CODEC_ZSTD, b)) => zstd::bulk::decompress(b, 16 << 20).map_err(|_| StoreError::ChunkCorrupt(*id))?,
+            Some((&CODEC_ZSTD, b)) => {
+                // Size the output from the frame header (remus writes it);
+                // a 16 MiB guess per call would dominate restore time.
+                let size = match zstd::zstd_safe::get_frame_content_size(b) {
+                    Ok(Some(n)) if n <= MAX_CHUNK as u64 => n as usize,
+                    _ => return Err(StoreError::ChunkCorrupt(*id)),
+                };
+                zstd::bulk::decompress(b, size).map_err(|_| StoreError::ChunkCorrupt(*id))?
+            }
             _ => return Err(StoreError::ChunkCorrupt(*id)),
         };
         if content_id(&data) != *id {
