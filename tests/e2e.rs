@@ -23,10 +23,8 @@ fn separate_processes_replicate_survive_a_backup_restart_and_restore_byte_exact(
     let addr = backup.addr.clone();
     let roots = data.join("roots.jsonl");
     let output_log = data.join("released.log");
-    let primary = Command::new(remus())
-        .args(["protect", "--data-dir"])
-        .arg(data)
-        .args(["--backup", &addr, "--memory-mib", "64", "--seconds", "6", "--json", "--record-roots"])
+    let primary = protect(data, &addr)
+        .args(["--memory-mib", "64", "--seconds", "6", "--json", "--record-roots"])
         .arg(&roots)
         .arg("--output-log")
         .arg(&output_log)
@@ -123,10 +121,8 @@ fn a_killed_primary_fails_over_to_its_last_committed_epoch() {
         &["--config", config.to_str().unwrap(), "--failover-dir", failover.to_str().unwrap()],
     );
     let roots = data.join("roots.jsonl");
-    let mut primary = Command::new(remus())
-        .args(["protect", "--data-dir"])
-        .arg(data)
-        .args(["--backup", &backup.addr, "--memory-mib", "64", "--seconds", "120", "--record-roots"])
+    let mut primary = protect(data, &backup.addr)
+        .args(["--memory-mib", "64", "--seconds", "120", "--record-roots"])
         .arg(&roots)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -147,7 +143,7 @@ fn a_killed_primary_fails_over_to_its_last_committed_epoch() {
 
     // The old primary is fenced: a new run of guest 1 is refused.
     let out = run_limited(
-        Command::new(remus()).args(["protect", "--data-dir"]).arg(data).args(["--backup", &backup.addr, "--memory-mib", "64", "--seconds", "5"]),
+        protect(data, &backup.addr).args(["--memory-mib", "64", "--seconds", "5"]),
         Duration::from_secs(60),
     );
     assert!(!out.status.success());
@@ -181,10 +177,8 @@ fn a_full_disk_at_the_backup_loses_nothing_committed() {
     let backup = BackupProcess::start_with(data, "127.0.0.1:0", &["--store", store.to_str().unwrap()]);
     let roots = data.join("roots.jsonl");
     let output_log = data.join("released.log");
-    let primary = Command::new(remus())
-        .args(["protect", "--data-dir"])
-        .arg(data)
-        .args(["--backup", &backup.addr, "--memory-mib", "64", "--seconds", "6", "--drain-seconds", "2", "--json", "--record-roots"])
+    let primary = protect(data, &backup.addr)
+        .args(["--memory-mib", "64", "--seconds", "6", "--drain-seconds", "2", "--json", "--record-roots"])
         .arg(&roots)
         .arg("--output-log")
         .arg(&output_log)
@@ -237,10 +231,8 @@ fn one_backup_protects_two_primaries() {
     keygen(data);
     let backup = BackupProcess::start(data, "127.0.0.1:0");
     let spawn = |guest: &str, roots: &std::path::Path| {
-        Command::new(remus())
-            .args(["protect", "--data-dir"])
-            .arg(data)
-            .args(["--backup", &backup.addr, "--guest", guest, "--memory-mib", "32", "--seconds", "3", "--json", "--record-roots"])
+        protect(data, &backup.addr)
+            .args(["--guest", guest, "--memory-mib", "32", "--seconds", "3", "--json", "--record-roots"])
             .arg(roots)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())

@@ -139,6 +139,13 @@ fn spawn_line_reader(out: ChildStdout) -> mpsc::Receiver<String> {
     rx
 }
 
+/// `remus protect --data-dir DATA --backup ADDR`, for more arguments.
+pub fn protect(data_dir: &Path, backup: &str) -> Command {
+    let mut c = Command::new(remus());
+    c.args(["protect", "--data-dir"]).arg(data_dir).args(["--backup", backup]);
+    c
+}
+
 /// Writes TLS material into `data_dir` with `remus keygen`.
 pub fn keygen(data_dir: &Path) {
     let out = run_limited(Command::new(remus()).args(["keygen", "--data-dir"]).arg(data_dir), Duration::from_secs(30));

@@ -409,15 +409,13 @@ pub async fn run_backup<R: Replica>(ep: Endpoint, replica: Arc<R>, cfg: BackupLi
 }
 
 async fn serve_primary<R: Replica>(conn: &Connection, replica: &Arc<R>, cfg: BackupLinkConfig) -> Result<(), LinkError> {
-    let (mut control, mut recv) = conn.accept_bi().await?;
-    let mut rd = FrameReader::default();
-    let mut buf = vec![0u8; 64 << 10];
-    let hello = loop {
-        if let Some(m) = rd.next_message().map_err(ProtocolError::from)? {
-            break m;
-        }
-        let n = recv.read(&mut buf).await.map_err(|e| LinkError::Peer(e.to_string()))?.ok_or(LinkError::Closed)?;
-        rd.push(&buf[..n]);
+    let (mut control, recv) = conn.accept_bi().await?;
+    // One reader frames the whole control stream, Hello included.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let _control_reader = AbortOnDrop(tokio::spawn(read_control(recv, tx)));
+    let hello = match rx.recv().await {
+        Some(Control::Message(m)) => m.map_err(LinkError::Peer)?,
+        Some(Control::Closed) | None => return Err(LinkError::Closed),
     };
     let Message::Hello { guest, instance, page_count } = hello else {
         return Err(ProtocolError::Unexpected("first control message is not Hello").into());
@@ -436,7 +434,7 @@ async fn serve_primary<R: Replica>(conn: &Connection, replica: &Arc<R>, cfg: Bac
         }
     };
     tracing::info!(%guest, committed = committed.0, peer = %conn.remote_address(), "primary connected");
-    let result = serve_epochs(conn, replica, cfg, guest, page_count, committed, head, control, recv, rd).await;
+    let result = serve_epochs(conn, replica, cfg, guest, page_count, committed, head, control, rx).await;
     replica.disconnected(guest);
     result
 }
@@ -451,19 +449,11 @@ async fn serve_epochs<R: Replica>(
     committed: EpochId,
     head: ChunkId,
     mut control: SendStream,
-    recv: RecvStream,
-    rd: FrameReader,
+    mut rx: mpsc::UnboundedReceiver<Control>,
 ) -> Result<(), LinkError> {
     let mut core = ReceiverCore::new(Instant::now(), cfg.heartbeat, cfg.primary_timeout);
     core.accept(guest, page_count, committed, head);
     let max = core.max_epoch_bytes();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Control>();
-    let mut leftovers = rd;
-    // Control messages after Hello may already sit in the reader.
-    while let Some(m) = leftovers.next_message().map_err(ProtocolError::from)? {
-        core.handle_message(Instant::now(), m)?;
-    }
-    let _control_reader = AbortOnDrop(tokio::spawn(read_control(recv, tx)));
     let (etx, mut erx) = mpsc::unbounded_channel::<Result<Vec<u8>, String>>();
     let c2 = conn.clone();
     let _epoch_reader = AbortOnDrop(tokio::spawn(async move {
@@ -526,10 +516,7 @@ async fn serve_epochs<R: Replica>(
                     }
                 }
             }
-            () = sleep_opt(deadline) => {
-                tracing::debug!("backup timer");
-                core.handle_timeout(Instant::now());
-            }
+            () = sleep_opt(deadline) => core.handle_timeout(Instant::now()),
         }
     }
 }

@@ -11,12 +11,10 @@ use remus_restore::{image_root, RestorePlan, Target};
 use remus_types::EpochId;
 use remus_wan::driver::BackupLinkConfig;
 
-use super::protect::{primary_options, watch, GuestFlags, Progress};
+use super::protect::{primary_options, protect_until, GuestFlags};
 use super::DRAIN;
 use crate::backup::{Backup, BackupOptions};
 use crate::config::Config;
-use crate::primary::Primary;
-use crate::stats::Summary;
 
 /// Arguments.
 #[derive(Debug, clap::Args)]
@@ -68,14 +66,8 @@ pub fn run(args: &DemoArgs, cfg: &Config, data_dir: &Path) -> Result<bool> {
             store_dir.display()
         );
     }
-    let primary = Primary::start(opts)?;
-    let mut progress = Progress::new(args.json);
-    watch(&primary, Some(Instant::now() + Duration::from_secs_f64(args.seconds)), &mut progress);
-    progress.finish();
-    let stats = std::sync::Arc::clone(&primary.stats);
-    let exact = primary.exact_tracking;
-    primary.finish(DRAIN)?;
-    let mut summary = Summary::from_stats(&stats.lock(), exact);
+    let until = Instant::now() + Duration::from_secs_f64(args.seconds);
+    let (mut summary, stats) = protect_until(opts, Some(until), args.json, DRAIN)?;
     let commits = backup.replica.stats(guest).commit_ns;
     summary.backup_commit_ms_p50 = crate::stats::ms(crate::stats::percentile(&commits, 50.0));
     summary.backup_commit_ms_p99 = crate::stats::ms(crate::stats::percentile(&commits, 99.0));

@@ -144,12 +144,39 @@ pub fn watch(primary: &Primary, until: Option<Instant>, progress: &mut Progress)
     }
 }
 
+/// Runs a primary until `until` (or a stop signal), showing progress
+/// unless `quiet`, then waits up to `drain` for every sealed epoch to be
+/// acknowledged; returns the summary and the primary's statistics.
+///
+/// # Errors
+/// When the guest cannot start, the link fails, or the drain times out.
+pub fn protect_until(
+    opts: PrimaryOptions,
+    until: Option<Instant>,
+    quiet: bool,
+    drain: Duration,
+) -> Result<(Summary, std::sync::Arc<parking_lot::Mutex<crate::stats::PrimaryStats>>)> {
+    let primary = Primary::start(opts)?;
+    let mut progress = Progress::new(quiet);
+    watch(&primary, until, &mut progress);
+    progress.finish();
+    let stats = std::sync::Arc::clone(&primary.stats);
+    let exact = primary.exact_tracking;
+    if !quiet {
+        eprintln!("stopping: waiting for the backup to acknowledge every sealed epoch");
+    }
+    primary.finish(drain)?;
+    let summary = Summary::from_stats(&stats.lock(), exact);
+    Ok((summary, stats))
+}
+
 /// Runs the command.
 ///
 /// # Errors
 /// When the guest cannot start, TLS material is missing, or the backup
 /// refuses this primary.
 pub fn run(args: &ProtectArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
+    anyhow::ensure!(args.drain_seconds >= 0.0 && args.drain_seconds.is_finite(), "--drain-seconds must be non-negative");
     super::install_stop_handler();
     let tls = super::tls_dir(data_dir, false)?;
     let backup = args.backup.unwrap_or(cfg.protect.backup);
@@ -157,17 +184,8 @@ pub fn run(args: &ProtectArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
     opts.output_log = args.output_log.clone();
     opts.record_roots = args.record_roots.clone();
     eprintln!("protecting guest {} ({} MiB) at {:.1} Hz, replicating to {backup}", opts.guest.0, opts.arena.memory_mib, 1.0 / opts.epoch.as_secs_f64());
-    let primary = Primary::start(opts)?;
-    let mut progress = Progress::new(args.json);
     let until = args.seconds.map(|s| Instant::now() + Duration::from_secs_f64(s));
-    watch(&primary, until, &mut progress);
-    progress.finish();
-    let stats = std::sync::Arc::clone(&primary.stats);
-    let exact = primary.exact_tracking;
-    eprintln!("stopping: waiting for the backup to acknowledge every sealed epoch");
-    anyhow::ensure!(args.drain_seconds >= 0.0 && args.drain_seconds.is_finite(), "--drain-seconds must be non-negative");
-    primary.finish(Duration::from_secs_f64(args.drain_seconds))?;
-    let summary = Summary::from_stats(&stats.lock(), exact);
+    let (summary, _) = protect_until(opts, until, args.json, Duration::from_secs_f64(args.drain_seconds))?;
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
