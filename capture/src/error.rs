@@ -13,6 +13,12 @@ pub enum CaptureError {
     /// The configuration is unusable.
     #[error("invalid capture config: {0}")]
     Config(String),
+    /// QEMU refused a command, failed, or is gone.
+    #[error("qemu: {0}")]
+    Qemu(String),
+    /// The guest's disk or network plumbing failed.
+    #[error("{0}")]
+    Io(String),
     /// The guest stopped (its workload failed or was shut down).
     #[error("guest stopped: {0}")]
     Stopped(String),

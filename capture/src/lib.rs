@@ -10,12 +10,14 @@
 //! Output commit lives here too: [`OutputBuffer`] holds what the guest
 //! emits, per epoch, until [`EpochEngine::ack`] says the backup committed it.
 //!
-//! Backends: [`ArenaGuest`], an in-process guest with a built-in workload.
+//! Backends: [`ArenaGuest`], an in-process guest with a built-in workload;
+//! [`qemu::QemuGuest`], a real virtual machine.
 
 mod arena;
 mod engine;
 mod error;
 mod output;
+pub mod qemu;
 mod sys;
 mod workload;
 

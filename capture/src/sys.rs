@@ -95,11 +95,13 @@ const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 /// `PAGE_IS_WRITTEN`; note `1 << 5` would be `PAGE_IS_PFNZERO`.
 const PAGE_IS_WRITTEN: u64 = 1 << 1;
 
-/// An owned shared mapping of a memfd: the guest's RAM.
+/// An owned shared mapping of a file: the guest's RAM (a memfd for the
+/// arena guest, read-only; QEMU's memory-backend file for a QEMU guest).
 pub struct Mapping {
     ptr: *mut u8,
     len: usize,
     memfd: File,
+    writable: bool,
 }
 
 // SAFETY: the mapping is plain memory owned by this value; callers
@@ -140,7 +142,28 @@ impl Mapping {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(Self { ptr: ptr.cast(), len, memfd })
+        Ok(Self { ptr: ptr.cast(), len, memfd, writable: true })
+    }
+
+    /// Maps the existing file at `path` (at least `len` bytes) shared and
+    /// read-only: another process's memory, seen as it writes it.
+    ///
+    /// # Errors
+    /// The OS error of `open` or `mmap`, or `InvalidInput` when the file is
+    /// shorter than `len`.
+    pub fn open_read_only(path: &std::path::Path, len: usize) -> io::Result<Self> {
+        assert!(len % PAGE_SIZE == 0 && len > 0, "length must be whole pages");
+        let file = File::open(path)?;
+        if file.metadata()?.len() < len as u64 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is shorter than {len} bytes", path.display())));
+        }
+        // SAFETY: a fresh read-only shared mapping of a file we hold open;
+        // the result is checked before use.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self { ptr: ptr.cast(), len, memfd: file, writable: false })
     }
 
     /// Length in bytes.
@@ -164,7 +187,11 @@ impl Mapping {
     }
 
     /// The whole mapping as a mutable slice.
+    ///
+    /// # Panics
+    /// On a read-only mapping.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        assert!(self.writable, "read-only mapping");
         // SAFETY: as in `as_slice`, and `&mut self` makes the borrow unique.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
@@ -219,31 +246,49 @@ impl WriteProtectScanner {
         }
         // SAFETY: a fresh fd owned only here.
         let uffd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        Self::register(uffd, File::open("/proc/self/pagemap")?, mapping.addr(), mapping.len() as u64)
+    }
+
+    /// Arms tracking on `len` bytes at `start` in the address space of
+    /// process `pid`, through the userfaultfd that process opened on
+    /// descriptor `fd` (the preloaded shim does that inside QEMU). A
+    /// userfaultfd acts on its creator's memory whoever calls it, and
+    /// `/proc/<pid>/pagemap` scans that process; both need ptrace rights
+    /// over it (root, or the same user with ptrace scope 0).
+    ///
+    /// # Errors
+    /// The OS error of `pidfd_open`/`pidfd_getfd` (no such process or
+    /// descriptor, or no permission), or of arming (as in [`Self::arm`]).
+    pub fn attach(pid: u32, fd: i32, start: u64, len: u64) -> io::Result<Self> {
+        // SAFETY: plain syscall; the result is checked.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if pidfd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd owned only here.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+        // SAFETY: plain syscall; the result is checked.
+        let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+        if got < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pidfd_getfd returns a new descriptor owned by the caller.
+        let uffd = unsafe { OwnedFd::from_raw_fd(got as i32) };
+        Self::register(uffd, File::open(format!("/proc/{pid}/pagemap"))?, start, len)
+    }
+
+    fn register(uffd: OwnedFd, pagemap: File, start: u64, len: u64) -> io::Result<Self> {
         let mut api = UffdioApi {
             api: UFFD_API,
             features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
             ioctls: 0,
         };
         ioctl(&uffd, UFFDIO_API, &mut api)?;
-        let mut reg = UffdioRegister {
-            range: UffdioRange { start: mapping.addr(), len: mapping.len() as u64 },
-            mode: UFFDIO_REGISTER_MODE_WP,
-            ioctls: 0,
-        };
+        let mut reg = UffdioRegister { range: UffdioRange { start, len }, mode: UFFDIO_REGISTER_MODE_WP, ioctls: 0 };
         ioctl(&uffd, UFFDIO_REGISTER, &mut reg)?;
-        let mut wp = UffdioWriteprotect {
-            range: UffdioRange { start: mapping.addr(), len: mapping.len() as u64 },
-            mode: UFFDIO_WRITEPROTECT_MODE_WP,
-        };
+        let mut wp = UffdioWriteprotect { range: UffdioRange { start, len }, mode: UFFDIO_WRITEPROTECT_MODE_WP };
         ioctl(&uffd, UFFDIO_WRITEPROTECT, &mut wp)?;
-        let pagemap = File::open("/proc/self/pagemap")?;
-        Ok(Self {
-            _uffd: uffd,
-            pagemap,
-            start: mapping.addr(),
-            end: mapping.addr() + mapping.len() as u64,
-            regions: vec![PageRegion::default(); 4096],
-        })
+        Ok(Self { _uffd: uffd, pagemap, start, end: start + len, regions: vec![PageRegion::default(); 4096] })
     }
 
     /// Appends the page numbers (relative to the mapping) written since the

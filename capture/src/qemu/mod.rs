@@ -1,0 +1,477 @@
+//! A real virtual machine as the protected guest: QEMU, paused each epoch
+//! over QMP.
+//!
+//! Per epoch, with the guest running, the pages written so far are taken
+//! (phase one, see the arena guest); then `stop`, the device state is
+//! written by `migrate` to a file with `x-ignore-shared` (so RAM, which
+//! lives in a shared memory-backend file remus maps too, is left out)
+//! while remus takes the remaining dirty pages, copies every dirty page
+//! and the disk blocks written through its NBD server; then `cont`.
+//!
+//! Dirty RAM is found by userfaultfd async write-protect on QEMU's guest
+//! RAM mapping, armed from outside through a descriptor the preloaded shim
+//! opens inside QEMU, and `PAGEMAP_SCAN` on `/proc/<qemu>/pagemap`. Where
+//! that is unavailable, every page of the memory file is hashed each epoch
+//! (about 100 ms per GiB: a warning says so).
+
+mod machine;
+mod nbd;
+mod net;
+mod qmp;
+
+pub use machine::{command, spawn, Launch, QemuMachine, QemuState, RunDir, VMSTATE_PAGES};
+pub use nbd::DiskServer;
+pub use net::{Egress, NetCounters, NetRelay, Tap};
+pub use qmp::Qmp;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use remus_types::{is_zero_page, Checkpoint, EpochId, Pfn, PAGE_SIZE};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::sys::{Mapping, WriteProtectScanner};
+use crate::{CaptureError, OutputBuffer, ProtectedGuest, TrackingMode};
+
+/// Descriptor number the shim parks QEMU's userfaultfd on.
+const SHIM_UFFD_FD: i32 = 1000;
+/// Name of the shim library, looked for next to the remus binary.
+pub const SHIM_NAME: &str = "libremus_uffd_shim.so";
+
+/// Configuration of a protected QEMU guest (`[qemu]` in the config file).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct QemuConfig {
+    /// The machine.
+    #[serde(flatten)]
+    pub machine: QemuMachine,
+    /// QEMU binary.
+    #[serde(default = "default_qemu")]
+    pub qemu: PathBuf,
+    /// Raw disk image served to the guest (created, zeroed, if missing).
+    pub disk: Option<PathBuf>,
+    /// TAP interface for the guest's network (none: frames to the world
+    /// are dropped).
+    pub tap: Option<String>,
+    /// Run directory: sockets and guest RAM; on tmpfs.
+    pub run_dir: PathBuf,
+    /// Dirty tracking.
+    #[serde(default)]
+    pub tracking: TrackingMode,
+    /// The shim library (default: next to the remus binary).
+    pub shim: Option<PathBuf>,
+}
+
+/// The default QEMU binary.
+#[must_use]
+pub fn default_qemu() -> PathBuf {
+    PathBuf::from("qemu-system-x86_64")
+}
+
+/// The shim next to the running binary (or in its parent directory, for
+/// test binaries under `deps/`).
+#[must_use]
+pub fn find_shim() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [dir.join(SHIM_NAME), dir.parent()?.join(SHIM_NAME)].into_iter().find(|p| p.is_file())
+}
+
+enum Tracker {
+    WriteProtect(WriteProtectScanner),
+    Hash(Vec<[u8; 16]>),
+}
+
+/// A running, protected QEMU guest.
+pub struct QemuGuest {
+    child: Child,
+    qmp: Qmp,
+    memory: Mapping,
+    tracker: Tracker,
+    disk: Option<DiskServer>,
+    net: Arc<NetRelay>,
+    output: Arc<OutputBuffer<Vec<u8>>>,
+    run: RunDir,
+    state: QemuState,
+    first: bool,
+    pfns: Vec<u64>,
+    blocks: Vec<u64>,
+    vmstate: Vec<u8>,
+    prev_vmstate: Vec<u8>,
+}
+
+impl QemuGuest {
+    /// Launches QEMU paused, attaches disk, network and dirty tracking.
+    /// The guest starts running at the end of the first checkpoint, which
+    /// holds all of its memory and disk.
+    ///
+    /// # Errors
+    /// [`CaptureError::Config`] for a bad machine or missing files,
+    /// [`CaptureError::Qemu`] when QEMU fails to start or answer,
+    /// [`CaptureError::Tracking`] when write-protect tracking was demanded
+    /// and is unavailable, [`CaptureError::Io`] for disk or network set-up.
+    pub fn start(cfg: &QemuConfig, output: Arc<OutputBuffer<Vec<u8>>>) -> Result<Self, CaptureError> {
+        cfg.machine.validate()?;
+        let run = RunDir::create(&cfg.run_dir)?;
+        let _ = std::fs::remove_file(run.memory());
+        let disk = if cfg.machine.disk_mib > 0 {
+            let path = cfg.disk.clone().unwrap_or_else(|| run.disk());
+            let f = open_disk(&path, cfg.machine.disk_mib)?;
+            Some(DiskServer::start(f, &run.nbd())?)
+        } else {
+            None
+        };
+        let tap = cfg.tap.as_deref().map(Tap::open).transpose()?;
+        let net = NetRelay::start(&run.net(), tap, Egress::Held(Arc::clone(&output)))?;
+        let shim = match cfg.tracking {
+            TrackingMode::Hash => None,
+            _ => cfg.shim.clone().or_else(find_shim),
+        };
+        if cfg.tracking == TrackingMode::WriteProtect && shim.is_none() {
+            return Err(CaptureError::Config(format!("tracking = write-protect needs {SHIM_NAME} (set qemu.shim)")));
+        }
+        let launch = Launch::Protected { shim: shim.clone(), uffd_fd: SHIM_UFFD_FD };
+        let mut child = spawn(command(&cfg.qemu, &cfg.machine, &run, &launch))?;
+        let qmp = match Qmp::connect(&run.qmp(), Duration::from_secs(20)) {
+            Ok(q) => q,
+            Err(e) => return Err(qemu_failed(&mut child, e)),
+        };
+        let mut guest = Self::attach(child, qmp, cfg, run, disk, net, output, shim.is_some())?;
+        guest.qmp.set_capabilities(&[("x-ignore-shared", true)])?;
+        Ok(guest)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attach(
+        mut child: Child,
+        qmp: Qmp,
+        cfg: &QemuConfig,
+        run: RunDir,
+        disk: Option<DiskServer>,
+        net: Arc<NetRelay>,
+        output: Arc<OutputBuffer<Vec<u8>>>,
+        shimmed: bool,
+    ) -> Result<Self, CaptureError> {
+        let len = usize::try_from(cfg.machine.memory_mib << 20).map_err(|_| CaptureError::Config("memory too large".into()))?;
+        let memory = Mapping::open_read_only(&run.memory(), len).map_err(CaptureError::Memory)?;
+        let pid = child.id();
+        let armed = if shimmed {
+            find_mapping(pid, &run.memory()).and_then(|start| {
+                WriteProtectScanner::attach(pid, SHIM_UFFD_FD, start, len as u64).map_err(CaptureError::Tracking)
+            })
+        } else {
+            Err(CaptureError::Config("write-protect tracking not selected".into()))
+        };
+        let tracker = match (armed, cfg.tracking) {
+            (Ok(s), _) => Tracker::WriteProtect(s),
+            (Err(e), TrackingMode::WriteProtect) => {
+                let _ = child.kill();
+                return Err(e);
+            }
+            (Err(e), _) => {
+                if cfg.tracking == TrackingMode::Auto {
+                    tracing::warn!(error = %e, "QEMU RAM write-protect tracking unavailable; hashing every page each epoch, which is far slower");
+                }
+                Tracker::Hash(memory.as_slice().chunks_exact(PAGE_SIZE).map(fingerprint).collect())
+            }
+        };
+        let state = QemuState { machine: cfg.machine.clone(), vmstate_len: 0 };
+        Ok(Self {
+            child,
+            qmp,
+            memory,
+            tracker,
+            disk,
+            net,
+            output,
+            run,
+            state,
+            first: true,
+            pfns: Vec::new(),
+            blocks: Vec::new(),
+            vmstate: Vec::new(),
+            prev_vmstate: Vec::new(),
+        })
+    }
+
+    /// True when dirty RAM is found by write-protect scanning.
+    #[must_use]
+    pub fn exact_tracking(&self) -> bool {
+        matches!(self.tracker, Tracker::WriteProtect(_))
+    }
+
+    /// The network relay (its `release` is the output sink).
+    #[must_use]
+    pub fn net(&self) -> Arc<NetRelay> {
+        Arc::clone(&self.net)
+    }
+
+    /// QEMU's process id.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The run directory.
+    #[must_use]
+    pub fn run_dir(&self) -> &RunDir {
+        &self.run
+    }
+
+    /// Pauses the guest (for a final checkpoint of a still guest).
+    ///
+    /// # Errors
+    /// As [`Qmp::execute`].
+    pub fn pause(&mut self) -> Result<(), CaptureError> {
+        self.qmp.execute("stop", None).map(drop)
+    }
+
+    fn alive(&mut self) -> Result<(), CaptureError> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(CaptureError::Stopped(format!("QEMU exited ({status}): {}", stderr_tail(&mut self.child)))),
+            Err(e) => Err(CaptureError::Qemu(e.to_string())),
+        }
+    }
+
+    fn checkpoint_paused(&mut self, epoch: EpochId, cp: &mut Checkpoint) -> Result<(), CaptureError> {
+        let vm_path = self.run.vmstate();
+        let _ = std::fs::remove_file(&vm_path);
+        self.qmp.execute("migrate", Some(json!({ "uri": format!("file:{}", vm_path.display()) })))?;
+        // While QEMU writes its device state, take the dirty pages.
+        let mem = self.memory.as_slice();
+        if self.first {
+            self.pfns.clear();
+            self.pfns.extend((0..self.state.machine.ram_pages()).filter(|&p| !is_zero_page(page(mem, p))));
+            if let Tracker::WriteProtect(s) = &mut self.tracker {
+                let mut discard = Vec::new();
+                s.collect(&mut discard).map_err(CaptureError::Tracking)?;
+            }
+        } else {
+            match &mut self.tracker {
+                Tracker::WriteProtect(s) => s.collect(&mut self.pfns).map_err(CaptureError::Tracking)?,
+                Tracker::Hash(h) => diff_hashes(mem, h, &mut self.pfns),
+            }
+        }
+        self.pfns.sort_unstable();
+        self.pfns.dedup();
+        cp.pages.clear();
+        cp.pfns.clear();
+        for &p in &self.pfns {
+            cp.pages.extend_from_slice(page(mem, p));
+            cp.pfns.push(Pfn(p));
+        }
+        if let Some(d) = &self.disk {
+            let base = self.state.disk_pfn();
+            self.blocks.clear();
+            if self.first {
+                self.blocks.extend(0..d.blocks());
+            } else {
+                d.take_dirty(&mut self.blocks);
+            }
+            let mut buf = vec![0u8; PAGE_SIZE];
+            for &b in &self.blocks {
+                d.read_block(b, &mut buf).map_err(|e| CaptureError::Io(format!("disk block {b}: {e}")))?;
+                if self.first && is_zero_page(&buf) {
+                    continue;
+                }
+                cp.pages.extend_from_slice(&buf);
+                cp.pfns.push(Pfn(base + b));
+            }
+        }
+        self.qmp.wait_migration(Duration::from_secs(10))?;
+        self.vmstate.clear();
+        std::fs::File::open(&vm_path)
+            .and_then(|mut f| f.read_to_end(&mut self.vmstate))
+            .map_err(|e| CaptureError::Io(format!("{}: {e}", vm_path.display())))?;
+        let cap = VMSTATE_PAGES as usize * PAGE_SIZE;
+        if self.vmstate.len() > cap {
+            return Err(CaptureError::Qemu(format!("device state of {} bytes exceeds the {cap} reserved", self.vmstate.len())));
+        }
+        // Only the pages of the stream that changed (or were cut off).
+        let base = self.state.vmstate_pfn();
+        let pages = self.vmstate.len().max(self.prev_vmstate.len()).div_ceil(PAGE_SIZE);
+        let mut buf = [0u8; PAGE_SIZE];
+        for i in 0..pages {
+            let now = padded(&self.vmstate, i, &mut buf);
+            let changed = self.first || {
+                let mut old = [0u8; PAGE_SIZE];
+                padded(&self.prev_vmstate, i, &mut old) != now
+            };
+            if changed {
+                cp.pages.extend_from_slice(now);
+                cp.pfns.push(Pfn(base + i as u64));
+            }
+        }
+        std::mem::swap(&mut self.vmstate, &mut self.prev_vmstate);
+        self.state.vmstate_len = self.prev_vmstate.len() as u64;
+        cp.epoch = epoch;
+        cp.page_count = self.state.machine.page_count();
+        cp.device_state = self.state.encode();
+        self.first = false;
+        Ok(())
+    }
+}
+
+impl ProtectedGuest for QemuGuest {
+    fn page_count(&self) -> u64 {
+        self.state.machine.page_count()
+    }
+
+    fn checkpoint(&mut self, epoch: EpochId, cp: &mut Checkpoint) -> Result<(), CaptureError> {
+        self.alive()?;
+        self.pfns.clear();
+        if !self.first {
+            if let Tracker::WriteProtect(s) = &mut self.tracker {
+                s.collect(&mut self.pfns).map_err(CaptureError::Tracking)?;
+            }
+        }
+        let t0 = Instant::now();
+        self.qmp.execute("stop", None)?;
+        self.output.seal(epoch);
+        let result = self.checkpoint_paused(epoch, cp);
+        let resumed = self.qmp.execute("cont", None);
+        cp.pause_ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        result?;
+        resumed?;
+        Ok(())
+    }
+}
+
+impl Drop for QemuGuest {
+    fn drop(&mut self) {
+        let _ = self.qmp.execute("quit", None);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Opens (creating, zero-filled, if missing) a raw disk image of `mib` MiB.
+///
+/// # Errors
+/// [`CaptureError::Io`]; [`CaptureError::Config`] when an existing image
+/// has another size.
+pub fn open_disk(path: &Path, mib: u64) -> Result<std::fs::File, CaptureError> {
+    let io = |e: std::io::Error| CaptureError::Io(format!("disk image {}: {e}", path.display()));
+    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    let want = mib << 20;
+    if len == 0 {
+        f.set_len(want).map_err(io)?;
+    } else if len != want {
+        return Err(CaptureError::Config(format!("disk image {} is {len} bytes, disk-mib says {want}", path.display())));
+    }
+    Ok(f)
+}
+
+/// Start address of the mapping of `file` in process `pid`.
+fn find_mapping(pid: u32, file: &Path) -> Result<u64, CaptureError> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| CaptureError::Qemu(format!("/proc/{pid}/maps: {e}")))?;
+    let want = file.to_string_lossy();
+    for line in maps.lines() {
+        if line.ends_with(&*want) {
+            let range = line.split_whitespace().next().unwrap_or_default();
+            let start = range.split('-').next().unwrap_or_default();
+            return u64::from_str_radix(start, 16).map_err(|e| CaptureError::Qemu(format!("bad maps line {line:?}: {e}")));
+        }
+    }
+    Err(CaptureError::Qemu(format!("QEMU (pid {pid}) has no mapping of {want}")))
+}
+
+/// The last lines QEMU wrote to stderr, for an error message.
+#[must_use]
+pub fn stderr_tail(child: &mut Child) -> String {
+    let mut s = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut s);
+    }
+    let lines: Vec<&str> = s.lines().rev().take(5).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+/// QEMU failed to come up: kill it and say why.
+fn qemu_failed(child: &mut Child, e: CaptureError) -> CaptureError {
+    let _ = child.kill();
+    let _ = child.wait();
+    CaptureError::Qemu(format!("{e}; QEMU said: {}", stderr_tail(child)))
+}
+
+fn page(mem: &[u8], pfn: u64) -> &[u8] {
+    let off = pfn as usize * PAGE_SIZE;
+    &mem[off..off + PAGE_SIZE]
+}
+
+fn padded<'a>(stream: &'a [u8], i: usize, buf: &'a mut [u8; PAGE_SIZE]) -> &'a [u8] {
+    let off = i * PAGE_SIZE;
+    if off + PAGE_SIZE <= stream.len() {
+        return &stream[off..off + PAGE_SIZE];
+    }
+    buf.fill(0);
+    if off < stream.len() {
+        buf[..stream.len() - off].copy_from_slice(&stream[off..]);
+    }
+    &buf[..]
+}
+
+fn fingerprint(page: &[u8]) -> [u8; 16] {
+    remus_types::page_hash(page).0[..16].try_into().expect("16 bytes")
+}
+
+fn diff_hashes(mem: &[u8], hashes: &mut [[u8; 16]], out: &mut Vec<u64>) {
+    for (i, page) in mem.chunks_exact(PAGE_SIZE).enumerate() {
+        let h = fingerprint(page);
+        if hashes[i] != h {
+            hashes[i] = h;
+            out.push(i as u64);
+        }
+    }
+}
+
+/// Resumes a guest from a checkpoint laid out in `run` (memory, disk and
+/// device-state files as [`QemuState::segments`] names them): starts QEMU
+/// with `-incoming`, loads the device state and, when `start` is set,
+/// continues it and announces its MAC on the network (so switches learn
+/// its new port, as Remus's unsolicited ARP did). Returns QEMU and its QMP
+/// session; the guest is paused when `start` is false.
+///
+/// # Errors
+/// [`CaptureError::Qemu`] when QEMU fails to start or load the state.
+pub fn resume(qemu: &Path, state: &QemuState, run: &RunDir, start: bool) -> Result<(Child, Qmp), CaptureError> {
+    let mut child = spawn(command(qemu, &state.machine, run, &Launch::Incoming))?;
+    let mut qmp = match Qmp::connect(&run.qmp(), Duration::from_secs(20)) {
+        Ok(q) => q,
+        Err(e) => return Err(qemu_failed(&mut child, e)),
+    };
+    let loaded = (|| {
+        qmp.set_capabilities(&[("x-ignore-shared", true)])?;
+        qmp.execute("migrate-incoming", Some(json!({ "uri": format!("file:{}", run.vmstate().display()) })))?;
+        qmp.wait_migration(Duration::from_secs(30))?;
+        if start {
+            qmp.execute("cont", None)?;
+            qmp.execute("announce-self", Some(json!({ "initial": 0, "max": 50, "rounds": 3, "step": 50 })))?;
+        }
+        Ok::<_, CaptureError>(())
+    })();
+    match loaded {
+        Ok(()) => Ok((child, qmp)),
+        Err(e) => Err(qemu_failed(&mut child, e)),
+    }
+}
+
+/// Writes nothing; names where a run directory for guest `g` goes by
+/// default (tmpfs, since it holds guest RAM).
+#[must_use]
+pub fn default_run_dir(tag: &str) -> PathBuf {
+    PathBuf::from(format!("/dev/shm/remus-{tag}"))
+}
