@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Result;
 use remus_capture::ArenaConfig;
 use remus_cli::backup::{Backup, BackupOptions};
-use remus_cli::primary::{Primary, PrimaryOptions};
+use remus_cli::primary::{GuestKind, Primary, PrimaryOptions};
 use remus_restore::{image_root, RestorePlan, Target};
 use remus_types::GuestId;
 use remus_wan::driver::BackupLinkConfig;
@@ -29,7 +29,7 @@ fn main() -> Result<()> {
     })?;
     let primary = Primary::start(PrimaryOptions {
         guest: GuestId(1),
-        arena: ArenaConfig { memory_mib: 64, ..ArenaConfig::default() },
+        guest_kind: GuestKind::Arena(ArenaConfig { memory_mib: 64, ..ArenaConfig::default() }),
         epoch: Duration::from_millis(25),
         backup: backup.addr,
         tls,

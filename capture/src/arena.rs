@@ -164,6 +164,10 @@ impl ProtectedGuest for ArenaGuest {
         self.shared.page_count
     }
 
+    fn exact_tracking(&self) -> bool {
+        Self::exact_tracking(self)
+    }
+
     fn checkpoint(&mut self, epoch: EpochId, cp: &mut Checkpoint) -> Result<(), CaptureError> {
         if self.workload.as_ref().is_some_and(JoinHandle::is_finished) && !self.shared.stop.load(Ordering::Relaxed) {
             return Err(CaptureError::Stopped("workload thread exited".into()));

@@ -26,6 +26,24 @@ pub trait ProtectedGuest: Send {
     /// # Errors
     /// Any failure to pause, track or copy; the guest is resumed regardless.
     fn checkpoint(&mut self, epoch: EpochId, cp: &mut Checkpoint) -> Result<(), CaptureError>;
+
+    /// True when dirty pages are found exactly by write-protect scanning
+    /// (false: by hashing every page).
+    fn exact_tracking(&self) -> bool;
+}
+
+impl<G: ProtectedGuest + ?Sized> ProtectedGuest for Box<G> {
+    fn page_count(&self) -> u64 {
+        (**self).page_count()
+    }
+
+    fn checkpoint(&mut self, epoch: EpochId, cp: &mut Checkpoint) -> Result<(), CaptureError> {
+        (**self).checkpoint(epoch, cp)
+    }
+
+    fn exact_tracking(&self) -> bool {
+        (**self).exact_tracking()
+    }
 }
 
 /// Drives a [`ProtectedGuest`] epoch by epoch.

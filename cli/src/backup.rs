@@ -84,6 +84,7 @@ impl Backup {
     /// Stops accepting, waits for the backup thread, and flushes the
     /// store's memtables so the next open need not replay the WAL.
     pub fn stop(mut self) {
+        self.replica.shutdown();
         self.endpoint.close(0u32.into(), b"backup stopping");
         if let Some(t) = self.thread.take() {
             let _ = t.join();

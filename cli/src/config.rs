@@ -24,6 +24,14 @@
 //! output-interval-ms = 25
 //! mix = { zero = 10, text = 25, random = 10, duplicate = 20, edit = 35 }
 //!
+//! [protect.qemu]            # used by `remus protect qemu`
+//! memory-mib = 128
+//! disk-mib = 64
+//! accel = "tcg"              # or kvm
+//! append = "console=ttyS0 quiet"
+//! # kernel, initrd: default to what scripts/qemu-deps.sh and guest/build.sh made
+//! # tap = "remus0"           # the guest's network; none by default
+//!
 //! [backup]
 //! listen = "127.0.0.1:7400"
 //! heartbeat-ms = 50
@@ -66,7 +74,10 @@ pub struct ProtectConfig {
     pub backup_timeout_ms: u64,
     /// The arena guest.
     pub arena: ArenaConfig,
+    /// A QEMU guest.
+    pub qemu: crate::vm::QemuSettings,
 }
+
 
 impl Default for ProtectConfig {
     fn default() -> Self {
@@ -78,6 +89,7 @@ impl Default for ProtectConfig {
             heartbeat_ms: 50,
             backup_timeout_ms: 500,
             arena: ArenaConfig::default(),
+            qemu: crate::vm::QemuSettings::default(),
         }
     }
 }

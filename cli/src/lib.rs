@@ -12,6 +12,7 @@ pub mod config;
 pub mod primary;
 pub mod replica;
 pub mod stats;
+pub mod vm;
 
 /// Sets up `tracing` logs on stderr (`RUST_LOG` overrides the level).
 pub fn init_logging(verbose: bool) {

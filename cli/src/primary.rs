@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use parking_lot::Mutex;
+use remus_capture::qemu::{NetRelay, QemuConfig, QemuGuest};
 use remus_capture::{ArenaConfig, ArenaGuest, EpochEngine, OutputBuffer, ProtectedGuest};
 use remus_types::{EpochId, GuestId};
 use remus_wan::driver::{run_primary, LinkEvent, PrimaryLinkConfig};
@@ -26,8 +27,8 @@ use crate::stats::PrimaryStats;
 pub struct PrimaryOptions {
     /// Guest id.
     pub guest: GuestId,
-    /// The arena guest.
-    pub arena: ArenaConfig,
+    /// The guest.
+    pub guest_kind: GuestKind,
     /// Epoch length.
     pub epoch: Duration,
     /// Backup address.
@@ -40,6 +41,26 @@ pub struct PrimaryOptions {
     pub output_log: Option<PathBuf>,
     /// Where each sealed epoch's memory root is recorded (JSON lines).
     pub record_roots: Option<PathBuf>,
+}
+
+/// Which guest a primary protects.
+#[derive(Debug, Clone)]
+pub enum GuestKind {
+    /// The built-in in-process guest.
+    Arena(ArenaConfig),
+    /// A QEMU virtual machine.
+    Qemu(QemuConfig),
+}
+
+impl GuestKind {
+    /// Guest RAM in MiB.
+    #[must_use]
+    pub fn memory_mib(&self) -> u64 {
+        match self {
+            Self::Arena(a) => a.memory_mib,
+            Self::Qemu(q) => q.machine.memory_mib,
+        }
+    }
 }
 
 /// A running primary.
@@ -61,7 +82,14 @@ impl Primary {
     pub fn start(opts: PrimaryOptions) -> Result<Self> {
         let client = client_config(Some(opts.tls.identity("primary")?), opts.tls.roots()?)?;
         let output = Arc::new(OutputBuffer::default());
-        let guest = ArenaGuest::start(&opts.arena, Arc::clone(&output)).context("starting the arena guest")?;
+        let (guest, net): (Box<dyn ProtectedGuest>, _) = match &opts.guest_kind {
+            GuestKind::Arena(a) => (Box::new(ArenaGuest::start(a, Arc::clone(&output)).context("starting the arena guest")?), None),
+            GuestKind::Qemu(q) => {
+                let g = QemuGuest::start(q, Arc::clone(&output)).context("starting the QEMU guest")?;
+                let net = g.net();
+                (Box::new(g), Some(net))
+            }
+        };
         let exact_tracking = guest.exact_tracking();
         let page_count = guest.page_count();
         let stats = Arc::new(Mutex::new(PrimaryStats::default()));
@@ -89,7 +117,7 @@ impl Primary {
         let link = std::thread::Builder::new().name("remus-link".into()).spawn(move || -> Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async move {
-                let consumer = tokio::spawn(consume_events(erx, s2, out2, roots_file.take(), output_file.take()));
+                let consumer = tokio::spawn(consume_events(erx, s2, out2, net, roots_file.take(), output_file.take()));
                 let r = run_primary(link_cfg, rx, etx).await;
                 let _ = consumer.await;
                 r.context("replication link")
@@ -198,6 +226,7 @@ async fn consume_events(
     mut rx: mpsc::UnboundedReceiver<LinkEvent>,
     stats: Arc<Mutex<PrimaryStats>>,
     output: Arc<OutputBuffer<Vec<u8>>>,
+    net: Option<Arc<NetRelay>>,
     mut roots: Option<std::fs::File>,
     mut out_file: Option<std::fs::File>,
 ) {
@@ -227,6 +256,9 @@ async fn consume_events(
                 s.acked = s.acked.max(epoch);
                 s.output_released += released.len() as u64;
                 drop(s);
+                if let Some(net) = &net {
+                    net.release(&released);
+                }
                 if let Some(f) = out_file.as_mut() {
                     for line in &released {
                         let _ = f.write_all(line);

@@ -36,9 +36,25 @@ pub enum FailoverAction {
     #[default]
     Record,
     /// Fail over: fence the old primary (its guest is refused from now on)
-    /// and hand back the last committed epoch as a memory image in this
-    /// directory, ready to resume from.
-    RestoreTo(std::path::PathBuf),
+    /// and hand back the last committed epoch in this directory, ready to
+    /// resume from: a memory image, or for a QEMU guest the memory, disk
+    /// and device-state files, and, with `resume`, the guest running again
+    /// in a QEMU here.
+    RestoreTo {
+        /// Where the images go (a subdirectory per QEMU guest).
+        dir: std::path::PathBuf,
+        /// Resume QEMU guests here.
+        resume: Option<ResumeVm>,
+    },
+}
+
+/// How the backup resumes a QEMU guest on failover.
+#[derive(Debug, Clone)]
+pub struct ResumeVm {
+    /// QEMU binary.
+    pub qemu_binary: std::path::PathBuf,
+    /// TAP interface for the resumed guest's network.
+    pub tap: Option<String>,
 }
 
 /// Recently committed pages by hash, bounded: most XOR bases and
@@ -82,12 +98,18 @@ pub struct StoreReplica {
     active: Mutex<HashSet<GuestId>>,
     instances: Mutex<HashMap<GuestId, u64>>,
     stats: Mutex<HashMap<GuestId, GuestStats>>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl StoreReplica {
     /// A replica writing into `store`.
     pub fn new(store: Arc<Store>, failover: FailoverAction) -> Self {
-        Self { cache: Mutex::new(PageCache::new(16 << 10)), store, failover, fenced: Mutex::new(HashMap::new()), zstd_level: 1, active: Mutex::new(HashSet::new()), instances: Mutex::new(HashMap::new()), stats: Mutex::new(HashMap::new()) }
+        Self { cache: Mutex::new(PageCache::new(16 << 10)), store, failover, fenced: Mutex::new(HashMap::new()), zstd_level: 1, active: Mutex::new(HashSet::new()), instances: Mutex::new(HashMap::new()), stats: Mutex::new(HashMap::new()), stopping: Arc::default() }
+    }
+
+    /// Stops guests resumed here by failover (the backup is stopping).
+    pub fn shutdown(&self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Statistics of `guest`.
@@ -210,16 +232,34 @@ impl Replica for StoreReplica {
 
     fn primary_lost(&self, guest: GuestId, committed: EpochId) {
         self.stats.lock().entry(guest).or_default().lost_at = Some(committed);
-        let FailoverAction::RestoreTo(dir) = &self.failover else { return };
+        let FailoverAction::RestoreTo { dir, resume } = &self.failover else { return };
         self.fenced.lock().insert(guest, committed);
         let store = Arc::clone(&self.store);
         let dir = dir.clone();
+        let resume = resume.clone();
+        let stopping = Arc::clone(&self.stopping);
         // Restoring a large guest takes a while: off the network thread.
-        std::thread::spawn(move || match failover_image(&store, guest, &dir) {
-            Ok((epoch, path)) => {
-                println!("failover {guest} epoch {} image {}", epoch.0, path.display());
+        // A resumed QEMU lives as long as this thread (it is killed when
+        // the thread that started it ends), so the thread stays until the
+        // backup stops or the guest exits.
+        std::thread::spawn(move || match failover(&store, guest, &dir, resume.as_ref()) {
+            Ok(Failover { epoch, path, vm }) => {
                 use std::io::Write;
+                match &vm {
+                    Some(vm) => println!(
+                        "failover {guest} epoch {} resumed in qemu pid {} (qmp {})",
+                        epoch.0,
+                        vm.pid(),
+                        vm.run.qmp().display()
+                    ),
+                    None => println!("failover {guest} epoch {} image {}", epoch.0, path.display()),
+                }
                 let _ = std::io::stdout().flush();
+                if let Some(mut vm) = vm {
+                    while !stopping.load(std::sync::atomic::Ordering::Relaxed) && vm.running() {
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                }
             }
             Err(e) => eprintln!("failover of {guest} failed: {e:#}"),
         });
@@ -230,13 +270,28 @@ impl Replica for StoreReplica {
     }
 }
 
-/// Writes the last committed epoch of `guest` into `dir` as a memory image.
-fn failover_image(store: &Store, guest: GuestId, dir: &std::path::Path) -> anyhow::Result<(EpochId, std::path::PathBuf)> {
+struct Failover {
+    epoch: EpochId,
+    path: std::path::PathBuf,
+    vm: Option<crate::vm::ResumedVm>,
+}
+
+/// Writes the last committed epoch of `guest` into `dir`: a memory image,
+/// or the files of a QEMU guest (then resumed when `resume` says so).
+fn failover(store: &Store, guest: GuestId, dir: &std::path::Path, resume: Option<&ResumeVm>) -> anyhow::Result<Failover> {
     use remus_restore::{RestorePlan, Target};
     std::fs::create_dir_all(dir)?;
     let plan = RestorePlan::new(store, guest, Target::Latest)?;
     let epoch = plan.manifest.epoch;
+    let vm_dir = dir.join(format!("{guest}"));
+    if let Some((state, run)) = crate::vm::restore_vm(store, &plan, &vm_dir, |_| {})? {
+        let vm = match resume {
+            Some(r) => Some(crate::vm::ResumedVm::start(&r.qemu_binary, &state, run, r.tap.as_deref(), true)?),
+            None => None,
+        };
+        return Ok(Failover { epoch, path: vm_dir, vm });
+    }
     let path = dir.join(format!("{guest}-epoch-{}.img", epoch.0));
     plan.execute(store, &path, |_| {})?;
-    Ok((epoch, path))
+    Ok(Failover { epoch, path, vm: None })
 }

@@ -103,11 +103,28 @@ impl RestorePlan {
     /// # Errors
     /// [`RestoreError::Store`] for a missing or corrupt chunk,
     /// [`RestoreError::Io`], [`RestoreError::RootMismatch`].
-    pub fn execute(&self, store: &Store, path: &Path, mut progress: impl FnMut(u64)) -> Result<RestoreReport, RestoreError> {
+    pub fn execute(&self, store: &Store, path: &Path, progress: impl FnMut(u64)) -> Result<RestoreReport, RestoreError> {
+        self.execute_segments(store, &[Segment { first: 0, pages: self.manifest.page_count, path }], progress)
+    }
+
+    /// Writes the guest's page space split into files: each segment's
+    /// pages go to its own file (created or truncated to its size), pages
+    /// outside every segment are checked but not written. The memory root
+    /// is verified over the whole page space all the same.
+    ///
+    /// # Errors
+    /// As [`Self::execute`].
+    pub fn execute_segments(&self, store: &Store, segments: &[Segment<'_>], mut progress: impl FnMut(u64)) -> Result<RestoreReport, RestoreError> {
         let m = &self.manifest;
-        let file = File::create(path)?;
+        let files = segments
+            .iter()
+            .map(|s| {
+                let f = File::create(s.path)?;
+                f.set_len(s.pages * PAGE_SIZE as u64)?;
+                Ok(f)
+            })
+            .collect::<Result<Vec<_>, std::io::Error>>()?;
         let bytes = m.page_count * PAGE_SIZE as u64;
-        file.set_len(bytes)?;
         let mut digest = MemoryDigest::zeroed(m.page_count);
         let mut written = 0u64;
         let zero = remus_types::zero_page_hash();
@@ -116,9 +133,10 @@ impl RestorePlan {
                 return Err(StoreError::Corrupt(format!("page index names pfn {} beyond memory", pfn.0)));
             }
             digest.set(pfn, id);
-            if id != zero {
+            let target = segments.iter().zip(&files).find(|(s, _)| (s.first..s.first + s.pages).contains(&pfn.0));
+            if let (Some((seg, file)), false) = (target, id == zero) {
                 let data = store.chunk(&id)?;
-                file.write_all_at(&data, pfn.0 * PAGE_SIZE as u64)
+                file.write_all_at(&data, (pfn.0 - seg.first) * PAGE_SIZE as u64)
                     .map_err(|e| StoreError::Corrupt(format!("write failed: {e}")))?;
             }
             written += 1;
@@ -127,7 +145,9 @@ impl RestorePlan {
             }
             Ok(())
         })?;
-        file.sync_all()?;
+        for f in &files {
+            f.sync_all()?;
+        }
         progress(written);
         let root = digest.root();
         if root != m.memory_root {
@@ -135,6 +155,17 @@ impl RestorePlan {
         }
         Ok(RestoreReport { epoch: m.epoch, pages_written: written, bytes, root })
     }
+}
+
+/// A range of the page space restored into a file of its own.
+#[derive(Debug, Clone, Copy)]
+pub struct Segment<'a> {
+    /// First page.
+    pub first: u64,
+    /// Pages.
+    pub pages: u64,
+    /// The file.
+    pub path: &'a Path,
 }
 
 /// Memory root of an image file, hashed from its bytes: an independent

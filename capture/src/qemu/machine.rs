@@ -219,12 +219,26 @@ pub fn command(qemu: &Path, machine: &QemuMachine, run: &RunDir, launch: &Launch
     c
 }
 
-/// Starts QEMU; its stderr is kept for error messages.
+/// Starts QEMU; its stderr is kept for error messages. QEMU is killed
+/// when the thread that started it ends (`PR_SET_PDEATHSIG`), so a guest
+/// never outlives the remus that protects or runs it: when a primary is
+/// killed, its QEMU dies with it, as a failed host's would.
 ///
 /// # Errors
 /// [`CaptureError::Qemu`] when the binary cannot be run.
 pub fn spawn(mut cmd: Command) -> Result<Child, CaptureError> {
+    use std::os::unix::process::CommandExt;
     let prog = cmd.get_program().to_string_lossy().into_owned();
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes one async-signal-safe syscall.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     cmd.spawn().map_err(|e| CaptureError::Qemu(format!("starting {prog}: {e} (scripts/qemu-deps.sh installs QEMU)")))
 }
 

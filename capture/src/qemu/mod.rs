@@ -322,6 +322,10 @@ impl ProtectedGuest for QemuGuest {
         self.state.machine.page_count()
     }
 
+    fn exact_tracking(&self) -> bool {
+        Self::exact_tracking(self)
+    }
+
     fn checkpoint(&mut self, epoch: EpochId, cp: &mut Checkpoint) -> Result<(), CaptureError> {
         self.alive()?;
         self.pfns.clear();

@@ -8,7 +8,7 @@ use anyhow::Result;
 use remus_wan::driver::BackupLinkConfig;
 
 use crate::backup::{Backup, BackupOptions};
-use crate::replica::FailoverAction;
+use crate::replica::{FailoverAction, ResumeVm};
 use crate::config::Config;
 
 /// Arguments.
@@ -24,6 +24,16 @@ pub struct BackupArgs {
     /// committed epoch as a memory image into this directory.
     #[arg(long)]
     pub failover_dir: Option<PathBuf>,
+    /// With --failover-dir: resume a failed-over QEMU guest here, in a new
+    /// QEMU, from its last committed epoch.
+    #[arg(long, requires = "failover_dir")]
+    pub resume: bool,
+    /// QEMU binary for --resume (default qemu-system-x86_64).
+    #[arg(long, requires = "resume")]
+    pub qemu_binary: Option<PathBuf>,
+    /// TAP interface for a resumed guest's network.
+    #[arg(long, requires = "resume")]
+    pub tap: Option<String>,
 }
 
 /// Runs until SIGINT or SIGTERM.
@@ -43,7 +53,13 @@ pub fn run(args: &BackupArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
             heartbeat: Duration::from_millis(b.heartbeat_ms),
             primary_timeout: Duration::from_millis(b.primary_timeout_ms),
         },
-        failover: args.failover_dir.clone().map_or(FailoverAction::Record, FailoverAction::RestoreTo),
+        failover: args.failover_dir.clone().map_or(FailoverAction::Record, |dir| FailoverAction::RestoreTo {
+            dir,
+            resume: args.resume.then(|| ResumeVm {
+                qemu_binary: args.qemu_binary.clone().unwrap_or_else(remus_capture::qemu::default_qemu),
+                tap: args.tap.clone(),
+            }),
+        }),
     })?;
     // Scripts and tests read this line to learn the port.
     println!("listening on {} (store {})", backup.addr, store.display());

@@ -59,7 +59,7 @@ pub fn run(args: &DemoArgs, cfg: &Config, data_dir: &Path) -> Result<bool> {
     if !args.json {
         eprintln!(
             "remus demo: {} MiB guest at {:.1} Hz for {} s; backup on {} (store {})",
-            opts.arena.memory_mib,
+            opts.guest_kind.memory_mib(),
             1.0 / opts.epoch.as_secs_f64(),
             args.seconds,
             backup.addr,

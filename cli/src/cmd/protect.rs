@@ -9,7 +9,8 @@ use remus_types::GuestId;
 use remus_wan::SenderConfig;
 
 use crate::config::Config;
-use crate::primary::{Primary, PrimaryOptions};
+use crate::primary::{GuestKind, Primary, PrimaryOptions};
+use crate::vm::QemuSettings;
 use crate::stats::Summary;
 
 /// Flags shared by `protect` and `demo`; each overrides the config file.
@@ -29,9 +30,22 @@ pub struct GuestFlags {
     pub pages_per_sec: Option<u64>,
 }
 
+/// Which guest `remus protect` runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
+    /// The built-in in-process guest.
+    #[default]
+    Arena,
+    /// A QEMU virtual machine.
+    Qemu,
+}
+
 /// Arguments.
 #[derive(Debug, clap::Args)]
 pub struct ProtectArgs {
+    /// The guest: `arena` (built in) or `qemu`.
+    #[arg(value_enum, default_value_t = Kind::Arena)]
+    pub kind: Kind,
     /// Backup address (default 127.0.0.1:7400).
     #[arg(long)]
     pub backup: Option<SocketAddr>,
@@ -57,6 +71,9 @@ pub struct ProtectArgs {
     /// Guest shape.
     #[command(flatten)]
     pub guest_flags: GuestFlags,
+    /// QEMU guest settings (with `qemu`).
+    #[command(flatten)]
+    pub qemu: QemuSettings,
 }
 
 /// Builds the primary's options from the config and the flags.
@@ -72,6 +89,7 @@ pub fn primary_options(cfg: &Config, flags: &GuestFlags, tls: remus_wan::tls::Tl
     if let Some(r) = flags.pages_per_sec {
         arena.workload.pages_per_sec = r;
     }
+    let guest_kind = GuestKind::Arena(arena);
     let epoch = match (flags.hz, flags.epoch_ms) {
         (Some(hz), _) => {
             anyhow::ensure!(hz > 0.0 && hz <= 1000.0, "--hz must be in (0, 1000], got {hz}");
@@ -89,7 +107,7 @@ pub fn primary_options(cfg: &Config, flags: &GuestFlags, tls: remus_wan::tls::Tl
         peer_timeout: Duration::from_millis(p.backup_timeout_ms),
         ..SenderConfig::default()
     };
-    Ok(PrimaryOptions { guest: GuestId(guest), arena, epoch, backup, tls, sender, output_log: None, record_roots: None })
+    Ok(PrimaryOptions { guest: GuestId(guest), guest_kind, epoch, backup, tls, sender, output_log: None, record_roots: None })
 }
 
 /// Reports progress: redrawn on a terminal, a line a second otherwise.
@@ -183,7 +201,19 @@ pub fn run(args: &ProtectArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
     let mut opts = primary_options(cfg, &args.guest_flags, tls, backup, args.guest.unwrap_or(cfg.protect.guest))?;
     opts.output_log = args.output_log.clone();
     opts.record_roots = args.record_roots.clone();
-    eprintln!("protecting guest {} ({} MiB) at {:.1} Hz, replicating to {backup}", opts.guest.0, opts.arena.memory_mib, 1.0 / opts.epoch.as_secs_f64());
+    if args.kind == Kind::Qemu {
+        anyhow::ensure!(args.guest_flags.pages_per_sec.is_none(), "--pages-per-sec applies to the arena guest only");
+        let mut settings = args.qemu.clone().or(&cfg.protect.qemu);
+        settings.memory_mib = args.guest_flags.memory_mib.or(settings.memory_mib);
+        opts.guest_kind = GuestKind::Qemu(settings.resolve(opts.guest.0)?);
+    }
+    eprintln!(
+        "protecting guest {} ({}, {} MiB) at {:.1} Hz, replicating to {backup}",
+        opts.guest.0,
+        match args.kind { Kind::Arena => "arena", Kind::Qemu => "qemu" },
+        opts.guest_kind.memory_mib(),
+        1.0 / opts.epoch.as_secs_f64()
+    );
     let until = args.seconds.map(|s| Instant::now() + Duration::from_secs_f64(s));
     let (summary, _) = protect_until(opts, until, args.json, Duration::from_secs_f64(args.drain_seconds))?;
     if args.json {

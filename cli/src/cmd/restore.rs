@@ -33,9 +33,17 @@ pub struct RestoreArgs {
     /// Restore the last committed epoch.
     #[arg(long)]
     pub latest: bool,
-    /// Image file to write.
+    /// Image file to write; for a QEMU guest, a directory that receives
+    /// `memory`, `disk.img`, `vmstate` and `machine.json`.
     #[arg(long)]
     pub to: PathBuf,
+    /// QEMU guests: start QEMU on the restored files, paused, print its
+    /// QMP socket, and wait until it exits (time-travel inspection).
+    #[arg(long)]
+    pub run: bool,
+    /// QEMU binary for --run (default qemu-system-x86_64).
+    #[arg(long, requires = "run")]
+    pub qemu_binary: Option<PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -67,11 +75,25 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
     } else {
         None
     };
-    let report = plan.execute(&store, &args.to, |n| {
+    let show = |n| {
         if let Some(b) = &bar {
             b.set_position(n);
         }
-    })?;
+    };
+    let vm = crate::vm::restore_vm(&store, &plan, &args.to, &show)?;
+    let report = match &vm {
+        // Already verified by restore_vm; report what it checked.
+        Some(_) => remus_restore::RestoreReport {
+            epoch: plan.manifest.epoch,
+            pages_written: 0,
+            bytes: plan.manifest.page_count * remus_types::PAGE_SIZE as u64,
+            root: plan.manifest.memory_root,
+        },
+        None => {
+            anyhow::ensure!(!args.run, "--run needs a QEMU guest; guest {} is not one", args.guest);
+            plan.execute(&store, &args.to, &show)?
+        }
+    };
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -95,6 +117,15 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
             &report.root.to_hex()[..16],
             secs
         );
+    }
+    if let (true, Some((state, run))) = (args.run, vm) {
+        let qemu = args.qemu_binary.clone().unwrap_or_else(remus_capture::qemu::default_qemu);
+        let mut vm = crate::vm::ResumedVm::start(&qemu, &state, run, None, false)?;
+        println!("guest {} epoch {} paused in qemu pid {}; qmp {}", args.guest, report.epoch.0, vm.pid(), vm.run.qmp().display());
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        let status = vm.wait()?;
+        eprintln!("qemu exited: {status}");
     }
     Ok(())
 }
