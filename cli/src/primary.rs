@@ -115,7 +115,10 @@ impl Primary {
         let s2 = Arc::clone(&stats);
         let out2 = Arc::clone(&output);
         let link = std::thread::Builder::new().name("remus-link".into()).spawn(move || -> Result<()> {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            // Two workers: while one encodes a large epoch (the first holds the
+            // whole guest), the other keeps reading the backup's heartbeats,
+            // so a busy primary does not mistake itself for a silent backup.
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(async move {
                 let consumer = tokio::spawn(consume_events(erx, s2, out2, net, roots_file.take(), output_file.take()));
                 let r = run_primary(link_cfg, rx, etx).await;

@@ -6,7 +6,7 @@
 //! `Ref` pages must name a chunk already held). The epoch is then
 //! committed in one atomic write, and only then acknowledged.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -95,7 +95,9 @@ pub struct StoreReplica {
     failover: FailoverAction,
     fenced: Mutex<HashMap<GuestId, EpochId>>,
     zstd_level: i32,
-    active: Mutex<HashSet<GuestId>>,
+    /// Connections per guest: a primary that reconnects before its old
+    /// connection timed out here has two for a while.
+    active: Mutex<HashMap<GuestId, usize>>,
     instances: Mutex<HashMap<GuestId, u64>>,
     stats: Mutex<HashMap<GuestId, GuestStats>>,
     stopping: Arc<std::sync::atomic::AtomicBool>,
@@ -104,7 +106,7 @@ pub struct StoreReplica {
 impl StoreReplica {
     /// A replica writing into `store`.
     pub fn new(store: Arc<Store>, failover: FailoverAction) -> Self {
-        Self { cache: Mutex::new(PageCache::new(16 << 10)), store, failover, fenced: Mutex::new(HashMap::new()), zstd_level: 1, active: Mutex::new(HashSet::new()), instances: Mutex::new(HashMap::new()), stats: Mutex::new(HashMap::new()), stopping: Arc::default() }
+        Self { cache: Mutex::new(PageCache::new(16 << 10)), store, failover, fenced: Mutex::new(HashMap::new()), zstd_level: 1, active: Mutex::new(HashMap::new()), instances: Mutex::new(HashMap::new()), stats: Mutex::new(HashMap::new()), stopping: Arc::default() }
     }
 
     /// Stops guests resumed here by failover (the backup is stopping).
@@ -198,9 +200,15 @@ impl Replica for StoreReplica {
                 return Err(format!("{guest}: memory size changed from {} to {page_count} pages", h.page_count));
             }
         }
-        if !self.active.lock().insert(guest) {
+        let mut active = self.active.lock();
+        let n = active.entry(guest).or_default();
+        // The same primary instance may reconnect while its old connection
+        // lingers; another instance may not join a live one.
+        if *n > 0 && self.instances.lock().get(&guest) != Some(&instance) {
             return Err(format!("{guest} is already connected from another primary"));
         }
+        *n += 1;
+        drop(active);
         self.instances.lock().insert(guest, instance);
         Ok(head.map_or((EpochId(0), ChunkId::default()), |h| (h.epoch, h.manifest)))
     }
@@ -266,7 +274,13 @@ impl Replica for StoreReplica {
     }
 
     fn disconnected(&self, guest: GuestId) {
-        self.active.lock().remove(&guest);
+        let mut active = self.active.lock();
+        if let Some(n) = active.get_mut(&guest) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                active.remove(&guest);
+            }
+        }
     }
 }
 

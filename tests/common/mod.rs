@@ -50,15 +50,15 @@ impl BackupProcess {
 
     /// As [`start`](Self::start), with extra arguments.
     pub fn start_with(data_dir: &Path, listen: &str, extra: &[&str]) -> Self {
-        let mut child = Command::new(remus())
-            .args(["backup", "--data-dir"])
-            .arg(data_dir)
-            .args(["--listen", listen])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn backup");
+        let mut cmd = Command::new(remus());
+        cmd.args(["backup", "--data-dir"]).arg(data_dir).args(["--listen", listen]).args(extra);
+        Self::spawn(cmd)
+    }
+
+    /// Runs `cmd` (a `remus backup` command line) and waits for its
+    /// "listening on" line.
+    pub fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn backup");
         let lines = spawn_line_reader(child.stdout.take().expect("stdout"));
         let first = lines.recv_timeout(Duration::from_secs(30)).expect("backup printed no listening line");
         let addr = first

@@ -250,15 +250,18 @@ async fn serve_connection(
             return Ok(());
         }
         let deadline = core.poll_timeout().map(tokio::time::Instant::from_std);
+        // Biased: messages that queued up while this task was encoding
+        // are handled before a timeout is judged.
         tokio::select! {
-            cp = checkpoints.recv(), if !*input_closed && core.can_accept() => match cp {
-                Some(cp) => push(core, cp, events),
-                None => *input_closed = true,
-            },
+            biased;
             Some(input) = rx.recv() => match input {
                 Control::Message(Ok(m)) => core.handle_message(Instant::now(), m)?,
                 Control::Message(Err(e)) => return Err(LinkError::Peer(e)),
                 Control::Closed => return Err(LinkError::Peer("backup closed the control stream".into())),
+            },
+            cp = checkpoints.recv(), if !*input_closed && core.can_accept() => match cp {
+                Some(cp) => push(core, cp, events),
+                None => *input_closed = true,
             },
             Some(done) = streams.join_next(), if !streams.is_empty() => {
                 if let Ok(Err(e)) = done {
