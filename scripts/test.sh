@@ -4,6 +4,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
 start=$(date +%s)
+# QEMU, busybox and a guest kernel for the QEMU backend's tests, and the
+# test guest's initramfs (both idempotent and quick when done before).
+bash scripts/qemu-deps.sh >/dev/null
+bash guest/build.sh >/dev/null
 cargo build --release --workspace --all-targets
 echo "build: $(( $(date +%s) - start )) s" >&2
 cargo test --release --workspace

@@ -112,9 +112,10 @@ fn request(conn: &mut BufReader<TcpStream>, line: &str) -> String {
     reply.trim().to_string()
 }
 
-struct Primary(Child);
+/// A child process killed when the test ends, passed or failed.
+struct KillOnDrop(Child);
 
-impl Drop for Primary {
+impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -162,7 +163,7 @@ fn counter_service_survives_sigkill_of_the_primary() {
         .args(["--tracking", "write-protect"])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
-    let mut primary = Primary(pcmd.spawn().expect("spawn primary"));
+    let mut primary = KillOnDrop(pcmd.spawn().expect("spawn primary"));
     wait_for_file_line(&run_dir.join("serial.log"), "remus-guest ready", Duration::from_secs(120));
 
     let mut conn = BufReader::new(ns.connect("10.0.2.15:7000", Duration::from_secs(60)));
@@ -214,4 +215,47 @@ fn counter_service_survives_sigkill_of_the_primary() {
     }
     assert_eq!(std::fs::metadata(to.join("memory")).unwrap().len(), 128 << 20);
     assert_eq!(std::fs::metadata(to.join("disk.img")).unwrap().len(), 16 << 20);
+
+    // ... and runs it, paused, for inspection over QMP.
+    let at = dir.path().join("epoch-40");
+    let mut run = KillOnDrop(Command::new(remus_restore())
+        .args(["--data-dir"])
+        .arg(&data)
+        .args(["--epoch", "40", "--run", "--to"])
+        .arg(&at)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap());
+    let mut out = BufReader::new(run.0.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("paused in qemu") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "remus-restore --run ended early");
+    }
+    let qmp = line.rsplit("qmp ").next().unwrap().trim().to_string();
+    assert!(line.starts_with("guest 1 epoch 40 paused in qemu pid"), "{line}");
+    let status = qmp_status(Path::new(&qmp));
+    drop(run);
+    drop(out);
+    assert_eq!(status, "paused");
+}
+
+/// The run state of the QEMU behind a QMP socket.
+fn qmp_status(path: &Path) -> String {
+    let s = std::os::unix::net::UnixStream::connect(path).expect("qmp socket");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap(); // greeting
+    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-status\"}\n").unwrap();
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if let Some(st) = v["return"]["status"].as_str() {
+            return st.to_string();
+        }
+    }
 }

@@ -298,7 +298,7 @@ fn failover(store: &Store, guest: GuestId, dir: &std::path::Path, resume: Option
     let plan = RestorePlan::new(store, guest, Target::Latest)?;
     let epoch = plan.manifest.epoch;
     let vm_dir = dir.join(format!("{guest}"));
-    if let Some((state, run)) = crate::vm::restore_vm(store, &plan, &vm_dir, |_| {})? {
+    if let Some((state, run, _)) = crate::vm::restore_vm(store, &plan, &vm_dir, |_| {})? {
         let vm = match resume {
             Some(r) => Some(crate::vm::ResumedVm::start(&r.qemu_binary, &state, run, r.tap.as_deref(), true)?),
             None => None,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use remus_capture::qemu::{self, NetRelay, QemuConfig, QemuMachine, QemuState, Qmp, RunDir, Tap};
 use remus_capture::TrackingMode;
-use remus_restore::{RestorePlan, Segment};
+use remus_restore::{RestorePlan, RestoreReport, Segment};
 use remus_store::Store;
 
 /// Settings of a QEMU guest: each is a flag of `remus protect qemu` and a
@@ -151,25 +151,25 @@ fn default_kernel(cache: &Path) -> Option<PathBuf> {
 ///
 /// # Errors
 /// Store damage, a failed write, or a memory root that does not verify.
-pub fn restore_vm(store: &Store, plan: &RestorePlan, dir: &Path, progress: impl FnMut(u64)) -> Result<Option<(QemuState, RunDir)>> {
+pub fn restore_vm(store: &Store, plan: &RestorePlan, dir: &Path, progress: impl FnMut(u64)) -> Result<Option<(QemuState, RunDir, RestoreReport)>> {
     let ds = store.chunk(&plan.manifest.device_state).context("reading the device state")?;
     let Some(state) = QemuState::decode(&ds)? else { return Ok(None) };
     let run = RunDir::create(dir)?;
     let segs = state.segments(&run);
     let segments: Vec<Segment<'_>> = segs.iter().map(|(first, pages, path)| Segment { first: *first, pages: *pages, path }).collect();
-    plan.execute_segments(store, &segments, progress)?;
+    let report = plan.execute_segments(store, &segments, progress)?;
     let vm = std::fs::OpenOptions::new().write(true).open(run.vmstate())?;
     vm.set_len(state.vmstate_len)?;
     std::fs::write(dir.join("machine.json"), serde_json::to_vec_pretty(&state.machine)?)?;
-    Ok(Some((state, run)))
+    Ok(Some((state, run, report)))
 }
 
 /// A QEMU guest resumed from a checkpoint, with its network relayed
 /// directly (nothing held: there is no backup behind it).
 pub struct ResumedVm {
     child: Child,
-    /// Its QMP session.
-    pub qmp: Qmp,
+    /// Its QMP session (`None` once handed over, see [`Self::release_qmp`]).
+    pub qmp: Option<Qmp>,
     /// Its network relay.
     pub net: Arc<NetRelay>,
     /// Its run directory.
@@ -186,13 +186,19 @@ impl ResumedVm {
         let tap = tap.map(Tap::open).transpose()?;
         let net = NetRelay::start(&run.net(), tap, qemu::Egress::Direct)?;
         let (child, qmp) = qemu::resume(qemu_binary, state, &run, start)?;
-        Ok(Self { child, qmp, net, run })
+        Ok(Self { child, qmp: Some(qmp), net, run })
     }
 
     /// QEMU's process id.
     #[must_use]
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Closes remus's QMP session: QEMU serves one client at a time, and
+    /// an operator inspecting the guest needs the socket.
+    pub fn release_qmp(&mut self) {
+        self.qmp = None;
     }
 
     /// True while QEMU runs.
@@ -211,7 +217,9 @@ impl ResumedVm {
 
 impl Drop for ResumedVm {
     fn drop(&mut self) {
-        let _ = self.qmp.execute("quit", None);
+        if let Some(q) = self.qmp.as_mut() {
+            let _ = q.execute("quit", None);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

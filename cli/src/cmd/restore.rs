@@ -82,13 +82,7 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
     };
     let vm = crate::vm::restore_vm(&store, &plan, &args.to, &show)?;
     let report = match &vm {
-        // Already verified by restore_vm; report what it checked.
-        Some(_) => remus_restore::RestoreReport {
-            epoch: plan.manifest.epoch,
-            pages_written: 0,
-            bytes: plan.manifest.page_count * remus_types::PAGE_SIZE as u64,
-            root: plan.manifest.memory_root,
-        },
+        Some((_, _, report)) => *report,
         None => {
             anyhow::ensure!(!args.run, "--run needs a QEMU guest; guest {} is not one", args.guest);
             plan.execute(&store, &args.to, &show)?
@@ -118,9 +112,10 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
             secs
         );
     }
-    if let (true, Some((state, run))) = (args.run, vm) {
+    if let (true, Some((state, run, _))) = (args.run, vm) {
         let qemu = args.qemu_binary.clone().unwrap_or_else(remus_capture::qemu::default_qemu);
         let mut vm = crate::vm::ResumedVm::start(&qemu, &state, run, None, false)?;
+        vm.release_qmp();
         println!("guest {} epoch {} paused in qemu pid {}; qmp {}", args.guest, report.epoch.0, vm.pid(), vm.run.qmp().display());
         use std::io::Write;
         std::io::stdout().flush()?;
