@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use parking_lot::Mutex;
-use remus_capture::qemu::{NetRelay, QemuConfig, QemuGuest};
+use remus_capture::qemu::{Egress, NetRelay, QemuConfig, QemuGuest};
 use remus_capture::{ArenaConfig, ArenaGuest, EpochEngine, OutputBuffer, ProtectedGuest};
 use remus_types::{EpochId, GuestId};
 use remus_wan::driver::{run_primary, LinkEvent, PrimaryLinkConfig};
@@ -85,7 +85,7 @@ impl Primary {
         let (guest, net): (Box<dyn ProtectedGuest>, _) = match &opts.guest_kind {
             GuestKind::Arena(a) => (Box::new(ArenaGuest::start(a, Arc::clone(&output)).context("starting the arena guest")?), None),
             GuestKind::Qemu(q) => {
-                let g = QemuGuest::start(q, Arc::clone(&output)).context("starting the QEMU guest")?;
+                let g = QemuGuest::start(q, Egress::Held(Arc::clone(&output))).context("starting the QEMU guest")?;
                 let net = g.net();
                 (Box::new(g), Some(net))
             }

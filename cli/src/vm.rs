@@ -217,6 +217,7 @@ impl ResumedVm {
 
 impl Drop for ResumedVm {
     fn drop(&mut self) {
+        self.net.stop();
         if let Some(q) = self.qmp.as_mut() {
             let _ = q.execute("quit", None);
         }

@@ -94,7 +94,7 @@ pub struct QemuGuest {
     tracker: Tracker,
     disk: Option<DiskServer>,
     net: Arc<NetRelay>,
-    output: Arc<OutputBuffer<Vec<u8>>>,
+    output: Option<Arc<OutputBuffer<Vec<u8>>>>,
     run: RunDir,
     state: QemuState,
     first: bool,
@@ -114,7 +114,10 @@ impl QemuGuest {
     /// [`CaptureError::Qemu`] when QEMU fails to start or answer,
     /// [`CaptureError::Tracking`] when write-protect tracking was demanded
     /// and is unavailable, [`CaptureError::Io`] for disk or network set-up.
-    pub fn start(cfg: &QemuConfig, output: Arc<OutputBuffer<Vec<u8>>>) -> Result<Self, CaptureError> {
+    /// `egress` is [`Egress::Held`] for a protected guest; [`Egress::Direct`]
+    /// runs it unprotected on the same plumbing (a baseline to measure
+    /// against).
+    pub fn start(cfg: &QemuConfig, egress: Egress) -> Result<Self, CaptureError> {
         cfg.machine.validate()?;
         let run = RunDir::create(&cfg.run_dir)?;
         let _ = std::fs::remove_file(run.memory());
@@ -126,7 +129,11 @@ impl QemuGuest {
             None
         };
         let tap = cfg.tap.as_deref().map(Tap::open).transpose()?;
-        let net = NetRelay::start(&run.net(), tap, Egress::Held(Arc::clone(&output)))?;
+        let output = match &egress {
+            Egress::Held(o) => Some(Arc::clone(o)),
+            Egress::Direct => None,
+        };
+        let net = NetRelay::start(&run.net(), tap, egress)?;
         let shim = match cfg.tracking {
             TrackingMode::Hash => None,
             _ => cfg.shim.clone().or_else(find_shim),
@@ -153,7 +160,7 @@ impl QemuGuest {
         run: RunDir,
         disk: Option<DiskServer>,
         net: Arc<NetRelay>,
-        output: Arc<OutputBuffer<Vec<u8>>>,
+        output: Option<Arc<OutputBuffer<Vec<u8>>>>,
         shimmed: bool,
     ) -> Result<Self, CaptureError> {
         let len = usize::try_from(cfg.machine.memory_mib << 20).map_err(|_| CaptureError::Config("memory too large".into()))?;
@@ -336,7 +343,9 @@ impl ProtectedGuest for QemuGuest {
         }
         let t0 = Instant::now();
         self.qmp.execute("stop", None)?;
-        self.output.seal(epoch);
+        if let Some(o) = &self.output {
+            o.seal(epoch);
+        }
         let result = self.checkpoint_paused(epoch, cp);
         let resumed = self.qmp.execute("cont", None);
         cp.pause_ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -348,6 +357,7 @@ impl ProtectedGuest for QemuGuest {
 
 impl Drop for QemuGuest {
     fn drop(&mut self) {
+        self.net.stop();
         let _ = self.qmp.execute("quit", None);
         let deadline = Instant::now() + Duration::from_secs(2);
         while Instant::now() < deadline {

@@ -19,7 +19,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -98,7 +98,10 @@ pub struct NetCounters {
 
 /// The relay between QEMU's netdev socket and the TAP.
 pub struct NetRelay {
-    tap: Option<Mutex<Tap>>,
+    tap: Mutex<Option<Tap>>,
+    has_tap: bool,
+    stop: Arc<AtomicBool>,
+    socket: std::path::PathBuf,
     /// Counters.
     pub counters: Arc<NetCounters>,
 }
@@ -116,7 +119,14 @@ impl NetRelay {
             Some(t) => Some(t.try_clone().map_err(|e| CaptureError::Io(format!("tap: {e}")))?),
             None => None,
         };
-        let relay = Arc::new(Self { tap: tap.map(Mutex::new), counters: Arc::default() });
+        let stop = Arc::new(AtomicBool::new(false));
+        let relay = Arc::new(Self {
+            has_tap: tap.is_some(),
+            tap: Mutex::new(tap),
+            stop: Arc::clone(&stop),
+            socket: socket.to_path_buf(),
+            counters: Arc::default(),
+        });
         let guest_conn: Arc<Mutex<Option<UnixStream>>> = Arc::default();
         {
             let relay = Arc::clone(&relay);
@@ -125,6 +135,9 @@ impl NetRelay {
                 .name("remus-net-guest".into())
                 .spawn(move || {
                     for conn in listener.incoming() {
+                        if relay.stop.load(Ordering::Relaxed) {
+                            break;
+                        }
                         let Ok(conn) = conn else { continue };
                         let Ok(writer) = conn.try_clone() else { continue };
                         *guest_conn.lock() = Some(writer);
@@ -138,11 +151,23 @@ impl NetRelay {
         }
         if let Some(mut tap) = reader_tap {
             let counters = Arc::clone(&relay.counters);
+            let stop = Arc::clone(&stop);
             std::thread::Builder::new()
                 .name("remus-net-world".into())
                 .spawn(move || {
                     let mut buf = vec![0u8; MAX_FRAME + 4];
                     loop {
+                        // Wake up now and then to notice `stop`: the TAP
+                        // must be closed for another process to attach.
+                        let mut pfd = libc::pollfd { fd: tap.file.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                        // SAFETY: one valid pollfd for the duration of the call.
+                        let ready = unsafe { libc::poll(&mut pfd, 1, 100) };
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        if ready <= 0 {
+                            continue;
+                        }
                         let n = match tap.file.read(&mut buf[4..]) {
                             Ok(0) => return,
                             Ok(n) => n,
@@ -165,13 +190,24 @@ impl NetRelay {
         Ok(relay)
     }
 
+    /// Stops relaying and closes the TAP (within 100 ms), so that another
+    /// relay can attach to it.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.tap.lock().take();
+        // Wake the accept loop so it sees the flag.
+        let _ = UnixStream::connect(&self.socket);
+    }
+
     /// Writes released frames to the world, in order.
     pub fn release(&self, frames: &[Vec<u8>]) {
-        let Some(tap) = &self.tap else {
-            self.counters.to_world.fetch_add(frames.len() as u64, Ordering::Relaxed);
+        let mut tap = self.tap.lock();
+        let Some(tap) = tap.as_mut() else {
+            if !self.has_tap {
+                self.counters.to_world.fetch_add(frames.len() as u64, Ordering::Relaxed);
+            }
             return;
         };
-        let mut tap = tap.lock();
         for f in frames {
             // A frame the host cannot take is lost, as on any wire; TCP
             // retransmits.

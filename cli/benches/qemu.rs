@@ -1,0 +1,328 @@
+//! QEMU benchmark: a real guest protected by remus, measured against the
+//! same guest unprotected in the same run.
+//!
+//! - Achieved Hz, pause p50/p99 and wire bytes per epoch for each guest
+//!   size and epoch rate (default 128, 256 and 1024 MiB at 20 and 40 Hz),
+//!   with a CPU-bound job running in the guest.
+//! - Guest slowdown at 20 Hz: a fixed CPU-bound job (sha256 of 48 MiB
+//!   inside the guest, timed by the client) protected vs unprotected.
+//! - Failover: SIGKILL of the primary (remus and its QEMU) to the guest
+//!   answering at the backup, on the client's open connection and on a new
+//!   one.
+//!
+//! `cargo bench -p remus-cli --bench qemu` as root (it makes a private
+//! network namespace for the guest's network). REMUS_BENCH_QEMU_SIZES
+//! ("128,256,1024") and REMUS_BENCH_QEMU_JOBS (3) change the defaults.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use remus_capture::qemu::{Egress, QemuConfig, QemuGuest, QemuMachine, RunDir};
+use remus_capture::{ProtectedGuest, TrackingMode};
+use remus_types::{Checkpoint, EpochId};
+
+const JOB_MIB: u32 = 48;
+
+fn main() {
+    enter_private_netns();
+    let (kernel, initrd) = guest_image();
+    let sizes: Vec<u64> = std::env::var("REMUS_BENCH_QEMU_SIZES")
+        .unwrap_or_else(|_| "128,256,1024".into())
+        .split(',')
+        .map(|s| s.trim().parse().expect("sizes in MiB"))
+        .collect();
+    let jobs: usize = std::env::var("REMUS_BENCH_QEMU_JOBS").map_or(3, |s| s.parse().expect("job count"));
+    let work = tempfile::tempdir().expect("tempdir");
+    let data = work.path().join("data");
+    run_ok(Command::new(remus()).args(["keygen", "--data-dir"]).arg(&data));
+
+    println!("remus QEMU benchmark: TCG guest, {JOB_MIB} MiB sha256 job x{jobs} in the guest during each run");
+    println!();
+    println!("unprotected baseline (same QEMU, disk and network plumbing, no epochs):");
+    let mut baseline = Vec::new();
+    for &mib in &sizes {
+        let ms = unprotected(&kernel, &initrd, mib, jobs, work.path());
+        println!("  {mib:>5} MiB  job {:>7.0} ms (median of {jobs})", median(&ms));
+        baseline.push((mib, median(&ms)));
+    }
+    println!();
+    println!("protected (remus protect qemu + remus backup, loopback QUIC, mutual TLS):");
+    println!("  {:>5}  {:>3}  {:>7}  {:>9}  {:>9}  {:>9}  {:>11}  {:>8}  {:>9}", "MiB", "Hz", "got Hz", "pause p50", "pause p99", "pause max", "wire/epoch", "job ms", "slowdown");
+    for &(mib, base) in &baseline {
+        for hz in [20u32, 40] {
+            let (s, ms) = protected(&kernel, &initrd, mib, hz, jobs, &data);
+            let job = median(&ms);
+            println!(
+                "  {mib:>5}  {hz:>3}  {:>7.1}  {:>6.2} ms  {:>6.2} ms  {:>6.1} ms  {:>8.0} KB  {job:>8.0}  {:>8.1}%",
+                s["hz"].as_f64().unwrap_or(0.0),
+                s["pause_ms_p50"].as_f64().unwrap_or(0.0),
+                s["pause_ms_p99"].as_f64().unwrap_or(0.0),
+                s["pause_ms_max"].as_f64().unwrap_or(0.0),
+                s["wire_bytes"].as_f64().unwrap_or(0.0) / s["epochs"].as_f64().unwrap_or(1.0).max(1.0) / 1000.0,
+                (job / base - 1.0) * 100.0
+            );
+        }
+    }
+    println!();
+    let f = failover(&kernel, &initrd, &data, work.path());
+    println!("failover (128 MiB, 40 Hz, backup primary-timeout 500 ms), from SIGKILL of the primary:");
+    println!("  backup resumed the guest       {:>6.0} ms", f.resumed.as_secs_f64() * 1e3);
+    println!("  new connection answered        {:>6.0} ms", f.new_conn.as_secs_f64() * 1e3);
+    println!("  open connection's next reply   {:>6.0} ms (includes the client's TCP retransmission backoff)", f.open_conn.as_secs_f64() * 1e3);
+}
+
+fn remus() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_remus"))
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().expect("run");
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Moves this process into a network namespace of its own, with a bridge
+/// (10.0.2.1/24; the guest is .15) and two TAPs on it.
+fn enter_private_netns() {
+    // SAFETY: plain syscall; affects only this (single-threaded so far) process.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "unshare(CLONE_NEWNET) failed (run as root): {}", std::io::Error::last_os_error());
+    for cmd in [
+        "ip link set lo up",
+        "ip link add br0 type bridge",
+        "ip addr add 10.0.2.1/24 dev br0",
+        "ip link set br0 up",
+        "ip tuntap add dev tap-p mode tap",
+        "ip tuntap add dev tap-b mode tap",
+        "ip link set tap-p master br0",
+        "ip link set tap-b master br0",
+        "ip link set tap-p up",
+        "ip link set tap-b up",
+    ] {
+        let args: Vec<&str> = cmd.split(' ').collect();
+        run_ok(Command::new(args[0]).args(&args[1..]));
+    }
+}
+
+fn guest_image() -> (PathBuf, PathBuf) {
+    let out = Command::new("bash").arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../guest/build.sh")).output().expect("guest/build.sh");
+    assert!(out.status.success(), "guest/build.sh: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines = text.lines().rev();
+    let kernel = PathBuf::from(lines.next().expect("kernel"));
+    let initrd = PathBuf::from(lines.next().expect("initramfs"));
+    (kernel, initrd)
+}
+
+fn wait_ready(serial: &Path, mut primary: Option<&mut Child>) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !std::fs::read_to_string(serial).is_ok_and(|s| s.contains("remus-guest ready")) {
+        assert!(Instant::now() < deadline, "guest never became ready: {}", serial.display());
+        if let Some(Ok(Some(status))) = primary.as_mut().map(|p| p.try_wait()) {
+            panic!("the primary exited ({status}) before its guest was ready");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn connect(port: u16, limit: Duration) -> TcpStream {
+    let deadline = Instant::now() + limit;
+    loop {
+        match TcpStream::connect_timeout(&format!("10.0.2.15:{port}").parse().unwrap(), Duration::from_millis(500)) {
+            Ok(s) => {
+                s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+                return s;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "guest port {port}: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// Runs the CPU job `n` times, each on a new connection; client-timed ms.
+fn cpu_jobs(n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|_| {
+            let mut s = connect(7001, Duration::from_secs(60));
+            let t0 = Instant::now();
+            s.write_all(format!("{JOB_MIB}\n").as_bytes()).unwrap();
+            let mut reply = String::new();
+            BufReader::new(s).read_line(&mut reply).unwrap();
+            assert!(reply.trim().parse::<u64>().is_ok(), "cpujob reply {reply:?}");
+            t0.elapsed().as_secs_f64() * 1e3
+        })
+        .collect()
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn machine(kernel: &Path, initrd: &Path, mib: u64) -> QemuMachine {
+    QemuMachine {
+        memory_mib: mib,
+        cpus: 1,
+        accel: "tcg".into(),
+        kernel: kernel.to_path_buf(),
+        initrd: initrd.to_path_buf(),
+        append: "console=ttyS0 quiet".into(),
+        mac: "52:54:00:12:34:56".into(),
+        disk_mib: 16,
+    }
+}
+
+fn unprotected(kernel: &Path, initrd: &Path, mib: u64, jobs: usize, work: &Path) -> Vec<f64> {
+    let run_dir = PathBuf::from(format!("/dev/shm/remus-bench-u{}", std::process::id()));
+    let cfg = QemuConfig {
+        machine: machine(kernel, initrd, mib),
+        qemu: remus_capture::qemu::default_qemu(),
+        disk: Some(work.join(format!("disk-u{mib}.img"))),
+        tap: Some("tap-p".into()),
+        run_dir: run_dir.clone(),
+        tracking: TrackingMode::Hash,
+        shim: None,
+    };
+    let mut guest = QemuGuest::start(&cfg, Egress::Direct).expect("QEMU");
+    // One checkpoint starts it (QEMU is launched paused); none follow.
+    guest.checkpoint(EpochId(1), &mut Checkpoint::default()).expect("start");
+    wait_ready(&RunDir { dir: run_dir.clone() }.serial(), None);
+    let ms = cpu_jobs(jobs);
+    drop(guest);
+    let _ = std::fs::remove_dir_all(&run_dir);
+    ms
+}
+
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<(Instant, String)>,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                if tx.send((Instant::now(), l)).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    fn wait_line(&self, prefix: &str, limit: Duration) -> (Instant, String) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (t, l) = self.lines.recv_timeout(left).unwrap_or_else(|_| panic!("no line {prefix:?}"));
+            if l.starts_with(prefix) {
+                return (t, l);
+            }
+        }
+    }
+
+    fn term(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn backup(data: &Path, extra: &[&str]) -> (Proc, String) {
+    let store = tempfile::Builder::new().prefix("store").tempdir_in(data.parent().unwrap()).unwrap().keep();
+    let mut c = Command::new(remus());
+    c.args(["backup", "--data-dir"]).arg(data).arg("--store").arg(&store).args(["--listen", "127.0.0.1:0"]).args(extra);
+    let p = Proc::spawn(c);
+    let (_, first) = p.wait_line("listening on ", Duration::from_secs(30));
+    let addr = first.split_whitespace().nth(2).unwrap().to_string();
+    (p, addr)
+}
+
+fn protect_cmd(kernel: &Path, initrd: &Path, mib: u64, hz: u32, data: &Path, addr: &str, run_dir: &Path) -> Command {
+    let mut c = Command::new(remus());
+    c.args(["protect", "qemu", "--json", "--data-dir"])
+        .arg(data)
+        .args(["--backup", addr, "--tap", "tap-p", "--disk-mib", "16", "--tracking", "write-protect"])
+        .args(["--memory-mib", &mib.to_string(), "--hz", &hz.to_string()])
+        .arg("--kernel")
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(initrd)
+        .arg("--run-dir")
+        .arg(run_dir);
+    c
+}
+
+fn protected(kernel: &Path, initrd: &Path, mib: u64, hz: u32, jobs: usize, data: &Path) -> (serde_json::Value, Vec<f64>) {
+    let (_backup, addr) = backup(data, &[]);
+    let run_dir = PathBuf::from(format!("/dev/shm/remus-bench-{}-p{mib}-{hz}", std::process::id()));
+    let mut primary = Proc::spawn(protect_cmd(kernel, initrd, mib, hz, data, &addr, &run_dir));
+    wait_ready(&run_dir.join("serial.log"), Some(&mut primary.child));
+    let ms = cpu_jobs(jobs);
+    primary.term();
+    let (_, json) = primary.wait_line("{", Duration::from_secs(120));
+    let _ = std::fs::remove_dir_all(&run_dir);
+    (serde_json::from_str(&json).expect("summary json"), ms)
+}
+
+struct Failover {
+    resumed: Duration,
+    new_conn: Duration,
+    open_conn: Duration,
+}
+
+fn failover(kernel: &Path, initrd: &Path, data: &Path, work: &Path) -> Failover {
+    let fo = work.join("failover");
+    let (backup, addr) = backup(data, &["--failover-dir", fo.to_str().unwrap(), "--resume", "--tap", "tap-b"]);
+    let run_dir = PathBuf::from(format!("/dev/shm/remus-bench-{}-failover", std::process::id()));
+    let mut primary = Proc::spawn(protect_cmd(kernel, initrd, 128, 40, data, &addr, &run_dir));
+    wait_ready(&run_dir.join("serial.log"), Some(&mut primary.child));
+    let mut conn = BufReader::new(connect(7000, Duration::from_secs(60)));
+    let inc = |c: &mut BufReader<TcpStream>| {
+        c.get_mut().write_all(b"inc\n").unwrap();
+        let mut r = String::new();
+        c.read_line(&mut r).unwrap();
+        assert!(r.trim().parse::<u64>().is_ok(), "counter reply {r:?}");
+    };
+    for _ in 0..5 {
+        inc(&mut conn);
+    }
+    let killed = Instant::now();
+    primary.child.kill().unwrap();
+    let _ = primary.child.wait();
+    let probe = std::thread::spawn(move || {
+        loop {
+            if let Ok(s) = TcpStream::connect_timeout(&"10.0.2.15:7000".parse().unwrap(), Duration::from_millis(200)) {
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut c = BufReader::new(s);
+                c.get_mut().write_all(b"get\n").unwrap();
+                let mut r = String::new();
+                if c.read_line(&mut r).is_ok_and(|n| n > 0) {
+                    return killed.elapsed();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    inc(&mut conn);
+    let open_conn = killed.elapsed();
+    let new_conn = probe.join().unwrap();
+    let (t, _) = backup.wait_line("failover guest-1", Duration::from_secs(30));
+    let _ = std::fs::remove_dir_all(&run_dir);
+    Failover { resumed: t.duration_since(killed), new_conn, open_conn }
+}
