@@ -190,6 +190,7 @@ fn counter_service_survives_sigkill_of_the_primary() {
     assert_eq!(request(&mut conn, "get"), format!("{last} {last}"), "memory and disk agree with what the client was told");
     let line = backup.wait_line("failover guest-1 epoch ", Duration::from_secs(5));
     assert!(line.contains("resumed in qemu pid"), "{line}");
+    assert!(line.contains("from the live image"), "the backup kept the guest's files current: {line}");
     eprintln!("failover: {line}; first reply {failover_time:?} after SIGKILL");
 
     // The primary's QEMU died with it (a failed host takes its guest along).

@@ -12,7 +12,8 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 use remus_store::{EpochCommit, Store, StoredChunk};
-use remus_types::{zero_page_hash, ChunkId, EpochId, GuestId};
+use remus_capture::qemu::{QemuState, RunDir, VMSTATE_PAGES};
+use remus_types::{zero_page_hash, ChunkId, EpochId, GuestId, PAGE_SIZE};
 use remus_wan::driver::Replica;
 use remus_wan::{PageEncoding, ReceivedEpoch};
 
@@ -101,12 +102,109 @@ pub struct StoreReplica {
     instances: Mutex<HashMap<GuestId, u64>>,
     stats: Mutex<HashMap<GuestId, GuestStats>>,
     stopping: Arc<std::sync::atomic::AtomicBool>,
+    /// QEMU guests' last committed state as files, when failover resumes
+    /// them: failover then starts QEMU at once instead of restoring.
+    live: Mutex<HashMap<GuestId, LiveVm>>,
+}
+
+/// A QEMU guest's last committed epoch kept as the files QEMU resumes from
+/// (memory, disk image, device state) in the failover directory.
+/// Invariant: `epoch` names the committed epoch the files hold; on any
+/// failure to apply an epoch the entry is dropped (failover then restores
+/// from the store).
+struct LiveVm {
+    epoch: EpochId,
+    state: QemuState,
+    run: RunDir,
+    files: Vec<(u64, u64, std::fs::File)>,
+}
+
+impl LiveVm {
+    fn open(state: QemuState, run: RunDir, epoch: EpochId) -> std::io::Result<Self> {
+        let files = state
+            .segments(&run)
+            .into_iter()
+            .map(|(first, pages, path)| {
+                let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+                let want = if first == state.vmstate_pfn() { VMSTATE_PAGES } else { pages };
+                if f.metadata()?.len() < want * PAGE_SIZE as u64 {
+                    f.set_len(want * PAGE_SIZE as u64)?;
+                }
+                Ok((first, want, f))
+            })
+            .collect::<std::io::Result<_>>()?;
+        Ok(Self { epoch, state, run, files })
+    }
+
+    fn write(&self, pfn: u64, page: &[u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        match self.files.iter().find(|(first, pages, _)| (*first..first + pages).contains(&pfn)) {
+            Some((first, _, f)) => f.write_all_at(page, (pfn - first) * PAGE_SIZE as u64),
+            None => Err(std::io::Error::other(format!("page {pfn} outside the guest's layout"))),
+        }
+    }
+
+    /// Makes the files exactly what QEMU loads: the device-state stream cut
+    /// to its length, and the machine described.
+    fn seal(&self) -> std::io::Result<()> {
+        std::fs::OpenOptions::new().write(true).open(self.run.vmstate())?.set_len(self.state.vmstate_len)?;
+        std::fs::write(self.run.dir.join("machine.json"), serde_json::to_vec_pretty(&self.state.machine)?)
+    }
 }
 
 impl StoreReplica {
     /// A replica writing into `store`.
     pub fn new(store: Arc<Store>, failover: FailoverAction) -> Self {
-        Self { cache: Mutex::new(PageCache::new(16 << 10)), store, failover, fenced: Mutex::new(HashMap::new()), zstd_level: 1, active: Mutex::new(HashMap::new()), instances: Mutex::new(HashMap::new()), stats: Mutex::new(HashMap::new()), stopping: Arc::default() }
+        Self { cache: Mutex::new(PageCache::new(16 << 10)), store, failover, fenced: Mutex::new(HashMap::new()), zstd_level: 1, active: Mutex::new(HashMap::new()), instances: Mutex::new(HashMap::new()), stats: Mutex::new(HashMap::new()), stopping: Arc::default(), live: Mutex::new(HashMap::new()) }
+    }
+
+    fn keeps_live(&self) -> bool {
+        matches!(&self.failover, FailoverAction::RestoreTo { resume: Some(_), .. })
+    }
+
+    /// Applies committed epochs to the guest's live files (QEMU guests
+    /// only). The first time (or after a failure) the files are rebuilt
+    /// from the store's latest epoch instead.
+    fn update_live(&self, guest: GuestId, epochs: Vec<(EpochId, Vec<u8>, Vec<(remus_types::Pfn, ChunkId)>)>, staged: &HashMap<ChunkId, Arc<Vec<u8>>>) {
+        let FailoverAction::RestoreTo { dir, .. } = &self.failover else { return };
+        let Some((last_epoch, last_ds, _)) = epochs.last() else { return };
+        let Ok(Some(state)) = QemuState::decode(last_ds) else { return };
+        let mut live = self.live.lock();
+        let result = (|| -> anyhow::Result<()> {
+            let current = live.remove(&guest).filter(|l| epochs.first().is_some_and(|(e, _, _)| l.epoch.next() == *e));
+            let mut l = match current {
+                Some(l) => l,
+                None => {
+                    // Rebuild from the store (which holds these epochs now).
+                    let plan = remus_restore::RestorePlan::new(&self.store, guest, remus_restore::Target::Epoch(*last_epoch))?;
+                    let (state, run, _) = crate::vm::restore_vm(&self.store, &plan, &dir.join(format!("{guest}")), |_| {})?
+                        .ok_or_else(|| anyhow::anyhow!("not a QEMU guest"))?;
+                    live.insert(guest, LiveVm::open(state, run, *last_epoch)?);
+                    return Ok(());
+                }
+            };
+            let zero = vec![0u8; PAGE_SIZE];
+            for (epoch, _, pages) in &epochs {
+                for (pfn, id) in pages {
+                    if *id == zero_page_hash() {
+                        l.write(pfn.0, &zero)?;
+                        continue;
+                    }
+                    let cached = staged.get(id).cloned().or_else(|| self.cache.lock().get(id));
+                    match cached {
+                        Some(p) => l.write(pfn.0, &p)?,
+                        None => l.write(pfn.0, &self.store.chunk(id)?)?,
+                    }
+                }
+                l.epoch = *epoch;
+            }
+            l.state = state;
+            live.insert(guest, l);
+            Ok(())
+        })();
+        if let Err(e) = result {
+            tracing::warn!(%guest, error = %e, "live failover image not kept; failover will restore from the store");
+        }
     }
 
     /// Stops guests resumed here by failover (the backup is stopping).
@@ -223,7 +321,11 @@ impl Replica for StoreReplica {
             .into_iter()
             .map(|e| self.build_commit(e, instance, &mut staged))
             .collect::<Result<Vec<_>, _>>()?;
+        let live = self.keeps_live().then(|| commits.iter().map(|c| (c.epoch, c.device_state.clone(), c.pages.clone())).collect::<Vec<_>>());
         let outs = self.store.commit_many(commits).map_err(|e| e.to_string())?;
+        if let Some(epochs) = live {
+            self.update_live(guest, epochs, &staged);
+        }
         let mut cache = self.cache.lock();
         for (id, page) in staged {
             cache.insert(id, page);
@@ -245,20 +347,22 @@ impl Replica for StoreReplica {
         let store = Arc::clone(&self.store);
         let dir = dir.clone();
         let resume = resume.clone();
+        let live = self.live.lock().remove(&guest).filter(|l| l.epoch == committed);
         let stopping = Arc::clone(&self.stopping);
         // Restoring a large guest takes a while: off the network thread.
         // A resumed QEMU lives as long as this thread (it is killed when
         // the thread that started it ends), so the thread stays until the
         // backup stops or the guest exits.
-        std::thread::spawn(move || match failover(&store, guest, &dir, resume.as_ref()) {
-            Ok(Failover { epoch, path, vm }) => {
+        std::thread::spawn(move || match failover(&store, guest, &dir, resume.as_ref(), live) {
+            Ok(Failover { epoch, path, vm, live }) => {
                 use std::io::Write;
                 match &vm {
                     Some(vm) => println!(
-                        "failover {guest} epoch {} resumed in qemu pid {} (qmp {})",
+                        "failover {guest} epoch {} resumed in qemu pid {} (qmp {}; {})",
                         epoch.0,
                         vm.pid(),
-                        vm.run.qmp().display()
+                        vm.run.qmp().display(),
+                        if live { "from the live image" } else { "restored from the store" }
                     ),
                     None => println!("failover {guest} epoch {} image {}", epoch.0, path.display()),
                 }
@@ -288,13 +392,21 @@ struct Failover {
     epoch: EpochId,
     path: std::path::PathBuf,
     vm: Option<crate::vm::ResumedVm>,
+    /// Resumed from the live files (no restore was needed).
+    live: bool,
 }
 
 /// Writes the last committed epoch of `guest` into `dir`: a memory image,
 /// or the files of a QEMU guest (then resumed when `resume` says so).
-fn failover(store: &Store, guest: GuestId, dir: &std::path::Path, resume: Option<&ResumeVm>) -> anyhow::Result<Failover> {
+fn failover(store: &Store, guest: GuestId, dir: &std::path::Path, resume: Option<&ResumeVm>, live: Option<LiveVm>) -> anyhow::Result<Failover> {
     use remus_restore::{RestorePlan, Target};
     std::fs::create_dir_all(dir)?;
+    if let (Some(l), Some(r)) = (live, resume) {
+        // The files already hold the last committed epoch.
+        l.seal()?;
+        let vm = crate::vm::ResumedVm::start(&r.qemu_binary, &l.state, l.run.clone(), r.tap.as_deref(), true)?;
+        return Ok(Failover { epoch: l.epoch, path: l.run.dir.clone(), vm: Some(vm), live: true });
+    }
     let plan = RestorePlan::new(store, guest, Target::Latest)?;
     let epoch = plan.manifest.epoch;
     let vm_dir = dir.join(format!("{guest}"));
@@ -303,9 +415,9 @@ fn failover(store: &Store, guest: GuestId, dir: &std::path::Path, resume: Option
             Some(r) => Some(crate::vm::ResumedVm::start(&r.qemu_binary, &state, run, r.tap.as_deref(), true)?),
             None => None,
         };
-        return Ok(Failover { epoch, path: vm_dir, vm });
+        return Ok(Failover { epoch, path: vm_dir, vm, live: false });
     }
     let path = dir.join(format!("{guest}-epoch-{}.img", epoch.0));
     plan.execute(store, &path, |_| {})?;
-    Ok(Failover { epoch, path, vm: None })
+    Ok(Failover { epoch, path, vm: None, live: false })
 }
