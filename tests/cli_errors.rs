@@ -59,3 +59,26 @@ fn keygen_refuses_to_overwrite() {
     assert_eq!(code, 2);
     assert!(err.contains("--force"), "{err}");
 }
+
+#[test]
+fn bad_qemu_settings_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    keygen(dir.path());
+    let protect_qemu = |extra: &[&str]| {
+        let mut c = Command::new(remus());
+        c.args(["protect", "qemu", "--seconds", "1", "--data-dir"]).arg(dir.path()).args(extra);
+        stderr_of(&mut c)
+    };
+    let (code, err) = protect_qemu(&["--kernel", "/nonexistent/vmlinuz", "--initrd", "/nonexistent/initrd"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("kernel /nonexistent/vmlinuz does not exist"), "{err}");
+    let (code, err) = protect_qemu(&["--kernel", "/dev/null", "--mac", "52:54:00:zz:00:01"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("mac"), "{err}");
+    let (code, err) = protect_qemu(&["--tracking", "sometimes"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("tracking"), "{err}");
+    let (code, err) = protect_qemu(&["--pages-per-sec", "5"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("arena guest only"), "{err}");
+}

@@ -168,6 +168,10 @@ impl ProtectedGuest for ArenaGuest {
         Self::exact_tracking(self)
     }
 
+    fn quiesce(&mut self) {
+        self.stop_workload();
+    }
+
     fn checkpoint(&mut self, epoch: EpochId, cp: &mut Checkpoint) -> Result<(), CaptureError> {
         if self.workload.as_ref().is_some_and(JoinHandle::is_finished) && !self.shared.stop.load(Ordering::Relaxed) {
             return Err(CaptureError::Stopped("workload thread exited".into()));

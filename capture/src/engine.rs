@@ -30,6 +30,10 @@ pub trait ProtectedGuest: Send {
     /// True when dirty pages are found exactly by write-protect scanning
     /// (false: by hashing every page).
     fn exact_tracking(&self) -> bool;
+
+    /// Holds the guest still from the next checkpoint on (it is not
+    /// resumed after it), so that checkpoint is its final state.
+    fn quiesce(&mut self);
 }
 
 impl<G: ProtectedGuest + ?Sized> ProtectedGuest for Box<G> {
@@ -43,6 +47,10 @@ impl<G: ProtectedGuest + ?Sized> ProtectedGuest for Box<G> {
 
     fn exact_tracking(&self) -> bool {
         (**self).exact_tracking()
+    }
+
+    fn quiesce(&mut self) {
+        (**self).quiesce();
     }
 }
 

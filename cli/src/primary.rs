@@ -188,10 +188,17 @@ fn run_engine<G: ProtectedGuest>(
         s.started = Instant::now();
     }
     let mut next = Instant::now() + period;
-    while !stop.load(Ordering::Relaxed) {
+    let mut last = false;
+    while !last {
         let now = Instant::now();
         if next > now {
             std::thread::sleep(next - now);
+        }
+        // On a stop request, one last epoch with the guest held still: the
+        // backup then ends with exactly the guest's final state.
+        last = stop.load(Ordering::Relaxed);
+        if last {
+            engine.guest_mut().quiesce();
         }
         let cp = engine.seal().context("checkpoint")?;
         let sealed_at = Instant::now();

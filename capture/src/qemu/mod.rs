@@ -98,6 +98,7 @@ pub struct QemuGuest {
     run: RunDir,
     state: QemuState,
     first: bool,
+    hold: bool,
     pfns: Vec<u64>,
     blocks: Vec<u64>,
     vmstate: Vec<u8>,
@@ -198,6 +199,7 @@ impl QemuGuest {
             run,
             state,
             first: true,
+            hold: false,
             pfns: Vec::new(),
             blocks: Vec::new(),
             vmstate: Vec::new(),
@@ -333,6 +335,10 @@ impl ProtectedGuest for QemuGuest {
         Self::exact_tracking(self)
     }
 
+    fn quiesce(&mut self) {
+        self.hold = true;
+    }
+
     fn checkpoint(&mut self, epoch: EpochId, cp: &mut Checkpoint) -> Result<(), CaptureError> {
         self.alive()?;
         self.pfns.clear();
@@ -347,7 +353,7 @@ impl ProtectedGuest for QemuGuest {
             o.seal(epoch);
         }
         let result = self.checkpoint_paused(epoch, cp);
-        let resumed = self.qmp.execute("cont", None);
+        let resumed = if self.hold { Ok(serde_json::Value::Null) } else { self.qmp.execute("cont", None) };
         cp.pause_ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
         result?;
         resumed?;
