@@ -150,6 +150,10 @@ impl QemuGuest {
         };
         let mut guest = Self::attach(child, qmp, cfg, run, disk, net, output, shim.is_some())?;
         guest.qmp.set_capabilities(&[("x-ignore-shared", true)])?;
+        // The default migration bandwidth cap (128 MiB/s) throttles even
+        // the few hundred KiB of device state and ROMs a checkpoint writes
+        // to tmpfs, stretching every pause.
+        guest.qmp.execute("migrate-set-parameters", Some(json!({ "max-bandwidth": 1u64 << 40 })))?;
         Ok(guest)
     }
 
@@ -247,7 +251,7 @@ impl QemuGuest {
         }
     }
 
-    fn checkpoint_paused(&mut self, epoch: EpochId, cp: &mut Checkpoint) -> Result<(), CaptureError> {
+    fn checkpoint_paused(&mut self, cp: &mut Checkpoint) -> Result<(), CaptureError> {
         let vm_path = self.run.vmstate();
         let _ = std::fs::remove_file(&vm_path);
         self.qmp.execute("migrate", Some(json!({ "uri": format!("file:{}", vm_path.display()) })))?;
@@ -292,7 +296,16 @@ impl QemuGuest {
                 cp.pfns.push(Pfn(base + b));
             }
         }
+        let t_copied = Instant::now();
         self.qmp.wait_migration(Duration::from_secs(10))?;
+        tracing::debug!(migrate_wait = ?t_copied.elapsed(), "device state");
+        Ok(())
+    }
+
+    /// Takes the device state QEMU wrote during the pause; runs after the
+    /// guest resumed (the file is complete and nothing writes it).
+    fn take_vmstate(&mut self, epoch: EpochId, cp: &mut Checkpoint) -> Result<(), CaptureError> {
+        let vm_path = self.run.vmstate();
         self.vmstate.clear();
         std::fs::File::open(&vm_path)
             .and_then(|mut f| f.read_to_end(&mut self.vmstate))
@@ -349,15 +362,18 @@ impl ProtectedGuest for QemuGuest {
         }
         let t0 = Instant::now();
         self.qmp.execute("stop", None)?;
+        let t_stop = t0.elapsed();
         if let Some(o) = &self.output {
             o.seal(epoch);
         }
-        let result = self.checkpoint_paused(epoch, cp);
+        let result = self.checkpoint_paused(cp);
+        let t_state = t0.elapsed();
         let resumed = if self.hold { Ok(serde_json::Value::Null) } else { self.qmp.execute("cont", None) };
+        tracing::debug!(stop = ?t_stop, state = ?(t_state - t_stop), cont = ?(t0.elapsed() - t_state), "pause");
         cp.pause_ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
         result?;
         resumed?;
-        Ok(())
+        self.take_vmstate(epoch, cp)
     }
 }
 
