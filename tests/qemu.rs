@@ -30,18 +30,7 @@ impl Netns {
         let name = format!("remus-t{}", std::process::id());
         let ns = Self { name };
         sh(&["ip", "netns", "add", &ns.name]);
-        for cmd in [
-            "ip link set lo up",
-            "ip link add br0 type bridge",
-            "ip addr add 10.0.2.1/24 dev br0",
-            "ip link set br0 up",
-            "ip tuntap add dev tap-p mode tap",
-            "ip tuntap add dev tap-b mode tap",
-            "ip link set tap-p master br0",
-            "ip link set tap-b master br0",
-            "ip link set tap-p up",
-            "ip link set tap-b up",
-        ] {
+        for cmd in common::guest::BRIDGE_AND_TAPS {
             let mut args = vec!["ip", "netns", "exec", &ns.name];
             args.extend(cmd.split(' '));
             sh(&args);
@@ -92,17 +81,6 @@ fn sh(args: &[&str]) {
     assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// The guest kernel and initramfs, built by guest/build.sh.
-fn guest_image() -> (PathBuf, PathBuf) {
-    let out = Command::new("bash").arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../guest/build.sh")).output().expect("guest/build.sh");
-    assert!(out.status.success(), "guest/build.sh failed (run scripts/test.sh, which installs QEMU and the guest): {}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8(out.stdout).unwrap();
-    let mut lines = text.lines().rev();
-    let kernel = PathBuf::from(lines.next().expect("kernel path"));
-    let initrd = PathBuf::from(lines.next().expect("initramfs path"));
-    (kernel, initrd)
-}
-
 /// One request on the counter connection.
 fn request(conn: &mut BufReader<TcpStream>, line: &str) -> String {
     conn.get_mut().write_all(format!("{line}\n").as_bytes()).expect("send");
@@ -140,7 +118,7 @@ static ONE_GUEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
 #[test]
 fn counter_service_survives_sigkill_of_the_primary() {
     let _one = ONE_GUEST.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let (kernel, initrd) = guest_image();
+    let (kernel, initrd) = common::guest::guest_image();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     keygen(&data);
@@ -272,7 +250,7 @@ fn qmp_status(path: &Path) -> String {
 #[test]
 fn both_trackers_capture_the_guest_exactly() {
     let _one = ONE_GUEST.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let (kernel, initrd) = guest_image();
+    let (kernel, initrd) = common::guest::guest_image();
     for tracking in ["write-protect", "hash"] {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");

@@ -244,11 +244,11 @@ fn page_fingerprint(page: &[u8]) -> [u8; 16] {
     remus_types::page_hash(page).0[..16].try_into().expect("16 bytes")
 }
 
-fn hash_pages(mem: &[u8]) -> Vec<[u8; 16]> {
+pub(crate) fn hash_pages(mem: &[u8]) -> Vec<[u8; 16]> {
     mem.chunks_exact(PAGE_SIZE).map(page_fingerprint).collect()
 }
 
-fn diff_hashes(mem: &[u8], hashes: &mut [[u8; 16]], out: &mut Vec<u64>) {
+pub(crate) fn diff_hashes(mem: &[u8], hashes: &mut [[u8; 16]], out: &mut Vec<u64>) {
     for (i, page) in mem.chunks_exact(PAGE_SIZE).enumerate() {
         let h = page_fingerprint(page);
         if hashes[i] != h {

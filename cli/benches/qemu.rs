@@ -25,11 +25,14 @@ use remus_capture::qemu::{Egress, QemuConfig, QemuGuest, QemuMachine, RunDir};
 use remus_capture::{ProtectedGuest, TrackingMode};
 use remus_types::{Checkpoint, EpochId};
 
+#[path = "../../tests/common/guest.rs"]
+mod guest;
+
 const JOB_MIB: u32 = 48;
 
 fn main() {
     enter_private_netns();
-    let (kernel, initrd) = guest_image();
+    let (kernel, initrd) = guest::guest_image();
     let sizes: Vec<u64> = std::env::var("REMUS_BENCH_QEMU_SIZES")
         .unwrap_or_else(|_| "128,256,1024".into())
         .split(',')
@@ -90,31 +93,10 @@ fn enter_private_netns() {
     // SAFETY: plain syscall; affects only this (single-threaded so far) process.
     let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
     assert_eq!(rc, 0, "unshare(CLONE_NEWNET) failed (run as root): {}", std::io::Error::last_os_error());
-    for cmd in [
-        "ip link set lo up",
-        "ip link add br0 type bridge",
-        "ip addr add 10.0.2.1/24 dev br0",
-        "ip link set br0 up",
-        "ip tuntap add dev tap-p mode tap",
-        "ip tuntap add dev tap-b mode tap",
-        "ip link set tap-p master br0",
-        "ip link set tap-b master br0",
-        "ip link set tap-p up",
-        "ip link set tap-b up",
-    ] {
+    for cmd in guest::BRIDGE_AND_TAPS {
         let args: Vec<&str> = cmd.split(' ').collect();
         run_ok(Command::new(args[0]).args(&args[1..]));
     }
-}
-
-fn guest_image() -> (PathBuf, PathBuf) {
-    let out = Command::new("bash").arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../guest/build.sh")).output().expect("guest/build.sh");
-    assert!(out.status.success(), "guest/build.sh: {}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8(out.stdout).unwrap();
-    let mut lines = text.lines().rev();
-    let kernel = PathBuf::from(lines.next().expect("kernel"));
-    let initrd = PathBuf::from(lines.next().expect("initramfs"));
-    (kernel, initrd)
 }
 
 fn wait_ready(serial: &Path, mut primary: Option<&mut Child>) {

@@ -34,6 +34,7 @@ use remus_types::{is_zero_page, Checkpoint, EpochId, Pfn, PAGE_SIZE};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::arena::{diff_hashes, hash_pages};
 use crate::sys::{Mapping, WriteProtectScanner};
 use crate::{CaptureError, OutputBuffer, ProtectedGuest, TrackingMode};
 
@@ -188,7 +189,7 @@ impl QemuGuest {
                 if cfg.tracking == TrackingMode::Auto {
                     tracing::warn!(error = %e, "QEMU RAM write-protect tracking unavailable; hashing every page each epoch, which is far slower");
                 }
-                Tracker::Hash(memory.as_slice().chunks_exact(PAGE_SIZE).map(fingerprint).collect())
+                Tracker::Hash(hash_pages(memory.as_slice()))
             }
         };
         let state = QemuState { machine: cfg.machine.clone(), vmstate_len: 0 };
@@ -458,20 +459,6 @@ fn padded<'a>(stream: &'a [u8], i: usize, buf: &'a mut [u8; PAGE_SIZE]) -> &'a [
         buf[..stream.len() - off].copy_from_slice(&stream[off..]);
     }
     &buf[..]
-}
-
-fn fingerprint(page: &[u8]) -> [u8; 16] {
-    remus_types::page_hash(page).0[..16].try_into().expect("16 bytes")
-}
-
-fn diff_hashes(mem: &[u8], hashes: &mut [[u8; 16]], out: &mut Vec<u64>) {
-    for (i, page) in mem.chunks_exact(PAGE_SIZE).enumerate() {
-        let h = fingerprint(page);
-        if hashes[i] != h {
-            hashes[i] = h;
-            out.push(i as u64);
-        }
-    }
 }
 
 /// Resumes a guest from a checkpoint laid out in `run` (memory, disk and

@@ -1,0 +1,34 @@
+//! The QEMU test guest (built by guest/build.sh) and its test network: a
+//! bridge on 10.0.2.1/24 (the guest is 10.0.2.15) and two persistent TAPs
+//! on it, `tap-p` for the primary and `tap-b` for the backup, made inside a
+//! network namespace the test or benchmark created.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The guest's kernel and initramfs, built (or found built) by
+/// guest/build.sh, which also installs QEMU and fetches the kernel when
+/// missing.
+pub fn guest_image() -> (PathBuf, PathBuf) {
+    let out = Command::new("bash").arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../guest/build.sh")).output().expect("guest/build.sh");
+    assert!(out.status.success(), "guest/build.sh failed (run scripts/test.sh, which installs QEMU and the guest): {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).expect("paths");
+    let mut lines = text.lines().rev();
+    let kernel = PathBuf::from(lines.next().expect("kernel path"));
+    let initrd = PathBuf::from(lines.next().expect("initramfs path"));
+    (kernel, initrd)
+}
+
+/// The network, as `ip` commands in order.
+pub const BRIDGE_AND_TAPS: &[&str] = &[
+    "ip link set lo up",
+    "ip link add br0 type bridge",
+    "ip addr add 10.0.2.1/24 dev br0",
+    "ip link set br0 up",
+    "ip tuntap add dev tap-p mode tap",
+    "ip tuntap add dev tap-b mode tap",
+    "ip link set tap-p master br0",
+    "ip link set tap-b master br0",
+    "ip link set tap-p up",
+    "ip link set tap-b up",
+];
