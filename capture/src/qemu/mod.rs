@@ -369,7 +369,7 @@ impl ProtectedGuest for QemuGuest {
         }
         let result = self.checkpoint_paused(cp);
         let t_state = t0.elapsed();
-        let resumed = if self.hold { Ok(serde_json::Value::Null) } else { self.qmp.execute("cont", None) };
+        let resumed = if self.hold { Ok(()) } else { self.qmp.cont_after_migration() };
         tracing::debug!(stop = ?t_stop, state = ?(t_state - t_stop), cont = ?(t0.elapsed() - t_state), "pause");
         cp.pause_ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
         result?;
@@ -481,7 +481,7 @@ pub fn resume(qemu: &Path, state: &QemuState, run: &RunDir, start: bool) -> Resu
         qmp.execute("migrate-incoming", Some(json!({ "uri": format!("file:{}", run.vmstate().display()) })))?;
         qmp.wait_migration(Duration::from_secs(30))?;
         if start {
-            qmp.execute("cont", None)?;
+            qmp.cont_after_migration()?;
             qmp.execute("announce-self", Some(json!({ "initial": 0, "max": 50, "rounds": 3, "step": 50 })))?;
         }
         Ok::<_, CaptureError>(())

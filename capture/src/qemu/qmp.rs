@@ -116,6 +116,24 @@ impl Qmp {
         }
     }
 
+    /// `cont` right after a migration: QEMU reports the migration completed
+    /// a moment before its clean-up lets the VM run ("Migration is not
+    /// finalized yet"); that refusal is retried for up to a second.
+    ///
+    /// # Errors
+    /// As [`Self::execute`].
+    pub fn cont_after_migration(&mut self) -> Result<(), CaptureError> {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            match self.execute("cont", None) {
+                Err(CaptureError::Qemu(m)) if m.contains("not finalized") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                r => return r.map(drop),
+            }
+        }
+    }
+
     /// The VM's run state (`running`, `paused`, `inmigrate`, ...).
     ///
     /// # Errors
