@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
+# S3 tier tests: a real S3 server on loopback for the whole run.
+source scripts/s3-server.sh
 start=$(date +%s)
 cargo build --release --workspace --all-targets
 echo "build: $(( $(date +%s) - start )) s" >&2

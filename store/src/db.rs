@@ -10,7 +10,12 @@
 //!   at epoch N" is one seek to (P, !N): the first key at or after it
 //!   with the same P is the newest version at or before N.
 //! - `meta`:    b"head" | guest u64 → epoch u64 | manifest id [32] |
-//!   instance u64 | page_count u64.
+//!   instance u64 | page_count u64;
+//!   b"delta" | guest u64 | epoch u64 → the epoch's page list, ascending
+//!   pfn: (pfn u64 | hash [32])*, so one epoch reads back in one get;
+//!   b"s3cur" | guest u64 → last epoch uploaded to the S3 tier;
+//!   b"s3chk" | chunk id → id of the pack holding it in S3;
+//!   b"bridge" | guest u64 | first u64 → a thinned run (see `retention`).
 //!
 //! An epoch is committed with one atomic, synced `WriteBatch` holding its
 //! new chunks, its page-index entries, its manifest and the new head:
@@ -27,7 +32,7 @@ use crate::manifest::{page_delta_hash, Manifest};
 pub(crate) const CF_CHUNKS: &str = "chunks";
 pub(crate) const CF_EPOCHS: &str = "epochs";
 pub(crate) const CF_PAGES: &str = "pages";
-const CF_META: &str = "meta";
+pub(crate) const CF_META: &str = "meta";
 
 /// Largest chunk content accepted when reading.
 const MAX_CHUNK: usize = 16 << 20;
@@ -140,22 +145,25 @@ pub struct Store {
     pub(crate) db: DB,
     path: PathBuf,
     opts: StoreOptions,
+    /// Held by commits and by GC's sweep. While GC marks, `Some` collects
+    /// every chunk that commits reference, so the sweep spares them.
+    pub(crate) gc: std::sync::Mutex<Option<std::collections::HashSet<ChunkId>>>,
 }
 
-fn guest_key(prefix: &[u8], guest: GuestId) -> Vec<u8> {
+pub(crate) fn guest_key(prefix: &[u8], guest: GuestId) -> Vec<u8> {
     let mut k = prefix.to_vec();
     k.extend_from_slice(&guest.0.to_be_bytes());
     k
 }
 
-fn epoch_key(guest: GuestId, epoch: EpochId) -> [u8; 16] {
+pub(crate) fn epoch_key(guest: GuestId, epoch: EpochId) -> [u8; 16] {
     let mut k = [0u8; 16];
     k[..8].copy_from_slice(&guest.0.to_be_bytes());
     k[8..].copy_from_slice(&epoch.0.to_be_bytes());
     k
 }
 
-fn page_key(guest: GuestId, pfn: Pfn, epoch: EpochId) -> [u8; 24] {
+pub(crate) fn page_key(guest: GuestId, pfn: Pfn, epoch: EpochId) -> [u8; 24] {
     let mut k = [0u8; 24];
     k[..8].copy_from_slice(&guest.0.to_be_bytes());
     k[8..16].copy_from_slice(&pfn.0.to_be_bytes());
@@ -204,7 +212,7 @@ impl Store {
         } else {
             DB::open_cf_descriptors(&db_opts, path, cfs)?
         };
-        Ok(Self { db, path: path.to_path_buf(), opts })
+        Ok(Self { db, path: path.to_path_buf(), opts, gc: std::sync::Mutex::new(None) })
     }
 
     /// Where the store lives.
@@ -274,23 +282,7 @@ impl Store {
     /// bytes are damaged, [`StoreError::Db`].
     pub fn chunk(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
         let v = self.db.get_pinned_cf(self.cf(CF_CHUNKS), id.0)?.ok_or(StoreError::ChunkMissing(*id))?;
-        let data = match v.split_first() {
-            Some((&CODEC_PLAIN, b)) => b.to_vec(),
-            Some((&CODEC_ZSTD, b)) => {
-                // Size the output from the frame header (remus writes it);
-                // a 16 MiB guess per call would dominate restore time.
-                let size = match zstd::zstd_safe::get_frame_content_size(b) {
-                    Ok(Some(n)) if n <= MAX_CHUNK as u64 => n as usize,
-                    _ => return Err(StoreError::ChunkCorrupt(*id)),
-                };
-                zstd::bulk::decompress(b, size).map_err(|_| StoreError::ChunkCorrupt(*id))?
-            }
-            _ => return Err(StoreError::ChunkCorrupt(*id)),
-        };
-        if content_id(&data) != *id {
-            return Err(StoreError::ChunkCorrupt(*id));
-        }
-        Ok(data)
+        decode_chunk_value(id, &v)
     }
 
     /// Commits one epoch atomically and durably.
@@ -309,6 +301,7 @@ impl Store {
     /// head (or the previous epoch of the group); [`StoreError::Db`] when
     /// the write fails. Either way nothing of the group is visible.
     pub fn commit_many(&self, commits: Vec<EpochCommit>) -> Result<Vec<CommitOutcome>, StoreError> {
+        let mut gc = self.gc.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut batch = WriteBatch::default();
         let mut seen = std::collections::HashSet::new();
         let mut heads: std::collections::HashMap<GuestId, (EpochId, ChunkId)> = std::collections::HashMap::new();
@@ -320,6 +313,10 @@ impl Store {
             };
             if c.epoch != head_epoch.next() {
                 return Err(StoreError::OutOfOrder { guest: c.guest, epoch: c.epoch, head: head_epoch });
+            }
+            if let Some(marked) = gc.as_mut() {
+                marked.extend(c.pages.iter().map(|(_, id)| *id));
+                marked.insert(content_id(&c.device_state));
             }
             let out = self.stage(&mut batch, &mut seen, c, parent)?;
             heads.insert(out.manifest.guest, (out.manifest.epoch, out.id));
@@ -361,10 +358,22 @@ impl Store {
         if seen.insert(ds_id) && !self.has_chunk(&ds_id)? {
             batch.put_cf(chunks_cf, ds_id.0, StoredChunk::Plain(c.device_state.clone()).value());
         }
+        // A page may name a chunk sent in an earlier epoch: it must still
+        // be stored (GC may have removed what no kept epoch referenced).
+        let zero = remus_types::zero_page_hash();
+        for (_, id) in &c.pages {
+            if *id != zero && !seen.contains(id) && !self.has_chunk(id)? {
+                return Err(StoreError::ChunkMissing(*id));
+            }
+        }
         let pages_cf = self.cf(CF_PAGES);
+        let mut delta = Vec::with_capacity(c.pages.len() * 40);
         for (pfn, id) in &c.pages {
             batch.put_cf(pages_cf, page_key(c.guest, *pfn, c.epoch), id.0);
+            delta.extend_from_slice(&pfn.0.to_be_bytes());
+            delta.extend_from_slice(&id.0);
         }
+        batch.put_cf(self.cf(CF_META), delta_key(c.guest, c.epoch), delta);
         let manifest = Manifest {
             guest: c.guest,
             epoch: c.epoch,
@@ -484,6 +493,40 @@ impl Store {
         Ok(())
     }
 
+    /// The pages written in `epoch` (its page-index entries), ascending pfn.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`], [`StoreError::Corrupt`].
+    pub fn epoch_pages(&self, guest: GuestId, epoch: EpochId) -> Result<Vec<(Pfn, ChunkId)>, StoreError> {
+        if let Some(v) = self.db.get_cf(self.cf(CF_META), delta_key(guest, epoch))? {
+            if v.len() % 40 != 0 {
+                return Err(StoreError::Corrupt(format!("{guest} epoch {epoch}: page list")));
+            }
+            return Ok(v.chunks_exact(40).map(|e| (Pfn(u64_at(e, 0)), ChunkId(e[8..40].try_into().expect("32 bytes")))).collect());
+        }
+        // Epochs committed before page lists were kept: scan the index.
+        let mut out = Vec::new();
+        for kv in self.db.prefix_iterator_cf(self.cf(CF_PAGES), guest.0.to_be_bytes()) {
+            let (k, v) = kv?;
+            if k.len() != 24 || u64_at(&k, 0) != guest.0 {
+                break;
+            }
+            if !u64_at(&k, 16) == epoch.0 {
+                out.push((Pfn(u64_at(&k, 8)), hash_value(&v)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A chunk's stored value (codec byte and bytes), unverified: what
+    /// the S3 tier packs.
+    ///
+    /// # Errors
+    /// [`StoreError::ChunkMissing`], [`StoreError::Db`].
+    pub fn chunk_value(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+        Ok(self.db.get_cf(self.cf(CF_CHUNKS), id.0)?.ok_or(StoreError::ChunkMissing(*id))?)
+    }
+
     /// Flushes memtables (for tests that inspect files).
     ///
     /// # Errors
@@ -520,6 +563,36 @@ pub fn content_id(data: &[u8]) -> ChunkId {
     ChunkId(*blake3::hash(data).as_bytes())
 }
 
-fn hash_value(v: &[u8]) -> Result<ChunkId, StoreError> {
+pub(crate) fn delta_key(guest: GuestId, epoch: EpochId) -> Vec<u8> {
+    let mut k = guest_key(b"delta", guest);
+    k.extend_from_slice(&epoch.0.to_be_bytes());
+    k
+}
+
+/// Decodes a chunk value (codec byte and bytes) and checks it against `id`.
+///
+/// # Errors
+/// [`StoreError::ChunkCorrupt`].
+pub fn decode_chunk_value(id: &ChunkId, v: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let data = match v.split_first() {
+        Some((&CODEC_PLAIN, b)) => b.to_vec(),
+        Some((&CODEC_ZSTD, b)) => {
+            // Size the output from the frame header (remus writes it);
+            // a 16 MiB guess per call would dominate restore time.
+            let size = match zstd::zstd_safe::get_frame_content_size(b) {
+                Ok(Some(n)) if n <= MAX_CHUNK as u64 => n as usize,
+                _ => return Err(StoreError::ChunkCorrupt(*id)),
+            };
+            zstd::bulk::decompress(b, size).map_err(|_| StoreError::ChunkCorrupt(*id))?
+        }
+        _ => return Err(StoreError::ChunkCorrupt(*id)),
+    };
+    if content_id(&data) != *id {
+        return Err(StoreError::ChunkCorrupt(*id));
+    }
+    Ok(data)
+}
+
+pub(crate) fn hash_value(v: &[u8]) -> Result<ChunkId, StoreError> {
     v.try_into().map(ChunkId).map_err(|_| StoreError::Corrupt("page index entry".into()))
 }

@@ -9,8 +9,9 @@ mod db;
 mod error;
 mod manifest;
 mod verify;
+pub mod s3;
 
-pub use db::{content_id, CommitOutcome, EpochCommit, Head, Store, StoreOptions, StoredChunk};
+pub use db::{content_id, decode_chunk_value, CommitOutcome, EpochCommit, Head, Store, StoreOptions, StoredChunk};
 pub use error::{ErrorKind, StoreError};
 pub use manifest::{page_delta_hash, Manifest, MANIFEST_LEN};
 pub use verify::{damaged_guests, Damage, VerifyReport};

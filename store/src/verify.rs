@@ -57,6 +57,33 @@ pub enum Damage {
         /// Guest.
         guest: u64,
     },
+    /// A chunk inside an S3 pack does not hash to its id.
+    PackChunkCorrupt {
+        /// The pack (its id).
+        pack: String,
+        /// The chunk.
+        chunk: String,
+    },
+    /// An S3 pack is damaged as a whole (truncated, bad header, not
+    /// matching its name, or without an index).
+    PackCorrupt {
+        /// The pack.
+        pack: String,
+        /// Why.
+        reason: String,
+    },
+    /// An S3 pack index names a pack that is not there.
+    PackMissing {
+        /// The pack.
+        pack: String,
+    },
+    /// Another S3 object (index, bridge) fails its checksum or layout.
+    ObjectCorrupt {
+        /// Its key under the prefix.
+        key: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// What `verify` checked and found.
@@ -180,7 +207,11 @@ pub fn damaged_guests(r: &VerifyReport) -> Vec<GuestId> {
             | Damage::ChainBroken { guest, .. }
             | Damage::PageIndexMismatch { guest, .. }
             | Damage::HeadMismatch { guest } => Some(GuestId(*guest)),
-            Damage::ChunkCorrupt { .. } => None,
+            Damage::ChunkCorrupt { .. }
+            | Damage::PackChunkCorrupt { .. }
+            | Damage::PackCorrupt { .. }
+            | Damage::PackMissing { .. }
+            | Damage::ObjectCorrupt { .. } => None,
         })
         .collect();
     g.sort_unstable();
