@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use anyhow::{Context, Result};
+use remus_store::s3::{S3Config, Uploader};
 use remus_store::{Store, StoreOptions};
 use remus_wan::driver::{endpoint, run_backup, BackupLinkConfig, Endpoint};
 use remus_wan::tls::{server_config, TlsDir};
@@ -26,6 +27,8 @@ pub struct BackupOptions {
     pub link: BackupLinkConfig,
     /// What to do when a primary goes silent.
     pub failover: FailoverAction,
+    /// Upload committed epochs to this S3 tier in the background.
+    pub s3: Option<S3Config>,
 }
 
 /// A running backup.
@@ -36,6 +39,8 @@ pub struct Backup {
     pub store: Arc<Store>,
     /// Its replica (for statistics).
     pub replica: Arc<StoreReplica>,
+    /// Its S3 uploader, when configured.
+    pub uploader: Option<Uploader>,
     endpoint: Endpoint,
     thread: Option<JoinHandle<()>>,
 }
@@ -50,6 +55,10 @@ impl Backup {
         let store = Arc::new(
             Store::open(&opts.store, StoreOptions::default()).with_context(|| format!("opening store {}", opts.store.display()))?,
         );
+        let uploader = match opts.s3.clone() {
+            Some(cfg) => Some(Uploader::start(Arc::clone(&store), cfg).context("starting the s3 uploader")?),
+            None => None,
+        };
         let server = server_config(opts.tls.identity("backup")?, opts.tls.roots()?)?;
         let replica = Arc::new(StoreReplica::new(Arc::clone(&store), opts.failover.clone()));
         let r2 = Arc::clone(&replica);
@@ -78,7 +87,7 @@ impl Backup {
         })?;
         let endpoint = rx.recv().context("backup thread ended early")??;
         let addr = endpoint.local_addr()?;
-        Ok(Self { addr, store, replica, endpoint, thread: Some(thread) })
+        Ok(Self { addr, store, replica, uploader, endpoint, thread: Some(thread) })
     }
 
     /// Stops accepting, waits for the backup thread, and flushes the
@@ -87,6 +96,9 @@ impl Backup {
         self.endpoint.close(0u32.into(), b"backup stopping");
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        if let Some(u) = self.uploader.take() {
+            u.stop();
         }
         if let Err(e) = self.store.flush() {
             tracing::warn!(error = %e, "flushing the store on stop failed; the next open replays the WAL");

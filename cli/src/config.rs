@@ -28,6 +28,18 @@
 //! listen = "127.0.0.1:7400"
 //! heartbeat-ms = 50
 //! primary-timeout-ms = 500
+//!
+//! # Optional: the S3 history tier (no defaults for bucket; the rest as
+//! # shown or from the AWS environment: AWS_REGION, AWS_ACCESS_KEY_ID, ...).
+//! [s3]
+//! bucket = "remus-history"
+//! prefix = "site-a"
+//! endpoint = "http://127.0.0.1:9000"
+//! region = "us-east-1"
+//! force-path-style = true
+//! pack-size-kib = 32768
+//! upload-interval-ms = 1000
+//! timeout-ms = 30000
 //! ```
 
 use std::net::SocketAddr;
@@ -46,6 +58,8 @@ pub struct Config {
     pub protect: ProtectConfig,
     /// The backup.
     pub backup: BackupConfig,
+    /// The S3 history tier (off when absent).
+    pub s3: Option<remus_store::s3::S3Config>,
 }
 
 /// `[protect]`.
@@ -134,6 +148,9 @@ impl Config {
         let b = &self.backup;
         anyhow::ensure!(b.heartbeat_ms >= 1, "backup.heartbeat-ms must be at least 1");
         anyhow::ensure!(b.primary_timeout_ms > b.heartbeat_ms, "backup.primary-timeout-ms must exceed heartbeat-ms");
+        if let Some(s3) = &self.s3 {
+            s3.validate()?;
+        }
         Ok(())
     }
 
@@ -160,5 +177,13 @@ mod tests {
         assert!(toml::from_str::<Config>("[protect]\nepoch = 3\n").is_err());
         let bad: Config = toml::from_str("[protect]\nepoch-ms = 0\n").unwrap();
         assert!(bad.validate().is_err());
+        assert_eq!(cfg.s3.as_ref().unwrap().pack_size_kib, 32768);
+        // S3: a missing bucket, an unknown key and a bad value are refused, naming the key.
+        assert!(toml::from_str::<Config>("[s3]\nprefix = \"x\"\n").unwrap_err().to_string().contains("bucket"));
+        assert!(toml::from_str::<Config>("[s3]\nbucket = \"abc\"\nendpoints = \"x\"\n").is_err());
+        let bad: Config = toml::from_str("[s3]\nbucket = \"abc\"\nendpoint = \"localhost:9000\"\n").unwrap();
+        assert!(bad.validate().unwrap_err().to_string().contains("s3.endpoint"));
+        let bad: Config = toml::from_str("[s3]\nbucket = \"Bad_Name\"\n").unwrap();
+        assert!(bad.validate().unwrap_err().to_string().contains("s3.bucket"));
     }
 }

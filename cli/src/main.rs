@@ -51,7 +51,7 @@ fn main() -> ExitCode {
             Command::Backup(a) => cmd::backup::run(a, &cfg, &data_dir).map(|()| true),
             Command::Log(a) => cmd::log::run(a, &data_dir).map(|()| true),
             Command::Keygen(a) => cmd::keygen::run(a, &data_dir).map(|()| true),
-            Command::Verify(a) => cmd::verify::run(a, &data_dir),
+            Command::Verify(a) => cmd::verify::run(a, &cfg, &data_dir),
         }
     };
     match run() {

@@ -7,6 +7,13 @@
 //! stay holes, i.e. zero), verifying each chunk against its hash, and
 //! checks the resulting memory root against the one the primary recorded
 //! in the manifest.
+//!
+//! [`S3RestorePlan`] does the same from the S3 tier alone, for when the
+//! backup site and its RocksDB are gone.
+
+mod s3;
+
+pub use s3::S3RestorePlan;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

@@ -44,6 +44,7 @@ pub fn run(args: &BackupArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
             primary_timeout: Duration::from_millis(b.primary_timeout_ms),
         },
         failover: args.failover_dir.clone().map_or(FailoverAction::Record, FailoverAction::RestoreTo),
+        s3: cfg.s3.clone(),
     })?;
     // Scripts and tests read this line to learn the port.
     println!("listening on {} (store {})", backup.addr, store.display());
@@ -52,12 +53,29 @@ pub fn run(args: &BackupArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
     // One line per guest whose committed epoch moved, at most twice a
     // second: progress for people, and a signal scripts and tests can wait on.
     let mut shown = std::collections::HashMap::new();
+    let mut uploaded = std::collections::HashMap::new();
+    let mut last_error = None;
     while !super::stop_requested() {
         std::thread::sleep(Duration::from_millis(500));
         for (g, head) in backup.store.guests()? {
             if shown.insert(g, head.epoch) != Some(head.epoch) {
                 println!("committed {g} epoch {}", head.epoch.0);
                 std::io::stdout().flush()?;
+            }
+            if let Some(u) = &backup.uploader {
+                let err = u.last_error();
+                if err != last_error {
+                    match &err {
+                        Some(e) => eprintln!("s3 upload failing (the backlog stays in the store and is retried): {e}"),
+                        None => eprintln!("s3 upload resumed"),
+                    }
+                    last_error = err;
+                }
+                let up = backup.store.s3_cursor(g)?;
+                if up.0 > 0 && uploaded.insert(g, up) != Some(up) {
+                    println!("uploaded {g} epoch {}", up.0);
+                    std::io::stdout().flush()?;
+                }
             }
         }
     }

@@ -103,7 +103,7 @@ where
 {
     match &e {
         SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
-            S3Error::Unreachable { op, detail: format!("{}", aws_sdk_s3::error::DisplayErrorContext(&e)) }
+            S3Error::Unreachable { op, detail: chain(&e) }
         }
         SdkError::ServiceError(se) => {
             let err = se.err();
@@ -123,8 +123,23 @@ where
                 _ => S3Error::Service { op, key: key.to_string(), detail },
             }
         }
-        _ => S3Error::Service { op, key: key.to_string(), detail: format!("{}", aws_sdk_s3::error::DisplayErrorContext(&e)) },
+        _ => S3Error::Service { op, key: key.to_string(), detail: chain(&e) },
     }
+}
+
+/// An error and its sources, one line: "dispatch failure: io error: ...".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let m = s.to_string();
+        if !msg.ends_with(&m) {
+            msg.push_str(": ");
+            msg.push_str(&m);
+        }
+        src = s.source();
+    }
+    msg
 }
 
 impl S3Client {

@@ -224,7 +224,7 @@ impl Uploader {
         let thread = std::thread::Builder::new()
             .name("remus-s3-upload".into())
             .spawn(move || {
-                let tier = match S3Tier::connect(&cfg) {
+                let tier = match S3Tier::new(&cfg) {
                     Ok(t) => {
                         let _ = tx.send(Ok(()));
                         t
