@@ -14,17 +14,21 @@
 //! epochs there in the background; [`S3Tier`] reads them back for
 //! restore and verify.
 
+mod archive;
 mod client;
 mod config;
 pub mod format;
 mod history;
+mod retention;
 mod verify;
 mod upload;
 
+pub use archive::ArchiveReport;
 pub use client::{Listed, ListedVersion, S3Client, S3Error};
 pub use config::S3Config;
 pub use history::{S3Epoch, S3History, S3Tier};
-pub use upload::{UploadReport, Uploader, MAX_PENDING};
+pub use retention::S3RetentionReport;
+pub use upload::{apply_retention, RetentionRun, UploadReport, Uploader, MAX_PENDING};
 
 #[cfg(test)]
 pub(crate) mod tests;

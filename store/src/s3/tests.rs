@@ -173,3 +173,100 @@ fn verify_names_the_damaged_pack_chunk_and_manifest() {
     assert!(err.contains(&ix.pack.to_hex()) && err.contains(&victim.id.to_hex()), "{err}");
     let _ = ChunkId::default();
 }
+
+fn assert_s3_matches_local(tier: &S3Tier, store: &Store, g: GuestId) {
+    let h = tier.history(g, None, &mut |_, _| {}).unwrap();
+    let local = store.manifests(g).unwrap();
+    assert_eq!(h.epochs.iter().map(|e| e.manifest.clone()).collect::<Vec<_>>(), local, "S3 keeps exactly the local epochs");
+    let mut wanted = std::collections::HashSet::new();
+    for m in &local {
+        let mut table = std::collections::BTreeMap::new();
+        store
+            .for_each_page_at(g, m.epoch, |p, id| {
+                table.insert(p, id);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(h.page_table(m.epoch), table, "epoch {}", m.epoch);
+        wanted.extend(table.into_values());
+    }
+    tier.fetch_chunks(wanted, |id, data| {
+        assert_eq!(content_id(&data), id);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(tier.verify(&mut |_| {}).unwrap().damage, vec![]);
+}
+
+#[test]
+fn thinning_and_gc_are_mirrored_in_s3_and_every_kept_epoch_stays_restorable() {
+    use crate::{KeepRule, RetentionPolicy};
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(6);
+    fill(&store, g, 1, 60);
+    let tier = S3Tier::connect(&test_config("thin")).unwrap();
+    tier.upload_pending(&store, &|| false).unwrap();
+    let us = Duration::from_micros;
+    let policy = RetentionPolicy { rules: vec![KeepRule { within: us(10), every: us(0) }, KeepRule { within: us(1000), every: us(7) }] };
+    let run = apply_retention(&store, Some(&tier), &policy).unwrap();
+    assert!(run.epochs_dropped > 30, "{run:?}");
+    assert_eq!(run.s3.epochs_deleted, run.epochs_dropped);
+    assert_s3_matches_local(&tier, &store, g);
+    // More history, a coarser policy: bridges merge, the replaced ones go.
+    fill(&store, g, 61, 40);
+    // Epochs not yet in S3 are never thinned.
+    let coarse = RetentionPolicy { rules: vec![KeepRule { within: us(5), every: us(0) }, KeepRule { within: us(1000), every: us(25) }] };
+    let before = store.manifests(g).unwrap().len();
+    apply_retention(&store, Some(&tier), &coarse).unwrap();
+    assert!(store.manifests(g).unwrap().iter().filter(|m| m.epoch.0 > 60).count() == 40);
+    tier.upload_pending(&store, &|| false).unwrap();
+    let run = apply_retention(&store, Some(&tier), &coarse).unwrap();
+    assert!(run.epochs_dropped > 0 && store.manifests(g).unwrap().len() < before + 40);
+    assert_s3_matches_local(&tier, &store, g);
+    assert_eq!(tier.client().list(&format::bridges_prefix(g)).unwrap().len(), store.bridges(g).unwrap().len());
+    // Drop everything but the newest: whole packs become garbage.
+    let last_only = RetentionPolicy { rules: vec![KeepRule { within: us(0), every: us(0) }] };
+    let run = apply_retention(&store, Some(&tier), &last_only).unwrap();
+    assert!(run.s3.packs_deleted > 0, "{run:?}");
+    assert_eq!(store.manifests(g).unwrap().len(), 1);
+    assert_s3_matches_local(&tier, &store, g);
+    // New content that equals collected content is uploaded again.
+    fill(&store, g, 101, 3);
+    tier.upload_pending(&store, &|| false).unwrap();
+    assert_s3_matches_local(&tier, &store, g);
+}
+
+#[test]
+fn an_archive_is_locked_in_compliance_mode_and_restorable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(1);
+    fill(&store, g, 1, 6);
+    let tier = S3Tier::connect(&test_config("src")).unwrap();
+    tier.upload_pending(&store, &|| false).unwrap();
+    // A bucket without Object Lock refuses to hold an archive.
+    let plain = S3Tier::connect(&test_config("plain")).unwrap();
+    let err = tier.archive_to(&plain, 1, &mut |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("Object Lock"), "{err}");
+    let mut cfg = test_config("locked");
+    cfg.bucket.push_str("-x");
+    S3Client::new(&cfg).unwrap().create_bucket(true).unwrap();
+    let archive = S3Tier::connect(&cfg).unwrap();
+    let r = tier.archive_to(&archive, 1, &mut |_, _| {}).unwrap();
+    let objects = tier.client().list("").unwrap().len() as u64;
+    assert_eq!((r.copied, r.present), (objects, 0));
+    assert_eq!(tier.archive_to(&archive, 1, &mut |_, _| {}).unwrap().copied, 0, "idempotent");
+    // The server refuses to delete a locked version.
+    let versions = archive.client().list_versions("epochs/").unwrap();
+    assert_eq!(versions.len(), 6);
+    let v = &versions[0];
+    let err = archive.client().delete(&v.key, Some(&v.version)).unwrap_err();
+    assert!(matches!(err, S3Error::Denied { .. }), "{err}");
+    assert_eq!(archive.client().list_versions("epochs/").unwrap().len(), 6);
+    // And the archive alone restores.
+    let h = archive.history(g, None, &mut |_, _| {}).unwrap();
+    assert_eq!(h.epochs.len(), 6);
+    assert_eq!(archive.verify(&mut |_| {}).unwrap().damage, vec![]);
+}

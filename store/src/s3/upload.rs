@@ -25,10 +25,11 @@ use remus_types::{ChunkId, EpochId, GuestId, Pfn};
 use rocksdb::WriteBatch;
 
 use super::format::{encode_epoch, epoch_key, index_key, pack_key, PackBuilder};
-use super::{S3Config, S3Error, S3Tier};
+use super::{S3Config, S3Error, S3RetentionReport, S3Tier};
 use crate::db::{guest_key, u64_at, Store, CF_META};
 use crate::error::StoreError;
 use crate::manifest::Manifest;
+use crate::retention::RetentionPolicy;
 
 /// Epochs whose objects wait for their pack at most.
 pub const MAX_PENDING: usize = 1024;
@@ -203,8 +204,9 @@ struct Shared {
     last_error: Mutex<Option<String>>,
 }
 
-/// The background uploader of a backup: a thread that runs a pass every
-/// `upload-interval-ms`, retrying with backoff while S3 is away.
+/// The history worker of a backup: a thread that runs an upload pass
+/// every `upload-interval-ms`, retrying with backoff while S3 is away,
+/// and applies the retention policy when one is set.
 pub struct Uploader {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
@@ -217,14 +219,27 @@ impl Uploader {
     /// [`S3Error::Config`] for an unusable configuration (an unreachable
     /// service is not an error here: the backlog waits for it).
     pub fn start(store: Arc<Store>, cfg: S3Config) -> Result<Self, S3Error> {
-        cfg.validate()?;
+        Self::start_with(store, Some(cfg), None)
+    }
+
+    /// Starts the history worker of a backup: uploading to `s3` (if
+    /// any) every `upload-interval-ms`, and applying `retention` (if any:
+    /// thinning, GC, and their S3 mirror) every given period. One thread
+    /// does both, so S3 GC never runs beside an upload pass.
+    ///
+    /// # Errors
+    /// As [`start`](Self::start).
+    pub fn start_with(store: Arc<Store>, s3: Option<S3Config>, retention: Option<(RetentionPolicy, Duration)>) -> Result<Self, S3Error> {
+        if let Some(cfg) = &s3 {
+            cfg.validate()?;
+        }
         let shared = Arc::new(Shared::default());
         let sh = Arc::clone(&shared);
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
-            .name("remus-s3-upload".into())
+            .name("remus-history".into())
             .spawn(move || {
-                let tier = match S3Tier::new(&cfg) {
+                let tier = match s3.as_ref().map(S3Tier::new).transpose() {
                     Ok(t) => {
                         let _ = tx.send(Ok(()));
                         t
@@ -234,10 +249,11 @@ impl Uploader {
                         return;
                     }
                 };
-                run(&tier, &store, &sh, cfg.upload_interval());
+                let interval = s3.as_ref().map_or(Duration::from_secs(1), S3Config::upload_interval);
+                run(tier.as_ref(), &store, &sh, interval, retention.as_ref());
             })
-            .map_err(|e| S3Error::Config(format!("starting the uploader: {e}")))?;
-        rx.recv().map_err(|_| S3Error::Config("the uploader ended early".into()))??;
+            .map_err(|e| S3Error::Config(format!("starting the history worker: {e}")))?;
+        rx.recv().map_err(|_| S3Error::Config("the history worker ended early".into()))??;
         Ok(Self { shared, thread: Some(thread) })
     }
 
@@ -274,21 +290,70 @@ impl Drop for Uploader {
     }
 }
 
-fn run(tier: &S3Tier, store: &Store, sh: &Shared, interval: Duration) {
+/// Thins every guest by `policy`, collects chunks, and mirrors both in S3.
+///
+/// # Errors
+/// Store and S3 errors.
+pub fn apply_retention(store: &Store, tier: Option<&S3Tier>, policy: &RetentionPolicy) -> Result<RetentionRun, StoreError> {
+    let mut run = RetentionRun::default();
+    for (guest, head) in store.guests()? {
+        // Only what S3 holds is thinned, so S3 can mirror it.
+        let upto = if tier.is_some() { store.s3_cursor(guest)? } else { head.epoch };
+        let t = store.thin(guest, policy, upto)?;
+        run.epochs_dropped += t.epochs_dropped;
+        run.pages_dropped += t.pages_dropped;
+    }
+    let gc = store.gc()?;
+    run.chunks_deleted = gc.deleted;
+    if let Some(tier) = tier {
+        let m = tier.mirror_thinning(store)?;
+        let g = tier.gc(store, &gc.referenced)?;
+        run.s3 = S3RetentionReport { packs_deleted: g.packs_deleted, packs_kept: g.packs_kept, dead_chunks_in_kept_packs: g.dead_chunks_in_kept_packs, ..m };
+    }
+    Ok(run)
+}
+
+/// What one retention run did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RetentionRun {
+    /// Epochs dropped locally.
+    pub epochs_dropped: u64,
+    /// Page versions no kept epoch sees, removed.
+    pub pages_dropped: u64,
+    /// Local chunks deleted.
+    pub chunks_deleted: u64,
+    /// What happened in S3.
+    #[serde(skip)]
+    pub s3: S3RetentionReport,
+}
+
+fn run(tier: Option<&S3Tier>, store: &Store, sh: &Shared, interval: Duration, retention: Option<&(RetentionPolicy, Duration)>) {
     let mut backoff = interval;
     let stop = || sh.stop.load(Ordering::Relaxed);
+    let mut next_retention = retention.map(|(_, every)| std::time::Instant::now() + *every);
     while !stop() {
-        let wait = match tier.upload_pending(store, &stop) {
-            Ok(r) => {
+        let mut result = match tier {
+            Some(t) => t.upload_pending(store, &stop).map(|r| {
                 if r.epochs > 0 {
                     tracing::info!(epochs = r.epochs, packs = r.packs, bytes = r.chunk_bytes, "uploaded to s3");
                 }
+            }),
+            None => Ok(()),
+        };
+        if let (Ok(()), Some((policy, every)), Some(due)) = (&result, retention, next_retention) {
+            if std::time::Instant::now() >= due {
+                result = apply_retention(store, tier, policy).map(|r| tracing::info!(?r, "retention applied"));
+                next_retention = Some(std::time::Instant::now() + *every);
+            }
+        }
+        let wait = match result {
+            Ok(()) => {
                 *sh.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
                 backoff = interval;
                 interval
             }
             Err(e) => {
-                tracing::warn!(error = %e, "s3 upload failed; the backlog stays in the store and is retried");
+                tracing::warn!(error = %e, "s3 upload or retention failed; the backlog stays in the store and is retried");
                 *sh.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e.to_string());
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 backoff
