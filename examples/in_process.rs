@@ -27,6 +27,7 @@ fn main() -> Result<()> {
         link: BackupLinkConfig::default(),
         failover: remus_cli::replica::FailoverAction::Record,
         s3: None,
+        retention: None,
     })?;
     let primary = Primary::start(PrimaryOptions {
         guest: GuestId(1),

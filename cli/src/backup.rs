@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 
 use anyhow::{Context, Result};
 use remus_store::s3::{S3Config, Uploader};
-use remus_store::{Store, StoreOptions};
+use remus_store::{RetentionPolicy, Store, StoreOptions};
 use remus_wan::driver::{endpoint, run_backup, BackupLinkConfig, Endpoint};
 use remus_wan::tls::{server_config, TlsDir};
 
@@ -29,6 +29,8 @@ pub struct BackupOptions {
     pub failover: FailoverAction,
     /// Upload committed epochs to this S3 tier in the background.
     pub s3: Option<S3Config>,
+    /// Thin and collect by this policy, this often.
+    pub retention: Option<(RetentionPolicy, std::time::Duration)>,
 }
 
 /// A running backup.
@@ -39,7 +41,7 @@ pub struct Backup {
     pub store: Arc<Store>,
     /// Its replica (for statistics).
     pub replica: Arc<StoreReplica>,
-    /// Its S3 uploader, when configured.
+    /// Its history worker (S3 upload, retention), when configured.
     pub uploader: Option<Uploader>,
     endpoint: Endpoint,
     thread: Option<JoinHandle<()>>,
@@ -55,9 +57,10 @@ impl Backup {
         let store = Arc::new(
             Store::open(&opts.store, StoreOptions::default()).with_context(|| format!("opening store {}", opts.store.display()))?,
         );
-        let uploader = match opts.s3.clone() {
-            Some(cfg) => Some(Uploader::start(Arc::clone(&store), cfg).context("starting the s3 uploader")?),
-            None => None,
+        let uploader = if opts.s3.is_some() || opts.retention.is_some() {
+            Some(Uploader::start_with(Arc::clone(&store), opts.s3.clone(), opts.retention.clone()).context("starting the s3 uploader")?)
+        } else {
+            None
         };
         let server = server_config(opts.tls.identity("backup")?, opts.tls.roots()?)?;
         let replica = Arc::new(StoreReplica::new(Arc::clone(&store), opts.failover.clone()));

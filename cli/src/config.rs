@@ -40,6 +40,18 @@
 //! pack-size-kib = 32768
 //! upload-interval-ms = 1000
 //! timeout-ms = 30000
+//!
+//! # Optional: thinning and GC, applied by the backup every `interval`
+//! # (and by `remus gc`). Ages count back from the newest epoch; older
+//! # than the last `within` is dropped; the newest epoch is always kept.
+//! [retention]
+//! interval = "1h"
+//! keep = [
+//!   { within = "1h", every = "0s" },
+//!   { within = "1day", every = "1s" },
+//!   { within = "30days", every = "1m" },
+//!   { within = "365days", every = "1day" },
+//! ]
 //! ```
 
 use std::net::SocketAddr;
@@ -60,6 +72,54 @@ pub struct Config {
     pub backup: BackupConfig,
     /// The S3 history tier (off when absent).
     pub s3: Option<remus_store::s3::S3Config>,
+    /// Thinning and GC (off when absent: every epoch is kept).
+    pub retention: Option<RetentionConfig>,
+}
+
+/// `[retention]`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// How often the backup applies the policy (default "1h").
+    #[serde(default = "default_retention_interval")]
+    pub interval: String,
+    /// Tiers: epochs up to `within` old are kept one per `every` ("0s": all).
+    pub keep: Vec<KeepConfig>,
+}
+
+/// One `[[retention.keep]]` tier.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct KeepConfig {
+    /// Age limit, e.g. "1h", "30days".
+    pub within: String,
+    /// Spacing of kept epochs, e.g. "1s"; "0s" keeps every epoch.
+    pub every: String,
+}
+
+fn default_retention_interval() -> String {
+    "1h".into()
+}
+
+impl RetentionConfig {
+    /// The policy and how often to apply it.
+    ///
+    /// # Errors
+    /// A message naming the bad key.
+    pub fn policy(&self) -> Result<(remus_store::RetentionPolicy, std::time::Duration)> {
+        let d = |key: String, v: &str| humantime::parse_duration(v).with_context(|| format!("{key} = {v:?} is not a duration"));
+        let interval = d("retention.interval".into(), &self.interval)?;
+        anyhow::ensure!(!interval.is_zero(), "retention.interval must be positive");
+        anyhow::ensure!(!self.keep.is_empty(), "retention.keep needs at least one tier");
+        let mut rules = Vec::new();
+        for (i, k) in self.keep.iter().enumerate() {
+            rules.push(remus_store::KeepRule {
+                within: d(format!("retention.keep[{i}].within"), &k.within)?,
+                every: d(format!("retention.keep[{i}].every"), &k.every)?,
+            });
+        }
+        Ok((remus_store::RetentionPolicy { rules }, interval))
+    }
 }
 
 /// `[protect]`.
@@ -151,6 +211,9 @@ impl Config {
         if let Some(s3) = &self.s3 {
             s3.validate()?;
         }
+        if let Some(r) = &self.retention {
+            r.policy()?;
+        }
         Ok(())
     }
 
@@ -185,5 +248,10 @@ mod tests {
         assert!(bad.validate().unwrap_err().to_string().contains("s3.endpoint"));
         let bad: Config = toml::from_str("[s3]\nbucket = \"Bad_Name\"\n").unwrap();
         assert!(bad.validate().unwrap_err().to_string().contains("s3.bucket"));
+        let (policy, every) = cfg.retention.as_ref().unwrap().policy().unwrap();
+        assert_eq!((policy.rules.len(), every.as_secs()), (4, 3600));
+        assert_eq!(policy.rules[3].every.as_secs(), 86_400);
+        let bad: Config = toml::from_str("[retention]\nkeep = [{ within = \"soon\", every = \"0s\" }]\n").unwrap();
+        assert!(bad.validate().unwrap_err().to_string().contains("retention.keep[0].within"));
     }
 }

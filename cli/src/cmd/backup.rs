@@ -45,6 +45,7 @@ pub fn run(args: &BackupArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
         },
         failover: args.failover_dir.clone().map_or(FailoverAction::Record, FailoverAction::RestoreTo),
         s3: cfg.s3.clone(),
+        retention: cfg.retention.as_ref().map(crate::config::RetentionConfig::policy).transpose()?,
     })?;
     // Scripts and tests read this line to learn the port.
     println!("listening on {} (store {})", backup.addr, store.display());
@@ -62,7 +63,7 @@ pub fn run(args: &BackupArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
                 println!("committed {g} epoch {}", head.epoch.0);
                 std::io::stdout().flush()?;
             }
-            if let Some(u) = &backup.uploader {
+            if let (Some(u), true) = (&backup.uploader, cfg.s3.is_some()) {
                 let err = u.last_error();
                 if err != last_error {
                     match &err {

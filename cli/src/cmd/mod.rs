@@ -1,7 +1,9 @@
 //! One module per subcommand, plus the few helpers they share.
 
+pub mod archive;
 pub mod backup;
 pub mod demo;
+pub mod gc;
 pub mod keygen;
 pub mod log;
 pub mod protect;
