@@ -40,7 +40,7 @@ fn write_config(path: &Path, endpoint: &str, bucket: &str, prefix: &str) {
     std::fs::write(
         path,
         format!(
-            "[backup]\nprimary-timeout-ms = 2000\n\n[s3]\nbucket = \"{bucket}\"\nprefix = \"{prefix}\"\nendpoint = \"{endpoint}\"\n\
+            "[protect]\nbackup-timeout-ms = 3000\n\n[backup]\nprimary-timeout-ms = 3000\n\n[s3]\nbucket = \"{bucket}\"\nprefix = \"{prefix}\"\nendpoint = \"{endpoint}\"\n\
              region = \"us-east-1\"\naccess-key-id = \"test\"\nsecret-access-key = \"test\"\npack-size-kib = 1024\n\
              upload-interval-ms = 200\ntimeout-ms = 3000\n"
         ),
@@ -95,8 +95,9 @@ fn an_s3_outage_leaves_a_backlog_that_drains_and_site_loss_restores_from_s3_alon
     write_config(&config, &format!("http://{proxy}"), &bucket, "site-a");
     let backup = BackupProcess::start_with(data, "127.0.0.1:0", &["--config", config.to_str().unwrap()]);
     let roots = data.join("roots.jsonl");
+    // Generous link timeouts: tests, moto and both sides share 2 cores.
     let primary = protect(data, &backup.addr)
-        .args(["--memory-mib", "32", "--seconds", "4", "--json", "--record-roots"])
+        .args(["--config", config.to_str().unwrap(), "--memory-mib", "32", "--seconds", "4", "--json", "--record-roots"])
         .arg(&roots)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
@@ -206,7 +207,9 @@ fn retention_during_ingest_then_a_locked_archive() {
     let backup = BackupProcess::start_with(data, "127.0.0.1:0", &["--config", config.to_str().unwrap()]);
     let roots = data.join("roots.jsonl");
     let out = run_limited(
-        protect(data, &backup.addr).args(["--memory-mib", "32", "--seconds", "5", "--json", "--record-roots"]).arg(&roots),
+        protect(data, &backup.addr)
+            .args(["--config", config.to_str().unwrap(), "--memory-mib", "32", "--seconds", "5", "--json", "--record-roots"])
+            .arg(&roots),
         Duration::from_secs(120),
     );
     assert!(out.status.success(), "protect: {}", String::from_utf8_lossy(&out.stderr));

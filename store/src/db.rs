@@ -145,9 +145,12 @@ pub struct Store {
     pub(crate) db: DB,
     path: PathBuf,
     opts: StoreOptions,
-    /// Held by commits and by GC's sweep. While GC marks, `Some` collects
-    /// every chunk that commits reference, so the sweep spares them.
-    pub(crate) gc: std::sync::Mutex<Option<std::collections::HashSet<ChunkId>>>,
+    /// Read-held by commits (which run in parallel), write-held by GC to
+    /// start marking and to sweep.
+    pub(crate) gc: std::sync::RwLock<()>,
+    /// While GC marks, `Some`: every chunk that commits reference, so the
+    /// sweep spares them.
+    pub(crate) gc_marks: std::sync::Mutex<Option<std::collections::HashSet<ChunkId>>>,
 }
 
 pub(crate) fn guest_key(prefix: &[u8], guest: GuestId) -> Vec<u8> {
@@ -217,7 +220,7 @@ impl Store {
         } else {
             DB::open_cf_descriptors(&db_opts, path, cfs)?
         };
-        Ok(Self { db, path: path.to_path_buf(), opts, gc: std::sync::Mutex::new(None) })
+        Ok(Self { db, path: path.to_path_buf(), opts, gc: std::sync::RwLock::new(()), gc_marks: std::sync::Mutex::new(None) })
     }
 
     /// Where the store lives.
@@ -310,7 +313,7 @@ impl Store {
     /// head (or the previous epoch of the group); [`StoreError::Db`] when
     /// the write fails. Either way nothing of the group is visible.
     pub fn commit_many(&self, commits: Vec<EpochCommit>) -> Result<Vec<CommitOutcome>, StoreError> {
-        let mut gc = self.gc.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _gc = self.gc.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut batch = WriteBatch::default();
         let mut seen = std::collections::HashSet::new();
         let mut heads: std::collections::HashMap<GuestId, (EpochId, ChunkId)> = std::collections::HashMap::new();
@@ -323,7 +326,7 @@ impl Store {
             if c.epoch != head_epoch.next() {
                 return Err(StoreError::OutOfOrder { guest: c.guest, epoch: c.epoch, head: head_epoch });
             }
-            if let Some(marked) = gc.as_mut() {
+            if let Some(marked) = self.gc_marks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_mut() {
                 marked.extend(c.pages.iter().map(|(_, id)| *id));
                 marked.insert(content_id(&c.device_state));
             }

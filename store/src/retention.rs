@@ -18,9 +18,10 @@
 //!
 //! **GC** deletes chunks that no page-index entry and no kept manifest's
 //! device state names. It runs beside ingest: while it marks, commits add
-//! every chunk they reference to its mark set, and the sweep takes the
-//! commit lock, so a chunk a concurrent commit relies on is never deleted
-//! (and a commit never references a chunk that is gone: it checks).
+//! every chunk they reference to its mark set, and the sweep holds the
+//! commit lock exclusively (commits share it among themselves), so a
+//! chunk a concurrent commit relies on is never deleted (and a commit
+//! never references a chunk that is gone: it checks).
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -246,13 +247,17 @@ impl Store {
     /// # Errors
     /// [`StoreError::Db`], [`StoreError::Corrupt`].
     pub fn gc(&self) -> Result<GcReport, StoreError> {
-        let lock = || self.gc.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        *lock() = Some(HashSet::new());
-        let marked = self.referenced();
-        let mut marked = match marked {
+        let marks = || self.gc_marks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        {
+            // No commit in flight: each one either is in the index the mark
+            // phase reads, or records its chunks in the marks.
+            let _sweep = self.gc.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            *marks() = Some(HashSet::new());
+        }
+        let mut marked = match self.referenced() {
             Ok(m) => m,
             Err(e) => {
-                *lock() = None;
+                *marks() = None;
                 return Err(e);
             }
         };
@@ -264,8 +269,8 @@ impl Store {
                 _ => {}
             }
         }
-        let mut guard = lock();
-        marked.extend(guard.take().unwrap_or_default());
+        let guard = self.gc.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        marked.extend(marks().take().unwrap_or_default());
         let mut batch = WriteBatch::default();
         let mut deleted = 0;
         for id in candidates.iter().filter(|id| !marked.contains(id)) {
