@@ -270,3 +270,34 @@ fn an_archive_is_locked_in_compliance_mode_and_restorable() {
     assert_eq!(h.epochs.len(), 6);
     assert_eq!(archive.verify(&mut |_| {}).unwrap().damage, vec![]);
 }
+
+#[test]
+fn truncated_objects_are_named_and_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(9);
+    fill(&store, g, 1, 4);
+    let tier = S3Tier::connect(&test_config("trunc")).unwrap();
+    tier.upload_pending(&store, &|| false).unwrap();
+    let ix_key = tier.client().list("index/").unwrap()[0].key.clone();
+    let ix = format::decode_index(&tier.client().get(&ix_key).unwrap()).unwrap();
+    let cut = |key: &str, keep: usize| {
+        let b = tier.client().get(key).unwrap();
+        tier.client().delete(key, None).unwrap();
+        tier.client().put_new(key, b[..keep].to_vec()).unwrap();
+    };
+    let last = *ix.entries.last().unwrap();
+    cut(&pack_key(&ix.pack), last.offset as usize + 3);
+    cut(&epoch_key(g, EpochId(2)), 200);
+    let damage = tier.verify(&mut |_| {}).unwrap().damage;
+    assert!(damage.contains(&Damage::PackCorrupt { pack: ix.pack.to_hex(), reason: "truncated or bad header".into() }), "{damage:?}");
+    assert!(damage.contains(&Damage::PackChunkCorrupt { pack: ix.pack.to_hex(), chunk: last.id.to_hex() }), "{damage:?}");
+    assert!(
+        damage.contains(&Damage::ManifestCorrupt { guest: 9, epoch: 2, reason: "corrupt epoch object: checksum mismatch".into() }),
+        "{damage:?}"
+    );
+    let err = tier.fetch_chunks([last.id], |_, _| Ok(())).unwrap_err().to_string();
+    assert!(err.contains("truncated") && err.contains(&ix.pack.to_hex()), "{err}");
+    let err = tier.history(g, None, &mut |_, _| {}).unwrap_err().to_string();
+    assert!(err.contains(&epoch_key(g, EpochId(2))), "{err}");
+}
