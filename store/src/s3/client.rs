@@ -243,6 +243,35 @@ impl S3Client {
         Ok(())
     }
 
+    /// Conditional puts of many objects, up to 16 requests at a time (an
+    /// epoch object per epoch would otherwise cost one round trip each);
+    /// one result per object, in order.
+    #[must_use]
+    pub fn put_many_new(&self, objects: Vec<(String, Vec<u8>)>) -> Vec<Result<(), S3Error>> {
+        self.rt.block_on(async {
+            let n = objects.len();
+            let mut out: Vec<Option<Result<(), S3Error>>> = (0..n).map(|_| None).collect();
+            let mut set = tokio::task::JoinSet::new();
+            let mut todo = objects.into_iter().enumerate();
+            loop {
+                while set.len() < 16 {
+                    let Some((i, (rel, body))) = todo.next() else { break };
+                    let (c, b, key) = (self.client.clone(), self.bucket.clone(), self.key(&rel));
+                    set.spawn(async move {
+                        let r = c.put_object().bucket(b).key(&key).if_none_match("*").body(ByteStream::from(body)).send().await;
+                        (i, r.map(|_| ()).map_err(|e| classify("put", &key, e)))
+                    });
+                }
+                let Some(done) = set.join_next().await else { break };
+                match done {
+                    Ok((i, r)) => out[i] = Some(r),
+                    Err(e) => return vec![Err(S3Error::Config(format!("s3 task failed: {e}")))],
+                }
+            }
+            out.into_iter().map(|o| o.unwrap_or_else(|| Err(S3Error::Config("s3 put not run".into())))).collect()
+        })
+    }
+
     /// Puts `body` at `rel` under Object Lock in COMPLIANCE mode until
     /// `retain_until_unix_s`: no one can delete that version before then.
     ///

@@ -5,7 +5,8 @@
 //! is in S3. A pass reads the epochs after it in order, packs the chunks
 //! S3 does not hold yet (`s3chk` marks in `meta`) into a pack of at most
 //! `pack-size-kib` plus one chunk, and puts, in this order: the pack, its
-//! index, then the epoch objects, then advances the cursor. So an epoch
+//! index, then the epoch objects (16 requests in flight), then advances
+//! the cursor. So an epoch
 //! object is in S3 only after every chunk it names is, and every put is
 //! conditional (`If-None-Match: *`): content-addressed keys that exist
 //! already hold the same bytes, and an epoch key held by other bytes is
@@ -124,15 +125,16 @@ impl Pass<'_> {
     fn flush_epochs(&mut self) -> Result<(), StoreError> {
         self.flush_pack()?;
         let Some(last) = self.pending.last().map(|(m, _)| (m.guest, m.epoch)) else { return Ok(()) };
-        for (m, pages) in self.pending.drain(..) {
-            let key = epoch_key(m.guest, m.epoch);
-            let body = encode_epoch(&m, &pages);
-            match self.tier.client.put_new(&key, body.clone()) {
+        let objects: Vec<(String, Vec<u8>)> =
+            self.pending.drain(..).map(|(m, pages)| (epoch_key(m.guest, m.epoch), encode_epoch(&m, &pages))).collect();
+        let results = self.tier.client.put_many_new(objects.clone());
+        for ((key, body), r) in objects.iter().zip(results) {
+            match r {
                 Ok(()) => {}
                 Err(S3Error::Exists(_)) => {
                     // Ours from a pass that stopped before its cursor moved,
                     // or another writer's: only the former is fine.
-                    if self.tier.client.get(&key)? != body {
+                    if self.tier.client.get(key)? != *body {
                         return Err(S3Error::Conflict(format!("{key} holds another writer's epoch")).into());
                     }
                 }
