@@ -196,6 +196,7 @@ fn assert_s3_matches_local(tier: &S3Tier, store: &Store, g: GuestId) {
     })
     .unwrap();
     assert_eq!(tier.verify(&mut |_| {}).unwrap().damage, vec![]);
+    assert_eq!(store.verify(|_| {}).unwrap().damage, vec![], "the local store verifies too");
 }
 
 #[test]
