@@ -26,6 +26,8 @@ fn main() -> Result<()> {
         tls: tls.clone(),
         link: BackupLinkConfig::default(),
         failover: remus_cli::replica::FailoverAction::Record,
+        s3: None,
+        retention: None,
     })?;
     let primary = Primary::start(PrimaryOptions {
         guest: GuestId(1),

@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
+# S3 tier tests: a real S3 server on loopback for the whole run.
+source scripts/s3-server.sh
 start=$(date +%s)
 # QEMU, busybox and a guest kernel for the QEMU backend's tests, and the
 # test guest's initramfs (both idempotent and quick when done before).

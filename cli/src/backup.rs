@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use anyhow::{Context, Result};
-use remus_store::{Store, StoreOptions};
+use remus_store::s3::{S3Config, Uploader};
+use remus_store::{RetentionPolicy, Store, StoreOptions};
 use remus_wan::driver::{endpoint, run_backup, BackupLinkConfig, Endpoint};
 use remus_wan::tls::{server_config, TlsDir};
 
@@ -26,6 +27,10 @@ pub struct BackupOptions {
     pub link: BackupLinkConfig,
     /// What to do when a primary goes silent.
     pub failover: FailoverAction,
+    /// Upload committed epochs to this S3 tier in the background.
+    pub s3: Option<S3Config>,
+    /// Thin and collect by this policy, this often.
+    pub retention: Option<(RetentionPolicy, std::time::Duration)>,
 }
 
 /// A running backup.
@@ -36,6 +41,8 @@ pub struct Backup {
     pub store: Arc<Store>,
     /// Its replica (for statistics).
     pub replica: Arc<StoreReplica>,
+    /// Its history worker (S3 upload, retention), when configured.
+    pub uploader: Option<Uploader>,
     endpoint: Endpoint,
     thread: Option<JoinHandle<()>>,
 }
@@ -50,6 +57,11 @@ impl Backup {
         let store = Arc::new(
             Store::open(&opts.store, StoreOptions::default()).with_context(|| format!("opening store {}", opts.store.display()))?,
         );
+        let uploader = if opts.s3.is_some() || opts.retention.is_some() {
+            Some(Uploader::start_with(Arc::clone(&store), opts.s3.clone(), opts.retention.clone()).context("starting the s3 uploader")?)
+        } else {
+            None
+        };
         let server = server_config(opts.tls.identity("backup")?, opts.tls.roots()?)?;
         let replica = Arc::new(StoreReplica::new(Arc::clone(&store), opts.failover.clone()));
         let r2 = Arc::clone(&replica);
@@ -78,7 +90,7 @@ impl Backup {
         })?;
         let endpoint = rx.recv().context("backup thread ended early")??;
         let addr = endpoint.local_addr()?;
-        Ok(Self { addr, store, replica, endpoint, thread: Some(thread) })
+        Ok(Self { addr, store, replica, uploader, endpoint, thread: Some(thread) })
     }
 
     /// Stops accepting, waits for the backup thread, and flushes the
@@ -88,6 +100,9 @@ impl Backup {
         self.endpoint.close(0u32.into(), b"backup stopping");
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        if let Some(u) = self.uploader.take() {
+            u.stop();
         }
         if let Err(e) = self.store.flush() {
             tracing::warn!(error = %e, "flushing the store on stop failed; the next open replays the WAL");

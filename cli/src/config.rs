@@ -36,6 +36,30 @@
 //! listen = "127.0.0.1:7400"
 //! heartbeat-ms = 50
 //! primary-timeout-ms = 500
+//!
+//! # Optional: the S3 history tier (no defaults for bucket; the rest as
+//! # shown or from the AWS environment: AWS_REGION, AWS_ACCESS_KEY_ID, ...).
+//! [s3]
+//! bucket = "remus-history"
+//! prefix = "site-a"
+//! endpoint = "http://127.0.0.1:9000"
+//! region = "us-east-1"
+//! force-path-style = true
+//! pack-size-kib = 32768
+//! upload-interval-ms = 1000
+//! timeout-ms = 30000
+//!
+//! # Optional: thinning and GC, applied by the backup every `interval`
+//! # (and by `remus gc`). Ages count back from the newest epoch; older
+//! # than the last `within` is dropped; the newest epoch is always kept.
+//! [retention]
+//! interval = "1h"
+//! keep = [
+//!   { within = "1h", every = "0s" },
+//!   { within = "1day", every = "1s" },
+//!   { within = "30days", every = "1m" },
+//!   { within = "365days", every = "1day" },
+//! ]
 //! ```
 
 use std::net::SocketAddr;
@@ -54,6 +78,56 @@ pub struct Config {
     pub protect: ProtectConfig,
     /// The backup.
     pub backup: BackupConfig,
+    /// The S3 history tier (off when absent).
+    pub s3: Option<remus_store::s3::S3Config>,
+    /// Thinning and GC (off when absent: every epoch is kept).
+    pub retention: Option<RetentionConfig>,
+}
+
+/// `[retention]`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// How often the backup applies the policy (default "1h").
+    #[serde(default = "default_retention_interval")]
+    pub interval: String,
+    /// Tiers: epochs up to `within` old are kept one per `every` ("0s": all).
+    pub keep: Vec<KeepConfig>,
+}
+
+/// One `[[retention.keep]]` tier.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct KeepConfig {
+    /// Age limit, e.g. "1h", "30days".
+    pub within: String,
+    /// Spacing of kept epochs, e.g. "1s"; "0s" keeps every epoch.
+    pub every: String,
+}
+
+fn default_retention_interval() -> String {
+    "1h".into()
+}
+
+impl RetentionConfig {
+    /// The policy and how often to apply it.
+    ///
+    /// # Errors
+    /// A message naming the bad key.
+    pub fn policy(&self) -> Result<(remus_store::RetentionPolicy, std::time::Duration)> {
+        let d = |key: String, v: &str| humantime::parse_duration(v).with_context(|| format!("{key} = {v:?} is not a duration"));
+        let interval = d("retention.interval".into(), &self.interval)?;
+        anyhow::ensure!(!interval.is_zero(), "retention.interval must be positive");
+        anyhow::ensure!(!self.keep.is_empty(), "retention.keep needs at least one tier");
+        let mut rules = Vec::new();
+        for (i, k) in self.keep.iter().enumerate() {
+            rules.push(remus_store::KeepRule {
+                within: d(format!("retention.keep[{i}].within"), &k.within)?,
+                every: d(format!("retention.keep[{i}].every"), &k.every)?,
+            });
+        }
+        Ok((remus_store::RetentionPolicy { rules }, interval))
+    }
 }
 
 /// `[protect]`.
@@ -146,6 +220,12 @@ impl Config {
         let b = &self.backup;
         anyhow::ensure!(b.heartbeat_ms >= 1, "backup.heartbeat-ms must be at least 1");
         anyhow::ensure!(b.primary_timeout_ms > b.heartbeat_ms, "backup.primary-timeout-ms must exceed heartbeat-ms");
+        if let Some(s3) = &self.s3 {
+            s3.validate()?;
+        }
+        if let Some(r) = &self.retention {
+            r.policy()?;
+        }
         Ok(())
     }
 
@@ -172,5 +252,18 @@ mod tests {
         assert!(toml::from_str::<Config>("[protect]\nepoch = 3\n").is_err());
         let bad: Config = toml::from_str("[protect]\nepoch-ms = 0\n").unwrap();
         assert!(bad.validate().is_err());
+        assert_eq!(cfg.s3.as_ref().unwrap().pack_size_kib, 32768);
+        // S3: a missing bucket, an unknown key and a bad value are refused, naming the key.
+        assert!(toml::from_str::<Config>("[s3]\nprefix = \"x\"\n").unwrap_err().to_string().contains("bucket"));
+        assert!(toml::from_str::<Config>("[s3]\nbucket = \"abc\"\nendpoints = \"x\"\n").is_err());
+        let bad: Config = toml::from_str("[s3]\nbucket = \"abc\"\nendpoint = \"localhost:9000\"\n").unwrap();
+        assert!(bad.validate().unwrap_err().to_string().contains("s3.endpoint"));
+        let bad: Config = toml::from_str("[s3]\nbucket = \"Bad_Name\"\n").unwrap();
+        assert!(bad.validate().unwrap_err().to_string().contains("s3.bucket"));
+        let (policy, every) = cfg.retention.as_ref().unwrap().policy().unwrap();
+        assert_eq!((policy.rules.len(), every.as_secs()), (4, 3600));
+        assert_eq!(policy.rules[3].every.as_secs(), 86_400);
+        let bad: Config = toml::from_str("[retention]\nkeep = [{ within = \"soon\", every = \"0s\" }]\n").unwrap();
+        assert!(bad.validate().unwrap_err().to_string().contains("retention.keep[0].within"));
     }
 }

@@ -37,6 +37,10 @@ enum Command {
     Keygen(cmd::keygen::KeygenArgs),
     /// Re-hash chunks, walk manifest chains, name what is damaged.
     Verify(cmd::verify::VerifyArgs),
+    /// Thin by the retention policy and collect unreferenced chunks and packs.
+    Gc(cmd::gc::GcArgs),
+    /// Copy the S3 tier into an Object Lock (COMPLIANCE) archive bucket.
+    Archive(cmd::archive::ArchiveArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,7 +55,9 @@ fn main() -> ExitCode {
             Command::Backup(a) => cmd::backup::run(a, &cfg, &data_dir).map(|()| true),
             Command::Log(a) => cmd::log::run(a, &data_dir).map(|()| true),
             Command::Keygen(a) => cmd::keygen::run(a, &data_dir).map(|()| true),
-            Command::Verify(a) => cmd::verify::run(a, &data_dir),
+            Command::Verify(a) => cmd::verify::run(a, &cfg, &data_dir),
+            Command::Gc(a) => cmd::gc::run(a, &cfg, &data_dir).map(|()| true),
+            Command::Archive(a) => cmd::archive::run(a, &cfg).map(|()| true),
         }
     };
     match run() {

@@ -7,13 +7,21 @@
 //! stay holes, i.e. zero), verifying each chunk against its hash, and
 //! checks the resulting memory root against the one the primary recorded
 //! in the manifest.
+//!
+//! [`S3RestorePlan`] does the same from the S3 tier alone, for when the
+//! backup site and its RocksDB are gone.
+
+mod s3;
+
+pub use s3::S3RestorePlan;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use remus_store::{Manifest, Store, StoreError};
-use remus_types::{EpochId, GuestId, MemoryDigest, ChunkId, PAGE_SIZE};
+use remus_types::{ChunkId, EpochId, GuestId, MemoryDigest, Pfn, PAGE_SIZE};
 
 /// Which epoch to restore.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,31 +129,49 @@ impl RestorePlan {
             .map(|s| {
                 let f = File::create(s.path)?;
                 f.set_len(s.pages * PAGE_SIZE as u64)?;
-                Ok(f)
+                Ok((*s, f))
             })
             .collect::<Result<Vec<_>, std::io::Error>>()?;
         let bytes = m.page_count * PAGE_SIZE as u64;
+        // Two halves of the pfn space on two threads: reading, checking
+        // and writing pages is CPU work.
+        let done = AtomicU64::new(0);
+        let half = m.page_count / 2;
+        let work = |range: std::ops::Range<u64>, report: &mut dyn FnMut(u64)| -> Result<Vec<(Pfn, ChunkId)>, StoreError> {
+            let zero = remus_types::zero_page_hash();
+            let mut ids = Vec::new();
+            // Consecutive pages go out in one write of up to 1 MiB: a write
+            // per page costs more in the kernel than reading and checking it.
+            let mut run = RunWriter::new(&files);
+            store.for_each_page_in(self.guest, m.epoch, range, |pfn, id| {
+                if pfn.0 >= m.page_count {
+                    return Err(StoreError::Corrupt(format!("page index names pfn {} beyond memory", pfn.0)));
+                }
+                ids.push((pfn, id));
+                if id != zero && run.wants(pfn.0) {
+                    let data = store.chunk(&id)?;
+                    run.put(pfn.0, &data).map_err(|e| StoreError::Corrupt(format!("write failed: {e}")))?;
+                }
+                let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+                if n % 4096 == 0 {
+                    report(n);
+                }
+                Ok(())
+            })?;
+            run.flush().map_err(|e| StoreError::Corrupt(format!("write failed: {e}")))?;
+            Ok(ids)
+        };
+        let (low, high) = std::thread::scope(|s| {
+            let high = s.spawn(|| work(half..u64::MAX, &mut |_| {}));
+            let low = work(0..half, &mut progress);
+            (low, high.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        });
         let mut digest = MemoryDigest::zeroed(m.page_count);
-        let mut written = 0u64;
-        let zero = remus_types::zero_page_hash();
-        store.for_each_page_at(self.guest, m.epoch, |pfn, id| {
-            if pfn.0 >= m.page_count {
-                return Err(StoreError::Corrupt(format!("page index names pfn {} beyond memory", pfn.0)));
-            }
+        for (pfn, id) in low?.into_iter().chain(high?) {
             digest.set(pfn, id);
-            let target = segments.iter().zip(&files).find(|(s, _)| (s.first..s.first + s.pages).contains(&pfn.0));
-            if let (Some((seg, file)), false) = (target, id == zero) {
-                let data = store.chunk(&id)?;
-                file.write_all_at(&data, (pfn.0 - seg.first) * PAGE_SIZE as u64)
-                    .map_err(|e| StoreError::Corrupt(format!("write failed: {e}")))?;
-            }
-            written += 1;
-            if written % 4096 == 0 {
-                progress(written);
-            }
-            Ok(())
-        })?;
-        for f in &files {
+        }
+        let written = done.load(Ordering::Relaxed);
+        for (_, f) in &files {
             f.sync_all()?;
         }
         progress(written);
@@ -168,6 +194,55 @@ pub struct Segment<'a> {
     pub path: &'a Path,
 }
 
+/// Gathers consecutive pages of one segment into one positioned write.
+struct RunWriter<'a, 'p> {
+    files: &'a [(Segment<'p>, File)],
+    /// Segment of the run, and the run's first byte in its file.
+    seg: usize,
+    start: u64,
+    buf: Vec<u8>,
+}
+
+impl<'a, 'p> RunWriter<'a, 'p> {
+    const MAX: usize = 1 << 20;
+
+    fn new(files: &'a [(Segment<'p>, File)]) -> Self {
+        Self { files, seg: 0, start: 0, buf: Vec::with_capacity(Self::MAX) }
+    }
+
+    fn segment_of(&self, pfn: u64) -> Option<usize> {
+        self.files.iter().position(|(s, _)| (s.first..s.first + s.pages).contains(&pfn))
+    }
+
+    /// True when `pfn` falls in some segment (else it is not written).
+    fn wants(&self, pfn: u64) -> bool {
+        self.segment_of(pfn).is_some()
+    }
+
+    fn put(&mut self, pfn: u64, page: &[u8]) -> std::io::Result<()> {
+        let Some(seg) = self.segment_of(pfn) else { return Ok(()) };
+        let at = (pfn - self.files[seg].0.first) * PAGE_SIZE as u64;
+        let contiguous = seg == self.seg && self.start + self.buf.len() as u64 == at;
+        if self.buf.len() >= Self::MAX || (!self.buf.is_empty() && !contiguous) {
+            self.flush()?;
+        }
+        if self.buf.is_empty() {
+            self.seg = seg;
+            self.start = at;
+        }
+        self.buf.extend_from_slice(page);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            self.files[self.seg].1.write_all_at(&self.buf, self.start)?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+}
+
 /// Memory root of an image file, hashed from its bytes: an independent
 /// check that a restored file is byte-exact.
 ///
@@ -182,7 +257,6 @@ pub fn image_root(path: &Path) -> std::io::Result<ChunkId> {
 mod tests {
     use super::*;
     use remus_store::{content_id, EpochCommit, StoreOptions, StoredChunk};
-    use remus_types::Pfn;
 
     #[test]
     fn restores_each_epoch_byte_exact_and_refuses_a_wrong_root() {

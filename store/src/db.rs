@@ -10,7 +10,12 @@
 //!   at epoch N" is one seek to (P, !N): the first key at or after it
 //!   with the same P is the newest version at or before N.
 //! - `meta`:    b"head" | guest u64 → epoch u64 | manifest id [32] |
-//!   instance u64 | page_count u64.
+//!   instance u64 | page_count u64;
+//!   b"delta" | guest u64 | epoch u64 → the epoch's page list, ascending
+//!   pfn: (pfn u64 | hash [32])*, so one epoch reads back in one get;
+//!   b"s3cur" | guest u64 → last epoch uploaded to the S3 tier;
+//!   b"s3chk" | chunk id → id of the pack holding it in S3;
+//!   b"bridge" | guest u64 | first u64 → a thinned run (see `retention`).
 //!
 //! An epoch is committed with one atomic, synced `WriteBatch` holding its
 //! new chunks, its page-index entries, its manifest and the new head:
@@ -27,7 +32,7 @@ use crate::manifest::{page_delta_hash, Manifest};
 pub(crate) const CF_CHUNKS: &str = "chunks";
 pub(crate) const CF_EPOCHS: &str = "epochs";
 pub(crate) const CF_PAGES: &str = "pages";
-const CF_META: &str = "meta";
+pub(crate) const CF_META: &str = "meta";
 
 /// Largest chunk content accepted when reading.
 const MAX_CHUNK: usize = 16 << 20;
@@ -140,22 +145,28 @@ pub struct Store {
     pub(crate) db: DB,
     path: PathBuf,
     opts: StoreOptions,
+    /// Read-held by commits (which run in parallel), write-held by GC to
+    /// start marking and to sweep.
+    pub(crate) gc: std::sync::RwLock<()>,
+    /// While GC marks, `Some`: every chunk that commits reference, so the
+    /// sweep spares them.
+    pub(crate) gc_marks: std::sync::Mutex<Option<std::collections::HashSet<ChunkId>>>,
 }
 
-fn guest_key(prefix: &[u8], guest: GuestId) -> Vec<u8> {
+pub(crate) fn guest_key(prefix: &[u8], guest: GuestId) -> Vec<u8> {
     let mut k = prefix.to_vec();
     k.extend_from_slice(&guest.0.to_be_bytes());
     k
 }
 
-fn epoch_key(guest: GuestId, epoch: EpochId) -> [u8; 16] {
+pub(crate) fn epoch_key(guest: GuestId, epoch: EpochId) -> [u8; 16] {
     let mut k = [0u8; 16];
     k[..8].copy_from_slice(&guest.0.to_be_bytes());
     k[8..].copy_from_slice(&epoch.0.to_be_bytes());
     k
 }
 
-fn page_key(guest: GuestId, pfn: Pfn, epoch: EpochId) -> [u8; 24] {
+pub(crate) fn page_key(guest: GuestId, pfn: Pfn, epoch: EpochId) -> [u8; 24] {
     let mut k = [0u8; 24];
     k[..8].copy_from_slice(&guest.0.to_be_bytes());
     k[8..16].copy_from_slice(&pfn.0.to_be_bytes());
@@ -199,12 +210,17 @@ impl Store {
             ColumnFamilyDescriptor::new(CF_PAGES, plain()),
             ColumnFamilyDescriptor::new(CF_META, plain()),
         ];
+        if opts.read_only {
+            // Readers (restore, verify, log) read through mmap: no syscall
+            // per chunk. Writers keep plain reads.
+            db_opts.set_allow_mmap_reads(true);
+        }
         let db = if opts.read_only {
             DB::open_cf_descriptors_read_only(&db_opts, path, cfs, false)?
         } else {
             DB::open_cf_descriptors(&db_opts, path, cfs)?
         };
-        Ok(Self { db, path: path.to_path_buf(), opts })
+        Ok(Self { db, path: path.to_path_buf(), opts, gc: std::sync::RwLock::new(()), gc_marks: std::sync::Mutex::new(None) })
     }
 
     /// Where the store lives.
@@ -273,24 +289,12 @@ impl Store {
     /// [`StoreError::ChunkMissing`], [`StoreError::ChunkCorrupt`] when the
     /// bytes are damaged, [`StoreError::Db`].
     pub fn chunk(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
-        let v = self.db.get_pinned_cf(self.cf(CF_CHUNKS), id.0)?.ok_or(StoreError::ChunkMissing(*id))?;
-        let data = match v.split_first() {
-            Some((&CODEC_PLAIN, b)) => b.to_vec(),
-            Some((&CODEC_ZSTD, b)) => {
-                // Size the output from the frame header (remus writes it);
-                // a 16 MiB guess per call would dominate restore time.
-                let size = match zstd::zstd_safe::get_frame_content_size(b) {
-                    Ok(Some(n)) if n <= MAX_CHUNK as u64 => n as usize,
-                    _ => return Err(StoreError::ChunkCorrupt(*id)),
-                };
-                zstd::bulk::decompress(b, size).map_err(|_| StoreError::ChunkCorrupt(*id))?
-            }
-            _ => return Err(StoreError::ChunkCorrupt(*id)),
-        };
-        if content_id(&data) != *id {
-            return Err(StoreError::ChunkCorrupt(*id));
-        }
-        Ok(data)
+        // The content is checked against its id, which subsumes RocksDB's
+        // block checksum on this path (and costs less than both).
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_verify_checksums(false);
+        let v = self.db.get_pinned_cf_opt(self.cf(CF_CHUNKS), id.0, &ro)?.ok_or(StoreError::ChunkMissing(*id))?;
+        decode_chunk_value(id, &v)
     }
 
     /// Commits one epoch atomically and durably.
@@ -309,6 +313,7 @@ impl Store {
     /// head (or the previous epoch of the group); [`StoreError::Db`] when
     /// the write fails. Either way nothing of the group is visible.
     pub fn commit_many(&self, commits: Vec<EpochCommit>) -> Result<Vec<CommitOutcome>, StoreError> {
+        let _gc = self.gc.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut batch = WriteBatch::default();
         let mut seen = std::collections::HashSet::new();
         let mut heads: std::collections::HashMap<GuestId, (EpochId, ChunkId)> = std::collections::HashMap::new();
@@ -320,6 +325,10 @@ impl Store {
             };
             if c.epoch != head_epoch.next() {
                 return Err(StoreError::OutOfOrder { guest: c.guest, epoch: c.epoch, head: head_epoch });
+            }
+            if let Some(marked) = self.gc_marks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_mut() {
+                marked.extend(c.pages.iter().map(|(_, id)| *id));
+                marked.insert(content_id(&c.device_state));
             }
             let out = self.stage(&mut batch, &mut seen, c, parent)?;
             heads.insert(out.manifest.guest, (out.manifest.epoch, out.id));
@@ -361,10 +370,22 @@ impl Store {
         if seen.insert(ds_id) && !self.has_chunk(&ds_id)? {
             batch.put_cf(chunks_cf, ds_id.0, StoredChunk::Plain(c.device_state.clone()).value());
         }
+        // A page may name a chunk sent in an earlier epoch: it must still
+        // be stored (GC may have removed what no kept epoch referenced).
+        let zero = remus_types::zero_page_hash();
+        for (_, id) in &c.pages {
+            if *id != zero && !seen.contains(id) && !self.has_chunk(id)? {
+                return Err(StoreError::ChunkMissing(*id));
+            }
+        }
         let pages_cf = self.cf(CF_PAGES);
+        let mut delta = Vec::with_capacity(c.pages.len() * 40);
         for (pfn, id) in &c.pages {
             batch.put_cf(pages_cf, page_key(c.guest, *pfn, c.epoch), id.0);
+            delta.extend_from_slice(&pfn.0.to_be_bytes());
+            delta.extend_from_slice(&id.0);
         }
+        batch.put_cf(self.cf(CF_META), delta_key(c.guest, c.epoch), delta);
         let manifest = Manifest {
             guest: c.guest,
             epoch: c.epoch,
@@ -460,10 +481,25 @@ impl Store {
         &self,
         guest: GuestId,
         epoch: EpochId,
+        f: impl FnMut(Pfn, ChunkId) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        self.for_each_page_in(guest, epoch, 0..u64::MAX, f)
+    }
+
+    /// As [`for_each_page_at`](Self::for_each_page_at), for the pages
+    /// whose pfn lies in `pfns` (so several threads can share a restore).
+    ///
+    /// # Errors
+    /// As [`for_each_page_at`](Self::for_each_page_at).
+    pub fn for_each_page_in(
+        &self,
+        guest: GuestId,
+        epoch: EpochId,
+        pfns: std::ops::Range<u64>,
         mut f: impl FnMut(Pfn, ChunkId) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let mut it = self.db.raw_iterator_cf(self.cf(CF_PAGES));
-        it.seek(page_key(guest, Pfn(0), epoch));
+        it.seek(page_key(guest, Pfn(pfns.start), epoch));
         loop {
             it.status()?;
             let Some(k) = it.key() else { break };
@@ -471,6 +507,9 @@ impl Store {
                 break;
             }
             let pfn = u64_at(k, 8);
+            if pfn >= pfns.end {
+                break;
+            }
             if !u64_at(k, 16) > epoch.0 {
                 // The first key of a pfn is its newest version; this one is
                 // newer than asked for, so jump to its version at `epoch`.
@@ -484,6 +523,40 @@ impl Store {
         Ok(())
     }
 
+    /// The pages written in `epoch` (its page-index entries), ascending pfn.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`], [`StoreError::Corrupt`].
+    pub fn epoch_pages(&self, guest: GuestId, epoch: EpochId) -> Result<Vec<(Pfn, ChunkId)>, StoreError> {
+        if let Some(v) = self.db.get_cf(self.cf(CF_META), delta_key(guest, epoch))? {
+            if v.len() % 40 != 0 {
+                return Err(StoreError::Corrupt(format!("{guest} epoch {epoch}: page list")));
+            }
+            return Ok(v.chunks_exact(40).map(|e| (Pfn(u64_at(e, 0)), ChunkId(e[8..40].try_into().expect("32 bytes")))).collect());
+        }
+        // Epochs committed before page lists were kept: scan the index.
+        let mut out = Vec::new();
+        for kv in self.db.prefix_iterator_cf(self.cf(CF_PAGES), guest.0.to_be_bytes()) {
+            let (k, v) = kv?;
+            if k.len() != 24 || u64_at(&k, 0) != guest.0 {
+                break;
+            }
+            if !u64_at(&k, 16) == epoch.0 {
+                out.push((Pfn(u64_at(&k, 8)), hash_value(&v)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A chunk's stored value (codec byte and bytes), unverified: what
+    /// the S3 tier packs.
+    ///
+    /// # Errors
+    /// [`StoreError::ChunkMissing`], [`StoreError::Db`].
+    pub fn chunk_value(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+        Ok(self.db.get_cf(self.cf(CF_CHUNKS), id.0)?.ok_or(StoreError::ChunkMissing(*id))?)
+    }
+
     /// Flushes memtables (for tests that inspect files).
     ///
     /// # Errors
@@ -491,6 +564,19 @@ impl Store {
     pub fn flush(&self) -> Result<(), StoreError> {
         for cf in [CF_CHUNKS, CF_EPOCHS, CF_PAGES, CF_META] {
             self.db.flush_cf(self.cf(cf))?;
+        }
+        Ok(())
+    }
+
+    /// Flushes and fully compacts every column family, so on-disk size
+    /// reflects live data only (for benchmarks and offline tools).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn compact(&self) -> Result<(), StoreError> {
+        self.flush()?;
+        for cf in [CF_CHUNKS, CF_EPOCHS, CF_PAGES, CF_META] {
+            self.db.compact_range_cf(self.cf(cf), None::<&[u8]>, None::<&[u8]>);
         }
         Ok(())
     }
@@ -520,6 +606,51 @@ pub fn content_id(data: &[u8]) -> ChunkId {
     ChunkId(*blake3::hash(data).as_bytes())
 }
 
-fn hash_value(v: &[u8]) -> Result<ChunkId, StoreError> {
+pub(crate) fn delta_key(guest: GuestId, epoch: EpochId) -> Vec<u8> {
+    let mut k = guest_key(b"delta", guest);
+    k.extend_from_slice(&epoch.0.to_be_bytes());
+    k
+}
+
+/// Decodes a chunk value (codec byte and bytes) and checks it against `id`.
+///
+/// # Errors
+/// [`StoreError::ChunkCorrupt`].
+pub fn decode_chunk_value(id: &ChunkId, v: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let data = match v.split_first() {
+        Some((&CODEC_PLAIN, b)) => b.to_vec(),
+        Some((&CODEC_ZSTD, b)) => {
+            // Size the output from the frame header (remus writes it);
+            // a 16 MiB guess per call would dominate restore time.
+            let size = match zstd::zstd_safe::get_frame_content_size(b) {
+                Ok(Some(n)) if n <= MAX_CHUNK as u64 => n as usize,
+                _ => return Err(StoreError::ChunkCorrupt(*id)),
+            };
+            // One decompression context per thread: creating one per
+            // chunk costs more than decompressing a page.
+            thread_local! {
+                static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
+            }
+            DCTX.with(|d| {
+                let mut d = d.borrow_mut();
+                if d.is_none() {
+                    *d = zstd::bulk::Decompressor::new().ok();
+                }
+                match d.as_mut() {
+                    Some(d) => d.decompress(b, size),
+                    None => zstd::bulk::decompress(b, size),
+                }
+            })
+            .map_err(|_| StoreError::ChunkCorrupt(*id))?
+        }
+        _ => return Err(StoreError::ChunkCorrupt(*id)),
+    };
+    if content_id(&data) != *id {
+        return Err(StoreError::ChunkCorrupt(*id));
+    }
+    Ok(data)
+}
+
+pub(crate) fn hash_value(v: &[u8]) -> Result<ChunkId, StoreError> {
     v.try_into().map(ChunkId).map_err(|_| StoreError::Corrupt("page index entry".into()))
 }

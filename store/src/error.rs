@@ -17,6 +17,8 @@ pub enum ErrorKind {
     NotFound,
     /// Any other I/O or database failure.
     Io,
+    /// A remote service (S3) is unreachable or refused us: retry later.
+    Unavailable,
 }
 
 /// A store failure.
@@ -56,6 +58,9 @@ pub enum StoreError {
     /// No such guest.
     #[error("{0}: no history in this store")]
     NoGuest(GuestId),
+    /// The S3 tier failed.
+    #[error(transparent)]
+    S3(#[from] crate::s3::S3Error),
 }
 
 impl StoreError {
@@ -68,6 +73,9 @@ impl StoreError {
             Self::ChunkCorrupt(_) | Self::Corrupt(_) => ErrorKind::Corrupt,
             Self::OutOfOrder { .. } => ErrorKind::Conflict,
             Self::ChunkMissing(_) | Self::NoEpoch { .. } | Self::NoGuest(_) => ErrorKind::NotFound,
+            Self::S3(crate::s3::S3Error::NotFound(_) | crate::s3::S3Error::NoSuchBucket(_)) => ErrorKind::NotFound,
+            Self::S3(crate::s3::S3Error::Exists(_) | crate::s3::S3Error::Conflict(_)) => ErrorKind::Conflict,
+            Self::S3(_) => ErrorKind::Unavailable,
         }
     }
 }

@@ -8,12 +8,17 @@
 mod db;
 mod error;
 mod manifest;
+mod retention;
 mod verify;
+pub mod s3;
 
-pub use db::{content_id, CommitOutcome, EpochCommit, Head, Store, StoreOptions, StoredChunk};
+pub use db::{content_id, decode_chunk_value, CommitOutcome, EpochCommit, Head, Store, StoreOptions, StoredChunk};
 pub use error::{ErrorKind, StoreError};
 pub use manifest::{page_delta_hash, Manifest, MANIFEST_LEN};
+pub use retention::{BridgeRecord, GcReport, KeepRule, RetentionPolicy, ThinReport};
 pub use verify::{damaged_guests, Damage, VerifyReport};
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_retention;

@@ -57,6 +57,33 @@ pub enum Damage {
         /// Guest.
         guest: u64,
     },
+    /// A chunk inside an S3 pack does not hash to its id.
+    PackChunkCorrupt {
+        /// The pack (its id).
+        pack: String,
+        /// The chunk.
+        chunk: String,
+    },
+    /// An S3 pack is damaged as a whole (truncated, bad header, not
+    /// matching its name, or without an index).
+    PackCorrupt {
+        /// The pack.
+        pack: String,
+        /// Why.
+        reason: String,
+    },
+    /// An S3 pack index names a pack that is not there.
+    PackMissing {
+        /// The pack.
+        pack: String,
+    },
+    /// Another S3 object (index, bridge) fails its checksum or layout.
+    ObjectCorrupt {
+        /// Its key under the prefix.
+        key: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// What `verify` checked and found.
@@ -93,8 +120,12 @@ impl Store {
             index.entry((u64_at(&k, 0), !u64_at(&k, 16))).or_default().push((Pfn(u64_at(&k, 8)), id));
         }
         let mut referenced = HashSet::new();
+        let mut bridged: Vec<(u64, EpochId, EpochId)> = Vec::new();
         for (guest, head) in self.guests()? {
+            let bridges = self.bridges(guest)?;
+            bridged.extend(bridges.iter().map(|b| (guest.0, b.first, b.last)));
             let mut prev = ChunkId::default();
+            let mut prev_epoch = EpochId(0);
             let mut last = None;
             for kv in self.db.prefix_iterator_cf(self.cf(CF_EPOCHS), guest.0.to_be_bytes()) {
                 let (k, v) = kv?;
@@ -109,17 +140,34 @@ impl Store {
                     Ok(_) => {
                         report.damage.push(Damage::ManifestCorrupt { guest: guest.0, epoch, reason: "names another epoch".into() });
                         prev = ChunkId::default();
+                        prev_epoch = EpochId(epoch);
+                        last = Some(None);
                         continue;
                     }
                     Err(e) => {
                         report.damage.push(Damage::ManifestCorrupt { guest: guest.0, epoch, reason: e.to_string() });
                         prev = ChunkId::default();
+                        prev_epoch = EpochId(epoch);
+                        last = Some(None);
                         continue;
                     }
                 };
-                if last.is_some() && m.parent != prev && prev != ChunkId::default() {
+                let linked = if m.epoch == prev_epoch.next() {
+                    last.is_none() || m.parent == prev || prev == ChunkId::default()
+                } else {
+                    // Thinned epochs in between: a bridge must span exactly
+                    // the gap and link both kept manifests.
+                    bridges.iter().any(|b| {
+                        b.first == prev_epoch.next()
+                            && b.last.next() == m.epoch
+                            && b.last_id == m.parent
+                            && (b.first_parent == prev || (last.is_some() && prev == ChunkId::default()))
+                    })
+                };
+                if !linked {
                     report.damage.push(Damage::ChainBroken { guest: guest.0, epoch });
                 }
+                prev_epoch = m.epoch;
                 if pages.len() as u64 != m.dirty_pages || page_delta_hash(&pages) != m.page_delta {
                     report.damage.push(Damage::PageIndexMismatch { guest: guest.0, epoch });
                 }
@@ -130,14 +178,26 @@ impl Store {
                     }
                 }
                 prev = m.id();
-                last = Some(m);
+                last = Some(Some(m));
             }
-            if last.as_ref().map(Manifest::id) != Some(head.manifest) {
+            if last.flatten().as_ref().map(Manifest::id) != Some(head.manifest) {
                 report.damage.push(Damage::HeadMismatch { guest: guest.0 });
             }
         }
-        for ((guest, epoch), _) in index {
-            report.damage.push(Damage::PageIndexMismatch { guest, epoch });
+        // Entries of thinned epochs: only inside a bridge, and exactly the
+        // epoch's trimmed page list.
+        let zero = remus_types::zero_page_hash();
+        for ((guest, epoch), pages) in index {
+            let inside = bridged.iter().any(|(g, f, l)| *g == guest && (f.0..=l.0).contains(&epoch));
+            if !inside || self.epoch_pages(GuestId(guest), EpochId(epoch))? != pages {
+                report.damage.push(Damage::PageIndexMismatch { guest, epoch });
+                continue;
+            }
+            for (_, id) in pages.iter().filter(|(_, id)| *id != zero) {
+                if referenced.insert(*id) && !self.has_chunk(id)? {
+                    report.damage.push(Damage::ChunkMissing { chunk: id.to_hex(), guest, epoch });
+                }
+            }
         }
         for kv in self.db.iterator_cf(self.cf(CF_CHUNKS), IteratorMode::Start) {
             let (k, _) = kv?;
@@ -180,7 +240,11 @@ pub fn damaged_guests(r: &VerifyReport) -> Vec<GuestId> {
             | Damage::ChainBroken { guest, .. }
             | Damage::PageIndexMismatch { guest, .. }
             | Damage::HeadMismatch { guest } => Some(GuestId(*guest)),
-            Damage::ChunkCorrupt { .. } => None,
+            Damage::ChunkCorrupt { .. }
+            | Damage::PackChunkCorrupt { .. }
+            | Damage::PackCorrupt { .. }
+            | Damage::PackMissing { .. }
+            | Damage::ObjectCorrupt { .. } => None,
         })
         .collect();
     g.sort_unstable();

@@ -60,6 +60,8 @@ pub fn run(args: &BackupArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
                 tap: args.tap.clone(),
             }),
         }),
+        s3: cfg.s3.clone(),
+        retention: cfg.retention.as_ref().map(crate::config::RetentionConfig::policy).transpose()?,
     })?;
     // Scripts and tests read this line to learn the port.
     println!("listening on {} (store {})", backup.addr, store.display());
@@ -68,12 +70,29 @@ pub fn run(args: &BackupArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
     // One line per guest whose committed epoch moved, at most twice a
     // second: progress for people, and a signal scripts and tests can wait on.
     let mut shown = std::collections::HashMap::new();
+    let mut uploaded = std::collections::HashMap::new();
+    let mut last_error = None;
     while !super::stop_requested() {
         std::thread::sleep(Duration::from_millis(500));
         for (g, head) in backup.store.guests()? {
             if shown.insert(g, head.epoch) != Some(head.epoch) {
                 println!("committed {g} epoch {}", head.epoch.0);
                 std::io::stdout().flush()?;
+            }
+            if let (Some(u), true) = (&backup.uploader, cfg.s3.is_some()) {
+                let err = u.last_error();
+                if err != last_error {
+                    match &err {
+                        Some(e) => eprintln!("s3 upload failing (the backlog stays in the store and is retried): {e}"),
+                        None => eprintln!("s3 upload resumed"),
+                    }
+                    last_error = err;
+                }
+                let up = backup.store.s3_cursor(g)?;
+                if up.0 > 0 && uploaded.insert(g, up) != Some(up) {
+                    println!("uploaded {g} epoch {}", up.0);
+                    std::io::stdout().flush()?;
+                }
             }
         }
     }

@@ -53,6 +53,8 @@ pub fn run(args: &DemoArgs, cfg: &Config, data_dir: &Path) -> Result<bool> {
         tls: tls.clone(),
         link: BackupLinkConfig::default(),
         failover: crate::replica::FailoverAction::Record,
+        s3: None,
+        retention: None,
     })?;
     let opts = primary_options(cfg, &args.guest_flags, tls, backup.addr, cfg.protect.guest)?;
     let guest = opts.guest;

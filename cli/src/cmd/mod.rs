@@ -1,7 +1,9 @@
 //! One module per subcommand, plus the few helpers they share.
 
+pub mod archive;
 pub mod backup;
 pub mod demo;
+pub mod gc;
 pub mod keygen;
 pub mod log;
 pub mod protect;
@@ -66,6 +68,28 @@ pub fn open_store_read_only(flag: Option<&Path>, data_dir: &Path) -> Result<remu
     let path = flag.map_or_else(|| data_dir.join("store"), Path::to_path_buf);
     anyhow::ensure!(path.exists(), "no store at {}", path.display());
     remus_store::Store::open(&path, remus_store::StoreOptions::read_only()).with_context(|| format!("opening {}", path.display()))
+}
+
+/// The S3 tier to read: `url` (`s3://BUCKET/PREFIX`) with the config's
+/// other `[s3]` settings, else the config's `[s3]` table. Credentials,
+/// region and endpoint not in the config come from the AWS environment.
+///
+/// # Errors
+/// When neither names a bucket, or the settings are invalid.
+pub fn s3_config(cfg: &crate::config::Config, url: Option<&str>) -> Result<remus_store::s3::S3Config> {
+    match (url, &cfg.s3) {
+        (Some(u), base) => Ok(base.clone().unwrap_or_else(|| remus_store::s3::S3Config::new("", "")).with_url(u)?),
+        (None, Some(c)) => Ok(c.clone()),
+        (None, None) => anyhow::bail!("no S3 tier: give s3://BUCKET/PREFIX or an [s3] table in --config"),
+    }
+}
+
+/// Connects to the S3 tier, checking the bucket answers.
+///
+/// # Errors
+/// When S3 is unreachable, refuses the credentials or lacks the bucket.
+pub fn connect_s3(cfg: &remus_store::s3::S3Config) -> Result<remus_store::s3::S3Tier> {
+    remus_store::s3::S3Tier::connect(cfg).with_context(|| format!("opening {}", cfg.url()))
 }
 
 /// Parses a time as RFC 3339 (`2026-11-25T15:41:00Z`) or Unix seconds.

@@ -4,11 +4,12 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Result;
-use remus_restore::{RestorePlan, Target};
+use anyhow::{Context, Result};
+use remus_restore::{RestorePlan, RestoreReport, S3RestorePlan, Target};
 use remus_types::{EpochId, GuestId};
 
 use super::parse_time;
+use crate::config::Config;
 
 /// Arguments of `remus-restore`.
 #[derive(Debug, clap::Parser)]
@@ -44,9 +45,59 @@ pub struct RestoreArgs {
     /// QEMU binary for --run (default qemu-system-x86_64).
     #[arg(long, requires = "run")]
     pub qemu_binary: Option<PathBuf>,
+    /// Restore from the S3 tier alone (`s3://BUCKET/PREFIX`), without any
+    /// local store: after losing the backup site.
+    #[arg(long, value_name = "URL")]
+    pub from: Option<String>,
+    /// TOML configuration file (its `[s3]` table: endpoint, region, credentials).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+fn bar(json: bool, len: u64, template: &str) -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() || json {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(len);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(&format!("{{spinner}} {template}")).expect("valid template").progress_chars("=> "),
+    );
+    Some(b)
+}
+
+/// Restores from the S3 tier alone: epoch objects first, then the packs
+/// holding that epoch's chunks, with a progress bar for each phase.
+fn restore_from_s3(args: &RestoreArgs, target: Target) -> Result<(remus_store::Manifest, RestoreReport)> {
+    let cfg = Config::load(args.config.as_deref())?;
+    let s3 = super::s3_config(&cfg, args.from.as_deref())?;
+    let tier = super::connect_s3(&s3)?;
+    let manifests = bar(args.json, 0, "reading manifests from S3 [{bar:40}] {pos}/{len} epochs ({elapsed})");
+    let plan = S3RestorePlan::new(&tier, GuestId(args.guest), target, &mut |done, total| {
+        if let Some(b) = &manifests {
+            b.set_length(total);
+            b.set_position(done);
+        }
+    })
+    .with_context(|| format!("reading {}", s3.url()))?;
+    if let Some(b) = manifests {
+        b.finish_and_clear();
+    }
+    let pages = bar(args.json, 0, "fetching packs from S3 [{bar:40}] {pos}/{len} pages written ({elapsed})");
+    let report = plan
+        .execute(&tier, &args.to, &mut |done, total| {
+            if let Some(b) = &pages {
+                b.set_length(total);
+                b.set_position(done);
+            }
+        })
+        .with_context(|| format!("restoring from {}", s3.url()))?;
+    if let Some(b) = pages {
+        b.finish_and_clear();
+    }
+    Ok((plan.manifest, report))
 }
 
 /// Runs the restore.
@@ -55,42 +106,39 @@ pub struct RestoreArgs {
 /// When the store cannot be opened, nothing matches the target, a chunk is
 /// missing or corrupt, or the image cannot be written.
 pub fn run(args: &RestoreArgs) -> Result<()> {
-    let store = super::open_store_read_only(args.store.as_deref(), &args.data_dir)?;
     let target = match (args.epoch, &args.at) {
         (Some(e), _) => Target::Epoch(EpochId(e)),
         (None, Some(t)) => Target::At(parse_time(t)?),
         (None, None) => Target::Latest,
     };
     let t0 = Instant::now();
-    let plan = RestorePlan::new(&store, GuestId(args.guest), target)?;
-    let total = plan.manifest.page_count;
-    let bar = if std::io::stderr().is_terminal() && !args.json {
-        let b = indicatif::ProgressBar::new(total);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} restoring [{bar:40}] {pos}/{len} pages written ({elapsed})")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
-        Some(b)
+    let mut vm = None;
+    let (manifest, report) = if args.from.is_some() {
+        anyhow::ensure!(!args.run, "--run resumes from a local store; restore from S3 with --to, then run the image");
+        restore_from_s3(args, target)?
     } else {
-        None
-    };
-    let show = |n| {
-        if let Some(b) = &bar {
-            b.set_position(n);
+        let store = super::open_store_read_only(args.store.as_deref(), &args.data_dir)?;
+        let plan = RestorePlan::new(&store, GuestId(args.guest), target)?;
+        let bar = bar(args.json, plan.manifest.page_count, "restoring [{bar:40}] {pos}/{len} pages written ({elapsed})");
+        let show = |n| {
+            if let Some(b) = &bar {
+                b.set_position(n);
+            }
+        };
+        vm = crate::vm::restore_vm(&store, &plan, &args.to, &show)?;
+        let report = match &vm {
+            Some((_, _, report)) => *report,
+            None => {
+                anyhow::ensure!(!args.run, "--run needs a QEMU guest; guest {} is not one", args.guest);
+                plan.execute(&store, &args.to, &show)?
+            }
+        };
+        if let Some(b) = bar {
+            b.finish_and_clear();
         }
+        (plan.manifest, report)
     };
-    let vm = crate::vm::restore_vm(&store, &plan, &args.to, &show)?;
-    let report = match &vm {
-        Some((_, _, report)) => *report,
-        None => {
-            anyhow::ensure!(!args.run, "--run needs a QEMU guest; guest {} is not one", args.guest);
-            plan.execute(&store, &args.to, &show)?
-        }
-    };
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    let plan = RestorePlan { guest: GuestId(args.guest), manifest };
     let secs = t0.elapsed().as_secs_f64();
     if args.json {
         let v = serde_json::json!({

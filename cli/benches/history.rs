@@ -1,0 +1,264 @@
+//! History benchmark: the store against restic and borg on the same
+//! images in the same run.
+//!
+//! 1. An image of `REMUS_BENCH_MIB` (default 1024) MiB of mixed pages
+//!    (zero, text-like, random, duplicated) is ingested by each: remus
+//!    hashes (blake3) and compresses (zstd 1) every page on two threads and
+//!    commits it to a fresh store as one epoch (synced); restic and borg
+//!    back up the same image file.
+//! 2. 1% of the 4 KiB pages change at random (new random content); each
+//!    ingests again and the growth of its repository is measured.
+//! 3. The second version is restored: remus (store opened read-only, as
+//!    `remus-restore` does) writes the image of its epoch
+//!    (verifying every chunk and the memory root) and syncs it;
+//!    `restic restore` and `borg extract` write the file, then it is
+//!    synced too, so all three times are to a durable image.
+//!
+//! `cargo bench -p remus-cli --bench history` (needs `restic` and `borg`
+//! on PATH; Debian: `apt-get install restic borgbackup`; baselines that
+//! are missing are skipped with a note).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use rand::{Rng, RngCore, SeedableRng};
+use remus_restore::{RestorePlan, Target};
+use remus_store::{content_id, EpochCommit, Store, StoreOptions, StoredChunk};
+use remus_types::{EpochId, GuestId, MemoryDigest, Pfn, PAGE_SIZE};
+
+/// Bytes of the files under `p`, leaving out RocksDB's write-ahead logs
+/// (`*.log`, obsolete once flushed) and its info logs (`LOG*`).
+fn dir_bytes(p: &Path) -> u64 {
+    let mut n = 0;
+    for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+        let m = e.metadata().expect("metadata");
+        let name = e.file_name().to_string_lossy().into_owned();
+        if m.is_dir() {
+            n += dir_bytes(&e.path());
+        } else if !(name.ends_with(".log") || name.starts_with("LOG")) {
+            n += m.len();
+        }
+    }
+    n
+}
+
+fn make_image(pages: usize, rng: &mut rand::rngs::SmallRng) -> Vec<u8> {
+    let mut img = vec![0u8; pages * PAGE_SIZE];
+    const WORDS: &[&str] = &["remus ", "epoch ", "commit ", "page ", "guest ", "backup ", "the ", "of ", "and ", "memory "];
+    for p in 0..pages {
+        let kind = rng.gen_range(0..100);
+        let (head, page) = img.split_at_mut(p * PAGE_SIZE);
+        let page = &mut page[..PAGE_SIZE];
+        match kind {
+            0..=29 => {} // zero
+            30..=59 => {
+                let mut i = 0;
+                while i < PAGE_SIZE {
+                    let w = WORDS[rng.gen_range(0..WORDS.len())].as_bytes();
+                    let n = w.len().min(PAGE_SIZE - i);
+                    page[i..i + n].copy_from_slice(&w[..n]);
+                    i += n;
+                }
+            }
+            60..=79 => rng.fill_bytes(page),
+            _ if p > 0 => {
+                let src = rng.gen_range(0..p);
+                page.copy_from_slice(&head[src * PAGE_SIZE..][..PAGE_SIZE]);
+            }
+            _ => {}
+        }
+    }
+    img
+}
+
+/// Hashes and compresses every page on two threads, commits one epoch.
+/// The memory root is the primary's work (kept incrementally there), so
+/// it is computed before the clock starts.
+fn ingest(store: &Store, epoch: u64, img: &[u8], changed: Option<&[usize]>) -> (f64, EpochId) {
+    let memory_root = MemoryDigest::of_image(img);
+    let t0 = Instant::now();
+    let pfns: Vec<usize> = changed.map_or_else(|| (0..img.len() / PAGE_SIZE).collect(), <[usize]>::to_vec);
+    let half = pfns.len() / 2;
+    let zero = remus_types::zero_page_hash();
+    // As the primary does: zero pages and repeated content are sent as
+    // such, the rest compressed with one zstd context per thread.
+    let work = |part: &[usize]| -> Vec<(Pfn, remus_types::ChunkId, Option<StoredChunk>)> {
+        let mut z = zstd::bulk::Compressor::new(1).expect("zstd");
+        let mut seen = std::collections::HashSet::new();
+        part.iter()
+            .map(|&p| {
+                let page = &img[p * PAGE_SIZE..][..PAGE_SIZE];
+                let id = content_id(page);
+                let chunk = (id != zero && seen.insert(id)).then(|| StoredChunk::Zstd(z.compress(page).expect("zstd")));
+                (Pfn(p as u64), id, chunk)
+            })
+            .collect()
+    };
+    let (a, b) = std::thread::scope(|s| {
+        let h = s.spawn(|| work(&pfns[..half]));
+        let b = work(&pfns[half..]);
+        (h.join().expect("worker"), b)
+    });
+    // Committed as the backup receives a first full copy: consecutive
+    // epochs of at most 16384 pages (64 MiB), in one synced group.
+    let page_count = (img.len() / PAGE_SIZE) as u64;
+    let mut commits: Vec<EpochCommit> = Vec::new();
+    for (pfn, id, chunk) in a.into_iter().chain(b) {
+        if commits.last().is_none_or(|c| c.pages.len() >= 16384) {
+            let e = epoch + commits.len() as u64;
+            commits.push(EpochCommit { guest: GuestId(1), epoch: EpochId(e), page_count, time_unix_ns: e, ..EpochCommit::default() });
+        }
+        let c = commits.last_mut().expect("one commit");
+        c.pages.push((pfn, id));
+        if let Some(chunk) = chunk {
+            c.chunks.push((id, chunk));
+        }
+    }
+    // Only the last epoch's root is the image's; the others are partial
+    // states this benchmark never restores.
+    commits.last_mut().expect("one commit").memory_root = memory_root;
+    let last = commits.last().expect("one commit").epoch;
+    let t_commit = Instant::now();
+    for group in commits.chunks(4) {
+        store.commit_many(group.to_vec()).expect("commit");
+    }
+    let t_flush = Instant::now();
+    store.flush().expect("flush");
+    eprintln!(
+        "remus ingest from epoch {epoch}: hash+compress {:.2} s, commit {:.2} s, flush {:.2} s (store alone: {:.1} MB/s)",
+        (t_commit - t0).as_secs_f64(),
+        (t_flush - t_commit).as_secs_f64(),
+        t_flush.elapsed().as_secs_f64(),
+        img.len() as f64 / 1e6 / t_commit.elapsed().as_secs_f64()
+    );
+    (t0.elapsed().as_secs_f64(), last)
+}
+
+fn timed(cmd: &mut Command) -> f64 {
+    let t0 = Instant::now();
+    let out = cmd.output().expect("spawn");
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    t0.elapsed().as_secs_f64()
+}
+
+/// remus syncs the image it restores; the baselines' restore times
+/// include the same fsync so all three measure a durable image.
+fn durable(p: &Path) {
+    std::fs::File::open(p).and_then(|f| f.sync_all()).expect("sync restored file");
+}
+
+fn have(tool: &str) -> bool {
+    let arg = if tool == "restic" { "version" } else { "--version" };
+    Command::new(tool).arg(arg).output().is_ok_and(|o| o.status.success())
+}
+
+fn main() {
+    let mib: usize = std::env::var("REMUS_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
+    let pages = mib << 20 >> 12;
+    let base = std::env::var_os("REMUS_BENCH_DIR").map_or_else(std::env::temp_dir, std::path::PathBuf::from);
+    let dir = tempfile::tempdir_in(base).expect("tempdir");
+    let d = dir.path();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    let v1 = make_image(pages, &mut rng);
+    let mut changed: Vec<usize> = (0..pages).filter(|_| rng.gen_ratio(1, 100)).collect();
+    changed.dedup();
+    let src = d.join("src");
+    std::fs::create_dir(&src).expect("mkdir");
+    let file = src.join("guest.img");
+    std::fs::write(&file, &v1).expect("write image");
+    let mib_f = mib as f64;
+    println!("history benchmark: {mib} MiB image (30% zero, 30% text, 20% random, 20% duplicate pages), then {} pages (1%) rewritten", changed.len());
+    println!("{:<8} {:>14} {:>12} {:>16} {:>16} {:>12}", "tool", "ingest MB/s", "repo MB", "growth MB", "re-ingest s", "restore s");
+
+    // remus
+    let store_dir = d.join("store");
+    let store = Store::open(&store_dir, StoreOptions::default()).expect("store");
+    let (t1, e1) = ingest(&store, 1, &v1, None);
+    // Sizes after a full compaction (not timed): live data only.
+    store.compact().expect("compact");
+    let size1 = dir_bytes(&store_dir);
+    let mut v2 = v1.clone();
+    for &p in &changed {
+        rng.fill_bytes(&mut v2[p * PAGE_SIZE..][..PAGE_SIZE]);
+    }
+    let (t2, e2) = ingest(&store, e1.0 + 1, &v2, Some(&changed));
+    store.compact().expect("compact");
+    let size2 = dir_bytes(&store_dir);
+    // Restore as `remus-restore` does: a read-only open of the store.
+    drop(store);
+    let store = Store::open(&store_dir, StoreOptions::read_only()).expect("store");
+    let out = d.join("remus.img");
+    let t0 = Instant::now();
+    let plan = RestorePlan::new(&store, GuestId(1), Target::Epoch(e2)).expect("plan");
+    plan.execute(&store, &out, |_| {}).expect("restore");
+    let tr = t0.elapsed().as_secs_f64();
+    assert!(std::fs::read(&out).expect("read") == v2, "remus restore is not byte-exact");
+    std::fs::remove_file(&out).expect("rm");
+    let mb = |b: u64| b as f64 / 1e6;
+    let growth = |a: u64, b: u64| (b as f64 - a as f64) / 1e6;
+    let changed_mb = mb((changed.len() * PAGE_SIZE) as u64);
+    println!("{:<8} {:>14.1} {:>12.1} {:>16.1} {:>16.2} {:>12.2}", "remus", mib_f * 1.048_576 / t1, mb(size1), growth(size1, size2), t2, tr);
+    drop(store);
+
+    // restic
+    if have("restic") {
+        let repo = d.join("restic");
+        let restic = || {
+            let mut c = Command::new("restic");
+            c.env("RESTIC_PASSWORD", "bench").env("RESTIC_CACHE_DIR", d.join("restic-cache")).arg("-r").arg(&repo).arg("-q");
+            c
+        };
+        std::fs::write(&file, &v1).expect("write");
+        timed(restic().arg("init"));
+        let t1 = timed(restic().arg("backup").arg(&src));
+        let s1 = dir_bytes(&repo);
+        std::fs::write(&file, &v2).expect("write v2");
+        let t2 = timed(restic().arg("backup").arg(&src));
+        let s2 = dir_bytes(&repo);
+        let target = d.join("restic-out");
+        let t0 = Instant::now();
+        timed(restic().args(["restore", "latest", "--target"]).arg(&target));
+        let restored = target.join(file.strip_prefix("/").expect("absolute"));
+        durable(&restored);
+        let tr = t0.elapsed().as_secs_f64();
+        assert!(std::fs::read(&restored).expect("restic output") == v2, "restic restore differs");
+        std::fs::remove_dir_all(&target).expect("rm");
+        println!("{:<8} {:>14.1} {:>12.1} {:>16.1} {:>16.2} {:>12.2}", "restic", mib_f * 1.048_576 / t1, mb(s1), growth(s1, s2), t2, tr);
+    } else {
+        println!("restic: not installed, skipped");
+    }
+
+    // borg
+    if have("borg") {
+        let repo = d.join("borg");
+        let borg = || {
+            let mut c = Command::new("borg");
+            c.env("BORG_BASE_DIR", d.join("borg-base")).env("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "yes");
+            c
+        };
+        std::fs::write(&file, &v1).expect("write");
+        timed(borg().args(["init", "-e", "none"]).arg(&repo));
+        let archive = |n: &str| format!("{}::{n}", repo.display());
+        let t1 = timed(borg().args(["create", "--compression", "lz4", &archive("v1")]).arg(&src));
+        let s1 = dir_bytes(&repo);
+        std::fs::write(&file, &v2).expect("write v2");
+        let t2 = timed(borg().args(["create", "--compression", "lz4", &archive("v2")]).arg(&src));
+        let s2 = dir_bytes(&repo);
+        let target = d.join("borg-out");
+        std::fs::create_dir(&target).expect("mkdir");
+        let t0 = Instant::now();
+        timed(borg().current_dir(&target).args(["extract", &archive("v2")]));
+        let restored = target.join(file.strip_prefix("/").expect("absolute"));
+        durable(&restored);
+        let tr = t0.elapsed().as_secs_f64();
+        assert!(std::fs::read(&restored).expect("borg output") == v2, "borg extract differs");
+        println!("{:<8} {:>14.1} {:>12.1} {:>16.1} {:>16.2} {:>12.2}", "borg", mib_f * 1.048_576 / t1, mb(s1), growth(s1, s2), t2, tr);
+    } else {
+        println!("borg: not installed, skipped");
+    }
+    println!("changed bytes: {changed_mb:.1} MB ({} pages x 4096)", changed.len());
+    if std::env::var_os("REMUS_BENCH_KEEP").is_some() {
+        println!("kept {}", dir.keep().display());
+    }
+}

@@ -1,0 +1,313 @@
+//! Retention: thinning old epochs by a policy, and GC of chunks no kept
+//! epoch references.
+//!
+//! **Thinning** drops epochs (never a guest's newest) from the log. A
+//! page version written in a dropped epoch stays in the page index while
+//! a later kept epoch still sees it (no epoch up to the next kept one
+//! rewrote that page), so every kept epoch restores byte-exact. A run of
+//! dropped epochs between two kept ones is recorded as a *bridge* in
+//! `meta`: `b"bridge" | guest u64 | first u64 → last u64 | parent of the
+//! first dropped manifest [32] | id of the last dropped manifest [32]`.
+//! The chain rule for `verify`: a kept manifest's parent is the previous
+//! kept manifest's id, or, across a gap, a bridge spans exactly the gap,
+//! its first parent is the previous kept manifest's id and its last id is
+//! the kept manifest's parent. A dropped run next to an existing bridge
+//! merges with it. Each epoch's page list (`delta` in `meta`) is trimmed
+//! to the versions that survive, so a bridge's surviving pages are the
+//! page lists of its epochs.
+//!
+//! **GC** deletes chunks that no page-index entry and no kept manifest's
+//! device state names. It runs beside ingest: while it marks, commits add
+//! every chunk they reference to its mark set, and the sweep holds the
+//! commit lock exclusively (commits share it among themselves), so a
+//! chunk a concurrent commit relies on is never deleted (and a commit
+//! never references a chunk that is gone: it checks).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use remus_types::{ChunkId, EpochId, GuestId, Pfn};
+use rocksdb::{IteratorMode, WriteBatch};
+
+use crate::db::{delta_key, epoch_key, guest_key, page_key, u64_at, Store, CF_CHUNKS, CF_EPOCHS, CF_META, CF_PAGES};
+use crate::error::StoreError;
+use crate::manifest::Manifest;
+
+/// One tier of a retention policy: epochs at most `within` older than
+/// the newest are kept one per `every` (zero: all of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepRule {
+    /// Age limit of this tier.
+    pub within: Duration,
+    /// Spacing of kept epochs (zero keeps every epoch).
+    pub every: Duration,
+}
+
+/// Which epochs to keep, by age relative to the guest's newest epoch.
+/// Epochs older than every rule's `within` are dropped; the newest epoch
+/// is always kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    /// Tiers, any order.
+    pub rules: Vec<KeepRule>,
+}
+
+impl RetentionPolicy {
+    /// The example policy: every epoch for an hour, one per second for a
+    /// day, one per minute for 30 days, one per day for a year.
+    #[must_use]
+    pub fn standard() -> Self {
+        let (s, m, h, d) = (1, 60, 3600, 86_400);
+        let r = |within: u64, every: u64| KeepRule { within: Duration::from_secs(within), every: Duration::from_secs(every) };
+        Self { rules: vec![r(h, 0), r(d, s), r(30 * d, m), r(365 * d, d)] }
+    }
+
+    /// The epochs to keep among `epochs` (epoch, pause time ns), ascending.
+    /// In each tier the oldest epoch of each `every`-aligned slot is kept,
+    /// so an epoch dropped once is never wanted back as time passes.
+    #[must_use]
+    pub fn keep(&self, epochs: &[(EpochId, u64)]) -> HashSet<EpochId> {
+        let mut rules = self.rules.clone();
+        rules.sort_by_key(|r| r.within);
+        let Some(&(newest, now)) = epochs.last() else { return HashSet::new() };
+        let mut keep = HashSet::from([newest]);
+        let mut slots: HashSet<(usize, u128)> = HashSet::new();
+        for &(e, t) in epochs {
+            let age = Duration::from_nanos(now.saturating_sub(t));
+            let Some((i, rule)) = rules.iter().enumerate().find(|(_, r)| age <= r.within) else { continue };
+            if rule.every.is_zero() || slots.insert((i, u128::from(t) / rule.every.as_nanos())) {
+                keep.insert(e);
+            }
+        }
+        keep
+    }
+}
+
+/// A recorded run of dropped epochs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BridgeRecord {
+    /// First dropped epoch.
+    pub first: EpochId,
+    /// Last dropped epoch.
+    pub last: EpochId,
+    /// Parent of the first dropped manifest.
+    pub first_parent: ChunkId,
+    /// Id of the last dropped manifest.
+    pub last_id: ChunkId,
+}
+
+/// What thinning did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ThinReport {
+    /// Epochs dropped.
+    pub epochs_dropped: u64,
+    /// Page versions no kept epoch sees any more, removed from the index.
+    pub pages_dropped: u64,
+}
+
+/// What GC did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Chunks still referenced.
+    pub live: u64,
+    /// Chunks deleted.
+    pub deleted: u64,
+    /// The referenced set (for the S3 tier's GC).
+    pub referenced: HashSet<ChunkId>,
+}
+
+fn bridge_key(guest: GuestId, first: EpochId) -> Vec<u8> {
+    let mut k = guest_key(b"bridge", guest);
+    k.extend_from_slice(&first.0.to_be_bytes());
+    k
+}
+
+impl Store {
+    /// The bridges of `guest`, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`], [`StoreError::Corrupt`].
+    pub fn bridges(&self, guest: GuestId) -> Result<Vec<BridgeRecord>, StoreError> {
+        let prefix = guest_key(b"bridge", guest);
+        let mut out = Vec::new();
+        for kv in self.db.iterator_cf(self.cf(CF_META), IteratorMode::From(&prefix, rocksdb::Direction::Forward)) {
+            let (k, v) = kv?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            if k.len() != prefix.len() + 8 || v.len() != 72 {
+                return Err(StoreError::Corrupt(format!("{guest}: bridge record")));
+            }
+            out.push(BridgeRecord {
+                first: EpochId(u64_at(&k, prefix.len())),
+                last: EpochId(u64_at(&v, 0)),
+                first_parent: ChunkId(v[8..40].try_into().expect("32 bytes")),
+                last_id: ChunkId(v[40..72].try_into().expect("32 bytes")),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Drops the epochs of `guest` that `policy` does not keep, among
+    /// those at or before `upto` (the S3 tier's cursor when there is one:
+    /// only what S3 holds is thinned, so S3 can mirror it).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`], [`StoreError::Corrupt`].
+    pub fn thin(&self, guest: GuestId, policy: &RetentionPolicy, upto: EpochId) -> Result<ThinReport, StoreError> {
+        let manifests = self.manifests(guest)?;
+        let times: Vec<(EpochId, u64)> = manifests.iter().map(|m| (m.epoch, m.time_unix_ns)).collect();
+        let keep = policy.keep(&times);
+        let kept = |m: &Manifest| keep.contains(&m.epoch) || m.epoch > upto;
+        let bridges = self.bridges(guest)?;
+        let mut report = ThinReport::default();
+        // Walk kept manifests; each gap holding a newly dropped epoch is
+        // rebuilt as one bridge.
+        let mut prev: Option<&Manifest> = None;
+        let mut dropped: Vec<&Manifest> = Vec::new();
+        for m in &manifests {
+            if !kept(m) {
+                dropped.push(m);
+                continue;
+            }
+            if !dropped.is_empty() {
+                report = add(report, self.bridge_gap(guest, prev, m, &dropped, &bridges)?);
+                dropped.clear();
+            }
+            prev = Some(m);
+        }
+        Ok(report)
+    }
+
+    /// Rebuilds the gap between `prev` (or the start) and `next` after
+    /// dropping `dropped`: one bridge, trimmed page lists and index.
+    fn bridge_gap(
+        &self,
+        guest: GuestId,
+        prev: Option<&Manifest>,
+        next: &Manifest,
+        dropped: &[&Manifest],
+        bridges: &[BridgeRecord],
+    ) -> Result<ThinReport, StoreError> {
+        let first = prev.map_or(EpochId(1), |p| p.epoch.next());
+        let last = EpochId(next.epoch.0 - 1);
+        let mut batch = WriteBatch::default();
+        for b in bridges.iter().filter(|b| b.first >= first && b.last <= last) {
+            batch.delete_cf(self.cf(CF_META), bridge_key(guest, b.first));
+        }
+        let rec = BridgeRecord { first, last, first_parent: prev.map_or(ChunkId::default(), Manifest::id), last_id: next.parent };
+        let mut v = Vec::with_capacity(72);
+        v.extend_from_slice(&rec.last.0.to_be_bytes());
+        v.extend_from_slice(&rec.first_parent.0);
+        v.extend_from_slice(&rec.last_id.0);
+        batch.put_cf(self.cf(CF_META), bridge_key(guest, first), v);
+        // Page versions in the gap, newest first: a version survives only
+        // if no later epoch up to `next` rewrote its page.
+        let mut seen: HashSet<Pfn> = self.epoch_pages(guest, next.epoch)?.into_iter().map(|(p, _)| p).collect();
+        let mut report = ThinReport { epochs_dropped: dropped.len() as u64, pages_dropped: 0 };
+        for (e, pages) in self.page_lists(guest, first, last)?.into_iter().rev() {
+            let mut keep = Vec::with_capacity(pages.len() * 40);
+            for (pfn, id) in &pages {
+                if seen.insert(*pfn) {
+                    keep.extend_from_slice(&pfn.0.to_be_bytes());
+                    keep.extend_from_slice(&id.0);
+                } else {
+                    batch.delete_cf(self.cf(CF_PAGES), page_key(guest, *pfn, e));
+                    report.pages_dropped += 1;
+                }
+            }
+            // Kept even when empty: "nothing of this epoch survives".
+            batch.put_cf(self.cf(CF_META), delta_key(guest, e), keep);
+        }
+        for m in dropped {
+            batch.delete_cf(self.cf(CF_EPOCHS), epoch_key(guest, m.epoch));
+        }
+        self.db.write(batch)?;
+        Ok(report)
+    }
+
+    /// Every chunk a page-index entry or a kept manifest names.
+    fn referenced(&self) -> Result<HashSet<ChunkId>, StoreError> {
+        let mut live = HashSet::new();
+        for kv in self.db.iterator_cf(self.cf(CF_PAGES), IteratorMode::Start) {
+            let (_, v) = kv?;
+            live.insert(crate::db::hash_value(&v)?);
+        }
+        for (guest, _) in self.guests()? {
+            for m in self.manifests(guest)? {
+                live.insert(m.device_state);
+            }
+        }
+        Ok(live)
+    }
+
+    /// Deletes every chunk no kept epoch references; safe while commits
+    /// go on (see the module notes).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`], [`StoreError::Corrupt`].
+    pub fn gc(&self) -> Result<GcReport, StoreError> {
+        let marks = || self.gc_marks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        {
+            // No commit in flight: each one either is in the index the mark
+            // phase reads, or records its chunks in the marks.
+            let _sweep = self.gc.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            *marks() = Some(HashSet::new());
+        }
+        let mut marked = match self.referenced() {
+            Ok(m) => m,
+            Err(e) => {
+                *marks() = None;
+                return Err(e);
+            }
+        };
+        let mut candidates = Vec::new();
+        for kv in self.db.iterator_cf(self.cf(CF_CHUNKS), IteratorMode::Start) {
+            let (k, _) = kv?;
+            match <[u8; 32]>::try_from(&k[..]).map(ChunkId) {
+                Ok(id) if !marked.contains(&id) => candidates.push(id),
+                _ => {}
+            }
+        }
+        let guard = self.gc.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        marked.extend(marks().take().unwrap_or_default());
+        let mut batch = WriteBatch::default();
+        let mut deleted = 0;
+        for id in candidates.iter().filter(|id| !marked.contains(id)) {
+            batch.delete_cf(self.cf(CF_CHUNKS), id.0);
+            deleted += 1;
+        }
+        self.db.write(batch)?;
+        drop(guard);
+        Ok(GcReport { live: marked.len() as u64, deleted, referenced: marked })
+    }
+}
+
+fn add(a: ThinReport, b: ThinReport) -> ThinReport {
+    ThinReport { epochs_dropped: a.epochs_dropped + b.epochs_dropped, pages_dropped: a.pages_dropped + b.pages_dropped }
+}
+
+impl Store {
+    /// The page lists of `guest`'s epochs in `first..=last` that have one
+    /// (after thinning: the versions a bridge carries), ascending epoch.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`], [`StoreError::Corrupt`].
+    pub fn page_lists(&self, guest: GuestId, first: EpochId, last: EpochId) -> Result<Vec<(EpochId, Vec<(Pfn, ChunkId)>)>, StoreError> {
+        let start = delta_key(guest, first);
+        let end = delta_key(guest, last);
+        let mut out = Vec::new();
+        for kv in self.db.iterator_cf(self.cf(CF_META), IteratorMode::From(&start, rocksdb::Direction::Forward)) {
+            let (k, v) = kv?;
+            if k.len() != end.len() || k[..end.len() - 8] != end[..end.len() - 8] || k[..] > end[..] {
+                break;
+            }
+            if v.len() % 40 != 0 {
+                return Err(StoreError::Corrupt(format!("{guest}: page list")));
+            }
+            let e = EpochId(u64_at(&k, end.len() - 8));
+            out.push((e, v.chunks_exact(40).map(|x| (Pfn(u64_at(x, 0)), ChunkId(x[8..40].try_into().expect("32 bytes")))).collect()));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,408 @@
+//! A small blocking face over aws-sdk-s3: the few calls the tier makes,
+//! with errors sorted into what callers branch on.
+//!
+//! The client owns a current-thread tokio runtime and blocks on it, so the
+//! store stays synchronous; it must not be called from inside another
+//! runtime's worker thread (the uploader and the commands run it on their
+//! own threads).
+
+use std::time::Duration;
+
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::{ByteStream, DateTime};
+use aws_sdk_s3::types::ObjectLockMode;
+use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
+
+use super::S3Config;
+
+/// An S3 failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum S3Error {
+    /// The configuration is unusable.
+    #[error("s3 configuration: {0}")]
+    Config(String),
+    /// The service could not be reached (connection refused, timeout, DNS).
+    #[error("s3 unreachable ({op}): {detail}")]
+    Unreachable {
+        /// Operation.
+        op: &'static str,
+        /// What the client said.
+        detail: String,
+    },
+    /// Credentials were refused or the caller may not do this.
+    #[error("s3 refused the credentials or the request ({op} {key}): {detail}")]
+    Denied {
+        /// Operation.
+        op: &'static str,
+        /// Object key or bucket.
+        key: String,
+        /// Error code and message.
+        detail: String,
+    },
+    /// The bucket does not exist.
+    #[error("s3 bucket {0:?} does not exist")]
+    NoSuchBucket(String),
+    /// The object does not exist.
+    #[error("s3 object {0} does not exist")]
+    NotFound(String),
+    /// A conditional put found the key taken (HTTP 412).
+    #[error("s3 object {0} already exists")]
+    Exists(String),
+    /// Another writer holds a key this writer needs.
+    #[error("s3 conflict: {0}")]
+    Conflict(String),
+    /// Anything else the service answered.
+    #[error("s3 {op} {key}: {detail}")]
+    Service {
+        /// Operation.
+        op: &'static str,
+        /// Object key.
+        key: String,
+        /// Error code and message.
+        detail: String,
+    },
+}
+
+/// One listed object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// Key relative to the tier's prefix.
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// One version of an object (versioned buckets).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedVersion {
+    /// Key relative to the tier's prefix.
+    pub key: String,
+    /// Version id.
+    pub version: String,
+}
+
+/// A blocking S3 client bound to one bucket and prefix.
+pub struct S3Client {
+    rt: tokio::runtime::Runtime,
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    prefix: String,
+}
+
+impl std::fmt::Debug for S3Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "S3Client(s3://{}/{})", self.bucket, self.prefix)
+    }
+}
+
+fn classify<E: ProvideErrorMetadata + std::error::Error + 'static, R>(op: &'static str, key: &str, e: SdkError<E, R>) -> S3Error
+where
+    R: std::fmt::Debug,
+{
+    match &e {
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
+            S3Error::Unreachable { op, detail: chain(&e) }
+        }
+        SdkError::ServiceError(se) => {
+            let err = se.err();
+            let code = err.code().unwrap_or("").to_string();
+            let detail = format!("{code}: {}", err.message().unwrap_or(""));
+            let status = format!("{:?}", se.raw());
+            match code.as_str() {
+                "NoSuchBucket" => S3Error::NoSuchBucket(key.to_string()),
+                "NoSuchKey" | "NotFound" => S3Error::NotFound(key.to_string()),
+                "PreconditionFailed" => S3Error::Exists(key.to_string()),
+                "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "InvalidToken" | "ExpiredToken" => {
+                    S3Error::Denied { op, key: key.to_string(), detail }
+                }
+                _ if status.contains("StatusCode(412)") => S3Error::Exists(key.to_string()),
+                _ if status.contains("StatusCode(404)") => S3Error::NotFound(key.to_string()),
+                _ if status.contains("StatusCode(403)") => S3Error::Denied { op, key: key.to_string(), detail },
+                _ => S3Error::Service { op, key: key.to_string(), detail },
+            }
+        }
+        _ => S3Error::Service { op, key: key.to_string(), detail: chain(&e) },
+    }
+}
+
+/// An error and its sources, one line: "dispatch failure: io error: ...".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let m = s.to_string();
+        if !msg.ends_with(&m) {
+            msg.push_str(": ");
+            msg.push_str(&m);
+        }
+        src = s.source();
+    }
+    msg
+}
+
+impl S3Client {
+    /// Builds a client for `cfg` (no request is made yet).
+    ///
+    /// # Errors
+    /// [`S3Error::Config`] for an invalid configuration.
+    pub fn new(cfg: &S3Config) -> Result<Self, S3Error> {
+        cfg.validate()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| S3Error::Config(format!("starting the s3 runtime: {e}")))?;
+        let http = aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring)).build_https();
+        let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .operation_attempt_timeout(Duration::from_millis(cfg.timeout_ms))
+            .build();
+        let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http).timeout_config(timeouts);
+        if let Some(r) = &cfg.region {
+            loader = loader.region(Region::new(r.clone()));
+        }
+        if let (Some(id), Some(secret)) = (&cfg.access_key_id, &cfg.secret_access_key) {
+            loader = loader.credentials_provider(Credentials::new(id, secret, None, None, "remus-config"));
+        }
+        if let Some(ep) = &cfg.endpoint {
+            loader = loader.endpoint_url(ep);
+        }
+        let sdk = rt.block_on(loader.load());
+        let mut b = aws_sdk_s3::config::Builder::from(&sdk).force_path_style(cfg.force_path_style);
+        if sdk.region().is_none() {
+            b = b.region(Region::new("us-east-1"));
+        }
+        let client = aws_sdk_s3::Client::from_conf(b.build());
+        Ok(Self { rt, client, bucket: cfg.bucket.clone(), prefix: cfg.prefix.clone() })
+    }
+
+    /// The bucket.
+    #[must_use]
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// Full key of `rel` under the prefix.
+    #[must_use]
+    pub fn key(&self, rel: &str) -> String {
+        if self.prefix.is_empty() {
+            rel.to_string()
+        } else {
+            format!("{}/{rel}", self.prefix)
+        }
+    }
+
+    fn rel(&self, full: &str) -> String {
+        if self.prefix.is_empty() {
+            full.to_string()
+        } else {
+            full.strip_prefix(&self.prefix).map_or(full, |r| r.trim_start_matches('/')).to_string()
+        }
+    }
+
+    /// Checks that the bucket is reachable with these credentials.
+    ///
+    /// # Errors
+    /// [`S3Error::Unreachable`], [`S3Error::Denied`], [`S3Error::NoSuchBucket`].
+    pub fn check(&self) -> Result<(), S3Error> {
+        self.rt
+            .block_on(self.client.head_bucket().bucket(&self.bucket).send())
+            .map_err(|e| match classify("head-bucket", &self.bucket, e) {
+                S3Error::NotFound(_) => S3Error::NoSuchBucket(self.bucket.clone()),
+                other => other,
+            })?;
+        Ok(())
+    }
+
+    /// Creates the bucket (with Object Lock enabled when `object_lock`,
+    /// which also turns on versioning); an existing bucket of ours is fine.
+    ///
+    /// # Errors
+    /// As the service answers.
+    pub fn create_bucket(&self, object_lock: bool) -> Result<(), S3Error> {
+        let r = self.rt.block_on(self.client.create_bucket().bucket(&self.bucket).object_lock_enabled_for_bucket(object_lock).send());
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) => match classify("create-bucket", &self.bucket, e) {
+                S3Error::Service { detail, .. } if detail.starts_with("BucketAlreadyOwnedByYou") => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
+    /// Puts `body` at `rel` only if no object is there (`If-None-Match: *`).
+    ///
+    /// # Errors
+    /// [`S3Error::Exists`] when the key is taken; others as the service answers.
+    pub fn put_new(&self, rel: &str, body: Vec<u8>) -> Result<(), S3Error> {
+        let key = self.key(rel);
+        self.rt
+            .block_on(self.client.put_object().bucket(&self.bucket).key(&key).if_none_match("*").body(ByteStream::from(body)).send())
+            .map_err(|e| classify("put", &key, e))?;
+        Ok(())
+    }
+
+    /// Conditional puts of many objects, up to 16 requests at a time (an
+    /// epoch object per epoch would otherwise cost one round trip each);
+    /// one result per object, in order.
+    #[must_use]
+    pub fn put_many_new(&self, objects: Vec<(String, Vec<u8>)>) -> Vec<Result<(), S3Error>> {
+        self.rt.block_on(async {
+            let n = objects.len();
+            let mut out: Vec<Option<Result<(), S3Error>>> = (0..n).map(|_| None).collect();
+            let mut set = tokio::task::JoinSet::new();
+            let mut todo = objects.into_iter().enumerate();
+            loop {
+                while set.len() < 16 {
+                    let Some((i, (rel, body))) = todo.next() else { break };
+                    let (c, b, key) = (self.client.clone(), self.bucket.clone(), self.key(&rel));
+                    set.spawn(async move {
+                        let r = c.put_object().bucket(b).key(&key).if_none_match("*").body(ByteStream::from(body)).send().await;
+                        (i, r.map(|_| ()).map_err(|e| classify("put", &key, e)))
+                    });
+                }
+                let Some(done) = set.join_next().await else { break };
+                match done {
+                    Ok((i, r)) => out[i] = Some(r),
+                    Err(e) => return vec![Err(S3Error::Config(format!("s3 task failed: {e}")))],
+                }
+            }
+            out.into_iter().map(|o| o.unwrap_or_else(|| Err(S3Error::Config("s3 put not run".into())))).collect()
+        })
+    }
+
+    /// Puts `body` at `rel` under Object Lock in COMPLIANCE mode until
+    /// `retain_until_unix_s`: no one can delete that version before then.
+    ///
+    /// # Errors
+    /// As the service answers.
+    pub fn put_locked(&self, rel: &str, body: Vec<u8>, retain_until_unix_s: i64) -> Result<(), S3Error> {
+        let key = self.key(rel);
+        self.rt
+            .block_on(
+                self.client
+                    .put_object()
+                    .bucket(&self.bucket)
+                    .key(&key)
+                    .object_lock_mode(ObjectLockMode::Compliance)
+                    .object_lock_retain_until_date(DateTime::from_secs(retain_until_unix_s))
+                    .body(ByteStream::from(body))
+                    .send(),
+            )
+            .map_err(|e| classify("put-locked", &key, e))?;
+        Ok(())
+    }
+
+    /// Reads the whole object at `rel`.
+    ///
+    /// # Errors
+    /// [`S3Error::NotFound`]; others as the service answers.
+    pub fn get(&self, rel: &str) -> Result<Vec<u8>, S3Error> {
+        let key = self.key(rel);
+        self.rt.block_on(get_async(&self.client, &self.bucket, key))
+    }
+
+    /// Reads many objects, up to 16 requests at a time; results in order.
+    ///
+    /// # Errors
+    /// The first failure.
+    pub fn get_many(&self, rels: &[String]) -> Result<Vec<Vec<u8>>, S3Error> {
+        self.rt.block_on(async {
+            let mut out: Vec<Option<Vec<u8>>> = vec![None; rels.len()];
+            let mut set = tokio::task::JoinSet::new();
+            let mut next = 0;
+            while next < rels.len() || !set.is_empty() {
+                while next < rels.len() && set.len() < 16 {
+                    let (c, b, k, i) = (self.client.clone(), self.bucket.clone(), self.key(&rels[next]), next);
+                    set.spawn(async move { (i, get_async(&c, &b, k).await) });
+                    next += 1;
+                }
+                if let Some(done) = set.join_next().await {
+                    let (i, r) = done.map_err(|e| S3Error::Config(format!("s3 task failed: {e}")))?;
+                    out[i] = Some(r?);
+                }
+            }
+            Ok(out.into_iter().map(|o| o.expect("every object fetched")).collect())
+        })
+    }
+
+    /// Every object under `rel_prefix`, in key order.
+    ///
+    /// # Errors
+    /// As the service answers.
+    pub fn list(&self, rel_prefix: &str) -> Result<Vec<Listed>, S3Error> {
+        let full = self.key(rel_prefix);
+        let mut out = Vec::new();
+        let mut token = None;
+        loop {
+            let r = self
+                .rt
+                .block_on(self.client.list_objects_v2().bucket(&self.bucket).prefix(&full).set_continuation_token(token.take()).send())
+                .map_err(|e| classify("list", &full, e))?;
+            for o in r.contents() {
+                if let Some(k) = o.key() {
+                    out.push(Listed { key: self.rel(k), size: o.size().unwrap_or(0).max(0) as u64 });
+                }
+            }
+            match r.next_continuation_token() {
+                Some(t) if r.is_truncated() == Some(true) => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every object version under `rel_prefix` (versioned buckets).
+    ///
+    /// # Errors
+    /// As the service answers.
+    pub fn list_versions(&self, rel_prefix: &str) -> Result<Vec<ListedVersion>, S3Error> {
+        let full = self.key(rel_prefix);
+        let mut out = Vec::new();
+        let (mut km, mut vm) = (None, None);
+        loop {
+            let r = self
+                .rt
+                .block_on(
+                    self.client
+                        .list_object_versions()
+                        .bucket(&self.bucket)
+                        .prefix(&full)
+                        .set_key_marker(km.take())
+                        .set_version_id_marker(vm.take())
+                        .send(),
+                )
+                .map_err(|e| classify("list-versions", &full, e))?;
+            for v in r.versions() {
+                if let (Some(k), Some(id)) = (v.key(), v.version_id()) {
+                    out.push(ListedVersion { key: self.rel(k), version: id.to_string() });
+                }
+            }
+            if r.is_truncated() != Some(true) {
+                break;
+            }
+            km = r.next_key_marker().map(str::to_string);
+            vm = r.next_version_id_marker().map(str::to_string);
+        }
+        Ok(out)
+    }
+
+    /// Deletes the object at `rel` (or one version of it).
+    ///
+    /// # Errors
+    /// As the service answers; [`S3Error::Denied`] for a locked version.
+    pub fn delete(&self, rel: &str, version: Option<&str>) -> Result<(), S3Error> {
+        let key = self.key(rel);
+        self.rt
+            .block_on(self.client.delete_object().bucket(&self.bucket).key(&key).set_version_id(version.map(str::to_string)).send())
+            .map_err(|e| classify("delete", &key, e))?;
+        Ok(())
+    }
+}
+
+async fn get_async(client: &aws_sdk_s3::Client, bucket: &str, key: String) -> Result<Vec<u8>, S3Error> {
+    let r = client.get_object().bucket(bucket).key(&key).send().await.map_err(|e| classify("get", &key, e))?;
+    let body = r.body.collect().await.map_err(|e| S3Error::Unreachable { op: "get", detail: format!("{key}: {e}") })?;
+    Ok(body.into_bytes().to_vec())
+}

@@ -1,0 +1,150 @@
+//! Where the S3 tier lives and how to reach it.
+
+use std::time::Duration;
+
+use super::S3Error;
+
+/// The `[s3]` table of the remus configuration (kebab-case keys).
+///
+/// Only `bucket` is required. Region and credentials not given here come
+/// from the usual AWS environment and files (`AWS_REGION`,
+/// `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`,
+/// `~/.aws/config`, `AWS_ENDPOINT_URL`, ...).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct S3Config {
+    /// Bucket name.
+    pub bucket: String,
+    /// Key prefix inside the bucket (default none), without leading `/`.
+    #[serde(default)]
+    pub prefix: String,
+    /// Endpoint URL of an S3-compatible service, `http://` or `https://`
+    /// (default: AWS, or `AWS_ENDPOINT_URL`).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Region (default: the AWS environment's, else `us-east-1`).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Access key id; with `secret-access-key`, overrides the environment.
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    /// Secret access key.
+    #[serde(default)]
+    pub secret_access_key: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`; default true, which
+    /// every S3-compatible server accepts).
+    #[serde(default = "yes")]
+    pub force_path_style: bool,
+    /// Pack files are closed at this size (default 32 MiB).
+    #[serde(default = "default_pack_kib")]
+    pub pack_size_kib: u64,
+    /// How often the uploader looks for newly committed epochs (default 1000 ms).
+    #[serde(default = "default_interval_ms")]
+    pub upload_interval_ms: u64,
+    /// Timeout of one request attempt (default 30 s).
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_pack_kib() -> u64 {
+    32 << 10
+}
+
+fn default_interval_ms() -> u64 {
+    1000
+}
+
+fn default_timeout_ms() -> u64 {
+    30_000
+}
+
+impl S3Config {
+    /// A configuration for `bucket` and `prefix` with every default.
+    #[must_use]
+    pub fn new(bucket: &str, prefix: &str) -> Self {
+        Self {
+            bucket: bucket.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+            endpoint: None,
+            region: None,
+            access_key_id: None,
+            secret_access_key: None,
+            force_path_style: true,
+            pack_size_kib: default_pack_kib(),
+            upload_interval_ms: default_interval_ms(),
+            timeout_ms: default_timeout_ms(),
+        }
+    }
+
+    /// Parses `s3://BUCKET/PREFIX` into bucket and prefix, keeping the
+    /// other settings of `self`.
+    ///
+    /// # Errors
+    /// [`S3Error::Config`] when it is not such a URL.
+    pub fn with_url(mut self, url: &str) -> Result<Self, S3Error> {
+        let rest = url.strip_prefix("s3://").ok_or_else(|| S3Error::Config(format!("{url:?} is not an s3://BUCKET/PREFIX URL")))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        self.bucket = bucket.to_string();
+        self.prefix = prefix.trim_matches('/').to_string();
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Checks every value.
+    ///
+    /// # Errors
+    /// [`S3Error::Config`] naming the bad key.
+    pub fn validate(&self) -> Result<(), S3Error> {
+        let bad = |m: String| Err(S3Error::Config(m));
+        let b = &self.bucket;
+        if !(3..=63).contains(&b.len())
+            || !b.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
+            || b.starts_with(['-', '.'])
+        {
+            return bad(format!("s3.bucket {b:?} is not a valid bucket name (3-63 of a-z, 0-9, '-', '.')"));
+        }
+        if self.prefix.starts_with('/') || self.prefix.ends_with('/') || self.prefix.contains("//") {
+            return bad(format!("s3.prefix {:?} must not start or end with '/' or contain '//'", self.prefix));
+        }
+        if let Some(e) = &self.endpoint {
+            if !(e.starts_with("http://") || e.starts_with("https://")) || e.len() < 10 {
+                return bad(format!("s3.endpoint {e:?} must be an http:// or https:// URL"));
+            }
+        }
+        if self.access_key_id.is_some() != self.secret_access_key.is_some() {
+            return bad("s3.access-key-id and s3.secret-access-key go together".into());
+        }
+        if !(64..=(1 << 20)).contains(&self.pack_size_kib) {
+            return bad(format!("s3.pack-size-kib must be in 64..=1048576, got {}", self.pack_size_kib));
+        }
+        if !(10..=3_600_000).contains(&self.upload_interval_ms) {
+            return bad(format!("s3.upload-interval-ms must be in 10..=3600000, got {}", self.upload_interval_ms));
+        }
+        if self.timeout_ms < 100 {
+            return bad(format!("s3.timeout-ms must be at least 100, got {}", self.timeout_ms));
+        }
+        Ok(())
+    }
+
+    /// Pack size in bytes.
+    #[must_use]
+    pub fn pack_bytes(&self) -> usize {
+        (self.pack_size_kib as usize) << 10
+    }
+
+    /// Pause between upload passes.
+    #[must_use]
+    pub fn upload_interval(&self) -> Duration {
+        Duration::from_millis(self.upload_interval_ms)
+    }
+
+    /// Where the history lives, as `s3://BUCKET/PREFIX`.
+    #[must_use]
+    pub fn url(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.prefix)
+    }
+}

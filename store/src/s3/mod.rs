@@ -1,0 +1,34 @@
+//! The S3 tier: the history of every committed epoch, in any
+//! S3-compatible bucket, enough to restore any epoch after the whole
+//! backup site is lost.
+//!
+//! Layout under the prefix (formats in [`format`]):
+//! - `packs/<blake3>`: chunk values packed to tens of MiB, named by their
+//!   own hash;
+//! - `index/<pack blake3>`: where each chunk sits in that pack;
+//! - `epochs/<guest>/<epoch>`: an epoch's manifest and page list;
+//! - `bridges/<guest>/<first>-<last>`: what thinning left of a dropped run.
+//!
+//! Every put is conditional (`If-None-Match: *`): nothing is overwritten,
+//! so two writers never clobber each other. [`Uploader`] moves committed
+//! epochs there in the background; [`S3Tier`] reads them back for
+//! restore and verify.
+
+mod archive;
+mod client;
+mod config;
+pub mod format;
+mod history;
+mod retention;
+mod verify;
+mod upload;
+
+pub use archive::ArchiveReport;
+pub use client::{Listed, ListedVersion, S3Client, S3Error};
+pub use config::S3Config;
+pub use history::{S3Epoch, S3History, S3Tier};
+pub use retention::S3RetentionReport;
+pub use upload::{apply_retention, RetentionRun, UploadReport, Uploader, MAX_PENDING};
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,111 @@
+//! Thinning and GC in the S3 tier, mirroring the local store.
+//!
+//! Thinning happens locally first (only on epochs S3 already holds);
+//! [`S3Tier::mirror_thinning`] then makes S3 match: it puts a bridge
+//! object for each local bridge it lacks, deletes the epoch objects of
+//! dropped epochs, then deletes bridges a merged one replaced. Every step
+//! is idempotent and ordered so that a reader, or a crash, between any
+//! two of them finds every kept epoch restorable. [`S3Tier::gc`] deletes
+//! packs none of whose chunks a kept epoch references, forgetting their
+//! chunks' upload marks first so the uploader sends such content again
+//! if it reappears. It runs on the uploader's thread, never beside a pass.
+
+use std::collections::HashSet;
+
+use remus_types::{ChunkId, EpochId};
+
+use super::format::{self, Bridge};
+use super::{S3Error, S3Tier};
+use crate::db::Store;
+use crate::error::StoreError;
+
+/// What mirroring and GC did in S3.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct S3RetentionReport {
+    /// Bridge objects put.
+    pub bridges_put: u64,
+    /// Epoch objects deleted.
+    pub epochs_deleted: u64,
+    /// Packs deleted (with their indexes).
+    pub packs_deleted: u64,
+    /// Packs kept.
+    pub packs_kept: u64,
+    /// Chunks in kept packs that no kept epoch references (a later
+    /// repack could reclaim them).
+    pub dead_chunks_in_kept_packs: u64,
+}
+
+impl S3Tier {
+    /// Makes S3 reflect the local store's thinning.
+    ///
+    /// # Errors
+    /// S3 and store errors; a rerun continues where it stopped.
+    pub fn mirror_thinning(&self, store: &Store) -> Result<S3RetentionReport, StoreError> {
+        let mut r = S3RetentionReport::default();
+        for (guest, _) in store.guests()? {
+            let local = store.bridges(guest)?;
+            let in_s3: HashSet<String> = self.client.list(&format::bridges_prefix(guest))?.into_iter().map(|l| l.key).collect();
+            let mut wanted = HashSet::new();
+            for b in &local {
+                let pages = store
+                    .page_lists(guest, b.first, b.last)?
+                    .into_iter()
+                    .flat_map(|(e, ps)| ps.into_iter().map(move |(p, id)| (p, e, id)))
+                    .collect();
+                let bridge = Bridge { guest, first: b.first, last: b.last, first_parent: b.first_parent, last_id: b.last_id, pages };
+                let key = format::bridge_key(&bridge);
+                if !in_s3.contains(&key) {
+                    match self.client.put_new(&key, bridge.encode()) {
+                        Ok(()) | Err(S3Error::Exists(_)) => r.bridges_put += 1,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                wanted.insert(key);
+            }
+            let dropped = |e: EpochId| local.iter().any(|b| b.first <= e && e <= b.last);
+            for e in self.epoch_ids(guest)? {
+                if dropped(e) {
+                    self.client.delete(&format::epoch_key(guest, e), None)?;
+                    r.epochs_deleted += 1;
+                }
+            }
+            for key in in_s3.difference(&wanted) {
+                self.client.delete(key, None)?;
+            }
+        }
+        Ok(r)
+    }
+
+    /// Deletes packs that hold no chunk in `referenced` (the local GC's
+    /// mark set, a superset of what S3's kept epochs name).
+    ///
+    /// # Errors
+    /// S3 and store errors; a rerun continues where it stopped.
+    pub fn gc(&self, store: &Store, referenced: &HashSet<ChunkId>) -> Result<S3RetentionReport, StoreError> {
+        let mut r = S3RetentionReport::default();
+        let packs: HashSet<String> = self.client.list("packs/")?.into_iter().map(|l| l.key).collect();
+        for l in self.client.list("index/")? {
+            let ix = format::decode_index(&self.client.get(&l.key)?).map_err(|e| StoreError::Corrupt(format!("s3 {}: {e}", l.key)))?;
+            let live = ix.entries.iter().filter(|e| referenced.contains(&e.id)).count();
+            if live > 0 {
+                r.packs_kept += 1;
+                r.dead_chunks_in_kept_packs += (ix.entries.len() - live) as u64;
+                continue;
+            }
+            let mut ours = Vec::new();
+            for e in &ix.entries {
+                if store.s3_pack_of(&e.id)? == Some(ix.pack) {
+                    ours.push(e.id);
+                }
+            }
+            store.unmark_in_s3(&ours)?;
+            let pack = format::pack_key(&ix.pack);
+            if packs.contains(&pack) {
+                self.client.delete(&pack, None)?;
+            }
+            self.client.delete(&l.key, None)?;
+            r.packs_deleted += 1;
+        }
+        Ok(r)
+    }
+}

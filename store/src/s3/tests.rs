@@ -1,0 +1,304 @@
+//! S3 tier tests against a real S3 server (`moto_server`, started by
+//! `scripts/test.sh`, which exports its URL as `REMUS_TEST_S3_ENDPOINT`).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use remus_types::{ChunkId, EpochId, GuestId, Pfn, PAGE_SIZE};
+
+use super::format::{epoch_key, pack_key};
+use super::*;
+use crate::{content_id, Damage, EpochCommit, Store, StoreError, StoreOptions, StoredChunk};
+
+/// A fresh bucket on the test server.
+pub(crate) fn test_config(name: &str) -> S3Config {
+    let endpoint = std::env::var("REMUS_TEST_S3_ENDPOINT").unwrap_or_else(|_| {
+        panic!("REMUS_TEST_S3_ENDPOINT is not set: run `bash scripts/test.sh`, which starts moto_server, or start one and export its URL")
+    });
+    static N: AtomicU32 = AtomicU32::new(0);
+    let bucket = format!("{name}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+    let mut cfg = S3Config::new(&bucket, "hist/a");
+    cfg.endpoint = Some(endpoint);
+    cfg.region = Some("us-east-1".into());
+    cfg.access_key_id = Some("test".into());
+    cfg.secret_access_key = Some("test".into());
+    cfg.pack_size_kib = 64;
+    S3Client::new(&cfg).unwrap().create_bucket(false).unwrap();
+    cfg
+}
+
+fn page(seed: u64) -> Vec<u8> {
+    (0..PAGE_SIZE).map(|i| ((i as u64).wrapping_mul(seed | 1) >> 3) as u8 ^ seed as u8).collect()
+}
+
+/// Commits `epochs` epochs of 12 changing pages each over 64 pages.
+pub(crate) fn fill(store: &Store, guest: GuestId, from: u64, epochs: u64) {
+    for e in from..from + epochs {
+        let mut c = EpochCommit { guest, epoch: EpochId(e), page_count: 64, time_unix_ns: e * 1000, ..Default::default() };
+        for k in 0..12 {
+            let pfn = (e * 5 + k * 7) % 64;
+            let p = page(e * 100 + k % 9);
+            let id = content_id(&p);
+            c.pages.push((Pfn(pfn), id));
+            c.chunks.push((id, StoredChunk::Zstd(zstd::bulk::compress(&p, 1).unwrap())));
+        }
+        c.device_state = format!("dev {e}").into_bytes();
+        store.commit(c).unwrap();
+    }
+}
+
+fn flip(client: &S3Client, key: &str, at: usize) {
+    let mut b = client.get(key).unwrap();
+    b[at] ^= 1;
+    client.delete(key, None).unwrap();
+    client.put_new(key, b).unwrap();
+}
+
+#[test]
+fn epochs_upload_in_packs_and_read_back_exactly_from_s3_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(3);
+    fill(&store, g, 1, 30);
+    let tier = S3Tier::connect(&test_config("upload")).unwrap();
+    let r = tier.upload_pending(&store, &|| false).unwrap();
+    assert_eq!(r.epochs, 30);
+    assert!(r.packs >= 2, "64 KiB packs: {r:?}");
+    assert_eq!(store.s3_cursor(g).unwrap(), EpochId(30));
+    // Nothing left: a second pass puts nothing.
+    assert_eq!(tier.upload_pending(&store, &|| false).unwrap(), UploadReport::default());
+    fill(&store, g, 31, 5);
+    assert_eq!(tier.upload_pending(&store, &|| false).unwrap().epochs, 5);
+
+    // Every epoch's page table and chunk content, from S3 alone.
+    let h = tier.history(g, None, &mut |_, _| {}).unwrap();
+    assert_eq!(h.epochs.len(), 35);
+    for e in [1u64, 17, 35] {
+        let table = h.page_table(EpochId(e));
+        let mut local = std::collections::BTreeMap::new();
+        store.for_each_page_at(g, EpochId(e), |p, id| {
+            local.insert(p, id);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(table, local, "epoch {e}");
+        let mut got = 0;
+        tier.fetch_chunks(table.values().copied().collect::<std::collections::HashSet<_>>(), |id, data| {
+            assert_eq!(data, store.chunk(&id).unwrap());
+            got += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert!(got > 0);
+    }
+    assert_eq!(h.get(EpochId(7)).unwrap().manifest, store.manifest(g, EpochId(7)).unwrap());
+    let report = tier.verify(&mut |_| {}).unwrap();
+    assert_eq!(report.damage, vec![]);
+    assert_eq!(report.manifests, 35);
+}
+
+#[test]
+fn an_outage_leaves_a_backlog_that_drains_and_a_second_writer_cannot_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(1);
+    fill(&store, g, 1, 10);
+    let cfg = test_config("outage");
+    // S3 away: a port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut down = cfg.clone();
+    down.endpoint = Some(format!("http://{}", closed.local_addr().unwrap()));
+    drop(closed);
+    down.timeout_ms = 2000;
+    let err = S3Tier::new(&down).unwrap().upload_pending(&store, &|| false).unwrap_err();
+    assert!(matches!(err, StoreError::S3(S3Error::Unreachable { .. })), "{err}");
+    assert_eq!(err.kind(), crate::ErrorKind::Unavailable);
+    assert_eq!(store.s3_cursor(g).unwrap(), EpochId(0), "nothing counted as uploaded");
+    fill(&store, g, 11, 5);
+    // S3 back: the whole backlog drains.
+    let tier = S3Tier::connect(&cfg).unwrap();
+    assert_eq!(tier.upload_pending(&store, &|| false).unwrap().epochs, 15);
+    assert_eq!(tier.epoch_ids(g).unwrap().len(), 15);
+
+    // Another store with different history under the same prefix and guest
+    // must not overwrite ours.
+    let dir2 = tempfile::tempdir().unwrap();
+    let other = Store::open(dir2.path(), StoreOptions::default()).unwrap();
+    fill(&other, g, 1, 3);
+    let mut c = EpochCommit { guest: g, epoch: EpochId(4), page_count: 64, time_unix_ns: 1, ..Default::default() };
+    c.device_state = b"other".to_vec();
+    other.commit(c).unwrap();
+    let s = tier.upload_pending(&other, &|| false);
+    // Epochs 1..3 are byte-identical (same content, same chain): fine;
+    // epoch 4 differs and is refused.
+    assert!(matches!(s, Err(StoreError::S3(S3Error::Conflict(_)))), "{s:?}");
+    assert_eq!(other.s3_cursor(g).unwrap(), EpochId(0));
+    let (m, _) = format::decode_epoch(&tier.client().get(&epoch_key(g, EpochId(4))).unwrap()).unwrap();
+    assert_eq!(m, store.manifest(g, EpochId(4)).unwrap(), "the first writer's epoch stands");
+
+    // A bucket that is not there is a clear error.
+    let mut missing = cfg.clone();
+    missing.bucket = "no-such-bucket-here".into();
+    assert!(matches!(S3Tier::connect(&missing), Err(S3Error::NoSuchBucket(_))));
+}
+
+#[test]
+fn verify_names_the_damaged_pack_chunk_and_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(2);
+    fill(&store, g, 1, 8);
+    let tier = S3Tier::connect(&test_config("verify")).unwrap();
+    tier.upload_pending(&store, &|| false).unwrap();
+    assert_eq!(tier.verify(&mut |_| {}).unwrap().damage, vec![]);
+
+    // One byte inside a chunk of a pack.
+    let ix_key = tier.client().list("index/").unwrap()[0].key.clone();
+    let ix = format::decode_index(&tier.client().get(&ix_key).unwrap()).unwrap();
+    let victim = ix.entries[1];
+    flip(tier.client(), &pack_key(&ix.pack), victim.offset as usize + victim.len as usize / 2);
+    // One byte of the manifest in epoch 5's object.
+    flip(tier.client(), &epoch_key(g, EpochId(5)), 8 + 100);
+    let report = tier.verify(&mut |_| {}).unwrap();
+    assert_eq!(
+        report.damage,
+        vec![
+            Damage::PackChunkCorrupt { pack: ix.pack.to_hex(), chunk: victim.id.to_hex() },
+            Damage::ManifestCorrupt { guest: 2, epoch: 5, reason: "corrupt epoch object: checksum mismatch".into() },
+        ]
+    );
+    // Restore-side reads refuse the damage, naming it.
+    let err = tier.history(g, None, &mut |_, _| {}).unwrap_err().to_string();
+    assert!(err.contains("epochs/0000000000000002/00000000000000000005") && err.contains("checksum"), "{err}");
+    let err = tier.fetch_chunks([victim.id], |_, _| Ok(())).unwrap_err().to_string();
+    assert!(err.contains(&ix.pack.to_hex()) && err.contains(&victim.id.to_hex()), "{err}");
+    let _ = ChunkId::default();
+}
+
+fn assert_s3_matches_local(tier: &S3Tier, store: &Store, g: GuestId) {
+    let h = tier.history(g, None, &mut |_, _| {}).unwrap();
+    let local = store.manifests(g).unwrap();
+    assert_eq!(h.epochs.iter().map(|e| e.manifest.clone()).collect::<Vec<_>>(), local, "S3 keeps exactly the local epochs");
+    let mut wanted = std::collections::HashSet::new();
+    for m in &local {
+        let mut table = std::collections::BTreeMap::new();
+        store
+            .for_each_page_at(g, m.epoch, |p, id| {
+                table.insert(p, id);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(h.page_table(m.epoch), table, "epoch {}", m.epoch);
+        wanted.extend(table.into_values());
+    }
+    tier.fetch_chunks(wanted, |id, data| {
+        assert_eq!(content_id(&data), id);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(tier.verify(&mut |_| {}).unwrap().damage, vec![]);
+    assert_eq!(store.verify(|_| {}).unwrap().damage, vec![], "the local store verifies too");
+}
+
+#[test]
+fn thinning_and_gc_are_mirrored_in_s3_and_every_kept_epoch_stays_restorable() {
+    use crate::{KeepRule, RetentionPolicy};
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(6);
+    fill(&store, g, 1, 60);
+    let tier = S3Tier::connect(&test_config("thin")).unwrap();
+    tier.upload_pending(&store, &|| false).unwrap();
+    let us = Duration::from_micros;
+    let policy = RetentionPolicy { rules: vec![KeepRule { within: us(10), every: us(0) }, KeepRule { within: us(1000), every: us(7) }] };
+    let run = apply_retention(&store, Some(&tier), &policy).unwrap();
+    assert!(run.epochs_dropped > 30, "{run:?}");
+    assert_eq!(run.s3.epochs_deleted, run.epochs_dropped);
+    assert_s3_matches_local(&tier, &store, g);
+    // More history, a coarser policy: bridges merge, the replaced ones go.
+    fill(&store, g, 61, 40);
+    // Epochs not yet in S3 are never thinned.
+    let coarse = RetentionPolicy { rules: vec![KeepRule { within: us(5), every: us(0) }, KeepRule { within: us(1000), every: us(25) }] };
+    let before = store.manifests(g).unwrap().len();
+    apply_retention(&store, Some(&tier), &coarse).unwrap();
+    assert!(store.manifests(g).unwrap().iter().filter(|m| m.epoch.0 > 60).count() == 40);
+    tier.upload_pending(&store, &|| false).unwrap();
+    let run = apply_retention(&store, Some(&tier), &coarse).unwrap();
+    assert!(run.epochs_dropped > 0 && store.manifests(g).unwrap().len() < before + 40);
+    assert_s3_matches_local(&tier, &store, g);
+    assert_eq!(tier.client().list(&format::bridges_prefix(g)).unwrap().len(), store.bridges(g).unwrap().len());
+    // Drop everything but the newest: whole packs become garbage.
+    let last_only = RetentionPolicy { rules: vec![KeepRule { within: us(0), every: us(0) }] };
+    let run = apply_retention(&store, Some(&tier), &last_only).unwrap();
+    assert!(run.s3.packs_deleted > 0, "{run:?}");
+    assert_eq!(store.manifests(g).unwrap().len(), 1);
+    assert_s3_matches_local(&tier, &store, g);
+    // New content that equals collected content is uploaded again.
+    fill(&store, g, 101, 3);
+    tier.upload_pending(&store, &|| false).unwrap();
+    assert_s3_matches_local(&tier, &store, g);
+}
+
+#[test]
+fn an_archive_is_locked_in_compliance_mode_and_restorable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(1);
+    fill(&store, g, 1, 6);
+    let tier = S3Tier::connect(&test_config("src")).unwrap();
+    tier.upload_pending(&store, &|| false).unwrap();
+    // A bucket without Object Lock refuses to hold an archive.
+    let plain = S3Tier::connect(&test_config("plain")).unwrap();
+    let err = tier.archive_to(&plain, 1, &mut |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("Object Lock"), "{err}");
+    let mut cfg = test_config("locked");
+    cfg.bucket.push_str("-x");
+    S3Client::new(&cfg).unwrap().create_bucket(true).unwrap();
+    let archive = S3Tier::connect(&cfg).unwrap();
+    let r = tier.archive_to(&archive, 1, &mut |_, _| {}).unwrap();
+    let objects = tier.client().list("").unwrap().len() as u64;
+    assert_eq!((r.copied, r.present), (objects, 0));
+    assert_eq!(tier.archive_to(&archive, 1, &mut |_, _| {}).unwrap().copied, 0, "idempotent");
+    // The server refuses to delete a locked version.
+    let versions = archive.client().list_versions("epochs/").unwrap();
+    assert_eq!(versions.len(), 6);
+    let v = &versions[0];
+    let err = archive.client().delete(&v.key, Some(&v.version)).unwrap_err();
+    assert!(matches!(err, S3Error::Denied { .. }), "{err}");
+    assert_eq!(archive.client().list_versions("epochs/").unwrap().len(), 6);
+    // And the archive alone restores.
+    let h = archive.history(g, None, &mut |_, _| {}).unwrap();
+    assert_eq!(h.epochs.len(), 6);
+    assert_eq!(archive.verify(&mut |_| {}).unwrap().damage, vec![]);
+}
+
+#[test]
+fn truncated_objects_are_named_and_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(9);
+    fill(&store, g, 1, 4);
+    let tier = S3Tier::connect(&test_config("trunc")).unwrap();
+    tier.upload_pending(&store, &|| false).unwrap();
+    let ix_key = tier.client().list("index/").unwrap()[0].key.clone();
+    let ix = format::decode_index(&tier.client().get(&ix_key).unwrap()).unwrap();
+    let cut = |key: &str, keep: usize| {
+        let b = tier.client().get(key).unwrap();
+        tier.client().delete(key, None).unwrap();
+        tier.client().put_new(key, b[..keep].to_vec()).unwrap();
+    };
+    let last = *ix.entries.last().unwrap();
+    cut(&pack_key(&ix.pack), last.offset as usize + 3);
+    cut(&epoch_key(g, EpochId(2)), 200);
+    let damage = tier.verify(&mut |_| {}).unwrap().damage;
+    assert!(damage.contains(&Damage::PackCorrupt { pack: ix.pack.to_hex(), reason: "truncated or bad header".into() }), "{damage:?}");
+    assert!(damage.contains(&Damage::PackChunkCorrupt { pack: ix.pack.to_hex(), chunk: last.id.to_hex() }), "{damage:?}");
+    assert!(
+        damage.contains(&Damage::ManifestCorrupt { guest: 9, epoch: 2, reason: "corrupt epoch object: checksum mismatch".into() }),
+        "{damage:?}"
+    );
+    let err = tier.fetch_chunks([last.id], |_, _| Ok(())).unwrap_err().to_string();
+    assert!(err.contains("truncated") && err.contains(&ix.pack.to_hex()), "{err}");
+    let err = tier.history(g, None, &mut |_, _| {}).unwrap_err().to_string();
+    assert!(err.contains(&epoch_key(g, EpochId(2))), "{err}");
+}

@@ -1,0 +1,371 @@
+//! The uploader: committed epochs flow from RocksDB to S3 in the
+//! background.
+//!
+//! Per guest, a cursor in `meta` names the last epoch whose epoch object
+//! is in S3. A pass reads the epochs after it in order, packs the chunks
+//! S3 does not hold yet (`s3chk` marks in `meta`) into a pack of at most
+//! `pack-size-kib` plus one chunk, and puts, in this order: the pack, its
+//! index, then the epoch objects (16 requests in flight), then advances
+//! the cursor. So an epoch
+//! object is in S3 only after every chunk it names is, and every put is
+//! conditional (`If-None-Match: *`): content-addressed keys that exist
+//! already hold the same bytes, and an epoch key held by other bytes is
+//! another writer's, which stops the pass with an error.
+//!
+//! Memory is bounded by one pack and the page lists of at most
+//! [`MAX_PENDING`] epochs. When S3 is unreachable the pass fails, nothing
+//! moves, and the backlog simply waits in RocksDB for the next pass.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use remus_types::{ChunkId, EpochId, GuestId, Pfn};
+use rocksdb::WriteBatch;
+
+use super::format::{encode_epoch, epoch_key, index_key, pack_key, PackBuilder};
+use super::{S3Config, S3Error, S3RetentionReport, S3Tier};
+use crate::db::{guest_key, u64_at, Store, CF_META};
+use crate::error::StoreError;
+use crate::manifest::Manifest;
+use crate::retention::RetentionPolicy;
+
+/// Epochs whose objects wait for their pack at most.
+pub const MAX_PENDING: usize = 1024;
+
+/// What one pass uploaded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UploadReport {
+    /// Epoch objects put.
+    pub epochs: u64,
+    /// Packs put.
+    pub packs: u64,
+    /// Chunk bytes packed.
+    pub chunk_bytes: u64,
+}
+
+fn chunk_mark_key(id: &ChunkId) -> Vec<u8> {
+    let mut k = b"s3chk".to_vec();
+    k.extend_from_slice(&id.0);
+    k
+}
+
+impl Store {
+    /// The last epoch of `guest` uploaded to the S3 tier (0: none).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn s3_cursor(&self, guest: GuestId) -> Result<EpochId, StoreError> {
+        let v = self.db.get_cf(self.cf(CF_META), guest_key(b"s3cur", guest))?;
+        Ok(EpochId(v.filter(|v| v.len() == 8).map_or(0, |v| u64_at(&v, 0))))
+    }
+
+    /// The pack holding `id` in S3, if uploaded.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn s3_pack_of(&self, id: &ChunkId) -> Result<Option<ChunkId>, StoreError> {
+        let v = self.db.get_cf(self.cf(CF_META), chunk_mark_key(id))?;
+        Ok(v.and_then(|v| <[u8; 32]>::try_from(&v[..]).ok()).map(ChunkId))
+    }
+
+    pub(crate) fn mark_in_s3(&self, ids: &[ChunkId], pack: &ChunkId) -> Result<(), StoreError> {
+        let mut b = WriteBatch::default();
+        for id in ids {
+            b.put_cf(self.cf(CF_META), chunk_mark_key(id), pack.0);
+        }
+        self.db.write(b)?;
+        Ok(())
+    }
+
+    pub(crate) fn unmark_in_s3(&self, ids: &[ChunkId]) -> Result<(), StoreError> {
+        let mut b = WriteBatch::default();
+        for id in ids {
+            b.delete_cf(self.cf(CF_META), chunk_mark_key(id));
+        }
+        self.db.write(b)?;
+        Ok(())
+    }
+
+    fn set_s3_cursor(&self, guest: GuestId, epoch: EpochId) -> Result<(), StoreError> {
+        self.db.put_cf(self.cf(CF_META), guest_key(b"s3cur", guest), epoch.0.to_be_bytes())?;
+        Ok(())
+    }
+}
+
+struct Pass<'a> {
+    tier: &'a S3Tier,
+    store: &'a Store,
+    pack: PackBuilder,
+    in_pack: HashSet<ChunkId>,
+    pending: Vec<(Manifest, Vec<(Pfn, ChunkId)>)>,
+    report: UploadReport,
+}
+
+impl Pass<'_> {
+    fn flush_pack(&mut self) -> Result<(), StoreError> {
+        if self.pack.is_empty() {
+            return Ok(());
+        }
+        let pack = std::mem::take(&mut self.pack);
+        let ids: Vec<ChunkId> = pack.entries().iter().map(|e| e.id).collect();
+        let (id, bytes, index) = pack.finish();
+        self.report.chunk_bytes += bytes.len() as u64;
+        // Content-addressed: a key that exists holds these very bytes.
+        ok_if_exists(self.tier.client.put_new(&pack_key(&id), bytes))?;
+        ok_if_exists(self.tier.client.put_new(&index_key(&id), index))?;
+        self.store.mark_in_s3(&ids, &id)?;
+        self.in_pack.clear();
+        self.report.packs += 1;
+        Ok(())
+    }
+
+    fn flush_epochs(&mut self) -> Result<(), StoreError> {
+        self.flush_pack()?;
+        let Some(last) = self.pending.last().map(|(m, _)| (m.guest, m.epoch)) else { return Ok(()) };
+        let objects: Vec<(String, Vec<u8>)> =
+            self.pending.drain(..).map(|(m, pages)| (epoch_key(m.guest, m.epoch), encode_epoch(&m, &pages))).collect();
+        let results = self.tier.client.put_many_new(objects.clone());
+        for ((key, body), r) in objects.iter().zip(results) {
+            match r {
+                Ok(()) => {}
+                Err(S3Error::Exists(_)) => {
+                    // Ours from a pass that stopped before its cursor moved,
+                    // or another writer's: only the former is fine.
+                    if self.tier.client.get(key)? != *body {
+                        return Err(S3Error::Conflict(format!("{key} holds another writer's epoch")).into());
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+            self.report.epochs += 1;
+        }
+        self.store.set_s3_cursor(last.0, last.1)
+    }
+}
+
+fn ok_if_exists(r: Result<(), S3Error>) -> Result<(), S3Error> {
+    match r {
+        Err(S3Error::Exists(_)) => Ok(()),
+        r => r,
+    }
+}
+
+impl S3Tier {
+    /// Uploads every committed epoch after each guest's cursor; stops
+    /// early (with what was done) once `stop()` says so.
+    ///
+    /// # Errors
+    /// [`StoreError::S3`] when S3 fails (nothing acknowledged is lost:
+    /// the backlog stays in RocksDB), store errors.
+    pub fn upload_pending(&self, store: &Store, stop: &dyn Fn() -> bool) -> Result<UploadReport, StoreError> {
+        let mut pass =
+            Pass { tier: self, store, pack: PackBuilder::default(), in_pack: HashSet::new(), pending: Vec::new(), report: UploadReport::default() };
+        let zero = remus_types::zero_page_hash();
+        for (guest, head) in store.guests()? {
+            let mut e = store.s3_cursor(guest)?.next();
+            while e <= head.epoch && !stop() {
+                let m = match store.manifest(guest, e) {
+                    // Thinned before it was uploaded: nothing to send.
+                    Err(StoreError::NoEpoch { .. }) => {
+                        e = e.next();
+                        continue;
+                    }
+                    r => r?,
+                };
+                let pages = store.epoch_pages(guest, e)?;
+                for id in pages.iter().map(|(_, id)| *id).filter(|id| *id != zero).chain([m.device_state]) {
+                    if pass.in_pack.contains(&id) || store.s3_pack_of(&id)?.is_some() {
+                        continue;
+                    }
+                    pass.pack.push(id, &store.chunk_value(&id)?);
+                    pass.in_pack.insert(id);
+                    if pass.pack.len() >= self.cfg.pack_bytes() {
+                        pass.flush_pack()?;
+                    }
+                }
+                pass.pending.push((m, pages));
+                if pass.pending.len() >= MAX_PENDING {
+                    pass.flush_epochs()?;
+                }
+                e = e.next();
+            }
+            pass.flush_epochs()?;
+        }
+        Ok(pass.report)
+    }
+}
+
+/// Shared between the uploader thread and its owner.
+#[derive(Default)]
+struct Shared {
+    stop: AtomicBool,
+    wake: (Mutex<bool>, Condvar),
+    last_error: Mutex<Option<String>>,
+}
+
+/// The history worker of a backup: a thread that runs an upload pass
+/// every `upload-interval-ms`, retrying with backoff while S3 is away,
+/// and applies the retention policy when one is set.
+pub struct Uploader {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Uploader {
+    /// Starts uploading `store` to the tier configured by `cfg`.
+    ///
+    /// # Errors
+    /// [`S3Error::Config`] for an unusable configuration (an unreachable
+    /// service is not an error here: the backlog waits for it).
+    pub fn start(store: Arc<Store>, cfg: S3Config) -> Result<Self, S3Error> {
+        Self::start_with(store, Some(cfg), None)
+    }
+
+    /// Starts the history worker of a backup: uploading to `s3` (if
+    /// any) every `upload-interval-ms`, and applying `retention` (if any:
+    /// thinning, GC, and their S3 mirror) every given period. One thread
+    /// does both, so S3 GC never runs beside an upload pass.
+    ///
+    /// # Errors
+    /// As [`start`](Self::start).
+    pub fn start_with(store: Arc<Store>, s3: Option<S3Config>, retention: Option<(RetentionPolicy, Duration)>) -> Result<Self, S3Error> {
+        if let Some(cfg) = &s3 {
+            cfg.validate()?;
+        }
+        let shared = Arc::new(Shared::default());
+        let sh = Arc::clone(&shared);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("remus-history".into())
+            .spawn(move || {
+                let tier = match s3.as_ref().map(S3Tier::new).transpose() {
+                    Ok(t) => {
+                        let _ = tx.send(Ok(()));
+                        t
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                let interval = s3.as_ref().map_or(Duration::from_secs(1), S3Config::upload_interval);
+                run(tier.as_ref(), &store, &sh, interval, retention.as_ref());
+            })
+            .map_err(|e| S3Error::Config(format!("starting the history worker: {e}")))?;
+        rx.recv().map_err(|_| S3Error::Config("the history worker ended early".into()))??;
+        Ok(Self { shared, thread: Some(thread) })
+    }
+
+    /// The last pass's error, while S3 fails.
+    #[must_use]
+    pub fn last_error(&self) -> Option<String> {
+        self.shared.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Asks for a pass now.
+    pub fn kick(&self) {
+        let (m, c) = &self.shared.wake;
+        *m.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        c.notify_all();
+    }
+
+    /// Stops after the pass under way (the backlog stays in RocksDB).
+    pub fn stop(mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.kick();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Uploader {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.kick();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Thins every guest by `policy`, collects chunks, and mirrors both in S3.
+///
+/// # Errors
+/// Store and S3 errors.
+pub fn apply_retention(store: &Store, tier: Option<&S3Tier>, policy: &RetentionPolicy) -> Result<RetentionRun, StoreError> {
+    let mut run = RetentionRun::default();
+    for (guest, head) in store.guests()? {
+        // Only what S3 holds is thinned, so S3 can mirror it.
+        let upto = if tier.is_some() { store.s3_cursor(guest)? } else { head.epoch };
+        let t = store.thin(guest, policy, upto)?;
+        run.epochs_dropped += t.epochs_dropped;
+        run.pages_dropped += t.pages_dropped;
+    }
+    let gc = store.gc()?;
+    run.chunks_deleted = gc.deleted;
+    if let Some(tier) = tier {
+        let m = tier.mirror_thinning(store)?;
+        let g = tier.gc(store, &gc.referenced)?;
+        run.s3 = S3RetentionReport { packs_deleted: g.packs_deleted, packs_kept: g.packs_kept, dead_chunks_in_kept_packs: g.dead_chunks_in_kept_packs, ..m };
+    }
+    Ok(run)
+}
+
+/// What one retention run did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RetentionRun {
+    /// Epochs dropped locally.
+    pub epochs_dropped: u64,
+    /// Page versions no kept epoch sees, removed.
+    pub pages_dropped: u64,
+    /// Local chunks deleted.
+    pub chunks_deleted: u64,
+    /// What happened in S3.
+    #[serde(skip)]
+    pub s3: S3RetentionReport,
+}
+
+fn run(tier: Option<&S3Tier>, store: &Store, sh: &Shared, interval: Duration, retention: Option<&(RetentionPolicy, Duration)>) {
+    let mut backoff = interval;
+    let stop = || sh.stop.load(Ordering::Relaxed);
+    let mut next_retention = retention.map(|(_, every)| std::time::Instant::now() + *every);
+    while !stop() {
+        let mut result = match tier {
+            Some(t) => t.upload_pending(store, &stop).map(|r| {
+                if r.epochs > 0 {
+                    tracing::info!(epochs = r.epochs, packs = r.packs, bytes = r.chunk_bytes, "uploaded to s3");
+                }
+            }),
+            None => Ok(()),
+        };
+        if let (Ok(()), Some((policy, every)), Some(due)) = (&result, retention, next_retention) {
+            if std::time::Instant::now() >= due {
+                result = apply_retention(store, tier, policy).map(|r| tracing::info!(?r, "retention applied"));
+                next_retention = Some(std::time::Instant::now() + *every);
+            }
+        }
+        let wait = match result {
+            Ok(()) => {
+                *sh.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                backoff = interval;
+                interval
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "s3 upload or retention failed; the backlog stays in the store and is retried");
+                *sh.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e.to_string());
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff
+            }
+        };
+        let (m, c) = &sh.wake;
+        let mut woken = m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !*woken {
+            woken = c.wait_timeout(woken, wait).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+        }
+        *woken = false;
+    }
+}

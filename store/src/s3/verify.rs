@@ -1,0 +1,137 @@
+//! `verify --s3`: re-hash every chunk of every pack, check every index,
+//! epoch object and bridge, walk each guest's manifest chain, and name
+//! exactly what is damaged (the pack and chunk, the epoch, the object).
+
+use std::collections::HashSet;
+
+use remus_types::{ChunkId, EpochId};
+
+use super::format::{self, Bridge};
+use super::history::S3Epoch;
+use super::S3Tier;
+use crate::db::{content_id, decode_chunk_value};
+use crate::error::StoreError;
+use crate::manifest::page_delta_hash;
+use crate::verify::{Damage, VerifyReport};
+
+impl S3Tier {
+    /// Checks the whole tier; `progress(chunks)` after each pack.
+    ///
+    /// # Errors
+    /// S3 failures; damage is reported in the [`VerifyReport`].
+    pub fn verify(&self, progress: &mut dyn FnMut(u64)) -> Result<VerifyReport, StoreError> {
+        let mut r = VerifyReport::default();
+        let mut packs: HashSet<String> = self.client.list("packs/")?.into_iter().map(|l| l.key).collect();
+        let index_keys: Vec<String> = self.client.list("index/")?.into_iter().map(|l| l.key).collect();
+        let mut held = HashSet::new();
+        let mut damaged = HashSet::new();
+        for key in &index_keys {
+            let ix = match format::decode_index(&self.client.get(key)?) {
+                Ok(ix) => ix,
+                Err(e) => {
+                    r.damage.push(Damage::ObjectCorrupt { key: key.clone(), reason: e.to_string() });
+                    continue;
+                }
+            };
+            let pack = ix.pack.to_hex();
+            if !packs.remove(&format::pack_key(&ix.pack)) {
+                r.damage.push(Damage::PackMissing { pack });
+                continue;
+            }
+            let body = self.client.get(&format::pack_key(&ix.pack))?;
+            let mut bad = 0;
+            if body.len() as u64 != ix.pack_len || format::check_pack_header(&body).is_err() {
+                r.damage.push(Damage::PackCorrupt { pack: pack.clone(), reason: "truncated or bad header".into() });
+                bad += 1;
+            }
+            for e in &ix.entries {
+                r.chunks += 1;
+                let ok = body
+                    .get(e.offset as usize..e.offset as usize + e.len as usize)
+                    .is_some_and(|v| decode_chunk_value(&e.id, v).is_ok());
+                if ok {
+                    held.insert(e.id);
+                } else {
+                    damaged.insert(e.id);
+                    bad += 1;
+                    r.damage.push(Damage::PackChunkCorrupt { pack: pack.clone(), chunk: e.id.to_hex() });
+                }
+            }
+            if bad == 0 && content_id(&body) != ix.pack {
+                r.damage.push(Damage::PackCorrupt { pack, reason: "content does not match its name".into() });
+            }
+            progress(r.chunks);
+        }
+        let mut orphans: Vec<String> = packs.into_iter().collect();
+        orphans.sort();
+        for key in orphans {
+            let pack = key.trim_start_matches("packs/").to_string();
+            r.damage.push(Damage::PackCorrupt { pack, reason: "no index".into() });
+        }
+
+        let zero = remus_types::zero_page_hash();
+        let mut referenced = HashSet::new();
+        for guest in self.guests()? {
+            let bridges: Vec<Bridge> = {
+                let mut v = Vec::new();
+                for l in self.client.list(&format::bridges_prefix(guest))? {
+                    match Bridge::decode(&self.client.get(&l.key)?) {
+                        Ok(b) => v.push(b),
+                        Err(e) => r.damage.push(Damage::ObjectCorrupt { key: l.key, reason: e.to_string() }),
+                    }
+                }
+                v.sort_by_key(|b| b.first);
+                v
+            };
+            for b in &bridges {
+                for (_, e, id) in &b.pages {
+                    if *id != zero && referenced.insert(*id) && !held.contains(id) && !damaged.contains(id) {
+                        r.damage.push(Damage::ChunkMissing { chunk: id.to_hex(), guest: guest.0, epoch: e.0 });
+                    }
+                }
+            }
+            // The previous kept epoch: None after a damaged one, whose
+            // successor's link cannot be judged.
+            let mut prev: Option<(EpochId, ChunkId)> = Some((EpochId(0), ChunkId::default()));
+            for epoch in self.epoch_ids(guest)? {
+                let key = format::epoch_key(guest, epoch);
+                r.manifests += 1;
+                let (m, pages) = match format::decode_epoch(&self.client.get(&key)?) {
+                    Ok((m, _)) if m.guest != guest || m.epoch != epoch => {
+                        r.damage.push(Damage::ManifestCorrupt { guest: guest.0, epoch: epoch.0, reason: "names another epoch".into() });
+                        prev = None;
+                        continue;
+                    }
+                    Ok(x) => x,
+                    Err(e) => {
+                        r.damage.push(Damage::ManifestCorrupt { guest: guest.0, epoch: epoch.0, reason: e.to_string() });
+                        prev = None;
+                        continue;
+                    }
+                };
+                r.pages += pages.len() as u64;
+                if pages.len() as u64 != m.dirty_pages || page_delta_hash(&pages) != m.page_delta {
+                    r.damage.push(Damage::PageIndexMismatch { guest: guest.0, epoch: epoch.0 });
+                }
+                if let Some((pe, pid)) = prev {
+                    let linked = if epoch == pe.next() {
+                        m.parent == pid
+                    } else {
+                        bridges.iter().any(|b| b.first == pe.next() && b.last.next() == epoch && b.first_parent == pid && b.last_id == m.parent)
+                    };
+                    if !linked {
+                        r.damage.push(Damage::ChainBroken { guest: guest.0, epoch: epoch.0 });
+                    }
+                }
+                for id in pages.iter().map(|(_, id)| *id).filter(|id| *id != zero).chain([m.device_state]) {
+                    if referenced.insert(id) && !held.contains(&id) && !damaged.contains(&id) {
+                        r.damage.push(Damage::ChunkMissing { chunk: id.to_hex(), guest: guest.0, epoch: epoch.0 });
+                    }
+                }
+                prev = Some((epoch, S3Epoch { manifest: m, pages: Vec::new() }.manifest.id()));
+            }
+        }
+        progress(r.chunks);
+        Ok(r)
+    }
+}

@@ -1,0 +1,163 @@
+//! Thinning and GC on a real RocksDB, alone and while commits go on.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use remus_types::{ChunkId, EpochId, GuestId, Pfn, PAGE_SIZE};
+
+use crate::*;
+
+const MS: u64 = 1_000_000;
+
+fn page(seed: u64) -> Vec<u8> {
+    let mut p = vec![0u8; PAGE_SIZE];
+    p[..8].copy_from_slice(&seed.to_le_bytes());
+    p[100] = seed as u8;
+    p
+}
+
+/// Epoch `e` writes 6 pages (1 ms apart): 4 new contents and 2 references
+/// to content the previous epoch wrote (sent as references, without
+/// their bytes, unless `full`).
+fn commit_for(guest: GuestId, e: u64, full: bool) -> (EpochCommit, Vec<(u64, u64)>) {
+    let mut c = EpochCommit { guest, epoch: EpochId(e), page_count: 64, time_unix_ns: e * MS, ..Default::default() };
+    let mut writes = Vec::new();
+    for k in 0..6u64 {
+        let pfn = (e * 7 + k * 11) % 64;
+        let seed = if k < 4 || e == 1 { e * 10 + k } else { (e - 1) * 10 + k };
+        let p = page(seed);
+        let id = content_id(&p);
+        c.pages.push((Pfn(pfn), id));
+        if full || k < 4 || e == 1 {
+            c.chunks.push((id, StoredChunk::Zstd(zstd::bulk::compress(&p, 1).unwrap())));
+        }
+        writes.push((pfn, seed));
+    }
+    c.device_state = vec![e as u8; 3];
+    (c, writes)
+}
+
+/// Commits epoch `e`, resending full content when a referenced chunk was
+/// collected meanwhile (as a primary does after a refused commit).
+fn commit(store: &Store, guest: GuestId, e: u64) -> Vec<(u64, u64)> {
+    let (c, writes) = commit_for(guest, e, false);
+    match store.commit(c) {
+        Ok(_) => {}
+        Err(StoreError::ChunkMissing(_)) => {
+            store.commit(commit_for(guest, e, true).0).unwrap();
+        }
+        Err(e) => panic!("{e}"),
+    }
+    writes
+}
+
+fn check_restores(store: &Store, guest: GuestId, states: &[BTreeMap<u64, u64>]) -> usize {
+    let mut kept = 0;
+    for m in store.manifests(guest).unwrap() {
+        let want = &states[m.epoch.0 as usize - 1];
+        let mut got = BTreeMap::new();
+        store
+            .for_each_page_at(guest, m.epoch, |pfn, id| {
+                let data = store.chunk(&id)?;
+                got.insert(pfn.0, u64::from_le_bytes(data[..8].try_into().unwrap()));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(&got, want, "kept epoch {} restores exactly", m.epoch);
+        kept += 1;
+    }
+    kept
+}
+
+#[test]
+fn the_policy_keeps_every_recent_epoch_then_one_per_slot() {
+    let ms = Duration::from_millis;
+    let p = RetentionPolicy { rules: vec![KeepRule { within: ms(10), every: ms(0) }, KeepRule { within: ms(50), every: ms(10) }] };
+    let epochs: Vec<(EpochId, u64)> = (1..=100).map(|e| (EpochId(e), e * MS)).collect();
+    let mut keep: Vec<u64> = p.keep(&epochs).into_iter().map(|e| e.0).collect();
+    keep.sort_unstable();
+    // Newest at 100 ms: 90..=100 all; 50..90 one per 10 ms slot (oldest
+    // of each); older than 50 ms dropped.
+    assert_eq!(keep, vec![50, 60, 70, 80, 90, 91, 92, 93, 94, 95, 96, 97, 98, 99, 100]);
+    assert_eq!(RetentionPolicy::standard().rules.len(), 4);
+}
+
+#[test]
+fn thinning_keeps_every_kept_epoch_byte_exact_and_the_chain_verifiable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(1);
+    let mut state = BTreeMap::new();
+    let mut states = Vec::new();
+    for e in 1..=120 {
+        state.extend(commit(&store, g, e));
+        states.push(state.clone());
+    }
+    let ms = Duration::from_millis;
+    let policy = RetentionPolicy { rules: vec![KeepRule { within: ms(20), every: ms(0) }, KeepRule { within: ms(200), every: ms(7) }] };
+    // Two rounds, the second coarser: runs merge with existing bridges.
+    let r = store.thin(g, &policy, EpochId(60)).unwrap();
+    assert!(r.epochs_dropped > 40 && r.pages_dropped > 0, "{r:?}");
+    assert_eq!(check_restores(&store, g, &states), 120 - r.epochs_dropped as usize);
+    assert_eq!(store.verify(|_| {}).unwrap().damage, vec![]);
+    let coarser = RetentionPolicy { rules: vec![KeepRule { within: ms(20), every: ms(0) }, KeepRule { within: ms(200), every: ms(30) }] };
+    let r2 = store.thin(g, &coarser, EpochId(120)).unwrap();
+    assert!(r2.epochs_dropped > 0);
+    let kept = check_restores(&store, g, &states);
+    assert_eq!(kept as u64, 120 - r.epochs_dropped - r2.epochs_dropped);
+    assert_eq!(store.head(g).unwrap().unwrap().epoch, EpochId(120), "the newest epoch is always kept");
+    let before = store.verify(|_| {}).unwrap();
+    assert_eq!(before.damage, vec![]);
+    let gc = store.gc().unwrap();
+    assert!(gc.deleted > 0, "{gc:?}");
+    assert_eq!(check_restores(&store, g, &states), kept);
+    assert_eq!(store.verify(|_| {}).unwrap().damage, vec![]);
+    assert!(store.verify(|_| {}).unwrap().chunks < before.chunks);
+
+    // A bridge that does not link the kept manifests is named.
+    let b = store.bridges(g).unwrap()[1];
+    let next = b.last.next();
+    let mut m = store.manifest(g, next).unwrap();
+    m.parent = ChunkId([9; 32]);
+    store.corrupt_manifest_for_test(g, next, &m.encode()).unwrap();
+    let damage = store.verify(|_| {}).unwrap().damage;
+    assert!(damage.contains(&Damage::ChainBroken { guest: 1, epoch: next.0 }), "{damage:?}");
+}
+
+#[test]
+fn gc_during_ingest_never_loses_what_a_kept_epoch_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path(), StoreOptions::default()).unwrap());
+    let g = GuestId(4);
+    let done = Arc::new(AtomicBool::new(false));
+    let ingest = {
+        let (store, done) = (Arc::clone(&store), Arc::clone(&done));
+        std::thread::spawn(move || {
+            let mut state = BTreeMap::new();
+            let mut states = Vec::new();
+            for e in 1..=400 {
+                state.extend(commit(&store, g, e));
+                states.push(state.clone());
+            }
+            done.store(true, Ordering::Relaxed);
+            states
+        })
+    };
+    let ms = Duration::from_millis;
+    let policy = RetentionPolicy { rules: vec![KeepRule { within: ms(15), every: ms(0) }, KeepRule { within: ms(10_000), every: ms(9) }] };
+    let mut rounds = 0;
+    let mut deleted = 0;
+    while !done.load(Ordering::Relaxed) || rounds < 2 {
+        let head = store.head(g).unwrap().map_or(EpochId(0), |h| h.epoch);
+        store.thin(g, &policy, head).unwrap();
+        deleted += store.gc().unwrap().deleted;
+        rounds += 1;
+    }
+    let states = ingest.join().unwrap();
+    assert!(rounds >= 2 && deleted > 0, "{rounds} rounds, {deleted} chunks collected");
+    let kept = check_restores(&store, g, &states);
+    assert!(kept < 200, "thinning dropped epochs: {kept} kept");
+    assert_eq!(store.verify(|_| {}).unwrap().damage, vec![]);
+}
