@@ -4,8 +4,9 @@
 //! - Achieved Hz, pause p50/p99 and wire bytes per epoch for each guest
 //!   size and epoch rate (default 128, 256 and 1024 MiB at 20 and 40 Hz),
 //!   with a CPU-bound job running in the guest.
-//! - Guest slowdown at 20 Hz: a fixed CPU-bound job (sha256 of 48 MiB
-//!   inside the guest, timed by the client) protected vs unprotected.
+//! - Guest slowdown: a fixed CPU-bound job (sha256 of 48 MiB inside the
+//!   guest, timed by the client) protected vs unprotected, and with
+//!   checkpoints taken at 20 Hz but not sent (the cost of the pause alone).
 //! - Failover: SIGKILL of the primary (remus and its QEMU) to the guest
 //!   answering at the backup, on the client's open connection and on a new
 //!   one.
@@ -51,6 +52,12 @@ fn main() {
         let ms = unprotected(&kernel, &initrd, mib, jobs, work.path());
         println!("  {mib:>5} MiB  job {:>7.0} ms (median of {jobs})", median(&ms));
         baseline.push((mib, median(&ms)));
+    }
+    println!();
+    println!("checkpoints only (pause, capture and resume at 20 Hz; nothing sent):");
+    for &(mib, base) in &baseline {
+        let ms = checkpoints_only(&kernel, &initrd, mib, jobs, work.path(), Some(20));
+        println!("  {mib:>5} MiB  job {:>7.0} ms  slowdown {:>5.1}%", median(&ms), (median(&ms) / base - 1.0) * 100.0);
     }
     println!();
     println!("protected (remus protect qemu + remus backup, loopback QUIC, mutual TLS):");
@@ -161,6 +168,12 @@ fn machine(kernel: &Path, initrd: &Path, mib: u64) -> QemuMachine {
 }
 
 fn unprotected(kernel: &Path, initrd: &Path, mib: u64, jobs: usize, work: &Path) -> Vec<f64> {
+    checkpoints_only(kernel, initrd, mib, jobs, work, None)
+}
+
+/// The guest checkpointed at `hz` with the checkpoints thrown away (no
+/// replication), or never (`None`): what the pause itself costs the guest.
+fn checkpoints_only(kernel: &Path, initrd: &Path, mib: u64, jobs: usize, work: &Path, hz: Option<u32>) -> Vec<f64> {
     let run_dir = PathBuf::from(format!("/dev/shm/remus-bench-u{}", std::process::id()));
     let cfg = QemuConfig {
         machine: machine(kernel, initrd, mib),
@@ -168,15 +181,30 @@ fn unprotected(kernel: &Path, initrd: &Path, mib: u64, jobs: usize, work: &Path)
         disk: Some(work.join(format!("disk-u{mib}.img"))),
         tap: Some("tap-p".into()),
         run_dir: run_dir.clone(),
-        tracking: TrackingMode::Hash,
+        // The same preloaded shim as a protected guest; write-protect
+        // tracking is armed only when checkpoints are taken.
+        tracking: if hz.is_some() { TrackingMode::WriteProtect } else { TrackingMode::Hash },
         shim: None,
     };
     let mut guest = QemuGuest::start(&cfg, Egress::Direct).expect("QEMU");
-    // One checkpoint starts it (QEMU is launched paused); none follow.
+    // One checkpoint starts it (QEMU is launched paused).
     guest.checkpoint(EpochId(1), &mut Checkpoint::default()).expect("start");
     wait_ready(&RunDir { dir: run_dir.clone() }.serial(), None);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = std::sync::Arc::clone(&stop);
+    let epochs = std::thread::spawn(move || {
+        let mut cp = Checkpoint::default();
+        let mut e = 2;
+        while let Some(hz) = hz.filter(|_| !stop2.load(std::sync::atomic::Ordering::Relaxed)) {
+            std::thread::sleep(Duration::from_secs_f64(1.0 / f64::from(hz)));
+            guest.checkpoint(EpochId(e), &mut cp).expect("checkpoint");
+            e += 1;
+        }
+        guest
+    });
     let ms = cpu_jobs(jobs);
-    drop(guest);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(epochs.join().expect("epoch thread"));
     let _ = std::fs::remove_dir_all(&run_dir);
     ms
 }

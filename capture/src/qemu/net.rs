@@ -101,6 +101,7 @@ pub struct NetRelay {
     tap: Mutex<Option<Tap>>,
     has_tap: bool,
     stop: Arc<AtomicBool>,
+    world: Mutex<Option<std::thread::JoinHandle<()>>>,
     socket: std::path::PathBuf,
     /// Counters.
     pub counters: Arc<NetCounters>,
@@ -124,6 +125,7 @@ impl NetRelay {
             has_tap: tap.is_some(),
             tap: Mutex::new(tap),
             stop: Arc::clone(&stop),
+            world: Mutex::new(None),
             socket: socket.to_path_buf(),
             counters: Arc::default(),
         });
@@ -152,7 +154,7 @@ impl NetRelay {
         if let Some(mut tap) = reader_tap {
             let counters = Arc::clone(&relay.counters);
             let stop = Arc::clone(&stop);
-            std::thread::Builder::new()
+            let handle = std::thread::Builder::new()
                 .name("remus-net-world".into())
                 .spawn(move || {
                     let mut buf = vec![0u8; MAX_FRAME + 4];
@@ -186,15 +188,19 @@ impl NetRelay {
                     }
                 })
                 .map_err(|e| CaptureError::Io(e.to_string()))?;
+            *relay.world.lock() = Some(handle);
         }
         Ok(relay)
     }
 
-    /// Stops relaying and closes the TAP (within 100 ms), so that another
-    /// relay can attach to it.
+    /// Stops relaying and closes the TAP (waiting up to 100 ms for the
+    /// reader to let go), so that another relay can attach to it.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
         self.tap.lock().take();
+        if let Some(h) = self.world.lock().take() {
+            let _ = h.join();
+        }
         // Wake the accept loop so it sees the flag.
         let _ = UnixStream::connect(&self.socket);
     }
