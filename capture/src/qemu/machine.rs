@@ -9,7 +9,7 @@
 //! ```text
 //! pfn 0 .. ram_pages                      guest RAM
 //! ram_pages .. +disk_blocks               the disk, 4 KiB blocks
-//! .. +VMSTATE_PAGES                       QEMU's device state (migration
+//! .. +VMSTATE_PAGES                       QEMU's device state (its device
 //!                                         stream, RAM excluded), zero-padded
 //! ```
 //! The checkpoint's `device_state` is [`QemuState`]: the machine, the
@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::CaptureError;
 
 /// Pages reserved for QEMU's device state (4 MiB; a q35 guest with a
-/// direct-boot kernel needs about 300 KiB).
+/// virtio disk and NIC writes about 32 KiB).
 pub const VMSTATE_PAGES: u64 = 1024;
 const STATE_MAGIC: &[u8; 4] = b"RMQD";
 
@@ -127,7 +127,7 @@ impl RunDir {
     pub fn disk(&self) -> PathBuf {
         self.dir.join("disk.img")
     }
-    /// QEMU's device state (migration stream without RAM).
+    /// QEMU's device state (`xen-save-devices-state`: devices, no RAM).
     #[must_use]
     pub fn vmstate(&self) -> PathBuf {
         self.dir.join("vmstate")
@@ -181,7 +181,9 @@ pub fn command(qemu: &Path, machine: &QemuMachine, run: &RunDir, launch: &Launch
     );
     c.args(["-name", "remus-guest", "-nodefaults", "-no-user-config", "-display", "none"])
         .args(["-accel", &machine.accel])
-        .args(["-machine", "q35,memory-backend=mem"])
+        // No self-description in the device-state stream (nothing reads it,
+        // and the loader would expect one).
+        .args(["-machine", "q35,memory-backend=mem,suppress-vmdesc=on"])
         .args(["-m", &format!("{}M", machine.memory_mib)])
         .args(["-smp", &machine.cpus.to_string()])
         .args(["-object", &mem])
@@ -212,7 +214,9 @@ pub fn command(qemu: &Path, machine: &QemuMachine, run: &RunDir, launch: &Launch
             }
         }
         Launch::Incoming => {
-            c.args(["-S", "-incoming", "defer"]);
+            // The device state is `xen-save-devices-state`'s, which has
+            // no configuration section for the loader to expect.
+            c.args(["-S", "-incoming", "defer", "-global", "migration.send-configuration=off"]);
         }
     }
     c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
