@@ -491,8 +491,8 @@ pub fn resume(qemu: &Path, state: &QemuState, run: &RunDir, start: bool) -> Resu
     }
 }
 
-/// Writes nothing; names where a run directory for guest `g` goes by
-/// default (tmpfs, since it holds guest RAM).
+/// The default run directory named `tag` (on tmpfs, since it holds guest
+/// RAM).
 #[must_use]
 pub fn default_run_dir(tag: &str) -> PathBuf {
     PathBuf::from(format!("/dev/shm/remus-{tag}"))
