@@ -22,7 +22,7 @@ mod qmp;
 
 pub use machine::{command, spawn, Launch, QemuMachine, QemuState, RunDir, VMSTATE_PAGES};
 pub use nbd::DiskServer;
-pub use net::{Egress, NetCounters, NetRelay, Tap};
+pub use net::{Egress, NetRelay, Tap};
 pub use qmp::Qmp;
 
 use std::io::Read;
@@ -219,26 +219,6 @@ impl QemuGuest {
         Arc::clone(&self.net)
     }
 
-    /// QEMU's process id.
-    #[must_use]
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The run directory.
-    #[must_use]
-    pub fn run_dir(&self) -> &RunDir {
-        &self.run
-    }
-
-    /// Pauses the guest (for a final checkpoint of a still guest).
-    ///
-    /// # Errors
-    /// As [`Qmp::execute`].
-    pub fn pause(&mut self) -> Result<(), CaptureError> {
-        self.qmp.execute("stop", None).map(drop)
-    }
-
     fn alive(&mut self) -> Result<(), CaptureError> {
         match self.child.try_wait() {
             Ok(None) => Ok(()),
@@ -423,8 +403,7 @@ fn find_mapping(pid: u32, file: &Path) -> Result<u64, CaptureError> {
 }
 
 /// The last lines QEMU wrote to stderr, for an error message.
-#[must_use]
-pub fn stderr_tail(child: &mut Child) -> String {
+fn stderr_tail(child: &mut Child) -> String {
     let mut s = String::new();
     if let Some(mut e) = child.stderr.take() {
         let _ = e.read_to_string(&mut s);

@@ -89,7 +89,6 @@ struct Shared {
     size: u64,
     dirty: Mutex<DirtyBlocks>,
     stop: AtomicBool,
-    error: Mutex<Option<String>>,
 }
 
 /// An NBD server for one raw disk image.
@@ -116,7 +115,6 @@ impl DiskServer {
             size,
             dirty: Mutex::new(DirtyBlocks { words: vec![0; blocks.div_ceil(64) as usize] }),
             stop: AtomicBool::new(false),
-            error: Mutex::new(None),
         });
         let s2 = Arc::clone(&shared);
         std::thread::Builder::new()
@@ -130,7 +128,6 @@ impl DiskServer {
                         Ok(c) => {
                             if let Err(e) = serve(&s2, c) {
                                 tracing::warn!(error = %e, "NBD client failed");
-                                *s2.error.lock() = Some(e.to_string());
                             }
                         }
                         Err(e) => tracing::warn!(error = %e, "NBD accept failed"),
@@ -161,11 +158,6 @@ impl DiskServer {
         self.shared.image.read_exact_at(buf, block * PAGE_SIZE as u64)
     }
 
-    /// The last protocol or I/O failure of a client, if any.
-    #[must_use]
-    pub fn last_error(&self) -> Option<String> {
-        self.shared.error.lock().clone()
-    }
 }
 
 impl Drop for DiskServer {

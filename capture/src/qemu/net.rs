@@ -19,7 +19,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -85,26 +85,12 @@ pub enum Egress {
     Direct,
 }
 
-/// Frame counters, for statistics and tests.
-#[derive(Debug, Default)]
-pub struct NetCounters {
-    /// Frames from the guest.
-    pub from_guest: AtomicU64,
-    /// Frames written to the world (after release, when held).
-    pub to_world: AtomicU64,
-    /// Frames from the world to the guest.
-    pub to_guest: AtomicU64,
-}
-
 /// The relay between QEMU's netdev socket and the TAP.
 pub struct NetRelay {
     tap: Mutex<Option<Tap>>,
-    has_tap: bool,
     stop: Arc<AtomicBool>,
     world: Mutex<Option<std::thread::JoinHandle<()>>>,
     socket: std::path::PathBuf,
-    /// Counters.
-    pub counters: Arc<NetCounters>,
 }
 
 impl NetRelay {
@@ -122,12 +108,10 @@ impl NetRelay {
         };
         let stop = Arc::new(AtomicBool::new(false));
         let relay = Arc::new(Self {
-            has_tap: tap.is_some(),
             tap: Mutex::new(tap),
             stop: Arc::clone(&stop),
             world: Mutex::new(None),
             socket: socket.to_path_buf(),
-            counters: Arc::default(),
         });
         let guest_conn: Arc<Mutex<Option<UnixStream>>> = Arc::default();
         {
@@ -152,7 +136,6 @@ impl NetRelay {
                 .map_err(|e| CaptureError::Io(e.to_string()))?;
         }
         if let Some(mut tap) = reader_tap {
-            let counters = Arc::clone(&relay.counters);
             let stop = Arc::clone(&stop);
             let handle = std::thread::Builder::new()
                 .name("remus-net-world".into())
@@ -181,9 +164,9 @@ impl NetRelay {
                         };
                         buf[..4].copy_from_slice(&(n as u32).to_be_bytes());
                         if let Some(c) = guest_conn.lock().as_mut() {
-                            if c.write_all(&buf[..4 + n]).is_ok() {
-                                counters.to_guest.fetch_add(1, Ordering::Relaxed);
-                            }
+                            // A frame the guest cannot take is lost, as
+                            // on any wire.
+                            let _ = c.write_all(&buf[..4 + n]);
                         }
                     }
                 })
@@ -209,9 +192,6 @@ impl NetRelay {
     pub fn release(&self, frames: &[Vec<u8>]) {
         let mut tap = self.tap.lock();
         let Some(tap) = tap.as_mut() else {
-            if !self.has_tap {
-                self.counters.to_world.fetch_add(frames.len() as u64, Ordering::Relaxed);
-            }
             return;
         };
         for f in frames {
@@ -220,7 +200,6 @@ impl NetRelay {
             if let Err(e) = tap.file.write_all(f) {
                 tracing::debug!(error = %e, "tap write failed");
             }
-            self.counters.to_world.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -234,7 +213,6 @@ impl NetRelay {
             }
             let mut frame = vec![0u8; n];
             conn.read_exact(&mut frame)?;
-            self.counters.from_guest.fetch_add(1, Ordering::Relaxed);
             match egress {
                 Egress::Held(out) => {
                     out.push(frame);

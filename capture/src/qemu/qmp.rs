@@ -134,15 +134,6 @@ impl Qmp {
         }
     }
 
-    /// The VM's run state (`running`, `paused`, `inmigrate`, ...).
-    ///
-    /// # Errors
-    /// As [`Self::execute`].
-    pub fn status(&mut self) -> Result<String, CaptureError> {
-        let r = self.execute("query-status", None)?;
-        Ok(r.get("status").and_then(Value::as_str).unwrap_or("unknown").to_owned())
-    }
-
     fn read_value(&mut self) -> Result<Value, CaptureError> {
         self.line.clear();
         let n = self.reader.read_line(&mut self.line).map_err(qmp_io)?;
