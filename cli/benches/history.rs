@@ -16,7 +16,8 @@
 //!
 //! `cargo bench -p remus-cli --bench history` (needs `restic` and `borg`
 //! on PATH; Debian: `apt-get install restic borgbackup`; baselines that
-//! are missing are skipped with a note).
+//! are missing are skipped with a note; `REMUS_BENCH_TOOLS=restic` runs
+//! only that baseline beside remus).
 
 use std::path::Path;
 use std::process::Command;
@@ -72,67 +73,86 @@ fn make_image(pages: usize, rng: &mut rand::rngs::SmallRng) -> Vec<u8> {
     img
 }
 
-/// Hashes and compresses every page on two threads, commits one epoch.
-/// The memory root is the primary's work (kept incrementally there), so
-/// it is computed before the clock starts.
+/// Pages per epoch of the first full copy, as the backup receives it.
+const EPOCH_PAGES: usize = 16384;
+
+/// Ingests `img` (or its `changed` pages) as consecutive epochs from
+/// `epoch`, as the backup receives a first full copy: two workers hash and
+/// compress epochs in turn (as the primary's encoder does: zero pages and
+/// repeated content sent as such, the rest zstd 1), while this thread
+/// commits each epoch as it completes (several per synced write when they
+/// queue up). The memory root is the primary's work (kept incrementally
+/// there), so it is computed before the clock starts.
 fn ingest(store: &Store, epoch: u64, img: &[u8], changed: Option<&[usize]>) -> (f64, EpochId) {
+    const WORKERS: usize = 2;
     let memory_root = MemoryDigest::of_image(img);
     let t0 = Instant::now();
     let pfns: Vec<usize> = changed.map_or_else(|| (0..img.len() / PAGE_SIZE).collect(), <[usize]>::to_vec);
-    let half = pfns.len() / 2;
-    let zero = remus_types::zero_page_hash();
-    // As the primary does: zero pages and repeated content are sent as
-    // such, the rest compressed with one zstd context per thread.
-    let work = |part: &[usize]| -> Vec<(Pfn, remus_types::ChunkId, Option<StoredChunk>)> {
-        let mut z = zstd::bulk::Compressor::new(1).expect("zstd");
-        let mut seen = std::collections::HashSet::new();
-        part.iter()
-            .map(|&p| {
-                let page = &img[p * PAGE_SIZE..][..PAGE_SIZE];
-                let id = content_id(page);
-                let chunk = (id != zero && seen.insert(id)).then(|| StoredChunk::Zstd(z.compress(page).expect("zstd")));
-                (Pfn(p as u64), id, chunk)
-            })
-            .collect()
-    };
-    let (a, b) = std::thread::scope(|s| {
-        let h = s.spawn(|| work(&pfns[..half]));
-        let b = work(&pfns[half..]);
-        (h.join().expect("worker"), b)
-    });
-    // Committed as the backup receives a first full copy: consecutive
-    // epochs of at most 16384 pages (64 MiB), in one synced group.
     let page_count = (img.len() / PAGE_SIZE) as u64;
-    let mut commits: Vec<EpochCommit> = Vec::new();
-    for (pfn, id, chunk) in a.into_iter().chain(b) {
-        if commits.last().is_none_or(|c| c.pages.len() >= 16384) {
-            let e = epoch + commits.len() as u64;
-            commits.push(EpochCommit { guest: GuestId(1), epoch: EpochId(e), page_count, time_unix_ns: e, ..EpochCommit::default() });
+    let epochs: Vec<&[usize]> = pfns.chunks(EPOCH_PAGES).collect();
+    let last = EpochId(epoch + epochs.len() as u64 - 1);
+    let zero = remus_types::zero_page_hash();
+    let encode = |i: usize, z: &mut zstd::bulk::Compressor, seen: &mut std::collections::HashSet<remus_types::ChunkId>| {
+        let e = EpochId(epoch + i as u64);
+        let mut c = EpochCommit { guest: GuestId(1), epoch: e, page_count, time_unix_ns: e.0, ..EpochCommit::default() };
+        for &p in epochs[i] {
+            let page = &img[p * PAGE_SIZE..][..PAGE_SIZE];
+            let id = if remus_types::is_zero_page(page) { zero } else { content_id(page) };
+            if id != zero && seen.insert(id) {
+                c.chunks.push((id, StoredChunk::Zstd(z.compress(page).expect("zstd"))));
+            }
+            c.pages.push((Pfn(p as u64), id));
         }
-        let c = commits.last_mut().expect("one commit");
-        c.pages.push((pfn, id));
-        if let Some(chunk) = chunk {
-            c.chunks.push((id, chunk));
+        // Only the last epoch's root is the image's; the others are
+        // partial states this benchmark never restores.
+        if e == last {
+            c.memory_root = memory_root;
         }
-    }
-    // Only the last epoch's root is the image's; the others are partial
-    // states this benchmark never restores.
-    commits.last_mut().expect("one commit").memory_root = memory_root;
-    let last = commits.last().expect("one commit").epoch;
-    let t_commit = Instant::now();
-    for group in commits.chunks(4) {
-        store.commit_many(group.to_vec()).expect("commit");
-    }
+        c
+    };
+    let mut commit_s = 0.0;
+    std::thread::scope(|s| {
+        let queues: Vec<_> = (0..WORKERS)
+            .map(|w| {
+                let (tx, rx) = std::sync::mpsc::sync_channel(2);
+                let (encode, epochs) = (&encode, &epochs);
+                s.spawn(move || {
+                    let mut z = zstd::bulk::Compressor::new(1).expect("zstd");
+                    let mut seen = std::collections::HashSet::new();
+                    for i in (w..epochs.len()).step_by(WORKERS) {
+                        if tx.send(encode(i, &mut z, &mut seen)).is_err() {
+                            break;
+                        }
+                    }
+                });
+                rx
+            })
+            .collect();
+        let mut next = 0;
+        while next < epochs.len() {
+            let mut group = vec![queues[next % WORKERS].recv().expect("worker")];
+            next += 1;
+            while next < epochs.len() && group.len() < 4 {
+                match queues[next % WORKERS].try_recv() {
+                    Ok(c) => group.push(c),
+                    Err(_) => break,
+                }
+                next += 1;
+            }
+            let t = Instant::now();
+            store.commit_many(group).expect("commit");
+            commit_s += t.elapsed().as_secs_f64();
+        }
+    });
     let t_flush = Instant::now();
     store.flush().expect("flush");
+    commit_s += t_flush.elapsed().as_secs_f64();
+    let total = t0.elapsed().as_secs_f64();
     eprintln!(
-        "remus ingest from epoch {epoch}: hash+compress {:.2} s, commit {:.2} s, flush {:.2} s (store alone: {:.1} MB/s)",
-        (t_commit - t0).as_secs_f64(),
-        (t_flush - t_commit).as_secs_f64(),
-        t_flush.elapsed().as_secs_f64(),
-        img.len() as f64 / 1e6 / t_commit.elapsed().as_secs_f64()
+        "remus ingest from epoch {epoch}: {total:.2} s, of which {commit_s:.2} s committing (store alone: {:.1} MB/s of image)",
+        (pfns.len() * PAGE_SIZE) as f64 / 1e6 / commit_s
     );
-    (t0.elapsed().as_secs_f64(), last)
+    (total, last)
 }
 
 fn timed(cmd: &mut Command) -> f64 {
@@ -148,12 +168,17 @@ fn durable(p: &Path) {
     std::fs::File::open(p).and_then(|f| f.sync_all()).expect("sync restored file");
 }
 
+/// `REMUS_BENCH_TOOLS` (comma-separated, default all) picks the baselines.
 fn have(tool: &str) -> bool {
+    if std::env::var("REMUS_BENCH_TOOLS").is_ok_and(|t| !t.split(',').any(|t| t.trim() == tool)) {
+        return false;
+    }
     let arg = if tool == "restic" { "version" } else { "--version" };
     Command::new(tool).arg(arg).output().is_ok_and(|o| o.status.success())
 }
 
 fn main() {
+    remus_cli::keep_freed_memory();
     let mib: usize = std::env::var("REMUS_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
     let pages = mib << 20 >> 12;
     let base = std::env::var_os("REMUS_BENCH_DIR").map_or_else(std::env::temp_dir, std::path::PathBuf::from);

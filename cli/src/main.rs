@@ -44,6 +44,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    remus_cli::keep_freed_memory();
     let cli = Cli::parse();
     remus_cli::init_logging(cli.verbose);
     let run = || -> anyhow::Result<bool> {

@@ -34,6 +34,10 @@ pub(crate) const CF_EPOCHS: &str = "epochs";
 pub(crate) const CF_PAGES: &str = "pages";
 pub(crate) const CF_META: &str = "meta";
 
+/// New chunk bytes from which a commit writes chunks without the WAL
+/// (see [`Store::commit_many`]).
+const BULK_BYTES: usize = 4 << 20;
+
 /// Largest chunk content accepted when reading.
 const MAX_CHUNK: usize = 16 << 20;
 
@@ -50,7 +54,21 @@ pub enum StoredChunk {
 }
 
 impl StoredChunk {
-    fn value(&self) -> Vec<u8> {
+    /// Stored bytes (compressed or not).
+    #[must_use]
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Plain(b) | Self::Zstd(b) => b.len(),
+        }
+    }
+
+    /// True for empty content.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub(crate) fn value(&self) -> Vec<u8> {
         let (codec, b) = match self {
             Self::Plain(b) => (CODEC_PLAIN, b),
             Self::Zstd(b) => (CODEC_ZSTD, b),
@@ -314,7 +332,17 @@ impl Store {
     /// the write fails. Either way nothing of the group is visible.
     pub fn commit_many(&self, commits: Vec<EpochCommit>) -> Result<Vec<CommitOutcome>, StoreError> {
         let _gc = self.gc.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut batch = WriteBatch::default();
+        let pages: usize = commits.iter().map(|c| c.pages.len()).sum();
+        let mut batch = WriteBatch::with_capacity_bytes(pages * 120 + 4096);
+        // A large group writes its chunks once: straight into the
+        // memtable (no WAL), flushed to blob files before the synced index
+        // batch that makes them reachable. Through the WAL every byte would
+        // be written twice (log, then blob file at flush). A crash between
+        // the two leaves unreferenced chunks, which GC removes.
+        let (chunk_count, chunk_bytes) =
+            commits.iter().flat_map(|c| &c.chunks).fold((0, 0), |(n, b), (_, ch)| (n + 1, b + ch.len()));
+        // Sized up front: growing a batch of this size copies it over and over.
+        let mut bulk = (chunk_bytes >= BULK_BYTES).then(|| WriteBatch::with_capacity_bytes(chunk_bytes + chunk_count * 48 + 64));
         let mut seen = std::collections::HashSet::new();
         let mut heads: std::collections::HashMap<GuestId, (EpochId, ChunkId)> = std::collections::HashMap::new();
         let mut outcomes = Vec::with_capacity(commits.len());
@@ -330,9 +358,15 @@ impl Store {
                 marked.extend(c.pages.iter().map(|(_, id)| *id));
                 marked.insert(content_id(&c.device_state));
             }
-            let out = self.stage(&mut batch, &mut seen, c, parent)?;
+            let out = self.stage(&mut batch, bulk.as_mut(), &mut seen, c, parent)?;
             heads.insert(out.manifest.guest, (out.manifest.epoch, out.id));
             outcomes.push(out);
+        }
+        if let Some(chunks) = bulk {
+            let mut wo = WriteOptions::default();
+            wo.disable_wal(true);
+            self.db.write_opt(chunks, &wo)?;
+            self.db.flush_cf(self.cf(CF_CHUNKS))?;
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(self.opts.sync);
@@ -340,11 +374,13 @@ impl Store {
         Ok(outcomes)
     }
 
-    /// Adds one epoch to `batch`: its new chunks (skipping those stored or
-    /// already in `seen`), index entries, manifest and head.
+    /// Adds one epoch to `batch`: its new chunks (to `chunk_batch` if
+    /// given; skipping those stored or already in `seen`), index entries,
+    /// manifest and head.
     fn stage(
         &self,
         batch: &mut WriteBatch,
+        mut chunk_batch: Option<&mut WriteBatch>,
         seen: &mut std::collections::HashSet<ChunkId>,
         mut c: EpochCommit,
         parent: ChunkId,
@@ -363,7 +399,7 @@ impl Store {
             }
             let v = chunk.value();
             new_bytes += v.len() as u64;
-            batch.put_cf(chunks_cf, id.0, v);
+            chunk_batch.as_deref_mut().unwrap_or(&mut *batch).put_cf(chunks_cf, id.0, v);
             new_chunks += 1;
         }
         let ds_id = content_id(&c.device_state);
