@@ -4,7 +4,9 @@
 # on loopback on a free port, and exports its URL as
 # REMUS_TEST_S3_ENDPOINT. Sourced by test.sh; the server stops when the
 # sourcing shell exits. The virtualenv is created once, under
-# $REMUS_VENV (default ~/.cache/remus-venv).
+# $REMUS_VENV (default ~/.cache/remus-venv). Also exports the
+# moto_server path as REMUS_TEST_MOTO_SERVER, for tests that start a
+# server of their own (one that enforces credentials).
 set -euo pipefail
 
 REMUS_VENV="${REMUS_VENV:-$HOME/.cache/remus-venv}"
@@ -33,4 +35,5 @@ for _ in $(seq 1 300); do
   sleep 0.2
 done
 export REMUS_TEST_S3_ENDPOINT="http://127.0.0.1:$s3_port"
+export REMUS_TEST_MOTO_SERVER="$REMUS_VENV/bin/moto_server"
 echo "s3 test server: $REMUS_TEST_S3_ENDPOINT (moto_server pid $s3_pid, log $s3_log)" >&2

@@ -3,7 +3,9 @@
 //! `REMUS_TEST_S3_ENDPOINT`): the backup uploads while S3 is away and
 //! drains the backlog once it returns; then the backup site is lost (its
 //! RocksDB deleted) and `remus-restore --from s3://…` restores byte-exact
-//! from S3 alone; `remus verify --s3` names a flipped byte in a pack.
+//! from S3 alone; `remus verify --s3` names a flipped byte in a pack;
+//! against a second server that checks credentials, a wrong key is
+//! refused by name while the backlog waits for the right one.
 
 mod common;
 
@@ -13,8 +15,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use common::moto::AuthMoto;
 use common::*;
-use remus_store::s3::{format, S3Client, S3Config};
+use remus_store::s3::{format, S3Client, S3Config, S3Error};
 use remus_types::MemoryDigest;
 
 fn endpoint() -> String {
@@ -27,25 +30,50 @@ fn bucket(name: &str) -> String {
     format!("{name}-{}", std::process::id())
 }
 
+/// The key the shared server takes (it takes any).
+const ANY_KEY: (&str, &str) = ("test", "test");
+
 fn client(bucket: &str, prefix: &str) -> S3Client {
+    client_as(&endpoint(), bucket, prefix, ANY_KEY)
+}
+
+fn client_as(endpoint: &str, bucket: &str, prefix: &str, (id, secret): (&str, &str)) -> S3Client {
     let mut c = S3Config::new(bucket, prefix);
-    c.endpoint = Some(endpoint());
+    c.endpoint = Some(endpoint.to_string());
     c.region = Some("us-east-1".into());
-    c.access_key_id = Some("test".into());
-    c.secret_access_key = Some("test".into());
+    c.access_key_id = Some(id.into());
+    c.secret_access_key = Some(secret.into());
     S3Client::new(&c).unwrap()
 }
 
 fn write_config(path: &Path, endpoint: &str, bucket: &str, prefix: &str) {
+    write_config_as(path, endpoint, bucket, prefix, ANY_KEY);
+}
+
+fn write_config_as(path: &Path, endpoint: &str, bucket: &str, prefix: &str, (id, secret): (&str, &str)) {
     std::fs::write(
         path,
         format!(
             "[protect]\nbackup-timeout-ms = 3000\n\n[backup]\nprimary-timeout-ms = 3000\n\n[s3]\nbucket = \"{bucket}\"\nprefix = \"{prefix}\"\nendpoint = \"{endpoint}\"\n\
-             region = \"us-east-1\"\naccess-key-id = \"test\"\nsecret-access-key = \"test\"\npack-size-kib = 1024\n\
+             region = \"us-east-1\"\naccess-key-id = \"{id}\"\nsecret-access-key = \"{secret}\"\npack-size-kib = 1024\n\
              upload-interval-ms = 200\ntimeout-ms = 3000\n"
         ),
     )
     .unwrap();
+}
+
+/// Protects a 32 MiB guest for `seconds` against `backup`, recording its
+/// roots into `roots`; returns the epochs committed.
+fn protect_recorded(data: &Path, backup: &str, config: &Path, seconds: u32, roots: &Path) -> u64 {
+    let out = run_limited(
+        protect(data, backup)
+            .args(["--config", config.to_str().unwrap(), "--memory-mib", "32", "--seconds", &seconds.to_string(), "--json", "--record-roots"])
+            .arg(roots),
+        Duration::from_secs(120),
+    );
+    assert!(out.status.success(), "protect: {}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    summary["epochs_committed"].as_u64().unwrap()
 }
 
 /// A loopback TCP forwarder to `target`, started late to end an outage.
@@ -95,19 +123,9 @@ fn an_s3_outage_leaves_a_backlog_that_drains_and_site_loss_restores_from_s3_alon
     write_config(&config, &format!("http://{proxy}"), &bucket, "site-a");
     let backup = BackupProcess::start_with(data, "127.0.0.1:0", &["--config", config.to_str().unwrap()]);
     let roots = data.join("roots.jsonl");
-    // Generous link timeouts: tests, moto and both sides share 2 cores.
-    let primary = protect(data, &backup.addr)
-        .args(["--config", config.to_str().unwrap(), "--memory-mib", "32", "--seconds", "4", "--json", "--record-roots"])
-        .arg(&roots)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let out = primary.wait_with_output().unwrap();
-    assert!(out.status.success(), "protect failed");
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let committed = summary["epochs_committed"].as_u64().unwrap();
-    assert!(committed > 20, "{summary}");
+    // Generous link timeouts (in the config): tests, moto and both sides share 2 cores.
+    let committed = protect_recorded(data, &backup.addr, &config, 4, &roots);
+    assert!(committed > 20, "{committed} epochs committed");
     // Every epoch was acknowledged while S3 was away; none is in S3 yet.
     assert!(s3.list("epochs/").unwrap().is_empty());
 
@@ -206,15 +224,7 @@ fn retention_during_ingest_then_a_locked_archive() {
 
     let backup = BackupProcess::start_with(data, "127.0.0.1:0", &["--config", config.to_str().unwrap()]);
     let roots = data.join("roots.jsonl");
-    let out = run_limited(
-        protect(data, &backup.addr)
-            .args(["--config", config.to_str().unwrap(), "--memory-mib", "32", "--seconds", "5", "--json", "--record-roots"])
-            .arg(&roots),
-        Duration::from_secs(120),
-    );
-    assert!(out.status.success(), "protect: {}", String::from_utf8_lossy(&out.stderr));
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let committed = summary["epochs_committed"].as_u64().unwrap();
+    let committed = protect_recorded(data, &backup.addr, &config, 5, &roots);
     backup.wait_line(&format!("uploaded guest-1 epoch {committed}"), Duration::from_secs(120));
     backup.stop();
 
@@ -284,4 +294,94 @@ fn retention_during_ingest_then_a_locked_archive() {
     let out = restore_from_s3(&["--from", &lock_url, "--config", config.to_str().unwrap()], &[], committed, &img);
     assert!(out.status.success(), "restore from the archive: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(MemoryDigest::of_image(&std::fs::read(&img).unwrap()).to_hex(), roots[&committed]);
+}
+
+/// Wrong credentials against a server that checks them (a moto_server of
+/// this test's own): the backup keeps committing, keeps its backlog and
+/// says why nothing uploads, naming the key; `remus verify --s3` and
+/// `remus-restore --from` fail naming it; restarted with the right key,
+/// the backup drains the backlog and every epoch restores from S3.
+#[test]
+fn wrong_credentials_are_denied_by_name_and_the_backlog_waits_for_the_right_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    keygen(data);
+    let moto = AuthMoto::start(data);
+    let (id, secret) = moto.user_with_s3_access("remus-backup");
+    let right = (id.as_str(), secret.as_str());
+    let wrong = (id.as_str(), "not-the-secret");
+    let bucket = bucket("auth");
+    let s3 = client_as(&moto.endpoint, &bucket, "site", right);
+    s3.create_bucket(false).unwrap();
+    s3.check().unwrap();
+    // The server checks: a wrong secret is refused, and so is the key the
+    // shared server takes; each denial names the key id it refused.
+    for (key, what) in [(wrong, "SignatureDoesNotMatch"), (ANY_KEY, "InvalidAccessKeyId")] {
+        let c = client_as(&moto.endpoint, &bucket, "site", key);
+        let err = c.check().unwrap_err();
+        assert!(matches!(&err, S3Error::Denied { access_key, .. } if access_key == key.0), "{err}");
+        let err = c.list("").unwrap_err();
+        assert!(matches!(&err, S3Error::Denied { detail, .. } if detail.starts_with(what)), "{err}");
+    }
+
+    // The backup runs with the wrong secret: every epoch commits locally.
+    let wrong_config = data.join("wrong.toml");
+    write_config_as(&wrong_config, &moto.endpoint, &bucket, "site", wrong);
+    let backup = BackupProcess::start_logged(data, "127.0.0.1:0", &["--config", wrong_config.to_str().unwrap()]);
+    let roots = data.join("roots.jsonl");
+    let committed = protect_recorded(data, &backup.addr, &wrong_config, 3, &roots);
+    assert!(committed > 5, "{committed} epochs committed");
+    // It says why nothing uploads, naming the key ...
+    let line = backup.wait_stderr("s3 upload failing", Duration::from_secs(60));
+    assert!(line.contains("s3 access denied for access key id") && line.contains(&id), "{line}");
+    // ... once per distinct error and reporter (the uploader's log, the
+    // command's line), though every pass fails again.
+    let mut reports = std::collections::HashSet::new();
+    for l in backup.stop_logged() {
+        if let Some(at) = l.find("s3 access denied") {
+            assert!(reports.insert((l.starts_with("s3 upload failing"), l[at..].to_string())), "reported again: {l}");
+        }
+    }
+    assert!(s3.list("").unwrap().is_empty(), "nothing reaches S3 with a wrong key");
+
+    // Nothing committed is lost: the backlog restores from the local store.
+    let roots = read_roots(&roots);
+    let img = data.join("local.img");
+    let out = run_limited(
+        Command::new(remus_restore()).arg("--data-dir").arg(data).args(["--epoch", &committed.to_string(), "--to"]).arg(&img),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "local restore: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(MemoryDigest::of_image(&std::fs::read(&img).unwrap()).to_hex(), roots[&committed]);
+
+    // Commands that read S3 fail with the wrong key, naming it.
+    let url = format!("s3://{bucket}/site");
+    let verify = |config: &Path| {
+        run_limited(Command::new(remus()).args(["verify", "--s3", "--json", "--config"]).arg(config), Duration::from_secs(120))
+    };
+    let out = verify(&wrong_config);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(&url) && err.contains("access denied") && err.contains(&id), "{err}");
+    let out = restore_from_s3(&["--from", &url, "--config", wrong_config.to_str().unwrap()], &[], committed, &img);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(&url) && err.contains("access denied") && err.contains(&id), "{err}");
+
+    // Restarted with the right key, the backup drains the backlog ...
+    let right_config = data.join("right.toml");
+    write_config_as(&right_config, &moto.endpoint, &bucket, "site", right);
+    let backup = BackupProcess::start_with(data, "127.0.0.1:0", &["--config", right_config.to_str().unwrap()]);
+    backup.wait_line(&format!("uploaded guest-1 epoch {committed}"), Duration::from_secs(120));
+    backup.stop();
+    assert_eq!(s3.list("epochs/").unwrap().len() as u64, committed);
+    // ... which then verifies and restores from S3 alone.
+    let out = verify(&right_config);
+    assert!(out.status.success(), "verify --s3: {} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    for e in [1, committed] {
+        let img = data.join(format!("s3-{e}.img"));
+        let out = restore_from_s3(&["--from", &url, "--config", right_config.to_str().unwrap()], &[], e, &img);
+        assert!(out.status.success(), "restore {e} from S3: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(MemoryDigest::of_image(&std::fs::read(&img).unwrap()).to_hex(), roots[&e], "epoch {e} from S3");
+    }
 }

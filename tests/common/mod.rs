@@ -3,10 +3,12 @@
 #![allow(dead_code)]
 
 pub mod guest;
+pub mod moto;
 
+use std::cell::RefCell;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -37,11 +39,15 @@ pub fn run_limited(cmd: &mut Command, limit: Duration) -> Output {
     }
 }
 
-/// A backup process with a reader of its stdout lines.
+/// A backup process with a reader of its stdout lines (and of its
+/// stderr lines, when started by [`start_logged`](Self::start_logged)).
 pub struct BackupProcess {
     pub child: Child,
     pub addr: String,
     lines: mpsc::Receiver<String>,
+    errors: Option<mpsc::Receiver<String>>,
+    /// The stderr lines read so far.
+    stderr: RefCell<Vec<String>>,
 }
 
 impl BackupProcess {
@@ -57,18 +63,33 @@ impl BackupProcess {
         Self::spawn(cmd)
     }
 
+    /// As [`start_with`](Self::start_with), reading stderr too (see
+    /// [`wait_stderr`](Self::wait_stderr)); its lines still reach the
+    /// test's output.
+    pub fn start_logged(data_dir: &Path, listen: &str, extra: &[&str]) -> Self {
+        let mut cmd = Command::new(remus());
+        cmd.args(["backup", "--data-dir"]).arg(data_dir).args(["--listen", listen]).args(extra);
+        Self::spawn_with(cmd, true)
+    }
+
     /// Runs `cmd` (a `remus backup` command line) and waits for its
     /// "listening on" line.
-    pub fn spawn(mut cmd: Command) -> Self {
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn backup");
-        let lines = spawn_line_reader(child.stdout.take().expect("stdout"));
+    pub fn spawn(cmd: Command) -> Self {
+        Self::spawn_with(cmd, false)
+    }
+
+    fn spawn_with(mut cmd: Command, read_stderr: bool) -> Self {
+        let stderr = if read_stderr { Stdio::piped() } else { Stdio::inherit() };
+        let mut child = cmd.stdout(Stdio::piped()).stderr(stderr).spawn().expect("spawn backup");
+        let lines = spawn_line_reader(child.stdout.take().expect("stdout"), false);
+        let errors = child.stderr.take().map(|e| spawn_line_reader(e, true));
         let first = lines.recv_timeout(Duration::from_secs(30)).expect("backup printed no listening line");
         let addr = first
             .strip_prefix("listening on ")
             .and_then(|r| r.split_whitespace().next())
             .unwrap_or_else(|| panic!("unexpected first line: {first}"))
             .to_string();
-        Self { child, addr, lines }
+        Self { child, addr, lines, errors, stderr: RefCell::default() }
     }
 
     /// Waits until the backup reports `guest` committed at least `epoch`.
@@ -94,6 +115,38 @@ impl BackupProcess {
             let line = self.lines.recv_timeout(left).unwrap_or_else(|_| panic!("no line starting with {prefix:?}"));
             if line.starts_with(prefix) {
                 return line;
+            }
+        }
+    }
+
+    /// Waits for a stderr line containing `needle` and returns it
+    /// (backups started by [`start_logged`](Self::start_logged)).
+    pub fn wait_stderr(&self, needle: &str, limit: Duration) -> String {
+        let errors = self.errors.as_ref().expect("stderr is read only when started by start_logged");
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = errors.recv_timeout(left).unwrap_or_else(|_| panic!("no stderr line containing {needle:?}"));
+            self.stderr.borrow_mut().push(line.clone());
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    /// As [`stop`](Self::stop), returning every line the backup wrote to
+    /// stderr (backups started by [`start_logged`](Self::start_logged)).
+    pub fn stop_logged(mut self) -> Vec<String> {
+        let errors = self.errors.take().expect("stderr is read only when started by start_logged");
+        let mut all = self.stderr.take();
+        self.stop();
+        // The reader ends at the pipe's end, now that the backup is gone.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match errors.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => all.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return all,
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!("the backup's stderr did not end"),
             }
         }
     }
@@ -128,12 +181,17 @@ impl Drop for BackupProcess {
     }
 }
 
-fn spawn_line_reader(out: ChildStdout) -> mpsc::Receiver<String> {
+/// Lines of `out` as they come; `echo` copies them to the test's stderr
+/// (captured by the test harness, shown when the test fails).
+fn spawn_line_reader(out: impl std::io::Read + Send + 'static, echo: bool) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines() {
             let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
+            if echo {
+                eprintln!("{line}");
+            }
+            if tx.send(line).is_err() && !echo {
                 break;
             }
         }

@@ -6,9 +6,10 @@
 //! runtime's worker thread (the uploader and the commands run it on their
 //! own threads).
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, ProvideCredentials, Region, SharedCredentialsProvider};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, DateTime};
 use aws_sdk_s3::types::ObjectLockMode;
@@ -32,7 +33,7 @@ pub enum S3Error {
         detail: String,
     },
     /// Credentials were refused or the caller may not do this.
-    #[error("s3 refused the credentials or the request ({op} {key}): {detail}")]
+    #[error("s3 access denied for access key id {access_key} on {op} {key} (check the credentials and their permissions): {detail}")]
     Denied {
         /// Operation.
         op: &'static str,
@@ -40,6 +41,10 @@ pub enum S3Error {
         key: String,
         /// Error code and message.
         detail: String,
+        /// The access key id the request was signed with (the first
+        /// thing to check: credentials may come from the config or from
+        /// any of the AWS environment's sources).
+        access_key: String,
     },
     /// The bucket does not exist.
     #[error("s3 bucket {0:?} does not exist")]
@@ -89,6 +94,9 @@ pub struct S3Client {
     client: aws_sdk_s3::Client,
     bucket: String,
     prefix: String,
+    credentials: Option<SharedCredentialsProvider>,
+    /// Resolved on the first denial, for its message.
+    access_key: OnceLock<String>,
 }
 
 impl std::fmt::Debug for S3Client {
@@ -115,11 +123,15 @@ where
                 "NoSuchKey" | "NotFound" => S3Error::NotFound(key.to_string()),
                 "PreconditionFailed" => S3Error::Exists(key.to_string()),
                 "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "InvalidToken" | "ExpiredToken" => {
-                    S3Error::Denied { op, key: key.to_string(), detail }
+                    S3Error::Denied { op, key: key.to_string(), detail, access_key: String::new() }
                 }
                 _ if status.contains("StatusCode(412)") => S3Error::Exists(key.to_string()),
                 _ if status.contains("StatusCode(404)") => S3Error::NotFound(key.to_string()),
-                _ if status.contains("StatusCode(403)") => S3Error::Denied { op, key: key.to_string(), detail },
+                // A HEAD answer has no body, so no code either.
+                "" if status.contains("StatusCode(403)") => {
+                    S3Error::Denied { op, key: key.to_string(), detail: "HTTP 403 Forbidden".into(), access_key: String::new() }
+                }
+                _ if status.contains("StatusCode(403)") => S3Error::Denied { op, key: key.to_string(), detail, access_key: String::new() },
                 _ => S3Error::Service { op, key: key.to_string(), detail },
             }
         }
@@ -174,7 +186,35 @@ impl S3Client {
             b = b.region(Region::new("us-east-1"));
         }
         let client = aws_sdk_s3::Client::from_conf(b.build());
-        Ok(Self { rt, client, bucket: cfg.bucket.clone(), prefix: cfg.prefix.clone() })
+        Ok(Self {
+            rt,
+            client,
+            bucket: cfg.bucket.clone(),
+            prefix: cfg.prefix.clone(),
+            credentials: sdk.credentials_provider(),
+            access_key: OnceLock::new(),
+        })
+    }
+
+    /// Names the access key in a denial: which credentials the request
+    /// carried is the first question, and they may come from the config
+    /// or from any source of the AWS environment. Called outside the
+    /// runtime (it blocks on it to resolve the credentials once).
+    fn named(&self, e: S3Error) -> S3Error {
+        match e {
+            S3Error::Denied { op, key, detail, .. } => {
+                let access_key = self.access_key.get_or_init(|| {
+                    let Some(p) = &self.credentials else { return "(none: anonymous)".into() };
+                    match self.rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), p.provide_credentials()).await }) {
+                        Ok(Ok(c)) => c.access_key_id().to_string(),
+                        Ok(Err(e)) => format!("(unresolved: {e})"),
+                        Err(_) => "(unresolved: timed out)".into(),
+                    }
+                });
+                S3Error::Denied { op, key, detail, access_key: access_key.clone() }
+            }
+            other => other,
+        }
     }
 
     /// The bucket.
@@ -210,7 +250,7 @@ impl S3Client {
             .block_on(self.client.head_bucket().bucket(&self.bucket).send())
             .map_err(|e| match classify("head-bucket", &self.bucket, e) {
                 S3Error::NotFound(_) => S3Error::NoSuchBucket(self.bucket.clone()),
-                other => other,
+                other => self.named(other),
             })?;
         Ok(())
     }
@@ -226,7 +266,7 @@ impl S3Client {
             Ok(_) => Ok(()),
             Err(e) => match classify("create-bucket", &self.bucket, e) {
                 S3Error::Service { detail, .. } if detail.starts_with("BucketAlreadyOwnedByYou") => Ok(()),
-                other => Err(other),
+                other => Err(self.named(other)),
             },
         }
     }
@@ -239,7 +279,7 @@ impl S3Client {
         let key = self.key(rel);
         self.rt
             .block_on(self.client.put_object().bucket(&self.bucket).key(&key).if_none_match("*").body(ByteStream::from(body)).send())
-            .map_err(|e| classify("put", &key, e))?;
+            .map_err(|e| self.named(classify("put", &key, e)))?;
         Ok(())
     }
 
@@ -248,7 +288,7 @@ impl S3Client {
     /// one result per object, in order.
     #[must_use]
     pub fn put_many_new(&self, objects: Vec<(String, Vec<u8>)>) -> Vec<Result<(), S3Error>> {
-        self.rt.block_on(async {
+        let results = self.rt.block_on(async {
             let n = objects.len();
             let mut out: Vec<Option<Result<(), S3Error>>> = (0..n).map(|_| None).collect();
             let mut set = tokio::task::JoinSet::new();
@@ -268,8 +308,9 @@ impl S3Client {
                     Err(e) => return vec![Err(S3Error::Config(format!("s3 task failed: {e}")))],
                 }
             }
-            out.into_iter().map(|o| o.unwrap_or_else(|| Err(S3Error::Config("s3 put not run".into())))).collect()
-        })
+            out.into_iter().map(|o| o.unwrap_or_else(|| Err(S3Error::Config("s3 put not run".into())))).collect::<Vec<_>>()
+        });
+        results.into_iter().map(|r| r.map_err(|e| self.named(e))).collect()
     }
 
     /// Puts `body` at `rel` under Object Lock in COMPLIANCE mode until
@@ -290,7 +331,7 @@ impl S3Client {
                     .body(ByteStream::from(body))
                     .send(),
             )
-            .map_err(|e| classify("put-locked", &key, e))?;
+            .map_err(|e| self.named(classify("put-locked", &key, e)))?;
         Ok(())
     }
 
@@ -300,7 +341,7 @@ impl S3Client {
     /// [`S3Error::NotFound`]; others as the service answers.
     pub fn get(&self, rel: &str) -> Result<Vec<u8>, S3Error> {
         let key = self.key(rel);
-        self.rt.block_on(get_async(&self.client, &self.bucket, key))
+        self.rt.block_on(get_async(&self.client, &self.bucket, key)).map_err(|e| self.named(e))
     }
 
     /// Reads many objects, up to 16 requests at a time; results in order.
@@ -308,7 +349,7 @@ impl S3Client {
     /// # Errors
     /// The first failure.
     pub fn get_many(&self, rels: &[String]) -> Result<Vec<Vec<u8>>, S3Error> {
-        self.rt.block_on(async {
+        let r = self.rt.block_on(async {
             let mut out: Vec<Option<Vec<u8>>> = vec![None; rels.len()];
             let mut set = tokio::task::JoinSet::new();
             let mut next = 0;
@@ -324,7 +365,8 @@ impl S3Client {
                 }
             }
             Ok(out.into_iter().map(|o| o.expect("every object fetched")).collect())
-        })
+        });
+        r.map_err(|e| self.named(e))
     }
 
     /// Every object under `rel_prefix`, in key order.
@@ -339,7 +381,7 @@ impl S3Client {
             let r = self
                 .rt
                 .block_on(self.client.list_objects_v2().bucket(&self.bucket).prefix(&full).set_continuation_token(token.take()).send())
-                .map_err(|e| classify("list", &full, e))?;
+                .map_err(|e| self.named(classify("list", &full, e)))?;
             for o in r.contents() {
                 if let Some(k) = o.key() {
                     out.push(Listed { key: self.rel(k), size: o.size().unwrap_or(0).max(0) as u64 });
@@ -373,7 +415,7 @@ impl S3Client {
                         .set_version_id_marker(vm.take())
                         .send(),
                 )
-                .map_err(|e| classify("list-versions", &full, e))?;
+                .map_err(|e| self.named(classify("list-versions", &full, e)))?;
             for v in r.versions() {
                 if let (Some(k), Some(id)) = (v.key(), v.version_id()) {
                     out.push(ListedVersion { key: self.rel(k), version: id.to_string() });
@@ -396,7 +438,7 @@ impl S3Client {
         let key = self.key(rel);
         self.rt
             .block_on(self.client.delete_object().bucket(&self.bucket).key(&key).set_version_id(version.map(str::to_string)).send())
-            .map_err(|e| classify("delete", &key, e))?;
+            .map_err(|e| self.named(classify("delete", &key, e)))?;
         Ok(())
     }
 }

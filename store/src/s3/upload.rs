@@ -348,19 +348,29 @@ fn run(tier: Option<&S3Tier>, store: &Store, sh: &Shared, interval: Duration, re
                 next_retention = Some(std::time::Instant::now() + *every);
             }
         }
+        let mut last_error = sh.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let wait = match result {
             Ok(()) => {
-                *sh.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                if last_error.take().is_some() {
+                    tracing::info!("s3 upload and retention succeed again");
+                }
                 backoff = interval;
                 interval
             }
             Err(e) => {
-                tracing::warn!(error = %e, "s3 upload or retention failed; the backlog stays in the store and is retried");
-                *sh.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e.to_string());
+                // Once per distinct error: a failing pass is retried every
+                // few seconds for as long as S3 fails, which for refused
+                // credentials is until someone fixes them.
+                let e = e.to_string();
+                if last_error.as_deref() != Some(e.as_str()) {
+                    tracing::warn!(error = %e, "s3 upload or retention failed; the backlog stays in the store and is retried");
+                }
+                *last_error = Some(e);
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 backoff
             }
         };
+        drop(last_error);
         let (m, c) = &sh.wake;
         let mut woken = m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if !*woken {
