@@ -1,7 +1,8 @@
 //! The RocksDB-backed log.
 //!
 //! Column families and keys (integers big-endian so keys sort numerically):
-//! - `chunks`:  blake3 id [32] → codec u8 | bytes  (codec 0 plain, 1 zstd).
+//! - `chunks`:  blake3 id [32] → codec u8 | bytes  (codec 0 plain, 1 zstd),
+//!   or 2 | location in a local pack file (see `packs`: large commits).
 //!   Values arrive compressed, so the family has no block compression and
 //!   keeps values in blob files (integrated BlobDB): compaction moves keys,
 //!   not page data.
@@ -18,7 +19,8 @@
 //!   b"bridge" | guest u64 | first u64 → a thinned run (see `retention`).
 //!
 //! An epoch is committed with one atomic, synced `WriteBatch` holding its
-//! new chunks, its page-index entries, its manifest and the new head:
+//! new chunks (or, for a large group, their pack locations, the pack
+//! synced first), its page-index entries, its manifest and the new head:
 //! either all of it is visible after a crash or none of it.
 
 use std::path::{Path, PathBuf};
@@ -28,13 +30,14 @@ use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Dire
 
 use crate::error::StoreError;
 use crate::manifest::{page_delta_hash, Manifest};
+use crate::packs::{Location, Packs};
 
 pub(crate) const CF_CHUNKS: &str = "chunks";
 pub(crate) const CF_EPOCHS: &str = "epochs";
 pub(crate) const CF_PAGES: &str = "pages";
 pub(crate) const CF_META: &str = "meta";
 
-/// New chunk bytes from which a commit writes chunks without the WAL
+/// New chunk bytes from which a commit appends its chunks to a pack file
 /// (see [`Store::commit_many`]).
 const BULK_BYTES: usize = 4 << 20;
 
@@ -43,6 +46,7 @@ const MAX_CHUNK: usize = 16 << 20;
 
 const CODEC_PLAIN: u8 = 0;
 const CODEC_ZSTD: u8 = 1;
+const CODEC_PACKED: u8 = 2;
 
 /// Chunk content as it is to be stored.
 #[derive(Debug, Clone)]
@@ -68,11 +72,15 @@ impl StoredChunk {
         self.len() == 0
     }
 
-    pub(crate) fn value(&self) -> Vec<u8> {
-        let (codec, b) = match self {
+    fn parts(&self) -> (u8, &[u8]) {
+        match self {
             Self::Plain(b) => (CODEC_PLAIN, b),
             Self::Zstd(b) => (CODEC_ZSTD, b),
-        };
+        }
+    }
+
+    fn value(&self) -> Vec<u8> {
+        let (codec, b) = self.parts();
         let mut v = Vec::with_capacity(b.len() + 1);
         v.push(codec);
         v.extend_from_slice(b);
@@ -169,6 +177,7 @@ pub struct Store {
     /// While GC marks, `Some`: every chunk that commits reference, so the
     /// sweep spares them.
     pub(crate) gc_marks: std::sync::Mutex<Option<std::collections::HashSet<ChunkId>>>,
+    pub(crate) packs: Packs,
 }
 
 pub(crate) fn guest_key(prefix: &[u8], guest: GuestId) -> Vec<u8> {
@@ -238,7 +247,14 @@ impl Store {
         } else {
             DB::open_cf_descriptors(&db_opts, path, cfs)?
         };
-        Ok(Self { db, path: path.to_path_buf(), opts, gc: std::sync::RwLock::new(()), gc_marks: std::sync::Mutex::new(None) })
+        Ok(Self {
+            db,
+            path: path.to_path_buf(),
+            opts,
+            gc: std::sync::RwLock::new(()),
+            gc_marks: std::sync::Mutex::new(None),
+            packs: Packs::new(path, opts.read_only, opts.sync),
+        })
     }
 
     /// Where the store lives.
@@ -312,7 +328,28 @@ impl Store {
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_verify_checksums(false);
         let v = self.db.get_pinned_cf_opt(self.cf(CF_CHUNKS), id.0, &ro)?.ok_or(StoreError::ChunkMissing(*id))?;
-        decode_chunk_value(id, &v)
+        match self.packed(id, &v)? {
+            Some((codec, bytes)) => decode_chunk(id, codec, &bytes),
+            None => decode_chunk_value(id, &v),
+        }
+    }
+
+    /// For a value naming a pack location: the codec and bytes read from
+    /// the pack.
+    fn packed(&self, id: &ChunkId, v: &[u8]) -> Result<Option<(u8, Vec<u8>)>, StoreError> {
+        let Some((&CODEC_PACKED, loc)) = v.split_first() else { return Ok(None) };
+        let loc = Location::decode(loc).ok_or(StoreError::ChunkCorrupt(*id))?;
+        let mut bytes = Vec::new();
+        self.packs.read(id, &loc, &mut bytes)?;
+        Ok(Some((loc.codec, bytes)))
+    }
+
+    /// The pack location of a chunk stored in a pack.
+    pub(crate) fn location(v: &[u8]) -> Option<Location> {
+        match v.split_first() {
+            Some((&CODEC_PACKED, loc)) => Location::decode(loc),
+            _ => None,
+        }
     }
 
     /// Commits one epoch atomically and durably.
@@ -333,16 +370,9 @@ impl Store {
     pub fn commit_many(&self, commits: Vec<EpochCommit>) -> Result<Vec<CommitOutcome>, StoreError> {
         let _gc = self.gc.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         let pages: usize = commits.iter().map(|c| c.pages.len()).sum();
+        // Sized up front: growing a large batch copies it over and over.
         let mut batch = WriteBatch::with_capacity_bytes(pages * 120 + 4096);
-        // A large group writes its chunks once: straight into the
-        // memtable (no WAL), flushed to blob files before the synced index
-        // batch that makes them reachable. Through the WAL every byte would
-        // be written twice (log, then blob file at flush). A crash between
-        // the two leaves unreferenced chunks, which GC removes.
-        let (chunk_count, chunk_bytes) =
-            commits.iter().flat_map(|c| &c.chunks).fold((0, 0), |(n, b), (_, ch)| (n + 1, b + ch.len()));
-        // Sized up front: growing a batch of this size copies it over and over.
-        let mut bulk = (chunk_bytes >= BULK_BYTES).then(|| WriteBatch::with_capacity_bytes(chunk_bytes + chunk_count * 48 + 64));
+        let mut fresh = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let mut heads: std::collections::HashMap<GuestId, (EpochId, ChunkId)> = std::collections::HashMap::new();
         let mut outcomes = Vec::with_capacity(commits.len());
@@ -358,15 +388,33 @@ impl Store {
                 marked.extend(c.pages.iter().map(|(_, id)| *id));
                 marked.insert(content_id(&c.device_state));
             }
-            let out = self.stage(&mut batch, bulk.as_mut(), &mut seen, c, parent)?;
+            let out = self.stage(&mut batch, &mut fresh, &mut seen, c, parent)?;
             heads.insert(out.manifest.guest, (out.manifest.epoch, out.id));
             outcomes.push(out);
         }
-        if let Some(chunks) = bulk {
-            let mut wo = WriteOptions::default();
-            wo.disable_wal(true);
-            self.db.write_opt(chunks, &wo)?;
-            self.db.flush_cf(self.cf(CF_CHUNKS))?;
+        // A large group's chunks go to a pack file, synced before the index
+        // batch that names them; small ones ride in the batch itself.
+        let chunks_cf = self.cf(CF_CHUNKS);
+        if fresh.iter().map(|(_, c)| c.len()).sum::<usize>() >= BULK_BYTES {
+            let parts: Vec<(ChunkId, u8, &[u8])> = fresh
+                .iter()
+                .map(|(id, c)| {
+                    let (codec, b) = c.parts();
+                    (*id, codec, b)
+                })
+                .collect();
+            let locs = self.packs.append(&parts)?;
+            let mut v = Vec::with_capacity(1 + Location::LEN);
+            for ((id, _), loc) in fresh.iter().zip(locs) {
+                v.clear();
+                v.push(CODEC_PACKED);
+                loc.encode(&mut v);
+                batch.put_cf(chunks_cf, id.0, &v);
+            }
+        } else {
+            for (id, c) in &fresh {
+                batch.put_cf(chunks_cf, id.0, c.value());
+            }
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(self.opts.sync);
@@ -374,13 +422,13 @@ impl Store {
         Ok(outcomes)
     }
 
-    /// Adds one epoch to `batch`: its new chunks (to `chunk_batch` if
-    /// given; skipping those stored or already in `seen`), index entries,
-    /// manifest and head.
+    /// Adds one epoch to `batch`: its index entries, manifest and head;
+    /// its new chunks (skipping those stored or already in `seen`) go to
+    /// `fresh`, for the caller to store.
     fn stage(
         &self,
         batch: &mut WriteBatch,
-        mut chunk_batch: Option<&mut WriteBatch>,
+        fresh: &mut Vec<(ChunkId, StoredChunk)>,
         seen: &mut std::collections::HashSet<ChunkId>,
         mut c: EpochCommit,
         parent: ChunkId,
@@ -388,23 +436,21 @@ impl Store {
         // Canonical order: the manifest's page delta is over pfn order,
         // the order the page index yields them back in.
         c.pages.sort_unstable_by_key(|(pfn, _)| *pfn);
-        let chunks_cf = self.cf(CF_CHUNKS);
         let mut new_chunks = 0;
         let mut dup_chunks = 0;
         let mut new_bytes = 0u64;
-        for (id, chunk) in &c.chunks {
-            if !seen.insert(*id) || self.has_chunk(id)? {
+        for (id, chunk) in std::mem::take(&mut c.chunks) {
+            if !seen.insert(id) || self.has_chunk(&id)? {
                 dup_chunks += 1;
                 continue;
             }
-            let v = chunk.value();
-            new_bytes += v.len() as u64;
-            chunk_batch.as_deref_mut().unwrap_or(&mut *batch).put_cf(chunks_cf, id.0, v);
+            new_bytes += 1 + chunk.len() as u64;
+            fresh.push((id, chunk));
             new_chunks += 1;
         }
         let ds_id = content_id(&c.device_state);
         if seen.insert(ds_id) && !self.has_chunk(&ds_id)? {
-            batch.put_cf(chunks_cf, ds_id.0, StoredChunk::Plain(c.device_state.clone()).value());
+            fresh.push((ds_id, StoredChunk::Plain(std::mem::take(&mut c.device_state))));
         }
         // A page may name a chunk sent in an earlier epoch: it must still
         // be stored (GC may have removed what no kept epoch referenced).
@@ -590,7 +636,16 @@ impl Store {
     /// # Errors
     /// [`StoreError::ChunkMissing`], [`StoreError::Db`].
     pub fn chunk_value(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
-        Ok(self.db.get_cf(self.cf(CF_CHUNKS), id.0)?.ok_or(StoreError::ChunkMissing(*id))?)
+        let v = self.db.get_cf(self.cf(CF_CHUNKS), id.0)?.ok_or(StoreError::ChunkMissing(*id))?;
+        Ok(match self.packed(id, &v)? {
+            Some((codec, bytes)) => {
+                let mut v = Vec::with_capacity(1 + bytes.len());
+                v.push(codec);
+                v.extend_from_slice(&bytes);
+                v
+            }
+            None => v,
+        })
     }
 
     /// Flushes memtables (for tests that inspect files).
@@ -628,6 +683,9 @@ impl Store {
     #[doc(hidden)]
     pub fn corrupt_chunk_for_test(&self, id: &ChunkId, flip_at: usize) -> Result<(), StoreError> {
         let mut v = self.db.get_cf(self.cf(CF_CHUNKS), id.0)?.ok_or(StoreError::ChunkMissing(*id))?;
+        if let Some(loc) = Self::location(&v) {
+            return self.packs.corrupt(&loc, flip_at);
+        }
         let i = flip_at % v.len();
         v[i] ^= 1;
         self.db.put_cf(self.cf(CF_CHUNKS), id.0, v)?;
@@ -653,9 +711,15 @@ pub(crate) fn delta_key(guest: GuestId, epoch: EpochId) -> Vec<u8> {
 /// # Errors
 /// [`StoreError::ChunkCorrupt`].
 pub fn decode_chunk_value(id: &ChunkId, v: &[u8]) -> Result<Vec<u8>, StoreError> {
-    let data = match v.split_first() {
-        Some((&CODEC_PLAIN, b)) => b.to_vec(),
-        Some((&CODEC_ZSTD, b)) => {
+    let (&codec, b) = v.split_first().ok_or(StoreError::ChunkCorrupt(*id))?;
+    decode_chunk(id, codec, b)
+}
+
+/// Decodes chunk bytes stored with `codec` and checks them against `id`.
+fn decode_chunk(id: &ChunkId, codec: u8, b: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let data = match codec {
+        CODEC_PLAIN => b.to_vec(),
+        CODEC_ZSTD => {
             // Size the output from the frame header (remus writes it);
             // a 16 MiB guess per call would dominate restore time.
             let size = match zstd::zstd_safe::get_frame_content_size(b) {

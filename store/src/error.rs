@@ -58,6 +58,16 @@ pub enum StoreError {
     /// No such guest.
     #[error("{0}: no history in this store")]
     NoGuest(GuestId),
+    /// A local pack file failed.
+    #[error("pack file {}: {op}: {source}", path.display())]
+    Pack {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The failure.
+        source: std::io::Error,
+    },
     /// The S3 tier failed.
     #[error(transparent)]
     S3(#[from] crate::s3::S3Error),
@@ -70,6 +80,8 @@ impl StoreError {
         match self {
             Self::Db(e) if e.to_string().contains("No space left") => ErrorKind::NoSpace,
             Self::Db(_) => ErrorKind::Io,
+            Self::Pack { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => ErrorKind::NoSpace,
+            Self::Pack { .. } => ErrorKind::Io,
             Self::ChunkCorrupt(_) | Self::Corrupt(_) => ErrorKind::Corrupt,
             Self::OutOfOrder { .. } => ErrorKind::Conflict,
             Self::ChunkMissing(_) | Self::NoEpoch { .. } | Self::NoGuest(_) => ErrorKind::NotFound,

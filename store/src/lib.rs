@@ -8,6 +8,7 @@
 mod db;
 mod error;
 mod manifest;
+mod packs;
 mod retention;
 mod verify;
 pub mod s3;

@@ -263,9 +263,9 @@ impl Store {
         };
         let mut candidates = Vec::new();
         for kv in self.db.iterator_cf(self.cf(CF_CHUNKS), IteratorMode::Start) {
-            let (k, _) = kv?;
+            let (k, v) = kv?;
             match <[u8; 32]>::try_from(&k[..]).map(ChunkId) {
-                Ok(id) if !marked.contains(&id) => candidates.push(id),
+                Ok(id) if !marked.contains(&id) => candidates.push((id, Store::location(&v))),
                 _ => {}
             }
         }
@@ -273,12 +273,19 @@ impl Store {
         marked.extend(marks().take().unwrap_or_default());
         let mut batch = WriteBatch::default();
         let mut deleted = 0;
-        for id in candidates.iter().filter(|id| !marked.contains(id)) {
+        let mut freed = Vec::new();
+        for (id, loc) in candidates.iter().filter(|(id, _)| !marked.contains(id)) {
             batch.delete_cf(self.cf(CF_CHUNKS), id.0);
+            freed.extend(loc);
             deleted += 1;
         }
-        self.db.write(batch)?;
+        // Synced before the packed bytes are freed: a crash must not leave
+        // an index entry naming a punched-out record.
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo)?;
         drop(guard);
+        self.packs.punch(&freed)?;
         Ok(GcReport { live: marked.len() as u64, deleted, referenced: marked })
     }
 }

@@ -1,6 +1,7 @@
 //! Store tests on a real RocksDB in a temporary directory.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 
 use remus_types::{ChunkId, EpochId, GuestId, Pfn, PAGE_SIZE};
 
@@ -184,4 +185,122 @@ fn a_read_only_open_reads_everything_and_writes_nothing() {
     assert_eq!(ro.verify(|_| {}).unwrap().damage, vec![]);
     assert!(ro.commit(commit_of(GuestId(1), 4, &[(1, 9)])).is_err(), "a read-only store refuses commits");
     assert!(Store::open(&dir.path().join("absent"), StoreOptions::read_only()).is_err());
+}
+
+/// An epoch writing `n` pages of random content from `seed` (compressed
+/// or not, alternately): large enough to go to a pack file.
+fn random_epoch(guest: GuestId, epoch: u64, n: u64, seed: u64) -> (EpochCommit, Vec<Vec<u8>>) {
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let mut c = EpochCommit { guest, epoch: EpochId(epoch), page_count: n, time_unix_ns: epoch, ..EpochCommit::default() };
+    let mut pages = Vec::new();
+    for pfn in 0..n {
+        let mut p = vec![0u8; PAGE_SIZE];
+        rng.fill_bytes(&mut p[..PAGE_SIZE / 2]);
+        let id = content_id(&p);
+        c.pages.push((Pfn(pfn), id));
+        let chunk = if pfn % 2 == 0 { StoredChunk::Zstd(zstd::bulk::compress(&p, 1).unwrap()) } else { StoredChunk::Plain(p.clone()) };
+        c.chunks.push((id, chunk));
+        pages.push(p);
+    }
+    (c, pages)
+}
+
+fn pack_files(store_dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(store_dir.join("packs")).map_or_else(|_| Vec::new(), |d| d.map(|e| e.unwrap().path()).collect());
+    v.sort();
+    v
+}
+
+#[test]
+fn a_large_commit_goes_to_a_pack_file_and_reads_back_after_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = GuestId(1);
+    let (c, pages) = random_epoch(g, 1, 2048, 1);
+    {
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        // A small commit stays in RocksDB: no pack file yet.
+        store.commit(commit_of(GuestId(9), 1, &[(1, 1)])).unwrap();
+        assert!(pack_files(dir.path()).is_empty());
+        let out = store.commit(c).unwrap();
+        assert_eq!(out.new_chunks, 2048);
+    }
+    let packs = pack_files(dir.path());
+    assert_eq!(packs.len(), 1, "{packs:?}");
+    let pack_len = std::fs::metadata(&packs[0]).unwrap().len();
+    assert!(pack_len > 2048 * 2048, "the chunks are in the pack ({pack_len} bytes)");
+    // Bytes a crashed commit appended without reaching the index: ignored,
+    // and the next append goes after them.
+    std::fs::OpenOptions::new().append(true).open(&packs[0]).unwrap().write_all(&[0xAB; 1000]).unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let (c2, pages2) = random_epoch(g, 2, 2048, 2);
+    store.commit(c2).unwrap();
+    for (e, want) in [(1, &pages), (2, &pages2)] {
+        store
+            .for_each_page_at(g, EpochId(e), |pfn, id| {
+                assert_eq!(&store.chunk(&id)?, &want[pfn.0 as usize], "epoch {e} pfn {}", pfn.0);
+                let v = store.chunk_value(&id)?;
+                assert_eq!(decode_chunk_value(&id, &v)?, want[pfn.0 as usize], "the value S3 packs");
+                Ok(())
+            })
+            .unwrap();
+    }
+    assert_eq!(store.verify(|_| {}).unwrap().damage, vec![]);
+    drop(store);
+    let ro = Store::open(dir.path(), StoreOptions::read_only()).unwrap();
+    assert_eq!(ro.chunk(&content_id(&pages2[7])).unwrap(), pages2[7]);
+}
+
+#[test]
+fn a_flipped_or_truncated_pack_names_the_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let (c, pages) = random_epoch(GuestId(1), 1, 2048, 3);
+    store.commit(c).unwrap();
+    let flipped = content_id(&pages[10]);
+    store.corrupt_chunk_for_test(&flipped, 33).unwrap();
+    assert!(matches!(store.chunk(&flipped), Err(StoreError::ChunkCorrupt(x)) if x == flipped));
+    assert_eq!(store.verify(|_| {}).unwrap().damage, vec![Damage::ChunkCorrupt { chunk: flipped.to_hex() }]);
+    // Cut the pack in the middle of the last page's record.
+    let pack = &pack_files(dir.path())[0];
+    let len = std::fs::metadata(pack).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(pack).unwrap().set_len(len - 100).unwrap();
+    let last = content_id(&pages[2047]);
+    let err = store.chunk(&last).unwrap_err();
+    assert!(matches!(err, StoreError::ChunkCorrupt(x) if x == last), "{err}");
+    // Verify names exactly the flipped chunk and the two records the cut
+    // reached: the last page's and the (empty) device state's after it.
+    let mut damage = store.verify(|_| {}).unwrap().damage;
+    let mut want: Vec<Damage> = [flipped, last, content_id(&[])].iter().map(|id| Damage::ChunkCorrupt { chunk: id.to_hex() }).collect();
+    damage.sort_by_key(|d| format!("{d:?}"));
+    want.sort_by_key(|d| format!("{d:?}"));
+    assert_eq!(damage, want);
+}
+
+#[test]
+fn gc_frees_the_pack_space_of_dropped_epochs() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(1);
+    let (mut c1, _) = random_epoch(g, 1, 4096, 4);
+    c1.time_unix_ns = 1;
+    store.commit(c1).unwrap();
+    let (mut c2, pages2) = random_epoch(g, 2, 4096, 5);
+    c2.time_unix_ns = 10_000_000_000;
+    store.commit(c2).unwrap();
+    let pack = &pack_files(dir.path())[0];
+    let before = std::fs::metadata(pack).unwrap().blocks();
+    // Keep only the newest epoch: every page of epoch 1 was overwritten.
+    let policy = RetentionPolicy { rules: vec![KeepRule { within: std::time::Duration::from_secs(1), every: std::time::Duration::ZERO }] };
+    assert_eq!(store.thin(g, &policy, EpochId(2)).unwrap().epochs_dropped, 1);
+    let r = store.gc().unwrap();
+    assert_eq!(r.deleted, 4096);
+    let after = std::fs::metadata(pack).unwrap().blocks();
+    // Each epoch's records take about half of the pack.
+    assert!(after < before * 6 / 10, "pack blocks {before} -> {after}");
+    for (pfn, p) in pages2.iter().enumerate() {
+        assert_eq!(&store.chunk(&content_id(p)).unwrap(), p, "pfn {pfn}");
+    }
+    assert_eq!(store.verify(|_| {}).unwrap().damage, vec![]);
 }
