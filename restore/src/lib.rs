@@ -71,6 +71,9 @@ pub struct RestorePlan {
     pub guest: GuestId,
     /// The manifest of the epoch to restore.
     pub manifest: Manifest,
+    /// Sync the written files before returning (default true: the image
+    /// is durable when the restore reports success).
+    pub sync: bool,
 }
 
 /// What a restore did.
@@ -102,7 +105,7 @@ impl RestorePlan {
             Err(StoreError::NoEpoch { .. }) => return Err(no()),
             r => r?,
         };
-        Ok(Self { guest, manifest })
+        Ok(Self { guest, manifest, sync: true })
     }
 
     /// Writes the memory image to `path` (created or truncated), calling
@@ -148,9 +151,9 @@ impl RestorePlan {
                     return Err(StoreError::Corrupt(format!("page index names pfn {} beyond memory", pfn.0)));
                 }
                 ids.push((pfn, id));
-                if id != zero && run.wants(pfn.0) {
-                    let data = store.chunk(&id)?;
-                    run.put(pfn.0, &data).map_err(|e| StoreError::Corrupt(format!("write failed: {e}")))?;
+                if id != zero {
+                    // Decoded straight into the write buffer.
+                    run.put_with(pfn.0, |buf| store.chunk_into(&id, buf))?;
                 }
                 let n = done.fetch_add(1, Ordering::Relaxed) + 1;
                 if n % 4096 == 0 {
@@ -171,8 +174,10 @@ impl RestorePlan {
             digest.set(pfn, id);
         }
         let written = done.load(Ordering::Relaxed);
-        for (_, f) in &files {
-            f.sync_all()?;
+        if self.sync {
+            for (_, f) in &files {
+                f.sync_all()?;
+            }
         }
         progress(written);
         let root = digest.root();
@@ -214,23 +219,26 @@ impl<'a, 'p> RunWriter<'a, 'p> {
         self.files.iter().position(|(s, _)| (s.first..s.first + s.pages).contains(&pfn))
     }
 
-    /// True when `pfn` falls in some segment (else it is not written).
-    fn wants(&self, pfn: u64) -> bool {
-        self.segment_of(pfn).is_some()
-    }
-
-    fn put(&mut self, pfn: u64, page: &[u8]) -> std::io::Result<()> {
+    /// Adds page `pfn`, which `fill` appends to the buffer (nothing when
+    /// the page is in no segment).
+    fn put_with(&mut self, pfn: u64, fill: impl FnOnce(&mut Vec<u8>) -> Result<(), StoreError>) -> Result<(), StoreError> {
         let Some(seg) = self.segment_of(pfn) else { return Ok(()) };
         let at = (pfn - self.files[seg].0.first) * PAGE_SIZE as u64;
         let contiguous = seg == self.seg && self.start + self.buf.len() as u64 == at;
         if self.buf.len() >= Self::MAX || (!self.buf.is_empty() && !contiguous) {
-            self.flush()?;
+            self.flush().map_err(|e| StoreError::Corrupt(format!("write failed: {e}")))?;
         }
         if self.buf.is_empty() {
             self.seg = seg;
             self.start = at;
         }
-        self.buf.extend_from_slice(page);
+        let before = self.buf.len();
+        fill(&mut self.buf)?;
+        if self.buf.len() - before != PAGE_SIZE {
+            let got = self.buf.len() - before;
+            self.buf.truncate(before);
+            return Err(StoreError::Corrupt(format!("page {pfn}: content of {got} bytes, not a page")));
+        }
         Ok(())
     }
 

@@ -25,7 +25,7 @@
 
 use std::path::{Path, PathBuf};
 
-use remus_types::{ChunkId, EpochId, GuestId, Pfn};
+use remus_types::{ChunkId, EpochId, GuestId, Pfn, PAGE_SIZE};
 use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 
 use crate::error::StoreError;
@@ -323,14 +323,29 @@ impl Store {
     /// [`StoreError::ChunkMissing`], [`StoreError::ChunkCorrupt`] when the
     /// bytes are damaged, [`StoreError::Db`].
     pub fn chunk(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+        let mut out = Vec::with_capacity(PAGE_SIZE);
+        self.chunk_into(id, &mut out)?;
+        Ok(out)
+    }
+
+    /// Appends the content of a chunk to `out`, verified against its id
+    /// (restore decodes pages straight into its write buffer this way).
+    ///
+    /// # Errors
+    /// As [`chunk`](Self::chunk); on error `out` is left as it was.
+    pub fn chunk_into(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<(), StoreError> {
         // The content is checked against its id, which subsumes RocksDB's
         // block checksum on this path (and costs less than both).
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_verify_checksums(false);
         let v = self.db.get_pinned_cf_opt(self.cf(CF_CHUNKS), id.0, &ro)?.ok_or(StoreError::ChunkMissing(*id))?;
-        match self.packed(id, &v)? {
-            Some((codec, bytes)) => decode_chunk(id, codec, &bytes),
-            None => decode_chunk_value(id, &v),
+        match v.split_first() {
+            Some((&CODEC_PACKED, loc)) => {
+                let loc = Location::decode(loc).ok_or(StoreError::ChunkCorrupt(*id))?;
+                self.packs.with_bytes(id, &loc, |b| decode_chunk_into(id, loc.codec, b, out))
+            }
+            Some((&codec, b)) => decode_chunk_into(id, codec, b, out),
+            None => Err(StoreError::ChunkCorrupt(*id)),
         }
     }
 
@@ -339,8 +354,7 @@ impl Store {
     fn packed(&self, id: &ChunkId, v: &[u8]) -> Result<Option<(u8, Vec<u8>)>, StoreError> {
         let Some((&CODEC_PACKED, loc)) = v.split_first() else { return Ok(None) };
         let loc = Location::decode(loc).ok_or(StoreError::ChunkCorrupt(*id))?;
-        let mut bytes = Vec::new();
-        self.packs.read(id, &loc, &mut bytes)?;
+        let bytes = self.packs.with_bytes(id, &loc, |b| Ok(b.to_vec()))?;
         Ok(Some((loc.codec, bytes)))
     }
 
@@ -582,6 +596,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut it = self.db.raw_iterator_cf(self.cf(CF_PAGES));
         it.seek(page_key(guest, Pfn(pfns.start), epoch));
+        let mut given = None;
         loop {
             it.status()?;
             let Some(k) = it.key() else { break };
@@ -589,6 +604,14 @@ impl Store {
                 break;
             }
             let pfn = u64_at(k, 8);
+            if given == Some(pfn) {
+                // An older version of the page just given: on to the next
+                // page (most pages have one version, so stepping first and
+                // seeking only here saves a seek per page).
+                let Some(next) = pfn.checked_add(1) else { break };
+                it.seek(page_key(guest, Pfn(next), epoch));
+                continue;
+            }
             if pfn >= pfns.end {
                 break;
             }
@@ -599,8 +622,8 @@ impl Store {
                 continue;
             }
             f(Pfn(pfn), hash_value(it.value().unwrap_or_default())?)?;
-            let Some(next) = pfn.checked_add(1) else { break };
-            it.seek(page_key(guest, Pfn(next), epoch));
+            given = Some(pfn);
+            it.next();
         }
         Ok(())
     }
@@ -717,38 +740,52 @@ pub fn decode_chunk_value(id: &ChunkId, v: &[u8]) -> Result<Vec<u8>, StoreError>
 
 /// Decodes chunk bytes stored with `codec` and checks them against `id`.
 fn decode_chunk(id: &ChunkId, codec: u8, b: &[u8]) -> Result<Vec<u8>, StoreError> {
-    let data = match codec {
-        CODEC_PLAIN => b.to_vec(),
-        CODEC_ZSTD => {
-            // Size the output from the frame header (remus writes it);
-            // a 16 MiB guess per call would dominate restore time.
-            let size = match zstd::zstd_safe::get_frame_content_size(b) {
-                Ok(Some(n)) if n <= MAX_CHUNK as u64 => n as usize,
-                _ => return Err(StoreError::ChunkCorrupt(*id)),
-            };
-            // One decompression context per thread: creating one per
-            // chunk costs more than decompressing a page.
-            thread_local! {
-                static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
-            }
-            DCTX.with(|d| {
-                let mut d = d.borrow_mut();
-                if d.is_none() {
-                    *d = zstd::bulk::Decompressor::new().ok();
-                }
-                match d.as_mut() {
-                    Some(d) => d.decompress(b, size),
-                    None => zstd::bulk::decompress(b, size),
-                }
-            })
-            .map_err(|_| StoreError::ChunkCorrupt(*id))?
+    let mut out = Vec::new();
+    decode_chunk_into(id, codec, b, &mut out)?;
+    Ok(out)
+}
+
+/// Appends the content of chunk bytes stored with `codec` to `out`, after
+/// checking it against `id` (on error `out` is left as it was).
+fn decode_chunk_into(id: &ChunkId, codec: u8, b: &[u8], out: &mut Vec<u8>) -> Result<(), StoreError> {
+    let start = out.len();
+    let decoded = match codec {
+        CODEC_PLAIN => {
+            out.extend_from_slice(b);
+            Ok(())
         }
-        _ => return Err(StoreError::ChunkCorrupt(*id)),
+        CODEC_ZSTD => match zstd::zstd_safe::get_frame_content_size(b) {
+            // Sized from the frame header (remus writes it); a 16 MiB
+            // guess per call would dominate restore time.
+            Ok(Some(n)) if n <= MAX_CHUNK as u64 => {
+                out.resize(start + n as usize, 0);
+                // One decompression context per thread: creating one per
+                // chunk costs more than decompressing a page.
+                thread_local! {
+                    static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
+                }
+                let dst = &mut out[start..];
+                let got = DCTX.with(|d| {
+                    let mut d = d.borrow_mut();
+                    if d.is_none() {
+                        *d = zstd::bulk::Decompressor::new().ok();
+                    }
+                    match d.as_mut() {
+                        Some(d) => d.decompress_to_buffer(b, dst),
+                        None => zstd::bulk::decompress_to_buffer(b, dst),
+                    }
+                });
+                if got.is_ok_and(|got| got == n as usize) { Ok(()) } else { Err(()) }
+            }
+            _ => Err(()),
+        },
+        _ => Err(()),
     };
-    if content_id(&data) != *id {
+    if decoded.is_err() || content_id(&out[start..]) != *id {
+        out.truncate(start);
         return Err(StoreError::ChunkCorrupt(*id));
     }
-    Ok(data)
+    Ok(())
 }
 
 pub(crate) fn hash_value(v: &[u8]) -> Result<ChunkId, StoreError> {

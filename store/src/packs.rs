@@ -111,6 +111,56 @@ pub(crate) struct Packs {
     sync: bool,
     tail: Mutex<Option<Tail>>,
     readers: RwLock<HashMap<u32, Arc<File>>>,
+    maps: RwLock<HashMap<u32, Arc<Map>>>,
+}
+
+/// A read-only shared map of a whole pack file.
+///
+/// Packs only grow and get holes punched (which read as zeros, and fail
+/// the record check), so the mapped range stays valid; only someone
+/// truncating a pack under a reader could fault it.
+struct Map {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the map is read-only and immutable once made; it is unmapped
+// only on drop.
+unsafe impl Send for Map {}
+// SAFETY: as above: shared reads of immutable memory.
+unsafe impl Sync for Map {}
+
+impl Map {
+    fn new(file: &File) -> std::io::Result<Self> {
+        let len = usize::try_from(file.metadata()?.len()).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
+        if len == 0 {
+            return Ok(Self { ptr: std::ptr::null_mut(), len: 0 });
+        }
+        // SAFETY: a fresh read-only shared mapping of an open file; the
+        // kernel picks the address.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, std::os::fd::AsRawFd::as_raw_fd(file), 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self { ptr, len })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `ptr` maps `len` readable bytes for the life of `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for Map {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: unmaps exactly the mapping made in `new`, once.
+            unsafe { libc::munmap(self.ptr, self.len) };
+        }
+    }
 }
 
 fn pack_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
@@ -119,7 +169,7 @@ fn pack_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error)
 
 impl Packs {
     pub(crate) fn new(store_dir: &Path, read_only: bool, sync: bool) -> Self {
-        Self { dir: store_dir.join("packs"), read_only, sync, tail: Mutex::new(None), readers: RwLock::new(HashMap::new()) }
+        Self { dir: store_dir.join("packs"), read_only, sync, tail: Mutex::new(None), readers: RwLock::new(HashMap::new()), maps: RwLock::new(HashMap::new()) }
     }
 
     fn path(&self, id: u32) -> PathBuf {
@@ -206,27 +256,58 @@ impl Packs {
         Ok(f)
     }
 
-    /// Reads the bytes at `loc` into `out` (replacing its content), after
-    /// checking the record names `id`.
+    /// Calls `f` with the bytes at `loc`, after checking the record names
+    /// `id`. A store opened read-only reads through a memory map of the
+    /// pack (restore and verify read every chunk: no syscall each); a
+    /// writer reads with `pread`.
     ///
     /// # Errors
     /// [`StoreError::ChunkCorrupt`] when the record does not match (hole,
     /// truncation, damage), [`StoreError::Pack`] when the file cannot be
-    /// read.
-    pub(crate) fn read(&self, id: &ChunkId, loc: &Location, out: &mut Vec<u8>) -> Result<(), StoreError> {
-        let f = self.reader(loc.pack)?;
-        out.clear();
-        out.resize(HEADER + loc.len as usize, 0);
-        match f.read_exact_at(out, loc.offset - HEADER as u64) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(StoreError::ChunkCorrupt(*id)),
-            Err(e) => return Err(pack_err(&self.path(loc.pack), "read")(e)),
+    /// read, or what `f` returns.
+    pub(crate) fn with_bytes<R>(&self, id: &ChunkId, loc: &Location, f: impl FnOnce(&[u8]) -> Result<R, StoreError>) -> Result<R, StoreError> {
+        let record = loc.record();
+        let check = |rec: &[u8]| rec[..32] == id.0 && rec[32] == loc.codec && rec[33..37] == loc.len.to_le_bytes();
+        if self.read_only {
+            let map = self.map(loc.pack, record.end)?;
+            let rec = usize::try_from(record.start).ok().zip(usize::try_from(record.end).ok()).and_then(|(a, b)| map.bytes().get(a..b));
+            return match rec {
+                Some(rec) if check(rec) => f(&rec[HEADER..]),
+                _ => Err(StoreError::ChunkCorrupt(*id)),
+            };
         }
-        if out[..32] != id.0 || out[32] != loc.codec || out[33..37] != loc.len.to_le_bytes() {
-            return Err(StoreError::ChunkCorrupt(*id));
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        out.drain(..HEADER);
-        Ok(())
+        let file = self.reader(loc.pack)?;
+        SCRATCH.with(|b| {
+            let mut buf = b.borrow_mut();
+            buf.clear();
+            buf.resize(HEADER + loc.len as usize, 0);
+            match file.read_exact_at(&mut buf, record.start) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(StoreError::ChunkCorrupt(*id)),
+                Err(e) => return Err(pack_err(&self.path(loc.pack), "read")(e)),
+            }
+            if !check(&buf) {
+                return Err(StoreError::ChunkCorrupt(*id));
+            }
+            f(&buf[HEADER..])
+        })
+    }
+
+    /// A map of pack `id` covering at least `end` bytes if the file has
+    /// them (a pack grows while a backup appends beside a reader).
+    fn map(&self, id: u32, end: u64) -> Result<Arc<Map>, StoreError> {
+        if let Some(m) = self.maps.read().unwrap_or_else(PoisonError::into_inner).get(&id) {
+            if m.len as u64 >= end {
+                return Ok(m.clone());
+            }
+        }
+        let file = self.reader(id)?;
+        let m = Arc::new(Map::new(&file).map_err(pack_err(&self.path(id), "map"))?);
+        self.maps.write().unwrap_or_else(PoisonError::into_inner).insert(id, m.clone());
+        Ok(m)
     }
 
     /// Frees the space of records no index entry names any more.

@@ -138,7 +138,7 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
         }
         (plan.manifest, report)
     };
-    let plan = RestorePlan { guest: GuestId(args.guest), manifest };
+    let plan = RestorePlan { guest: GuestId(args.guest), manifest, sync: true };
     let secs = t0.elapsed().as_secs_f64();
     if args.json {
         let v = serde_json::json!({
