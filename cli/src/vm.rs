@@ -153,11 +153,26 @@ fn default_kernel(cache: &Path) -> Option<PathBuf> {
 /// Store damage, a failed write, or a memory root that does not verify.
 pub fn restore_vm(store: &Store, plan: &RestorePlan, dir: &Path, progress: impl FnMut(u64)) -> Result<Option<(QemuState, RunDir, RestoreReport)>> {
     let ds = store.chunk(&plan.manifest.device_state).context("reading the device state")?;
-    let Some(state) = QemuState::decode(&ds)? else { return Ok(None) };
+    restore_vm_files(&ds, dir, |segments| Ok(plan.execute_segments(store, segments, progress)?))
+}
+
+/// The layout half of [`restore_vm`], for any source of pages: when
+/// `device_state` is a QEMU guest's, creates the run directory `dir` and
+/// has `write` fill the page space's segments (memory, disk image, device
+/// state files), then sizes the device state and writes `machine.json`.
+///
+/// # Errors
+/// A damaged device state header, or what `write` returns.
+pub fn restore_vm_files(
+    device_state: &[u8],
+    dir: &Path,
+    write: impl FnOnce(&[Segment<'_>]) -> Result<RestoreReport>,
+) -> Result<Option<(QemuState, RunDir, RestoreReport)>> {
+    let Some(state) = QemuState::decode(device_state)? else { return Ok(None) };
     let run = RunDir::create(dir)?;
     let segs = state.segments(&run);
     let segments: Vec<Segment<'_>> = segs.iter().map(|(first, pages, path)| Segment { first: *first, pages: *pages, path }).collect();
-    let report = plan.execute_segments(store, &segments, progress)?;
+    let report = write(&segments)?;
     let vm = std::fs::OpenOptions::new().write(true).open(run.vmstate())?;
     vm.set_len(state.vmstate_len)?;
     std::fs::write(dir.join("machine.json"), serde_json::to_vec_pretty(&state.machine)?)?;

@@ -68,9 +68,15 @@ fn bar(json: bool, len: u64, template: &str) -> Option<indicatif::ProgressBar> {
     Some(b)
 }
 
+/// What a restore wrote: the epoch's manifest, the report, and for a
+/// QEMU guest its state and run directory.
+type Restored = (remus_store::Manifest, RestoreReport, Option<(remus_capture::qemu::QemuState, remus_capture::qemu::RunDir)>);
+
 /// Restores from the S3 tier alone: epoch objects first, then the packs
-/// holding that epoch's chunks, with a progress bar for each phase.
-fn restore_from_s3(args: &RestoreArgs, target: Target) -> Result<(remus_store::Manifest, RestoreReport)> {
+/// holding that epoch's chunks, with a progress bar for each phase. A
+/// QEMU guest comes back as its files (memory, disk image, device state),
+/// as from a local store.
+fn restore_from_s3(args: &RestoreArgs, target: Target) -> Result<Restored> {
     let cfg = Config::load(args.config.as_deref())?;
     let s3 = super::s3_config(&cfg, args.from.as_deref())?;
     let tier = super::connect_s3(&s3)?;
@@ -85,19 +91,27 @@ fn restore_from_s3(args: &RestoreArgs, target: Target) -> Result<(remus_store::M
     if let Some(b) = manifests {
         b.finish_and_clear();
     }
+    let device_state = plan.device_state(&tier).with_context(|| format!("reading the device state from {}", s3.url()))?;
     let pages = bar(args.json, 0, "fetching packs from S3 [{bar:40}] {pos}/{len} pages written ({elapsed})");
-    let report = plan
-        .execute(&tier, &args.to, &mut |done, total| {
-            if let Some(b) = &pages {
-                b.set_length(total);
-                b.set_position(done);
-            }
-        })
+    let mut show = |done, total| {
+        if let Some(b) = &pages {
+            b.set_length(total);
+            b.set_position(done);
+        }
+    };
+    let vm = crate::vm::restore_vm_files(&device_state, &args.to, |segments| Ok(plan.execute_segments(&tier, segments, &mut show)?))
         .with_context(|| format!("restoring from {}", s3.url()))?;
+    let (report, vm) = match vm {
+        Some((state, run, report)) => (report, Some((state, run))),
+        None => {
+            anyhow::ensure!(!args.run, "--run needs a QEMU guest; guest {} is not one", args.guest);
+            (plan.execute(&tier, &args.to, &mut show).with_context(|| format!("restoring from {}", s3.url()))?, None)
+        }
+    };
     if let Some(b) = pages {
         b.finish_and_clear();
     }
-    Ok((plan.manifest, report))
+    Ok((plan.manifest, report, vm))
 }
 
 /// Runs the restore.
@@ -112,9 +126,7 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
         (None, None) => Target::Latest,
     };
     let t0 = Instant::now();
-    let mut vm = None;
-    let (manifest, report) = if args.from.is_some() {
-        anyhow::ensure!(!args.run, "--run resumes from a local store; restore from S3 with --to, then run the image");
+    let (manifest, report, vm) = if args.from.is_some() {
         restore_from_s3(args, target)?
     } else {
         let store = super::open_store_read_only(args.store.as_deref(), &args.data_dir)?;
@@ -125,18 +137,17 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
                 b.set_position(n);
             }
         };
-        vm = crate::vm::restore_vm(&store, &plan, &args.to, &show)?;
-        let report = match &vm {
-            Some((_, _, report)) => *report,
+        let (report, vm) = match crate::vm::restore_vm(&store, &plan, &args.to, &show)? {
+            Some((state, run, report)) => (report, Some((state, run))),
             None => {
                 anyhow::ensure!(!args.run, "--run needs a QEMU guest; guest {} is not one", args.guest);
-                plan.execute(&store, &args.to, &show)?
+                (plan.execute(&store, &args.to, &show)?, None)
             }
         };
         if let Some(b) = bar {
             b.finish_and_clear();
         }
-        (plan.manifest, report)
+        (plan.manifest, report, vm)
     };
     let plan = RestorePlan { guest: GuestId(args.guest), manifest, sync: true };
     let secs = t0.elapsed().as_secs_f64();
@@ -160,7 +171,7 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
             secs
         );
     }
-    if let (true, Some((state, run, _))) = (args.run, vm) {
+    if let (true, Some((state, run))) = (args.run, vm) {
         let qemu = args.qemu_binary.clone().unwrap_or_else(remus_capture::qemu::default_qemu);
         let mut vm = crate::vm::ResumedVm::start(&qemu, &state, run, None, false)?;
         vm.release_qmp();
