@@ -227,7 +227,7 @@ impl Store {
     }
 
     /// Every chunk a page-index entry or a kept manifest names.
-    fn referenced(&self) -> Result<HashSet<ChunkId>, StoreError> {
+    pub(crate) fn referenced(&self) -> Result<HashSet<ChunkId>, StoreError> {
         let mut live = HashSet::new();
         for kv in self.db.iterator_cf(self.cf(CF_PAGES), IteratorMode::Start) {
             let (_, v) = kv?;

@@ -49,6 +49,7 @@ pub fn run(args: &GcArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
                 "s3": tier.as_ref().map(|_| serde_json::json!({
                     "bridges_put": s3.bridges_put, "epochs_deleted": s3.epochs_deleted, "packs_deleted": s3.packs_deleted,
                     "packs_kept": s3.packs_kept, "dead_chunks_in_kept_packs": s3.dead_chunks_in_kept_packs,
+                    "packs_repacked": s3.packs_repacked, "chunks_moved": s3.chunks_moved,
                 })),
             })
         );
@@ -59,8 +60,14 @@ pub fn run(args: &GcArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
         );
         if tier.is_some() {
             println!(
-                "s3: {} epoch objects deleted, {} bridges put, {} packs deleted, {} packs kept ({} dead chunks in them)",
-                run.s3.epochs_deleted, run.s3.bridges_put, run.s3.packs_deleted, run.s3.packs_kept, run.s3.dead_chunks_in_kept_packs
+                "s3: {} epoch objects deleted, {} bridges put, {} packs deleted, {} repacked ({} live chunks moved), {} packs kept ({} dead chunks in them)",
+                run.s3.epochs_deleted,
+                run.s3.bridges_put,
+                run.s3.packs_deleted,
+                run.s3.packs_repacked,
+                run.s3.chunks_moved,
+                run.s3.packs_kept,
+                run.s3.dead_chunks_in_kept_packs
             );
         }
     }

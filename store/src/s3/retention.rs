@@ -8,13 +8,16 @@
 //! two of them finds every kept epoch restorable. [`S3Tier::gc`] deletes
 //! packs none of whose chunks a kept epoch references, forgetting their
 //! chunks' upload marks first so the uploader sends such content again
-//! if it reappears. It runs on the uploader's thread, never beside a pass.
+//! if it reappears, and repacks packs that are mostly dead: their live
+//! chunks go to new packs (put and marked first), then the old pack and
+//! its index are deleted, so every kept chunk is in some pack throughout.
+//! It runs on the uploader's thread, never beside a pass.
 
 use std::collections::HashSet;
 
 use remus_types::{ChunkId, EpochId};
 
-use super::format::{self, Bridge};
+use super::format::{self, Bridge, PackBuilder, PackIndex};
 use super::{S3Error, S3Tier};
 use crate::db::Store;
 use crate::error::StoreError;
@@ -30,9 +33,13 @@ pub struct S3RetentionReport {
     pub packs_deleted: u64,
     /// Packs kept.
     pub packs_kept: u64,
-    /// Chunks in kept packs that no kept epoch references (a later
-    /// repack could reclaim them).
+    /// Chunks in kept packs that no kept epoch references (under half of
+    /// each such pack: a pack more dead than that is repacked).
     pub dead_chunks_in_kept_packs: u64,
+    /// Packs rewritten with their live chunks only.
+    pub packs_repacked: u64,
+    /// Live chunks copied into new packs by repacking.
+    pub chunks_moved: u64,
 }
 
 impl S3Tier {
@@ -77,35 +84,83 @@ impl S3Tier {
     }
 
     /// Deletes packs that hold no chunk in `referenced` (the local GC's
-    /// mark set, a superset of what S3's kept epochs name).
+    /// mark set, a superset of what S3's kept epochs name) and repacks
+    /// those where more than half of the chunks are dead.
     ///
     /// # Errors
     /// S3 and store errors; a rerun continues where it stopped.
     pub fn gc(&self, store: &Store, referenced: &HashSet<ChunkId>) -> Result<S3RetentionReport, StoreError> {
         let mut r = S3RetentionReport::default();
         let packs: HashSet<String> = self.client.list("packs/")?.into_iter().map(|l| l.key).collect();
+        let mut sparse = Vec::new();
         for l in self.client.list("index/")? {
             let ix = format::decode_index(&self.client.get(&l.key)?).map_err(|e| StoreError::Corrupt(format!("s3 {}: {e}", l.key)))?;
             let live = ix.entries.iter().filter(|e| referenced.contains(&e.id)).count();
-            if live > 0 {
+            if live * 2 < ix.entries.len() && live > 0 {
+                sparse.push((l.key, ix));
+            } else if live > 0 {
                 r.packs_kept += 1;
                 r.dead_chunks_in_kept_packs += (ix.entries.len() - live) as u64;
-                continue;
+            } else {
+                self.delete_pack(store, &l.key, &ix, &packs)?;
+                r.packs_deleted += 1;
             }
-            let mut ours = Vec::new();
-            for e in &ix.entries {
-                if store.s3_pack_of(&e.id)? == Some(ix.pack) {
-                    ours.push(e.id);
+        }
+        // Live chunks of mostly dead packs into new packs, from the local
+        // store (which holds every referenced chunk); each old pack goes
+        // once the new pack holding its live chunks is in place.
+        let mut next = PackBuilder::default();
+        let mut emptied: Vec<(String, PackIndex)> = Vec::new();
+        for (key, ix) in sparse {
+            let live: Vec<ChunkId> = ix.entries.iter().map(|e| e.id).filter(|id| referenced.contains(id)).collect();
+            let values = match live.iter().map(|id| store.chunk_value(id).map(|v| (*id, v))).collect::<Result<Vec<_>, _>>() {
+                Ok(v) => v,
+                Err(StoreError::ChunkMissing(id)) => {
+                    tracing::warn!(pack = %ix.pack, chunk = %id, "not repacking: a live chunk is not in the local store");
+                    r.packs_kept += 1;
+                    r.dead_chunks_in_kept_packs += (ix.entries.len() - live.len()) as u64;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            for (id, v) in values {
+                next.push(id, &v);
+                r.chunks_moved += 1;
+            }
+            emptied.push((key, ix));
+            if next.len() >= self.cfg.pack_bytes() {
+                self.put_pack(store, std::mem::take(&mut next))?;
+                for (key, ix) in emptied.drain(..) {
+                    self.delete_pack(store, &key, &ix, &packs)?;
+                    r.packs_repacked += 1;
                 }
             }
-            store.unmark_in_s3(&ours)?;
-            let pack = format::pack_key(&ix.pack);
-            if packs.contains(&pack) {
-                self.client.delete(&pack, None)?;
-            }
-            self.client.delete(&l.key, None)?;
-            r.packs_deleted += 1;
+        }
+        if !next.is_empty() {
+            self.put_pack(store, next)?;
+        }
+        for (key, ix) in emptied {
+            self.delete_pack(store, &key, &ix, &packs)?;
+            r.packs_repacked += 1;
         }
         Ok(r)
+    }
+
+    /// Deletes a pack and its index object (`index_key`), first forgetting
+    /// the upload marks that still name it.
+    fn delete_pack(&self, store: &Store, index_key: &str, ix: &PackIndex, packs: &HashSet<String>) -> Result<(), StoreError> {
+        let mut ours = Vec::new();
+        for e in &ix.entries {
+            if store.s3_pack_of(&e.id)? == Some(ix.pack) {
+                ours.push(e.id);
+            }
+        }
+        store.unmark_in_s3(&ours)?;
+        let pack = format::pack_key(&ix.pack);
+        if packs.contains(&pack) {
+            self.client.delete(&pack, None)?;
+        }
+        self.client.delete(index_key, None)?;
+        Ok(())
     }
 }

@@ -174,6 +174,17 @@ fn verify_names_the_damaged_pack_chunk_and_manifest() {
     let _ = ChunkId::default();
 }
 
+/// Every pack in S3 holds at least as many live chunks (ones the local
+/// store's kept epochs reference) as dead ones.
+fn assert_no_pack_mostly_dead(tier: &S3Tier, store: &Store) {
+    let live = store.referenced().unwrap();
+    for l in tier.client().list("index/").unwrap() {
+        let ix = format::decode_index(&tier.client().get(&l.key).unwrap()).unwrap();
+        let n = ix.entries.iter().filter(|e| live.contains(&e.id)).count();
+        assert!(n * 2 >= ix.entries.len(), "{}: {n} of {} chunks live", l.key, ix.entries.len());
+    }
+}
+
 fn assert_s3_matches_local(tier: &S3Tier, store: &Store, g: GuestId) {
     let h = tier.history(g, None, &mut |_, _| {}).unwrap();
     let local = store.manifests(g).unwrap();
@@ -214,6 +225,7 @@ fn thinning_and_gc_are_mirrored_in_s3_and_every_kept_epoch_stays_restorable() {
     let run = apply_retention(&store, Some(&tier), &policy).unwrap();
     assert!(run.epochs_dropped > 30, "{run:?}");
     assert_eq!(run.s3.epochs_deleted, run.epochs_dropped);
+    assert_no_pack_mostly_dead(&tier, &store);
     assert_s3_matches_local(&tier, &store, g);
     // More history, a coarser policy: bridges merge, the replaced ones go.
     fill(&store, g, 61, 40);
@@ -231,6 +243,10 @@ fn thinning_and_gc_are_mirrored_in_s3_and_every_kept_epoch_stays_restorable() {
     let last_only = RetentionPolicy { rules: vec![KeepRule { within: us(0), every: us(0) }] };
     let run = apply_retention(&store, Some(&tier), &last_only).unwrap();
     assert!(run.s3.packs_deleted > 0, "{run:?}");
+    // Packs that kept a few live chunks are rewritten with those alone,
+    // and none is left more dead than live.
+    assert!(run.s3.packs_repacked > 0 && run.s3.chunks_moved > 0, "{run:?}");
+    assert_no_pack_mostly_dead(&tier, &store);
     assert_eq!(store.manifests(g).unwrap().len(), 1);
     assert_s3_matches_local(&tier, &store, g);
     // New content that equals collected content is uploaded again.

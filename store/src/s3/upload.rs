@@ -110,13 +110,7 @@ impl Pass<'_> {
             return Ok(());
         }
         let pack = std::mem::take(&mut self.pack);
-        let ids: Vec<ChunkId> = pack.entries().iter().map(|e| e.id).collect();
-        let (id, bytes, index) = pack.finish();
-        self.report.chunk_bytes += bytes.len() as u64;
-        // Content-addressed: a key that exists holds these very bytes.
-        ok_if_exists(self.tier.client.put_new(&pack_key(&id), bytes))?;
-        ok_if_exists(self.tier.client.put_new(&index_key(&id), index))?;
-        self.store.mark_in_s3(&ids, &id)?;
+        self.report.chunk_bytes += self.tier.put_pack(self.store, pack)?;
         self.in_pack.clear();
         self.report.packs += 1;
         Ok(())
@@ -154,6 +148,19 @@ fn ok_if_exists(r: Result<(), S3Error>) -> Result<(), S3Error> {
 }
 
 impl S3Tier {
+    /// Puts a finished pack and its index, then marks its chunks as held
+    /// in it; returns the pack's size.
+    pub(crate) fn put_pack(&self, store: &Store, pack: PackBuilder) -> Result<u64, StoreError> {
+        let ids: Vec<ChunkId> = pack.entries().iter().map(|e| e.id).collect();
+        let (id, bytes, index) = pack.finish();
+        let size = bytes.len() as u64;
+        // Content-addressed: a key that exists holds these very bytes.
+        ok_if_exists(self.client.put_new(&pack_key(&id), bytes))?;
+        ok_if_exists(self.client.put_new(&index_key(&id), index))?;
+        store.mark_in_s3(&ids, &id)?;
+        Ok(size)
+    }
+
     /// Uploads every committed epoch after each guest's cursor; stops
     /// early (with what was done) once `stop()` says so.
     ///
@@ -310,7 +317,14 @@ pub fn apply_retention(store: &Store, tier: Option<&S3Tier>, policy: &RetentionP
     if let Some(tier) = tier {
         let m = tier.mirror_thinning(store)?;
         let g = tier.gc(store, &gc.referenced)?;
-        run.s3 = S3RetentionReport { packs_deleted: g.packs_deleted, packs_kept: g.packs_kept, dead_chunks_in_kept_packs: g.dead_chunks_in_kept_packs, ..m };
+        run.s3 = S3RetentionReport {
+            packs_deleted: g.packs_deleted,
+            packs_kept: g.packs_kept,
+            dead_chunks_in_kept_packs: g.dead_chunks_in_kept_packs,
+            packs_repacked: g.packs_repacked,
+            chunks_moved: g.chunks_moved,
+            ..m
+        };
     }
     Ok(run)
 }
