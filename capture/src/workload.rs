@@ -45,7 +45,14 @@ pub struct ContentMix {
     pub duplicate: u32,
     /// A few bytes changed in place (default 35).
     pub edit: u32,
+    /// One of [`RECYCLE_POOL`] fixed contents (default 0): pages return to
+    /// content they held before, as a guest refilling freed buffers does,
+    /// so the backup is asked for content its retention may have dropped.
+    pub recycle: u32,
 }
+
+/// Distinct contents the `recycle` writes choose among.
+pub const RECYCLE_POOL: u64 = 1024;
 
 impl Default for WorkloadConfig {
     fn default() -> Self {
@@ -62,7 +69,7 @@ impl Default for WorkloadConfig {
 
 impl Default for ContentMix {
     fn default() -> Self {
-        Self { zero: 10, text: 25, random: 10, duplicate: 20, edit: 35 }
+        Self { zero: 10, text: 25, random: 10, duplicate: 20, edit: 35, recycle: 0 }
     }
 }
 
@@ -79,7 +86,7 @@ impl WorkloadConfig {
             return Err(format!("hot-probability must be in [0, 1], got {}", self.hot_probability));
         }
         let m = self.mix;
-        if m.zero + m.text + m.random + m.duplicate + m.edit == 0 {
+        if m.zero + m.text + m.random + m.duplicate + m.edit + m.recycle == 0 {
             return Err("content mix weights are all zero".into());
         }
         if self.output_interval_ms == 0 {
@@ -103,7 +110,7 @@ pub(crate) fn run(shared: &Arc<Shared>, cfg: &WorkloadConfig) {
     let pages = shared.page_count;
     let hot = ((pages as f64 * cfg.hot_fraction) as u64).clamp(1, pages);
     let m = cfg.mix;
-    let weights = [m.zero, m.text, m.random, m.duplicate, m.edit];
+    let weights = [m.zero, m.text, m.random, m.duplicate, m.edit, m.recycle];
     let total: u32 = weights.iter().sum();
     let mut rng = SmallRng::seed_from_u64(cfg.seed);
     let start = Instant::now();
@@ -147,6 +154,7 @@ pub(crate) fn run(shared: &Arc<Shared>, cfg: &WorkloadConfig) {
                         bytes.copy_within(src..src + PAGE_SIZE, off);
                     }
                 }
+                5 => fill_recycled(rng.gen_range(0..RECYCLE_POOL), &mut bytes[off..off + PAGE_SIZE]),
                 _ => {
                     let at = off + rng.gen_range(0..PAGE_SIZE / 8) * 8;
                     let v = u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
@@ -157,6 +165,14 @@ pub(crate) fn run(shared: &Arc<Shared>, cfg: &WorkloadConfig) {
         }
         drop(mem);
         shared.written.store(written, Ordering::Relaxed);
+    }
+}
+
+/// Content `i` of the recycle pool: the same bytes every time.
+fn fill_recycled(i: u64, page: &mut [u8]) {
+    let stamp = format!("recycled content {i:04} ");
+    for (d, s) in page.iter_mut().zip(stamp.bytes().cycle()) {
+        *d = s;
     }
 }
 

@@ -22,7 +22,8 @@
 //! hot-probability = 0.9
 //! seed = 1
 //! output-interval-ms = 25
-//! mix = { zero = 10, text = 25, random = 10, duplicate = 20, edit = 35 }
+//! mix = { zero = 10, text = 25, random = 10, duplicate = 20, edit = 35, recycle = 0 }
+//! # recycle: one of 1024 fixed contents, so pages return to content they held before
 //!
 //! [protect.qemu]            # used by `remus protect qemu`
 //! memory-mib = 128

@@ -276,6 +276,11 @@ async fn consume_events(
                 }
             }
             LinkEvent::Connected => tracing::info!("connected to backup"),
+            LinkEvent::Forgot { held } => stats.lock().chunks_forgotten += held as u64,
+            LinkEvent::Resending { from, missing } => {
+                stats.lock().refusals += 1;
+                tracing::info!(epoch = from.0, missing, "the backup no longer holds chunks an epoch named; sending again in full");
+            }
             LinkEvent::Disconnected(why) => {
                 stats.lock().disconnects += 1;
                 tracing::warn!(%why, "backup link lost; retrying");

@@ -5,6 +5,12 @@
 //! arrived; `Xor` pages are rebuilt against their base and compressed;
 //! `Ref` pages must name a chunk already held). The epoch is then
 //! committed in one atomic write, and only then acknowledged.
+//!
+//! A group naming chunks the store no longer holds (GC deleted them after
+//! the primary sent them) is refused with the full list
+//! ([`CommitError::Missing`]): the primary then sends it again in full.
+//! What GC deletes is also relayed as it happens, so primaries stop naming
+//! it before they need to be refused.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,7 +21,7 @@ use remus_store::{EpochCommit, Store, StoredChunk};
 use remus_capture::qemu::{QemuState, RunDir, VMSTATE_PAGES};
 use remus_types::{zero_page_hash, ChunkId, EpochId, GuestId, PAGE_SIZE};
 use remus_wan::driver::Replica;
-use remus_wan::{PageEncoding, ReceivedEpoch};
+use remus_wan::{CommitError, PageEncoding, ReceivedEpoch};
 
 /// Commit statistics of one guest at the backup.
 #[derive(Debug, Default, Clone)]
@@ -89,6 +95,12 @@ impl PageCache {
     }
 }
 
+/// Most deleted chunks relayed to primaries per GC (32 MiB of hashes, the
+/// size of a primary's default reference cache): a GC that deletes more
+/// relays only these, and a primary still naming one of the others is
+/// refused for it once.
+const MAX_FORGET_RELAYED: usize = 1 << 20;
+
 /// A [`Replica`] backed by a [`Store`].
 pub struct StoreReplica {
     cache: Mutex<PageCache>,
@@ -105,6 +117,8 @@ pub struct StoreReplica {
     /// QEMU guests' last committed state as files, when failover resumes
     /// them: failover then starts QEMU at once instead of restoring.
     live: Mutex<HashMap<GuestId, LiveVm>>,
+    /// What the store's GC deletes, for every connected primary.
+    deleted: tokio::sync::broadcast::Sender<Arc<[ChunkId]>>,
 }
 
 /// A QEMU guest's last committed epoch kept as the files QEMU resumes from
@@ -153,9 +167,30 @@ impl LiveVm {
 }
 
 impl StoreReplica {
-    /// A replica writing into `store`.
+    /// A replica writing into `store`; it relays what the store's GC
+    /// deletes to connected primaries.
     pub fn new(store: Arc<Store>, failover: FailoverAction) -> Self {
-        Self { cache: Mutex::new(PageCache::new(16 << 10)), store, failover, fenced: Mutex::new(HashMap::new()), zstd_level: 1, active: Mutex::new(HashMap::new()), instances: Mutex::new(HashMap::new()), stats: Mutex::new(HashMap::new()), stopping: Arc::default(), live: Mutex::new(HashMap::new()) }
+        // A few GC runs' lists; a connection that lags further misses some
+        // (it is then refused once per chunk it still names, and recovers).
+        let (deleted, _) = tokio::sync::broadcast::channel(16);
+        let tx = deleted.clone();
+        store.on_chunks_deleted(move |ids| {
+            // No receiver (no primary connected) is not an error.
+            let _ = tx.send(Arc::from(&ids[..ids.len().min(MAX_FORGET_RELAYED)]));
+        });
+        Self {
+            cache: Mutex::new(PageCache::new(16 << 10)),
+            store,
+            failover,
+            fenced: Mutex::new(HashMap::new()),
+            zstd_level: 1,
+            active: Mutex::new(HashMap::new()),
+            instances: Mutex::new(HashMap::new()),
+            stats: Mutex::new(HashMap::new()),
+            stopping: Arc::default(),
+            live: Mutex::new(HashMap::new()),
+            deleted,
+        }
     }
 
     fn keeps_live(&self) -> bool {
@@ -218,8 +253,16 @@ impl StoreReplica {
     }
 
     /// Decodes and verifies one epoch. `staged` holds pages decoded earlier
-    /// in the same commit group, not yet in the store.
-    fn build_commit(&self, e: ReceivedEpoch, instance: u64, staged: &mut HashMap<ChunkId, Arc<Vec<u8>>>) -> Result<EpochCommit, String> {
+    /// in the same commit group, not yet in the store. A reference or XOR
+    /// base that is not held goes into `missing` (and its page is left
+    /// out): the caller refuses the group with all of them.
+    fn build_commit(
+        &self,
+        e: ReceivedEpoch,
+        instance: u64,
+        staged: &mut HashMap<ChunkId, Arc<Vec<u8>>>,
+        missing: &mut Vec<ChunkId>,
+    ) -> Result<EpochCommit, String> {
         let h = e.header;
         let mut c = EpochCommit {
             guest: h.guest,
@@ -239,11 +282,14 @@ impl StoreReplica {
             match &r.encoding {
                 PageEncoding::Zero => {}
                 PageEncoding::Ref => {
+                    // A cached page may have been collected meanwhile: the
+                    // store's commit checks again, and names it if so.
                     let held = staged.contains_key(&r.hash)
                         || self.cache.lock().get(&r.hash).is_some()
                         || self.store.has_chunk(&r.hash).map_err(|e| e.to_string())?;
                     if !held {
-                        return Err(fail(remus_wan::DecodeError::MissingBase(r.hash)));
+                        missing.push(r.hash);
+                        continue;
                     }
                 }
                 PageEncoding::Xor { base, .. } => {
@@ -252,10 +298,14 @@ impl StoreReplica {
                     let cached = staged.get(base).cloned().or_else(|| self.cache.lock().get(base));
                     let base_page = match cached {
                         Some(p) => p.to_vec(),
-                        None => self
-                            .store
-                            .chunk(base)
-                            .map_err(|e| format!("epoch {}: page {}: xor base: {e}", h.epoch, r.pfn.0))?,
+                        None => match self.store.chunk(base) {
+                            Ok(p) => p,
+                            Err(remus_store::StoreError::ChunkMissing(_)) => {
+                                missing.push(*base);
+                                continue;
+                            }
+                            Err(e) => return Err(format!("epoch {}: page {}: xor base: {e}", h.epoch, r.pfn.0)),
+                        },
                     };
                     let page = r.decode_page(|_| Some(base_page)).map_err(fail)?;
                     let z = zstd::bulk::compress(&page, self.zstd_level).map_err(|e| e.to_string())?;
@@ -311,18 +361,30 @@ impl Replica for StoreReplica {
         Ok(head.map_or((EpochId(0), ChunkId::default()), |h| (h.epoch, h.manifest)))
     }
 
-    fn commit(&self, epochs: Vec<ReceivedEpoch>) -> Result<ChunkId, String> {
+    fn commit(&self, epochs: Vec<ReceivedEpoch>) -> Result<ChunkId, CommitError> {
         let t0 = Instant::now();
-        let guest = epochs.first().ok_or("empty commit group")?.header.guest;
-        let instance = *self.instances.lock().get(&guest).ok_or("commit for a guest that was never welcomed")?;
+        let failed = |m: &str| CommitError::Failed(m.to_string());
+        let guest = epochs.first().ok_or_else(|| failed("empty commit group"))?.header.guest;
+        let instance = *self.instances.lock().get(&guest).ok_or_else(|| failed("commit for a guest that was never welcomed"))?;
         let mut staged = HashMap::new();
+        let mut missing = Vec::new();
         let n = epochs.len() as u64;
         let commits = epochs
             .into_iter()
-            .map(|e| self.build_commit(e, instance, &mut staged))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|e| self.build_commit(e, instance, &mut staged, &mut missing))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(CommitError::Failed)?;
+        if !missing.is_empty() {
+            missing.sort_unstable();
+            missing.dedup();
+            return Err(CommitError::Missing(missing));
+        }
         let live = self.keeps_live().then(|| commits.iter().map(|c| (c.epoch, c.device_state.clone(), c.pages.clone())).collect::<Vec<_>>());
-        let outs = self.store.commit_many(commits).map_err(|e| e.to_string())?;
+        let outs = self.store.commit_many(commits).map_err(|e| match e {
+            // Collected between the checks above and the commit.
+            remus_store::StoreError::Unstored { ids, .. } => CommitError::Missing(ids),
+            e => CommitError::Failed(e.to_string()),
+        })?;
         if let Some(epochs) = live {
             self.update_live(guest, epochs, &staged);
         }
@@ -331,13 +393,17 @@ impl Replica for StoreReplica {
             cache.insert(id, page);
         }
         drop(cache);
-        let last = outs.last().ok_or("empty commit group")?;
+        let last = outs.last().ok_or_else(|| failed("empty commit group"))?;
         let mut stats = self.stats.lock();
         let s = stats.entry(guest).or_default();
         s.epochs += n;
         s.committed = last.manifest.epoch;
         s.commit_ns.push(u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX));
         Ok(last.id)
+    }
+
+    fn deleted_chunks(&self) -> Option<tokio::sync::broadcast::Receiver<Arc<[ChunkId]>>> {
+        Some(self.deleted.subscribe())
     }
 
     fn primary_lost(&self, guest: GuestId, committed: EpochId) {

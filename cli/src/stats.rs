@@ -53,6 +53,11 @@ pub struct PrimaryStats {
     pub output_released: u64,
     /// Connection losses seen.
     pub disconnects: u64,
+    /// Chunks the backup deleted (GC) that the encoder counted as held.
+    pub chunks_forgotten: u64,
+    /// Epochs the backup refused for naming chunks it no longer held (each
+    /// sent again with the unacknowledged ones after it).
+    pub refusals: u64,
     /// Time the last epoch was sealed.
     pub last_seal: Option<Instant>,
 }
@@ -73,6 +78,8 @@ impl Default for PrimaryStats {
             commit_ns: Vec::new(),
             output_released: 0,
             disconnects: 0,
+            chunks_forgotten: 0,
+            refusals: 0,
             last_seal: None,
         }
     }
@@ -147,6 +154,10 @@ pub struct Summary {
     pub backup_commit_ms_p99: f64,
     /// Output lines released after ack.
     pub output_lines_released: u64,
+    /// Held chunks forgotten because the backup's GC deleted them.
+    pub chunks_forgotten: u64,
+    /// Epochs refused by the backup for naming chunks it no longer held.
+    pub refusals: u64,
     /// Restores checked against the primary's own memory root.
     pub restores_verified: u64,
     /// Restores that failed or differed.
@@ -199,6 +210,8 @@ impl Summary {
             backup_commit_ms_p50: 0.0,
             backup_commit_ms_p99: 0.0,
             output_lines_released: s.output_released,
+            chunks_forgotten: s.chunks_forgotten,
+            refusals: s.refusals,
             restores_verified: 0,
             restores_failed: 0,
             restored_epochs: Vec::new(),

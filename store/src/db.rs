@@ -178,6 +178,8 @@ pub struct Store {
     /// sweep spares them.
     pub(crate) gc_marks: std::sync::Mutex<Option<std::collections::HashSet<ChunkId>>>,
     pub(crate) packs: Packs,
+    /// Told the chunks each GC deleted (see [`Store::on_chunks_deleted`]).
+    pub(crate) gc_watchers: std::sync::Mutex<Vec<crate::retention::DeletedWatcher>>,
 }
 
 pub(crate) fn guest_key(prefix: &[u8], guest: GuestId) -> Vec<u8> {
@@ -254,6 +256,7 @@ impl Store {
             gc: std::sync::RwLock::new(()),
             gc_marks: std::sync::Mutex::new(None),
             packs: Packs::new(path, opts.read_only, opts.sync),
+            gc_watchers: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -468,11 +471,18 @@ impl Store {
         }
         // A page may name a chunk sent in an earlier epoch: it must still
         // be stored (GC may have removed what no kept epoch referenced).
+        // All of them are named, so the sender can resend them at once.
         let zero = remus_types::zero_page_hash();
+        let mut unstored = Vec::new();
         for (_, id) in &c.pages {
             if *id != zero && !seen.contains(id) && !self.has_chunk(id)? {
-                return Err(StoreError::ChunkMissing(*id));
+                unstored.push(*id);
             }
+        }
+        if !unstored.is_empty() {
+            unstored.sort_unstable();
+            unstored.dedup();
+            return Err(StoreError::Unstored { guest: c.guest, epoch: c.epoch, ids: unstored });
         }
         let pages_cf = self.cf(CF_PAGES);
         let mut delta = Vec::with_capacity(c.pages.len() * 40);

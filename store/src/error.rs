@@ -34,6 +34,18 @@ pub enum StoreError {
     /// A chunk referenced by the log is missing.
     #[error("chunk {0} is missing")]
     ChunkMissing(ChunkId),
+    /// An epoch offered for commit names chunks that are not stored (GC
+    /// deleted them after they were sent); nothing of its group was
+    /// written. `ids` lists every one the epoch names.
+    #[error("{guest}: epoch {epoch} names {} chunks that are not stored (first {})", ids.len(), ids.first().map(ChunkId::to_hex).unwrap_or_default())]
+    Unstored {
+        /// Guest.
+        guest: GuestId,
+        /// The epoch.
+        epoch: EpochId,
+        /// The chunks it names that are not stored.
+        ids: Vec<ChunkId>,
+    },
     /// Other stored bytes are damaged.
     #[error("corrupt {0}")]
     Corrupt(String),
@@ -84,7 +96,7 @@ impl StoreError {
             Self::Pack { .. } => ErrorKind::Io,
             Self::ChunkCorrupt(_) | Self::Corrupt(_) => ErrorKind::Corrupt,
             Self::OutOfOrder { .. } => ErrorKind::Conflict,
-            Self::ChunkMissing(_) | Self::NoEpoch { .. } | Self::NoGuest(_) => ErrorKind::NotFound,
+            Self::ChunkMissing(_) | Self::Unstored { .. } | Self::NoEpoch { .. } | Self::NoGuest(_) => ErrorKind::NotFound,
             Self::S3(crate::s3::S3Error::NotFound(_) | crate::s3::S3Error::NoSuchBucket(_)) => ErrorKind::NotFound,
             Self::S3(crate::s3::S3Error::Exists(_) | crate::s3::S3Error::Conflict(_)) => ErrorKind::Conflict,
             Self::S3(_) => ErrorKind::Unavailable,

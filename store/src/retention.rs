@@ -21,7 +21,10 @@
 //! every chunk they reference to its mark set, and the sweep holds the
 //! commit lock exclusively (commits share it among themselves), so a
 //! chunk a concurrent commit relies on is never deleted (and a commit
-//! never references a chunk that is gone: it checks).
+//! never references a chunk that is gone: it checks, and names every such
+//! chunk in [`StoreError::Unstored`]). Watchers registered with
+//! [`Store::on_chunks_deleted`] are told what each GC deleted: a backup
+//! relays it to its primaries, which stop referencing those chunks.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -115,6 +118,9 @@ pub struct GcReport {
     /// The referenced set (for the S3 tier's GC).
     pub referenced: HashSet<ChunkId>,
 }
+
+/// A callback told the chunks one GC deleted.
+pub(crate) type DeletedWatcher = Box<dyn Fn(&[ChunkId]) + Send + Sync>;
 
 fn bridge_key(guest: GuestId, first: EpochId) -> Vec<u8> {
     let mut k = guest_key(b"bridge", guest);
@@ -241,8 +247,16 @@ impl Store {
         Ok(live)
     }
 
+    /// Calls `f` with the chunks each later [`gc`](Self::gc) of this
+    /// store deletes (after the deletion is written, on the GC's thread;
+    /// not called when nothing was deleted). `f` should return quickly.
+    pub fn on_chunks_deleted(&self, f: impl Fn(&[ChunkId]) + Send + Sync + 'static) {
+        self.gc_watchers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Box::new(f));
+    }
+
     /// Deletes every chunk no kept epoch references; safe while commits
-    /// go on (see the module notes).
+    /// go on (see the module notes), and tells the watchers of
+    /// [`on_chunks_deleted`](Self::on_chunks_deleted) what it deleted.
     ///
     /// # Errors
     /// [`StoreError::Db`], [`StoreError::Corrupt`].
@@ -272,12 +286,11 @@ impl Store {
         let guard = self.gc.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         marked.extend(marks().take().unwrap_or_default());
         let mut batch = WriteBatch::default();
-        let mut deleted = 0;
+        candidates.retain(|(id, _)| !marked.contains(id));
         let mut freed = Vec::new();
-        for (id, loc) in candidates.iter().filter(|(id, _)| !marked.contains(id)) {
+        for (id, loc) in &candidates {
             batch.delete_cf(self.cf(CF_CHUNKS), id.0);
             freed.extend(loc);
-            deleted += 1;
         }
         // Synced before the packed bytes are freed: a crash must not leave
         // an index entry naming a punched-out record.
@@ -285,8 +298,15 @@ impl Store {
         wo.set_sync(true);
         self.db.write_opt(batch, &wo)?;
         drop(guard);
+        // Gone from the index for good: watchers may hear of it now.
+        let deleted: Vec<ChunkId> = candidates.into_iter().map(|(id, _)| id).collect();
+        if !deleted.is_empty() {
+            for w in self.gc_watchers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter() {
+                w(&deleted);
+            }
+        }
         self.packs.punch(&freed)?;
-        Ok(GcReport { live: marked.len() as u64, deleted, referenced: marked })
+        Ok(GcReport { live: marked.len() as u64, deleted: deleted.len() as u64, referenced: marked })
     }
 }
 

@@ -306,3 +306,30 @@ fn gc_frees_the_pack_space_of_dropped_epochs() {
     }
     assert_eq!(store.verify(|_| {}).unwrap().damage, vec![]);
 }
+
+/// An epoch naming chunks that are not stored is refused whole, with
+/// every such chunk named once, and nothing of its group is written.
+#[test]
+fn a_commit_naming_unstored_chunks_names_them_all_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(1);
+    store.commit(commit_of(g, 1, &[(1, 1), (2, 2)])).unwrap();
+    // Epoch 2 names seeds 1 and 2 (stored), 5 and 6 (never sent, 6 twice)
+    // without their bytes; epoch 3 is fine but in the same group.
+    let mut c = commit_of(g, 2, &[(3, 1), (4, 2), (5, 5), (6, 6), (7, 6)]);
+    c.chunks.clear();
+    let ok = commit_of(g, 3, &[(8, 8)]);
+    let mut want = vec![content_id(&page(5)), content_id(&page(6))];
+    want.sort_unstable();
+    match store.commit_many(vec![c, ok]) {
+        Err(e @ StoreError::Unstored { .. }) => {
+            assert_eq!(e.kind(), ErrorKind::NotFound);
+            let StoreError::Unstored { guest, epoch, ids } = e else { unreachable!() };
+            assert_eq!((guest, epoch, ids), (g, EpochId(2), want));
+        }
+        r => panic!("expected Unstored, got {r:?}"),
+    }
+    assert_eq!(store.head(g).unwrap().unwrap().epoch, EpochId(1));
+    assert!(!store.has_chunk(&content_id(&page(8))).unwrap(), "nothing of the group is written");
+}

@@ -40,17 +40,30 @@ fn commit_for(guest: GuestId, e: u64, full: bool) -> (EpochCommit, Vec<(u64, u64
 }
 
 /// Commits epoch `e`, resending full content when a referenced chunk was
-/// collected meanwhile (as a primary does after a refused commit).
-fn commit(store: &Store, guest: GuestId, e: u64) -> Vec<(u64, u64)> {
+/// collected meanwhile (as a primary does after a refused commit); also
+/// returns the chunks the refusal named.
+fn commit_refused(store: &Store, guest: GuestId, e: u64) -> (Vec<(u64, u64)>, Vec<ChunkId>) {
     let (c, writes) = commit_for(guest, e, false);
+    let sent: Vec<ChunkId> = c.chunks.iter().map(|(id, _)| *id).collect();
+    let referenced: Vec<ChunkId> = c.pages.iter().map(|(_, id)| *id).filter(|id| !sent.contains(id)).collect();
     match store.commit(c) {
-        Ok(_) => {}
-        Err(StoreError::ChunkMissing(_)) => {
+        Ok(_) => (writes, Vec::new()),
+        Err(StoreError::Unstored { guest: g, epoch, ids }) => {
+            assert_eq!((g, epoch), (guest, EpochId(e)));
+            // References whose chunk is gone, each once (exactness is
+            // tested in tests.rs: GC may run beside this check).
+            assert!(ids.windows(2).all(|w| w[0] < w[1]), "sorted, no repeats: {ids:?}");
+            assert!(ids.iter().all(|id| referenced.contains(id) && !store.has_chunk(id).unwrap()), "{ids:?}");
+            assert_eq!(store.head(guest).unwrap().map(|h| h.epoch), Some(EpochId(e - 1)), "nothing of a refused epoch is written");
             store.commit(commit_for(guest, e, true).0).unwrap();
+            (writes, ids)
         }
         Err(e) => panic!("{e}"),
     }
-    writes
+}
+
+fn commit(store: &Store, guest: GuestId, e: u64) -> Vec<(u64, u64)> {
+    commit_refused(store, guest, e).0
 }
 
 fn check_restores(store: &Store, guest: GuestId, states: &[BTreeMap<u64, u64>]) -> usize {
@@ -131,18 +144,24 @@ fn gc_during_ingest_never_loses_what_a_kept_epoch_needs() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path(), StoreOptions::default()).unwrap());
     let g = GuestId(4);
+    let announced = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let a2 = Arc::clone(&announced);
+    store.on_chunks_deleted(move |ids| a2.lock().unwrap().extend_from_slice(ids));
     let done = Arc::new(AtomicBool::new(false));
     let ingest = {
         let (store, done) = (Arc::clone(&store), Arc::clone(&done));
         std::thread::spawn(move || {
             let mut state = BTreeMap::new();
             let mut states = Vec::new();
+            let mut refused = Vec::new();
             for e in 1..=400 {
-                state.extend(commit(&store, g, e));
+                let (writes, unstored) = commit_refused(&store, g, e);
+                state.extend(writes);
                 states.push(state.clone());
+                refused.extend(unstored);
             }
             done.store(true, Ordering::Relaxed);
-            states
+            (states, refused)
         })
     };
     let ms = Duration::from_millis;
@@ -155,8 +174,12 @@ fn gc_during_ingest_never_loses_what_a_kept_epoch_needs() {
         deleted += store.gc().unwrap().deleted;
         rounds += 1;
     }
-    let states = ingest.join().unwrap();
+    let (states, refused) = ingest.join().unwrap();
     assert!(rounds >= 2 && deleted > 0, "{rounds} rounds, {deleted} chunks collected");
+    // Watchers heard of every deletion, and commits were refused only for
+    // chunks not stored, each named (checked in `commit_refused`).
+    assert_eq!(announced.lock().unwrap().len() as u64, deleted);
+    assert!(!refused.is_empty(), "no commit was refused");
     let kept = check_restores(&store, g, &states);
     assert!(kept < 200, "thinning dropped epochs: {kept} kept");
     assert_eq!(store.verify(|_| {}).unwrap().damage, vec![]);

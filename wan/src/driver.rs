@@ -6,7 +6,11 @@
 //! and a slow one does not hold back the others' delivery. The backup
 //! reads each epoch stream whole (bounded by the guest's size), hands
 //! complete epochs to the [`Replica`] in order, and acknowledges each
-//! after the replica has committed it.
+//! after the replica has committed it. It relays the chunks the replica's
+//! GC deletes to the primary (Forget frames, on a unidirectional stream of
+//! their own per list, at a lower priority than the control stream), and
+//! a commit refused for missing chunks becomes a Missing for the primary,
+//! not a closed connection.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::encoding::EncodingMix;
-use crate::error::{LinkError, ProtocolError};
+use crate::error::{CommitError, LinkError, ProtocolError};
 use crate::frame::{FrameReader, Message};
 use crate::receiver::{ReceivedEpoch, ReceiverCore, ReceiverEvent};
 use crate::sender::{SenderConfig, SenderCore, SenderEvent, Transmit};
@@ -86,6 +90,20 @@ pub enum LinkEvent {
     },
     /// Connected and welcomed.
     Connected,
+    /// The backup deleted chunks (GC); `held` of them were counted as held
+    /// by the encoder, which forgot them.
+    Forgot {
+        /// Chunks forgotten.
+        held: usize,
+    },
+    /// The backup refused epoch `from` for naming `missing` chunks it does
+    /// not hold; every unacknowledged epoch is sent again without them.
+    Resending {
+        /// The refused epoch.
+        from: EpochId,
+        /// Chunks it lacked.
+        missing: usize,
+    },
     /// The connection was lost; the link reconnects.
     Disconnected(String),
 }
@@ -225,6 +243,7 @@ async fn serve_connection(
     let (tx, mut rx) = mpsc::unbounded_channel();
     let reader = tokio::spawn(read_control(recv, tx.clone()));
     let _guard = AbortOnDrop(reader);
+    let _forget_reader = AbortOnDrop(tokio::spawn(read_forget_streams(conn.clone(), tx.clone())));
     let mut streams = JoinSet::new();
     let mut welcomed = false;
     loop {
@@ -237,6 +256,12 @@ async fn serve_connection(
                     let _ = events.send(LinkEvent::Acked { epoch, manifest });
                 }
                 SenderEvent::PeerSilent => return Err(LinkError::Peer("backup silent".into())),
+                SenderEvent::Forgot { held } => {
+                    let _ = events.send(LinkEvent::Forgot { held });
+                }
+                SenderEvent::Resending { from, missing } => {
+                    let _ = events.send(LinkEvent::Resending { from, missing });
+                }
             }
         }
         if core.is_connected() && !welcomed {
@@ -300,6 +325,45 @@ async fn flush_sender(
     Ok(false)
 }
 
+/// The backup's Forget streams: each carries Forget frames only, read as
+/// they come (memory stays within a frame), handed on like control
+/// messages.
+async fn read_forget_streams(conn: Connection, tx: mpsc::UnboundedSender<Control>) {
+    while let Ok(mut recv) = conn.accept_uni().await {
+        let mut rd = FrameReader::default();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let r = loop {
+                match rd.next_message() {
+                    Ok(Some(m @ Message::Forget(_))) => {
+                        if tx.send(Control::Message(Ok(m))).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Some(_)) => break Err("a forget stream carries only Forget".to_string()),
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(format!("forget stream: {e}")),
+                }
+            };
+            if let Err(e) = r {
+                let _ = tx.send(Control::Message(Err(e)));
+                return;
+            }
+            match recv.read(&mut buf).await {
+                Ok(Some(n)) => rd.push(&buf[..n]),
+                Ok(None) if rd.pending() == 0 => break,
+                Ok(None) => {
+                    let _ = tx.send(Control::Message(Err("forget stream ended inside a frame".into())));
+                    return;
+                }
+                // Advisory: a stream cut off (the connection ending) loses
+                // nothing that matters.
+                Err(_) => break,
+            }
+        }
+    }
+}
+
 async fn read_control(mut recv: RecvStream, tx: mpsc::UnboundedSender<Control>) {
     let mut rd = FrameReader::default();
     let mut buf = vec![0u8; 64 << 10];
@@ -332,6 +396,30 @@ async fn read_control(mut recv: RecvStream, tx: mpsc::UnboundedSender<Control>) 
     }
 }
 
+/// Writes Forget frames on a unidirectional stream of their own, below the
+/// control stream's priority (0): Acks and heartbeats go first.
+async fn send_forget(conn: &Connection, frames: &[u8]) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let mut s = conn.open_uni().await?;
+    let _ = s.set_priority(-1);
+    s.write_all(frames).await?;
+    s.finish()?;
+    Ok(())
+}
+
+/// The next list of deleted chunks; pends forever without a subscription.
+async fn next_deleted(rx: &mut Option<tokio::sync::broadcast::Receiver<Arc<[ChunkId]>>>) -> Option<Arc<[ChunkId]>> {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let Some(r) = rx.as_mut() else { return std::future::pending().await };
+        match r.recv().await {
+            Ok(chunks) => return Some(chunks),
+            // Missed lists only cost a refused commit later.
+            Err(RecvError::Lagged(n)) => tracing::debug!(lists = n, "deleted-chunk lists missed"),
+            Err(RecvError::Closed) => *rx = None,
+        }
+    }
+}
+
 async fn sleep_opt(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
@@ -360,9 +448,19 @@ pub trait Replica: Send + Sync + 'static {
     /// none; returns the last one's manifest hash.
     ///
     /// # Errors
-    /// A message; the connection is then closed and the epochs are resent
-    /// by the primary on its next connection.
-    fn commit(&self, epochs: Vec<ReceivedEpoch>) -> Result<ChunkId, String>;
+    /// [`CommitError::Missing`] with every chunk the epochs name that the
+    /// replica does not hold: the primary is told, and sends the epochs
+    /// again without them. [`CommitError::Failed`] otherwise: the
+    /// connection is closed and the primary resends on its next one.
+    fn commit(&self, epochs: Vec<ReceivedEpoch>) -> Result<ChunkId, CommitError>;
+
+    /// Chunks the replica deletes from now on (its GC), as lists, for the
+    /// driver to relay to this connection's primary; `None` when it never
+    /// deletes any. Relaying is advisory: a list missed (a lagging
+    /// receiver) only means a refused commit later.
+    fn deleted_chunks(&self) -> Option<tokio::sync::broadcast::Receiver<Arc<[ChunkId]>>> {
+        None
+    }
 
     /// The primary of `guest` went silent after `committed`.
     fn primary_lost(&self, guest: GuestId, committed: EpochId);
@@ -437,22 +535,30 @@ async fn serve_primary<R: Replica>(conn: &Connection, replica: &Arc<R>, cfg: Bac
         }
     };
     tracing::info!(%guest, committed = committed.0, peer = %conn.remote_address(), "primary connected");
-    let result = serve_epochs(conn, replica, cfg, guest, page_count, committed, head, control, rx).await;
+    // Subscribed before the Welcome: what GC deletes from here on reaches
+    // the primary after it.
+    let deleted = replica.deleted_chunks();
+    let result = serve_epochs(conn, replica, cfg, Session { guest, page_count, committed, head }, control, rx, deleted).await;
     replica.disconnected(guest);
     result
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn serve_epochs<R: Replica>(
-    conn: &Connection,
-    replica: &Arc<R>,
-    cfg: BackupLinkConfig,
+/// What the Hello and the replica settled for a connection.
+struct Session {
     guest: GuestId,
     page_count: u64,
     committed: EpochId,
     head: ChunkId,
+}
+
+async fn serve_epochs<R: Replica>(
+    conn: &Connection,
+    replica: &Arc<R>,
+    cfg: BackupLinkConfig,
+    Session { guest, page_count, committed, head }: Session,
     mut control: SendStream,
     mut rx: mpsc::UnboundedReceiver<Control>,
+    mut deleted: Option<tokio::sync::broadcast::Receiver<Arc<[ChunkId]>>>,
 ) -> Result<(), LinkError> {
     let mut core = ReceiverCore::new(Instant::now(), cfg.heartbeat, cfg.primary_timeout);
     core.accept(guest, page_count, committed, head);
@@ -469,7 +575,7 @@ async fn serve_epochs<R: Replica>(
             });
         }
     }));
-    let mut commit: Option<tokio::task::JoinHandle<(EpochId, Result<ChunkId, String>)>> = None;
+    let mut commit: Option<tokio::task::JoinHandle<(EpochId, Result<ChunkId, CommitError>)>> = None;
     loop {
         if commit.is_none() {
             if let Some(group) = core.poll_commit() {
@@ -480,6 +586,18 @@ async fn serve_epochs<R: Replica>(
         }
         while let Some(b) = core.poll_transmit() {
             control.write_all(&b).await.map_err(|e| LinkError::Peer(e.to_string()))?;
+        }
+        let mut forget = Vec::new();
+        while let Some(b) = core.poll_forget() {
+            forget.extend_from_slice(&b);
+        }
+        if !forget.is_empty() {
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                if let Err(e) = send_forget(&conn, &forget).await {
+                    tracing::debug!(error = %e, "forget stream not delivered");
+                }
+            });
         }
         while let Some(ev) = core.poll_event() {
             match ev {
@@ -513,11 +631,25 @@ async fn serve_epochs<R: Replica>(
                 let (epoch, r) = done.map_err(|e| LinkError::Peer(e.to_string()))?;
                 match r {
                     Ok(manifest) => core.handle_committed(epoch, manifest),
-                    Err(m) => {
+                    Err(CommitError::Missing(chunks)) => {
+                        tracing::info!(
+                            %guest,
+                            epoch = core.committed().next().0,
+                            missing = chunks.len(),
+                            "epochs name chunks no longer held; the primary sends them again"
+                        );
+                        core.handle_missing(&chunks);
+                    }
+                    Err(e) => {
+                        let m = e.to_string();
                         let _ = control.write_all(&Message::Error(m.clone()).to_bytes()).await;
                         return Err(LinkError::Peer(format!("commit of epoch {epoch} failed: {m}")));
                     }
                 }
+            }
+            Some(chunks) = next_deleted(&mut deleted) => {
+                tracing::debug!(%guest, chunks = chunks.len(), "telling the primary to forget deleted chunks");
+                core.handle_chunks_deleted(&chunks);
             }
             () = sleep_opt(deadline) => core.handle_timeout(Instant::now()),
         }

@@ -234,9 +234,11 @@ impl Default for EncoderConfig {
 /// cheapest encoding for each page.
 ///
 /// Invariant: a hash is in `held` only if a page with that content was
-/// sent in an epoch recorded next to it, so after a reconnect
+/// sent in an epoch recorded next to it and the backup has not said it
+/// deleted it since, so after a reconnect
 /// [`forget_after`](Self::forget_after) the committed epoch removes every
-/// reference the backup might not hold.
+/// reference the backup might not hold; [`forget`](Self::forget) removes
+/// what the backup's GC deleted.
 pub struct PageEncoder {
     cfg: EncoderConfig,
     held: HashMap<ChunkId, EpochId>,
@@ -298,6 +300,25 @@ impl PageEncoder {
         self.held_order.retain(|h| held.contains_key(h));
         let held = &self.held;
         self.shadow.retain(|_, (h, _)| held.contains_key(h));
+    }
+
+    /// The backup no longer holds `chunks` (its GC deleted them, or it
+    /// refused an epoch naming them): never reference them again, nor use
+    /// them as XOR bases, until their content is sent anew. Returns how
+    /// many of them were counted as held.
+    pub fn forget(&mut self, chunks: &[ChunkId]) -> usize {
+        let before = self.held.len();
+        for c in chunks {
+            self.held.remove(c);
+        }
+        let forgotten = before - self.held.len();
+        if forgotten > 0 {
+            let held = &self.held;
+            self.held_order.retain(|h| held.contains_key(h));
+            let held = &self.held;
+            self.shadow.retain(|_, (h, _)| held.contains_key(h));
+        }
+        forgotten
     }
 
     /// Number of hashes believed held by the backup.
@@ -437,6 +458,27 @@ mod tests {
         enc.forget_after(EpochId(1));
         assert!(matches!(enc.encode(EpochId(3), Pfn(5), &edited).encoding, PageEncoding::RawZstd(_) | PageEncoding::Xor { .. }));
         assert!(matches!(enc.encode(EpochId(3), Pfn(6), &text).encoding, PageEncoding::Ref));
+    }
+
+    #[test]
+    fn forgotten_hashes_are_neither_referenced_nor_xor_bases() {
+        let mut enc = PageEncoder::new(EncoderConfig::default());
+        let text: Vec<u8> = b"a page the backup will delete ".iter().copied().cycle().take(PAGE_SIZE).collect();
+        let other: Vec<u8> = b"another page ".iter().copied().cycle().take(PAGE_SIZE).collect();
+        let first = enc.encode(EpochId(1), Pfn(1), &text);
+        enc.encode(EpochId(1), Pfn(2), &other);
+        assert_eq!(enc.held_len(), 2);
+        assert_eq!(enc.forget(&[first.hash, ChunkId([9; 32])]), 1, "only held hashes count");
+        assert_eq!(enc.held_len(), 1);
+        // Same content again: its bytes go, not a reference.
+        assert!(matches!(enc.encode(EpochId(2), Pfn(3), &text).encoding, PageEncoding::RawZstd(_)));
+        assert!(matches!(enc.encode(EpochId(2), Pfn(4), &other).encoding, PageEncoding::Ref));
+        // A small edit of a page whose last content was forgotten is not
+        // sent as XOR against it.
+        enc.forget(&[page_hash(&other)]);
+        let mut edited = other.clone();
+        edited[10] = b'X';
+        assert!(matches!(enc.encode(EpochId(3), Pfn(2), &edited).encoding, PageEncoding::RawZstd(_)));
     }
 
     #[test]

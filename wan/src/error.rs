@@ -14,7 +14,7 @@ pub enum DecodeError {
     #[error("bad frame magic")]
     BadMagic,
     /// A frame of a protocol version this build does not speak.
-    #[error("unsupported protocol version {0}")]
+    #[error("unsupported protocol version {0} (this build speaks {ours})", ours = crate::frame::VERSION)]
     UnsupportedVersion(u8),
     /// A frame whose checksum does not match its bytes.
     #[error("frame checksum mismatch")]
@@ -78,6 +78,22 @@ pub enum ProtocolError {
         /// What was wrong.
         reason: &'static str,
     },
+}
+
+/// Why the backup's replica did not commit a group of epochs (nothing of
+/// it was written either way).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommitError {
+    /// The epochs name chunks the replica does not hold, as references or
+    /// XOR bases (its GC deleted them): the primary is told which, and
+    /// sends the epochs again without them, on the same connection.
+    #[error("{} referenced chunks are not held", .0.len())]
+    Missing(Vec<ChunkId>),
+    /// Any other failure (a full disk, say): the connection is closed and
+    /// the primary resends on its next one.
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// Errors of the QUIC driver.

@@ -3,7 +3,7 @@
 //! Layout:
 //! ```text
 //! 0..4    magic  b"RMUS"
-//! 4       version (1)
+//! 4       version (2)
 //! 5       message kind
 //! 6..8    reserved, zero
 //! 8..12   payload length, u32 LE, at most MAX_PAYLOAD
@@ -11,9 +11,30 @@
 //! 16..    payload
 //! ```
 //! A control stream (bidirectional, one per connection) carries Hello,
-//! Welcome, Ack, Heartbeat and Error; each epoch travels on a
+//! Welcome, Ack, Heartbeat, Error and Missing (preceded by Forget frames
+//! when its list is too long for one); each epoch travels on a
 //! unidirectional stream of its own: EpochBegin, Pages*, DeviceState,
-//! EpochEnd.
+//! EpochEnd; the backup sends what its GC deleted as Forget frames on
+//! unidirectional streams of their own.
+//!
+//! Payloads (little-endian; `list` is `count u32 | hash[32] × count`, at
+//! most [`MAX_CHUNK_LIST`] hashes, and must fill the payload exactly):
+//! ```text
+//! 1  Hello       guest u64 | instance u64 | page_count u64
+//! 2  Welcome     guest u64 | committed u64 | head[32]
+//! 3  EpochBegin  guest u64 | epoch u64 | time u64 | page_count u64 | pause_ns u64 | records u32 | round u32
+//! 4  Pages       count u32 | page record × count      (encoding.rs)
+//! 5  DeviceState len u32 | bytes
+//! 6  EpochEnd    epoch u64 | memory_root[32]
+//! 7  Ack         epoch u64 | manifest[32]
+//! 8  Heartbeat   epoch u64
+//! 9  Error       len u32 | utf-8 (at most 4096 bytes)
+//! 10 Forget      list                                  (since version 2)
+//! 11 Missing     round u32 | epoch u64 | list          (since version 2)
+//! ```
+//! Version 2 added Forget, Missing and EpochBegin's `round`; both ends
+//! must speak the same version (a frame of another is refused with
+//! [`DecodeError::UnsupportedVersion`]).
 
 use remus_types::{ChunkId, EpochId, GuestId};
 
@@ -24,13 +45,16 @@ use crate::error::DecodeError;
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"RMUS";
 /// Protocol version spoken by this build.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Header length.
 pub const HEADER_LEN: usize = 16;
 /// Largest payload accepted.
 pub const MAX_PAYLOAD: usize = 4 << 20;
 /// Largest device-state blob accepted.
 pub const MAX_DEVICE_STATE: usize = MAX_PAYLOAD - 8;
+/// Most chunk hashes in one Forget or Missing frame (2 MiB of hashes);
+/// longer lists are split over several frames.
+pub const MAX_CHUNK_LIST: usize = 1 << 16;
 
 /// First frame of an epoch stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +71,12 @@ pub struct EpochHeader {
     pub pause_ns: u64,
     /// Number of page records that follow.
     pub records: u32,
+    /// The refusal round this encoding belongs to: 0 on a fresh
+    /// connection, then the round of the last [`Message::Missing`] the
+    /// primary had handled when it encoded the epoch. The backup drops
+    /// epochs of an earlier round (they may name chunks it lacks; the
+    /// primary sends them again).
+    pub round: u32,
 }
 
 /// Everything that crosses the wire.
@@ -98,6 +128,25 @@ pub enum Message {
     },
     /// A fatal error; the sender closes after it.
     Error(String),
+    /// Backup → primary: chunks the backup deleted (GC). The primary no
+    /// longer counts them as held, so it sends their content again rather
+    /// than a reference. Advisory: an epoch encoded before it arrived may
+    /// still name them, and is then refused with [`Message::Missing`].
+    Forget(Vec<ChunkId>),
+    /// Backup → primary: epoch `epoch`, the next to commit, was refused
+    /// because it names chunks the backup does not hold (`chunks`; more
+    /// may have come in Forget frames just before). The backup dropped
+    /// every uncommitted epoch it had received; the primary forgets these
+    /// chunks and everything first sent after `epoch - 1`, and sends every
+    /// epoch from `epoch` on again, encoded for `round`.
+    Missing {
+        /// The refusal round (1, 2, … per connection).
+        round: u32,
+        /// The refused epoch: the backup's committed epoch plus one.
+        epoch: EpochId,
+        /// Chunks it named that the backup does not hold.
+        chunks: Vec<ChunkId>,
+    },
 }
 
 impl Message {
@@ -112,14 +161,17 @@ impl Message {
             Self::Ack { .. } => 7,
             Self::Heartbeat { .. } => 8,
             Self::Error(_) => 9,
+            Self::Forget(_) => 10,
+            Self::Missing { .. } => 11,
         }
     }
 
     /// Appends this message as one frame to `out`.
     ///
     /// # Panics
-    /// If the payload exceeds [`MAX_PAYLOAD`] (a sender bug: batches are
-    /// sized below it).
+    /// If the payload exceeds [`MAX_PAYLOAD`] or a chunk list exceeds
+    /// [`MAX_CHUNK_LIST`] (sender bugs: batches and lists are split below
+    /// them).
     pub fn encode(&self, out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(&MAGIC);
@@ -143,6 +195,7 @@ impl Message {
                 w.u64(h.page_count);
                 w.u64(h.pause_ns);
                 w.u32(h.records);
+                w.u32(h.round);
             }
             Self::Pages(records) => {
                 w.u32(u32::try_from(records.len()).expect("batch size"));
@@ -161,6 +214,12 @@ impl Message {
             }
             Self::Heartbeat { epoch } => w.u64(epoch.0),
             Self::Error(m) => w.blob(&m.as_bytes()[..m.len().min(4096)]),
+            Self::Forget(chunks) => put_chunk_list(&mut w, chunks),
+            Self::Missing { round, epoch, chunks } => {
+                w.u32(*round);
+                w.u64(epoch.0);
+                put_chunk_list(&mut w, chunks);
+            }
         }
         *out = w.into_inner();
         let len = out.len() - start - HEADER_LEN;
@@ -229,6 +288,7 @@ impl Message {
                 page_count: r.u64()?,
                 pause_ns: r.u64()?,
                 records: r.u32()?,
+                round: r.u32()?,
             }),
             4 => {
                 let n = r.u32()? as usize;
@@ -247,6 +307,8 @@ impl Message {
             7 => Self::Ack { epoch: EpochId(r.u64()?), manifest: r.hash()? },
             8 => Self::Heartbeat { epoch: EpochId(r.u64()?) },
             9 => Self::Error(String::from_utf8_lossy(r.blob(4096)?).into_owned()),
+            10 => Self::Forget(chunk_list(&mut r)?),
+            11 => Self::Missing { round: r.u32()?, epoch: EpochId(r.u64()?), chunks: chunk_list(&mut r)? },
             k => return Err(DecodeError::UnknownKind { what: "message", kind: k }),
         };
         if !r.is_empty() {
@@ -254,6 +316,27 @@ impl Message {
         }
         Ok(msg)
     }
+}
+
+fn put_chunk_list(w: &mut Writer, chunks: &[ChunkId]) {
+    assert!(chunks.len() <= MAX_CHUNK_LIST, "chunk list of {} exceeds MAX_CHUNK_LIST", chunks.len());
+    w.u32(chunks.len() as u32);
+    for c in chunks {
+        w.bytes(&c.0);
+    }
+}
+
+/// A chunk list: the count is bounded before anything is allocated, and
+/// the hashes must all be there.
+fn chunk_list(r: &mut Reader<'_>) -> Result<Vec<ChunkId>, DecodeError> {
+    let n = r.u32()? as usize;
+    if n > MAX_CHUNK_LIST {
+        return Err(DecodeError::TooLarge { len: n, max: MAX_CHUNK_LIST });
+    }
+    if n * 32 > r.remaining() {
+        return Err(DecodeError::Truncated);
+    }
+    (0..n).map(|_| r.hash()).collect()
 }
 
 /// Accumulates stream bytes and yields whole frames.
@@ -327,8 +410,8 @@ mod tests {
         prop_oneof![
             (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(g, i, p)| Message::Hello { guest: GuestId(g), instance: i, page_count: p }),
             (any::<u64>(), any::<u64>(), hash()).prop_map(|(g, e, h)| Message::Welcome { guest: GuestId(g), committed: EpochId(e), head: h }),
-            (any::<[u64; 5]>(), any::<u32>()).prop_map(|(v, records)| Message::EpochBegin(EpochHeader {
-                guest: GuestId(v[0]), epoch: EpochId(v[1]), time_unix_ns: v[2], page_count: v[3], pause_ns: v[4], records
+            (any::<[u64; 5]>(), any::<u32>(), any::<u32>()).prop_map(|(v, records, round)| Message::EpochBegin(EpochHeader {
+                guest: GuestId(v[0]), epoch: EpochId(v[1]), time_unix_ns: v[2], page_count: v[3], pause_ns: v[4], records, round
             })),
             proptest::collection::vec(record(), 0..6).prop_map(Message::Pages),
             proptest::collection::vec(any::<u8>(), 0..100).prop_map(Message::DeviceState),
@@ -336,6 +419,9 @@ mod tests {
             (any::<u64>(), hash()).prop_map(|(e, h)| Message::Ack { epoch: EpochId(e), manifest: h }),
             any::<u64>().prop_map(|e| Message::Heartbeat { epoch: EpochId(e) }),
             "[a-z ]{0,40}".prop_map(Message::Error),
+            proptest::collection::vec(hash(), 0..8).prop_map(Message::Forget),
+            (any::<u32>(), any::<u64>(), proptest::collection::vec(hash(), 0..8))
+                .prop_map(|(round, e, chunks)| Message::Missing { round, epoch: EpochId(e), chunks }),
         ]
     }
 
@@ -361,17 +447,8 @@ mod tests {
         }
 
         #[test]
-        fn garbage_payload_with_valid_header_is_an_error(kind in 0u8..12, payload in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let mut f = Vec::new();
-            f.extend_from_slice(&MAGIC);
-            f.extend_from_slice(&[VERSION, kind, 0, 0]);
-            f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-            let mut crc = crc32fast::Hasher::new();
-            crc.update(&f[..12]);
-            crc.update(&payload);
-            f.extend_from_slice(&crc.finalize().to_le_bytes());
-            f.extend_from_slice(&payload);
-            let _ = Message::decode(&f);
+        fn garbage_payload_with_valid_header_is_an_error(kind in 0u8..14, payload in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Message::decode(&frame(VERSION, kind, &payload));
         }
 
         #[test]
@@ -381,6 +458,64 @@ mod tests {
             f[i] ^= 1 << bit;
             prop_assert!(Message::decode(&f).is_err() || Message::decode(&f).unwrap().is_none());
         }
+    }
+
+    /// A frame with a valid header and checksum around `payload`.
+    fn frame(version: u8, kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&MAGIC);
+        f.extend_from_slice(&[version, kind, 0, 0]);
+        f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&f[..12]);
+        crc.update(payload);
+        f.extend_from_slice(&crc.finalize().to_le_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn forget_and_missing_round_trip_and_bad_lists_are_refused() {
+        let chunks: Vec<ChunkId> = (0..3u8).map(|i| ChunkId([i; 32])).collect();
+        let forget = Message::Forget(chunks.clone());
+        let missing = Message::Missing { round: 2, epoch: EpochId(41), chunks: chunks.clone() };
+        for m in [&forget, &missing] {
+            let f = m.to_bytes();
+            assert_eq!(Message::decode(&f), Ok(Some((m.clone(), f.len()))));
+            // A stream cut inside the frame waits for more bytes.
+            assert_eq!(Message::decode(&f[..f.len() - 1]), Ok(None));
+            // Any flipped payload byte fails the checksum.
+            let mut bad = f.clone();
+            bad[HEADER_LEN + 5] ^= 0x40;
+            assert_eq!(Message::decode(&bad), Err(DecodeError::ChecksumMismatch));
+        }
+        // The largest list fits a frame.
+        let most = Message::Forget(vec![ChunkId([7; 32]); MAX_CHUNK_LIST]);
+        let f = most.to_bytes();
+        assert!(f.len() <= HEADER_LEN + MAX_PAYLOAD);
+        assert_eq!(Message::decode(&f).unwrap().unwrap().0, most);
+
+        // Well-checksummed frames whose lists do not add up.
+        let payload = forget.to_bytes()[HEADER_LEN..].to_vec();
+        let short = &payload[..payload.len() - 1];
+        assert_eq!(Message::decode(&frame(VERSION, 10, short)), Err(DecodeError::Truncated), "a hash cut short");
+        let mut long = payload.clone();
+        long.push(0);
+        assert_eq!(Message::decode(&frame(VERSION, 10, &long)), Err(DecodeError::Trailing(1)));
+        let mut huge = payload.clone();
+        huge[..4].copy_from_slice(&(MAX_CHUNK_LIST as u32 + 1).to_le_bytes());
+        assert_eq!(
+            Message::decode(&frame(VERSION, 10, &huge)),
+            Err(DecodeError::TooLarge { len: MAX_CHUNK_LIST + 1, max: MAX_CHUNK_LIST })
+        );
+        let mut overcount = payload.clone();
+        overcount[..4].copy_from_slice(&4u32.to_le_bytes());
+        assert_eq!(Message::decode(&frame(VERSION, 10, &overcount)), Err(DecodeError::Truncated), "count beyond the frame");
+        let m = missing.to_bytes();
+        assert_eq!(Message::decode(&frame(VERSION, 11, &m[HEADER_LEN..HEADER_LEN + 10])), Err(DecodeError::Truncated));
+        // A version-1 peer's frame is refused by name.
+        assert_eq!(Message::decode(&frame(1, 8, &7u64.to_le_bytes())), Err(DecodeError::UnsupportedVersion(1)));
+        assert_eq!(DecodeError::UnsupportedVersion(1).to_string(), "unsupported protocol version 1 (this build speaks 2)");
     }
 
     #[test]

@@ -10,7 +10,11 @@
 //!
 //! Invariant: the backup acknowledges epoch `N` only after `N` and every
 //! epoch before it are durably committed; the primary releases output of
-//! `N` only on that acknowledgement.
+//! `N` only on that acknowledgement. A page is sent as a reference (or an
+//! XOR base) only to content the primary believes the backup holds; when
+//! the backup's GC deletes such content it says so (`Forget`), and an
+//! epoch that still names it is refused with the exact list (`Missing`)
+//! and sent again in full, never committed with a dangling reference.
 
 mod codec;
 pub mod driver;
@@ -23,8 +27,8 @@ pub mod tls;
 
 pub use codec::{Reader, Writer};
 pub use encoding::{decompress_page, EncoderConfig, EncodingMix, PageEncoder, PageEncoding, PageRecord};
-pub use error::{DecodeError, LinkError, ProtocolError};
-pub use frame::{EpochHeader, FrameReader, Message};
+pub use error::{CommitError, DecodeError, LinkError, ProtocolError};
+pub use frame::{EpochHeader, FrameReader, Message, MAX_CHUNK_LIST};
 pub use receiver::{ReceivedEpoch, ReceiverCore, ReceiverEvent, MAX_GROUP};
 pub use sender::{SenderConfig, SenderCore, SenderEvent, Transmit};
 

@@ -5,6 +5,18 @@
 //! [`ReceiverCore::handle_committed`] reports epoch `N` durably committed
 //! is `Ack(N)` queued. An epoch at or below the committed one (resent after
 //! a reconnect) is dropped and acknowledged again.
+//!
+//! When a commit is refused because the epochs name chunks the store does
+//! not hold ([`ReceiverCore::handle_missing`]), the core opens a new
+//! refusal round: it drops every epoch received and not committed, and
+//! queues `Missing` with the round and the chunks; the primary sends those
+//! epochs again, encoded for that round. An epoch stream of an earlier
+//! round is dropped on arrival (the primary resends it), so an epoch is
+//! committed from one encoding only, once.
+//!
+//! Chunks the store's GC deletes are relayed as Forget frames through
+//! [`ReceiverCore::poll_forget`], for a stream of their own: a long list
+//! never holds back an Ack or a heartbeat on the control stream.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -13,7 +25,7 @@ use remus_types::{ChunkId, EpochId, GuestId};
 
 use crate::encoding::PageRecord;
 use crate::error::ProtocolError;
-use crate::frame::{EpochHeader, FrameReader, Message};
+use crate::frame::{EpochHeader, FrameReader, Message, MAX_CHUNK_LIST};
 
 /// Most epochs handed out in one commit group.
 pub const MAX_GROUP: usize = 32;
@@ -53,12 +65,15 @@ pub struct ReceiverCore {
     committed: EpochId,
     manifest: ChunkId,
     committing: bool,
+    /// Refusal round (see the module notes).
+    round: u32,
     ready: BTreeMap<EpochId, ReceivedEpoch>,
     heartbeat: Duration,
     timeout: Duration,
     next_heartbeat: Option<Instant>,
     last_heard: Option<Instant>,
     control: VecDeque<Message>,
+    forget: VecDeque<Message>,
     events: VecDeque<ReceiverEvent>,
 }
 
@@ -73,12 +88,14 @@ impl ReceiverCore {
             committed: EpochId(0),
             manifest: ChunkId::default(),
             committing: false,
+            round: 0,
             ready: BTreeMap::new(),
             heartbeat,
             timeout,
             next_heartbeat: Some(now + heartbeat),
             last_heard: Some(now),
             control: VecDeque::new(),
+            forget: VecDeque::new(),
             events: VecDeque::new(),
         }
     }
@@ -169,6 +186,14 @@ impl ReceiverCore {
             self.control.push_back(Message::Ack { epoch: self.committed, manifest: self.manifest });
             return Ok(());
         }
+        if header.round < self.round {
+            // Encoded before the primary saw the last refusal: it may name
+            // chunks this backup lacks, and the primary sends it again.
+            return Ok(());
+        }
+        if header.round > self.round {
+            return Err(bad("epoch of a refusal round not yet opened"));
+        }
         self.ready.insert(
             header.epoch,
             ReceivedEpoch { header, records, device_state, memory_root, wire_bytes: bytes.len() as u64 },
@@ -205,6 +230,46 @@ impl ReceiverCore {
         self.committed = epoch;
         self.manifest = manifest;
         self.control.push_back(Message::Ack { epoch, manifest });
+    }
+
+    /// The commit handed out by [`poll_commit`](Self::poll_commit) was
+    /// refused, nothing of it written, because its epochs name `chunks`,
+    /// which the store does not hold (GC deleted them). Opens a new
+    /// refusal round: every uncommitted epoch is dropped and `Missing`
+    /// asks the primary to send them again without these chunks (a list
+    /// too long for one frame goes partly in Forget frames before it).
+    pub fn handle_missing(&mut self, chunks: &[ChunkId]) {
+        self.committing = false;
+        self.ready.clear();
+        self.round = self.round.wrapping_add(1);
+        // The excess goes first on the same stream: handled before Missing.
+        let split = chunks.len().saturating_sub(MAX_CHUNK_LIST);
+        for part in chunks[..split].chunks(MAX_CHUNK_LIST) {
+            self.control.push_back(Message::Forget(part.to_vec()));
+        }
+        self.control.push_back(Message::Missing { round: self.round, epoch: self.committed.next(), chunks: chunks[split..].to_vec() });
+    }
+
+    /// The store deleted `chunks` (GC): queue Forget frames, for
+    /// [`poll_forget`](Self::poll_forget), so the primary stops
+    /// referencing them.
+    pub fn handle_chunks_deleted(&mut self, chunks: &[ChunkId]) {
+        for part in chunks.chunks(MAX_CHUNK_LIST) {
+            self.forget.push_back(Message::Forget(part.to_vec()));
+        }
+    }
+
+    /// Next Forget frame to relay, on a stream apart from the control
+    /// stream (order among them, or with control frames, does not matter:
+    /// forgetting is always safe for the primary).
+    pub fn poll_forget(&mut self) -> Option<Vec<u8>> {
+        self.forget.pop_front().map(|m| m.to_bytes())
+    }
+
+    /// Current refusal round.
+    #[must_use]
+    pub fn round(&self) -> u32 {
+        self.round
     }
 
     /// When to call [`handle_timeout`](Self::handle_timeout).

@@ -9,6 +9,15 @@
 //! backup's Welcome says what it committed, the encoder forgets every hash
 //! it sent later, and the retained epochs are encoded and sent again, so
 //! nothing the backup holds is resent and nothing it lacks is referenced.
+//!
+//! The backup's GC may delete chunks the encoder still counts as held.
+//! It says so with Forget (the encoder drops them); an epoch encoded
+//! before that arrived and naming one is refused with Missing, and the
+//! sender then does what it does after a reconnect (forget what was sent
+//! after the committed epoch, plus the missing chunks, and send every
+//! unacknowledged epoch again) within the connection, tagging the new
+//! encodings with Missing's round so that the backup can tell them from
+//! the refused ones still in flight.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -82,6 +91,20 @@ pub enum SenderEvent {
     },
     /// The backup has been silent for longer than the peer timeout.
     PeerSilent,
+    /// The backup deleted chunks (GC); `held` of them were counted as held
+    /// and are forgotten.
+    Forgot {
+        /// Chunks the encoder stopped counting as held.
+        held: usize,
+    },
+    /// The backup refused epoch `from` for naming chunks it does not
+    /// hold; every unacknowledged epoch is being sent again.
+    Resending {
+        /// The refused epoch (the first resent).
+        from: EpochId,
+        /// How many chunks it named that the backup lacks.
+        missing: usize,
+    },
 }
 
 struct Retained {
@@ -104,6 +127,8 @@ pub struct SenderCore {
     acked: EpochId,
     sealed: EpochId,
     connected: bool,
+    /// Refusal round of this connection (see [`Message::Missing`]).
+    round: u32,
     next_heartbeat: Option<Instant>,
     last_heard: Option<Instant>,
     control: VecDeque<Message>,
@@ -127,6 +152,7 @@ impl SenderCore {
             acked: EpochId(0),
             sealed: EpochId(0),
             connected: false,
+            round: 0,
             next_heartbeat: None,
             last_heard: None,
             control: VecDeque::new(),
@@ -138,6 +164,7 @@ impl SenderCore {
     pub fn handle_connected(&mut self, now: Instant) {
         self.control.push_back(Message::Hello { guest: self.guest, instance: self.instance, page_count: self.page_count });
         self.connected = false;
+        self.round = 0;
         self.next_heartbeat = Some(now + self.cfg.heartbeat);
         self.last_heard = Some(now);
     }
@@ -214,6 +241,35 @@ impl SenderCore {
                 self.ack(epoch, manifest);
             }
             Message::Heartbeat { .. } => {}
+            Message::Forget(chunks) => {
+                // On a stream of its own, it may overtake the Welcome;
+                // forgetting is safe at any time.
+                let held = self.encoder.forget(&chunks);
+                self.events.push_back(SenderEvent::Forgot { held });
+            }
+            Message::Missing { round, epoch, chunks } => {
+                if !self.connected {
+                    return Err(ProtocolError::Unexpected("missing before welcome"));
+                }
+                // The backup acknowledged everything before the refused
+                // epoch on this same stream, and numbers its refusals.
+                if round != self.round.wrapping_add(1) {
+                    return Err(ProtocolError::Unexpected("missing out of round"));
+                }
+                if epoch != self.acked.next() || epoch > self.sealed {
+                    return Err(ProtocolError::Unexpected("missing for an epoch that is not the next to commit"));
+                }
+                // As after a reconnect at the committed epoch: the backup
+                // dropped every epoch after it, so nothing first sent in
+                // them is held, nor are the missing chunks.
+                self.encoder.forget_after(self.acked);
+                self.encoder.forget(&chunks);
+                self.round = round;
+                for r in self.retained.values_mut() {
+                    r.sent = false;
+                }
+                self.events.push_back(SenderEvent::Resending { from: epoch, missing: chunks.len() });
+            }
             Message::Error(m) if self.connected => return Err(ProtocolError::Peer(m)),
             Message::Error(m) => return Err(ProtocolError::Refused(m)),
             _ => return Err(ProtocolError::Unexpected("data message on the control stream")),
@@ -263,7 +319,7 @@ impl SenderCore {
         let epoch = *self.retained.iter().find(|(_, r)| !r.sent)?.0;
         let r = self.retained.get_mut(&epoch).expect("present");
         r.sent = true;
-        let (bytes, mix) = encode_epoch(&mut self.encoder, &self.cfg, &r.cp, &r.hashes, r.root);
+        let (bytes, mix) = encode_epoch(&mut self.encoder, &self.cfg, &r.cp, &r.hashes, r.root, self.round);
         Some(Transmit::Epoch { epoch, bytes, pages: r.cp.pfns.len() as u64, mix })
     }
 
@@ -316,6 +372,7 @@ fn encode_epoch(
     cp: &Checkpoint,
     hashes: &[ChunkId],
     root: ChunkId,
+    round: u32,
 ) -> (Vec<u8>, EncodingMix) {
     let mut out = Vec::with_capacity(cp.pfns.len() * 1024 + 256);
     let records = u32::try_from(cp.pfns.len()).expect("fewer than 4 Gi pages per epoch");
@@ -326,6 +383,7 @@ fn encode_epoch(
         page_count: cp.page_count,
         pause_ns: cp.pause_ns,
         records,
+        round,
     })
     .encode(&mut out);
     let mut mix = EncodingMix::default();

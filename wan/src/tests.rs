@@ -21,20 +21,54 @@ struct Backup {
 }
 
 impl Backup {
-    fn commit(&mut self, e: &ReceivedEpoch) {
-        assert_eq!(e.header.epoch, self.committed.next(), "commits in order");
+    /// Commits a group, all or nothing: `Err` names every chunk it
+    /// references (or uses as an XOR base) that is not held.
+    fn commit(&mut self, group: &[ReceivedEpoch]) -> Result<(), Vec<ChunkId>> {
         let mut staged: HashMap<ChunkId, Vec<u8>> = HashMap::new();
-        for r in &e.records {
-            let page = r
-                .decode_page(|h| staged.get(h).or_else(|| self.chunks.get(h)).cloned())
-                .unwrap_or_else(|err| panic!("epoch {}: {err}", e.header.epoch));
-            self.memory[r.pfn.0 as usize * PAGE_SIZE..][..PAGE_SIZE].copy_from_slice(&page);
-            staged.insert(r.hash, page);
+        let mut missing = Vec::new();
+        let mut writes = Vec::new();
+        for e in group {
+            for r in &e.records {
+                let lookup = |h: &ChunkId| staged.get(h).or_else(|| self.chunks.get(h)).cloned();
+                match r.decode_page(lookup) {
+                    Ok(page) => {
+                        staged.insert(r.hash, page.clone());
+                        writes.push((e.header.epoch, r.pfn, page));
+                    }
+                    Err(DecodeError::MissingBase(h)) => missing.push(h),
+                    Err(err) => panic!("epoch {}: {err}", e.header.epoch),
+                }
+            }
+        }
+        if !missing.is_empty() {
+            missing.sort_unstable();
+            missing.dedup();
+            return Err(missing);
+        }
+        let mut writes = writes.into_iter().peekable();
+        for e in group {
+            assert_eq!(e.header.epoch, self.committed.next(), "commits in order, each once");
+            while let Some((_, pfn, page)) = writes.next_if(|(epoch, _, _)| *epoch == e.header.epoch) {
+                self.memory[pfn.0 as usize * PAGE_SIZE..][..PAGE_SIZE].copy_from_slice(&page);
+            }
+            self.committed = e.header.epoch;
+            assert_eq!(MemoryDigest::of_image(&self.memory), e.memory_root, "memory root at {}", e.header.epoch);
+            self.roots.insert(e.header.epoch, e.memory_root);
         }
         self.chunks.extend(staged);
-        self.committed = e.header.epoch;
-        assert_eq!(MemoryDigest::of_image(&self.memory), e.memory_root, "memory root at {}", e.header.epoch);
-        self.roots.insert(e.header.epoch, e.memory_root);
+        Ok(())
+    }
+
+    /// The most aggressive retention: only the committed memory is kept,
+    /// every chunk it does not show is deleted. Returns what was deleted.
+    fn gc(&mut self) -> Vec<ChunkId> {
+        let live: std::collections::HashSet<ChunkId> =
+            self.memory.chunks_exact(PAGE_SIZE).map(remus_types::page_hash).collect();
+        let deleted: Vec<ChunkId> = self.chunks.keys().filter(|h| !live.contains(h)).copied().collect();
+        for h in &deleted {
+            self.chunks.remove(h);
+        }
+        deleted
     }
 }
 
@@ -54,6 +88,10 @@ struct Sim {
     memory: Vec<u8>,
     epoch_bytes_sent: HashMap<EpochId, u32>,
     latency: Duration,
+    /// Commits refused for missing chunks.
+    refusals: u32,
+    /// Chunks the encoder forgot on the backup's Forget and Missing.
+    forgotten: usize,
 }
 
 impl Sim {
@@ -69,6 +107,8 @@ impl Sim {
             memory: vec![0; PAGES as usize * PAGE_SIZE],
             epoch_bytes_sent: HashMap::new(),
             latency: Duration::from_millis(50),
+            refusals: 0,
+            forgotten: 0,
         };
         s.connect();
         s
@@ -91,10 +131,16 @@ impl Sim {
         pfns.dedup();
         for &p in &pfns {
             let page = &mut self.memory[p as usize * PAGE_SIZE..][..PAGE_SIZE];
-            match self.rng.gen_range(0..4) {
+            match self.rng.gen_range(0..5) {
                 0 => page.fill(0),
                 1 => page[self.rng.gen_range(0..PAGE_SIZE)] ^= 0x5a,
                 2 => page.fill(self.rng.gen_range(0..4)),
+                // One of a pool of contents: a page returns to content
+                // some page held before, which the backup may have dropped.
+                3 => {
+                    page.fill(0x11);
+                    page[..2].copy_from_slice(&self.rng.gen_range(0..256u16).to_le_bytes());
+                }
                 _ => self.rng.fill(page),
             }
         }
@@ -130,13 +176,20 @@ impl Sim {
             }
             if let Some(rx) = self.receiver.as_mut() {
                 while let Some(group) = rx.poll_commit() {
-                    for e in &group {
-                        self.backup.commit(e);
+                    match self.backup.commit(&group) {
+                        Ok(()) => rx.handle_committed(group.last().expect("non-empty").header.epoch, ChunkId([1; 32])),
+                        Err(missing) => {
+                            self.refusals += 1;
+                            rx.handle_missing(&missing);
+                        }
                     }
-                    rx.handle_committed(group.last().expect("non-empty").header.epoch, ChunkId([1; 32]));
                 }
                 while let Some(b) = rx.poll_transmit() {
                     self.net.push((self.now + self.latency, Packet::ToPrimary(b)));
+                }
+                while let Some(b) = rx.poll_forget() {
+                    let jitter = Duration::from_millis(self.rng.gen_range(0..30));
+                    self.net.push((self.now + self.latency + jitter, Packet::ToPrimary(b)));
                 }
             }
             self.net.sort_by_key(|(t, _)| *t);
@@ -173,6 +226,11 @@ impl Sim {
             Packet::ToPrimary(b) => {
                 let (m, _) = Message::decode(&b).unwrap().unwrap();
                 self.sender.handle_message(now, m).unwrap();
+                while let Some(e) = self.sender.poll_event() {
+                    if let SenderEvent::Forgot { held } = e {
+                        self.forgotten += held;
+                    }
+                }
             }
         }
     }
@@ -236,7 +294,7 @@ fn malformed_epoch_streams_are_refused() {
     let mut rx = ReceiverCore::new(now, Duration::from_millis(50), Duration::from_millis(150));
     assert!(rx.handle_epoch_stream(now, b"RMUS").is_err(), "epoch before hello");
     rx.accept(GuestId(3), PAGES, EpochId(0), ChunkId::default());
-    let header = EpochHeader { guest: GuestId(3), epoch: EpochId(1), time_unix_ns: 0, page_count: PAGES, pause_ns: 0, records: 2 };
+    let header = EpochHeader { guest: GuestId(3), epoch: EpochId(1), time_unix_ns: 0, page_count: PAGES, pause_ns: 0, records: 2, round: 0 };
     let mut s = Message::EpochBegin(header).to_bytes();
     Message::EpochEnd { epoch: EpochId(1), memory_root: ChunkId::default() }.encode(&mut s);
     assert_eq!(
@@ -288,4 +346,173 @@ fn an_error_before_welcome_is_a_refusal_and_after_it_is_retryable() {
     s.handle_connected(now);
     s.handle_message(now, Message::Welcome { guest: GuestId(1), committed: EpochId(0), head: ChunkId::default() }).unwrap();
     assert_eq!(s.handle_message(now, Message::Error("disk full".into())), Err(ProtocolError::Peer("disk full".into())));
+}
+
+/// The backup's GC deletes every chunk its committed memory does not show
+/// (the most aggressive retention) every fourth epoch, while pages return
+/// to old content and the link is cut once. Whether the deletions are
+/// relayed (Forget) or not, every epoch commits once, in order, and the
+/// backup ends with the primary's memory; without Forget, refusals
+/// (Missing) and resends carry it alone.
+#[test]
+fn gc_at_the_backup_never_stalls_the_primary() {
+    for relay in [false, true] {
+        let (mut refusals, mut forgotten) = (0, 0);
+        for seed in 0..8 {
+            let mut sim = Sim::new(seed);
+            let start = sim.now;
+            for e in 1..=80u64 {
+                sim.seal(e);
+                sim.run(start + Duration::from_millis(25 * e));
+                if e % 4 == 0 {
+                    let deleted = sim.backup.gc();
+                    if let (true, Some(rx)) = (relay, sim.receiver.as_mut()) {
+                        rx.handle_chunks_deleted(&deleted);
+                    }
+                }
+                if e == 50 {
+                    sim.cut();
+                    sim.run(sim.now + Duration::from_millis(100));
+                    sim.connect();
+                }
+            }
+            sim.run(sim.now + Duration::from_secs(2));
+            assert_eq!(sim.backup.committed, EpochId(80), "relay {relay} seed {seed}");
+            assert_eq!(sim.sender.acked(), EpochId(80));
+            assert_eq!(sim.sender.unacked(), 0);
+            assert_eq!(sim.backup.memory, sim.memory);
+            refusals += sim.refusals;
+            forgotten += sim.forgotten;
+        }
+        eprintln!("relay {relay}: {refusals} refusals, {forgotten} chunks forgotten");
+        if relay {
+            assert!(forgotten > 0, "no deletion reached the encoder");
+        } else {
+            assert!(refusals > 0, "GC never removed a chunk the primary named: the test tests nothing");
+            assert_eq!(forgotten, 0);
+        }
+    }
+}
+
+fn epoch_stream(epoch: u64, round: u32, records: Vec<PageRecord>) -> Vec<u8> {
+    let header = EpochHeader {
+        guest: GuestId(3),
+        epoch: EpochId(epoch),
+        time_unix_ns: 0,
+        page_count: PAGES,
+        pause_ns: 0,
+        records: records.len() as u32,
+        round,
+    };
+    let mut s = Message::EpochBegin(header).to_bytes();
+    Message::Pages(records).encode(&mut s);
+    Message::DeviceState(Vec::new()).encode(&mut s);
+    Message::EpochEnd { epoch: EpochId(epoch), memory_root: ChunkId::default() }.encode(&mut s);
+    s
+}
+
+fn control(rx: &mut ReceiverCore) -> Vec<Message> {
+    std::iter::from_fn(|| rx.poll_transmit()).map(|b| Message::decode(&b).unwrap().unwrap().0).collect()
+}
+
+#[test]
+fn a_refused_commit_opens_a_round_and_drops_what_was_encoded_before_it() {
+    let now = Instant::now();
+    let mut rx = ReceiverCore::new(now, Duration::from_millis(50), Duration::from_millis(500));
+    rx.accept(GuestId(3), PAGES, EpochId(4), ChunkId::default());
+    let gone = ChunkId([5; 32]);
+    let reference = || vec![PageRecord { pfn: Pfn(1), hash: gone, encoding: PageEncoding::Ref }];
+    rx.handle_epoch_stream(now, &epoch_stream(5, 0, reference())).unwrap();
+    rx.handle_epoch_stream(now, &epoch_stream(6, 0, Vec::new())).unwrap();
+    assert_eq!(rx.poll_commit().unwrap().len(), 2);
+    rx.handle_epoch_stream(now, &epoch_stream(7, 0, Vec::new())).unwrap();
+    // The store refuses the group: nothing committed, everything dropped.
+    rx.handle_missing(&[gone]);
+    assert_eq!((rx.committed(), rx.waiting(), rx.round()), (EpochId(4), 0, 1));
+    let sent = control(&mut rx);
+    assert_eq!(sent.last(), Some(&Message::Missing { round: 1, epoch: EpochId(5), chunks: vec![gone] }));
+    assert!(!sent.iter().any(|m| matches!(m, Message::Ack { .. })), "nothing acknowledged: {sent:?}");
+    // An encoding of the old round still in flight is dropped on arrival.
+    rx.handle_epoch_stream(now, &epoch_stream(6, 0, Vec::new())).unwrap();
+    assert_eq!((rx.waiting(), rx.poll_commit()), (0, None));
+    assert_eq!(
+        rx.handle_epoch_stream(now, &epoch_stream(5, 2, Vec::new())),
+        Err(ProtocolError::BadEpoch { epoch: EpochId(5), reason: "epoch of a refusal round not yet opened" })
+    );
+    // The new round's encodings commit, once.
+    rx.handle_epoch_stream(now, &epoch_stream(6, 1, Vec::new())).unwrap();
+    rx.handle_epoch_stream(now, &epoch_stream(5, 1, Vec::new())).unwrap();
+    let group = rx.poll_commit().unwrap();
+    assert_eq!(group.iter().map(|e| (e.header.epoch.0, e.header.round)).collect::<Vec<_>>(), vec![(5, 1), (6, 1)]);
+    rx.handle_committed(EpochId(6), ChunkId([6; 32]));
+    assert_eq!(control(&mut rx), vec![Message::Ack { epoch: EpochId(6), manifest: ChunkId([6; 32]) }]);
+
+    // A list too long for one frame: the excess goes first, as Forget.
+    let many: Vec<ChunkId> = (0..MAX_CHUNK_LIST as u32 + 3).map(|i| ChunkId(blake3::hash(&i.to_le_bytes()).into())).collect();
+    rx.handle_missing(&many);
+    let sent = control(&mut rx);
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[0], Message::Forget(many[..3].to_vec()));
+    assert_eq!(sent[1], Message::Missing { round: 2, epoch: EpochId(7), chunks: many[3..].to_vec() });
+    // Deletions are relayed as Forget frames for a stream of their own.
+    rx.handle_chunks_deleted(&many);
+    assert_eq!(control(&mut rx), vec![]);
+    let relayed: Vec<Message> = std::iter::from_fn(|| rx.poll_forget()).map(|b| Message::decode(&b).unwrap().unwrap().0).collect();
+    assert_eq!(relayed, vec![Message::Forget(many[..MAX_CHUNK_LIST].to_vec()), Message::Forget(many[MAX_CHUNK_LIST..].to_vec())]);
+}
+
+#[test]
+fn after_missing_the_sender_resends_in_full_for_the_new_round() {
+    let now = Instant::now();
+    let mut s = SenderCore::new(SenderConfig::default(), GuestId(3), 1, PAGES);
+    let text: Vec<u8> = b"content the backup will collect ".iter().copied().cycle().take(PAGE_SIZE).collect();
+    let hash = remus_types::page_hash(&text);
+    let cp = |e: u64, pfn: u64| Checkpoint {
+        guest: GuestId(3),
+        epoch: EpochId(e),
+        page_count: PAGES,
+        pfns: vec![Pfn(pfn)],
+        pages: text.clone(),
+        ..Checkpoint::default()
+    };
+    let next_epoch = |s: &mut SenderCore| loop {
+        match s.poll_transmit() {
+            Some(Transmit::Epoch { bytes, .. }) => {
+                let mut rd = FrameReader::default();
+                rd.push(&bytes);
+                let Some(Message::EpochBegin(h)) = rd.next_message().unwrap() else { panic!("no EpochBegin") };
+                let Some(Message::Pages(records)) = rd.next_message().unwrap() else { panic!("no Pages") };
+                return (h, records);
+            }
+            Some(Transmit::Control(_)) => {}
+            None => panic!("nothing to send"),
+        }
+    };
+    s.handle_connected(now);
+    s.handle_message(now, Message::Welcome { guest: GuestId(3), committed: EpochId(0), head: ChunkId::default() }).unwrap();
+    s.push_checkpoint(cp(1, 0));
+    assert!(matches!(next_epoch(&mut s).1[0].encoding, PageEncoding::RawZstd(_)));
+    s.handle_message(now, Message::Ack { epoch: EpochId(1), manifest: ChunkId::default() }).unwrap();
+    s.push_checkpoint(cp(2, 1));
+    let (h, records) = next_epoch(&mut s);
+    assert_eq!((h.epoch, h.round), (EpochId(2), 0));
+    assert_eq!(records[0].encoding, PageEncoding::Ref);
+    // Refusals must come in order and for the next epoch to commit.
+    let missing = |round, epoch| Message::Missing { round, epoch: EpochId(epoch), chunks: vec![hash] };
+    assert_eq!(s.handle_message(now, missing(2, 2)), Err(ProtocolError::Unexpected("missing out of round")));
+    assert!(matches!(s.handle_message(now, missing(1, 3)), Err(ProtocolError::Unexpected(_))));
+    s.handle_message(now, missing(1, 2)).unwrap();
+    assert_eq!(s.poll_event(), Some(SenderEvent::Acked { epoch: EpochId(1), manifest: ChunkId::default() }));
+    assert_eq!(s.poll_event(), Some(SenderEvent::Resending { from: EpochId(2), missing: 1 }));
+    let (h, records) = next_epoch(&mut s);
+    assert_eq!((h.epoch, h.round), (EpochId(2), 1));
+    assert!(matches!(records[0].encoding, PageEncoding::RawZstd(_)), "sent in full: {:?}", records[0].encoding);
+    // Forget of a hash held again (it was just sent in full) drops it.
+    s.handle_message(now, Message::Forget(vec![hash, ChunkId([1; 32])])).unwrap();
+    assert_eq!(s.poll_event(), Some(SenderEvent::Forgot { held: 1 }));
+    // A new connection starts at round 0 again.
+    s.handle_disconnected();
+    s.handle_connected(now);
+    s.handle_message(now, Message::Welcome { guest: GuestId(3), committed: EpochId(1), head: ChunkId::default() }).unwrap();
+    assert_eq!(next_epoch(&mut s).0.round, 0);
 }

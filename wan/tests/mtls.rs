@@ -9,7 +9,7 @@ use std::time::Duration;
 use remus_types::{ChunkId, EpochId, GuestId};
 use remus_wan::driver::{endpoint, run_backup, BackupLinkConfig, Replica};
 use remus_wan::tls::{client_config, keygen, server_config, TlsDir, SERVER_NAME};
-use remus_wan::{FrameReader, Message, ReceivedEpoch};
+use remus_wan::{CommitError, FrameReader, Message, ReceivedEpoch};
 
 /// Counts Hellos; commits nothing (the store is tested elsewhere).
 #[derive(Default)]
@@ -22,8 +22,8 @@ impl Replica for CountingReplica {
         self.welcomed.fetch_add(1, Ordering::SeqCst);
         Ok((EpochId(0), ChunkId::default()))
     }
-    fn commit(&self, _: Vec<ReceivedEpoch>) -> Result<ChunkId, String> {
-        Err("not in this test".into())
+    fn commit(&self, _: Vec<ReceivedEpoch>) -> Result<ChunkId, CommitError> {
+        Err(CommitError::Failed("not in this test".into()))
     }
     fn primary_lost(&self, _: GuestId, _: EpochId) {}
     fn disconnected(&self, _: GuestId) {}
