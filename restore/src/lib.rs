@@ -20,6 +20,8 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crossbeam_channel::{Receiver, Sender};
+
 use remus_store::{Manifest, Store, StoreError};
 use remus_types::{ChunkId, EpochId, GuestId, MemoryDigest, Pfn, PAGE_SIZE};
 
@@ -137,15 +139,20 @@ impl RestorePlan {
             .collect::<Result<Vec<_>, std::io::Error>>()?;
         let bytes = m.page_count * PAGE_SIZE as u64;
         // Two halves of the pfn space on two threads: reading, checking
-        // and writing pages is CPU work.
+        // and decoding pages is CPU work. Their buffers go to one writer
+        // thread: writers of one file serialize on its inode lock in the
+        // kernel (ext4), and two of them spend more time contending than
+        // writing.
         let done = AtomicU64::new(0);
         let half = m.page_count / 2;
-        let work = |range: std::ops::Range<u64>, report: &mut dyn FnMut(u64)| -> Result<Vec<(Pfn, ChunkId)>, StoreError> {
+        let (filled, to_write) = crossbeam_channel::bounded::<(usize, u64, Vec<u8>)>(4);
+        let (emptied, pool) = crossbeam_channel::unbounded::<Vec<u8>>();
+        let work = |range: std::ops::Range<u64>, out: Sender<(usize, u64, Vec<u8>)>, report: &mut dyn FnMut(u64)| -> Result<Vec<(Pfn, ChunkId)>, StoreError> {
             let zero = remus_types::zero_page_hash();
             let mut ids = Vec::new();
             // Consecutive pages go out in one write of up to 1 MiB: a write
             // per page costs more in the kernel than reading and checking it.
-            let mut run = RunWriter::new(&files);
+            let mut run = RunWriter { files: &files, seg: 0, start: 0, buf: Vec::with_capacity(RunWriter::MAX), out, pool: pool.clone() };
             store.for_each_page_in(self.guest, m.epoch, range, |pfn, id| {
                 if pfn.0 >= m.page_count {
                     return Err(StoreError::Corrupt(format!("page index names pfn {} beyond memory", pfn.0)));
@@ -164,11 +171,26 @@ impl RestorePlan {
             run.flush().map_err(|e| StoreError::Corrupt(format!("write failed: {e}")))?;
             Ok(ids)
         };
-        let (low, high) = std::thread::scope(|s| {
-            let high = s.spawn(|| work(half..u64::MAX, &mut |_| {}));
-            let low = work(0..half, &mut progress);
-            (low, high.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        let (low, high, wrote) = std::thread::scope(|s| {
+            let files = &files;
+            let writer = s.spawn(move || -> std::io::Result<()> {
+                for (seg, start, mut buf) in to_write {
+                    files[seg].1.write_all_at(&buf, start)?;
+                    buf.clear();
+                    // The pool outlives the writer only while decoders run.
+                    let _ = emptied.send(buf);
+                }
+                Ok(())
+            });
+            let out = filled.clone();
+            let high = s.spawn(|| work(half..u64::MAX, out, &mut |_| {}));
+            let low = work(0..half, filled, &mut progress);
+            let high = high.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (low, high, writer.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
         });
+        // A failed write stops the writer; decoders then fail to hand it
+        // buffers, so its own error is the one to report.
+        wrote?;
         let mut digest = MemoryDigest::zeroed(m.page_count);
         for (pfn, id) in low?.into_iter().chain(high?) {
             digest.set(pfn, id);
@@ -199,21 +221,21 @@ pub struct Segment<'a> {
     pub path: &'a Path,
 }
 
-/// Gathers consecutive pages of one segment into one positioned write.
+/// Gathers consecutive pages of one segment into one buffer of up to
+/// 1 MiB, handed to the writer thread as one positioned write.
 struct RunWriter<'a, 'p> {
     files: &'a [(Segment<'p>, File)],
     /// Segment of the run, and the run's first byte in its file.
     seg: usize,
     start: u64,
     buf: Vec<u8>,
+    out: Sender<(usize, u64, Vec<u8>)>,
+    /// Buffers the writer is done with, for reuse.
+    pool: Receiver<Vec<u8>>,
 }
 
-impl<'a, 'p> RunWriter<'a, 'p> {
+impl RunWriter<'_, '_> {
     const MAX: usize = 1 << 20;
-
-    fn new(files: &'a [(Segment<'p>, File)]) -> Self {
-        Self { files, seg: 0, start: 0, buf: Vec::with_capacity(Self::MAX) }
-    }
 
     fn segment_of(&self, pfn: u64) -> Option<usize> {
         self.files.iter().position(|(s, _)| (s.first..s.first + s.pages).contains(&pfn))
@@ -244,8 +266,9 @@ impl<'a, 'p> RunWriter<'a, 'p> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         if !self.buf.is_empty() {
-            self.files[self.seg].1.write_all_at(&self.buf, self.start)?;
-            self.buf.clear();
+            let next = self.pool.try_recv().unwrap_or_else(|_| Vec::with_capacity(Self::MAX));
+            let full = std::mem::replace(&mut self.buf, next);
+            self.out.send((self.seg, self.start, full)).map_err(|_| std::io::Error::other("the image writer stopped"))?;
         }
         Ok(())
     }

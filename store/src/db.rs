@@ -320,6 +320,20 @@ impl Store {
         Ok(self.db.get_pinned_cf(cf, id.0)?.is_some())
     }
 
+    /// For each id, whether the chunk is stored: one batched lookup, in
+    /// key order (a commit checks thousands at once).
+    fn stored(&self, ids: Vec<ChunkId>) -> Result<Vec<bool>, StoreError> {
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_unstable_by_key(|&i| ids[i]);
+        let keys: Vec<&[u8]> = order.iter().map(|&i| &ids[i].0[..]).collect();
+        let found = self.db.batched_multi_get_cf(self.cf(CF_CHUNKS), keys, true);
+        let mut out = vec![false; ids.len()];
+        for (&i, r) in order.iter().zip(found) {
+            out[i] = r?.is_some();
+        }
+        Ok(out)
+    }
+
     /// The content of a chunk, decompressed and verified against its id.
     ///
     /// # Errors
@@ -456,8 +470,17 @@ impl Store {
         let mut new_chunks = 0;
         let mut dup_chunks = 0;
         let mut new_bytes = 0u64;
+        let mut firsts = Vec::with_capacity(c.chunks.len());
         for (id, chunk) in std::mem::take(&mut c.chunks) {
-            if !seen.insert(id) || self.has_chunk(&id)? {
+            if seen.insert(id) {
+                firsts.push((id, chunk));
+            } else {
+                dup_chunks += 1;
+            }
+        }
+        let stored = self.stored(firsts.iter().map(|(id, _)| *id).collect())?;
+        for ((id, chunk), stored) in firsts.into_iter().zip(stored) {
+            if stored {
                 dup_chunks += 1;
                 continue;
             }
@@ -473,15 +496,12 @@ impl Store {
         // be stored (GC may have removed what no kept epoch referenced).
         // All of them are named, so the sender can resend them at once.
         let zero = remus_types::zero_page_hash();
-        let mut unstored = Vec::new();
-        for (_, id) in &c.pages {
-            if *id != zero && !seen.contains(id) && !self.has_chunk(id)? {
-                unstored.push(*id);
-            }
-        }
+        let mut named: Vec<ChunkId> = c.pages.iter().map(|(_, id)| *id).filter(|id| *id != zero && !seen.contains(id)).collect();
+        named.sort_unstable();
+        named.dedup();
+        let stored = self.stored(named.clone())?;
+        let unstored: Vec<ChunkId> = named.into_iter().zip(stored).filter(|(_, s)| !s).map(|(id, _)| id).collect();
         if !unstored.is_empty() {
-            unstored.sort_unstable();
-            unstored.dedup();
             return Err(StoreError::Unstored { guest: c.guest, epoch: c.epoch, ids: unstored });
         }
         let pages_cf = self.cf(CF_PAGES);
