@@ -31,8 +31,9 @@ use crate::error::StoreError;
 /// Record header: id, codec, length.
 pub(crate) const HEADER: usize = 32 + 1 + 4;
 
-/// A pack is closed for appends once it reaches this size.
-const PACK_ROLL: u64 = 1 << 30;
+/// A pack is closed for appends once it reaches this size (small in
+/// tests, so they can fill several).
+const PACK_ROLL: u64 = if cfg!(test) { 8 << 20 } else { 1 << 30 };
 
 /// Where a packed chunk's bytes are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -308,6 +309,30 @@ impl Packs {
         let m = Arc::new(Map::new(&file).map_err(pack_err(&self.path(id), "map"))?);
         self.maps.write().unwrap_or_else(PoisonError::into_inner).insert(id, m.clone());
         Ok(m)
+    }
+
+    /// The pack appends go to (or would, once one is made); packs below
+    /// it never change but for holes.
+    pub(crate) fn appending(&self) -> Result<u32, StoreError> {
+        match self.tail.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            Some(t) => Ok(t.id),
+            None => self.last_id(),
+        }
+    }
+
+    /// Deletes packs no index entry names any more.
+    pub(crate) fn remove(&self, ids: &std::collections::HashSet<u32>) -> Result<(), StoreError> {
+        for id in ids {
+            self.readers.write().unwrap_or_else(PoisonError::into_inner).remove(id);
+            self.maps.write().unwrap_or_else(PoisonError::into_inner).remove(id);
+            let path = self.path(*id);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(pack_err(&path, "delete")(e)),
+            }
+        }
+        Ok(())
     }
 
     /// Frees the space of records no index entry names any more.

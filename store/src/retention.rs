@@ -276,8 +276,14 @@ impl Store {
             }
         };
         let mut candidates = Vec::new();
+        // Entries per local pack: a pack all of whose entries go is
+        // deleted whole rather than punched.
+        let mut per_pack: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
         for kv in self.db.iterator_cf(self.cf(CF_CHUNKS), IteratorMode::Start) {
             let (k, v) = kv?;
+            if let Some(loc) = Store::location(&v) {
+                *per_pack.entry(loc.pack).or_default() += 1;
+            }
             match <[u8; 32]>::try_from(&k[..]).map(ChunkId) {
                 Ok(id) if !marked.contains(&id) => candidates.push((id, Store::location(&v))),
                 _ => {}
@@ -287,7 +293,7 @@ impl Store {
         marked.extend(marks().take().unwrap_or_default());
         let mut batch = WriteBatch::default();
         candidates.retain(|(id, _)| !marked.contains(id));
-        let mut freed = Vec::new();
+        let mut freed: Vec<crate::packs::Location> = Vec::new();
         for (id, loc) in &candidates {
             batch.delete_cf(self.cf(CF_CHUNKS), id.0);
             freed.extend(loc);
@@ -305,6 +311,17 @@ impl Store {
                 w(&deleted);
             }
         }
+        // Only the pack being appended to can gain entries, so any other
+        // whose entries all went is unreferenced for good.
+        let appending = self.packs.appending()?;
+        let mut gone: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
+        for l in &freed {
+            *gone.entry(l.pack).or_default() += 1;
+        }
+        let empty: std::collections::HashSet<u32> =
+            gone.iter().filter(|(p, n)| **p < appending && per_pack.get(p) == Some(n)).map(|(p, _)| *p).collect();
+        freed.retain(|l| !empty.contains(&l.pack));
+        self.packs.remove(&empty)?;
         self.packs.punch(&freed)?;
         Ok(GcReport { live: marked.len() as u64, deleted: deleted.len() as u64, referenced: marked })
     }

@@ -285,26 +285,40 @@ fn gc_frees_the_pack_space_of_dropped_epochs() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
     let g = GuestId(1);
-    let (mut c1, _) = random_epoch(g, 1, 4096, 4);
-    c1.time_unix_ns = 1;
-    store.commit(c1).unwrap();
-    let (mut c2, pages2) = random_epoch(g, 2, 4096, 5);
-    c2.time_unix_ns = 10_000_000_000;
-    store.commit(c2).unwrap();
-    let pack = &pack_files(dir.path())[0];
-    let before = std::fs::metadata(pack).unwrap().blocks();
-    // Keep only the newest epoch: every page of epoch 1 was overwritten.
-    let policy = RetentionPolicy { rules: vec![KeepRule { within: std::time::Duration::from_secs(1), every: std::time::Duration::ZERO }] };
-    assert_eq!(store.thin(g, &policy, EpochId(2)).unwrap().epochs_dropped, 1);
-    let r = store.gc().unwrap();
-    assert_eq!(r.deleted, 4096);
-    let after = std::fs::metadata(pack).unwrap().blocks();
-    // Each epoch's records take about half of the pack.
+    // Epochs 1 and 2 share pack 1 (packs roll at 8 MiB in tests); epoch 3
+    // starts pack 2. Each rewrites pages 0.. with new content.
+    let s = 1_000_000_000;
+    for (e, n, t) in [(1, 1500, 1), (2, 1500, 9 * s + s / 2), (3, 4096, 10 * s)] {
+        let (mut c, _) = random_epoch(g, e, n, 10 + e);
+        c.time_unix_ns = t;
+        c.device_state = vec![e as u8; 16];
+        store.commit(c).unwrap();
+    }
+    let (_, pages3) = random_epoch(g, 3, 4096, 13);
+    let packs = pack_files(dir.path());
+    assert_eq!(packs.len(), 2, "{packs:?}");
+    let before = std::fs::metadata(&packs[0]).unwrap().blocks();
+    let keep = |within_ms: u64| RetentionPolicy {
+        rules: vec![KeepRule { within: std::time::Duration::from_millis(within_ms), every: std::time::Duration::ZERO }],
+    };
+    // Epoch 1 goes: its records are punched out of pack 1, which keeps
+    // epoch 2's.
+    assert_eq!(store.thin(g, &keep(1000), EpochId(3)).unwrap().epochs_dropped, 1);
+    assert_eq!(store.gc().unwrap().deleted, 1501, "epoch 1's pages and device state");
+    let after = std::fs::metadata(&packs[0]).unwrap().blocks();
     assert!(after < before * 6 / 10, "pack blocks {before} -> {after}");
-    for (pfn, p) in pages2.iter().enumerate() {
+    // Epoch 2 goes too: pack 1 holds nothing any more and is deleted;
+    // pack 2 (appended to) stays.
+    assert_eq!(store.thin(g, &keep(100), EpochId(3)).unwrap().epochs_dropped, 1);
+    assert_eq!(store.gc().unwrap().deleted, 1501);
+    assert_eq!(pack_files(dir.path()), vec![packs[1].clone()]);
+    for (pfn, p) in pages3.iter().enumerate() {
         assert_eq!(&store.chunk(&content_id(p)).unwrap(), p, "pfn {pfn}");
     }
     assert_eq!(store.verify(|_| {}).unwrap().damage, vec![]);
+    drop(store);
+    let ro = Store::open(dir.path(), StoreOptions::read_only()).unwrap();
+    assert_eq!(ro.verify(|_| {}).unwrap().damage, vec![]);
 }
 
 /// An epoch naming chunks that are not stored is refused whole, with
