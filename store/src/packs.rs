@@ -211,7 +211,10 @@ impl Packs {
     /// Appends `chunks` (id, codec, bytes), synced, and returns their
     /// locations in order.
     pub(crate) fn append(&self, chunks: &[(ChunkId, u8, &[u8])]) -> Result<Vec<Location>, StoreError> {
-        assert!(!self.read_only, "append to a store opened read-only");
+        if self.read_only {
+            let e = std::io::Error::new(std::io::ErrorKind::PermissionDenied, "the store is open read-only");
+            return Err(pack_err(&self.dir, "append")(e));
+        }
         let mut tail = self.tail.lock().unwrap_or_else(PoisonError::into_inner);
         if tail.as_ref().is_none_or(|t| t.len >= PACK_ROLL) {
             let id = match tail.as_ref() {

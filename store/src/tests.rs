@@ -249,6 +249,8 @@ fn a_large_commit_goes_to_a_pack_file_and_reads_back_after_reopening() {
     drop(store);
     let ro = Store::open(dir.path(), StoreOptions::read_only()).unwrap();
     assert_eq!(ro.chunk(&content_id(&pages2[7])).unwrap(), pages2[7]);
+    let err = ro.commit(random_epoch(g, 3, 2048, 3).0).unwrap_err();
+    assert!(err.to_string().contains("read-only"), "{err}");
     // A reader maps the packs: every chunk through the map.
     assert_eq!(ro.verify(|_| {}).unwrap().damage, vec![]);
 }
