@@ -129,14 +129,7 @@ impl RestorePlan {
     /// As [`Self::execute`].
     pub fn execute_segments(&self, store: &Store, segments: &[Segment<'_>], mut progress: impl FnMut(u64)) -> Result<RestoreReport, RestoreError> {
         let m = &self.manifest;
-        let files = segments
-            .iter()
-            .map(|s| {
-                let f = File::create(s.path)?;
-                f.set_len(s.pages * PAGE_SIZE as u64)?;
-                Ok((*s, f))
-            })
-            .collect::<Result<Vec<_>, std::io::Error>>()?;
+        let files = Segment::create_all(segments)?;
         let bytes = m.page_count * PAGE_SIZE as u64;
         // Two halves of the pfn space on two threads: reading, checking
         // and decoding pages is CPU work. Their buffers go to one writer
@@ -221,6 +214,25 @@ pub struct Segment<'a> {
     pub path: &'a Path,
 }
 
+impl<'a> Segment<'a> {
+    /// True when page `pfn` lies in this segment.
+    fn holds(&self, pfn: u64) -> bool {
+        (self.first..self.first + self.pages).contains(&pfn)
+    }
+
+    /// Creates (or truncates) each segment's file at its size.
+    fn create_all(segments: &[Segment<'a>]) -> std::io::Result<Vec<(Segment<'a>, File)>> {
+        segments
+            .iter()
+            .map(|s| {
+                let f = File::create(s.path)?;
+                f.set_len(s.pages * PAGE_SIZE as u64)?;
+                Ok((*s, f))
+            })
+            .collect()
+    }
+}
+
 /// Gathers consecutive pages of one segment into one buffer of up to
 /// 1 MiB, handed to the writer thread as one positioned write.
 struct RunWriter<'a, 'p> {
@@ -238,7 +250,7 @@ impl RunWriter<'_, '_> {
     const MAX: usize = 1 << 20;
 
     fn segment_of(&self, pfn: u64) -> Option<usize> {
-        self.files.iter().position(|(s, _)| (s.first..s.first + s.pages).contains(&pfn))
+        self.files.iter().position(|(s, _)| s.holds(pfn))
     }
 
     /// Adds page `pfn`, which `fill` appends to the buffer (nothing when

@@ -3,7 +3,6 @@
 //! of that epoch's page table.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -95,7 +94,7 @@ impl S3RestorePlan {
                 return Err(StoreError::Corrupt(format!("page table names pfn {} beyond memory", pfn.0)).into());
             }
             digest.set(pfn, id);
-            if id != zero && segments.iter().any(|s| (s.first..s.first + s.pages).contains(&pfn.0)) {
+            if id != zero && segments.iter().any(|s| s.holds(pfn.0)) {
                 wanted.entry(id).or_default().push(pfn);
             }
         }
@@ -106,21 +105,14 @@ impl S3RestorePlan {
         if root != m.memory_root {
             return Err(RestoreError::RootMismatch { epoch: m.epoch, expected: m.memory_root, got: root });
         }
-        let files = segments
-            .iter()
-            .map(|s| {
-                let f = File::create(s.path)?;
-                f.set_len(s.pages * PAGE_SIZE as u64)?;
-                Ok((*s, f))
-            })
-            .collect::<Result<Vec<_>, std::io::Error>>()?;
+        let files = Segment::create_all(segments)?;
         let bytes = m.page_count * PAGE_SIZE as u64;
         let total = wanted.values().map(|v| v.len() as u64).sum::<u64>();
         let mut done = 0u64;
         progress(0, total);
         tier.fetch_chunks(wanted.keys().copied().collect::<Vec<_>>(), |id, data| {
             for pfn in &wanted[&id] {
-                let (s, file) = files.iter().find(|(s, _)| (s.first..s.first + s.pages).contains(&pfn.0)).expect("wanted pages lie in a segment");
+                let (s, file) = files.iter().find(|(s, _)| s.holds(pfn.0)).expect("wanted pages lie in a segment");
                 file.write_all_at(&data, (pfn.0 - s.first) * PAGE_SIZE as u64)
                     .map_err(|e| StoreError::Corrupt(format!("write failed: {e}")))?;
                 done += 1;
