@@ -288,7 +288,7 @@ fn retention_during_ingest_then_a_locked_archive() {
     let versions = locked.list_versions("packs/").unwrap();
     assert!(!versions.is_empty());
     let err = locked.delete(&versions[0].key, Some(&versions[0].version)).unwrap_err();
-    assert!(matches!(err, remus_store::s3::S3Error::Denied { .. }), "a locked version must not be deletable: {err}");
+    assert!(matches!(err, remus_store::s3::S3Error::Locked { .. }), "a locked version must not be deletable: {err}");
     assert_eq!(locked.list_versions("packs/").unwrap().len(), versions.len());
     let img = data.join("archive.img");
     let out = restore_from_s3(&["--from", &lock_url, "--config", config.to_str().unwrap()], &[], committed, &img);
