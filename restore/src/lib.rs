@@ -122,8 +122,9 @@ impl RestorePlan {
 
     /// Writes the guest's page space split into files: each segment's
     /// pages go to its own file (created or truncated to its size), pages
-    /// outside every segment are checked but not written. The memory root
-    /// is verified over the whole page space all the same.
+    /// outside every segment are neither read nor written. The memory root
+    /// is verified over the whole page space all the same (from the page
+    /// index's hashes; each page read is checked against its hash).
     ///
     /// # Errors
     /// As [`Self::execute`].

@@ -322,7 +322,7 @@ impl Store {
 
     /// For each id, whether the chunk is stored: one batched lookup, in
     /// key order (a commit checks thousands at once).
-    fn stored(&self, ids: Vec<ChunkId>) -> Result<Vec<bool>, StoreError> {
+    fn stored(&self, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
         let mut order: Vec<usize> = (0..ids.len()).collect();
         order.sort_unstable_by_key(|&i| ids[i]);
         let keys: Vec<&[u8]> = order.iter().map(|&i| &ids[i].0[..]).collect();
@@ -357,22 +357,13 @@ impl Store {
         ro.set_verify_checksums(false);
         let v = self.db.get_pinned_cf_opt(self.cf(CF_CHUNKS), id.0, &ro)?.ok_or(StoreError::ChunkMissing(*id))?;
         match v.split_first() {
-            Some((&CODEC_PACKED, loc)) => {
-                let loc = Location::decode(loc).ok_or(StoreError::ChunkCorrupt(*id))?;
+            Some((&CODEC_PACKED, _)) => {
+                let loc = Self::location(&v).ok_or(StoreError::ChunkCorrupt(*id))?;
                 self.packs.with_bytes(id, &loc, |b| decode_chunk_into(id, loc.codec, b, out))
             }
             Some((&codec, b)) => decode_chunk_into(id, codec, b, out),
             None => Err(StoreError::ChunkCorrupt(*id)),
         }
-    }
-
-    /// For a value naming a pack location: the codec and bytes read from
-    /// the pack.
-    fn packed(&self, id: &ChunkId, v: &[u8]) -> Result<Option<(u8, Vec<u8>)>, StoreError> {
-        let Some((&CODEC_PACKED, loc)) = v.split_first() else { return Ok(None) };
-        let loc = Location::decode(loc).ok_or(StoreError::ChunkCorrupt(*id))?;
-        let bytes = self.packs.with_bytes(id, &loc, |b| Ok(b.to_vec()))?;
-        Ok(Some((loc.codec, bytes)))
     }
 
     /// The pack location of a chunk stored in a pack.
@@ -478,7 +469,8 @@ impl Store {
                 dup_chunks += 1;
             }
         }
-        let stored = self.stored(firsts.iter().map(|(id, _)| *id).collect())?;
+        let ids: Vec<ChunkId> = firsts.iter().map(|(id, _)| *id).collect();
+        let stored = self.stored(&ids)?;
         for ((id, chunk), stored) in firsts.into_iter().zip(stored) {
             if stored {
                 dup_chunks += 1;
@@ -499,7 +491,7 @@ impl Store {
         let mut named: Vec<ChunkId> = c.pages.iter().map(|(_, id)| *id).filter(|id| *id != zero && !seen.contains(id)).collect();
         named.sort_unstable();
         named.dedup();
-        let stored = self.stored(named.clone())?;
+        let stored = self.stored(&named)?;
         let unstored: Vec<ChunkId> = named.into_iter().zip(stored).filter(|(_, s)| !s).map(|(id, _)| id).collect();
         if !unstored.is_empty() {
             return Err(StoreError::Unstored { guest: c.guest, epoch: c.epoch, ids: unstored });
@@ -690,15 +682,18 @@ impl Store {
     /// [`StoreError::ChunkMissing`], [`StoreError::Db`].
     pub fn chunk_value(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
         let v = self.db.get_cf(self.cf(CF_CHUNKS), id.0)?.ok_or(StoreError::ChunkMissing(*id))?;
-        Ok(match self.packed(id, &v)? {
-            Some((codec, bytes)) => {
-                let mut v = Vec::with_capacity(1 + bytes.len());
-                v.push(codec);
-                v.extend_from_slice(&bytes);
-                v
+        match v.split_first() {
+            Some((&CODEC_PACKED, _)) => {
+                let loc = Self::location(&v).ok_or(StoreError::ChunkCorrupt(*id))?;
+                self.packs.with_bytes(id, &loc, |b| {
+                    let mut v = Vec::with_capacity(1 + b.len());
+                    v.push(loc.codec);
+                    v.extend_from_slice(b);
+                    Ok(v)
+                })
             }
-            None => v,
-        })
+            _ => Ok(v),
+        }
     }
 
     /// Flushes memtables (for tests that inspect files).

@@ -281,11 +281,12 @@ impl Store {
         let mut per_pack: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
         for kv in self.db.iterator_cf(self.cf(CF_CHUNKS), IteratorMode::Start) {
             let (k, v) = kv?;
-            if let Some(loc) = Store::location(&v) {
+            let loc = Store::location(&v);
+            if let Some(loc) = loc {
                 *per_pack.entry(loc.pack).or_default() += 1;
             }
             match <[u8; 32]>::try_from(&k[..]).map(ChunkId) {
-                Ok(id) if !marked.contains(&id) => candidates.push((id, Store::location(&v))),
+                Ok(id) if !marked.contains(&id) => candidates.push((id, loc)),
                 _ => {}
             }
         }
