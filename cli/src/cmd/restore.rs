@@ -68,9 +68,29 @@ fn bar(json: bool, len: u64, template: &str) -> Option<indicatif::ProgressBar> {
     Some(b)
 }
 
+/// A restored QEMU guest's state and run directory.
+type VmFiles = (remus_capture::qemu::QemuState, remus_capture::qemu::RunDir);
+
 /// What a restore wrote: the epoch's manifest, the report, and for a
-/// QEMU guest its state and run directory.
-type Restored = (remus_store::Manifest, RestoreReport, Option<(remus_capture::qemu::QemuState, remus_capture::qemu::RunDir)>);
+/// QEMU guest its files.
+type Restored = (remus_store::Manifest, RestoreReport, Option<VmFiles>);
+
+/// A QEMU guest's restore when `vm` wrote its files; for any other guest,
+/// the one image `image` writes (which `--run` cannot start: refused
+/// before anything is written).
+fn files_or_image(
+    args: &RestoreArgs,
+    vm: Option<(remus_capture::qemu::QemuState, remus_capture::qemu::RunDir, RestoreReport)>,
+    image: impl FnOnce() -> Result<RestoreReport>,
+) -> Result<(RestoreReport, Option<VmFiles>)> {
+    match vm {
+        Some((state, run, report)) => Ok((report, Some((state, run)))),
+        None => {
+            anyhow::ensure!(!args.run, "--run needs a QEMU guest; guest {} is not one", args.guest);
+            Ok((image()?, None))
+        }
+    }
+}
 
 /// Restores from the S3 tier alone: epoch objects first, then the packs
 /// holding that epoch's chunks, with a progress bar for each phase. A
@@ -101,13 +121,7 @@ fn restore_from_s3(args: &RestoreArgs, target: Target) -> Result<Restored> {
     };
     let vm = crate::vm::restore_vm_files(&device_state, &args.to, |segments| Ok(plan.execute_segments(&tier, segments, &mut show)?))
         .with_context(|| format!("restoring from {}", s3.url()))?;
-    let (report, vm) = match vm {
-        Some((state, run, report)) => (report, Some((state, run))),
-        None => {
-            anyhow::ensure!(!args.run, "--run needs a QEMU guest; guest {} is not one", args.guest);
-            (plan.execute(&tier, &args.to, &mut show).with_context(|| format!("restoring from {}", s3.url()))?, None)
-        }
-    };
+    let (report, vm) = files_or_image(args, vm, || Ok(plan.execute(&tier, &args.to, &mut show).with_context(|| format!("restoring from {}", s3.url()))?))?;
     if let Some(b) = pages {
         b.finish_and_clear();
     }
@@ -137,13 +151,8 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
                 b.set_position(n);
             }
         };
-        let (report, vm) = match crate::vm::restore_vm(&store, &plan, &args.to, &show)? {
-            Some((state, run, report)) => (report, Some((state, run))),
-            None => {
-                anyhow::ensure!(!args.run, "--run needs a QEMU guest; guest {} is not one", args.guest);
-                (plan.execute(&store, &args.to, &show)?, None)
-            }
-        };
+        let vm = crate::vm::restore_vm(&store, &plan, &args.to, &show)?;
+        let (report, vm) = files_or_image(args, vm, || Ok(plan.execute(&store, &args.to, &show)?))?;
         if let Some(b) = bar {
             b.finish_and_clear();
         }
