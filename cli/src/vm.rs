@@ -9,8 +9,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use remus_capture::qemu::{self, NetRelay, QemuConfig, QemuMachine, QemuState, Qmp, RunDir, Tap};
 use remus_capture::TrackingMode;
-use remus_restore::{RestorePlan, RestoreReport, Segment};
+use remus_restore::{MountContent, MountFile, RestorePlan, RestoreReport, Segment};
 use remus_store::Store;
+use remus_types::PAGE_SIZE;
 
 /// Settings of a QEMU guest: each is a flag of `remus protect qemu` and a
 /// key of `[protect.qemu]`; the flag wins.
@@ -179,6 +180,52 @@ pub fn restore_vm_files(
     Ok(Some((state, run, report)))
 }
 
+/// The files of an epoch served lazily (see [`RestorePlan::mount`]): for a
+/// QEMU guest the same files [`restore_vm_files`] writes, with its state;
+/// for any other guest its memory image as `memory`.
+///
+/// # Errors
+/// A damaged device state header.
+pub fn mount_files(
+    device_state: &[u8],
+    page_count: u64,
+) -> Result<(Option<QemuState>, Vec<MountFile>)> {
+    let page = PAGE_SIZE as u64;
+    let Some(state) = QemuState::decode(device_state)? else {
+        let memory = MountFile {
+            name: "memory".into(),
+            content: MountContent::Pages {
+                first: 0,
+                len: page_count * page,
+            },
+        };
+        return Ok((None, vec![memory]));
+    };
+    let names = RunDir {
+        dir: PathBuf::new(),
+    };
+    let mut files: Vec<MountFile> = state
+        .segments(&names)
+        .into_iter()
+        .map(|(first, pages, path)| {
+            let len = if path == names.vmstate() {
+                state.vmstate_len
+            } else {
+                pages * page
+            };
+            MountFile {
+                name: path.to_string_lossy().into_owned(),
+                content: MountContent::Pages { first, len },
+            }
+        })
+        .collect();
+    files.push(MountFile {
+        name: "machine.json".into(),
+        content: MountContent::Bytes(serde_json::to_vec_pretty(&state.machine)?),
+    });
+    Ok((Some(state), files))
+}
+
 /// A QEMU guest resumed from a checkpoint, with its network relayed
 /// directly (nothing held: there is no backup behind it).
 pub struct ResumedVm {
@@ -192,16 +239,33 @@ pub struct ResumedVm {
 }
 
 impl ResumedVm {
-    /// Starts QEMU on the files [`restore_vm`] wrote; continues the guest
-    /// and announces it on the network when `start`, else leaves it paused.
+    /// Starts QEMU on the files [`restore_vm`] wrote in `run`, or, with
+    /// `from`, on read-only files there (a mounted epoch: see
+    /// [`qemu::resume_read_only`]); continues the guest and announces it on
+    /// the network when `start`, else leaves it paused.
     ///
     /// # Errors
     /// When the TAP, the relay or QEMU fail.
-    pub fn start(qemu_binary: &Path, state: &QemuState, run: RunDir, tap: Option<&str>, start: bool) -> Result<Self> {
+    pub fn start(
+        qemu_binary: &Path,
+        state: &QemuState,
+        run: RunDir,
+        from: Option<&RunDir>,
+        tap: Option<&str>,
+        start: bool,
+    ) -> Result<Self> {
         let tap = tap.map(Tap::open).transpose()?;
         let net = NetRelay::start(&run.net(), tap, qemu::Egress::Direct)?;
-        let (child, qmp) = qemu::resume(qemu_binary, state, &run, start)?;
-        Ok(Self { child, qmp: Some(qmp), net, run })
+        let (child, qmp) = match from {
+            Some(from) => qemu::resume_read_only(qemu_binary, state, &run, from, start)?,
+            None => qemu::resume(qemu_binary, state, &run, start)?,
+        };
+        Ok(Self {
+            child,
+            qmp: Some(qmp),
+            net,
+            run,
+        })
     }
 
     /// QEMU's process id.

@@ -8,11 +8,16 @@
 //! checks the resulting memory root against the one the primary recorded
 //! in the manifest.
 //!
+//! [`RestorePlan::mount`] serves the epoch lazily instead: read-only files
+//! over FUSE, each page read from the store when first asked for.
+//!
 //! [`S3RestorePlan`] does the same from the S3 tier alone, for when the
 //! backup site and its RocksDB are gone.
 
+mod mount;
 mod s3;
 
+pub use mount::{MountContent, MountFile, MountStats, Mounted};
 pub use s3::S3RestorePlan;
 
 use std::fs::File;
@@ -196,11 +201,26 @@ impl RestorePlan {
             }
         }
         progress(written);
+        let root = self.check_root(&mut digest)?;
+        Ok(RestoreReport {
+            epoch: m.epoch,
+            pages_written: written,
+            bytes,
+            root,
+        })
+    }
+
+    /// The root of `digest`, when it is the one the manifest records.
+    ///
+    /// # Errors
+    /// [`RestoreError::RootMismatch`] otherwise.
+    fn check_root(&self, digest: &mut MemoryDigest) -> Result<ChunkId, RestoreError> {
+        let m = &self.manifest;
         let root = digest.root();
         if root != m.memory_root {
             return Err(RestoreError::RootMismatch { epoch: m.epoch, expected: m.memory_root, got: root });
         }
-        Ok(RestoreReport { epoch: m.epoch, pages_written: written, bytes, root })
+        Ok(root)
     }
 }
 
@@ -302,10 +322,9 @@ mod tests {
     use super::*;
     use remus_store::{content_id, EpochCommit, StoreOptions, StoredChunk};
 
-    #[test]
-    fn restores_each_epoch_byte_exact_and_refuses_a_wrong_root() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db"), StoreOptions::default()).unwrap();
+    /// Five epochs of a 100-page guest, each writing three pages; returns
+    /// the memory image after each.
+    pub(crate) fn history(store: &Store) -> Vec<Vec<u8>> {
         let pages = 100u64;
         let mut mem = vec![0u8; pages as usize * PAGE_SIZE];
         let mut images = Vec::new();
@@ -322,6 +341,14 @@ mod tests {
             store.commit(c).unwrap();
             images.push(mem.clone());
         }
+        images
+    }
+
+    #[test]
+    fn restores_each_epoch_byte_exact_and_refuses_a_wrong_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), StoreOptions::default()).unwrap();
+        let images = history(&store);
         for e in 1..=5u64 {
             let out = dir.path().join(format!("e{e}.img"));
             let plan = RestorePlan::new(&store, GuestId(1), Target::Epoch(EpochId(e))).unwrap();

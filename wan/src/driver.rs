@@ -599,7 +599,8 @@ async fn serve_epochs<R: Replica>(
                 }
             });
         }
-        while let Some(ev) = core.poll_event() {
+        // The one event there is ends the link.
+        if let Some(ev) = core.poll_event() {
             match ev {
                 ReceiverEvent::PrimaryLost { guest, committed } => {
                     tracing::warn!(%guest, committed = committed.0, "primary lost");

@@ -137,6 +137,11 @@ impl RunDir {
     pub fn qmp(&self) -> PathBuf {
         self.dir.join("qmp.sock")
     }
+    /// The copy-on-write overlay over a read-only disk image (lazy resume).
+    #[must_use]
+    pub fn overlay(&self) -> PathBuf {
+        self.dir.join("disk.qcow2")
+    }
     /// The netdev stream socket remus listens on.
     #[must_use]
     pub fn net(&self) -> PathBuf {
@@ -168,41 +173,88 @@ pub enum Launch {
     /// Resumed from a checkpoint in the run dir (`-incoming defer`), disk
     /// from the image file, paused until told to continue.
     Incoming,
+    /// Resumed from read-only checkpoint files in `from` (an epoch served
+    /// lazily): RAM mapped privately from `from`'s memory file (the
+    /// guest's writes stay in QEMU), the disk behind the qcow2 overlay
+    /// [`RunDir::overlay`] on `from`'s image, paused until told to continue.
+    IncomingReadOnly {
+        /// The memory, disk and device-state files, named as in a run
+        /// directory.
+        from: RunDir,
+    },
 }
 
 /// The QEMU command for `machine` in `run`.
 #[must_use]
 pub fn command(qemu: &Path, machine: &QemuMachine, run: &RunDir, launch: &Launch) -> Command {
     let mut c = Command::new(qemu);
-    let mem = format!(
-        "memory-backend-file,id=mem,size={}M,mem-path={},share=on",
-        machine.memory_mib,
-        run.memory().display()
-    );
-    c.args(["-name", "remus-guest", "-nodefaults", "-no-user-config", "-display", "none"])
-        .args(["-accel", &machine.accel])
-        // No self-description in the device-state stream (nothing reads it,
-        // and the loader would expect one).
-        .args(["-machine", "q35,memory-backend=mem,suppress-vmdesc=on"])
-        .args(["-m", &format!("{}M", machine.memory_mib)])
-        .args(["-smp", &machine.cpus.to_string()])
-        .args(["-object", &mem])
-        .arg("-kernel")
-        .arg(&machine.kernel)
-        .arg("-initrd")
-        .arg(&machine.initrd)
-        .args(["-append", &machine.append])
-        .args(["-chardev", &format!("file,id=serial0,path={},append=on", run.serial().display())])
-        .args(["-serial", "chardev:serial0"])
-        .args(["-qmp", &format!("unix:{},server=on,wait=off", run.qmp().display())])
-        .args(["-netdev", &format!("stream,id=net0,server=off,addr.type=unix,addr.path={}", run.net().display())])
-        .args(["-device", &format!("virtio-net-pci,netdev=net0,mac={},romfile=", machine.mac)]);
+    let mem = match launch {
+        Launch::IncomingReadOnly { from } => format!(
+            "memory-backend-file,id=mem,size={}M,mem-path={},share=off,readonly=on,rom=off",
+            machine.memory_mib,
+            from.memory().display()
+        ),
+        _ => format!(
+            "memory-backend-file,id=mem,size={}M,mem-path={},share=on",
+            machine.memory_mib,
+            run.memory().display()
+        ),
+    };
+    c.args([
+        "-name",
+        "remus-guest",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+    ])
+    .args(["-accel", &machine.accel])
+    // No self-description in the device-state stream (nothing reads it,
+    // and the loader would expect one).
+    .args(["-machine", "q35,memory-backend=mem,suppress-vmdesc=on"])
+    .args(["-m", &format!("{}M", machine.memory_mib)])
+    .args(["-smp", &machine.cpus.to_string()])
+    .args(["-object", &mem])
+    .arg("-kernel")
+    .arg(&machine.kernel)
+    .arg("-initrd")
+    .arg(&machine.initrd)
+    .args(["-append", &machine.append])
+    .args([
+        "-chardev",
+        &format!("file,id=serial0,path={},append=on", run.serial().display()),
+    ])
+    .args(["-serial", "chardev:serial0"])
+    .args([
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", run.qmp().display()),
+    ])
+    .args([
+        "-netdev",
+        &format!(
+            "stream,id=net0,server=off,addr.type=unix,addr.path={}",
+            run.net().display()
+        ),
+    ])
+    .args([
+        "-device",
+        &format!("virtio-net-pci,netdev=net0,mac={},romfile=", machine.mac),
+    ]);
     if machine.disk_mib > 0 {
         let blockdev = match launch {
             Launch::Protected { .. } => {
                 format!("driver=nbd,node-name=disk0,server.type=unix,server.path={},export=disk", run.nbd().display())
             }
-            Launch::Incoming => format!("driver=raw,node-name=disk0,file.driver=file,file.filename={}", run.disk().display()),
+            Launch::Incoming => format!(
+                "driver=raw,node-name=disk0,file.driver=file,file.filename={}",
+                run.disk().display()
+            ),
+            Launch::IncomingReadOnly { .. } => {
+                format!(
+                    "driver=qcow2,node-name=disk0,file.driver=file,file.filename={}",
+                    run.overlay().display()
+                )
+            }
         };
         c.args(["-blockdev", &blockdev]).args(["-device", "virtio-blk-pci,drive=disk0"]);
     }
@@ -213,7 +265,7 @@ pub fn command(qemu: &Path, machine: &QemuMachine, run: &RunDir, launch: &Launch
                 c.env("LD_PRELOAD", shim).env("REMUS_UFFD_FD", uffd_fd.to_string());
             }
         }
-        Launch::Incoming => {
+        Launch::Incoming | Launch::IncomingReadOnly { .. } => {
             // The device state is `xen-save-devices-state`'s, which has
             // no configuration section for the loader to expect.
             c.args(["-S", "-incoming", "defer", "-global", "migration.send-configuration=off"]);

@@ -27,7 +27,7 @@ pub use qmp::Qmp;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Child;
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -446,8 +446,71 @@ fn padded<'a>(stream: &'a [u8], i: usize, buf: &'a mut [u8; PAGE_SIZE]) -> &'a [
 ///
 /// # Errors
 /// [`CaptureError::Qemu`] when QEMU fails to start or load the state.
-pub fn resume(qemu: &Path, state: &QemuState, run: &RunDir, start: bool) -> Result<(Child, Qmp), CaptureError> {
-    let mut child = spawn(command(qemu, &state.machine, run, &Launch::Incoming))?;
+pub fn resume(
+    qemu: &Path,
+    state: &QemuState,
+    run: &RunDir,
+    start: bool,
+) -> Result<(Child, Qmp), CaptureError> {
+    resume_launch(qemu, state, run, &Launch::Incoming, start)
+}
+
+/// As [`resume`], from read-only checkpoint files in `from` (an epoch
+/// served lazily, see `remus-restore --lazy`): QEMU maps the memory file
+/// privately and writes the disk to a new qcow2 overlay in `run`, so
+/// nothing of `from` is written, and pages are read only when touched.
+///
+/// # Errors
+/// As [`resume`]; [`CaptureError::Qemu`] when the overlay cannot be made
+/// (`qemu-img`, beside `qemu` or on the PATH).
+pub fn resume_read_only(
+    qemu: &Path,
+    state: &QemuState,
+    run: &RunDir,
+    from: &RunDir,
+    start: bool,
+) -> Result<(Child, Qmp), CaptureError> {
+    if state.machine.disk_mib > 0 {
+        let img = qemu.with_file_name("qemu-img");
+        let img = if img.is_file() {
+            img
+        } else {
+            PathBuf::from("qemu-img")
+        };
+        let out = Command::new(&img)
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(from.disk())
+            .arg(run.overlay())
+            .output()
+            .map_err(|e| CaptureError::Qemu(format!("{}: {e}", img.display())))?;
+        if !out.status.success() {
+            return Err(CaptureError::Qemu(format!(
+                "creating the disk overlay: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+    }
+    resume_launch(
+        qemu,
+        state,
+        run,
+        &Launch::IncomingReadOnly { from: from.clone() },
+        start,
+    )
+}
+
+fn resume_launch(
+    qemu: &Path,
+    state: &QemuState,
+    run: &RunDir,
+    launch: &Launch,
+    start: bool,
+) -> Result<(Child, Qmp), CaptureError> {
+    let vmstate = match launch {
+        Launch::IncomingReadOnly { from } => from.vmstate(),
+        _ => run.vmstate(),
+    };
+    let mut child = spawn(command(qemu, &state.machine, run, launch))?;
     let mut qmp = match Qmp::connect(&run.qmp(), Duration::from_secs(20)) {
         Ok(q) => q,
         Err(e) => return Err(qemu_failed(&mut child, e)),
@@ -456,7 +519,10 @@ pub fn resume(qemu: &Path, state: &QemuState, run: &RunDir, start: bool) -> Resu
         // A stream of devices only loads as an incoming migration with
         // shared RAM: the RAM is already in the memory file.
         qmp.set_capabilities(&[("x-ignore-shared", true)])?;
-        qmp.execute("migrate-incoming", Some(json!({ "uri": format!("file:{}", run.vmstate().display()) })))?;
+        qmp.execute(
+            "migrate-incoming",
+            Some(json!({ "uri": format!("file:{}", vmstate.display()) })),
+        )?;
         qmp.wait_migration(Duration::from_secs(30))?;
         if start {
             qmp.cont_after_migration()?;

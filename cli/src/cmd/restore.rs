@@ -1,7 +1,8 @@
 //! `remus-restore`: write the memory image of any committed epoch.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -35,16 +36,32 @@ pub struct RestoreArgs {
     #[arg(long)]
     pub latest: bool,
     /// Image file to write; for a QEMU guest, a directory that receives
-    /// `memory`, `disk.img`, `vmstate` and `machine.json`.
-    #[arg(long)]
-    pub to: PathBuf,
+    /// `memory`, `disk.img`, `vmstate` and `machine.json`. With `--mount
+    /// --run`: QEMU's run directory (sockets, serial log, disk overlay).
+    #[arg(long, required_unless_present = "mount")]
+    pub to: Option<PathBuf>,
+    /// Serve the epoch at this directory instead of writing it: the same
+    /// files, read-only over FUSE, each page read from the store (and
+    /// verified) when first read. Stays mounted until Ctrl-C, SIGTERM or
+    /// `umount DIR`; with `--run`, until QEMU exits.
+    #[arg(long, value_name = "DIR", conflicts_with = "from")]
+    pub mount: Option<PathBuf>,
     /// QEMU guests: start QEMU on the restored files, paused, print its
-    /// QMP socket, and wait until it exits (time-travel inspection).
+    /// QMP socket, and wait until it exits (time-travel inspection). With
+    /// `--mount`, QEMU starts at once on the mounted files: its RAM is
+    /// mapped privately and its disk writes go to an overlay in `--to`.
     #[arg(long)]
     pub run: bool,
     /// QEMU binary for --run (default qemu-system-x86_64).
     #[arg(long, requires = "run")]
     pub qemu_binary: Option<PathBuf>,
+    /// With --run: continue the guest at once instead of leaving it paused.
+    #[arg(long, requires = "run")]
+    pub start: bool,
+    /// With --run: connect the guest's network to this TAP device (else it
+    /// has none).
+    #[arg(long, requires = "run")]
+    pub tap: Option<String>,
     /// Restore from the S3 tier alone (`s3://BUCKET/PREFIX`), without any
     /// local store: after losing the backup site.
     #[arg(long, value_name = "URL")]
@@ -96,7 +113,7 @@ fn files_or_image(
 /// holding that epoch's chunks, with a progress bar for each phase. A
 /// QEMU guest comes back as its files (memory, disk image, device state),
 /// as from a local store.
-fn restore_from_s3(args: &RestoreArgs, target: Target) -> Result<Restored> {
+fn restore_from_s3(args: &RestoreArgs, to: &Path, target: Target) -> Result<Restored> {
     let cfg = Config::load(args.config.as_deref())?;
     let s3 = super::s3_config(&cfg, args.from.as_deref())?;
     let tier = super::connect_s3(&s3)?;
@@ -119,9 +136,15 @@ fn restore_from_s3(args: &RestoreArgs, target: Target) -> Result<Restored> {
             b.set_position(done);
         }
     };
-    let vm = crate::vm::restore_vm_files(&device_state, &args.to, |segments| Ok(plan.execute_segments(&tier, segments, &mut show)?))
-        .with_context(|| format!("restoring from {}", s3.url()))?;
-    let (report, vm) = files_or_image(args, vm, || Ok(plan.execute(&tier, &args.to, &mut show).with_context(|| format!("restoring from {}", s3.url()))?))?;
+    let vm = crate::vm::restore_vm_files(&device_state, to, |segments| {
+        Ok(plan.execute_segments(&tier, segments, &mut show)?)
+    })
+    .with_context(|| format!("restoring from {}", s3.url()))?;
+    let (report, vm) = files_or_image(args, vm, || {
+        Ok(plan
+            .execute(&tier, to, &mut show)
+            .with_context(|| format!("restoring from {}", s3.url()))?)
+    })?;
     if let Some(b) = pages {
         b.finish_and_clear();
     }
@@ -140,8 +163,12 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
         (None, None) => Target::Latest,
     };
     let t0 = Instant::now();
+    if let Some(at) = &args.mount {
+        return serve(args, target, at, t0);
+    }
+    let to = args.to.as_deref().context("--to is required")?;
     let (manifest, report, vm) = if args.from.is_some() {
-        restore_from_s3(args, target)?
+        restore_from_s3(args, to, target)?
     } else {
         let store = super::open_store_read_only(args.store.as_deref(), &args.data_dir)?;
         let plan = RestorePlan::new(&store, GuestId(args.guest), target)?;
@@ -151,8 +178,8 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
                 b.set_position(n);
             }
         };
-        let vm = crate::vm::restore_vm(&store, &plan, &args.to, &show)?;
-        let (report, vm) = files_or_image(args, vm, || Ok(plan.execute(&store, &args.to, &show)?))?;
+        let vm = crate::vm::restore_vm(&store, &plan, to, &show)?;
+        let (report, vm) = files_or_image(args, vm, || Ok(plan.execute(&store, to, &show)?))?;
         if let Some(b) = bar {
             b.finish_and_clear();
         }
@@ -164,7 +191,7 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
         let v = serde_json::json!({
             "guest": args.guest, "epoch": report.epoch.0, "time": super::format_time(plan.manifest.time_unix_ns),
             "bytes": report.bytes, "pages_written": report.pages_written, "memory_root": report.root.to_hex(),
-            "verified": true, "seconds": secs, "to": args.to.display().to_string(),
+            "verified": true, "seconds": secs, "to": to.display().to_string(),
         });
         println!("{v}");
     } else {
@@ -173,7 +200,7 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
             args.guest,
             report.epoch.0,
             super::format_time(plan.manifest.time_unix_ns),
-            args.to.display(),
+            to.display(),
             report.bytes,
             report.pages_written,
             &report.root.to_hex()[..16],
@@ -181,14 +208,129 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
         );
     }
     if let (true, Some((state, run))) = (args.run, vm) {
-        let qemu = args.qemu_binary.clone().unwrap_or_else(remus_capture::qemu::default_qemu);
-        let mut vm = crate::vm::ResumedVm::start(&qemu, &state, run, None, false)?;
+        let qemu = args
+            .qemu_binary
+            .clone()
+            .unwrap_or_else(remus_capture::qemu::default_qemu);
+        let mut vm =
+            crate::vm::ResumedVm::start(&qemu, &state, run, None, args.tap.as_deref(), args.start)?;
         vm.release_qmp();
-        println!("guest {} epoch {} paused in qemu pid {}; qmp {}", args.guest, report.epoch.0, vm.pid(), vm.run.qmp().display());
+        println!(
+            "guest {} epoch {} {} in qemu pid {}; qmp {}",
+            args.guest,
+            report.epoch.0,
+            run_state(args),
+            vm.pid(),
+            vm.run.qmp().display()
+        );
         use std::io::Write;
         std::io::stdout().flush()?;
         let status = vm.wait()?;
         eprintln!("qemu exited: {status}");
     }
+    Ok(())
+}
+
+/// How `--run` leaves the guest.
+fn run_state(args: &RestoreArgs) -> &'static str {
+    if args.start {
+        "running"
+    } else {
+        "paused"
+    }
+}
+
+/// `--mount`: serves the epoch lazily at `at` until stopped, or with
+/// `--run` starts QEMU on the mounted files at once and serves until it
+/// exits.
+fn serve(args: &RestoreArgs, target: Target, at: &Path, t0: Instant) -> Result<()> {
+    let store = Arc::new(super::open_store_read_only(
+        args.store.as_deref(),
+        &args.data_dir,
+    )?);
+    let plan = RestorePlan::new(&store, GuestId(args.guest), target)?;
+    let device_state = store
+        .chunk(&plan.manifest.device_state)
+        .context("reading the device state")?;
+    let (state, files) = crate::vm::mount_files(&device_state, plan.manifest.page_count)?;
+    let run = match (args.run, &state) {
+        (false, _) => None,
+        (true, None) => anyhow::bail!("--run needs a QEMU guest; guest {} is not one", args.guest),
+        (true, Some(_)) => {
+            let to = args.to.as_deref().context("--mount --run needs --to DIR for QEMU's run directory (sockets, serial log, disk overlay)")?;
+            Some(remus_capture::qemu::RunDir::create(to)?)
+        }
+    };
+    let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
+    let names = names.join(", ");
+    std::fs::create_dir_all(at).with_context(|| format!("creating {}", at.display()))?;
+    let mounted = plan.mount(store, files, at)?;
+    let (guest, epoch) = (args.guest, plan.manifest.epoch.0);
+    let time = super::format_time(plan.manifest.time_unix_ns);
+    let vm = match (run, state) {
+        (Some(run), Some(state)) => {
+            let qemu = args
+                .qemu_binary
+                .clone()
+                .unwrap_or_else(remus_capture::qemu::default_qemu);
+            let from = remus_capture::qemu::RunDir {
+                dir: at.to_path_buf(),
+            };
+            let mut vm = crate::vm::ResumedVm::start(
+                &qemu,
+                &state,
+                run,
+                Some(&from),
+                args.tap.as_deref(),
+                args.start,
+            )?;
+            vm.release_qmp();
+            println!(
+                "guest {guest} epoch {epoch} ({time}) {} in qemu pid {} after {:.2} s, its files mounted at {}; qmp {}",
+                run_state(args),
+                vm.pid(),
+                t0.elapsed().as_secs_f64(),
+                at.display(),
+                vm.run.qmp().display()
+            );
+            Some(vm)
+        }
+        _ => {
+            println!(
+                "guest {guest} epoch {epoch} ({time}) mounted at {} after {:.2} s: {names} (read-only, pages read from the store when first read); stop with Ctrl-C or `umount {}`",
+                at.display(),
+                t0.elapsed().as_secs_f64(),
+                at.display()
+            );
+            None
+        }
+    };
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    // QEMU's RAM is the mount's memory file: it is stopped before the
+    // mount goes (on its exit, Ctrl-C or SIGTERM).
+    super::install_stop_handler();
+    let mut vm = vm;
+    while !super::stop_requested()
+        && mounted.is_mounted()
+        && vm.as_mut().is_none_or(crate::vm::ResumedVm::running)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    if let Some(mut vm) = vm {
+        if !vm.running() {
+            eprintln!("qemu exited: {}", vm.wait()?);
+        }
+    }
+    let stats = mounted.stats();
+    let (pages, errors) = (
+        stats.pages_read.load(std::sync::atomic::Ordering::Relaxed),
+        stats.errors.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    mounted.unmount()?;
+    eprintln!(
+        "unmounted {}: {pages} pages read from the store, {errors} reads refused",
+        at.display()
+    );
     Ok(())
 }
