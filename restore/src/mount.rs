@@ -394,6 +394,20 @@ impl Filesystem for EpochFs {
         }
     }
 
+    fn poll(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _ph: fuser::PollNotifier,
+        _events: fuser::PollEvents,
+        _flags: fuser::PollFlags,
+        reply: fuser::ReplyPoll,
+    ) {
+        // Regular files are always ready: the kernel stops asking.
+        reply.error(Errno::ENOSYS);
+    }
+
     fn readdir(
         &self,
         _req: &Request,

@@ -479,7 +479,8 @@ pub fn resume_read_only(
         };
         let out = Command::new(&img)
             .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(from.disk())
+            // qemu-img resolves a relative backing file from the overlay's directory.
+            .arg(std::path::absolute(from.disk()).map_err(|e| CaptureError::Io(format!("{}: {e}", from.disk().display())))?)
             .arg(run.overlay())
             .output()
             .map_err(|e| CaptureError::Qemu(format!("{}: {e}", img.display())))?;
