@@ -6,7 +6,8 @@
 
 mod common;
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -100,6 +101,38 @@ fn separate_processes_replicate_survive_a_backup_restart_and_restore_byte_exact(
     assert!(out.status.success(), "restore --at: {}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["epoch"], mid["epoch"]);
+
+    // Served lazily: the mounted memory is the epoch's, byte-exact, and
+    // SIGTERM unmounts it.
+    let e = committed;
+    let mnt = dir.path().join("mnt");
+    let mut served = Command::new(remus_restore())
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--epoch", &e.to_string(), "--mount"])
+        .arg(&mnt)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(served.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.starts_with(&format!("guest 1 epoch {e} (")) && line.contains("mounted at"), "{line}");
+    let image = std::fs::read(mnt.join("memory")).unwrap();
+    assert_eq!(MemoryDigest::of_image(&image).to_hex(), roots[&e], "mounted epoch {e} is not byte-exact");
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(served.id() as i32, libc::SIGTERM) }, 0);
+    let out = served.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("unmounted") && err.contains("pages read from the store, 0 reads refused"), "{err}");
+    assert!(!mnt.join("memory").exists(), "unmounted");
+    // A process guest has nothing for QEMU to run.
+    let out = run_limited(
+        Command::new(remus_restore()).arg("--data-dir").arg(data).args(["--latest", "--run", "--to", "x", "--mount"]).arg(&mnt),
+        Duration::from_secs(30),
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--run needs a QEMU guest"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// The primary dies (SIGKILL); the backup notices the silence, fences it,
