@@ -162,7 +162,7 @@ impl LiveVm {
     /// to its length, and the machine described.
     fn seal(&self) -> std::io::Result<()> {
         std::fs::OpenOptions::new().write(true).open(self.run.vmstate())?.set_len(self.state.vmstate_len)?;
-        std::fs::write(self.run.dir.join("machine.json"), serde_json::to_vec_pretty(&self.state.machine)?)
+        std::fs::write(self.run.machine(), self.state.machine_json()?)
     }
 }
 

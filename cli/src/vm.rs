@@ -176,7 +176,7 @@ pub fn restore_vm_files(
     let report = write(&segments)?;
     let vm = std::fs::OpenOptions::new().write(true).open(run.vmstate())?;
     vm.set_len(state.vmstate_len)?;
-    std::fs::write(dir.join("machine.json"), serde_json::to_vec_pretty(&state.machine)?)?;
+    std::fs::write(run.machine(), state.machine_json()?)?;
     Ok(Some((state, run, report)))
 }
 
@@ -220,8 +220,8 @@ pub fn mount_files(
         })
         .collect();
     files.push(MountFile {
-        name: "machine.json".into(),
-        content: MountContent::Bytes(serde_json::to_vec_pretty(&state.machine)?),
+        name: names.machine().to_string_lossy().into_owned(),
+        content: MountContent::Bytes(state.machine_json()?),
     });
     Ok((Some(state), files))
 }

@@ -137,6 +137,11 @@ impl RunDir {
     pub fn qmp(&self) -> PathBuf {
         self.dir.join("qmp.sock")
     }
+    /// The machine's description (`machine.json`, [`QemuState::machine_json`]).
+    #[must_use]
+    pub fn machine(&self) -> PathBuf {
+        self.dir.join("machine.json")
+    }
     /// The copy-on-write overlay over a read-only disk image (lazy resume).
     #[must_use]
     pub fn overlay(&self) -> PathBuf {
@@ -309,6 +314,15 @@ pub struct QemuState {
 }
 
 impl QemuState {
+    /// The machine described for people and tools (`machine.json` beside
+    /// restored files).
+    ///
+    /// # Errors
+    /// A serialization failure (none for a well-formed machine).
+    pub fn machine_json(&self) -> serde_json::Result<Vec<u8>> {
+        serde_json::to_vec_pretty(&self.machine)
+    }
+
     /// Encodes as the checkpoint's device state.
     #[must_use]
     pub fn encode(&self) -> Vec<u8> {
