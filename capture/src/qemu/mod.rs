@@ -456,7 +456,7 @@ pub fn resume(
 }
 
 /// As [`resume`], from read-only checkpoint files in `from` (an epoch
-/// served lazily, see `remus-restore --lazy`): QEMU maps the memory file
+/// served lazily, see `remus-restore --mount`): QEMU maps the memory file
 /// privately and writes the disk to a new qcow2 overlay in `run`, so
 /// nothing of `from` is written, and pages are read only when touched.
 ///
