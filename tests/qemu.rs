@@ -246,53 +246,31 @@ fn counter_service_survives_sigkill_of_the_primary() {
     let mut line = String::new();
     while !line.contains("running in qemu") {
         line.clear();
-        assert!(
-            out.read_line(&mut line).unwrap() > 0,
-            "remus-restore --mount --run ended early"
-        );
+        assert!(out.read_line(&mut line).unwrap() > 0, "remus-restore --mount --run ended early");
     }
-    assert!(
-        line.starts_with("guest 1 epoch ") && line.contains("its files mounted at"),
-        "{line}"
-    );
+    assert!(line.starts_with("guest 1 epoch ") && line.contains("its files mounted at"), "{line}");
     let mut conn = BufReader::new(ns.connect("10.0.2.15:7000", Duration::from_secs(60)));
-    conn.get_ref()
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
+    conn.get_ref().set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let got = request(&mut conn, "get");
     let (mem, disk) = got.split_once(' ').expect("MEM DISK");
     assert_eq!(mem, disk, "memory and disk of the restored epoch agree");
     let n: u64 = mem.parse().unwrap();
     // Output commit: the 25 replies before the kill were released only
     // once their epochs were committed, so the last epoch holds them all.
-    assert!(
-        (25..=26).contains(&n),
-        "the last committed epoch holds counter {n}"
-    );
+    assert!((25..=26).contains(&n), "the last committed epoch holds counter {n}");
     assert_eq!(request(&mut conn, "inc"), (n + 1).to_string());
     // Nothing the guest did reached the mounted epoch: its files read as
     // a full restore of the same epoch writes them (seen from the mount
     // namespace `ip netns exec` gave remus-restore).
     let full = dir.path().join("latest-full");
     let out_full = run_limited(
-        Command::new(remus_restore())
-            .args(["--data-dir"])
-            .arg(&data)
-            .args(["--latest", "--to"])
-            .arg(&full),
+        Command::new(remus_restore()).args(["--data-dir"]).arg(&data).args(["--latest", "--to"]).arg(&full),
         Duration::from_secs(60),
     );
-    assert!(
-        out_full.status.success(),
-        "restore: {}",
-        String::from_utf8_lossy(&out_full.stderr)
-    );
+    assert!(out_full.status.success(), "restore: {}", String::from_utf8_lossy(&out_full.stderr));
     let seen = PathBuf::from(format!("/proc/{}/root{}", lazy.0.id(), mnt.display()));
     for f in ["memory", "disk.img", "vmstate", "machine.json"] {
-        assert!(
-            std::fs::read(seen.join(f)).unwrap() == std::fs::read(full.join(f)).unwrap(),
-            "mounted {f} differs from the restored one"
-        );
+        assert!(std::fs::read(seen.join(f)).unwrap() == std::fs::read(full.join(f)).unwrap(), "mounted {f} differs from the restored one");
     }
     drop(conn);
     drop(lazy);

@@ -219,10 +219,7 @@ fn lazy(store: &std::sync::Arc<Store>, epoch: EpochId, image: &[u8], changed: &[
     let t0 = Instant::now();
     let plan = RestorePlan::new(store, GuestId(1), Target::Epoch(epoch)).expect("plan");
     let len = plan.manifest.page_count * PAGE_SIZE as u64;
-    let file = MountFile {
-        name: "memory".into(),
-        content: MountContent::Pages { first: 0, len },
-    };
+    let file = MountFile { name: "memory".into(), content: MountContent::Pages { first: 0, len } };
     let mounted = match plan.mount(store.clone(), vec![file], &at) {
         Ok(m) => m,
         Err(e) => return println!("  lazy   skipped: {e}"),
@@ -230,20 +227,17 @@ fn lazy(store: &std::sync::Arc<Store>, epoch: EpochId, image: &[u8], changed: &[
     let t_mount = t0.elapsed().as_secs_f64();
     let page = changed[changed.len() / 2];
     let mut buf = vec![0u8; PAGE_SIZE];
-    std::fs::File::open(at.join("memory"))
-        .expect("open")
-        .read_exact_at(&mut buf, (page * PAGE_SIZE) as u64)
-        .expect("read a page");
+    std::fs::File::open(at.join("memory")).expect("open").read_exact_at(&mut buf, (page * PAGE_SIZE) as u64).expect("read a page");
     let t_page = t0.elapsed().as_secs_f64();
-    assert!(
-        buf == image[page * PAGE_SIZE..][..PAGE_SIZE],
-        "a page read through the mount differs"
-    );
+    assert!(buf == image[page * PAGE_SIZE..][..PAGE_SIZE], "a page read through the mount differs");
     let all = std::fs::read(at.join("memory")).expect("read the image");
     let t_all = t0.elapsed().as_secs_f64();
     assert!(all == image, "the image read through the mount differs");
     mounted.unmount().expect("unmount");
-    println!("  lazy   mounted {t_mount:.3} s, a changed page read {:.1} ms later, the whole image read through the mount {t_all:.2} s", (t_page - t_mount) * 1e3);
+    println!(
+        "  lazy   mounted {t_mount:.3} s, a changed page read {:.1} ms later, the whole image read through the mount {t_all:.2} s",
+        (t_page - t_mount) * 1e3
+    );
 }
 
 fn main() {
@@ -293,8 +287,7 @@ fn main() {
     let size2 = dir_bytes(&store_dir);
     // Restore as `remus-restore` does: a read-only open of the store.
     drop(store);
-    let store =
-        std::sync::Arc::new(Store::open(&store_dir, StoreOptions::read_only()).expect("store"));
+    let store = std::sync::Arc::new(Store::open(&store_dir, StoreOptions::read_only()).expect("store"));
     let out = d.join("remus.img");
     settle();
     let t0 = Instant::now();
@@ -309,20 +302,8 @@ fn main() {
     let mb = |b: u64| b as f64 / 1e6;
     let growth = |a: u64, b: u64| (b as f64 - a as f64) / 1e6;
     let changed_mb = mb((changed.len() * PAGE_SIZE) as u64);
-    row(
-        "remus",
-        mib_f * 1.048_576 / t1,
-        mb(size1),
-        growth(size1, size2),
-        t2,
-        tr,
-        td,
-    );
-    println!(
-        "{:<8} {:>12.1}   (the backup's commits alone: the primary encodes on its own host)",
-        "  store",
-        mib_f * 1.048_576 / t_alone
-    );
+    row("remus", mib_f * 1.048_576 / t1, mb(size1), growth(size1, size2), t2, tr, td);
+    println!("{:<8} {:>12.1}   (the backup's commits alone: the primary encodes on its own host)", "  store", mib_f * 1.048_576 / t_alone);
     lazy(&store, e2, &v2, &changed, d);
     drop(store);
 

@@ -470,34 +470,15 @@ fn failover(store: &Store, guest: GuestId, dir: &std::path::Path, resume: Option
     if let (Some(l), Some(r)) = (live, resume) {
         // The files already hold the last committed epoch.
         l.seal()?;
-        let vm = crate::vm::ResumedVm::start(
-            &r.qemu_binary,
-            &l.state,
-            l.run.clone(),
-            None,
-            r.tap.as_deref(),
-            true,
-        )?;
-        return Ok(Failover {
-            epoch: l.epoch,
-            path: l.run.dir.clone(),
-            vm: Some(vm),
-            live: true,
-        });
+        let vm = crate::vm::ResumedVm::start(&r.qemu_binary, &l.state, l.run.clone(), None, r.tap.as_deref(), true)?;
+        return Ok(Failover { epoch: l.epoch, path: l.run.dir.clone(), vm: Some(vm), live: true });
     }
     let plan = RestorePlan::new(store, guest, Target::Latest)?;
     let epoch = plan.manifest.epoch;
     let vm_dir = dir.join(format!("{guest}"));
     if let Some((state, run, _)) = crate::vm::restore_vm(store, &plan, &vm_dir, |_| {})? {
         let vm = match resume {
-            Some(r) => Some(crate::vm::ResumedVm::start(
-                &r.qemu_binary,
-                &state,
-                run,
-                None,
-                r.tap.as_deref(),
-                true,
-            )?),
+            Some(r) => Some(crate::vm::ResumedVm::start(&r.qemu_binary, &state, run, None, r.tap.as_deref(), true)?),
             None => None,
         };
         return Ok(Failover { epoch, path: vm_dir, vm, live: false });

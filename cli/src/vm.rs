@@ -186,43 +186,22 @@ pub fn restore_vm_files(
 ///
 /// # Errors
 /// A damaged device state header.
-pub fn mount_files(
-    device_state: &[u8],
-    page_count: u64,
-) -> Result<(Option<QemuState>, Vec<MountFile>)> {
+pub fn mount_files(device_state: &[u8], page_count: u64) -> Result<(Option<QemuState>, Vec<MountFile>)> {
     let page = PAGE_SIZE as u64;
     let Some(state) = QemuState::decode(device_state)? else {
-        let memory = MountFile {
-            name: "memory".into(),
-            content: MountContent::Pages {
-                first: 0,
-                len: page_count * page,
-            },
-        };
+        let memory = MountFile { name: "memory".into(), content: MountContent::Pages { first: 0, len: page_count * page } };
         return Ok((None, vec![memory]));
     };
-    let names = RunDir {
-        dir: PathBuf::new(),
-    };
+    let names = RunDir { dir: PathBuf::new() };
     let mut files: Vec<MountFile> = state
         .segments(&names)
         .into_iter()
         .map(|(first, pages, path)| {
-            let len = if path == names.vmstate() {
-                state.vmstate_len
-            } else {
-                pages * page
-            };
-            MountFile {
-                name: path.to_string_lossy().into_owned(),
-                content: MountContent::Pages { first, len },
-            }
+            let len = if path == names.vmstate() { state.vmstate_len } else { pages * page };
+            MountFile { name: path.to_string_lossy().into_owned(), content: MountContent::Pages { first, len } }
         })
         .collect();
-    files.push(MountFile {
-        name: names.machine().to_string_lossy().into_owned(),
-        content: MountContent::Bytes(state.machine_json()?),
-    });
+    files.push(MountFile { name: names.machine().to_string_lossy().into_owned(), content: MountContent::Bytes(state.machine_json()?) });
     Ok((Some(state), files))
 }
 
@@ -260,12 +239,7 @@ impl ResumedVm {
             Some(from) => qemu::resume_read_only(qemu_binary, state, &run, from, start)?,
             None => qemu::resume(qemu_binary, state, &run, start)?,
         };
-        Ok(Self {
-            child,
-            qmp: Some(qmp),
-            net,
-            run,
-        })
+        Ok(Self { child, qmp: Some(qmp), net, run })
     }
 
     /// QEMU's process id.

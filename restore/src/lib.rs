@@ -202,12 +202,7 @@ impl RestorePlan {
         }
         progress(written);
         let root = self.check_root(&mut digest)?;
-        Ok(RestoreReport {
-            epoch: m.epoch,
-            pages_written: written,
-            bytes,
-            root,
-        })
+        Ok(RestoreReport { epoch: m.epoch, pages_written: written, bytes, root })
     }
 
     /// The root of `digest`, when it is the one the manifest records.

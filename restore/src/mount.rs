@@ -15,9 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
-    BackgroundSession, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyEntry, ReplyOpen, Request,
+    BackgroundSession, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
+    MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, Request,
 };
 use remus_store::{Store, StoreError};
 use remus_types::{zero_page_hash, MemoryDigest, Pfn, PAGE_SIZE};
@@ -67,10 +66,7 @@ pub struct Mounted {
 
 impl std::fmt::Debug for Mounted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Mounted")
-            .field("at", &self.at)
-            .field("stats", &self.stats)
-            .finish_non_exhaustive()
+        f.debug_struct("Mounted").field("at", &self.at).field("stats", &self.stats).finish_non_exhaustive()
     }
 }
 
@@ -91,9 +87,7 @@ impl Mounted {
     /// from outside: `fusermount -u`, `umount`).
     #[must_use]
     pub fn is_mounted(&self) -> bool {
-        self.session
-            .as_ref()
-            .is_some_and(|s| !s.guard.is_finished())
+        self.session.as_ref().is_some_and(|s| !s.guard.is_finished())
     }
 
     /// Unmounts and waits for the session to end. A mount still in use
@@ -114,15 +108,10 @@ impl Mounted {
         match s.umount_and_join() {
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                 tracing::warn!("{} is in use: detaching it", self.at.display());
-                let path = std::ffi::CString::new(self.at.as_os_str().as_encoded_bytes())
-                    .map_err(std::io::Error::other)?;
+                let path = std::ffi::CString::new(self.at.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
                 // SAFETY: a valid NUL-terminated path; umount2 reads it only.
                 if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
-                    return Err(mount_error(
-                        &self.at,
-                        "detaching",
-                        std::io::Error::last_os_error(),
-                    ));
+                    return Err(mount_error(&self.at, "detaching", std::io::Error::last_os_error()));
                 }
                 Ok(())
             }
@@ -140,10 +129,7 @@ impl Drop for Mounted {
 }
 
 fn mount_error(at: &Path, what: &str, e: std::io::Error) -> RestoreError {
-    RestoreError::Io(std::io::Error::new(
-        e.kind(),
-        format!("{what} {}: {e}", at.display()),
-    ))
+    RestoreError::Io(std::io::Error::new(e.kind(), format!("{what} {}: {e}", at.display())))
 }
 
 impl RestorePlan {
@@ -156,22 +142,10 @@ impl RestorePlan {
     /// [`RestoreError::RootMismatch`] when the index does not match the
     /// manifest; store errors; [`RestoreError::Io`] when FUSE is missing or
     /// the mount is refused.
-    pub fn mount(
-        &self,
-        store: Arc<Store>,
-        files: Vec<MountFile>,
-        at: &Path,
-    ) -> Result<Mounted, RestoreError> {
+    pub fn mount(&self, store: Arc<Store>, files: Vec<MountFile>, at: &Path) -> Result<Mounted, RestoreError> {
         let pages = self.page_index(&store)?;
         let stats = Arc::new(MountStats::default());
-        let fs = EpochFs {
-            store,
-            pages,
-            files,
-            stats: stats.clone(),
-            uid: current_uid(),
-            gid: current_gid(),
-        };
+        let fs = EpochFs { store, pages, files, stats: stats.clone(), uid: current_uid(), gid: current_gid() };
         let mut config = fuser::Config::default();
         config.mount_options = vec![
             MountOption::RO,
@@ -180,18 +154,9 @@ impl RestorePlan {
         ];
         // Two workers: one page fault need not wait behind another's reads.
         config.n_threads = Some(2);
-        let session = fuser::spawn_mount(fs, at, &config).map_err(|e| {
-            mount_error(
-                at,
-                "mounting (FUSE needs /dev/fuse, and root or fusermount)",
-                e,
-            )
-        })?;
-        Ok(Mounted {
-            session: Some(session),
-            at: at.to_path_buf(),
-            stats,
-        })
+        let session = fuser::spawn_mount(fs, at, &config)
+            .map_err(|e| mount_error(at, "mounting (FUSE needs /dev/fuse, and root or fusermount)", e))?;
+        Ok(Mounted { session: Some(session), at: at.to_path_buf(), stats })
     }
 
     /// The chunk id of every page at this epoch, checked against the
@@ -204,10 +169,7 @@ impl RestorePlan {
         let mut digest = MemoryDigest::zeroed(m.page_count);
         store.for_each_page_at(self.guest, m.epoch, |pfn, id| {
             if pfn.0 >= m.page_count {
-                return Err(StoreError::Corrupt(format!(
-                    "page index names pfn {} beyond memory",
-                    pfn.0
-                )));
+                return Err(StoreError::Corrupt(format!("page index names pfn {} beyond memory", pfn.0)));
             }
             digest.set(pfn, id);
             Ok(())
@@ -243,10 +205,7 @@ const TTL: Duration = Duration::from_secs(24 * 3600);
 
 impl EpochFs {
     fn file(&self, ino: INodeNo) -> Option<&MountFile> {
-        usize::try_from(ino.0)
-            .ok()
-            .and_then(|i| i.checked_sub(2))
-            .and_then(|i| self.files.get(i))
+        usize::try_from(ino.0).ok().and_then(|i| i.checked_sub(2)).and_then(|i| self.files.get(i))
     }
 
     fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
@@ -280,13 +239,7 @@ impl EpochFs {
 
     /// Bytes `offset..offset + size` (cut at `len`) of the pages from
     /// `first` on, each read from the store and checked against its hash.
-    fn read_pages(
-        &self,
-        first: u64,
-        len: u64,
-        offset: u64,
-        size: u32,
-    ) -> Result<Vec<u8>, StoreError> {
+    fn read_pages(&self, first: u64, len: u64, offset: u64, size: u32) -> Result<Vec<u8>, StoreError> {
         if offset >= len {
             return Ok(Vec::new());
         }
@@ -298,10 +251,7 @@ impl EpochFs {
         for p in p0..p1 {
             let pfn = Pfn(first + p);
             if pfn.0 >= self.pages.page_count() {
-                return Err(StoreError::Corrupt(format!(
-                    "page {} beyond the guest's memory",
-                    pfn.0
-                )));
+                return Err(StoreError::Corrupt(format!("page {} beyond the guest's memory", pfn.0)));
             }
             let id = self.pages.get(pfn);
             if id == zero {
@@ -310,10 +260,7 @@ impl EpochFs {
             }
             self.store.chunk_into(&id, &mut buf)?;
             if buf.len() as u64 != (p - p0 + 1) * page {
-                return Err(StoreError::Corrupt(format!(
-                    "page {}: chunk {id} is not one page",
-                    pfn.0
-                )));
+                return Err(StoreError::Corrupt(format!("page {}: chunk {id} is not one page", pfn.0)));
             }
             self.stats.pages_read.fetch_add(1, Ordering::Relaxed);
         }
@@ -327,16 +274,12 @@ impl EpochFs {
 impl Filesystem for EpochFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Large reads: a guest's first touches of its RAM come in bursts.
-        let _ = config
-            .set_max_readahead(1 << 20)
-            .or_else(|max| config.set_max_readahead(max));
+        let _ = config.set_max_readahead(1 << 20).or_else(|max| config.set_max_readahead(max));
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let found = (parent == INodeNo::ROOT)
-            .then(|| self.files.iter().position(|f| OsStr::new(&f.name) == name))
-            .flatten();
+        let found = (parent == INodeNo::ROOT).then(|| self.files.iter().position(|f| OsStr::new(&f.name) == name)).flatten();
         match found.and_then(|i| self.attr(INodeNo(i as u64 + 2))) {
             Some(attr) => reply.entry(&TTL, &attr, Generation(0)),
             None => reply.error(Errno::ENOENT),
@@ -382,8 +325,7 @@ impl Filesystem for EpochFs {
                 let end = start.saturating_add(size as usize).min(b.len());
                 reply.data(&b[start..end]);
             }
-            MountContent::Pages { first, len } => match self.read_pages(*first, *len, offset, size)
-            {
+            MountContent::Pages { first, len } => match self.read_pages(*first, *len, offset, size) {
                 Ok(data) => reply.data(&data),
                 Err(e) => {
                     self.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -408,34 +350,13 @@ impl Filesystem for EpochFs {
         reply.error(Errno::ENOSYS);
     }
 
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         if ino != INodeNo::ROOT {
             return reply.error(Errno::ENOTDIR);
         }
-        let dots = [
-            (INodeNo::ROOT, FileType::Directory, "."),
-            (INodeNo::ROOT, FileType::Directory, ".."),
-        ];
-        let files = self.files.iter().enumerate().map(|(i, f)| {
-            (
-                INodeNo(i as u64 + 2),
-                FileType::RegularFile,
-                f.name.as_str(),
-            )
-        });
-        for (i, (ino, kind, name)) in dots
-            .into_iter()
-            .chain(files)
-            .enumerate()
-            .skip(usize::try_from(offset).unwrap_or(usize::MAX))
-        {
+        let dots = [(INodeNo::ROOT, FileType::Directory, "."), (INodeNo::ROOT, FileType::Directory, "..")];
+        let files = self.files.iter().enumerate().map(|(i, f)| (INodeNo(i as u64 + 2), FileType::RegularFile, f.name.as_str()));
+        for (i, (ino, kind, name)) in dots.into_iter().chain(files).enumerate().skip(usize::try_from(offset).unwrap_or(usize::MAX)) {
             if reply.add(ino, i as u64 + 1, kind, name) {
                 break;
             }
@@ -471,57 +392,26 @@ mod tests {
             let at = dir.path().join(format!("e{e}"));
             std::fs::create_dir(&at).unwrap();
             let files = vec![
-                MountFile {
-                    name: "memory".into(),
-                    content: MountContent::Pages {
-                        first: 0,
-                        len: 100 * page,
-                    },
-                },
+                MountFile { name: "memory".into(), content: MountContent::Pages { first: 0, len: 100 * page } },
                 // A file that starts mid-space and ends mid-page.
-                MountFile {
-                    name: "tail".into(),
-                    content: MountContent::Pages {
-                        first: 97,
-                        len: 2 * page + 100,
-                    },
-                },
-                MountFile {
-                    name: "machine.json".into(),
-                    content: MountContent::Bytes(b"{\"epoch\": 1}".to_vec()),
-                },
+                MountFile { name: "tail".into(), content: MountContent::Pages { first: 97, len: 2 * page + 100 } },
+                MountFile { name: "machine.json".into(), content: MountContent::Bytes(b"{\"epoch\": 1}".to_vec()) },
             ];
             let m = plan(&store, e).mount(store.clone(), files, &at).unwrap();
             let image = &images[e as usize - 1];
-            assert!(
-                std::fs::read(at.join("memory")).unwrap() == *image,
-                "epoch {e}: memory"
-            );
-            assert_eq!(
-                std::fs::read(at.join("tail")).unwrap(),
-                &image[97 * PAGE_SIZE..][..2 * PAGE_SIZE + 100],
-                "epoch {e}: tail"
-            );
-            assert_eq!(
-                std::fs::read(at.join("machine.json")).unwrap(),
-                b"{\"epoch\": 1}"
-            );
+            assert!(std::fs::read(at.join("memory")).unwrap() == *image, "epoch {e}: memory");
+            assert_eq!(std::fs::read(at.join("tail")).unwrap(), &image[97 * PAGE_SIZE..][..2 * PAGE_SIZE + 100], "epoch {e}: tail");
+            assert_eq!(std::fs::read(at.join("machine.json")).unwrap(), b"{\"epoch\": 1}");
             // Reads at any offset, past the end too.
             let f = std::fs::File::open(at.join("tail")).unwrap();
             let mut b = [0u8; 10];
             assert_eq!(f.read_at(&mut b, page + 5).unwrap(), 10);
             assert_eq!(&b, &image[98 * PAGE_SIZE + 5..][..10]);
             assert_eq!(f.read_at(&mut b, 3 * page).unwrap(), 0);
-            let mut names: Vec<String> = std::fs::read_dir(&at)
-                .unwrap()
-                .map(|d| d.unwrap().file_name().into_string().unwrap())
-                .collect();
+            let mut names: Vec<String> = std::fs::read_dir(&at).unwrap().map(|d| d.unwrap().file_name().into_string().unwrap()).collect();
             names.sort();
             assert_eq!(names, ["machine.json", "memory", "tail"]);
-            let w = std::fs::OpenOptions::new()
-                .write(true)
-                .open(at.join("memory"))
-                .unwrap_err();
+            let w = std::fs::OpenOptions::new().write(true).open(at.join("memory")).unwrap_err();
             assert_eq!(w.raw_os_error(), Some(libc::EROFS), "{w}");
             assert!(m.stats().pages_read.load(Ordering::Relaxed) > 0);
             assert!(m.is_mounted());
@@ -529,10 +419,7 @@ mod tests {
                 // Still open: detached, gone from the tree all the same.
                 m.unmount().unwrap();
                 assert!(!at.join("memory").exists(), "detached");
-                assert!(
-                    f.read_at(&mut b, 0).is_err() || b == image[..10],
-                    "an open file reads as an error or as before"
-                );
+                assert!(f.read_at(&mut b, 0).is_err() || b == image[..10], "an open file reads as an error or as before");
             } else {
                 drop(f);
                 m.unmount().unwrap();
@@ -558,28 +445,16 @@ mod tests {
         store.commit(c).unwrap();
         let at = dir.path().join("e6");
         std::fs::create_dir(&at).unwrap();
-        let files = vec![MountFile {
-            name: "memory".into(),
-            content: MountContent::Pages {
-                first: 0,
-                len: 100 * page,
-            },
-        }];
+        let files = vec![MountFile { name: "memory".into(), content: MountContent::Pages { first: 0, len: 100 * page } }];
         let m = plan(&store, 6).mount(store.clone(), files, &at).unwrap();
         let f = std::fs::File::open(at.join("memory")).unwrap();
         let mut b = vec![0u8; PAGE_SIZE];
         f.read_exact_at(&mut b, 11 * page).unwrap();
-        assert!(
-            b == mem[11 * PAGE_SIZE..][..PAGE_SIZE],
-            "pages beside the damaged one read"
-        );
+        assert!(b == mem[11 * PAGE_SIZE..][..PAGE_SIZE], "pages beside the damaged one read");
         let err = f.read_exact_at(&mut b, 10 * page).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
         let mut all = Vec::new();
-        assert!(
-            (&f).read_to_end(&mut all).is_err(),
-            "a whole read fails on the damaged page"
-        );
+        assert!((&f).read_to_end(&mut all).is_err(), "a whole read fails on the damaged page");
         assert!(m.stats().errors.load(Ordering::Relaxed) > 0);
         drop(f);
         drop(m);
@@ -588,9 +463,6 @@ mod tests {
         // A plan whose recorded root is not the index's is refused before mounting.
         let mut bad = plan(&store, 5);
         bad.manifest.memory_root = ChunkId([1; 32]);
-        assert!(matches!(
-            bad.mount(store.clone(), Vec::new(), &at),
-            Err(RestoreError::RootMismatch { .. })
-        ));
+        assert!(matches!(bad.mount(store.clone(), Vec::new(), &at), Err(RestoreError::RootMismatch { .. })));
     }
 }

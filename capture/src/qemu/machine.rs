@@ -199,66 +199,34 @@ pub fn command(qemu: &Path, machine: &QemuMachine, run: &RunDir, launch: &Launch
             machine.memory_mib,
             from.memory().display()
         ),
-        _ => format!(
-            "memory-backend-file,id=mem,size={}M,mem-path={},share=on",
-            machine.memory_mib,
-            run.memory().display()
-        ),
+        _ => format!("memory-backend-file,id=mem,size={}M,mem-path={},share=on", machine.memory_mib, run.memory().display()),
     };
-    c.args([
-        "-name",
-        "remus-guest",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-    ])
-    .args(["-accel", &machine.accel])
-    // No self-description in the device-state stream (nothing reads it,
-    // and the loader would expect one).
-    .args(["-machine", "q35,memory-backend=mem,suppress-vmdesc=on"])
-    .args(["-m", &format!("{}M", machine.memory_mib)])
-    .args(["-smp", &machine.cpus.to_string()])
-    .args(["-object", &mem])
-    .arg("-kernel")
-    .arg(&machine.kernel)
-    .arg("-initrd")
-    .arg(&machine.initrd)
-    .args(["-append", &machine.append])
-    .args([
-        "-chardev",
-        &format!("file,id=serial0,path={},append=on", run.serial().display()),
-    ])
-    .args(["-serial", "chardev:serial0"])
-    .args([
-        "-qmp",
-        &format!("unix:{},server=on,wait=off", run.qmp().display()),
-    ])
-    .args([
-        "-netdev",
-        &format!(
-            "stream,id=net0,server=off,addr.type=unix,addr.path={}",
-            run.net().display()
-        ),
-    ])
-    .args([
-        "-device",
-        &format!("virtio-net-pci,netdev=net0,mac={},romfile=", machine.mac),
-    ]);
+    c.args(["-name", "remus-guest", "-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-accel", &machine.accel])
+        // No self-description in the device-state stream (nothing reads it,
+        // and the loader would expect one).
+        .args(["-machine", "q35,memory-backend=mem,suppress-vmdesc=on"])
+        .args(["-m", &format!("{}M", machine.memory_mib)])
+        .args(["-smp", &machine.cpus.to_string()])
+        .args(["-object", &mem])
+        .arg("-kernel")
+        .arg(&machine.kernel)
+        .arg("-initrd")
+        .arg(&machine.initrd)
+        .args(["-append", &machine.append])
+        .args(["-chardev", &format!("file,id=serial0,path={},append=on", run.serial().display())])
+        .args(["-serial", "chardev:serial0"])
+        .args(["-qmp", &format!("unix:{},server=on,wait=off", run.qmp().display())])
+        .args(["-netdev", &format!("stream,id=net0,server=off,addr.type=unix,addr.path={}", run.net().display())])
+        .args(["-device", &format!("virtio-net-pci,netdev=net0,mac={},romfile=", machine.mac)]);
     if machine.disk_mib > 0 {
         let blockdev = match launch {
             Launch::Protected { .. } => {
                 format!("driver=nbd,node-name=disk0,server.type=unix,server.path={},export=disk", run.nbd().display())
             }
-            Launch::Incoming => format!(
-                "driver=raw,node-name=disk0,file.driver=file,file.filename={}",
-                run.disk().display()
-            ),
+            Launch::Incoming => format!("driver=raw,node-name=disk0,file.driver=file,file.filename={}", run.disk().display()),
             Launch::IncomingReadOnly { .. } => {
-                format!(
-                    "driver=qcow2,node-name=disk0,file.driver=file,file.filename={}",
-                    run.overlay().display()
-                )
+                format!("driver=qcow2,node-name=disk0,file.driver=file,file.filename={}", run.overlay().display())
             }
         };
         c.args(["-blockdev", &blockdev]).args(["-device", "virtio-blk-pci,drive=disk0"]);

@@ -446,12 +446,7 @@ fn padded<'a>(stream: &'a [u8], i: usize, buf: &'a mut [u8; PAGE_SIZE]) -> &'a [
 ///
 /// # Errors
 /// [`CaptureError::Qemu`] when QEMU fails to start or load the state.
-pub fn resume(
-    qemu: &Path,
-    state: &QemuState,
-    run: &RunDir,
-    start: bool,
-) -> Result<(Child, Qmp), CaptureError> {
+pub fn resume(qemu: &Path, state: &QemuState, run: &RunDir, start: bool) -> Result<(Child, Qmp), CaptureError> {
     resume_launch(qemu, state, run, &Launch::Incoming, start)
 }
 
@@ -463,20 +458,10 @@ pub fn resume(
 /// # Errors
 /// As [`resume`]; [`CaptureError::Qemu`] when the overlay cannot be made
 /// (`qemu-img`, beside `qemu` or on the PATH).
-pub fn resume_read_only(
-    qemu: &Path,
-    state: &QemuState,
-    run: &RunDir,
-    from: &RunDir,
-    start: bool,
-) -> Result<(Child, Qmp), CaptureError> {
+pub fn resume_read_only(qemu: &Path, state: &QemuState, run: &RunDir, from: &RunDir, start: bool) -> Result<(Child, Qmp), CaptureError> {
     if state.machine.disk_mib > 0 {
         let img = qemu.with_file_name("qemu-img");
-        let img = if img.is_file() {
-            img
-        } else {
-            PathBuf::from("qemu-img")
-        };
+        let img = if img.is_file() { img } else { PathBuf::from("qemu-img") };
         let out = Command::new(&img)
             .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
             // qemu-img resolves a relative backing file from the overlay's directory.
@@ -485,28 +470,13 @@ pub fn resume_read_only(
             .output()
             .map_err(|e| CaptureError::Qemu(format!("{}: {e}", img.display())))?;
         if !out.status.success() {
-            return Err(CaptureError::Qemu(format!(
-                "creating the disk overlay: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
+            return Err(CaptureError::Qemu(format!("creating the disk overlay: {}", String::from_utf8_lossy(&out.stderr).trim())));
         }
     }
-    resume_launch(
-        qemu,
-        state,
-        run,
-        &Launch::IncomingReadOnly { from: from.clone() },
-        start,
-    )
+    resume_launch(qemu, state, run, &Launch::IncomingReadOnly { from: from.clone() }, start)
 }
 
-fn resume_launch(
-    qemu: &Path,
-    state: &QemuState,
-    run: &RunDir,
-    launch: &Launch,
-    start: bool,
-) -> Result<(Child, Qmp), CaptureError> {
+fn resume_launch(qemu: &Path, state: &QemuState, run: &RunDir, launch: &Launch, start: bool) -> Result<(Child, Qmp), CaptureError> {
     let vmstate = match launch {
         Launch::IncomingReadOnly { from } => from.vmstate(),
         _ => run.vmstate(),
@@ -520,10 +490,7 @@ fn resume_launch(
         // A stream of devices only loads as an incoming migration with
         // shared RAM: the RAM is already in the memory file.
         qmp.set_capabilities(&[("x-ignore-shared", true)])?;
-        qmp.execute(
-            "migrate-incoming",
-            Some(json!({ "uri": format!("file:{}", vmstate.display()) })),
-        )?;
+        qmp.execute("migrate-incoming", Some(json!({ "uri": format!("file:{}", vmstate.display()) })))?;
         qmp.wait_migration(Duration::from_secs(30))?;
         if start {
             qmp.cont_after_migration()?;

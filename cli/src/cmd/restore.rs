@@ -136,15 +136,9 @@ fn restore_from_s3(args: &RestoreArgs, to: &Path, target: Target) -> Result<Rest
             b.set_position(done);
         }
     };
-    let vm = crate::vm::restore_vm_files(&device_state, to, |segments| {
-        Ok(plan.execute_segments(&tier, segments, &mut show)?)
-    })
-    .with_context(|| format!("restoring from {}", s3.url()))?;
-    let (report, vm) = files_or_image(args, vm, || {
-        Ok(plan
-            .execute(&tier, to, &mut show)
-            .with_context(|| format!("restoring from {}", s3.url()))?)
-    })?;
+    let vm = crate::vm::restore_vm_files(&device_state, to, |segments| Ok(plan.execute_segments(&tier, segments, &mut show)?))
+        .with_context(|| format!("restoring from {}", s3.url()))?;
+    let (report, vm) = files_or_image(args, vm, || Ok(plan.execute(&tier, to, &mut show).with_context(|| format!("restoring from {}", s3.url()))?))?;
     if let Some(b) = pages {
         b.finish_and_clear();
     }
@@ -208,12 +202,8 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
         );
     }
     if let (true, Some((state, run))) = (args.run, vm) {
-        let qemu = args
-            .qemu_binary
-            .clone()
-            .unwrap_or_else(remus_capture::qemu::default_qemu);
-        let mut vm =
-            crate::vm::ResumedVm::start(&qemu, &state, run, None, args.tap.as_deref(), args.start)?;
+        let qemu = args.qemu_binary.clone().unwrap_or_else(remus_capture::qemu::default_qemu);
+        let mut vm = crate::vm::ResumedVm::start(&qemu, &state, run, None, args.tap.as_deref(), args.start)?;
         vm.release_qmp();
         println!(
             "guest {} epoch {} {} in qemu pid {}; qmp {}",
@@ -244,20 +234,16 @@ fn run_state(args: &RestoreArgs) -> &'static str {
 /// `--run` starts QEMU on the mounted files at once and serves until it
 /// exits.
 fn serve(args: &RestoreArgs, target: Target, at: &Path, t0: Instant) -> Result<()> {
-    let store = Arc::new(super::open_store_read_only(
-        args.store.as_deref(),
-        &args.data_dir,
-    )?);
+    let store = Arc::new(super::open_store_read_only(args.store.as_deref(), &args.data_dir)?);
     let plan = RestorePlan::new(&store, GuestId(args.guest), target)?;
-    let device_state = store
-        .chunk(&plan.manifest.device_state)
-        .context("reading the device state")?;
+    let device_state = store.chunk(&plan.manifest.device_state).context("reading the device state")?;
     let (state, files) = crate::vm::mount_files(&device_state, plan.manifest.page_count)?;
     let run = match (args.run, &state) {
         (false, _) => None,
         (true, None) => anyhow::bail!("--run needs a QEMU guest; guest {} is not one", args.guest),
         (true, Some(_)) => {
-            let to = args.to.as_deref().context("--mount --run needs --to DIR for QEMU's run directory (sockets, serial log, disk overlay)")?;
+            let to =
+                args.to.as_deref().context("--mount --run needs --to DIR for QEMU's run directory (sockets, serial log, disk overlay)")?;
             Some(remus_capture::qemu::RunDir::create(to)?)
         }
     };
@@ -269,21 +255,9 @@ fn serve(args: &RestoreArgs, target: Target, at: &Path, t0: Instant) -> Result<(
     let time = super::format_time(plan.manifest.time_unix_ns);
     let vm = match (run, state) {
         (Some(run), Some(state)) => {
-            let qemu = args
-                .qemu_binary
-                .clone()
-                .unwrap_or_else(remus_capture::qemu::default_qemu);
-            let from = remus_capture::qemu::RunDir {
-                dir: at.to_path_buf(),
-            };
-            let mut vm = crate::vm::ResumedVm::start(
-                &qemu,
-                &state,
-                run,
-                Some(&from),
-                args.tap.as_deref(),
-                args.start,
-            )?;
+            let qemu = args.qemu_binary.clone().unwrap_or_else(remus_capture::qemu::default_qemu);
+            let from = remus_capture::qemu::RunDir { dir: at.to_path_buf() };
+            let mut vm = crate::vm::ResumedVm::start(&qemu, &state, run, Some(&from), args.tap.as_deref(), args.start)?;
             vm.release_qmp();
             println!(
                 "guest {guest} epoch {epoch} ({time}) {} in qemu pid {} after {:.2} s, its files mounted at {}; qmp {}",
@@ -311,10 +285,7 @@ fn serve(args: &RestoreArgs, target: Target, at: &Path, t0: Instant) -> Result<(
     // mount goes (on its exit, Ctrl-C or SIGTERM).
     super::install_stop_handler();
     let mut vm = vm;
-    while !super::stop_requested()
-        && mounted.is_mounted()
-        && vm.as_mut().is_none_or(crate::vm::ResumedVm::running)
-    {
+    while !super::stop_requested() && mounted.is_mounted() && vm.as_mut().is_none_or(crate::vm::ResumedVm::running) {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     if let Some(mut vm) = vm {
@@ -323,14 +294,9 @@ fn serve(args: &RestoreArgs, target: Target, at: &Path, t0: Instant) -> Result<(
         }
     }
     let stats = mounted.stats();
-    let (pages, errors) = (
-        stats.pages_read.load(std::sync::atomic::Ordering::Relaxed),
-        stats.errors.load(std::sync::atomic::Ordering::Relaxed),
-    );
+    let (pages, errors) =
+        (stats.pages_read.load(std::sync::atomic::Ordering::Relaxed), stats.errors.load(std::sync::atomic::Ordering::Relaxed));
     mounted.unmount()?;
-    eprintln!(
-        "unmounted {}: {pages} pages read from the store, {errors} reads refused",
-        at.display()
-    );
+    eprintln!("unmounted {}: {pages} pages read from the store, {errors} reads refused", at.display());
     Ok(())
 }
