@@ -49,8 +49,6 @@ pub enum MountContent {
 /// What a mount has served so far.
 #[derive(Debug, Default)]
 pub struct MountStats {
-    /// Read requests answered.
-    pub reads: AtomicU64,
     /// Pages read from the store (zero pages are not read).
     pub pages_read: AtomicU64,
     /// Reads refused because a chunk was missing or damaged.
@@ -143,6 +141,18 @@ impl RestorePlan {
     /// manifest; store errors; [`RestoreError::Io`] when FUSE is missing or
     /// the mount is refused.
     pub fn mount(&self, store: Arc<Store>, files: Vec<MountFile>, at: &Path) -> Result<Mounted, RestoreError> {
+        for f in &files {
+            if let MountContent::Pages { first, len } = f.content {
+                let end = first.saturating_add(len.div_ceil(PAGE_SIZE as u64));
+                if end > self.manifest.page_count {
+                    let e = std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("{} spans pages {first}..{end}, beyond the guest's {} pages", f.name, self.manifest.page_count),
+                    );
+                    return Err(mount_error(at, "mounting", e));
+                }
+            }
+        }
         let pages = self.page_index(&store)?;
         let stats = Arc::new(MountStats::default());
         let fs = EpochFs { store, pages, files, stats: stats.clone(), uid: current_uid(), gid: current_gid() };
@@ -249,10 +259,8 @@ impl EpochFs {
         let mut buf = Vec::with_capacity(((p1 - p0) * page) as usize);
         let zero = zero_page_hash();
         for p in p0..p1 {
+            // In range: the mount checked each file's pages.
             let pfn = Pfn(first + p);
-            if pfn.0 >= self.pages.page_count() {
-                return Err(StoreError::Corrupt(format!("page {} beyond the guest's memory", pfn.0)));
-            }
             let id = self.pages.get(pfn);
             if id == zero {
                 buf.resize(buf.len() + PAGE_SIZE, 0);
@@ -315,7 +323,6 @@ impl Filesystem for EpochFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.stats.reads.fetch_add(1, Ordering::Relaxed);
         let Some(file) = self.file(ino) else {
             return reply.error(Errno::ENOENT);
         };
@@ -460,6 +467,10 @@ mod tests {
         drop(m);
         assert!(!at.join("memory").exists(), "unmounted on drop");
 
+        // A file reaching past the guest's memory is refused before mounting.
+        let past = vec![MountFile { name: "past".into(), content: MountContent::Pages { first: 99, len: 2 * page } }];
+        let err = plan(&store, 5).mount(store.clone(), past, &at).unwrap_err().to_string();
+        assert!(err.contains("past spans pages 99..101, beyond the guest's 100 pages"), "{err}");
         // A plan whose recorded root is not the index's is refused before mounting.
         let mut bad = plan(&store, 5);
         bad.manifest.memory_root = ChunkId([1; 32]);

@@ -189,18 +189,29 @@ pub enum Launch {
     },
 }
 
+impl Launch {
+    /// Where the checkpoint's memory and device-state files are: `from`
+    /// for a read-only resume, else `run`.
+    #[must_use]
+    pub(crate) fn checkpoint<'a>(&'a self, run: &'a RunDir) -> &'a RunDir {
+        match self {
+            Self::IncomingReadOnly { from } => from,
+            _ => run,
+        }
+    }
+}
+
 /// The QEMU command for `machine` in `run`.
 #[must_use]
 pub fn command(qemu: &Path, machine: &QemuMachine, run: &RunDir, launch: &Launch) -> Command {
     let mut c = Command::new(qemu);
-    let mem = match launch {
-        Launch::IncomingReadOnly { from } => format!(
-            "memory-backend-file,id=mem,size={}M,mem-path={},share=off,readonly=on,rom=off",
-            machine.memory_mib,
-            from.memory().display()
-        ),
-        _ => format!("memory-backend-file,id=mem,size={}M,mem-path={},share=on", machine.memory_mib, run.memory().display()),
-    };
+    // A read-only checkpoint is mapped privately: the guest's writes stay in QEMU.
+    let sharing = if matches!(launch, Launch::IncomingReadOnly { .. }) { "share=off,readonly=on,rom=off" } else { "share=on" };
+    let mem = format!(
+        "memory-backend-file,id=mem,size={}M,mem-path={},{sharing}",
+        machine.memory_mib,
+        launch.checkpoint(run).memory().display()
+    );
     c.args(["-name", "remus-guest", "-nodefaults", "-no-user-config", "-display", "none"])
         .args(["-accel", &machine.accel])
         // No self-description in the device-state stream (nothing reads it,

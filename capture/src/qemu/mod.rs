@@ -477,10 +477,7 @@ pub fn resume_read_only(qemu: &Path, state: &QemuState, run: &RunDir, from: &Run
 }
 
 fn resume_launch(qemu: &Path, state: &QemuState, run: &RunDir, launch: &Launch, start: bool) -> Result<(Child, Qmp), CaptureError> {
-    let vmstate = match launch {
-        Launch::IncomingReadOnly { from } => from.vmstate(),
-        _ => run.vmstate(),
-    };
+    let vmstate = launch.checkpoint(run).vmstate();
     let mut child = spawn(command(qemu, &state.machine, run, launch))?;
     let mut qmp = match Qmp::connect(&run.qmp(), Duration::from_secs(20)) {
         Ok(q) => q,

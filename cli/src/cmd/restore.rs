@@ -253,7 +253,7 @@ fn serve(args: &RestoreArgs, target: Target, at: &Path, t0: Instant) -> Result<(
     let mounted = plan.mount(store, files, at)?;
     let (guest, epoch) = (args.guest, plan.manifest.epoch.0);
     let time = super::format_time(plan.manifest.time_unix_ns);
-    let vm = match (run, state) {
+    let mut vm = match (run, state) {
         (Some(run), Some(state)) => {
             let qemu = args.qemu_binary.clone().unwrap_or_else(remus_capture::qemu::default_qemu);
             let from = remus_capture::qemu::RunDir { dir: at.to_path_buf() };
@@ -284,7 +284,6 @@ fn serve(args: &RestoreArgs, target: Target, at: &Path, t0: Instant) -> Result<(
     // QEMU's RAM is the mount's memory file: it is stopped before the
     // mount goes (on its exit, Ctrl-C or SIGTERM).
     super::install_stop_handler();
-    let mut vm = vm;
     while !super::stop_requested() && mounted.is_mounted() && vm.as_mut().is_none_or(crate::vm::ResumedVm::running) {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
