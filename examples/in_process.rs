@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use remus_capture::ArenaConfig;
-use remus_cli::backup::{Backup, BackupOptions};
-use remus_cli::primary::{GuestKind, Primary, PrimaryOptions};
+use remus_node::{Backup, BackupOptions, FailoverAction, GuestKind, Primary, PrimaryOptions};
 use remus_restore::{image_root, RestorePlan, Target};
 use remus_types::GuestId;
 use remus_wan::driver::BackupLinkConfig;
@@ -25,7 +24,7 @@ fn main() -> Result<()> {
         store: dir.path().join("store"),
         tls: tls.clone(),
         link: BackupLinkConfig::default(),
-        failover: remus_cli::replica::FailoverAction::Record,
+        failover: FailoverAction::Record,
         s3: None,
         retention: None,
     })?;

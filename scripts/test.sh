@@ -10,7 +10,11 @@ start=$(date +%s)
 # test guest's initramfs (both idempotent and quick when done before).
 bash scripts/qemu-deps.sh >/dev/null
 bash guest/build.sh >/dev/null
+# The house style and lints first: a format or lint slip fails fast.
+cargo fmt --all --check
 cargo build --release --workspace --all-targets
 echo "build: $(( $(date +%s) - start )) s" >&2
+cargo clippy --release --workspace --all-targets --quiet -- -D warnings
+echo "build and lints: $(( $(date +%s) - start )) s" >&2
 cargo test --release --workspace
 echo "build and tests: $(( $(date +%s) - start )) s" >&2

@@ -120,8 +120,7 @@ fn separate_processes_replicate_survive_a_backup_restart_and_restore_byte_exact(
     assert!(line.starts_with(&format!("guest 1 epoch {e} (")) && line.contains("mounted at"), "{line}");
     let image = std::fs::read(mnt.join("memory")).unwrap();
     assert_eq!(MemoryDigest::of_image(&image).to_hex(), roots[&e], "mounted epoch {e} is not byte-exact");
-    // SAFETY: signalling our own child.
-    assert_eq!(unsafe { libc::kill(served.id() as i32, libc::SIGTERM) }, 0);
+    remus_sys::signal(served.id(), libc::SIGTERM).expect("signalling our own child");
     let out = served.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");

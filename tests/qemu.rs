@@ -49,11 +49,9 @@ impl Netns {
     /// joins it for the connect (a socket stays in the namespace it was
     /// made in), then returns to the test's own.
     fn connect(&self, addr: &str, limit: Duration) -> TcpStream {
-        use std::os::fd::AsRawFd;
         let own = std::fs::File::open("/proc/thread-self/ns/net").expect("own netns");
         let target = std::fs::File::open(format!("/var/run/netns/{}", self.name)).expect("test netns");
-        // SAFETY: setns on this thread with namespace fds we hold open.
-        assert_eq!(unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+        remus_sys::enter_net_namespace(&target).expect("entering the test namespace");
         let deadline = Instant::now() + limit;
         let stream = loop {
             match TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2)) {
@@ -64,8 +62,7 @@ impl Netns {
                 Err(e) => break Err(e),
             }
         };
-        // SAFETY: as above, back to the namespace we came from.
-        assert_eq!(unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns back");
+        remus_sys::enter_net_namespace(&own).expect("back to our own namespace");
         stream.unwrap_or_else(|e| panic!("connecting to {addr} in the test namespace: {e}"))
     }
 }

@@ -10,7 +10,8 @@ use std::time::Instant;
 use remus_types::{Checkpoint, EpochId, PAGE_SIZE};
 
 use crate::engine::ProtectedGuest;
-use crate::sys::{Mapping, PiMutex, WriteProtectScanner};
+use crate::dirty::DirtyTracker;
+use remus_sys::{Mapping, PiMutex, WriteProtectScanner};
 use crate::workload::{self, WorkloadConfig};
 use crate::{CaptureError, OutputBuffer};
 
@@ -54,15 +55,10 @@ pub(crate) struct Shared {
     pub(crate) output: Arc<OutputBuffer<Vec<u8>>>,
 }
 
-enum Tracker {
-    WriteProtect(WriteProtectScanner),
-    Hash(Vec<[u8; 16]>),
-}
-
 /// A running arena guest.
 pub struct ArenaGuest {
     shared: Arc<Shared>,
-    tracker: Tracker,
+    tracker: DirtyTracker,
     workload: Option<JoinHandle<()>>,
     pfns: Vec<u64>,
     last_dirty: usize,
@@ -83,23 +79,7 @@ impl ArenaGuest {
         cfg.workload.validate().map_err(CaptureError::Config)?;
         let len = usize::try_from(cfg.memory_mib << 20).map_err(|_| CaptureError::Config("memory too large".into()))?;
         let mapping = Mapping::memfd("remus-arena", len).map_err(CaptureError::Memory)?;
-        let tracker = match cfg.tracking {
-            TrackingMode::Hash => Tracker::Hash(hash_pages(mapping.as_slice())),
-            TrackingMode::WriteProtect => {
-                Tracker::WriteProtect(WriteProtectScanner::arm(&mapping).map_err(CaptureError::Tracking)?)
-            }
-            TrackingMode::Auto => match WriteProtectScanner::arm(&mapping) {
-                Ok(s) => Tracker::WriteProtect(s),
-                Err(e) => {
-                    tracing::warn!(
-                        error = %e,
-                        "userfaultfd write-protect + PAGEMAP_SCAN unavailable (needs Linux >= 6.7); \
-                         falling back to hashing every page each epoch, which is far slower"
-                    );
-                    Tracker::Hash(hash_pages(mapping.as_slice()))
-                }
-            },
-        };
+        let tracker = DirtyTracker::choose(cfg.tracking, &mapping, || WriteProtectScanner::arm(&mapping).map_err(CaptureError::Tracking))?;
         let shared = Arc::new(Shared {
             page_count: (len / PAGE_SIZE) as u64,
             memory: PiMutex::new(mapping),
@@ -120,7 +100,7 @@ impl ArenaGuest {
     /// True when dirty pages are found by write-protect scanning.
     #[must_use]
     pub fn exact_tracking(&self) -> bool {
-        matches!(self.tracker, Tracker::WriteProtect(_))
+        self.tracker.exact()
     }
 
     /// Pages written by the workload so far.
@@ -172,7 +152,7 @@ impl ProtectedGuest for ArenaGuest {
         self.stop_workload();
     }
 
-    fn checkpoint(&mut self, epoch: EpochId, cp: &mut Checkpoint) -> Result<(), CaptureError> {
+    fn checkpoint(&mut self, epoch: EpochId, cp: &mut Checkpoint, paused: &mut dyn FnMut()) -> Result<(), CaptureError> {
         if self.workload.as_ref().is_some_and(JoinHandle::is_finished) && !self.shared.stop.load(Ordering::Relaxed) {
             return Err(CaptureError::Stopped("workload thread exited".into()));
         }
@@ -183,28 +163,15 @@ impl ProtectedGuest for ArenaGuest {
             cp.pages = vec![0u8; estimate];
             cp.pages.fill(1);
         }
-        // Two-phase scan. Phase one runs with the guest running: it takes
-        // (and re-protects) every page written so far in the epoch, which
-        // is most of them. Phase two, paused, finds only the pages written
-        // since phase one, so the pause pays the per-page cost of
-        // re-protection for a handful of pages. A page in either set is
-        // copied inside the pause, so the checkpoint holds its content at
-        // the pause; a write racing phase one lands in phase two's set.
+        // Two-phase collection (see `dirty`): most pages are taken before
+        // the pause, the few written since inside it.
         self.pfns.clear();
-        if let Tracker::WriteProtect(s) = &mut self.tracker {
-            s.collect(&mut self.pfns).map_err(CaptureError::Tracking)?;
-        }
+        self.tracker.collect_running(&mut self.pfns)?;
         let t0 = Instant::now();
         self.shared.pause.store(true, Ordering::Release);
         let mem = self.shared.memory.lock();
-        self.shared.output.seal(epoch);
-        let result = match &mut self.tracker {
-            Tracker::WriteProtect(s) => s.collect(&mut self.pfns).map_err(CaptureError::Tracking),
-            Tracker::Hash(hashes) => {
-                diff_hashes(mem.as_slice(), hashes, &mut self.pfns);
-                Ok(())
-            }
-        };
+        paused();
+        let result = self.tracker.collect_paused(mem.as_slice(), &mut self.pfns);
         if let Err(e) = result {
             drop(mem);
             self.shared.pause.store(false, Ordering::Release);
@@ -236,24 +203,5 @@ impl ProtectedGuest for ArenaGuest {
 impl Drop for ArenaGuest {
     fn drop(&mut self) {
         self.stop_workload();
-    }
-}
-
-/// First 16 bytes of the page's blake3: enough to notice a change.
-fn page_fingerprint(page: &[u8]) -> [u8; 16] {
-    remus_types::page_hash(page).0[..16].try_into().expect("16 bytes")
-}
-
-pub(crate) fn hash_pages(mem: &[u8]) -> Vec<[u8; 16]> {
-    mem.chunks_exact(PAGE_SIZE).map(page_fingerprint).collect()
-}
-
-pub(crate) fn diff_hashes(mem: &[u8], hashes: &mut [[u8; 16]], out: &mut Vec<u64>) {
-    for (i, page) in mem.chunks_exact(PAGE_SIZE).enumerate() {
-        let h = page_fingerprint(page);
-        if hashes[i] != h {
-            hashes[i] = h;
-            out.push(i as u64);
-        }
     }
 }

@@ -1,16 +1,28 @@
-//! The epoch engine, a small state machine in the spirit of raft-rs
-//! `RawNode`: [`EpochEngine::seal`] pauses the guest, takes everything the
-//! epoch changed and resumes it at once (speculative execution);
-//! [`EpochEngine::ack`] advances on the backup's acknowledgement.
+//! The epoch engine: a sans-IO state machine in the spirit of raft-rs
+//! `RawNode` and quinn-proto's `Connection`. It owns no thread, no clock
+//! and no socket: the driver passes time in ([`EpochEngine::handle_timeout`]
+//! with the instant, [`EpochEngine::poll_timeout`] for when to call next)
+//! and acknowledgements in ([`EpochEngine::handle_ack`]), and does the I/O
+//! with what comes out (checkpoints to send, output to release).
 //!
-//! Ordering rule: output the guest produced during epoch `N` is released
-//! by `ack(M)` only for `M >= N`; nothing is released for an epoch the
-//! backup has not durably committed. Acks may arrive late or be skipped
-//! (an ack of `M` implies every epoch `<= M`).
+//! Per epoch the engine has the guest pause, seals the epoch's output
+//! while the guest is paused (so everything the guest emitted before the
+//! pause belongs to this epoch or an earlier one), takes the pages it
+//! wrote, and has it resume at once (speculative execution).
+//!
+//! Ordering rule, owned here and nowhere else: output the guest produced
+//! during epoch `N` is released by [`EpochEngine::handle_ack`] for an ack
+//! of some `M >= N`, and only there; never before, never twice. Acks may
+//! arrive late, repeated or out of order (a reconnect replays the backup's
+//! committed epoch): an ack of `M` implies every epoch `<= M`, an ack at
+//! or below the highest seen releases nothing, and an ack beyond the last
+//! sealed epoch counts only up to it (the open epoch's output is not
+//! sealed, so it cannot have been acknowledged).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use remus_types::{now_unix_nanos, Checkpoint, EpochId, GuestId};
+use remus_types::{Checkpoint, EpochId, GuestId};
 
 use crate::{CaptureError, OutputBuffer};
 
@@ -19,13 +31,14 @@ pub trait ProtectedGuest: Send {
     /// Memory size in pages.
     fn page_count(&self) -> u64;
 
-    /// Pauses the guest, seals `epoch` (its output included), fills `cp`
-    /// with the pages written since the previous checkpoint, the device
-    /// state and the pause duration, and resumes the guest.
+    /// Pauses the guest, calls `paused` exactly once while it is paused
+    /// (before the epoch's dirty pages are collected), fills `cp` with the
+    /// pages written since the previous checkpoint, the device state and
+    /// the pause duration, and resumes the guest (unless quiesced).
     ///
     /// # Errors
     /// Any failure to pause, track or copy; the guest is resumed regardless.
-    fn checkpoint(&mut self, epoch: EpochId, cp: &mut Checkpoint) -> Result<(), CaptureError>;
+    fn checkpoint(&mut self, epoch: EpochId, cp: &mut Checkpoint, paused: &mut dyn FnMut()) -> Result<(), CaptureError>;
 
     /// True when dirty pages are found exactly by write-protect scanning
     /// (false: by hashing every page).
@@ -41,8 +54,8 @@ impl<G: ProtectedGuest + ?Sized> ProtectedGuest for Box<G> {
         (**self).page_count()
     }
 
-    fn checkpoint(&mut self, epoch: EpochId, cp: &mut Checkpoint) -> Result<(), CaptureError> {
-        (**self).checkpoint(epoch, cp)
+    fn checkpoint(&mut self, epoch: EpochId, cp: &mut Checkpoint, paused: &mut dyn FnMut()) -> Result<(), CaptureError> {
+        (**self).checkpoint(epoch, cp, paused)
     }
 
     fn exact_tracking(&self) -> bool {
@@ -54,40 +67,109 @@ impl<G: ProtectedGuest + ?Sized> ProtectedGuest for Box<G> {
     }
 }
 
+/// Where the engine is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Sealing an epoch every period.
+    Running,
+    /// Asked to stop: the next seal is the last, with the guest held still.
+    Stopping,
+    /// The last epoch is sealed; only acknowledgements remain.
+    Sealed,
+}
+
 /// Drives a [`ProtectedGuest`] epoch by epoch.
 pub struct EpochEngine<G> {
     guest: G,
     id: GuestId,
+    period: Duration,
+    /// When the next epoch is due; `None` once the last one is sealed.
+    due: Option<Instant>,
+    phase: Phase,
     next: EpochId,
     acked: EpochId,
     output: Arc<OutputBuffer<Vec<u8>>>,
 }
 
 impl<G: ProtectedGuest> EpochEngine<G> {
-    /// An engine for `guest` whose output is held in `output`; the first
-    /// sealed epoch is 1.
-    pub fn new(id: GuestId, guest: G, output: Arc<OutputBuffer<Vec<u8>>>) -> Self {
-        Self { guest, id, next: EpochId(1), acked: EpochId(0), output }
+    /// An engine for `guest` whose output is held in `output`, sealing an
+    /// epoch every `period` from `now` on; the first sealed epoch is 1.
+    pub fn new(id: GuestId, guest: G, output: Arc<OutputBuffer<Vec<u8>>>, period: Duration, now: Instant) -> Self {
+        Self { guest, id, period, due: Some(now + period), phase: Phase::Running, next: EpochId(1), acked: EpochId(0), output }
     }
 
-    /// Seals the current epoch and returns its checkpoint.
+    /// When [`Self::handle_timeout`] is next due; `None` once the last
+    /// epoch is sealed.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.due
+    }
+
+    /// Seals the epoch when it is due at `now` (`unix_ns` is the wall
+    /// clock at `now`, recorded in the checkpoint) and schedules the next
+    /// one a period later; a late call does not make the next epochs come
+    /// in a burst.
     ///
     /// # Errors
     /// What the guest's checkpoint returned.
-    pub fn seal(&mut self) -> Result<Checkpoint, CaptureError> {
-        let mut cp = Checkpoint { guest: self.id, time_unix_ns: now_unix_nanos(), ..Checkpoint::default() };
-        self.guest.checkpoint(self.next, &mut cp)?;
-        self.next = self.next.next();
+    pub fn handle_timeout(&mut self, now: Instant, unix_ns: u64) -> Result<Option<Checkpoint>, CaptureError> {
+        let Some(due) = self.due.filter(|d| now >= *d) else { return Ok(None) };
+        let last = self.phase == Phase::Stopping;
+        if last {
+            self.guest.quiesce();
+        }
+        let cp = self.seal(unix_ns)?;
+        if last {
+            self.phase = Phase::Sealed;
+            self.due = None;
+        } else {
+            let next = due + self.period;
+            self.due = Some(if next <= now { now + self.period } else { next });
+        }
+        Ok(Some(cp))
+    }
+
+    /// Asks for one last epoch, with the guest held still, at the next
+    /// timeout: the backup then ends with exactly the guest's final state.
+    pub fn stop(&mut self) {
+        if self.phase == Phase::Running {
+            self.phase = Phase::Stopping;
+        }
+    }
+
+    /// Seals the current epoch at once, outside the schedule (for tests
+    /// and benchmarks), and returns its checkpoint.
+    ///
+    /// # Errors
+    /// What the guest's checkpoint returned.
+    pub fn seal(&mut self, unix_ns: u64) -> Result<Checkpoint, CaptureError> {
+        let mut cp = Checkpoint { guest: self.id, time_unix_ns: unix_ns, ..Checkpoint::default() };
+        let epoch = self.next;
+        let output = &self.output;
+        let mut sealed = false;
+        self.guest.checkpoint(epoch, &mut cp, &mut || {
+            output.seal(epoch);
+            sealed = true;
+        })?;
+        if !sealed {
+            // A guest that never paused for the seal: its output cannot be
+            // attributed to an epoch, so nothing of it may be released.
+            return Err(CaptureError::Stopped("the guest checkpointed without pausing for the output seal".into()));
+        }
+        self.next = epoch.next();
         Ok(cp)
     }
 
-    /// Records that the backup durably committed every epoch `<= epoch` and
-    /// returns the output those epochs produced, in order.
-    pub fn ack(&mut self, epoch: EpochId) -> Vec<Vec<u8>> {
-        if epoch > self.acked {
-            self.acked = epoch;
+    /// Records that the backup durably committed every epoch `<= epoch`
+    /// and returns the output those epochs produced, in order: the one
+    /// place output is released.
+    pub fn handle_ack(&mut self, epoch: EpochId) -> Vec<Vec<u8>> {
+        let sealed = self.sealed();
+        let epoch = epoch.min(sealed);
+        if epoch <= self.acked {
+            return Vec::new();
         }
-        self.output.release(self.acked)
+        self.acked = epoch;
+        self.output.release(epoch)
     }
 
     /// Highest acknowledged epoch.
@@ -95,9 +177,20 @@ impl<G: ProtectedGuest> EpochEngine<G> {
         self.acked
     }
 
-    /// The next epoch to be sealed.
-    pub fn next_epoch(&self) -> EpochId {
-        self.next
+    /// The last sealed epoch (0 before the first).
+    pub fn sealed(&self) -> EpochId {
+        EpochId(self.next.0 - 1)
+    }
+
+    /// True once the last epoch is sealed and acknowledged: nothing is
+    /// left to release.
+    pub fn finished(&self) -> bool {
+        self.phase == Phase::Sealed && self.acked == self.sealed()
+    }
+
+    /// True once the last epoch is sealed.
+    pub fn all_sealed(&self) -> bool {
+        self.phase == Phase::Sealed
     }
 
     /// The guest.

@@ -8,24 +8,29 @@
 //! scan of memory.
 //!
 //! Output commit lives here too: [`OutputBuffer`] holds what the guest
-//! emits, per epoch, until [`EpochEngine::ack`] says the backup committed it.
+//! emits, per epoch; the engine seals it inside each pause and releases it
+//! only in [`EpochEngine::handle_ack`], when the backup committed it.
 //!
-//! Backends: [`ArenaGuest`], an in-process guest with a built-in workload;
-//! [`qemu::QemuGuest`], a real virtual machine.
+//! The engine is sans-IO (see [`engine`](EpochEngine)): time and
+//! acknowledgements are fed in by a driver (the primary runtime in
+//! `remus-node`), so it is tested on a virtual clock with a fake guest.
+//!
+//! Guests: [`ArenaGuest`], an in-process guest with a built-in workload;
+//! the QEMU guest lives in `remus-qemu` and uses the same
+//! [`DirtyTracker`] and [`ProtectedGuest`] trait.
 
 mod arena;
+mod dirty;
 mod engine;
 mod error;
 mod output;
-pub mod qemu;
-mod sys;
 mod workload;
 
 pub use arena::{ArenaConfig, ArenaGuest, TrackingMode};
+pub use dirty::DirtyTracker;
 pub use engine::{EpochEngine, ProtectedGuest};
 pub use error::CaptureError;
 pub use output::OutputBuffer;
-pub use sys::{Mapping, WriteProtectScanner};
 pub use workload::{ContentMix, WorkloadConfig};
 
 #[cfg(test)]

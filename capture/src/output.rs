@@ -19,12 +19,11 @@ pub struct OutputBuffer<T> {
 struct Inner<T> {
     open: EpochId,
     held: VecDeque<(EpochId, T)>,
-    released: EpochId,
 }
 
 impl<T> Default for OutputBuffer<T> {
     fn default() -> Self {
-        Self { inner: Mutex::new(Inner { open: EpochId(1), held: VecDeque::new(), released: EpochId(0) }) }
+        Self { inner: Mutex::new(Inner { open: EpochId(1), held: VecDeque::new() }) }
     }
 }
 
@@ -38,21 +37,19 @@ impl<T> OutputBuffer<T> {
     }
 
     /// Closes `epoch`: later pushes belong to `epoch + 1`. Called by the
-    /// engine while the guest is paused.
-    pub fn seal(&self, epoch: EpochId) {
+    /// engine while the guest is paused, and only there.
+    pub(crate) fn seal(&self, epoch: EpochId) {
         let mut g = self.inner.lock();
         g.open = epoch.next();
     }
 
     /// Releases, in order, everything produced by epochs `<= acked`.
-    pub fn release(&self, acked: EpochId) -> Vec<T> {
+    /// Called by the engine on an acknowledgement, and only there.
+    pub(crate) fn release(&self, acked: EpochId) -> Vec<T> {
         let mut g = self.inner.lock();
         let mut out = Vec::new();
         while g.held.front().is_some_and(|(e, _)| *e <= acked) {
             out.push(g.held.pop_front().expect("front exists").1);
-        }
-        if acked > g.released {
-            g.released = acked;
         }
         out
     }
@@ -60,11 +57,6 @@ impl<T> OutputBuffer<T> {
     /// Number of items still held.
     pub fn held(&self) -> usize {
         self.inner.lock().held.len()
-    }
-
-    /// Highest epoch released so far.
-    pub fn released_epoch(&self) -> EpochId {
-        self.inner.lock().released
     }
 }
 
@@ -84,6 +76,5 @@ mod tests {
         assert_eq!(b.release(EpochId(1)), vec!["a"]);
         assert_eq!(b.held(), 2);
         assert_eq!(b.release(EpochId(3)), vec!["b", "c"]);
-        assert_eq!(b.released_epoch(), EpochId(3));
     }
 }

@@ -31,8 +31,8 @@ fn run(mib: u64, epochs: usize, tracking: Option<TrackingMode>) -> Run {
     let out = Arc::new(OutputBuffer::default());
     let cfg = ArenaConfig { memory_mib: mib, tracking: tracking.unwrap_or(TrackingMode::WriteProtect), ..ArenaConfig::default() };
     let guest = ArenaGuest::start(&cfg, Arc::clone(&out)).expect("arena guest");
-    let mut engine = EpochEngine::new(GuestId(1), guest, out);
-    remus_cli::primary::raise_priority();
+    let mut engine = EpochEngine::new(GuestId(1), guest, out, Duration::from_millis(25), Instant::now());
+    remus_sys::raise_priority();
     let mut enc = PageEncoder::new(EncoderConfig::default());
     let mut r = Run { pauses: Vec::new(), dirty: 0, wire: 0 };
     let period = Duration::from_millis(25);
@@ -52,7 +52,7 @@ fn run(mib: u64, epochs: usize, tracking: Option<TrackingMode>) -> Run {
             std::hint::black_box(&copy);
             continue;
         }
-        let cp = engine.seal().expect("seal");
+        let cp = engine.seal(remus_types::now_unix_nanos()).expect("seal");
         r.pauses.push(cp.pause_ns);
         r.dirty += cp.pfns.len() as u64;
         let mut w = Writer::default();

@@ -29,7 +29,8 @@ use std::time::Instant;
 
 use rand::{Rng, RngCore, SeedableRng};
 use remus_restore::{MountContent, MountFile, RestorePlan, Target};
-use remus_store::{content_id, EpochCommit, Store, StoreOptions, StoredChunk};
+use remus_types::content_id;
+use remus_store::{EpochCommit, Store, StoreOptions, StoredChunk};
 use remus_types::{EpochId, GuestId, MemoryDigest, Pfn, PAGE_SIZE};
 
 /// Bytes of the files under `p`, leaving out RocksDB's write-ahead logs
@@ -189,8 +190,7 @@ fn timed(cmd: &mut Command) -> f64 {
 /// Writes back everything dirty before a restore is timed, so no tool's
 /// restore shares the disk with the writeback of what ran before it.
 fn settle() {
-    // SAFETY: sync(2) takes no arguments and cannot fail.
-    unsafe { libc::sync() };
+    remus_sys::sync_all();
 }
 
 /// Syncs a restored image (the second restore time of each tool).
@@ -241,7 +241,7 @@ fn lazy(store: &std::sync::Arc<Store>, epoch: EpochId, image: &[u8], changed: &[
 }
 
 fn main() {
-    remus_cli::keep_freed_memory();
+    remus_sys::keep_freed_memory();
     let mib: usize = std::env::var("REMUS_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
     let pages = mib << 20 >> 12;
     let base = std::env::var_os("REMUS_BENCH_DIR").map_or_else(std::env::temp_dir, std::path::PathBuf::from);

@@ -22,7 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use remus_capture::qemu::{Egress, QemuConfig, QemuGuest, QemuMachine, RunDir};
+use remus_qemu::{Egress, QemuConfig, QemuGuest, QemuMachine, RunDir};
 use remus_capture::{ProtectedGuest, TrackingMode};
 use remus_types::{Checkpoint, EpochId};
 
@@ -96,9 +96,7 @@ fn run_ok(cmd: &mut Command) {
 /// Moves this process into a network namespace of its own, with a bridge
 /// (10.0.2.1/24; the guest is .15) and two TAPs on it.
 fn enter_private_netns() {
-    // SAFETY: plain syscall; affects only this (single-threaded so far) process.
-    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "unshare(CLONE_NEWNET) failed (run as root): {}", std::io::Error::last_os_error());
+    remus_sys::unshare_net_namespace().expect("unshare(CLONE_NEWNET) failed (run as root)");
     for cmd in guest::BRIDGE_AND_TAPS {
         let args: Vec<&str> = cmd.split(' ').collect();
         run_ok(Command::new(args[0]).args(&args[1..]));
@@ -176,7 +174,7 @@ fn checkpoints_only(kernel: &Path, initrd: &Path, mib: u64, jobs: usize, work: &
     let run_dir = PathBuf::from(format!("/dev/shm/remus-bench-u{}", std::process::id()));
     let cfg = QemuConfig {
         machine: machine(kernel, initrd, mib),
-        qemu: remus_capture::qemu::default_qemu(),
+        qemu: remus_qemu::default_qemu(),
         disk: Some(work.join(format!("disk-u{mib}.img"))),
         tap: Some("tap-p".into()),
         run_dir: run_dir.clone(),
@@ -187,7 +185,7 @@ fn checkpoints_only(kernel: &Path, initrd: &Path, mib: u64, jobs: usize, work: &
     };
     let mut guest = QemuGuest::start(&cfg, Egress::Direct).expect("QEMU");
     // One checkpoint starts it (QEMU is launched paused).
-    guest.checkpoint(EpochId(1), &mut Checkpoint::default()).expect("start");
+    guest.checkpoint(EpochId(1), &mut Checkpoint::default(), &mut || {}).expect("start");
     wait_ready(&RunDir { dir: run_dir.clone() }.serial(), None);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop2 = std::sync::Arc::clone(&stop);
@@ -196,7 +194,7 @@ fn checkpoints_only(kernel: &Path, initrd: &Path, mib: u64, jobs: usize, work: &
         let mut e = 2;
         while let Some(hz) = hz.filter(|_| !stop2.load(std::sync::atomic::Ordering::Relaxed)) {
             std::thread::sleep(Duration::from_secs_f64(1.0 / f64::from(hz)));
-            guest.checkpoint(EpochId(e), &mut cp).expect("checkpoint");
+            guest.checkpoint(EpochId(e), &mut cp, &mut || {}).expect("checkpoint");
             e += 1;
         }
         guest

@@ -150,7 +150,7 @@ pub struct ProtectConfig {
     /// The arena guest.
     pub arena: ArenaConfig,
     /// A QEMU guest.
-    pub qemu: crate::vm::QemuSettings,
+    pub qemu: crate::qemu_settings::QemuSettings,
 }
 
 
@@ -164,7 +164,7 @@ impl Default for ProtectConfig {
             heartbeat_ms: 50,
             backup_timeout_ms: 500,
             arena: ArenaConfig::default(),
-            qemu: crate::vm::QemuSettings::default(),
+            qemu: crate::qemu_settings::QemuSettings::default(),
         }
     }
 }

@@ -1,34 +1,15 @@
 //! The remus command line, as a library the two thin binaries share:
 //! `remus` (demo, protect, backup, log, keygen) and `remus-restore`.
 //!
-//! Runtime pieces: [`primary::Primary`] (engine + link), [`backup::Backup`]
-//! (store + endpoint + [`replica::StoreReplica`]); one module per
+//! Argument parsing, configuration and presentation only: the runtimes
+//! (primary, backup, failover) live in `remus-node`. One module per
 //! subcommand under [`cmd`]; options also read from a TOML file
-//! ([`config::Config`]).
+//! ([`config::Config`]); [`summary`] shows a primary's statistics.
 
-pub mod backup;
 pub mod cmd;
 pub mod config;
-pub mod primary;
-pub mod replica;
-pub mod stats;
-pub mod vm;
-
-/// Keeps memory the process frees for reuse rather than handing it back
-/// to the kernel at once (glibc unmaps blocks above a threshold and trims
-/// the heap top on free). Epochs allocate and free buffers of similar
-/// sizes over and over; returned memory comes back as fresh zeroed pages,
-/// one fault per 4 KiB, which measured costlier than the copying itself
-/// (see docs/benchmarks.md, history). Call first thing in `main`.
-pub fn keep_freed_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only sets allocator parameters; it is called before
-    // other threads start.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
-    }
-}
+pub mod qemu_settings;
+pub mod summary;
 
 /// Sets up `tracing` logs on stderr (`RUST_LOG` overrides the level).
 pub fn init_logging(verbose: bool) {

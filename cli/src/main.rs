@@ -28,7 +28,7 @@ enum Command {
     /// Primary and backup on loopback, then verified restores.
     Demo(cmd::demo::DemoArgs),
     /// Protect a guest, replicating to a backup.
-    Protect(cmd::protect::ProtectArgs),
+    Protect(Box<cmd::protect::ProtectArgs>),
     /// Keep replicas of primaries.
     Backup(cmd::backup::BackupArgs),
     /// List committed epochs.
@@ -44,7 +44,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    remus_cli::keep_freed_memory();
+    remus_sys::keep_freed_memory();
     let cli = Cli::parse();
     remus_cli::init_logging(cli.verbose);
     let run = || -> anyhow::Result<bool> {

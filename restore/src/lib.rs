@@ -13,9 +13,13 @@
 //!
 //! [`S3RestorePlan`] does the same from the S3 tier alone, for when the
 //! backup site and its RocksDB are gone.
+//!
+//! A virtual machine's epoch comes back as the files QEMU resumes from
+//! ([`vm`]), laid out by `remus-vm`.
 
 mod mount;
 mod s3;
+pub mod vm;
 
 pub use mount::{MountContent, MountFile, MountStats, Mounted};
 pub use s3::S3RestorePlan;
@@ -59,6 +63,9 @@ pub enum RestoreError {
     /// The image could not be written.
     #[error("writing the image: {0}")]
     Io(#[from] std::io::Error),
+    /// The guest's VM state header is damaged, or its files cannot be laid out.
+    #[error(transparent)]
+    Vm(#[from] remus_vm::VmError),
     /// The restored memory does not hash to the recorded root.
     #[error("epoch {epoch}: restored memory root {got} differs from the recorded {expected}")]
     RootMismatch {
@@ -315,7 +322,8 @@ pub fn image_root(path: &Path) -> std::io::Result<ChunkId> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use remus_store::{content_id, EpochCommit, StoreOptions, StoredChunk};
+    use remus_store::{EpochCommit, StoreOptions, StoredChunk};
+    use remus_types::content_id;
 
     /// Five epochs of a 100-page guest, each writing three pages; returns
     /// the memory image after each.

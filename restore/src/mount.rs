@@ -106,12 +106,7 @@ impl Mounted {
         match s.umount_and_join() {
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                 tracing::warn!("{} is in use: detaching it", self.at.display());
-                let path = std::ffi::CString::new(self.at.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
-                // SAFETY: a valid NUL-terminated path; umount2 reads it only.
-                if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
-                    return Err(mount_error(&self.at, "detaching", std::io::Error::last_os_error()));
-                }
-                Ok(())
+                remus_sys::detach_mount(&self.at).map_err(|e| mount_error(&self.at, "detaching", e))
             }
             r => r.map_err(|e| mount_error(&self.at, "unmounting", e)),
         }
@@ -155,7 +150,8 @@ impl RestorePlan {
         }
         let pages = self.page_index(&store)?;
         let stats = Arc::new(MountStats::default());
-        let fs = EpochFs { store, pages, files, stats: stats.clone(), uid: current_uid(), gid: current_gid() };
+        let (uid, gid) = remus_sys::ids();
+        let fs = EpochFs { store, pages, files, stats: stats.clone(), uid, gid };
         let mut config = fuser::Config::default();
         config.mount_options = vec![
             MountOption::RO,
@@ -187,16 +183,6 @@ impl RestorePlan {
         self.check_root(&mut digest)?;
         Ok(digest)
     }
-}
-
-fn current_uid() -> u32 {
-    // SAFETY: getuid has no preconditions and cannot fail.
-    unsafe { libc::getuid() }
-}
-
-fn current_gid() -> u32 {
-    // SAFETY: getgid has no preconditions and cannot fail.
-    unsafe { libc::getgid() }
 }
 
 /// The file system: the root directory (inode 1) and file `i` as inode
@@ -377,7 +363,8 @@ mod tests {
     use std::io::Read;
     use std::os::unix::fs::FileExt;
 
-    use remus_store::{content_id, EpochCommit, StoreOptions, StoredChunk};
+    use remus_store::{EpochCommit, StoreOptions, StoredChunk};
+    use remus_types::content_id;
     use remus_types::{ChunkId, EpochId, GuestId};
 
     use super::*;

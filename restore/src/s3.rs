@@ -137,7 +137,8 @@ impl S3RestorePlan {
 mod tests {
     use super::*;
     use remus_store::s3::{S3Client, S3Config};
-    use remus_store::{content_id, EpochCommit, Store, StoreOptions, StoredChunk};
+    use remus_store::{EpochCommit, Store, StoreOptions, StoredChunk};
+    use remus_types::content_id;
 
     /// Against the real S3 server the test script starts.
     fn tier(name: &str) -> S3Tier {

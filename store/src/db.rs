@@ -25,7 +25,7 @@
 
 use std::path::{Path, PathBuf};
 
-use remus_types::{ChunkId, EpochId, GuestId, Pfn, PAGE_SIZE};
+use remus_types::{content_id, ChunkId, EpochId, GuestId, Pfn, PAGE_SIZE};
 use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 
 use crate::error::StoreError;
@@ -741,12 +741,6 @@ impl Store {
     }
 }
 
-/// Content id of arbitrary bytes (pages and device state alike): blake3,
-/// so for a page it equals [`remus_types::page_hash`].
-#[must_use]
-pub fn content_id(data: &[u8]) -> ChunkId {
-    ChunkId(*blake3::hash(data).as_bytes())
-}
 
 pub(crate) fn delta_key(guest: GuestId, epoch: EpochId) -> Vec<u8> {
     let mut k = guest_key(b"delta", guest);

@@ -13,8 +13,12 @@ mod retention;
 mod verify;
 pub mod s3;
 
-pub use db::{content_id, decode_chunk_value, CommitOutcome, EpochCommit, Head, Store, StoreOptions, StoredChunk};
+pub use db::{decode_chunk_value, CommitOutcome, EpochCommit, Head, Store, StoreOptions, StoredChunk};
 pub use error::{ErrorKind, StoreError};
+
+/// The pages an epoch wrote: each page number with the content id it
+/// took, ascending page number.
+pub type PageList = Vec<(remus_types::Pfn, remus_types::ChunkId)>;
 pub use manifest::{page_delta_hash, Manifest, MANIFEST_LEN};
 pub use retention::{BridgeRecord, GcReport, KeepRule, RetentionPolicy, ThinReport};
 pub use verify::{damaged_guests, Damage, VerifyReport};

@@ -24,6 +24,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
+use remus_sys::Mapping;
 use remus_types::ChunkId;
 
 use crate::error::StoreError;
@@ -112,56 +113,11 @@ pub(crate) struct Packs {
     sync: bool,
     tail: Mutex<Option<Tail>>,
     readers: RwLock<HashMap<u32, Arc<File>>>,
-    maps: RwLock<HashMap<u32, Arc<Map>>>,
-}
-
-/// A read-only shared map of a whole pack file.
-///
-/// Packs only grow and get holes punched (which read as zeros, and fail
-/// the record check), so the mapped range stays valid; only someone
-/// truncating a pack under a reader could fault it.
-struct Map {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
-
-// SAFETY: the map is read-only and immutable once made; it is unmapped
-// only on drop.
-unsafe impl Send for Map {}
-// SAFETY: as above: shared reads of immutable memory.
-unsafe impl Sync for Map {}
-
-impl Map {
-    fn new(file: &File) -> std::io::Result<Self> {
-        let len = usize::try_from(file.metadata()?.len()).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
-        if len == 0 {
-            return Ok(Self { ptr: std::ptr::null_mut(), len: 0 });
-        }
-        // SAFETY: a fresh read-only shared mapping of an open file; the
-        // kernel picks the address.
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, std::os::fd::AsRawFd::as_raw_fd(file), 0) };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Self { ptr, len })
-    }
-
-    fn bytes(&self) -> &[u8] {
-        if self.len == 0 {
-            return &[];
-        }
-        // SAFETY: `ptr` maps `len` readable bytes for the life of `self`.
-        unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.len) }
-    }
-}
-
-impl Drop for Map {
-    fn drop(&mut self) {
-        if self.len > 0 {
-            // SAFETY: unmaps exactly the mapping made in `new`, once.
-            unsafe { libc::munmap(self.ptr, self.len) };
-        }
-    }
+    /// Read-only shared maps of whole packs. Packs only grow and get
+    /// holes punched (which read as zeros, and fail the record check), so
+    /// a mapped range stays valid; only someone truncating a pack under a
+    /// reader could fault it.
+    maps: RwLock<HashMap<u32, Arc<Mapping>>>,
 }
 
 fn pack_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
@@ -274,7 +230,7 @@ impl Packs {
         let check = |rec: &[u8]| rec[..32] == id.0 && rec[32] == loc.codec && rec[33..37] == loc.len.to_le_bytes();
         if self.read_only {
             let map = self.map(loc.pack, record.end)?;
-            let rec = usize::try_from(record.start).ok().zip(usize::try_from(record.end).ok()).and_then(|(a, b)| map.bytes().get(a..b));
+            let rec = usize::try_from(record.start).ok().zip(usize::try_from(record.end).ok()).and_then(|(a, b)| map.as_slice().get(a..b));
             return match rec {
                 Some(rec) if check(rec) => f(&rec[HEADER..]),
                 _ => Err(StoreError::ChunkCorrupt(*id)),
@@ -302,14 +258,15 @@ impl Packs {
 
     /// A map of pack `id` covering at least `end` bytes if the file has
     /// them (a pack grows while a backup appends beside a reader).
-    fn map(&self, id: u32, end: u64) -> Result<Arc<Map>, StoreError> {
+    fn map(&self, id: u32, end: u64) -> Result<Arc<Mapping>, StoreError> {
         if let Some(m) = self.maps.read().unwrap_or_else(PoisonError::into_inner).get(&id) {
-            if m.len as u64 >= end {
+            if m.len() as u64 >= end {
                 return Ok(m.clone());
             }
         }
         let file = self.reader(id)?;
-        let m = Arc::new(Map::new(&file).map_err(pack_err(&self.path(id), "map"))?);
+        let path = self.path(id);
+        let m = Arc::new(file.try_clone().and_then(Mapping::whole_file_read_only).map_err(pack_err(&path, "map"))?);
         self.maps.write().unwrap_or_else(PoisonError::into_inner).insert(id, m.clone());
         Ok(m)
     }
@@ -359,20 +316,12 @@ impl Packs {
                 }
             }
             for r in merged {
-                let (Ok(off), Ok(len)) = (libc::off_t::try_from(r.start), libc::off_t::try_from(r.end - r.start)) else { continue };
-                // SAFETY: fallocate on an open descriptor with in-range
-                // arguments; it touches no memory of ours.
-                let rc = unsafe {
-                    libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len)
-                };
-                if rc != 0 {
-                    let e = std::io::Error::last_os_error();
+                match remus_sys::punch_hole(&f, r.start, r.end - r.start) {
+                    Ok(true) => {}
                     // File systems without hole punching keep the bytes:
                     // unreferenced, so only space is lost.
-                    if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-                        return Ok(());
-                    }
-                    return Err(pack_err(&path, "free space")(e));
+                    Ok(false) => return Ok(()),
+                    Err(e) => return Err(pack_err(&path, "free space")(e)),
                 }
             }
         }

@@ -338,7 +338,7 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError::Db`], [`StoreError::Corrupt`].
-    pub fn page_lists(&self, guest: GuestId, first: EpochId, last: EpochId) -> Result<Vec<(EpochId, Vec<(Pfn, ChunkId)>)>, StoreError> {
+    pub fn page_lists(&self, guest: GuestId, first: EpochId, last: EpochId) -> Result<Vec<(EpochId, crate::PageList)>, StoreError> {
         let start = delta_key(guest, first);
         let end = delta_key(guest, last);
         let mut out = Vec::new();

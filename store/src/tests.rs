@@ -6,6 +6,7 @@ use std::io::Write;
 use remus_types::{ChunkId, EpochId, GuestId, Pfn, PAGE_SIZE};
 
 use crate::*;
+use remus_types::content_id;
 
 fn page(seed: u8) -> Vec<u8> {
     (0..PAGE_SIZE).map(|i| (i as u8).wrapping_mul(seed).wrapping_add(seed)).collect()

@@ -8,6 +8,7 @@ use std::time::Duration;
 use remus_types::{ChunkId, EpochId, GuestId, Pfn, PAGE_SIZE};
 
 use crate::*;
+use remus_types::content_id;
 
 const MS: u64 = 1_000_000;
 

@@ -81,7 +81,7 @@ impl MemoryDigest {
         let pages = image.len() / crate::PAGE_SIZE;
         let mut d = Self::zeroed(pages as u64);
         for (i, page) in image.chunks_exact(crate::PAGE_SIZE).enumerate() {
-            d.leaves[i] = crate::page_hash(page);
+            d.leaves[i] = crate::content_id(page);
         }
         d.root()
     }
@@ -90,7 +90,7 @@ impl MemoryDigest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{page_hash, PAGE_SIZE};
+    use crate::{content_id, PAGE_SIZE};
 
     #[test]
     fn incremental_root_matches_full_image() {
@@ -101,7 +101,7 @@ mod tests {
         for pfn in [0u64, 7, 511, 512, 1499] {
             let page = &mut image[pfn as usize * PAGE_SIZE..][..PAGE_SIZE];
             page[5] = pfn as u8 + 1;
-            d.set(Pfn(pfn), page_hash(page));
+            d.set(Pfn(pfn), content_id(page));
         }
         assert_eq!(d.root(), MemoryDigest::of_image(&image));
         image[3] ^= 1;

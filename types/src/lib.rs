@@ -6,10 +6,14 @@
 //! capture hands to the sender, and the [`MemoryDigest`] that lets any stage
 //! prove that a memory image is the one the primary had at an epoch.
 
+mod bounded;
 mod digest;
+pub mod format;
 mod ids;
 
+pub use bounded::BoundedMap;
 pub use digest::{MemoryDigest, GROUP_PAGES};
+pub use format::FormatError;
 pub use ids::{ChunkId, EpochId, GuestId, Pfn};
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -17,17 +21,19 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Size of one guest page in bytes.
 pub const PAGE_SIZE: usize = 4096;
 
-/// Content hash of a page: blake3 of its 4096 bytes.
+/// Content id of bytes (a page, a device state, a pack): their blake3.
+/// The one content hash of remus: what dedup, the store's keys and every
+/// verification compare.
 #[must_use]
-pub fn page_hash(page: &[u8]) -> ChunkId {
-    ChunkId(*blake3::hash(page).as_bytes())
+pub fn content_id(data: &[u8]) -> ChunkId {
+    ChunkId(*blake3::hash(data).as_bytes())
 }
 
 /// Hash of the all-zero page, computed once.
 #[must_use]
 pub fn zero_page_hash() -> ChunkId {
     static ZERO: std::sync::OnceLock<ChunkId> = std::sync::OnceLock::new();
-    *ZERO.get_or_init(|| page_hash(&[0u8; PAGE_SIZE]))
+    *ZERO.get_or_init(|| content_id(&[0u8; PAGE_SIZE]))
 }
 
 /// True when every byte of `page` is zero (16 bytes at a time).

@@ -13,9 +13,8 @@
 //! decoded bytes and refuses a mismatch. Decoding is bounded: a
 //! decompressed page must be exactly 4096 bytes.
 
-use std::collections::{HashMap, VecDeque};
 
-use remus_types::{is_zero_page, page_hash, zero_page_hash, ChunkId, EpochId, Pfn, PAGE_SIZE};
+use remus_types::{content_id, is_zero_page, zero_page_hash, BoundedMap, ChunkId, EpochId, Pfn, PAGE_SIZE};
 
 use crate::codec::{Reader, Writer};
 use crate::error::DecodeError;
@@ -144,7 +143,7 @@ impl PageRecord {
             PageEncoding::RawZstd(z) => decompress_page(z)?,
             PageEncoding::RawPlain(p) => p.clone(),
         };
-        if page_hash(&page) != self.hash {
+        if content_id(&page) != self.hash {
             return Err(DecodeError::HashMismatch { pfn: self.pfn.0 });
         }
         Ok(page)
@@ -240,11 +239,8 @@ impl Default for EncoderConfig {
 /// reference the backup might not hold; [`forget`](Self::forget) removes
 /// what the backup's GC deleted.
 pub struct PageEncoder {
-    cfg: EncoderConfig,
-    held: HashMap<ChunkId, EpochId>,
-    held_order: VecDeque<ChunkId>,
-    shadow: HashMap<Pfn, (ChunkId, Box<[u8]>)>,
-    shadow_order: VecDeque<Pfn>,
+    held: BoundedMap<ChunkId, EpochId>,
+    shadow: BoundedMap<Pfn, (ChunkId, Box<[u8]>)>,
     zstd: zstd::bulk::Compressor<'static>,
 }
 
@@ -256,18 +252,15 @@ impl PageEncoder {
     #[must_use]
     pub fn new(cfg: EncoderConfig) -> Self {
         Self {
-            cfg,
-            held: HashMap::new(),
-            held_order: VecDeque::new(),
-            shadow: HashMap::new(),
-            shadow_order: VecDeque::new(),
+            held: BoundedMap::new(cfg.held_capacity),
+            shadow: BoundedMap::new(cfg.shadow_capacity),
             zstd: zstd::bulk::Compressor::new(cfg.zstd_level).expect("zstd context"),
         }
     }
 
     /// Encodes `page` (written at `pfn` in `epoch`).
     pub fn encode(&mut self, epoch: EpochId, pfn: Pfn, page: &[u8]) -> PageRecord {
-        let hash = if is_zero_page(page) { zero_page_hash() } else { page_hash(page) };
+        let hash = if is_zero_page(page) { zero_page_hash() } else { content_id(page) };
         self.encode_hashed(epoch, pfn, page, hash)
     }
 
@@ -297,8 +290,6 @@ impl PageEncoder {
     pub fn forget_after(&mut self, committed: EpochId) {
         self.held.retain(|_, e| *e <= committed);
         let held = &self.held;
-        self.held_order.retain(|h| held.contains_key(h));
-        let held = &self.held;
         self.shadow.retain(|_, (h, _)| held.contains_key(h));
     }
 
@@ -313,8 +304,6 @@ impl PageEncoder {
         }
         let forgotten = before - self.held.len();
         if forgotten > 0 {
-            let held = &self.held;
-            self.held_order.retain(|h| held.contains_key(h));
             let held = &self.held;
             self.shadow.retain(|_, (h, _)| held.contains_key(h));
         }
@@ -355,13 +344,9 @@ impl PageEncoder {
     }
 
     fn mark_held(&mut self, hash: ChunkId, epoch: EpochId) {
-        if self.held.insert(hash, epoch).is_none() {
-            self.held_order.push_back(hash);
-            while self.held_order.len() > self.cfg.held_capacity {
-                if let Some(old) = self.held_order.pop_front() {
-                    self.held.remove(&old);
-                }
-            }
+        // The epoch that first sent it stays (see `forget_after`).
+        if !self.held.contains_key(&hash) {
+            self.held.insert(hash, epoch);
         }
     }
 
@@ -373,15 +358,6 @@ impl PageEncoder {
             }
             None => {
                 self.shadow.insert(pfn, (hash, page.into()));
-                self.shadow_order.push_back(pfn);
-                while self.shadow.len() > self.cfg.shadow_capacity {
-                    match self.shadow_order.pop_front() {
-                        Some(old) => {
-                            self.shadow.remove(&old);
-                        }
-                        None => break,
-                    }
-                }
             }
         }
     }
@@ -391,6 +367,7 @@ impl PageEncoder {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::HashMap;
 
     fn round_trip(rec: &PageRecord) -> PageRecord {
         let mut w = Writer::default();
@@ -475,7 +452,7 @@ mod tests {
         assert!(matches!(enc.encode(EpochId(2), Pfn(4), &other).encoding, PageEncoding::Ref));
         // A small edit of a page whose last content was forgotten is not
         // sent as XOR against it.
-        enc.forget(&[page_hash(&other)]);
+        enc.forget(&[content_id(&other)]);
         let mut edited = other.clone();
         edited[10] = b'X';
         assert!(matches!(enc.encode(EpochId(3), Pfn(2), &edited).encoding, PageEncoding::RawZstd(_)));

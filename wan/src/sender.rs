@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use remus_types::{is_zero_page, page_hash, zero_page_hash, Checkpoint, ChunkId, EpochId, GuestId, MemoryDigest};
+use remus_types::{is_zero_page, content_id, zero_page_hash, Checkpoint, ChunkId, EpochId, GuestId, MemoryDigest};
 
 use crate::encoding::{EncoderConfig, EncodingMix, PageEncoder};
 use crate::error::ProtocolError;
@@ -195,7 +195,7 @@ impl SenderCore {
                 if is_zero_page(page) {
                     zero_page_hash()
                 } else {
-                    page_hash(page)
+                    content_id(page)
                 }
             })
             .collect();

@@ -63,7 +63,7 @@ impl Backup {
     /// every chunk it does not show is deleted. Returns what was deleted.
     fn gc(&mut self) -> Vec<ChunkId> {
         let live: std::collections::HashSet<ChunkId> =
-            self.memory.chunks_exact(PAGE_SIZE).map(remus_types::page_hash).collect();
+            self.memory.chunks_exact(PAGE_SIZE).map(remus_types::content_id).collect();
         let deleted: Vec<ChunkId> = self.chunks.keys().filter(|h| !live.contains(h)).copied().collect();
         for h in &deleted {
             self.chunks.remove(h);
@@ -72,10 +72,11 @@ impl Backup {
     }
 }
 
+/// A datagram in flight, by where it goes.
 enum Packet {
-    ToBackupControl(Vec<u8>),
-    ToBackupEpoch(Vec<u8>),
-    ToPrimary(Vec<u8>),
+    BackupControl(Vec<u8>),
+    BackupEpoch(Vec<u8>),
+    Primary(Vec<u8>),
 }
 
 struct Sim {
@@ -167,10 +168,10 @@ impl Sim {
                 let jitter = Duration::from_millis(self.rng.gen_range(0..30));
                 let at = self.now + self.latency + jitter;
                 match t {
-                    Transmit::Control(b) => self.net.push((self.now + self.latency, Packet::ToBackupControl(b))),
+                    Transmit::Control(b) => self.net.push((self.now + self.latency, Packet::BackupControl(b))),
                     Transmit::Epoch { epoch, bytes, .. } => {
                         *self.epoch_bytes_sent.entry(epoch).or_default() += 1;
-                        self.net.push((at, Packet::ToBackupEpoch(bytes)));
+                        self.net.push((at, Packet::BackupEpoch(bytes)));
                     }
                 }
             }
@@ -185,11 +186,11 @@ impl Sim {
                     }
                 }
                 while let Some(b) = rx.poll_transmit() {
-                    self.net.push((self.now + self.latency, Packet::ToPrimary(b)));
+                    self.net.push((self.now + self.latency, Packet::Primary(b)));
                 }
                 while let Some(b) = rx.poll_forget() {
                     let jitter = Duration::from_millis(self.rng.gen_range(0..30));
-                    self.net.push((self.now + self.latency + jitter, Packet::ToPrimary(b)));
+                    self.net.push((self.now + self.latency + jitter, Packet::Primary(b)));
                 }
             }
             self.net.sort_by_key(|(t, _)| *t);
@@ -208,11 +209,11 @@ impl Sim {
 
     fn deliver(&mut self, p: Packet) {
         let now = self.now;
-        if self.receiver.is_none() && !matches!(p, Packet::ToPrimary(_)) {
+        if self.receiver.is_none() && !matches!(p, Packet::Primary(_)) {
             return; // the backup is gone: packets to it are lost
         }
         match p {
-            Packet::ToBackupControl(b) => {
+            Packet::BackupControl(b) => {
                 let (m, _) = Message::decode(&b).unwrap().unwrap();
                 let rx = self.receiver.as_mut().unwrap();
                 match m {
@@ -222,8 +223,8 @@ impl Sim {
                     m => rx.handle_message(now, m).unwrap(),
                 }
             }
-            Packet::ToBackupEpoch(b) => self.receiver.as_mut().unwrap().handle_epoch_stream(now, &b).unwrap(),
-            Packet::ToPrimary(b) => {
+            Packet::BackupEpoch(b) => self.receiver.as_mut().unwrap().handle_epoch_stream(now, &b).unwrap(),
+            Packet::Primary(b) => {
                 let (m, _) = Message::decode(&b).unwrap().unwrap();
                 self.sender.handle_message(now, m).unwrap();
                 while let Some(e) = self.sender.poll_event() {
@@ -466,7 +467,7 @@ fn after_missing_the_sender_resends_in_full_for_the_new_round() {
     let now = Instant::now();
     let mut s = SenderCore::new(SenderConfig::default(), GuestId(3), 1, PAGES);
     let text: Vec<u8> = b"content the backup will collect ".iter().copied().cycle().take(PAGE_SIZE).collect();
-    let hash = remus_types::page_hash(&text);
+    let hash = remus_types::content_id(&text);
     let cp = |e: u64, pfn: u64| Checkpoint {
         guest: GuestId(3),
         epoch: EpochId(e),

@@ -98,7 +98,7 @@ fn unreadable_tls_material_is_named() {
     let err = tls.identity("primary").err().expect("missing files are an error").to_string();
     assert!(err.contains("primary.pem"), "{err}");
     std::fs::write(dir.path().join("ca.pem"), "not a certificate").unwrap();
-    let err = tls.roots().err().expect("garbage is an error").to_string();
+    let err = tls.roots().expect_err("garbage is an error").to_string();
     assert!(err.contains("ca.pem"), "{err}");
 }
 

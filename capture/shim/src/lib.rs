@@ -9,6 +9,10 @@
 //! `/proc/<qemu>/pagemap`. The library does nothing else, and nothing at
 //! all when the variable is absent or the kernel refuses.
 
+// The shim is a C-ABI constructor living inside QEMU: raw libc calls are
+// its whole job, so it is the one crate besides remus-sys allowed `unsafe`.
+#![allow(unsafe_code)]
+
 /// Runs at load time, before QEMU's `main`.
 extern "C" fn open_userfaultfd() {
     // SAFETY: getenv with a NUL-terminated name; the result is read before

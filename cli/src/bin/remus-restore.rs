@@ -6,7 +6,7 @@ use clap::Parser;
 use remus_cli::cmd::restore::{run, RestoreArgs};
 
 fn main() -> ExitCode {
-    remus_cli::keep_freed_memory();
+    remus_sys::keep_freed_memory();
     let args = RestoreArgs::parse();
     remus_cli::init_logging(false);
     match run(&args) {

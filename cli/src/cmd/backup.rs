@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::Result;
 use remus_wan::driver::BackupLinkConfig;
 
-use crate::backup::{Backup, BackupOptions};
-use crate::replica::{FailoverAction, ResumeVm};
+use remus_node::{Backup, BackupOptions};
+use remus_node::{BackupEvent, FailoverAction, FailoverOutcome, ResumeVm};
 use crate::config::Config;
 
 /// Arguments.
@@ -56,7 +56,7 @@ pub fn run(args: &BackupArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
         failover: args.failover_dir.clone().map_or(FailoverAction::Record, |dir| FailoverAction::RestoreTo {
             dir,
             resume: args.resume.then(|| ResumeVm {
-                qemu_binary: args.qemu_binary.clone().unwrap_or_else(remus_capture::qemu::default_qemu),
+                qemu_binary: args.qemu_binary.clone().unwrap_or_else(remus_qemu::default_qemu),
                 tap: args.tap.clone(),
             }),
         }),
@@ -72,8 +72,14 @@ pub fn run(args: &BackupArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
     let mut shown = std::collections::HashMap::new();
     let mut uploaded = std::collections::HashMap::new();
     let mut last_error = None;
+    let mut next_progress = std::time::Instant::now() + Duration::from_millis(500);
     while !super::stop_requested() {
-        std::thread::sleep(Duration::from_millis(500));
+        // Events as they come; progress at most twice a second.
+        if let Ok(ev) = backup.events.recv_deadline(next_progress) {
+            show_event(&ev)?;
+            continue;
+        }
+        next_progress = std::time::Instant::now() + Duration::from_millis(500);
         for (g, head) in backup.store.guests()? {
             if shown.insert(g, head.epoch) != Some(head.epoch) {
                 println!("committed {g} epoch {}", head.epoch.0);
@@ -106,5 +112,29 @@ pub fn run(args: &BackupArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
         );
     }
     backup.stop();
+    Ok(())
+}
+
+/// Prints one event of the backup: failovers on stdout (scripts and
+/// tests wait on those lines), losses and failures on stderr.
+fn show_event(ev: &BackupEvent) -> Result<()> {
+    use std::io::Write;
+    match ev {
+        BackupEvent::PrimaryLost { guest, committed } => {
+            eprintln!("{guest}: primary silent after committed epoch {}", committed.0);
+        }
+        BackupEvent::FailedOver { guest, epoch, outcome: FailoverOutcome::Resumed { pid, qmp, from_live } } => println!(
+            "failover {guest} epoch {} resumed in qemu pid {pid} (qmp {}; {})",
+            epoch.0,
+            qmp.display(),
+            if *from_live { "from the live image" } else { "restored from the store" }
+        ),
+        BackupEvent::FailedOver { guest, epoch, outcome: FailoverOutcome::Written { path } } => {
+            println!("failover {guest} epoch {} image {}", epoch.0, path.display());
+        }
+        BackupEvent::FailoverFailed { guest, error } => eprintln!("failover of {guest} failed: {error}"),
+        other => eprintln!("{other:?}"),
+    }
+    std::io::stdout().flush()?;
     Ok(())
 }

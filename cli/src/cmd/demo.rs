@@ -13,7 +13,7 @@ use remus_wan::driver::BackupLinkConfig;
 
 use super::protect::{primary_options, protect_until, GuestFlags};
 use super::DRAIN;
-use crate::backup::{Backup, BackupOptions};
+use remus_node::{Backup, BackupOptions};
 use crate::config::Config;
 
 /// Arguments.
@@ -52,7 +52,7 @@ pub fn run(args: &DemoArgs, cfg: &Config, data_dir: &Path) -> Result<bool> {
         store: store_dir.clone(),
         tls: tls.clone(),
         link: BackupLinkConfig::default(),
-        failover: crate::replica::FailoverAction::Record,
+        failover: remus_node::FailoverAction::Record,
         s3: None,
         retention: None,
     })?;
@@ -71,8 +71,8 @@ pub fn run(args: &DemoArgs, cfg: &Config, data_dir: &Path) -> Result<bool> {
     let until = Instant::now() + Duration::from_secs_f64(args.seconds);
     let (mut summary, stats) = protect_until(opts, Some(until), args.json, DRAIN)?;
     let commits = backup.replica.stats(guest).commit_ns;
-    summary.backup_commit_ms_p50 = crate::stats::ms(crate::stats::percentile(&commits, 50.0));
-    summary.backup_commit_ms_p99 = crate::stats::ms(crate::stats::percentile(&commits, 99.0));
+    summary.backup_commit_ms_p50 = remus_node::stats::ms(remus_node::stats::percentile(&commits, 50.0));
+    summary.backup_commit_ms_p99 = remus_node::stats::ms(remus_node::stats::percentile(&commits, 99.0));
 
     // Restore random committed epochs and compare with the primary's roots.
     let store = std::sync::Arc::clone(&backup.store);
@@ -117,11 +117,9 @@ pub fn run(args: &DemoArgs, cfg: &Config, data_dir: &Path) -> Result<bool> {
 /// Holds an exclusive lock on `<data-dir>/demo.lock` for the demo's life:
 /// a second demo on the same directory would delete the first one's store.
 fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
     let path = data_dir.join("demo.lock");
     let f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-    // SAFETY: flock on a descriptor we own; the lock goes with the file.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    anyhow::ensure!(rc == 0, "another remus demo is running with data directory {}", data_dir.display());
+    let locked = remus_sys::try_lock_exclusive(&f).with_context(|| format!("locking {}", path.display()))?;
+    anyhow::ensure!(locked, "another remus demo is running with data directory {}", data_dir.display());
     Ok(f)
 }

@@ -11,7 +11,6 @@ pub mod restore;
 pub mod verify;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use remus_wan::tls::TlsDir;
@@ -20,26 +19,7 @@ use remus_wan::tls::TlsDir;
 /// it has sealed.
 pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
-
-/// Makes SIGINT and SIGTERM request a clean stop (see [`stop_requested`]).
-pub fn install_stop_handler() {
-    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, handler);
-        libc::signal(libc::SIGTERM, handler);
-    }
-}
-
-/// True once SIGINT or SIGTERM arrived.
-pub fn stop_requested() -> bool {
-    STOP.load(Ordering::Relaxed)
-}
+pub use remus_sys::{install_stop_handler, stop_requested};
 
 /// The TLS directory of `data_dir`, generating it when `create` and absent.
 ///

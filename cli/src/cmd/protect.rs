@@ -9,9 +9,9 @@ use remus_types::GuestId;
 use remus_wan::SenderConfig;
 
 use crate::config::Config;
-use crate::primary::{GuestKind, Primary, PrimaryOptions};
-use crate::vm::QemuSettings;
-use crate::stats::Summary;
+use remus_node::{GuestKind, Primary, PrimaryOptions};
+use crate::qemu_settings::QemuSettings;
+use crate::summary::{progress_line, Summary};
 
 /// Flags shared by `protect` and `demo`; each overrides the config file.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -155,7 +155,7 @@ impl Progress {
 pub fn watch(primary: &Primary, until: Option<Instant>, progress: &mut Progress) {
     loop {
         std::thread::sleep(Duration::from_millis(100));
-        progress.show(primary.stats.lock().progress_line());
+        progress.show(progress_line(&primary.stats.lock()));
         if super::stop_requested() || until.is_some_and(|t| Instant::now() >= t) || primary.engine_finished() {
             break;
         }
@@ -173,7 +173,7 @@ pub fn protect_until(
     until: Option<Instant>,
     quiet: bool,
     drain: Duration,
-) -> Result<(Summary, std::sync::Arc<parking_lot::Mutex<crate::stats::PrimaryStats>>)> {
+) -> Result<(Summary, std::sync::Arc<parking_lot::Mutex<remus_node::stats::PrimaryStats>>)> {
     let primary = Primary::start(opts)?;
     let mut progress = Progress::new(quiet);
     watch(&primary, until, &mut progress);

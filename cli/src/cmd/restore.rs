@@ -86,7 +86,7 @@ fn bar(json: bool, len: u64, template: &str) -> Option<indicatif::ProgressBar> {
 }
 
 /// A restored QEMU guest's state and run directory.
-type VmFiles = (remus_capture::qemu::QemuState, remus_capture::qemu::RunDir);
+type VmFiles = (remus_vm::QemuState, remus_vm::RunDir);
 
 /// What a restore wrote: the epoch's manifest, the report, and for a
 /// QEMU guest its files.
@@ -97,7 +97,7 @@ type Restored = (remus_store::Manifest, RestoreReport, Option<VmFiles>);
 /// before anything is written).
 fn files_or_image(
     args: &RestoreArgs,
-    vm: Option<(remus_capture::qemu::QemuState, remus_capture::qemu::RunDir, RestoreReport)>,
+    vm: Option<(remus_vm::QemuState, remus_vm::RunDir, RestoreReport)>,
     image: impl FnOnce() -> Result<RestoreReport>,
 ) -> Result<(RestoreReport, Option<VmFiles>)> {
     match vm {
@@ -136,9 +136,9 @@ fn restore_from_s3(args: &RestoreArgs, to: &Path, target: Target) -> Result<Rest
             b.set_position(done);
         }
     };
-    let vm = crate::vm::restore_vm_files(&device_state, to, |segments| Ok(plan.execute_segments(&tier, segments, &mut show)?))
+    let vm = remus_restore::vm::restore_vm_files(&device_state, to, |segments| plan.execute_segments(&tier, segments, &mut show))
         .with_context(|| format!("restoring from {}", s3.url()))?;
-    let (report, vm) = files_or_image(args, vm, || Ok(plan.execute(&tier, to, &mut show).with_context(|| format!("restoring from {}", s3.url()))?))?;
+    let (report, vm) = files_or_image(args, vm, || plan.execute(&tier, to, &mut show).with_context(|| format!("restoring from {}", s3.url())))?;
     if let Some(b) = pages {
         b.finish_and_clear();
     }
@@ -172,7 +172,7 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
                 b.set_position(n);
             }
         };
-        let vm = crate::vm::restore_vm(&store, &plan, to, &show)?;
+        let vm = remus_restore::vm::restore_vm(&store, &plan, to, &show)?;
         let (report, vm) = files_or_image(args, vm, || Ok(plan.execute(&store, to, &show)?))?;
         if let Some(b) = bar {
             b.finish_and_clear();
@@ -202,8 +202,8 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
         );
     }
     if let (true, Some((state, run))) = (args.run, vm) {
-        let qemu = args.qemu_binary.clone().unwrap_or_else(remus_capture::qemu::default_qemu);
-        let mut vm = crate::vm::ResumedVm::start(&qemu, &state, run, None, args.tap.as_deref(), args.start)?;
+        let qemu = args.qemu_binary.clone().unwrap_or_else(remus_qemu::default_qemu);
+        let mut vm = remus_qemu::ResumedVm::start(&qemu, &state, run, None, args.tap.as_deref(), args.start)?;
         vm.release_qmp();
         println!(
             "guest {} epoch {} {} in qemu pid {}; qmp {}",
@@ -237,14 +237,14 @@ fn serve(args: &RestoreArgs, target: Target, at: &Path, t0: Instant) -> Result<(
     let store = Arc::new(super::open_store_read_only(args.store.as_deref(), &args.data_dir)?);
     let plan = RestorePlan::new(&store, GuestId(args.guest), target)?;
     let device_state = store.chunk(&plan.manifest.device_state).context("reading the device state")?;
-    let (state, files) = crate::vm::mount_files(&device_state, plan.manifest.page_count)?;
+    let (state, files) = remus_restore::vm::mount_files(&device_state, plan.manifest.page_count)?;
     let run = match (args.run, &state) {
         (false, _) => None,
         (true, None) => anyhow::bail!("--run needs a QEMU guest; guest {} is not one", args.guest),
         (true, Some(_)) => {
             let to =
                 args.to.as_deref().context("--mount --run needs --to DIR for QEMU's run directory (sockets, serial log, disk overlay)")?;
-            Some(remus_capture::qemu::RunDir::create(to)?)
+            Some(remus_vm::RunDir::create(to)?)
         }
     };
     let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
@@ -255,9 +255,9 @@ fn serve(args: &RestoreArgs, target: Target, at: &Path, t0: Instant) -> Result<(
     let time = super::format_time(plan.manifest.time_unix_ns);
     let mut vm = match (run, state) {
         (Some(run), Some(state)) => {
-            let qemu = args.qemu_binary.clone().unwrap_or_else(remus_capture::qemu::default_qemu);
-            let from = remus_capture::qemu::RunDir { dir: at.to_path_buf() };
-            let mut vm = crate::vm::ResumedVm::start(&qemu, &state, run, Some(&from), args.tap.as_deref(), args.start)?;
+            let qemu = args.qemu_binary.clone().unwrap_or_else(remus_qemu::default_qemu);
+            let from = remus_vm::RunDir { dir: at.to_path_buf() };
+            let mut vm = remus_qemu::ResumedVm::start(&qemu, &state, run, Some(&from), args.tap.as_deref(), args.start)?;
             vm.release_qmp();
             println!(
                 "guest {guest} epoch {epoch} ({time}) {} in qemu pid {} after {:.2} s, its files mounted at {}; qmp {}",
@@ -284,7 +284,7 @@ fn serve(args: &RestoreArgs, target: Target, at: &Path, t0: Instant) -> Result<(
     // QEMU's RAM is the mount's memory file: it is stopped before the
     // mount goes (on its exit, Ctrl-C or SIGTERM).
     super::install_stop_handler();
-    while !super::stop_requested() && mounted.is_mounted() && vm.as_mut().is_none_or(crate::vm::ResumedVm::running) {
+    while !super::stop_requested() && mounted.is_mounted() && vm.as_mut().is_none_or(remus_qemu::ResumedVm::running) {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     if let Some(mut vm) = vm {

@@ -146,7 +146,7 @@ impl PackBuilder {
     /// Closes the pack: its id, bytes and index object.
     #[must_use]
     pub fn finish(self) -> (ChunkId, Vec<u8>, Vec<u8>) {
-        let id = crate::db::content_id(&self.bytes);
+        let id = remus_types::content_id(&self.bytes);
         let index = encode_index(&id, self.bytes.len() as u64, &self.entries);
         (id, self.bytes, index)
     }

@@ -7,7 +7,8 @@ use remus_types::{ChunkId, EpochId, GuestId, Pfn, PAGE_SIZE};
 
 use super::format::{epoch_key, pack_key};
 use super::*;
-use crate::{content_id, Damage, EpochCommit, Store, StoreError, StoreOptions, StoredChunk};
+use remus_types::content_id;
+use crate::{Damage, EpochCommit, Store, StoreError, StoreOptions, StoredChunk};
 
 /// A fresh bucket on the test server.
 pub(crate) fn test_config(name: &str) -> S3Config {

@@ -15,29 +15,23 @@
 //! that is unavailable, every page of the memory file is hashed each epoch
 //! (about 100 ms per GiB: a warning says so).
 
-mod machine;
-mod nbd;
-mod net;
-mod qmp;
-
-pub use machine::{command, spawn, Launch, QemuMachine, QemuState, RunDir, VMSTATE_PAGES};
-pub use nbd::DiskServer;
-pub use net::{Egress, NetRelay, Tap};
-pub use qmp::Qmp;
-
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use remus_capture::{CaptureError, DirtyTracker, ProtectedGuest, TrackingMode};
+use remus_sys::{Mapping, WriteProtectScanner};
 use remus_types::{is_zero_page, Checkpoint, EpochId, Pfn, PAGE_SIZE};
+use remus_vm::{QemuMachine, QemuState, RunDir, VMSTATE_PAGES};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::arena::{diff_hashes, hash_pages};
-use crate::sys::{Mapping, WriteProtectScanner};
-use crate::{CaptureError, OutputBuffer, ProtectedGuest, TrackingMode};
+use crate::launch::{command, spawn, Launch};
+use crate::nbd::DiskServer;
+use crate::net::{Egress, NetRelay, Tap};
+use crate::qmp::Qmp;
 
 /// Descriptor number the shim parks QEMU's userfaultfd on.
 const SHIM_UFFD_FD: i32 = 1000;
@@ -83,20 +77,14 @@ pub fn find_shim() -> Option<PathBuf> {
     [dir.join(SHIM_NAME), dir.parent()?.join(SHIM_NAME)].into_iter().find(|p| p.is_file())
 }
 
-enum Tracker {
-    WriteProtect(WriteProtectScanner),
-    Hash(Vec<[u8; 16]>),
-}
-
 /// A running, protected QEMU guest.
 pub struct QemuGuest {
     child: Child,
     qmp: Qmp,
     memory: Mapping,
-    tracker: Tracker,
+    tracker: DirtyTracker,
     disk: Option<DiskServer>,
     net: Arc<NetRelay>,
-    output: Option<Arc<OutputBuffer<Vec<u8>>>>,
     run: RunDir,
     state: QemuState,
     first: bool,
@@ -121,8 +109,8 @@ impl QemuGuest {
     /// runs it unprotected on the same plumbing (a baseline to measure
     /// against).
     pub fn start(cfg: &QemuConfig, egress: Egress) -> Result<Self, CaptureError> {
-        cfg.machine.validate()?;
-        let run = RunDir::create(&cfg.run_dir)?;
+        cfg.machine.validate().map_err(crate::vm_error)?;
+        let run = RunDir::create(&cfg.run_dir).map_err(crate::vm_error)?;
         let _ = std::fs::remove_file(run.memory());
         let disk = if cfg.machine.disk_mib > 0 {
             let path = cfg.disk.clone().unwrap_or_else(|| run.disk());
@@ -132,10 +120,6 @@ impl QemuGuest {
             None
         };
         let tap = cfg.tap.as_deref().map(Tap::open).transpose()?;
-        let output = match &egress {
-            Egress::Held(o) => Some(Arc::clone(o)),
-            Egress::Direct => None,
-        };
         let net = NetRelay::start(&run.net(), tap, egress)?;
         let shim = match cfg.tracking {
             TrackingMode::Hash => None,
@@ -150,10 +134,9 @@ impl QemuGuest {
             Ok(q) => q,
             Err(e) => return Err(qemu_failed(&mut child, e)),
         };
-        Self::attach(child, qmp, cfg, run, disk, net, output, shim.is_some())
+        Self::attach(child, qmp, cfg, run, disk, net, shim.is_some())
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn attach(
         mut child: Child,
         qmp: Qmp,
@@ -161,30 +144,23 @@ impl QemuGuest {
         run: RunDir,
         disk: Option<DiskServer>,
         net: Arc<NetRelay>,
-        output: Option<Arc<OutputBuffer<Vec<u8>>>>,
         shimmed: bool,
     ) -> Result<Self, CaptureError> {
         let len = usize::try_from(cfg.machine.memory_mib << 20).map_err(|_| CaptureError::Config("memory too large".into()))?;
         let memory = Mapping::open_read_only(&run.memory(), len).map_err(CaptureError::Memory)?;
         let pid = child.id();
-        let armed = if shimmed {
-            find_mapping(pid, &run.memory()).and_then(|start| {
-                WriteProtectScanner::attach(pid, SHIM_UFFD_FD, start, len as u64).map_err(CaptureError::Tracking)
-            })
-        } else {
-            Err(CaptureError::Config("write-protect tracking not selected".into()))
+        let arm = || {
+            if !shimmed {
+                return Err(CaptureError::Config("write-protect tracking needs the shim".into()));
+            }
+            let start = find_mapping(pid, &run.memory())?;
+            WriteProtectScanner::attach(pid, SHIM_UFFD_FD, start, len as u64).map_err(CaptureError::Tracking)
         };
-        let tracker = match (armed, cfg.tracking) {
-            (Ok(s), _) => Tracker::WriteProtect(s),
-            (Err(e), TrackingMode::WriteProtect) => {
+        let tracker = match DirtyTracker::choose(cfg.tracking, &memory, arm) {
+            Ok(t) => t,
+            Err(e) => {
                 let _ = child.kill();
                 return Err(e);
-            }
-            (Err(e), _) => {
-                if cfg.tracking == TrackingMode::Auto {
-                    tracing::warn!(error = %e, "QEMU RAM write-protect tracking unavailable; hashing every page each epoch, which is far slower");
-                }
-                Tracker::Hash(hash_pages(memory.as_slice()))
             }
         };
         let state = QemuState { machine: cfg.machine.clone(), vmstate_len: 0 };
@@ -195,7 +171,6 @@ impl QemuGuest {
             tracker,
             disk,
             net,
-            output,
             run,
             state,
             first: true,
@@ -210,7 +185,7 @@ impl QemuGuest {
     /// True when dirty RAM is found by write-protect scanning.
     #[must_use]
     pub fn exact_tracking(&self) -> bool {
-        matches!(self.tracker, Tracker::WriteProtect(_))
+        self.tracker.exact()
     }
 
     /// The network relay (its `release` is the output sink).
@@ -232,15 +207,10 @@ impl QemuGuest {
         if self.first {
             self.pfns.clear();
             self.pfns.extend((0..self.state.machine.ram_pages()).filter(|&p| !is_zero_page(page(mem, p))));
-            if let Tracker::WriteProtect(s) = &mut self.tracker {
-                let mut discard = Vec::new();
-                s.collect(&mut discard).map_err(CaptureError::Tracking)?;
-            }
+            // Everything is taken: what the tracker saw so far is moot.
+            self.tracker.collect_paused(mem, &mut Vec::new())?;
         } else {
-            match &mut self.tracker {
-                Tracker::WriteProtect(s) => s.collect(&mut self.pfns).map_err(CaptureError::Tracking)?,
-                Tracker::Hash(h) => diff_hashes(mem, h, &mut self.pfns),
-            }
+            self.tracker.collect_paused(mem, &mut self.pfns)?;
         }
         self.pfns.sort_unstable();
         self.pfns.dedup();
@@ -329,20 +299,16 @@ impl ProtectedGuest for QemuGuest {
         self.hold = true;
     }
 
-    fn checkpoint(&mut self, epoch: EpochId, cp: &mut Checkpoint) -> Result<(), CaptureError> {
+    fn checkpoint(&mut self, epoch: EpochId, cp: &mut Checkpoint, paused: &mut dyn FnMut()) -> Result<(), CaptureError> {
         self.alive()?;
         self.pfns.clear();
         if !self.first {
-            if let Tracker::WriteProtect(s) = &mut self.tracker {
-                s.collect(&mut self.pfns).map_err(CaptureError::Tracking)?;
-            }
+            self.tracker.collect_running(&mut self.pfns)?;
         }
         let t0 = Instant::now();
         self.qmp.execute("stop", None)?;
         let t_stop = t0.elapsed();
-        if let Some(o) = &self.output {
-            o.seal(epoch);
-        }
+        paused();
         let result = self.checkpoint_paused(cp);
         let t_state = t0.elapsed();
         let resumed = if self.hold { Ok(()) } else { self.qmp.execute("cont", None).map(drop) };
@@ -403,7 +369,7 @@ fn find_mapping(pid: u32, file: &Path) -> Result<u64, CaptureError> {
 }
 
 /// The last lines QEMU wrote to stderr, for an error message.
-fn stderr_tail(child: &mut Child) -> String {
+pub(crate) fn stderr_tail(child: &mut Child) -> String {
     let mut s = String::new();
     if let Some(mut e) = child.stderr.take() {
         let _ = e.read_to_string(&mut s);
@@ -413,7 +379,7 @@ fn stderr_tail(child: &mut Child) -> String {
 }
 
 /// QEMU failed to come up: kill it and say why.
-fn qemu_failed(child: &mut Child, e: CaptureError) -> CaptureError {
+pub(crate) fn qemu_failed(child: &mut Child, e: CaptureError) -> CaptureError {
     let _ = child.kill();
     let _ = child.wait();
     CaptureError::Qemu(format!("{e}; QEMU said: {}", stderr_tail(child)))
@@ -434,71 +400,6 @@ fn padded<'a>(stream: &'a [u8], i: usize, buf: &'a mut [u8; PAGE_SIZE]) -> &'a [
         buf[..stream.len() - off].copy_from_slice(&stream[off..]);
     }
     &buf[..]
-}
-
-/// Resumes a guest from a checkpoint laid out in `run` (memory, disk and
-/// device-state files as [`QemuState::segments`] names them): starts QEMU
-/// paused on those files (`-incoming defer`), loads the device state and,
-/// when `start` is set,
-/// continues it and announces its MAC on the network (so switches learn
-/// its new port, as Remus's unsolicited ARP did). Returns QEMU and its QMP
-/// session; the guest is paused when `start` is false.
-///
-/// # Errors
-/// [`CaptureError::Qemu`] when QEMU fails to start or load the state.
-pub fn resume(qemu: &Path, state: &QemuState, run: &RunDir, start: bool) -> Result<(Child, Qmp), CaptureError> {
-    resume_launch(qemu, state, run, &Launch::Incoming, start)
-}
-
-/// As [`resume`], from read-only checkpoint files in `from` (an epoch
-/// served lazily, see `remus-restore --mount`): QEMU maps the memory file
-/// privately and writes the disk to a new qcow2 overlay in `run`, so
-/// nothing of `from` is written, and pages are read only when touched.
-///
-/// # Errors
-/// As [`resume`]; [`CaptureError::Qemu`] when the overlay cannot be made
-/// (`qemu-img`, beside `qemu` or on the PATH).
-pub fn resume_read_only(qemu: &Path, state: &QemuState, run: &RunDir, from: &RunDir, start: bool) -> Result<(Child, Qmp), CaptureError> {
-    if state.machine.disk_mib > 0 {
-        let img = qemu.with_file_name("qemu-img");
-        let img = if img.is_file() { img } else { PathBuf::from("qemu-img") };
-        let out = Command::new(&img)
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            // qemu-img resolves a relative backing file from the overlay's directory.
-            .arg(std::path::absolute(from.disk()).map_err(|e| CaptureError::Io(format!("{}: {e}", from.disk().display())))?)
-            .arg(run.overlay())
-            .output()
-            .map_err(|e| CaptureError::Qemu(format!("{}: {e}", img.display())))?;
-        if !out.status.success() {
-            return Err(CaptureError::Qemu(format!("creating the disk overlay: {}", String::from_utf8_lossy(&out.stderr).trim())));
-        }
-    }
-    resume_launch(qemu, state, run, &Launch::IncomingReadOnly { from: from.clone() }, start)
-}
-
-fn resume_launch(qemu: &Path, state: &QemuState, run: &RunDir, launch: &Launch, start: bool) -> Result<(Child, Qmp), CaptureError> {
-    let vmstate = launch.checkpoint(run).vmstate();
-    let mut child = spawn(command(qemu, &state.machine, run, launch))?;
-    let mut qmp = match Qmp::connect(&run.qmp(), Duration::from_secs(20)) {
-        Ok(q) => q,
-        Err(e) => return Err(qemu_failed(&mut child, e)),
-    };
-    let loaded = (|| {
-        // A stream of devices only loads as an incoming migration with
-        // shared RAM: the RAM is already in the memory file.
-        qmp.set_capabilities(&[("x-ignore-shared", true)])?;
-        qmp.execute("migrate-incoming", Some(json!({ "uri": format!("file:{}", vmstate.display()) })))?;
-        qmp.wait_migration(Duration::from_secs(30))?;
-        if start {
-            qmp.cont_after_migration()?;
-            qmp.execute("announce-self", Some(json!({ "initial": 0, "max": 50, "rounds": 3, "step": 50 })))?;
-        }
-        Ok::<_, CaptureError>(())
-    })();
-    match loaded {
-        Ok(()) => Ok((child, qmp)),
-        Err(e) => Err(qemu_failed(&mut child, e)),
-    }
 }
 
 /// The default run directory named `tag` (on tmpfs, since it holds guest

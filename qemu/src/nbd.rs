@@ -24,7 +24,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use remus_types::PAGE_SIZE;
 
-use crate::CaptureError;
+use remus_capture::CaptureError;
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454F_5054;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::CaptureError;
+use remus_capture::CaptureError;
 
 /// A connected, capability-negotiated QMP session.
 pub struct Qmp {

@@ -1,6 +1,11 @@
-//! The primary at run time: the epoch engine on a thread of its own, the
-//! QUIC link on another, and a consumer of link events that releases held
-//! output when epochs are acknowledged.
+//! The primary at run time: the epoch engine driven on a thread of its
+//! own (its timer, and the acknowledgements that release held output), the
+//! QUIC link on another.
+//!
+//! The engine thread is the engine's only driver: it sleeps until the
+//! engine's next timeout or the next acknowledgement, whichever comes
+//! first, hands sealed checkpoints to the link, and delivers the output
+//! the engine releases to its sinks (the guest's network, the output log).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -10,11 +15,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
 use anyhow::{Context, Result};
 use parking_lot::Mutex;
-use remus_capture::qemu::{Egress, NetRelay, QemuConfig, QemuGuest};
+use remus_qemu::{Egress, NetRelay, QemuConfig, QemuGuest};
 use remus_capture::{ArenaConfig, ArenaGuest, EpochEngine, OutputBuffer, ProtectedGuest};
-use remus_types::{EpochId, GuestId};
+use remus_types::{now_unix_nanos, Checkpoint, EpochId, GuestId};
 use remus_wan::driver::{run_primary, LinkEvent, PrimaryLinkConfig};
 use remus_wan::tls::{client_config, TlsDir};
 use remus_wan::SenderConfig;
@@ -74,6 +81,26 @@ pub struct Primary {
     pub exact_tracking: bool,
 }
 
+
+/// Where released output goes: the guest's network and the output log.
+struct OutputSinks {
+    net: Option<Arc<NetRelay>>,
+    log: Option<std::fs::File>,
+}
+
+impl OutputSinks {
+    fn deliver(&mut self, released: &[Vec<u8>]) {
+        if let Some(net) = &self.net {
+            net.release(released);
+        }
+        if let Some(f) = self.log.as_mut() {
+            for line in released {
+                let _ = f.write_all(line);
+            }
+        }
+    }
+}
+
 impl Primary {
     /// Starts the guest, the engine and the link.
     ///
@@ -96,6 +123,7 @@ impl Primary {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel(256);
         let (etx, erx) = mpsc::unbounded_channel();
+        let (ack_tx, ack_rx) = crossbeam_channel::unbounded();
         let link_cfg = PrimaryLinkConfig {
             backup: opts.backup,
             client,
@@ -104,23 +132,19 @@ impl Primary {
             instance: rand::random(),
             page_count,
         };
-        let mut roots_file = match &opts.record_roots {
-            Some(p) => Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?),
-            None => None,
+        let create = |p: &Option<PathBuf>| -> Result<Option<std::fs::File>> {
+            p.as_ref().map(|p| std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))).transpose()
         };
-        let mut output_file = match &opts.output_log {
-            Some(p) => Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?),
-            None => None,
-        };
+        let roots_file = create(&opts.record_roots)?;
+        let sinks = OutputSinks { net, log: create(&opts.output_log)? };
         let s2 = Arc::clone(&stats);
-        let out2 = Arc::clone(&output);
         let link = std::thread::Builder::new().name("remus-link".into()).spawn(move || -> Result<()> {
             // Two workers: while one encodes a large epoch (the first holds the
             // whole guest), the other keeps reading the backup's heartbeats,
             // so a busy primary does not mistake itself for a silent backup.
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(async move {
-                let consumer = tokio::spawn(consume_events(erx, s2, out2, net, roots_file.take(), output_file.take()));
+                let consumer = tokio::spawn(consume_events(erx, s2, ack_tx, roots_file));
                 let r = run_primary(link_cfg, rx, etx).await;
                 let _ = consumer.await;
                 r.context("replication link")
@@ -131,7 +155,14 @@ impl Primary {
         let period = opts.epoch;
         let id = opts.guest;
         let engine = std::thread::Builder::new().name("remus-epoch".into()).spawn(move || {
-            run_engine(EpochEngine::new(id, guest, output), period, &tx, &s3, &stop2)
+            // Real-time priority where allowed, so a pause is not stretched
+            // by preemption; elsewhere epochs run at normal priority.
+            if !remus_sys::raise_priority() {
+                tracing::debug!("real-time priority not available; epochs run at normal priority");
+            }
+            s3.lock().started = Instant::now();
+            let engine = EpochEngine::new(id, guest, output, period, Instant::now());
+            drive_engine(engine, tx, &ack_rx, sinks, &s3, &stop2)
         })?;
         Ok(Self { stop, engine: Some(engine), link: Some(link), stats, exact_tracking })
     }
@@ -175,70 +206,85 @@ impl Primary {
     }
 }
 
-fn run_engine<G: ProtectedGuest>(
+/// The engine's driver loop: seals on the engine's timer, hands each
+/// checkpoint to the link, and feeds acknowledgements in as they arrive,
+/// delivering what the engine releases. After the last epoch is sealed it
+/// waits for the acknowledgements alone; it ends when the engine is
+/// finished or the link is gone.
+fn drive_engine<G: ProtectedGuest>(
     mut engine: EpochEngine<G>,
-    period: Duration,
-    tx: &mpsc::Sender<remus_types::Checkpoint>,
+    tx: mpsc::Sender<Checkpoint>,
+    acks: &Receiver<EpochId>,
+    mut sinks: OutputSinks,
     stats: &Mutex<PrimaryStats>,
     stop: &AtomicBool,
 ) -> Result<()> {
-    raise_priority();
-    {
-        let mut s = stats.lock();
-        s.started = Instant::now();
-    }
-    let mut next = Instant::now() + period;
-    let mut last = false;
-    while !last {
-        let now = Instant::now();
-        if next > now {
-            std::thread::sleep(next - now);
+    let mut tx = Some(tx);
+    while !engine.finished() {
+        if stop.load(Ordering::Relaxed) {
+            engine.stop();
         }
-        // On a stop request, one last epoch with the guest held still: the
-        // backup then ends with exactly the guest's final state.
-        last = stop.load(Ordering::Relaxed);
-        if last {
-            engine.guest_mut().quiesce();
-        }
-        let cp = engine.seal().context("checkpoint")?;
-        let sealed_at = Instant::now();
-        {
-            let mut s = stats.lock();
-            s.pauses_ns.push(cp.pause_ns);
-            s.dirty_pages += cp.pfns.len() as u64;
-            s.sealed = cp.epoch;
-            s.sealed_at.insert(cp.epoch, sealed_at);
-            s.last_seal = Some(sealed_at);
-        }
-        next += period;
-        if next < sealed_at {
-            next = sealed_at + period; // fell behind: do not burst
-        }
-        if tx.blocking_send(cp).is_err() {
-            anyhow::bail!("replication link stopped");
+        let input = match engine.poll_timeout() {
+            Some(due) => acks.recv_deadline(due),
+            None => acks.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match input {
+            Ok(epoch) => {
+                let released = engine.handle_ack(epoch);
+                record_ack(stats, engine.acked(), released.len());
+                sinks.deliver(&released);
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                let Some(cp) = engine.handle_timeout(Instant::now(), now_unix_nanos()).context("checkpoint")? else { continue };
+                record_seal(stats, &cp);
+                let Some(link) = &tx else { continue };
+                if link.blocking_send(cp).is_err() {
+                    anyhow::bail!("replication link stopped");
+                }
+                if engine.all_sealed() {
+                    // No more checkpoints: the link ends once all are acknowledged.
+                    tx = None;
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) if engine.all_sealed() => {
+                // The link ended (its failure is reported by the link thread).
+                return Ok(());
+            }
+            Err(RecvTimeoutError::Disconnected) => anyhow::bail!("replication link stopped"),
         }
     }
     Ok(())
 }
 
-/// The epoch thread runs at real-time priority where allowed, so that a
-/// pause is not stretched by preemption; elsewhere it runs as it is.
-pub fn raise_priority() {
-    let param = libc::sched_param { sched_priority: 10 };
-    // SAFETY: plain syscall on the calling thread with a valid parameter.
-    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
-    if rc != 0 {
-        tracing::debug!("real-time priority not available; epochs run at normal priority");
-    }
+fn record_seal(stats: &Mutex<PrimaryStats>, cp: &Checkpoint) {
+    let sealed_at = Instant::now();
+    let mut s = stats.lock();
+    s.pauses_ns.push(cp.pause_ns);
+    s.dirty_pages += cp.pfns.len() as u64;
+    s.sealed = cp.epoch;
+    s.sealed_at.insert(cp.epoch, sealed_at);
+    s.last_seal = Some(sealed_at);
 }
 
+fn record_ack(stats: &Mutex<PrimaryStats>, acked: EpochId, released: usize) {
+    let now = Instant::now();
+    let mut s = stats.lock();
+    for e in s.acked.0 + 1..=acked.0 {
+        if let Some(t) = s.sealed_at.remove(&EpochId(e)) {
+            s.commit_ns.push(u64::try_from(now.duration_since(t).as_nanos()).unwrap_or(u64::MAX));
+        }
+    }
+    s.acked = s.acked.max(acked);
+    s.output_released += released as u64;
+}
+
+/// Takes the link's events: statistics, recorded roots, and every
+/// acknowledgement forwarded to the engine's driver (which releases).
 async fn consume_events(
     mut rx: mpsc::UnboundedReceiver<LinkEvent>,
     stats: Arc<Mutex<PrimaryStats>>,
-    output: Arc<OutputBuffer<Vec<u8>>>,
-    net: Option<Arc<NetRelay>>,
+    acks: Sender<EpochId>,
     mut roots: Option<std::fs::File>,
-    mut out_file: Option<std::fs::File>,
 ) {
     while let Some(ev) = rx.recv().await {
         match ev {
@@ -255,25 +301,8 @@ async fn consume_events(
                 s.mix.merge(&mix);
             }
             LinkEvent::Acked { epoch, .. } => {
-                let released = output.release(epoch);
-                let now = Instant::now();
-                let mut s = stats.lock();
-                for e in s.acked.0 + 1..=epoch.0 {
-                    if let Some(t) = s.sealed_at.remove(&EpochId(e)) {
-                        s.commit_ns.push(u64::try_from(now.duration_since(t).as_nanos()).unwrap_or(u64::MAX));
-                    }
-                }
-                s.acked = s.acked.max(epoch);
-                s.output_released += released.len() as u64;
-                drop(s);
-                if let Some(net) = &net {
-                    net.release(&released);
-                }
-                if let Some(f) = out_file.as_mut() {
-                    for line in &released {
-                        let _ = f.write_all(line);
-                    }
-                }
+                // The driver is gone only once the engine finished.
+                let _ = acks.send(epoch);
             }
             LinkEvent::Connected => tracing::info!("connected to backup"),
             LinkEvent::Forgot { held } => stats.lock().chunks_forgotten += held as u64,

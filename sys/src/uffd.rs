@@ -1,14 +1,9 @@
-//! The kernel interfaces capture needs, wrapped so that the rest of the
-//! crate is safe code: a shared memory mapping ([`Mapping`]), and dirty
-//! tracking by userfaultfd write-protect in async mode plus the
-//! `PAGEMAP_SCAN` ioctl ([`WriteProtectScanner`]).
+//! Exact dirty tracking by userfaultfd write-protect in async mode plus
+//! the `PAGEMAP_SCAN` ioctl ([`WriteProtectScanner`]).
 //!
-//! Invariants kept here:
-//! - a [`Mapping`] owns its `mmap` for its whole life; `ptr..ptr+len` is valid
-//!   for reads and writes until drop, and nothing else unmaps it;
-//! - the scanner only ever names pages inside the mapping it was armed on,
-//!   and holds a reference-counted fd of the userfaultfd so the protection
-//!   stays in force as long as the scanner lives.
+//! Invariants: the scanner only ever names pages inside the mapping it was
+//! armed on, and holds a reference-counted fd of the userfaultfd so the
+//! protection stays in force as long as the scanner lives.
 //!
 //! Debian 12's headers predate `PAGEMAP_SCAN` (Linux 6.7), so the constants
 //! and structures are defined here from `include/uapi/linux/fs.h` and
@@ -19,6 +14,8 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use remus_types::PAGE_SIZE;
+
+use crate::Mapping;
 
 const UFFD_API: u64 = 0xAA;
 const UFFD_USER_MODE_ONLY: libc::c_int = 1;
@@ -94,127 +91,6 @@ const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 /// `PAGE_IS_WRITTEN`; note `1 << 5` would be `PAGE_IS_PFNZERO`.
 const PAGE_IS_WRITTEN: u64 = 1 << 1;
-
-/// An owned shared mapping of a file: the guest's RAM (a memfd for the
-/// arena guest, read-only; QEMU's memory-backend file for a QEMU guest).
-pub struct Mapping {
-    ptr: *mut u8,
-    len: usize,
-    memfd: File,
-    writable: bool,
-}
-
-// SAFETY: the mapping is plain memory owned by this value; callers
-// synchronise access to its contents (see `Arena`).
-unsafe impl Send for Mapping {}
-// SAFETY: as above; shared references only hand out raw pointers.
-unsafe impl Sync for Mapping {}
-
-impl Mapping {
-    /// Creates a memfd of `len` bytes (a multiple of the page size) and maps
-    /// it shared, read/write. Pages are not populated until touched.
-    ///
-    /// # Errors
-    /// The OS error of `memfd_create`, `ftruncate` or `mmap`.
-    pub fn memfd(name: &str, len: usize) -> io::Result<Self> {
-        assert!(len % PAGE_SIZE == 0 && len > 0, "length must be whole pages");
-        let cname = std::ffi::CString::new(name).map_err(|_| io::Error::other("nul in name"))?;
-        // SAFETY: valid C string, flags are plain constants.
-        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
-        let memfd = unsafe { File::from_raw_fd(fd) };
-        memfd.set_len(len as u64)?;
-        // SAFETY: mapping a fresh shared region of a file we own; the result
-        // is checked before use.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                memfd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Self { ptr: ptr.cast(), len, memfd, writable: true })
-    }
-
-    /// Maps the existing file at `path` (at least `len` bytes) shared and
-    /// read-only: another process's memory, seen as it writes it.
-    ///
-    /// # Errors
-    /// The OS error of `open` or `mmap`, or `InvalidInput` when the file is
-    /// shorter than `len`.
-    pub fn open_read_only(path: &std::path::Path, len: usize) -> io::Result<Self> {
-        assert!(len % PAGE_SIZE == 0 && len > 0, "length must be whole pages");
-        let file = File::open(path)?;
-        if file.metadata()?.len() < len as u64 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is shorter than {len} bytes", path.display())));
-        }
-        // SAFETY: a fresh read-only shared mapping of a file we hold open;
-        // the result is checked before use.
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0) };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Self { ptr: ptr.cast(), len, memfd: file, writable: false })
-    }
-
-    /// Length in bytes.
-    #[must_use]
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Always false: a mapping has at least one page.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
-    /// The whole mapping as a slice.
-    #[must_use]
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr..ptr+len is mapped for our lifetime; the shared borrow
-        // of `self` excludes `as_mut_slice` while it lives.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-
-    /// The whole mapping as a mutable slice.
-    ///
-    /// # Panics
-    /// On a read-only mapping.
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        assert!(self.writable, "read-only mapping");
-        // SAFETY: as in `as_slice`, and `&mut self` makes the borrow unique.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-
-    /// The memfd behind the mapping.
-    #[must_use]
-    pub fn file(&self) -> &File {
-        &self.memfd
-    }
-
-    fn addr(&self) -> u64 {
-        self.ptr as u64
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `memfd` mapped; no borrows outlive self.
-        unsafe {
-            libc::munmap(self.ptr.cast(), self.len);
-        }
-    }
-}
 
 /// Exact dirty-page tracking: userfaultfd write-protect in async mode makes
 /// the kernel clear a page's protection on its first write without any
@@ -343,7 +219,6 @@ fn ioctl<T>(fd: &impl AsRawFd, req: libc::c_ulong, arg: &mut T) -> io::Result<li
         Ok(rc)
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,94 +243,5 @@ mod tests {
         m.as_mut_slice()[4 * PAGE_SIZE] = 2;
         s.collect(&mut out).unwrap();
         assert_eq!(out, vec![4]);
-    }
-}
-
-/// A mutex with priority inheritance (`PTHREAD_PRIO_INHERIT`).
-///
-/// The epoch thread runs at real-time priority and pauses the guest by
-/// taking this lock. With an ordinary mutex, a guest thread preempted
-/// while holding it stretches the pause by a whole scheduler slice; with
-/// priority inheritance the kernel boosts the holder to the waiter's
-/// priority until it lets go.
-///
-/// Invariants: the `pthread_mutex_t` lives in its own heap allocation and
-/// never moves after `pthread_mutex_init`; it is destroyed only in `drop`,
-/// when no guard can exist (guards borrow the mutex).
-pub struct PiMutex<T> {
-    raw: Box<std::cell::UnsafeCell<libc::pthread_mutex_t>>,
-    data: std::cell::UnsafeCell<T>,
-}
-
-// SAFETY: access to `data` is serialised by the pthread mutex.
-unsafe impl<T: Send> Send for PiMutex<T> {}
-// SAFETY: as above; `&PiMutex` only hands out `data` under the lock.
-unsafe impl<T: Send> Sync for PiMutex<T> {}
-
-/// Holds a [`PiMutex`] locked.
-pub struct PiGuard<'a, T> {
-    mutex: &'a PiMutex<T>,
-}
-
-impl<T> PiMutex<T> {
-    /// A new unlocked mutex holding `data`.
-    ///
-    /// # Panics
-    /// If the C library cannot create a priority-inheriting mutex.
-    pub fn new(data: T) -> Self {
-        // SAFETY: a zeroed pthread_mutex_t is valid storage for init.
-        let raw = Box::new(std::cell::UnsafeCell::new(unsafe { std::mem::zeroed::<libc::pthread_mutex_t>() }));
-        // SAFETY: attr is initialised before use and destroyed after; the
-        // mutex storage is heap-allocated and stays put.
-        unsafe {
-            let mut attr: libc::pthread_mutexattr_t = std::mem::zeroed();
-            assert_eq!(libc::pthread_mutexattr_init(&mut attr), 0, "pthread_mutexattr_init");
-            assert_eq!(libc::pthread_mutexattr_setprotocol(&mut attr, libc::PTHREAD_PRIO_INHERIT), 0, "PTHREAD_PRIO_INHERIT");
-            assert_eq!(libc::pthread_mutex_init(raw.get(), &attr), 0, "pthread_mutex_init");
-            libc::pthread_mutexattr_destroy(&mut attr);
-        }
-        Self { raw, data: std::cell::UnsafeCell::new(data) }
-    }
-
-    /// Blocks until the lock is held.
-    pub fn lock(&self) -> PiGuard<'_, T> {
-        // SAFETY: the mutex was initialised in `new` and is not destroyed
-        // while `self` is borrowed.
-        let rc = unsafe { libc::pthread_mutex_lock(self.raw.get()) };
-        assert_eq!(rc, 0, "pthread_mutex_lock");
-        PiGuard { mutex: self }
-    }
-}
-
-impl<T> Drop for PiMutex<T> {
-    fn drop(&mut self) {
-        // SAFETY: no guard exists (they borrow self), so it is unlocked.
-        unsafe {
-            libc::pthread_mutex_destroy(self.raw.get());
-        }
-    }
-}
-
-impl<T> std::ops::Deref for PiGuard<'_, T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        // SAFETY: the lock is held for the guard's life.
-        unsafe { &*self.mutex.data.get() }
-    }
-}
-
-impl<T> std::ops::DerefMut for PiGuard<'_, T> {
-    fn deref_mut(&mut self) -> &mut T {
-        // SAFETY: the lock is held, and `&mut self` makes this unique.
-        unsafe { &mut *self.mutex.data.get() }
-    }
-}
-
-impl<T> Drop for PiGuard<'_, T> {
-    fn drop(&mut self) {
-        // SAFETY: this thread holds the lock.
-        unsafe {
-            libc::pthread_mutex_unlock(self.mutex.raw.get());
-        }
     }
 }

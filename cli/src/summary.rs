@@ -1,118 +1,8 @@
-//! Run statistics and the summary that `demo` and `protect` print.
+//! How a primary's statistics are shown: the progress line and the run
+//! summary that `demo` and `protect` print.
 
-use std::collections::{BTreeMap, HashMap};
-use std::time::Instant;
-
-use remus_types::{ChunkId, EpochId, PAGE_SIZE};
-use remus_wan::EncodingMix;
-
-/// Percentile of a sample (nearest rank), in the sample's unit.
-#[must_use]
-pub fn percentile(values: &[u64], p: f64) -> u64 {
-    if values.is_empty() {
-        return 0;
-    }
-    let mut v = values.to_vec();
-    v.sort_unstable();
-    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-    v[rank.clamp(1, v.len()) - 1]
-}
-
-/// Nanoseconds as milliseconds.
-#[must_use]
-pub fn ms(ns: u64) -> f64 {
-    ns as f64 / 1e6
-}
-
-/// What the primary observed, updated as the run goes.
-#[derive(Debug)]
-pub struct PrimaryStats {
-    /// When protection started.
-    pub started: Instant,
-    /// Pause of each sealed epoch, ns.
-    pub pauses_ns: Vec<u64>,
-    /// Dirty pages sealed.
-    pub dirty_pages: u64,
-    /// Epochs sealed.
-    pub sealed: EpochId,
-    /// Seal instant of each unacknowledged epoch.
-    pub sealed_at: HashMap<EpochId, Instant>,
-    /// Memory root of each sealed epoch.
-    pub roots: BTreeMap<EpochId, ChunkId>,
-    /// Bytes of epochs put on the wire (resends included).
-    pub wire_bytes: u64,
-    /// Dirty pages put on the wire (resends included).
-    pub wire_pages: u64,
-    /// Encodings chosen.
-    pub mix: EncodingMix,
-    /// Highest acknowledged epoch.
-    pub acked: EpochId,
-    /// Seal-to-ack latency of each acknowledged epoch, ns.
-    pub commit_ns: Vec<u64>,
-    /// Output lines released after their epoch was acknowledged.
-    pub output_released: u64,
-    /// Connection losses seen.
-    pub disconnects: u64,
-    /// Chunks the backup deleted (GC) that the encoder counted as held.
-    pub chunks_forgotten: u64,
-    /// Epochs the backup refused for naming chunks it no longer held (each
-    /// sent again with the unacknowledged ones after it).
-    pub refusals: u64,
-    /// Time the last epoch was sealed.
-    pub last_seal: Option<Instant>,
-}
-
-impl Default for PrimaryStats {
-    fn default() -> Self {
-        Self {
-            started: Instant::now(),
-            pauses_ns: Vec::new(),
-            dirty_pages: 0,
-            sealed: EpochId(0),
-            sealed_at: HashMap::new(),
-            roots: BTreeMap::new(),
-            wire_bytes: 0,
-            wire_pages: 0,
-            mix: EncodingMix::default(),
-            acked: EpochId(0),
-            commit_ns: Vec::new(),
-            output_released: 0,
-            disconnects: 0,
-            chunks_forgotten: 0,
-            refusals: 0,
-            last_seal: None,
-        }
-    }
-}
-
-impl PrimaryStats {
-    /// Epochs per second achieved so far.
-    #[must_use]
-    pub fn hz(&self) -> f64 {
-        let end = self.last_seal.unwrap_or(self.started);
-        let secs = end.duration_since(self.started).as_secs_f64();
-        if secs <= 0.0 {
-            0.0
-        } else {
-            self.sealed.0 as f64 / secs
-        }
-    }
-
-    /// One progress line.
-    #[must_use]
-    pub fn progress_line(&self) -> String {
-        format!(
-            "epoch {:>6} | {:5.1} Hz | pause p99 {:5.2} ms | lag {:>3} epochs | wire {:6.1} B/page ({:4.1}% of raw) | released {:>6} lines",
-            self.sealed.0,
-            self.hz(),
-            ms(percentile(&self.pauses_ns, 99.0)),
-            self.sealed.0.saturating_sub(self.acked.0),
-            if self.wire_pages == 0 { 0.0 } else { self.wire_bytes as f64 / self.wire_pages as f64 },
-            if self.wire_pages == 0 { 0.0 } else { 100.0 * self.wire_bytes as f64 / (self.wire_pages * PAGE_SIZE as u64) as f64 },
-            self.output_released,
-        )
-    }
-}
+use remus_node::stats::{ms, percentile, PrimaryStats};
+use remus_types::PAGE_SIZE;
 
 /// The run summary (`--json` prints it as one object; fields are
 /// documented in docs/cli.md).
@@ -265,17 +155,17 @@ impl Summary {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::percentile;
-
-    #[test]
-    fn percentiles_by_nearest_rank() {
-        let v: Vec<u64> = (1..=100).collect();
-        assert_eq!(percentile(&v, 50.0), 50);
-        assert_eq!(percentile(&v, 99.0), 99);
-        assert_eq!(percentile(&v, 100.0), 100);
-        assert_eq!(percentile(&[], 99.0), 0);
-        assert_eq!(percentile(&[7], 1.0), 7);
-    }
+/// One progress line.
+#[must_use]
+pub fn progress_line(s: &PrimaryStats) -> String {
+    format!(
+        "epoch {:>6} | {:5.1} Hz | pause p99 {:5.2} ms | lag {:>3} epochs | wire {:6.1} B/page ({:4.1}% of raw) | released {:>6} lines",
+        s.sealed.0,
+        s.hz(),
+        ms(percentile(&s.pauses_ns, 99.0)),
+        s.sealed.0.saturating_sub(s.acked.0),
+        if s.wire_pages == 0 { 0.0 } else { s.wire_bytes as f64 / s.wire_pages as f64 },
+        if s.wire_pages == 0 { 0.0 } else { 100.0 * s.wire_bytes as f64 / (s.wire_pages * PAGE_SIZE as u64) as f64 },
+        s.output_released,
+    )
 }

@@ -12,7 +12,9 @@ use remus_store::{RetentionPolicy, Store, StoreOptions};
 use remus_wan::driver::{endpoint, run_backup, BackupLinkConfig, Endpoint};
 use remus_wan::tls::{server_config, TlsDir};
 
-use crate::replica::{FailoverAction, StoreReplica};
+use crate::events::BackupEvent;
+use crate::failover::FailoverAction;
+use crate::replica::StoreReplica;
 
 /// Everything a backup needs.
 #[derive(Debug, Clone)]
@@ -43,6 +45,8 @@ pub struct Backup {
     pub replica: Arc<StoreReplica>,
     /// Its history worker (S3 upload, retention), when configured.
     pub uploader: Option<Uploader>,
+    /// What it reports as it runs (failovers above all).
+    pub events: crossbeam_channel::Receiver<BackupEvent>,
     endpoint: Endpoint,
     thread: Option<JoinHandle<()>>,
 }
@@ -63,7 +67,8 @@ impl Backup {
             None
         };
         let server = server_config(opts.tls.identity("backup")?, opts.tls.roots()?)?;
-        let replica = Arc::new(StoreReplica::new(Arc::clone(&store), opts.failover.clone()));
+        let (events_tx, events) = crossbeam_channel::unbounded();
+        let replica = Arc::new(StoreReplica::new(Arc::clone(&store), opts.failover.clone(), events_tx));
         let r2 = Arc::clone(&replica);
         let (tx, rx) = std::sync::mpsc::channel();
         let link = opts.link;
@@ -90,7 +95,7 @@ impl Backup {
         })?;
         let endpoint = rx.recv().context("backup thread ended early")??;
         let addr = endpoint.local_addr()?;
-        Ok(Self { addr, store, replica, uploader, endpoint, thread: Some(thread) })
+        Ok(Self { addr, store, replica, uploader, events, endpoint, thread: Some(thread) })
     }
 
     /// Stops accepting, waits for the backup thread, and flushes the

@@ -1,9 +1,9 @@
 //! Engine-level tests on a real arena guest.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use remus_types::{EpochId, GuestId, PAGE_SIZE};
+use remus_types::{now_unix_nanos, EpochId, GuestId, PAGE_SIZE};
 
 use crate::*;
 
@@ -23,17 +23,17 @@ fn replay_matches(tracking: TrackingMode) {
     };
     let out = Arc::new(OutputBuffer::default());
     let guest = ArenaGuest::start(&cfg, Arc::clone(&out)).unwrap();
-    let mut engine = EpochEngine::new(GuestId(1), guest, Arc::clone(&out));
+    let mut engine = EpochEngine::new(GuestId(1), guest, Arc::clone(&out), Duration::from_millis(5), Instant::now());
     let mut shadow = vec![0u8; engine.guest().page_count() as usize * PAGE_SIZE];
     let mut dirty_total = 0;
     for _ in 0..20 {
         std::thread::sleep(Duration::from_millis(5));
-        let cp = engine.seal().unwrap();
+        let cp = engine.seal(now_unix_nanos()).unwrap();
         dirty_total += cp.pfns.len();
         apply(&mut shadow, &cp);
     }
     engine.guest_mut().stop_workload();
-    let last = engine.seal().unwrap();
+    let last = engine.seal(now_unix_nanos()).unwrap();
     apply(&mut shadow, &last);
     assert!(dirty_total > 100, "workload wrote too little: {dirty_total}");
     assert!(shadow == engine.guest().snapshot(), "replayed checkpoints differ from guest memory");
@@ -41,8 +41,8 @@ fn replay_matches(tracking: TrackingMode) {
     // Output commit: held until acked, then released in order.
     assert!(out.held() > 0, "workload produced no output");
     let before = out.held();
-    assert!(engine.ack(EpochId(0)).is_empty());
-    let released = engine.ack(last.epoch);
+    assert!(engine.handle_ack(EpochId(0)).is_empty());
+    let released = engine.handle_ack(last.epoch);
     assert_eq!(released.len(), before);
     assert!(String::from_utf8_lossy(&released[0]).starts_with("tick 1:"));
 }

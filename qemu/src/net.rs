@@ -16,7 +16,6 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,24 +23,14 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::{CaptureError, OutputBuffer};
+use remus_capture::{CaptureError, OutputBuffer};
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
 /// Largest frame accepted from QEMU (jumbo frames included).
 const MAX_FRAME: usize = 65536;
 
 /// An open TAP interface: one Ethernet frame per read or write.
 pub struct Tap {
     file: File,
-}
-
-#[repr(C)]
-struct IfReq {
-    name: [u8; 16],
-    flags: libc::c_short,
-    _pad: [u8; 22],
 }
 
 impl Tap {
@@ -55,19 +44,7 @@ impl Tap {
         if name.is_empty() || name.len() > 15 {
             return Err(CaptureError::Config(format!("tap name {name:?} must be 1..=15 bytes")));
         }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")
-            .map_err(|e| CaptureError::Io(format!("/dev/net/tun: {e}")))?;
-        let mut req = IfReq { name: [0; 16], flags: IFF_TAP | IFF_NO_PI, _pad: [0; 22] };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
-        // SAFETY: TUNSETIFF takes a `struct ifreq`, which IfReq lays out
-        // (name, then the flags union member), padded to its 40 bytes.
-        let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, std::ptr::from_mut(&mut req)) };
-        if rc < 0 {
-            return Err(CaptureError::Io(format!("tap {name}: {}", io::Error::last_os_error())));
-        }
+        let file = remus_sys::open_tap(name).map_err(|e| CaptureError::Io(format!("tap {name}: {e}")))?;
         Ok(Self { file })
     }
 
@@ -127,7 +104,7 @@ impl NetRelay {
                         let Ok(conn) = conn else { continue };
                         let Ok(writer) = conn.try_clone() else { continue };
                         *guest_conn.lock() = Some(writer);
-                        if let Err(e) = relay.from_guest(conn, &egress) {
+                        if let Err(e) = relay.relay_from_guest(conn, &egress) {
                             tracing::debug!(error = %e, "netdev connection ended");
                         }
                         *guest_conn.lock() = None;
@@ -144,13 +121,11 @@ impl NetRelay {
                     loop {
                         // Wake up now and then to notice `stop`: the TAP
                         // must be closed for another process to attach.
-                        let mut pfd = libc::pollfd { fd: tap.file.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-                        // SAFETY: one valid pollfd for the duration of the call.
-                        let ready = unsafe { libc::poll(&mut pfd, 1, 100) };
+                        let ready = remus_sys::wait_readable(&tap.file, 100);
                         if stop.load(Ordering::Relaxed) {
                             return;
                         }
-                        if ready <= 0 {
+                        if !ready {
                             continue;
                         }
                         let n = match tap.file.read(&mut buf[4..]) {
@@ -203,7 +178,7 @@ impl NetRelay {
         }
     }
 
-    fn from_guest(&self, mut conn: UnixStream, egress: &Egress) -> io::Result<()> {
+    fn relay_from_guest(&self, mut conn: UnixStream, egress: &Egress) -> io::Result<()> {
         let mut len = [0u8; 4];
         loop {
             conn.read_exact(&mut len)?;

@@ -1,0 +1,284 @@
+//! The epoch engine on a virtual clock with a fake guest: when epochs are
+//! sealed, and the output-commit rule (released only on the ack of its
+//! epoch, never twice, never lost across reconnects and repeated acks).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use remus_types::{Checkpoint, EpochId, GuestId, Pfn, PAGE_SIZE};
+
+use crate::{CaptureError, EpochEngine, OutputBuffer, ProtectedGuest};
+
+const PERIOD: Duration = Duration::from_millis(25);
+
+/// A guest with no memory to speak of that emits output right up to each
+/// pause and right after each resume, the edges where an epoch's output
+/// is easiest to misattribute.
+struct FakeGuest {
+    output: Arc<OutputBuffer<Vec<u8>>>,
+    /// Ids for the items it emits itself, and the epoch each must carry.
+    emitted: Vec<(u64, EpochId)>,
+    next_item: u64,
+    paused: bool,
+    quiesced: bool,
+    /// Do not call the pause hook (a broken guest).
+    skip_hook: bool,
+}
+
+impl FakeGuest {
+    fn new(output: Arc<OutputBuffer<Vec<u8>>>) -> Self {
+        Self { output, emitted: Vec::new(), next_item: 1 << 32, paused: false, quiesced: false, skip_hook: false }
+    }
+
+    fn emit(&mut self, epoch: EpochId) {
+        assert!(!self.paused, "a paused guest emits nothing");
+        let id = self.next_item;
+        self.next_item += 1;
+        self.output.push(id.to_le_bytes().to_vec());
+        self.emitted.push((id, epoch));
+    }
+}
+
+impl ProtectedGuest for FakeGuest {
+    fn page_count(&self) -> u64 {
+        4
+    }
+
+    fn checkpoint(&mut self, epoch: EpochId, cp: &mut Checkpoint, paused: &mut dyn FnMut()) -> Result<(), CaptureError> {
+        assert!(!self.quiesced || !self.paused, "checkpoint after the final one");
+        // The last output before the pause belongs to this epoch.
+        if !self.quiesced {
+            self.emit(epoch);
+        }
+        self.paused = true;
+        if !self.skip_hook {
+            paused();
+        }
+        cp.epoch = epoch;
+        cp.page_count = 4;
+        cp.pfns = vec![Pfn(epoch.0 % 4)];
+        cp.pages = vec![epoch.0 as u8; PAGE_SIZE];
+        if !self.quiesced {
+            self.paused = false;
+            // The first output after the resume belongs to the next one.
+            self.emit(epoch.next());
+        }
+        Ok(())
+    }
+
+    fn exact_tracking(&self) -> bool {
+        true
+    }
+
+    fn quiesce(&mut self) {
+        self.quiesced = true;
+    }
+}
+
+/// The engine, its clock, and what was released, checked as it goes.
+struct Sim {
+    engine: EpochEngine<FakeGuest>,
+    output: Arc<OutputBuffer<Vec<u8>>>,
+    now: Instant,
+    /// Items the test emitted while the guest ran, with their epoch.
+    pushed: Vec<(u64, EpochId)>,
+    next_item: u64,
+    released: Vec<u64>,
+    /// Highest ack fed in, as the engine may count it (up to the sealed).
+    max_ack: EpochId,
+    seals: Vec<Instant>,
+}
+
+impl Sim {
+    fn new() -> Self {
+        let output = Arc::new(OutputBuffer::default());
+        let now = Instant::now();
+        let engine = EpochEngine::new(GuestId(1), FakeGuest::new(Arc::clone(&output)), Arc::clone(&output), PERIOD, now);
+        Self { engine, output, now, pushed: Vec::new(), next_item: 0, released: Vec::new(), max_ack: EpochId(0), seals: Vec::new() }
+    }
+
+    /// The guest emits an item while running (in the open epoch).
+    fn emit(&mut self) {
+        let epoch = self.engine.sealed().next();
+        let id = self.next_item;
+        self.next_item += 1;
+        assert_eq!(self.output.push(id.to_le_bytes().to_vec()), epoch);
+        self.pushed.push((id, epoch));
+    }
+
+    /// Advances the virtual clock, sealing every epoch that falls due.
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        while let Some(due) = self.engine.poll_timeout().filter(|d| *d <= self.now) {
+            let cp = self.engine.handle_timeout(self.now, 0).unwrap().expect("due, so sealed");
+            assert_eq!(cp.epoch, self.engine.sealed());
+            assert!(due <= self.now);
+            self.seals.push(self.now);
+        }
+    }
+
+    fn ack(&mut self, epoch: EpochId) {
+        let counted = epoch.min(self.engine.sealed());
+        self.max_ack = self.max_ack.max(counted);
+        for item in self.engine.handle_ack(epoch) {
+            let id = u64::from_le_bytes(item.try_into().expect("8-byte item"));
+            self.released.push(id);
+        }
+        self.check();
+    }
+
+    /// The epoch every item must carry, test's and guest's alike.
+    fn epoch_of(&self, id: u64) -> EpochId {
+        self.pushed.iter().chain(&self.engine.guest().emitted).find(|(i, _)| *i == id).expect("released item was pushed").1
+    }
+
+    /// Never before its epoch's ack, never twice, in the order pushed.
+    fn check(&self) {
+        let mut seen = std::collections::HashSet::new();
+        for &id in &self.released {
+            assert!(seen.insert(id), "item {id} released twice");
+            let e = self.epoch_of(id);
+            assert!(e <= self.max_ack, "item {id} of epoch {e} released with only epoch {} acknowledged", self.max_ack);
+        }
+        // Every item of an acknowledged epoch is out (nothing held back or lost).
+        let all = self.pushed.iter().chain(&self.engine.guest().emitted);
+        for (id, e) in all {
+            if *e <= self.max_ack {
+                assert!(seen.contains(id), "item {id} of acknowledged epoch {e} was never released");
+            }
+        }
+        // Push order within the release stream (ids of one source ascend).
+        let mine: Vec<u64> = self.released.iter().copied().filter(|id| *id < 1 << 32).collect();
+        assert!(mine.windows(2).all(|w| w[0] < w[1]), "released out of order: {mine:?}");
+    }
+}
+
+#[test]
+fn seals_once_a_period_on_the_virtual_clock_and_does_not_burst_after_a_stall() {
+    let mut sim = Sim::new();
+    sim.advance(PERIOD / 2);
+    assert_eq!(sim.engine.sealed(), EpochId(0), "nothing is due before a period has passed");
+    sim.advance(PERIOD / 2);
+    assert_eq!(sim.engine.sealed(), EpochId(1));
+    sim.advance(PERIOD * 3);
+    assert_eq!(sim.engine.sealed(), EpochId(2), "a stall of three periods seals once, not three times");
+    assert_eq!(sim.engine.poll_timeout(), Some(sim.now + PERIOD), "the next epoch is a full period after the late one");
+    for _ in 0..8 {
+        sim.advance(PERIOD);
+    }
+    assert_eq!(sim.engine.sealed(), EpochId(10));
+    assert!(sim.seals.windows(2).skip(2).all(|w| w[1] - w[0] == PERIOD));
+}
+
+#[test]
+fn output_waits_for_its_epochs_ack_and_is_released_once() {
+    let mut sim = Sim::new();
+    sim.emit();
+    sim.advance(PERIOD); // seals epoch 1
+    sim.emit(); // epoch 2
+    sim.advance(PERIOD); // seals epoch 2
+    sim.emit(); // epoch 3, open
+    sim.ack(EpochId(0));
+    assert!(sim.released.is_empty(), "ack 0 releases nothing");
+    sim.ack(EpochId(1));
+    assert_eq!(sim.released, [0, 1 << 32], "epoch 1: the item before it and the guest's last before the pause");
+    sim.ack(EpochId(1));
+    sim.ack(EpochId(0));
+    assert_eq!(sim.released.len(), 2, "a repeated or stale ack releases nothing again");
+    sim.ack(EpochId(2));
+    assert_eq!(sim.released.len(), 5);
+    assert_eq!(sim.output.held(), 2, "epoch 3 is open: its items stay held");
+}
+
+#[test]
+fn an_ack_beyond_the_last_sealed_epoch_never_releases_the_open_epoch() {
+    let mut sim = Sim::new();
+    sim.advance(PERIOD);
+    sim.emit(); // open epoch 2
+    sim.ack(EpochId(7));
+    assert_eq!(sim.engine.acked(), EpochId(1), "an ack counts up to the sealed epoch only");
+    assert_eq!(sim.output.held(), 2, "the open epoch's items are not released");
+    sim.advance(PERIOD);
+    sim.ack(EpochId(2));
+    assert_eq!(sim.output.held(), 1, "only the guest's item after the resume is left");
+}
+
+#[test]
+fn stop_seals_one_last_quiesced_epoch_and_finishes_on_its_ack() {
+    let mut sim = Sim::new();
+    sim.advance(PERIOD);
+    sim.emit();
+    sim.engine.stop();
+    assert!(!sim.engine.finished());
+    sim.advance(PERIOD);
+    assert!(sim.engine.all_sealed());
+    assert_eq!(sim.engine.poll_timeout(), None, "nothing is due after the last epoch");
+    sim.advance(PERIOD * 4);
+    assert_eq!(sim.engine.sealed(), EpochId(2));
+    assert!(!sim.engine.finished(), "the last epoch is not acknowledged yet");
+    sim.ack(EpochId(2));
+    assert!(sim.engine.finished());
+    assert_eq!(sim.output.held(), 0, "the guest was still after the last pause: nothing is left held");
+}
+
+#[test]
+fn a_guest_that_does_not_pause_for_the_seal_is_refused() {
+    let mut sim = Sim::new();
+    sim.engine.guest_mut().skip_hook = true;
+    let err = sim.engine.seal(0).unwrap_err();
+    assert!(matches!(err, CaptureError::Stopped(_)), "{err}");
+    assert_eq!(sim.engine.sealed(), EpochId(0), "the epoch was not sealed");
+    sim.ack(EpochId(1));
+    assert!(sim.released.is_empty(), "nothing released for an epoch that was never sealed");
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Emit,
+    Advance(u64),
+    /// An ack of the sealed epoch minus this (a late or replayed one).
+    AckBehind(u64),
+    /// An ack past the sealed epoch (a confused peer).
+    AckAhead(u64),
+    /// A reconnect: the backup's Welcome replays its committed epoch,
+    /// which is at most what it acknowledged before.
+    Reconnect,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => Just(Op::Emit),
+        3 => (1u64..80).prop_map(Op::Advance),
+        3 => (0u64..4).prop_map(Op::AckBehind),
+        1 => (1u64..3).prop_map(Op::AckAhead),
+        1 => Just(Op::Reconnect),
+    ]
+}
+
+proptest! {
+    /// Any interleaving of output, time, and late, repeated, early or
+    /// replayed acks: nothing released before its epoch's ack, nothing
+    /// twice, and once the final epoch is acknowledged nothing is lost.
+    #[test]
+    fn output_commit_holds_under_any_ack_order(ops in proptest::collection::vec(op(), 1..120)) {
+        let mut sim = Sim::new();
+        for op in ops {
+            match op {
+                Op::Emit => sim.emit(),
+                Op::Advance(ms) => sim.advance(Duration::from_millis(ms)),
+                Op::AckBehind(k) => sim.ack(EpochId(sim.engine.sealed().0.saturating_sub(k))),
+                Op::AckAhead(k) => sim.ack(EpochId(sim.engine.sealed().0 + k)),
+                Op::Reconnect => sim.ack(EpochId(sim.max_ack.0 / 2)),
+            }
+        }
+        sim.engine.stop();
+        sim.advance(PERIOD * 2);
+        prop_assert!(sim.engine.all_sealed());
+        sim.ack(sim.engine.sealed());
+        prop_assert!(sim.engine.finished());
+        prop_assert_eq!(sim.output.held(), 0);
+        let total = sim.pushed.len() + sim.engine.guest().emitted.len();
+        prop_assert_eq!(sim.released.len(), total, "every item released exactly once");
+    }
+}

@@ -1,0 +1,225 @@
+//! Failover at the backup: what happens when a primary goes silent, and
+//! the live files that make resuming a QEMU guest immediate.
+//!
+//! Invariant: a failover hands back exactly the last committed epoch.
+//! Nothing after it was ever acknowledged, so none of the output it
+//! produced was ever released: the resumed guest continues from a state
+//! the outside world has never seen beyond.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Result;
+use parking_lot::Mutex;
+use remus_qemu::ResumedVm;
+use remus_vm::{QemuState, RunDir, VMSTATE_PAGES};
+use remus_restore::vm::restore_vm;
+use remus_restore::{RestorePlan, Target};
+use remus_store::{PageList, Store};
+use remus_types::{zero_page_hash, EpochId, GuestId, PAGE_SIZE};
+
+use crate::events::{BackupEvent, FailoverOutcome};
+use crate::ingest::{Ingest, Staged};
+
+/// What the backup does when a primary goes silent.
+#[derive(Debug, Clone, Default)]
+pub enum FailoverAction {
+    /// Record it (the default): the primary may come back and resume.
+    #[default]
+    Record,
+    /// Fail over: fence the old primary (its guest is refused from now on)
+    /// and hand back the last committed epoch in this directory, ready to
+    /// resume from: a memory image, or for a QEMU guest the memory, disk
+    /// and device-state files, and, with `resume`, the guest running again
+    /// in a QEMU here.
+    RestoreTo {
+        /// Where the images go (a subdirectory per QEMU guest).
+        dir: PathBuf,
+        /// Resume QEMU guests here.
+        resume: Option<ResumeVm>,
+    },
+}
+
+impl FailoverAction {
+    /// True when QEMU guests are resumed here, so their last committed
+    /// epoch is worth keeping as live files.
+    #[must_use]
+    pub fn keeps_live(&self) -> bool {
+        matches!(self, Self::RestoreTo { resume: Some(_), .. })
+    }
+}
+
+/// How the backup resumes a QEMU guest on failover.
+#[derive(Debug, Clone)]
+pub struct ResumeVm {
+    /// QEMU binary.
+    pub qemu_binary: PathBuf,
+    /// TAP interface for the resumed guest's network.
+    pub tap: Option<String>,
+}
+
+/// One committed epoch's page table and device state, for the live files.
+pub type CommittedPages = (EpochId, Vec<u8>, PageList);
+
+/// A QEMU guest's last committed epoch kept as the files QEMU resumes from
+/// (memory, disk image, device state) in the failover directory.
+/// Invariant: `epoch` names the committed epoch the files hold; on any
+/// failure to apply an epoch the entry is dropped (failover then restores
+/// from the store).
+pub struct LiveVm {
+    epoch: EpochId,
+    state: QemuState,
+    run: RunDir,
+    files: Vec<(u64, u64, std::fs::File)>,
+}
+
+impl LiveVm {
+    fn open(state: QemuState, run: RunDir, epoch: EpochId) -> std::io::Result<Self> {
+        let files = state
+            .segments(&run)
+            .into_iter()
+            .map(|(first, pages, path)| {
+                let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+                let want = if first == state.vmstate_pfn() { VMSTATE_PAGES } else { pages };
+                if f.metadata()?.len() < want * PAGE_SIZE as u64 {
+                    f.set_len(want * PAGE_SIZE as u64)?;
+                }
+                Ok((first, want, f))
+            })
+            .collect::<std::io::Result<_>>()?;
+        Ok(Self { epoch, state, run, files })
+    }
+
+    fn write(&self, pfn: u64, page: &[u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        match self.files.iter().find(|(first, pages, _)| (*first..first + pages).contains(&pfn)) {
+            Some((first, _, f)) => f.write_all_at(page, (pfn - first) * PAGE_SIZE as u64),
+            None => Err(std::io::Error::other(format!("page {pfn} outside the guest's layout"))),
+        }
+    }
+
+    /// Makes the files exactly what QEMU loads: the device-state stream cut
+    /// to its length, and the machine described.
+    fn seal(&self) -> std::io::Result<()> {
+        std::fs::OpenOptions::new().write(true).open(self.run.vmstate())?.set_len(self.state.vmstate_len)?;
+        std::fs::write(self.run.machine(), self.state.machine_json())
+    }
+}
+
+/// The live files of every QEMU guest this backup would resume.
+#[derive(Default)]
+pub struct LiveFiles {
+    guests: Mutex<HashMap<GuestId, LiveVm>>,
+}
+
+impl LiveFiles {
+    /// Applies committed epochs to `guest`'s live files in `dir`. The
+    /// first time (or after a failure) the files are rebuilt from the
+    /// store's latest epoch instead. Not a QEMU guest: nothing to do.
+    pub fn update(&self, store: &Store, ingest: &Ingest, dir: &Path, guest: GuestId, epochs: &[CommittedPages], staged: &Staged) {
+        let Some((last_epoch, last_ds, _)) = epochs.last() else { return };
+        let Ok(Some(state)) = QemuState::decode(last_ds) else { return };
+        let mut live = self.guests.lock();
+        let result = (|| -> Result<()> {
+            let current = live.remove(&guest).filter(|l| epochs.first().is_some_and(|(e, _, _)| l.epoch.next() == *e));
+            let Some(mut l) = current else {
+                // Rebuild from the store (which holds these epochs now).
+                let plan = RestorePlan::new(store, guest, Target::Epoch(*last_epoch))?;
+                let (state, run, _) = restore_vm(store, &plan, &dir.join(format!("{guest}")), |_| {})?
+                    .ok_or_else(|| anyhow::anyhow!("not a QEMU guest"))?;
+                live.insert(guest, LiveVm::open(state, run, *last_epoch)?);
+                return Ok(());
+            };
+            let zero = vec![0u8; PAGE_SIZE];
+            for (epoch, _, pages) in epochs {
+                for (pfn, id) in pages {
+                    if *id == zero_page_hash() {
+                        l.write(pfn.0, &zero)?;
+                    } else {
+                        l.write(pfn.0, &ingest.page(id, staged)?)?;
+                    }
+                }
+                l.epoch = *epoch;
+            }
+            l.state = state;
+            live.insert(guest, l);
+            Ok(())
+        })();
+        if let Err(e) = result {
+            tracing::warn!(%guest, error = %e, "live failover image not kept; failover will restore from the store");
+        }
+    }
+
+    /// Takes `guest`'s live files if they hold exactly `epoch`.
+    pub fn take(&self, guest: GuestId, epoch: EpochId) -> Option<LiveVm> {
+        self.guests.lock().remove(&guest).filter(|l| l.epoch == epoch)
+    }
+}
+
+/// Brings `guest` back from its last committed epoch, off the network
+/// thread (restoring a large guest takes a while), and reports the
+/// outcome on `events`. A resumed QEMU lives as long as that thread (it
+/// is killed when the thread that started it ends), so the thread stays
+/// until `stopping` is set or the guest exits.
+pub fn spawn(
+    store: Arc<Store>,
+    guest: GuestId,
+    dir: PathBuf,
+    resume: Option<ResumeVm>,
+    live: Option<LiveVm>,
+    stopping: Arc<AtomicBool>,
+    events: crossbeam_channel::Sender<BackupEvent>,
+) {
+    std::thread::spawn(move || match execute(&store, guest, &dir, resume.as_ref(), live) {
+        Ok(Failover { epoch, path, vm, live }) => {
+            let outcome = match &vm {
+                Some(vm) => FailoverOutcome::Resumed { pid: vm.pid(), qmp: vm.run.qmp(), from_live: live },
+                None => FailoverOutcome::Written { path },
+            };
+            let _ = events.send(BackupEvent::FailedOver { guest, epoch, outcome });
+            if let Some(mut vm) = vm {
+                while !stopping.load(Ordering::Relaxed) && vm.running() {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            }
+        }
+        Err(e) => {
+            let _ = events.send(BackupEvent::FailoverFailed { guest, error: format!("{e:#}") });
+        }
+    });
+}
+
+struct Failover {
+    epoch: EpochId,
+    path: PathBuf,
+    vm: Option<ResumedVm>,
+    /// Resumed from the live files (no restore was needed).
+    live: bool,
+}
+
+/// Writes the last committed epoch of `guest` into `dir`: a memory image,
+/// or the files of a QEMU guest (then resumed when `resume` says so).
+fn execute(store: &Store, guest: GuestId, dir: &Path, resume: Option<&ResumeVm>, live: Option<LiveVm>) -> Result<Failover> {
+    std::fs::create_dir_all(dir)?;
+    if let (Some(l), Some(r)) = (live, resume) {
+        // The files already hold the last committed epoch.
+        l.seal()?;
+        let vm = ResumedVm::start(&r.qemu_binary, &l.state, l.run.clone(), None, r.tap.as_deref(), true)?;
+        return Ok(Failover { epoch: l.epoch, path: l.run.dir.clone(), vm: Some(vm), live: true });
+    }
+    let plan = RestorePlan::new(store, guest, Target::Latest)?;
+    let epoch = plan.manifest.epoch;
+    let vm_dir = dir.join(format!("{guest}"));
+    if let Some((state, run, _)) = restore_vm(store, &plan, &vm_dir, |_| {})? {
+        let vm = match resume {
+            Some(r) => Some(ResumedVm::start(&r.qemu_binary, &state, run, None, r.tap.as_deref(), true)?),
+            None => None,
+        };
+        return Ok(Failover { epoch, path: vm_dir, vm, live: false });
+    }
+    let path = dir.join(format!("{guest}-epoch-{}.img", epoch.0));
+    plan.execute(store, &path, |_| {})?;
+    Ok(Failover { epoch, path, vm: None, live: false })
+}

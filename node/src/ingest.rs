@@ -1,0 +1,155 @@
+//! Ingest at the backup: received epochs decoded, verified and turned
+//! into store commits.
+//!
+//! Each page record is decoded and verified against its hash before
+//! anything is written (`Raw` pages are stored as the zstd frame that
+//! arrived; `Xor` pages are rebuilt against their base and compressed;
+//! `Ref` pages must name a chunk already held). A reference or XOR base
+//! the store no longer holds (GC deleted it after the primary sent it) is
+//! collected, not failed on: the caller refuses the whole group naming
+//! every such chunk, and the primary sends it again in full.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use remus_store::{EpochCommit, Store, StoreError, StoredChunk};
+use remus_types::{zero_page_hash, BoundedMap, ChunkId};
+use remus_wan::{CommitError, PageEncoding, ReceivedEpoch};
+
+/// Pages decoded in one commit group, by hash, not yet in the store.
+pub type Staged = HashMap<ChunkId, Arc<Vec<u8>>>;
+
+/// A decoded commit group: the commits, and the pages they carry.
+pub struct Decoded {
+    /// One commit per epoch, in order.
+    pub commits: Vec<EpochCommit>,
+    /// Every page the group carried, by hash.
+    pub staged: Staged,
+}
+
+/// Decodes and verifies received epochs against a store.
+pub struct Ingest {
+    /// Recently committed pages by hash: most XOR bases and references
+    /// name a page committed a few epochs ago, and reading it back from
+    /// the store costs a blob read, a decompression and a re-hash.
+    /// Invariant: only pages durably committed are inserted.
+    cache: Mutex<BoundedMap<ChunkId, Arc<Vec<u8>>>>,
+    store: Arc<Store>,
+    zstd_level: i32,
+}
+
+impl Ingest {
+    /// An ingest for `store` with a cache of `cache_pages` pages.
+    #[must_use]
+    pub fn new(store: Arc<Store>, cache_pages: usize) -> Self {
+        Self { cache: Mutex::new(BoundedMap::new(cache_pages)), store, zstd_level: 1 }
+    }
+
+    /// The page with hash `id`, from `staged`, the cache or the store.
+    ///
+    /// # Errors
+    /// The store's read error.
+    pub fn page(&self, id: &ChunkId, staged: &Staged) -> Result<Arc<Vec<u8>>, StoreError> {
+        match staged.get(id).cloned().or_else(|| self.cache.lock().get(id).cloned()) {
+            Some(p) => Ok(p),
+            None => Ok(Arc::new(self.store.chunk(id)?)),
+        }
+    }
+
+    /// Remembers the pages of a group that is now durably committed.
+    pub fn committed(&self, staged: Staged) {
+        let mut cache = self.cache.lock();
+        for (id, page) in staged {
+            cache.insert(id, page);
+        }
+    }
+
+    /// Decodes and verifies a commit group of `instance`.
+    ///
+    /// # Errors
+    /// [`CommitError::Missing`] naming every reference or XOR base the
+    /// store does not hold; [`CommitError::Failed`] for a page that does
+    /// not decode to its hash or a store read that fails.
+    pub fn decode(&self, epochs: Vec<ReceivedEpoch>, instance: u64) -> Result<Decoded, CommitError> {
+        let mut staged = Staged::new();
+        let mut missing = Vec::new();
+        let commits = epochs
+            .into_iter()
+            .map(|e| self.decode_epoch(e, instance, &mut staged, &mut missing))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(CommitError::Failed)?;
+        if !missing.is_empty() {
+            missing.sort_unstable();
+            missing.dedup();
+            return Err(CommitError::Missing(missing));
+        }
+        Ok(Decoded { commits, staged })
+    }
+
+    /// Decodes and verifies one epoch. `staged` holds pages decoded earlier
+    /// in the same group. A reference or XOR base that is not held goes
+    /// into `missing` (and its page is left out).
+    fn decode_epoch(&self, e: ReceivedEpoch, instance: u64, staged: &mut Staged, missing: &mut Vec<ChunkId>) -> Result<EpochCommit, String> {
+        let h = e.header;
+        let mut c = EpochCommit {
+            guest: h.guest,
+            epoch: h.epoch,
+            instance,
+            time_unix_ns: h.time_unix_ns,
+            page_count: h.page_count,
+            memory_root: e.memory_root,
+            pause_ns: h.pause_ns,
+            wire_bytes: e.wire_bytes,
+            pages: Vec::with_capacity(e.records.len()),
+            chunks: Vec::new(),
+            device_state: e.device_state,
+        };
+        for r in e.records {
+            let fail = |err: remus_wan::DecodeError| format!("epoch {}: page {}: {err}", h.epoch, r.pfn.0);
+            match &r.encoding {
+                PageEncoding::Zero => {}
+                PageEncoding::Ref => {
+                    // A cached page may have been collected meanwhile: the
+                    // store's commit checks again, and names it if so.
+                    let held = staged.contains_key(&r.hash)
+                        || self.cache.lock().contains_key(&r.hash)
+                        || self.store.has_chunk(&r.hash).map_err(|e| e.to_string())?;
+                    if !held {
+                        missing.push(r.hash);
+                        continue;
+                    }
+                }
+                PageEncoding::Xor { base, .. } => {
+                    // A damaged or missing base is named as such, not as a
+                    // decoding error of this page.
+                    let base_page = match self.page(base, staged) {
+                        Ok(p) => p.to_vec(),
+                        Err(StoreError::ChunkMissing(_)) => {
+                            missing.push(*base);
+                            continue;
+                        }
+                        Err(e) => return Err(format!("epoch {}: page {}: xor base: {e}", h.epoch, r.pfn.0)),
+                    };
+                    let page = r.decode_page(|_| Some(base_page)).map_err(fail)?;
+                    let z = zstd::bulk::compress(&page, self.zstd_level).map_err(|e| e.to_string())?;
+                    c.chunks.push((r.hash, StoredChunk::Zstd(z)));
+                    staged.insert(r.hash, Arc::new(page));
+                }
+                PageEncoding::RawZstd(z) => {
+                    let page = r.decode_page(|_| None).map_err(fail)?;
+                    c.chunks.push((r.hash, StoredChunk::Zstd(z.clone())));
+                    staged.insert(r.hash, Arc::new(page));
+                }
+                PageEncoding::RawPlain(p) => {
+                    r.decode_page(|_| None).map_err(fail)?;
+                    c.chunks.push((r.hash, StoredChunk::Plain(p.clone())));
+                    staged.insert(r.hash, Arc::new(p.clone()));
+                }
+            }
+            let hash = if r.encoding == PageEncoding::Zero { zero_page_hash() } else { r.hash };
+            c.pages.push((r.pfn, hash));
+        }
+        Ok(c)
+    }
+}

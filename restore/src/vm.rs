@@ -1,0 +1,74 @@
+//! A virtual machine's checkpoint as the files QEMU resumes from (memory,
+//! disk image, device state, `machine.json`), written or served lazily:
+//! what failover, `remus-restore --run` and `--mount` share, for a local
+//! store or the S3 tier alike.
+
+use std::path::{Path, PathBuf};
+
+use remus_store::Store;
+use remus_types::PAGE_SIZE;
+use remus_vm::{QemuState, RunDir, VmError};
+
+use crate::{MountContent, MountFile, RestoreError, RestorePlan, RestoreReport, Segment};
+
+/// A restored VM: its state, run directory, and what the restore did.
+pub type RestoredVm = (QemuState, RunDir, RestoreReport);
+
+/// Writes the checkpoint `plan` names into `dir` as the files QEMU resumes
+/// from (memory, disk image, device state) when it is a QEMU guest's;
+/// `None` for other guests.
+///
+/// # Errors
+/// Store damage, a failed write, or a memory root that does not verify.
+pub fn restore_vm(store: &Store, plan: &RestorePlan, dir: &Path, progress: impl FnMut(u64)) -> Result<Option<RestoredVm>, RestoreError> {
+    let ds = store.chunk(&plan.manifest.device_state)?;
+    restore_vm_files(&ds, dir, |segments| plan.execute_segments(store, segments, progress))
+}
+
+/// The layout half of [`restore_vm`], for any source of pages: when
+/// `device_state` is a QEMU guest's, creates the run directory `dir` and
+/// has `write` fill the page space's segments (memory, disk image, device
+/// state files), then sizes the device state and writes `machine.json`.
+///
+/// # Errors
+/// A damaged device state header, or what `write` returns.
+pub fn restore_vm_files(
+    device_state: &[u8],
+    dir: &Path,
+    write: impl FnOnce(&[Segment<'_>]) -> Result<RestoreReport, RestoreError>,
+) -> Result<Option<RestoredVm>, RestoreError> {
+    let Some(state) = QemuState::decode(device_state)? else { return Ok(None) };
+    let run = RunDir::create(dir)?;
+    let segs = state.segments(&run);
+    let segments: Vec<Segment<'_>> = segs.iter().map(|(first, pages, path)| Segment { first: *first, pages: *pages, path }).collect();
+    let report = write(&segments)?;
+    let vm = std::fs::OpenOptions::new().write(true).open(run.vmstate())?;
+    vm.set_len(state.vmstate_len)?;
+    std::fs::write(run.machine(), state.machine_json())?;
+    Ok(Some((state, run, report)))
+}
+
+/// The files of an epoch served lazily (see [`RestorePlan::mount`]): for a
+/// QEMU guest the same files [`restore_vm_files`] writes, with its state;
+/// for any other guest its memory image as `memory`.
+///
+/// # Errors
+/// A damaged device state header.
+pub fn mount_files(device_state: &[u8], page_count: u64) -> Result<(Option<QemuState>, Vec<MountFile>), VmError> {
+    let page = PAGE_SIZE as u64;
+    let Some(state) = QemuState::decode(device_state)? else {
+        let memory = MountFile { name: "memory".into(), content: MountContent::Pages { first: 0, len: page_count * page } };
+        return Ok((None, vec![memory]));
+    };
+    let names = RunDir { dir: PathBuf::new() };
+    let mut files: Vec<MountFile> = state
+        .segments(&names)
+        .into_iter()
+        .map(|(first, pages, path)| {
+            let len = if path == names.vmstate() { state.vmstate_len } else { pages * page };
+            MountFile { name: path.to_string_lossy().into_owned(), content: MountContent::Pages { first, len } }
+        })
+        .collect();
+    files.push(MountFile { name: names.machine().to_string_lossy().into_owned(), content: MountContent::Bytes(state.machine_json()) });
+    Ok((Some(state), files))
+}
