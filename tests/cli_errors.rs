@@ -40,9 +40,8 @@ fn bad_config_is_refused_with_the_key() {
 #[test]
 fn restore_without_a_store_or_epoch_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let (code, err) = stderr_of(
-        Command::new(remus_restore()).arg("--data-dir").arg(dir.path()).args(["--epoch", "3", "--to"]).arg(dir.path().join("x")),
-    );
+    let (code, err) =
+        stderr_of(Command::new(remus_restore()).arg("--data-dir").arg(dir.path()).args(["--epoch", "3", "--to"]).arg(dir.path().join("x")));
     assert_eq!(code, 2);
     assert!(err.contains("no store at"), "{err}");
     let (code, err) = stderr_of(Command::new(remus_restore()).args(["--to", "x"]));

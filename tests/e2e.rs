@@ -58,8 +58,7 @@ fn separate_processes_replicate_survive_a_backup_restart_and_restore_byte_exact(
     // The log lists every committed epoch, hash-chained.
     let out = run_limited(Command::new(remus()).args(["log", "--json", "--data-dir"]).arg(data), Duration::from_secs(30));
     assert!(out.status.success());
-    let entries: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let entries: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(entries.len() as u64, committed);
     for w in entries.windows(2) {
         assert_eq!(w[1]["parent"], w[0]["manifest"], "manifest chain");
@@ -174,10 +173,7 @@ fn a_killed_primary_fails_over_to_its_last_committed_epoch() {
     assert_eq!(MemoryDigest::of_image(&bytes).to_hex(), roots[&epoch], "failover image of epoch {epoch} is not byte-exact");
 
     // The old primary is fenced: a new run of guest 1 is refused.
-    let out = run_limited(
-        protect(data, &backup.addr).args(["--memory-mib", "64", "--seconds", "5"]),
-        Duration::from_secs(60),
-    );
+    let out = run_limited(protect(data, &backup.addr).args(["--memory-mib", "64", "--seconds", "5"]), Duration::from_secs(60));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("failed over") || err.contains("another primary instance"), "{err}");

@@ -127,7 +127,13 @@ fn counter_service_survives_sigkill_of_the_primary() {
     std::fs::write(&cfg, "[backup]\nprimary-timeout-ms = 2000\n").unwrap();
     let failover = dir.path().join("failover");
     let mut bcmd = ns.command(&remus());
-    bcmd.arg("--config").arg(&cfg).args(["backup", "--data-dir"]).arg(&data).args(["--listen", "127.0.0.1:0", "--failover-dir"]).arg(&failover).args(["--resume", "--tap", "tap-b"]);
+    bcmd.arg("--config")
+        .arg(&cfg)
+        .args(["backup", "--data-dir"])
+        .arg(&data)
+        .args(["--listen", "127.0.0.1:0", "--failover-dir"])
+        .arg(&failover)
+        .args(["--resume", "--tap", "tap-b"]);
     let backup = BackupProcess::spawn(bcmd);
     let run_dir = PathBuf::from(format!("/dev/shm/remus-test-{}", std::process::id()));
     let mut pcmd = ns.command(&remus());
@@ -199,15 +205,17 @@ fn counter_service_survives_sigkill_of_the_primary() {
 
     // ... and runs it, paused, for inspection over QMP.
     let at = dir.path().join("epoch-40");
-    let mut run = KillOnDrop(Command::new(remus_restore())
-        .args(["--data-dir"])
-        .arg(&data)
-        .args(["--epoch", "40", "--run", "--to"])
-        .arg(&at)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap());
+    let mut run = KillOnDrop(
+        Command::new(remus_restore())
+            .args(["--data-dir"])
+            .arg(&data)
+            .args(["--epoch", "40", "--run", "--to"])
+            .arg(&at)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut out = BufReader::new(run.0.stdout.take().unwrap());
     let mut line = String::new();
     while !line.contains("paused in qemu") {

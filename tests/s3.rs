@@ -67,7 +67,16 @@ fn write_config_as(path: &Path, endpoint: &str, bucket: &str, prefix: &str, (id,
 fn protect_recorded(data: &Path, backup: &str, config: &Path, seconds: u32, roots: &Path) -> u64 {
     let out = run_limited(
         protect(data, backup)
-            .args(["--config", config.to_str().unwrap(), "--memory-mib", "32", "--seconds", &seconds.to_string(), "--json", "--record-roots"])
+            .args([
+                "--config",
+                config.to_str().unwrap(),
+                "--memory-mib",
+                "32",
+                "--seconds",
+                &seconds.to_string(),
+                "--json",
+                "--record-roots",
+            ])
             .arg(roots),
         Duration::from_secs(120),
     );
@@ -219,7 +228,9 @@ fn retention_during_ingest_then_a_locked_archive() {
     let config = data.join("remus.toml");
     write_config(&config, &endpoint(), &bucket, "b");
     let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str("\n[retention]\ninterval = \"1s\"\nkeep = [{ within = \"300ms\", every = \"0s\" }, { within = \"1h\", every = \"500ms\" }]\n");
+    text.push_str(
+        "\n[retention]\ninterval = \"1s\"\nkeep = [{ within = \"300ms\", every = \"0s\" }, { within = \"1h\", every = \"500ms\" }]\n",
+    );
     std::fs::write(&config, text).unwrap();
 
     let backup = BackupProcess::start_with(data, "127.0.0.1:0", &["--config", config.to_str().unwrap()]);

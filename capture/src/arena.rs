@@ -9,11 +9,11 @@ use std::time::Instant;
 
 use remus_types::{Checkpoint, EpochId, PAGE_SIZE};
 
-use crate::engine::ProtectedGuest;
 use crate::dirty::DirtyTracker;
-use remus_sys::{Mapping, PiMutex, WriteProtectScanner};
+use crate::engine::ProtectedGuest;
 use crate::workload::{self, WorkloadConfig};
 use crate::{CaptureError, OutputBuffer};
+use remus_sys::{Mapping, PiMutex, WriteProtectScanner};
 
 /// How dirty pages are found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]

@@ -10,8 +10,8 @@
 
 use remus_types::PAGE_SIZE;
 
-use remus_sys::{Mapping, WriteProtectScanner};
 use crate::{CaptureError, TrackingMode};
+use remus_sys::{Mapping, WriteProtectScanner};
 
 /// How a guest's written pages are found.
 pub enum DirtyTracker {

@@ -97,9 +97,40 @@ impl WorkloadConfig {
 }
 
 const WORDS: &[&str] = &[
-    "the", "epoch", "of", "a", "guest", "backup", "primary", "page", "memory", "and", "is", "to",
-    "checkpoint", "commit", "replica", "network", "disk", "write", "read", "state", "in", "on",
-    "failover", "history", "log", "with", "for", "that", "it", "was", "as", "at", "by", "kernel",
+    "the",
+    "epoch",
+    "of",
+    "a",
+    "guest",
+    "backup",
+    "primary",
+    "page",
+    "memory",
+    "and",
+    "is",
+    "to",
+    "checkpoint",
+    "commit",
+    "replica",
+    "network",
+    "disk",
+    "write",
+    "read",
+    "state",
+    "in",
+    "on",
+    "failover",
+    "history",
+    "log",
+    "with",
+    "for",
+    "that",
+    "it",
+    "was",
+    "as",
+    "at",
+    "by",
+    "kernel",
 ];
 
 /// Pages written per lock hold: short enough that a pause request waits
@@ -143,7 +174,17 @@ pub(crate) fn run(shared: &Arc<Shared>, cfg: &WorkloadConfig) {
             let pfn = if rng.gen_bool(cfg.hot_probability) { rng.gen_range(0..hot) } else { rng.gen_range(0..pages) };
             let off = pfn as usize * PAGE_SIZE;
             let mut pick = rng.gen_range(0..total);
-            let kind = weights.iter().position(|&w| if pick < w { true } else { pick -= w; false }).unwrap_or(0);
+            let kind = weights
+                .iter()
+                .position(|&w| {
+                    if pick < w {
+                        true
+                    } else {
+                        pick -= w;
+                        false
+                    }
+                })
+                .unwrap_or(0);
             match kind {
                 0 => bytes[off..off + PAGE_SIZE].fill(0),
                 1 => fill_text(&mut rng, &mut bytes[off..off + PAGE_SIZE]),

@@ -73,14 +73,24 @@ fn main() {
     let mut hash = run(mib, epochs.min(40), Some(TrackingMode::Hash));
     let mut full = run(mib, epochs.min(40), None);
     println!("{:<34} {:>10} {:>10} {:>10}", "pause (ms)", "p50", "p99", "max");
-    for (name, r) in [("remus: uffd-wp + PAGEMAP_SCAN", &mut wp), ("baseline: page-hash scan", &mut hash), ("baseline: full copy per epoch", &mut full)] {
+    for (name, r) in
+        [("remus: uffd-wp + PAGEMAP_SCAN", &mut wp), ("baseline: page-hash scan", &mut hash), ("baseline: full copy per epoch", &mut full)]
+    {
         let max = *r.pauses.iter().max().unwrap_or(&0) as f64 / 1e6;
         println!("{:<34} {:>10.3} {:>10.3} {:>10.3}", name, pct(&mut r.pauses, 50.0), pct(&mut r.pauses, 99.0), max);
     }
     let wp50 = pct(&mut wp.pauses, 50.0);
-    println!("pause p50 ratio: page-hash / remus = {:.1}x, full-copy / remus = {:.1}x", pct(&mut hash.pauses, 50.0) / wp50, pct(&mut full.pauses, 50.0) / wp50);
+    println!(
+        "pause p50 ratio: page-hash / remus = {:.1}x, full-copy / remus = {:.1}x",
+        pct(&mut hash.pauses, 50.0) / wp50,
+        pct(&mut full.pauses, 50.0) / wp50
+    );
     let raw = 4096.0 + 8.0;
     let per_page = wp.wire as f64 / wp.dirty.max(1) as f64;
     println!("dirty pages per epoch: {:.0}", wp.dirty as f64 / epochs as f64);
-    println!("wire bytes per dirty page: remus {per_page:.1}, raw copy {raw:.0} (ratio {:.3}, {:.1}x smaller)", per_page / raw, raw / per_page);
+    println!(
+        "wire bytes per dirty page: remus {per_page:.1}, raw copy {raw:.0} (ratio {:.3}, {:.1}x smaller)",
+        per_page / raw,
+        raw / per_page
+    );
 }

@@ -29,8 +29,8 @@ use std::time::Instant;
 
 use rand::{Rng, RngCore, SeedableRng};
 use remus_restore::{MountContent, MountFile, RestorePlan, Target};
-use remus_types::content_id;
 use remus_store::{EpochCommit, Store, StoreOptions, StoredChunk};
+use remus_types::content_id;
 use remus_types::{EpochId, GuestId, MemoryDigest, Pfn, PAGE_SIZE};
 
 /// Bytes of the files under `p`, leaving out RocksDB's write-ahead logs
@@ -256,7 +256,10 @@ fn main() {
     let file = src.join("guest.img");
     std::fs::write(&file, &v1).expect("write image");
     let mib_f = mib as f64;
-    println!("history benchmark: {mib} MiB image (30% zero, 30% text, 20% random, 20% duplicate pages), then {} pages (1%) rewritten", changed.len());
+    println!(
+        "history benchmark: {mib} MiB image (30% zero, 30% text, 20% random, 20% duplicate pages), then {} pages (1%) rewritten",
+        changed.len()
+    );
     println!(
         "{:<8} {:>12} {:>10} {:>10} {:>12} {:>10} {:>10}",
         "tool", "ingest MB/s", "repo MB", "growth MB", "re-ingest s", "restore s", "durable s"

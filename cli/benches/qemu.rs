@@ -22,8 +22,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use remus_qemu::{Egress, QemuConfig, QemuGuest, QemuMachine, RunDir};
 use remus_capture::{ProtectedGuest, TrackingMode};
+use remus_qemu::{Egress, QemuConfig, QemuGuest, QemuMachine, RunDir};
 use remus_types::{Checkpoint, EpochId};
 
 #[path = "../../tests/common/guest.rs"]
@@ -52,7 +52,10 @@ fn main() {
     println!("QUIC, mutual TLS), the unprotected guest again. Slowdown is against the mean of");
     println!("the two unprotected medians, which bracket the others in time.");
     println!();
-    println!("  {:>5}  {:>14}  {:>3}  {:>7}  {:>9}  {:>9}  {:>9}  {:>10}  {:>7}  {:>8}", "MiB", "run", "Hz", "got Hz", "pause p50", "pause p99", "pause max", "wire/epoch", "job ms", "slowdown");
+    println!(
+        "  {:>5}  {:>14}  {:>3}  {:>7}  {:>9}  {:>9}  {:>9}  {:>10}  {:>7}  {:>8}",
+        "MiB", "run", "Hz", "got Hz", "pause p50", "pause p99", "pause max", "wire/epoch", "job ms", "slowdown"
+    );
     for &mib in &sizes {
         let before = median(&unprotected(&kernel, &initrd, mib, jobs, work.path()));
         let cp = median(&checkpoints_only(&kernel, &initrd, mib, jobs, work.path(), Some(20)));
@@ -60,7 +63,17 @@ fn main() {
         let after = median(&unprotected(&kernel, &initrd, mib, jobs, work.path()));
         let base = (before + after) / 2.0;
         println!("  {mib:>5}  {:>14}  {:>3}  {:>7}  {:>9}  {:>9}  {:>9}  {:>10}  {before:>7.0}", "unprotected", "", "", "", "", "", "");
-        println!("  {mib:>5}  {:>14}  {:>3}  {:>7}  {:>9}  {:>9}  {:>9}  {:>10}  {cp:>7.0}  {:>7.1}%", "checkpoints", 20, "", "", "", "", "", (cp / base - 1.0) * 100.0);
+        println!(
+            "  {mib:>5}  {:>14}  {:>3}  {:>7}  {:>9}  {:>9}  {:>9}  {:>10}  {cp:>7.0}  {:>7.1}%",
+            "checkpoints",
+            20,
+            "",
+            "",
+            "",
+            "",
+            "",
+            (cp / base - 1.0) * 100.0
+        );
         for (hz, (s, ms)) in runs {
             let job = median(&ms);
             println!(
@@ -81,7 +94,10 @@ fn main() {
     println!("failover (128 MiB, 40 Hz, backup primary-timeout 500 ms), from SIGKILL of the primary:");
     println!("  backup resumed the guest       {:>6.0} ms", f.resumed.as_secs_f64() * 1e3);
     println!("  new connection answered        {:>6.0} ms", f.new_conn.as_secs_f64() * 1e3);
-    println!("  open connection's next reply   {:>6.0} ms (includes the client's TCP retransmission backoff)", f.open_conn.as_secs_f64() * 1e3);
+    println!(
+        "  open connection's next reply   {:>6.0} ms (includes the client's TCP retransmission backoff)",
+        f.open_conn.as_secs_f64() * 1e3
+    );
 }
 
 fn remus() -> PathBuf {
@@ -312,19 +328,17 @@ fn failover(kernel: &Path, initrd: &Path, data: &Path, work: &Path) -> Failover 
     let killed = Instant::now();
     primary.child.kill().unwrap();
     let _ = primary.child.wait();
-    let probe = std::thread::spawn(move || {
-        loop {
-            if let Ok(s) = TcpStream::connect_timeout(&"10.0.2.15:7000".parse().unwrap(), Duration::from_millis(200)) {
-                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                let mut c = BufReader::new(s);
-                c.get_mut().write_all(b"get\n").unwrap();
-                let mut r = String::new();
-                if c.read_line(&mut r).is_ok_and(|n| n > 0) {
-                    return killed.elapsed();
-                }
+    let probe = std::thread::spawn(move || loop {
+        if let Ok(s) = TcpStream::connect_timeout(&"10.0.2.15:7000".parse().unwrap(), Duration::from_millis(200)) {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut c = BufReader::new(s);
+            c.get_mut().write_all(b"get\n").unwrap();
+            let mut r = String::new();
+            if c.read_line(&mut r).is_ok_and(|n| n > 0) {
+                return killed.elapsed();
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
+        std::thread::sleep(Duration::from_millis(20));
     });
     inc(&mut conn);
     let open_conn = killed.elapsed();

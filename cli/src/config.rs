@@ -153,7 +153,6 @@ pub struct ProtectConfig {
     pub qemu: crate::qemu_settings::QemuSettings,
 }
 
-
 impl Default for ProtectConfig {
     fn default() -> Self {
         Self {

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use remus_qemu::{self as qemu, QemuConfig, QemuMachine};
 use remus_capture::TrackingMode;
+use remus_qemu::{self as qemu, QemuConfig, QemuMachine};
 
 /// Settings of a QEMU guest: each is a flag of `remus protect qemu` and a
 /// key of `[protect.qemu]`; the flag wins.
@@ -94,9 +94,8 @@ impl QemuSettings {
         let cache = guest_cache();
         let kernel = match &self.kernel {
             Some(k) => k.clone(),
-            None => default_kernel(&cache).with_context(|| {
-                format!("no guest kernel under {}: run scripts/qemu-deps.sh, or pass --kernel", cache.display())
-            })?,
+            None => default_kernel(&cache)
+                .with_context(|| format!("no guest kernel under {}: run scripts/qemu-deps.sh, or pass --kernel", cache.display()))?,
         };
         let machine = QemuMachine {
             memory_mib: self.memory_mib.unwrap_or(128),
@@ -124,10 +123,8 @@ impl QemuSettings {
 /// Where scripts/qemu-deps.sh and guest/build.sh keep the guest kernel
 /// and initramfs.
 fn guest_cache() -> PathBuf {
-    std::env::var_os("REMUS_GUEST_CACHE").map_or_else(
-        || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/remus-guest"),
-        PathBuf::from,
-    )
+    std::env::var_os("REMUS_GUEST_CACHE")
+        .map_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/remus-guest"), PathBuf::from)
 }
 
 /// The newest `vmlinuz-*` of the extracted kernel package.

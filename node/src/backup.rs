@@ -58,9 +58,8 @@ impl Backup {
     /// When the store cannot be opened, the TLS material is unusable or
     /// the address cannot be bound.
     pub fn start(opts: BackupOptions) -> Result<Self> {
-        let store = Arc::new(
-            Store::open(&opts.store, StoreOptions::default()).with_context(|| format!("opening store {}", opts.store.display()))?,
-        );
+        let store =
+            Arc::new(Store::open(&opts.store, StoreOptions::default()).with_context(|| format!("opening store {}", opts.store.display()))?);
         let uploader = if opts.s3.is_some() || opts.retention.is_some() {
             Some(Uploader::start_with(Arc::clone(&store), opts.s3.clone(), opts.retention.clone()).context("starting the s3 uploader")?)
         } else {

@@ -14,11 +14,11 @@ use std::sync::Arc;
 use anyhow::Result;
 use parking_lot::Mutex;
 use remus_qemu::ResumedVm;
-use remus_vm::{QemuState, RunDir, VMSTATE_PAGES};
 use remus_restore::vm::restore_vm;
 use remus_restore::{RestorePlan, Target};
 use remus_store::{PageList, Store};
 use remus_types::{zero_page_hash, EpochId, GuestId, PAGE_SIZE};
+use remus_vm::{QemuState, RunDir, VMSTATE_PAGES};
 
 use crate::events::{BackupEvent, FailoverOutcome};
 use crate::ingest::{Ingest, Staged};
@@ -127,8 +127,8 @@ impl LiveFiles {
             let Some(mut l) = current else {
                 // Rebuild from the store (which holds these epochs now).
                 let plan = RestorePlan::new(store, guest, Target::Epoch(*last_epoch))?;
-                let (state, run, _) = restore_vm(store, &plan, &dir.join(format!("{guest}")), |_| {})?
-                    .ok_or_else(|| anyhow::anyhow!("not a QEMU guest"))?;
+                let (state, run, _) =
+                    restore_vm(store, &plan, &dir.join(format!("{guest}")), |_| {})?.ok_or_else(|| anyhow::anyhow!("not a QEMU guest"))?;
                 live.insert(guest, LiveVm::open(state, run, *last_epoch)?);
                 return Ok(());
             };

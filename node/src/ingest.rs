@@ -90,7 +90,13 @@ impl Ingest {
     /// Decodes and verifies one epoch. `staged` holds pages decoded earlier
     /// in the same group. A reference or XOR base that is not held goes
     /// into `missing` (and its page is left out).
-    fn decode_epoch(&self, e: ReceivedEpoch, instance: u64, staged: &mut Staged, missing: &mut Vec<ChunkId>) -> Result<EpochCommit, String> {
+    fn decode_epoch(
+        &self,
+        e: ReceivedEpoch,
+        instance: u64,
+        staged: &mut Staged,
+        missing: &mut Vec<ChunkId>,
+    ) -> Result<EpochCommit, String> {
         let h = e.header;
         let mut c = EpochCommit {
             guest: h.guest,

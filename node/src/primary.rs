@@ -19,8 +19,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use anyhow::{Context, Result};
 use parking_lot::Mutex;
-use remus_qemu::{Egress, NetRelay, QemuConfig, QemuGuest};
 use remus_capture::{ArenaConfig, ArenaGuest, EpochEngine, OutputBuffer, ProtectedGuest};
+use remus_qemu::{Egress, NetRelay, QemuConfig, QemuGuest};
 use remus_types::{now_unix_nanos, Checkpoint, EpochId, GuestId};
 use remus_wan::driver::{run_primary, LinkEvent, PrimaryLinkConfig};
 use remus_wan::tls::{client_config, TlsDir};
@@ -81,7 +81,6 @@ pub struct Primary {
     pub exact_tracking: bool,
 }
 
-
 /// Where released output goes: the guest's network and the output log.
 struct OutputSinks {
     net: Option<Arc<NetRelay>>,
@@ -124,14 +123,8 @@ impl Primary {
         let (tx, rx) = mpsc::channel(256);
         let (etx, erx) = mpsc::unbounded_channel();
         let (ack_tx, ack_rx) = crossbeam_channel::unbounded();
-        let link_cfg = PrimaryLinkConfig {
-            backup: opts.backup,
-            client,
-            sender: opts.sender,
-            guest: opts.guest,
-            instance: rand::random(),
-            page_count,
-        };
+        let link_cfg =
+            PrimaryLinkConfig { backup: opts.backup, client, sender: opts.sender, guest: opts.guest, instance: rand::random(), page_count };
         let create = |p: &Option<PathBuf>| -> Result<Option<std::fs::File>> {
             p.as_ref().map(|p| std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))).transpose()
         };

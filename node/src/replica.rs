@@ -142,15 +142,7 @@ impl Replica for StoreReplica {
         let FailoverAction::RestoreTo { dir, resume } = &self.failover else { return };
         self.admission.fence(guest, committed);
         let live = self.live.take(guest, committed);
-        failover::spawn(
-            Arc::clone(&self.store),
-            guest,
-            dir.clone(),
-            resume.clone(),
-            live,
-            Arc::clone(&self.stopping),
-            self.events.clone(),
-        );
+        failover::spawn(Arc::clone(&self.store), guest, dir.clone(), resume.clone(), live, Arc::clone(&self.stopping), self.events.clone());
     }
 
     fn disconnected(&self, guest: GuestId) {

@@ -101,7 +101,6 @@ impl PrimaryStats {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::percentile;

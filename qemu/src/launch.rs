@@ -50,11 +50,8 @@ pub fn command(qemu: &Path, machine: &QemuMachine, run: &RunDir, launch: &Launch
     let mut c = Command::new(qemu);
     // A read-only checkpoint is mapped privately: the guest's writes stay in QEMU.
     let sharing = if matches!(launch, Launch::IncomingReadOnly { .. }) { "share=off,readonly=on,rom=off" } else { "share=on" };
-    let mem = format!(
-        "memory-backend-file,id=mem,size={}M,mem-path={},{sharing}",
-        machine.memory_mib,
-        launch.checkpoint(run).memory().display()
-    );
+    let mem =
+        format!("memory-backend-file,id=mem,size={}M,mem-path={},{sharing}", machine.memory_mib, launch.checkpoint(run).memory().display());
     c.args(["-name", "remus-guest", "-nodefaults", "-no-user-config", "-display", "none"])
         .args(["-accel", &machine.accel])
         // No self-description in the device-state stream (nothing reads it,

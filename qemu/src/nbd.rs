@@ -157,7 +157,6 @@ impl DiskServer {
     pub fn read_block(&self, block: u64, buf: &mut [u8]) -> io::Result<()> {
         self.shared.image.read_exact_at(buf, block * PAGE_SIZE as u64)
     }
-
 }
 
 impl Drop for DiskServer {

@@ -84,12 +84,7 @@ impl NetRelay {
             None => None,
         };
         let stop = Arc::new(AtomicBool::new(false));
-        let relay = Arc::new(Self {
-            tap: Mutex::new(tap),
-            stop: Arc::clone(&stop),
-            world: Mutex::new(None),
-            socket: socket.to_path_buf(),
-        });
+        let relay = Arc::new(Self { tap: Mutex::new(tap), stop: Arc::clone(&stop), world: Mutex::new(None), socket: socket.to_path_buf() });
         let guest_conn: Arc<Mutex<Option<UnixStream>>> = Arc::default();
         {
             let relay = Arc::clone(&relay);

@@ -140,7 +140,12 @@ impl RestorePlan {
     ///
     /// # Errors
     /// As [`Self::execute`].
-    pub fn execute_segments(&self, store: &Store, segments: &[Segment<'_>], mut progress: impl FnMut(u64)) -> Result<RestoreReport, RestoreError> {
+    pub fn execute_segments(
+        &self,
+        store: &Store,
+        segments: &[Segment<'_>],
+        mut progress: impl FnMut(u64),
+    ) -> Result<RestoreReport, RestoreError> {
         let m = &self.manifest;
         let files = Segment::create_all(segments)?;
         let bytes = m.page_count * PAGE_SIZE as u64;
@@ -153,7 +158,10 @@ impl RestorePlan {
         let half = m.page_count / 2;
         let (filled, to_write) = crossbeam_channel::bounded::<(usize, u64, Vec<u8>)>(4);
         let (emptied, pool) = crossbeam_channel::unbounded::<Vec<u8>>();
-        let work = |range: std::ops::Range<u64>, out: Sender<(usize, u64, Vec<u8>)>, report: &mut dyn FnMut(u64)| -> Result<Vec<(Pfn, ChunkId)>, StoreError> {
+        let work = |range: std::ops::Range<u64>,
+                    out: Sender<(usize, u64, Vec<u8>)>,
+                    report: &mut dyn FnMut(u64)|
+         -> Result<Vec<(Pfn, ChunkId)>, StoreError> {
             let zero = remus_types::zero_page_hash();
             let mut ids = Vec::new();
             // Consecutive pages go out in one write of up to 1 MiB: a write
@@ -332,7 +340,8 @@ mod tests {
         let mut mem = vec![0u8; pages as usize * PAGE_SIZE];
         let mut images = Vec::new();
         for e in 1..=5u64 {
-            let mut c = EpochCommit { guest: GuestId(1), epoch: EpochId(e), page_count: pages, time_unix_ns: e * 1000, ..Default::default() };
+            let mut c =
+                EpochCommit { guest: GuestId(1), epoch: EpochId(e), page_count: pages, time_unix_ns: e * 1000, ..Default::default() };
             for pfn in [e, e * 7 % pages, 99] {
                 let p = &mut mem[pfn as usize * PAGE_SIZE..][..PAGE_SIZE];
                 p.fill(e as u8 + pfn as u8);

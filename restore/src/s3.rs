@@ -83,7 +83,12 @@ impl S3RestorePlan {
     ///
     /// # Errors
     /// As [`execute`](Self::execute).
-    pub fn execute_segments(&self, tier: &S3Tier, segments: &[Segment<'_>], progress: &mut dyn FnMut(u64, u64)) -> Result<RestoreReport, RestoreError> {
+    pub fn execute_segments(
+        &self,
+        tier: &S3Tier,
+        segments: &[Segment<'_>],
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<RestoreReport, RestoreError> {
         let m = &self.manifest;
         let table = self.history.page_table(m.epoch);
         let mut digest = MemoryDigest::zeroed(m.page_count);
@@ -143,7 +148,9 @@ mod tests {
     /// Against the real S3 server the test script starts.
     fn tier(name: &str) -> S3Tier {
         let endpoint = std::env::var("REMUS_TEST_S3_ENDPOINT").unwrap_or_else(|_| {
-            panic!("REMUS_TEST_S3_ENDPOINT is not set: run `bash scripts/test.sh`, which starts moto_server, or start one and export its URL")
+            panic!(
+                "REMUS_TEST_S3_ENDPOINT is not set: run `bash scripts/test.sh`, which starts moto_server, or start one and export its URL"
+            )
         });
         let mut cfg = S3Config::new(&format!("{name}-{}", std::process::id()), "site");
         cfg.endpoint = Some(endpoint);

@@ -26,7 +26,9 @@
 use std::path::{Path, PathBuf};
 
 use remus_types::{content_id, ChunkId, EpochId, GuestId, Pfn, PAGE_SIZE};
-use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
 
 use crate::error::StoreError;
 use crate::manifest::{page_delta_hash, Manifest};
@@ -741,7 +743,6 @@ impl Store {
     }
 }
 
-
 pub(crate) fn delta_key(guest: GuestId, epoch: EpochId) -> Vec<u8> {
     let mut k = guest_key(b"delta", guest);
     k.extend_from_slice(&epoch.0.to_be_bytes());
@@ -794,7 +795,11 @@ fn decode_chunk_into(id: &ChunkId, codec: u8, b: &[u8], out: &mut Vec<u8>) -> Re
                         None => zstd::bulk::decompress_to_buffer(b, dst),
                     }
                 });
-                if got.is_ok_and(|got| got == n as usize) { Ok(()) } else { Err(()) }
+                if got.is_ok_and(|got| got == n as usize) {
+                    Ok(())
+                } else {
+                    Err(())
+                }
             }
             _ => Err(()),
         },

@@ -98,7 +98,9 @@ impl StoreError {
             Self::OutOfOrder { .. } => ErrorKind::Conflict,
             Self::ChunkMissing(_) | Self::Unstored { .. } | Self::NoEpoch { .. } | Self::NoGuest(_) => ErrorKind::NotFound,
             Self::S3(crate::s3::S3Error::NotFound(_) | crate::s3::S3Error::NoSuchBucket(_)) => ErrorKind::NotFound,
-            Self::S3(crate::s3::S3Error::Exists(_) | crate::s3::S3Error::Conflict(_) | crate::s3::S3Error::Locked { .. }) => ErrorKind::Conflict,
+            Self::S3(crate::s3::S3Error::Exists(_) | crate::s3::S3Error::Conflict(_) | crate::s3::S3Error::Locked { .. }) => {
+                ErrorKind::Conflict
+            }
             Self::S3(_) => ErrorKind::Unavailable,
         }
     }

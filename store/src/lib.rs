@@ -10,8 +10,8 @@ mod error;
 mod manifest;
 mod packs;
 mod retention;
-mod verify;
 pub mod s3;
+mod verify;
 
 pub use db::{decode_chunk_value, CommitOutcome, EpochCommit, Head, Store, StoreOptions, StoredChunk};
 pub use error::{ErrorKind, StoreError};

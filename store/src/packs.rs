@@ -126,7 +126,14 @@ fn pack_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error)
 
 impl Packs {
     pub(crate) fn new(store_dir: &Path, read_only: bool, sync: bool) -> Self {
-        Self { dir: store_dir.join("packs"), read_only, sync, tail: Mutex::new(None), readers: RwLock::new(HashMap::new()), maps: RwLock::new(HashMap::new()) }
+        Self {
+            dir: store_dir.join("packs"),
+            read_only,
+            sync,
+            tail: Mutex::new(None),
+            readers: RwLock::new(HashMap::new()),
+            maps: RwLock::new(HashMap::new()),
+        }
     }
 
     fn path(&self, id: u32) -> PathBuf {
@@ -225,7 +232,12 @@ impl Packs {
     /// [`StoreError::ChunkCorrupt`] when the record does not match (hole,
     /// truncation, damage), [`StoreError::Pack`] when the file cannot be
     /// read, or what `f` returns.
-    pub(crate) fn with_bytes<R>(&self, id: &ChunkId, loc: &Location, f: impl FnOnce(&[u8]) -> Result<R, StoreError>) -> Result<R, StoreError> {
+    pub(crate) fn with_bytes<R>(
+        &self,
+        id: &ChunkId,
+        loc: &Location,
+        f: impl FnOnce(&[u8]) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
         let record = loc.record();
         let check = |rec: &[u8]| rec[..32] == id.0 && rec[32] == loc.codec && rec[33..37] == loc.len.to_le_bytes();
         if self.read_only {

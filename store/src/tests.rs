@@ -111,7 +111,12 @@ fn guests_are_kept_apart() {
     let gs = store.guests().unwrap();
     assert_eq!(gs.iter().map(|(g, h)| (g.0, h.epoch.0)).collect::<Vec<_>>(), vec![(1, 1), (2, 2)]);
     let mut n = 0;
-    store.for_each_page_at(GuestId(1), EpochId(1), |_, _| { n += 1; Ok(()) }).unwrap();
+    store
+        .for_each_page_at(GuestId(1), EpochId(1), |_, _| {
+            n += 1;
+            Ok(())
+        })
+        .unwrap();
     assert_eq!(n, 1);
 }
 
@@ -162,10 +167,7 @@ fn verify_names_a_flipped_manifest_byte_and_a_broken_chain() {
     m[60] ^= 1;
     store.corrupt_manifest_for_test(g, EpochId(2), &m).unwrap();
     let r = store.verify(|_| {}).unwrap();
-    assert_eq!(
-        r.damage,
-        vec![Damage::ManifestCorrupt { guest: 1, epoch: 2, reason: "corrupt manifest: checksum mismatch".into() }]
-    );
+    assert_eq!(r.damage, vec![Damage::ManifestCorrupt { guest: 1, epoch: 2, reason: "corrupt manifest: checksum mismatch".into() }]);
     // A well-formed manifest with the wrong parent breaks the chain.
     let mut forged = store.manifest(g, EpochId(3)).unwrap();
     forged.parent = ChunkId([5; 32]);

@@ -114,9 +114,7 @@ impl WriteProtectScanner {
     /// async write-protect, or an error from opening `/proc/self/pagemap`.
     pub fn arm(mapping: &Mapping) -> io::Result<Self> {
         // SAFETY: plain syscall; the result is checked.
-        let fd = unsafe {
-            libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY)
-        };
+        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }

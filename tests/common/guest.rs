@@ -11,7 +11,11 @@ use std::process::Command;
 /// missing.
 pub fn guest_image() -> (PathBuf, PathBuf) {
     let out = Command::new("bash").arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../guest/build.sh")).output().expect("guest/build.sh");
-    assert!(out.status.success(), "guest/build.sh failed (run scripts/test.sh, which installs QEMU and the guest): {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "guest/build.sh failed (run scripts/test.sh, which installs QEMU and the guest): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).expect("paths");
     let mut lines = text.lines().rev();
     let kernel = PathBuf::from(lines.next().expect("kernel path"));

@@ -157,7 +157,6 @@ impl BackupProcess {
         let _ = self.child.wait();
     }
 
-
     /// SIGTERM and wait for a clean exit.
     pub fn stop(mut self) {
         let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();

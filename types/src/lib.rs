@@ -40,16 +40,13 @@ pub fn zero_page_hash() -> ChunkId {
 #[must_use]
 pub fn is_zero_page(page: &[u8]) -> bool {
     let mut words = page.chunks_exact(16);
-    words.all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0)
-        && words.remainder().iter().all(|&b| b == 0)
+    words.all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0) && words.remainder().iter().all(|&b| b == 0)
 }
 
 /// Wall-clock time as nanoseconds since the Unix epoch.
 #[must_use]
 pub fn now_unix_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// Everything one epoch changed in a guest, as sealed by the capture engine

@@ -115,8 +115,7 @@ impl QemuMachine {
         if self.disk_mib > 1 << 20 {
             return bad(format!("disk-mib must be at most 1048576, got {}", self.disk_mib));
         }
-        let mac_ok = self.mac.split(':').count() == 6
-            && self.mac.split(':').all(|b| b.len() == 2 && u8::from_str_radix(b, 16).is_ok());
+        let mac_ok = self.mac.split(':').count() == 6 && self.mac.split(':').all(|b| b.len() == 2 && u8::from_str_radix(b, 16).is_ok());
         if !mac_ok {
             return bad(format!("mac {:?} is not six hex bytes like 52:54:00:12:34:56", self.mac));
         }
@@ -227,11 +226,7 @@ impl QemuState {
             return Ok(None);
         }
         // Version 1: the JSON right after the magic.
-        let json = if bytes.get(4) == Some(&b'{') {
-            &bytes[4..]
-        } else {
-            format::open("vm state", STATE_MAGIC, STATE_VERSION, bytes)?.1
-        };
+        let json = if bytes.get(4) == Some(&b'{') { &bytes[4..] } else { format::open("vm state", STATE_MAGIC, STATE_VERSION, bytes)?.1 };
         let state = serde_json::from_slice(json).map_err(|e| FormatError::Malformed(e.to_string()))?;
         Ok(Some(state))
     }

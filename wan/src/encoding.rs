@@ -13,7 +13,6 @@
 //! decoded bytes and refuses a mismatch. Decoding is bounded: a
 //! decompressed page must be exactly 4096 bytes.
 
-
 use remus_types::{content_id, is_zero_page, zero_page_hash, BoundedMap, ChunkId, EpochId, Pfn, PAGE_SIZE};
 
 use crate::codec::{Reader, Writer};
@@ -322,11 +321,7 @@ impl PageEncoder {
             return None;
         }
         // Only worth it for a small change: count differing 8-byte words.
-        let differing = old
-            .chunks_exact(8)
-            .zip(page.chunks_exact(8))
-            .filter(|(a, b)| a != b)
-            .count();
+        let differing = old.chunks_exact(8).zip(page.chunks_exact(8)).filter(|(a, b)| a != b).count();
         if differing * 4 > PAGE_SIZE / 8 {
             return None;
         }

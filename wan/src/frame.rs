@@ -408,10 +408,24 @@ mod tests {
 
     fn message() -> impl Strategy<Value = Message> {
         prop_oneof![
-            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(g, i, p)| Message::Hello { guest: GuestId(g), instance: i, page_count: p }),
-            (any::<u64>(), any::<u64>(), hash()).prop_map(|(g, e, h)| Message::Welcome { guest: GuestId(g), committed: EpochId(e), head: h }),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(g, i, p)| Message::Hello {
+                guest: GuestId(g),
+                instance: i,
+                page_count: p
+            }),
+            (any::<u64>(), any::<u64>(), hash()).prop_map(|(g, e, h)| Message::Welcome {
+                guest: GuestId(g),
+                committed: EpochId(e),
+                head: h
+            }),
             (any::<[u64; 5]>(), any::<u32>(), any::<u32>()).prop_map(|(v, records, round)| Message::EpochBegin(EpochHeader {
-                guest: GuestId(v[0]), epoch: EpochId(v[1]), time_unix_ns: v[2], page_count: v[3], pause_ns: v[4], records, round
+                guest: GuestId(v[0]),
+                epoch: EpochId(v[1]),
+                time_unix_ns: v[2],
+                page_count: v[3],
+                pause_ns: v[4],
+                records,
+                round
             })),
             proptest::collection::vec(record(), 0..6).prop_map(Message::Pages),
             proptest::collection::vec(any::<u8>(), 0..100).prop_map(Message::DeviceState),
@@ -420,8 +434,11 @@ mod tests {
             any::<u64>().prop_map(|e| Message::Heartbeat { epoch: EpochId(e) }),
             "[a-z ]{0,40}".prop_map(Message::Error),
             proptest::collection::vec(hash(), 0..8).prop_map(Message::Forget),
-            (any::<u32>(), any::<u64>(), proptest::collection::vec(hash(), 0..8))
-                .prop_map(|(round, e, chunks)| Message::Missing { round, epoch: EpochId(e), chunks }),
+            (any::<u32>(), any::<u64>(), proptest::collection::vec(hash(), 0..8)).prop_map(|(round, e, chunks)| Message::Missing {
+                round,
+                epoch: EpochId(e),
+                chunks
+            }),
         ]
     }
 

@@ -194,10 +194,7 @@ impl ReceiverCore {
         if header.round > self.round {
             return Err(bad("epoch of a refusal round not yet opened"));
         }
-        self.ready.insert(
-            header.epoch,
-            ReceivedEpoch { header, records, device_state, memory_root, wire_bytes: bytes.len() as u64 },
-        );
+        self.ready.insert(header.epoch, ReceivedEpoch { header, records, device_state, memory_root, wire_bytes: bytes.len() as u64 });
         Ok(())
     }
 

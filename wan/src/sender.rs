@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use remus_types::{is_zero_page, content_id, zero_page_hash, Checkpoint, ChunkId, EpochId, GuestId, MemoryDigest};
+use remus_types::{content_id, is_zero_page, zero_page_hash, Checkpoint, ChunkId, EpochId, GuestId, MemoryDigest};
 
 use crate::encoding::{EncoderConfig, EncodingMix, PageEncoder};
 use crate::error::ProtocolError;

@@ -62,8 +62,7 @@ impl Backup {
     /// The most aggressive retention: only the committed memory is kept,
     /// every chunk it does not show is deleted. Returns what was deleted.
     fn gc(&mut self) -> Vec<ChunkId> {
-        let live: std::collections::HashSet<ChunkId> =
-            self.memory.chunks_exact(PAGE_SIZE).map(remus_types::content_id).collect();
+        let live: std::collections::HashSet<ChunkId> = self.memory.chunks_exact(PAGE_SIZE).map(remus_types::content_id).collect();
         let deleted: Vec<ChunkId> = self.chunks.keys().filter(|h| !live.contains(h)).copied().collect();
         for h in &deleted {
             self.chunks.remove(h);
@@ -295,13 +294,11 @@ fn malformed_epoch_streams_are_refused() {
     let mut rx = ReceiverCore::new(now, Duration::from_millis(50), Duration::from_millis(150));
     assert!(rx.handle_epoch_stream(now, b"RMUS").is_err(), "epoch before hello");
     rx.accept(GuestId(3), PAGES, EpochId(0), ChunkId::default());
-    let header = EpochHeader { guest: GuestId(3), epoch: EpochId(1), time_unix_ns: 0, page_count: PAGES, pause_ns: 0, records: 2, round: 0 };
+    let header =
+        EpochHeader { guest: GuestId(3), epoch: EpochId(1), time_unix_ns: 0, page_count: PAGES, pause_ns: 0, records: 2, round: 0 };
     let mut s = Message::EpochBegin(header).to_bytes();
     Message::EpochEnd { epoch: EpochId(1), memory_root: ChunkId::default() }.encode(&mut s);
-    assert_eq!(
-        rx.handle_epoch_stream(now, &s),
-        Err(ProtocolError::BadEpoch { epoch: EpochId(1), reason: "fewer records than announced" })
-    );
+    assert_eq!(rx.handle_epoch_stream(now, &s), Err(ProtocolError::BadEpoch { epoch: EpochId(1), reason: "fewer records than announced" }));
     let other = Message::EpochBegin(EpochHeader { guest: GuestId(4), ..header }).to_bytes();
     assert!(matches!(rx.handle_epoch_stream(now, &other), Err(ProtocolError::BadEpoch { reason: "epoch of another guest", .. })));
     let mut flipped = s.clone();

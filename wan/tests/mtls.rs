@@ -35,9 +35,7 @@ async fn hello(client: quinn::ClientConfig, addr: std::net::SocketAddr) -> Resul
     let ep = endpoint("127.0.0.1:0".parse().unwrap(), None).map_err(|e| e.to_string())?;
     let conn = ep.connect_with(client, addr, SERVER_NAME).map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    send.write_all(&Message::Hello { guest: GuestId(1), instance: 7, page_count: 16 }.to_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
+    send.write_all(&Message::Hello { guest: GuestId(1), instance: 7, page_count: 16 }.to_bytes()).await.map_err(|e| e.to_string())?;
     let mut rd = FrameReader::default();
     let mut buf = vec![0u8; 4096];
     loop {

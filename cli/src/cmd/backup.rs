@@ -7,9 +7,9 @@ use std::time::Duration;
 use anyhow::Result;
 use remus_wan::driver::BackupLinkConfig;
 
+use crate::config::Config;
 use remus_node::{Backup, BackupOptions};
 use remus_node::{BackupEvent, FailoverAction, FailoverOutcome, ResumeVm};
-use crate::config::Config;
 
 /// Arguments.
 #[derive(Debug, clap::Args)]

@@ -13,8 +13,8 @@ use remus_wan::driver::BackupLinkConfig;
 
 use super::protect::{primary_options, protect_until, GuestFlags};
 use super::DRAIN;
-use remus_node::{Backup, BackupOptions};
 use crate::config::Config;
+use remus_node::{Backup, BackupOptions};
 
 /// Arguments.
 #[derive(Debug, clap::Args)]

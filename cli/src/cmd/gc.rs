@@ -54,10 +54,7 @@ pub fn run(args: &GcArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
             })
         );
     } else {
-        println!(
-            "dropped {} epochs ({} page versions), deleted {} chunks",
-            run.epochs_dropped, run.pages_dropped, run.chunks_deleted
-        );
+        println!("dropped {} epochs ({} page versions), deleted {} chunks", run.epochs_dropped, run.pages_dropped, run.chunks_deleted);
         if tier.is_some() {
             println!(
                 "s3: {} epoch objects deleted, {} bridges put, {} packs deleted, {} repacked ({} live chunks moved), {} packs kept ({} dead chunks in them)",

@@ -19,11 +19,7 @@ pub struct KeygenArgs {
 /// When material exists (without `--force`) or cannot be written.
 pub fn run(args: &KeygenArgs, data_dir: &Path) -> Result<()> {
     let tls = TlsDir(data_dir.join("tls"));
-    anyhow::ensure!(
-        args.force || !tls.is_complete(),
-        "{} already holds TLS material; pass --force to replace it",
-        tls.0.display()
-    );
+    anyhow::ensure!(args.force || !tls.is_complete(), "{} already holds TLS material; pass --force to replace it", tls.0.display());
     remus_wan::tls::keygen(&tls.0)?;
     println!("wrote ca.pem, backup.pem/.key and primary.pem/.key to {}", tls.0.display());
     Ok(())

@@ -28,12 +28,7 @@ pub use remus_sys::{install_stop_handler, stop_requested};
 pub fn tls_dir(data_dir: &Path, create: bool) -> Result<TlsDir> {
     let tls = TlsDir(data_dir.join("tls"));
     if !tls.is_complete() {
-        anyhow::ensure!(
-            create,
-            "no TLS material in {}: run `remus keygen --data-dir {}` first",
-            tls.0.display(),
-            data_dir.display()
-        );
+        anyhow::ensure!(create, "no TLS material in {}: run `remus keygen --data-dir {}` first", tls.0.display(), data_dir.display());
         remus_wan::tls::keygen(&tls.0).with_context(|| format!("generating TLS material in {}", tls.0.display()))?;
         eprintln!("generated a CA and backup/primary certificates in {}", tls.0.display());
     }

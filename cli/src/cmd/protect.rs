@@ -9,9 +9,9 @@ use remus_types::GuestId;
 use remus_wan::SenderConfig;
 
 use crate::config::Config;
-use remus_node::{GuestKind, Primary, PrimaryOptions};
 use crate::qemu_settings::QemuSettings;
 use crate::summary::{progress_line, Summary};
+use remus_node::{GuestKind, Primary, PrimaryOptions};
 
 /// Flags shared by `protect` and `demo`; each overrides the config file.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -80,7 +80,13 @@ pub struct ProtectArgs {
 ///
 /// # Errors
 /// When a value is out of range.
-pub fn primary_options(cfg: &Config, flags: &GuestFlags, tls: remus_wan::tls::TlsDir, backup: SocketAddr, guest: u64) -> Result<PrimaryOptions> {
+pub fn primary_options(
+    cfg: &Config,
+    flags: &GuestFlags,
+    tls: remus_wan::tls::TlsDir,
+    backup: SocketAddr,
+    guest: u64,
+) -> Result<PrimaryOptions> {
     let p = &cfg.protect;
     let mut arena = p.arena.clone();
     if let Some(m) = flags.memory_mib {
@@ -210,7 +216,10 @@ pub fn run(args: &ProtectArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
     eprintln!(
         "protecting guest {} ({}, {} MiB) at {:.1} Hz, replicating to {backup}",
         opts.guest.0,
-        match args.kind { Kind::Arena => "arena", Kind::Qemu => "qemu" },
+        match args.kind {
+            Kind::Arena => "arena",
+            Kind::Qemu => "qemu",
+        },
         opts.guest_kind.memory_mib(),
         1.0 / opts.epoch.as_secs_f64()
     );

@@ -79,9 +79,7 @@ fn bar(json: bool, len: u64, template: &str) -> Option<indicatif::ProgressBar> {
         return None;
     }
     let b = indicatif::ProgressBar::new(len);
-    b.set_style(
-        indicatif::ProgressStyle::with_template(&format!("{{spinner}} {template}")).expect("valid template").progress_chars("=> "),
-    );
+    b.set_style(indicatif::ProgressStyle::with_template(&format!("{{spinner}} {template}")).expect("valid template").progress_chars("=> "));
     Some(b)
 }
 
@@ -138,7 +136,8 @@ fn restore_from_s3(args: &RestoreArgs, to: &Path, target: Target) -> Result<Rest
     };
     let vm = remus_restore::vm::restore_vm_files(&device_state, to, |segments| plan.execute_segments(&tier, segments, &mut show))
         .with_context(|| format!("restoring from {}", s3.url()))?;
-    let (report, vm) = files_or_image(args, vm, || plan.execute(&tier, to, &mut show).with_context(|| format!("restoring from {}", s3.url())))?;
+    let (report, vm) =
+        files_or_image(args, vm, || plan.execute(&tier, to, &mut show).with_context(|| format!("restoring from {}", s3.url())))?;
     if let Some(b) = pages {
         b.finish_and_clear();
     }

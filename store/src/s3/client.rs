@@ -257,12 +257,12 @@ impl S3Client {
     /// # Errors
     /// [`S3Error::Unreachable`], [`S3Error::Denied`], [`S3Error::NoSuchBucket`].
     pub fn check(&self) -> Result<(), S3Error> {
-        self.rt
-            .block_on(self.client.head_bucket().bucket(&self.bucket).send())
-            .map_err(|e| match classify("head-bucket", &self.bucket, e) {
+        self.rt.block_on(self.client.head_bucket().bucket(&self.bucket).send()).map_err(|e| {
+            match classify("head-bucket", &self.bucket, e) {
                 S3Error::NotFound(_) => S3Error::NoSuchBucket(self.bucket.clone()),
                 other => self.named(other),
-            })?;
+            }
+        })?;
         Ok(())
     }
 

@@ -393,5 +393,5 @@ mod tests {
         let mut bad = index.clone();
         bad[60] ^= 1;
         assert!(decode_index(&bad).is_err());
-            }
+    }
 }

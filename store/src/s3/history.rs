@@ -89,7 +89,8 @@ impl S3Tier {
     /// # Errors
     /// As S3 answers.
     pub fn epoch_ids(&self, guest: GuestId) -> Result<Vec<EpochId>, StoreError> {
-        let mut v: Vec<EpochId> = self.client.list(&format::epochs_prefix(guest))?.iter().filter_map(|l| format::epoch_of_key(&l.key)).collect();
+        let mut v: Vec<EpochId> =
+            self.client.list(&format::epochs_prefix(guest))?.iter().filter_map(|l| format::epoch_of_key(&l.key)).collect();
         v.sort_unstable();
         Ok(v)
     }

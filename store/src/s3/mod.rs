@@ -20,8 +20,8 @@ mod config;
 pub mod format;
 mod history;
 mod retention;
-mod verify;
 mod upload;
+mod verify;
 
 pub use archive::ArchiveReport;
 pub use client::{Listed, ListedVersion, S3Client, S3Error};

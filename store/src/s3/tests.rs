@@ -7,8 +7,8 @@ use remus_types::{ChunkId, EpochId, GuestId, Pfn, PAGE_SIZE};
 
 use super::format::{epoch_key, pack_key};
 use super::*;
-use remus_types::content_id;
 use crate::{Damage, EpochCommit, Store, StoreError, StoreOptions, StoredChunk};
+use remus_types::content_id;
 
 /// A fresh bucket on the test server.
 pub(crate) fn test_config(name: &str) -> S3Config {
@@ -76,11 +76,12 @@ fn epochs_upload_in_packs_and_read_back_exactly_from_s3_alone() {
     for e in [1u64, 17, 35] {
         let table = h.page_table(EpochId(e));
         let mut local = std::collections::BTreeMap::new();
-        store.for_each_page_at(g, EpochId(e), |p, id| {
-            local.insert(p, id);
-            Ok(())
-        })
-        .unwrap();
+        store
+            .for_each_page_at(g, EpochId(e), |p, id| {
+                local.insert(p, id);
+                Ok(())
+            })
+            .unwrap();
         assert_eq!(table, local, "epoch {e}");
         let mut got = 0;
         tier.fetch_chunks(table.values().copied().collect::<std::collections::HashSet<_>>(), |id, data| {

@@ -168,8 +168,14 @@ impl S3Tier {
     /// [`StoreError::S3`] when S3 fails (nothing acknowledged is lost:
     /// the backlog stays in RocksDB), store errors.
     pub fn upload_pending(&self, store: &Store, stop: &dyn Fn() -> bool) -> Result<UploadReport, StoreError> {
-        let mut pass =
-            Pass { tier: self, store, pack: PackBuilder::default(), in_pack: HashSet::new(), pending: Vec::new(), report: UploadReport::default() };
+        let mut pass = Pass {
+            tier: self,
+            store,
+            pack: PackBuilder::default(),
+            in_pack: HashSet::new(),
+            pending: Vec::new(),
+            report: UploadReport::default(),
+        };
         let zero = remus_types::zero_page_hash();
         for (guest, head) in store.guests()? {
             let mut e = store.s3_cursor(guest)?.next();

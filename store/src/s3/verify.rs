@@ -10,10 +10,10 @@ use super::format::{self, Bridge};
 use super::history::S3Epoch;
 use super::S3Tier;
 use crate::db::decode_chunk_value;
-use remus_types::content_id;
 use crate::error::StoreError;
 use crate::manifest::page_delta_hash;
 use crate::verify::{Damage, VerifyReport};
+use remus_types::content_id;
 
 impl S3Tier {
     /// Checks the whole tier; `progress(chunks)` after each pack.
@@ -47,9 +47,8 @@ impl S3Tier {
             }
             for e in &ix.entries {
                 r.chunks += 1;
-                let ok = body
-                    .get(e.offset as usize..e.offset as usize + e.len as usize)
-                    .is_some_and(|v| decode_chunk_value(&e.id, v).is_ok());
+                let ok =
+                    body.get(e.offset as usize..e.offset as usize + e.len as usize).is_some_and(|v| decode_chunk_value(&e.id, v).is_ok());
                 if ok {
                     held.insert(e.id);
                 } else {
@@ -118,7 +117,9 @@ impl S3Tier {
                     let linked = if epoch == pe.next() {
                         m.parent == pid
                     } else {
-                        bridges.iter().any(|b| b.first == pe.next() && b.last.next() == epoch && b.first_parent == pid && b.last_id == m.parent)
+                        bridges
+                            .iter()
+                            .any(|b| b.first == pe.next() && b.last.next() == epoch && b.first_parent == pid && b.last_id == m.parent)
                     };
                     if !linked {
                         r.damage.push(Damage::ChainBroken { guest: guest.0, epoch: epoch.0 });
