@@ -69,16 +69,16 @@ impl Ingest {
     ///
     /// # Errors
     /// [`CommitError::Missing`] naming every reference or XOR base the
-    /// store does not hold; [`CommitError::Failed`] for a page that does
-    /// not decode to its hash or a store read that fails.
+    /// store does not hold; [`CommitError::BadPage`] for a page that does
+    /// not decode to its hash; [`CommitError::Storage`] for a store read
+    /// that fails.
     pub fn decode(&self, epochs: Vec<ReceivedEpoch>, instance: u64) -> Result<Decoded, CommitError> {
         let mut staged = Staged::new();
         let mut missing = Vec::new();
         let commits = epochs
             .into_iter()
             .map(|e| self.decode_epoch(e, instance, &mut staged, &mut missing))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(CommitError::Failed)?;
+            .collect::<Result<Vec<_>, _>>()?;
         if !missing.is_empty() {
             missing.sort_unstable();
             missing.dedup();
@@ -96,7 +96,7 @@ impl Ingest {
         instance: u64,
         staged: &mut Staged,
         missing: &mut Vec<ChunkId>,
-    ) -> Result<EpochCommit, String> {
+    ) -> Result<EpochCommit, CommitError> {
         let h = e.header;
         let mut c = EpochCommit {
             guest: h.guest,
@@ -112,7 +112,7 @@ impl Ingest {
             device_state: e.device_state,
         };
         for r in e.records {
-            let fail = |err: remus_wan::DecodeError| format!("epoch {}: page {}: {err}", h.epoch, r.pfn.0);
+            let fail = |source| CommitError::BadPage { epoch: h.epoch, pfn: r.pfn.0, source };
             match &r.encoding {
                 PageEncoding::Zero => {}
                 PageEncoding::Ref => {
@@ -120,7 +120,7 @@ impl Ingest {
                     // store's commit checks again, and names it if so.
                     let held = staged.contains_key(&r.hash)
                         || self.cache.lock().contains_key(&r.hash)
-                        || self.store.has_chunk(&r.hash).map_err(|e| e.to_string())?;
+                        || self.store.has_chunk(&r.hash).map_err(storage)?;
                     if !held {
                         missing.push(r.hash);
                         continue;
@@ -135,10 +135,11 @@ impl Ingest {
                             missing.push(*base);
                             continue;
                         }
-                        Err(e) => return Err(format!("epoch {}: page {}: xor base: {e}", h.epoch, r.pfn.0)),
+                        Err(e) => return Err(storage(e)),
                     };
                     let page = r.decode_page(|_| Some(base_page)).map_err(fail)?;
-                    let z = zstd::bulk::compress(&page, self.zstd_level).map_err(|e| e.to_string())?;
+                    let z = zstd::bulk::compress(&page, self.zstd_level)
+                        .map_err(|e| CommitError::Storage { no_space: false, source: Box::new(e) })?;
                     c.chunks.push((r.hash, StoredChunk::Zstd(z)));
                     staged.insert(r.hash, Arc::new(page));
                 }
@@ -158,4 +159,10 @@ impl Ingest {
         }
         Ok(c)
     }
+}
+
+/// A store failure as a commit error (full disks told apart).
+#[must_use]
+pub fn storage(e: StoreError) -> CommitError {
+    CommitError::Storage { no_space: e.kind() == remus_store::ErrorKind::NoSpace, source: Box::new(e) }
 }

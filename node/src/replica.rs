@@ -105,9 +105,8 @@ impl Replica for StoreReplica {
 
     fn commit(&self, epochs: Vec<ReceivedEpoch>) -> Result<ChunkId, CommitError> {
         let t0 = Instant::now();
-        let failed = |m: &str| CommitError::Failed(m.to_string());
-        let guest = epochs.first().ok_or_else(|| failed("empty commit group"))?.header.guest;
-        let instance = self.admission.instance(guest).ok_or_else(|| failed("commit for a guest that was never welcomed"))?;
+        let guest = epochs.first().ok_or(CommitError::Rejected("empty commit group"))?.header.guest;
+        let instance = self.admission.instance(guest).ok_or(CommitError::Rejected("commit for a guest that was never welcomed"))?;
         let n = epochs.len() as u64;
         let decoded = self.ingest.decode(epochs, instance)?;
         let live: Option<Vec<CommittedPages>> = self
@@ -117,13 +116,13 @@ impl Replica for StoreReplica {
         let outs = self.store.commit_many(decoded.commits).map_err(|e| match e {
             // Collected between the checks above and the commit.
             remus_store::StoreError::Unstored { ids, .. } => CommitError::Missing(ids),
-            e => CommitError::Failed(e.to_string()),
+            e => crate::ingest::storage(e),
         })?;
         if let (Some(epochs), FailoverAction::RestoreTo { dir, .. }) = (live, &self.failover) {
             self.live.update(&self.store, &self.ingest, dir, guest, &epochs, &decoded.staged);
         }
         self.ingest.committed(decoded.staged);
-        let last = outs.last().ok_or_else(|| failed("empty commit group"))?;
+        let last = outs.last().ok_or(CommitError::Rejected("empty commit group"))?;
         let mut stats = self.stats.lock();
         let s = stats.entry(guest).or_default();
         s.epochs += n;

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::encoding::EncodingMix;
-use crate::error::{CommitError, LinkError, ProtocolError};
+use crate::error::{CommitError, DecodeError, LinkError, ProtocolError, Side, StreamError};
 use crate::frame::{FrameReader, Message};
 use crate::receiver::{ReceivedEpoch, ReceiverCore, ReceiverEvent};
 use crate::sender::{SenderConfig, SenderCore, SenderEvent, Transmit};
@@ -104,8 +104,8 @@ pub enum LinkEvent {
         /// Chunks it lacked.
         missing: usize,
     },
-    /// The connection was lost; the link reconnects.
-    Disconnected(String),
+    /// The connection was lost (or could not be made); the link reconnects.
+    Disconnected(Arc<LinkError>),
 }
 
 /// Where and how the primary connects.
@@ -126,7 +126,7 @@ pub struct PrimaryLinkConfig {
 }
 
 enum Control {
-    Message(Result<Message, String>),
+    Message(Result<Message, StreamError>),
     /// The peer finished its control stream: a clean end.
     Closed,
 }
@@ -155,13 +155,13 @@ pub async fn run_primary(
         }
         // Connect, still taking checkpoints so the guest never waits on us.
         let conn = match ep.connect_with(cfg.client.clone(), cfg.backup, crate::tls::SERVER_NAME) {
-            Ok(c) => input.take_while(&mut core, &mut checkpoints, &events, c).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+            Ok(c) => input.take_while(&mut core, &mut checkpoints, &events, c).await.map_err(LinkError::from),
+            Err(e) => Err(LinkError::from(e)),
         };
         let conn = match conn {
             Ok(c) => c,
             Err(e) => {
-                let _ = events.send(LinkEvent::Disconnected(e));
+                let _ = events.send(LinkEvent::Disconnected(Arc::new(e)));
                 input.take_while(&mut core, &mut checkpoints, &events, tokio::time::sleep(backoff)).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
@@ -178,7 +178,7 @@ pub async fn run_primary(
             }
             Err(e) => {
                 conn.close(VarInt::from_u32(1), b"reconnecting");
-                let _ = events.send(LinkEvent::Disconnected(e.to_string()));
+                let _ = events.send(LinkEvent::Disconnected(Arc::new(e)));
             }
         }
         core.handle_disconnected();
@@ -255,7 +255,7 @@ async fn serve_connection(
                 SenderEvent::Acked { epoch, manifest } => {
                     let _ = events.send(LinkEvent::Acked { epoch, manifest });
                 }
-                SenderEvent::PeerSilent => return Err(LinkError::Peer("backup silent".into())),
+                SenderEvent::PeerSilent => return Err(LinkError::Silent(Side::Backup)),
                 SenderEvent::Forgot { held } => {
                     let _ = events.send(LinkEvent::Forgot { held });
                 }
@@ -281,8 +281,8 @@ async fn serve_connection(
             biased;
             Some(input) = rx.recv() => match input {
                 Control::Message(Ok(m)) => core.handle_message(Instant::now(), m)?,
-                Control::Message(Err(e)) => return Err(LinkError::Peer(e)),
-                Control::Closed => return Err(LinkError::Peer("backup closed the control stream".into())),
+                Control::Message(Err(e)) => return Err(e.into()),
+                Control::Closed => return Err(LinkError::ControlClosed(Side::Backup)),
             },
             cp = checkpoints.recv(), if !*input_closed && core.can_accept() => match cp {
                 Some(cp) => push(core, cp, events),
@@ -290,7 +290,7 @@ async fn serve_connection(
             },
             Some(done) = streams.join_next(), if !streams.is_empty() => {
                 if let Ok(Err(e)) = done {
-                    return Err(LinkError::Peer(e));
+                    return Err(e.into());
                 }
             }
             () = sleep_opt(deadline) => core.handle_timeout(Instant::now()),
@@ -303,19 +303,19 @@ async fn flush_sender(
     core: &mut SenderCore,
     control: &mut SendStream,
     conn: &Connection,
-    streams: &mut JoinSet<Result<(), String>>,
+    streams: &mut JoinSet<Result<(), StreamError>>,
     events: &mpsc::UnboundedSender<LinkEvent>,
 ) -> Result<bool, LinkError> {
     while let Some(t) = core.poll_transmit() {
         match t {
-            Transmit::Control(b) => control.write_all(&b).await.map_err(|e| LinkError::Peer(e.to_string()))?,
+            Transmit::Control(b) => control.write_all(&b).await.map_err(StreamError::from)?,
             Transmit::Epoch { epoch, bytes, pages, mix } => {
                 let _ = events.send(LinkEvent::Sent { epoch, wire_bytes: bytes.len() as u64, pages, mix });
                 let conn = conn.clone();
                 streams.spawn(async move {
-                    let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
-                    s.write_all(&bytes).await.map_err(|e| e.to_string())?;
-                    s.finish().map_err(|e| e.to_string())?;
+                    let mut s = conn.open_uni().await?;
+                    s.write_all(&bytes).await?;
+                    s.finish()?;
                     Ok(())
                 });
                 return Ok(true);
@@ -340,20 +340,20 @@ async fn read_forget_streams(conn: Connection, tx: mpsc::UnboundedSender<Control
                             return;
                         }
                     }
-                    Ok(Some(_)) => break Err("a forget stream carries only Forget".to_string()),
+                    Ok(Some(_)) => break Err(DecodeError::Corrupt("a message other than Forget on a forget stream")),
                     Ok(None) => break Ok(()),
-                    Err(e) => break Err(format!("forget stream: {e}")),
+                    Err(e) => break Err(e),
                 }
             };
             if let Err(e) = r {
-                let _ = tx.send(Control::Message(Err(e)));
+                let _ = tx.send(Control::Message(Err(e.into())));
                 return;
             }
             match recv.read(&mut buf).await {
                 Ok(Some(n)) => rd.push(&buf[..n]),
                 Ok(None) if rd.pending() == 0 => break,
                 Ok(None) => {
-                    let _ = tx.send(Control::Message(Err("forget stream ended inside a frame".into())));
+                    let _ = tx.send(Control::Message(Err(DecodeError::Truncated.into())));
                     return;
                 }
                 // Advisory: a stream cut off (the connection ending) loses
@@ -377,7 +377,7 @@ async fn read_control(mut recv: RecvStream, tx: mpsc::UnboundedSender<Control>) 
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = tx.send(Control::Message(Err(e.to_string())));
+                    let _ = tx.send(Control::Message(Err(e.into())));
                     return;
                 }
             }
@@ -389,7 +389,7 @@ async fn read_control(mut recv: RecvStream, tx: mpsc::UnboundedSender<Control>) 
                 return;
             }
             Err(e) => {
-                let _ = tx.send(Control::Message(Err(e.to_string())));
+                let _ = tx.send(Control::Message(Err(e.into())));
                 return;
             }
         }
@@ -450,7 +450,7 @@ pub trait Replica: Send + Sync + 'static {
     /// # Errors
     /// [`CommitError::Missing`] with every chunk the epochs name that the
     /// replica does not hold: the primary is told, and sends the epochs
-    /// again without them. [`CommitError::Failed`] otherwise: the
+    /// again without them. Any other [`CommitError`]: the
     /// connection is closed and the primary resends on its next one.
     fn commit(&self, epochs: Vec<ReceivedEpoch>) -> Result<ChunkId, CommitError>;
 
@@ -515,7 +515,7 @@ async fn serve_primary<R: Replica>(conn: &Connection, replica: &Arc<R>, cfg: Bac
     let (tx, mut rx) = mpsc::unbounded_channel();
     let _control_reader = AbortOnDrop(tokio::spawn(read_control(recv, tx)));
     let hello = match rx.recv().await {
-        Some(Control::Message(m)) => m.map_err(LinkError::Peer)?,
+        Some(Control::Message(m)) => m?,
         Some(Control::Closed) | None => return Err(LinkError::Closed),
     };
     let Message::Hello { guest, instance, page_count } = hello else {
@@ -523,14 +523,14 @@ async fn serve_primary<R: Replica>(conn: &Connection, replica: &Arc<R>, cfg: Bac
     };
     let r2 = Arc::clone(replica);
     let welcome =
-        tokio::task::spawn_blocking(move || r2.welcome(guest, instance, page_count)).await.map_err(|e| LinkError::Peer(e.to_string()))?;
+        tokio::task::spawn_blocking(move || r2.welcome(guest, instance, page_count)).await?;
     let (committed, head) = match welcome {
         Ok(w) => w,
         Err(m) => {
             let _ = control.write_all(&Message::Error(m.clone()).to_bytes()).await;
             let _ = control.finish();
             tokio::time::sleep(Duration::from_millis(100)).await;
-            return Err(LinkError::Peer(m));
+            return Err(LinkError::Refused(m));
         }
     };
     tracing::info!(%guest, committed = committed.0, peer = %conn.remote_address(), "primary connected");
@@ -562,14 +562,14 @@ async fn serve_epochs<R: Replica>(
     let mut core = ReceiverCore::new(Instant::now(), cfg.heartbeat, cfg.primary_timeout);
     core.accept(guest, page_count, committed, head);
     let max = core.max_epoch_bytes();
-    let (etx, mut erx) = mpsc::unbounded_channel::<Result<Vec<u8>, String>>();
+    let (etx, mut erx) = mpsc::unbounded_channel::<Result<Vec<u8>, StreamError>>();
     let c2 = conn.clone();
     let _epoch_reader = AbortOnDrop(tokio::spawn(async move {
         loop {
             let Ok(mut s) = c2.accept_uni().await else { return };
             let etx = etx.clone();
             tokio::spawn(async move {
-                let r = s.read_to_end(max).await.map_err(|e| e.to_string());
+                let r = s.read_to_end(max).await.map_err(StreamError::from);
                 let _ = etx.send(r);
             });
         }
@@ -584,7 +584,7 @@ async fn serve_epochs<R: Replica>(
             }
         }
         while let Some(b) = core.poll_transmit() {
-            control.write_all(&b).await.map_err(|e| LinkError::Peer(e.to_string()))?;
+            control.write_all(&b).await.map_err(StreamError::from)?;
         }
         let mut forget = Vec::new();
         while let Some(b) = core.poll_forget() {
@@ -604,7 +604,7 @@ async fn serve_epochs<R: Replica>(
                 ReceiverEvent::PrimaryLost { guest, committed } => {
                     tracing::warn!(%guest, committed = committed.0, "primary lost");
                     replica.primary_lost(guest, committed);
-                    return Err(LinkError::Peer("primary silent".into()));
+                    return Err(LinkError::Silent(Side::Primary));
                 }
             }
         }
@@ -615,7 +615,7 @@ async fn serve_epochs<R: Replica>(
                     tracing::debug!(?m, "control message from primary");
                     core.handle_message(Instant::now(), m)?;
                 }
-                Control::Message(Err(e)) => return Err(LinkError::Peer(e)),
+                Control::Message(Err(e)) => return Err(e.into()),
                 Control::Closed => {
                     tracing::info!(%guest, committed = core.committed().0, "primary finished");
                     return Ok(());
@@ -623,12 +623,12 @@ async fn serve_epochs<R: Replica>(
             },
             Some(bytes) = erx.recv() => {
                 tracing::debug!(len = bytes.as_ref().map_or(0, Vec::len), "epoch stream from primary");
-                let bytes = bytes.map_err(LinkError::Peer)?;
+                let bytes = bytes?;
                 core.handle_epoch_stream(Instant::now(), &bytes)?;
             }
             Some(done) = async { match commit.as_mut() { Some(h) => Some(h.await), None => None } }, if commit.is_some() => {
                 commit = None;
-                let (epoch, r) = done.map_err(|e| LinkError::Peer(e.to_string()))?;
+                let (epoch, r) = done?;
                 match r {
                     Ok(manifest) => core.handle_committed(epoch, manifest),
                     Err(CommitError::Missing(chunks)) => {
@@ -641,9 +641,8 @@ async fn serve_epochs<R: Replica>(
                         core.handle_missing(&chunks);
                     }
                     Err(e) => {
-                        let m = e.to_string();
-                        let _ = control.write_all(&Message::Error(m.clone()).to_bytes()).await;
-                        return Err(LinkError::Peer(format!("commit of epoch {epoch} failed: {m}")));
+                        let _ = control.write_all(&Message::Error(e.to_string()).to_bytes()).await;
+                        return Err(LinkError::Commit { epoch, source: e });
                     }
                 }
             }

@@ -82,7 +82,7 @@ pub enum ProtocolError {
 
 /// Why the backup's replica did not commit a group of epochs (nothing of
 /// it was written either way).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CommitError {
     /// The epochs name chunks the replica does not hold, as references or
@@ -90,10 +90,74 @@ pub enum CommitError {
     /// sends the epochs again without them, on the same connection.
     #[error("{} referenced chunks are not held", .0.len())]
     Missing(Vec<ChunkId>),
-    /// Any other failure (a full disk, say): the connection is closed and
-    /// the primary resends on its next one.
+    /// A page does not decode, or decodes to other content than its hash:
+    /// the connection is closed and the primary resends on its next one.
+    #[error("epoch {epoch}: page {pfn}: {source}")]
+    BadPage {
+        /// The epoch.
+        epoch: EpochId,
+        /// The page.
+        pfn: u64,
+        /// What was wrong.
+        #[source]
+        source: DecodeError,
+    },
+    /// The group is not one the replica can take (empty, or for a guest
+    /// that was never welcomed).
     #[error("{0}")]
-    Failed(String),
+    Rejected(&'static str),
+    /// The replica's storage failed (a full disk, say): the connection is
+    /// closed and the primary resends on its next one.
+    #[error("storage: {source}")]
+    Storage {
+        /// True when the disk is full.
+        no_space: bool,
+        /// The storage's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// Which end of a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The protected guest's side.
+    Primary,
+    /// The replica's side.
+    Backup,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Primary => "primary",
+            Self::Backup => "backup",
+        })
+    }
+}
+
+/// Why a QUIC stream could not be opened, read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamError {
+    /// Reading failed (reset, connection lost).
+    #[error("read: {0}")]
+    Read(#[from] quinn::ReadError),
+    /// Reading a whole stream failed (or it was longer than allowed).
+    #[error("read: {0}")]
+    ReadToEnd(#[from] quinn::ReadToEndError),
+    /// Writing failed.
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    /// A stream could not be opened.
+    #[error("open: {0}")]
+    Open(#[from] quinn::ConnectionError),
+    /// The stream was already finished or reset.
+    #[error("finish: {0}")]
+    Finish(#[from] quinn::ClosedStream),
+    /// What arrived does not decode.
+    #[error("decode: {0}")]
+    Decode(#[from] DecodeError),
 }
 
 /// Errors of the QUIC driver.
@@ -109,15 +173,39 @@ pub enum LinkError {
     /// Connecting failed.
     #[error("connect: {0}")]
     Connect(String),
+    /// A connection could not be started (bad address, no endpoint).
+    #[error("connect: {0}")]
+    Connecting(#[from] quinn::ConnectError),
     /// The connection broke.
     #[error("connection: {0}")]
     Connection(#[from] quinn::ConnectionError),
     /// The peer violated the protocol.
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
-    /// The peer reported an error and closed.
-    #[error("peer error: {0}")]
-    Peer(String),
+    /// The peer sent nothing (no heartbeat, no data) for its timeout.
+    #[error("{0} silent")]
+    Silent(Side),
+    /// The peer finished its control stream in the middle of a session.
+    #[error("{0} closed the control stream")]
+    ControlClosed(Side),
+    /// A stream failed.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// The replica refused a primary at Hello (the reason is sent to it).
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The replica could not commit (nothing of the group was written).
+    #[error("commit of epoch {epoch} failed: {source}")]
+    Commit {
+        /// The last epoch of the group.
+        epoch: EpochId,
+        /// Why.
+        #[source]
+        source: CommitError,
+    },
+    /// A task of the driver ended abnormally.
+    #[error("driver task: {0}")]
+    Task(#[from] tokio::task::JoinError),
     /// The local side shut down.
     #[error("closed")]
     Closed,

@@ -27,7 +27,7 @@ pub mod tls;
 
 pub use codec::{Reader, Writer};
 pub use encoding::{decompress_page, EncoderConfig, EncodingMix, PageEncoder, PageEncoding, PageRecord};
-pub use error::{CommitError, DecodeError, LinkError, ProtocolError};
+pub use error::{CommitError, DecodeError, LinkError, ProtocolError, Side, StreamError};
 pub use frame::{EpochHeader, FrameReader, Message, MAX_CHUNK_LIST};
 pub use receiver::{ReceivedEpoch, ReceiverCore, ReceiverEvent, MAX_GROUP};
 pub use sender::{SenderConfig, SenderCore, SenderEvent, Transmit};

@@ -23,7 +23,7 @@ impl Replica for CountingReplica {
         Ok((EpochId(0), ChunkId::default()))
     }
     fn commit(&self, _: Vec<ReceivedEpoch>) -> Result<ChunkId, CommitError> {
-        Err(CommitError::Failed("not in this test".into()))
+        Err(CommitError::Rejected("not in this test"))
     }
     fn primary_lost(&self, _: GuestId, _: EpochId) {}
     fn disconnected(&self, _: GuestId) {}
