@@ -75,10 +75,8 @@ impl Ingest {
     pub fn decode(&self, epochs: Vec<ReceivedEpoch>, instance: u64) -> Result<Decoded, CommitError> {
         let mut staged = Staged::new();
         let mut missing = Vec::new();
-        let commits = epochs
-            .into_iter()
-            .map(|e| self.decode_epoch(e, instance, &mut staged, &mut missing))
-            .collect::<Result<Vec<_>, _>>()?;
+        let commits =
+            epochs.into_iter().map(|e| self.decode_epoch(e, instance, &mut staged, &mut missing)).collect::<Result<Vec<_>, _>>()?;
         if !missing.is_empty() {
             missing.sort_unstable();
             missing.dedup();

@@ -173,15 +173,9 @@ pub struct Store {
     pub(crate) db: DB,
     path: PathBuf,
     opts: StoreOptions,
-    /// Read-held by commits (which run in parallel), write-held by GC to
-    /// start marking and to sweep.
-    pub(crate) gc: std::sync::RwLock<()>,
-    /// While GC marks, `Some`: every chunk that commits reference, so the
-    /// sweep spares them.
-    pub(crate) gc_marks: std::sync::Mutex<Option<std::collections::HashSet<ChunkId>>>,
+    /// GC's coordination with commits (see `gc.rs`).
+    pub(crate) gc: crate::gc::GcCoordinator,
     pub(crate) packs: Packs,
-    /// Told the chunks each GC deleted (see [`Store::on_chunks_deleted`]).
-    pub(crate) gc_watchers: std::sync::Mutex<Vec<crate::retention::DeletedWatcher>>,
 }
 
 pub(crate) fn guest_key(prefix: &[u8], guest: GuestId) -> Vec<u8> {
@@ -255,10 +249,8 @@ impl Store {
             db,
             path: path.to_path_buf(),
             opts,
-            gc: std::sync::RwLock::new(()),
-            gc_marks: std::sync::Mutex::new(None),
+            gc: crate::gc::GcCoordinator::default(),
             packs: Packs::new(path, opts.read_only, opts.sync),
-            gc_watchers: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -392,7 +384,7 @@ impl Store {
     /// head (or the previous epoch of the group); [`StoreError::Db`] when
     /// the write fails. Either way nothing of the group is visible.
     pub fn commit_many(&self, commits: Vec<EpochCommit>) -> Result<Vec<CommitOutcome>, StoreError> {
-        let _gc = self.gc.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let gc = self.gc.commit();
         let pages: usize = commits.iter().map(|c| c.pages.len()).sum();
         // Sized up front: growing a large batch copies it over and over.
         let mut batch = WriteBatch::with_capacity_bytes(pages * 120 + 4096);
@@ -408,10 +400,7 @@ impl Store {
             if c.epoch != head_epoch.next() {
                 return Err(StoreError::OutOfOrder { guest: c.guest, epoch: c.epoch, head: head_epoch });
             }
-            if let Some(marked) = self.gc_marks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_mut() {
-                marked.extend(c.pages.iter().map(|(_, id)| *id));
-                marked.insert(content_id(&c.device_state));
-            }
+            gc.referenced(c.pages.iter().map(|(_, id)| *id).chain([content_id(&c.device_state)]));
             let out = self.stage(&mut batch, &mut fresh, &mut seen, c, parent)?;
             heads.insert(out.manifest.guest, (out.manifest.epoch, out.id));
             outcomes.push(out);

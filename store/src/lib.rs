@@ -7,6 +7,7 @@
 
 mod db;
 mod error;
+mod gc;
 mod manifest;
 mod packs;
 mod retention;

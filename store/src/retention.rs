@@ -119,13 +119,21 @@ pub struct GcReport {
     pub referenced: HashSet<ChunkId>,
 }
 
-/// A callback told the chunks one GC deleted.
-pub(crate) type DeletedWatcher = Box<dyn Fn(&[ChunkId]) + Send + Sync>;
-
 fn bridge_key(guest: GuestId, first: EpochId) -> Vec<u8> {
     let mut k = guest_key(b"bridge", guest);
     k.extend_from_slice(&first.0.to_be_bytes());
     k
+}
+
+/// What GC's mark phase found.
+struct Marked {
+    /// Chunks some kept epoch references.
+    referenced: HashSet<ChunkId>,
+    /// The others, with their local pack location if packed.
+    candidates: Vec<(ChunkId, Option<crate::packs::Location>)>,
+    /// Entries per local pack: a pack all of whose entries go is deleted
+    /// whole rather than punched.
+    per_pack: std::collections::HashMap<u32, u64>,
 }
 
 impl Store {
@@ -247,37 +255,10 @@ impl Store {
         Ok(live)
     }
 
-    /// Calls `f` with the chunks each later [`gc`](Self::gc) of this
-    /// store deletes (after the deletion is written, on the GC's thread;
-    /// not called when nothing was deleted). `f` should return quickly.
-    pub fn on_chunks_deleted(&self, f: impl Fn(&[ChunkId]) + Send + Sync + 'static) {
-        self.gc_watchers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Box::new(f));
-    }
-
-    /// Deletes every chunk no kept epoch references; safe while commits
-    /// go on (see the module notes), and tells the watchers of
-    /// [`on_chunks_deleted`](Self::on_chunks_deleted) what it deleted.
-    ///
-    /// # Errors
-    /// [`StoreError::Db`], [`StoreError::Corrupt`].
-    pub fn gc(&self) -> Result<GcReport, StoreError> {
-        let marks = || self.gc_marks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        {
-            // No commit in flight: each one either is in the index the mark
-            // phase reads, or records its chunks in the marks.
-            let _sweep = self.gc.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-            *marks() = Some(HashSet::new());
-        }
-        let mut marked = match self.referenced() {
-            Ok(m) => m,
-            Err(e) => {
-                *marks() = None;
-                return Err(e);
-            }
-        };
+    /// GC's mark phase, over what was committed before marking began.
+    fn mark(&self) -> Result<Marked, StoreError> {
+        let marked = self.referenced()?;
         let mut candidates = Vec::new();
-        // Entries per local pack: a pack all of whose entries go is
-        // deleted whole rather than punched.
         let mut per_pack: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
         for kv in self.db.iterator_cf(self.cf(CF_CHUNKS), IteratorMode::Start) {
             let (k, v) = kv?;
@@ -290,8 +271,35 @@ impl Store {
                 _ => {}
             }
         }
-        let guard = self.gc.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        marked.extend(marks().take().unwrap_or_default());
+        Ok(Marked { referenced: marked, candidates, per_pack })
+    }
+
+    /// Calls `f` with the chunks each later [`gc`](Self::gc) of this
+    /// store deletes (after the deletion is written, on the GC's thread;
+    /// not called when nothing was deleted). `f` should return quickly.
+    pub fn on_chunks_deleted(&self, f: impl Fn(&[ChunkId]) + Send + Sync + 'static) {
+        self.gc.watch(Box::new(f));
+    }
+
+    /// Deletes every chunk no kept epoch references; safe while commits
+    /// go on (see the module notes), and tells the watchers of
+    /// [`on_chunks_deleted`](Self::on_chunks_deleted) what it deleted.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`], [`StoreError::Corrupt`].
+    pub fn gc(&self) -> Result<GcReport, StoreError> {
+        // Each commit either is in the index read below, or records its
+        // chunks in the marks (see `gc.rs`).
+        self.gc.begin_marking();
+        let Marked { referenced: mut marked, mut candidates, per_pack } = match self.mark() {
+            Ok(m) => m,
+            Err(e) => {
+                self.gc.abandon();
+                return Err(e);
+            }
+        };
+        let sweep = self.gc.sweep();
+        marked.extend(sweep.marked.iter().copied());
         let mut batch = WriteBatch::default();
         candidates.retain(|(id, _)| !marked.contains(id));
         let mut freed: Vec<crate::packs::Location> = Vec::new();
@@ -304,14 +312,10 @@ impl Store {
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
         self.db.write_opt(batch, &wo)?;
-        drop(guard);
+        drop(sweep);
         // Gone from the index for good: watchers may hear of it now.
         let deleted: Vec<ChunkId> = candidates.into_iter().map(|(id, _)| id).collect();
-        if !deleted.is_empty() {
-            for w in self.gc_watchers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter() {
-                w(&deleted);
-            }
-        }
+        self.gc.notify(&deleted);
         // Only the pack being appended to can gain entries, so any other
         // whose entries all went is unreferenced for good.
         let appending = self.packs.appending()?;

@@ -522,8 +522,7 @@ async fn serve_primary<R: Replica>(conn: &Connection, replica: &Arc<R>, cfg: Bac
         return Err(ProtocolError::Unexpected("first control message is not Hello").into());
     };
     let r2 = Arc::clone(replica);
-    let welcome =
-        tokio::task::spawn_blocking(move || r2.welcome(guest, instance, page_count)).await?;
+    let welcome = tokio::task::spawn_blocking(move || r2.welcome(guest, instance, page_count)).await?;
     let (committed, head) = match welcome {
         Ok(w) => w,
         Err(m) => {
