@@ -5,6 +5,7 @@
 //! its parent. See [`Store`] for the RocksDB layout and the commit rule
 //! (one atomic, synced write batch per epoch).
 
+mod chain;
 mod db;
 mod error;
 mod gc;
@@ -20,8 +21,9 @@ pub use error::{ErrorKind, StoreError};
 /// The pages an epoch wrote: each page number with the content id it
 /// took, ascending page number.
 pub type PageList = Vec<(remus_types::Pfn, remus_types::ChunkId)>;
+pub use chain::{Bridge, ChainBreak, ChainWalk};
 pub use manifest::{page_delta_hash, Manifest, MANIFEST_LEN};
-pub use retention::{BridgeRecord, GcReport, KeepRule, RetentionPolicy, ThinReport};
+pub use retention::{GcReport, KeepRule, RetentionPolicy, ThinReport};
 pub use verify::{damaged_guests, Damage, VerifyReport};
 
 #[cfg(test)]

@@ -32,6 +32,7 @@ use std::time::Duration;
 use remus_types::{ChunkId, EpochId, GuestId, Pfn};
 use rocksdb::{IteratorMode, WriteBatch};
 
+use crate::chain::Bridge;
 use crate::db::{delta_key, epoch_key, guest_key, page_key, u64_at, Store, CF_CHUNKS, CF_EPOCHS, CF_META, CF_PAGES};
 use crate::error::StoreError;
 use crate::manifest::Manifest;
@@ -86,19 +87,6 @@ impl RetentionPolicy {
     }
 }
 
-/// A recorded run of dropped epochs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BridgeRecord {
-    /// First dropped epoch.
-    pub first: EpochId,
-    /// Last dropped epoch.
-    pub last: EpochId,
-    /// Parent of the first dropped manifest.
-    pub first_parent: ChunkId,
-    /// Id of the last dropped manifest.
-    pub last_id: ChunkId,
-}
-
 /// What thinning did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ThinReport {
@@ -141,7 +129,7 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError::Db`], [`StoreError::Corrupt`].
-    pub fn bridges(&self, guest: GuestId) -> Result<Vec<BridgeRecord>, StoreError> {
+    pub fn bridges(&self, guest: GuestId) -> Result<Vec<Bridge>, StoreError> {
         let prefix = guest_key(b"bridge", guest);
         let mut out = Vec::new();
         for kv in self.db.iterator_cf(self.cf(CF_META), IteratorMode::From(&prefix, rocksdb::Direction::Forward)) {
@@ -152,7 +140,7 @@ impl Store {
             if k.len() != prefix.len() + 8 || v.len() != 72 {
                 return Err(StoreError::Corrupt(format!("{guest}: bridge record")));
             }
-            out.push(BridgeRecord {
+            out.push(Bridge {
                 first: EpochId(u64_at(&k, prefix.len())),
                 last: EpochId(u64_at(&v, 0)),
                 first_parent: ChunkId(v[8..40].try_into().expect("32 bytes")),
@@ -201,7 +189,7 @@ impl Store {
         prev: Option<&Manifest>,
         next: &Manifest,
         dropped: &[&Manifest],
-        bridges: &[BridgeRecord],
+        bridges: &[Bridge],
     ) -> Result<ThinReport, StoreError> {
         let first = prev.map_or(EpochId(1), |p| p.epoch.next());
         let last = EpochId(next.epoch.0 - 1);
@@ -209,7 +197,7 @@ impl Store {
         for b in bridges.iter().filter(|b| b.first >= first && b.last <= last) {
             batch.delete_cf(self.cf(CF_META), bridge_key(guest, b.first));
         }
-        let rec = BridgeRecord { first, last, first_parent: prev.map_or(ChunkId::default(), Manifest::id), last_id: next.parent };
+        let rec = Bridge { first, last, first_parent: prev.map_or(ChunkId::default(), Manifest::id), last_id: next.parent };
         let mut v = Vec::with_capacity(72);
         v.extend_from_slice(&rec.last.0.to_be_bytes());
         v.extend_from_slice(&rec.first_parent.0);

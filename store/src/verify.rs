@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use remus_types::{ChunkId, EpochId, GuestId, Pfn};
 use rocksdb::IteratorMode;
 
+use crate::chain::ChainWalk;
 use crate::db::{u64_at, Store, CF_CHUNKS, CF_EPOCHS, CF_PAGES};
 use crate::error::StoreError;
 use crate::manifest::{page_delta_hash, Manifest};
@@ -124,8 +125,7 @@ impl Store {
         for (guest, head) in self.guests()? {
             let bridges = self.bridges(guest)?;
             bridged.extend(bridges.iter().map(|b| (guest.0, b.first, b.last)));
-            let mut prev = ChunkId::default();
-            let mut prev_epoch = EpochId(0);
+            let mut walk = ChainWalk::new(&bridges);
             let mut last = None;
             for kv in self.db.prefix_iterator_cf(self.cf(CF_EPOCHS), guest.0.to_be_bytes()) {
                 let (k, v) = kv?;
@@ -139,35 +139,20 @@ impl Store {
                     Ok(m) if m.guest == guest && m.epoch == EpochId(epoch) => m,
                     Ok(_) => {
                         report.damage.push(Damage::ManifestCorrupt { guest: guest.0, epoch, reason: "names another epoch".into() });
-                        prev = ChunkId::default();
-                        prev_epoch = EpochId(epoch);
+                        walk.damaged();
                         last = Some(None);
                         continue;
                     }
                     Err(e) => {
                         report.damage.push(Damage::ManifestCorrupt { guest: guest.0, epoch, reason: e.to_string() });
-                        prev = ChunkId::default();
-                        prev_epoch = EpochId(epoch);
+                        walk.damaged();
                         last = Some(None);
                         continue;
                     }
                 };
-                let linked = if m.epoch == prev_epoch.next() {
-                    last.is_none() || m.parent == prev || prev == ChunkId::default()
-                } else {
-                    // Thinned epochs in between: a bridge must span exactly
-                    // the gap and link both kept manifests.
-                    bridges.iter().any(|b| {
-                        b.first == prev_epoch.next()
-                            && b.last.next() == m.epoch
-                            && b.last_id == m.parent
-                            && (b.first_parent == prev || (last.is_some() && prev == ChunkId::default()))
-                    })
-                };
-                if !linked {
+                if walk.step(&m).is_err() {
                     report.damage.push(Damage::ChainBroken { guest: guest.0, epoch });
                 }
-                prev_epoch = m.epoch;
                 if pages.len() as u64 != m.dirty_pages || page_delta_hash(&pages) != m.page_delta {
                     report.damage.push(Damage::PageIndexMismatch { guest: guest.0, epoch });
                 }
@@ -177,7 +162,6 @@ impl Store {
                         report.damage.push(Damage::ChunkMissing { chunk: id.to_hex(), guest: guest.0, epoch });
                     }
                 }
-                prev = m.id();
                 last = Some(Some(m));
             }
             if last.flatten().as_ref().map(Manifest::id) != Some(head.manifest) {

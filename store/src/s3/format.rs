@@ -38,6 +38,7 @@
 
 use remus_types::{ChunkId, EpochId, GuestId, Pfn};
 
+use crate::chain::Bridge;
 use crate::error::StoreError;
 use crate::manifest::{Manifest, MANIFEST_LEN};
 
@@ -253,31 +254,26 @@ pub fn decode_epoch(b: &[u8]) -> Result<(Manifest, Vec<(Pfn, ChunkId)>), StoreEr
 /// link across the gap and the page versions still needed by later
 /// kept epochs.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Bridge {
+pub struct BridgeObject {
     /// Guest.
     pub guest: GuestId,
-    /// First dropped epoch.
-    pub first: EpochId,
-    /// Last dropped epoch.
-    pub last: EpochId,
-    /// Parent of the first dropped manifest (the previous kept manifest's id).
-    pub first_parent: ChunkId,
-    /// Id of the last dropped manifest (the next kept manifest's parent).
-    pub last_id: ChunkId,
+    /// The link across the gap (the chain rule's [`Bridge`]).
+    pub bridge: Bridge,
     /// Page versions of dropped epochs that later kept epochs still see.
     pub pages: Vec<(Pfn, EpochId, ChunkId)>,
 }
 
-impl Bridge {
+impl BridgeObject {
     /// Encodes the bridge object.
     #[must_use]
     pub fn encode(&self) -> Vec<u8> {
         let mut v = header(BRIDGE_MAGIC);
-        for x in [self.guest.0, self.first.0, self.last.0] {
+        let b = &self.bridge;
+        for x in [self.guest.0, b.first.0, b.last.0] {
             v.extend_from_slice(&x.to_le_bytes());
         }
-        v.extend_from_slice(&self.first_parent.0);
-        v.extend_from_slice(&self.last_id.0);
+        v.extend_from_slice(&b.first_parent.0);
+        v.extend_from_slice(&b.last_id.0);
         v.extend_from_slice(&(self.pages.len() as u64).to_le_bytes());
         for (pfn, e, id) in &self.pages {
             v.extend_from_slice(&pfn.0.to_le_bytes());
@@ -303,10 +299,12 @@ impl Bridge {
         }
         Ok(Self {
             guest: GuestId(u64_le(body, 0)),
-            first: EpochId(u64_le(body, 8)),
-            last: EpochId(u64_le(body, 16)),
-            first_parent: id_at(body, 24),
-            last_id: id_at(body, 56),
+            bridge: Bridge {
+                first: EpochId(u64_le(body, 8)),
+                last: EpochId(u64_le(body, 16)),
+                first_parent: id_at(body, 24),
+                last_id: id_at(body, 56),
+            },
             pages: rest.chunks_exact(48).map(|e| (Pfn(u64_le(e, 0)), EpochId(u64_le(e, 8)), id_at(e, 16))).collect(),
         })
     }
@@ -344,8 +342,8 @@ pub fn bridges_prefix(guest: GuestId) -> String {
 
 /// Key of a bridge.
 #[must_use]
-pub fn bridge_key(b: &Bridge) -> String {
-    format!("{}{:020}-{:020}", bridges_prefix(b.guest), b.first.0, b.last.0)
+pub fn bridge_key(b: &BridgeObject) -> String {
+    format!("{}{:020}-{:020}", bridges_prefix(b.guest), b.bridge.first.0, b.bridge.last.0)
 }
 
 /// The epoch named by an epoch object's key.
@@ -364,17 +362,17 @@ mod tests {
         fn garbage_never_decodes(b in proptest::collection::vec(any::<u8>(), 0..400)) {
             prop_assert!(decode_index(&b).is_err());
             prop_assert!(decode_epoch(&b).is_err());
-            prop_assert!(Bridge::decode(&b).is_err());
+            prop_assert!(BridgeObject::decode(&b).is_err());
         }
 
         #[test]
         fn bridges_round_trip(v in any::<[u64; 3]>(), pages in proptest::collection::vec(any::<(u64, u64, [u8; 32])>(), 0..20)) {
-            let b = Bridge {
-                guest: GuestId(v[0]), first: EpochId(v[1]), last: EpochId(v[2]),
-                first_parent: ChunkId([1; 32]), last_id: ChunkId([2; 32]),
+            let b = BridgeObject {
+                guest: GuestId(v[0]),
+                bridge: Bridge { first: EpochId(v[1]), last: EpochId(v[2]), first_parent: ChunkId([1; 32]), last_id: ChunkId([2; 32]) },
                 pages: pages.into_iter().map(|(p, e, h)| (Pfn(p), EpochId(e), ChunkId(h))).collect(),
             };
-            prop_assert_eq!(Bridge::decode(&b.encode()).unwrap(), b);
+            prop_assert_eq!(BridgeObject::decode(&b.encode()).unwrap(), b);
         }
     }
 

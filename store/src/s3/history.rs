@@ -5,8 +5,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use remus_types::{ChunkId, EpochId, GuestId, Pfn};
 
-use super::format::{self, Bridge, PackEntry};
+use super::format::{self, BridgeObject, PackEntry};
 use super::{S3Client, S3Config, S3Error};
+use crate::chain::{Bridge, ChainWalk};
 use crate::db::decode_chunk_value;
 use crate::error::StoreError;
 use crate::manifest::{page_delta_hash, Manifest};
@@ -33,7 +34,7 @@ pub struct S3History {
     /// Kept epochs, oldest first.
     pub epochs: Vec<S3Epoch>,
     /// Thinned runs, oldest first.
-    pub bridges: Vec<Bridge>,
+    pub bridges: Vec<BridgeObject>,
 }
 
 impl S3Tier {
@@ -109,13 +110,13 @@ impl S3Tier {
     ///
     /// # Errors
     /// [`StoreError::Corrupt`] naming the object; S3 errors.
-    pub fn bridges(&self, guest: GuestId) -> Result<Vec<Bridge>, StoreError> {
+    pub fn bridges(&self, guest: GuestId) -> Result<Vec<BridgeObject>, StoreError> {
         let keys: Vec<String> = self.client.list(&format::bridges_prefix(guest))?.into_iter().map(|l| l.key).collect();
         let mut out = Vec::with_capacity(keys.len());
         for (key, body) in keys.iter().zip(self.client.get_many(&keys)?) {
-            out.push(Bridge::decode(&body).map_err(|e| StoreError::Corrupt(format!("s3 {key}: {e}")))?);
+            out.push(BridgeObject::decode(&body).map_err(|e| StoreError::Corrupt(format!("s3 {key}: {e}")))?);
         }
-        out.sort_by_key(|b| b.first);
+        out.sort_by_key(|b| b.bridge.first);
         Ok(out)
     }
 
@@ -139,7 +140,7 @@ impl S3Tier {
             progress(epochs.len() as u64, ids.len() as u64);
         }
         let bridges = self.bridges(guest)?;
-        check_chain(guest, &epochs, &bridges).map_err(|(epoch, why)| StoreError::Corrupt(format!("{guest} epoch {epoch}: {why}")))?;
+        check_chain(&epochs, &bridges).map_err(|(epoch, why)| StoreError::Corrupt(format!("{guest} epoch {epoch}: {why}")))?;
         Ok(S3History { epochs, bridges })
     }
 
@@ -251,27 +252,13 @@ pub(crate) fn check_epoch(key: &str, guest: GuestId, epoch: EpochId, body: &[u8]
     Ok(S3Epoch { manifest, pages })
 }
 
-/// Walks the chain of kept manifests: each names the previous one as its
-/// parent, or a bridge spans exactly the gap and links both ends. Returns
-/// the first epoch whose link fails.
-pub(crate) fn check_chain(_guest: GuestId, epochs: &[S3Epoch], bridges: &[Bridge]) -> Result<(), (EpochId, &'static str)> {
-    let mut prev: Option<&Manifest> = None;
+/// Walks the chain of kept manifests (see `chain.rs`); returns the first
+/// epoch whose link fails, and how.
+pub(crate) fn check_chain(epochs: &[S3Epoch], bridges: &[BridgeObject]) -> Result<(), (EpochId, crate::ChainBreak)> {
+    let links: Vec<Bridge> = bridges.iter().map(|b| b.bridge).collect();
+    let mut walk = ChainWalk::new(&links);
     for e in epochs {
-        let m = &e.manifest;
-        let (prev_epoch, prev_id) = prev.map_or((EpochId(0), ChunkId::default()), |p| (p.epoch, p.id()));
-        if m.epoch == prev_epoch.next() {
-            if m.parent != prev_id {
-                return Err((m.epoch, "parent link does not match the previous manifest"));
-            }
-        } else {
-            let gap = bridges.iter().find(|b| b.first == prev_epoch.next() && b.last.next() == m.epoch);
-            match gap {
-                Some(b) if b.first_parent == prev_id && b.last_id == m.parent => {}
-                Some(_) => return Err((m.epoch, "thinning bridge does not link the kept manifests")),
-                None => return Err((m.epoch, "epochs before it are missing and no thinning bridge covers them")),
-            }
-        }
-        prev = Some(m);
+        walk.step(&e.manifest).map_err(|why| (e.manifest.epoch, why))?;
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ use std::collections::HashSet;
 
 use remus_types::{ChunkId, EpochId};
 
-use super::format::{self, Bridge, PackBuilder, PackIndex};
+use super::format::{self, BridgeObject, PackBuilder, PackIndex};
 use super::{S3Error, S3Tier};
 use crate::db::Store;
 use crate::error::StoreError;
@@ -59,7 +59,7 @@ impl S3Tier {
                     .into_iter()
                     .flat_map(|(e, ps)| ps.into_iter().map(move |(p, id)| (p, e, id)))
                     .collect();
-                let bridge = Bridge { guest, first: b.first, last: b.last, first_parent: b.first_parent, last_id: b.last_id, pages };
+                let bridge = BridgeObject { guest, bridge: *b, pages };
                 let key = format::bridge_key(&bridge);
                 if !in_s3.contains(&key) {
                     match self.client.put_new(&key, bridge.encode()) {

@@ -4,11 +4,9 @@
 
 use std::collections::HashSet;
 
-use remus_types::{ChunkId, EpochId};
-
-use super::format::{self, Bridge};
-use super::history::S3Epoch;
+use super::format::{self, BridgeObject};
 use super::S3Tier;
+use crate::chain::{Bridge, ChainWalk};
 use crate::db::decode_chunk_value;
 use crate::error::StoreError;
 use crate::manifest::page_delta_hash;
@@ -72,17 +70,18 @@ impl S3Tier {
         let zero = remus_types::zero_page_hash();
         let mut referenced = HashSet::new();
         for guest in self.guests()? {
-            let bridges: Vec<Bridge> = {
+            let bridges: Vec<BridgeObject> = {
                 let mut v = Vec::new();
                 for l in self.client.list(&format::bridges_prefix(guest))? {
-                    match Bridge::decode(&self.client.get(&l.key)?) {
+                    match BridgeObject::decode(&self.client.get(&l.key)?) {
                         Ok(b) => v.push(b),
                         Err(e) => r.damage.push(Damage::ObjectCorrupt { key: l.key, reason: e.to_string() }),
                     }
                 }
-                v.sort_by_key(|b| b.first);
+                v.sort_by_key(|b| b.bridge.first);
                 v
             };
+            let links: Vec<Bridge> = bridges.iter().map(|b| b.bridge).collect();
             for b in &bridges {
                 for (_, e, id) in &b.pages {
                     if *id != zero && referenced.insert(*id) && !held.contains(id) && !damaged.contains(id) {
@@ -90,22 +89,20 @@ impl S3Tier {
                     }
                 }
             }
-            // The previous kept epoch: None after a damaged one, whose
-            // successor's link cannot be judged.
-            let mut prev: Option<(EpochId, ChunkId)> = Some((EpochId(0), ChunkId::default()));
+            let mut walk = ChainWalk::new(&links);
             for epoch in self.epoch_ids(guest)? {
                 let key = format::epoch_key(guest, epoch);
                 r.manifests += 1;
                 let (m, pages) = match format::decode_epoch(&self.client.get(&key)?) {
                     Ok((m, _)) if m.guest != guest || m.epoch != epoch => {
                         r.damage.push(Damage::ManifestCorrupt { guest: guest.0, epoch: epoch.0, reason: "names another epoch".into() });
-                        prev = None;
+                        walk.damaged();
                         continue;
                     }
                     Ok(x) => x,
                     Err(e) => {
                         r.damage.push(Damage::ManifestCorrupt { guest: guest.0, epoch: epoch.0, reason: e.to_string() });
-                        prev = None;
+                        walk.damaged();
                         continue;
                     }
                 };
@@ -113,24 +110,14 @@ impl S3Tier {
                 if pages.len() as u64 != m.dirty_pages || page_delta_hash(&pages) != m.page_delta {
                     r.damage.push(Damage::PageIndexMismatch { guest: guest.0, epoch: epoch.0 });
                 }
-                if let Some((pe, pid)) = prev {
-                    let linked = if epoch == pe.next() {
-                        m.parent == pid
-                    } else {
-                        bridges
-                            .iter()
-                            .any(|b| b.first == pe.next() && b.last.next() == epoch && b.first_parent == pid && b.last_id == m.parent)
-                    };
-                    if !linked {
-                        r.damage.push(Damage::ChainBroken { guest: guest.0, epoch: epoch.0 });
-                    }
+                if walk.step(&m).is_err() {
+                    r.damage.push(Damage::ChainBroken { guest: guest.0, epoch: epoch.0 });
                 }
                 for id in pages.iter().map(|(_, id)| *id).filter(|id| *id != zero).chain([m.device_state]) {
                     if referenced.insert(id) && !held.contains(&id) && !damaged.contains(&id) {
                         r.damage.push(Damage::ChunkMissing { chunk: id.to_hex(), guest: guest.0, epoch: epoch.0 });
                     }
                 }
-                prev = Some((epoch, S3Epoch { manifest: m, pages: Vec::new() }.manifest.id()));
             }
         }
         progress(r.chunks);
