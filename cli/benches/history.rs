@@ -296,7 +296,7 @@ fn main() {
     let t0 = Instant::now();
     let mut plan = RestorePlan::new(&store, GuestId(1), Target::Epoch(e2)).expect("plan");
     plan.sync = false;
-    plan.execute(&store, &out, |_| {}).expect("restore");
+    plan.execute(&store, &out, |_, _| {}).expect("restore");
     let tr = t0.elapsed().as_secs_f64();
     durable(&out);
     let td = t0.elapsed().as_secs_f64();

@@ -127,8 +127,8 @@ impl LiveFiles {
             let Some(mut l) = current else {
                 // Rebuild from the store (which holds these epochs now).
                 let plan = RestorePlan::new(store, guest, Target::Epoch(*last_epoch))?;
-                let (state, run, _) =
-                    restore_vm(store, &plan, &dir.join(format!("{guest}")), |_| {})?.ok_or_else(|| anyhow::anyhow!("not a QEMU guest"))?;
+                let (state, run, _) = restore_vm(store, &plan, &dir.join(format!("{guest}")), |_, _| {})?
+                    .ok_or_else(|| anyhow::anyhow!("not a QEMU guest"))?;
                 live.insert(guest, LiveVm::open(state, run, *last_epoch)?);
                 return Ok(());
             };
@@ -212,7 +212,7 @@ fn execute(store: &Store, guest: GuestId, dir: &Path, resume: Option<&ResumeVm>,
     let plan = RestorePlan::new(store, guest, Target::Latest)?;
     let epoch = plan.manifest.epoch;
     let vm_dir = dir.join(format!("{guest}"));
-    if let Some((state, run, _)) = restore_vm(store, &plan, &vm_dir, |_| {})? {
+    if let Some((state, run, _)) = restore_vm(store, &plan, &vm_dir, |_, _| {})? {
         let vm = match resume {
             Some(r) => Some(ResumedVm::start(&r.qemu_binary, &state, run, None, r.tap.as_deref(), true)?),
             None => None,
@@ -220,6 +220,6 @@ fn execute(store: &Store, guest: GuestId, dir: &Path, resume: Option<&ResumeVm>,
         return Ok(Failover { epoch, path: vm_dir, vm, live: false });
     }
     let path = dir.join(format!("{guest}-epoch-{}.img", epoch.0));
-    plan.execute(store, &path, |_| {})?;
+    plan.execute(store, &path, |_, _| {})?;
     Ok(Failover { epoch, path, vm: None, live: false })
 }

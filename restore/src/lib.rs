@@ -11,27 +11,26 @@
 //! [`RestorePlan::mount`] serves the epoch lazily instead: read-only files
 //! over FUSE, each page read from the store when first asked for.
 //!
-//! [`S3RestorePlan`] does the same from the S3 tier alone, for when the
-//! backup site and its RocksDB are gone.
+//! The same plan runs over either tier ([`RestoreSource`]): the local
+//! [`Store`](remus_store::Store), or [`S3Source`], the S3 tier alone, for
+//! when the backup site and its RocksDB are gone.
 //!
 //! A virtual machine's epoch comes back as the files QEMU resumes from
 //! ([`vm`]), laid out by `remus-vm`.
 
+mod local;
 mod mount;
 mod s3;
 pub mod vm;
 
 pub use mount::{MountContent, MountFile, MountStats, Mounted};
-pub use s3::S3RestorePlan;
+pub use s3::S3Source;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use crossbeam_channel::{Receiver, Sender};
-
-use remus_store::{Manifest, Store, StoreError};
+use remus_store::{Manifest, StoreError};
 use remus_types::{ChunkId, EpochId, GuestId, MemoryDigest, Pfn, PAGE_SIZE};
 
 /// Which epoch to restore.
@@ -103,121 +102,119 @@ pub struct RestoreReport {
     pub root: ChunkId,
 }
 
-impl RestorePlan {
-    /// Resolves `target` for `guest`.
+/// A tier a restore reads a guest's history from: the local store
+/// ([`Store`](remus_store::Store)) or the S3 tier ([`S3Source`]). The plan around it (resolve,
+/// write the segments, verify the memory root, sync) is one.
+pub trait RestoreSource {
+    /// The manifest `target` names for `guest`.
     ///
     /// # Errors
-    /// [`RestoreError::NoMatch`] when nothing matches; store errors.
-    pub fn new(store: &Store, guest: GuestId, target: Target) -> Result<Self, RestoreError> {
-        let no = || RestoreError::NoMatch { guest, target };
-        let epoch = match target {
-            Target::Epoch(e) => e,
-            Target::At(t) => store.epoch_at(guest, t)?.ok_or_else(no)?,
-            Target::Latest => store.head(guest)?.ok_or_else(no)?.epoch,
-        };
-        let manifest = match store.manifest(guest, epoch) {
-            Err(StoreError::NoEpoch { .. }) => return Err(no()),
-            r => r?,
-        };
-        Ok(Self { guest, manifest, sync: true })
+    /// [`RestoreError::NoMatch`]; the tier's errors.
+    fn resolve(&self, guest: GuestId, target: Target) -> Result<Manifest, RestoreError>;
+
+    /// The epoch's device state, verified against its id.
+    ///
+    /// # Errors
+    /// The tier's errors; a missing or corrupt chunk.
+    fn device_state(&self, manifest: &Manifest) -> Result<Vec<u8>, RestoreError>;
+
+    /// Writes every page of the epoch that lies in a segment of `files`,
+    /// each verified against its id on the way, and returns the epoch's
+    /// whole page table (for the memory root); `progress(done, total)`.
+    ///
+    /// # Errors
+    /// The tier's errors, a missing or corrupt chunk, [`RestoreError::Io`].
+    fn write_pages(
+        &self,
+        guest: GuestId,
+        manifest: &Manifest,
+        files: &SegmentFiles<'_>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<PagesWritten, RestoreError>;
+}
+
+impl<S: RestoreSource + ?Sized> RestoreSource for std::sync::Arc<S> {
+    fn resolve(&self, guest: GuestId, target: Target) -> Result<Manifest, RestoreError> {
+        (**self).resolve(guest, target)
+    }
+
+    fn device_state(&self, manifest: &Manifest) -> Result<Vec<u8>, RestoreError> {
+        (**self).device_state(manifest)
+    }
+
+    fn write_pages(
+        &self,
+        guest: GuestId,
+        manifest: &Manifest,
+        files: &SegmentFiles<'_>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<PagesWritten, RestoreError> {
+        (**self).write_pages(guest, manifest, files, progress)
+    }
+}
+
+/// What [`RestoreSource::write_pages`] did.
+#[derive(Debug, Clone, Default)]
+pub struct PagesWritten {
+    /// Pages of the epoch's page table (the rest of the space is zero).
+    pub written: u64,
+    /// The page table: each page's content id.
+    pub table: Vec<(Pfn, ChunkId)>,
+}
+
+impl RestorePlan {
+    /// Resolves `target` for `guest` in `source`.
+    ///
+    /// # Errors
+    /// [`RestoreError::NoMatch`] when nothing matches; the tier's errors.
+    pub fn new<S: RestoreSource + ?Sized>(source: &S, guest: GuestId, target: Target) -> Result<Self, RestoreError> {
+        Ok(Self { guest, manifest: source.resolve(guest, target)?, sync: true })
     }
 
     /// Writes the memory image to `path` (created or truncated), calling
-    /// `progress(pages_done)` now and then.
+    /// `progress(done, total)` now and then.
     ///
     /// # Errors
     /// [`RestoreError::Store`] for a missing or corrupt chunk,
     /// [`RestoreError::Io`], [`RestoreError::RootMismatch`].
-    pub fn execute(&self, store: &Store, path: &Path, progress: impl FnMut(u64)) -> Result<RestoreReport, RestoreError> {
-        self.execute_segments(store, &[Segment { first: 0, pages: self.manifest.page_count, path }], progress)
+    pub fn execute<S: RestoreSource + ?Sized>(
+        &self,
+        source: &S,
+        path: &Path,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<RestoreReport, RestoreError> {
+        self.execute_segments(source, &[Segment { first: 0, pages: self.manifest.page_count, path }], progress)
     }
 
     /// Writes the guest's page space split into files: each segment's
     /// pages go to its own file (created or truncated to its size), pages
     /// outside every segment are neither read nor written. The memory root
     /// is verified over the whole page space all the same (from the page
-    /// index's hashes; each page read is checked against its hash).
+    /// table's hashes; each page read is checked against its hash).
     ///
     /// # Errors
     /// As [`Self::execute`].
-    pub fn execute_segments(
+    pub fn execute_segments<S: RestoreSource + ?Sized>(
         &self,
-        store: &Store,
+        source: &S,
         segments: &[Segment<'_>],
-        mut progress: impl FnMut(u64),
+        mut progress: impl FnMut(u64, u64),
     ) -> Result<RestoreReport, RestoreError> {
         let m = &self.manifest;
-        let files = Segment::create_all(segments)?;
-        let bytes = m.page_count * PAGE_SIZE as u64;
-        // Two halves of the pfn space on two threads: reading, checking
-        // and decoding pages is CPU work. Their buffers go to one writer
-        // thread: writers of one file serialize on its inode lock in the
-        // kernel (ext4), and two of them spend more time contending than
-        // writing.
-        let done = AtomicU64::new(0);
-        let half = m.page_count / 2;
-        let (filled, to_write) = crossbeam_channel::bounded::<(usize, u64, Vec<u8>)>(4);
-        let (emptied, pool) = crossbeam_channel::unbounded::<Vec<u8>>();
-        let work = |range: std::ops::Range<u64>,
-                    out: Sender<(usize, u64, Vec<u8>)>,
-                    report: &mut dyn FnMut(u64)|
-         -> Result<Vec<(Pfn, ChunkId)>, StoreError> {
-            let zero = remus_types::zero_page_hash();
-            let mut ids = Vec::new();
-            // Consecutive pages go out in one write of up to 1 MiB: a write
-            // per page costs more in the kernel than reading and checking it.
-            let mut run = RunWriter { files: &files, seg: 0, start: 0, buf: Vec::with_capacity(RunWriter::MAX), out, pool: pool.clone() };
-            store.for_each_page_in(self.guest, m.epoch, range, |pfn, id| {
-                if pfn.0 >= m.page_count {
-                    return Err(StoreError::Corrupt(format!("page index names pfn {} beyond memory", pfn.0)));
-                }
-                ids.push((pfn, id));
-                if id != zero {
-                    // Decoded straight into the write buffer.
-                    run.put_with(pfn.0, |buf| store.chunk_into(&id, buf))?;
-                }
-                let n = done.fetch_add(1, Ordering::Relaxed) + 1;
-                if n % 4096 == 0 {
-                    report(n);
-                }
-                Ok(())
-            })?;
-            run.flush().map_err(|e| StoreError::Corrupt(format!("write failed: {e}")))?;
-            Ok(ids)
-        };
-        let (low, high, wrote) = std::thread::scope(|s| {
-            let files = &files;
-            let writer = s.spawn(move || -> std::io::Result<()> {
-                for (seg, start, mut buf) in to_write {
-                    files[seg].1.write_all_at(&buf, start)?;
-                    buf.clear();
-                    // The pool outlives the writer only while decoders run.
-                    let _ = emptied.send(buf);
-                }
-                Ok(())
-            });
-            let out = filled.clone();
-            let high = s.spawn(|| work(half..u64::MAX, out, &mut |_| {}));
-            let low = work(0..half, filled, &mut progress);
-            let high = high.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
-            (low, high, writer.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-        });
-        // A failed write stops the writer; decoders then fail to hand it
-        // buffers, so its own error is the one to report.
-        wrote?;
+        let files = SegmentFiles::create(segments)?;
+        let PagesWritten { written, table } = source.write_pages(self.guest, m, &files, &mut progress)?;
         let mut digest = MemoryDigest::zeroed(m.page_count);
-        for (pfn, id) in low?.into_iter().chain(high?) {
+        for (pfn, id) in table {
+            if pfn.0 >= m.page_count {
+                return Err(StoreError::Corrupt(format!("page table names pfn {} beyond memory", pfn.0)).into());
+            }
             digest.set(pfn, id);
         }
-        let written = done.load(Ordering::Relaxed);
         if self.sync {
-            for (_, f) in &files {
-                f.sync_all()?;
-            }
+            files.sync()?;
         }
-        progress(written);
         let root = self.check_root(&mut digest)?;
-        Ok(RestoreReport { epoch: m.epoch, pages_written: written, bytes, root })
+        Ok(RestoreReport { epoch: m.epoch, pages_written: written, bytes: m.page_count * PAGE_SIZE as u64, root })
     }
 
     /// The root of `digest`, when it is the one the manifest records.
@@ -225,13 +222,20 @@ impl RestorePlan {
     /// # Errors
     /// [`RestoreError::RootMismatch`] otherwise.
     fn check_root(&self, digest: &mut MemoryDigest) -> Result<ChunkId, RestoreError> {
-        let m = &self.manifest;
-        let root = digest.root();
-        if root != m.memory_root {
-            return Err(RestoreError::RootMismatch { epoch: m.epoch, expected: m.memory_root, got: root });
-        }
-        Ok(root)
+        check_root(&self.manifest, digest)
     }
+}
+
+/// The root of `digest`, when it is the one `m` records.
+///
+/// # Errors
+/// [`RestoreError::RootMismatch`] otherwise.
+pub(crate) fn check_root(m: &Manifest, digest: &mut MemoryDigest) -> Result<ChunkId, RestoreError> {
+    let root = digest.root();
+    if root != m.memory_root {
+        return Err(RestoreError::RootMismatch { epoch: m.epoch, expected: m.memory_root, got: root });
+    }
+    Ok(root)
 }
 
 /// A range of the page space restored into a file of its own.
@@ -245,75 +249,50 @@ pub struct Segment<'a> {
     pub path: &'a Path,
 }
 
-impl<'a> Segment<'a> {
+impl Segment<'_> {
     /// True when page `pfn` lies in this segment.
     fn holds(&self, pfn: u64) -> bool {
         (self.first..self.first + self.pages).contains(&pfn)
     }
+}
 
+/// The open files of a restore's segments.
+pub struct SegmentFiles<'a> {
+    files: Vec<(Segment<'a>, File)>,
+}
+
+impl<'a> SegmentFiles<'a> {
     /// Creates (or truncates) each segment's file at its size.
-    fn create_all(segments: &[Segment<'a>]) -> std::io::Result<Vec<(Segment<'a>, File)>> {
-        segments
+    fn create(segments: &[Segment<'a>]) -> std::io::Result<Self> {
+        let files = segments
             .iter()
             .map(|s| {
                 let f = File::create(s.path)?;
                 f.set_len(s.pages * PAGE_SIZE as u64)?;
                 Ok((*s, f))
             })
-            .collect()
-    }
-}
-
-/// Gathers consecutive pages of one segment into one buffer of up to
-/// 1 MiB, handed to the writer thread as one positioned write.
-struct RunWriter<'a, 'p> {
-    files: &'a [(Segment<'p>, File)],
-    /// Segment of the run, and the run's first byte in its file.
-    seg: usize,
-    start: u64,
-    buf: Vec<u8>,
-    out: Sender<(usize, u64, Vec<u8>)>,
-    /// Buffers the writer is done with, for reuse.
-    pool: Receiver<Vec<u8>>,
-}
-
-impl RunWriter<'_, '_> {
-    const MAX: usize = 1 << 20;
-
-    fn segment_of(&self, pfn: u64) -> Option<usize> {
-        self.files.iter().position(|(s, _)| s.holds(pfn))
+            .collect::<std::io::Result<_>>()?;
+        Ok(Self { files })
     }
 
-    /// Adds page `pfn`, which `fill` appends to the buffer (nothing when
-    /// the page is in no segment).
-    fn put_with(&mut self, pfn: u64, fill: impl FnOnce(&mut Vec<u8>) -> Result<(), StoreError>) -> Result<(), StoreError> {
-        let Some(seg) = self.segment_of(pfn) else { return Ok(()) };
-        let at = (pfn - self.files[seg].0.first) * PAGE_SIZE as u64;
-        let contiguous = seg == self.seg && self.start + self.buf.len() as u64 == at;
-        if self.buf.len() >= Self::MAX || (!self.buf.is_empty() && !contiguous) {
-            self.flush().map_err(|e| StoreError::Corrupt(format!("write failed: {e}")))?;
-        }
-        if self.buf.is_empty() {
-            self.seg = seg;
-            self.start = at;
-        }
-        let before = self.buf.len();
-        fill(&mut self.buf)?;
-        if self.buf.len() - before != PAGE_SIZE {
-            let got = self.buf.len() - before;
-            self.buf.truncate(before);
-            return Err(StoreError::Corrupt(format!("page {pfn}: content of {got} bytes, not a page")));
-        }
-        Ok(())
+    /// The segment holding page `pfn` and the page's byte offset in its
+    /// file; `None` when no segment holds it.
+    #[must_use]
+    pub fn locate(&self, pfn: u64) -> Option<(usize, u64)> {
+        let i = self.files.iter().position(|(s, _)| s.holds(pfn))?;
+        Some((i, (pfn - self.files[i].0.first) * PAGE_SIZE as u64))
     }
 
-    fn flush(&mut self) -> std::io::Result<()> {
-        if !self.buf.is_empty() {
-            let next = self.pool.try_recv().unwrap_or_else(|_| Vec::with_capacity(Self::MAX));
-            let full = std::mem::replace(&mut self.buf, next);
-            self.out.send((self.seg, self.start, full)).map_err(|_| std::io::Error::other("the image writer stopped"))?;
-        }
-        Ok(())
+    /// Writes `bytes` at `offset` of segment `seg`'s file.
+    ///
+    /// # Errors
+    /// The write's error.
+    pub fn write(&self, seg: usize, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        self.files[seg].1.write_all_at(bytes, offset)
+    }
+
+    fn sync(&self) -> std::io::Result<()> {
+        self.files.iter().try_for_each(|(_, f)| f.sync_all())
     }
 }
 
@@ -330,7 +309,7 @@ pub fn image_root(path: &Path) -> std::io::Result<ChunkId> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use remus_store::{EpochCommit, StoreOptions, StoredChunk};
+    use remus_store::{EpochCommit, Store, StoreOptions, StoredChunk};
     use remus_types::content_id;
 
     /// Five epochs of a 100-page guest, each writing three pages; returns
@@ -364,7 +343,7 @@ mod tests {
         for e in 1..=5u64 {
             let out = dir.path().join(format!("e{e}.img"));
             let plan = RestorePlan::new(&store, GuestId(1), Target::Epoch(EpochId(e))).unwrap();
-            plan.execute(&store, &out, |_| {}).unwrap();
+            plan.execute(&store, &out, |_, _| {}).unwrap();
             assert!(std::fs::read(&out).unwrap() == images[e as usize - 1], "epoch {e}");
         }
         let at = RestorePlan::new(&store, GuestId(1), Target::At(3500)).unwrap();
@@ -374,6 +353,6 @@ mod tests {
         // A plan whose recorded root is wrong must not pass.
         let mut bad = RestorePlan::new(&store, GuestId(1), Target::Latest).unwrap();
         bad.manifest.memory_root = ChunkId([1; 32]);
-        assert!(matches!(bad.execute(&store, &dir.path().join("x.img"), |_| {}), Err(RestoreError::RootMismatch { .. })));
+        assert!(matches!(bad.execute(&store, &dir.path().join("x.img"), |_, _| {}), Err(RestoreError::RootMismatch { .. })));
     }
 }

@@ -3,147 +3,121 @@
 //! of that epoch's page table.
 
 use std::collections::HashMap;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
 
 use remus_store::s3::{S3History, S3Tier};
 use remus_store::{Manifest, StoreError};
-use remus_types::{EpochId, GuestId, MemoryDigest, Pfn, PAGE_SIZE};
+use remus_types::{ChunkId, EpochId, GuestId, MemoryDigest, Pfn};
 
-use crate::{RestoreError, RestoreReport, Segment, Target};
+use crate::{check_root, PagesWritten, RestoreError, RestoreSource, SegmentFiles, Target};
 
-/// A restore resolved against the S3 tier.
-#[derive(Debug, Clone)]
-pub struct S3RestorePlan {
-    /// Guest.
-    pub guest: GuestId,
-    /// The manifest of the epoch to restore.
-    pub manifest: Manifest,
+/// The S3 tier as a [`RestoreSource`]: a guest's epoch objects read and
+/// checked (each object, and the manifest chain across bridges), then
+/// only the packs holding the chunks an epoch's page table names fetched.
+pub struct S3Source<'a> {
+    tier: &'a S3Tier,
+    guest: GuestId,
     history: S3History,
 }
 
-impl S3RestorePlan {
-    /// Reads the guest's epoch objects (up to the target when it is an
-    /// epoch), checks each and the manifest chain, and resolves `target`.
-    /// `progress(done, total)` counts epoch objects read.
+impl<'a> S3Source<'a> {
+    /// Reads `guest`'s epoch objects, up to the target when it is an
+    /// epoch; `progress(done, total)` counts epoch objects read.
     ///
     /// # Errors
-    /// [`RestoreError::NoMatch`]; [`RestoreError::Store`] for S3 failures
-    /// and damaged objects (named).
-    pub fn new(tier: &S3Tier, guest: GuestId, target: Target, progress: &mut dyn FnMut(u64, u64)) -> Result<Self, RestoreError> {
-        let no = || RestoreError::NoMatch { guest, target };
+    /// [`RestoreError::NoMatch`] for a guest S3 has no history of;
+    /// [`RestoreError::Store`] for S3 failures and damaged objects (named).
+    pub fn read(tier: &'a S3Tier, guest: GuestId, target: Target, progress: &mut dyn FnMut(u64, u64)) -> Result<Self, RestoreError> {
         let upto = match target {
             Target::Epoch(e) => Some(e),
             _ => None,
         };
         let history = match tier.history(guest, upto, progress) {
-            Err(StoreError::NoGuest(_)) => return Err(no()),
+            Err(StoreError::NoGuest(_)) => return Err(RestoreError::NoMatch { guest, target }),
             r => r?,
         };
-        let found = match target {
-            Target::Epoch(e) => history.get(e),
-            Target::At(t) => history.at(t),
-            Target::Latest => history.latest(),
-        };
-        let manifest = found.ok_or_else(no)?.manifest.clone();
-        Ok(Self { guest, manifest, history })
+        Ok(Self { tier, guest, history })
     }
 
-    /// Writes the memory image to `path`, fetching each needed pack once
-    /// and verifying every chunk; `progress(pages_done, pages_total)`.
-    ///
-    /// # Errors
-    /// [`RestoreError::Store`] for S3 failures, a missing or corrupt
-    /// chunk (naming pack and chunk); [`RestoreError::Io`];
-    /// [`RestoreError::RootMismatch`].
-    pub fn execute(&self, tier: &S3Tier, path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<RestoreReport, RestoreError> {
-        self.execute_segments(tier, &[Segment { first: 0, pages: self.manifest.page_count, path }], progress)
-    }
-
-    /// The epoch's device state, fetched and verified (a QEMU guest's
-    /// names the layout of its page space: see `execute_segments`).
-    ///
-    /// # Errors
-    /// [`RestoreError::Store`] for S3 failures or a missing or corrupt
-    /// chunk.
-    pub fn device_state(&self, tier: &S3Tier) -> Result<Vec<u8>, RestoreError> {
-        let id = self.manifest.device_state;
-        let mut found = None;
-        tier.fetch_chunks([id], |_, data| {
-            found = Some(data);
-            Ok(())
-        })?;
-        Ok(found.ok_or(StoreError::ChunkMissing(id))?)
-    }
-
-    /// As [`execute`](Self::execute), with the page space split into files
-    /// as [`crate::RestorePlan::execute_segments`] does: each segment's
-    /// pages go to its own file; pages outside every segment are not
-    /// written (the memory root still covers them).
-    ///
-    /// # Errors
-    /// As [`execute`](Self::execute).
-    pub fn execute_segments(
-        &self,
-        tier: &S3Tier,
-        segments: &[Segment<'_>],
-        progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<RestoreReport, RestoreError> {
-        let m = &self.manifest;
-        let table = self.history.page_table(m.epoch);
-        let mut digest = MemoryDigest::zeroed(m.page_count);
-        let zero = remus_types::zero_page_hash();
-        let mut wanted: HashMap<remus_types::ChunkId, Vec<Pfn>> = HashMap::new();
-        for (&pfn, &id) in &table {
-            if pfn.0 >= m.page_count {
-                return Err(StoreError::Corrupt(format!("page table names pfn {} beyond memory", pfn.0)).into());
-            }
-            digest.set(pfn, id);
-            if id != zero && segments.iter().any(|s| s.holds(pfn.0)) {
-                wanted.entry(id).or_default().push(pfn);
-            }
-        }
-        let root = digest.root();
-        // Check the plan before fetching anything: the recorded root must
-        // match the page table's hashes; each chunk is then checked
-        // against its hash as it arrives.
-        if root != m.memory_root {
-            return Err(RestoreError::RootMismatch { epoch: m.epoch, expected: m.memory_root, got: root });
-        }
-        let files = Segment::create_all(segments)?;
-        let bytes = m.page_count * PAGE_SIZE as u64;
-        let total = wanted.values().map(|v| v.len() as u64).sum::<u64>();
-        let mut done = 0u64;
-        progress(0, total);
-        tier.fetch_chunks(wanted.keys().copied().collect::<Vec<_>>(), |id, data| {
-            for pfn in &wanted[&id] {
-                let (s, file) = files.iter().find(|(s, _)| s.holds(pfn.0)).expect("wanted pages lie in a segment");
-                file.write_all_at(&data, (pfn.0 - s.first) * PAGE_SIZE as u64)
-                    .map_err(|e| StoreError::Corrupt(format!("write failed: {e}")))?;
-                done += 1;
-            }
-            progress(done, total);
-            Ok(())
-        })?;
-        for (_, f) in &files {
-            f.sync_all()?;
-        }
-        Ok(RestoreReport { epoch: m.epoch, pages_written: table.len() as u64, bytes, root })
-    }
-
-    /// Epochs of the guest that S3 holds, up to the plan's.
+    /// Epochs of the guest read from S3.
     #[must_use]
     pub fn epochs(&self) -> Vec<EpochId> {
         self.history.epochs.iter().map(|e| e.manifest.epoch).collect()
     }
 }
 
+impl RestoreSource for S3Source<'_> {
+    fn resolve(&self, guest: GuestId, target: Target) -> Result<Manifest, RestoreError> {
+        let no = || RestoreError::NoMatch { guest, target };
+        if guest != self.guest {
+            return Err(no());
+        }
+        let found = match target {
+            Target::Epoch(e) => self.history.get(e),
+            Target::At(t) => self.history.at(t),
+            Target::Latest => self.history.latest(),
+        };
+        Ok(found.ok_or_else(no)?.manifest.clone())
+    }
+
+    fn device_state(&self, m: &Manifest) -> Result<Vec<u8>, RestoreError> {
+        let id = m.device_state;
+        let mut found = None;
+        self.tier.fetch_chunks([id], |_, data| {
+            found = Some(data);
+            Ok(())
+        })?;
+        Ok(found.ok_or(StoreError::ChunkMissing(id))?)
+    }
+
+    fn write_pages(
+        &self,
+        _guest: GuestId,
+        m: &Manifest,
+        files: &SegmentFiles<'_>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<PagesWritten, RestoreError> {
+        let table: Vec<(Pfn, ChunkId)> = self.history.page_table(m.epoch).into_iter().collect();
+        let mut digest = MemoryDigest::zeroed(m.page_count);
+        let zero = remus_types::zero_page_hash();
+        let mut wanted: HashMap<ChunkId, Vec<(usize, u64)>> = HashMap::new();
+        for &(pfn, id) in &table {
+            if pfn.0 >= m.page_count {
+                return Err(StoreError::Corrupt(format!("page table names pfn {} beyond memory", pfn.0)).into());
+            }
+            digest.set(pfn, id);
+            if id != zero {
+                if let Some(at) = files.locate(pfn.0) {
+                    wanted.entry(id).or_default().push(at);
+                }
+            }
+        }
+        // Check the table before fetching anything: the recorded root must
+        // match its hashes; each chunk is then checked against its hash as
+        // it arrives.
+        check_root(m, &mut digest)?;
+        let total = wanted.values().map(|v| v.len() as u64).sum::<u64>();
+        let mut done = 0u64;
+        progress(0, total);
+        self.tier.fetch_chunks(wanted.keys().copied().collect::<Vec<_>>(), |id, data| {
+            for &(seg, offset) in &wanted[&id] {
+                files.write(seg, offset, &data).map_err(|e| StoreError::Corrupt(format!("write failed: {e}")))?;
+                done += 1;
+            }
+            progress(done, total);
+            Ok(())
+        })?;
+        Ok(PagesWritten { written: table.len() as u64, table })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{RestorePlan, Segment};
     use remus_store::s3::{S3Client, S3Config};
     use remus_store::{EpochCommit, Store, StoreOptions, StoredChunk};
     use remus_types::content_id;
+    use remus_types::PAGE_SIZE;
 
     /// Against the real S3 server the test script starts.
     fn tier(name: &str) -> S3Tier {
@@ -183,14 +157,42 @@ mod tests {
         let tier = tier("segments");
         assert_eq!(tier.upload_pending(&store, &|| false).unwrap().epochs, 3);
         drop(store);
-        let plan = S3RestorePlan::new(&tier, GuestId(1), Target::Latest, &mut |_, _| {}).unwrap();
-        assert_eq!(plan.device_state(&tier).unwrap(), b"device state of epoch 3");
+        let source = S3Source::read(&tier, GuestId(1), Target::Latest, &mut |_, _| {}).unwrap();
+        let plan = RestorePlan::new(&source, GuestId(1), Target::Latest).unwrap();
+        assert_eq!(source.device_state(&plan.manifest).unwrap(), b"device state of epoch 3");
         // Pages 0..10 and 25..40 in two files; 10..25 in none.
         let (a, b) = (dir.path().join("a"), dir.path().join("b"));
         let segs = [Segment { first: 0, pages: 10, path: &a }, Segment { first: 25, pages: 15, path: &b }];
-        let r = plan.execute_segments(&tier, &segs, &mut |_, _| {}).unwrap();
+        let r = plan.execute_segments(&source, &segs, |_, _| {}).unwrap();
         assert_eq!(r.root, MemoryDigest::of_image(&mem));
         assert!(std::fs::read(&a).unwrap() == mem[..10 * PAGE_SIZE], "first segment");
         assert!(std::fs::read(&b).unwrap() == mem[25 * PAGE_SIZE..], "second segment");
+    }
+
+    #[test]
+    fn the_same_plan_restores_every_epoch_alike_from_the_store_and_from_s3() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), StoreOptions::default()).unwrap();
+        let images = crate::tests::history(&store);
+        let tier = tier("same-plan");
+        assert_eq!(tier.upload_pending(&store, &|| false).unwrap().epochs, 5);
+        for e in 1..=5u64 {
+            let target = Target::Epoch(EpochId(e));
+            let s3 = S3Source::read(&tier, GuestId(1), target, &mut |_, _| {}).unwrap();
+            let sources: [&dyn RestoreSource; 2] = [&store, &s3];
+            let mut restored = Vec::new();
+            for (i, source) in sources.into_iter().enumerate() {
+                let plan = RestorePlan::new(source, GuestId(1), target).unwrap();
+                let out = dir.path().join(format!("e{e}-{i}.img"));
+                let report = plan.execute(source, &out, |_, _| {}).unwrap();
+                restored.push((plan.manifest, report.root, std::fs::read(&out).unwrap()));
+            }
+            assert_eq!(restored[0].0, restored[1].0, "epoch {e}: one manifest from both tiers");
+            assert_eq!(restored[0].1, restored[1].1);
+            assert!(restored[0].2 == images[e as usize - 1] && restored[1].2 == images[e as usize - 1], "epoch {e} byte-exact from both");
+        }
+        let at = S3Source::read(&tier, GuestId(1), Target::At(3500), &mut |_, _| {}).unwrap();
+        assert_eq!(RestorePlan::new(&at, GuestId(1), Target::At(3500)).unwrap().manifest.epoch, EpochId(3));
+        assert!(matches!(RestorePlan::new(&at, GuestId(2), Target::Latest), Err(RestoreError::NoMatch { .. })));
     }
 }

@@ -5,11 +5,10 @@
 
 use std::path::{Path, PathBuf};
 
-use remus_store::Store;
 use remus_types::PAGE_SIZE;
 use remus_vm::{QemuState, RunDir, VmError};
 
-use crate::{MountContent, MountFile, RestoreError, RestorePlan, RestoreReport, Segment};
+use crate::{MountContent, MountFile, RestoreError, RestorePlan, RestoreReport, RestoreSource, Segment};
 
 /// A restored VM: its state, run directory, and what the restore did.
 pub type RestoredVm = (QemuState, RunDir, RestoreReport);
@@ -20,9 +19,14 @@ pub type RestoredVm = (QemuState, RunDir, RestoreReport);
 ///
 /// # Errors
 /// Store damage, a failed write, or a memory root that does not verify.
-pub fn restore_vm(store: &Store, plan: &RestorePlan, dir: &Path, progress: impl FnMut(u64)) -> Result<Option<RestoredVm>, RestoreError> {
-    let ds = store.chunk(&plan.manifest.device_state)?;
-    restore_vm_files(&ds, dir, |segments| plan.execute_segments(store, segments, progress))
+pub fn restore_vm<S: RestoreSource + ?Sized>(
+    source: &S,
+    plan: &RestorePlan,
+    dir: &Path,
+    progress: impl FnMut(u64, u64),
+) -> Result<Option<RestoredVm>, RestoreError> {
+    let ds = source.device_state(&plan.manifest)?;
+    restore_vm_files(&ds, dir, |segments| plan.execute_segments(source, segments, progress))
 }
 
 /// The layout half of [`restore_vm`], for any source of pages: when

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use remus_restore::{RestorePlan, RestoreReport, S3RestorePlan, Target};
+use remus_restore::{RestorePlan, RestoreReport, RestoreSource, S3Source, Target};
 use remus_types::{EpochId, GuestId};
 
 use super::parse_time;
@@ -107,16 +107,14 @@ fn files_or_image(
     }
 }
 
-/// Restores from the S3 tier alone: epoch objects first, then the packs
-/// holding that epoch's chunks, with a progress bar for each phase. A
-/// QEMU guest comes back as its files (memory, disk image, device state),
-/// as from a local store.
+/// Restores from the S3 tier alone: epoch objects first (with a progress
+/// bar), then the same plan as from a local store.
 fn restore_from_s3(args: &RestoreArgs, to: &Path, target: Target) -> Result<Restored> {
     let cfg = Config::load(args.config.as_deref())?;
     let s3 = super::s3_config(&cfg, args.from.as_deref())?;
     let tier = super::connect_s3(&s3)?;
     let manifests = bar(args.json, 0, "reading manifests from S3 [{bar:40}] {pos}/{len} epochs ({elapsed})");
-    let plan = S3RestorePlan::new(&tier, GuestId(args.guest), target, &mut |done, total| {
+    let source = S3Source::read(&tier, GuestId(args.guest), target, &mut |done, total| {
         if let Some(b) = &manifests {
             b.set_length(total);
             b.set_position(done);
@@ -126,18 +124,23 @@ fn restore_from_s3(args: &RestoreArgs, to: &Path, target: Target) -> Result<Rest
     if let Some(b) = manifests {
         b.finish_and_clear();
     }
-    let device_state = plan.device_state(&tier).with_context(|| format!("reading the device state from {}", s3.url()))?;
-    let pages = bar(args.json, 0, "fetching packs from S3 [{bar:40}] {pos}/{len} pages written ({elapsed})");
+    restore_from(args, &source, to, target, "fetching packs from S3").with_context(|| format!("restoring from {}", s3.url()))
+}
+
+/// The restore plan over either tier: a QEMU guest comes back as its files
+/// (memory, disk image, device state), any other as one image; a bar
+/// shows the pages written.
+fn restore_from<S: RestoreSource + ?Sized>(args: &RestoreArgs, source: &S, to: &Path, target: Target, what: &str) -> Result<Restored> {
+    let plan = RestorePlan::new(source, GuestId(args.guest), target)?;
+    let pages = bar(args.json, plan.manifest.page_count, &format!("{what} [{{bar:40}}] {{pos}}/{{len}} pages written ({{elapsed}})"));
     let mut show = |done, total| {
         if let Some(b) = &pages {
             b.set_length(total);
             b.set_position(done);
         }
     };
-    let vm = remus_restore::vm::restore_vm_files(&device_state, to, |segments| plan.execute_segments(&tier, segments, &mut show))
-        .with_context(|| format!("restoring from {}", s3.url()))?;
-    let (report, vm) =
-        files_or_image(args, vm, || plan.execute(&tier, to, &mut show).with_context(|| format!("restoring from {}", s3.url())))?;
+    let vm = remus_restore::vm::restore_vm(source, &plan, to, &mut show)?;
+    let (report, vm) = files_or_image(args, vm, || Ok(plan.execute(source, to, &mut show)?))?;
     if let Some(b) = pages {
         b.finish_and_clear();
     }
@@ -164,19 +167,7 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
         restore_from_s3(args, to, target)?
     } else {
         let store = super::open_store_read_only(args.store.as_deref(), &args.data_dir)?;
-        let plan = RestorePlan::new(&store, GuestId(args.guest), target)?;
-        let bar = bar(args.json, plan.manifest.page_count, "restoring [{bar:40}] {pos}/{len} pages written ({elapsed})");
-        let show = |n| {
-            if let Some(b) = &bar {
-                b.set_position(n);
-            }
-        };
-        let vm = remus_restore::vm::restore_vm(&store, &plan, to, &show)?;
-        let (report, vm) = files_or_image(args, vm, || Ok(plan.execute(&store, to, &show)?))?;
-        if let Some(b) = bar {
-            b.finish_and_clear();
-        }
-        (plan.manifest, report, vm)
+        restore_from(args, &store, to, target, "restoring")?
     };
     let plan = RestorePlan { guest: GuestId(args.guest), manifest, sync: true };
     let secs = t0.elapsed().as_secs_f64();
