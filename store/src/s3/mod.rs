@@ -15,8 +15,6 @@
 //! restore and verify.
 
 mod archive;
-mod client;
-mod config;
 pub mod format;
 mod history;
 mod retention;
@@ -24,9 +22,8 @@ mod upload;
 mod verify;
 
 pub use archive::ArchiveReport;
-pub use client::{Listed, ListedVersion, S3Client, S3Error};
-pub use config::S3Config;
 pub use history::{S3Epoch, S3History, S3Tier};
+pub use remus_s3::{Listed, ListedVersion, S3Client, S3Config, S3Error};
 pub use retention::S3RetentionReport;
 pub use upload::{apply_retention, RetentionRun, UploadReport, Uploader, MAX_PENDING};
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::S3Error;
+use crate::S3Error;
 
 /// The `[s3]` table of the remus configuration (kebab-case keys).
 ///

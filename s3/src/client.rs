@@ -15,7 +15,7 @@ use aws_sdk_s3::primitives::{ByteStream, DateTime};
 use aws_sdk_s3::types::ObjectLockMode;
 use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
 
-use super::S3Config;
+use crate::S3Config;
 
 /// An S3 failure.
 #[derive(Debug, thiserror::Error)]
