@@ -206,7 +206,7 @@ impl RestorePlan {
         let mut digest = MemoryDigest::zeroed(m.page_count);
         for (pfn, id) in table {
             if pfn.0 >= m.page_count {
-                return Err(StoreError::Corrupt(format!("page table names pfn {} beyond memory", pfn.0)).into());
+                return Err(StoreError::malformed("page table", format!("names pfn {} beyond memory", pfn.0)).into());
             }
             digest.set(pfn, id);
         }

@@ -53,7 +53,7 @@ impl RestoreSource for Store {
             let mut run = RunWriter { files, seg: 0, start: 0, buf: Vec::with_capacity(RunWriter::MAX), out, pool: pool.clone() };
             self.for_each_page_in(guest, m.epoch, range, |pfn, id| {
                 if pfn.0 >= m.page_count {
-                    return Err(StoreError::Corrupt(format!("page index names pfn {} beyond memory", pfn.0)));
+                    return Err(StoreError::malformed("page index", format!("names pfn {} beyond memory", pfn.0)));
                 }
                 ids.push((pfn, id));
                 if id != zero {
@@ -66,7 +66,7 @@ impl RestoreSource for Store {
                 }
                 Ok(())
             })?;
-            run.flush().map_err(|e| StoreError::Corrupt(format!("write failed: {e}")))?;
+            run.flush().map_err(|source| StoreError::Io { what: "writing the restored image", source })?;
             Ok(ids)
         };
         let (low, high, wrote) = std::thread::scope(|s| {
@@ -118,7 +118,7 @@ impl RunWriter<'_, '_> {
         let Some((seg, at)) = self.files.locate(pfn) else { return Ok(()) };
         let contiguous = seg == self.seg && self.start + self.buf.len() as u64 == at;
         if self.buf.len() >= Self::MAX || (!self.buf.is_empty() && !contiguous) {
-            self.flush().map_err(|e| StoreError::Corrupt(format!("write failed: {e}")))?;
+            self.flush().map_err(|source| StoreError::Io { what: "writing the restored image", source })?;
         }
         if self.buf.is_empty() {
             self.seg = seg;
@@ -129,7 +129,7 @@ impl RunWriter<'_, '_> {
         if self.buf.len() - before != PAGE_SIZE {
             let got = self.buf.len() - before;
             self.buf.truncate(before);
-            return Err(StoreError::Corrupt(format!("page {pfn}: content of {got} bytes, not a page")));
+            return Err(StoreError::malformed(format!("page {pfn}"), format!("content of {got} bytes, not a page")));
         }
         Ok(())
     }

@@ -175,7 +175,7 @@ impl RestorePlan {
         let mut digest = MemoryDigest::zeroed(m.page_count);
         store.for_each_page_at(self.guest, m.epoch, |pfn, id| {
             if pfn.0 >= m.page_count {
-                return Err(StoreError::Corrupt(format!("page index names pfn {} beyond memory", pfn.0)));
+                return Err(StoreError::malformed("page index", format!("names pfn {} beyond memory", pfn.0)));
             }
             digest.set(pfn, id);
             Ok(())
@@ -254,7 +254,7 @@ impl EpochFs {
             }
             self.store.chunk_into(&id, &mut buf)?;
             if buf.len() as u64 != (p - p0 + 1) * page {
-                return Err(StoreError::Corrupt(format!("page {}: chunk {id} is not one page", pfn.0)));
+                return Err(StoreError::malformed(format!("page {}", pfn.0), format!("chunk {id} is not one page")));
             }
             self.stats.pages_read.fetch_add(1, Ordering::Relaxed);
         }

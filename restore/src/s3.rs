@@ -82,7 +82,7 @@ impl RestoreSource for S3Source<'_> {
         let mut wanted: HashMap<ChunkId, Vec<(usize, u64)>> = HashMap::new();
         for &(pfn, id) in &table {
             if pfn.0 >= m.page_count {
-                return Err(StoreError::Corrupt(format!("page table names pfn {} beyond memory", pfn.0)).into());
+                return Err(StoreError::malformed("page table", format!("names pfn {} beyond memory", pfn.0)).into());
             }
             digest.set(pfn, id);
             if id != zero {
@@ -100,7 +100,7 @@ impl RestoreSource for S3Source<'_> {
         progress(0, total);
         self.tier.fetch_chunks(wanted.keys().copied().collect::<Vec<_>>(), |id, data| {
             for &(seg, offset) in &wanted[&id] {
-                files.write(seg, offset, &data).map_err(|e| StoreError::Corrupt(format!("write failed: {e}")))?;
+                files.write(seg, offset, &data).map_err(|source| StoreError::Io { what: "writing the restored image", source })?;
                 done += 1;
             }
             progress(done, total);

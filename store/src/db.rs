@@ -273,7 +273,7 @@ impl Store {
             return Ok(None);
         };
         if v.len() != 56 {
-            return Err(StoreError::Corrupt(format!("{guest}: head record")));
+            return Err(StoreError::malformed(format!("{guest} head record"), "wrong length"));
         }
         Ok(Some(Head {
             epoch: EpochId(u64_at(&v, 0)),
@@ -528,9 +528,9 @@ impl Store {
     /// [`StoreError::Corrupt`] when damaged.
     pub fn manifest(&self, guest: GuestId, epoch: EpochId) -> Result<Manifest, StoreError> {
         let v = self.db.get_cf(self.cf(CF_EPOCHS), epoch_key(guest, epoch))?.ok_or(StoreError::NoEpoch { guest, epoch })?;
-        let m = Manifest::decode(&v).map_err(|e| StoreError::Corrupt(format!("{guest} epoch {epoch}: {e}")))?;
+        let m = Manifest::decode(&v).map_err(|e| e.at(format!("{guest} epoch {epoch}")))?;
         if m.guest != guest || m.epoch != epoch {
-            return Err(StoreError::Corrupt(format!("{guest} epoch {epoch}: manifest names another epoch")));
+            return Err(StoreError::malformed(format!("{guest} epoch {epoch} manifest"), "it names another epoch"));
         }
         Ok(m)
     }
@@ -547,7 +547,7 @@ impl Store {
             if k.len() != 16 || u64_at(&k, 0) != guest.0 {
                 break;
             }
-            out.push(Manifest::decode(&v).map_err(|e| StoreError::Corrupt(format!("{guest} epoch {}: {e}", u64_at(&k, 8))))?);
+            out.push(Manifest::decode(&v).map_err(|e| e.at(format!("{guest} epoch {}", u64_at(&k, 8))))?);
         }
         Ok(out)
     }
@@ -648,7 +648,7 @@ impl Store {
     pub fn epoch_pages(&self, guest: GuestId, epoch: EpochId) -> Result<Vec<(Pfn, ChunkId)>, StoreError> {
         if let Some(v) = self.db.get_cf(self.cf(CF_META), delta_key(guest, epoch))? {
             if v.len() % 40 != 0 {
-                return Err(StoreError::Corrupt(format!("{guest} epoch {epoch}: page list")));
+                return Err(StoreError::malformed(format!("{guest} epoch {epoch} page list"), "length is not a whole number of entries"));
             }
             return Ok(v.chunks_exact(40).map(|e| (Pfn(u64_at(e, 0)), ChunkId(e[8..40].try_into().expect("32 bytes")))).collect());
         }
@@ -802,5 +802,5 @@ fn decode_chunk_into(id: &ChunkId, codec: u8, b: &[u8], out: &mut Vec<u8>) -> Re
 }
 
 pub(crate) fn hash_value(v: &[u8]) -> Result<ChunkId, StoreError> {
-    v.try_into().map(ChunkId).map_err(|_| StoreError::Corrupt("page index entry".into()))
+    v.try_into().map(ChunkId).map_err(|_| StoreError::malformed("page index entry", "not a 32-byte hash"))
 }

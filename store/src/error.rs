@@ -1,7 +1,7 @@
 //! Errors of the store, with a small closed [`ErrorKind`] that retry logic
 //! can match.
 
-use remus_types::{ChunkId, EpochId, GuestId};
+use remus_types::{ChunkId, EpochId, FormatError, GuestId};
 
 /// Coarse class of a [`StoreError`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,9 +46,25 @@ pub enum StoreError {
         /// The chunks it names that are not stored.
         ids: Vec<ChunkId>,
     },
-    /// Other stored bytes are damaged.
-    #[error("corrupt {0}")]
-    Corrupt(String),
+    /// A stored record fails its checks: `record` says which (and where),
+    /// `cause` how, from the closed set every format of remus shares.
+    #[error("corrupt {record}: {cause}")]
+    Corrupt {
+        /// The record: kind and location, e.g. `guest-1 epoch 5 manifest`.
+        record: String,
+        /// What is wrong with it.
+        #[source]
+        cause: FormatError,
+    },
+    /// An I/O failure outside the database: a restore's output file, say.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The failure.
+        #[source]
+        source: std::io::Error,
+    },
     /// The epoch does not follow the guest's head.
     #[error("{guest}: epoch {epoch} does not follow the committed head {head}")]
     OutOfOrder {
@@ -86,6 +102,28 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// A damaged `record`.
+    #[must_use]
+    pub fn corrupt(record: impl Into<String>, cause: FormatError) -> Self {
+        Self::Corrupt { record: record.into(), cause }
+    }
+
+    /// A damaged record of free-form layout (`why` says what is wrong).
+    #[must_use]
+    pub fn malformed(record: impl Into<String>, why: impl Into<String>) -> Self {
+        Self::corrupt(record, FormatError::Malformed(why.into()))
+    }
+
+    /// Names where a damaged record was found (`where_` goes before the
+    /// record's own name); other errors pass unchanged.
+    #[must_use]
+    pub fn at(self, where_: impl std::fmt::Display) -> Self {
+        match self {
+            Self::Corrupt { record, cause } => Self::Corrupt { record: format!("{where_} {record}"), cause },
+            e => e,
+        }
+    }
+
     /// The error's class.
     #[must_use]
     pub fn kind(&self) -> ErrorKind {
@@ -94,7 +132,9 @@ impl StoreError {
             Self::Db(_) => ErrorKind::Io,
             Self::Pack { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => ErrorKind::NoSpace,
             Self::Pack { .. } => ErrorKind::Io,
-            Self::ChunkCorrupt(_) | Self::Corrupt(_) => ErrorKind::Corrupt,
+            Self::ChunkCorrupt(_) | Self::Corrupt { .. } => ErrorKind::Corrupt,
+            Self::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => ErrorKind::NoSpace,
+            Self::Io { .. } => ErrorKind::Io,
             Self::OutOfOrder { .. } => ErrorKind::Conflict,
             Self::ChunkMissing(_) | Self::Unstored { .. } | Self::NoEpoch { .. } | Self::NoGuest(_) => ErrorKind::NotFound,
             Self::S3(crate::s3::S3Error::NotFound(_) | crate::s3::S3Error::NoSuchBucket(_)) => ErrorKind::NotFound,

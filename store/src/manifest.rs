@@ -25,7 +25,7 @@
 //! `meta` names the newest, and each names its parent, so the chain proves
 //! the order and content of the whole history.
 
-use remus_types::{ChunkId, EpochId, GuestId, Pfn};
+use remus_types::{ChunkId, EpochId, FormatError, GuestId, Pfn};
 
 use crate::error::StoreError;
 
@@ -102,18 +102,20 @@ impl Manifest {
     /// # Errors
     /// [`StoreError::Corrupt`] for a wrong length, magic, version or checksum.
     pub fn decode(b: &[u8]) -> Result<Self, StoreError> {
-        let corrupt = |why: &str| StoreError::Corrupt(format!("manifest: {why}"));
-        if b.len() != MANIFEST_LEN {
-            return Err(corrupt("wrong length"));
+        let corrupt = |cause| StoreError::corrupt("manifest", cause);
+        if b.len() < MANIFEST_LEN {
+            return Err(corrupt(FormatError::Truncated { need: MANIFEST_LEN, have: b.len() }));
         }
-        if b[0..4] != MAGIC {
-            return Err(corrupt("bad magic"));
+        if b.len() > MANIFEST_LEN {
+            return Err(corrupt(FormatError::TooLarge { len: b.len(), max: MANIFEST_LEN }));
         }
+        remus_types::format::check_magic(&MAGIC, b).map_err(corrupt)?;
         if b[4] != VERSION {
-            return Err(corrupt("unsupported version"));
+            return Err(corrupt(FormatError::UnsupportedVersion { what: "manifest", found: b[4], supported: VERSION }));
         }
-        if crc32fast::hash(&b[..248]).to_le_bytes() != b[248..252] {
-            return Err(corrupt("checksum mismatch"));
+        let (stored, computed) = (u32::from_le_bytes(b[248..252].try_into().expect("4 bytes")), crc32fast::hash(&b[..248]));
+        if stored != computed {
+            return Err(corrupt(FormatError::ChecksumMismatch { stored, computed }));
         }
         let u = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
         let h = |at: usize| ChunkId(b[at..at + 32].try_into().expect("32 bytes"));

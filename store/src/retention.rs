@@ -138,7 +138,7 @@ impl Store {
                 break;
             }
             if k.len() != prefix.len() + 8 || v.len() != 72 {
-                return Err(StoreError::Corrupt(format!("{guest}: bridge record")));
+                return Err(StoreError::malformed(format!("{guest} bridge record"), "wrong length"));
             }
             out.push(Bridge {
                 first: EpochId(u64_at(&k, prefix.len())),
@@ -340,7 +340,7 @@ impl Store {
                 break;
             }
             if v.len() % 40 != 0 {
-                return Err(StoreError::Corrupt(format!("{guest}: page list")));
+                return Err(StoreError::malformed(format!("{guest} page list"), "length is not a whole number of entries"));
             }
             let e = EpochId(u64_at(&k, end.len() - 8));
             out.push((e, v.chunks_exact(40).map(|x| (Pfn(u64_at(x, 0)), ChunkId(x[8..40].try_into().expect("32 bytes")))).collect()));

@@ -36,7 +36,7 @@
 //! end-4  crc32 of everything before
 //! ```
 
-use remus_types::{ChunkId, EpochId, GuestId, Pfn};
+use remus_types::{ChunkId, EpochId, FormatError, GuestId, Pfn};
 
 use crate::chain::Bridge;
 use crate::error::StoreError;
@@ -51,7 +51,7 @@ const VERSION: u8 = 1;
 pub const PACK_HEADER: usize = 8;
 
 fn corrupt(what: &str, why: &str) -> StoreError {
-    StoreError::Corrupt(format!("{what}: {why}"))
+    StoreError::malformed(what, why)
 }
 
 fn header(magic: [u8; 4]) -> Vec<u8> {
@@ -68,18 +68,18 @@ fn seal(mut v: Vec<u8>) -> Vec<u8> {
 
 /// Checks magic, version and trailing crc; returns the body between.
 fn open<'a>(b: &'a [u8], magic: [u8; 4], what: &str) -> Result<&'a [u8], StoreError> {
+    let bad = |cause| StoreError::corrupt(what, cause);
     if b.len() < 12 {
-        return Err(corrupt(what, "truncated"));
+        return Err(bad(FormatError::Truncated { need: 12, have: b.len() }));
     }
-    if b[0..4] != magic {
-        return Err(corrupt(what, "bad magic"));
-    }
+    remus_types::format::check_magic(&magic, b).map_err(bad)?;
     if b[4] != VERSION {
-        return Err(corrupt(what, "unsupported version"));
+        return Err(bad(FormatError::UnsupportedVersion { what: "s3 object", found: b[4], supported: VERSION }));
     }
     let (body, crc) = b.split_at(b.len() - 4);
-    if crc32fast::hash(body).to_le_bytes() != crc {
-        return Err(corrupt(what, "checksum mismatch"));
+    let (stored, computed) = (u32::from_le_bytes(crc.try_into().expect("4 bytes")), crc32fast::hash(body));
+    if stored != computed {
+        return Err(bad(FormatError::ChecksumMismatch { stored, computed }));
     }
     Ok(&body[8..])
 }
@@ -186,7 +186,7 @@ pub struct PackIndex {
 pub fn decode_index(b: &[u8]) -> Result<PackIndex, StoreError> {
     let body = open(b, INDEX_MAGIC, "pack index")?;
     if body.len() < 44 {
-        return Err(corrupt("pack index", "truncated"));
+        return Err(StoreError::corrupt("pack index", FormatError::Truncated { need: 44, have: body.len() }));
     }
     let pack = id_at(body, 0);
     let pack_len = u64_le(body, 32);

@@ -114,7 +114,7 @@ impl S3Tier {
         let keys: Vec<String> = self.client.list(&format::bridges_prefix(guest))?.into_iter().map(|l| l.key).collect();
         let mut out = Vec::with_capacity(keys.len());
         for (key, body) in keys.iter().zip(self.client.get_many(&keys)?) {
-            out.push(BridgeObject::decode(&body).map_err(|e| StoreError::Corrupt(format!("s3 {key}: {e}")))?);
+            out.push(BridgeObject::decode(&body).map_err(|e| e.at(format!("s3 {key}")))?);
         }
         out.sort_by_key(|b| b.bridge.first);
         Ok(out)
@@ -140,7 +140,8 @@ impl S3Tier {
             progress(epochs.len() as u64, ids.len() as u64);
         }
         let bridges = self.bridges(guest)?;
-        check_chain(&epochs, &bridges).map_err(|(epoch, why)| StoreError::Corrupt(format!("{guest} epoch {epoch}: {why}")))?;
+        check_chain(&epochs, &bridges)
+            .map_err(|(epoch, why)| StoreError::malformed(format!("s3 {guest} epoch {epoch} manifest chain"), why.to_string()))?;
         Ok(S3History { epochs, bridges })
     }
 
@@ -153,7 +154,7 @@ impl S3Tier {
         let mut out = HashMap::new();
         for batch in keys.chunks(256) {
             for (key, body) in batch.iter().zip(self.client.get_many(batch)?) {
-                let ix = format::decode_index(&body).map_err(|e| StoreError::Corrupt(format!("s3 {key}: {e}")))?;
+                let ix = format::decode_index(&body).map_err(|e| e.at(format!("s3 {key}")))?;
                 for e in ix.entries {
                     out.insert(e.id, (ix.pack, e));
                 }
@@ -187,9 +188,9 @@ impl S3Tier {
                 for e in entries {
                     let value = body
                         .get(e.offset as usize..e.offset as usize + e.len as usize)
-                        .ok_or_else(|| StoreError::Corrupt(format!("s3 pack {pack}: truncated at chunk {}", e.id)))?;
+                        .ok_or_else(|| StoreError::malformed(format!("s3 pack {pack}"), format!("truncated at chunk {}", e.id)))?;
                     let data = decode_chunk_value(&e.id, value)
-                        .map_err(|_| StoreError::Corrupt(format!("s3 pack {pack}: chunk {} does not match its hash", e.id)))?;
+                        .map_err(|_| StoreError::malformed(format!("s3 pack {pack}"), format!("chunk {} does not match its hash", e.id)))?;
                     f(e.id, data)?;
                 }
             }
@@ -242,12 +243,12 @@ impl S3History {
 }
 
 pub(crate) fn check_epoch(key: &str, guest: GuestId, epoch: EpochId, body: &[u8]) -> Result<S3Epoch, StoreError> {
-    let (manifest, pages) = format::decode_epoch(body).map_err(|e| StoreError::Corrupt(format!("s3 {key}: {e}")))?;
+    let (manifest, pages) = format::decode_epoch(body).map_err(|e| e.at(format!("s3 {key}")))?;
     if manifest.guest != guest || manifest.epoch != epoch {
-        return Err(StoreError::Corrupt(format!("s3 {key}: manifest names another epoch")));
+        return Err(StoreError::malformed(format!("s3 {key}"), "the manifest names another epoch"));
     }
     if pages.len() as u64 != manifest.dirty_pages || page_delta_hash(&pages) != manifest.page_delta {
-        return Err(StoreError::Corrupt(format!("s3 {key}: page list does not match the manifest")));
+        return Err(StoreError::malformed(format!("s3 {key}"), "the page list does not match the manifest"));
     }
     Ok(S3Epoch { manifest, pages })
 }

@@ -94,7 +94,7 @@ impl S3Tier {
         let packs: HashSet<String> = self.client.list("packs/")?.into_iter().map(|l| l.key).collect();
         let mut sparse = Vec::new();
         for l in self.client.list("index/")? {
-            let ix = format::decode_index(&self.client.get(&l.key)?).map_err(|e| StoreError::Corrupt(format!("s3 {}: {e}", l.key)))?;
+            let ix = format::decode_index(&self.client.get(&l.key)?).map_err(|e| e.at(format!("s3 {}", l.key)))?;
             let live = ix.entries.iter().filter(|e| referenced.contains(&e.id)).count();
             if live * 2 < ix.entries.len() && live > 0 {
                 sparse.push((l.key, ix));

@@ -161,12 +161,12 @@ fn verify_names_the_damaged_pack_chunk_and_manifest() {
     // One byte of the manifest in epoch 5's object.
     flip(tier.client(), &epoch_key(g, EpochId(5)), 8 + 100);
     let report = tier.verify(&mut |_| {}).unwrap();
-    assert_eq!(
-        report.damage,
-        vec![
-            Damage::PackChunkCorrupt { pack: ix.pack.to_hex(), chunk: victim.id.to_hex() },
-            Damage::ManifestCorrupt { guest: 2, epoch: 5, reason: "corrupt epoch object: checksum mismatch".into() },
-        ]
+    assert_eq!(report.damage.len(), 2, "{:?}", report.damage);
+    assert_eq!(report.damage[0], Damage::PackChunkCorrupt { pack: ix.pack.to_hex(), chunk: victim.id.to_hex() });
+    assert!(
+        matches!(&report.damage[1], Damage::ManifestCorrupt { guest: 2, epoch: 5, reason } if reason.starts_with("corrupt epoch object: checksum mismatch")),
+        "{:?}",
+        report.damage
     );
     // Restore-side reads refuse the damage, naming it.
     let err = tier.history(g, None, &mut |_, _| {}).unwrap_err().to_string();
@@ -312,7 +312,9 @@ fn truncated_objects_are_named_and_refused() {
     assert!(damage.contains(&Damage::PackCorrupt { pack: ix.pack.to_hex(), reason: "truncated or bad header".into() }), "{damage:?}");
     assert!(damage.contains(&Damage::PackChunkCorrupt { pack: ix.pack.to_hex(), chunk: last.id.to_hex() }), "{damage:?}");
     assert!(
-        damage.contains(&Damage::ManifestCorrupt { guest: 9, epoch: 2, reason: "corrupt epoch object: checksum mismatch".into() }),
+        damage.iter().any(
+            |d| matches!(d, Damage::ManifestCorrupt { guest: 9, epoch: 2, reason } if reason.starts_with("corrupt epoch object: checksum mismatch"))
+        ),
         "{damage:?}"
     );
     let err = tier.fetch_chunks([last.id], |_, _| Ok(())).unwrap_err().to_string();
