@@ -1,6 +1,6 @@
 //! Bounds-checked little-endian reading and writing of wire structures.
 
-use remus_types::ChunkId;
+use remus_types::{ChunkId, FormatError};
 
 use crate::error::DecodeError;
 
@@ -81,10 +81,10 @@ impl<'a> Reader<'a> {
     /// The next `n` bytes.
     ///
     /// # Errors
-    /// [`DecodeError::Truncated`] when fewer remain.
+    /// [`FormatError::Truncated`] when fewer remain.
     pub fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if self.buf.len() < n {
-            return Err(DecodeError::Truncated);
+            return Err(FormatError::Truncated { need: n, have: self.buf.len() }.into());
         }
         let (head, tail) = self.buf.split_at(n);
         self.buf = tail;
@@ -94,7 +94,7 @@ impl<'a> Reader<'a> {
     /// One byte.
     ///
     /// # Errors
-    /// [`DecodeError::Truncated`].
+    /// [`FormatError::Truncated`].
     pub fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.take(1)?[0])
     }
@@ -102,7 +102,7 @@ impl<'a> Reader<'a> {
     /// A little-endian u32.
     ///
     /// # Errors
-    /// [`DecodeError::Truncated`].
+    /// [`FormatError::Truncated`].
     pub fn u32(&mut self) -> Result<u32, DecodeError> {
         Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
     }
@@ -110,7 +110,7 @@ impl<'a> Reader<'a> {
     /// A little-endian u64.
     ///
     /// # Errors
-    /// [`DecodeError::Truncated`].
+    /// [`FormatError::Truncated`].
     pub fn u64(&mut self) -> Result<u64, DecodeError> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
     }
@@ -118,7 +118,7 @@ impl<'a> Reader<'a> {
     /// A 32-byte hash.
     ///
     /// # Errors
-    /// [`DecodeError::Truncated`].
+    /// [`FormatError::Truncated`].
     pub fn hash(&mut self) -> Result<ChunkId, DecodeError> {
         Ok(ChunkId(self.take(32)?.try_into().expect("32 bytes")))
     }
@@ -126,11 +126,11 @@ impl<'a> Reader<'a> {
     /// A u32-length-prefixed blob of at most `max` bytes.
     ///
     /// # Errors
-    /// [`DecodeError::TooLarge`] or [`DecodeError::Truncated`].
+    /// [`FormatError::TooLarge`] or [`FormatError::Truncated`].
     pub fn blob(&mut self, max: usize) -> Result<&'a [u8], DecodeError> {
         let n = self.u32()? as usize;
         if n > max {
-            return Err(DecodeError::TooLarge { len: n, max });
+            return Err(FormatError::TooLarge { len: n, max }.into());
         }
         self.take(n)
     }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 pub use quinn::Endpoint;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
-use remus_types::{Checkpoint, ChunkId, EpochId, GuestId};
+use remus_types::{Checkpoint, ChunkId, EpochId, FormatError, GuestId};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
@@ -353,7 +353,8 @@ async fn read_forget_streams(conn: Connection, tx: mpsc::UnboundedSender<Control
                 Ok(Some(n)) => rd.push(&buf[..n]),
                 Ok(None) if rd.pending() == 0 => break,
                 Ok(None) => {
-                    let _ = tx.send(Control::Message(Err(DecodeError::Truncated.into())));
+                    let _ =
+                        tx.send(Control::Message(Err(DecodeError::from(FormatError::Truncated { need: rd.pending(), have: 0 }).into())));
                     return;
                 }
                 // Advisory: a stream cut off (the connection ending) loses

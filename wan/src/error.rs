@@ -1,32 +1,18 @@
 //! Errors of the replication protocol.
 
-use remus_types::{ChunkId, EpochId};
+use remus_types::{ChunkId, EpochId, FormatError};
 
 /// Why bytes from the wire could not be decoded. Every decoder returns one
 /// of these for bad input; none panics.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum DecodeError {
-    /// Input ended inside a structure.
-    #[error("truncated input")]
-    Truncated,
-    /// A frame did not start with the magic.
-    #[error("bad frame magic")]
-    BadMagic,
-    /// A frame of a protocol version this build does not speak.
-    #[error("unsupported protocol version {0} (this build speaks {ours})", ours = crate::frame::VERSION)]
-    UnsupportedVersion(u8),
-    /// A frame whose checksum does not match its bytes.
-    #[error("frame checksum mismatch")]
-    ChecksumMismatch,
-    /// A length beyond the allowed bound.
-    #[error("length {len} exceeds the limit {max}")]
-    TooLarge {
-        /// Length found.
-        len: usize,
-        /// Allowed maximum.
-        max: usize,
-    },
+    /// The frame's header or a length is wrong: bad magic, a protocol
+    /// version this build does not speak, a checksum mismatch, input that
+    /// ends inside a structure, or a length beyond its bound (the closed
+    /// set every format of remus shares).
+    #[error(transparent)]
+    Format(#[from] FormatError),
     /// An unknown discriminant.
     #[error("unknown {what} kind {kind}")]
     UnknownKind {

@@ -34,9 +34,9 @@
 //! ```
 //! Version 2 added Forget, Missing and EpochBegin's `round`; both ends
 //! must speak the same version (a frame of another is refused with
-//! [`DecodeError::UnsupportedVersion`]).
+//! [`FormatError::UnsupportedVersion`]).
 
-use remus_types::{ChunkId, EpochId, GuestId};
+use remus_types::{ChunkId, EpochId, FormatError, GuestId};
 
 use crate::codec::{Reader, Writer};
 use crate::encoding::PageRecord;
@@ -248,19 +248,19 @@ impl Message {
     pub fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, DecodeError> {
         if buf.len() < HEADER_LEN {
             if !MAGIC.starts_with(&buf[..buf.len().min(4)]) {
-                return Err(DecodeError::BadMagic);
+                return Err(bad_magic(buf));
             }
             return Ok(None);
         }
         if buf[..4] != MAGIC {
-            return Err(DecodeError::BadMagic);
+            return Err(bad_magic(buf));
         }
         if buf[4] != VERSION {
-            return Err(DecodeError::UnsupportedVersion(buf[4]));
+            return Err(FormatError::UnsupportedVersion { what: "protocol", found: buf[4], supported: VERSION }.into());
         }
         let len = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes")) as usize;
         if len > MAX_PAYLOAD {
-            return Err(DecodeError::TooLarge { len, max: MAX_PAYLOAD });
+            return Err(FormatError::TooLarge { len, max: MAX_PAYLOAD }.into());
         }
         if buf.len() < HEADER_LEN + len {
             return Ok(None);
@@ -269,8 +269,9 @@ impl Message {
         let mut crc = crc32fast::Hasher::new();
         crc.update(&buf[..12]);
         crc.update(payload);
-        if crc.finalize().to_le_bytes() != buf[12..16] {
-            return Err(DecodeError::ChecksumMismatch);
+        let (computed, stored) = (crc.finalize(), u32::from_le_bytes(buf[12..16].try_into().expect("4 bytes")));
+        if computed != stored {
+            return Err(FormatError::ChecksumMismatch { stored, computed }.into());
         }
         let msg = Self::decode_payload(buf[5], payload)?;
         Ok(Some((msg, HEADER_LEN + len)))
@@ -326,15 +327,20 @@ fn put_chunk_list(w: &mut Writer, chunks: &[ChunkId]) {
     }
 }
 
+/// A frame whose first bytes are not the magic.
+fn bad_magic(buf: &[u8]) -> DecodeError {
+    FormatError::BadMagic { expected: MAGIC, found: buf.iter().take(4).copied().collect() }.into()
+}
+
 /// A chunk list: the count is bounded before anything is allocated, and
 /// the hashes must all be there.
 fn chunk_list(r: &mut Reader<'_>) -> Result<Vec<ChunkId>, DecodeError> {
     let n = r.u32()? as usize;
     if n > MAX_CHUNK_LIST {
-        return Err(DecodeError::TooLarge { len: n, max: MAX_CHUNK_LIST });
+        return Err(FormatError::TooLarge { len: n, max: MAX_CHUNK_LIST }.into());
     }
     if n * 32 > r.remaining() {
-        return Err(DecodeError::Truncated);
+        return Err(FormatError::Truncated { need: n * 32, have: r.remaining() }.into());
     }
     (0..n).map(|_| r.hash()).collect()
 }
@@ -504,7 +510,7 @@ mod tests {
             // Any flipped payload byte fails the checksum.
             let mut bad = f.clone();
             bad[HEADER_LEN + 5] ^= 0x40;
-            assert_eq!(Message::decode(&bad), Err(DecodeError::ChecksumMismatch));
+            assert!(matches!(Message::decode(&bad), Err(DecodeError::Format(FormatError::ChecksumMismatch { .. }))));
         }
         // The largest list fits a frame.
         let most = Message::Forget(vec![ChunkId([7; 32]); MAX_CHUNK_LIST]);
@@ -515,7 +521,10 @@ mod tests {
         // Well-checksummed frames whose lists do not add up.
         let payload = forget.to_bytes()[HEADER_LEN..].to_vec();
         let short = &payload[..payload.len() - 1];
-        assert_eq!(Message::decode(&frame(VERSION, 10, short)), Err(DecodeError::Truncated), "a hash cut short");
+        assert!(
+            matches!(Message::decode(&frame(VERSION, 10, short)), Err(DecodeError::Format(FormatError::Truncated { .. }))),
+            "a hash cut short"
+        );
         let mut long = payload.clone();
         long.push(0);
         assert_eq!(Message::decode(&frame(VERSION, 10, &long)), Err(DecodeError::Trailing(1)));
@@ -523,16 +532,23 @@ mod tests {
         huge[..4].copy_from_slice(&(MAX_CHUNK_LIST as u32 + 1).to_le_bytes());
         assert_eq!(
             Message::decode(&frame(VERSION, 10, &huge)),
-            Err(DecodeError::TooLarge { len: MAX_CHUNK_LIST + 1, max: MAX_CHUNK_LIST })
+            Err(DecodeError::Format(FormatError::TooLarge { len: MAX_CHUNK_LIST + 1, max: MAX_CHUNK_LIST }))
         );
         let mut overcount = payload.clone();
         overcount[..4].copy_from_slice(&4u32.to_le_bytes());
-        assert_eq!(Message::decode(&frame(VERSION, 10, &overcount)), Err(DecodeError::Truncated), "count beyond the frame");
+        assert!(
+            matches!(Message::decode(&frame(VERSION, 10, &overcount)), Err(DecodeError::Format(FormatError::Truncated { .. }))),
+            "count beyond the frame"
+        );
         let m = missing.to_bytes();
-        assert_eq!(Message::decode(&frame(VERSION, 11, &m[HEADER_LEN..HEADER_LEN + 10])), Err(DecodeError::Truncated));
+        assert!(matches!(
+            Message::decode(&frame(VERSION, 11, &m[HEADER_LEN..HEADER_LEN + 10])),
+            Err(DecodeError::Format(FormatError::Truncated { .. }))
+        ));
         // A version-1 peer's frame is refused by name.
-        assert_eq!(Message::decode(&frame(1, 8, &7u64.to_le_bytes())), Err(DecodeError::UnsupportedVersion(1)));
-        assert_eq!(DecodeError::UnsupportedVersion(1).to_string(), "unsupported protocol version 1 (this build speaks 2)");
+        let old = Message::decode(&frame(1, 8, &7u64.to_le_bytes()));
+        assert!(matches!(old, Err(DecodeError::Format(FormatError::UnsupportedVersion { found: 1, supported: VERSION, .. }))));
+        assert_eq!(old.unwrap_err().to_string(), "unsupported protocol version 1 (this build reads 2)");
     }
 
     #[test]
@@ -540,16 +556,16 @@ mod tests {
         let f = Message::Heartbeat { epoch: EpochId(7) }.to_bytes();
         let mut bad = f.clone();
         bad[HEADER_LEN] ^= 1;
-        assert_eq!(Message::decode(&bad), Err(DecodeError::ChecksumMismatch));
+        assert!(matches!(Message::decode(&bad), Err(DecodeError::Format(FormatError::ChecksumMismatch { .. }))));
         let mut bad = f.clone();
         bad[0] = b'X';
-        assert_eq!(Message::decode(&bad), Err(DecodeError::BadMagic));
+        assert!(matches!(Message::decode(&bad), Err(DecodeError::Format(FormatError::BadMagic { .. }))));
         let mut bad = f.clone();
         bad[4] = 9;
-        assert_eq!(Message::decode(&bad), Err(DecodeError::UnsupportedVersion(9)));
+        assert!(matches!(Message::decode(&bad), Err(DecodeError::Format(FormatError::UnsupportedVersion { found: 9, .. }))));
         let mut bad = f.clone();
         bad[8..12].copy_from_slice(&(u32::MAX).to_le_bytes());
-        assert!(matches!(Message::decode(&bad), Err(DecodeError::TooLarge { .. })));
+        assert!(matches!(Message::decode(&bad), Err(DecodeError::Format(FormatError::TooLarge { .. }))));
         assert_eq!(Message::decode(&f[..10]), Ok(None));
     }
 }

@@ -303,7 +303,10 @@ fn malformed_epoch_streams_are_refused() {
     assert!(matches!(rx.handle_epoch_stream(now, &other), Err(ProtocolError::BadEpoch { reason: "epoch of another guest", .. })));
     let mut flipped = s.clone();
     flipped[20] ^= 1;
-    assert!(matches!(rx.handle_epoch_stream(now, &flipped), Err(ProtocolError::Decode(DecodeError::ChecksumMismatch))));
+    assert!(matches!(
+        rx.handle_epoch_stream(now, &flipped),
+        Err(ProtocolError::Decode(DecodeError::Format(remus_types::FormatError::ChecksumMismatch { .. })))
+    ));
     assert_eq!(rx.poll_commit(), None);
 }
 
