@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use anyhow::{Context, Result};
 use remus_store::s3::{S3Config, Uploader};
 use remus_store::{RetentionPolicy, Store, StoreOptions};
 use remus_wan::driver::{endpoint, run_backup, BackupLinkConfig, Endpoint};
 use remus_wan::tls::{server_config, TlsDir};
 
+use crate::error::NodeError;
 use crate::events::BackupEvent;
 use crate::failover::FailoverAction;
 use crate::replica::StoreReplica;
@@ -57,11 +57,12 @@ impl Backup {
     /// # Errors
     /// When the store cannot be opened, the TLS material is unusable or
     /// the address cannot be bound.
-    pub fn start(opts: BackupOptions) -> Result<Self> {
-        let store =
-            Arc::new(Store::open(&opts.store, StoreOptions::default()).with_context(|| format!("opening store {}", opts.store.display()))?);
+    pub fn start(opts: BackupOptions) -> Result<Self, NodeError> {
+        let store = Arc::new(
+            Store::open(&opts.store, StoreOptions::default()).map_err(|cause| NodeError::Store { path: opts.store.clone(), cause })?,
+        );
         let uploader = if opts.s3.is_some() || opts.retention.is_some() {
-            Some(Uploader::start_with(Arc::clone(&store), opts.s3.clone(), opts.retention.clone()).context("starting the s3 uploader")?)
+            Some(Uploader::start_with(Arc::clone(&store), opts.s3.clone(), opts.retention.clone()).map_err(NodeError::Uploader)?)
         } else {
             None
         };
@@ -72,28 +73,31 @@ impl Backup {
         let (tx, rx) = std::sync::mpsc::channel();
         let link = opts.link;
         let listen = opts.listen;
-        let thread = std::thread::Builder::new().name("remus-backup".into()).spawn(move || {
-            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = tx.send(Err(anyhow::Error::from(e)));
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                let ep = match endpoint(listen, Some(server)) {
-                    Ok(ep) => ep,
+        let thread = std::thread::Builder::new()
+            .name("remus-backup".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+                    Ok(rt) => rt,
                     Err(e) => {
-                        let _ = tx.send(Err(anyhow::Error::from(e).context(format!("listening on {listen}"))));
+                        let _ = tx.send(Err(NodeError::io("starting the backup's runtime")(e)));
                         return;
                     }
                 };
-                let _ = tx.send(Ok(ep.clone()));
-                run_backup(ep, r2, link).await;
-            });
-        })?;
-        let endpoint = rx.recv().context("backup thread ended early")??;
-        let addr = endpoint.local_addr()?;
+                rt.block_on(async move {
+                    let ep = match endpoint(listen, Some(server)) {
+                        Ok(ep) => ep,
+                        Err(e) => {
+                            let _ = tx.send(Err(NodeError::Listen { addr: listen, cause: e }));
+                            return;
+                        }
+                    };
+                    let _ = tx.send(Ok(ep.clone()));
+                    run_backup(ep, r2, link).await;
+                });
+            })
+            .map_err(NodeError::io("spawning the backup thread"))?;
+        let endpoint = rx.recv().map_err(|_| NodeError::Panicked("backup"))??;
+        let addr = endpoint.local_addr().map_err(NodeError::io("reading the bound address"))?;
         Ok(Self { addr, store, replica, uploader, events, endpoint, thread: Some(thread) })
     }
 

@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::Result;
 use parking_lot::Mutex;
 use remus_qemu::ResumedVm;
 use remus_restore::vm::restore_vm;
@@ -20,6 +19,7 @@ use remus_store::{PageList, Store};
 use remus_types::{zero_page_hash, EpochId, GuestId, PAGE_SIZE};
 use remus_vm::{QemuState, RunDir, VMSTATE_PAGES};
 
+use crate::error::NodeError;
 use crate::events::{BackupEvent, FailoverOutcome};
 use crate::ingest::{Ingest, Staged};
 
@@ -122,24 +122,24 @@ impl LiveFiles {
         let Some((last_epoch, last_ds, _)) = epochs.last() else { return };
         let Ok(Some(state)) = QemuState::decode(last_ds) else { return };
         let mut live = self.guests.lock();
-        let result = (|| -> Result<()> {
+        let result = (|| -> Result<(), NodeError> {
             let current = live.remove(&guest).filter(|l| epochs.first().is_some_and(|(e, _, _)| l.epoch.next() == *e));
             let Some(mut l) = current else {
                 // Rebuild from the store (which holds these epochs now).
                 let plan = RestorePlan::new(store, guest, Target::Epoch(*last_epoch))?;
-                let (state, run, _) = restore_vm(store, &plan, &dir.join(format!("{guest}")), |_, _| {})?
-                    .ok_or_else(|| anyhow::anyhow!("not a QEMU guest"))?;
-                live.insert(guest, LiveVm::open(state, run, *last_epoch)?);
+                let (state, run, _) = restore_vm(store, &plan, &dir.join(format!("{guest}")), |_, _| {})?.ok_or(NodeError::NotAVm)?;
+                live.insert(guest, LiveVm::open(state, run, *last_epoch).map_err(NodeError::io("opening the live VM files"))?);
                 return Ok(());
             };
             let zero = vec![0u8; PAGE_SIZE];
             for (epoch, _, pages) in epochs {
                 for (pfn, id) in pages {
-                    if *id == zero_page_hash() {
-                        l.write(pfn.0, &zero)?;
+                    let written = if *id == zero_page_hash() {
+                        l.write(pfn.0, &zero)
                     } else {
-                        l.write(pfn.0, &ingest.page(id, staged)?)?;
-                    }
+                        l.write(pfn.0, &ingest.page(id, staged).map_err(|e| NodeError::Restore(e.into()))?)
+                    };
+                    written.map_err(NodeError::io("writing the live VM files"))?;
                 }
                 l.epoch = *epoch;
             }
@@ -186,7 +186,7 @@ pub fn spawn(
             }
         }
         Err(e) => {
-            let _ = events.send(BackupEvent::FailoverFailed { guest, error: format!("{e:#}") });
+            let _ = events.send(BackupEvent::FailoverFailed { guest, error: e.to_string() });
         }
     });
 }
@@ -201,12 +201,12 @@ struct Failover {
 
 /// Writes the last committed epoch of `guest` into `dir`: a memory image,
 /// or the files of a QEMU guest (then resumed when `resume` says so).
-fn execute(store: &Store, guest: GuestId, dir: &Path, resume: Option<&ResumeVm>, live: Option<LiveVm>) -> Result<Failover> {
-    std::fs::create_dir_all(dir)?;
+fn execute(store: &Store, guest: GuestId, dir: &Path, resume: Option<&ResumeVm>, live: Option<LiveVm>) -> Result<Failover, NodeError> {
+    std::fs::create_dir_all(dir).map_err(NodeError::io(format!("creating {}", dir.display())))?;
     if let (Some(l), Some(r)) = (live, resume) {
         // The files already hold the last committed epoch.
-        l.seal()?;
-        let vm = ResumedVm::start(&r.qemu_binary, &l.state, l.run.clone(), None, r.tap.as_deref(), true)?;
+        l.seal().map_err(NodeError::io("sealing the live VM files"))?;
+        let vm = ResumedVm::start(&r.qemu_binary, &l.state, l.run.clone(), None, r.tap.as_deref(), true).map_err(NodeError::Resume)?;
         return Ok(Failover { epoch: l.epoch, path: l.run.dir.clone(), vm: Some(vm), live: true });
     }
     let plan = RestorePlan::new(store, guest, Target::Latest)?;
@@ -214,7 +214,7 @@ fn execute(store: &Store, guest: GuestId, dir: &Path, resume: Option<&ResumeVm>,
     let vm_dir = dir.join(format!("{guest}"));
     if let Some((state, run, _)) = restore_vm(store, &plan, &vm_dir, |_, _| {})? {
         let vm = match resume {
-            Some(r) => Some(ResumedVm::start(&r.qemu_binary, &state, run, None, r.tap.as_deref(), true)?),
+            Some(r) => Some(ResumedVm::start(&r.qemu_binary, &state, run, None, r.tap.as_deref(), true).map_err(NodeError::Resume)?),
             None => None,
         };
         return Ok(Failover { epoch, path: vm_dir, vm, live: false });

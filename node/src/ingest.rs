@@ -110,7 +110,7 @@ impl Ingest {
             device_state: e.device_state,
         };
         for r in e.records {
-            let fail = |source| CommitError::BadPage { epoch: h.epoch, pfn: r.pfn.0, source };
+            let fail = |cause| CommitError::BadPage { epoch: h.epoch, pfn: r.pfn.0, cause };
             match &r.encoding {
                 PageEncoding::Zero => {}
                 PageEncoding::Ref => {
@@ -137,7 +137,7 @@ impl Ingest {
                     };
                     let page = r.decode_page(|_| Some(base_page)).map_err(fail)?;
                     let z = zstd::bulk::compress(&page, self.zstd_level)
-                        .map_err(|e| CommitError::Storage { no_space: false, source: Box::new(e) })?;
+                        .map_err(|e| CommitError::Storage { no_space: false, cause: Box::new(e) })?;
                     c.chunks.push((r.hash, StoredChunk::Zstd(z)));
                     staged.insert(r.hash, Arc::new(page));
                 }
@@ -162,5 +162,5 @@ impl Ingest {
 /// A store failure as a commit error (full disks told apart).
 #[must_use]
 pub fn storage(e: StoreError) -> CommitError {
-    CommitError::Storage { no_space: e.kind() == remus_store::ErrorKind::NoSpace, source: Box::new(e) }
+    CommitError::Storage { no_space: e.kind() == remus_store::ErrorKind::NoSpace, cause: Box::new(e) }
 }

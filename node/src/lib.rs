@@ -19,6 +19,7 @@
 
 pub mod admission;
 pub mod backup;
+mod error;
 pub mod events;
 pub mod failover;
 pub mod ingest;
@@ -27,6 +28,7 @@ pub mod replica;
 pub mod stats;
 
 pub use backup::{Backup, BackupOptions};
+pub use error::NodeError;
 pub use events::{BackupEvent, FailoverOutcome};
 pub use failover::{FailoverAction, ResumeVm};
 pub use primary::{GuestKind, Primary, PrimaryOptions};

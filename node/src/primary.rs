@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use anyhow::{Context, Result};
 use parking_lot::Mutex;
 use remus_capture::{ArenaConfig, ArenaGuest, EpochEngine, OutputBuffer, ProtectedGuest};
 use remus_qemu::{Egress, NetRelay, QemuConfig, QemuGuest};
@@ -27,7 +26,10 @@ use remus_wan::tls::{client_config, TlsDir};
 use remus_wan::SenderConfig;
 use tokio::sync::mpsc;
 
+use crate::error::NodeError;
 use crate::stats::PrimaryStats;
+
+type Result<T, E = NodeError> = std::result::Result<T, E>;
 
 /// Everything a primary needs.
 #[derive(Debug, Clone)]
@@ -109,9 +111,12 @@ impl Primary {
         let client = client_config(Some(opts.tls.identity("primary")?), opts.tls.roots()?)?;
         let output = Arc::new(OutputBuffer::default());
         let (guest, net): (Box<dyn ProtectedGuest>, _) = match &opts.guest_kind {
-            GuestKind::Arena(a) => (Box::new(ArenaGuest::start(a, Arc::clone(&output)).context("starting the arena guest")?), None),
+            GuestKind::Arena(a) => {
+                (Box::new(ArenaGuest::start(a, Arc::clone(&output)).map_err(|cause| NodeError::GuestStart { kind: "arena", cause })?), None)
+            }
             GuestKind::Qemu(q) => {
-                let g = QemuGuest::start(q, Egress::Held(Arc::clone(&output))).context("starting the QEMU guest")?;
+                let g = QemuGuest::start(q, Egress::Held(Arc::clone(&output)))
+                    .map_err(|cause| NodeError::GuestStart { kind: "QEMU", cause })?;
                 let net = g.net();
                 (Box::new(g), Some(net))
             }
@@ -126,37 +131,47 @@ impl Primary {
         let link_cfg =
             PrimaryLinkConfig { backup: opts.backup, client, sender: opts.sender, guest: opts.guest, instance: rand::random(), page_count };
         let create = |p: &Option<PathBuf>| -> Result<Option<std::fs::File>> {
-            p.as_ref().map(|p| std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))).transpose()
+            p.as_ref().map(|p| std::fs::File::create(p).map_err(NodeError::io(format!("creating {}", p.display())))).transpose()
         };
         let roots_file = create(&opts.record_roots)?;
         let sinks = OutputSinks { net, log: create(&opts.output_log)? };
         let s2 = Arc::clone(&stats);
-        let link = std::thread::Builder::new().name("remus-link".into()).spawn(move || -> Result<()> {
-            // Two workers: while one encodes a large epoch (the first holds the
-            // whole guest), the other keeps reading the backup's heartbeats,
-            // so a busy primary does not mistake itself for a silent backup.
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            rt.block_on(async move {
-                let consumer = tokio::spawn(consume_events(erx, s2, ack_tx, roots_file));
-                let r = run_primary(link_cfg, rx, etx).await;
-                let _ = consumer.await;
-                r.context("replication link")
+        let link = std::thread::Builder::new()
+            .name("remus-link".into())
+            .spawn(move || -> Result<()> {
+                // Two workers: while one encodes a large epoch (the first holds the
+                // whole guest), the other keeps reading the backup's heartbeats,
+                // so a busy primary does not mistake itself for a silent backup.
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .map_err(NodeError::io("starting the link's runtime"))?;
+                rt.block_on(async move {
+                    let consumer = tokio::spawn(consume_events(erx, s2, ack_tx, roots_file));
+                    let r = run_primary(link_cfg, rx, etx).await;
+                    let _ = consumer.await;
+                    Ok(r?)
+                })
             })
-        })?;
+            .map_err(NodeError::io("spawning the link thread"))?;
         let s3 = Arc::clone(&stats);
         let stop2 = Arc::clone(&stop);
         let period = opts.epoch;
         let id = opts.guest;
-        let engine = std::thread::Builder::new().name("remus-epoch".into()).spawn(move || {
-            // Real-time priority where allowed, so a pause is not stretched
-            // by preemption; elsewhere epochs run at normal priority.
-            if !remus_sys::raise_priority() {
-                tracing::debug!("real-time priority not available; epochs run at normal priority");
-            }
-            s3.lock().started = Instant::now();
-            let engine = EpochEngine::new(id, guest, output, period, Instant::now());
-            drive_engine(engine, tx, &ack_rx, sinks, &s3, &stop2)
-        })?;
+        let engine = std::thread::Builder::new()
+            .name("remus-epoch".into())
+            .spawn(move || {
+                // Real-time priority where allowed, so a pause is not stretched
+                // by preemption; elsewhere epochs run at normal priority.
+                if !remus_sys::raise_priority() {
+                    tracing::debug!("real-time priority not available; epochs run at normal priority");
+                }
+                s3.lock().started = Instant::now();
+                let engine = EpochEngine::new(id, guest, output, period, Instant::now());
+                drive_engine(engine, tx, &ack_rx, sinks, &s3, &stop2)
+            })
+            .map_err(NodeError::io("spawning the epoch thread"))?;
         Ok(Self { stop, engine: Some(engine), link: Some(link), stats, exact_tracking })
     }
 
@@ -183,16 +198,12 @@ impl Primary {
         while !(self.engine_finished() && self.link.as_ref().is_none_or(JoinHandle::is_finished)) {
             if Instant::now() >= deadline {
                 let s = self.stats.lock();
-                anyhow::bail!(
-                    "the backup did not acknowledge epochs {}..={} within {drain:?}; their output was never released",
-                    s.acked.0 + 1,
-                    s.sealed.0
-                );
+                return Err(NodeError::Unacknowledged { first: s.acked.next(), last: s.sealed, drain });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let engine = self.engine.take().expect("joined once").join().map_err(|_| anyhow::anyhow!("engine thread panicked"))?;
-        let link = self.link.take().expect("joined once").join().map_err(|_| anyhow::anyhow!("link thread panicked"))?;
+        let engine = self.engine.take().expect("joined once").join().map_err(|_| NodeError::Panicked("epoch"))?;
+        let link = self.link.take().expect("joined once").join().map_err(|_| NodeError::Panicked("link"))?;
         // The link's failure is the cause when both failed (the engine stops
         // because the link did).
         link.and(engine)
@@ -228,11 +239,11 @@ fn drive_engine<G: ProtectedGuest>(
                 sinks.deliver(&released);
             }
             Err(RecvTimeoutError::Timeout) => {
-                let Some(cp) = engine.handle_timeout(Instant::now(), now_unix_nanos()).context("checkpoint")? else { continue };
+                let Some(cp) = engine.handle_timeout(Instant::now(), now_unix_nanos()).map_err(NodeError::Checkpoint)? else { continue };
                 record_seal(stats, &cp);
                 let Some(link) = &tx else { continue };
                 if link.blocking_send(cp).is_err() {
-                    anyhow::bail!("replication link stopped");
+                    return Err(NodeError::LinkStopped);
                 }
                 if engine.all_sealed() {
                     // No more checkpoints: the link ends once all are acknowledged.
@@ -243,7 +254,7 @@ fn drive_engine<G: ProtectedGuest>(
                 // The link ended (its failure is reported by the link thread).
                 return Ok(());
             }
-            Err(RecvTimeoutError::Disconnected) => anyhow::bail!("replication link stopped"),
+            Err(RecvTimeoutError::Disconnected) => return Err(NodeError::LinkStopped),
         }
     }
     Ok(())

@@ -66,7 +66,7 @@ impl RestoreSource for Store {
                 }
                 Ok(())
             })?;
-            run.flush().map_err(|source| StoreError::Io { what: "writing the restored image", source })?;
+            run.flush().map_err(|cause| StoreError::Io { what: "writing the restored image", cause })?;
             Ok(ids)
         };
         let (low, high, wrote) = std::thread::scope(|s| {
@@ -118,7 +118,7 @@ impl RunWriter<'_, '_> {
         let Some((seg, at)) = self.files.locate(pfn) else { return Ok(()) };
         let contiguous = seg == self.seg && self.start + self.buf.len() as u64 == at;
         if self.buf.len() >= Self::MAX || (!self.buf.is_empty() && !contiguous) {
-            self.flush().map_err(|source| StoreError::Io { what: "writing the restored image", source })?;
+            self.flush().map_err(|cause| StoreError::Io { what: "writing the restored image", cause })?;
         }
         if self.buf.is_empty() {
             self.seg = seg;

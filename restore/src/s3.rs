@@ -100,7 +100,7 @@ impl RestoreSource for S3Source<'_> {
         progress(0, total);
         self.tier.fetch_chunks(wanted.keys().copied().collect::<Vec<_>>(), |id, data| {
             for &(seg, offset) in &wanted[&id] {
-                files.write(seg, offset, &data).map_err(|source| StoreError::Io { what: "writing the restored image", source })?;
+                files.write(seg, offset, &data).map_err(|cause| StoreError::Io { what: "writing the restored image", cause })?;
                 done += 1;
             }
             progress(done, total);

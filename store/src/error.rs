@@ -53,17 +53,15 @@ pub enum StoreError {
         /// The record: kind and location, e.g. `guest-1 epoch 5 manifest`.
         record: String,
         /// What is wrong with it.
-        #[source]
         cause: FormatError,
     },
     /// An I/O failure outside the database: a restore's output file, say.
-    #[error("{what}: {source}")]
+    #[error("{what}: {cause}")]
     Io {
         /// What was being done.
         what: &'static str,
         /// The failure.
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The epoch does not follow the guest's head.
     #[error("{guest}: epoch {epoch} does not follow the committed head {head}")]
@@ -133,7 +131,7 @@ impl StoreError {
             Self::Pack { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => ErrorKind::NoSpace,
             Self::Pack { .. } => ErrorKind::Io,
             Self::ChunkCorrupt(_) | Self::Corrupt { .. } => ErrorKind::Corrupt,
-            Self::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => ErrorKind::NoSpace,
+            Self::Io { cause, .. } if cause.raw_os_error() == Some(libc::ENOSPC) => ErrorKind::NoSpace,
             Self::Io { .. } => ErrorKind::Io,
             Self::OutOfOrder { .. } => ErrorKind::Conflict,
             Self::ChunkMissing(_) | Self::Unstored { .. } | Self::NoEpoch { .. } | Self::NoGuest(_) => ErrorKind::NotFound,

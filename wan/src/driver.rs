@@ -642,7 +642,7 @@ async fn serve_epochs<R: Replica>(
                     }
                     Err(e) => {
                         let _ = control.write_all(&Message::Error(e.to_string()).to_bytes()).await;
-                        return Err(LinkError::Commit { epoch, source: e });
+                        return Err(LinkError::Commit { epoch, cause: e });
                     }
                 }
             }

@@ -78,15 +78,14 @@ pub enum CommitError {
     Missing(Vec<ChunkId>),
     /// A page does not decode, or decodes to other content than its hash:
     /// the connection is closed and the primary resends on its next one.
-    #[error("epoch {epoch}: page {pfn}: {source}")]
+    #[error("epoch {epoch}: page {pfn}: {cause}")]
     BadPage {
         /// The epoch.
         epoch: EpochId,
         /// The page.
         pfn: u64,
         /// What was wrong.
-        #[source]
-        source: DecodeError,
+        cause: DecodeError,
     },
     /// The group is not one the replica can take (empty, or for a guest
     /// that was never welcomed).
@@ -94,13 +93,12 @@ pub enum CommitError {
     Rejected(&'static str),
     /// The replica's storage failed (a full disk, say): the connection is
     /// closed and the primary resends on its next one.
-    #[error("storage: {source}")]
+    #[error("storage: {cause}")]
     Storage {
         /// True when the disk is full.
         no_space: bool,
         /// The storage's error.
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        cause: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -181,13 +179,12 @@ pub enum LinkError {
     #[error("refused: {0}")]
     Refused(String),
     /// The replica could not commit (nothing of the group was written).
-    #[error("commit of epoch {epoch} failed: {source}")]
+    #[error("commit of epoch {epoch} failed: {cause}")]
     Commit {
         /// The last epoch of the group.
         epoch: EpochId,
         /// Why.
-        #[source]
-        source: CommitError,
+        cause: CommitError,
     },
     /// A task of the driver ended abnormally.
     #[error("driver task: {0}")]

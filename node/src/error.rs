@@ -1,0 +1,103 @@
+//! Errors of the runtimes.
+//!
+//! Each message is complete (it names its cause), so a cause is a field
+//! to match on, not a `source()`: printed through a chain, nothing is said
+//! twice.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use remus_capture::CaptureError;
+use remus_restore::RestoreError;
+use remus_store::s3::S3Error;
+use remus_store::StoreError;
+use remus_types::EpochId;
+use remus_wan::LinkError;
+
+/// Why a runtime could not start, went on failing, or stopped badly.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The guest could not start.
+    #[error("starting the {kind} guest: {cause}")]
+    GuestStart {
+        /// `arena` or `QEMU`.
+        kind: &'static str,
+        /// Why.
+        cause: CaptureError,
+    },
+    /// A checkpoint failed (the guest is resumed regardless).
+    #[error("checkpoint: {0}")]
+    Checkpoint(CaptureError),
+    /// TLS material, the endpoint or the replication link failed.
+    #[error("replication link: {0}")]
+    Link(LinkError),
+    /// The backup could not listen on its address.
+    #[error("listening on {addr}: {cause}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        cause: LinkError,
+    },
+    /// The link ended while the engine still had epochs for it.
+    #[error("replication link stopped")]
+    LinkStopped,
+    /// Stopping, the backup did not acknowledge every sealed epoch in
+    /// time: their output was never released.
+    #[error("the backup did not acknowledge epochs {first}..={last} within {drain:?}; their output was never released")]
+    Unacknowledged {
+        /// First unacknowledged epoch.
+        first: EpochId,
+        /// Last sealed epoch.
+        last: EpochId,
+        /// How long the runtime waited.
+        drain: Duration,
+    },
+    /// A file the runtime writes (output log, recorded roots, live VM
+    /// files) or a thread it needs could not be made.
+    #[error("{what}: {cause}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The failure.
+        cause: std::io::Error,
+    },
+    /// A runtime thread panicked.
+    #[error("the {0} thread panicked")]
+    Panicked(&'static str),
+    /// The store failed (opening it, reading it).
+    #[error("store {}: {cause}", path.display())]
+    Store {
+        /// The store directory.
+        path: PathBuf,
+        /// Why.
+        cause: StoreError,
+    },
+    /// The S3 uploader could not start (its configuration, say).
+    #[error("starting the s3 uploader: {0}")]
+    Uploader(S3Error),
+    /// A restore for failover failed.
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    /// A failed-over QEMU guest could not be resumed.
+    #[error("resuming the guest: {0}")]
+    Resume(CaptureError),
+    /// The epoch to fail over from is not a QEMU guest's (no VM files).
+    #[error("not a QEMU guest")]
+    NotAVm,
+}
+
+impl From<LinkError> for NodeError {
+    fn from(e: LinkError) -> Self {
+        Self::Link(e)
+    }
+}
+
+impl NodeError {
+    /// An I/O failure while doing `what`.
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let what = what.into();
+        move |cause| Self::Io { what, cause }
+    }
+}
