@@ -46,8 +46,8 @@ fn main() -> Result<()> {
         (s.acked, s.roots[&s.acked])
     };
     let img = dir.path().join("latest.img");
-    let plan = RestorePlan::new(&backup.store, GuestId(1), Target::Latest)?;
-    plan.execute(&backup.store, &img, |_, _| {})?;
+    let plan = RestorePlan::new(&*backup.store, GuestId(1), Target::Latest)?;
+    plan.execute(&*backup.store, &img, |_, _| {})?;
     anyhow::ensure!(image_root(&img)? == want, "restored image differs from the primary");
     println!("protected for 2 s: {} epochs committed; epoch {} restored byte-exact", epoch.0, epoch.0);
     backup.stop();

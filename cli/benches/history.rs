@@ -217,7 +217,7 @@ fn lazy(store: &std::sync::Arc<Store>, epoch: EpochId, image: &[u8], changed: &[
     std::fs::create_dir(&at).expect("mkdir");
     settle();
     let t0 = Instant::now();
-    let plan = RestorePlan::new(store, GuestId(1), Target::Epoch(epoch)).expect("plan");
+    let plan = RestorePlan::new(&**store, GuestId(1), Target::Epoch(epoch)).expect("plan");
     let len = plan.manifest.page_count * PAGE_SIZE as u64;
     let file = MountFile { name: "memory".into(), content: MountContent::Pages { first: 0, len } };
     let mounted = match plan.mount(store.clone(), vec![file], &at) {
@@ -294,9 +294,9 @@ fn main() {
     let out = d.join("remus.img");
     settle();
     let t0 = Instant::now();
-    let mut plan = RestorePlan::new(&store, GuestId(1), Target::Epoch(e2)).expect("plan");
+    let mut plan = RestorePlan::new(&*store, GuestId(1), Target::Epoch(e2)).expect("plan");
     plan.sync = false;
-    plan.execute(&store, &out, |_, _| {}).expect("restore");
+    plan.execute(&*store, &out, |_, _| {}).expect("restore");
     let tr = t0.elapsed().as_secs_f64();
     durable(&out);
     let td = t0.elapsed().as_secs_f64();

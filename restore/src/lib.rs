@@ -133,26 +133,6 @@ pub trait RestoreSource {
     ) -> Result<PagesWritten, RestoreError>;
 }
 
-impl<S: RestoreSource + ?Sized> RestoreSource for std::sync::Arc<S> {
-    fn resolve(&self, guest: GuestId, target: Target) -> Result<Manifest, RestoreError> {
-        (**self).resolve(guest, target)
-    }
-
-    fn device_state(&self, manifest: &Manifest) -> Result<Vec<u8>, RestoreError> {
-        (**self).device_state(manifest)
-    }
-
-    fn write_pages(
-        &self,
-        guest: GuestId,
-        manifest: &Manifest,
-        files: &SegmentFiles<'_>,
-        progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<PagesWritten, RestoreError> {
-        (**self).write_pages(guest, manifest, files, progress)
-    }
-}
-
 /// What [`RestoreSource::write_pages`] did.
 #[derive(Debug, Clone, Default)]
 pub struct PagesWritten {

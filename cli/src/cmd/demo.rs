@@ -85,7 +85,7 @@ pub fn run(args: &DemoArgs, cfg: &Config, data_dir: &Path) -> Result<bool> {
     for &e in &epochs {
         let expected = stats.lock().roots.get(&EpochId(e)).copied();
         let t0 = Instant::now();
-        let restored = RestorePlan::new(&store, guest, Target::Epoch(EpochId(e))).and_then(|plan| plan.execute(&store, &img, |_, _| {}));
+        let restored = RestorePlan::new(&*store, guest, Target::Epoch(EpochId(e))).and_then(|plan| plan.execute(&*store, &img, |_, _| {}));
         let secs = t0.elapsed().as_secs_f64();
         // Independent check: hash the written file itself.
         let ok = restored.map_err(anyhow::Error::from).and_then(|_| image_root(&img).map_err(anyhow::Error::from));

@@ -225,7 +225,7 @@ fn run_state(args: &RestoreArgs) -> &'static str {
 /// exits.
 fn serve(args: &RestoreArgs, target: Target, at: &Path, t0: Instant) -> Result<()> {
     let store = Arc::new(super::open_store_read_only(args.store.as_deref(), &args.data_dir)?);
-    let plan = RestorePlan::new(&store, GuestId(args.guest), target)?;
+    let plan = RestorePlan::new(&*store, GuestId(args.guest), target)?;
     let device_state = store.chunk(&plan.manifest.device_state).context("reading the device state")?;
     let (state, files) = remus_restore::vm::mount_files(&device_state, plan.manifest.page_count)?;
     let run = match (args.run, &state) {
