@@ -100,11 +100,9 @@ impl LiveVm {
         }
     }
 
-    /// Makes the files exactly what QEMU loads: the device-state stream cut
-    /// to its length, and the machine described.
+    /// Makes the files exactly what QEMU loads.
     fn seal(&self) -> std::io::Result<()> {
-        std::fs::OpenOptions::new().write(true).open(self.run.vmstate())?.set_len(self.state.vmstate_len)?;
-        std::fs::write(self.run.machine(), self.state.machine_json())
+        self.state.finish_files(&self.run)
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use remus_store::s3::{S3History, S3Tier};
 use remus_store::{Manifest, StoreError};
-use remus_types::{ChunkId, EpochId, GuestId, MemoryDigest, Pfn};
+use remus_types::{ChunkId, GuestId, MemoryDigest, Pfn};
 
 use crate::{check_root, PagesWritten, RestoreError, RestoreSource, SegmentFiles, Target};
 
@@ -36,12 +36,6 @@ impl<'a> S3Source<'a> {
             r => r?,
         };
         Ok(Self { tier, guest, history })
-    }
-
-    /// Epochs of the guest read from S3.
-    #[must_use]
-    pub fn epochs(&self) -> Vec<EpochId> {
-        self.history.epochs.iter().map(|e| e.manifest.epoch).collect()
     }
 }
 
@@ -117,7 +111,7 @@ mod tests {
     use remus_store::s3::{S3Client, S3Config};
     use remus_store::{EpochCommit, Store, StoreOptions, StoredChunk};
     use remus_types::content_id;
-    use remus_types::PAGE_SIZE;
+    use remus_types::{EpochId, PAGE_SIZE};
 
     /// Against the real S3 server the test script starts.
     fn tier(name: &str) -> S3Tier {

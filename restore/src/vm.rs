@@ -26,34 +26,17 @@ pub fn restore_vm<S: RestoreSource + ?Sized>(
     progress: impl FnMut(u64, u64),
 ) -> Result<Option<RestoredVm>, RestoreError> {
     let ds = source.device_state(&plan.manifest)?;
-    restore_vm_files(&ds, dir, |segments| plan.execute_segments(source, segments, progress))
-}
-
-/// The layout half of [`restore_vm`], for any source of pages: when
-/// `device_state` is a QEMU guest's, creates the run directory `dir` and
-/// has `write` fill the page space's segments (memory, disk image, device
-/// state files), then sizes the device state and writes `machine.json`.
-///
-/// # Errors
-/// A damaged device state header, or what `write` returns.
-pub fn restore_vm_files(
-    device_state: &[u8],
-    dir: &Path,
-    write: impl FnOnce(&[Segment<'_>]) -> Result<RestoreReport, RestoreError>,
-) -> Result<Option<RestoredVm>, RestoreError> {
-    let Some(state) = QemuState::decode(device_state)? else { return Ok(None) };
+    let Some(state) = QemuState::decode(&ds)? else { return Ok(None) };
     let run = RunDir::create(dir)?;
     let segs = state.segments(&run);
     let segments: Vec<Segment<'_>> = segs.iter().map(|(first, pages, path)| Segment { first: *first, pages: *pages, path }).collect();
-    let report = write(&segments)?;
-    let vm = std::fs::OpenOptions::new().write(true).open(run.vmstate())?;
-    vm.set_len(state.vmstate_len)?;
-    std::fs::write(run.machine(), state.machine_json())?;
+    let report = plan.execute_segments(source, &segments, progress)?;
+    state.finish_files(&run)?;
     Ok(Some((state, run, report)))
 }
 
 /// The files of an epoch served lazily (see [`RestorePlan::mount`]): for a
-/// QEMU guest the same files [`restore_vm_files`] writes, with its state;
+/// QEMU guest the same files [`restore_vm`] writes, with its state;
 /// for any other guest its memory image as `memory`.
 ///
 /// # Errors

@@ -209,6 +209,17 @@ impl QemuState {
         serde_json::to_vec_pretty(&self.machine).expect("plain data serialises")
     }
 
+    /// Makes a checkpoint's files in `run` exactly what QEMU loads: the
+    /// device-state file cut to the stream's length, and `machine.json`
+    /// written beside them.
+    ///
+    /// # Errors
+    /// The I/O error.
+    pub fn finish_files(&self, run: &RunDir) -> std::io::Result<()> {
+        std::fs::OpenOptions::new().write(true).open(run.vmstate())?.set_len(self.vmstate_len)?;
+        std::fs::write(run.machine(), self.machine_json())
+    }
+
     /// Encodes as the checkpoint's device state.
     #[must_use]
     pub fn encode(&self) -> Vec<u8> {
