@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use remus_types::{ChunkId, EpochId, GuestId, Pfn};
 use rocksdb::IteratorMode;
 
-use crate::chain::ChainWalk;
+use crate::chain::{Bridge, ChainWalk};
 use crate::db::{u64_at, Store, CF_CHUNKS, CF_EPOCHS, CF_PAGES};
 use crate::error::StoreError;
 use crate::manifest::{page_delta_hash, Manifest};
@@ -121,10 +121,10 @@ impl Store {
             index.entry((u64_at(&k, 0), !u64_at(&k, 16))).or_default().push((Pfn(u64_at(&k, 8)), id));
         }
         let mut referenced = HashSet::new();
-        let mut bridged: Vec<(u64, EpochId, EpochId)> = Vec::new();
+        let mut bridged: Vec<(u64, Bridge)> = Vec::new();
         for (guest, head) in self.guests()? {
             let bridges = self.bridges(guest)?;
-            bridged.extend(bridges.iter().map(|b| (guest.0, b.first, b.last)));
+            bridged.extend(bridges.iter().map(|b| (guest.0, *b)));
             let mut walk = ChainWalk::new(&bridges);
             let mut last = None;
             for kv in self.db.prefix_iterator_cf(self.cf(CF_EPOCHS), guest.0.to_be_bytes()) {
@@ -172,7 +172,7 @@ impl Store {
         // epoch's trimmed page list.
         let zero = remus_types::zero_page_hash();
         for ((guest, epoch), pages) in index {
-            let inside = bridged.iter().any(|(g, f, l)| *g == guest && (f.0..=l.0).contains(&epoch));
+            let inside = bridged.iter().any(|(g, b)| *g == guest && b.spans(EpochId(epoch)));
             if !inside || self.epoch_pages(GuestId(guest), EpochId(epoch))? != pages {
                 report.damage.push(Damage::PageIndexMismatch { guest, epoch });
                 continue;

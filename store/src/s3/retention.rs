@@ -69,7 +69,7 @@ impl S3Tier {
                 }
                 wanted.insert(key);
             }
-            let dropped = |e: EpochId| local.iter().any(|b| b.first <= e && e <= b.last);
+            let dropped = |e: EpochId| local.iter().any(|b| b.spans(e));
             for e in self.epoch_ids(guest)? {
                 if dropped(e) {
                     self.client.delete(&format::epoch_key(guest, e), None)?;
