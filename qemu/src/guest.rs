@@ -207,8 +207,11 @@ impl QemuGuest {
         if self.first {
             self.pfns.clear();
             self.pfns.extend((0..self.state.machine.ram_pages()).filter(|&p| !is_zero_page(page(mem, p))));
-            // Everything is taken: what the tracker saw so far is moot.
-            self.tracker.collect_paused(mem, &mut Vec::new())?;
+            // Everything is taken: the write-protect scanner's pages so far
+            // are moot (collected and dropped). The hashing baseline, taken
+            // at attach with QEMU paused since, needs no pass over memory
+            // inside this pause.
+            self.tracker.collect_running(&mut Vec::new())?;
         } else {
             self.tracker.collect_paused(mem, &mut self.pfns)?;
         }
