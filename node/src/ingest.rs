@@ -128,7 +128,8 @@ impl Ingest {
                     // A damaged or missing base is named as such, not as a
                     // decoding error of this page.
                     let base_page = match self.page(base, staged) {
-                        Ok(p) => p.to_vec(),
+                        // A page read from the store is not shared: no copy.
+                        Ok(p) => Arc::try_unwrap(p).unwrap_or_else(|shared| shared.to_vec()),
                         Err(StoreError::ChunkMissing(_)) => {
                             missing.push(*base);
                             continue;

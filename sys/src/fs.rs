@@ -19,15 +19,7 @@ pub fn punch_hole(file: &File, off: u64, len: u64) -> io::Result<bool> {
     // SAFETY: fallocate on a descriptor we hold open, with in-range
     // arguments; it touches no memory of ours.
     let rc = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len) };
-    if rc == 0 {
-        return Ok(true);
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-        Ok(false)
-    } else {
-        Err(e)
-    }
+    done_unless(rc, libc::EOPNOTSUPP)
 }
 
 /// Takes an exclusive advisory lock on `file` without waiting; `Ok(false)`
@@ -38,11 +30,17 @@ pub fn punch_hole(file: &File, off: u64, len: u64) -> io::Result<bool> {
 pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
     // SAFETY: flock on a descriptor we hold open.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    done_unless(rc, libc::EWOULDBLOCK)
+}
+
+/// A call's return code as done (`true`), not done for the one expected
+/// reason `errno` (`false`), or failed.
+fn done_unless(rc: libc::c_int, errno: libc::c_int) -> io::Result<bool> {
     if rc == 0 {
         return Ok(true);
     }
     let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+    if e.raw_os_error() == Some(errno) {
         Ok(false)
     } else {
         Err(e)

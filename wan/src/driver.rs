@@ -353,8 +353,11 @@ async fn read_forget_streams(conn: Connection, tx: mpsc::UnboundedSender<Control
                 Ok(Some(n)) => rd.push(&buf[..n]),
                 Ok(None) if rd.pending() == 0 => break,
                 Ok(None) => {
-                    let _ =
-                        tx.send(Control::Message(Err(DecodeError::from(FormatError::Truncated { need: rd.pending(), have: 0 }).into())));
+                    let _ = tx.send(Control::Message(Err(DecodeError::from(FormatError::Truncated {
+                        need: rd.pending() + 1,
+                        have: rd.pending(),
+                    })
+                    .into())));
                     return;
                 }
                 // Advisory: a stream cut off (the connection ending) loses

@@ -338,11 +338,10 @@ impl PageEncoder {
         }
     }
 
+    /// Called only for a hash not held yet, so `epoch` is the one that
+    /// first sends it (see `forget_after`).
     fn mark_held(&mut self, hash: ChunkId, epoch: EpochId) {
-        // The epoch that first sent it stays (see `forget_after`).
-        if !self.held.contains_key(&hash) {
-            self.held.insert(hash, epoch);
-        }
+        self.held.insert(hash, epoch);
     }
 
     fn remember(&mut self, pfn: Pfn, hash: ChunkId, page: &[u8]) {
