@@ -137,7 +137,7 @@ impl Ingest {
                         Err(e) => return Err(storage(e)),
                     };
                     let page = r.decode_page(|_| Some(base_page)).map_err(fail)?;
-                    let z = zstd::bulk::compress(&page, self.zstd_level)
+                    let z = remus_types::zstd_compress(&page, self.zstd_level)
                         .map_err(|e| CommitError::Storage { no_space: false, cause: Box::new(e) })?;
                     c.chunks.push((r.hash, StoredChunk::Zstd(z)));
                     staged.insert(r.hash, Arc::new(page));

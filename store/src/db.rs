@@ -768,22 +768,7 @@ fn decode_chunk_into(id: &ChunkId, codec: u8, b: &[u8], out: &mut Vec<u8>) -> Re
             // guess per call would dominate restore time.
             Ok(Some(n)) if n <= MAX_CHUNK as u64 => {
                 out.resize(start + n as usize, 0);
-                // One decompression context per thread: creating one per
-                // chunk costs more than decompressing a page.
-                thread_local! {
-                    static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
-                }
-                let dst = &mut out[start..];
-                let got = DCTX.with(|d| {
-                    let mut d = d.borrow_mut();
-                    if d.is_none() {
-                        *d = zstd::bulk::Decompressor::new().ok();
-                    }
-                    match d.as_mut() {
-                        Some(d) => d.decompress_to_buffer(b, dst),
-                        None => zstd::bulk::decompress_to_buffer(b, dst),
-                    }
-                });
+                let got = remus_types::zstd_decompress_into(b, &mut out[start..]);
                 if got.is_ok_and(|got| got == n as usize) {
                     Ok(())
                 } else {

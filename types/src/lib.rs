@@ -7,11 +7,13 @@
 //! prove that a memory image is the one the primary had at an epoch.
 
 mod bounded;
+mod codec;
 mod digest;
 pub mod format;
 mod ids;
 
 pub use bounded::BoundedMap;
+pub use codec::{zstd_compress, zstd_decompress_into};
 pub use digest::{MemoryDigest, GROUP_PAGES};
 pub use format::FormatError;
 pub use ids::{ChunkId, EpochId, GuestId, Pfn};

@@ -154,8 +154,9 @@ impl PageRecord {
 /// # Errors
 /// [`DecodeError::Corrupt`] when it is not a valid frame of 4096 bytes.
 pub fn decompress_page(z: &[u8]) -> Result<Vec<u8>, DecodeError> {
-    let out = zstd::bulk::decompress(z, PAGE_SIZE).map_err(|_| DecodeError::Corrupt("bad zstd frame"))?;
-    if out.len() != PAGE_SIZE {
+    let mut out = vec![0u8; PAGE_SIZE];
+    let n = remus_types::zstd_decompress_into(z, &mut out).map_err(|_| DecodeError::Corrupt("bad zstd frame"))?;
+    if n != PAGE_SIZE {
         return Err(DecodeError::Corrupt("decompressed page is not 4096 bytes"));
     }
     Ok(out)
