@@ -10,7 +10,9 @@
 //! epoch-ms = 25
 //! max-in-flight = 16
 //! heartbeat-ms = 50
-//! backup-timeout-ms = 500
+//! backup-timeout-ms = 500     # at the least; longer when the link is irregular
+//! backup-timeout-max-ms = 5000 # at the most
+//! congestion = "bbr"        # or cubic, newreno
 //!
 //! [protect.arena]
 //! memory-mib = 1024
@@ -36,7 +38,8 @@
 //! [backup]
 //! listen = "127.0.0.1:7400"
 //! heartbeat-ms = 50
-//! primary-timeout-ms = 500
+//! primary-timeout-ms = 500     # at the least; longer when the link is irregular
+//! primary-timeout-max-ms = 5000 # at the most
 //!
 //! # Optional: the S3 history tier (no defaults for bucket; the rest as
 //! # shown or from the AWS environment: AWS_REGION, AWS_ACCESS_KEY_ID, ...).
@@ -145,8 +148,13 @@ pub struct ProtectConfig {
     pub max_in_flight: usize,
     /// Heartbeat period (default 50 ms).
     pub heartbeat_ms: u64,
-    /// Silence after which the backup counts as lost (default 500 ms).
+    /// Silence after which the backup counts as lost, at the least
+    /// (default 500 ms; longer on a link where it is heard irregularly).
     pub backup_timeout_ms: u64,
+    /// ... and at the most (default 5000 ms).
+    pub backup_timeout_max_ms: u64,
+    /// Congestion control of the link: bbr (default), cubic or newreno.
+    pub congestion: String,
     /// The arena guest.
     pub arena: ArenaConfig,
     /// A QEMU guest.
@@ -162,6 +170,8 @@ impl Default for ProtectConfig {
             max_in_flight: 16,
             heartbeat_ms: 50,
             backup_timeout_ms: 500,
+            backup_timeout_max_ms: 5000,
+            congestion: remus_wan::Congestion::default().to_string(),
             arena: ArenaConfig::default(),
             qemu: crate::qemu_settings::QemuSettings::default(),
         }
@@ -180,11 +190,13 @@ pub struct BackupConfig {
     pub heartbeat_ms: u64,
     /// Silence after which a primary counts as lost (default 500 ms).
     pub primary_timeout_ms: u64,
+    /// ... and at the most (default 5000 ms).
+    pub primary_timeout_max_ms: u64,
 }
 
 impl Default for BackupConfig {
     fn default() -> Self {
-        Self { listen: default_listen(), store: None, heartbeat_ms: 50, primary_timeout_ms: 500 }
+        Self { listen: default_listen(), store: None, heartbeat_ms: 50, primary_timeout_ms: 500, primary_timeout_max_ms: 5000 }
     }
 }
 
@@ -216,10 +228,16 @@ impl Config {
         anyhow::ensure!(p.max_in_flight >= 1, "protect.max-in-flight must be at least 1");
         anyhow::ensure!(p.heartbeat_ms >= 1, "protect.heartbeat-ms must be at least 1");
         anyhow::ensure!(p.backup_timeout_ms > p.heartbeat_ms, "protect.backup-timeout-ms must exceed heartbeat-ms");
+        anyhow::ensure!(p.backup_timeout_max_ms >= p.backup_timeout_ms, "protect.backup-timeout-max-ms must be at least backup-timeout-ms");
+        p.congestion.parse::<remus_wan::Congestion>().map_err(|e| anyhow::anyhow!("protect.congestion: {e}"))?;
         p.arena.workload.validate().map_err(|e| anyhow::anyhow!("protect.arena.workload: {e}"))?;
         let b = &self.backup;
         anyhow::ensure!(b.heartbeat_ms >= 1, "backup.heartbeat-ms must be at least 1");
         anyhow::ensure!(b.primary_timeout_ms > b.heartbeat_ms, "backup.primary-timeout-ms must exceed heartbeat-ms");
+        anyhow::ensure!(
+            b.primary_timeout_max_ms >= b.primary_timeout_ms,
+            "backup.primary-timeout-max-ms must be at least primary-timeout-ms"
+        );
         if let Some(s3) = &self.s3 {
             s3.validate()?;
         }

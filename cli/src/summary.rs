@@ -32,6 +32,13 @@ pub struct Summary {
     pub wire_bytes_per_dirty_page: f64,
     /// Wire bytes over raw page bytes.
     pub wire_ratio: f64,
+    /// Bytes of epochs sent again after a reconnect or a refusal (part of
+    /// `wire_bytes`).
+    pub resent_bytes: u64,
+    /// Epochs sent again.
+    pub resent_epochs: u64,
+    /// Connection losses.
+    pub disconnects: u64,
     /// Encoding mix, pages.
     pub encoding: EncodingSummary,
     /// Seal-to-ack latency percentiles, ms.
@@ -94,6 +101,9 @@ impl Summary {
             wire_bytes: s.wire_bytes,
             wire_bytes_per_dirty_page: if s.wire_pages == 0 { 0.0 } else { s.wire_bytes as f64 / s.wire_pages as f64 },
             wire_ratio: if s.wire_pages == 0 { 0.0 } else { s.wire_bytes as f64 / (s.wire_pages * PAGE_SIZE as u64) as f64 },
+            resent_bytes: s.resent_bytes,
+            resent_epochs: s.resent_epochs,
+            disconnects: s.disconnects,
             encoding: EncodingSummary { zero: m.zero, reference: m.reference, xor: m.xor, raw_zstd: m.raw_zstd, raw_plain: m.raw_plain },
             commit_ms_p50: ms(percentile(&s.commit_ns, 50.0)),
             commit_ms_p99: ms(percentile(&s.commit_ns, 99.0)),
@@ -120,7 +130,7 @@ impl Summary {
             "epochs            {} sealed, {} committed in {:.1} s ({:.1} Hz)\n\
              pause             p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} tracking)\n\
              dirty pages       {} ({:.0} per epoch)\n\
-             wire              {} bytes, {:.1} bytes per dirty page ({:.1}% of raw)\n\
+             wire              {} bytes, {:.1} bytes per dirty page ({:.1}% of raw); resent {} bytes in {} epochs after {} disconnects\n\
              encodings         zero {:.1}%, ref {:.1}%, xor {:.1}%, zstd {:.1}%, plain {:.1}%\n\
              commit latency    p50 {:.2} ms, p99 {:.2} ms (seal to ack; backup commit p50 {:.2} ms, p99 {:.2} ms)\n\
              output released   {} lines, each after its epoch was acknowledged\n\
@@ -138,6 +148,9 @@ impl Summary {
             self.wire_bytes,
             self.wire_bytes_per_dirty_page,
             100.0 * self.wire_ratio,
+            self.resent_bytes,
+            self.resent_epochs,
+            self.disconnects,
             pct(e.zero),
             pct(e.reference),
             pct(e.xor),

@@ -16,6 +16,8 @@ pub enum BackupEvent {
         guest: GuestId,
         /// Its last committed epoch.
         committed: EpochId,
+        /// Why it counts as lost.
+        silence: remus_wan::Silence,
     },
     /// A guest failed over: its last committed epoch is here.
     FailedOver {

@@ -298,8 +298,12 @@ async fn consume_events(
                     let _ = writeln!(f, "{{\"epoch\":{},\"root\":\"{}\"}}", epoch.0, root.to_hex());
                 }
             }
-            LinkEvent::Sent { wire_bytes, pages, mix, .. } => {
+            LinkEvent::Sent { wire_bytes, pages, mix, resent, .. } => {
                 let mut s = stats.lock();
+                if resent {
+                    s.resent_bytes += wire_bytes;
+                    s.resent_epochs += 1;
+                }
                 s.wire_bytes += wire_bytes;
                 s.wire_pages += pages;
                 s.mix.merge(&mix);

@@ -135,9 +135,9 @@ impl Replica for StoreReplica {
         Some(self.deleted.subscribe())
     }
 
-    fn primary_lost(&self, guest: GuestId, committed: EpochId) {
+    fn primary_lost(&self, guest: GuestId, committed: EpochId, silence: &remus_wan::Silence) {
         self.stats.lock().entry(guest).or_default().lost_at = Some(committed);
-        let _ = self.events.send(BackupEvent::PrimaryLost { guest, committed });
+        let _ = self.events.send(BackupEvent::PrimaryLost { guest, committed, silence: *silence });
         let FailoverAction::RestoreTo { dir, resume } = &self.failover else { return };
         self.admission.fence(guest, committed);
         let live = self.live.take(guest, committed);

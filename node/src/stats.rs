@@ -45,6 +45,10 @@ pub struct PrimaryStats {
     pub wire_bytes: u64,
     /// Dirty pages put on the wire (resends included).
     pub wire_pages: u64,
+    /// Bytes of epochs sent again after a reconnect or a refusal.
+    pub resent_bytes: u64,
+    /// Epochs sent again.
+    pub resent_epochs: u64,
     /// Encodings chosen.
     pub mix: EncodingMix,
     /// Highest acknowledged epoch.
@@ -75,6 +79,8 @@ impl Default for PrimaryStats {
             roots: BTreeMap::new(),
             wire_bytes: 0,
             wire_pages: 0,
+            resent_bytes: 0,
+            resent_epochs: 0,
             mix: EncodingMix::default(),
             acked: EpochId(0),
             commit_ns: Vec::new(),

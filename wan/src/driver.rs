@@ -31,9 +31,59 @@ use crate::sender::{SenderConfig, SenderCore, SenderEvent, Transmit};
 /// UDP socket buffer size: the default 208 KiB drops packets under load.
 const SOCKET_BUFFER: usize = 4 << 20;
 
-/// Transport settings for long fat pipes: large windows, many streams.
+/// How the link controls its sending rate (`[link] congestion`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Congestion {
+    /// Model-based (BBR): paces at the measured bottleneck rate and
+    /// round-trip time, and does not take random loss for congestion, so
+    /// a lossy long path keeps its throughput.
+    #[default]
+    Bbr,
+    /// Loss-based (CUBIC), quinn's default: halves its window on loss,
+    /// which bounds the rate near MSS/RTT·1.22/√loss.
+    Cubic,
+    /// Loss-based (NewReno).
+    NewReno,
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "bbr" => Ok(Self::Bbr),
+            "cubic" => Ok(Self::Cubic),
+            "newreno" => Ok(Self::NewReno),
+            other => Err(format!("unknown congestion control {other:?} (bbr, cubic or newreno)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Congestion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Bbr => "bbr",
+            Self::Cubic => "cubic",
+            Self::NewReno => "newreno",
+        })
+    }
+}
+
+/// Reordering, in packets, that loss detection tolerates before it calls
+/// a packet lost (RFC 9002 suggests 3). A jittery path reorders far more
+/// than 3 packets at the packet rates of an epoch stream; with 3, every
+/// such reordering was taken for loss and the window collapsed. Loss is
+/// then found by the time threshold below instead.
+const PACKET_THRESHOLD: u32 = 1000;
+/// A packet is lost when a later one was acknowledged this many smoothed
+/// round trips after it was sent (RFC 9002: 9/8): room for jitter of an
+/// eighth to a quarter of the round trip.
+const TIME_THRESHOLD: f32 = 1.25;
+
+/// Transport settings for long fat pipes: large windows, many streams,
+/// loss detection that tolerates reordering, and the chosen congestion
+/// control.
 #[must_use]
-pub fn transport_config() -> quinn::TransportConfig {
+pub fn transport_config(congestion: Congestion) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_uni_streams(VarInt::from_u32(1024));
     t.stream_receive_window(VarInt::from_u32(64 << 20));
@@ -41,6 +91,13 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.send_window(512 << 20);
     t.keep_alive_interval(Some(Duration::from_millis(500)));
     t.max_idle_timeout(Some(VarInt::from_u32(10_000).into()));
+    t.packet_threshold(PACKET_THRESHOLD);
+    t.time_threshold(TIME_THRESHOLD);
+    match congestion {
+        Congestion::Bbr => t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
+        Congestion::Cubic => t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
+        Congestion::NewReno => t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default())),
+    };
     t
 }
 
@@ -80,6 +137,8 @@ pub enum LinkEvent {
         pages: u64,
         /// How they were encoded.
         mix: EncodingMix,
+        /// True when it went on the wire before (its bytes are resent).
+        resent: bool,
     },
     /// The backup durably committed every epoch up to `epoch`.
     Acked {
@@ -144,6 +203,8 @@ pub async fn run_primary(
 ) -> Result<(), LinkError> {
     let bind: SocketAddr = if cfg.backup.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("addr");
     let ep = endpoint(bind, None)?;
+    let mut client = cfg.client.clone();
+    client.transport_config(Arc::new(transport_config(cfg.sender.congestion)));
     let mut core = SenderCore::new(cfg.sender, cfg.guest, cfg.instance, cfg.page_count);
     let mut input = Input::default();
     let mut backoff = MIN_BACKOFF;
@@ -154,7 +215,7 @@ pub async fn run_primary(
             return Ok(());
         }
         // Connect, still taking checkpoints so the guest never waits on us.
-        let conn = match ep.connect_with(cfg.client.clone(), cfg.backup, crate::tls::SERVER_NAME) {
+        let conn = match ep.connect_with(client.clone(), cfg.backup, crate::tls::SERVER_NAME) {
             Ok(c) => input.take_while(&mut core, &mut checkpoints, &events, c).await.map_err(LinkError::from),
             Err(e) => Err(LinkError::from(e)),
         };
@@ -246,6 +307,7 @@ async fn serve_connection(
     let _forget_reader = AbortOnDrop(tokio::spawn(read_forget_streams(conn.clone(), tx.clone())));
     let mut streams = JoinSet::new();
     let mut welcomed = false;
+    let mut activity = PeerActivity::default();
     loop {
         // Encode at most one epoch per turn so heartbeats and acks are
         // never held up behind a backlog of encoding.
@@ -255,7 +317,10 @@ async fn serve_connection(
                 SenderEvent::Acked { epoch, manifest } => {
                     let _ = events.send(LinkEvent::Acked { epoch, manifest });
                 }
-                SenderEvent::PeerSilent => return Err(LinkError::Silent(Side::Backup)),
+                SenderEvent::PeerSilent(silence) => {
+                    tracing::warn!(%silence, "backup lost");
+                    return Err(LinkError::Silent { side: Side::Backup, silence: Box::new(silence) });
+                }
                 SenderEvent::Forgot { held } => {
                     let _ = events.send(LinkEvent::Forgot { held });
                 }
@@ -293,9 +358,30 @@ async fn serve_connection(
                     return Err(e.into());
                 }
             }
-            () = sleep_opt(deadline) => core.handle_timeout(Instant::now()),
+            () = sleep_opt(deadline) => {
+                let (arrived, rtt) = activity.look(conn);
+                core.handle_activity(Instant::now(), arrived, rtt);
+                core.handle_timeout(Instant::now());
+            }
             () = std::future::ready(()), if more => {}
         }
+    }
+}
+
+/// What the transport knows of the peer's liveness: its packets keep
+/// arriving even when a heartbeat is stuck behind a retransmission.
+#[derive(Default)]
+struct PeerActivity {
+    datagrams: u64,
+}
+
+impl PeerActivity {
+    /// Whether datagrams arrived since the last look, and the round trip.
+    fn look(&mut self, conn: &Connection) -> (bool, Duration) {
+        let n = conn.stats().udp_rx.datagrams;
+        let arrived = n > self.datagrams;
+        self.datagrams = n;
+        (arrived, conn.rtt())
     }
 }
 
@@ -309,11 +395,14 @@ async fn flush_sender(
     while let Some(t) = core.poll_transmit() {
         match t {
             Transmit::Control(b) => control.write_all(&b).await.map_err(StreamError::from)?,
-            Transmit::Epoch { epoch, bytes, pages, mix } => {
-                let _ = events.send(LinkEvent::Sent { epoch, wire_bytes: bytes.len() as u64, pages, mix });
+            Transmit::Epoch { epoch, bytes, pages, mix, resent } => {
+                let _ = events.send(LinkEvent::Sent { epoch, wire_bytes: bytes.len() as u64, pages, mix, resent });
                 let conn = conn.clone();
+                let priority = epoch_priority(epoch);
                 streams.spawn(async move {
                     let mut s = conn.open_uni().await?;
+                    // Cannot fail on a stream just opened.
+                    let _ = s.set_priority(priority);
                     s.write_all(&bytes).await?;
                     s.finish()?;
                     Ok(())
@@ -323,6 +412,18 @@ async fn flush_sender(
         }
     }
     Ok(false)
+}
+
+/// The send priority of an epoch's stream: below the control stream (0)
+/// and Forget streams (-1), and the older the epoch the higher, so that
+/// the link carries epochs first in, first out (retransmissions of an old
+/// epoch included): the oldest unacknowledged epoch, the one output waits
+/// for, is never held back by younger ones sharing the window.
+fn epoch_priority(epoch: EpochId) -> i32 {
+    // Wraps after 2^30 epochs (about 310 days at 40 Hz); across the wrap
+    // a few epochs go out of order, which costs delay, not correctness.
+    let rank = i32::try_from(epoch.0 % (1 << 30)).expect("below 2^30");
+    -2 - rank
 }
 
 /// The backup's Forget streams: each carries Forget frames only, read as
@@ -466,8 +567,9 @@ pub trait Replica: Send + Sync + 'static {
         None
     }
 
-    /// The primary of `guest` went silent after `committed`.
-    fn primary_lost(&self, guest: GuestId, committed: EpochId);
+    /// The primary of `guest` went silent after `committed`; `silence`
+    /// is the evidence.
+    fn primary_lost(&self, guest: GuestId, committed: EpochId, silence: &crate::liveness::Silence);
 
     /// The connection of `guest` ended (for any reason).
     fn disconnected(&self, guest: GuestId);
@@ -478,14 +580,23 @@ pub trait Replica: Send + Sync + 'static {
 pub struct BackupLinkConfig {
     /// Heartbeat period (default 50 ms).
     pub heartbeat: Duration,
-    /// Silence after which the primary counts as lost (default 10
-    /// heartbeats: on a loaded host a few periods of silence are common).
+    /// Silence after which the primary counts as lost, at the least
+    /// (default 10 heartbeats: on a loaded host a few periods of silence
+    /// are common); longer when it has been heard irregularly (see
+    /// [`Liveness`](crate::Liveness)).
     pub primary_timeout: Duration,
+    /// Silence after which the primary counts as lost, at the most
+    /// (default 5 s).
+    pub primary_timeout_max: Duration,
 }
 
 impl Default for BackupLinkConfig {
     fn default() -> Self {
-        Self { heartbeat: Duration::from_millis(50), primary_timeout: Duration::from_millis(500) }
+        Self {
+            heartbeat: Duration::from_millis(50),
+            primary_timeout: Duration::from_millis(500),
+            primary_timeout_max: Duration::from_secs(5),
+        }
     }
 }
 
@@ -562,7 +673,8 @@ async fn serve_epochs<R: Replica>(
     mut rx: mpsc::UnboundedReceiver<Control>,
     mut deleted: Option<tokio::sync::broadcast::Receiver<Arc<[ChunkId]>>>,
 ) -> Result<(), LinkError> {
-    let mut core = ReceiverCore::new(Instant::now(), cfg.heartbeat, cfg.primary_timeout);
+    let mut core = ReceiverCore::new(Instant::now(), cfg.heartbeat, cfg.primary_timeout, cfg.primary_timeout_max);
+    let mut activity = PeerActivity::default();
     core.accept(guest, page_count, committed, head);
     let max = core.max_epoch_bytes();
     let (etx, mut erx) = mpsc::unbounded_channel::<Result<Vec<u8>, StreamError>>();
@@ -604,10 +716,10 @@ async fn serve_epochs<R: Replica>(
         // The one event there is ends the link.
         if let Some(ev) = core.poll_event() {
             match ev {
-                ReceiverEvent::PrimaryLost { guest, committed } => {
-                    tracing::warn!(%guest, committed = committed.0, "primary lost");
-                    replica.primary_lost(guest, committed);
-                    return Err(LinkError::Silent(Side::Primary));
+                ReceiverEvent::PrimaryLost { guest, committed, silence } => {
+                    tracing::warn!(%guest, committed = committed.0, %silence, "primary lost");
+                    replica.primary_lost(guest, committed, &silence);
+                    return Err(LinkError::Silent { side: Side::Primary, silence: Box::new(silence) });
                 }
             }
         }
@@ -653,7 +765,11 @@ async fn serve_epochs<R: Replica>(
                 tracing::debug!(%guest, chunks = chunks.len(), "telling the primary to forget deleted chunks");
                 core.handle_chunks_deleted(&chunks);
             }
-            () = sleep_opt(deadline) => core.handle_timeout(Instant::now()),
+            () = sleep_opt(deadline) => {
+                let (arrived, rtt) = activity.look(conn);
+                core.handle_activity(Instant::now(), arrived, rtt);
+                core.handle_timeout(Instant::now());
+            }
         }
     }
 }

@@ -167,8 +167,13 @@ pub enum LinkError {
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
     /// The peer sent nothing (no heartbeat, no data) for its timeout.
-    #[error("{0} silent")]
-    Silent(Side),
+    #[error("{side} {silence}")]
+    Silent {
+        /// Which peer.
+        side: Side,
+        /// The evidence.
+        silence: Box<crate::liveness::Silence>,
+    },
     /// The peer finished its control stream in the middle of a session.
     #[error("{0} closed the control stream")]
     ControlClosed(Side),

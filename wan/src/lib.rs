@@ -21,14 +21,17 @@ pub mod driver;
 pub mod encoding;
 mod error;
 pub mod frame;
+mod liveness;
 mod receiver;
 mod sender;
 pub mod tls;
 
 pub use codec::{Reader, Writer};
+pub use driver::Congestion;
 pub use encoding::{decompress_page, EncoderConfig, EncodingMix, PageEncoder, PageEncoding, PageRecord};
 pub use error::{CommitError, DecodeError, LinkError, ProtocolError, Side, StreamError};
 pub use frame::{EpochHeader, FrameReader, Message, MAX_CHUNK_LIST};
+pub use liveness::{Liveness, Silence, PHI_THRESHOLD};
 pub use receiver::{ReceivedEpoch, ReceiverCore, ReceiverEvent, MAX_GROUP};
 pub use sender::{SenderConfig, SenderCore, SenderEvent, Transmit};
 

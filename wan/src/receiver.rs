@@ -26,6 +26,7 @@ use remus_types::{ChunkId, EpochId, GuestId};
 use crate::encoding::PageRecord;
 use crate::error::ProtocolError;
 use crate::frame::{EpochHeader, FrameReader, Message, MAX_CHUNK_LIST};
+use crate::liveness::{Liveness, Silence};
 
 /// Most epochs handed out in one commit group.
 pub const MAX_GROUP: usize = 32;
@@ -46,7 +47,7 @@ pub struct ReceivedEpoch {
 }
 
 /// What happened, for the driver.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ReceiverEvent {
     /// The primary has been silent for longer than the timeout: fail over
     /// from this epoch, the last committed.
@@ -55,6 +56,8 @@ pub enum ReceiverEvent {
         guest: GuestId,
         /// Last committed epoch.
         committed: EpochId,
+        /// Why it counts as lost.
+        silence: Silence,
     },
 }
 
@@ -69,19 +72,20 @@ pub struct ReceiverCore {
     round: u32,
     ready: BTreeMap<EpochId, ReceivedEpoch>,
     heartbeat: Duration,
-    timeout: Duration,
     next_heartbeat: Option<Instant>,
-    last_heard: Option<Instant>,
+    /// `None` once the primary was declared lost.
+    liveness: Option<Liveness>,
     control: VecDeque<Message>,
     forget: VecDeque<Message>,
     events: VecDeque<ReceiverEvent>,
 }
 
 impl ReceiverCore {
-    /// A connection's state; heartbeats every `heartbeat`, the primary is
-    /// lost after `timeout` of silence.
+    /// A connection's state; heartbeats every `heartbeat`; the primary is
+    /// lost after `timeout` of silence at the least, `timeout_max` at the
+    /// most, as its [`Liveness`] judges.
     #[must_use]
-    pub fn new(now: Instant, heartbeat: Duration, timeout: Duration) -> Self {
+    pub fn new(now: Instant, heartbeat: Duration, timeout: Duration, timeout_max: Duration) -> Self {
         Self {
             guest: None,
             page_count: 0,
@@ -91,9 +95,8 @@ impl ReceiverCore {
             round: 0,
             ready: BTreeMap::new(),
             heartbeat,
-            timeout,
             next_heartbeat: Some(now + heartbeat),
-            last_heard: Some(now),
+            liveness: Some(Liveness::new(now, timeout, timeout_max)),
             control: VecDeque::new(),
             forget: VecDeque::new(),
             events: VecDeque::new(),
@@ -122,7 +125,7 @@ impl ReceiverCore {
     /// # Errors
     /// [`ProtocolError`] for anything but a heartbeat or an error.
     pub fn handle_message(&mut self, now: Instant, msg: Message) -> Result<(), ProtocolError> {
-        self.last_heard = Some(now);
+        self.heard(now);
         match msg {
             Message::Heartbeat { .. } => Ok(()),
             Message::Error(m) => Err(ProtocolError::Peer(m)),
@@ -136,7 +139,7 @@ impl ReceiverCore {
     /// [`ProtocolError`] when the stream is malformed, belongs to another
     /// guest, or its record count does not add up.
     pub fn handle_epoch_stream(&mut self, now: Instant, bytes: &[u8]) -> Result<(), ProtocolError> {
-        self.last_heard = Some(now);
+        self.heard(now);
         let guest = self.guest.ok_or(ProtocolError::Unexpected("epoch before hello"))?;
         let mut rd = FrameReader::default();
         rd.push(bytes);
@@ -269,10 +272,27 @@ impl ReceiverCore {
         self.round
     }
 
+    /// A sign of life other than a message: the primary's packets are
+    /// arriving (the driver counts them), or the link measured `rtt`.
+    pub fn handle_activity(&mut self, now: Instant, packets_arrived: bool, rtt: Duration) {
+        if let Some(l) = self.liveness.as_mut() {
+            l.set_rtt(rtt);
+        }
+        if packets_arrived {
+            self.heard(now);
+        }
+    }
+
+    fn heard(&mut self, now: Instant) {
+        if let Some(l) = self.liveness.as_mut() {
+            l.heard(now);
+        }
+    }
+
     /// When to call [`handle_timeout`](Self::handle_timeout).
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        crate::earliest(self.next_heartbeat, self.last_heard.map(|t| t + self.timeout))
+        crate::earliest(self.next_heartbeat, self.liveness.as_ref().map(Liveness::deadline))
     }
 
     /// Advances the clock.
@@ -281,10 +301,11 @@ impl ReceiverCore {
             self.control.push_back(Message::Heartbeat { epoch: self.committed });
             self.next_heartbeat = Some(now + self.heartbeat);
         }
-        if self.last_heard.is_some_and(|t| now >= t + self.timeout) {
-            self.last_heard = None;
+        if let Some(l) = self.liveness.as_ref().filter(|l| l.is_lost(now)) {
+            let silence = l.silence(now);
+            self.liveness = None;
             if let Some(guest) = self.guest {
-                self.events.push_back(ReceiverEvent::PrimaryLost { guest, committed: self.committed });
+                self.events.push_back(ReceiverEvent::PrimaryLost { guest, committed: self.committed, silence });
             }
         }
     }

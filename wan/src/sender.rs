@@ -27,6 +27,7 @@ use remus_types::{content_id, is_zero_page, zero_page_hash, Checkpoint, ChunkId,
 use crate::encoding::{EncoderConfig, EncodingMix, PageEncoder};
 use crate::error::ProtocolError;
 use crate::frame::{EpochHeader, Message};
+use crate::liveness::{Liveness, Silence};
 
 /// Tuning of the sender.
 #[derive(Debug, Clone, Copy)]
@@ -35,8 +36,13 @@ pub struct SenderConfig {
     pub max_in_flight: usize,
     /// Heartbeat period (default 50 ms).
     pub heartbeat: Duration,
-    /// Silence after which the backup counts as lost (default 10 heartbeats).
+    /// Silence after which the backup counts as lost, at the least
+    /// (default 10 heartbeats); longer when it has been heard irregularly
+    /// (see [`Liveness`]).
     pub peer_timeout: Duration,
+    /// Silence after which the backup counts as lost, at the most
+    /// (default 5 s).
+    pub peer_timeout_max: Duration,
     /// Target payload bytes per Pages frame (default 256 KiB).
     pub batch_bytes: usize,
     /// Bytes of unacknowledged checkpoints kept for resending, at most
@@ -46,6 +52,8 @@ pub struct SenderConfig {
     pub max_retained_bytes: usize,
     /// Page encoder tuning.
     pub encoder: EncoderConfig,
+    /// Congestion control of the link.
+    pub congestion: crate::driver::Congestion,
 }
 
 impl Default for SenderConfig {
@@ -54,9 +62,11 @@ impl Default for SenderConfig {
             max_in_flight: 16,
             heartbeat: Duration::from_millis(50),
             peer_timeout: Duration::from_millis(500),
+            peer_timeout_max: Duration::from_secs(5),
             batch_bytes: 256 << 10,
             max_retained_bytes: 2 << 30,
             encoder: EncoderConfig::default(),
+            congestion: crate::driver::Congestion::default(),
         }
     }
 }
@@ -76,11 +86,14 @@ pub enum Transmit {
         pages: u64,
         /// How they were encoded.
         mix: EncodingMix,
+        /// True when this epoch went on the wire before (a reconnect or a
+        /// refusal) and is sent again.
+        resent: bool,
     },
 }
 
 /// What happened, for the driver and the engine.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum SenderEvent {
     /// The backup committed every epoch up to this one.
     Acked {
@@ -90,7 +103,7 @@ pub enum SenderEvent {
         manifest: ChunkId,
     },
     /// The backup has been silent for longer than the peer timeout.
-    PeerSilent,
+    PeerSilent(Silence),
     /// The backup deleted chunks (GC); `held` of them were counted as held
     /// and are forgotten.
     Forgot {
@@ -112,6 +125,8 @@ struct Retained {
     hashes: Vec<ChunkId>,
     root: ChunkId,
     sent: bool,
+    /// Sent on some connection before.
+    ever_sent: bool,
 }
 
 /// Sans-IO state of the primary.
@@ -130,7 +145,8 @@ pub struct SenderCore {
     /// Refusal round of this connection (see [`Message::Missing`]).
     round: u32,
     next_heartbeat: Option<Instant>,
-    last_heard: Option<Instant>,
+    /// While connected and the backup not declared lost.
+    liveness: Option<Liveness>,
     control: VecDeque<Message>,
     events: VecDeque<SenderEvent>,
 }
@@ -154,7 +170,7 @@ impl SenderCore {
             connected: false,
             round: 0,
             next_heartbeat: None,
-            last_heard: None,
+            liveness: None,
             control: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -166,7 +182,7 @@ impl SenderCore {
         self.connected = false;
         self.round = 0;
         self.next_heartbeat = Some(now + self.cfg.heartbeat);
-        self.last_heard = Some(now);
+        self.liveness = Some(Liveness::new(now, self.cfg.peer_timeout, self.cfg.peer_timeout_max));
     }
 
     /// The connection broke: everything unacknowledged will be sent again
@@ -174,7 +190,7 @@ impl SenderCore {
     pub fn handle_disconnected(&mut self) {
         self.connected = false;
         self.next_heartbeat = None;
-        self.last_heard = None;
+        self.liveness = None;
         self.control.clear();
         for r in self.retained.values_mut() {
             r.sent = false;
@@ -205,7 +221,7 @@ impl SenderCore {
         let root = self.digest.root();
         self.sealed = cp.epoch;
         self.retained_bytes += cp.pages.len();
-        self.retained.insert(cp.epoch, Retained { cp, hashes, root, sent: false });
+        self.retained.insert(cp.epoch, Retained { cp, hashes, root, sent: false, ever_sent: false });
         root
     }
 
@@ -215,7 +231,9 @@ impl SenderCore {
     /// [`ProtocolError`] for a message that makes no sense here, or the
     /// backup's own error; the driver then closes the connection.
     pub fn handle_message(&mut self, now: Instant, msg: Message) -> Result<(), ProtocolError> {
-        self.last_heard = Some(now);
+        if let Some(l) = self.liveness.as_mut() {
+            l.heard(now);
+        }
         match msg {
             Message::Welcome { guest, committed, head } => {
                 if guest != self.guest {
@@ -286,10 +304,21 @@ impl SenderCore {
         }
     }
 
+    /// A sign of life other than a message: the backup's packets are
+    /// arriving (the driver counts them), or the link measured `rtt`.
+    pub fn handle_activity(&mut self, now: Instant, packets_arrived: bool, rtt: Duration) {
+        if let Some(l) = self.liveness.as_mut() {
+            l.set_rtt(rtt);
+            if packets_arrived {
+                l.heard(now);
+            }
+        }
+    }
+
     /// When the driver should call [`handle_timeout`](Self::handle_timeout).
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        crate::earliest(self.next_heartbeat, self.last_heard.map(|t| t + self.cfg.peer_timeout))
+        crate::earliest(self.next_heartbeat, self.liveness.as_ref().map(Liveness::deadline))
     }
 
     /// Advances the clock: queues heartbeats, notices a silent backup.
@@ -300,11 +329,10 @@ impl SenderCore {
                 self.next_heartbeat = Some(now + self.cfg.heartbeat);
             }
         }
-        if let Some(t) = self.last_heard {
-            if now >= t + self.cfg.peer_timeout {
-                self.last_heard = None;
-                self.events.push_back(SenderEvent::PeerSilent);
-            }
+        if let Some(l) = self.liveness.as_ref().filter(|l| l.is_lost(now)) {
+            let silence = l.silence(now);
+            self.liveness = None;
+            self.events.push_back(SenderEvent::PeerSilent(silence));
         }
     }
 
@@ -319,8 +347,9 @@ impl SenderCore {
         let epoch = *self.retained.iter().find(|(_, r)| !r.sent)?.0;
         let r = self.retained.get_mut(&epoch).expect("present");
         r.sent = true;
+        let resent = std::mem::replace(&mut r.ever_sent, true);
         let (bytes, mix) = encode_epoch(&mut self.encoder, &self.cfg, &r.cp, &r.hashes, r.root, self.round);
-        Some(Transmit::Epoch { epoch, bytes, pages: r.cp.pfns.len() as u64, mix })
+        Some(Transmit::Epoch { epoch, bytes, pages: r.cp.pfns.len() as u64, mix, resent })
     }
 
     /// The next event, if any.

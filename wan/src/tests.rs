@@ -115,7 +115,7 @@ impl Sim {
     }
 
     fn connect(&mut self) {
-        self.receiver = Some(ReceiverCore::new(self.now, Duration::from_millis(50), Duration::from_millis(500)));
+        self.receiver = Some(ReceiverCore::new(self.now, Duration::from_millis(50), Duration::from_millis(500), Duration::from_secs(5)));
         self.sender.handle_connected(self.now);
     }
 
@@ -272,7 +272,7 @@ fn a_silent_backup_is_noticed() {
     sim.run(sim.now + Duration::from_millis(600));
     let mut silent = false;
     while let Some(e) = sim.sender.poll_event() {
-        silent |= e == SenderEvent::PeerSilent;
+        silent |= matches!(e, SenderEvent::PeerSilent(_));
     }
     assert!(silent);
 }
@@ -280,18 +280,66 @@ fn a_silent_backup_is_noticed() {
 #[test]
 fn a_silent_primary_is_noticed_by_the_backup() {
     let now = Instant::now();
-    let mut rx = ReceiverCore::new(now, Duration::from_millis(50), Duration::from_millis(150));
+    let mut rx = ReceiverCore::new(now, Duration::from_millis(50), Duration::from_millis(150), Duration::from_secs(5));
     rx.accept(GuestId(3), PAGES, EpochId(9), ChunkId::default());
     rx.handle_timeout(now + Duration::from_millis(100));
     assert_eq!(rx.poll_event(), None);
     rx.handle_timeout(now + Duration::from_millis(151));
-    assert_eq!(rx.poll_event(), Some(ReceiverEvent::PrimaryLost { guest: GuestId(3), committed: EpochId(9) }));
+    match rx.poll_event() {
+        Some(ReceiverEvent::PrimaryLost { guest: GuestId(3), committed: EpochId(9), silence }) => {
+            assert_eq!(silence.silent_for, Duration::from_millis(151));
+            assert_eq!(silence.timeout, Duration::from_millis(150));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_primary_whose_packets_keep_arriving_is_not_lost_while_its_heartbeats_are_late() {
+    let t0 = Instant::now();
+    let ms = Duration::from_millis;
+    let mut rx = ReceiverCore::new(t0, ms(50), ms(500), Duration::from_secs(5));
+    rx.accept(GuestId(3), PAGES, EpochId(9), ChunkId::default());
+    // Two seconds without a single control message, but the transport
+    // sees the primary's packets every 100 ms (bulk data, retransmissions).
+    for i in 1..=20 {
+        rx.handle_activity(t0 + ms(100) * i, true, ms(100));
+        rx.handle_timeout(t0 + ms(100) * i);
+    }
+    assert_eq!(rx.poll_event(), None);
+    // Then nothing at all: lost after the timeout, which three round trips
+    // of 200 ms raise to 600 ms.
+    let last = t0 + ms(2000);
+    rx.handle_activity(last + ms(10), false, ms(200));
+    rx.handle_timeout(last + ms(599));
+    assert_eq!(rx.poll_event(), None);
+    rx.handle_timeout(last + ms(600));
+    assert!(matches!(rx.poll_event(), Some(ReceiverEvent::PrimaryLost { silence, .. }) if silence.timeout == ms(600)));
+}
+
+#[test]
+fn a_primary_heard_irregularly_gets_more_time_before_it_counts_as_lost() {
+    let t0 = Instant::now();
+    let ms = Duration::from_millis;
+    let mut rx = ReceiverCore::new(t0, ms(50), ms(500), Duration::from_secs(5));
+    rx.accept(GuestId(3), PAGES, EpochId(9), ChunkId::default());
+    let mut t = t0;
+    for i in 0..100 {
+        t += if i % 4 == 0 { ms(480) } else { ms(50) };
+        rx.handle_message(t, Message::Heartbeat { epoch: EpochId(9) }).unwrap();
+    }
+    // A regular primary would be lost 500 ms after this; this one has often
+    // been nearly that late and is given longer.
+    rx.handle_timeout(t + ms(550));
+    assert_eq!(rx.poll_event(), None);
+    rx.handle_timeout(t + Duration::from_secs(5));
+    assert!(matches!(rx.poll_event(), Some(ReceiverEvent::PrimaryLost { .. })));
 }
 
 #[test]
 fn malformed_epoch_streams_are_refused() {
     let now = Instant::now();
-    let mut rx = ReceiverCore::new(now, Duration::from_millis(50), Duration::from_millis(150));
+    let mut rx = ReceiverCore::new(now, Duration::from_millis(50), Duration::from_millis(150), Duration::from_secs(5));
     assert!(rx.handle_epoch_stream(now, b"RMUS").is_err(), "epoch before hello");
     rx.accept(GuestId(3), PAGES, EpochId(0), ChunkId::default());
     let header =
@@ -419,7 +467,7 @@ fn control(rx: &mut ReceiverCore) -> Vec<Message> {
 #[test]
 fn a_refused_commit_opens_a_round_and_drops_what_was_encoded_before_it() {
     let now = Instant::now();
-    let mut rx = ReceiverCore::new(now, Duration::from_millis(50), Duration::from_millis(500));
+    let mut rx = ReceiverCore::new(now, Duration::from_millis(50), Duration::from_millis(500), Duration::from_secs(5));
     rx.accept(GuestId(3), PAGES, EpochId(4), ChunkId::default());
     let gone = ChunkId([5; 32]);
     let reference = || vec![PageRecord { pfn: Pfn(1), hash: gone, encoding: PageEncoding::Ref }];

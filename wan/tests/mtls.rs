@@ -25,7 +25,7 @@ impl Replica for CountingReplica {
     fn commit(&self, _: Vec<ReceivedEpoch>) -> Result<ChunkId, CommitError> {
         Err(CommitError::Rejected("not in this test"))
     }
-    fn primary_lost(&self, _: GuestId, _: EpochId) {}
+    fn primary_lost(&self, _: GuestId, _: EpochId, _: &remus_wan::Silence) {}
     fn disconnected(&self, _: GuestId) {}
 }
 

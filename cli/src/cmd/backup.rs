@@ -52,6 +52,7 @@ pub fn run(args: &BackupArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
         link: BackupLinkConfig {
             heartbeat: Duration::from_millis(b.heartbeat_ms),
             primary_timeout: Duration::from_millis(b.primary_timeout_ms),
+            primary_timeout_max: Duration::from_millis(b.primary_timeout_max_ms),
         },
         failover: args.failover_dir.clone().map_or(FailoverAction::Record, |dir| FailoverAction::RestoreTo {
             dir,
@@ -120,8 +121,8 @@ pub fn run(args: &BackupArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
 fn show_event(ev: &BackupEvent) -> Result<()> {
     use std::io::Write;
     match ev {
-        BackupEvent::PrimaryLost { guest, committed } => {
-            eprintln!("{guest}: primary silent after committed epoch {}", committed.0);
+        BackupEvent::PrimaryLost { guest, committed, silence } => {
+            eprintln!("{guest}: primary silent after committed epoch {}: {silence}", committed.0);
         }
         BackupEvent::FailedOver { guest, epoch, outcome: FailoverOutcome::Resumed { pid, qmp, from_live } } => println!(
             "failover {guest} epoch {} resumed in qemu pid {pid} (qmp {}; {})",

@@ -28,6 +28,10 @@ pub struct GuestFlags {
     /// Page writes per second of the built-in workload (default 20000).
     #[arg(long)]
     pub pages_per_sec: Option<u64>,
+    /// Congestion control of the link: bbr, cubic or newreno (default:
+    /// `protect.congestion`, bbr).
+    #[arg(long)]
+    pub congestion: Option<remus_wan::Congestion>,
 }
 
 /// Which guest `remus protect` runs.
@@ -88,6 +92,10 @@ pub fn primary_options(
     guest: u64,
 ) -> Result<PrimaryOptions> {
     let p = &cfg.protect;
+    let congestion = match flags.congestion {
+        Some(c) => c,
+        None => p.congestion.parse().map_err(|e| anyhow::anyhow!("protect.congestion: {e}"))?,
+    };
     let mut arena = p.arena.clone();
     if let Some(m) = flags.memory_mib {
         arena.memory_mib = m;
@@ -111,6 +119,8 @@ pub fn primary_options(
         max_in_flight: p.max_in_flight,
         heartbeat: Duration::from_millis(p.heartbeat_ms),
         peer_timeout: Duration::from_millis(p.backup_timeout_ms),
+        peer_timeout_max: Duration::from_millis(p.backup_timeout_max_ms),
+        congestion,
         ..SenderConfig::default()
     };
     Ok(PrimaryOptions { guest: GuestId(guest), guest_kind, epoch, backup, tls, sender, output_log: None, record_roots: None })
