@@ -8,7 +8,7 @@
 //! guest = 1
 //! backup = "127.0.0.1:7400"
 //! epoch-ms = 25
-//! max-in-flight = 16
+//! max-in-flight = 256
 //! heartbeat-ms = 50
 //! backup-timeout-ms = 500     # at the least; longer when the link is irregular
 //! backup-timeout-max-ms = 5000 # at the most
@@ -144,7 +144,7 @@ pub struct ProtectConfig {
     pub backup: SocketAddr,
     /// Epoch length in ms (default 25, i.e. 40 Hz).
     pub epoch_ms: u64,
-    /// Epochs in flight at most (default 16).
+    /// Epochs in flight at most (default 256).
     pub max_in_flight: usize,
     /// Heartbeat period (default 50 ms).
     pub heartbeat_ms: u64,
@@ -167,7 +167,7 @@ impl Default for ProtectConfig {
             guest: 1,
             backup: default_listen(),
             epoch_ms: 25,
-            max_in_flight: 16,
+            max_in_flight: 256,
             heartbeat_ms: 50,
             backup_timeout_ms: 500,
             backup_timeout_max_ms: 5000,

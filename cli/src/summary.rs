@@ -39,6 +39,8 @@ pub struct Summary {
     pub resent_epochs: u64,
     /// Connection losses.
     pub disconnects: u64,
+    /// CPU time this process used (user and system, every thread), s.
+    pub cpu_seconds: f64,
     /// Encoding mix, pages.
     pub encoding: EncodingSummary,
     /// Seal-to-ack latency percentiles, ms.
@@ -104,6 +106,7 @@ impl Summary {
             resent_bytes: s.resent_bytes,
             resent_epochs: s.resent_epochs,
             disconnects: s.disconnects,
+            cpu_seconds: remus_sys::cpu_time().as_secs_f64(),
             encoding: EncodingSummary { zero: m.zero, reference: m.reference, xor: m.xor, raw_zstd: m.raw_zstd, raw_plain: m.raw_plain },
             commit_ms_p50: ms(percentile(&s.commit_ns, 50.0)),
             commit_ms_p99: ms(percentile(&s.commit_ns, 99.0)),

@@ -85,3 +85,44 @@ pub fn signal(pid: u32, signal: libc::c_int) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// CPU time (user and system, all threads) the process `pid` has used so
+/// far, from `/proc/PID/stat`.
+///
+/// # Errors
+/// When the process is gone or its stat line cannot be read.
+pub fn process_cpu_time(pid: u32) -> std::io::Result<std::time::Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("unreadable /proc/{pid}/stat"));
+    // Fields after the command name (which may hold spaces) in parentheses:
+    // state is field 3, utime 14 and stime 15.
+    let rest = stat.rsplit_once(')').ok_or_else(bad)?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i - 3).and_then(|f| f.parse::<u64>().ok()).ok_or_else(bad);
+    let total = ticks(14)? + ticks(15)?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|h| *h > 0).unwrap_or(100);
+    Ok(std::time::Duration::from_nanos(total * 1_000_000_000 / hz))
+}
+
+/// CPU time (user and system, all threads) this process has used so far.
+#[must_use]
+pub fn cpu_time() -> std::time::Duration {
+    process_cpu_time(std::process::id()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cpu_time_grows_with_work_and_a_missing_process_is_an_error() {
+        let before = super::cpu_time();
+        let mut x = 0u64;
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < std::time::Duration::from_millis(300) {
+            x = std::hint::black_box(x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1));
+        }
+        assert!(super::cpu_time() > before, "300 ms of spinning shows as CPU time");
+        assert!(super::process_cpu_time(u32::MAX).is_err());
+    }
+}
