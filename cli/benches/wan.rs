@@ -14,7 +14,8 @@
 //! - `REMUS_BENCH_LOSS` (default `0,0.001,0.01`);
 //! - `REMUS_BENCH_WORKLOADS` (default `default,incompressible`);
 //! - `REMUS_BENCH_CC` (default `bbr,cubic`);
-//! - `REMUS_BENCH_JITTER_MS` (default 1; 0 at RTT 0).
+//! - `REMUS_BENCH_JITTER_MS` (default 1; 0 at RTT 0);
+//! - `REMUS_BENCH_PAGES_PER_SEC` (default: the workload's own, 20 000).
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -97,6 +98,7 @@ fn run_cell(c: &Cell, seconds: u64, jitter: Duration) -> String {
         .arg(data)
         .args(["--backup", &relay.local_addr().to_string(), "--json", "--drain-seconds", "20", "--congestion", &c.cc])
         .args(["--seconds", &seconds.to_string()])
+        .args(std::env::var("REMUS_BENCH_PAGES_PER_SEC").map(|r| vec!["--pages-per-sec".to_string(), r]).unwrap_or_default())
         .stderr(Stdio::null())
         .output()
         .expect("protect");

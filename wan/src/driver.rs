@@ -186,6 +186,8 @@ pub struct PrimaryLinkConfig {
 
 enum Control {
     Message(Result<Message, StreamError>),
+    /// A copy of a control message that came as a datagram.
+    Datagram(Message),
     /// The peer finished its control stream: a clean end.
     Closed,
 }
@@ -305,6 +307,7 @@ async fn serve_connection(
     let reader = tokio::spawn(read_control(recv, tx.clone()));
     let _guard = AbortOnDrop(reader);
     let _forget_reader = AbortOnDrop(tokio::spawn(read_forget_streams(conn.clone(), tx.clone())));
+    let _datagram_reader = AbortOnDrop(tokio::spawn(read_datagrams(conn.clone(), tx.clone())));
     let mut streams = JoinSet::new();
     let mut welcomed = false;
     let mut activity = PeerActivity::default();
@@ -347,6 +350,7 @@ async fn serve_connection(
             Some(input) = rx.recv() => match input {
                 Control::Message(Ok(m)) => core.handle_message(Instant::now(), m)?,
                 Control::Message(Err(e)) => return Err(e.into()),
+                Control::Datagram(m) => core.handle_datagram(Instant::now(), &m),
                 Control::Closed => return Err(LinkError::ControlClosed(Side::Backup)),
             },
             cp = checkpoints.recv(), if !*input_closed && core.can_accept() => match cp {
@@ -392,6 +396,9 @@ async fn flush_sender(
     streams: &mut JoinSet<Result<(), StreamError>>,
     events: &mpsc::UnboundedSender<LinkEvent>,
 ) -> Result<bool, LinkError> {
+    while let Some(d) = core.poll_datagram() {
+        send_datagram(conn, d);
+    }
     while let Some(t) = core.poll_transmit() {
         match t {
             Transmit::Control(b) => control.write_all(&b).await.map_err(StreamError::from)?,
@@ -465,6 +472,32 @@ async fn read_forget_streams(conn: Connection, tx: mpsc::UnboundedSender<Control
                 // nothing that matters.
                 Err(_) => break,
             }
+        }
+    }
+}
+
+/// Sends `frame` as an unreliable datagram when the peer takes datagrams
+/// of its size; dropped otherwise (it is a copy of a control message).
+fn send_datagram(conn: &Connection, frame: Vec<u8>) {
+    if conn.max_datagram_size().is_some_and(|max| frame.len() <= max) {
+        let _ = conn.send_datagram(frame.into());
+    }
+}
+
+/// Datagrams from the peer: each one frame, a copy of a control message.
+/// A datagram that does not decode is dropped (the stream has the real
+/// one).
+async fn read_datagrams(conn: Connection, tx: mpsc::UnboundedSender<Control>) {
+    while let Ok(d) = conn.read_datagram().await {
+        let mut rd = FrameReader::default();
+        rd.push(&d);
+        match rd.next_message() {
+            Ok(Some(m)) if rd.pending() == 0 => {
+                if tx.send(Control::Datagram(m)).is_err() {
+                    return;
+                }
+            }
+            _ => tracing::debug!(len = d.len(), "undecodable datagram dropped"),
         }
     }
 }
@@ -628,10 +661,10 @@ async fn serve_primary<R: Replica>(conn: &Connection, replica: &Arc<R>, cfg: Bac
     let (mut control, recv) = conn.accept_bi().await?;
     // One reader frames the whole control stream, Hello included.
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let _control_reader = AbortOnDrop(tokio::spawn(read_control(recv, tx)));
+    let _control_reader = AbortOnDrop(tokio::spawn(read_control(recv, tx.clone())));
     let hello = match rx.recv().await {
         Some(Control::Message(m)) => m?,
-        Some(Control::Closed) | None => return Err(LinkError::Closed),
+        Some(Control::Closed | Control::Datagram(_)) | None => return Err(LinkError::Closed),
     };
     let Message::Hello { guest, instance, page_count } = hello else {
         return Err(ProtocolError::Unexpected("first control message is not Hello").into());
@@ -651,6 +684,7 @@ async fn serve_primary<R: Replica>(conn: &Connection, replica: &Arc<R>, cfg: Bac
     // Subscribed before the Welcome: what GC deletes from here on reaches
     // the primary after it.
     let deleted = replica.deleted_chunks();
+    let _datagram_reader = AbortOnDrop(tokio::spawn(read_datagrams(conn.clone(), tx)));
     let result = serve_epochs(conn, replica, cfg, Session { guest, page_count, committed, head }, control, rx, deleted).await;
     replica.disconnected(guest);
     result
@@ -698,6 +732,9 @@ async fn serve_epochs<R: Replica>(
                 commit = Some(tokio::task::spawn_blocking(move || (epoch, r2.commit(group))));
             }
         }
+        while let Some(d) = core.poll_datagram() {
+            send_datagram(conn, d);
+        }
         while let Some(b) = core.poll_transmit() {
             control.write_all(&b).await.map_err(StreamError::from)?;
         }
@@ -731,6 +768,7 @@ async fn serve_epochs<R: Replica>(
                     core.handle_message(Instant::now(), m)?;
                 }
                 Control::Message(Err(e)) => return Err(e.into()),
+                Control::Datagram(m) => core.handle_datagram(Instant::now(), &m),
                 Control::Closed => {
                     tracing::info!(%guest, committed = core.committed().0, "primary finished");
                     return Ok(());

@@ -76,6 +76,8 @@ pub struct ReceiverCore {
     /// `None` once the primary was declared lost.
     liveness: Option<Liveness>,
     control: VecDeque<Message>,
+    /// Copies of acknowledgements and heartbeats for unreliable datagrams.
+    datagrams: VecDeque<Message>,
     forget: VecDeque<Message>,
     events: VecDeque<ReceiverEvent>,
 }
@@ -98,6 +100,7 @@ impl ReceiverCore {
             next_heartbeat: Some(now + heartbeat),
             liveness: Some(Liveness::new(now, timeout, timeout_max)),
             control: VecDeque::new(),
+            datagrams: VecDeque::new(),
             forget: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -186,7 +189,7 @@ impl ReceiverCore {
         }
         if header.epoch <= self.committed {
             // Resent after a reconnect: already durable, acknowledge again.
-            self.control.push_back(Message::Ack { epoch: self.committed, manifest: self.manifest });
+            self.send_redundant(Message::Ack { epoch: self.committed, manifest: self.manifest });
             return Ok(());
         }
         if header.round < self.round {
@@ -229,7 +232,7 @@ impl ReceiverCore {
         self.committing = false;
         self.committed = epoch;
         self.manifest = manifest;
-        self.control.push_back(Message::Ack { epoch, manifest });
+        self.send_redundant(Message::Ack { epoch, manifest });
     }
 
     /// The commit handed out by [`poll_commit`](Self::poll_commit) was
@@ -298,7 +301,7 @@ impl ReceiverCore {
     /// Advances the clock.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.next_heartbeat.is_some_and(|t| now >= t) {
-            self.control.push_back(Message::Heartbeat { epoch: self.committed });
+            self.send_redundant(Message::Heartbeat { epoch: self.committed });
             self.next_heartbeat = Some(now + self.heartbeat);
         }
         if let Some(l) = self.liveness.as_ref().filter(|l| l.is_lost(now)) {
@@ -308,6 +311,31 @@ impl ReceiverCore {
                 self.events.push_back(ReceiverEvent::PrimaryLost { guest, committed: self.committed, silence });
             }
         }
+    }
+
+    /// Queues `m` on the control stream and, as a copy, for a datagram.
+    fn send_redundant(&mut self, m: Message) {
+        self.datagrams.push_back(m.clone());
+        self.control.push_back(m);
+    }
+
+    /// A message that came as a datagram: a heartbeat is a sign of life;
+    /// anything else is ignored (datagrams only ever repeat what the
+    /// control stream carries).
+    pub fn handle_datagram(&mut self, now: Instant, msg: &Message) {
+        if matches!(msg, Message::Heartbeat { .. }) {
+            self.heard(now);
+        }
+    }
+
+    /// Next frame to send as an unreliable datagram as well: an
+    /// acknowledgement or heartbeat also on the control stream. A lost
+    /// packet there holds back everything behind it for a retransmission
+    /// (a round trip or more); the datagram copy is not held back, and
+    /// acknowledgements are cumulative, so any later one stands in for a
+    /// lost one.
+    pub fn poll_datagram(&mut self) -> Option<Vec<u8>> {
+        self.datagrams.pop_front().map(|m| m.to_bytes())
     }
 
     /// Next control frame to send.

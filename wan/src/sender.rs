@@ -154,6 +154,8 @@ pub struct SenderCore {
     /// While connected and the backup not declared lost.
     liveness: Option<Liveness>,
     control: VecDeque<Message>,
+    /// Copies of heartbeats for unreliable datagrams.
+    datagrams: VecDeque<Message>,
     events: VecDeque<SenderEvent>,
 }
 
@@ -178,6 +180,7 @@ impl SenderCore {
             next_heartbeat: None,
             liveness: None,
             control: VecDeque::new(),
+            datagrams: VecDeque::new(),
             events: VecDeque::new(),
         }
     }
@@ -198,6 +201,7 @@ impl SenderCore {
         self.next_heartbeat = None;
         self.liveness = None;
         self.control.clear();
+        self.datagrams.clear();
         for r in self.retained.values_mut() {
             r.sent = false;
         }
@@ -301,6 +305,34 @@ impl SenderCore {
         Ok(())
     }
 
+    /// A message that came as a datagram (a copy of one the control
+    /// stream carries too, possibly arriving first): an acknowledgement
+    /// is taken once connected, a heartbeat is a sign of life, anything
+    /// else is ignored. Never an error: datagrams are advisory.
+    pub fn handle_datagram(&mut self, now: Instant, msg: &Message) {
+        match *msg {
+            Message::Ack { epoch, manifest } if self.connected && epoch <= self.sealed => {
+                if let Some(l) = self.liveness.as_mut() {
+                    l.heard(now);
+                }
+                self.ack(epoch, manifest);
+            }
+            Message::Heartbeat { .. } if self.connected => {
+                if let Some(l) = self.liveness.as_mut() {
+                    l.heard(now);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Next frame to send as an unreliable datagram as well (a heartbeat
+    /// also queued on the control stream): a heartbeat stuck behind a
+    /// lost packet on the stream still arrives this way.
+    pub fn poll_datagram(&mut self) -> Option<Vec<u8>> {
+        self.datagrams.pop_front().map(|m| m.to_bytes())
+    }
+
     fn ack(&mut self, epoch: EpochId, manifest: ChunkId) {
         if epoch > self.acked {
             self.acked = epoch;
@@ -332,6 +364,7 @@ impl SenderCore {
         if let Some(t) = self.next_heartbeat {
             if now >= t {
                 self.control.push_back(Message::Heartbeat { epoch: self.sealed });
+                self.datagrams.push_back(Message::Heartbeat { epoch: self.sealed });
                 self.next_heartbeat = Some(now + self.cfg.heartbeat);
             }
         }

@@ -565,3 +565,46 @@ fn after_missing_the_sender_resends_in_full_for_the_new_round() {
     s.handle_message(now, Message::Welcome { guest: GuestId(3), committed: EpochId(1), head: ChunkId::default() }).unwrap();
     assert_eq!(next_epoch(&mut s).0.round, 0);
 }
+
+#[test]
+fn datagram_copies_are_advisory_and_an_ack_counts_only_once_welcomed() {
+    let now = Instant::now();
+    let mut s = SenderCore::new(SenderConfig::default(), GuestId(7), 1, PAGES);
+    for e in 1..=3 {
+        s.push_checkpoint(Checkpoint { guest: GuestId(7), epoch: EpochId(e), page_count: PAGES, ..Checkpoint::default() });
+    }
+    s.handle_connected(now);
+    // Overtaking the Welcome: ignored, not an error.
+    s.handle_datagram(now, &Message::Ack { epoch: EpochId(2), manifest: ChunkId::default() });
+    assert_eq!(s.acked(), EpochId(0));
+    s.handle_message(now, Message::Welcome { guest: GuestId(7), committed: EpochId(0), head: ChunkId::default() }).unwrap();
+    s.handle_datagram(now, &Message::Ack { epoch: EpochId(2), manifest: ChunkId::default() });
+    assert_eq!(s.acked(), EpochId(2));
+    // A stale copy, one for an epoch never sealed, or another message: ignored.
+    s.handle_datagram(now, &Message::Ack { epoch: EpochId(1), manifest: ChunkId::default() });
+    s.handle_datagram(now, &Message::Ack { epoch: EpochId(9), manifest: ChunkId::default() });
+    s.handle_datagram(now, &Message::Welcome { guest: GuestId(8), committed: EpochId(3), head: ChunkId::default() });
+    assert_eq!(s.acked(), EpochId(2));
+    // The stream's own copy of the same ack is harmless.
+    s.handle_message(now, Message::Ack { epoch: EpochId(2), manifest: ChunkId::default() }).unwrap();
+    assert_eq!(s.acked(), EpochId(2));
+    let acks = std::iter::from_fn(|| s.poll_event()).filter(|e| matches!(e, SenderEvent::Acked { .. })).count();
+    assert_eq!(acks, 1, "one acknowledgement event for epoch 2");
+}
+
+#[test]
+fn acknowledgements_and_heartbeats_are_also_offered_as_datagrams() {
+    let now = Instant::now();
+    let mut rx = ReceiverCore::new(now, Duration::from_millis(50), Duration::from_millis(500), Duration::from_secs(5));
+    rx.accept(GuestId(3), PAGES, EpochId(0), ChunkId::default());
+    rx.handle_timeout(now + Duration::from_millis(50));
+    let datagrams: Vec<Message> = std::iter::from_fn(|| rx.poll_datagram())
+        .map(|b| {
+            let mut rd = FrameReader::default();
+            rd.push(&b);
+            rd.next_message().unwrap().expect("one whole frame")
+        })
+        .collect();
+    assert!(datagrams.iter().any(|m| matches!(m, Message::Heartbeat { .. })), "{datagrams:?}");
+    assert!(!datagrams.iter().any(|m| matches!(m, Message::Welcome { .. })), "the Welcome goes on the stream only");
+}
