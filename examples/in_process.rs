@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use remus_capture::ArenaConfig;
+use remus_capture::{ArenaConfig, CadenceConfig};
 use remus_node::{Backup, BackupOptions, FailoverAction, GuestKind, Primary, PrimaryOptions};
 use remus_restore::{image_root, RestorePlan, Target};
 use remus_types::GuestId;
@@ -31,7 +31,7 @@ fn main() -> Result<()> {
     let primary = Primary::start(PrimaryOptions {
         guest: GuestId(1),
         guest_kind: GuestKind::Arena(ArenaConfig { memory_mib: 64, ..ArenaConfig::default() }),
-        epoch: Duration::from_millis(25),
+        cadence: CadenceConfig::fixed(Duration::from_millis(25)),
         backup: backup.addr,
         tls,
         sender: SenderConfig::default(),

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use remus_types::{Checkpoint, EpochId, GuestId};
 
-use crate::{CaptureError, OutputBuffer};
+use crate::{Cadence, CadenceConfig, CaptureError, OutputBuffer};
 
 /// A guest that can be checkpointed: the hypervisor or process boundary.
 pub trait ProtectedGuest: Send {
@@ -82,7 +82,8 @@ enum Phase {
 pub struct EpochEngine<G> {
     guest: G,
     id: GuestId,
-    period: Duration,
+    /// The period, adapted to how far acknowledgements lag.
+    cadence: Cadence,
     /// When the next epoch is due; `None` once the last one is sealed.
     due: Option<Instant>,
     phase: Phase,
@@ -95,7 +96,26 @@ impl<G: ProtectedGuest> EpochEngine<G> {
     /// An engine for `guest` whose output is held in `output`, sealing an
     /// epoch every `period` from `now` on; the first sealed epoch is 1.
     pub fn new(id: GuestId, guest: G, output: Arc<OutputBuffer<Vec<u8>>>, period: Duration, now: Instant) -> Self {
-        Self { guest, id, period, due: Some(now + period), phase: Phase::Running, next: EpochId(1), acked: EpochId(0), output }
+        let cadence = Cadence::new(CadenceConfig::fixed(period));
+        Self { guest, id, cadence, due: Some(now + period), phase: Phase::Running, next: EpochId(1), acked: EpochId(0), output }
+    }
+
+    /// Lets the period adapt within `cfg` to how far acknowledgements lag
+    /// (see [`Cadence`]); by default it is fixed.
+    #[must_use]
+    pub fn with_cadence(mut self, cfg: CadenceConfig) -> Self {
+        self.cadence = Cadence::new(cfg);
+        self
+    }
+
+    /// The current epoch length.
+    pub fn period(&self) -> Duration {
+        self.cadence.period()
+    }
+
+    /// How long the oldest unacknowledged output has waited, at `now`.
+    pub fn output_delay(&self, now: Instant) -> Duration {
+        self.cadence.output_delay(now)
     }
 
     /// When [`Self::handle_timeout`] is next due; `None` once the last
@@ -122,8 +142,9 @@ impl<G: ProtectedGuest> EpochEngine<G> {
             self.phase = Phase::Sealed;
             self.due = None;
         } else {
-            let next = due + self.period;
-            self.due = Some(if next <= now { now + self.period } else { next });
+            let period = self.cadence.sealed(cp.epoch, now);
+            let next = due + period;
+            self.due = Some(if next <= now { now + period } else { next });
         }
         Ok(Some(cp))
     }
@@ -169,6 +190,7 @@ impl<G: ProtectedGuest> EpochEngine<G> {
             return Vec::new();
         }
         self.acked = epoch;
+        self.cadence.acked(epoch);
         self.output.release(epoch)
     }
 

@@ -20,6 +20,7 @@
 //! [`DirtyTracker`] and [`ProtectedGuest`] trait.
 
 mod arena;
+mod cadence;
 mod dirty;
 mod engine;
 mod error;
@@ -27,6 +28,7 @@ mod output;
 mod workload;
 
 pub use arena::{ArenaConfig, ArenaGuest, TrackingMode};
+pub use cadence::{Cadence, CadenceConfig};
 pub use dirty::DirtyTracker;
 pub use engine::{EpochEngine, ProtectedGuest};
 pub use error::CaptureError;

@@ -8,6 +8,8 @@
 //! guest = 1
 //! backup = "127.0.0.1:7400"
 //! epoch-ms = 25
+//! max-epoch-ms = 500             # epochs lengthen up to this while the backup lags
+//! output-delay-target-ms = 1000   # ... to keep output delay under this
 //! max-in-flight = 256
 //! heartbeat-ms = 50
 //! backup-timeout-ms = 500     # at the least; longer when the link is irregular
@@ -144,6 +146,12 @@ pub struct ProtectConfig {
     pub backup: SocketAddr,
     /// Epoch length in ms (default 25, i.e. 40 Hz).
     pub epoch_ms: u64,
+    /// Longest epoch in ms when the backup lags (default 500); equal to
+    /// `epoch-ms` for a fixed period.
+    pub max_epoch_ms: u64,
+    /// Output delay to stay under, ms (default 1000): epochs lengthen
+    /// while the oldest unacknowledged output waits longer than half this.
+    pub output_delay_target_ms: u64,
     /// Epochs in flight at most (default 256).
     pub max_in_flight: usize,
     /// Heartbeat period (default 50 ms).
@@ -167,6 +175,8 @@ impl Default for ProtectConfig {
             guest: 1,
             backup: default_listen(),
             epoch_ms: 25,
+            max_epoch_ms: 500,
+            output_delay_target_ms: 1000,
             max_in_flight: 256,
             heartbeat_ms: 50,
             backup_timeout_ms: 500,
@@ -227,6 +237,7 @@ impl Config {
         anyhow::ensure!((1..=10_000).contains(&p.epoch_ms), "protect.epoch-ms must be in 1..=10000, got {}", p.epoch_ms);
         anyhow::ensure!(p.max_in_flight >= 1, "protect.max-in-flight must be at least 1");
         anyhow::ensure!(p.heartbeat_ms >= 1, "protect.heartbeat-ms must be at least 1");
+        anyhow::ensure!(p.output_delay_target_ms >= 1, "protect.output-delay-target-ms must be at least 1");
         anyhow::ensure!(p.backup_timeout_ms > p.heartbeat_ms, "protect.backup-timeout-ms must exceed heartbeat-ms");
         anyhow::ensure!(p.backup_timeout_max_ms >= p.backup_timeout_ms, "protect.backup-timeout-max-ms must be at least backup-timeout-ms");
         p.congestion.parse::<remus_wan::Congestion>().map_err(|e| anyhow::anyhow!("protect.congestion: {e}"))?;

@@ -22,6 +22,11 @@ pub struct Summary {
     pub pause_ms_p99: f64,
     /// Longest pause, ms.
     pub pause_ms_max: f64,
+    /// Median epoch length, ms (longer than the configured one while the
+    /// backup lagged).
+    pub epoch_ms_p50: f64,
+    /// Longest epoch length, ms.
+    pub epoch_ms_max: f64,
     /// Dirty pages sealed.
     pub dirty_pages: u64,
     /// Mean dirty pages per epoch.
@@ -98,6 +103,8 @@ impl Summary {
             pause_ms_p50: ms(percentile(&s.pauses_ns, 50.0)),
             pause_ms_p99: ms(percentile(&s.pauses_ns, 99.0)),
             pause_ms_max: ms(s.pauses_ns.iter().copied().max().unwrap_or(0)),
+            epoch_ms_p50: ms(percentile(&s.periods_ns, 50.0)),
+            epoch_ms_max: ms(s.periods_ns.iter().copied().max().unwrap_or(0)),
             dirty_pages: s.dirty_pages,
             dirty_pages_per_epoch: if s.sealed.0 == 0 { 0.0 } else { s.dirty_pages as f64 / s.sealed.0 as f64 },
             wire_bytes: s.wire_bytes,
@@ -132,6 +139,7 @@ impl Summary {
         format!(
             "epochs            {} sealed, {} committed in {:.1} s ({:.1} Hz)\n\
              pause             p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} tracking)\n\
+             epoch length      p50 {:.1} ms, max {:.1} ms (longer while the backup lags)\n\
              dirty pages       {} ({:.0} per epoch)\n\
              wire              {} bytes, {:.1} bytes per dirty page ({:.1}% of raw); resent {} bytes in {} epochs after {} disconnects\n\
              encodings         zero {:.1}%, ref {:.1}%, xor {:.1}%, zstd {:.1}%, plain {:.1}%\n\
@@ -146,6 +154,8 @@ impl Summary {
             self.pause_ms_p99,
             self.pause_ms_max,
             if self.exact_tracking { "exact write-protect" } else { "page-hash" },
+            self.epoch_ms_p50,
+            self.epoch_ms_max,
             self.dirty_pages,
             self.dirty_pages_per_epoch,
             self.wire_bytes,
@@ -175,9 +185,10 @@ impl Summary {
 #[must_use]
 pub fn progress_line(s: &PrimaryStats) -> String {
     format!(
-        "epoch {:>6} | {:5.1} Hz | pause p99 {:5.2} ms | lag {:>3} epochs | wire {:6.1} B/page ({:4.1}% of raw) | released {:>6} lines",
+        "epoch {:>6} | {:5.1} Hz | {:5.1} ms epochs | pause p99 {:5.2} ms | lag {:>3} epochs | wire {:6.1} B/page ({:4.1}% of raw) | released {:>6} lines",
         s.sealed.0,
         s.hz(),
+        ms(s.periods_ns.last().copied().unwrap_or(0)),
         ms(percentile(&s.pauses_ns, 99.0)),
         s.sealed.0.saturating_sub(s.acked.0),
         if s.wire_pages == 0 { 0.0 } else { s.wire_bytes as f64 / s.wire_pages as f64 },

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use parking_lot::Mutex;
-use remus_capture::{ArenaConfig, ArenaGuest, EpochEngine, OutputBuffer, ProtectedGuest};
+use remus_capture::{ArenaConfig, ArenaGuest, CadenceConfig, EpochEngine, OutputBuffer, ProtectedGuest};
 use remus_qemu::{Egress, NetRelay, QemuConfig, QemuGuest};
 use remus_types::{now_unix_nanos, Checkpoint, EpochId, GuestId};
 use remus_wan::driver::{run_primary, LinkEvent, PrimaryLinkConfig};
@@ -38,8 +38,9 @@ pub struct PrimaryOptions {
     pub guest: GuestId,
     /// The guest.
     pub guest_kind: GuestKind,
-    /// Epoch length.
-    pub epoch: Duration,
+    /// Epoch length: the base period, and how far it may grow while the
+    /// backup lags (see [`CadenceConfig`]).
+    pub cadence: CadenceConfig,
     /// Backup address.
     pub backup: SocketAddr,
     /// TLS material.
@@ -157,7 +158,7 @@ impl Primary {
             .map_err(NodeError::io("spawning the link thread"))?;
         let s3 = Arc::clone(&stats);
         let stop2 = Arc::clone(&stop);
-        let period = opts.epoch;
+        let cadence = opts.cadence;
         let id = opts.guest;
         let engine = std::thread::Builder::new()
             .name("remus-epoch".into())
@@ -168,7 +169,7 @@ impl Primary {
                     tracing::debug!("real-time priority not available; epochs run at normal priority");
                 }
                 s3.lock().started = Instant::now();
-                let engine = EpochEngine::new(id, guest, output, period, Instant::now());
+                let engine = EpochEngine::new(id, guest, output, cadence.base, Instant::now()).with_cadence(cadence);
                 drive_engine(engine, tx, &ack_rx, sinks, &s3, &stop2)
             })
             .map_err(NodeError::io("spawning the epoch thread"))?;
@@ -240,7 +241,7 @@ fn drive_engine<G: ProtectedGuest>(
             }
             Err(RecvTimeoutError::Timeout) => {
                 let Some(cp) = engine.handle_timeout(Instant::now(), now_unix_nanos()).map_err(NodeError::Checkpoint)? else { continue };
-                record_seal(stats, &cp);
+                record_seal(stats, &cp, engine.period());
                 let Some(link) = &tx else { continue };
                 if link.blocking_send(cp).is_err() {
                     return Err(NodeError::LinkStopped);
@@ -260,9 +261,10 @@ fn drive_engine<G: ProtectedGuest>(
     Ok(())
 }
 
-fn record_seal(stats: &Mutex<PrimaryStats>, cp: &Checkpoint) {
+fn record_seal(stats: &Mutex<PrimaryStats>, cp: &Checkpoint, next_period: Duration) {
     let sealed_at = Instant::now();
     let mut s = stats.lock();
+    s.periods_ns.push(u64::try_from(next_period.as_nanos()).unwrap_or(u64::MAX));
     s.pauses_ns.push(cp.pause_ns);
     s.dirty_pages += cp.pfns.len() as u64;
     s.sealed = cp.epoch;

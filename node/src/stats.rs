@@ -35,6 +35,8 @@ pub struct PrimaryStats {
     pub pauses_ns: Vec<u64>,
     /// Dirty pages sealed.
     pub dirty_pages: u64,
+    /// Epoch length chosen after each seal (longer while the backup lags).
+    pub periods_ns: Vec<u64>,
     /// Epochs sealed.
     pub sealed: EpochId,
     /// Seal instant of each unacknowledged epoch.
@@ -74,6 +76,7 @@ impl Default for PrimaryStats {
             started: Instant::now(),
             pauses_ns: Vec::new(),
             dirty_pages: 0,
+            periods_ns: Vec::new(),
             sealed: EpochId(0),
             sealed_at: HashMap::new(),
             roots: BTreeMap::new(),

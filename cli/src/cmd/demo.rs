@@ -62,7 +62,7 @@ pub fn run(args: &DemoArgs, cfg: &Config, data_dir: &Path) -> Result<bool> {
         eprintln!(
             "remus demo: {} MiB guest at {:.1} Hz for {} s; backup on {} (store {})",
             opts.guest_kind.memory_mib(),
-            1.0 / opts.epoch.as_secs_f64(),
+            1.0 / opts.cadence.base.as_secs_f64(),
             args.seconds,
             backup.addr,
             store_dir.display()

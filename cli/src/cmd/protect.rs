@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use remus_capture::CadenceConfig;
 use remus_types::GuestId;
 use remus_wan::SenderConfig;
 
@@ -123,7 +124,9 @@ pub fn primary_options(
         congestion,
         ..SenderConfig::default()
     };
-    Ok(PrimaryOptions { guest: GuestId(guest), guest_kind, epoch, backup, tls, sender, output_log: None, record_roots: None })
+    let max_epoch = Duration::from_millis(p.max_epoch_ms).max(epoch);
+    let cadence = CadenceConfig { base: epoch, max: max_epoch, target: Duration::from_millis(p.output_delay_target_ms) };
+    Ok(PrimaryOptions { guest: GuestId(guest), guest_kind, cadence, backup, tls, sender, output_log: None, record_roots: None })
 }
 
 /// Reports progress: redrawn on a terminal, a line a second otherwise.
@@ -231,7 +234,7 @@ pub fn run(args: &ProtectArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
             Kind::Qemu => "qemu",
         },
         opts.guest_kind.memory_mib(),
-        1.0 / opts.epoch.as_secs_f64()
+        1.0 / opts.cadence.base.as_secs_f64()
     );
     let until = args.seconds.map(|s| Instant::now() + Duration::from_secs_f64(s));
     let (summary, _) = protect_until(opts, until, args.json, Duration::from_secs_f64(args.drain_seconds))?;

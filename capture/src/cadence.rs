@@ -1,0 +1,156 @@
+//! How long each epoch is: the configured period while the backup keeps
+//! up, longer while it does not.
+//!
+//! Output waits for its epoch's acknowledgement, so the age of the oldest
+//! unacknowledged epoch is the delay output sees now. When the guest
+//! dirties more than the link (or the backup) carries, that age grows
+//! without bound at a fixed period. Longer epochs carry less: a page
+//! written many times in an epoch is sent once, and per-epoch costs are
+//! paid less often. So when the delay passes half the target the period
+//! grows by a quarter (up to `max`), and when it falls below a quarter of
+//! the target the period shrinks back toward `base` by a tenth.
+//! Multiplicative steps react within a few epochs; the gap between the two
+//! thresholds keeps the period from oscillating.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use remus_types::EpochId;
+
+/// Bounds of the adaptive period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CadenceConfig {
+    /// The period while the backup keeps up.
+    pub base: Duration,
+    /// The longest period.
+    pub max: Duration,
+    /// Output delay to stay under.
+    pub target: Duration,
+}
+
+impl CadenceConfig {
+    /// A fixed period: never lengthened.
+    #[must_use]
+    pub fn fixed(period: Duration) -> Self {
+        Self { base: period, max: period, target: Duration::MAX }
+    }
+}
+
+/// The adaptive period and what it is based on.
+#[derive(Debug, Clone)]
+pub struct Cadence {
+    cfg: CadenceConfig,
+    period: Duration,
+    /// Seal time of every unacknowledged epoch, oldest first.
+    unacked: VecDeque<(EpochId, Instant)>,
+}
+
+impl Cadence {
+    /// Starts at the base period.
+    #[must_use]
+    pub fn new(cfg: CadenceConfig) -> Self {
+        Self { cfg, period: cfg.base, unacked: VecDeque::new() }
+    }
+
+    /// The current period.
+    #[must_use]
+    pub fn period(&self) -> Duration {
+        self.period
+    }
+
+    /// Epoch `epoch` was sealed at `now`; returns the period until the
+    /// next seal.
+    pub fn sealed(&mut self, epoch: EpochId, now: Instant) -> Duration {
+        self.unacked.push_back((epoch, now));
+        let delay = self.output_delay(now);
+        if delay > self.cfg.target / 2 {
+            self.period = self.period.mul_f64(1.25).min(self.cfg.max);
+        } else if delay < self.cfg.target / 4 {
+            self.period = self.period.mul_f64(0.9).max(self.cfg.base);
+        }
+        self.period
+    }
+
+    /// Every epoch up to `epoch` is acknowledged.
+    pub fn acked(&mut self, epoch: EpochId) {
+        while self.unacked.front().is_some_and(|(e, _)| *e <= epoch) {
+            self.unacked.pop_front();
+        }
+    }
+
+    /// How long output sealed longest ago has waited, at `now`.
+    #[must_use]
+    pub fn output_delay(&self, now: Instant) -> Duration {
+        self.unacked.front().map_or(Duration::ZERO, |(_, t)| now.saturating_duration_since(*t))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn cfg() -> CadenceConfig {
+        CadenceConfig { base: 25 * MS, max: 400 * MS, target: 1000 * MS }
+    }
+
+    #[test]
+    fn a_backup_that_keeps_up_keeps_the_base_period() {
+        let mut c = Cadence::new(cfg());
+        let t0 = Instant::now();
+        for e in 1..=400u64 {
+            let now = t0 + 25 * MS * e as u32;
+            assert_eq!(c.sealed(EpochId(e), now), 25 * MS);
+            // Acknowledged 60 ms after its seal.
+            c.acked(EpochId(e.saturating_sub(2)));
+        }
+    }
+
+    #[test]
+    fn a_backlog_lengthens_epochs_up_to_the_bound_and_they_shorten_when_it_drains() {
+        let mut c = Cadence::new(cfg());
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut e = 0;
+        // Nothing acknowledged for a while: the period grows, bounded.
+        while now < t0 + 5000 * MS {
+            e += 1;
+            now += c.sealed(EpochId(e), now);
+        }
+        assert_eq!(c.period(), 400 * MS);
+        assert!(c.output_delay(now) > 1000 * MS);
+        // The backup catches up: acknowledged at once from here on.
+        c.acked(EpochId(e));
+        for _ in 0..100 {
+            e += 1;
+            let p = c.sealed(EpochId(e), now);
+            c.acked(EpochId(e));
+            now += p;
+        }
+        assert_eq!(c.period(), 25 * MS);
+    }
+
+    #[test]
+    fn between_the_thresholds_the_period_holds() {
+        let mut c = Cadence::new(cfg());
+        let t0 = Instant::now();
+        c.sealed(EpochId(1), t0);
+        // 600 ms of delay: above half the target, lengthen once.
+        let p = c.sealed(EpochId(2), t0 + 600 * MS);
+        assert_eq!(p, 25 * MS * 5 / 4);
+        c.acked(EpochId(1));
+        // Oldest unacked now sealed at 600 ms; at 1000 ms the delay is 400 ms:
+        // between a quarter and a half of the target.
+        assert_eq!(c.sealed(EpochId(3), t0 + 1000 * MS), p);
+    }
+
+    #[test]
+    fn a_fixed_cadence_never_changes() {
+        let mut c = Cadence::new(CadenceConfig::fixed(25 * MS));
+        let t0 = Instant::now();
+        for e in 1..100u64 {
+            assert_eq!(c.sealed(EpochId(e), t0 + 1000 * MS * e as u32), 25 * MS);
+        }
+    }
+}
