@@ -2,15 +2,21 @@
 //! up, longer while it does not.
 //!
 //! Output waits for its epoch's acknowledgement, so the age of the oldest
-//! unacknowledged epoch is the delay output sees now. When the guest
-//! dirties more than the link (or the backup) carries, that age grows
-//! without bound at a fixed period. Longer epochs carry less: a page
-//! written many times in an epoch is sent once, and per-epoch costs are
-//! paid less often. So when the delay passes half the target the period
-//! grows by a quarter (up to `max`), and when it falls below a quarter of
-//! the target the period shrinks back toward `base` by a tenth.
-//! Multiplicative steps react within a few epochs; the gap between the two
-//! thresholds keeps the period from oscillating.
+//! unacknowledged epoch is the delay output sees now. Part of it no epoch
+//! length can remove: the round trip and the commit, seen as the shortest
+//! seal-to-acknowledgement time of recent epochs (the floor). The rest,
+//! the excess, is backlog: when the guest dirties more than the link (or
+//! the backup) carries, it grows without bound at a fixed period. Longer
+//! epochs carry less: a page written many times in an epoch is sent once,
+//! and per-epoch costs are paid less often. So when the excess passes half
+//! the target the period grows by a quarter (up to `max`), and when it
+//! falls below a quarter of the target the period halves back toward
+//! `base` (output of a long epoch waits for the epoch to end, so long
+//! epochs are left quickly once the backlog is gone). The gap between the
+//! two thresholds keeps the period from oscillating. Nothing changes
+//! before the first acknowledgement: the first epoch carries the whole
+//! guest (the initial copy) and its delay says nothing about the link's
+//! steady state.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -36,6 +42,9 @@ impl CadenceConfig {
     }
 }
 
+/// Recent acknowledgements the floor is taken over.
+const FLOOR_WINDOW: usize = 256;
+
 /// The adaptive period and what it is based on.
 #[derive(Debug, Clone)]
 pub struct Cadence {
@@ -43,13 +52,15 @@ pub struct Cadence {
     period: Duration,
     /// Seal time of every unacknowledged epoch, oldest first.
     unacked: VecDeque<(EpochId, Instant)>,
+    /// Seal-to-acknowledgement times of recent epochs.
+    recent: VecDeque<Duration>,
 }
 
 impl Cadence {
     /// Starts at the base period.
     #[must_use]
     pub fn new(cfg: CadenceConfig) -> Self {
-        Self { cfg, period: cfg.base, unacked: VecDeque::new() }
+        Self { cfg, period: cfg.base, unacked: VecDeque::new(), recent: VecDeque::new() }
     }
 
     /// The current period.
@@ -62,19 +73,24 @@ impl Cadence {
     /// next seal.
     pub fn sealed(&mut self, epoch: EpochId, now: Instant) -> Duration {
         self.unacked.push_back((epoch, now));
-        let delay = self.output_delay(now);
-        if delay > self.cfg.target / 2 {
+        let Some(floor) = self.recent.iter().min().copied() else { return self.period };
+        let excess = self.output_delay(now).saturating_sub(floor);
+        if excess > self.cfg.target / 2 {
             self.period = self.period.mul_f64(1.25).min(self.cfg.max);
-        } else if delay < self.cfg.target / 4 {
-            self.period = self.period.mul_f64(0.9).max(self.cfg.base);
+        } else if excess < self.cfg.target / 4 {
+            self.period = (self.period / 2).max(self.cfg.base);
         }
         self.period
     }
 
-    /// Every epoch up to `epoch` is acknowledged.
-    pub fn acked(&mut self, epoch: EpochId) {
-        while self.unacked.front().is_some_and(|(e, _)| *e <= epoch) {
+    /// Every epoch up to `epoch` is acknowledged, at `now`.
+    pub fn acked(&mut self, epoch: EpochId, now: Instant) {
+        while let Some((_, sealed)) = self.unacked.front().copied().filter(|(e, _)| *e <= epoch) {
             self.unacked.pop_front();
+            if self.recent.len() == FLOOR_WINDOW {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(now.saturating_duration_since(sealed));
         }
     }
 
@@ -103,7 +119,7 @@ mod tests {
             let now = t0 + 25 * MS * e as u32;
             assert_eq!(c.sealed(EpochId(e), now), 25 * MS);
             // Acknowledged 60 ms after its seal.
-            c.acked(EpochId(e.saturating_sub(2)));
+            c.acked(EpochId(e.saturating_sub(2)), now);
         }
     }
 
@@ -111,24 +127,43 @@ mod tests {
     fn a_backlog_lengthens_epochs_up_to_the_bound_and_they_shorten_when_it_drains() {
         let mut c = Cadence::new(cfg());
         let t0 = Instant::now();
-        let mut now = t0;
-        let mut e = 0;
+        // The initial copy: acknowledged 3 s after its seal, no change.
+        assert_eq!(c.sealed(EpochId(1), t0), 25 * MS);
+        let mut now = t0 + 3000 * MS;
+        assert_eq!(c.sealed(EpochId(2), now), 25 * MS);
+        c.acked(EpochId(1), now);
+        c.acked(EpochId(2), now);
+        let mut e = 2;
         // Nothing acknowledged for a while: the period grows, bounded.
-        while now < t0 + 5000 * MS {
+        while now < t0 + 9000 * MS {
             e += 1;
             now += c.sealed(EpochId(e), now);
         }
         assert_eq!(c.period(), 400 * MS);
         assert!(c.output_delay(now) > 1000 * MS);
-        // The backup catches up: acknowledged at once from here on.
-        c.acked(EpochId(e));
-        for _ in 0..100 {
+        // The backup catches up: acknowledged at once from here on, and
+        // the period is back at the base within a few epochs.
+        c.acked(EpochId(e), now);
+        for _ in 0..5 {
             e += 1;
             let p = c.sealed(EpochId(e), now);
-            c.acked(EpochId(e));
+            c.acked(EpochId(e), now);
             now += p;
         }
         assert_eq!(c.period(), 25 * MS);
+    }
+
+    #[test]
+    fn a_long_round_trip_alone_does_not_lengthen_epochs() {
+        // Every epoch acknowledged 700 ms after its seal (a long path), no
+        // backlog: the excess over that floor is small.
+        let mut c = Cadence::new(cfg());
+        let t0 = Instant::now();
+        for e in 1..=400u64 {
+            let now = t0 + 25 * MS * e as u32;
+            assert_eq!(c.sealed(EpochId(e), now), 25 * MS, "epoch {e}");
+            c.acked(EpochId(e.saturating_sub(28)), now);
+        }
     }
 
     #[test]
@@ -136,13 +171,15 @@ mod tests {
         let mut c = Cadence::new(cfg());
         let t0 = Instant::now();
         c.sealed(EpochId(1), t0);
-        // 600 ms of delay: above half the target, lengthen once.
-        let p = c.sealed(EpochId(2), t0 + 600 * MS);
+        c.acked(EpochId(1), t0 + 50 * MS); // floor 50 ms
+        c.sealed(EpochId(2), t0 + 100 * MS);
+        // 600 ms of excess: above half the target, lengthen once.
+        let p = c.sealed(EpochId(3), t0 + 750 * MS);
         assert_eq!(p, 25 * MS * 5 / 4);
-        c.acked(EpochId(1));
-        // Oldest unacked now sealed at 600 ms; at 1000 ms the delay is 400 ms:
+        c.acked(EpochId(2), t0 + 760 * MS);
+        // Oldest unacked sealed at 750 ms; at 1150 ms the excess is 350 ms:
         // between a quarter and a half of the target.
-        assert_eq!(c.sealed(EpochId(3), t0 + 1000 * MS), p);
+        assert_eq!(c.sealed(EpochId(4), t0 + 1150 * MS), p);
     }
 
     #[test]

@@ -183,14 +183,14 @@ impl<G: ProtectedGuest> EpochEngine<G> {
     /// Records that the backup durably committed every epoch `<= epoch`
     /// and returns the output those epochs produced, in order: the one
     /// place output is released.
-    pub fn handle_ack(&mut self, epoch: EpochId) -> Vec<Vec<u8>> {
+    pub fn handle_ack(&mut self, epoch: EpochId, now: Instant) -> Vec<Vec<u8>> {
         let sealed = self.sealed();
         let epoch = epoch.min(sealed);
         if epoch <= self.acked {
             return Vec::new();
         }
         self.acked = epoch;
-        self.cadence.acked(epoch);
+        self.cadence.acked(epoch, now);
         self.output.release(epoch)
     }
 

@@ -8,7 +8,7 @@
 //! guest = 1
 //! backup = "127.0.0.1:7400"
 //! epoch-ms = 25
-//! max-epoch-ms = 500             # epochs lengthen up to this while the backup lags
+//! max-epoch-ms = 25              # above epoch-ms: epochs lengthen up to it while the backup lags
 //! output-delay-target-ms = 1000   # ... to keep output delay under this
 //! max-in-flight = 256
 //! heartbeat-ms = 50
@@ -146,8 +146,9 @@ pub struct ProtectConfig {
     pub backup: SocketAddr,
     /// Epoch length in ms (default 25, i.e. 40 Hz).
     pub epoch_ms: u64,
-    /// Longest epoch in ms when the backup lags (default 500); equal to
-    /// `epoch-ms` for a fixed period.
+    /// Longest epoch in ms when the backup lags (default 25: a fixed
+    /// period; adaptive epochs are opt-in until their control law helps
+    /// on long paths too, see docs/benchmarks.md).
     pub max_epoch_ms: u64,
     /// Output delay to stay under, ms (default 1000): epochs lengthen
     /// while the oldest unacknowledged output waits longer than half this.
@@ -175,7 +176,7 @@ impl Default for ProtectConfig {
             guest: 1,
             backup: default_listen(),
             epoch_ms: 25,
-            max_epoch_ms: 500,
+            max_epoch_ms: 25,
             output_delay_target_ms: 1000,
             max_in_flight: 256,
             heartbeat_ms: 50,

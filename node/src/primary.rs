@@ -235,7 +235,7 @@ fn drive_engine<G: ProtectedGuest>(
         };
         match input {
             Ok(epoch) => {
-                let released = engine.handle_ack(epoch);
+                let released = engine.handle_ack(epoch, Instant::now());
                 record_ack(stats, engine.acked(), released.len());
                 sinks.deliver(&released);
             }

@@ -41,8 +41,8 @@ fn replay_matches(tracking: TrackingMode) {
     // Output commit: held until acked, then released in order.
     assert!(out.held() > 0, "workload produced no output");
     let before = out.held();
-    assert!(engine.handle_ack(EpochId(0)).is_empty());
-    let released = engine.handle_ack(last.epoch);
+    assert!(engine.handle_ack(EpochId(0), Instant::now()).is_empty());
+    let released = engine.handle_ack(last.epoch, Instant::now());
     assert_eq!(released.len(), before);
     assert!(String::from_utf8_lossy(&released[0]).starts_with("tick 1:"));
 }

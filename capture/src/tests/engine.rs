@@ -121,7 +121,7 @@ impl Sim {
     fn ack(&mut self, epoch: EpochId) {
         let counted = epoch.min(self.engine.sealed());
         self.max_ack = self.max_ack.max(counted);
-        for item in self.engine.handle_ack(epoch) {
+        for item in self.engine.handle_ack(epoch, self.now) {
             let id = u64::from_le_bytes(item.try_into().expect("8-byte item"));
             self.released.push(id);
         }
