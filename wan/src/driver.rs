@@ -231,7 +231,18 @@ pub async fn run_primary(
             }
         };
         let acked_before = core.acked();
-        match serve_connection(&conn, &mut core, &mut checkpoints, &mut input.closed, &events).await {
+        let served = serve_connection(&conn, &mut core, &mut checkpoints, &mut input.closed, &events).await;
+        let st = conn.stats();
+        tracing::info!(
+            rtt_ms = st.path.rtt.as_secs_f64() * 1e3,
+            cwnd = st.path.cwnd,
+            sent_packets = st.path.sent_packets,
+            lost_packets = st.path.lost_packets,
+            lost_bytes = st.path.lost_bytes,
+            congestion_events = st.path.congestion_events,
+            "link statistics at the end of a connection"
+        );
+        match served {
             Ok(()) => {}
             Err(LinkError::Protocol(e @ (ProtocolError::Refused(_) | ProtocolError::BadEpoch { .. }))) => {
                 // Refused at Hello, or a backup whose history contradicts
