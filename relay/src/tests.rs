@@ -62,21 +62,38 @@ fn datagram(seq: u64, len: usize) -> Vec<u8> {
     d
 }
 
-/// Sends `n` numbered datagrams of `len` bytes, `gap` apart.
-fn send(c: &UdpSocket, to: SocketAddr, n: u64, len: usize, gap: Duration) {
+/// Sends `n` numbered datagrams of `len` bytes, `gap` apart, taking in
+/// the echoes that arrive meanwhile (so that the client's own socket
+/// buffer never overflows) and returning them.
+fn send(c: &UdpSocket, to: SocketAddr, n: u64, len: usize, gap: Duration) -> Vec<u64> {
+    let mut got = Vec::new();
     for seq in 0..n {
         c.send_to(&datagram(seq, len), to).unwrap();
+        if seq % 128 == 127 {
+            collect(c, &mut got);
+        }
         if !gap.is_zero() {
             std::thread::sleep(gap);
         }
     }
+    got
+}
+
+/// Takes every echo already waiting on `c`.
+fn collect(c: &UdpSocket, got: &mut Vec<u64>) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    c.set_nonblocking(true).unwrap();
+    while c.recv(&mut buf).is_ok() {
+        got.push(u64::from_le_bytes(buf[..8].try_into().unwrap()));
+    }
+    c.set_nonblocking(false).unwrap();
 }
 
 /// Waits until the relay has taken `sent` datagrams up and has nothing
-/// left to deliver either way; returns what the client received.
-fn drain(relay: &Relay, c: &UdpSocket, sent: u64) -> Vec<u64> {
+/// left to deliver either way; returns what the client received (`got`
+/// before, and since).
+fn drain(relay: &Relay, c: &UdpSocket, sent: u64, mut got: Vec<u64>) -> Vec<u64> {
     let start = Instant::now();
-    let mut got = Vec::new();
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         while c.recv(&mut buf).is_ok() {
@@ -105,8 +122,8 @@ fn a_clean_path_delivers_everything_in_order_and_counts_it() {
     let echo = Echo::start();
     let r = relay(echo.addr, Impairment::default(), Impairment::default());
     let c = client();
-    send(&c, r.local_addr(), 500, 1200, Duration::ZERO);
-    let got = drain(&r, &c, 500);
+    let early = send(&c, r.local_addr(), 500, 1200, Duration::ZERO);
+    let got = drain(&r, &c, 500, early);
     assert_eq!(got, (0..500).collect::<Vec<_>>());
     let up = r.counters(Direction::Up);
     assert_eq!((up.packets, up.delivered, up.dropped(), up.bytes), (500, 500, 0, 500 * 1200));
@@ -120,8 +137,8 @@ fn delay_holds_every_datagram_for_at_least_the_round_trip() {
     let r = relay(echo.addr, Impairment::delay(one_way), Impairment::delay(one_way));
     let c = client();
     let start = Instant::now();
-    send(&c, r.local_addr(), 1, 100, Duration::ZERO);
-    let got = drain(&r, &c, 1);
+    let early = send(&c, r.local_addr(), 1, 100, Duration::ZERO);
+    let got = drain(&r, &c, 1, early);
     assert_eq!(got, vec![0]);
     assert!(start.elapsed() >= 2 * one_way, "echo came back after {:?}", start.elapsed());
 }
@@ -131,8 +148,8 @@ fn random_loss_drops_about_its_fraction_and_only_what_it_counts() {
     let echo = Echo::start();
     let r = relay(echo.addr, Impairment { loss: 0.1, ..Impairment::default() }, Impairment::default());
     let c = client();
-    send(&c, r.local_addr(), 4000, 200, Duration::ZERO);
-    let got = drain(&r, &c, 4000);
+    let early = send(&c, r.local_addr(), 4000, 200, Duration::from_micros(10));
+    let got = drain(&r, &c, 4000, early);
     let up = r.counters(Direction::Up);
     // Binomial(4000, 0.1): mean 400, sd 19; the band is about 5 sd.
     assert!((300..=500).contains(&up.lost), "lost {}", up.lost);
@@ -166,8 +183,8 @@ fn bursty_loss_comes_in_runs_of_about_the_burst_length() {
         let imp = Impairment { loss: 0.05, loss_burst: burst, ..Impairment::default() };
         let r = relay(echo.addr, imp, Impairment::default());
         let c = client();
-        send(&c, r.local_addr(), 20_000, 64, Duration::ZERO);
-        drain(&r, &c, 20_000);
+        let early = send(&c, r.local_addr(), 20_000, 64, Duration::from_micros(10));
+        drain(&r, &c, 20_000, early);
         let lost = r.counters(Direction::Up).lost;
         assert!((600..=1500).contains(&lost), "burst {burst}: lost {lost} of 20000 at 5%");
         let run = mean_gap_run(&echo.seen.lock(), 20_000);
@@ -182,8 +199,8 @@ fn jitter_reorders_and_a_steady_delay_does_not() {
         let imp = Impairment { delay: Duration::from_millis(5), jitter, ..Impairment::default() };
         let r = relay(echo.addr, imp, Impairment::default());
         let c = client();
-        send(&c, r.local_addr(), 400, 200, Duration::from_micros(100));
-        drain(&r, &c, 400);
+        let early = send(&c, r.local_addr(), 400, 200, Duration::from_micros(100));
+        drain(&r, &c, 400, early);
         let seen = echo.seen.lock().clone();
         let out_of_order = seen.windows(2).filter(|w| w[1] < w[0]).count();
         let counted = r.counters(Direction::Up).reordered;
@@ -200,8 +217,8 @@ fn duplication_delivers_extra_copies_and_counts_them() {
     let echo = Echo::start();
     let r = relay(echo.addr, Impairment { duplicate: 0.2, ..Impairment::default() }, Impairment::default());
     let c = client();
-    send(&c, r.local_addr(), 1000, 100, Duration::ZERO);
-    drain(&r, &c, 1000);
+    let early = send(&c, r.local_addr(), 1000, 100, Duration::ZERO);
+    drain(&r, &c, 1000, early);
     let up = r.counters(Direction::Up);
     assert!((120..=280).contains(&up.duplicated), "duplicated {}", up.duplicated);
     assert_eq!(echo.seen.lock().len() as u64, 1000 + up.duplicated);
@@ -216,8 +233,8 @@ fn a_rate_limit_paces_delivery_and_drops_at_the_tail_of_a_full_queue() {
     let c = client();
     let start = Instant::now();
     // 400 kB at once: the queue holds 100 kB, the rest beyond it is dropped.
-    send(&c, r.local_addr(), 400, 1000, Duration::ZERO);
-    let got = drain(&r, &c, 400);
+    let early = send(&c, r.local_addr(), 400, 1000, Duration::ZERO);
+    let got = drain(&r, &c, 400, early);
     let up = r.counters(Direction::Up);
     assert!(up.queue_dropped > 0, "{up}");
     assert_eq!(got.len() as u64, 400 - up.queue_dropped);
@@ -233,13 +250,13 @@ fn a_partition_drops_everything_until_it_heals() {
     let r = relay(echo.addr, Impairment::default(), Impairment::default());
     let c = client();
     r.set_partitioned(true);
-    send(&c, r.local_addr(), 50, 100, Duration::ZERO);
-    let got = drain(&r, &c, 50);
+    let early = send(&c, r.local_addr(), 50, 100, Duration::ZERO);
+    let got = drain(&r, &c, 50, early);
     assert!(got.is_empty());
     assert_eq!(r.counters(Direction::Up).partition_dropped, 50);
     r.set_partitioned(false);
-    send(&c, r.local_addr(), 50, 100, Duration::ZERO);
-    let got = drain(&r, &c, 100);
+    let early = send(&c, r.local_addr(), 50, 100, Duration::ZERO);
+    let got = drain(&r, &c, 100, early);
     assert_eq!(got.len(), 50);
 }
 
