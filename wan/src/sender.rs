@@ -241,9 +241,7 @@ impl SenderCore {
     /// [`ProtocolError`] for a message that makes no sense here, or the
     /// backup's own error; the driver then closes the connection.
     pub fn handle_message(&mut self, now: Instant, msg: Message) -> Result<(), ProtocolError> {
-        if let Some(l) = self.liveness.as_mut() {
-            l.heard(now);
-        }
+        self.heard(now);
         match msg {
             Message::Welcome { guest, committed, head } => {
                 if guest != self.guest {
@@ -312,16 +310,10 @@ impl SenderCore {
     pub fn handle_datagram(&mut self, now: Instant, msg: &Message) {
         match *msg {
             Message::Ack { epoch, manifest } if self.connected && epoch <= self.sealed => {
-                if let Some(l) = self.liveness.as_mut() {
-                    l.heard(now);
-                }
+                self.heard(now);
                 self.ack(epoch, manifest);
             }
-            Message::Heartbeat { .. } if self.connected => {
-                if let Some(l) = self.liveness.as_mut() {
-                    l.heard(now);
-                }
-            }
+            Message::Heartbeat { .. } if self.connected => self.heard(now),
             _ => {}
         }
     }
@@ -347,9 +339,17 @@ impl SenderCore {
     pub fn handle_activity(&mut self, now: Instant, packets_arrived: bool, rtt: Duration) {
         if let Some(l) = self.liveness.as_mut() {
             l.set_rtt(rtt);
-            if packets_arrived {
-                l.heard(now);
-            }
+        }
+        if packets_arrived {
+            self.heard(now);
+        }
+    }
+
+    /// A sign of life from the backup at `now` (ignored while not
+    /// connected, or once it was declared lost).
+    fn heard(&mut self, now: Instant) {
+        if let Some(l) = self.liveness.as_mut() {
+            l.heard(now);
         }
     }
 
