@@ -15,6 +15,7 @@
 //! backup-timeout-ms = 500     # at the least; longer when the link is irregular
 //! backup-timeout-max-ms = 5000 # at the most
 //! congestion = "bbr"        # or cubic, newreno
+//! fec = "auto"               # parity beside each epoch: auto (sized to the loss seen), off, or 1..16 per 32
 //!
 //! [protect.arena]
 //! memory-mib = 1024
@@ -164,6 +165,9 @@ pub struct ProtectConfig {
     pub backup_timeout_max_ms: u64,
     /// Congestion control of the link: bbr (default), cubic or newreno.
     pub congestion: String,
+    /// Parity sent beside each epoch: auto (default: sized to the loss the
+    /// link shows), off, or 1..=16 parity shards per 32 data shards.
+    pub fec: String,
     /// The arena guest.
     pub arena: ArenaConfig,
     /// A QEMU guest.
@@ -183,6 +187,7 @@ impl Default for ProtectConfig {
             backup_timeout_ms: 500,
             backup_timeout_max_ms: 5000,
             congestion: remus_wan::Congestion::default().to_string(),
+            fec: remus_wan::fec::Fec::default().to_string(),
             arena: ArenaConfig::default(),
             qemu: crate::qemu_settings::QemuSettings::default(),
         }
@@ -242,6 +247,7 @@ impl Config {
         anyhow::ensure!(p.backup_timeout_ms > p.heartbeat_ms, "protect.backup-timeout-ms must exceed heartbeat-ms");
         anyhow::ensure!(p.backup_timeout_max_ms >= p.backup_timeout_ms, "protect.backup-timeout-max-ms must be at least backup-timeout-ms");
         p.congestion.parse::<remus_wan::Congestion>().map_err(|e| anyhow::anyhow!("protect.congestion: {e}"))?;
+        p.fec.parse::<remus_wan::fec::Fec>().map_err(|e| anyhow::anyhow!("protect.fec: {e}"))?;
         p.arena.workload.validate().map_err(|e| anyhow::anyhow!("protect.arena.workload: {e}"))?;
         let b = &self.backup;
         anyhow::ensure!(b.heartbeat_ms >= 1, "backup.heartbeat-ms must be at least 1");

@@ -300,8 +300,9 @@ async fn consume_events(
                     let _ = writeln!(f, "{{\"epoch\":{},\"root\":\"{}\"}}", epoch.0, root.to_hex());
                 }
             }
-            LinkEvent::Sent { wire_bytes, pages, mix, resent, .. } => {
+            LinkEvent::Sent { wire_bytes, pages, mix, resent, parity_bytes, .. } => {
                 let mut s = stats.lock();
+                s.parity_bytes += parity_bytes;
                 if resent {
                     s.resent_bytes += wire_bytes;
                     s.resent_epochs += 1;

@@ -51,6 +51,8 @@ pub struct PrimaryStats {
     pub resent_bytes: u64,
     /// Epochs sent again.
     pub resent_epochs: u64,
+    /// Parity sent beside the epochs (not part of `wire_bytes`).
+    pub parity_bytes: u64,
     /// Encodings chosen.
     pub mix: EncodingMix,
     /// Highest acknowledged epoch.
@@ -83,6 +85,7 @@ impl Default for PrimaryStats {
             wire_bytes: 0,
             wire_pages: 0,
             resent_bytes: 0,
+            parity_bytes: 0,
             resent_epochs: 0,
             mix: EncodingMix::default(),
             acked: EpochId(0),

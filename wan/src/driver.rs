@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 
 use crate::encoding::EncodingMix;
 use crate::error::{CommitError, DecodeError, LinkError, ProtocolError, Side, StreamError};
+use crate::fec::{Fec, Parity, Reassembly};
 use crate::frame::{FrameReader, Message};
 use crate::receiver::{ReceivedEpoch, ReceiverCore, ReceiverEvent};
 use crate::sender::{SenderConfig, SenderCore, SenderEvent, Transmit};
@@ -139,6 +140,8 @@ pub enum LinkEvent {
         mix: EncodingMix,
         /// True when it went on the wire before (its bytes are resent).
         resent: bool,
+        /// Parity sent beside it ([`crate::fec`]), datagram headers included.
+        parity_bytes: u64,
     },
     /// The backup durably committed every epoch up to `epoch`.
     Acked {
@@ -318,14 +321,16 @@ async fn serve_connection(
     let reader = tokio::spawn(read_control(recv, tx.clone()));
     let _guard = AbortOnDrop(reader);
     let _forget_reader = AbortOnDrop(tokio::spawn(read_forget_streams(conn.clone(), tx.clone())));
-    let _datagram_reader = AbortOnDrop(tokio::spawn(read_datagrams(conn.clone(), tx.clone())));
+    let _datagram_reader = AbortOnDrop(tokio::spawn(read_datagrams(conn.clone(), tx.clone(), None)));
     let mut streams = JoinSet::new();
     let mut welcomed = false;
     let mut activity = PeerActivity::default();
+    let fec = core.config().fec;
+    let mut loss = LossMeter::default();
     loop {
         // Encode at most one epoch per turn so heartbeats and acks are
         // never held up behind a backlog of encoding.
-        let more = flush_sender(core, &mut control, conn, &mut streams, events).await?;
+        let more = flush_sender(core, &mut control, conn, &mut streams, events, fec, &mut loss).await?;
         while let Some(ev) = core.poll_event() {
             match ev {
                 SenderEvent::Acked { epoch, manifest } => {
@@ -400,12 +405,55 @@ impl PeerActivity {
     }
 }
 
+/// Shard size, parity shards per group and parity bytes for an epoch of
+/// `len` bytes, when there is to be parity and the backup takes datagrams.
+fn fec_plan(conn: &Connection, parity: u8, len: usize) -> Option<(u16, u8, u64)> {
+    if parity == 0 || len == 0 {
+        return None;
+    }
+    let shard = u16::try_from(crate::fec::shard_size(conn.max_datagram_size()?)?).ok()?;
+    let layout = crate::fec::Layout::new(len as u64, shard, parity);
+    let bytes = u64::from(layout.groups) * u64::from(parity) * (u64::from(shard) + crate::fec::PARITY_HEADER_LEN as u64);
+    Some((shard, parity, bytes))
+}
+
+/// The link's packet loss as quinn counts it (spurious losses included),
+/// over the last few thousand packets: what [`Fec::Auto`] sizes parity by.
+#[derive(Default)]
+struct LossMeter {
+    sent: u64,
+    lost: u64,
+    rate: f64,
+}
+
+impl LossMeter {
+    /// Packets per sample: enough that 0.1% loss shows as a few losses.
+    const SAMPLE: u64 = 4000;
+
+    fn rate(&mut self, conn: &Connection) -> f64 {
+        let path = conn.stats().path;
+        let sent = path.sent_packets.saturating_sub(self.sent);
+        if sent >= Self::SAMPLE {
+            let lost = path.lost_packets.saturating_sub(self.lost);
+            let sample = lost as f64 / sent as f64;
+            // Halfway towards each new sample: a burst of loss raises parity
+            // at once, a clean stretch lowers it within a few samples.
+            self.rate = if self.sent == 0 { sample } else { f64::midpoint(self.rate, sample).max(sample) };
+            self.sent = path.sent_packets;
+            self.lost = path.lost_packets;
+        }
+        self.rate
+    }
+}
+
 async fn flush_sender(
     core: &mut SenderCore,
     control: &mut SendStream,
     conn: &Connection,
     streams: &mut JoinSet<Result<(), StreamError>>,
     events: &mpsc::UnboundedSender<LinkEvent>,
+    fec: Fec,
+    loss: &mut LossMeter,
 ) -> Result<bool, LinkError> {
     while let Some(d) = core.poll_datagram() {
         send_datagram(conn, d);
@@ -414,15 +462,30 @@ async fn flush_sender(
         match t {
             Transmit::Control(b) => control.write_all(&b).await.map_err(StreamError::from)?,
             Transmit::Epoch { epoch, bytes, pages, mix, resent } => {
-                let _ = events.send(LinkEvent::Sent { epoch, wire_bytes: bytes.len() as u64, pages, mix, resent });
+                let parity = fec_plan(conn, fec.parity_for(loss.rate(conn)), bytes.len());
+                let parity_bytes = parity.map_or(0, |(_, _, b)| b);
+                let _ = events.send(LinkEvent::Sent { epoch, wire_bytes: bytes.len() as u64, pages, mix, resent, parity_bytes });
                 let conn = conn.clone();
                 let priority = epoch_priority(epoch);
                 streams.spawn(async move {
                     let mut s = conn.open_uni().await?;
                     // Cannot fail on a stream just opened.
                     let _ = s.set_priority(priority);
-                    s.write_all(&bytes).await?;
-                    s.finish()?;
+                    match s.write_all(&bytes).await {
+                        // The backup rebuilt the epoch from parity and
+                        // stopped the stream: nothing more to send.
+                        Err(quinn::WriteError::Stopped(_)) => return Ok(()),
+                        r => r?,
+                    }
+                    // Fails only on a stream the backup already stopped.
+                    let _ = s.finish();
+                    if let Some((shard, count, _)) = parity {
+                        for p in crate::fec::encode(s.id().index(), &bytes, shard, count) {
+                            if conn.send_datagram_wait(p.to_bytes().into()).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
                     Ok(())
                 });
                 return Ok(true);
@@ -495,11 +558,16 @@ fn send_datagram(conn: &Connection, frame: Vec<u8>) {
     }
 }
 
-/// Datagrams from the peer: each one frame, a copy of a control message.
+/// Datagrams from the peer: each one frame, a copy of a control message,
+/// or (at the backup, into `parity`) a parity shard of an epoch stream.
 /// A datagram that does not decode is dropped (the stream has the real
 /// one).
-async fn read_datagrams(conn: Connection, tx: mpsc::UnboundedSender<Control>) {
+async fn read_datagrams(conn: Connection, tx: mpsc::UnboundedSender<Control>, parity: Option<Arc<ParityInbox>>) {
     while let Ok(d) = conn.read_datagram().await {
+        if let Some(inbox) = parity.as_ref().filter(|_| Parity::is_parity(&d)) {
+            inbox.deliver(&d);
+            continue;
+        }
         let mut rd = FrameReader::default();
         rd.push(&d);
         match rd.next_message() {
@@ -511,6 +579,135 @@ async fn read_datagrams(conn: Connection, tx: mpsc::UnboundedSender<Control>) {
             _ => tracing::debug!(len = d.len(), "undecodable datagram dropped"),
         }
     }
+}
+
+/// Parity shards that came as datagrams, waiting for their epoch streams'
+/// readers, which they wake.
+struct ParityInbox {
+    max_len: u64,
+    state: std::sync::Mutex<InboxState>,
+}
+
+#[derive(Default)]
+struct InboxState {
+    /// Parity not yet taken, and the wake-up of the stream's reader.
+    waiting: std::collections::HashMap<u64, (Vec<Parity>, Arc<tokio::sync::Notify>)>,
+    /// Streams below this index are complete: their parity is dropped.
+    floor: u64,
+    /// Complete streams at or above `floor`.
+    done: std::collections::BTreeSet<u64>,
+    /// Highest stream index a reader asked for.
+    highest: u64,
+    /// Data shards rebuilt from parity, for the link's statistics.
+    rebuilt_shards: u64,
+    /// Epochs completed with the help of parity.
+    rebuilt_epochs: u64,
+}
+
+impl ParityInbox {
+    /// Streams ahead of the highest one read for which parity is kept: as
+    /// many as may be open at once, with room.
+    const AHEAD: u64 = 4096;
+
+    fn new(max_len: u64) -> Self {
+        Self { max_len, state: std::sync::Mutex::default() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, InboxState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn deliver(&self, datagram: &[u8]) {
+        let p = match Parity::decode(datagram, self.max_len) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(error = %e, "parity datagram dropped");
+                return;
+            }
+        };
+        let mut st = self.lock();
+        if p.stream < st.floor || st.done.contains(&p.stream) || p.stream > st.highest + Self::AHEAD {
+            return;
+        }
+        let slot = st.waiting.entry(p.stream).or_default();
+        slot.0.push(p);
+        slot.1.notify_one();
+    }
+
+    /// The wake-up for `stream`'s reader, and the parity that came for it.
+    fn take(&self, stream: u64) -> (Vec<Parity>, Arc<tokio::sync::Notify>) {
+        let mut st = self.lock();
+        st.highest = st.highest.max(stream);
+        let slot = st.waiting.entry(stream).or_default();
+        (std::mem::take(&mut slot.0), Arc::clone(&slot.1))
+    }
+
+    fn finish(&self, stream: u64, rebuilt: usize) {
+        let mut st = self.lock();
+        st.waiting.remove(&stream);
+        st.done.insert(stream);
+        if rebuilt > 0 {
+            st.rebuilt_shards += rebuilt as u64;
+            st.rebuilt_epochs += 1;
+        }
+        // Streams complete about in order: forget those far behind.
+        while st.done.len() > 2 * Self::AHEAD as usize {
+            let first = st.done.pop_first().expect("non-empty");
+            st.floor = first + 1;
+        }
+        let floor = st.floor;
+        st.waiting.retain(|&s, _| s >= floor);
+    }
+}
+
+/// Logs what parity did for a connection when it ends.
+struct ParityReport(Arc<ParityInbox>);
+
+impl Drop for ParityReport {
+    fn drop(&mut self) {
+        let st = self.0.lock();
+        tracing::info!(epochs = st.rebuilt_epochs, shards = st.rebuilt_shards, "epochs rebuilt from parity during the connection");
+    }
+}
+
+/// Reads one epoch stream, out of order, until all of it arrived or the
+/// parity that came for it can rebuild the rest; a stream completed from
+/// parity is stopped, so the primary retransmits none of it.
+async fn read_epoch_stream(mut s: RecvStream, inbox: &ParityInbox) -> Result<Vec<u8>, StreamError> {
+    let id = s.id().index();
+    let mut r = Reassembly::new(inbox.max_len);
+    let result = loop {
+        let (parity, wake) = inbox.take(id);
+        for p in parity {
+            if let Err(e) = r.add_parity(p) {
+                tracing::debug!(error = %e, stream = id, "parity dropped");
+            }
+        }
+        if let Some(bytes) = r.take_complete() {
+            if r.rebuilt() > 0 {
+                let _ = s.stop(VarInt::from_u32(0));
+            }
+            break Ok(bytes);
+        }
+        tokio::select! {
+            chunk = s.read_chunk(usize::MAX, false) => match chunk {
+                Ok(Some(c)) => {
+                    if let Err(e) = r.add_data(c.offset, &c.bytes) {
+                        break Err(StreamError::Decode(DecodeError::Fec(e)));
+                    }
+                }
+                Ok(None) => {
+                    if let Err(e) = r.stream_ended() {
+                        break Err(StreamError::Decode(DecodeError::Fec(e)));
+                    }
+                }
+                Err(e) => break Err(e.into()),
+            },
+            () = wake.notified() => {}
+        }
+    };
+    inbox.finish(id, r.rebuilt());
+    result
 }
 
 async fn read_control(mut recv: RecvStream, tx: mpsc::UnboundedSender<Control>) {
@@ -695,8 +892,7 @@ async fn serve_primary<R: Replica>(conn: &Connection, replica: &Arc<R>, cfg: Bac
     // Subscribed before the Welcome: what GC deletes from here on reaches
     // the primary after it.
     let deleted = replica.deleted_chunks();
-    let _datagram_reader = AbortOnDrop(tokio::spawn(read_datagrams(conn.clone(), tx)));
-    let result = serve_epochs(conn, replica, cfg, Session { guest, page_count, committed, head }, control, rx, deleted).await;
+    let result = serve_epochs(conn, replica, cfg, Session { guest, page_count, committed, head }, control, (tx, rx), deleted).await;
     replica.disconnected(guest);
     result
 }
@@ -715,22 +911,26 @@ async fn serve_epochs<R: Replica>(
     cfg: BackupLinkConfig,
     Session { guest, page_count, committed, head }: Session,
     mut control: SendStream,
-    mut rx: mpsc::UnboundedReceiver<Control>,
+    (tx, mut rx): (mpsc::UnboundedSender<Control>, mpsc::UnboundedReceiver<Control>),
     mut deleted: Option<tokio::sync::broadcast::Receiver<Arc<[ChunkId]>>>,
 ) -> Result<(), LinkError> {
     let mut core = ReceiverCore::new(Instant::now(), cfg.heartbeat, cfg.primary_timeout, cfg.primary_timeout_max);
     let mut activity = PeerActivity::default();
     core.accept(guest, page_count, committed, head);
     let max = core.max_epoch_bytes();
+    let inbox = Arc::new(ParityInbox::new(max as u64));
+    let _report = ParityReport(Arc::clone(&inbox));
+    let _datagram_reader = AbortOnDrop(tokio::spawn(read_datagrams(conn.clone(), tx, Some(Arc::clone(&inbox)))));
     let (etx, mut erx) = mpsc::unbounded_channel::<Result<Vec<u8>, StreamError>>();
     let c2 = conn.clone();
+    let inbox2 = Arc::clone(&inbox);
     let _epoch_reader = AbortOnDrop(tokio::spawn(async move {
         loop {
-            let Ok(mut s) = c2.accept_uni().await else { return };
+            let Ok(s) = c2.accept_uni().await else { return };
             let etx = etx.clone();
+            let inbox = Arc::clone(&inbox2);
             tokio::spawn(async move {
-                let r = s.read_to_end(max).await.map_err(StreamError::from);
-                let _ = etx.send(r);
+                let _ = etx.send(read_epoch_stream(s, &inbox).await);
             });
         }
     }));

@@ -36,6 +36,9 @@ pub enum DecodeError {
         /// Guest page number.
         pfn: u64,
     },
+    /// An epoch stream's data or parity is inconsistent (past its length).
+    #[error(transparent)]
+    Fec(#[from] crate::fec::FecError),
 }
 
 /// Protocol violations found by the sans-IO cores.

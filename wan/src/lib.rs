@@ -20,6 +20,7 @@ mod codec;
 pub mod driver;
 pub mod encoding;
 mod error;
+pub mod fec;
 pub mod frame;
 mod liveness;
 mod receiver;

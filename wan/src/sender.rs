@@ -60,6 +60,8 @@ pub struct SenderConfig {
     pub encoder: EncoderConfig,
     /// Congestion control of the link.
     pub congestion: crate::driver::Congestion,
+    /// Parity sent beside each epoch ([`crate::fec`]).
+    pub fec: crate::fec::Fec,
 }
 
 impl Default for SenderConfig {
@@ -73,6 +75,7 @@ impl Default for SenderConfig {
             max_retained_bytes: 2 << 30,
             encoder: EncoderConfig::default(),
             congestion: crate::driver::Congestion::default(),
+            fec: crate::fec::Fec::default(),
         }
     }
 }
@@ -183,6 +186,12 @@ impl SenderCore {
             datagrams: VecDeque::new(),
             events: VecDeque::new(),
         }
+    }
+
+    /// The configuration it runs with.
+    #[must_use]
+    pub fn config(&self) -> &SenderConfig {
+        &self.cfg
     }
 
     /// A connection is up: queue the Hello.

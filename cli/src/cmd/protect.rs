@@ -33,6 +33,10 @@ pub struct GuestFlags {
     /// `protect.congestion`, bbr).
     #[arg(long)]
     pub congestion: Option<remus_wan::Congestion>,
+    /// Parity beside each epoch: auto, off, or 1..=16 parity shards per 32
+    /// (default: `protect.fec`, auto).
+    #[arg(long)]
+    pub fec: Option<remus_wan::fec::Fec>,
 }
 
 /// Which guest `remus protect` runs.
@@ -97,6 +101,10 @@ pub fn primary_options(
         Some(c) => c,
         None => p.congestion.parse().map_err(|e| anyhow::anyhow!("protect.congestion: {e}"))?,
     };
+    let fec = match flags.fec {
+        Some(f) => f,
+        None => p.fec.parse().map_err(|e| anyhow::anyhow!("protect.fec: {e}"))?,
+    };
     let mut arena = p.arena.clone();
     if let Some(m) = flags.memory_mib {
         arena.memory_mib = m;
@@ -122,6 +130,7 @@ pub fn primary_options(
         peer_timeout: Duration::from_millis(p.backup_timeout_ms),
         peer_timeout_max: Duration::from_millis(p.backup_timeout_max_ms),
         congestion,
+        fec,
         ..SenderConfig::default()
     };
     let max_epoch = Duration::from_millis(p.max_epoch_ms).max(epoch);
