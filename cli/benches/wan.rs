@@ -14,6 +14,7 @@
 //! - `REMUS_BENCH_LOSS` (default `0,0.001,0.01`);
 //! - `REMUS_BENCH_WORKLOADS` (default `default,incompressible`);
 //! - `REMUS_BENCH_CC` (default `bbr,cubic`);
+//! - `REMUS_BENCH_FEC` (default `auto,off`): parity beside each epoch;
 //! - `REMUS_BENCH_JITTER_MS` (default 1; 0 at RTT 0);
 //! - `REMUS_BENCH_PAGES_PER_SEC` (default: the workload's own, 20 000).
 
@@ -74,6 +75,7 @@ struct Cell {
     loss: f64,
     workload: String,
     cc: String,
+    fec: String,
 }
 
 fn run_cell(c: &Cell, seconds: u64, jitter: Duration) -> String {
@@ -96,7 +98,7 @@ fn run_cell(c: &Cell, seconds: u64, jitter: Duration) -> String {
     let out = cmd
         .args(["protect", "--data-dir"])
         .arg(data)
-        .args(["--backup", &relay.local_addr().to_string(), "--json", "--drain-seconds", "20", "--congestion", &c.cc])
+        .args(["--backup", &relay.local_addr().to_string(), "--json", "--drain-seconds", "20", "--congestion", &c.cc, "--fec", &c.fec])
         .args(["--seconds", &seconds.to_string()])
         .args(std::env::var("REMUS_BENCH_PAGES_PER_SEC").map(|r| vec!["--pages-per-sec".to_string(), r]).unwrap_or_default())
         .stderr(Stdio::null())
@@ -104,7 +106,7 @@ fn run_cell(c: &Cell, seconds: u64, jitter: Duration) -> String {
         .expect("protect");
     let backup_cpu = backup.cpu().saturating_sub(cpu0);
     let lost = relay.counters(Direction::Up).lost + relay.counters(Direction::Down).lost;
-    let head = format!("{:>4} {:>6.1} {:>15} {:>6}", c.rtt_ms, c.loss * 100.0, c.workload, c.cc);
+    let head = format!("{:>4} {:>6.1} {:>15} {:>6} {:>5}", c.rtt_ms, c.loss * 100.0, c.workload, c.cc, c.fec);
     let Ok(s) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
         return format!("{head}  failed: exit {:?} (no summary)", out.status.code());
     };
@@ -112,12 +114,13 @@ fn run_cell(c: &Cell, seconds: u64, jitter: Duration) -> String {
     let dirty = f("dirty_pages").max(1.0);
     let acked = f("epochs_committed") / f("epochs").max(1.0);
     format!(
-        "{head} {:>6.1} {:>6.0}% {:>8.0} {:>8.0} {:>7.0} {:>10.0} {:>9.1} {:>9.1} {:>7}{}",
+        "{head} {:>6.1} {:>6.0}% {:>8.0} {:>8.0} {:>7.0} {:>8.0} {:>10.0} {:>9.1} {:>9.1} {:>7}{}",
         f("hz"),
         acked * 100.0,
         f("commit_ms_p50"),
         f("commit_ms_p99"),
         f("wire_bytes_per_dirty_page"),
+        f("parity_bytes") / dirty,
         f("resent_bytes"),
         f("cpu_seconds") * 1e6 / dirty,
         backup_cpu.as_secs_f64() * 1e6 / dirty,
@@ -135,19 +138,36 @@ fn main() {
     let losses: Vec<f64> = env_list("REMUS_BENCH_LOSS", "0,0.001,0.01");
     let workloads: Vec<String> = env_list("REMUS_BENCH_WORKLOADS", "default,incompressible");
     let ccs: Vec<String> = env_list("REMUS_BENCH_CC", "bbr,cubic");
+    let fecs: Vec<String> = env_list("REMUS_BENCH_FEC", "auto,off");
     println!("# remus WAN benchmark: {seconds} s per run, jitter ±{} ms, 1024 MiB arena guest at 40 Hz", jitter.as_secs_f64() * 1e3);
     println!(
-        "{:>4} {:>6} {:>15} {:>6} {:>6} {:>7} {:>8} {:>8} {:>7} {:>10} {:>9} {:>9} {:>7}",
-        "rtt", "loss%", "workload", "cc", "Hz", "acked", "p50 ms", "p99 ms", "B/page", "resent B", "prim µs/p", "back µs/p", "lost"
+        "{:>4} {:>6} {:>15} {:>6} {:>5} {:>6} {:>7} {:>8} {:>8} {:>7} {:>8} {:>10} {:>9} {:>9} {:>7}",
+        "rtt",
+        "loss%",
+        "workload",
+        "cc",
+        "fec",
+        "Hz",
+        "acked",
+        "p50 ms",
+        "p99 ms",
+        "B/page",
+        "parity/p",
+        "resent B",
+        "prim µs/p",
+        "back µs/p",
+        "lost"
     );
     for rtt_ms in &rtts {
         for loss in &losses {
             for workload in &workloads {
-                // The two controllers back to back, so that a change in the
-                // machine's load hits both alike.
+                // The controllers and parity settings back to back, so that
+                // a change in the machine's load hits them alike.
                 for cc in &ccs {
-                    let cell = Cell { rtt_ms: *rtt_ms, loss: *loss, workload: workload.clone(), cc: cc.clone() };
-                    println!("{}", run_cell(&cell, seconds, jitter));
+                    for fec in &fecs {
+                        let cell = Cell { rtt_ms: *rtt_ms, loss: *loss, workload: workload.clone(), cc: cc.clone(), fec: fec.clone() };
+                        println!("{}", run_cell(&cell, seconds, jitter));
+                    }
                 }
             }
         }

@@ -277,7 +277,9 @@ fn record_ack(stats: &Mutex<PrimaryStats>, acked: EpochId, released: usize) {
     let mut s = stats.lock();
     for e in s.acked.0 + 1..=acked.0 {
         if let Some(t) = s.sealed_at.remove(&EpochId(e)) {
-            s.commit_ns.push(u64::try_from(now.duration_since(t).as_nanos()).unwrap_or(u64::MAX));
+            let held = now.duration_since(t);
+            tracing::debug!(epoch = e, held_ms = held.as_secs_f64() * 1e3, "epoch acknowledged");
+            s.commit_ns.push(u64::try_from(held.as_nanos()).unwrap_or(u64::MAX));
         }
     }
     s.acked = s.acked.max(acked);

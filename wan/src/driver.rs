@@ -241,6 +241,7 @@ pub async fn run_primary(
             cwnd = st.path.cwnd,
             sent_packets = st.path.sent_packets,
             lost_packets = st.path.lost_packets,
+            spurious_lost_packets = st.path.spurious_lost_packets,
             lost_bytes = st.path.lost_bytes,
             congestion_events = st.path.congestion_events,
             "link statistics at the end of a connection"
@@ -417,8 +418,10 @@ fn fec_plan(conn: &Connection, parity: u8, len: usize) -> Option<(u16, u8, u64)>
     Some((shard, parity, bytes))
 }
 
-/// The link's packet loss as quinn counts it (spurious losses included),
-/// over the last few thousand packets: what [`Fec::Auto`] sizes parity by.
+/// The link's packet loss over the last few thousand packets: what quinn
+/// declared lost less what it later saw acknowledged (the patched
+/// quinn-proto counts those spurious losses), what [`Fec::Auto`] sizes
+/// parity by.
 #[derive(Default)]
 struct LossMeter {
     sent: u64,
@@ -434,13 +437,14 @@ impl LossMeter {
         let path = conn.stats().path;
         let sent = path.sent_packets.saturating_sub(self.sent);
         if sent >= Self::SAMPLE {
-            let lost = path.lost_packets.saturating_sub(self.lost);
+            let real = path.lost_packets.saturating_sub(path.spurious_lost_packets);
+            let lost = real.saturating_sub(self.lost);
             let sample = lost as f64 / sent as f64;
             // Halfway towards each new sample: a burst of loss raises parity
             // at once, a clean stretch lowers it within a few samples.
             self.rate = if self.sent == 0 { sample } else { f64::midpoint(self.rate, sample).max(sample) };
             self.sent = path.sent_packets;
-            self.lost = path.lost_packets;
+            self.lost = real;
         }
         self.rate
     }
@@ -940,7 +944,12 @@ async fn serve_epochs<R: Replica>(
             if let Some(group) = core.poll_commit() {
                 let r2 = Arc::clone(replica);
                 let epoch = group.last().expect("non-empty").header.epoch;
-                commit = Some(tokio::task::spawn_blocking(move || (epoch, r2.commit(group))));
+                let (first, started) = (group[0].header.epoch, Instant::now());
+                commit = Some(tokio::task::spawn_blocking(move || {
+                    let r = r2.commit(group);
+                    tracing::debug!(first = first.0, last = epoch.0, ms = started.elapsed().as_secs_f64() * 1e3, "commit group");
+                    (epoch, r)
+                }));
             }
         }
         while let Some(d) = core.poll_datagram() {

@@ -104,16 +104,13 @@ const GROUP_FAILURE: f64 = 1e-4;
 ///
 /// A lost packet erases about two shards (shards and packets are about the
 /// same size and not aligned), so a shard is erased with about twice the
-/// real packet loss. quinn's count, which `loss` is, overstates real loss on
-/// a jittery path by about as much again (reordered packets declared lost
-/// and then acknowledged: 2.1% counted for 1.0% dropped at 100 ms RTT with
-/// ±1 ms jitter), so it is taken as the shard erasure rate as it stands.
+/// packet loss.
 fn auto_parity(loss: f64) -> u8 {
     // NaN (no sample yet) counts as no loss.
     if loss.is_nan() || loss < 0.0005 {
         return 0;
     }
-    let q = loss.min(0.5);
+    let q = (2.0 * loss).min(0.5);
     (1..=MAX_PARITY).find(|&m| binomial_tail(DATA_PER_GROUP + usize::from(m), q, usize::from(m) + 1) < GROUP_FAILURE).unwrap_or(MAX_PARITY)
 }
 
@@ -686,6 +683,8 @@ mod tests {
         assert_eq!(Fec::Auto.parity_for(0.0001), 0);
         let (low, one, five) = (Fec::Auto.parity_for(0.001), Fec::Auto.parity_for(0.01), Fec::Auto.parity_for(0.05));
         assert!(0 < low && low < one && one < five && five <= MAX_PARITY, "{low} {one} {five}");
+        // As docs/architecture.md states them.
+        assert_eq!((low, one), (2, 6));
         assert_eq!(Fec::Off.parity_for(0.5), 0);
         assert_eq!(Fec::Parity(3).parity_for(0.0), 3);
         assert_eq!("auto".parse(), Ok(Fec::Auto));

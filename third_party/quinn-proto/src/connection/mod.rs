@@ -1487,6 +1487,8 @@ impl Connection {
             }
         };
 
+        self.count_spurious_losses(now, space, &ack);
+
         // Avoid DoS from unreasonably huge ack ranges by filtering out just the new acks.
         let mut newly_acked = ArrayRangeSet::new();
         for range in ack.iter() {
@@ -1689,6 +1691,24 @@ impl Connection {
         self.set_loss_detection_timer(now);
     }
 
+    /// Counts packets declared lost that `ack` shows delivered, and forgets losses declared
+    /// more than two probe timeouts ago (an ACK for them is not to be expected any more)
+    fn count_spurious_losses(&mut self, now: Instant, space: SpaceId, ack: &frame::Ack) {
+        if self.spaces[space].recently_lost.is_empty() {
+            return;
+        }
+        let two_pto = 2 * self.pto(space);
+        let recently_lost = &mut self.spaces[space].recently_lost;
+        recently_lost.retain(|_, declared| now.saturating_duration_since(*declared) <= two_pto);
+        for range in ack.iter() {
+            let delivered: Vec<u64> = recently_lost.range(range).map(|(&pn, _)| pn).collect();
+            for pn in delivered {
+                recently_lost.remove(&pn);
+                self.stats.path.spurious_lost_packets += 1;
+            }
+        }
+    }
+
     fn detect_lost_packets(&mut self, now: Instant, pn_space: SpaceId, due_to_ack: bool) {
         let mut lost_packets = Vec::<u64>::new();
         let mut lost_mtu_probe = None;
@@ -1775,6 +1795,7 @@ impl Connection {
 
             for &packet in &lost_packets {
                 let info = self.spaces[pn_space].take(packet).unwrap(); // safe: lost_packets is populated just above
+                self.spaces[pn_space].recently_lost.insert(packet, now);
                 self.config.qlog_sink.emit_packet_lost(
                     packet,
                     &info,

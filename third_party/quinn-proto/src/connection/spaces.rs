@@ -39,6 +39,9 @@ pub(super) struct PacketSpace {
     /// Transmitted but not acked
     // We use a BTreeMap here so we can efficiently query by range on ACK and for loss detection
     pub(super) sent_packets: BTreeMap<u64, SentPacket>,
+    /// Packets declared lost in the last two probe timeouts, with the time they were: an ACK
+    /// that names one shows the loss was spurious (counted in `PathStats`)
+    pub(super) recently_lost: BTreeMap<u64, Instant>,
     /// Number of explicit congestion notification codepoints seen on incoming packets
     pub(super) ecn_counters: frame::EcnCounts,
     /// Recent ECN counters sent by the peer in ACK frames
@@ -84,6 +87,7 @@ impl PacketSpace {
             largest_ack_eliciting_sent: 0,
             unacked_non_ack_eliciting_tail: 0,
             sent_packets: BTreeMap::new(),
+            recently_lost: BTreeMap::new(),
             ecn_counters: frame::EcnCounts::ZERO,
             ecn_feedback: frame::EcnCounts::ZERO,
 
@@ -913,7 +917,14 @@ impl PacketNumberFilter {
 }
 
 /// Ensures we can always fit all our ACKs in a single minimum-MTU packet with room to spare
-const MAX_ACK_BLOCKS: usize = 64;
+///
+/// Ranges beyond this are dropped from the bottom, and a range dropped before any ACK frame
+/// carried it leaves its packets unacknowledged for good: their sender declares them lost
+/// although they were delivered. A burst of a few hundred packets spread over a jittery path
+/// arrives as many small ranges within one receive batch, before an ACK can be sent; with 64
+/// blocks about 1% of packets on a 100 ms path with ±1 ms jitter were lost that way. 192
+/// blocks of gaps and lengths below 16384 packets (two-byte varints) take at most 768 bytes.
+const MAX_ACK_BLOCKS: usize = 192;
 
 #[cfg(test)]
 mod test {

@@ -146,6 +146,10 @@ pub struct PathStats {
     pub lost_packets: u64,
     /// The amount of bytes lost on this path
     pub lost_bytes: u64,
+    /// Packets counted in `lost_packets` that an ACK later showed delivered (reordered or
+    /// delayed past the loss thresholds), as far as ACKs within two probe timeouts of their
+    /// sending tell
+    pub spurious_lost_packets: u64,
     /// The amount of packets sent on this path
     pub sent_packets: u64,
     /// The amount of PLPMTUD probe packets sent on this path (also counted by `sent_packets`)

@@ -4387,3 +4387,67 @@ fn preferred_address() {
     let mut pair = Pair::new(Arc::new(EndpointConfig::default()), server_config);
     pair.connect();
 }
+
+/// A packet held back until after its sender declared it lost, then delivered, is counted as
+/// a spurious loss
+#[test]
+fn spurious_losses_are_counted() {
+    let _guard = subscribe();
+    let mut pair = Pair::default();
+    let (client_ch, _server_ch) = pair.connect();
+    pair.drive();
+    let s = pair.client_streams(client_ch).open(Dir::Uni).unwrap();
+    pair.client_send(client_ch, s).write(&[0xab; 4000]).unwrap();
+    pair.drive_client();
+    let held = pair.server.inbound.pop_front().expect("a packet on its way");
+    // The server acknowledges the rest; the client finds the held packet lost and resends it.
+    for _ in 0..100 {
+        if pair.client_conn_mut(client_ch).stats().path.lost_packets > 0 {
+            break;
+        }
+        assert!(pair.step(), "idle before the held packet was declared lost");
+    }
+    let stats = pair.client_conn_mut(client_ch).stats().path;
+    assert_eq!(stats.lost_packets, 1, "{stats:?}");
+    assert_eq!(stats.spurious_lost_packets, 0);
+    // The original arrives after all: its ACK shows the loss was spurious.
+    pair.server.inbound.push_back((pair.time, held.1, held.2));
+    pair.drive();
+    let stats = pair.client_conn_mut(client_ch).stats().path;
+    assert_eq!(stats.spurious_lost_packets, 1, "{stats:?}");
+}
+
+/// Packets that arrive in an order leaving more gaps than one ACK frame used to carry are all
+/// acknowledged, none declared lost
+#[test]
+fn scattered_arrivals_are_all_acknowledged() {
+    let _guard = subscribe();
+    let mut pair = Pair::default();
+    let mut client = client_config();
+    let mut transport = TransportConfig::default();
+    let mut congestion = congestion::NewRenoConfig::default();
+    congestion.initial_window(1 << 20);
+    transport.congestion_controller_factory(Arc::new(congestion));
+    client.transport_config(Arc::new(transport));
+    let (client_ch, _server_ch) = pair.connect_with(client);
+    pair.drive();
+    let s = pair.client_streams(client_ch).open(Dir::Uni).unwrap();
+    pair.client_send(client_ch, s).write(&[0xcd; 300 * 1200]).unwrap();
+    pair.client_send(client_ch, s).finish().unwrap();
+    // Let the pacer release them all before the server sees any.
+    for _ in 0..200 {
+        pair.drive_client();
+        if pair.server.inbound.len() > 250 {
+            break;
+        }
+        pair.time += Duration::from_millis(1);
+    }
+    // Every other packet first, then the rest: over a hundred gaps open at once.
+    let packets: Vec<_> = pair.server.inbound.drain(..).collect();
+    assert!(packets.len() > 150, "{} packets", packets.len());
+    let (even, odd): (Vec<_>, Vec<_>) = packets.into_iter().enumerate().partition(|(i, _)| i % 2 == 0);
+    pair.server.inbound.extend(even.into_iter().chain(odd).map(|(_, p)| p));
+    pair.drive();
+    let stats = pair.client_conn_mut(client_ch).stats().path;
+    assert_eq!(stats.lost_packets, 0, "{stats:?}");
+}
