@@ -36,8 +36,8 @@ pub const PARITY_VERSION: u8 = 1;
 /// Bytes before a parity datagram's shard.
 pub const PARITY_HEADER_LEN: usize = 4 + 1 + 8 + 8 + 2 + 4 + 1 + 4 + 1;
 /// Data shards per group at most: with 2% of shards erased (1% packet loss,
-/// a lost packet spanning two shards), 6 parity shards per 32 leave about one
-/// group in ten thousand short.
+/// a lost packet spanning two shards), 5 parity shards per 32 leave fewer
+/// than one group in ten thousand short.
 pub const DATA_PER_GROUP: usize = 32;
 /// Parity shards per group at most.
 pub const MAX_PARITY: u8 = 16;
@@ -684,7 +684,7 @@ mod tests {
         let (low, one, five) = (Fec::Auto.parity_for(0.001), Fec::Auto.parity_for(0.01), Fec::Auto.parity_for(0.05));
         assert!(0 < low && low < one && one < five && five <= MAX_PARITY, "{low} {one} {five}");
         // As docs/architecture.md states them.
-        assert_eq!((low, one), (2, 6));
+        assert_eq!((low, one), (2, 5));
         assert_eq!(Fec::Off.parity_for(0.5), 0);
         assert_eq!(Fec::Parity(3).parity_for(0.0), 3);
         assert_eq!("auto".parse(), Ok(Fec::Auto));
