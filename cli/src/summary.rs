@@ -44,6 +44,8 @@ pub struct Summary {
     pub resent_epochs: u64,
     /// Parity datagrams sent beside the epochs (not part of `wire_bytes`).
     pub parity_bytes: u64,
+    /// Parity left out because the link was saturated.
+    pub parity_dropped_bytes: u64,
     /// Connection losses.
     pub disconnects: u64,
     /// CPU time this process used (user and system, every thread), s.
@@ -115,6 +117,7 @@ impl Summary {
             resent_bytes: s.resent_bytes,
             resent_epochs: s.resent_epochs,
             parity_bytes: s.parity_bytes,
+            parity_dropped_bytes: s.parity_dropped_bytes,
             disconnects: s.disconnects,
             cpu_seconds: remus_sys::cpu_time().as_secs_f64(),
             encoding: EncodingSummary { zero: m.zero, reference: m.reference, xor: m.xor, raw_zstd: m.raw_zstd, raw_plain: m.raw_plain },
@@ -144,7 +147,7 @@ impl Summary {
              pause             p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} tracking)\n\
              epoch length      p50 {:.1} ms, max {:.1} ms (longer while the backup lags)\n\
              dirty pages       {} ({:.0} per epoch)\n\
-             wire              {} bytes, {:.1} bytes per dirty page ({:.1}% of raw); resent {} bytes in {} epochs after {} disconnects; parity {} bytes\n\
+             wire              {} bytes, {:.1} bytes per dirty page ({:.1}% of raw); resent {} bytes in {} epochs after {} disconnects; parity {} bytes ({} left out, link saturated)\n\
              encodings         zero {:.1}%, ref {:.1}%, xor {:.1}%, zstd {:.1}%, plain {:.1}%\n\
              commit latency    p50 {:.2} ms, p99 {:.2} ms (seal to ack; backup commit p50 {:.2} ms, p99 {:.2} ms)\n\
              output released   {} lines, each after its epoch was acknowledged\n\
@@ -168,6 +171,7 @@ impl Summary {
             self.resent_epochs,
             self.disconnects,
             self.parity_bytes,
+            self.parity_dropped_bytes,
             pct(e.zero),
             pct(e.reference),
             pct(e.xor),

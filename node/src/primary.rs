@@ -302,9 +302,13 @@ async fn consume_events(
                     let _ = writeln!(f, "{{\"epoch\":{},\"root\":\"{}\"}}", epoch.0, root.to_hex());
                 }
             }
-            LinkEvent::Sent { wire_bytes, pages, mix, resent, parity_bytes, .. } => {
+            LinkEvent::Parity { sent, dropped, .. } => {
                 let mut s = stats.lock();
-                s.parity_bytes += parity_bytes;
+                s.parity_bytes += sent;
+                s.parity_dropped_bytes += dropped;
+            }
+            LinkEvent::Sent { wire_bytes, pages, mix, resent, .. } => {
+                let mut s = stats.lock();
                 if resent {
                     s.resent_bytes += wire_bytes;
                     s.resent_epochs += 1;

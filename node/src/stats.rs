@@ -53,6 +53,8 @@ pub struct PrimaryStats {
     pub resent_epochs: u64,
     /// Parity sent beside the epochs (not part of `wire_bytes`).
     pub parity_bytes: u64,
+    /// Parity left out on a saturated link.
+    pub parity_dropped_bytes: u64,
     /// Encodings chosen.
     pub mix: EncodingMix,
     /// Highest acknowledged epoch.
@@ -86,6 +88,7 @@ impl Default for PrimaryStats {
             wire_pages: 0,
             resent_bytes: 0,
             parity_bytes: 0,
+            parity_dropped_bytes: 0,
             resent_epochs: 0,
             mix: EncodingMix::default(),
             acked: EpochId(0),

@@ -294,6 +294,58 @@ impl S3Client {
         Ok(())
     }
 
+    /// Reads `rel` with its entity tag, for a later [`put_if_match`](Self::put_if_match).
+    ///
+    /// # Errors
+    /// [`S3Error::NotFound`]; others as the service answers.
+    pub fn get_tagged(&self, rel: &str) -> Result<(Vec<u8>, String), S3Error> {
+        let key = self.key(rel);
+        self.rt
+            .block_on(async {
+                let r = self.client.get_object().bucket(&self.bucket).key(&key).send().await.map_err(|e| classify("get", &key, e))?;
+                let etag = r.e_tag().map(str::to_string).ok_or_else(|| S3Error::Service {
+                    op: "get",
+                    key: key.clone(),
+                    detail: "no ETag in the answer".into(),
+                })?;
+                let body = r.body.collect().await.map_err(|e| S3Error::Unreachable { op: "get", detail: format!("{key}: {e}") })?;
+                Ok((body.into_bytes().to_vec(), etag))
+            })
+            .map_err(|e| self.named(e))
+    }
+
+    /// As [`put_new`](Self::put_new), returning the new object's entity tag.
+    ///
+    /// # Errors
+    /// [`S3Error::Exists`] when the key is taken; others as the service answers.
+    pub fn put_new_tagged(&self, rel: &str, body: Vec<u8>) -> Result<String, S3Error> {
+        let key = self.key(rel);
+        let r = self
+            .rt
+            .block_on(self.client.put_object().bucket(&self.bucket).key(&key).if_none_match("*").body(ByteStream::from(body)).send())
+            .map_err(|e| self.named(classify("put", &key, e)))?;
+        r.e_tag().map(str::to_string).ok_or_else(|| S3Error::Service { op: "put", key, detail: "no ETag in the answer".into() })
+    }
+
+    /// Replaces `rel` only if it still has entity tag `etag` (`If-Match`):
+    /// a compare-and-swap. Returns the new entity tag.
+    ///
+    /// # Errors
+    /// [`S3Error::Conflict`] when the object changed (or is gone) since
+    /// `etag` was read; others as the service answers.
+    pub fn put_if_match(&self, rel: &str, body: Vec<u8>, etag: &str) -> Result<String, S3Error> {
+        let key = self.key(rel);
+        let r = self
+            .rt
+            .block_on(self.client.put_object().bucket(&self.bucket).key(&key).if_match(etag).body(ByteStream::from(body)).send())
+            .map_err(|e| match classify("put", &key, e) {
+                // 412 (changed) or 404 (deleted): the precondition failed.
+                S3Error::Exists(_) | S3Error::NotFound(_) => S3Error::Conflict(format!("{key} is no longer {etag}")),
+                e => self.named(e),
+            })?;
+        r.e_tag().map(str::to_string).ok_or_else(|| S3Error::Service { op: "put", key, detail: "no ETag in the answer".into() })
+    }
+
     /// Conditional puts of many objects, up to 16 requests at a time (an
     /// epoch object per epoch would otherwise cost one round trip each);
     /// one result per object, in order.

@@ -75,6 +75,8 @@ impl std::fmt::Display for Congestion {
 /// such reordering was taken for loss and the window collapsed. Loss is
 /// then found by the time threshold below instead.
 const PACKET_THRESHOLD: u32 = 1000;
+/// Bytes of datagrams queued ahead of stream data at most.
+const DATAGRAM_SEND_BUFFER: usize = 128 << 10;
 /// A packet is lost when a later one was acknowledged this many smoothed
 /// round trips after it was sent (RFC 9002: 9/8): room for jitter of an
 /// eighth to a quarter of the round trip.
@@ -92,6 +94,9 @@ pub fn transport_config(congestion: Congestion) -> quinn::TransportConfig {
     t.send_window(512 << 20);
     t.keep_alive_interval(Some(Duration::from_millis(500)));
     t.max_idle_timeout(Some(VarInt::from_u32(10_000).into()));
+    // Datagrams (ack and heartbeat copies, parity) go out before stream
+    // data; a small buffer keeps them from ever queueing far ahead of it.
+    t.datagram_send_buffer_size(DATAGRAM_SEND_BUFFER);
     t.packet_threshold(PACKET_THRESHOLD);
     t.time_threshold(TIME_THRESHOLD);
     match congestion {
@@ -140,8 +145,16 @@ pub enum LinkEvent {
         mix: EncodingMix,
         /// True when it went on the wire before (its bytes are resent).
         resent: bool,
-        /// Parity sent beside it ([`crate::fec`]), datagram headers included.
-        parity_bytes: u64,
+    },
+    /// Parity for an epoch ([`crate::fec`]), datagram headers included.
+    Parity {
+        /// The epoch.
+        epoch: EpochId,
+        /// Bytes queued for sending.
+        sent: u64,
+        /// Bytes left out because the datagram buffer was full (a
+        /// saturated link).
+        dropped: u64,
     },
     /// The backup durably committed every epoch up to `epoch`.
     Acked {
@@ -326,15 +339,15 @@ async fn serve_connection(
     let mut streams = JoinSet::new();
     let mut welcomed = false;
     let mut activity = PeerActivity::default();
-    let fec = core.config().fec;
-    let mut loss = LossMeter::default();
+    let mut parity = ParityPlanner::new(core.config().fec);
     loop {
         // Encode at most one epoch per turn so heartbeats and acks are
         // never held up behind a backlog of encoding.
-        let more = flush_sender(core, &mut control, conn, &mut streams, events, fec, &mut loss).await?;
+        let more = flush_sender(core, &mut control, conn, &mut streams, events, &mut parity).await?;
         while let Some(ev) = core.poll_event() {
             match ev {
                 SenderEvent::Acked { epoch, manifest } => {
+                    parity.acked(epoch);
                     let _ = events.send(LinkEvent::Acked { epoch, manifest });
                 }
                 SenderEvent::PeerSilent(silence) => {
@@ -406,16 +419,60 @@ impl PeerActivity {
     }
 }
 
-/// Shard size, parity shards per group and parity bytes for an epoch of
-/// `len` bytes, when there is to be parity and the backup takes datagrams.
-fn fec_plan(conn: &Connection, parity: u8, len: usize) -> Option<(u16, u8, u64)> {
-    if parity == 0 || len == 0 {
-        return None;
+/// How much parity each epoch of a connection gets.
+struct ParityPlanner {
+    fec: Fec,
+    loss: LossMeter,
+    backlog: Backlog,
+}
+
+impl ParityPlanner {
+    fn new(fec: Fec) -> Self {
+        Self { fec, loss: LossMeter::default(), backlog: Backlog::default() }
     }
-    let shard = u16::try_from(crate::fec::shard_size(conn.max_datagram_size()?)?).ok()?;
-    let layout = crate::fec::Layout::new(len as u64, shard, parity);
-    let bytes = u64::from(layout.groups) * u64::from(parity) * (u64::from(shard) + crate::fec::PARITY_HEADER_LEN as u64);
-    Some((shard, parity, bytes))
+
+    /// Shard size and parity shards per group for `epoch` of `len` bytes,
+    /// put on the wire now; `None` for no parity.
+    fn plan(&mut self, conn: &Connection, epoch: EpochId, len: usize) -> Option<(u16, u8)> {
+        // Parity buys latency with spare capacity; a link already behind
+        // (its oldest unacknowledged epoch waiting several round trips)
+        // has none to spare.
+        let behind = self.backlog.behind(conn.rtt());
+        self.backlog.sent(epoch);
+        let parity = self.fec.parity_for(self.loss.rate(conn));
+        if behind || parity == 0 || len == 0 {
+            return None;
+        }
+        let shard = u16::try_from(crate::fec::shard_size(conn.max_datagram_size()?)?).ok()?;
+        Some((shard, parity))
+    }
+
+    fn acked(&mut self, epoch: EpochId) {
+        self.backlog.acked(epoch);
+    }
+}
+
+/// When each unacknowledged epoch went on the wire (this connection).
+#[derive(Default)]
+struct Backlog(std::collections::VecDeque<(EpochId, Instant)>);
+
+impl Backlog {
+    fn sent(&mut self, epoch: EpochId) {
+        self.0.push_back((epoch, Instant::now()));
+    }
+
+    fn acked(&mut self, epoch: EpochId) {
+        while self.0.front().is_some_and(|(e, _)| *e <= epoch) {
+            self.0.pop_front();
+        }
+    }
+
+    /// Whether the oldest unacknowledged epoch has waited more than four
+    /// round trips and 250 ms: longer than a retransmission or two take,
+    /// so a link that recovers a loss is not taken for one that is behind.
+    fn behind(&self, rtt: Duration) -> bool {
+        self.0.front().is_some_and(|(_, t)| t.elapsed() > 4 * rtt + Duration::from_millis(250))
+    }
 }
 
 /// The link's packet loss over the last few thousand packets: what quinn
@@ -456,8 +513,7 @@ async fn flush_sender(
     conn: &Connection,
     streams: &mut JoinSet<Result<(), StreamError>>,
     events: &mpsc::UnboundedSender<LinkEvent>,
-    fec: Fec,
-    loss: &mut LossMeter,
+    parity: &mut ParityPlanner,
 ) -> Result<bool, LinkError> {
     while let Some(d) = core.poll_datagram() {
         send_datagram(conn, d);
@@ -466,10 +522,10 @@ async fn flush_sender(
         match t {
             Transmit::Control(b) => control.write_all(&b).await.map_err(StreamError::from)?,
             Transmit::Epoch { epoch, bytes, pages, mix, resent } => {
-                let parity = fec_plan(conn, fec.parity_for(loss.rate(conn)), bytes.len());
-                let parity_bytes = parity.map_or(0, |(_, _, b)| b);
-                let _ = events.send(LinkEvent::Sent { epoch, wire_bytes: bytes.len() as u64, pages, mix, resent, parity_bytes });
+                let parity = parity.plan(conn, epoch, bytes.len());
+                let _ = events.send(LinkEvent::Sent { epoch, wire_bytes: bytes.len() as u64, pages, mix, resent });
                 let conn = conn.clone();
+                let events = events.clone();
                 let priority = epoch_priority(epoch);
                 streams.spawn(async move {
                     let mut s = conn.open_uni().await?;
@@ -483,12 +539,25 @@ async fn flush_sender(
                     }
                     // Fails only on a stream the backup already stopped.
                     let _ = s.finish();
-                    if let Some((shard, count, _)) = parity {
-                        for p in crate::fec::encode(s.id().index(), &bytes, shard, count) {
-                            if conn.send_datagram_wait(p.to_bytes().into()).await.is_err() {
+                    if let Some((shard, count)) = parity {
+                        let group_bytes = usize::from(count) * (usize::from(shard) + crate::fec::PARITY_HEADER_LEN);
+                        let total = crate::fec::Layout::new(bytes.len() as u64, shard, count).groups as usize * group_bytes;
+                        let mut sent = 0;
+                        for group in crate::fec::encode_groups(s.id().index(), &bytes, shard, count) {
+                            // Parity is optional and goes out before stream
+                            // data: a backlog of it would starve the epochs
+                            // it protects. Only what fits in the small
+                            // datagram buffer is encoded and sent.
+                            if conn.datagram_send_buffer_space() < group_bytes {
                                 break;
                             }
+                            for p in group {
+                                let d = p.to_bytes();
+                                sent += d.len();
+                                let _ = conn.send_datagram(d.into());
+                            }
                         }
+                        let _ = events.send(LinkEvent::Parity { epoch, sent: sent as u64, dropped: total.saturating_sub(sent) as u64 });
                     }
                     Ok(())
                 });

@@ -307,13 +307,19 @@ impl Parity {
 /// When `shard` is odd or zero, or `parity` is zero or above [`MAX_PARITY`].
 #[must_use]
 pub fn encode(stream: u64, bytes: &[u8], shard: u16, parity: u8) -> Vec<Parity> {
+    encode_groups(stream, bytes, shard, parity).flatten().collect()
+}
+
+/// As [`encode`], a group at a time, so that a sender can stop encoding
+/// when it has no room to send more.
+///
+/// # Panics
+/// As [`encode`].
+pub fn encode_groups(stream: u64, bytes: &[u8], shard: u16, parity: u8) -> impl Iterator<Item = Vec<Parity>> + '_ {
     assert!(shard >= 2 && shard % 2 == 0 && (1..=MAX_PARITY).contains(&parity), "bad FEC parameters");
-    if bytes.is_empty() {
-        return Vec::new();
-    }
     let layout = Layout::new(bytes.len() as u64, shard, parity);
-    let mut out = Vec::with_capacity(layout.groups as usize * usize::from(parity));
-    for group in 0..layout.groups {
+    let groups = if bytes.is_empty() { 0 } else { layout.groups };
+    (0..groups).map(move |group| {
         let shards: Vec<Vec<u8>> = (0..layout.group_len(group))
             .map(|pos| {
                 let i = u64::from(group) + pos as u64 * u64::from(layout.groups);
@@ -321,11 +327,12 @@ pub fn encode(stream: u64, bytes: &[u8], shard: u16, parity: u8) -> Vec<Parity> 
             })
             .collect();
         let recovery = reed_solomon_simd::encode(shards.len(), usize::from(parity), &shards).expect("supported shard counts");
-        for (index, bytes) in recovery.into_iter().enumerate() {
-            out.push(Parity { stream, layout, group, index: u8::try_from(index).expect("below MAX_PARITY"), bytes });
-        }
-    }
-    out
+        recovery
+            .into_iter()
+            .enumerate()
+            .map(|(index, bytes)| Parity { stream, layout, group, index: u8::try_from(index).expect("below MAX_PARITY"), bytes })
+            .collect()
+    })
 }
 
 fn padded(data: &[u8], shard: u16) -> Vec<u8> {
