@@ -176,7 +176,15 @@ fn a_killed_primary_fails_over_to_its_last_committed_epoch() {
     let out = run_limited(protect(data, &backup.addr).args(["--memory-mib", "64", "--seconds", "5"]), Duration::from_secs(60));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("failed over") || err.contains("another primary instance"), "{err}");
+    assert!(err.contains(&format!("failed over to this backup at epoch {epoch} at ")), "{err}");
+    backup.stop();
+
+    // The fence is in the store: a restarted backup still refuses it.
+    let backup = BackupProcess::start_with(data, "127.0.0.1:0", &["--config", config.to_str().unwrap()]);
+    let out = run_limited(protect(data, &backup.addr).args(["--memory-mib", "64", "--seconds", "5"]), Duration::from_secs(60));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("failed over to this backup at epoch {epoch} at ")), "after a restart: {err}");
     backup.stop();
 }
 

@@ -2,7 +2,8 @@
 //!
 //! Rules, checked when a primary says Hello:
 //! - a guest that failed over here is fenced: its old primary is refused
-//!   from then on (it could only continue a history that has moved on);
+//!   from then on (it could only continue a history that has moved on),
+//!   also after the backup restarts (the fence is kept in the store);
 //! - a guest's history belongs to one primary instance: another instance
 //!   (a fresh process whose memory does not continue the stored history)
 //!   is refused;
@@ -13,7 +14,7 @@
 use std::collections::HashMap;
 
 use parking_lot::Mutex;
-use remus_store::Head;
+use remus_store::{Fence, Head};
 use remus_types::{ChunkId, EpochId, GuestId};
 
 /// Who is admitted for which guest.
@@ -28,12 +29,27 @@ pub struct Admission {
 
 impl Admission {
     /// Admits primary `instance` of `guest` with `page_count` pages, given
-    /// the guest's stored head; returns the committed epoch and manifest
-    /// it resumes from.
+    /// the guest's stored head and fence; returns the committed epoch and
+    /// manifest it resumes from.
     ///
     /// # Errors
     /// The reason for refusal, for the primary to show.
-    pub fn welcome(&self, guest: GuestId, instance: u64, page_count: u64, head: Option<Head>) -> Result<(EpochId, ChunkId), String> {
+    pub fn welcome(
+        &self,
+        guest: GuestId,
+        instance: u64,
+        page_count: u64,
+        head: Option<Head>,
+        stored_fence: Option<Fence>,
+    ) -> Result<(EpochId, ChunkId), String> {
+        if let Some(f) = stored_fence {
+            let since = std::time::UNIX_EPOCH + std::time::Duration::from_millis(f.since_unix_ms);
+            return Err(format!(
+                "{guest} failed over to this backup at epoch {} at {}; its old primary is fenced",
+                f.epoch.0,
+                humantime::format_rfc3339_seconds(since)
+            ));
+        }
         if let Some(e) = self.fenced.lock().get(&guest) {
             return Err(format!("{guest} failed over at epoch {}; its old primary is fenced", e.0));
         }
@@ -94,10 +110,10 @@ mod tests {
     fn another_instance_of_a_stored_guest_is_refused() {
         let a = Admission::default();
         let g = GuestId(1);
-        assert_eq!(a.welcome(g, 7, 16, Some(head(7, 3))).unwrap().0, EpochId(3));
-        let err = a.welcome(g, 8, 16, Some(head(7, 3))).unwrap_err();
+        assert_eq!(a.welcome(g, 7, 16, Some(head(7, 3)), None).unwrap().0, EpochId(3));
+        let err = a.welcome(g, 8, 16, Some(head(7, 3)), None).unwrap_err();
         assert!(err.contains("another primary instance"), "{err}");
-        let err = a.welcome(g, 7, 32, Some(head(7, 3))).unwrap_err();
+        let err = a.welcome(g, 7, 32, Some(head(7, 3)), None).unwrap_err();
         assert!(err.contains("memory size changed"), "{err}");
     }
 
@@ -105,12 +121,12 @@ mod tests {
     fn one_live_primary_per_guest_but_the_same_instance_may_reconnect() {
         let a = Admission::default();
         let g = GuestId(2);
-        a.welcome(g, 1, 16, None).unwrap();
-        a.welcome(g, 1, 16, None).expect("the same instance reconnecting");
-        assert!(a.welcome(g, 2, 16, None).unwrap_err().contains("already connected"));
+        a.welcome(g, 1, 16, None, None).unwrap();
+        a.welcome(g, 1, 16, None, None).expect("the same instance reconnecting");
+        assert!(a.welcome(g, 2, 16, None, None).unwrap_err().contains("already connected"));
         a.disconnected(g);
         a.disconnected(g);
-        a.welcome(g, 2, 16, None).expect("no connection left");
+        a.welcome(g, 2, 16, None, None).expect("no connection left");
     }
 
     #[test]
@@ -118,7 +134,13 @@ mod tests {
         let a = Admission::default();
         let g = GuestId(3);
         a.fence(g, EpochId(41));
-        let err = a.welcome(g, 1, 16, None).unwrap_err();
+        let err = a.welcome(g, 1, 16, None, None).unwrap_err();
         assert!(err.contains("failed over at epoch 41"), "{err}");
+        // A fence kept in the store (a restarted backup) refuses too, and
+        // says since when.
+        let fresh = Admission::default();
+        let f = Fence { epoch: EpochId(41), since_unix_ms: 1_767_225_600_000 };
+        let err = fresh.welcome(g, 1, 16, None, Some(f)).unwrap_err();
+        assert!(err.contains("at epoch 41 at 2026-01-01T00:00:00Z"), "{err}");
     }
 }

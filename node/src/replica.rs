@@ -100,7 +100,8 @@ impl StoreReplica {
 impl Replica for StoreReplica {
     fn welcome(&self, guest: GuestId, instance: u64, page_count: u64) -> Result<(EpochId, ChunkId), String> {
         let head = self.store.head(guest).map_err(|e| e.to_string())?;
-        self.admission.welcome(guest, instance, page_count, head)
+        let fence = self.store.fenced(guest).map_err(|e| e.to_string())?;
+        self.admission.welcome(guest, instance, page_count, head, fence)
     }
 
     fn commit(&self, epochs: Vec<ReceivedEpoch>) -> Result<ChunkId, CommitError> {
@@ -140,6 +141,13 @@ impl Replica for StoreReplica {
         let _ = self.events.send(BackupEvent::PrimaryLost { guest, committed, silence: *silence });
         let FailoverAction::RestoreTo { dir, resume } = &self.failover else { return };
         self.admission.fence(guest, committed);
+        // Kept in the store as well, so that a restarted backup still
+        // refuses the old primary.
+        if let Err(e) =
+            self.store.fence(guest, remus_store::Fence { epoch: committed, since_unix_ms: remus_types::now_unix_nanos() / 1_000_000 })
+        {
+            tracing::error!(%guest, error = %e, "the fence could not be stored; it holds until this backup stops");
+        }
         let live = self.live.take(guest, committed);
         failover::spawn(Arc::clone(&self.store), guest, dir.clone(), resume.clone(), live, Arc::clone(&self.stopping), self.events.clone());
     }

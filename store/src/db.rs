@@ -130,6 +130,16 @@ pub struct Head {
     pub page_count: u64,
 }
 
+/// A guest that failed over here: its old primary is refused from then on,
+/// across restarts of the backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    /// The committed epoch it failed over at.
+    pub epoch: EpochId,
+    /// When (wall clock, Unix ms).
+    pub since_unix_ms: u64,
+}
+
 /// What a commit did.
 #[derive(Debug, Clone)]
 pub struct CommitOutcome {
@@ -281,6 +291,35 @@ impl Store {
             instance: u64_at(&v, 40),
             page_count: u64_at(&v, 48),
         }))
+    }
+
+    /// Records durably (a synced write) that `guest` failed over here at
+    /// `epoch`; a later fence replaces an earlier one.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn fence(&self, guest: GuestId, fence: Fence) -> Result<(), StoreError> {
+        let mut v = Vec::with_capacity(16);
+        v.extend_from_slice(&fence.epoch.0.to_be_bytes());
+        v.extend_from_slice(&fence.since_unix_ms.to_be_bytes());
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.put_cf_opt(self.cf(CF_META), guest_key(b"fenc", guest), v, &wo)?;
+        Ok(())
+    }
+
+    /// The guest's fence, if it failed over here.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`], or [`StoreError::Corrupt`] for a damaged record.
+    pub fn fenced(&self, guest: GuestId) -> Result<Option<Fence>, StoreError> {
+        let Some(v) = self.db.get_cf(self.cf(CF_META), guest_key(b"fenc", guest))? else {
+            return Ok(None);
+        };
+        if v.len() != 16 {
+            return Err(StoreError::malformed(format!("{guest} fence record"), "wrong length"));
+        }
+        Ok(Some(Fence { epoch: EpochId(u64_at(&v, 0)), since_unix_ms: u64_at(&v, 8) }))
     }
 
     /// Every guest with history, with its head.

@@ -15,7 +15,7 @@ mod retention;
 pub mod s3;
 mod verify;
 
-pub use db::{decode_chunk_value, CommitOutcome, EpochCommit, Head, Store, StoreOptions, StoredChunk};
+pub use db::{decode_chunk_value, CommitOutcome, EpochCommit, Fence, Head, Store, StoreOptions, StoredChunk};
 pub use error::{ErrorKind, StoreError};
 
 /// The pages an epoch wrote: each page number with the content id it

@@ -389,3 +389,19 @@ fn a_damaged_manifest_names_the_kind_of_damage() {
     );
     assert_eq!(err.kind(), ErrorKind::Corrupt);
 }
+
+#[test]
+fn a_fence_survives_reopening_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = GuestId(5);
+    {
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        assert_eq!(store.fenced(g).unwrap(), None);
+        store.fence(g, crate::Fence { epoch: EpochId(41), since_unix_ms: 1_700_000_000_000 }).unwrap();
+        store.fence(g, crate::Fence { epoch: EpochId(42), since_unix_ms: 1_700_000_000_500 }).unwrap();
+    }
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    assert_eq!(store.fenced(g).unwrap(), Some(crate::Fence { epoch: EpochId(42), since_unix_ms: 1_700_000_000_500 }));
+    assert_eq!(store.fenced(GuestId(6)).unwrap(), None, "fences are per guest");
+    assert!(store.guests().unwrap().is_empty(), "a fence is not history");
+}

@@ -1,11 +1,9 @@
 //! The lease record and where it is kept.
 
-use std::collections::HashMap;
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use parking_lot::Mutex;
 use remus_s3::{S3Client, S3Error};
 use remus_types::GuestId;
+use std::collections::HashMap;
 
 /// Version of the lease record's layout.
 pub const LEASE_FORMAT: u32 = 1;
@@ -91,7 +89,7 @@ impl std::fmt::Display for Lease {
 /// Milliseconds since the Unix epoch (0 before it).
 #[must_use]
 pub fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    remus_types::now_unix_nanos() / 1_000_000
 }
 
 /// A lease as read, with the tag a compare-and-swap must name.
