@@ -35,6 +35,7 @@ fn main() -> Result<()> {
         backup: backup.addr,
         tls,
         sender: SenderConfig::default(),
+        link: Default::default(),
         output_log: None,
         record_roots: None,
     })?;

@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 use remus_capture::{ArenaConfig, ArenaGuest, CadenceConfig, EpochEngine, OutputBuffer, ProtectedGuest};
 use remus_qemu::{Egress, NetRelay, QemuConfig, QemuGuest};
 use remus_types::{now_unix_nanos, Checkpoint, EpochId, GuestId};
-use remus_wan::driver::{run_primary, LinkEvent, PrimaryLinkConfig};
+use remus_wan::driver::{run_primary, LinkEvent, LinkTuning, PrimaryLinkConfig};
 use remus_wan::tls::{client_config, TlsDir};
 use remus_wan::SenderConfig;
 use tokio::sync::mpsc;
@@ -47,6 +47,8 @@ pub struct PrimaryOptions {
     pub tls: TlsDir,
     /// Protocol tuning.
     pub sender: SenderConfig,
+    /// Transport tuning (congestion control, parity).
+    pub link: LinkTuning,
     /// Where released output lines go.
     pub output_log: Option<PathBuf>,
     /// Where each sealed epoch's memory root is recorded (JSON lines).
@@ -129,8 +131,15 @@ impl Primary {
         let (tx, rx) = mpsc::channel(256);
         let (etx, erx) = mpsc::unbounded_channel();
         let (ack_tx, ack_rx) = crossbeam_channel::unbounded();
-        let link_cfg =
-            PrimaryLinkConfig { backup: opts.backup, client, sender: opts.sender, guest: opts.guest, instance: rand::random(), page_count };
+        let link_cfg = PrimaryLinkConfig {
+            backup: opts.backup,
+            client,
+            sender: opts.sender,
+            tuning: opts.link,
+            guest: opts.guest,
+            instance: rand::random(),
+            page_count,
+        };
         let create = |p: &Option<PathBuf>| -> Result<Option<std::fs::File>> {
             p.as_ref().map(|p| std::fs::File::create(p).map_err(NodeError::io(format!("creating {}", p.display())))).transpose()
         };

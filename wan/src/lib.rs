@@ -22,6 +22,7 @@ pub mod encoding;
 mod error;
 pub mod fec;
 pub mod frame;
+mod link_parity;
 mod liveness;
 mod receiver;
 mod sender;

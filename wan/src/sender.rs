@@ -58,10 +58,6 @@ pub struct SenderConfig {
     pub max_retained_bytes: usize,
     /// Page encoder tuning.
     pub encoder: EncoderConfig,
-    /// Congestion control of the link.
-    pub congestion: crate::driver::Congestion,
-    /// Parity sent beside each epoch ([`crate::fec`]).
-    pub fec: crate::fec::Fec,
 }
 
 impl Default for SenderConfig {
@@ -74,8 +70,6 @@ impl Default for SenderConfig {
             batch_bytes: 256 << 10,
             max_retained_bytes: 2 << 30,
             encoder: EncoderConfig::default(),
-            congestion: crate::driver::Congestion::default(),
-            fec: crate::fec::Fec::default(),
         }
     }
 }

@@ -129,13 +129,12 @@ pub fn primary_options(
         heartbeat: Duration::from_millis(p.heartbeat_ms),
         peer_timeout: Duration::from_millis(p.backup_timeout_ms),
         peer_timeout_max: Duration::from_millis(p.backup_timeout_max_ms),
-        congestion,
-        fec,
         ..SenderConfig::default()
     };
     let max_epoch = Duration::from_millis(p.max_epoch_ms).max(epoch);
     let cadence = CadenceConfig { base: epoch, max: max_epoch, target: Duration::from_millis(p.output_delay_target_ms) };
-    Ok(PrimaryOptions { guest: GuestId(guest), guest_kind, cadence, backup, tls, sender, output_log: None, record_roots: None })
+    let link = remus_wan::driver::LinkTuning { congestion, fec };
+    Ok(PrimaryOptions { guest: GuestId(guest), guest_kind, cadence, backup, tls, sender, link, output_log: None, record_roots: None })
 }
 
 /// Reports progress: redrawn on a terminal, a line a second otherwise.
