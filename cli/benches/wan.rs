@@ -79,7 +79,7 @@ struct Cell {
 }
 
 fn run_cell(c: &Cell, seconds: u64, jitter: Duration) -> String {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = tempfile::tempdir_in(bench_root()).expect("tempdir");
     let data = dir.path();
     let keygen = Command::new(env!("CARGO_BIN_EXE_remus")).args(["keygen", "--data-dir"]).arg(data).output().expect("keygen");
     assert!(keygen.status.success());
@@ -129,7 +129,18 @@ fn run_cell(c: &Cell, seconds: u64, jitter: Duration) -> String {
     )
 }
 
+/// Where each run's data directory goes: one directory, emptied when the
+/// benchmark starts, so that runs of a benchmark that was killed (whose
+/// temporary directories were never dropped) do not pile up and fill the
+/// disk, which slows the store and spoils later measurements.
+fn bench_root() -> std::path::PathBuf {
+    std::env::temp_dir().join("remus-bench-wan")
+}
+
 fn main() {
+    let root = bench_root();
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).expect("benchmark data directory");
     let seconds: u64 = std::env::var("REMUS_BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(15);
     let jitter = Duration::from_micros(
         std::env::var("REMUS_BENCH_JITTER_MS").ok().and_then(|s| s.parse::<f64>().ok()).map_or(1000, |ms| (ms * 1000.0) as u64),
