@@ -178,3 +178,35 @@ fn output_of_epochs_cut_off_by_a_partition_is_never_released() {
     let released = std::fs::read_to_string(&output_log).unwrap().lines().count() as u64;
     assert!(released <= committed + 2, "{released} lines released for {committed} committed epochs");
 }
+
+/// `--max-rate-mbit` caps what the link sends: a guest that dirties about
+/// three times the cap gets no more than the cap through the relay.
+#[test]
+fn the_bandwidth_cap_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    keygen(data);
+    let backup = BackupProcess::start(data, "127.0.0.1:0");
+    // 40 ms RTT: the capped window (rate × RTT, 40 KB) is well above the
+    // few packets the cap never goes below.
+    let relay = relay_to(&backup.addr, Impairment { delay: Duration::from_millis(20), ..Impairment::default() });
+    // 4 000 page writes/s of the default mix is about 3 MB/s on the wire;
+    // the cap is 8 Mbit/s = 1 MB/s.
+    const CAP: f64 = 1_000_000.0;
+    let started = std::time::Instant::now();
+    let out = run_limited(
+        protect(data, &relay.local_addr().to_string())
+            .args(["--memory-mib", "64", "--pages-per-sec", "4000", "--seconds", "4", "--drain-seconds", "1"])
+            .args(["--max-rate-mbit", "8", "--fec", "off"]),
+        LIMIT,
+    );
+    let elapsed = started.elapsed().as_secs_f64();
+    let sent = relay.counters(Direction::Up).bytes as f64;
+    // It cannot drain what the cap held back in a second: the epochs left
+    // are named, their output never released.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("did not acknowledge epochs"), "{err}");
+    assert!(sent <= CAP * elapsed * 1.15 + 64_000.0, "{sent} bytes in {elapsed:.2} s through an 8 Mbit/s cap");
+    assert!(sent >= CAP * 2.0, "only {sent} bytes in {elapsed:.2} s: the link hardly moved");
+    backup.stop();
+}

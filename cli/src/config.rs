@@ -16,6 +16,7 @@
 //! backup-timeout-max-ms = 5000 # at the most
 //! congestion = "bbr"        # or cubic, newreno
 //! fec = "auto"               # parity beside each epoch: auto (sized to the loss seen), off, or 1..16 per 32
+//! max-rate-mbit = 0          # a bandwidth cap for the link, Mbit/s (0: none)
 //!
 //! [protect.arena]
 //! memory-mib = 1024
@@ -168,6 +169,8 @@ pub struct ProtectConfig {
     /// Parity sent beside each epoch: auto (default: sized to the loss the
     /// link shows), off, or 1..=16 parity shards per 32 data shards.
     pub fec: String,
+    /// A bandwidth cap for the link in Mbit/s (default 0: none).
+    pub max_rate_mbit: u64,
     /// The arena guest.
     pub arena: ArenaConfig,
     /// A QEMU guest.
@@ -188,6 +191,7 @@ impl Default for ProtectConfig {
             backup_timeout_max_ms: 5000,
             congestion: remus_wan::Congestion::default().to_string(),
             fec: remus_wan::fec::Fec::default().to_string(),
+            max_rate_mbit: 0,
             arena: ArenaConfig::default(),
             qemu: crate::qemu_settings::QemuSettings::default(),
         }

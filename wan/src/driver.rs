@@ -87,7 +87,7 @@ const TIME_THRESHOLD: f32 = 1.25;
 /// loss detection that tolerates reordering, and the chosen congestion
 /// control.
 #[must_use]
-pub fn transport_config(congestion: Congestion) -> quinn::TransportConfig {
+pub fn transport_config(congestion: Congestion, max_rate: Option<u64>) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_uni_streams(VarInt::from_u32(1024));
     t.stream_receive_window(VarInt::from_u32(64 << 20));
@@ -100,10 +100,14 @@ pub fn transport_config(congestion: Congestion) -> quinn::TransportConfig {
     t.datagram_send_buffer_size(DATAGRAM_SEND_BUFFER);
     t.packet_threshold(PACKET_THRESHOLD);
     t.time_threshold(TIME_THRESHOLD);
-    match congestion {
-        Congestion::Bbr => t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
-        Congestion::Cubic => t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
-        Congestion::NewReno => t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default())),
+    let controller: Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> = match congestion {
+        Congestion::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
+        Congestion::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
+        Congestion::NewReno => Arc::new(quinn::congestion::NewRenoConfig::default()),
+    };
+    match max_rate {
+        Some(rate) => t.congestion_controller_factory(Arc::new(crate::rate_cap::CappedFactory { inner: controller, rate })),
+        None => t.congestion_controller_factory(controller),
     };
     t
 }
@@ -192,6 +196,8 @@ pub struct LinkTuning {
     pub congestion: Congestion,
     /// Parity beside each epoch (default sized to the loss seen).
     pub fec: Fec,
+    /// Bandwidth cap in bytes per second (default none).
+    pub max_rate: Option<u64>,
 }
 
 /// Where and how the primary connects.
@@ -235,7 +241,7 @@ pub async fn run_primary(
     let bind: SocketAddr = if cfg.backup.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("addr");
     let ep = endpoint(bind, None)?;
     let mut client = cfg.client.clone();
-    client.transport_config(Arc::new(transport_config(cfg.tuning.congestion)));
+    client.transport_config(Arc::new(transport_config(cfg.tuning.congestion, cfg.tuning.max_rate)));
     let mut core = SenderCore::new(cfg.sender, cfg.guest, cfg.instance, cfg.page_count);
     let mut input = Input::default();
     let mut backoff = MIN_BACKOFF;

@@ -24,6 +24,7 @@ pub mod fec;
 pub mod frame;
 mod link_parity;
 mod liveness;
+mod rate_cap;
 mod receiver;
 mod sender;
 pub mod tls;

@@ -157,7 +157,7 @@ pub fn server_config(id: Identity, roots: rustls::RootCertStore) -> Result<quinn
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     let q = quinn::crypto::rustls::QuicServerConfig::try_from(cfg).map_err(|e| LinkError::Tls(e.to_string()))?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(q));
-    sc.transport_config(Arc::new(crate::driver::transport_config(crate::driver::Congestion::default())));
+    sc.transport_config(Arc::new(crate::driver::transport_config(crate::driver::Congestion::default(), None)));
     Ok(sc)
 }
 
@@ -179,6 +179,6 @@ pub fn client_config(id: Option<Identity>, roots: rustls::RootCertStore) -> Resu
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     let q = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).map_err(|e| LinkError::Tls(e.to_string()))?;
     let mut cc = quinn::ClientConfig::new(Arc::new(q));
-    cc.transport_config(Arc::new(crate::driver::transport_config(crate::driver::Congestion::default())));
+    cc.transport_config(Arc::new(crate::driver::transport_config(crate::driver::Congestion::default(), None)));
     Ok(cc)
 }

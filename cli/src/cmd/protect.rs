@@ -37,6 +37,10 @@ pub struct GuestFlags {
     /// (default: `protect.fec`, auto).
     #[arg(long)]
     pub fec: Option<remus_wan::fec::Fec>,
+    /// A bandwidth cap for the link in Mbit/s, 0 for none (default:
+    /// `protect.max-rate-mbit`, none).
+    #[arg(long)]
+    pub max_rate_mbit: Option<u64>,
 }
 
 /// Which guest `remus protect` runs.
@@ -133,7 +137,11 @@ pub fn primary_options(
     };
     let max_epoch = Duration::from_millis(p.max_epoch_ms).max(epoch);
     let cadence = CadenceConfig { base: epoch, max: max_epoch, target: Duration::from_millis(p.output_delay_target_ms) };
-    let link = remus_wan::driver::LinkTuning { congestion, fec };
+    let max_rate = match flags.max_rate_mbit.unwrap_or(p.max_rate_mbit) {
+        0 => None,
+        mbit => Some(mbit.checked_mul(125_000).ok_or_else(|| anyhow::anyhow!("--max-rate-mbit {mbit} is too large"))?),
+    };
+    let link = remus_wan::driver::LinkTuning { congestion, fec, max_rate };
     Ok(PrimaryOptions { guest: GuestId(guest), guest_kind, cadence, backup, tls, sender, link, output_log: None, record_roots: None })
 }
 
