@@ -366,6 +366,11 @@ impl Ranges {
         self.0.insert(start, end);
     }
 
+    /// The end of the highest range (0 when empty).
+    fn end(&self) -> u64 {
+        self.0.last_key_value().map_or(0, |(_, &e)| e)
+    }
+
     /// Whether [0, len) is covered.
     fn covers(&self, len: u64) -> bool {
         len == 0 || self.0.first_key_value().is_some_and(|(&s, &e)| s == 0 && e >= len)
@@ -447,7 +452,7 @@ impl Reassembly {
     /// [`FecError::PastEnd`] when data or parity said it was longer.
     pub fn set_final(&mut self, len: u64) -> Result<(), FecError> {
         let limit = self.limit();
-        let reached = self.have.0.last_key_value().map_or(0, |(_, &e)| e);
+        let reached = self.have.end();
         if len > limit || reached > len || self.layout.is_some_and(|l| l.len != len) {
             return Err(FecError::PastEnd { offset: 0, end: len.max(reached), limit: self.layout.map_or(limit, |l| l.len).min(len) });
         }
@@ -461,7 +466,7 @@ impl Reassembly {
     /// # Errors
     /// [`FecError::PastEnd`] when parity said the epoch was longer.
     pub fn stream_ended(&mut self) -> Result<(), FecError> {
-        let reached = self.have.0.last_key_value().map_or(0, |(_, &e)| e);
+        let reached = self.have.end();
         self.set_final(reached)
     }
 
@@ -475,7 +480,7 @@ impl Reassembly {
             Some(had) if had != p.layout => return Err(FecError::Contradicts { had, got: p.layout }),
             Some(_) => {}
             None => {
-                let reached = self.have.0.last_key_value().map_or(0, |(_, &e)| e);
+                let reached = self.have.end();
                 if reached > p.layout.len || self.fin.is_some_and(|f| f != p.layout.len) {
                     return Err(FecError::PastEnd { offset: 0, end: reached.max(self.fin.unwrap_or(0)), limit: p.layout.len });
                 }
@@ -501,6 +506,12 @@ impl Reassembly {
             }
         }
         let layout = self.layout?;
+        // Called for every chunk that arrives: while the shards still
+        // missing outnumber all the parity, no group can be rebuilt, and
+        // that is found without listing them.
+        if self.missing_count(&layout) > self.parity.values().map(BTreeMap::len).sum::<usize>() as u64 {
+            return None;
+        }
         let missing = self.missing_shards(&layout);
         if missing.iter().any(|(g, shards)| shards.len() > self.parity.get(g).map_or(0, BTreeMap::len)) {
             return None;
@@ -518,6 +529,21 @@ impl Reassembly {
     }
 
     /// Missing data shards by group.
+    /// How many data shards miss a byte (as [`missing_shards`](Self::missing_shards)
+    /// lists them).
+    fn missing_count(&self, layout: &Layout) -> u64 {
+        let s = u64::from(layout.shard);
+        let (mut count, mut next) = (0, 0);
+        for (a, b) in self.have.gaps(layout.len) {
+            let (first, last) = ((a / s).max(next), (b - 1) / s);
+            if first <= last {
+                count += last - first + 1;
+                next = last + 1;
+            }
+        }
+        count
+    }
+
     fn missing_shards(&self, layout: &Layout) -> BTreeMap<u32, Vec<u64>> {
         let s = u64::from(layout.shard);
         let mut out: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
@@ -654,6 +680,23 @@ mod tests {
                 Some(out) => assert_eq!(out, bytes, "round {round}"),
                 None => assert!(lost.iter().any(|&l| l), "round {round}: nothing lost, yet not complete"),
             }
+        }
+    }
+
+    #[test]
+    fn the_missing_count_is_the_number_of_missing_shards() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        for _ in 0..200 {
+            let len = rng.gen_range(1..50_000u64);
+            let layout = Layout::new(len, 2 * rng.gen_range(50..700u16), 2);
+            let mut r = Reassembly::new(1 << 20);
+            for _ in 0..rng.gen_range(0..40) {
+                let start = rng.gen_range(0..len);
+                let end = (start + rng.gen_range(1..3000)).min(len);
+                r.add_data(start, &vec![0; (end - start) as usize]).unwrap();
+            }
+            let listed: usize = r.missing_shards(&layout).values().map(Vec::len).sum();
+            assert_eq!(r.missing_count(&layout), listed as u64);
         }
     }
 
