@@ -35,8 +35,6 @@ pub struct Claimant {
     timing: Timing,
     observed: Option<Observed>,
     last_heard: Instant,
-    /// Reads while waiting, so that a renewal in the meantime shows.
-    read_every: Duration,
     next_read: Option<Instant>,
 }
 
@@ -52,7 +50,7 @@ impl Claimant {
     /// A taker that last heard the owner at `last_heard`.
     #[must_use]
     pub fn new(timing: Timing, last_heard: Instant) -> Self {
-        Self { timing, observed: None, last_heard, read_every: timing.lease / 4, next_read: None }
+        Self { timing, observed: None, last_heard, next_read: None }
     }
 
     /// The owner was heard (a message, a packet) at `now`.
@@ -70,7 +68,7 @@ impl Claimant {
             let lease = Duration::from_millis(lease_ms).max(self.timing.lease);
             self.observed = Some(Observed { tag, generation, lease, since: now });
         }
-        self.next_read = Some(now + self.read_every);
+        self.next_read = Some(now + self.timing.read_every());
     }
 
     /// A swap failed: the lease changed; read it again.

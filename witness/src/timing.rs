@@ -56,6 +56,13 @@ impl Timing {
         self.lease / 3
     }
 
+    /// How often a taker reads the lease while it waits, so that a renewal
+    /// in the meantime shows.
+    #[must_use]
+    pub fn read_every(&self) -> Duration {
+        self.lease / 4
+    }
+
     /// How soon a failed renewal is tried again.
     #[must_use]
     pub fn retry_every(&self) -> Duration {
