@@ -27,6 +27,7 @@ fn main() -> Result<()> {
         failover: FailoverAction::Record,
         s3: None,
         retention: None,
+        witness: None,
     })?;
     let primary = Primary::start(PrimaryOptions {
         guest: GuestId(1),
@@ -38,6 +39,7 @@ fn main() -> Result<()> {
         link: Default::default(),
         output_log: None,
         record_roots: None,
+        witness: None,
     })?;
     std::thread::sleep(Duration::from_secs(2));
     let stats = std::sync::Arc::clone(&primary.stats);

@@ -50,6 +50,8 @@ pub(crate) struct Shared {
     pub(crate) memory: PiMutex<Mapping>,
     pub(crate) pause: AtomicBool,
     pub(crate) stop: AtomicBool,
+    /// Held still (self-fenced) until cleared.
+    pub(crate) held: AtomicBool,
     pub(crate) written: AtomicU64,
     pub(crate) page_count: u64,
     pub(crate) output: Arc<OutputBuffer<Vec<u8>>>,
@@ -85,6 +87,7 @@ impl ArenaGuest {
             memory: PiMutex::new(mapping),
             pause: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            held: AtomicBool::new(false),
             written: AtomicU64::new(0),
             output,
         });
@@ -150,6 +153,10 @@ impl ProtectedGuest for ArenaGuest {
 
     fn quiesce(&mut self) {
         self.stop_workload();
+    }
+
+    fn hold(&mut self, held: bool) {
+        self.shared.held.store(held, Ordering::Release);
     }
 
     fn checkpoint(&mut self, epoch: EpochId, cp: &mut Checkpoint, paused: &mut dyn FnMut()) -> Result<(), CaptureError> {

@@ -47,6 +47,12 @@ pub trait ProtectedGuest: Send {
     /// Holds the guest still from the next checkpoint on (it is not
     /// resumed after it), so that checkpoint is its final state.
     fn quiesce(&mut self);
+
+    /// Holds the guest still while `held` (at the latest from the next
+    /// checkpoint on; checkpoints go on, with nothing dirtied), or lets it
+    /// run again: a primary that may not own its guest for a while (its
+    /// lease unconfirmed) stops it without ending it.
+    fn hold(&mut self, held: bool);
 }
 
 impl<G: ProtectedGuest + ?Sized> ProtectedGuest for Box<G> {
@@ -64,6 +70,10 @@ impl<G: ProtectedGuest + ?Sized> ProtectedGuest for Box<G> {
 
     fn quiesce(&mut self) {
         (**self).quiesce();
+    }
+
+    fn hold(&mut self, held: bool) {
+        (**self).hold(held);
     }
 }
 

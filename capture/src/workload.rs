@@ -137,6 +137,17 @@ const WORDS: &[&str] = &[
 /// only microseconds for the batch to finish.
 const BATCH: u64 = 8;
 
+/// Waits while the guest is held still (nothing written, no output);
+/// returns how long, so that the write rate and the output ticks resume
+/// from where they were, with no catch-up.
+fn wait_while_held(shared: &Shared) -> Duration {
+    let held_at = Instant::now();
+    while shared.held.load(Ordering::Acquire) && !shared.stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    held_at.elapsed()
+}
+
 pub(crate) fn run(shared: &Arc<Shared>, cfg: &WorkloadConfig) {
     let pages = shared.page_count;
     let hot = ((pages as f64 * cfg.hot_fraction) as u64).clamp(1, pages);
@@ -144,12 +155,18 @@ pub(crate) fn run(shared: &Arc<Shared>, cfg: &WorkloadConfig) {
     let weights = [m.zero, m.text, m.random, m.duplicate, m.edit, m.recycle];
     let total: u32 = weights.iter().sum();
     let mut rng = SmallRng::seed_from_u64(cfg.seed);
-    let start = Instant::now();
+    let mut start = Instant::now();
     let tick = Duration::from_millis(cfg.output_interval_ms);
     let mut next_line = start + tick;
     let mut written = 0u64;
     let mut lines = 0u64;
     while !shared.stop.load(Ordering::Relaxed) {
+        if shared.held.load(Ordering::Acquire) {
+            let held = wait_while_held(shared);
+            start += held;
+            next_line += held;
+            continue;
+        }
         let now = Instant::now();
         if now >= next_line {
             lines += 1;
@@ -169,6 +186,12 @@ pub(crate) fn run(shared: &Arc<Shared>, cfg: &WorkloadConfig) {
             std::thread::sleep(Duration::from_micros(100));
         }
         let mut mem = shared.memory.lock();
+        if shared.held.load(Ordering::Acquire) {
+            // Checked under the lock as well: once a checkpoint has taken
+            // the lock after the hold, nothing more is written.
+            drop(mem);
+            continue;
+        }
         let bytes = mem.as_mut_slice();
         for _ in 0..BATCH {
             let pfn = if rng.gen_bool(cfg.hot_probability) { rng.gen_range(0..hot) } else { rng.gen_range(0..pages) };

@@ -57,6 +57,17 @@
 //! upload-interval-ms = 1000
 //! timeout-ms = 30000
 //!
+//! # Optional: a witness, so that a failover needs a majority: the backup
+//! # takes a guest over only by winning its lease, and a primary that can
+//! # confirm its lease with neither the witness nor the backup holds its
+//! # guest still (self-fencing). Endpoint and credentials as for [s3].
+//! [witness]
+//! url = "s3://remus-witness/leases"
+//! node = "site-a"            # this node's name in a lease (default: <hostname>/primary or /backup)
+//! lease-ms = 500
+//! drift = 0.01               # clock rate error allowed each side
+//! margin-ms = 20             # added to a taker's wait
+//!
 //! # Optional: thinning and GC, applied by the backup every `interval`
 //! # (and by `remus gc`). Ages count back from the newest epoch; older
 //! # than the last `within` is dropped; the newest epoch is always kept.
@@ -90,6 +101,64 @@ pub struct Config {
     pub s3: Option<remus_store::s3::S3Config>,
     /// Thinning and GC (off when absent: every epoch is kept).
     pub retention: Option<RetentionConfig>,
+    /// The witness (off when absent).
+    pub witness: Option<WitnessConfig>,
+}
+
+/// `[witness]`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct WitnessConfig {
+    /// Where the leases are kept, `s3://BUCKET/PREFIX`; endpoint and
+    /// credentials from `[s3]` or the AWS environment.
+    pub url: String,
+    /// This node's name in a lease (default `<hostname>/primary` or
+    /// `<hostname>/backup`).
+    #[serde(default)]
+    pub node: Option<String>,
+    /// The lease period, ms (default 500).
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+    /// Clock rate error allowed each side (default 0.01).
+    #[serde(default = "default_drift")]
+    pub drift: f64,
+    /// Added to a taker's wait, ms (default 20).
+    #[serde(default = "default_margin_ms")]
+    pub margin_ms: u64,
+}
+
+impl WitnessConfig {
+    /// A witness at `url` with every default.
+    #[must_use]
+    pub fn at(url: &str) -> Self {
+        Self { url: url.to_string(), node: None, lease_ms: default_lease_ms(), drift: default_drift(), margin_ms: default_margin_ms() }
+    }
+
+    /// The lease timing.
+    ///
+    /// # Errors
+    /// A message naming the bad key.
+    pub fn timing(&self) -> Result<remus_witness::Timing> {
+        let t = remus_witness::Timing {
+            lease: std::time::Duration::from_millis(self.lease_ms),
+            drift: self.drift,
+            margin: std::time::Duration::from_millis(self.margin_ms),
+        };
+        t.validate().map_err(|e| anyhow::anyhow!("witness: {e}"))?;
+        Ok(t)
+    }
+}
+
+fn default_lease_ms() -> u64 {
+    500
+}
+
+fn default_drift() -> f64 {
+    0.01
+}
+
+fn default_margin_ms() -> u64 {
+    20
 }
 
 /// `[retention]`.
@@ -266,6 +335,11 @@ impl Config {
         if let Some(r) = &self.retention {
             r.policy()?;
         }
+        if let Some(w) = &self.witness {
+            w.timing()?;
+            anyhow::ensure!(w.url.starts_with("s3://"), "witness.url {:?} is not an s3://BUCKET/PREFIX URL", w.url);
+            anyhow::ensure!(w.node.as_deref().is_none_or(|n| !n.is_empty()), "witness.node must not be empty");
+        }
         Ok(())
     }
 
@@ -305,5 +379,11 @@ mod tests {
         assert_eq!(policy.rules[3].every.as_secs(), 86_400);
         let bad: Config = toml::from_str("[retention]\nkeep = [{ within = \"soon\", every = \"0s\" }]\n").unwrap();
         assert!(bad.validate().unwrap_err().to_string().contains("retention.keep[0].within"));
+        let w = cfg.witness.as_ref().unwrap();
+        assert_eq!((w.lease_ms, w.node.as_deref()), (500, Some("site-a")));
+        let bad: Config = toml::from_str("[witness]\nurl = \"s3://w/x\"\nlease-ms = 5\n").unwrap();
+        assert!(bad.validate().unwrap_err().to_string().contains("lease"));
+        let bad: Config = toml::from_str("[witness]\nurl = \"http://w/x\"\n").unwrap();
+        assert!(bad.validate().unwrap_err().to_string().contains("witness.url"));
     }
 }

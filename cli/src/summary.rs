@@ -48,6 +48,12 @@ pub struct Summary {
     pub parity_dropped_bytes: u64,
     /// Connection losses.
     pub disconnects: u64,
+    /// The guest's generation on the witness (absent without one).
+    pub generation: Option<u64>,
+    /// Times the primary fenced itself (its lease unconfirmed).
+    pub self_fences: u64,
+    /// Time spent self-fenced, ms.
+    pub self_fenced_ms: f64,
     /// CPU time this process used (user and system, every thread), s.
     pub cpu_seconds: f64,
     /// Encoding mix, pages.
@@ -119,6 +125,9 @@ impl Summary {
             parity_bytes: s.parity_bytes,
             parity_dropped_bytes: s.parity_dropped_bytes,
             disconnects: s.disconnects,
+            generation: s.generation,
+            self_fences: s.self_fences,
+            self_fenced_ms: ms(s.self_fenced_ns),
             cpu_seconds: remus_sys::cpu_time().as_secs_f64(),
             encoding: EncodingSummary { zero: m.zero, reference: m.reference, xor: m.xor, raw_zstd: m.raw_zstd, raw_plain: m.raw_plain },
             commit_ms_p50: ms(percentile(&s.commit_ns, 50.0)),
@@ -142,7 +151,7 @@ impl Summary {
         let e = &self.encoding;
         let total = (e.zero + e.reference + e.xor + e.raw_zstd + e.raw_plain).max(1) as f64;
         let pct = |n: u64| 100.0 * n as f64 / total;
-        format!(
+        let mut text = format!(
             "epochs            {} sealed, {} committed in {:.1} s ({:.1} Hz)\n\
              pause             p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} tracking)\n\
              epoch length      p50 {:.1} ms, max {:.1} ms (longer while the backup lags)\n\
@@ -185,7 +194,14 @@ impl Summary {
             self.restores_verified,
             self.restores_failed,
             self.restored_epochs,
-        )
+        );
+        if let Some(g) = self.generation {
+            text.push_str(&format!(
+                "\nwitness           generation {g}; self-fenced {} times ({:.0} ms in all)",
+                self.self_fences, self.self_fenced_ms
+            ));
+        }
+        text
     }
 }
 

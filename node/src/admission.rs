@@ -96,6 +96,11 @@ impl Admission {
     pub fn fence(&self, guest: GuestId, epoch: EpochId) {
         self.fenced.lock().insert(guest, epoch);
     }
+
+    /// True once `guest` failed over here.
+    pub fn is_fenced(&self, guest: GuestId) -> bool {
+        self.fenced.lock().contains_key(&guest)
+    }
 }
 
 #[cfg(test)]

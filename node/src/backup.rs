@@ -33,6 +33,9 @@ pub struct BackupOptions {
     pub s3: Option<S3Config>,
     /// Thin and collect by this policy, this often.
     pub retention: Option<(RetentionPolicy, std::time::Duration)>,
+    /// The witness whose lease a failover must win (none: fail over on
+    /// silence alone).
+    pub witness: Option<crate::WitnessOptions>,
 }
 
 /// A running backup.
@@ -68,7 +71,7 @@ impl Backup {
         };
         let server = server_config(opts.tls.identity("backup")?, opts.tls.roots()?)?;
         let (events_tx, events) = crossbeam_channel::unbounded();
-        let replica = Arc::new(StoreReplica::new(Arc::clone(&store), opts.failover.clone(), events_tx));
+        let replica = StoreReplica::new(Arc::clone(&store), opts.failover.clone(), opts.witness.clone(), events_tx);
         let r2 = Arc::clone(&replica);
         let (tx, rx) = std::sync::mpsc::channel();
         let link = opts.link;

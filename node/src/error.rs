@@ -13,6 +13,7 @@ use remus_store::s3::S3Error;
 use remus_store::StoreError;
 use remus_types::EpochId;
 use remus_wan::LinkError;
+use remus_witness::{Lease, WitnessError};
 
 /// Why a runtime could not start, went on failing, or stopped badly.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +87,36 @@ pub enum NodeError {
     /// The epoch to fail over from is not a QEMU guest's (no VM files).
     #[error("not a QEMU guest")]
     NotAVm,
+    /// The witness could not be read or written.
+    #[error("{0}")]
+    Witness(WitnessError),
+    /// Another node owns the guest (it failed over there): this one may
+    /// not run it.
+    #[error("{} is owned by {} in generation {} since {}{}; it is not started here", .0.guest, .0.owner, .0.generation, rfc3339(.0.since_unix_ms), from_epoch(.0.from_epoch))]
+    Owned(Box<Lease>),
+    /// The guest's lease keeps being renewed by another primary on this
+    /// node.
+    #[error("another primary of {} holds its lease (generation {}, owner {}) and keeps renewing it; it is not started twice", .0.guest, .0.generation, .0.owner)]
+    Running(Box<Lease>),
+    /// The guest was taken over by another node while this primary ran.
+    #[error(
+        "{} was taken over by {} in generation {} at {}; this primary stopped with its guest held still, and no output after epoch {} was released",
+        lease.guest, lease.owner, lease.generation, rfc3339(lease.since_unix_ms), acked.0
+    )]
+    Superseded {
+        /// The lease as the new owner took it.
+        lease: Box<Lease>,
+        /// The last epoch whose output this primary released.
+        acked: EpochId,
+    },
+}
+
+fn rfc3339(unix_ms: u64) -> humantime::Rfc3339Timestamp {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(unix_ms))
+}
+
+fn from_epoch(e: Option<u64>) -> String {
+    e.map_or(String::new(), |e| format!(" (failed over from epoch {e})"))
 }
 
 impl From<LinkError> for NodeError {

@@ -28,6 +28,20 @@ pub enum BackupEvent {
         /// Where it is now.
         outcome: FailoverOutcome,
     },
+    /// The primary went silent but was heard again before the lease could
+    /// be taken: no failover (it resumes replicating).
+    TakeoverAbandoned {
+        /// The guest.
+        guest: GuestId,
+    },
+    /// The backup won the guest's lease for a new generation: the old
+    /// primary has stopped releasing output, and the failover goes ahead.
+    LeaseWon {
+        /// The lease as taken.
+        lease: Box<remus_witness::Lease>,
+        /// How long after the primary was last heard.
+        after: std::time::Duration,
+    },
     /// A failover could not be completed.
     FailoverFailed {
         /// The guest.

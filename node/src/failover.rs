@@ -156,20 +156,30 @@ impl LiveFiles {
     }
 }
 
-/// Brings `guest` back from its last committed epoch, off the network
-/// thread (restoring a large guest takes a while), and reports the
-/// outcome on `events`. A resumed QEMU lives as long as that thread (it
-/// is killed when the thread that started it ends), so the thread stays
-/// until `stopping` is set or the guest exits.
-pub fn spawn(
-    store: Arc<Store>,
-    guest: GuestId,
-    dir: PathBuf,
-    resume: Option<ResumeVm>,
-    live: Option<LiveVm>,
-    stopping: Arc<AtomicBool>,
-    events: crossbeam_channel::Sender<BackupEvent>,
-) {
+/// A failover to carry out: `guest`'s last committed epoch in `store`
+/// brought back into `dir` (and resumed there when `resume` says so).
+pub struct Job {
+    /// The store holding the guest's history.
+    pub store: Arc<Store>,
+    /// The guest.
+    pub guest: GuestId,
+    /// Where its images go.
+    pub dir: PathBuf,
+    /// Resume a QEMU guest here.
+    pub resume: Option<ResumeVm>,
+    /// Its live files, when they hold exactly the last committed epoch.
+    pub live: Option<LiveVm>,
+    /// The guest's lease (with a witness), kept renewed while it runs here.
+    pub lease: Option<crate::lease::Renewal>,
+}
+
+/// Carries `job` out off the network thread (restoring a large guest takes
+/// a while) and reports the outcome on `events`. A resumed QEMU lives as
+/// long as that thread (it is killed when the thread that started it
+/// ends), so the thread stays until `stopping` is set or the guest exits;
+/// so does the lease, kept renewed meanwhile.
+pub fn spawn(job: Job, stopping: Arc<AtomicBool>, events: crossbeam_channel::Sender<BackupEvent>) {
+    let Job { store, guest, dir, resume, live, lease } = job;
     std::thread::spawn(move || match execute(&store, guest, &dir, resume.as_ref(), live) {
         Ok(Failover { epoch, path, vm, live }) => {
             let outcome = match &vm {
@@ -182,6 +192,7 @@ pub fn spawn(
                     std::thread::sleep(std::time::Duration::from_millis(100));
                 }
             }
+            drop(lease);
         }
         Err(e) => {
             let _ = events.send(BackupEvent::FailoverFailed { guest, error: e.to_string() });

@@ -24,9 +24,11 @@ use remus_types::{now_unix_nanos, Checkpoint, EpochId, GuestId};
 use remus_wan::driver::{run_primary, LinkEvent, LinkTuning, PrimaryLinkConfig};
 use remus_wan::tls::{client_config, TlsDir};
 use remus_wan::SenderConfig;
+use remus_witness::Standing;
 use tokio::sync::mpsc;
 
 use crate::error::NodeError;
+use crate::lease::{acquire, Renewal, WitnessOptions};
 use crate::stats::PrimaryStats;
 
 type Result<T, E = NodeError> = std::result::Result<T, E>;
@@ -53,6 +55,10 @@ pub struct PrimaryOptions {
     pub output_log: Option<PathBuf>,
     /// Where each sealed epoch's memory root is recorded (JSON lines).
     pub record_roots: Option<PathBuf>,
+    /// The witness holding the guest's lease (none: the primary runs
+    /// without one, and a backup with failover set may take over a guest
+    /// that is still alive behind a cut link).
+    pub witness: Option<WitnessOptions>,
 }
 
 /// Which guest a primary protects.
@@ -112,6 +118,17 @@ impl Primary {
     /// When the guest cannot start or the TLS material is unusable.
     pub fn start(opts: PrimaryOptions) -> Result<Self> {
         let client = client_config(Some(opts.tls.identity("primary")?), opts.tls.roots()?)?;
+        // The lease before the guest: a guest owned elsewhere never starts.
+        let lease = match &opts.witness {
+            Some(w) => {
+                let (holder, lease) = acquire(w, opts.guest, |l| {
+                    tracing::info!(lease = %l, wait_ms = w.timing.taker_wait(w.timing.lease).as_millis(), "this node owned the guest before; waiting out its lease to take the next generation");
+                })?;
+                tracing::info!(lease = %lease.lease, "lease taken");
+                Some(Renewal::start(w, holder, lease)?)
+            }
+            None => None,
+        };
         let output = Arc::new(OutputBuffer::default());
         let (guest, net): (Box<dyn ProtectedGuest>, _) = match &opts.guest_kind {
             GuestKind::Arena(a) => {
@@ -126,7 +143,7 @@ impl Primary {
         };
         let exact_tracking = guest.exact_tracking();
         let page_count = guest.page_count();
-        let stats = Arc::new(Mutex::new(PrimaryStats::default()));
+        let stats = Arc::new(Mutex::new(PrimaryStats { generation: lease.as_ref().map(Renewal::generation), ..PrimaryStats::default() }));
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel(256);
         let (etx, erx) = mpsc::unbounded_channel();
@@ -179,7 +196,7 @@ impl Primary {
                 }
                 s3.lock().started = Instant::now();
                 let engine = EpochEngine::new(id, guest, output, cadence.base, Instant::now()).with_cadence(cadence);
-                drive_engine(engine, tx, &ack_rx, sinks, &s3, &stop2)
+                drive_engine(engine, tx, &ack_rx, sinks, &s3, &stop2, lease.as_ref())
             })
             .map_err(NodeError::io("spawning the epoch thread"))?;
         Ok(Self { stop, engine: Some(engine), link: Some(link), stats, exact_tracking })
@@ -206,13 +223,21 @@ impl Primary {
         self.stop_sealing();
         let deadline = Instant::now() + drain;
         while !(self.engine_finished() && self.link.as_ref().is_none_or(JoinHandle::is_finished)) {
+            if self.engine_finished() {
+                // Taken over: nothing it sealed may be acknowledged now.
+                if let Some(Err(e @ NodeError::Superseded { .. })) =
+                    self.engine.take().map(JoinHandle::join).and_then(std::result::Result::ok)
+                {
+                    return Err(e);
+                }
+            }
             if Instant::now() >= deadline {
                 let s = self.stats.lock();
                 return Err(NodeError::Unacknowledged { first: s.acked.next(), last: s.sealed, drain });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let engine = self.engine.take().expect("joined once").join().map_err(|_| NodeError::Panicked("epoch"))?;
+        let engine = self.engine.take().map_or(Ok(Ok(())), JoinHandle::join).map_err(|_| NodeError::Panicked("epoch"))?;
         let link = self.link.take().expect("joined once").join().map_err(|_| NodeError::Panicked("link"))?;
         // The link's failure is the cause when both failed (the engine stops
         // because the link did).
@@ -225,6 +250,12 @@ impl Primary {
 /// delivering what the engine releases. After the last epoch is sealed it
 /// waits for the acknowledgements alone; it ends when the engine is
 /// finished or the link is gone.
+///
+/// With a lease, output is released only while the lease stands
+/// ([`Standing::Owner`]): an acknowledgement counts as the backup's
+/// confirmation of the epoch's seal time; while neither it nor the
+/// witness confirmed the owner recently enough the guest is held still and
+/// acknowledgements wait (self-fencing); taken over, it stops.
 fn drive_engine<G: ProtectedGuest>(
     mut engine: EpochEngine<G>,
     tx: mpsc::Sender<Checkpoint>,
@@ -232,8 +263,12 @@ fn drive_engine<G: ProtectedGuest>(
     mut sinks: OutputSinks,
     stats: &Mutex<PrimaryStats>,
     stop: &AtomicBool,
+    lease: Option<&Renewal>,
 ) -> Result<()> {
     let mut tx = Some(tx);
+    // The newest acknowledgement not yet fed in (held while self-fenced).
+    let mut pending: Option<EpochId> = None;
+    let mut fenced: Option<Instant> = None;
     while !engine.finished() {
         if stop.load(Ordering::Relaxed) {
             engine.stop();
@@ -244,9 +279,10 @@ fn drive_engine<G: ProtectedGuest>(
         };
         match input {
             Ok(epoch) => {
-                let released = engine.handle_ack(epoch, Instant::now());
-                record_ack(stats, engine.acked(), released.len());
-                sinks.deliver(&released);
+                if let (Some(l), Some(sealed)) = (lease, stats.lock().sealed_at.get(&epoch)) {
+                    l.backup_heard(*sealed);
+                }
+                pending = pending.max(Some(epoch));
             }
             Err(RecvTimeoutError::Timeout) => {
                 let Some(cp) = engine.handle_timeout(Instant::now(), now_unix_nanos()).map_err(NodeError::Checkpoint)? else { continue };
@@ -265,6 +301,35 @@ fn drive_engine<G: ProtectedGuest>(
                 return Ok(());
             }
             Err(RecvTimeoutError::Disconnected) => return Err(NodeError::LinkStopped),
+        }
+        match lease.map(Renewal::standing) {
+            None | Some(Standing::Owner) => {
+                if let Some(since) = fenced.take() {
+                    engine.guest_mut().hold(false);
+                    stats.lock().self_fenced_ns += u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                    tracing::warn!(held_ms = since.elapsed().as_millis(), "lease confirmed again: the guest runs and output flows");
+                }
+                if let Some(epoch) = pending.take() {
+                    let released = engine.handle_ack(epoch, Instant::now());
+                    record_ack(stats, engine.acked(), released.len());
+                    sinks.deliver(&released);
+                }
+            }
+            Some(Standing::SelfFenced { .. }) => {
+                if fenced.is_none() {
+                    fenced = Some(Instant::now());
+                    engine.guest_mut().hold(true);
+                    stats.lock().self_fences += 1;
+                    tracing::error!(
+                        acked = engine.acked().0,
+                        "self-fenced: neither the witness nor the backup confirmed this primary within the lease; the guest is held still and its output held"
+                    );
+                }
+            }
+            Some(Standing::Superseded(lease)) => {
+                engine.guest_mut().hold(true);
+                return Err(NodeError::Superseded { lease, acked: engine.acked() });
+            }
         }
     }
     Ok(())
@@ -383,6 +448,8 @@ mod tests {
         fn quiesce(&mut self) {
             self.quiesced = true;
         }
+
+        fn hold(&mut self, _held: bool) {}
     }
 
     /// Runs the driver with a link that acknowledges what `ack` allows,
@@ -419,7 +486,7 @@ mod tests {
             in_flight.into_iter().all(send);
         });
         let sinks = OutputSinks { net: None, log: Some(std::fs::File::create(&log_path).unwrap()) };
-        let result = drive_engine(engine, tx, &ack_rx, sinks, &stats, &stop);
+        let result = drive_engine(engine, tx, &ack_rx, sinks, &stats, &stop, None);
         link.join().unwrap();
         let sealed = stats.lock().sealed;
         (std::fs::read_to_string(&log_path).unwrap(), result, sealed)

@@ -24,6 +24,7 @@ use crate::admission::Admission;
 use crate::events::BackupEvent;
 use crate::failover::{self, CommittedPages, FailoverAction, LiveFiles};
 use crate::ingest::Ingest;
+use crate::lease::{claim, Renewal, WitnessOptions};
 
 /// Commit statistics of one guest at the backup.
 #[derive(Debug, Default, Clone)]
@@ -49,10 +50,18 @@ const CACHE_PAGES: usize = 16 << 10;
 
 /// A [`Replica`] backed by a [`Store`].
 pub struct StoreReplica {
+    /// Itself, for the threads a takeover runs on.
+    me: std::sync::Weak<StoreReplica>,
     store: Arc<Store>,
     ingest: Ingest,
     admission: Admission,
     failover: FailoverAction,
+    /// The witness a takeover must win the lease on (none: fail over on
+    /// silence alone).
+    witness: Option<WitnessOptions>,
+    /// When each guest's primary was last welcomed (a sign it is alive
+    /// after a loss was declared).
+    welcomed: Arc<Mutex<HashMap<GuestId, Instant>>>,
     live: LiveFiles,
     stats: Mutex<HashMap<GuestId, GuestStats>>,
     stopping: Arc<AtomicBool>,
@@ -64,7 +73,12 @@ pub struct StoreReplica {
 impl StoreReplica {
     /// A replica writing into `store`, reporting on `events`; it relays
     /// what the store's GC deletes to connected primaries.
-    pub fn new(store: Arc<Store>, failover: FailoverAction, events: crossbeam_channel::Sender<BackupEvent>) -> Self {
+    pub fn new(
+        store: Arc<Store>,
+        failover: FailoverAction,
+        witness: Option<WitnessOptions>,
+        events: crossbeam_channel::Sender<BackupEvent>,
+    ) -> Arc<Self> {
         // A few GC runs' lists; a connection that lags further misses some
         // (it is then refused once per chunk it still names, and recovers).
         let (deleted, _) = tokio::sync::broadcast::channel(16);
@@ -73,17 +87,44 @@ impl StoreReplica {
             // No receiver (no primary connected) is not an error.
             let _ = tx.send(Arc::from(&ids[..ids.len().min(MAX_FORGET_RELAYED)]));
         });
-        Self {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             ingest: Ingest::new(Arc::clone(&store), CACHE_PAGES),
             store,
             admission: Admission::default(),
             failover,
+            witness,
+            welcomed: Arc::default(),
             live: LiveFiles::default(),
             stats: Mutex::new(HashMap::new()),
             stopping: Arc::default(),
             events,
             deleted,
+        })
+    }
+
+    /// Fails `guest` over: fences its old primary (here and in the store,
+    /// so a restarted backup still refuses it) and brings back the last
+    /// committed epoch; `lease`, when a witness is used, is kept renewed
+    /// for as long as the resumed guest runs here.
+    fn take_over(&self, guest: GuestId, committed: EpochId, lease: Option<Renewal>) {
+        let FailoverAction::RestoreTo { dir, resume } = &self.failover else { return };
+        // Fenced first, then the head read: a commit that lands after the
+        // fence is not acknowledged (see `commit`), and one that landed
+        // before it is in the head the guest resumes from. Either way no
+        // output the old primary released is missing from the resumed
+        // guest.
+        self.admission.fence(guest, committed);
+        let committed = self.store.head(guest).ok().flatten().map_or(committed, |h| h.epoch);
+        self.admission.fence(guest, committed);
+        if let Err(e) =
+            self.store.fence(guest, remus_store::Fence { epoch: committed, since_unix_ms: remus_types::now_unix_nanos() / 1_000_000 })
+        {
+            tracing::error!(%guest, error = %e, "the fence could not be stored; it holds until this backup stops");
         }
+        let live = self.live.take(guest, committed);
+        let job = failover::Job { store: Arc::clone(&self.store), guest, dir: dir.clone(), resume: resume.clone(), live, lease };
+        failover::spawn(job, Arc::clone(&self.stopping), self.events.clone());
     }
 
     /// Stops guests resumed here by failover (the backup is stopping).
@@ -101,7 +142,9 @@ impl Replica for StoreReplica {
     fn welcome(&self, guest: GuestId, instance: u64, page_count: u64) -> Result<(EpochId, ChunkId), String> {
         let head = self.store.head(guest).map_err(|e| e.to_string())?;
         let fence = self.store.fenced(guest).map_err(|e| e.to_string())?;
-        self.admission.welcome(guest, instance, page_count, head, fence)
+        let welcome = self.admission.welcome(guest, instance, page_count, head, fence)?;
+        self.welcomed.lock().insert(guest, Instant::now());
+        Ok(welcome)
     }
 
     fn commit(&self, epochs: Vec<ReceivedEpoch>) -> Result<ChunkId, CommitError> {
@@ -119,6 +162,11 @@ impl Replica for StoreReplica {
             remus_store::StoreError::Unstored { ids, .. } => CommitError::Missing(ids),
             e => crate::ingest::storage(e),
         })?;
+        if self.admission.is_fenced(guest) {
+            // Failed over while this commit ran: the resumed guest may not
+            // hold it, so it is never acknowledged.
+            return Err(CommitError::Rejected("the guest failed over to this backup; the epoch is not acknowledged"));
+        }
         if let (Some(epochs), FailoverAction::RestoreTo { dir, .. }) = (live, &self.failover) {
             self.live.update(&self.store, &self.ingest, dir, guest, &epochs, &decoded.staged);
         }
@@ -139,17 +187,38 @@ impl Replica for StoreReplica {
     fn primary_lost(&self, guest: GuestId, committed: EpochId, silence: &remus_wan::Silence) {
         self.stats.lock().entry(guest).or_default().lost_at = Some(committed);
         let _ = self.events.send(BackupEvent::PrimaryLost { guest, committed, silence: *silence });
-        let FailoverAction::RestoreTo { dir, resume } = &self.failover else { return };
-        self.admission.fence(guest, committed);
-        // Kept in the store as well, so that a restarted backup still
-        // refuses the old primary.
-        if let Err(e) =
-            self.store.fence(guest, remus_store::Fence { epoch: committed, since_unix_ms: remus_types::now_unix_nanos() / 1_000_000 })
-        {
-            tracing::error!(%guest, error = %e, "the fence could not be stored; it holds until this backup stops");
-        }
-        let live = self.live.take(guest, committed);
-        failover::spawn(Arc::clone(&self.store), guest, dir.clone(), resume.clone(), live, Arc::clone(&self.stopping), self.events.clone());
+        let FailoverAction::RestoreTo { .. } = &self.failover else { return };
+        let Some(w) = self.witness.clone() else {
+            self.take_over(guest, committed, None);
+            return;
+        };
+        // With a witness, only by winning the lease for the next
+        // generation: a primary cut off from this backup but not from the
+        // witness keeps its lease, and with it its guest.
+        let last_heard = Instant::now().checked_sub(silence.silent_for).unwrap_or_else(Instant::now);
+        let (welcomed, stopping, events, me) =
+            (Arc::clone(&self.welcomed), Arc::clone(&self.stopping), self.events.clone(), self.me.clone());
+        std::thread::spawn(move || match claim(&w, guest, committed, last_heard, || welcomed.lock().get(&guest).copied(), &stopping) {
+            Ok(Some((holder, lease))) => {
+                let _ = events.send(BackupEvent::LeaseWon { lease: Box::new(lease.lease.clone()), after: last_heard.elapsed() });
+                match Renewal::start(&w, holder, lease) {
+                    Ok(renewal) => {
+                        if let Some(me) = me.upgrade() {
+                            me.take_over(guest, committed, Some(renewal));
+                        }
+                    }
+                    Err(e) => {
+                        let _ = events.send(BackupEvent::FailoverFailed { guest, error: e.to_string() });
+                    }
+                }
+            }
+            Ok(None) => {
+                let _ = events.send(BackupEvent::TakeoverAbandoned { guest });
+            }
+            Err(e) => {
+                let _ = events.send(BackupEvent::FailoverFailed { guest, error: e.to_string() });
+            }
+        });
     }
 
     fn disconnected(&self, guest: GuestId) {

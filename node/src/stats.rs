@@ -72,6 +72,13 @@ pub struct PrimaryStats {
     pub refusals: u64,
     /// Time the last epoch was sealed.
     pub last_seal: Option<Instant>,
+    /// The generation owned on the witness (none without a witness).
+    pub generation: Option<u64>,
+    /// Times the primary fenced itself (lease unconfirmed: guest held
+    /// still, output held).
+    pub self_fences: u64,
+    /// Time spent self-fenced, ns.
+    pub self_fenced_ns: u64,
 }
 
 impl Default for PrimaryStats {
@@ -98,6 +105,9 @@ impl Default for PrimaryStats {
             chunks_forgotten: 0,
             refusals: 0,
             last_seal: None,
+            generation: None,
+            self_fences: 0,
+            self_fenced_ns: 0,
         }
     }
 }

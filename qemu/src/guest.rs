@@ -302,6 +302,10 @@ impl ProtectedGuest for QemuGuest {
         self.hold = true;
     }
 
+    fn hold(&mut self, held: bool) {
+        self.hold = held;
+    }
+
     fn checkpoint(&mut self, epoch: EpochId, cp: &mut Checkpoint, paused: &mut dyn FnMut()) -> Result<(), CaptureError> {
         self.alive()?;
         self.pfns.clear();

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod gate;
 pub mod guest;
 pub mod moto;
 
@@ -76,6 +77,11 @@ impl BackupProcess {
     /// "listening on" line.
     pub fn spawn(cmd: Command) -> Self {
         Self::spawn_with(cmd, false)
+    }
+
+    /// As [`spawn`](Self::spawn), reading stderr too.
+    pub fn spawn_logged(cmd: Command) -> Self {
+        Self::spawn_with(cmd, true)
     }
 
     fn spawn_with(mut cmd: Command, read_stderr: bool) -> Self {

@@ -82,7 +82,8 @@ impl Lease {
 
 impl std::fmt::Display for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} generation {} owned by {} since {} (Unix ms)", self.guest, self.generation, self.owner, self.since_unix_ms)
+        let since = std::time::UNIX_EPOCH + std::time::Duration::from_millis(self.since_unix_ms);
+        write!(f, "{} generation {} owned by {} since {}", self.guest, self.generation, self.owner, humantime::format_rfc3339_millis(since))
     }
 }
 

@@ -58,6 +58,39 @@ fn hash_tracking_is_exact() {
 }
 
 #[test]
+fn a_held_guest_writes_and_says_nothing_until_let_go() {
+    let cfg = ArenaConfig {
+        memory_mib: 16,
+        tracking: TrackingMode::WriteProtect,
+        workload: WorkloadConfig { pages_per_sec: 100_000, output_interval_ms: 1, ..WorkloadConfig::default() },
+    };
+    let out = Arc::new(OutputBuffer::default());
+    let guest = ArenaGuest::start(&cfg, Arc::clone(&out)).unwrap();
+    let mut engine = EpochEngine::new(GuestId(1), guest, Arc::clone(&out), Duration::from_millis(5), Instant::now());
+    let seal = |engine: &mut EpochEngine<ArenaGuest>| engine.seal(now_unix_nanos()).unwrap().pfns.len();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seal(&mut engine) == 0 {
+        assert!(Instant::now() < deadline, "the workload never wrote");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    engine.guest_mut().hold(true);
+    // The first checkpoint after the hold takes what was written before it.
+    seal(&mut engine);
+    let said = out.held();
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(10));
+        assert_eq!(seal(&mut engine), 0, "a held guest wrote");
+    }
+    assert_eq!(out.held(), said, "a held guest said something");
+    engine.guest_mut().hold(false);
+    while seal(&mut engine) == 0 {
+        assert!(Instant::now() < deadline, "the guest never ran again");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    engine.guest_mut().stop_workload();
+}
+
+#[test]
 fn bad_config_is_refused() {
     let out = Arc::new(OutputBuffer::default());
     let cfg = ArenaConfig { memory_mib: 0, ..ArenaConfig::default() };

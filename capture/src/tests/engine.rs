@@ -71,6 +71,8 @@ impl ProtectedGuest for FakeGuest {
         true
     }
 
+    fn hold(&mut self, _held: bool) {}
+
     fn quiesce(&mut self) {
         self.quiesced = true;
     }

@@ -34,6 +34,10 @@ pub struct BackupArgs {
     /// TAP interface for a resumed guest's network.
     #[arg(long, requires = "resume")]
     pub tap: Option<String>,
+    /// The witness: with --failover-dir a guest is taken over only by
+    /// winning its lease.
+    #[command(flatten)]
+    pub witness: super::WitnessFlags,
 }
 
 /// Runs until SIGINT or SIGTERM.
@@ -63,6 +67,7 @@ pub fn run(args: &BackupArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
         }),
         s3: cfg.s3.clone(),
         retention: cfg.retention.as_ref().map(crate::config::RetentionConfig::policy).transpose()?,
+        witness: super::witness_options(cfg, &args.witness, "backup")?,
     })?;
     // Scripts and tests read this line to learn the port.
     println!("listening on {} (store {})", backup.addr, store.display());
@@ -134,6 +139,16 @@ fn show_event(ev: &BackupEvent) -> Result<()> {
             println!("failover {guest} epoch {} image {}", epoch.0, path.display());
         }
         BackupEvent::FailoverFailed { guest, error } => eprintln!("failover of {guest} failed: {error}"),
+        BackupEvent::TakeoverAbandoned { guest } => eprintln!("{guest}: the primary is back before its lease ran out; no failover"),
+        BackupEvent::LeaseWon { lease, after } => {
+            println!(
+                "lease {} generation {} taken by {} after {} ms of silence",
+                lease.guest,
+                lease.generation,
+                lease.owner,
+                after.as_millis()
+            );
+        }
         other => eprintln!("{other:?}"),
     }
     std::io::stdout().flush()?;

@@ -55,6 +55,7 @@ pub fn run(args: &DemoArgs, cfg: &Config, data_dir: &Path) -> Result<bool> {
         failover: remus_node::FailoverAction::Record,
         s3: None,
         retention: None,
+        witness: None,
     })?;
     let opts = primary_options(cfg, &args.guest_flags, tls, backup.addr, cfg.protect.guest)?;
     let guest = opts.guest;

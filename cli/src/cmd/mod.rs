@@ -59,6 +59,52 @@ pub fn s3_config(cfg: &crate::config::Config, url: Option<&str>) -> Result<remus
     }
 }
 
+/// Flags naming the witness; each overrides `[witness]`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct WitnessFlags {
+    /// A witness holding each guest's lease, `s3://BUCKET/PREFIX`
+    /// (default: `witness.url`; none: no witness). Endpoint and
+    /// credentials as for `[s3]`.
+    #[arg(long)]
+    pub witness: Option<String>,
+    /// This node's name in a lease (default: `witness.node`, else
+    /// `<hostname>/primary` or `<hostname>/backup`).
+    #[arg(long)]
+    pub node: Option<String>,
+}
+
+/// The witness from the flags and the config, checked to answer (`None`
+/// when neither names one). `role` names the default node.
+///
+/// # Errors
+/// When the settings are invalid or the witness does not answer.
+pub fn witness_options(cfg: &crate::config::Config, flags: &WitnessFlags, role: &str) -> Result<Option<remus_node::WitnessOptions>> {
+    let w = match (&flags.witness, &cfg.witness) {
+        (Some(url), Some(w)) => crate::config::WitnessConfig { url: url.clone(), ..w.clone() },
+        (Some(url), None) => crate::config::WitnessConfig::at(url),
+        (None, Some(w)) => w.clone(),
+        (None, None) => return Ok(None),
+    };
+    let timing = w.timing()?;
+    let mut s3 = s3_config(cfg, Some(&w.url)).context("witness")?;
+    // A request to the witness may take at most a lease period: a
+    // renewal that waits longer is of no use, and the next one is due.
+    s3.timeout_ms = u64::try_from(timing.lease.as_millis()).unwrap_or(u64::MAX).max(100);
+    let client = remus_store::s3::S3Client::new(&s3).with_context(|| format!("witness {}", w.url))?;
+    let leases = remus_witness::S3Leases::new(client);
+    // It must answer now: a lease nobody can read protects nothing.
+    remus_witness::LeaseStore::read(&leases, remus_types::GuestId(0)).with_context(|| format!("witness {}", w.url))?;
+    let node = match flags.node.clone().or(w.node) {
+        Some(n) => n,
+        None => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "localhost".into());
+            format!("{}/{role}", host.trim())
+        }
+    };
+    anyhow::ensure!(!node.is_empty(), "--node must not be empty");
+    Ok(Some(remus_node::WitnessOptions { leases: std::sync::Arc::new(leases), node, timing }))
+}
+
 /// Connects to the S3 tier, checking the bucket answers.
 ///
 /// # Errors

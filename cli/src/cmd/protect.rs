@@ -87,6 +87,9 @@ pub struct ProtectArgs {
     /// QEMU guest settings (with `qemu`).
     #[command(flatten)]
     pub qemu: QemuSettings,
+    /// The witness.
+    #[command(flatten)]
+    pub witness: super::WitnessFlags,
 }
 
 /// Builds the primary's options from the config and the flags.
@@ -142,7 +145,18 @@ pub fn primary_options(
         mbit => Some(mbit.checked_mul(125_000).ok_or_else(|| anyhow::anyhow!("--max-rate-mbit {mbit} is too large"))?),
     };
     let link = remus_wan::driver::LinkTuning { congestion, fec, max_rate };
-    Ok(PrimaryOptions { guest: GuestId(guest), guest_kind, cadence, backup, tls, sender, link, output_log: None, record_roots: None })
+    Ok(PrimaryOptions {
+        guest: GuestId(guest),
+        guest_kind,
+        cadence,
+        backup,
+        tls,
+        sender,
+        link,
+        output_log: None,
+        record_roots: None,
+        witness: None,
+    })
 }
 
 /// Reports progress: redrawn on a terminal, a line a second otherwise.
@@ -236,6 +250,7 @@ pub fn run(args: &ProtectArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
     let mut opts = primary_options(cfg, &args.guest_flags, tls, backup, args.guest.unwrap_or(cfg.protect.guest))?;
     opts.output_log = args.output_log.clone();
     opts.record_roots = args.record_roots.clone();
+    opts.witness = super::witness_options(cfg, &args.witness, "primary")?;
     if args.kind == Kind::Qemu {
         anyhow::ensure!(args.guest_flags.pages_per_sec.is_none(), "--pages-per-sec applies to the arena guest only");
         let mut settings = args.qemu.clone().or(&cfg.protect.qemu);
@@ -252,6 +267,9 @@ pub fn run(args: &ProtectArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
         opts.guest_kind.memory_mib(),
         1.0 / opts.cadence.base.as_secs_f64()
     );
+    if let Some(w) = &opts.witness {
+        eprintln!("lease on the witness as {} ({} ms)", w.node, w.timing.lease.as_millis());
+    }
     let until = args.seconds.map(|s| Instant::now() + Duration::from_secs_f64(s));
     let (summary, _) = protect_until(opts, until, args.json, Duration::from_secs_f64(args.drain_seconds))?;
     if args.json {

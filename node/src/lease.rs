@@ -1,0 +1,256 @@
+//! The witness at run time: taking a guest's lease, keeping it renewed,
+//! and winning it over for a takeover, around the sans-IO
+//! [`LeaseHolder`] and [`Claimant`] of `remus-witness`.
+//!
+//! Invariants owned here: a primary starts only as the lease's owner (a
+//! guest that failed over elsewhere is refused, naming who owns it since
+//! when); a restarted primary takes the next generation only after waiting
+//! out the lease of the one before; a backup fails a guest over only after
+//! winning the lease for the next generation.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use remus_types::{EpochId, GuestId};
+use remus_witness::{Claimant, Lease, LeaseHolder, LeaseStore, Standing, Tagged, Takeover, Timing, WitnessError};
+
+use crate::error::NodeError;
+
+/// Where the witness is and who this node is to it.
+#[derive(Clone)]
+pub struct WitnessOptions {
+    /// The leases.
+    pub leases: Arc<dyn LeaseStore>,
+    /// This node's name in a lease (an operator reads it: a site or host).
+    pub node: String,
+    /// Lease timing.
+    pub timing: Timing,
+}
+
+impl std::fmt::Debug for WitnessOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WitnessOptions").field("node", &self.node).field("timing", &self.timing).finish_non_exhaustive()
+    }
+}
+
+impl WitnessOptions {
+    fn lease_ms(&self) -> u64 {
+        u64::try_from(self.timing.lease.as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// Takes `guest`'s lease for a primary starting on this node: the first
+/// generation when there is none; the next one when this node owned the
+/// last (a restart), once that lease has run out unchanged. Calls
+/// `waiting` once with the lease it waits out.
+///
+/// # Errors
+/// [`NodeError::Owned`] when another node owns the guest (it failed over
+/// there); [`NodeError::Witness`] when the witness cannot be read or
+/// written.
+pub fn acquire(w: &WitnessOptions, guest: GuestId, mut waiting: impl FnMut(&Lease)) -> Result<(LeaseHolder, Tagged), NodeError> {
+    let mut claimant = Claimant::new(w.timing, Instant::now());
+    let mut seen: Option<String> = None;
+    let mut renewals = 0;
+    loop {
+        match claimant.poll(Instant::now()) {
+            Takeover::Read => match w.leases.read(guest).map_err(NodeError::Witness)? {
+                // Nobody ever owned the guest: take the first generation
+                // (or, created meanwhile, read it again).
+                None => {
+                    if let Some(won) = take(w, guest, None, 1, None, &mut claimant)? {
+                        return Ok(won);
+                    }
+                }
+                Some(t) if t.lease.owner != w.node => return Err(NodeError::Owned(Box::new(t.lease))),
+                Some(t) => {
+                    match &seen {
+                        None => waiting(&t.lease),
+                        Some(tag) if *tag != t.tag => renewals += 1,
+                        Some(_) => {}
+                    }
+                    if renewals >= 3 {
+                        // Renewed again and again while this one waits: its
+                        // owner runs.
+                        return Err(NodeError::Running(Box::new(t.lease)));
+                    }
+                    seen = Some(t.tag.clone());
+                    claimant.observe(Instant::now(), Some(&t));
+                }
+            },
+            Takeover::Wait(until) => std::thread::sleep(until.saturating_duration_since(Instant::now())),
+            Takeover::Attempt { expected, generation } => {
+                if let Some(won) = take(w, guest, expected.as_deref(), generation, None, &mut claimant)? {
+                    return Ok(won);
+                }
+            }
+        }
+    }
+}
+
+/// Swaps in generation `generation` owned by this node if the lease is
+/// still `expected` (`None`: still absent). `Ok(None)` when it changed.
+fn take(
+    w: &WitnessOptions,
+    guest: GuestId,
+    expected: Option<&str>,
+    generation: u64,
+    from_epoch: Option<EpochId>,
+    claimant: &mut Claimant,
+) -> Result<Option<(LeaseHolder, Tagged)>, NodeError> {
+    let lease = Lease::new(guest, generation, &w.node, w.lease_ms(), from_epoch.map(|e| e.0));
+    let sent_at = Instant::now();
+    let r = match expected {
+        Some(tag) => w.leases.replace(&lease, tag),
+        None => w.leases.create(&lease),
+    };
+    match r {
+        Ok(t) => Ok(Some((LeaseHolder::new(w.timing, generation, sent_at), t))),
+        Err(WitnessError::Lost(_)) => {
+            claimant.on_lost();
+            Ok(None)
+        }
+        Err(e) => Err(NodeError::Witness(e)),
+    }
+}
+
+/// Waits, as a backup whose primary went silent (last heard at
+/// `last_heard`), until the lease may be taken, and takes it for the next
+/// generation starting from `committed`. `heard` is polled for newer signs
+/// of the owner; `cancel` ends the wait. `None`: the owner was heard again
+/// (or the backup is stopping), so there is no takeover.
+///
+/// # Errors
+/// [`NodeError::Witness`] for a witness that answers with an error other
+/// than unreachable (an unreachable witness is retried: a takeover needs
+/// it).
+pub fn claim(
+    w: &WitnessOptions,
+    guest: GuestId,
+    committed: EpochId,
+    last_heard: Instant,
+    heard: impl Fn() -> Option<Instant>,
+    cancel: &AtomicBool,
+) -> Result<Option<(LeaseHolder, Tagged)>, NodeError> {
+    let mut claimant = Claimant::new(w.timing, last_heard);
+    loop {
+        if cancel.load(Ordering::Relaxed) || heard().is_some_and(|h| h > last_heard) {
+            return Ok(None);
+        }
+        let now = Instant::now();
+        match claimant.poll(now) {
+            Takeover::Read => match w.leases.read(guest) {
+                Ok(current) => claimant.observe(Instant::now(), current.as_ref()),
+                Err(WitnessError::Unreachable(e)) => {
+                    tracing::warn!(%guest, error = %e, "the witness is unreachable; no takeover without it");
+                    std::thread::sleep(w.timing.retry_every());
+                }
+                Err(e) => return Err(NodeError::Witness(e)),
+            },
+            Takeover::Wait(until) => std::thread::sleep(until.saturating_duration_since(now).min(w.timing.retry_every())),
+            Takeover::Attempt { expected, generation } => {
+                match take(w, guest, expected.as_deref(), generation, Some(committed), &mut claimant) {
+                    Ok(Some(won)) => return Ok(Some(won)),
+                    Ok(None) => {}
+                    Err(NodeError::Witness(WitnessError::Unreachable(e))) => {
+                        tracing::warn!(%guest, error = %e, "the witness is unreachable; no takeover without it");
+                        claimant.on_lost();
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+}
+
+/// An owned lease kept renewed by a thread of its own; the engine's
+/// driver asks it whether it may run and release output.
+pub struct Renewal {
+    holder: Arc<Mutex<LeaseHolder>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Renewal {
+    /// Renews `lease` (owned through `holder`) until dropped.
+    ///
+    /// # Errors
+    /// When the thread cannot be started.
+    pub fn start(w: &WitnessOptions, holder: LeaseHolder, lease: Tagged) -> Result<Self, NodeError> {
+        let holder = Arc::new(Mutex::new(holder));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (h2, s2, leases) = (Arc::clone(&holder), Arc::clone(&stop), Arc::clone(&w.leases));
+        let thread = std::thread::Builder::new()
+            .name("remus-lease".into())
+            .spawn(move || renew(&*leases, &h2, lease, &s2))
+            .map_err(NodeError::io("spawning the lease thread"))?;
+        Ok(Self { holder, stop, thread: Some(thread) })
+    }
+
+    /// The generation owned.
+    #[must_use]
+    pub fn generation(&self) -> u64 {
+        self.holder.lock().generation()
+    }
+
+    /// Whether the owner may run and release output now.
+    #[must_use]
+    pub fn standing(&self) -> Standing {
+        self.holder.lock().may_run(Instant::now())
+    }
+
+    /// The backup acknowledged an epoch sealed at `sealed_at`.
+    pub fn backup_heard(&self, sealed_at: Instant) {
+        self.holder.lock().on_backup_heard(sealed_at);
+    }
+}
+
+impl Drop for Renewal {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The renewal loop: a renewal whenever the holder asks for one; a lost
+/// swap is read back, and only a lease of another generation or owner
+/// supersedes (a renewal that was applied but not answered changed the
+/// tag, not the owner).
+fn renew(leases: &dyn LeaseStore, holder: &Mutex<LeaseHolder>, mut lease: Tagged, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if !holder.lock().poll_renewal(now) {
+            let next = holder.lock().poll_timeout().unwrap_or(now + Duration::from_millis(50));
+            std::thread::sleep(next.saturating_duration_since(now).clamp(Duration::from_millis(1), Duration::from_millis(50)));
+            continue;
+        }
+        let guest = lease.lease.guest;
+        match leases.replace(&lease.lease.renewed(), &lease.tag) {
+            Ok(t) => {
+                lease = t;
+                holder.lock().on_renewed(now);
+            }
+            Err(WitnessError::Lost(_)) => match leases.read(guest) {
+                Ok(Some(t)) if t.lease.generation == lease.lease.generation && t.lease.owner == lease.lease.owner => {
+                    lease = t;
+                    holder.lock().on_renewal_failed(now);
+                }
+                Ok(Some(t)) => {
+                    tracing::error!(%guest, lease = %t.lease, "the guest was taken over; this primary stops");
+                    holder.lock().on_superseded(t.lease);
+                    return;
+                }
+                Ok(None) | Err(_) => holder.lock().on_renewal_failed(now),
+            },
+            Err(e) => {
+                tracing::debug!(%guest, error = %e, "lease renewal failed; trying again");
+                holder.lock().on_renewal_failed(now);
+            }
+        }
+    }
+}
