@@ -23,6 +23,25 @@ use remus_relay::{Impairment, Relay, RelayConfig};
 use remus_store::s3::{S3Client, S3Config};
 use remus_types::MemoryDigest;
 
+/// The history of guest 1 in the store, as `remus log --json` lines.
+fn history(data: &Path) -> Vec<serde_json::Value> {
+    let out = run_limited(Command::new(remus()).args(["log", "--json", "--data-dir"]).arg(data), LIMIT);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("json line")).collect()
+}
+
+/// Restores epoch `epoch` from the store and checks it against `root`.
+fn assert_restores_to(data: &Path, epoch: u64, root: &str) {
+    let img = data.join(format!("epoch-{epoch}.img"));
+    let out = run_limited(
+        Command::new(remus_restore()).arg("--store").arg(data.join("store")).args(["--epoch", &epoch.to_string(), "--to"]).arg(&img),
+        LIMIT,
+    );
+    assert!(out.status.success(), "restore {epoch}: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(MemoryDigest::of_image(&std::fs::read(&img).unwrap()).to_hex(), root, "epoch {epoch} restored exact");
+    std::fs::remove_file(&img).unwrap();
+}
+
 const LIMIT: Duration = Duration::from_secs(120);
 
 fn endpoint() -> String {
@@ -81,11 +100,17 @@ struct PrimaryProcess(Child);
 
 impl PrimaryProcess {
     fn start(data: &Path, config: &Path, relay: &Relay, bucket: &str, s3: &str, seconds: u32) -> Self {
-        let mut cmd = protect(data, &relay.local_addr().to_string());
+        Self::start_to(data, config, &relay.local_addr().to_string(), bucket, s3, seconds, "roots.jsonl")
+    }
+
+    /// A primary of guest 1 on node site-a replicating to `backup`,
+    /// recording its roots in `data/roots`.
+    fn start_to(data: &Path, config: &Path, backup: &str, bucket: &str, s3: &str, seconds: u32, roots: &str) -> Self {
+        let mut cmd = protect(data, backup);
         cmd.arg("--config").arg(config);
         cmd.args(["--memory-mib", "64", "--pages-per-sec", "2000", "--json", "--drain-seconds", "60", "--seconds", &seconds.to_string()]);
         cmd.args(["--witness", &format!("s3://{bucket}/leases"), "--node", "site-a"]);
-        cmd.arg("--record-roots").arg(data.join("roots.jsonl")).arg("--output-log").arg(data.join("released.log"));
+        cmd.arg("--record-roots").arg(data.join(roots)).arg("--output-log").arg(data.join("released.log"));
         with_s3(&mut cmd, s3);
         Self(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn protect"))
     }
@@ -208,5 +233,57 @@ fn a_primary_cut_off_from_backup_and_witness_fences_itself_and_the_backup_takes_
     let (ok, _, stderr) = again.wait();
     assert!(!ok);
     assert!(stderr.contains("guest-1 is owned by site-b in generation 2"), "{stderr}");
+    backup.stop();
+}
+
+#[test]
+fn a_restarted_primary_continues_its_guests_history_in_the_next_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    keygen(data);
+    let config = data.join("remus.toml");
+    write_config(&config);
+    let bucket = lease_bucket("witness-restart");
+    // No failover here: the backup only records.
+    let backup = BackupProcess::start(data, "127.0.0.1:0");
+    let first = PrimaryProcess::start_to(data, &config, &backup.addr, &bucket, &endpoint(), 60, "roots-1.jsonl");
+    backup.wait_committed(1, 20, LIMIT);
+    // A crash: nothing flushed, the lease left to run out.
+    let mut child = first.0;
+    child.kill().unwrap();
+    let _ = child.wait();
+    let second = PrimaryProcess::start_to(data, &config, &backup.addr, &bucket, &endpoint(), 3, "roots-2.jsonl");
+    let (ok, stdout, stderr) = second.wait();
+    assert!(ok, "the restarted primary failed: {stderr}");
+    let s: serde_json::Value = serde_json::from_str(stdout.lines().last().expect("summary")).unwrap();
+    assert_eq!(s["generation"], 2, "the next generation");
+    // It continued right after the last epoch the first run committed.
+    let before = s["first_epoch"].as_u64().unwrap() - 1;
+    assert!(before >= 20, "{s}");
+    assert_eq!(s["epochs_committed"], s["epochs"]);
+    // One chain, epochs 1..=last, the generation changing once where the
+    // second run began.
+    let h = history(data);
+    assert_eq!(h.iter().map(|m| m["epoch"].as_u64().unwrap()).collect::<Vec<_>>(), (1..=h.len() as u64).collect::<Vec<_>>());
+    for (a, b) in h.iter().zip(&h[1..]) {
+        assert_eq!(b["parent"], a["manifest"], "the chain continues across the restart");
+    }
+    let generations: Vec<u64> = h.iter().map(|m| m["generation"].as_u64().unwrap()).collect();
+    assert!(
+        generations[..before as usize].iter().all(|g| *g == 1) && generations[before as usize..].iter().all(|g| *g == 2),
+        "{generations:?}"
+    );
+    let out = run_limited(Command::new(remus()).args(["verify", "--json", "--data-dir"]).arg(data), LIMIT);
+    assert!(out.status.success(), "verify: {}", String::from_utf8_lossy(&out.stdout));
+    // Both runs' epochs restore exact: the last of the first run, the
+    // first of the second (a memory of its own, none of the first run's
+    // pages showing through) and the last.
+    let (one, two) = (read_roots(&data.join("roots-1.jsonl")), read_roots(&data.join("roots-2.jsonl")));
+    assert_restores_to(data, before, &one[&before]);
+    let last = h.len() as u64;
+    assert_restores_to(data, before + 1, &two[&(before + 1)]);
+    assert_restores_to(data, last, &two[&last]);
+    let l = lease(&bucket);
+    assert_eq!((l["generation"].as_u64(), l["owner"].as_str()), (Some(2), Some("site-a")), "{l}");
     backup.stop();
 }

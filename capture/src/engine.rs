@@ -110,6 +110,19 @@ impl<G: ProtectedGuest> EpochEngine<G> {
         Self { guest, id, cadence, due: Some(now + period), phase: Phase::Running, next: EpochId(1), acked: EpochId(0), output }
     }
 
+    /// The same engine continuing a history whose last committed epoch is
+    /// `committed` (written by an earlier run of the primary): the first
+    /// epoch it seals is the one after, and everything the guest emitted
+    /// so far belongs to that one.
+    #[must_use]
+    pub fn after(mut self, committed: EpochId) -> Self {
+        assert_eq!(self.next, EpochId(1), "only before the first seal");
+        self.next = committed.next();
+        self.acked = committed;
+        self.output.open_at(self.next);
+        self
+    }
+
     /// Lets the period adapt within `cfg` to how far acknowledgements lag
     /// (see [`Cadence`]); by default it is fixed.
     #[must_use]

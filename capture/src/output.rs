@@ -43,6 +43,16 @@ impl<T> OutputBuffer<T> {
         g.open = epoch.next();
     }
 
+    /// Opens `epoch` as the first (a history continued after `epoch - 1`):
+    /// what was pushed before belongs to it.
+    pub(crate) fn open_at(&self, epoch: EpochId) {
+        let mut g = self.inner.lock();
+        g.open = epoch;
+        for (e, _) in &mut g.held {
+            *e = (*e).max(epoch);
+        }
+    }
+
     /// Releases, in order, everything produced by epochs `<= acked`.
     /// Called by the engine on an acknowledgement, and only there.
     pub(crate) fn release(&self, acked: EpochId) -> Vec<T> {

@@ -48,6 +48,9 @@ pub struct Summary {
     pub parity_dropped_bytes: u64,
     /// Connection losses.
     pub disconnects: u64,
+    /// The first epoch this run sealed (1 for a new guest; after the
+    /// committed one when a restarted primary continued the history).
+    pub first_epoch: u64,
     /// The guest's generation on the witness (absent without one).
     pub generation: Option<u64>,
     /// Times the primary fenced itself (its lease unconfirmed).
@@ -116,7 +119,10 @@ impl Summary {
             epoch_ms_p50: ms(percentile(&s.periods_ns, 50.0)),
             epoch_ms_max: ms(s.periods_ns.iter().copied().max().unwrap_or(0)),
             dirty_pages: s.dirty_pages,
-            dirty_pages_per_epoch: if s.sealed.0 == 0 { 0.0 } else { s.dirty_pages as f64 / s.sealed.0 as f64 },
+            dirty_pages_per_epoch: match s.sealed.0 - s.continued_from.0 {
+                0 => 0.0,
+                n => s.dirty_pages as f64 / n as f64,
+            },
             wire_bytes: s.wire_bytes,
             wire_bytes_per_dirty_page: if s.wire_pages == 0 { 0.0 } else { s.wire_bytes as f64 / s.wire_pages as f64 },
             wire_ratio: if s.wire_pages == 0 { 0.0 } else { s.wire_bytes as f64 / (s.wire_pages * PAGE_SIZE as u64) as f64 },
@@ -125,6 +131,7 @@ impl Summary {
             parity_bytes: s.parity_bytes,
             parity_dropped_bytes: s.parity_dropped_bytes,
             disconnects: s.disconnects,
+            first_epoch: s.continued_from.0 + 1,
             generation: s.generation,
             self_fences: s.self_fences,
             self_fenced_ms: ms(s.self_fenced_ns),

@@ -4,9 +4,12 @@
 //! - a guest that failed over here is fenced: its old primary is refused
 //!   from then on (it could only continue a history that has moved on),
 //!   also after the backup restarts (the fence is kept in the store);
-//! - a guest's history belongs to one primary instance: another instance
-//!   (a fresh process whose memory does not continue the stored history)
-//!   is refused;
+//! - a primary of an older generation (on the witness) than the guest's
+//!   history is refused: another owner took the guest over;
+//! - a new primary instance (a restarted primary) continues the guest's
+//!   history after its last committed epoch, in a newer generation where
+//!   a witness is used; its first epoch is a whole memory (see
+//!   [`Lineage::continues_after`]);
 //! - the memory size of a guest never changes within its history;
 //! - one connected primary per guest, except that the same instance may
 //!   reconnect while its old connection lingers.
@@ -17,6 +20,20 @@ use parking_lot::Mutex;
 use remus_store::{Fence, Head};
 use remus_types::{ChunkId, EpochId, GuestId};
 
+/// Who writes a guest's epochs: the primary run admitted, and where its
+/// history begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lineage {
+    /// The primary run.
+    pub instance: u64,
+    /// Its generation on the witness (0 without one).
+    pub generation: u64,
+    /// For a run that continues a history another run wrote: that run's
+    /// last committed epoch. The epoch after it starts from a memory of
+    /// zeros: every page it does not carry is recorded as a zero page.
+    pub continues_after: Option<EpochId>,
+}
+
 /// Who is admitted for which guest.
 #[derive(Default)]
 pub struct Admission {
@@ -24,20 +41,20 @@ pub struct Admission {
     /// Connections per guest: a primary that reconnects before its old
     /// connection timed out here has two for a while.
     active: Mutex<HashMap<GuestId, usize>>,
-    instances: Mutex<HashMap<GuestId, u64>>,
+    lineages: Mutex<HashMap<GuestId, Lineage>>,
 }
 
 impl Admission {
-    /// Admits primary `instance` of `guest` with `page_count` pages, given
-    /// the guest's stored head and fence; returns the committed epoch and
-    /// manifest it resumes from.
+    /// Admits primary `instance` of `guest` (generation `generation`) with
+    /// `page_count` pages, given the guest's stored head and fence; returns
+    /// the committed epoch and manifest it resumes (or continues) from.
     ///
     /// # Errors
     /// The reason for refusal, for the primary to show.
     pub fn welcome(
         &self,
         guest: GuestId,
-        instance: u64,
+        (instance, generation): (u64, u64),
         page_count: u64,
         head: Option<Head>,
         stored_fence: Option<Fence>,
@@ -53,32 +70,43 @@ impl Admission {
         if let Some(e) = self.fenced.lock().get(&guest) {
             return Err(format!("{guest} failed over at epoch {}; its old primary is fenced", e.0));
         }
+        let mut continues_after = None;
         if let Some(h) = &head {
-            if h.instance != instance {
+            if generation < h.generation {
                 return Err(format!(
-                    "{guest} already has history from another primary instance (committed up to epoch {}); \
-                     protect this guest under a new guest id",
-                    h.epoch
+                    "{guest} is in generation {} here (committed up to epoch {}); this primary holds generation {generation}: \
+                     another owner took the guest over",
+                    h.generation, h.epoch
                 ));
             }
             if h.page_count != page_count {
                 return Err(format!("{guest}: memory size changed from {} to {page_count} pages", h.page_count));
             }
+            if h.instance != instance {
+                if generation != 0 && generation == h.generation {
+                    return Err(format!(
+                        "{guest}: another primary run already wrote generation {generation} (committed up to epoch {}); \
+                         a restarted primary takes a new generation",
+                        h.epoch
+                    ));
+                }
+                continues_after = Some(h.epoch);
+            }
         }
         let mut active = self.active.lock();
         let n = active.entry(guest).or_default();
-        if *n > 0 && self.instances.lock().get(&guest) != Some(&instance) {
+        if *n > 0 && self.lineages.lock().get(&guest).is_some_and(|l| l.instance != instance) {
             return Err(format!("{guest} is already connected from another primary"));
         }
         *n += 1;
         drop(active);
-        self.instances.lock().insert(guest, instance);
+        self.lineages.lock().insert(guest, Lineage { instance, generation, continues_after });
         Ok(head.map_or((EpochId(0), ChunkId::default()), |h| (h.epoch, h.manifest)))
     }
 
-    /// The admitted instance of `guest`, if any was.
-    pub fn instance(&self, guest: GuestId) -> Option<u64> {
-        self.instances.lock().get(&guest).copied()
+    /// Who was admitted for `guest`, if anyone was.
+    pub fn lineage(&self, guest: GuestId) -> Option<Lineage> {
+        self.lineages.lock().get(&guest).copied()
     }
 
     /// One connection of `guest` ended.
@@ -108,30 +136,43 @@ mod tests {
     use super::*;
 
     fn head(instance: u64, epoch: u64) -> Head {
-        Head { epoch: EpochId(epoch), manifest: ChunkId::default(), instance, page_count: 16 }
+        Head { epoch: EpochId(epoch), manifest: ChunkId::default(), instance, page_count: 16, generation: 0 }
     }
 
     #[test]
-    fn another_instance_of_a_stored_guest_is_refused() {
+    fn a_restarted_primary_continues_the_history_in_a_newer_generation() {
         let a = Admission::default();
         let g = GuestId(1);
-        assert_eq!(a.welcome(g, 7, 16, Some(head(7, 3)), None).unwrap().0, EpochId(3));
-        let err = a.welcome(g, 8, 16, Some(head(7, 3)), None).unwrap_err();
-        assert!(err.contains("another primary instance"), "{err}");
-        let err = a.welcome(g, 7, 32, Some(head(7, 3)), None).unwrap_err();
+        assert_eq!(a.welcome(g, (7, 0), 16, Some(head(7, 3)), None).unwrap().0, EpochId(3));
+        assert_eq!(a.lineage(g).unwrap().continues_after, None, "the same run resumes");
+        a.disconnected(g);
+        // Another run (a restart) continues after epoch 3.
+        assert_eq!(a.welcome(g, (8, 0), 16, Some(head(7, 3)), None).unwrap().0, EpochId(3));
+        assert_eq!(a.lineage(g).unwrap(), Lineage { instance: 8, generation: 0, continues_after: Some(EpochId(3)) });
+        a.disconnected(g);
+        let err = a.welcome(g, (8, 0), 32, Some(head(8, 5)), None).unwrap_err();
         assert!(err.contains("memory size changed"), "{err}");
+        // With a witness: an older generation is refused, the same
+        // generation from another run too, a newer one continues.
+        let h = Head { generation: 4, ..head(8, 5) };
+        let err = a.welcome(g, (9, 3), 16, Some(h), None).unwrap_err();
+        assert!(err.contains("generation 4 here") && err.contains("holds generation 3"), "{err}");
+        let err = a.welcome(g, (9, 4), 16, Some(h), None).unwrap_err();
+        assert!(err.contains("already wrote generation 4"), "{err}");
+        a.welcome(g, (9, 5), 16, Some(h), None).expect("a newer generation continues");
+        assert_eq!(a.lineage(g).unwrap().continues_after, Some(EpochId(5)));
     }
 
     #[test]
     fn one_live_primary_per_guest_but_the_same_instance_may_reconnect() {
         let a = Admission::default();
         let g = GuestId(2);
-        a.welcome(g, 1, 16, None, None).unwrap();
-        a.welcome(g, 1, 16, None, None).expect("the same instance reconnecting");
-        assert!(a.welcome(g, 2, 16, None, None).unwrap_err().contains("already connected"));
+        a.welcome(g, (1, 0), 16, None, None).unwrap();
+        a.welcome(g, (1, 0), 16, None, None).expect("the same instance reconnecting");
+        assert!(a.welcome(g, (2, 0), 16, None, None).unwrap_err().contains("already connected"));
         a.disconnected(g);
         a.disconnected(g);
-        a.welcome(g, 2, 16, None, None).expect("no connection left");
+        a.welcome(g, (2, 0), 16, None, None).expect("no connection left");
     }
 
     #[test]
@@ -139,13 +180,13 @@ mod tests {
         let a = Admission::default();
         let g = GuestId(3);
         a.fence(g, EpochId(41));
-        let err = a.welcome(g, 1, 16, None, None).unwrap_err();
+        let err = a.welcome(g, (1, 0), 16, None, None).unwrap_err();
         assert!(err.contains("failed over at epoch 41"), "{err}");
         // A fence kept in the store (a restarted backup) refuses too, and
         // says since when.
         let fresh = Admission::default();
         let f = Fence { epoch: EpochId(41), since_unix_ms: 1_767_225_600_000 };
-        let err = fresh.welcome(g, 1, 16, None, Some(f)).unwrap_err();
+        let err = fresh.welcome(g, (1, 0), 16, None, Some(f)).unwrap_err();
         assert!(err.contains("at epoch 41 at 2026-01-01T00:00:00Z"), "{err}");
     }
 }

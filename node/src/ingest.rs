@@ -14,7 +14,9 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use remus_store::{EpochCommit, Store, StoreError, StoredChunk};
-use remus_types::{zero_page_hash, BoundedMap, ChunkId};
+use remus_types::{zero_page_hash, BoundedMap, ChunkId, EpochId, Pfn};
+
+use crate::admission::Lineage;
 use remus_wan::{CommitError, PageEncoding, ReceivedEpoch};
 
 /// Pages decoded in one commit group, by hash, not yet in the store.
@@ -65,18 +67,18 @@ impl Ingest {
         }
     }
 
-    /// Decodes and verifies a commit group of `instance`.
+    /// Decodes and verifies a commit group written by `lineage`.
     ///
     /// # Errors
     /// [`CommitError::Missing`] naming every reference or XOR base the
     /// store does not hold; [`CommitError::BadPage`] for a page that does
     /// not decode to its hash; [`CommitError::Storage`] for a store read
     /// that fails.
-    pub fn decode(&self, epochs: Vec<ReceivedEpoch>, instance: u64) -> Result<Decoded, CommitError> {
+    pub fn decode(&self, epochs: Vec<ReceivedEpoch>, lineage: Lineage) -> Result<Decoded, CommitError> {
         let mut staged = Staged::new();
         let mut missing = Vec::new();
         let commits =
-            epochs.into_iter().map(|e| self.decode_epoch(e, instance, &mut staged, &mut missing)).collect::<Result<Vec<_>, _>>()?;
+            epochs.into_iter().map(|e| self.decode_epoch(e, lineage, &mut staged, &mut missing)).collect::<Result<Vec<_>, _>>()?;
         if !missing.is_empty() {
             missing.sort_unstable();
             missing.dedup();
@@ -91,7 +93,7 @@ impl Ingest {
     fn decode_epoch(
         &self,
         e: ReceivedEpoch,
-        instance: u64,
+        lineage: Lineage,
         staged: &mut Staged,
         missing: &mut Vec<ChunkId>,
     ) -> Result<EpochCommit, CommitError> {
@@ -99,7 +101,8 @@ impl Ingest {
         let mut c = EpochCommit {
             guest: h.guest,
             epoch: h.epoch,
-            instance,
+            instance: lineage.instance,
+            generation: lineage.generation,
             time_unix_ns: h.time_unix_ns,
             page_count: h.page_count,
             memory_root: e.memory_root,
@@ -156,8 +159,26 @@ impl Ingest {
             let hash = if r.encoding == PageEncoding::Zero { zero_page_hash() } else { r.hash };
             c.pages.push((r.pfn, hash));
         }
+        if lineage.continues_after.map(EpochId::next) == Some(h.epoch) {
+            zero_fill(&mut c.pages, h.page_count);
+        }
         Ok(c)
     }
+}
+
+/// Records every page of a `page_count`-page memory that `pages` does not
+/// name as a zero page: the first epoch of a run that continues another
+/// run's history carries the pages its guest wrote since it started from
+/// zeros, and none of the earlier run's pages may show through.
+fn zero_fill(pages: &mut Vec<(Pfn, ChunkId)>, page_count: u64) {
+    let mut named = vec![false; usize::try_from(page_count).unwrap_or(usize::MAX)];
+    for (pfn, _) in pages.iter() {
+        if let Some(n) = named.get_mut(usize::try_from(pfn.0).unwrap_or(usize::MAX)) {
+            *n = true;
+        }
+    }
+    let zero = zero_page_hash();
+    pages.extend(named.iter().enumerate().filter(|(_, n)| !**n).map(|(pfn, _)| (Pfn(pfn as u64), zero)));
 }
 
 /// A store failure as a commit error (full disks told apart).

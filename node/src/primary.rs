@@ -148,6 +148,9 @@ impl Primary {
         let (tx, rx) = mpsc::channel(256);
         let (etx, erx) = mpsc::unbounded_channel();
         let (ack_tx, ack_rx) = crossbeam_channel::unbounded();
+        // The first Welcome says where the guest's history stands: a
+        // restarted primary continues it.
+        let (base_tx, base_rx) = crossbeam_channel::bounded(1);
         let link_cfg = PrimaryLinkConfig {
             backup: opts.backup,
             client,
@@ -155,6 +158,7 @@ impl Primary {
             tuning: opts.link,
             guest: opts.guest,
             instance: rand::random(),
+            generation: lease.as_ref().map_or(0, Renewal::generation),
             page_count,
         };
         let create = |p: &Option<PathBuf>| -> Result<Option<std::fs::File>> {
@@ -175,7 +179,7 @@ impl Primary {
                     .build()
                     .map_err(NodeError::io("starting the link's runtime"))?;
                 rt.block_on(async move {
-                    let consumer = tokio::spawn(consume_events(erx, s2, ack_tx, roots_file));
+                    let consumer = tokio::spawn(consume_events(erx, s2, ack_tx, base_tx, roots_file));
                     let r = run_primary(link_cfg, rx, etx).await;
                     let _ = consumer.await;
                     Ok(r?)
@@ -194,8 +198,16 @@ impl Primary {
                 if !remus_sys::raise_priority() {
                     tracing::debug!("real-time priority not available; epochs run at normal priority");
                 }
-                s3.lock().started = Instant::now();
-                let engine = EpochEngine::new(id, guest, output, cadence.base, Instant::now()).with_cadence(cadence);
+                let Some(committed) = wait_for_welcome(&base_rx, &stop2) else { return Ok(()) };
+                if committed > EpochId(0) {
+                    tracing::info!(committed = committed.0, "continuing the guest's history after the committed epoch");
+                }
+                {
+                    let mut s = s3.lock();
+                    s.started = Instant::now();
+                    (s.continued_from, s.sealed, s.acked) = (committed, committed, committed);
+                }
+                let engine = EpochEngine::new(id, guest, output, cadence.base, Instant::now()).with_cadence(cadence).after(committed);
                 drive_engine(engine, tx, &ack_rx, sinks, &s3, &stop2, lease.as_ref())
             })
             .map_err(NodeError::io("spawning the epoch thread"))?;
@@ -335,6 +347,19 @@ fn drive_engine<G: ProtectedGuest>(
     Ok(())
 }
 
+/// Waits for the link's first Welcome and returns the epoch the backup
+/// has committed (0 for a new guest); `None` when stopped first or the
+/// link ended (its failure is reported by the link thread).
+fn wait_for_welcome(base: &Receiver<EpochId>, stop: &AtomicBool) -> Option<EpochId> {
+    loop {
+        match base.recv_timeout(Duration::from_millis(100)) {
+            Ok(committed) => return Some(committed),
+            Err(RecvTimeoutError::Timeout) if !stop.load(Ordering::Relaxed) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
 fn record_seal(stats: &Mutex<PrimaryStats>, cp: &Checkpoint, next_period: Duration) {
     let sealed_at = Instant::now();
     let mut s = stats.lock();
@@ -366,8 +391,10 @@ async fn consume_events(
     mut rx: mpsc::UnboundedReceiver<LinkEvent>,
     stats: Arc<Mutex<PrimaryStats>>,
     acks: Sender<EpochId>,
+    base: Sender<EpochId>,
     mut roots: Option<std::fs::File>,
 ) {
+    let mut base = Some(base);
     while let Some(ev) = rx.recv().await {
         match ev {
             LinkEvent::Sealed { epoch, root } => {
@@ -395,7 +422,12 @@ async fn consume_events(
                 // The driver is gone only once the engine finished.
                 let _ = acks.send(epoch);
             }
-            LinkEvent::Connected => tracing::info!("connected to backup"),
+            LinkEvent::Connected { committed } => {
+                tracing::info!(committed = committed.0, "connected to backup");
+                if let Some(b) = base.take() {
+                    let _ = b.send(committed);
+                }
+            }
             LinkEvent::Forgot { held } => stats.lock().chunks_forgotten += held as u64,
             LinkEvent::Resending { from, missing } => {
                 stats.lock().refusals += 1;

@@ -139,10 +139,10 @@ impl StoreReplica {
 }
 
 impl Replica for StoreReplica {
-    fn welcome(&self, guest: GuestId, instance: u64, page_count: u64) -> Result<(EpochId, ChunkId), String> {
+    fn welcome(&self, guest: GuestId, instance: u64, page_count: u64, generation: u64) -> Result<(EpochId, ChunkId), String> {
         let head = self.store.head(guest).map_err(|e| e.to_string())?;
         let fence = self.store.fenced(guest).map_err(|e| e.to_string())?;
-        let welcome = self.admission.welcome(guest, instance, page_count, head, fence)?;
+        let welcome = self.admission.welcome(guest, (instance, generation), page_count, head, fence)?;
         self.welcomed.lock().insert(guest, Instant::now());
         Ok(welcome)
     }
@@ -150,9 +150,9 @@ impl Replica for StoreReplica {
     fn commit(&self, epochs: Vec<ReceivedEpoch>) -> Result<ChunkId, CommitError> {
         let t0 = Instant::now();
         let guest = epochs.first().ok_or(CommitError::Rejected("empty commit group"))?.header.guest;
-        let instance = self.admission.instance(guest).ok_or(CommitError::Rejected("commit for a guest that was never welcomed"))?;
+        let lineage = self.admission.lineage(guest).ok_or(CommitError::Rejected("commit for a guest that was never welcomed"))?;
         let n = epochs.len() as u64;
-        let decoded = self.ingest.decode(epochs, instance)?;
+        let decoded = self.ingest.decode(epochs, lineage)?;
         let live: Option<Vec<CommittedPages>> = self
             .failover
             .keeps_live()

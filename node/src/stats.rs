@@ -72,6 +72,9 @@ pub struct PrimaryStats {
     pub refusals: u64,
     /// Time the last epoch was sealed.
     pub last_seal: Option<Instant>,
+    /// The committed epoch this run continued the guest's history after
+    /// (0 for a new guest).
+    pub continued_from: EpochId,
     /// The generation owned on the witness (none without a witness).
     pub generation: Option<u64>,
     /// Times the primary fenced itself (lease unconfirmed: guest held
@@ -105,6 +108,7 @@ impl Default for PrimaryStats {
             chunks_forgotten: 0,
             refusals: 0,
             last_seal: None,
+            continued_from: EpochId(0),
             generation: None,
             self_fences: 0,
             self_fenced_ns: 0,
@@ -121,7 +125,7 @@ impl PrimaryStats {
         if secs <= 0.0 {
             0.0
         } else {
-            self.sealed.0 as f64 / secs
+            (self.sealed.0 - self.continued_from.0) as f64 / secs
         }
     }
 }

@@ -119,6 +119,7 @@ mod tests {
             pause_ns: 0,
             wire_bytes: 0,
             new_chunk_bytes: 0,
+            generation: 0,
         }
     }
 

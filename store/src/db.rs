@@ -99,6 +99,8 @@ pub struct EpochCommit {
     pub epoch: EpochId,
     /// The primary run that produced it.
     pub instance: u64,
+    /// The owner's generation on the witness (0 without one).
+    pub generation: u64,
     /// Time of its pause at the primary.
     pub time_unix_ns: u64,
     /// Guest memory size in pages.
@@ -128,6 +130,8 @@ pub struct Head {
     pub instance: u64,
     /// Guest memory size in pages.
     pub page_count: u64,
+    /// The owner's generation on the witness at the head (0 without one).
+    pub generation: u64,
 }
 
 /// A guest that failed over here: its old primary is refused from then on,
@@ -282,7 +286,8 @@ impl Store {
         let Some(v) = self.db.get_cf(self.cf(CF_META), guest_key(b"head", guest))? else {
             return Ok(None);
         };
-        if v.len() != 56 {
+        // 64 bytes; 56 (no generation) before generations were recorded.
+        if v.len() != 56 && v.len() != 64 {
             return Err(StoreError::malformed(format!("{guest} head record"), "wrong length"));
         }
         Ok(Some(Head {
@@ -290,6 +295,7 @@ impl Store {
             manifest: ChunkId(v[8..40].try_into().expect("32 bytes")),
             instance: u64_at(&v, 40),
             page_count: u64_at(&v, 48),
+            generation: if v.len() == 64 { u64_at(&v, 56) } else { 0 },
         }))
     }
 
@@ -548,14 +554,16 @@ impl Store {
             pause_ns: c.pause_ns,
             wire_bytes: c.wire_bytes,
             new_chunk_bytes: new_bytes,
+            generation: c.generation,
         };
         let id = manifest.id();
         batch.put_cf(self.cf(CF_EPOCHS), epoch_key(c.guest, c.epoch), manifest.encode());
-        let mut head_v = Vec::with_capacity(56);
+        let mut head_v = Vec::with_capacity(64);
         head_v.extend_from_slice(&c.epoch.0.to_be_bytes());
         head_v.extend_from_slice(&id.0);
         head_v.extend_from_slice(&c.instance.to_be_bytes());
         head_v.extend_from_slice(&c.page_count.to_be_bytes());
+        head_v.extend_from_slice(&c.generation.to_be_bytes());
         batch.put_cf(self.cf(CF_META), guest_key(b"head", c.guest), head_v);
         Ok(CommitOutcome { manifest, id, new_chunks, dup_chunks })
     }

@@ -18,12 +18,17 @@
 //! 184      pause_ns u64
 //! 192      wire_bytes u64
 //! 200      new_chunk_bytes u64
-//! 208      reserved [40], zero
+//! 208      generation u64     (the owner's generation on the witness; 0
+//!                              without one; reserved and zero before)
+//! 216      reserved [32], zero
 //! 248      crc32 of bytes 0..248
 //! ```
 //! The manifest's id is the blake3 of these 252 bytes; the chain head in
 //! `meta` names the newest, and each names its parent, so the chain proves
-//! the order and content of the whole history.
+//! the order and content of the whole history. A change of `instance`
+//! (with a greater `generation` where a witness is used) between parent and
+//! child records a primary that restarted and continued the history: the
+//! child's page delta names every page (unwritten ones as zero pages).
 
 use remus_types::{ChunkId, EpochId, FormatError, GuestId, Pfn};
 
@@ -63,6 +68,8 @@ pub struct Manifest {
     pub wire_bytes: u64,
     /// Bytes of chunks this epoch added to the store.
     pub new_chunk_bytes: u64,
+    /// The owner's generation on the witness (0 without one).
+    pub generation: u64,
 }
 
 impl Manifest {
@@ -86,6 +93,7 @@ impl Manifest {
         put(184, &self.pause_ns.to_le_bytes());
         put(192, &self.wire_bytes.to_le_bytes());
         put(200, &self.new_chunk_bytes.to_le_bytes());
+        put(208, &self.generation.to_le_bytes());
         let crc = crc32fast::hash(&b[..248]);
         b[248..252].copy_from_slice(&crc.to_le_bytes());
         b
@@ -133,6 +141,7 @@ impl Manifest {
             pause_ns: u(184),
             wire_bytes: u(192),
             new_chunk_bytes: u(200),
+            generation: u(208),
         })
     }
 }
@@ -160,6 +169,7 @@ mod tests {
                 guest: GuestId(v[0]), epoch: EpochId(v[1]), parent: ChunkId(hs[0]), time_unix_ns: v[2],
                 page_count: v[3], dirty_pages: v[4], memory_root: ChunkId(hs[1]), page_delta: ChunkId(hs[2]),
                 device_state: ChunkId(hs[3]), instance: v[5], pause_ns: v[6], wire_bytes: v[7], new_chunk_bytes: v[8],
+                generation: v[9],
             };
             prop_assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
         }

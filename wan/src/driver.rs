@@ -168,8 +168,13 @@ pub enum LinkEvent {
         /// Its manifest hash.
         manifest: ChunkId,
     },
-    /// Connected and welcomed.
-    Connected,
+    /// Connected and welcomed: the backup has committed up to `committed`
+    /// (for a primary that has sealed nothing yet, where its epochs
+    /// start: after it).
+    Connected {
+        /// The last committed epoch.
+        committed: EpochId,
+    },
     /// The backup deleted chunks (GC); `held` of them were counted as held
     /// by the encoder, which forgot them.
     Forgot {
@@ -215,6 +220,8 @@ pub struct PrimaryLinkConfig {
     pub guest: GuestId,
     /// This run of the primary.
     pub instance: u64,
+    /// The generation it owns on the witness (0 without one).
+    pub generation: u64,
     /// Guest memory size in pages.
     pub page_count: u64,
 }
@@ -242,7 +249,7 @@ pub async fn run_primary(
     let ep = endpoint(bind, None)?;
     let mut client = cfg.client.clone();
     client.transport_config(Arc::new(transport_config(cfg.tuning.congestion, cfg.tuning.max_rate)));
-    let mut core = SenderCore::new(cfg.sender, cfg.guest, cfg.instance, cfg.page_count);
+    let mut core = SenderCore::new(cfg.sender, cfg.guest, cfg.instance, cfg.page_count).with_generation(cfg.generation);
     let mut input = Input::default();
     let mut backoff = MIN_BACKOFF;
     loop {
@@ -384,7 +391,7 @@ async fn serve_connection(
         }
         if core.is_connected() && !welcomed {
             welcomed = true;
-            let _ = events.send(LinkEvent::Connected);
+            let _ = events.send(LinkEvent::Connected { committed: core.acked() });
         }
         if *input_closed && core.unacked() == 0 {
             // Finish the control stream and let the backup close: a clean end.
@@ -648,7 +655,7 @@ pub trait Replica: Send + Sync + 'static {
     ///
     /// # Errors
     /// A message sent to the primary before the connection is closed.
-    fn welcome(&self, guest: GuestId, instance: u64, page_count: u64) -> Result<(EpochId, ChunkId), String>;
+    fn welcome(&self, guest: GuestId, instance: u64, page_count: u64, generation: u64) -> Result<(EpochId, ChunkId), String>;
 
     /// Durably commits complete, consecutive epochs (blocking), all or
     /// none; returns the last one's manifest hash.
@@ -734,11 +741,11 @@ async fn serve_primary<R: Replica>(conn: &Connection, replica: &Arc<R>, cfg: Bac
         Some(Control::Message(m)) => m?,
         Some(Control::Closed | Control::Datagram(_)) | None => return Err(LinkError::Closed),
     };
-    let Message::Hello { guest, instance, page_count } = hello else {
+    let Message::Hello { guest, instance, page_count, generation } = hello else {
         return Err(ProtocolError::Unexpected("first control message is not Hello").into());
     };
     let r2 = Arc::clone(replica);
-    let welcome = tokio::task::spawn_blocking(move || r2.welcome(guest, instance, page_count)).await?;
+    let welcome = tokio::task::spawn_blocking(move || r2.welcome(guest, instance, page_count, generation)).await?;
     let (committed, head) = match welcome {
         Ok(w) => w,
         Err(m) => {

@@ -3,7 +3,7 @@
 //! Layout:
 //! ```text
 //! 0..4    magic  b"RMUS"
-//! 4       version (2)
+//! 4       version (3)
 //! 5       message kind
 //! 6..8    reserved, zero
 //! 8..12   payload length, u32 LE, at most MAX_PAYLOAD
@@ -20,7 +20,7 @@
 //! Payloads (little-endian; `list` is `count u32 | hash[32] × count`, at
 //! most [`MAX_CHUNK_LIST`] hashes, and must fill the payload exactly):
 //! ```text
-//! 1  Hello       guest u64 | instance u64 | page_count u64
+//! 1  Hello       guest u64 | instance u64 | page_count u64 | generation u64   (generation since version 3)
 //! 2  Welcome     guest u64 | committed u64 | head[32]
 //! 3  EpochBegin  guest u64 | epoch u64 | time u64 | page_count u64 | pause_ns u64 | records u32 | round u32
 //! 4  Pages       count u32 | page record × count      (encoding.rs)
@@ -32,7 +32,8 @@
 //! 10 Forget      list                                  (since version 2)
 //! 11 Missing     round u32 | epoch u64 | list          (since version 2)
 //! ```
-//! Version 2 added Forget, Missing and EpochBegin's `round`; both ends
+//! Version 2 added Forget, Missing and EpochBegin's `round`; version 3
+//! Hello's `generation`; both ends
 //! must speak the same version (a frame of another is refused with
 //! [`FormatError::UnsupportedVersion`]).
 
@@ -45,7 +46,7 @@ use crate::error::DecodeError;
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"RMUS";
 /// Protocol version spoken by this build.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// Header length.
 pub const HEADER_LEN: usize = 16;
 /// Largest payload accepted.
@@ -91,6 +92,10 @@ pub enum Message {
         instance: u64,
         /// Its memory size in pages.
         page_count: u64,
+        /// The generation it owns on the witness (0 without one): a
+        /// backup refuses a primary of an older generation than its
+        /// history's, and lets a new instance of a newer one continue it.
+        generation: u64,
     },
     /// Backup → primary: what it has committed for that guest.
     Welcome {
@@ -178,10 +183,11 @@ impl Message {
         out.extend_from_slice(&[VERSION, self.kind(), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
         let mut w = Writer::with(std::mem::take(out));
         match self {
-            Self::Hello { guest, instance, page_count } => {
+            Self::Hello { guest, instance, page_count, generation } => {
                 w.u64(guest.0);
                 w.u64(*instance);
                 w.u64(*page_count);
+                w.u64(*generation);
             }
             Self::Welcome { guest, committed, head } => {
                 w.u64(guest.0);
@@ -280,7 +286,7 @@ impl Message {
     fn decode_payload(kind: u8, payload: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(payload);
         let msg = match kind {
-            1 => Self::Hello { guest: GuestId(r.u64()?), instance: r.u64()?, page_count: r.u64()? },
+            1 => Self::Hello { guest: GuestId(r.u64()?), instance: r.u64()?, page_count: r.u64()?, generation: r.u64()? },
             2 => Self::Welcome { guest: GuestId(r.u64()?), committed: EpochId(r.u64()?), head: r.hash()? },
             3 => Self::EpochBegin(EpochHeader {
                 guest: GuestId(r.u64()?),
@@ -414,10 +420,11 @@ mod tests {
 
     fn message() -> impl Strategy<Value = Message> {
         prop_oneof![
-            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(g, i, p)| Message::Hello {
+            (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(g, i, p, n)| Message::Hello {
                 guest: GuestId(g),
                 instance: i,
-                page_count: p
+                page_count: p,
+                generation: n
             }),
             (any::<u64>(), any::<u64>(), hash()).prop_map(|(g, e, h)| Message::Welcome {
                 guest: GuestId(g),

@@ -137,6 +137,8 @@ pub struct SenderCore {
     cfg: SenderConfig,
     guest: GuestId,
     instance: u64,
+    /// The generation owned on the witness (0 without one).
+    generation: u64,
     page_count: u64,
     encoder: PageEncoder,
     digest: MemoryDigest,
@@ -165,6 +167,7 @@ impl SenderCore {
             cfg,
             guest,
             instance,
+            generation: 0,
             page_count,
             encoder: PageEncoder::new(cfg.encoder),
             digest: MemoryDigest::zeroed(page_count),
@@ -182,6 +185,14 @@ impl SenderCore {
         }
     }
 
+    /// The same sender, owning `generation` on the witness (said in every
+    /// Hello).
+    #[must_use]
+    pub fn with_generation(mut self, generation: u64) -> Self {
+        self.generation = generation;
+        self
+    }
+
     /// The configuration it runs with.
     #[must_use]
     pub fn config(&self) -> &SenderConfig {
@@ -190,7 +201,12 @@ impl SenderCore {
 
     /// A connection is up: queue the Hello.
     pub fn handle_connected(&mut self, now: Instant) {
-        self.control.push_back(Message::Hello { guest: self.guest, instance: self.instance, page_count: self.page_count });
+        self.control.push_back(Message::Hello {
+            guest: self.guest,
+            instance: self.instance,
+            page_count: self.page_count,
+            generation: self.generation,
+        });
         self.connected = false;
         self.round = 0;
         self.next_heartbeat = Some(now + self.cfg.heartbeat);
@@ -254,7 +270,13 @@ impl SenderCore {
                     return Err(ProtocolError::BadEpoch { epoch: committed, reason: "backup lost acknowledged epochs" });
                 }
                 if committed > self.sealed {
-                    return Err(ProtocolError::BadEpoch { epoch: committed, reason: "backup is ahead of this primary" });
+                    if self.sealed != EpochId(0) {
+                        return Err(ProtocolError::BadEpoch { epoch: committed, reason: "backup is ahead of this primary" });
+                    }
+                    // Nothing sealed yet: this run continues the guest's
+                    // history (a restarted primary); its epochs follow
+                    // the committed one.
+                    self.sealed = committed;
                 }
                 self.connected = true;
                 self.encoder.forget_after(committed);

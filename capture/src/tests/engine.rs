@@ -194,6 +194,23 @@ fn output_waits_for_its_epochs_ack_and_is_released_once() {
 }
 
 #[test]
+fn a_continued_history_seals_after_the_committed_epoch_and_releases_nothing_early() {
+    let output = Arc::new(OutputBuffer::default());
+    // The guest speaks before the engine learns where the history stands.
+    output.push(b"early".to_vec());
+    let now = Instant::now();
+    let guest = FakeGuest::new(Arc::clone(&output));
+    let mut engine = EpochEngine::new(GuestId(1), guest, Arc::clone(&output), PERIOD, now).after(EpochId(41));
+    assert_eq!((engine.sealed(), engine.acked()), (EpochId(41), EpochId(41)));
+    assert!(engine.handle_ack(EpochId(41), now).is_empty(), "the committed epoch's ack releases nothing of this run");
+    let cp = engine.handle_timeout(now + PERIOD, 0).unwrap().expect("due");
+    assert_eq!(cp.epoch, EpochId(42));
+    let released = engine.handle_ack(EpochId(42), now + PERIOD);
+    assert_eq!(released.first().map(Vec::as_slice), Some(&b"early"[..]), "what the guest said first goes out with the first epoch");
+    assert_eq!(output.held(), 1, "the guest's item after the resume belongs to epoch 43");
+}
+
+#[test]
 fn an_ack_beyond_the_last_sealed_epoch_never_releases_the_open_epoch() {
     let mut sim = Sim::new();
     sim.advance(PERIOD);

@@ -41,13 +41,18 @@ pub fn run(args: &LogArgs, data_dir: &Path) -> Result<()> {
             println!("{g}: {} committed epochs", ms.len());
             println!("{:>8}  {:<24}  {:>6}  {:>9}  {:>9}  {:>8}  manifest", "epoch", "time", "pages", "wire B", "new B", "pause ms");
         }
-        for m in &ms[skip..] {
+        for (i, m) in ms.iter().enumerate().skip(skip) {
+            // A primary that restarted and continued the history.
+            let previous = i.checked_sub(1).map(|p| &ms[p]);
+            if let (false, Some(p)) = (args.json, previous.filter(|p| p.instance != m.instance || p.generation != m.generation)) {
+                println!("{:>8}  primary restarted: generation {} -> {}, history continued", "", p.generation, m.generation);
+            }
             if args.json {
                 let v = serde_json::json!({
                     "guest": g.0, "epoch": m.epoch.0, "time": format_time(m.time_unix_ns), "time_unix_ns": m.time_unix_ns,
                     "dirty_pages": m.dirty_pages, "wire_bytes": m.wire_bytes, "new_chunk_bytes": m.new_chunk_bytes,
                     "pause_ms": m.pause_ns as f64 / 1e6, "manifest": m.id().to_hex(), "parent": m.parent.to_hex(),
-                    "memory_root": m.memory_root.to_hex(),
+                    "memory_root": m.memory_root.to_hex(), "generation": m.generation, "instance": format!("{:016x}", m.instance),
                 });
                 println!("{v}");
             } else {
