@@ -28,6 +28,7 @@ fn main() -> Result<()> {
         s3: None,
         retention: None,
         witness: None,
+        hooks: remus_node::HookConfig::default(),
     })?;
     let primary = Primary::start(PrimaryOptions {
         guest: GuestId(1),
@@ -40,6 +41,7 @@ fn main() -> Result<()> {
         output_log: None,
         record_roots: None,
         witness: None,
+        hooks: remus_node::HookConfig::default(),
     })?;
     std::thread::sleep(Duration::from_secs(2));
     let stats = std::sync::Arc::clone(&primary.stats);

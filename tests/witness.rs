@@ -72,10 +72,43 @@ fn lease(bucket: &str) -> serde_json::Value {
     serde_json::from_slice(&bytes).unwrap()
 }
 
-/// Short timeouts, so that a cut is noticed at once.
+/// Short timeouts, so that a cut is noticed at once; every event of both
+/// sides appended to `events.jsonl` beside the config by a hook.
 fn write_config(path: &Path) {
-    std::fs::write(path, "[protect]\nbackup-timeout-ms = 500\n\n[backup]\nprimary-timeout-ms = 500\nprimary-timeout-max-ms = 1000\n")
-        .unwrap();
+    let events = path.with_file_name("events.jsonl");
+    std::fs::write(
+        path,
+        format!(
+            "[protect]\nbackup-timeout-ms = 500\n\n[backup]\nprimary-timeout-ms = 500\nprimary-timeout-max-ms = 1000\n\n\
+             [hooks]\ncommand = \"cat >> {}\"\n",
+            events.display()
+        ),
+    )
+    .unwrap();
+}
+
+/// The (role, event, whole event) triples the hooks received, in order.
+fn hook_events(config: &Path) -> Vec<(String, String, serde_json::Value)> {
+    let text = std::fs::read_to_string(config.with_file_name("events.jsonl")).unwrap_or_default();
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("one JSON event per line");
+            (v["role"].as_str().unwrap().to_string(), v["event"].as_str().unwrap().to_string(), v)
+        })
+        .collect()
+}
+
+/// Waits until the hooks received `event` from `role` (delivery is
+/// asynchronous) and returns it.
+fn wait_hook(config: &Path, role: &str, event: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        if let Some((_, _, v)) = hook_events(config).into_iter().find(|(r, e, _)| r == role && e == event) {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "no {role} {event} event: {:?}", hook_events(config));
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// `cmd` reaching S3 at `endpoint` through the AWS environment.
@@ -183,6 +216,14 @@ fn a_cut_link_with_the_witness_reachable_fails_nothing_over_and_output_flows_aga
     assert!(!data.join("failover").exists() || std::fs::read_dir(data.join("failover")).unwrap().next().is_none(), "nothing failed over");
     let lines = backup.stop_logged();
     assert!(!lines.iter().any(|l| l.contains("failover of")), "{lines:?}");
+    assert_eq!(wait_hook(&config, "primary", "lease-taken")["generation"], 1);
+    wait_hook(&config, "backup", "primary-lost");
+    wait_hook(&config, "backup", "takeover-abandoned");
+    assert!(
+        !hook_events(&config).iter().any(|(_, e, _)| e == "failover" || e == "fence" || e == "self-fence"),
+        "{:?}",
+        hook_events(&config)
+    );
 }
 
 #[test]
@@ -227,6 +268,15 @@ fn a_primary_cut_off_from_backup_and_witness_fences_itself_and_the_backup_takes_
     assert_eq!(MemoryDigest::of_image(&std::fs::read(&image).unwrap()).to_hex(), roots[&epoch]);
     let l = lease(&bucket);
     assert_eq!((l["generation"].as_u64(), l["owner"].as_str()), (Some(2), Some("site-b")), "{l}");
+    // The hooks heard every step, each side in its order.
+    assert_eq!(wait_hook(&config, "backup", "lease-won")["generation"], 2);
+    assert_eq!(wait_hook(&config, "backup", "fence")["epoch"].as_u64(), Some(epoch));
+    assert_eq!(wait_hook(&config, "backup", "failover")["epoch"].as_u64(), Some(epoch));
+    assert_eq!(wait_hook(&config, "primary", "superseded")["by"], "site-b");
+    wait_hook(&config, "primary", "self-fence");
+    let order = |role: &str| hook_events(&config).into_iter().filter(|(r, _, _)| r == role).map(|(_, e, _)| e).collect::<Vec<_>>();
+    assert_eq!(order("primary"), ["lease-taken", "self-fence", "superseded"]);
+    assert_eq!(order("backup"), ["primary-lost", "lease-won", "fence", "failover"]);
     // Started again, the old primary is refused, naming the new owner.
     relay.set_partitioned(false);
     let again = PrimaryProcess::start(data, &config, &relay, &bucket, &endpoint(), 5);
@@ -285,5 +335,9 @@ fn a_restarted_primary_continues_its_guests_history_in_the_next_generation() {
     assert_restores_to(data, last, &two[&last]);
     let l = lease(&bucket);
     assert_eq!((l["generation"].as_u64(), l["owner"].as_str()), (Some(2), Some("site-a")), "{l}");
+    assert_eq!(wait_hook(&config, "primary", "history-continued")["after"].as_u64(), Some(before));
+    let taken: Vec<u64> =
+        hook_events(&config).iter().filter(|(_, e, _)| e == "lease-taken").map(|(_, _, v)| v["generation"].as_u64().unwrap()).collect();
+    assert_eq!(taken, [1, 2], "a change of generation at each start");
     backup.stop();
 }

@@ -68,6 +68,13 @@
 //! drift = 0.01               # clock rate error allowed each side
 //! margin-ms = 20             # added to a taker's wait
 //!
+//! # Optional: notifications of failover, fence, self-fence, takeover and
+//! # generation changes: a command run with the event as JSON on stdin,
+//! # and/or an HTTP POST of it.
+//! [hooks]
+//! command = "logger -t remus"
+//! url = "http://127.0.0.1:9099/remus"
+//!
 //! # Optional: thinning and GC, applied by the backup every `interval`
 //! # (and by `remus gc`). Ages count back from the newest epoch; older
 //! # than the last `within` is dropped; the newest epoch is always kept.
@@ -103,6 +110,8 @@ pub struct Config {
     pub retention: Option<RetentionConfig>,
     /// The witness (off when absent).
     pub witness: Option<WitnessConfig>,
+    /// Notifications (none when absent).
+    pub hooks: Option<remus_node::HookConfig>,
 }
 
 /// `[witness]`.
@@ -334,6 +343,9 @@ impl Config {
         }
         if let Some(r) = &self.retention {
             r.policy()?;
+        }
+        if let Some(h) = &self.hooks {
+            h.validate().map_err(|e| anyhow::anyhow!(e))?;
         }
         if let Some(w) = &self.witness {
             w.timing()?;

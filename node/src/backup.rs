@@ -36,6 +36,8 @@ pub struct BackupOptions {
     /// The witness whose lease a failover must win (none: fail over on
     /// silence alone).
     pub witness: Option<crate::WitnessOptions>,
+    /// Where every event is also delivered.
+    pub hooks: crate::HookConfig,
 }
 
 /// A running backup.
@@ -71,7 +73,19 @@ impl Backup {
         };
         let server = server_config(opts.tls.identity("backup")?, opts.tls.roots()?)?;
         let (events_tx, events) = crossbeam_channel::unbounded();
-        let replica = StoreReplica::new(Arc::clone(&store), opts.failover.clone(), opts.witness.clone(), events_tx);
+        // Every event goes to the hooks too, on its way out.
+        let (inner_tx, inner) = crossbeam_channel::unbounded::<BackupEvent>();
+        let hooks = crate::hooks::Hooks::start(opts.hooks.clone());
+        std::thread::Builder::new()
+            .name("remus-events".into())
+            .spawn(move || {
+                for ev in inner {
+                    hooks.notify(ev.to_json());
+                    let _ = events_tx.send(ev);
+                }
+            })
+            .map_err(NodeError::io("spawning the events thread"))?;
+        let replica = StoreReplica::new(Arc::clone(&store), opts.failover.clone(), opts.witness.clone(), inner_tx);
         let r2 = Arc::clone(&replica);
         let (tx, rx) = std::sync::mpsc::channel();
         let link = opts.link;

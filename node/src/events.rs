@@ -42,6 +42,14 @@ pub enum BackupEvent {
         /// How long after the primary was last heard.
         after: std::time::Duration,
     },
+    /// The guest's old primary is fenced here (in memory and in the
+    /// store): from now on it is refused.
+    Fenced {
+        /// The guest.
+        guest: GuestId,
+        /// The committed epoch the guest fails over from.
+        epoch: EpochId,
+    },
     /// A failover could not be completed.
     FailoverFailed {
         /// The guest.
@@ -71,4 +79,34 @@ pub enum FailoverOutcome {
         /// current (no restore was needed).
         from_live: bool,
     },
+}
+
+impl BackupEvent {
+    /// The event as a hook receives it: a JSON object with `event`,
+    /// `role` ("backup") and `guest`, and what else it says.
+    #[must_use]
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            Self::PrimaryLost { guest, committed, silence } => {
+                json!({"event": "primary-lost", "role": "backup", "guest": guest.0, "committed": committed.0, "evidence": silence.to_string()})
+            }
+            Self::TakeoverAbandoned { guest } => json!({"event": "takeover-abandoned", "role": "backup", "guest": guest.0}),
+            Self::LeaseWon { lease, after } => json!({
+                "event": "lease-won", "role": "backup", "guest": lease.guest.0, "generation": lease.generation,
+                "node": lease.owner, "after_ms": after.as_millis() as u64,
+            }),
+            Self::Fenced { guest, epoch } => json!({"event": "fence", "role": "backup", "guest": guest.0, "epoch": epoch.0}),
+            Self::FailedOver { guest, epoch, outcome: FailoverOutcome::Written { path } } => json!({
+                "event": "failover", "role": "backup", "guest": guest.0, "epoch": epoch.0, "image": path.display().to_string(),
+            }),
+            Self::FailedOver { guest, epoch, outcome: FailoverOutcome::Resumed { pid, qmp, from_live } } => json!({
+                "event": "failover", "role": "backup", "guest": guest.0, "epoch": epoch.0, "resumed_pid": pid,
+                "qmp": qmp.display().to_string(), "from_live": from_live,
+            }),
+            Self::FailoverFailed { guest, error } => {
+                json!({"event": "failover-failed", "role": "backup", "guest": guest.0, "error": error})
+            }
+        }
+    }
 }

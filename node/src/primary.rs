@@ -28,6 +28,7 @@ use remus_witness::Standing;
 use tokio::sync::mpsc;
 
 use crate::error::NodeError;
+use crate::hooks::{HookConfig, Hooks};
 use crate::lease::{acquire, Renewal, WitnessOptions};
 use crate::stats::PrimaryStats;
 
@@ -59,6 +60,37 @@ pub struct PrimaryOptions {
     /// without one, and a backup with failover set may take over a guest
     /// that is still alive behind a cut link).
     pub witness: Option<WitnessOptions>,
+    /// Where its events (lease taken, history continued, self-fence,
+    /// taken over) are delivered.
+    pub hooks: HookConfig,
+}
+
+/// Whether the primary may release output (its lease, when it has one),
+/// and whom it tells when that changes.
+struct Ownership {
+    guest: GuestId,
+    lease: Option<Renewal>,
+    hooks: Hooks,
+}
+
+impl Ownership {
+    fn standing(&self) -> Option<Standing> {
+        self.lease.as_ref().map(Renewal::standing)
+    }
+
+    /// Tells the hooks: `fields` (a JSON object) with the event's name,
+    /// the role, the guest and the generation.
+    fn notify(&self, event: &str, mut fields: serde_json::Value) {
+        if let Some(o) = fields.as_object_mut() {
+            o.insert("event".into(), event.into());
+            o.insert("role".into(), "primary".into());
+            o.insert("guest".into(), self.guest.0.into());
+            if let Some(l) = &self.lease {
+                o.insert("generation".into(), l.generation().into());
+            }
+        }
+        self.hooks.notify(fields);
+    }
 }
 
 /// Which guest a primary protects.
@@ -125,9 +157,20 @@ impl Primary {
                     tracing::info!(lease = %l, wait_ms = w.timing.taker_wait(w.timing.lease).as_millis(), "this node owned the guest before; waiting out its lease to take the next generation");
                 })?;
                 tracing::info!(lease = %lease.lease, "lease taken");
-                Some(Renewal::start(w, holder, lease)?)
+                Some((Renewal::start(w, holder, lease.clone())?, lease.lease))
             }
             None => None,
+        };
+        let hooks = Hooks::start(opts.hooks.clone());
+        let owner = Ownership {
+            guest: opts.guest,
+            lease: lease.map(|(renewal, taken)| {
+                hooks.notify(serde_json::json!({
+                    "event": "lease-taken", "role": "primary", "guest": opts.guest.0, "generation": taken.generation, "node": taken.owner,
+                }));
+                renewal
+            }),
+            hooks,
         };
         let output = Arc::new(OutputBuffer::default());
         let (guest, net): (Box<dyn ProtectedGuest>, _) = match &opts.guest_kind {
@@ -143,7 +186,8 @@ impl Primary {
         };
         let exact_tracking = guest.exact_tracking();
         let page_count = guest.page_count();
-        let stats = Arc::new(Mutex::new(PrimaryStats { generation: lease.as_ref().map(Renewal::generation), ..PrimaryStats::default() }));
+        let stats =
+            Arc::new(Mutex::new(PrimaryStats { generation: owner.lease.as_ref().map(Renewal::generation), ..PrimaryStats::default() }));
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel(256);
         let (etx, erx) = mpsc::unbounded_channel();
@@ -158,7 +202,7 @@ impl Primary {
             tuning: opts.link,
             guest: opts.guest,
             instance: rand::random(),
-            generation: lease.as_ref().map_or(0, Renewal::generation),
+            generation: owner.lease.as_ref().map_or(0, Renewal::generation),
             page_count,
         };
         let create = |p: &Option<PathBuf>| -> Result<Option<std::fs::File>> {
@@ -201,6 +245,7 @@ impl Primary {
                 let Some(committed) = wait_for_welcome(&base_rx, &stop2) else { return Ok(()) };
                 if committed > EpochId(0) {
                     tracing::info!(committed = committed.0, "continuing the guest's history after the committed epoch");
+                    owner.notify("history-continued", serde_json::json!({ "after": committed.0 }));
                 }
                 {
                     let mut s = s3.lock();
@@ -208,7 +253,7 @@ impl Primary {
                     (s.continued_from, s.sealed, s.acked) = (committed, committed, committed);
                 }
                 let engine = EpochEngine::new(id, guest, output, cadence.base, Instant::now()).with_cadence(cadence).after(committed);
-                drive_engine(engine, tx, &ack_rx, sinks, &s3, &stop2, lease.as_ref())
+                drive_engine(engine, tx, &ack_rx, sinks, &s3, &stop2, &owner)
             })
             .map_err(NodeError::io("spawning the epoch thread"))?;
         Ok(Self { stop, engine: Some(engine), link: Some(link), stats, exact_tracking })
@@ -275,7 +320,7 @@ fn drive_engine<G: ProtectedGuest>(
     mut sinks: OutputSinks,
     stats: &Mutex<PrimaryStats>,
     stop: &AtomicBool,
-    lease: Option<&Renewal>,
+    owner: &Ownership,
 ) -> Result<()> {
     let mut tx = Some(tx);
     // The newest acknowledgement not yet fed in (held while self-fenced).
@@ -291,7 +336,7 @@ fn drive_engine<G: ProtectedGuest>(
         };
         match input {
             Ok(epoch) => {
-                if let (Some(l), Some(sealed)) = (lease, stats.lock().sealed_at.get(&epoch)) {
+                if let (Some(l), Some(sealed)) = (&owner.lease, stats.lock().sealed_at.get(&epoch)) {
                     l.backup_heard(*sealed);
                 }
                 pending = pending.max(Some(epoch));
@@ -314,12 +359,13 @@ fn drive_engine<G: ProtectedGuest>(
             }
             Err(RecvTimeoutError::Disconnected) => return Err(NodeError::LinkStopped),
         }
-        match lease.map(Renewal::standing) {
+        match owner.standing() {
             None | Some(Standing::Owner) => {
                 if let Some(since) = fenced.take() {
                     engine.guest_mut().hold(false);
                     stats.lock().self_fenced_ns += u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
                     tracing::warn!(held_ms = since.elapsed().as_millis(), "lease confirmed again: the guest runs and output flows");
+                    owner.notify("self-fence-ended", serde_json::json!({ "held_ms": since.elapsed().as_millis() as u64 }));
                 }
                 if let Some(epoch) = pending.take() {
                     let released = engine.handle_ack(epoch, Instant::now());
@@ -336,10 +382,15 @@ fn drive_engine<G: ProtectedGuest>(
                         acked = engine.acked().0,
                         "self-fenced: neither the witness nor the backup confirmed this primary within the lease; the guest is held still and its output held"
                     );
+                    owner.notify("self-fence", serde_json::json!({ "acked": engine.acked().0 }));
                 }
             }
             Some(Standing::Superseded(lease)) => {
                 engine.guest_mut().hold(true);
+                owner.notify(
+                    "superseded",
+                    serde_json::json!({ "by": lease.owner, "new_generation": lease.generation, "acked": engine.acked().0 }),
+                );
                 return Err(NodeError::Superseded { lease, acked: engine.acked() });
             }
         }
@@ -518,7 +569,8 @@ mod tests {
             in_flight.into_iter().all(send);
         });
         let sinks = OutputSinks { net: None, log: Some(std::fs::File::create(&log_path).unwrap()) };
-        let result = drive_engine(engine, tx, &ack_rx, sinks, &stats, &stop, None);
+        let owner = Ownership { guest: GuestId(1), lease: None, hooks: Hooks::start(HookConfig::default()) };
+        let result = drive_engine(engine, tx, &ack_rx, sinks, &stats, &stop, &owner);
         link.join().unwrap();
         let sealed = stats.lock().sealed;
         (std::fs::read_to_string(&log_path).unwrap(), result, sealed)

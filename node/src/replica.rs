@@ -117,6 +117,7 @@ impl StoreReplica {
         self.admission.fence(guest, committed);
         let committed = self.store.head(guest).ok().flatten().map_or(committed, |h| h.epoch);
         self.admission.fence(guest, committed);
+        let _ = self.events.send(BackupEvent::Fenced { guest, epoch: committed });
         if let Err(e) =
             self.store.fence(guest, remus_store::Fence { epoch: committed, since_unix_ms: remus_types::now_unix_nanos() / 1_000_000 })
         {

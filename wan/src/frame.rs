@@ -555,7 +555,7 @@ mod tests {
         // A version-1 peer's frame is refused by name.
         let old = Message::decode(&frame(1, 8, &7u64.to_le_bytes()));
         assert!(matches!(old, Err(DecodeError::Format(FormatError::UnsupportedVersion { found: 1, supported: VERSION, .. }))));
-        assert_eq!(old.unwrap_err().to_string(), "unsupported protocol version 1 (this build reads 2)");
+        assert_eq!(old.unwrap_err().to_string(), format!("unsupported protocol version 1 (this build reads {VERSION})"));
     }
 
     #[test]

@@ -68,6 +68,7 @@ pub fn run(args: &BackupArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
         s3: cfg.s3.clone(),
         retention: cfg.retention.as_ref().map(crate::config::RetentionConfig::policy).transpose()?,
         witness: super::witness_options(cfg, &args.witness, "backup")?,
+        hooks: cfg.hooks.clone().unwrap_or_default(),
     })?;
     // Scripts and tests read this line to learn the port.
     println!("listening on {} (store {})", backup.addr, store.display());
@@ -139,6 +140,7 @@ fn show_event(ev: &BackupEvent) -> Result<()> {
             println!("failover {guest} epoch {} image {}", epoch.0, path.display());
         }
         BackupEvent::FailoverFailed { guest, error } => eprintln!("failover of {guest} failed: {error}"),
+        BackupEvent::Fenced { guest, epoch } => eprintln!("{guest}: its old primary is fenced; failing over from epoch {}", epoch.0),
         BackupEvent::TakeoverAbandoned { guest } => eprintln!("{guest}: the primary is back before its lease ran out; no failover"),
         BackupEvent::LeaseWon { lease, after } => {
             println!(

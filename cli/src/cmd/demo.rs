@@ -56,6 +56,7 @@ pub fn run(args: &DemoArgs, cfg: &Config, data_dir: &Path) -> Result<bool> {
         s3: None,
         retention: None,
         witness: None,
+        hooks: remus_node::HookConfig::default(),
     })?;
     let opts = primary_options(cfg, &args.guest_flags, tls, backup.addr, cfg.protect.guest)?;
     let guest = opts.guest;

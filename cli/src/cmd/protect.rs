@@ -156,6 +156,7 @@ pub fn primary_options(
         output_log: None,
         record_roots: None,
         witness: None,
+        hooks: cfg.hooks.clone().unwrap_or_default(),
     })
 }
 
