@@ -24,7 +24,7 @@ use crate::admission::Admission;
 use crate::events::BackupEvent;
 use crate::failover::{self, CommittedPages, FailoverAction, LiveFiles};
 use crate::ingest::Ingest;
-use crate::lease::{claim, Renewal, WitnessOptions};
+use crate::lease::{claim, LeaseWatch, Renewal, WitnessOptions};
 
 /// Commit statistics of one guest at the backup.
 #[derive(Debug, Default, Clone)]
@@ -62,6 +62,9 @@ pub struct StoreReplica {
     /// When each guest's primary was last welcomed (a sign it is alive
     /// after a loss was declared).
     welcomed: Arc<Mutex<HashMap<GuestId, Instant>>>,
+    /// The lease of each guest this backup may take over, watched while
+    /// its primary runs.
+    watches: Mutex<HashMap<GuestId, LeaseWatch>>,
     live: LiveFiles,
     stats: Mutex<HashMap<GuestId, GuestStats>>,
     stopping: Arc<AtomicBool>,
@@ -95,6 +98,7 @@ impl StoreReplica {
             failover,
             witness,
             welcomed: Arc::default(),
+            watches: Mutex::default(),
             live: LiveFiles::default(),
             stats: Mutex::new(HashMap::new()),
             stopping: Arc::default(),
@@ -145,6 +149,16 @@ impl Replica for StoreReplica {
         let fence = self.store.fenced(guest).map_err(|e| e.to_string())?;
         let welcome = self.admission.welcome(guest, (instance, generation), page_count, head, fence)?;
         self.welcomed.lock().insert(guest, Instant::now());
+        if let (Some(w), FailoverAction::RestoreTo { .. }) = (&self.witness, &self.failover) {
+            if let std::collections::hash_map::Entry::Vacant(e) = self.watches.lock().entry(guest) {
+                match LeaseWatch::start(w, guest) {
+                    Ok(watch) => {
+                        e.insert(watch);
+                    }
+                    Err(err) => tracing::warn!(%guest, error = %err, "the lease is not watched; a takeover will wait a lease period more"),
+                }
+            }
+        }
         Ok(welcome)
     }
 
@@ -197,27 +211,32 @@ impl Replica for StoreReplica {
         // generation: a primary cut off from this backup but not from the
         // witness keeps its lease, and with it its guest.
         let last_heard = Instant::now().checked_sub(silence.silent_for).unwrap_or_else(Instant::now);
+        let seen = self.watches.lock().get(&guest).and_then(LeaseWatch::seen);
         let (welcomed, stopping, events, me) =
             (Arc::clone(&self.welcomed), Arc::clone(&self.stopping), self.events.clone(), self.me.clone());
-        std::thread::spawn(move || match claim(&w, guest, committed, last_heard, || welcomed.lock().get(&guest).copied(), &stopping) {
-            Ok(Some((holder, lease))) => {
-                let _ = events.send(BackupEvent::LeaseWon { lease: Box::new(lease.lease.clone()), after: last_heard.elapsed() });
-                match Renewal::start(&w, holder, lease) {
-                    Ok(renewal) => {
-                        if let Some(me) = me.upgrade() {
-                            me.take_over(guest, committed, Some(renewal));
+        std::thread::spawn(move || {
+            match claim(&w, (guest, committed), (last_heard, seen), || welcomed.lock().get(&guest).copied(), &stopping) {
+                Ok(Some((holder, lease))) => {
+                    let _ = events.send(BackupEvent::LeaseWon { lease: Box::new(lease.lease.clone()), after: last_heard.elapsed() });
+                    match Renewal::start(&w, holder, lease) {
+                        Ok(renewal) => {
+                            if let Some(me) = me.upgrade() {
+                                // The lease is this backup's now: no more watching.
+                                me.watches.lock().remove(&guest);
+                                me.take_over(guest, committed, Some(renewal));
+                            }
+                        }
+                        Err(e) => {
+                            let _ = events.send(BackupEvent::FailoverFailed { guest, error: e.to_string() });
                         }
                     }
-                    Err(e) => {
-                        let _ = events.send(BackupEvent::FailoverFailed { guest, error: e.to_string() });
-                    }
                 }
-            }
-            Ok(None) => {
-                let _ = events.send(BackupEvent::TakeoverAbandoned { guest });
-            }
-            Err(e) => {
-                let _ = events.send(BackupEvent::FailoverFailed { guest, error: e.to_string() });
+                Ok(None) => {
+                    let _ = events.send(BackupEvent::TakeoverAbandoned { guest });
+                }
+                Err(e) => {
+                    let _ = events.send(BackupEvent::FailoverFailed { guest, error: e.to_string() });
+                }
             }
         });
     }
