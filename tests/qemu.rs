@@ -5,6 +5,11 @@
 //! connection carries on; every value it was told is still there, none
 //! is repeated or lost, and the guest's memory and disk agree.
 //!
+//! With a witness (the S3 server of scripts/test.sh), a primary cut off
+//! from both its backup and the witness holds its guest still; the backup
+//! takes the guest over once the lease runs out, and the client, talking to
+//! whichever side answers, sees one history of counter values.
+//!
 //! Needs root (network namespaces, TAP devices), QEMU and the test guest:
 //! `scripts/test.sh` installs and builds them (scripts/qemu-deps.sh,
 //! guest/build.sh) before running this.
@@ -17,7 +22,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::gate::TcpGate;
 use common::{keygen, remus, remus_restore, run_limited, BackupProcess};
+use remus_relay::{Impairment, Relay, RelayConfig};
 
 /// A network namespace with a bridge (10.0.2.1/24, the guest is .15) and
 /// two persistent TAPs on it, one for the primary and one for the backup.
@@ -45,24 +52,32 @@ impl Netns {
         c
     }
 
-    /// Connects to `addr` from inside the namespace: the calling thread
-    /// joins it for the connect (a socket stays in the namespace it was
-    /// made in), then returns to the test's own.
-    fn connect(&self, addr: &str, limit: Duration) -> TcpStream {
+    /// Runs `f` inside the namespace: the calling thread joins it (a socket
+    /// stays in the namespace it was made in, threads start in their
+    /// creator's), then returns to the test's own.
+    fn enter<T>(&self, f: impl FnOnce() -> T) -> T {
         let own = std::fs::File::open("/proc/thread-self/ns/net").expect("own netns");
         let target = std::fs::File::open(format!("/var/run/netns/{}", self.name)).expect("test netns");
         remus_sys::enter_net_namespace(&target).expect("entering the test namespace");
-        let deadline = Instant::now() + limit;
-        let stream = loop {
-            match TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2)) {
-                Ok(s) => break Ok(s),
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                Err(e) => break Err(e),
-            }
-        };
+        let out = f();
         remus_sys::enter_net_namespace(&own).expect("back to our own namespace");
+        out
+    }
+
+    /// Connects to `addr` from inside the namespace.
+    fn connect(&self, addr: &str, limit: Duration) -> TcpStream {
+        let stream = self.enter(|| {
+            let deadline = Instant::now() + limit;
+            loop {
+                match TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2)) {
+                    Ok(s) => break Ok(s),
+                    Err(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    Err(e) => break Err(e),
+                }
+            }
+        });
         stream.unwrap_or_else(|e| panic!("connecting to {addr} in the test namespace: {e}"))
     }
 }
@@ -279,6 +294,106 @@ fn counter_service_survives_sigkill_of_the_primary() {
     }
     drop(conn);
     drop(lazy);
+}
+
+#[test]
+fn a_guest_cut_off_from_backup_and_witness_fails_over_once_and_its_client_sees_one_history() {
+    let _one = ONE_GUEST.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (kernel, initrd) = common::guest::guest_image();
+    let endpoint = std::env::var("REMUS_TEST_S3_ENDPOINT").expect("REMUS_TEST_S3_ENDPOINT: run scripts/test.sh, which starts moto_server");
+    let moto = endpoint.trim_start_matches("http://").to_string();
+    let bucket = format!("qemu-witness-{}", std::process::id());
+    let mut s3 = remus_store::s3::S3Config::new(&bucket, "");
+    s3.endpoint = Some(endpoint.clone());
+    s3.region = Some("us-east-1".into());
+    (s3.access_key_id, s3.secret_access_key) = (Some("test".into()), Some("test".into()));
+    remus_store::s3::S3Client::new(&s3).unwrap().create_bucket(false).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    keygen(&data);
+    let ns = Netns::create();
+    // The witness from inside the namespace: two gates listening there and
+    // connecting out from the test's own; the primary's is cut below.
+    let (for_backup, for_primary) =
+        ns.enter(|| (std::net::TcpListener::bind("127.0.0.1:0").unwrap(), std::net::TcpListener::bind("127.0.0.1:0").unwrap()));
+    let (gate_b, gate_p) = (TcpGate::on(for_backup, &moto), TcpGate::on(for_primary, &moto));
+    // Timeouts and lease for a loaded 2-core machine running TCG guests.
+    let cfg = dir.path().join("remus.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[backup]\nprimary-timeout-ms = 2000\n\n[protect]\nbackup-timeout-ms = 2000\n\n[witness]\nurl = \"s3://{bucket}/leases\"\nlease-ms = 1000\n"
+        ),
+    )
+    .unwrap();
+    let s3_env = |c: &mut Command, url: String| {
+        c.env("AWS_ENDPOINT_URL", url).env("AWS_ACCESS_KEY_ID", "test").env("AWS_SECRET_ACCESS_KEY", "test").env("AWS_REGION", "us-east-1");
+    };
+    let failover = dir.path().join("failover");
+    let mut bcmd = ns.command(&remus());
+    bcmd.arg("--config").arg(&cfg).args(["backup", "--data-dir"]).arg(&data).args(["--listen", "127.0.0.1:0", "--failover-dir"]);
+    bcmd.arg(&failover).args(["--resume", "--tap", "tap-b", "--node", "site-b"]);
+    s3_env(&mut bcmd, gate_b.url());
+    let backup = BackupProcess::spawn(bcmd);
+    // The link between them through a relay in the namespace, to cut.
+    let relay = ns.enter(|| Relay::start(&RelayConfig::symmetric(backup.addr.parse().unwrap(), Impairment::default(), 3)).unwrap());
+    let run_dir = PathBuf::from(format!("/dev/shm/remus-test-w{}", std::process::id()));
+    let log = dir.path().join("primary.log");
+    let mut pcmd = ns.command(&remus());
+    pcmd.arg("--config").arg(&cfg).args(["protect", "qemu", "--data-dir"]).arg(&data);
+    pcmd.args(["--backup", &relay.local_addr().to_string(), "--tap", "tap-p", "--memory-mib", "128", "--disk-mib", "16"]);
+    pcmd.arg("--kernel").arg(&kernel).arg("--initrd").arg(&initrd).arg("--run-dir").arg(&run_dir);
+    pcmd.args(["--tracking", "write-protect", "--node", "site-a"]).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
+    s3_env(&mut pcmd, gate_p.url());
+    let mut primary = KillOnDrop(pcmd.spawn().expect("spawn primary"));
+    wait_for_file_line(&run_dir.join("serial.log"), "remus-guest ready", Duration::from_secs(120));
+
+    let mut conn = BufReader::new(ns.connect("10.0.2.15:7000", Duration::from_secs(60)));
+    conn.get_ref().set_read_timeout(Some(Duration::from_secs(90))).unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..25 {
+        seen.push(request(&mut conn, "inc").parse::<u64>().expect("a number"));
+    }
+    // The primary's site is cut off, from its backup and from the witness,
+    // with a request on the wire: the primary's guest may answer it, but
+    // the answer is never released; the backup's resumed guest answers.
+    relay.set_partitioned(true);
+    gate_p.set_cut(true);
+    conn.get_mut().write_all(b"inc\n").unwrap();
+    let mut reply = String::new();
+    conn.read_line(&mut reply).expect("reply after failover");
+    seen.push(reply.trim().parse().expect("a number"));
+    for _ in 0..10 {
+        seen.push(request(&mut conn, "inc").parse::<u64>().expect("a number"));
+    }
+    let expected: Vec<u64> = (1..=seen.len() as u64).collect();
+    assert_eq!(seen, expected, "values the client received must be consecutive from 1: none lost, none repeated");
+    let last = *seen.last().unwrap();
+    assert_eq!(request(&mut conn, "get"), format!("{last} {last}"), "memory and disk agree with what the client was told");
+    backup.wait_line("lease guest-1 generation 2 taken by site-b", Duration::from_secs(5));
+    let line = backup.wait_line("failover guest-1 epoch ", Duration::from_secs(5));
+    assert!(line.contains("resumed in qemu pid"), "{line}");
+
+    // The witness comes back for the old primary (its link stays cut): it
+    // learns it was taken over and stops, its guest never having run on.
+    gate_p.set_cut(false);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = primary.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the old primary did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{text}");
+    assert!(text.contains("self-fenced"), "it held its guest while cut off: {text}");
+    assert!(text.contains("was taken over by site-b in generation 2"), "{text}");
+    let stale = Command::new("pgrep").args(["-f", &run_dir.join("qmp.sock").to_string_lossy()]).output().unwrap();
+    assert!(stale.stdout.is_empty(), "the old primary's QEMU outlived it");
+    let _ = std::fs::remove_dir_all(&run_dir);
+    assert_eq!(request(&mut conn, "inc"), (last + 1).to_string(), "the resumed guest serves on");
+    drop(relay);
 }
 
 /// The run state of the QEMU behind a QMP socket.

@@ -18,7 +18,13 @@ pub struct TcpGate {
 impl TcpGate {
     /// Forwards a fresh loopback port to `target` (`host:port`).
     pub fn start(target: &str) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind gate");
+        Self::on(TcpListener::bind("127.0.0.1:0").expect("bind gate"), target)
+    }
+
+    /// Forwards what `listener` accepts to `target`, connecting from the
+    /// network namespace of the calling thread (the listener may be in
+    /// another: a socket stays in the namespace it was made in).
+    pub fn on(listener: TcpListener, target: &str) -> Self {
         let addr = listener.local_addr().expect("gate address");
         let cut = Arc::new(AtomicBool::new(false));
         let (c, target) = (Arc::clone(&cut), target.to_string());
