@@ -70,6 +70,12 @@ impl Admission {
         if let Some(e) = self.fenced.lock().get(&guest) {
             return Err(format!("{guest} failed over at epoch {}; its old primary is fenced", e.0));
         }
+        if !(1..=remus_types::MAX_PAGE_COUNT).contains(&page_count) {
+            return Err(format!(
+                "{guest}: a memory of {page_count} pages is not one remus protects (1 to {} pages)",
+                remus_types::MAX_PAGE_COUNT
+            ));
+        }
         let mut continues_after = None;
         if let Some(h) = &head {
             if generation < h.generation {
@@ -161,6 +167,16 @@ mod tests {
         assert!(err.contains("already wrote generation 4"), "{err}");
         a.welcome(g, (9, 5), 16, Some(h), None).expect("a newer generation continues");
         assert_eq!(a.lineage(g).unwrap().continues_after, Some(EpochId(5)));
+    }
+
+    #[test]
+    fn a_page_count_no_guest_can_have_is_refused() {
+        let a = Admission::default();
+        for n in [0, remus_types::MAX_PAGE_COUNT + 1, u64::MAX] {
+            let err = a.welcome(GuestId(4), (1, 0), n, None, None).unwrap_err();
+            assert!(err.contains("is not one remus protects"), "{err}");
+        }
+        a.welcome(GuestId(4), (1, 0), remus_types::MAX_PAGE_COUNT, None, None).expect("the largest page space");
     }
 
     #[test]

@@ -65,6 +65,9 @@ pub struct StoreReplica {
     /// The lease of each guest this backup may take over, watched while
     /// its primary runs.
     watches: Mutex<HashMap<GuestId, LeaseWatch>>,
+    /// One commit at a time per guest (two connections of one primary run
+    /// may overlap for a while), and fencing between commits.
+    commit_locks: Mutex<HashMap<GuestId, Arc<Mutex<()>>>>,
     live: LiveFiles,
     stats: Mutex<HashMap<GuestId, GuestStats>>,
     stopping: Arc<AtomicBool>,
@@ -99,6 +102,7 @@ impl StoreReplica {
             witness,
             welcomed: Arc::default(),
             watches: Mutex::default(),
+            commit_locks: Mutex::default(),
             live: LiveFiles::default(),
             stats: Mutex::new(HashMap::new()),
             stopping: Arc::default(),
@@ -113,14 +117,19 @@ impl StoreReplica {
     /// for as long as the resumed guest runs here.
     fn take_over(&self, guest: GuestId, committed: EpochId, lease: Option<Renewal>) {
         let FailoverAction::RestoreTo { dir, resume } = &self.failover else { return };
-        // Fenced first, then the head read: a commit that lands after the
-        // fence is not acknowledged (see `commit`), and one that landed
-        // before it is in the head the guest resumes from. Either way no
-        // output the old primary released is missing from the resumed
-        // guest.
-        self.admission.fence(guest, committed);
-        let committed = self.store.head(guest).ok().flatten().map_or(committed, |h| h.epoch);
-        self.admission.fence(guest, committed);
+        // Fenced under the guest's commit lock, the head read after: a
+        // commit running now finishes first and is in the head the guest
+        // resumes from, and none starts after (see `commit`). No output
+        // the old primary released is missing from the resumed guest, and
+        // nothing after the failover epoch reaches the history or the
+        // resumed guest's files.
+        let committed = {
+            let lock = self.guest_lock(guest);
+            let _one = lock.lock();
+            let head = self.store.head(guest).ok().flatten().map_or(committed, |h| h.epoch);
+            self.admission.fence(guest, head);
+            head
+        };
         let _ = self.events.send(BackupEvent::Fenced { guest, epoch: committed });
         if let Err(e) =
             self.store.fence(guest, remus_store::Fence { epoch: committed, since_unix_ms: remus_types::now_unix_nanos() / 1_000_000 })
@@ -130,6 +139,12 @@ impl StoreReplica {
         let live = self.live.take(guest, committed);
         let job = failover::Job { store: Arc::clone(&self.store), guest, dir: dir.clone(), resume: resume.clone(), live, lease };
         failover::spawn(job, Arc::clone(&self.stopping), self.events.clone());
+    }
+
+    /// The lock that keeps `guest`'s commits (and its fencing) one at a
+    /// time.
+    fn guest_lock(&self, guest: GuestId) -> Arc<Mutex<()>> {
+        Arc::clone(self.commit_locks.lock().entry(guest).or_default())
     }
 
     /// Stops guests resumed here by failover (the backup is stopping).
@@ -165,6 +180,13 @@ impl Replica for StoreReplica {
     fn commit(&self, epochs: Vec<ReceivedEpoch>) -> Result<ChunkId, CommitError> {
         let t0 = Instant::now();
         let guest = epochs.first().ok_or(CommitError::Rejected("empty commit group"))?.header.guest;
+        // One commit at a time per guest, and none once it failed over
+        // here: the fence is set under the same lock (see `take_over`).
+        let lock = self.guest_lock(guest);
+        let _one = lock.lock();
+        if self.admission.is_fenced(guest) {
+            return Err(CommitError::Rejected("the guest failed over to this backup; its old primary's epochs are not committed"));
+        }
         let lineage = self.admission.lineage(guest).ok_or(CommitError::Rejected("commit for a guest that was never welcomed"))?;
         let n = epochs.len() as u64;
         let decoded = self.ingest.decode(epochs, lineage)?;
@@ -177,11 +199,6 @@ impl Replica for StoreReplica {
             remus_store::StoreError::Unstored { ids, .. } => CommitError::Missing(ids),
             e => crate::ingest::storage(e),
         })?;
-        if self.admission.is_fenced(guest) {
-            // Failed over while this commit ran: the resumed guest may not
-            // hold it, so it is never acknowledged.
-            return Err(CommitError::Rejected("the guest failed over to this backup; the epoch is not acknowledged"));
-        }
         if let (Some(epochs), FailoverAction::RestoreTo { dir, .. }) = (live, &self.failover) {
             self.live.update(&self.store, &self.ingest, dir, guest, &epochs, &decoded.staged);
         }
@@ -243,5 +260,41 @@ impl Replica for StoreReplica {
 
     fn disconnected(&self, guest: GuestId) {
         self.admission.disconnected(guest);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use remus_types::{zero_page_hash, Pfn};
+    use remus_wan::{EpochHeader, PageEncoding, PageRecord};
+
+    fn epoch(guest: GuestId, e: u64) -> ReceivedEpoch {
+        let records = vec![PageRecord { pfn: Pfn(e % 16), hash: zero_page_hash(), encoding: PageEncoding::Zero }];
+        let header =
+            EpochHeader { guest, epoch: EpochId(e), time_unix_ns: e, page_count: 16, pause_ns: 0, records: records.len() as u32, round: 0 };
+        ReceivedEpoch { header, records, device_state: Vec::new(), memory_root: ChunkId::default(), wire_bytes: 0 }
+    }
+
+    #[test]
+    fn nothing_commits_for_a_guest_once_it_failed_over_here() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("store"), remus_store::StoreOptions::default()).unwrap());
+        let (tx, events) = crossbeam_channel::unbounded();
+        let failover = FailoverAction::RestoreTo { dir: dir.path().join("failover"), resume: None };
+        let replica = StoreReplica::new(Arc::clone(&store), failover, None, tx);
+        let g = GuestId(1);
+        replica.welcome(g, 7, 16, 0).unwrap();
+        replica.commit(vec![epoch(g, 1), epoch(g, 2)]).unwrap();
+        replica.take_over(g, EpochId(1), None);
+        // A commit of the old primary after the fence: refused whole,
+        // nothing written, the head where the guest failed over.
+        let err = replica.commit(vec![epoch(g, 3)]).unwrap_err();
+        assert!(matches!(err, CommitError::Rejected(m) if m.contains("failed over")), "{err:?}");
+        assert_eq!(store.head(g).unwrap().unwrap().epoch, EpochId(2), "the fence is at the head, epoch 2, not the link's 1");
+        assert!(replica.welcome(g, 7, 16, 0).unwrap_err().contains("failed over"));
+        let fenced: Vec<_> =
+            events.try_iter().filter_map(|e| if let BackupEvent::Fenced { epoch, .. } = e { Some(epoch) } else { None }).collect();
+        assert_eq!(fenced, [EpochId(2)]);
     }
 }

@@ -23,6 +23,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Size of one guest page in bytes.
 pub const PAGE_SIZE: usize = 4096;
 
+/// Most pages in a guest's page space that remus accepts from a peer: 1 TiB
+/// of memory and 1 TiB of disk (a QEMU guest's disk blocks share the page
+/// space), and 1024 device-state pages. Every count from the wire that a
+/// page count bounds is bounded by this first.
+pub const MAX_PAGE_COUNT: u64 = (2 << 40) / PAGE_SIZE as u64 + 1024;
+
 /// Content id of bytes (a page, a device state, a pack): their blake3.
 /// The one content hash of remus: what dedup, the store's keys and every
 /// verification compare.

@@ -157,7 +157,13 @@ impl ReceiverCore {
         if header.page_count != self.page_count {
             return Err(bad("page count differs from hello"));
         }
-        let mut records = Vec::with_capacity(header.records as usize);
+        // An epoch names each page at most once.
+        if u64::from(header.records) > self.page_count {
+            return Err(bad("more records than the guest has pages"));
+        }
+        // Each record takes at least 9 bytes of the stream: bound the
+        // allocation by what arrived, not by the count announced.
+        let mut records = Vec::with_capacity((header.records as usize).min(bytes.len() / 9));
         let mut device_state = Vec::new();
         let memory_root = loop {
             match rd.next_message()? {

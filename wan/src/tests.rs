@@ -349,6 +349,13 @@ fn malformed_epoch_streams_are_refused() {
     assert_eq!(rx.handle_epoch_stream(now, &s), Err(ProtocolError::BadEpoch { epoch: EpochId(1), reason: "fewer records than announced" }));
     let other = Message::EpochBegin(EpochHeader { guest: GuestId(4), ..header }).to_bytes();
     assert!(matches!(rx.handle_epoch_stream(now, &other), Err(ProtocolError::BadEpoch { reason: "epoch of another guest", .. })));
+    // A record count no epoch of this guest can have is refused before
+    // anything is allocated for it.
+    let huge = Message::EpochBegin(EpochHeader { records: u32::MAX, ..header }).to_bytes();
+    assert!(matches!(
+        rx.handle_epoch_stream(now, &huge),
+        Err(ProtocolError::BadEpoch { reason: "more records than the guest has pages", .. })
+    ));
     let mut flipped = s.clone();
     flipped[20] ^= 1;
     assert!(matches!(
