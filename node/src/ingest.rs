@@ -111,6 +111,8 @@ impl Ingest {
             pages: Vec::with_capacity(e.records.len()),
             chunks: Vec::new(),
             device_state: e.device_state,
+            // The store's clock at commit: the primary's time is a claim.
+            commit_unix_ns: 0,
         };
         for r in e.records {
             let fail = |cause| CommitError::BadPage { epoch: h.epoch, pfn: r.pfn.0, cause };

@@ -120,6 +120,7 @@ mod tests {
             wire_bytes: 0,
             new_chunk_bytes: 0,
             generation: 0,
+            commit_unix_ns: 0,
         }
     }
 

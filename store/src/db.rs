@@ -117,6 +117,10 @@ pub struct EpochCommit {
     pub chunks: Vec<(ChunkId, StoredChunk)>,
     /// Device state.
     pub device_state: Vec<u8>,
+    /// When the backup commits it: 0 (the default) for now by the store's
+    /// clock; tests that build a history of their own times give one. The
+    /// store makes it later than the parent's either way.
+    pub commit_unix_ns: u64,
 }
 
 /// The committed head of a guest.
@@ -435,19 +439,27 @@ impl Store {
         let mut batch = WriteBatch::with_capacity_bytes(pages * 120 + 4096);
         let mut fresh = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        let mut heads: std::collections::HashMap<GuestId, (EpochId, ChunkId)> = std::collections::HashMap::new();
+        // Each guest's head as the group goes: epoch, manifest id, commit time.
+        let mut heads: std::collections::HashMap<GuestId, (EpochId, ChunkId, u64)> = std::collections::HashMap::new();
         let mut outcomes = Vec::with_capacity(commits.len());
-        for c in commits {
-            let (head_epoch, parent) = match heads.get(&c.guest) {
+        for mut c in commits {
+            let (head_epoch, parent, parent_commit) = match heads.get(&c.guest) {
                 Some(h) => *h,
-                None => self.head(c.guest)?.map_or((EpochId(0), ChunkId::default()), |h| (h.epoch, h.manifest)),
+                None => match self.head(c.guest)? {
+                    Some(h) => (h.epoch, h.manifest, self.manifest(c.guest, h.epoch)?.commit_unix_ns),
+                    None => (EpochId(0), ChunkId::default(), 0),
+                },
             };
             if c.epoch != head_epoch.next() {
                 return Err(StoreError::OutOfOrder { guest: c.guest, epoch: c.epoch, head: head_epoch });
             }
+            // The backup's clock, never behind the parent's commit: what a
+            // primary claims about time ages nothing.
+            let now = if c.commit_unix_ns == 0 { remus_types::now_unix_nanos() } else { c.commit_unix_ns };
+            c.commit_unix_ns = now.max(parent_commit.saturating_add(1));
             gc.referenced(c.pages.iter().map(|(_, id)| *id).chain([content_id(&c.device_state)]));
             let out = self.stage(&mut batch, &mut fresh, &mut seen, c, parent)?;
-            heads.insert(out.manifest.guest, (out.manifest.epoch, out.id));
+            heads.insert(out.manifest.guest, (out.manifest.epoch, out.id, out.manifest.commit_unix_ns));
             outcomes.push(out);
         }
         // A large group's chunks go to a pack file, synced before the index
@@ -555,6 +567,7 @@ impl Store {
             wire_bytes: c.wire_bytes,
             new_chunk_bytes: new_bytes,
             generation: c.generation,
+            commit_unix_ns: c.commit_unix_ns,
         };
         let id = manifest.id();
         batch.put_cf(self.cf(CF_EPOCHS), epoch_key(c.guest, c.epoch), manifest.encode());

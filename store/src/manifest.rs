@@ -20,7 +20,9 @@
 //! 200      new_chunk_bytes u64
 //! 208      generation u64     (the owner's generation on the witness; 0
 //!                              without one; reserved and zero before)
-//! 216      reserved [32], zero
+//! 216      commit_unix_ns u64 (when the backup committed it, its own clock,
+//!                              never earlier than the parent's; 0 before)
+//! 224      reserved [24], zero
 //! 248      crc32 of bytes 0..248
 //! ```
 //! The manifest's id is the blake3 of these 252 bytes; the chain head in
@@ -70,6 +72,10 @@ pub struct Manifest {
     pub new_chunk_bytes: u64,
     /// The owner's generation on the witness (0 without one).
     pub generation: u64,
+    /// When the backup committed it (its own clock; 0 in manifests
+    /// written before it was recorded). `time_unix_ns` is the primary's
+    /// claim; retention ages epochs by this.
+    pub commit_unix_ns: u64,
 }
 
 impl Manifest {
@@ -94,9 +100,21 @@ impl Manifest {
         put(192, &self.wire_bytes.to_le_bytes());
         put(200, &self.new_chunk_bytes.to_le_bytes());
         put(208, &self.generation.to_le_bytes());
+        put(216, &self.commit_unix_ns.to_le_bytes());
         let crc = crc32fast::hash(&b[..248]);
         b[248..252].copy_from_slice(&crc.to_le_bytes());
         b
+    }
+
+    /// The time retention ages it by: when the backup committed it, or for
+    /// a manifest from before that was recorded, the primary's pause time.
+    #[must_use]
+    pub fn age_time_ns(&self) -> u64 {
+        if self.commit_unix_ns == 0 {
+            self.time_unix_ns
+        } else {
+            self.commit_unix_ns
+        }
     }
 
     /// The manifest's id: blake3 of its encoding.
@@ -142,6 +160,7 @@ impl Manifest {
             wire_bytes: u(192),
             new_chunk_bytes: u(200),
             generation: u(208),
+            commit_unix_ns: u(216),
         })
     }
 }
@@ -164,12 +183,12 @@ mod tests {
 
     proptest! {
         #[test]
-        fn round_trip(v in any::<[u64; 10]>(), hs in any::<[[u8; 32]; 4]>()) {
+        fn round_trip(v in any::<[u64; 11]>(), hs in any::<[[u8; 32]; 4]>()) {
             let m = Manifest {
                 guest: GuestId(v[0]), epoch: EpochId(v[1]), parent: ChunkId(hs[0]), time_unix_ns: v[2],
                 page_count: v[3], dirty_pages: v[4], memory_root: ChunkId(hs[1]), page_delta: ChunkId(hs[2]),
                 device_state: ChunkId(hs[3]), instance: v[5], pause_ns: v[6], wire_bytes: v[7], new_chunk_bytes: v[8],
-                generation: v[9],
+                generation: v[9], commit_unix_ns: v[10],
             };
             prop_assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
         }

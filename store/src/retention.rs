@@ -66,7 +66,7 @@ impl RetentionPolicy {
         Self { rules: vec![r(h, 0), r(d, s), r(30 * d, m), r(365 * d, d)] }
     }
 
-    /// The epochs to keep among `epochs` (epoch, pause time ns), ascending.
+    /// The epochs to keep among `epochs` (epoch, commit time ns), ascending.
     /// In each tier the oldest epoch of each `every`-aligned slot is kept,
     /// so an epoch dropped once is never wanted back as time passes.
     #[must_use]
@@ -158,7 +158,9 @@ impl Store {
     /// [`StoreError::Db`], [`StoreError::Corrupt`].
     pub fn thin(&self, guest: GuestId, policy: &RetentionPolicy, upto: EpochId) -> Result<ThinReport, StoreError> {
         let manifests = self.manifests(guest)?;
-        let times: Vec<(EpochId, u64)> = manifests.iter().map(|m| (m.epoch, m.time_unix_ns)).collect();
+        // Aged by the backup's commit times: a primary's claimed time (one
+        // epoch stamped years ahead, say) thins nothing.
+        let times: Vec<(EpochId, u64)> = manifests.iter().map(|m| (m.epoch, m.age_time_ns())).collect();
         let keep = policy.keep(&times);
         let kept = |m: &Manifest| keep.contains(&m.epoch) || m.epoch > upto;
         let bridges = self.bridges(guest)?;

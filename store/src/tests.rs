@@ -299,7 +299,7 @@ fn gc_frees_the_pack_space_of_dropped_epochs() {
     let s = 1_000_000_000;
     for (e, n, t) in [(1, 1500, 1), (2, 1500, 9 * s + s / 2), (3, 4096, 10 * s)] {
         let (mut c, _) = random_epoch(g, e, n, 10 + e);
-        c.time_unix_ns = t;
+        (c.time_unix_ns, c.commit_unix_ns) = (t, t);
         c.device_state = vec![e as u8; 16];
         store.commit(c).unwrap();
     }

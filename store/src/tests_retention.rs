@@ -23,7 +23,8 @@ fn page(seed: u64) -> Vec<u8> {
 /// to content the previous epoch wrote (sent as references, without
 /// their bytes, unless `full`).
 fn commit_for(guest: GuestId, e: u64, full: bool) -> (EpochCommit, Vec<(u64, u64)>) {
-    let mut c = EpochCommit { guest, epoch: EpochId(e), page_count: 64, time_unix_ns: e * MS, ..Default::default() };
+    let mut c =
+        EpochCommit { guest, epoch: EpochId(e), page_count: 64, time_unix_ns: e * MS, commit_unix_ns: e * MS, ..Default::default() };
     let mut writes = Vec::new();
     for k in 0..6u64 {
         let pfn = (e * 7 + k * 11) % 64;
@@ -83,6 +84,28 @@ fn check_restores(store: &Store, guest: GuestId, states: &[BTreeMap<u64, u64>]) 
         kept += 1;
     }
     kept
+}
+
+#[test]
+fn an_epoch_stamped_far_ahead_by_its_primary_thins_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(9);
+    let before = remus_types::now_unix_nanos();
+    for e in 1..=5 {
+        let (mut c, _) = commit_for(g, e, true);
+        // The store's own clock, and the primary's claim: the last epoch
+        // says it was taken ten years from now.
+        c.commit_unix_ns = 0;
+        c.time_unix_ns = if e == 5 { before + 10 * 365 * 86_400 * 1_000_000_000 } else { before + e * MS };
+        store.commit(c).unwrap();
+    }
+    let after = remus_types::now_unix_nanos();
+    let policy = RetentionPolicy { rules: vec![KeepRule { within: Duration::from_secs(3600), every: Duration::ZERO }] };
+    assert_eq!(store.thin(g, &policy, EpochId(5)).unwrap().epochs_dropped, 0, "an hour's epochs are kept, whatever the primary claims");
+    let times: Vec<u64> = store.manifests(g).unwrap().iter().map(|m| m.commit_unix_ns).collect();
+    assert!(times.windows(2).all(|w| w[0] < w[1]), "commit times ascend: {times:?}");
+    assert!(times.iter().all(|t| (before..=after).contains(t)), "the backup's clock: {times:?}");
 }
 
 #[test]

@@ -53,6 +53,7 @@ pub fn run(args: &LogArgs, data_dir: &Path) -> Result<()> {
                     "dirty_pages": m.dirty_pages, "wire_bytes": m.wire_bytes, "new_chunk_bytes": m.new_chunk_bytes,
                     "pause_ms": m.pause_ns as f64 / 1e6, "manifest": m.id().to_hex(), "parent": m.parent.to_hex(),
                     "memory_root": m.memory_root.to_hex(), "generation": m.generation, "instance": format!("{:016x}", m.instance),
+                    "commit_time": format_time(m.commit_unix_ns), "commit_unix_ns": m.commit_unix_ns,
                 });
                 println!("{v}");
             } else {

@@ -34,7 +34,14 @@ fn page(seed: u64) -> Vec<u8> {
 /// Commits `epochs` epochs of 12 changing pages each over 64 pages.
 pub(crate) fn fill(store: &Store, guest: GuestId, from: u64, epochs: u64) {
     for e in from..from + epochs {
-        let mut c = EpochCommit { guest, epoch: EpochId(e), page_count: 64, time_unix_ns: e * 1000, ..Default::default() };
+        let mut c = EpochCommit {
+            guest,
+            epoch: EpochId(e),
+            page_count: 64,
+            time_unix_ns: e * 1000,
+            commit_unix_ns: e * 1000,
+            ..Default::default()
+        };
         for k in 0..12 {
             let pfn = (e * 5 + k * 7) % 64;
             let p = page(e * 100 + k % 9);
