@@ -33,6 +33,10 @@ enum Command {
     Backup(cmd::backup::BackupArgs),
     /// List committed epochs.
     Log(cmd::log::LogArgs),
+    /// One epoch: manifest, generation, parent, times, pages, bytes.
+    Show(cmd::show::ShowArgs),
+    /// The pages that differ between two epochs, with their byte ranges.
+    Diff(cmd::show::DiffArgs),
     /// Generate the CA and certificates for mutual TLS.
     Keygen(cmd::keygen::KeygenArgs),
     /// Re-hash chunks, walk manifest chains, name what is damaged.
@@ -45,6 +49,7 @@ enum Command {
 
 fn main() -> ExitCode {
     remus_sys::keep_freed_memory();
+    remus_sys::die_on_closed_pipe();
     let cli = Cli::parse();
     remus_cli::init_logging(cli.verbose);
     let run = || -> anyhow::Result<bool> {
@@ -55,6 +60,8 @@ fn main() -> ExitCode {
             Command::Protect(a) => cmd::protect::run(a, &cfg, &data_dir).map(|()| true),
             Command::Backup(a) => cmd::backup::run(a, &cfg, &data_dir).map(|()| true),
             Command::Log(a) => cmd::log::run(a, &data_dir).map(|()| true),
+            Command::Show(a) => cmd::show::show(a, &data_dir).map(|()| true),
+            Command::Diff(a) => cmd::show::diff(a, &data_dir).map(|()| true),
             Command::Keygen(a) => cmd::keygen::run(a, &data_dir).map(|()| true),
             Command::Verify(a) => cmd::verify::run(a, &cfg, &data_dir),
             Command::Gc(a) => cmd::gc::run(a, &cfg, &data_dir).map(|()| true),

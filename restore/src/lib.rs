@@ -18,6 +18,7 @@
 //! A virtual machine's epoch comes back as the files QEMU resumes from
 //! ([`vm`]), laid out by `remus-vm`.
 
+pub mod inspect;
 mod local;
 mod mount;
 mod s3;

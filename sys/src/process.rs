@@ -28,6 +28,17 @@ pub fn keep_freed_memory() {
     }
 }
 
+/// Lets a write to a closed pipe end the process quietly, as it does for
+/// other command-line tools (`remus log | head`), instead of a panic in
+/// `println!`. Call first thing in `main`.
+pub fn die_on_closed_pipe() {
+    // SAFETY: restores the default disposition of one signal; no handler
+    // code runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {

@@ -7,6 +7,7 @@ use remus_cli::cmd::restore::{run, RestoreArgs};
 
 fn main() -> ExitCode {
     remus_sys::keep_freed_memory();
+    remus_sys::die_on_closed_pipe();
     let args = RestoreArgs::parse();
     remus_cli::init_logging(false);
     match run(&args) {

@@ -8,6 +8,7 @@ pub mod keygen;
 pub mod log;
 pub mod protect;
 pub mod restore;
+pub mod show;
 pub mod verify;
 
 use std::path::Path;
