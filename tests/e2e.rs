@@ -449,3 +449,83 @@ fn diff_names_exactly_the_pages_two_restored_epochs_differ_in() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no committed epoch 99999"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `remus bisect` finds the epoch at which the workload wrote a marker at
+/// a known address, reading about log2(n) + 2 epochs; the epochs on
+/// either side show it absent and present.
+#[test]
+fn bisect_finds_the_epoch_the_workload_wrote_its_marker() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    keygen(data);
+    let config = data.join("remus.toml");
+    std::fs::write(
+        &config,
+        "[protect.arena.workload.marker]\nafter-ms = 1000\naddress = 0x3010\nvalue = \"remus-marker-7\"\n".replace("0x3010", "12304"),
+    )
+    .unwrap();
+    let backup = BackupProcess::start(data, "127.0.0.1:0");
+    let out = run_limited(
+        protect(data, &backup.addr).arg("--config").arg(&config).args([
+            "--memory-mib",
+            "16",
+            "--pages-per-sec",
+            "3000",
+            "--seconds",
+            "2",
+            "--json",
+        ]),
+        Duration::from_secs(120),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let last = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["epochs_committed"].as_u64().unwrap();
+    backup.stop();
+    let out = run_limited(
+        Command::new(remus())
+            .args([
+                "bisect",
+                "--from",
+                "1",
+                "--to",
+                &last.to_string(),
+                "--at",
+                "0x3010",
+                "--equals",
+                "remus-marker-7",
+                "--json",
+                "--data-dir",
+            ])
+            .arg(data),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let b: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let first = b["first"].as_u64().expect("found");
+    let read = b["epochs_read"].as_u64().unwrap();
+    let bound = (last as f64).log2().ceil() as u64 + 2;
+    assert!(read <= bound, "{read} epochs read for {last} epochs (log2 n + 2 = {bound})");
+    // Written about a second in: neither at the start nor at the end.
+    assert!(first > 10 && first < last - 10, "epoch {first} of {last}");
+    // The marker is absent the epoch before and present from this one on.
+    let bytes_at = |e: u64| {
+        let img = data.join(format!("b{e}.img"));
+        let out = run_limited(
+            Command::new(remus_restore()).arg("--data-dir").arg(data).args(["--epoch", &e.to_string(), "--to"]).arg(&img),
+            Duration::from_secs(60),
+        );
+        assert!(out.status.success());
+        std::fs::read(&img).unwrap()[0x3010..0x3010 + 14].to_vec()
+    };
+    assert_ne!(bytes_at(first - 1), b"remus-marker-7");
+    assert_eq!(bytes_at(first), b"remus-marker-7");
+    assert_eq!(bytes_at(last), b"remus-marker-7", "the workload never writes its marker page");
+    // Never true before: exit 1 and says so.
+    let out = run_limited(
+        Command::new(remus())
+            .args(["bisect", "--from", "1", "--to", &(first - 1).to_string(), "--at", "0x3010", "--equals", "remus-marker-7", "--data-dir"])
+            .arg(data),
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("does not hold at epoch"));
+}

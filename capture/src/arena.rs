@@ -79,6 +79,9 @@ impl ArenaGuest {
             return Err(CaptureError::Config(format!("memory-mib must be in 1..=1048576, got {}", cfg.memory_mib)));
         }
         cfg.workload.validate().map_err(CaptureError::Config)?;
+        if let Some(m) = cfg.workload.marker.as_ref().filter(|m| m.address + m.value.len() as u64 > cfg.memory_mib << 20) {
+            return Err(CaptureError::Config(format!("marker at {:#x} lies beyond the guest's {} MiB", m.address, cfg.memory_mib)));
+        }
         let len = usize::try_from(cfg.memory_mib << 20).map_err(|_| CaptureError::Config("memory too large".into()))?;
         let mapping = Mapping::memfd("remus-arena", len).map_err(CaptureError::Memory)?;
         let tracker = DirtyTracker::choose(cfg.tracking, &mapping, || WriteProtectScanner::arm(&mapping).map_err(CaptureError::Tracking))?;

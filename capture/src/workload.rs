@@ -29,6 +29,23 @@ pub struct WorkloadConfig {
     pub seed: u64,
     /// Interval between two output lines, in milliseconds (default 25).
     pub output_interval_ms: u64,
+    /// A marker written once, to be found in the history later (`remus
+    /// bisect`); none by default.
+    pub marker: Option<Marker>,
+}
+
+/// A value the workload writes once into memory, `after-ms` after it
+/// starts, at byte `address`; its own writes never touch that page, so
+/// once there the value stays.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Marker {
+    /// When, after the workload starts.
+    pub after_ms: u64,
+    /// Where, as a byte offset into memory.
+    pub address: u64,
+    /// What (its UTF-8 bytes).
+    pub value: String,
 }
 
 /// Relative weights of what a page write stores.
@@ -63,6 +80,7 @@ impl Default for WorkloadConfig {
             mix: ContentMix::default(),
             seed: 1,
             output_interval_ms: 25,
+            marker: None,
         }
     }
 }
@@ -91,6 +109,15 @@ impl WorkloadConfig {
         }
         if self.output_interval_ms == 0 {
             return Err("output-interval-ms must be positive".into());
+        }
+        if let Some(m) = &self.marker {
+            if m.value.is_empty() || m.value.len() > PAGE_SIZE || (m.address % PAGE_SIZE as u64) as usize + m.value.len() > PAGE_SIZE {
+                return Err(format!(
+                    "marker: a value of 1..={PAGE_SIZE} bytes that stays within the page at its address (address {}, {} bytes)",
+                    m.address,
+                    m.value.len()
+                ));
+            }
         }
         Ok(())
     }
@@ -156,6 +183,9 @@ pub(crate) fn run(shared: &Arc<Shared>, cfg: &WorkloadConfig) {
     let total: u32 = weights.iter().sum();
     let mut rng = SmallRng::seed_from_u64(cfg.seed);
     let mut start = Instant::now();
+    // The marker: its page (left alone by the writes below) and deadline.
+    let marker_pfn = cfg.marker.as_ref().map(|m| m.address / PAGE_SIZE as u64).filter(|p| *p < pages);
+    let mut marker = cfg.marker.as_ref().filter(|_| marker_pfn.is_some()).map(|m| (start + Duration::from_millis(m.after_ms), m));
     let tick = Duration::from_millis(cfg.output_interval_ms);
     let mut next_line = start + tick;
     let mut written = 0u64;
@@ -193,8 +223,16 @@ pub(crate) fn run(shared: &Arc<Shared>, cfg: &WorkloadConfig) {
             continue;
         }
         let bytes = mem.as_mut_slice();
+        if let Some((_, m)) = marker.filter(|(at, _)| Instant::now() >= *at) {
+            let at = m.address as usize;
+            bytes[at..at + m.value.len()].copy_from_slice(m.value.as_bytes());
+            marker = None;
+        }
         for _ in 0..BATCH {
-            let pfn = if rng.gen_bool(cfg.hot_probability) { rng.gen_range(0..hot) } else { rng.gen_range(0..pages) };
+            let mut pfn = if rng.gen_bool(cfg.hot_probability) { rng.gen_range(0..hot) } else { rng.gen_range(0..pages) };
+            if Some(pfn) == marker_pfn {
+                pfn = (pfn + 1) % pages;
+            }
             let off = pfn as usize * PAGE_SIZE;
             let mut pick = rng.gen_range(0..total);
             let kind = weights

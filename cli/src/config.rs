@@ -30,6 +30,7 @@
 //! output-interval-ms = 25
 //! mix = { zero = 10, text = 25, random = 10, duplicate = 20, edit = 35, recycle = 0 }
 //! # recycle: one of 1024 fixed contents, so pages return to content they held before
+//! # marker = { after-ms = 1000, address = 12304, value = "remus-marker" }   # written once, for remus bisect
 //!
 //! [protect.qemu]            # used by `remus protect qemu`
 //! memory-mib = 128

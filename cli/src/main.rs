@@ -37,6 +37,8 @@ enum Command {
     Show(cmd::show::ShowArgs),
     /// The pages that differ between two epochs, with their byte ranges.
     Diff(cmd::show::DiffArgs),
+    /// The first epoch at which a condition on memory holds.
+    Bisect(cmd::show::BisectArgs),
     /// Generate the CA and certificates for mutual TLS.
     Keygen(cmd::keygen::KeygenArgs),
     /// Re-hash chunks, walk manifest chains, name what is damaged.
@@ -62,6 +64,7 @@ fn main() -> ExitCode {
             Command::Log(a) => cmd::log::run(a, &data_dir).map(|()| true),
             Command::Show(a) => cmd::show::show(a, &data_dir).map(|()| true),
             Command::Diff(a) => cmd::show::diff(a, &data_dir).map(|()| true),
+            Command::Bisect(a) => cmd::show::bisect(a, &data_dir),
             Command::Keygen(a) => cmd::keygen::run(a, &data_dir).map(|()| true),
             Command::Verify(a) => cmd::verify::run(a, &cfg, &data_dir),
             Command::Gc(a) => cmd::gc::run(a, &cfg, &data_dir).map(|()| true),

@@ -187,6 +187,146 @@ fn differing(a: &[u8], b: &[u8]) -> Vec<(u16, u16)> {
     out
 }
 
+/// A condition on a guest's memory at an epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Predicate {
+    /// The bytes at `address` are `value`.
+    Equals {
+        /// Byte offset into the page space (a guest-physical address for
+        /// memory).
+        address: u64,
+        /// The bytes.
+        value: Vec<u8>,
+    },
+    /// `pattern` appears somewhere in `start..end`.
+    Contains {
+        /// First byte of the range.
+        start: u64,
+        /// End of the range (exclusive).
+        end: u64,
+        /// The bytes.
+        pattern: Vec<u8>,
+    },
+    /// The `len` bytes at `address` differ from what they were at the
+    /// first epoch of the search.
+    Changed {
+        /// Where.
+        address: u64,
+        /// How many bytes.
+        len: u64,
+    },
+}
+
+impl Predicate {
+    /// The bytes it reads.
+    fn range(&self) -> (u64, u64) {
+        match self {
+            Self::Equals { address, value } => (*address, value.len() as u64),
+            Self::Contains { start, end, .. } => (*start, end.saturating_sub(*start)),
+            Self::Changed { address, len } => (*address, *len),
+        }
+    }
+
+    fn holds(&self, bytes: &[u8], first: &[u8]) -> bool {
+        match self {
+            Self::Equals { value, .. } => bytes == value.as_slice(),
+            Self::Contains { pattern, .. } => !pattern.is_empty() && bytes.windows(pattern.len()).any(|w| w == pattern.as_slice()),
+            Self::Changed { .. } => bytes != first,
+        }
+    }
+}
+
+/// What a bisection found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bisection {
+    /// The first epoch (among those kept) at which the predicate holds,
+    /// when it holds at the last one and not at the first.
+    pub first: Option<EpochId>,
+    /// Whether it held at the first and at the last epoch of the search.
+    pub ends: (bool, bool),
+    /// Every epoch read, in order, and whether the predicate held there.
+    pub probes: Vec<(EpochId, bool)>,
+}
+
+/// The bytes `address..address + len` of `guest`'s page space at `epoch`,
+/// from the page index and the pages' chunks (each verified).
+///
+/// # Errors
+/// [`RestoreError::Store`] for an epoch that is not there, a range beyond
+/// the page space, a damaged record or chunk.
+pub fn read_bytes(store: &Store, guest: GuestId, epoch: EpochId, address: u64, len: u64) -> Result<Vec<u8>, RestoreError> {
+    let m = store.manifest(guest, epoch)?;
+    let page = PAGE_SIZE as u64;
+    let end = address
+        .checked_add(len)
+        .filter(|e| *e <= m.page_count * page)
+        .ok_or_else(|| StoreError::malformed("range", format!("{address:#x}+{len} lies beyond the guest's {} pages", m.page_count)))?;
+    let mut out = vec![0u8; usize::try_from(len).map_err(|_| StoreError::malformed("range", "too long"))?];
+    let (first, last) = (address / page, end.div_ceil(page));
+    let mut err = None;
+    store.for_each_page_in(guest, epoch, first..last, |pfn, id| {
+        if id == zero_page_hash() {
+            return Ok(());
+        }
+        let bytes = store.chunk(&id)?;
+        let (p0, p1) = (pfn.0 * page, (pfn.0 + 1) * page);
+        let (a, b) = (address.max(p0), end.min(p1));
+        if a < b {
+            out[(a - address) as usize..(b - address) as usize].copy_from_slice(&bytes[(a - p0) as usize..(b - p0) as usize]);
+        } else {
+            err = Some(pfn);
+        }
+        Ok(())
+    })?;
+    if let Some(pfn) = err {
+        return Err(StoreError::malformed("page index", format!("page {} outside the pages asked for", pfn.0)).into());
+    }
+    Ok(out)
+}
+
+/// The first epoch between `from` and `to` at which `p` holds, by
+/// bisection over the epochs kept there: it reads the predicate's bytes
+/// at both ends and then at about log2(n) epochs. Exact when the predicate,
+/// once it holds, holds at every later epoch (a value written once and
+/// kept); otherwise it finds *an* epoch where it starts to hold.
+///
+/// # Errors
+/// As [`read_bytes`]; either end not being a kept epoch.
+pub fn bisect(store: &Store, guest: GuestId, from: EpochId, to: EpochId, p: &Predicate) -> Result<Bisection, RestoreError> {
+    let (address, len) = p.range();
+    let initial = read_bytes(store, guest, from, address, len)?;
+    let mut probes = Vec::new();
+    let mut probe = |e: EpochId| -> Result<bool, RestoreError> {
+        let holds = p.holds(&read_bytes(store, guest, e, address, len)?, &initial);
+        probes.push((e, holds));
+        Ok(holds)
+    };
+    let ends = (probe(from)?, probe(to)?);
+    if ends != (false, true) {
+        return Ok(Bisection { first: None, ends, probes });
+    }
+    // Invariant: it does not hold at `lo`, it holds at `hi`.
+    let (mut lo, mut hi) = (from, to);
+    loop {
+        let mid = EpochId(lo.0 + (hi.0 - lo.0) / 2);
+        // The kept epoch nearest the middle, strictly between lo and hi.
+        let up = store.kept_epoch_near(guest, mid.max(lo.next()), true)?.filter(|e| *e < hi);
+        let down = || store.kept_epoch_near(guest, mid, false).map(|e| e.filter(|e| *e > lo));
+        let Some(m) = (match up {
+            Some(e) => Some(e),
+            None => down()?,
+        }) else {
+            break;
+        };
+        if probe(m)? {
+            hi = m;
+        } else {
+            lo = m;
+        }
+    }
+    Ok(Bisection { first: Some(hi), ends, probes })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,5 +377,35 @@ mod tests {
         assert_eq!((s.pages, s.zero_pages, s.distinct_contents), (3, 0, 3));
         assert_eq!(show(&store, GuestId(1), EpochId(3)).unwrap().zero_pages, 1);
         assert_eq!(s.manifest.parent, show(&store, GuestId(1), EpochId(1)).unwrap().id);
+    }
+
+    #[test]
+    fn bisect_finds_the_epoch_a_value_appeared_reading_about_log2_n_epochs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        // 1000 epochs; page 3 changes every epoch; from epoch 613 on, bytes
+        // 100..104 of page 5 hold "MARK".
+        for e in 1..=1000u64 {
+            let mut pages = vec![(3, page((e % 251) as u8 + 1, &[]))];
+            if e == 613 {
+                pages.push((5, page(0, &[(100, b'M'), (101, b'A'), (102, b'R'), (103, b'K')])));
+            }
+            commit(&store, e, &pages);
+        }
+        let g = GuestId(1);
+        let p = Predicate::Equals { address: 5 * PAGE_SIZE as u64 + 100, value: b"MARK".to_vec() };
+        let b = bisect(&store, g, EpochId(1), EpochId(1000), &p).unwrap();
+        assert_eq!(b.first, Some(EpochId(613)));
+        assert!(b.probes.len() <= 10 + 2, "log2(1000) + 2 reads, not {}", b.probes.len());
+        assert_eq!(read_bytes(&store, g, EpochId(612), 5 * PAGE_SIZE as u64 + 100, 4).unwrap(), [0; 4]);
+        let c = Predicate::Contains { start: 5 * PAGE_SIZE as u64, end: 6 * PAGE_SIZE as u64, pattern: b"ARK".to_vec() };
+        assert_eq!(bisect(&store, g, EpochId(1), EpochId(1000), &c).unwrap().first, Some(EpochId(613)));
+        let ch = Predicate::Changed { address: 5 * PAGE_SIZE as u64, len: PAGE_SIZE as u64 };
+        assert_eq!(bisect(&store, g, EpochId(400), EpochId(900), &ch).unwrap().first, Some(EpochId(613)));
+        // Already true at the start, never true at the end: no epoch.
+        let b = bisect(&store, g, EpochId(700), EpochId(900), &p).unwrap();
+        assert_eq!((b.first, b.ends), (None, (true, true)));
+        assert_eq!(bisect(&store, g, EpochId(1), EpochId(600), &p).unwrap().ends, (false, false));
+        assert!(read_bytes(&store, g, EpochId(1), 8 * PAGE_SIZE as u64 - 2, 4).is_err(), "beyond the page space");
     }
 }

@@ -595,6 +595,23 @@ impl Store {
         Ok(m)
     }
 
+    /// The committed (kept) epoch of `guest` nearest `epoch`: the first at
+    /// or after it when `after`, else the last at or before it; one seek,
+    /// however long the history.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn kept_epoch_near(&self, guest: GuestId, epoch: EpochId, after: bool) -> Result<Option<EpochId>, StoreError> {
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_EPOCHS));
+        if after {
+            it.seek(epoch_key(guest, epoch));
+        } else {
+            it.seek_for_prev(epoch_key(guest, epoch));
+        }
+        it.status()?;
+        Ok(it.key().filter(|k| k.len() == 16 && k[..8] == guest.0.to_be_bytes()).map(|k| EpochId(u64_at(k, 8))))
+    }
+
     /// Every manifest of `guest`, oldest first.
     ///
     /// # Errors

@@ -1,5 +1,6 @@
-//! `remus show EPOCH` and `remus diff A B`: one epoch, and what changed
-//! between two, read from the history without restoring it.
+//! `remus show EPOCH`, `remus diff A B` and `remus bisect`: one epoch,
+//! what changed between two, and the first epoch at which a condition on
+//! memory holds, read from the history without restoring it.
 
 use std::path::{Path, PathBuf};
 
@@ -142,4 +143,122 @@ pub fn diff(args: &DiffArgs, data_dir: &Path) -> Result<()> {
         println!("  {:<13} page {:>8} at {:#012x}: bytes {}", region_name(p.region), p.pfn.0, p.offset, ranges.join(", "));
     }
     Ok(())
+}
+
+/// Arguments of `remus bisect`.
+#[derive(Debug, clap::Args)]
+pub struct BisectArgs {
+    /// The first epoch of the search (where the condition does not hold).
+    #[arg(long)]
+    pub from: u64,
+    /// The last (where it holds).
+    #[arg(long)]
+    pub to: u64,
+    /// Store directory (default `<data-dir>/store`).
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// The guest (default 1).
+    #[arg(long, default_value_t = 1)]
+    pub guest: u64,
+    /// Where the bytes are: a byte offset into the guest's memory (a
+    /// guest-physical address), decimal or 0x-hex; with --equals or
+    /// --changes.
+    #[arg(long, value_parser = parse_address)]
+    pub at: Option<u64>,
+    /// The condition: the bytes at --at are VALUE (text, or `hex:` and hex
+    /// digits).
+    #[arg(long, value_parser = parse_value, conflicts_with_all = ["contains", "changes"])]
+    pub equals: Option<Bytes>,
+    /// The condition: VALUE (as for --equals) appears in the range --in.
+    #[arg(long, value_parser = parse_value, requires = "within", conflicts_with = "changes")]
+    pub contains: Option<Bytes>,
+    /// The range for --contains: START..END.
+    #[arg(long = "in", value_parser = parse_range)]
+    pub within: Option<(u64, u64)>,
+    /// The condition: the --len bytes at --at differ from what they were at
+    /// --from.
+    #[arg(long)]
+    pub changes: bool,
+    /// With --changes: how many bytes (default one page).
+    #[arg(long, default_value_t = 4096)]
+    pub len: u64,
+    /// One JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_address(s: &str) -> Result<u64, String> {
+    match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("{s:?} is not an address (decimal or 0x-hex): {e}"))
+}
+
+/// Bytes given on the command line: text, or `hex:` and hex digits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bytes(pub Vec<u8>);
+
+fn parse_value(s: &str) -> Result<Bytes, String> {
+    let Some(h) = s.strip_prefix("hex:") else { return Ok(Bytes(s.as_bytes().to_vec())) };
+    if h.is_empty() || h.len() % 2 != 0 {
+        return Err(format!("{s:?}: an even, non-zero number of hex digits after hex:"));
+    }
+    (0..h.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&h[i..i + 2], 16).map_err(|e| format!("{s:?}: {e}")))
+        .collect::<Result<_, _>>()
+        .map(Bytes)
+}
+
+fn parse_range(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s.split_once("..").ok_or_else(|| format!("{s:?} is not START..END"))?;
+    let (a, b) = (parse_address(a)?, parse_address(b)?);
+    if a >= b {
+        return Err(format!("{s:?}: the range is empty"));
+    }
+    Ok((a, b))
+}
+
+/// Runs `remus bisect`; false when the condition does not start to hold
+/// between the two epochs.
+///
+/// # Errors
+/// When the store cannot be opened, an epoch is missing, or the condition
+/// is not given.
+pub fn bisect(args: &BisectArgs, data_dir: &Path) -> Result<bool> {
+    let p = match (&args.equals, &args.contains, args.changes, args.at) {
+        (Some(v), None, false, Some(address)) => inspect::Predicate::Equals { address, value: v.0.clone() },
+        (None, Some(v), false, _) => {
+            let (start, end) = args.within.expect("clap requires --in with --contains");
+            inspect::Predicate::Contains { start, end, pattern: v.0.clone() }
+        }
+        (None, None, true, Some(address)) => inspect::Predicate::Changed { address, len: args.len },
+        _ => anyhow::bail!("give one condition: --equals VALUE --at ADDR, --contains VALUE --in START..END, or --changes --at ADDR"),
+    };
+    anyhow::ensure!(args.from < args.to, "--from must be before --to");
+    let store = super::open_store_read_only(args.store.as_deref(), data_dir)?;
+    let g = GuestId(args.guest);
+    let b = inspect::bisect(&store, g, EpochId(args.from), EpochId(args.to), &p)?;
+    let probes: Vec<_> = b.probes.iter().map(|(e, h)| serde_json::json!({"epoch": e.0, "holds": h})).collect();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "guest": g.0, "from": args.from, "to": args.to, "first": b.first.map(|e| e.0),
+                "holds_at_from": b.ends.0, "holds_at_to": b.ends.1, "epochs_read": b.probes.len(), "probes": probes,
+            })
+        );
+    } else {
+        match (b.first, b.ends) {
+            (Some(e), _) => println!(
+                "{g}: the condition first holds at epoch {} ({} epochs read; exact if, once it holds, it holds at every later epoch)",
+                e.0,
+                b.probes.len()
+            ),
+            (None, (true, _)) => println!("{g}: the condition already holds at epoch {}", args.from),
+            (None, _) => println!("{g}: the condition does not hold at epoch {}", args.to),
+        }
+    }
+    Ok(b.first.is_some())
 }
