@@ -27,7 +27,8 @@ use common::{keygen, remus, remus_restore, run_limited, BackupProcess};
 use remus_relay::{Impairment, Relay, RelayConfig};
 
 /// A network namespace with a bridge (10.0.2.1/24, the guest is .15) and
-/// two persistent TAPs on it, one for the primary and one for the backup.
+/// three persistent TAPs on it: the primary's, the backup's and a second
+/// backup's.
 struct Netns {
     name: String,
 }
@@ -394,6 +395,77 @@ fn a_guest_cut_off_from_backup_and_witness_fails_over_once_and_its_client_sees_o
     let _ = std::fs::remove_dir_all(&run_dir);
     assert_eq!(request(&mut conn, "inc"), (last + 1).to_string(), "the resumed guest serves on");
     drop(relay);
+}
+
+#[test]
+fn a_failed_over_guest_is_protected_again_and_survives_a_second_failover() {
+    let _one = ONE_GUEST.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (kernel, initrd) = common::guest::guest_image();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    keygen(&data);
+    let ns = Netns::create();
+    let cfg = dir.path().join("remus.toml");
+    std::fs::write(&cfg, "[backup]\nprimary-timeout-ms = 2000\n\n[protect]\nbackup-timeout-ms = 2000\n").unwrap();
+    let backup = |store: &str, failover: &str, tap: &str, reverse_to: Option<&str>| {
+        let mut c = ns.command(&remus());
+        c.arg("--config").arg(&cfg).args(["backup", "--data-dir"]).arg(&data).arg("--store").arg(data.join(store));
+        c.args(["--listen", "127.0.0.1:0", "--failover-dir"]).arg(dir.path().join(failover)).args(["--resume", "--tap", tap]);
+        if let Some(to) = reverse_to {
+            c.args(["--reverse-to", to]);
+        }
+        BackupProcess::spawn(c)
+    };
+    // C: where the guest replicates once it failed over to B, and where it
+    // fails over the second time.
+    let far = backup("store-c", "failover-c", "tap-c", None);
+    let near = backup("store-b", "failover-b", "tap-b", Some(&far.addr));
+    let run_dir = PathBuf::from(format!("/dev/shm/remus-test-r{}", std::process::id()));
+    let mut pcmd = ns.command(&remus());
+    pcmd.arg("--config").arg(&cfg).args(["protect", "qemu", "--data-dir"]).arg(&data);
+    pcmd.args(["--backup", &near.addr, "--tap", "tap-p", "--memory-mib", "128", "--disk-mib", "16"]);
+    pcmd.arg("--kernel").arg(&kernel).arg("--initrd").arg(&initrd).arg("--run-dir").arg(&run_dir);
+    pcmd.args(["--tracking", "write-protect"]).stdout(Stdio::null()).stderr(Stdio::inherit());
+    let mut primary = KillOnDrop(pcmd.spawn().expect("spawn primary"));
+    wait_for_file_line(&run_dir.join("serial.log"), "remus-guest ready", Duration::from_secs(120));
+    let mut conn = BufReader::new(ns.connect("10.0.2.15:7000", Duration::from_secs(60)));
+    conn.get_ref().set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..25 {
+        seen.push(request(&mut conn, "inc").parse::<u64>().expect("a number"));
+    }
+    // The first host dies with a request on the wire.
+    conn.get_mut().write_all(b"inc\n").unwrap();
+    primary.0.kill().expect("SIGKILL the primary");
+    primary.0.wait().unwrap();
+    let mut reply = String::new();
+    conn.read_line(&mut reply).expect("reply after the first failover");
+    seen.push(reply.trim().parse().expect("a number"));
+    let line = near.wait_line("failover guest-1 epoch ", Duration::from_secs(30));
+    assert!(line.contains("protected again by remus pid"), "{line}");
+    let pid: u32 = line.split("remus pid ").nth(1).and_then(|r| r.split(',').next()).and_then(|p| p.parse().ok()).expect("pid");
+    // The guest now runs protected at B, replicating to C: each reply it
+    // gives is released only once C committed it.
+    for _ in 0..10 {
+        seen.push(request(&mut conn, "inc").parse::<u64>().expect("a number"));
+    }
+    far.wait_committed(1, 1, Duration::from_secs(60));
+    // The new host dies too, under load.
+    conn.get_mut().write_all(b"inc\n").unwrap();
+    sh(&["kill", "-9", &pid.to_string()]);
+    let mut reply = String::new();
+    conn.read_line(&mut reply).expect("reply after the second failover");
+    seen.push(reply.trim().parse().expect("a number"));
+    let line = far.wait_line("failover guest-1 epoch ", Duration::from_secs(30));
+    assert!(line.contains("resumed in qemu pid"), "{line}");
+    for _ in 0..10 {
+        seen.push(request(&mut conn, "inc").parse::<u64>().expect("a number"));
+    }
+    let expected: Vec<u64> = (1..=seen.len() as u64).collect();
+    assert_eq!(seen, expected, "across two failovers the client's values run on from 1: none lost, none repeated");
+    let last = *seen.last().unwrap();
+    assert_eq!(request(&mut conn, "get"), format!("{last} {last}"), "memory and disk agree with what the client was told");
+    let _ = std::fs::remove_dir_all(&run_dir);
 }
 
 /// The run state of the QEMU behind a QMP socket.

@@ -60,7 +60,7 @@ fn main() -> ExitCode {
         match &cli.command {
             Command::Demo(a) => cmd::demo::run(a, &cfg, &data_dir),
             Command::Protect(a) => cmd::protect::run(a, &cfg, &data_dir).map(|()| true),
-            Command::Backup(a) => cmd::backup::run(a, &cfg, &data_dir).map(|()| true),
+            Command::Backup(a) => cmd::backup::run(a, &cfg, cli.config.as_deref(), &data_dir).map(|()| true),
             Command::Log(a) => cmd::log::run(a, &data_dir).map(|()| true),
             Command::Show(a) => cmd::show::show(a, &data_dir).map(|()| true),
             Command::Diff(a) => cmd::show::diff(a, &data_dir).map(|()| true),

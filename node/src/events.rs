@@ -69,6 +69,15 @@ pub enum FailoverOutcome {
         /// The image file or the run directory.
         path: PathBuf,
     },
+    /// A QEMU guest's files, ready for a primary runtime of its own to
+    /// resume and protect it, replicating to `backup` (the presenter
+    /// starts it: `remus protect qemu --resume-run-dir`).
+    ReadyToProtect {
+        /// The run directory holding memory, disk and device state.
+        run_dir: PathBuf,
+        /// Where the resumed guest replicates to.
+        backup: std::net::SocketAddr,
+    },
     /// A QEMU guest running again here.
     Resumed {
         /// QEMU's process id.
@@ -99,6 +108,10 @@ impl BackupEvent {
             Self::Fenced { guest, epoch } => json!({"event": "fence", "role": "backup", "guest": guest.0, "epoch": epoch.0}),
             Self::FailedOver { guest, epoch, outcome: FailoverOutcome::Written { path } } => json!({
                 "event": "failover", "role": "backup", "guest": guest.0, "epoch": epoch.0, "image": path.display().to_string(),
+            }),
+            Self::FailedOver { guest, epoch, outcome: FailoverOutcome::ReadyToProtect { run_dir, backup } } => json!({
+                "event": "failover", "role": "backup", "guest": guest.0, "epoch": epoch.0, "run_dir": run_dir.display().to_string(),
+                "protect_to": backup.to_string(),
             }),
             Self::FailedOver { guest, epoch, outcome: FailoverOutcome::Resumed { pid, qmp, from_live } } => json!({
                 "event": "failover", "role": "backup", "guest": guest.0, "epoch": epoch.0, "resumed_pid": pid,

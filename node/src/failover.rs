@@ -58,6 +58,11 @@ pub struct ResumeVm {
     pub qemu_binary: PathBuf,
     /// TAP interface for the resumed guest's network.
     pub tap: Option<String>,
+    /// Protect the resumed guest at once, replicating to this backup: the
+    /// files are made ready and the guest is left to a primary runtime of
+    /// its own ([`FailoverOutcome::ReadyToProtect`]) instead of a QEMU
+    /// started here.
+    pub protect_to: Option<std::net::SocketAddr>,
 }
 
 /// One committed epoch's page table and device state, for the live files.
@@ -182,9 +187,10 @@ pub fn spawn(job: Job, stopping: Arc<AtomicBool>, events: crossbeam_channel::Sen
     let Job { store, guest, dir, resume, live, lease } = job;
     std::thread::spawn(move || match execute(&store, guest, &dir, resume.as_ref(), live) {
         Ok(Failover { epoch, path, vm, live }) => {
-            let outcome = match &vm {
-                Some(vm) => FailoverOutcome::Resumed { pid: vm.pid(), qmp: vm.run.qmp(), from_live: live },
-                None => FailoverOutcome::Written { path },
+            let outcome = match (&vm, resume.as_ref().and_then(|r| r.protect_to)) {
+                (Some(vm), _) => FailoverOutcome::Resumed { pid: vm.pid(), qmp: vm.run.qmp(), from_live: live },
+                (None, Some(backup)) if path.is_dir() => FailoverOutcome::ReadyToProtect { run_dir: path, backup },
+                (None, _) => FailoverOutcome::Written { path },
             };
             let _ = events.send(BackupEvent::FailedOver { guest, epoch, outcome });
             if let Some(mut vm) = vm {
@@ -212,20 +218,26 @@ struct Failover {
 /// or the files of a QEMU guest (then resumed when `resume` says so).
 fn execute(store: &Store, guest: GuestId, dir: &Path, resume: Option<&ResumeVm>, live: Option<LiveVm>) -> Result<Failover, NodeError> {
     std::fs::create_dir_all(dir).map_err(NodeError::io(format!("creating {}", dir.display())))?;
-    if let (Some(l), Some(r)) = (live, resume) {
+    // Resumed here by QEMU, or left ready for a primary of its own.
+    let start = |state: &QemuState, run: RunDir| -> Result<Option<ResumedVm>, NodeError> {
+        match resume {
+            Some(r) if r.protect_to.is_none() => {
+                Ok(Some(ResumedVm::start(&r.qemu_binary, state, run, None, r.tap.as_deref(), true).map_err(NodeError::Resume)?))
+            }
+            _ => Ok(None),
+        }
+    };
+    if let (Some(l), Some(_)) = (live, resume) {
         // The files already hold the last committed epoch.
         l.seal().map_err(NodeError::io("sealing the live VM files"))?;
-        let vm = ResumedVm::start(&r.qemu_binary, &l.state, l.run.clone(), None, r.tap.as_deref(), true).map_err(NodeError::Resume)?;
-        return Ok(Failover { epoch: l.epoch, path: l.run.dir.clone(), vm: Some(vm), live: true });
+        let vm = start(&l.state, l.run.clone())?;
+        return Ok(Failover { epoch: l.epoch, path: l.run.dir.clone(), vm, live: true });
     }
     let plan = RestorePlan::new(store, guest, Target::Latest)?;
     let epoch = plan.manifest.epoch;
     let vm_dir = dir.join(format!("{guest}"));
     if let Some((state, run, _)) = restore_vm(store, &plan, &vm_dir, |_, _| {})? {
-        let vm = match resume {
-            Some(r) => Some(ResumedVm::start(&r.qemu_binary, &state, run, None, r.tap.as_deref(), true).map_err(NodeError::Resume)?),
-            None => None,
-        };
+        let vm = start(&state, run)?;
         return Ok(Failover { epoch, path: vm_dir, vm, live: false });
     }
     let path = dir.join(format!("{guest}-epoch-{}.img", epoch.0));

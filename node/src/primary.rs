@@ -100,6 +100,9 @@ pub enum GuestKind {
     Arena(ArenaConfig),
     /// A QEMU virtual machine.
     Qemu(QemuConfig),
+    /// A QEMU virtual machine resumed from the checkpoint laid out in its
+    /// run directory (a guest that failed over here, protected again).
+    ResumedQemu(QemuConfig),
 }
 
 impl GuestKind {
@@ -108,7 +111,7 @@ impl GuestKind {
     pub fn memory_mib(&self) -> u64 {
         match self {
             Self::Arena(a) => a.memory_mib,
-            Self::Qemu(q) => q.machine.memory_mib,
+            Self::Qemu(q) | Self::ResumedQemu(q) => q.machine.memory_mib,
         }
     }
 }
@@ -177,9 +180,14 @@ impl Primary {
             GuestKind::Arena(a) => {
                 (Box::new(ArenaGuest::start(a, Arc::clone(&output)).map_err(|cause| NodeError::GuestStart { kind: "arena", cause })?), None)
             }
-            GuestKind::Qemu(q) => {
-                let g = QemuGuest::start(q, Egress::Held(Arc::clone(&output)))
-                    .map_err(|cause| NodeError::GuestStart { kind: "QEMU", cause })?;
+            GuestKind::Qemu(q) | GuestKind::ResumedQemu(q) => {
+                let egress = Egress::Held(Arc::clone(&output));
+                let g = if matches!(opts.guest_kind, GuestKind::ResumedQemu(_)) {
+                    QemuGuest::resume(q, egress)
+                } else {
+                    QemuGuest::start(q, egress)
+                }
+                .map_err(|cause| NodeError::GuestStart { kind: "QEMU", cause })?;
                 let net = g.net();
                 (Box::new(g), Some(net))
             }

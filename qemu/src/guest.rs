@@ -88,6 +88,9 @@ pub struct QemuGuest {
     run: RunDir,
     state: QemuState,
     first: bool,
+    /// Resumed from a checkpoint: its first continue follows an incoming
+    /// migration, and it is announced on the network after it.
+    resumed: bool,
     hold: bool,
     pfns: Vec<u64>,
     blocks: Vec<u64>,
@@ -109,9 +112,32 @@ impl QemuGuest {
     /// runs it unprotected on the same plumbing (a baseline to measure
     /// against).
     pub fn start(cfg: &QemuConfig, egress: Egress) -> Result<Self, CaptureError> {
+        Self::launch(cfg, egress, false)
+    }
+
+    /// Resumes, protected, a guest whose checkpoint is laid out in
+    /// `cfg.run_dir` (memory, disk image and device state, as a failover or
+    /// a restore writes them): QEMU starts on those files with the dirty
+    /// tracking of [`start`](Self::start), loads the device state, and the
+    /// guest runs on from the end of the first checkpoint, which holds all
+    /// of its memory and disk again (then it is announced on the network,
+    /// so switches learn its new port).
+    ///
+    /// # Errors
+    /// As [`start`](Self::start); [`CaptureError::Qemu`] when the device
+    /// state does not load.
+    pub fn resume(cfg: &QemuConfig, egress: Egress) -> Result<Self, CaptureError> {
+        Self::launch(cfg, egress, true)
+    }
+
+    fn launch(cfg: &QemuConfig, egress: Egress, resume: bool) -> Result<Self, CaptureError> {
         cfg.machine.validate().map_err(crate::vm_error)?;
         let run = RunDir::create(&cfg.run_dir).map_err(crate::vm_error)?;
-        let _ = std::fs::remove_file(run.memory());
+        if !resume {
+            let _ = std::fs::remove_file(run.memory());
+        } else if !run.memory().is_file() || !run.vmstate().is_file() {
+            return Err(CaptureError::Config(format!("{} holds no checkpoint to resume (memory, vmstate)", run.dir.display())));
+        }
         let disk = if cfg.machine.disk_mib > 0 {
             let path = cfg.disk.clone().unwrap_or_else(|| run.disk());
             let f = open_disk(&path, cfg.machine.disk_mib)?;
@@ -128,13 +154,21 @@ impl QemuGuest {
         if cfg.tracking == TrackingMode::WriteProtect && shim.is_none() {
             return Err(CaptureError::Config(format!("tracking = write-protect needs {SHIM_NAME} (set qemu.shim)")));
         }
-        let launch = Launch::Protected { shim: shim.clone(), uffd_fd: SHIM_UFFD_FD };
+        let (shim2, uffd_fd) = (shim.clone(), SHIM_UFFD_FD);
+        let launch = if resume { Launch::ProtectedIncoming { shim: shim2, uffd_fd } } else { Launch::Protected { shim: shim2, uffd_fd } };
         let mut child = spawn(command(&cfg.qemu, &cfg.machine, &run, &launch))?;
-        let qmp = match Qmp::connect(&run.qmp(), Duration::from_secs(20)) {
+        let mut qmp = match Qmp::connect(&run.qmp(), Duration::from_secs(20)) {
             Ok(q) => q,
             Err(e) => return Err(qemu_failed(&mut child, e)),
         };
-        Self::attach(child, qmp, cfg, run, disk, net, shim.is_some())
+        if resume {
+            if let Err(e) = crate::resume::load_device_state(&mut qmp, &run.vmstate()) {
+                return Err(qemu_failed(&mut child, e));
+            }
+        }
+        let mut g = Self::attach(child, qmp, cfg, run, disk, net, shim.is_some())?;
+        g.resumed = resume;
+        Ok(g)
     }
 
     fn attach(
@@ -174,6 +208,7 @@ impl QemuGuest {
             run,
             state,
             first: true,
+            resumed: false,
             hold: false,
             pfns: Vec::new(),
             blocks: Vec::new(),
@@ -318,7 +353,13 @@ impl ProtectedGuest for QemuGuest {
         paused();
         let result = self.checkpoint_paused(cp);
         let t_state = t0.elapsed();
-        let resumed = if self.hold { Ok(()) } else { self.qmp.execute("cont", None).map(drop) };
+        let resumed = if self.hold {
+            Ok(())
+        } else if std::mem::take(&mut self.resumed) {
+            self.qmp.cont_after_migration().and_then(|()| crate::resume::announce(&mut self.qmp))
+        } else {
+            self.qmp.execute("cont", None).map(drop)
+        };
         tracing::debug!(stop = ?t_stop, state = ?(t_state - t_stop), cont = ?(t0.elapsed() - t_state), "pause");
         cp.pause_ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
         result?;

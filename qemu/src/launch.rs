@@ -18,6 +18,15 @@ pub enum Launch {
         /// Descriptor number the shim parks its userfaultfd on.
         uffd_fd: i32,
     },
+    /// Resumed from a checkpoint in the run dir under protection: as
+    /// [`Launch::Protected`] (disk over NBD, the shim), loading the
+    /// checkpoint's device state (`-incoming defer`) over its memory file.
+    ProtectedIncoming {
+        /// The shim library, if write-protect tracking is wanted.
+        shim: Option<PathBuf>,
+        /// Descriptor number the shim parks its userfaultfd on.
+        uffd_fd: i32,
+    },
     /// Resumed from a checkpoint in the run dir (`-incoming defer`), disk
     /// from the image file, paused until told to continue.
     Incoming,
@@ -72,7 +81,7 @@ pub fn command(qemu: &Path, machine: &QemuMachine, run: &RunDir, launch: &Launch
         .args(["-device", &format!("virtio-net-pci,netdev=net0,mac={},romfile=", machine.mac)]);
     if machine.disk_mib > 0 {
         let blockdev = match launch {
-            Launch::Protected { .. } => {
+            Launch::Protected { .. } | Launch::ProtectedIncoming { .. } => {
                 format!("driver=nbd,node-name=disk0,server.type=unix,server.path={},export=disk", run.nbd().display())
             }
             Launch::Incoming => format!("driver=raw,node-name=disk0,file.driver=file,file.filename={}", run.disk().display()),
@@ -83,17 +92,17 @@ pub fn command(qemu: &Path, machine: &QemuMachine, run: &RunDir, launch: &Launch
         c.args(["-blockdev", &blockdev]).args(["-device", "virtio-blk-pci,drive=disk0"]);
     }
     match launch {
-        Launch::Protected { shim, uffd_fd } => {
+        Launch::Protected { .. } => {
             c.arg("-S");
-            if let Some(shim) = shim {
-                c.env("LD_PRELOAD", shim).env("REMUS_UFFD_FD", uffd_fd.to_string());
-            }
         }
-        Launch::Incoming | Launch::IncomingReadOnly { .. } => {
+        Launch::ProtectedIncoming { .. } | Launch::Incoming | Launch::IncomingReadOnly { .. } => {
             // The device state is `xen-save-devices-state`'s, which has
             // no configuration section for the loader to expect.
             c.args(["-S", "-incoming", "defer", "-global", "migration.send-configuration=off"]);
         }
+    }
+    if let Launch::Protected { shim: Some(shim), uffd_fd } | Launch::ProtectedIncoming { shim: Some(shim), uffd_fd } = launch {
+        c.env("LD_PRELOAD", shim).env("REMUS_UFFD_FD", uffd_fd.to_string());
     }
     c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
     c

@@ -63,14 +63,10 @@ fn resume_launch(qemu: &Path, state: &QemuState, run: &RunDir, launch: &Launch, 
         Err(e) => return Err(qemu_failed(&mut child, e)),
     };
     let loaded = (|| {
-        // A stream of devices only loads as an incoming migration with
-        // shared RAM: the RAM is already in the memory file.
-        qmp.set_capabilities(&[("x-ignore-shared", true)])?;
-        qmp.execute("migrate-incoming", Some(json!({ "uri": format!("file:{}", vmstate.display()) })))?;
-        qmp.wait_migration(Duration::from_secs(30))?;
+        load_device_state(&mut qmp, &vmstate)?;
         if start {
             qmp.cont_after_migration()?;
-            qmp.execute("announce-self", Some(json!({ "initial": 0, "max": 50, "rounds": 3, "step": 50 })))?;
+            announce(&mut qmp)?;
         }
         Ok::<_, CaptureError>(())
     })();
@@ -78,6 +74,22 @@ fn resume_launch(qemu: &Path, state: &QemuState, run: &RunDir, launch: &Launch, 
         Ok(()) => Ok((child, qmp)),
         Err(e) => Err(qemu_failed(&mut child, e)),
     }
+}
+
+/// Loads a checkpoint's device state into a QEMU started with `-incoming
+/// defer` on the checkpoint's memory file.
+pub(crate) fn load_device_state(qmp: &mut Qmp, vmstate: &Path) -> Result<(), CaptureError> {
+    // A stream of devices only loads as an incoming migration with shared
+    // RAM: the RAM is already in the memory file.
+    qmp.set_capabilities(&[("x-ignore-shared", true)])?;
+    qmp.execute("migrate-incoming", Some(json!({ "uri": format!("file:{}", vmstate.display()) })))?;
+    qmp.wait_migration(Duration::from_secs(30))
+}
+
+/// Announces a resumed guest's MAC on the network (so switches learn its
+/// new port, as Remus's unsolicited ARP did).
+pub(crate) fn announce(qmp: &mut Qmp) -> Result<(), CaptureError> {
+    qmp.execute("announce-self", Some(json!({ "initial": 0, "max": 50, "rounds": 3, "step": 50 }))).map(drop)
 }
 
 /// A QEMU guest resumed from a checkpoint, with its network relayed

@@ -31,8 +31,11 @@ pub const BRIDGE_AND_TAPS: &[&str] = &[
     "ip link set br0 up",
     "ip tuntap add dev tap-p mode tap",
     "ip tuntap add dev tap-b mode tap",
+    "ip tuntap add dev tap-c mode tap",
     "ip link set tap-p master br0",
     "ip link set tap-b master br0",
+    "ip link set tap-c master br0",
     "ip link set tap-p up",
     "ip link set tap-b up",
+    "ip link set tap-c up",
 ];

@@ -34,6 +34,11 @@ pub struct BackupArgs {
     /// TAP interface for a resumed guest's network.
     #[arg(long, requires = "resume")]
     pub tap: Option<String>,
+    /// With --resume: protect a resumed guest at once, replicating to the
+    /// backup at this address; the guest runs under a `remus protect qemu`
+    /// process of its own (not this backup's), in the next generation.
+    #[arg(long, requires = "resume")]
+    pub reverse_to: Option<SocketAddr>,
     /// The witness: with --failover-dir a guest is taken over only by
     /// winning its lease.
     #[command(flatten)]
@@ -44,7 +49,7 @@ pub struct BackupArgs {
 ///
 /// # Errors
 /// When the store or the address cannot be opened, or TLS material is missing.
-pub fn run(args: &BackupArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
+pub fn run(args: &BackupArgs, cfg: &Config, config_path: Option<&Path>, data_dir: &Path) -> Result<()> {
     super::install_stop_handler();
     let tls = super::tls_dir(data_dir, false)?;
     let b = &cfg.backup;
@@ -63,6 +68,7 @@ pub fn run(args: &BackupArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
             resume: args.resume.then(|| ResumeVm {
                 qemu_binary: args.qemu_binary.clone().unwrap_or_else(remus_qemu::default_qemu),
                 tap: args.tap.clone(),
+                protect_to: args.reverse_to,
             }),
         }),
         s3: cfg.s3.clone(),
@@ -83,7 +89,7 @@ pub fn run(args: &BackupArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
     while !super::stop_requested() {
         // Events as they come; progress at most twice a second.
         if let Ok(ev) = backup.events.recv_deadline(next_progress) {
-            show_event(&ev)?;
+            show_event(&ev, &Reverse { args, config_path, data_dir })?;
             continue;
         }
         next_progress = std::time::Instant::now() + Duration::from_millis(500);
@@ -122,11 +128,67 @@ pub fn run(args: &BackupArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What a guest protected again after failover is started with.
+struct Reverse<'a> {
+    args: &'a BackupArgs,
+    config_path: Option<&'a Path>,
+    data_dir: &'a Path,
+}
+
+impl Reverse<'_> {
+    /// Starts `remus protect qemu` on the failed-over guest's files in
+    /// `run_dir`, replicating to `backup`: a process of its own (its own
+    /// process group), so the guest outlives this backup. Its output goes
+    /// to `run_dir/protect.log`.
+    fn start(&self, guest: remus_types::GuestId, run_dir: &Path, backup: SocketAddr) -> Result<(u32, PathBuf)> {
+        use anyhow::Context;
+        use std::os::unix::process::CommandExt;
+        let log = run_dir.join("protect.log");
+        let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let mut c = std::process::Command::new(std::env::current_exe().context("finding the remus binary")?);
+        if let Some(p) = self.config_path {
+            c.arg("--config").arg(p);
+        }
+        c.arg("--data-dir").arg(self.data_dir).args(["protect", "qemu", "--guest", &guest.0.to_string()]);
+        c.args(["--backup", &backup.to_string(), "--resume-run-dir"]).arg(run_dir);
+        if let Some(t) = &self.args.tap {
+            c.args(["--tap", t]);
+        }
+        if let Some(q) = &self.args.qemu_binary {
+            c.arg("--qemu-binary").arg(q);
+        }
+        if let Some(w) = &self.args.witness.witness {
+            c.args(["--witness", w]);
+        }
+        if let Some(n) = &self.args.witness.node {
+            c.args(["--node", n]);
+        }
+        let child = c
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .process_group(0)
+            .spawn()
+            .context("starting remus protect for the failed-over guest")?;
+        Ok((child.id(), log))
+    }
+}
+
 /// Prints one event of the backup: failovers on stdout (scripts and
 /// tests wait on those lines), losses and failures on stderr.
-fn show_event(ev: &BackupEvent) -> Result<()> {
+fn show_event(ev: &BackupEvent, reverse: &Reverse<'_>) -> Result<()> {
     use std::io::Write;
     match ev {
+        BackupEvent::FailedOver { guest, epoch, outcome: FailoverOutcome::ReadyToProtect { run_dir, backup } } => {
+            match reverse.start(*guest, run_dir, *backup) {
+                Ok((pid, log)) => println!(
+                    "failover {guest} epoch {} protected again by remus pid {pid}, replicating to {backup} (log {})",
+                    epoch.0,
+                    log.display()
+                ),
+                Err(e) => eprintln!("failover of {guest} failed: its files are ready in {} but {e:#}", run_dir.display()),
+            }
+        }
         BackupEvent::PrimaryLost { guest, committed, silence } => {
             eprintln!("{guest}: primary silent after committed epoch {}: {silence}", committed.0);
         }

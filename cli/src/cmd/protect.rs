@@ -90,6 +90,12 @@ pub struct ProtectArgs {
     /// The witness.
     #[command(flatten)]
     pub witness: super::WitnessFlags,
+    /// With `qemu`: resume the guest whose checkpoint is laid out in this
+    /// run directory (memory, disk.img, vmstate, machine.json: what a
+    /// failover or `remus-restore --to DIR` writes) and protect it; its
+    /// machine comes from machine.json.
+    #[arg(long)]
+    pub resume_run_dir: Option<PathBuf>,
 }
 
 /// Builds the primary's options from the config and the flags.
@@ -238,6 +244,19 @@ pub fn protect_until(
     Ok((summary, stats))
 }
 
+/// The configuration of a guest resumed from the checkpoint in `dir`: its
+/// machine from `dir/machine.json`, the rest from `settings`.
+fn resumed_config(settings: &QemuSettings, dir: &Path) -> Result<remus_qemu::QemuConfig> {
+    use anyhow::Context;
+    let path = dir.join("machine.json");
+    let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let machine: remus_vm::QemuMachine = serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
+    machine.validate()?;
+    let mut cfg = settings.resolve(0)?;
+    (cfg.machine, cfg.run_dir, cfg.disk) = (machine, dir.to_path_buf(), None);
+    Ok(cfg)
+}
+
 /// Runs the command.
 ///
 /// # Errors
@@ -256,7 +275,12 @@ pub fn run(args: &ProtectArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
         anyhow::ensure!(args.guest_flags.pages_per_sec.is_none(), "--pages-per-sec applies to the arena guest only");
         let mut settings = args.qemu.clone().or(&cfg.protect.qemu);
         settings.memory_mib = args.guest_flags.memory_mib.or(settings.memory_mib);
-        opts.guest_kind = GuestKind::Qemu(settings.resolve(opts.guest.0)?);
+        opts.guest_kind = match &args.resume_run_dir {
+            Some(dir) => GuestKind::ResumedQemu(resumed_config(&settings, dir)?),
+            None => GuestKind::Qemu(settings.resolve(opts.guest.0)?),
+        };
+    } else {
+        anyhow::ensure!(args.resume_run_dir.is_none(), "--resume-run-dir applies to `remus protect qemu` only");
     }
     eprintln!(
         "protecting guest {} ({}, {} MiB) at {:.1} Hz, replicating to {backup}",
