@@ -468,6 +468,81 @@ fn a_failed_over_guest_is_protected_again_and_survives_a_second_failover() {
     let _ = std::fs::remove_dir_all(&run_dir);
 }
 
+#[test]
+fn remus_move_takes_the_guest_there_and_on_under_client_load_losing_no_request() {
+    let _one = ONE_GUEST.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (kernel, initrd) = common::guest::guest_image();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    keygen(&data);
+    let ns = Netns::create();
+    let cfg = dir.path().join("remus.toml");
+    std::fs::write(&cfg, "[backup]\nprimary-timeout-ms = 2000\n\n[protect]\nbackup-timeout-ms = 2000\n").unwrap();
+    let backup = |store: &str, failover: &str, tap: &str, reverse_to: Option<&str>| {
+        let mut c = ns.command(&remus());
+        c.arg("--config").arg(&cfg).args(["backup", "--data-dir"]).arg(&data).arg("--store").arg(data.join(store));
+        c.args(["--listen", "127.0.0.1:0", "--failover-dir"]).arg(dir.path().join(failover)).args(["--resume", "--tap", tap]);
+        if let Some(to) = reverse_to {
+            c.args(["--reverse-to", to]);
+        }
+        BackupProcess::spawn(c)
+    };
+    // Site B protects the guest again once it arrives, replicating to C.
+    let far = backup("store-c", "failover-c", "tap-c", None);
+    let near = backup("store-b", "failover-b", "tap-b", Some(&far.addr));
+    let run_dir = PathBuf::from(format!("/dev/shm/remus-test-m{}", std::process::id()));
+    let mut pcmd = ns.command(&remus());
+    pcmd.arg("--config").arg(&cfg).args(["protect", "qemu", "--data-dir"]).arg(&data);
+    pcmd.args(["--backup", &near.addr, "--tap", "tap-p", "--memory-mib", "128", "--disk-mib", "16"]);
+    pcmd.arg("--kernel").arg(&kernel).arg("--initrd").arg(&initrd).arg("--run-dir").arg(&run_dir);
+    pcmd.args(["--tracking", "write-protect"]).stdout(Stdio::null()).stderr(Stdio::inherit());
+    let mut primary = KillOnDrop(pcmd.spawn().expect("spawn primary"));
+    wait_for_file_line(&run_dir.join("serial.log"), "remus-guest ready", Duration::from_secs(120));
+    let mut conn = BufReader::new(ns.connect("10.0.2.15:7000", Duration::from_secs(60)));
+    conn.get_ref().set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    // A client that keeps asking, one request after another, timing each.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = std::sync::Arc::clone(&stop);
+    let client = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            let t = Instant::now();
+            seen.push((request(&mut conn, "inc").parse::<u64>().expect("a number"), t.elapsed()));
+        }
+        (seen, conn)
+    });
+    let remus_move = || {
+        let out = run_limited(Command::new(remus()).args(["move", "--data-dir"]).arg(&data), Duration::from_secs(120));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success() && text.starts_with("moved guest-1 at epoch "), "{text} {}", String::from_utf8_lossy(&out.stderr));
+        text
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let first = remus_move();
+    assert!(primary.0.wait().unwrap().success(), "the primary that moved its guest ends well");
+    let line = near.wait_line("failover guest-1 epoch ", Duration::from_secs(30));
+    assert!(line.contains("protected again by remus pid"), "{line}");
+    // The guest runs on at B, protected to C; then it moves on to C.
+    far.wait_committed(1, 1, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(2));
+    let second = remus_move();
+    let line = far.wait_line("failover guest-1 epoch ", Duration::from_secs(30));
+    assert!(line.contains("resumed in qemu pid"), "{line}");
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (seen, mut conn) = client.join().unwrap();
+    let values: Vec<u64> = seen.iter().map(|(v, _)| *v).collect();
+    let expected: Vec<u64> = (1..=values.len() as u64).collect();
+    assert_eq!(values, expected, "across both moves the client's values run on from 1: none lost, none repeated");
+    let last = *values.last().unwrap();
+    assert_eq!(request(&mut conn, "get"), format!("{last} {last}"), "memory and disk agree with what the client was told");
+    // The pause each move cost the client: its two slowest requests.
+    let mut slow: Vec<Duration> = seen.iter().map(|(_, d)| *d).collect();
+    slow.sort_unstable();
+    eprintln!("move 1: {first}move 2: {second}slowest requests: {:?} of {} requests", &slow[slow.len() - 3..], values.len());
+    let _ = std::fs::remove_dir_all(&run_dir);
+}
+
 /// The run state of the QEMU behind a QMP socket.
 fn qmp_status(path: &Path) -> String {
     let s = std::os::unix::net::UnixStream::connect(path).expect("qmp socket");

@@ -31,6 +31,8 @@ enum Command {
     Protect(Box<cmd::protect::ProtectArgs>),
     /// Keep replicas of primaries.
     Backup(cmd::backup::BackupArgs),
+    /// Move a running guest to its backup (planned switchover).
+    Move(cmd::moving::MoveArgs),
     /// List committed epochs.
     Log(cmd::log::LogArgs),
     /// One epoch: manifest, generation, parent, times, pages, bytes.
@@ -60,6 +62,7 @@ fn main() -> ExitCode {
         match &cli.command {
             Command::Demo(a) => cmd::demo::run(a, &cfg, &data_dir),
             Command::Protect(a) => cmd::protect::run(a, &cfg, &data_dir).map(|()| true),
+            Command::Move(a) => cmd::moving::run(a, &data_dir),
             Command::Backup(a) => cmd::backup::run(a, &cfg, cli.config.as_deref(), &data_dir).map(|()| true),
             Command::Log(a) => cmd::log::run(a, &data_dir).map(|()| true),
             Command::Show(a) => cmd::show::show(a, &data_dir).map(|()| true),

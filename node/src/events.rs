@@ -28,6 +28,14 @@ pub enum BackupEvent {
         /// Where it is now.
         outcome: FailoverOutcome,
     },
+    /// The primary handed the guest over (a planned move) at its last
+    /// epoch, committed: it is taken over at once.
+    HandedOver {
+        /// The guest.
+        guest: GuestId,
+        /// The epoch.
+        epoch: EpochId,
+    },
     /// The primary went silent but was heard again before the lease could
     /// be taken: no failover (it resumes replicating).
     TakeoverAbandoned {
@@ -100,6 +108,7 @@ impl BackupEvent {
             Self::PrimaryLost { guest, committed, silence } => {
                 json!({"event": "primary-lost", "role": "backup", "guest": guest.0, "committed": committed.0, "evidence": silence.to_string()})
             }
+            Self::HandedOver { guest, epoch } => json!({"event": "move", "role": "backup", "guest": guest.0, "epoch": epoch.0}),
             Self::TakeoverAbandoned { guest } => json!({"event": "takeover-abandoned", "role": "backup", "guest": guest.0}),
             Self::LeaseWon { lease, after } => json!({
                 "event": "lease-won", "role": "backup", "guest": lease.guest.0, "generation": lease.generation,

@@ -119,6 +119,7 @@ impl GuestKind {
 /// A running primary.
 pub struct Primary {
     stop: Arc<AtomicBool>,
+    handover: Arc<AtomicBool>,
     engine: Option<JoinHandle<Result<()>>>,
     link: Option<JoinHandle<Result<()>>>,
     /// Live statistics.
@@ -197,6 +198,7 @@ impl Primary {
         let stats =
             Arc::new(Mutex::new(PrimaryStats { generation: owner.lease.as_ref().map(Renewal::generation), ..PrimaryStats::default() }));
         let stop = Arc::new(AtomicBool::new(false));
+        let handover = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel(256);
         let (etx, erx) = mpsc::unbounded_channel();
         let (ack_tx, ack_rx) = crossbeam_channel::unbounded();
@@ -212,6 +214,7 @@ impl Primary {
             instance: rand::random(),
             generation: owner.lease.as_ref().map_or(0, Renewal::generation),
             page_count,
+            handover: Arc::clone(&handover),
         };
         let create = |p: &Option<PathBuf>| -> Result<Option<std::fs::File>> {
             p.as_ref().map(|p| std::fs::File::create(p).map_err(NodeError::io(format!("creating {}", p.display())))).transpose()
@@ -264,7 +267,7 @@ impl Primary {
                 drive_engine(engine, tx, &ack_rx, sinks, &s3, &stop2, &owner)
             })
             .map_err(NodeError::io("spawning the epoch thread"))?;
-        Ok(Self { stop, engine: Some(engine), link: Some(link), stats, exact_tracking })
+        Ok(Self { stop, handover, engine: Some(engine), link: Some(link), stats, exact_tracking })
     }
 
     /// Stops sealing epochs; the link keeps going until every sealed epoch
@@ -276,6 +279,26 @@ impl Primary {
     /// True once the engine stopped (by request or failure).
     pub fn engine_finished(&self) -> bool {
         self.engine.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// A planned move: seals one last epoch with the guest held still,
+    /// waits (at most `drain`) until the backup has it, and hands the
+    /// guest over; the backup takes it over from that epoch at once.
+    /// Returns that epoch and how long the guest was held still before
+    /// the backup said it had taken over.
+    ///
+    /// # Errors
+    /// As [`finish`](Self::finish); [`NodeError::Link`] when the backup
+    /// refuses to take the guest over (the guest stays held, its output
+    /// since the last acknowledged epoch unreleased).
+    pub fn hand_over(self, drain: Duration) -> Result<(EpochId, Duration)> {
+        self.handover.store(true, Ordering::Relaxed);
+        let stats = Arc::clone(&self.stats);
+        self.finish(drain)?;
+        let s = stats.lock();
+        let epoch = s.handed_over.ok_or(NodeError::LinkStopped)?;
+        let held = s.last_seal_started.map_or(Duration::ZERO, |t| s.handed_over_at.unwrap_or_else(Instant::now).duration_since(t));
+        Ok((epoch, held))
     }
 
     /// Stops sealing and waits, at most `drain`, until every sealed epoch
@@ -350,7 +373,9 @@ fn drive_engine<G: ProtectedGuest>(
                 pending = pending.max(Some(epoch));
             }
             Err(RecvTimeoutError::Timeout) => {
-                let Some(cp) = engine.handle_timeout(Instant::now(), now_unix_nanos()).map_err(NodeError::Checkpoint)? else { continue };
+                let started = Instant::now();
+                let Some(cp) = engine.handle_timeout(started, now_unix_nanos()).map_err(NodeError::Checkpoint)? else { continue };
+                stats.lock().last_seal_started = Some(started);
                 record_seal(stats, &cp, engine.period());
                 let Some(link) = &tx else { continue };
                 if link.blocking_send(cp).is_err() {
@@ -480,6 +505,10 @@ async fn consume_events(
             LinkEvent::Acked { epoch, .. } => {
                 // The driver is gone only once the engine finished.
                 let _ = acks.send(epoch);
+            }
+            LinkEvent::HandedOver { epoch } => {
+                let mut s = stats.lock();
+                (s.handed_over, s.handed_over_at) = (Some(epoch), Some(Instant::now()));
             }
             LinkEvent::Connected { committed } => {
                 tracing::info!(committed = committed.0, "connected to backup");

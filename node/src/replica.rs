@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use remus_store::Store;
@@ -256,6 +256,34 @@ impl Replica for StoreReplica {
                 }
             }
         });
+    }
+
+    fn hand_over(&self, guest: GuestId, epoch: EpochId) -> Result<(), String> {
+        if !matches!(self.failover, FailoverAction::RestoreTo { .. }) {
+            return Err(format!("{guest}: this backup takes no guest over (it runs without --failover-dir)"));
+        }
+        let _ = self.events.send(BackupEvent::HandedOver { guest, epoch });
+        // With a witness, only as the lease's next owner: the primary has
+        // stopped (its last epoch is sealed with the guest held still and
+        // it releases nothing more), so the lease runs out unchanged.
+        let lease = match &self.witness {
+            Some(w) => {
+                let seen = self.watches.lock().get(&guest).and_then(LeaseWatch::seen);
+                let never = AtomicBool::new(false);
+                match claim(w, (guest, epoch), (Instant::now(), seen), || None, &never) {
+                    Ok(Some((holder, lease))) => {
+                        let _ = self.events.send(BackupEvent::LeaseWon { lease: Box::new(lease.lease.clone()), after: Duration::ZERO });
+                        self.watches.lock().remove(&guest);
+                        Some(Renewal::start(w, holder, lease).map_err(|e| e.to_string())?)
+                    }
+                    Ok(None) => return Err(format!("{guest}: the takeover was cancelled")),
+                    Err(e) => return Err(format!("{guest}: the lease could not be taken: {e}")),
+                }
+            }
+            None => None,
+        };
+        self.take_over(guest, epoch, lease);
+        Ok(())
     }
 
     fn disconnected(&self, guest: GuestId) {

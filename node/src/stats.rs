@@ -82,6 +82,13 @@ pub struct PrimaryStats {
     pub self_fences: u64,
     /// Time spent self-fenced, ns.
     pub self_fenced_ns: u64,
+    /// When the newest epoch's seal began (the guest paused).
+    pub last_seal_started: Option<Instant>,
+    /// The epoch the guest was handed over at (a planned move), and when
+    /// the backup said so.
+    pub handed_over: Option<EpochId>,
+    /// When the backup said it took the guest over.
+    pub handed_over_at: Option<Instant>,
 }
 
 impl Default for PrimaryStats {
@@ -112,6 +119,9 @@ impl Default for PrimaryStats {
             generation: None,
             self_fences: 0,
             self_fenced_ns: 0,
+            last_seal_started: None,
+            handed_over: None,
+            handed_over_at: None,
         }
     }
 }

@@ -168,6 +168,11 @@ pub enum LinkEvent {
         /// Its manifest hash.
         manifest: ChunkId,
     },
+    /// The backup took the guest over from `epoch` (a planned move).
+    HandedOver {
+        /// The last epoch.
+        epoch: EpochId,
+    },
     /// Connected and welcomed: the backup has committed up to `committed`
     /// (for a primary that has sealed nothing yet, where its epochs
     /// start: after it).
@@ -224,6 +229,10 @@ pub struct PrimaryLinkConfig {
     pub generation: u64,
     /// Guest memory size in pages.
     pub page_count: u64,
+    /// Set before the checkpoints end: a planned move, the backup taking
+    /// the guest over once every epoch is acknowledged
+    /// ([`LinkEvent::HandedOver`]), instead of the link just ending.
+    pub handover: Arc<std::sync::atomic::AtomicBool>,
 }
 
 enum Control {
@@ -253,7 +262,10 @@ pub async fn run_primary(
     let mut input = Input::default();
     let mut backoff = MIN_BACKOFF;
     loop {
-        if input.closed && core.unacked() == 0 {
+        if cfg.handover.load(std::sync::atomic::Ordering::Relaxed) {
+            core.want_handover();
+        }
+        if input.closed && core.unacked() == 0 && !core.handover_pending() {
             ep.close(VarInt::from_u32(0), b"done");
             ep.wait_idle().await;
             return Ok(());
@@ -273,7 +285,8 @@ pub async fn run_primary(
             }
         };
         let acked_before = core.acked();
-        let served = serve_connection(&conn, &mut core, cfg.tuning.fec, &mut checkpoints, &mut input.closed, &events).await;
+        let served =
+            serve_connection(&conn, &mut core, (cfg.tuning.fec, &cfg.handover), &mut checkpoints, &mut input.closed, &events).await;
         let st = conn.stats();
         tracing::info!(
             rtt_ms = st.path.rtt.as_secs_f64() * 1e3,
@@ -351,7 +364,7 @@ fn push(core: &mut SenderCore, cp: Checkpoint, events: &mpsc::UnboundedSender<Li
 async fn serve_connection(
     conn: &Connection,
     core: &mut SenderCore,
-    fec: Fec,
+    (fec, handover): (Fec, &std::sync::atomic::AtomicBool),
     checkpoints: &mut mpsc::Receiver<Checkpoint>,
     input_closed: &mut bool,
     events: &mpsc::UnboundedSender<LinkEvent>,
@@ -367,7 +380,11 @@ async fn serve_connection(
     let mut welcomed = false;
     let mut activity = PeerActivity::default();
     let mut parity = ParityPlanner::new(fec);
+    let mut handover_sent = false;
     loop {
+        if handover.load(std::sync::atomic::Ordering::Relaxed) {
+            core.want_handover();
+        }
         // Encode at most one epoch per turn so heartbeats and acks are
         // never held up behind a backlog of encoding.
         let more = flush_sender(core, &mut control, conn, &mut streams, events, &mut parity).await?;
@@ -387,13 +404,28 @@ async fn serve_connection(
                 SenderEvent::Resending { from, missing } => {
                     let _ = events.send(LinkEvent::Resending { from, missing });
                 }
+                SenderEvent::HandedOver { epoch } => {
+                    // The backup has the guest: nothing more to say.
+                    let _ = events.send(LinkEvent::HandedOver { epoch });
+                    let _ = control.finish();
+                    conn.close(VarInt::from_u32(0), b"handed over");
+                    return Ok(());
+                }
             }
         }
         if core.is_connected() && !welcomed {
             welcomed = true;
             let _ = events.send(LinkEvent::Connected { committed: core.acked() });
         }
-        if *input_closed && core.unacked() == 0 {
+        if *input_closed && core.unacked() == 0 && core.handover_pending() {
+            // A planned move: ask once on this connection, then wait for
+            // the backup's answer.
+            if !handover_sent && core.is_connected() {
+                core.send_handover();
+                handover_sent = true;
+                continue;
+            }
+        } else if *input_closed && core.unacked() == 0 {
             // Finish the control stream and let the backup close: a clean end.
             let _ = control.finish();
             let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
@@ -679,6 +711,13 @@ pub trait Replica: Send + Sync + 'static {
     /// is the evidence.
     fn primary_lost(&self, guest: GuestId, committed: EpochId, silence: &crate::liveness::Silence);
 
+    /// The primary hands `guest` over at `epoch`, its last, committed (a
+    /// planned move): take it over now, or say why not.
+    ///
+    /// # Errors
+    /// Why this backup does not take the guest over.
+    fn hand_over(&self, guest: GuestId, epoch: EpochId) -> Result<(), String>;
+
     /// The connection of `guest` ended (for any reason).
     fn disconnected(&self, guest: GuestId);
 }
@@ -833,9 +872,23 @@ async fn serve_epochs<R: Replica>(
                 }
             });
         }
-        // The one event there is ends the link.
+        // Either event ends the link.
         if let Some(ev) = core.poll_event() {
             match ev {
+                ReceiverEvent::Handover { guest, epoch } => {
+                    tracing::info!(%guest, epoch = epoch.0, "the primary hands the guest over");
+                    let r2 = Arc::clone(replica);
+                    let taken = tokio::task::spawn_blocking(move || r2.hand_over(guest, epoch)).await?;
+                    let answer = match &taken {
+                        Ok(()) => Message::Handover { epoch },
+                        Err(m) => Message::Error(m.clone()),
+                    };
+                    control.write_all(&answer.to_bytes()).await.map_err(StreamError::from)?;
+                    let _ = control.finish();
+                    // The primary closes once it has the answer.
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+                    return taken.map_err(LinkError::Refused);
+                }
                 ReceiverEvent::PrimaryLost { guest, committed, silence } => {
                     tracing::warn!(%guest, committed = committed.0, %silence, "primary lost");
                     replica.primary_lost(guest, committed, &silence);

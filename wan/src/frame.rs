@@ -31,6 +31,7 @@
 //! 9  Error       len u32 | utf-8 (at most 4096 bytes)
 //! 10 Forget      list                                  (since version 2)
 //! 11 Missing     round u32 | epoch u64 | list          (since version 2)
+//! 12 Handover    epoch u64                             (since version 3)
 //! ```
 //! Version 2 added Forget, Missing and EpochBegin's `round`; version 3
 //! Hello's `generation`; both ends
@@ -152,6 +153,14 @@ pub enum Message {
         /// Chunks it named that the backup does not hold.
         chunks: Vec<ChunkId>,
     },
+    /// Primary → backup, once every epoch is acknowledged and the last was
+    /// sealed with the guest held still: take the guest over from `epoch`
+    /// now (a planned move). Backup → primary: it has (the guest is
+    /// fenced here and resuming); the primary stops for good.
+    Handover {
+        /// The last epoch, committed.
+        epoch: EpochId,
+    },
 }
 
 impl Message {
@@ -168,6 +177,7 @@ impl Message {
             Self::Error(_) => 9,
             Self::Forget(_) => 10,
             Self::Missing { .. } => 11,
+            Self::Handover { .. } => 12,
         }
     }
 
@@ -218,7 +228,7 @@ impl Message {
                 w.u64(epoch.0);
                 w.bytes(&manifest.0);
             }
-            Self::Heartbeat { epoch } => w.u64(epoch.0),
+            Self::Heartbeat { epoch } | Self::Handover { epoch } => w.u64(epoch.0),
             Self::Error(m) => w.blob(&m.as_bytes()[..m.len().min(4096)]),
             Self::Forget(chunks) => put_chunk_list(&mut w, chunks),
             Self::Missing { round, epoch, chunks } => {
@@ -316,6 +326,7 @@ impl Message {
             9 => Self::Error(String::from_utf8_lossy(r.blob(4096)?).into_owned()),
             10 => Self::Forget(chunk_list(&mut r)?),
             11 => Self::Missing { round: r.u32()?, epoch: EpochId(r.u64()?), chunks: chunk_list(&mut r)? },
+            12 => Self::Handover { epoch: EpochId(r.u64()?) },
             k => return Err(DecodeError::UnknownKind { what: "message", kind: k }),
         };
         if !r.is_empty() {
@@ -445,6 +456,7 @@ mod tests {
             (any::<u64>(), hash()).prop_map(|(e, h)| Message::EpochEnd { epoch: EpochId(e), memory_root: h }),
             (any::<u64>(), hash()).prop_map(|(e, h)| Message::Ack { epoch: EpochId(e), manifest: h }),
             any::<u64>().prop_map(|e| Message::Heartbeat { epoch: EpochId(e) }),
+            any::<u64>().prop_map(|e| Message::Handover { epoch: EpochId(e) }),
             "[a-z ]{0,40}".prop_map(Message::Error),
             proptest::collection::vec(hash(), 0..8).prop_map(Message::Forget),
             (any::<u32>(), any::<u64>(), proptest::collection::vec(hash(), 0..8)).prop_map(|(round, e, chunks)| Message::Missing {

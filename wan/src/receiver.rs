@@ -49,6 +49,14 @@ pub struct ReceivedEpoch {
 /// What happened, for the driver.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ReceiverEvent {
+    /// The primary hands the guest over (a planned move): every epoch up
+    /// to `epoch` is committed; take it over from there.
+    Handover {
+        /// The guest.
+        guest: GuestId,
+        /// Its last epoch, committed.
+        epoch: EpochId,
+    },
     /// The primary has been silent for longer than the timeout: fail over
     /// from this epoch, the last committed.
     PrimaryLost {
@@ -131,6 +139,14 @@ impl ReceiverCore {
         self.heard(now);
         match msg {
             Message::Heartbeat { .. } => Ok(()),
+            Message::Handover { epoch } => {
+                let guest = self.guest.ok_or(ProtocolError::Unexpected("handover before hello"))?;
+                if epoch != self.committed || self.committing || !self.ready.is_empty() {
+                    return Err(ProtocolError::BadEpoch { epoch, reason: "handover before every epoch up to it was committed" });
+                }
+                self.events.push_back(ReceiverEvent::Handover { guest, epoch });
+                Ok(())
+            }
             Message::Error(m) => Err(ProtocolError::Peer(m)),
             _ => Err(ProtocolError::Unexpected("message on the control stream")),
         }

@@ -113,6 +113,11 @@ pub enum SenderEvent {
         /// Chunks the encoder stopped counting as held.
         held: usize,
     },
+    /// The backup took the guest over from this epoch (a planned move).
+    HandedOver {
+        /// The last epoch.
+        epoch: EpochId,
+    },
     /// The backup refused epoch `from` for naming chunks it does not
     /// hold; every unacknowledged epoch is being sent again.
     Resending {
@@ -156,6 +161,9 @@ pub struct SenderCore {
     /// Copies of heartbeats for unreliable datagrams.
     datagrams: VecDeque<Message>,
     events: VecDeque<SenderEvent>,
+    /// A planned move: hand the guest over once every epoch is
+    /// acknowledged; then the epoch it was handed over at.
+    handover: (bool, Option<EpochId>),
 }
 
 impl SenderCore {
@@ -182,6 +190,35 @@ impl SenderCore {
             control: VecDeque::new(),
             datagrams: VecDeque::new(),
             events: VecDeque::new(),
+            handover: (false, None),
+        }
+    }
+
+    /// Asks for a planned move: once the last epoch (sealed with the guest
+    /// held still) is acknowledged, the backup is asked to take the guest
+    /// over ([`poll_handover`](Self::poll_handover)) instead of the link
+    /// ending.
+    pub fn want_handover(&mut self) {
+        self.handover.0 = true;
+    }
+
+    /// Whether the link still has a handover to make.
+    #[must_use]
+    pub fn handover_pending(&self) -> bool {
+        self.handover.0 && self.handover.1.is_none()
+    }
+
+    /// The epoch the guest was handed over at, once the backup said so.
+    #[must_use]
+    pub fn handed_over(&self) -> Option<EpochId> {
+        self.handover.1
+    }
+
+    /// Queues the Handover on the control stream, once every epoch is
+    /// acknowledged (call once per connection).
+    pub fn send_handover(&mut self) {
+        if self.connected && self.handover_pending() && self.unacked() == 0 {
+            self.control.push_back(Message::Handover { epoch: self.acked });
         }
     }
 
@@ -292,6 +329,13 @@ impl SenderCore {
                 self.ack(epoch, manifest);
             }
             Message::Heartbeat { .. } => {}
+            Message::Handover { epoch } => {
+                if !self.handover.0 || epoch != self.acked || self.unacked() != 0 {
+                    return Err(ProtocolError::Unexpected("handover not asked for"));
+                }
+                self.handover.1 = Some(epoch);
+                self.events.push_back(SenderEvent::HandedOver { epoch });
+            }
             Message::Forget(chunks) => {
                 // On a stream of its own, it may overtake the Welcome;
                 // forgetting is safe at any time.

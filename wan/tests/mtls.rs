@@ -18,6 +18,10 @@ struct CountingReplica {
 }
 
 impl Replica for CountingReplica {
+    fn hand_over(&self, _: GuestId, _: EpochId) -> Result<(), String> {
+        Err("not here".into())
+    }
+
     fn welcome(&self, _: GuestId, _: u64, _: u64, _: u64) -> Result<(EpochId, ChunkId), String> {
         self.welcomed.fetch_add(1, Ordering::SeqCst);
         Ok((EpochId(0), ChunkId::default()))

@@ -203,6 +203,9 @@ fn show_event(ev: &BackupEvent, reverse: &Reverse<'_>) -> Result<()> {
         }
         BackupEvent::FailoverFailed { guest, error } => eprintln!("failover of {guest} failed: {error}"),
         BackupEvent::Fenced { guest, epoch } => eprintln!("{guest}: its old primary is fenced; failing over from epoch {}", epoch.0),
+        BackupEvent::HandedOver { guest, epoch } => {
+            eprintln!("{guest}: its primary hands it over at epoch {} (a planned move); taking it over", epoch.0);
+        }
         BackupEvent::TakeoverAbandoned { guest } => eprintln!("{guest}: the primary is back before its lease ran out; no failover"),
         BackupEvent::LeaseWon { lease, after } => {
             println!(

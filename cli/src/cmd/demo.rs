@@ -71,7 +71,7 @@ pub fn run(args: &DemoArgs, cfg: &Config, data_dir: &Path) -> Result<bool> {
         );
     }
     let until = Instant::now() + Duration::from_secs_f64(args.seconds);
-    let (mut summary, stats) = protect_until(opts, Some(until), args.json, DRAIN)?;
+    let (mut summary, stats) = protect_until(opts, Some(until), args.json, DRAIN, None)?;
     let commits = backup.replica.stats(guest).commit_ns;
     summary.backup_commit_ms_p50 = remus_node::stats::ms(remus_node::stats::percentile(&commits, 50.0));
     summary.backup_commit_ms_p99 = remus_node::stats::ms(remus_node::stats::percentile(&commits, 99.0));

@@ -6,6 +6,7 @@ pub mod demo;
 pub mod gc;
 pub mod keygen;
 pub mod log;
+pub mod moving;
 pub mod protect;
 pub mod restore;
 pub mod show;

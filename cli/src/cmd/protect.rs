@@ -207,12 +207,16 @@ impl Progress {
 }
 
 /// Waits while the primary runs, showing progress, until `until` or a stop
-/// signal or the engine ending by itself.
-pub fn watch(primary: &Primary, until: Option<Instant>, progress: &mut Progress) {
+/// signal, a move asked for on `mover`, or the engine ending by itself.
+pub fn watch(primary: &Primary, until: Option<Instant>, progress: &mut Progress, mover: Option<&super::moving::MoveControl>) {
     loop {
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(20));
         progress.show(progress_line(&primary.stats.lock()));
-        if super::stop_requested() || until.is_some_and(|t| Instant::now() >= t) || primary.engine_finished() {
+        if super::stop_requested()
+            || until.is_some_and(|t| Instant::now() >= t)
+            || primary.engine_finished()
+            || mover.is_some_and(super::moving::MoveControl::requested)
+        {
             break;
         }
     }
@@ -229,13 +233,33 @@ pub fn protect_until(
     until: Option<Instant>,
     quiet: bool,
     drain: Duration,
+    mover: Option<&super::moving::MoveControl>,
 ) -> Result<(Summary, std::sync::Arc<parking_lot::Mutex<remus_node::stats::PrimaryStats>>)> {
+    let guest = opts.guest;
     let primary = Primary::start(opts)?;
     let mut progress = Progress::new(quiet);
-    watch(&primary, until, &mut progress);
+    watch(&primary, until, &mut progress, mover);
     progress.finish();
     let stats = std::sync::Arc::clone(&primary.stats);
     let exact = primary.exact_tracking;
+    if let Some(m) = mover.filter(|m| m.requested()) {
+        if !quiet {
+            eprintln!("moving: sealing the last epoch with the guest held still, then handing it over to the backup");
+        }
+        match primary.hand_over(drain) {
+            Ok((epoch, held)) => m.answer(&format!(
+                "moved {guest} at epoch {}: the guest was held still for {:.1} ms until the backup had taken it over",
+                epoch.0,
+                held.as_secs_f64() * 1e3
+            )),
+            Err(e) => {
+                m.answer(&format!("move of {guest} failed: {e}"));
+                return Err(e.into());
+            }
+        }
+        let summary = Summary::from_stats(&stats.lock(), exact);
+        return Ok((summary, stats));
+    }
     if !quiet {
         eprintln!("stopping: waiting for the backup to acknowledge every sealed epoch");
     }
@@ -296,7 +320,8 @@ pub fn run(args: &ProtectArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
         eprintln!("lease on the witness as {} ({} ms)", w.node, w.timing.lease.as_millis());
     }
     let until = args.seconds.map(|s| Instant::now() + Duration::from_secs_f64(s));
-    let (summary, _) = protect_until(opts, until, args.json, Duration::from_secs_f64(args.drain_seconds))?;
+    let mover = super::moving::MoveControl::listen(data_dir, opts.guest.0)?;
+    let (summary, _) = protect_until(opts, until, args.json, Duration::from_secs_f64(args.drain_seconds), Some(&mover))?;
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
