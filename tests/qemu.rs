@@ -477,7 +477,15 @@ fn remus_move_takes_the_guest_there_and_on_under_client_load_losing_no_request()
     keygen(&data);
     let ns = Netns::create();
     let cfg = dir.path().join("remus.toml");
-    std::fs::write(&cfg, "[backup]\nprimary-timeout-ms = 2000\n\n[protect]\nbackup-timeout-ms = 2000\n").unwrap();
+    let events = dir.path().join("events.jsonl");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[backup]\nprimary-timeout-ms = 2000\n\n[protect]\nbackup-timeout-ms = 2000\n\n[hooks]\ncommand = \"cat >> {}\"\n",
+            events.display()
+        ),
+    )
+    .unwrap();
     let backup = |store: &str, failover: &str, tap: &str, reverse_to: Option<&str>| {
         let mut c = ns.command(&remus());
         c.arg("--config").arg(&cfg).args(["backup", "--data-dir"]).arg(&data).arg("--store").arg(data.join(store));
@@ -541,6 +549,14 @@ fn remus_move_takes_the_guest_there_and_on_under_client_load_losing_no_request()
     slow.sort_unstable();
     eprintln!("move 1: {first}move 2: {second}slowest requests: {:?} of {} requests", &slow[slow.len() - 3..], values.len());
     let _ = std::fs::remove_dir_all(&run_dir);
+    // The hooks heard both moves: each backup a `move` and a `failover`
+    // at the epoch the guest was handed over at.
+    let heard: Vec<serde_json::Value> =
+        std::fs::read_to_string(&events).unwrap().lines().map(|l| serde_json::from_str(l).expect("one JSON event per line")).collect();
+    let moves: Vec<u64> = heard.iter().filter(|e| e["event"] == "move").map(|e| e["epoch"].as_u64().unwrap()).collect();
+    let failovers: Vec<u64> = heard.iter().filter(|e| e["event"] == "failover").map(|e| e["epoch"].as_u64().unwrap()).collect();
+    assert_eq!(moves.len(), 2, "{heard:?}");
+    assert_eq!(moves, failovers, "each move taken over from the epoch handed over");
 }
 
 /// The run state of the QEMU behind a QMP socket.
