@@ -397,39 +397,61 @@ fn a_guest_cut_off_from_backup_and_witness_fails_over_once_and_its_client_sees_o
     drop(relay);
 }
 
+/// Three sites on the namespace's bridge: a primary (QEMU on tap-p)
+/// replicating to B (tap-b), which protects a guest it takes over again
+/// (`--reverse-to`), replicating to C (tap-c); and a client connected to
+/// the guest's counter service. Fields drop in order: the namespace last.
+struct ThreeSites {
+    conn: BufReader<TcpStream>,
+    primary: KillOnDrop,
+    near: BackupProcess,
+    far: BackupProcess,
+    run_dir: PathBuf,
+    data: PathBuf,
+    ns: Netns,
+}
+
+impl ThreeSites {
+    /// Starts them under `dir`, with `extra` appended to the shared config.
+    fn start(dir: &Path, tag: &str, extra: &str) -> Self {
+        let (kernel, initrd) = common::guest::guest_image();
+        let data = dir.join("data");
+        keygen(&data);
+        let ns = Netns::create();
+        let cfg = dir.join("remus.toml");
+        std::fs::write(&cfg, format!("[backup]\nprimary-timeout-ms = 2000\n\n[protect]\nbackup-timeout-ms = 2000\n\n{extra}")).unwrap();
+        let backup = |store: &str, failover: &str, tap: &str, reverse_to: Option<&str>| {
+            let mut c = ns.command(&remus());
+            c.arg("--config").arg(&cfg).args(["backup", "--data-dir"]).arg(&data).arg("--store").arg(data.join(store));
+            c.args(["--listen", "127.0.0.1:0", "--failover-dir"]).arg(dir.join(failover)).args(["--resume", "--tap", tap]);
+            if let Some(to) = reverse_to {
+                c.args(["--reverse-to", to]);
+            }
+            BackupProcess::spawn(c)
+        };
+        let far = backup("store-c", "failover-c", "tap-c", None);
+        let near = backup("store-b", "failover-b", "tap-b", Some(&far.addr));
+        let run_dir = PathBuf::from(format!("/dev/shm/remus-test-{tag}{}", std::process::id()));
+        let mut pcmd = ns.command(&remus());
+        pcmd.arg("--config").arg(&cfg).args(["protect", "qemu", "--data-dir"]).arg(&data);
+        pcmd.args(["--backup", &near.addr, "--tap", "tap-p", "--memory-mib", "128", "--disk-mib", "16"]);
+        pcmd.arg("--kernel").arg(&kernel).arg("--initrd").arg(&initrd).arg("--run-dir").arg(&run_dir);
+        pcmd.args(["--tracking", "write-protect"]).stdout(Stdio::null()).stderr(Stdio::inherit());
+        let primary = KillOnDrop(pcmd.spawn().expect("spawn primary"));
+        wait_for_file_line(&run_dir.join("serial.log"), "remus-guest ready", Duration::from_secs(120));
+        let conn = BufReader::new(ns.connect("10.0.2.15:7000", Duration::from_secs(60)));
+        conn.get_ref().set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        Self { conn, primary, near, far, run_dir, data, ns }
+    }
+}
+
 #[test]
 fn a_failed_over_guest_is_protected_again_and_survives_a_second_failover() {
     let _one = ONE_GUEST.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let (kernel, initrd) = common::guest::guest_image();
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    keygen(&data);
-    let ns = Netns::create();
-    let cfg = dir.path().join("remus.toml");
-    std::fs::write(&cfg, "[backup]\nprimary-timeout-ms = 2000\n\n[protect]\nbackup-timeout-ms = 2000\n").unwrap();
-    let backup = |store: &str, failover: &str, tap: &str, reverse_to: Option<&str>| {
-        let mut c = ns.command(&remus());
-        c.arg("--config").arg(&cfg).args(["backup", "--data-dir"]).arg(&data).arg("--store").arg(data.join(store));
-        c.args(["--listen", "127.0.0.1:0", "--failover-dir"]).arg(dir.path().join(failover)).args(["--resume", "--tap", tap]);
-        if let Some(to) = reverse_to {
-            c.args(["--reverse-to", to]);
-        }
-        BackupProcess::spawn(c)
-    };
-    // C: where the guest replicates once it failed over to B, and where it
-    // fails over the second time.
-    let far = backup("store-c", "failover-c", "tap-c", None);
-    let near = backup("store-b", "failover-b", "tap-b", Some(&far.addr));
-    let run_dir = PathBuf::from(format!("/dev/shm/remus-test-r{}", std::process::id()));
-    let mut pcmd = ns.command(&remus());
-    pcmd.arg("--config").arg(&cfg).args(["protect", "qemu", "--data-dir"]).arg(&data);
-    pcmd.args(["--backup", &near.addr, "--tap", "tap-p", "--memory-mib", "128", "--disk-mib", "16"]);
-    pcmd.arg("--kernel").arg(&kernel).arg("--initrd").arg(&initrd).arg("--run-dir").arg(&run_dir);
-    pcmd.args(["--tracking", "write-protect"]).stdout(Stdio::null()).stderr(Stdio::inherit());
-    let mut primary = KillOnDrop(pcmd.spawn().expect("spawn primary"));
-    wait_for_file_line(&run_dir.join("serial.log"), "remus-guest ready", Duration::from_secs(120));
-    let mut conn = BufReader::new(ns.connect("10.0.2.15:7000", Duration::from_secs(60)));
-    conn.get_ref().set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    // C is where the guest replicates once it failed over to B, and where
+    // it fails over the second time.
+    let ThreeSites { mut conn, mut primary, near, far, run_dir, data: _, ns: _ns } = ThreeSites::start(dir.path(), "r", "");
     let mut seen = Vec::new();
     for _ in 0..25 {
         seen.push(request(&mut conn, "inc").parse::<u64>().expect("a number"));
@@ -471,43 +493,11 @@ fn a_failed_over_guest_is_protected_again_and_survives_a_second_failover() {
 #[test]
 fn remus_move_takes_the_guest_there_and_on_under_client_load_losing_no_request() {
     let _one = ONE_GUEST.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let (kernel, initrd) = common::guest::guest_image();
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    keygen(&data);
-    let ns = Netns::create();
-    let cfg = dir.path().join("remus.toml");
     let events = dir.path().join("events.jsonl");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[backup]\nprimary-timeout-ms = 2000\n\n[protect]\nbackup-timeout-ms = 2000\n\n[hooks]\ncommand = \"cat >> {}\"\n",
-            events.display()
-        ),
-    )
-    .unwrap();
-    let backup = |store: &str, failover: &str, tap: &str, reverse_to: Option<&str>| {
-        let mut c = ns.command(&remus());
-        c.arg("--config").arg(&cfg).args(["backup", "--data-dir"]).arg(&data).arg("--store").arg(data.join(store));
-        c.args(["--listen", "127.0.0.1:0", "--failover-dir"]).arg(dir.path().join(failover)).args(["--resume", "--tap", tap]);
-        if let Some(to) = reverse_to {
-            c.args(["--reverse-to", to]);
-        }
-        BackupProcess::spawn(c)
-    };
-    // Site B protects the guest again once it arrives, replicating to C.
-    let far = backup("store-c", "failover-c", "tap-c", None);
-    let near = backup("store-b", "failover-b", "tap-b", Some(&far.addr));
-    let run_dir = PathBuf::from(format!("/dev/shm/remus-test-m{}", std::process::id()));
-    let mut pcmd = ns.command(&remus());
-    pcmd.arg("--config").arg(&cfg).args(["protect", "qemu", "--data-dir"]).arg(&data);
-    pcmd.args(["--backup", &near.addr, "--tap", "tap-p", "--memory-mib", "128", "--disk-mib", "16"]);
-    pcmd.arg("--kernel").arg(&kernel).arg("--initrd").arg(&initrd).arg("--run-dir").arg(&run_dir);
-    pcmd.args(["--tracking", "write-protect"]).stdout(Stdio::null()).stderr(Stdio::inherit());
-    let mut primary = KillOnDrop(pcmd.spawn().expect("spawn primary"));
-    wait_for_file_line(&run_dir.join("serial.log"), "remus-guest ready", Duration::from_secs(120));
-    let mut conn = BufReader::new(ns.connect("10.0.2.15:7000", Duration::from_secs(60)));
-    conn.get_ref().set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    // B protects the guest again once it arrives, replicating to C.
+    let sites = ThreeSites::start(dir.path(), "m", &format!("[hooks]\ncommand = \"cat >> {}\"\n", events.display()));
+    let ThreeSites { mut conn, mut primary, near, far, run_dir, data, ns: _ns } = sites;
     // A client that keeps asking, one request after another, timing each.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop2 = std::sync::Arc::clone(&stop);

@@ -28,13 +28,9 @@ use std::time::{Duration, Instant};
 use remus_relay::{Impairment, Relay, RelayConfig};
 use remus_store::s3::{S3Client, S3Config};
 
-fn env_list<T: std::str::FromStr>(name: &str, default: &str) -> Vec<T> {
-    std::env::var(name)
-        .unwrap_or_else(|_| default.into())
-        .split(',')
-        .map(|s| s.trim().parse().unwrap_or_else(|_| panic!("{name}: cannot parse {s:?}")))
-        .collect()
-}
+mod common;
+
+use common::env_list;
 
 struct Killed(Child);
 

@@ -26,13 +26,9 @@ use std::time::Duration;
 
 use remus_relay::{Direction, Impairment, Relay, RelayConfig};
 
-fn env_list<T: std::str::FromStr>(name: &str, default: &str) -> Vec<T> {
-    std::env::var(name)
-        .unwrap_or_else(|_| default.into())
-        .split(',')
-        .map(|s| s.trim().parse().unwrap_or_else(|_| panic!("{name}: cannot parse {s:?}")))
-        .collect()
-}
+mod common;
+
+use common::env_list;
 
 struct BackupProc {
     child: Child,

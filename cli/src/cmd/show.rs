@@ -10,17 +10,31 @@ use remus_types::{EpochId, GuestId};
 
 use super::format_time;
 
-/// Arguments of `remus show`.
+/// Which history: the store and the guest.
 #[derive(Debug, clap::Args)]
-pub struct ShowArgs {
-    /// The epoch.
-    pub epoch: u64,
+pub struct History {
     /// Store directory (default `<data-dir>/store`).
     #[arg(long)]
     pub store: Option<PathBuf>,
     /// The guest (default 1).
     #[arg(long, default_value_t = 1)]
     pub guest: u64,
+}
+
+impl History {
+    fn open(&self, data_dir: &Path) -> Result<(remus_store::Store, GuestId)> {
+        Ok((super::open_store_read_only(self.store.as_deref(), data_dir)?, GuestId(self.guest)))
+    }
+}
+
+/// Arguments of `remus show`.
+#[derive(Debug, clap::Args)]
+pub struct ShowArgs {
+    /// The epoch.
+    pub epoch: u64,
+    /// Which history.
+    #[command(flatten)]
+    pub history: History,
     /// One JSON object.
     #[arg(long)]
     pub json: bool,
@@ -33,12 +47,9 @@ pub struct DiffArgs {
     pub a: u64,
     /// The other.
     pub b: u64,
-    /// Store directory (default `<data-dir>/store`).
-    #[arg(long)]
-    pub store: Option<PathBuf>,
-    /// The guest (default 1).
-    #[arg(long, default_value_t = 1)]
-    pub guest: u64,
+    /// Which history.
+    #[command(flatten)]
+    pub history: History,
     /// One JSON object: every changed page with its byte ranges, and the
     /// summary by region.
     #[arg(long)]
@@ -50,8 +61,8 @@ pub struct DiffArgs {
 /// # Errors
 /// When the store cannot be opened or has no such epoch.
 pub fn show(args: &ShowArgs, data_dir: &Path) -> Result<()> {
-    let store = super::open_store_read_only(args.store.as_deref(), data_dir)?;
-    let (g, e) = (GuestId(args.guest), EpochId(args.epoch));
+    let (store, g) = args.history.open(data_dir)?;
+    let e = EpochId(args.epoch);
     let s = inspect::show(&store, g, e)?;
     let m = &s.manifest;
     let layout = s
@@ -107,8 +118,7 @@ fn region_name(r: Region) -> &'static str {
 /// # Errors
 /// When the store cannot be opened or lacks either epoch.
 pub fn diff(args: &DiffArgs, data_dir: &Path) -> Result<()> {
-    let store = super::open_store_read_only(args.store.as_deref(), data_dir)?;
-    let g = GuestId(args.guest);
+    let (store, g) = args.history.open(data_dir)?;
     let d = inspect::diff(&store, g, EpochId(args.a), EpochId(args.b))?;
     let regions: Vec<_> = d
         .by_region()
@@ -154,12 +164,9 @@ pub struct BisectArgs {
     /// The last (where it holds).
     #[arg(long)]
     pub to: u64,
-    /// Store directory (default `<data-dir>/store`).
-    #[arg(long)]
-    pub store: Option<PathBuf>,
-    /// The guest (default 1).
-    #[arg(long, default_value_t = 1)]
-    pub guest: u64,
+    /// Which history.
+    #[command(flatten)]
+    pub history: History,
     /// Where the bytes are: a byte offset into the guest's memory (a
     /// guest-physical address), decimal or 0x-hex; with --equals or
     /// --changes.
@@ -237,8 +244,7 @@ pub fn bisect(args: &BisectArgs, data_dir: &Path) -> Result<bool> {
         _ => anyhow::bail!("give one condition: --equals VALUE --at ADDR, --contains VALUE --in START..END, or --changes --at ADDR"),
     };
     anyhow::ensure!(args.from < args.to, "--from must be before --to");
-    let store = super::open_store_read_only(args.store.as_deref(), data_dir)?;
-    let g = GuestId(args.guest);
+    let (store, g) = args.history.open(data_dir)?;
     let b = inspect::bisect(&store, g, EpochId(args.from), EpochId(args.to), &p)?;
     let probes: Vec<_> = b.probes.iter().map(|(e, h)| serde_json::json!({"epoch": e.0, "holds": h})).collect();
     if args.json {
