@@ -42,6 +42,7 @@ fn main() -> Result<()> {
         record_roots: None,
         witness: None,
         hooks: remus_node::HookConfig::default(),
+        continues: None,
     })?;
     std::thread::sleep(Duration::from_secs(2));
     let stats = std::sync::Arc::clone(&primary.stats);

@@ -451,7 +451,7 @@ fn a_failed_over_guest_is_protected_again_and_survives_a_second_failover() {
     let dir = tempfile::tempdir().unwrap();
     // C is where the guest replicates once it failed over to B, and where
     // it fails over the second time.
-    let ThreeSites { mut conn, mut primary, near, far, run_dir, data: _, ns: _ns } = ThreeSites::start(dir.path(), "r", "");
+    let ThreeSites { mut conn, mut primary, near, far, run_dir, data, ns: _ns } = ThreeSites::start(dir.path(), "r", "");
     let mut seen = Vec::new();
     for _ in 0..25 {
         seen.push(request(&mut conn, "inc").parse::<u64>().expect("a number"));
@@ -466,6 +466,7 @@ fn a_failed_over_guest_is_protected_again_and_survives_a_second_failover() {
     let line = near.wait_line("failover guest-1 epoch ", Duration::from_secs(30));
     assert!(line.contains("protected again by remus pid"), "{line}");
     let pid: u32 = line.split("remus pid ").nth(1).and_then(|r| r.split(',').next()).and_then(|p| p.parse().ok()).expect("pid");
+    let handed: u64 = line.split_whitespace().nth(3).and_then(|e| e.parse().ok()).expect("the failover epoch");
     // The guest now runs protected at B, replicating to C: each reply it
     // gives is released only once C committed it.
     for _ in 0..10 {
@@ -488,6 +489,20 @@ fn a_failed_over_guest_is_protected_again_and_survives_a_second_failover() {
     let last = *seen.last().unwrap();
     assert_eq!(request(&mut conn, "get"), format!("{last} {last}"), "memory and disk agree with what the client was told");
     let _ = std::fs::remove_dir_all(&run_dir);
+    // C's history of the guest continues B's chain: its first epoch is the
+    // one after the failover epoch, naming B's manifest of it as parent,
+    // and it verifies.
+    let json = |args: &[&str]| -> Vec<serde_json::Value> {
+        let out = run_limited(Command::new(remus()).args(args).arg("--data-dir").arg(&data), Duration::from_secs(60));
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let store = |name: &str| data.join(name).to_string_lossy().into_owned();
+    let at_c = json(&["log", "--json", "--store", &store("store-c")]);
+    assert_eq!(at_c[0]["epoch"].as_u64(), Some(handed + 1), "C continues after the epoch B resumed from");
+    let at_b = json(&["show", &handed.to_string(), "--json", "--store", &store("store-b")]);
+    assert_eq!(at_c[0]["parent"], at_b[0]["manifest"], "one chain across both backups");
+    json(&["verify", "--json", "--store", &store("store-c")]);
 }
 
 #[test]

@@ -85,6 +85,9 @@ pub enum FailoverOutcome {
         run_dir: PathBuf,
         /// Where the resumed guest replicates to.
         backup: std::net::SocketAddr,
+        /// The manifest of the epoch it resumes from: its history there
+        /// continues this chain.
+        manifest: remus_types::ChunkId,
     },
     /// A QEMU guest running again here.
     Resumed {
@@ -118,7 +121,7 @@ impl BackupEvent {
             Self::FailedOver { guest, epoch, outcome: FailoverOutcome::Written { path } } => json!({
                 "event": "failover", "role": "backup", "guest": guest.0, "epoch": epoch.0, "image": path.display().to_string(),
             }),
-            Self::FailedOver { guest, epoch, outcome: FailoverOutcome::ReadyToProtect { run_dir, backup } } => json!({
+            Self::FailedOver { guest, epoch, outcome: FailoverOutcome::ReadyToProtect { run_dir, backup, .. } } => json!({
                 "event": "failover", "role": "backup", "guest": guest.0, "epoch": epoch.0, "run_dir": run_dir.display().to_string(),
                 "protect_to": backup.to_string(),
             }),

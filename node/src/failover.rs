@@ -189,7 +189,10 @@ pub fn spawn(job: Job, stopping: Arc<AtomicBool>, events: crossbeam_channel::Sen
         Ok(Failover { epoch, path, vm, live }) => {
             let outcome = match (&vm, resume.as_ref().and_then(|r| r.protect_to)) {
                 (Some(vm), _) => FailoverOutcome::Resumed { pid: vm.pid(), qmp: vm.run.qmp(), from_live: live },
-                (None, Some(backup)) if path.is_dir() => FailoverOutcome::ReadyToProtect { run_dir: path, backup },
+                (None, Some(backup)) if path.is_dir() => {
+                    let manifest = store.manifest(guest, epoch).map(|m| m.id()).unwrap_or_default();
+                    FailoverOutcome::ReadyToProtect { run_dir: path, backup, manifest }
+                }
                 (None, _) => FailoverOutcome::Written { path },
             };
             let _ = events.send(BackupEvent::FailedOver { guest, epoch, outcome });

@@ -63,6 +63,10 @@ pub struct PrimaryOptions {
     /// Where its events (lease taken, history continued, self-fence,
     /// taken over) are delivered.
     pub hooks: HookConfig,
+    /// The history this run continues when its backup holds none of the
+    /// guest's (a guest protected again after failing over): the last
+    /// epoch and its manifest, kept by the backup it failed over to.
+    pub continues: Option<(EpochId, remus_types::ChunkId)>,
 }
 
 /// Whether the primary may release output (its lease, when it has one),
@@ -215,6 +219,7 @@ impl Primary {
             generation: owner.lease.as_ref().map_or(0, Renewal::generation),
             page_count,
             handover: Arc::clone(&handover),
+            continues: opts.continues,
         };
         let create = |p: &Option<PathBuf>| -> Result<Option<std::fs::File>> {
             p.as_ref().map(|p| std::fs::File::create(p).map_err(NodeError::io(format!("creating {}", p.display())))).transpose()

@@ -159,8 +159,26 @@ impl StoreReplica {
 }
 
 impl Replica for StoreReplica {
-    fn welcome(&self, guest: GuestId, instance: u64, page_count: u64, generation: u64) -> Result<(EpochId, ChunkId), String> {
-        let head = self.store.head(guest).map_err(|e| e.to_string())?;
+    fn welcome(
+        &self,
+        guest: GuestId,
+        instance: u64,
+        page_count: u64,
+        generation: u64,
+        continues: Option<(EpochId, ChunkId)>,
+    ) -> Result<(EpochId, ChunkId), String> {
+        let mut head = self.store.head(guest).map_err(|e| e.to_string())?;
+        if let (None, Some((epoch, manifest))) = (head, continues) {
+            // A guest protected again after failing over elsewhere: its
+            // history here continues that chain.
+            if page_count > remus_types::MAX_PAGE_COUNT {
+                return Err(format!("{guest}: a memory of {page_count} pages is not one remus protects"));
+            }
+            let graft = remus_store::Head { epoch, manifest, instance, page_count, generation };
+            self.store.graft(guest, graft).map_err(|e| e.to_string())?;
+            tracing::info!(%guest, epoch = epoch.0, "history continued from another backup's epoch");
+            head = Some(graft);
+        }
         let fence = self.store.fenced(guest).map_err(|e| e.to_string())?;
         let welcome = self.admission.welcome(guest, (instance, generation), page_count, head, fence)?;
         self.welcomed.lock().insert(guest, Instant::now());
@@ -312,7 +330,7 @@ mod tests {
         let failover = FailoverAction::RestoreTo { dir: dir.path().join("failover"), resume: None };
         let replica = StoreReplica::new(Arc::clone(&store), failover, None, tx);
         let g = GuestId(1);
-        replica.welcome(g, 7, 16, 0).unwrap();
+        replica.welcome(g, 7, 16, 0, None).unwrap();
         replica.commit(vec![epoch(g, 1), epoch(g, 2)]).unwrap();
         replica.take_over(g, EpochId(1), None);
         // A commit of the old primary after the fence: refused whole,
@@ -320,7 +338,7 @@ mod tests {
         let err = replica.commit(vec![epoch(g, 3)]).unwrap_err();
         assert!(matches!(err, CommitError::Rejected(m) if m.contains("failed over")), "{err:?}");
         assert_eq!(store.head(g).unwrap().unwrap().epoch, EpochId(2), "the fence is at the head, epoch 2, not the link's 1");
-        assert!(replica.welcome(g, 7, 16, 0).unwrap_err().contains("failed over"));
+        assert!(replica.welcome(g, 7, 16, 0, None).unwrap_err().contains("failed over"));
         let fenced: Vec<_> =
             events.try_iter().filter_map(|e| if let BackupEvent::Fenced { epoch, .. } = e { Some(epoch) } else { None }).collect();
         assert_eq!(fenced, [EpochId(2)]);

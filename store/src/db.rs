@@ -446,7 +446,15 @@ impl Store {
             let (head_epoch, parent, parent_commit) = match heads.get(&c.guest) {
                 Some(h) => *h,
                 None => match self.head(c.guest)? {
-                    Some(h) => (h.epoch, h.manifest, self.manifest(c.guest, h.epoch)?.commit_unix_ns),
+                    Some(h) => {
+                        // A grafted history has no manifest at its head.
+                        let parent_commit = match self.manifest(c.guest, h.epoch) {
+                            Ok(m) => m.commit_unix_ns,
+                            Err(StoreError::NoEpoch { .. }) => 0,
+                            Err(e) => return Err(e),
+                        };
+                        (h.epoch, h.manifest, parent_commit)
+                    }
                     None => (EpochId(0), ChunkId::default(), 0),
                 },
             };

@@ -33,7 +33,7 @@ use remus_types::{ChunkId, EpochId, GuestId, Pfn};
 use rocksdb::{IteratorMode, WriteBatch};
 
 use crate::chain::Bridge;
-use crate::db::{delta_key, epoch_key, guest_key, page_key, u64_at, Store, CF_CHUNKS, CF_EPOCHS, CF_META, CF_PAGES};
+use crate::db::{delta_key, epoch_key, guest_key, page_key, u64_at, Head, Store, CF_CHUNKS, CF_EPOCHS, CF_META, CF_PAGES};
 use crate::error::StoreError;
 use crate::manifest::Manifest;
 
@@ -107,7 +107,7 @@ pub struct GcReport {
     pub referenced: HashSet<ChunkId>,
 }
 
-fn bridge_key(guest: GuestId, first: EpochId) -> Vec<u8> {
+pub(crate) fn bridge_key(guest: GuestId, first: EpochId) -> Vec<u8> {
     let mut k = guest_key(b"bridge", guest);
     k.extend_from_slice(&first.0.to_be_bytes());
     k
@@ -125,6 +125,42 @@ struct Marked {
 }
 
 impl Store {
+    /// Starts `guest`'s history in this store after `head` (epoch and
+    /// manifest) of a history kept elsewhere, so that the next commit,
+    /// epoch `head.epoch + 1`, continues that chain (a guest protected
+    /// again after failing over, replicating to a backup that never held
+    /// it). The epochs up to `head.epoch` are recorded as a bridge from
+    /// the start, as if thinned: verify accepts the chain, and nothing
+    /// before the graft can be restored here. One synced write.
+    ///
+    /// # Errors
+    /// [`StoreError::OutOfOrder`] when the guest already has history here;
+    /// [`StoreError::Db`].
+    pub fn graft(&self, guest: GuestId, head: Head) -> Result<(), StoreError> {
+        if let Some(h) = self.head(guest)? {
+            return Err(StoreError::OutOfOrder { guest, epoch: head.epoch, head: h.epoch });
+        }
+        let mut batch = WriteBatch::default();
+        let mut v = Vec::with_capacity(72);
+        v.extend_from_slice(&head.epoch.0.to_be_bytes());
+        v.extend_from_slice(&ChunkId::default().0);
+        v.extend_from_slice(&head.manifest.0);
+        batch.put_cf(self.cf(CF_META), bridge_key(guest, EpochId(1)), v);
+        let mut head_v = Vec::with_capacity(64);
+        head_v.extend_from_slice(&head.epoch.0.to_be_bytes());
+        head_v.extend_from_slice(&head.manifest.0);
+        head_v.extend_from_slice(&head.instance.to_be_bytes());
+        head_v.extend_from_slice(&head.page_count.to_be_bytes());
+        head_v.extend_from_slice(&head.generation.to_be_bytes());
+        batch.put_cf(self.cf(CF_META), guest_key(b"head", guest), head_v);
+        // Nothing before the graft is here to upload.
+        batch.put_cf(self.cf(CF_META), guest_key(b"s3cur", guest), head.epoch.0.to_be_bytes());
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
     /// The bridges of `guest`, oldest first.
     ///
     /// # Errors

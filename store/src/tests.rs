@@ -405,3 +405,29 @@ fn a_fence_survives_reopening_the_store() {
     assert_eq!(store.fenced(GuestId(6)).unwrap(), None, "fences are per guest");
     assert!(store.guests().unwrap().is_empty(), "a fence is not history");
 }
+
+#[test]
+fn a_grafted_history_continues_a_chain_kept_elsewhere_and_verifies() {
+    let (elsewhere, here) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let g = GuestId(4);
+    // The history so far, in another store: epochs 1..=3.
+    let a = Store::open(elsewhere.path(), StoreOptions::default()).unwrap();
+    for e in 1..=3 {
+        a.commit(commit_of(g, e, &[(e, e as u8)])).unwrap();
+    }
+    let head = a.head(g).unwrap().unwrap();
+    // Here it continues after epoch 3, in a new run and generation.
+    let b = Store::open(here.path(), StoreOptions::default()).unwrap();
+    b.graft(g, Head { instance: 9, generation: 2, ..head }).unwrap();
+    assert!(matches!(b.commit(commit_of(g, 3, &[(1, 1)])), Err(StoreError::OutOfOrder { .. })), "epoch 4 comes next");
+    let mut c = commit_of(g, 4, &[(0, 7), (1, 8)]);
+    (c.instance, c.generation) = (9, 2);
+    let out = b.commit(c).unwrap();
+    assert_eq!(out.manifest.parent, head.manifest, "the chain goes on from the other store's head");
+    b.commit(commit_of(g, 5, &[(2, 9)])).unwrap();
+    assert_eq!(b.manifests(g).unwrap().iter().map(|m| m.epoch.0).collect::<Vec<_>>(), [4, 5]);
+    let report = b.verify(|_| {}).unwrap();
+    assert!(report.damage.is_empty(), "{:?}", report.damage);
+    assert_eq!(report.manifests, 2);
+    assert!(matches!(b.graft(g, head), Err(StoreError::OutOfOrder { .. })), "only a guest with no history here");
+}

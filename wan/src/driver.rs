@@ -229,6 +229,9 @@ pub struct PrimaryLinkConfig {
     pub generation: u64,
     /// Guest memory size in pages.
     pub page_count: u64,
+    /// A history kept by another backup that this run continues (a guest
+    /// protected again after failing over): its last epoch and manifest.
+    pub continues: Option<(EpochId, ChunkId)>,
     /// Set before the checkpoints end: a planned move, the backup taking
     /// the guest over once every epoch is acknowledged
     /// ([`LinkEvent::HandedOver`]), instead of the link just ending.
@@ -259,6 +262,9 @@ pub async fn run_primary(
     let mut client = cfg.client.clone();
     client.transport_config(Arc::new(transport_config(cfg.tuning.congestion, cfg.tuning.max_rate)));
     let mut core = SenderCore::new(cfg.sender, cfg.guest, cfg.instance, cfg.page_count).with_generation(cfg.generation);
+    if let Some((epoch, manifest)) = cfg.continues {
+        core = core.continuing(epoch, manifest);
+    }
     let mut input = Input::default();
     let mut backoff = MIN_BACKOFF;
     loop {
@@ -687,7 +693,14 @@ pub trait Replica: Send + Sync + 'static {
     ///
     /// # Errors
     /// A message sent to the primary before the connection is closed.
-    fn welcome(&self, guest: GuestId, instance: u64, page_count: u64, generation: u64) -> Result<(EpochId, ChunkId), String>;
+    fn welcome(
+        &self,
+        guest: GuestId,
+        instance: u64,
+        page_count: u64,
+        generation: u64,
+        continues: Option<(EpochId, ChunkId)>,
+    ) -> Result<(EpochId, ChunkId), String>;
 
     /// Durably commits complete, consecutive epochs (blocking), all or
     /// none; returns the last one's manifest hash.
@@ -780,11 +793,12 @@ async fn serve_primary<R: Replica>(conn: &Connection, replica: &Arc<R>, cfg: Bac
         Some(Control::Message(m)) => m?,
         Some(Control::Closed | Control::Datagram(_)) | None => return Err(LinkError::Closed),
     };
-    let Message::Hello { guest, instance, page_count, generation } = hello else {
+    let Message::Hello { guest, instance, page_count, generation, continues } = hello else {
         return Err(ProtocolError::Unexpected("first control message is not Hello").into());
     };
     let r2 = Arc::clone(replica);
-    let welcome = tokio::task::spawn_blocking(move || r2.welcome(guest, instance, page_count, generation)).await?;
+    let continues = (continues.0 > EpochId(0)).then_some(continues);
+    let welcome = tokio::task::spawn_blocking(move || r2.welcome(guest, instance, page_count, generation, continues)).await?;
     let (committed, head) = match welcome {
         Ok(w) => w,
         Err(m) => {

@@ -20,7 +20,8 @@
 //! Payloads (little-endian; `list` is `count u32 | hash[32] × count`, at
 //! most [`MAX_CHUNK_LIST`] hashes, and must fill the payload exactly):
 //! ```text
-//! 1  Hello       guest u64 | instance u64 | page_count u64 | generation u64   (generation since version 3)
+//! 1  Hello       guest u64 | instance u64 | page_count u64 | generation u64 | continues u64 | continues_manifest[32]
+//!                (generation and continues since version 3)
 //! 2  Welcome     guest u64 | committed u64 | head[32]
 //! 3  EpochBegin  guest u64 | epoch u64 | time u64 | page_count u64 | pause_ns u64 | records u32 | round u32
 //! 4  Pages       count u32 | page record × count      (encoding.rs)
@@ -97,6 +98,11 @@ pub enum Message {
         /// backup refuses a primary of an older generation than its
         /// history's, and lets a new instance of a newer one continue it.
         generation: u64,
+        /// A guest protected again after failing over: the last epoch of
+        /// its history and that epoch's manifest, kept by another backup
+        /// (epoch 0: none). A backup that holds no history of the guest
+        /// continues that chain.
+        continues: (EpochId, ChunkId),
     },
     /// Backup → primary: what it has committed for that guest.
     Welcome {
@@ -193,11 +199,13 @@ impl Message {
         out.extend_from_slice(&[VERSION, self.kind(), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
         let mut w = Writer::with(std::mem::take(out));
         match self {
-            Self::Hello { guest, instance, page_count, generation } => {
+            Self::Hello { guest, instance, page_count, generation, continues } => {
                 w.u64(guest.0);
                 w.u64(*instance);
                 w.u64(*page_count);
                 w.u64(*generation);
+                w.u64(continues.0 .0);
+                w.bytes(&continues.1 .0);
             }
             Self::Welcome { guest, committed, head } => {
                 w.u64(guest.0);
@@ -296,7 +304,13 @@ impl Message {
     fn decode_payload(kind: u8, payload: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(payload);
         let msg = match kind {
-            1 => Self::Hello { guest: GuestId(r.u64()?), instance: r.u64()?, page_count: r.u64()?, generation: r.u64()? },
+            1 => Self::Hello {
+                guest: GuestId(r.u64()?),
+                instance: r.u64()?,
+                page_count: r.u64()?,
+                generation: r.u64()?,
+                continues: (EpochId(r.u64()?), r.hash()?),
+            },
             2 => Self::Welcome { guest: GuestId(r.u64()?), committed: EpochId(r.u64()?), head: r.hash()? },
             3 => Self::EpochBegin(EpochHeader {
                 guest: GuestId(r.u64()?),
@@ -431,11 +445,12 @@ mod tests {
 
     fn message() -> impl Strategy<Value = Message> {
         prop_oneof![
-            (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(g, i, p, n)| Message::Hello {
+            (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>(), hash()).prop_map(|(g, i, p, n, c, h)| Message::Hello {
                 guest: GuestId(g),
                 instance: i,
                 page_count: p,
-                generation: n
+                generation: n,
+                continues: (EpochId(c), h)
             }),
             (any::<u64>(), any::<u64>(), hash()).prop_map(|(g, e, h)| Message::Welcome {
                 guest: GuestId(g),

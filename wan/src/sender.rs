@@ -144,6 +144,9 @@ pub struct SenderCore {
     instance: u64,
     /// The generation owned on the witness (0 without one).
     generation: u64,
+    /// The history this run continues, kept by another backup (see
+    /// [`Message::Hello`]).
+    continues: (EpochId, ChunkId),
     page_count: u64,
     encoder: PageEncoder,
     digest: MemoryDigest,
@@ -176,6 +179,7 @@ impl SenderCore {
             guest,
             instance,
             generation: 0,
+            continues: (EpochId(0), ChunkId::default()),
             page_count,
             encoder: PageEncoder::new(cfg.encoder),
             digest: MemoryDigest::zeroed(page_count),
@@ -230,6 +234,15 @@ impl SenderCore {
         self
     }
 
+    /// The same sender, continuing a history whose last epoch `epoch`
+    /// (manifest `manifest`) another backup keeps: a backup holding none of
+    /// the guest's history continues that chain.
+    #[must_use]
+    pub fn continuing(mut self, epoch: EpochId, manifest: ChunkId) -> Self {
+        self.continues = (epoch, manifest);
+        self
+    }
+
     /// The configuration it runs with.
     #[must_use]
     pub fn config(&self) -> &SenderConfig {
@@ -243,6 +256,7 @@ impl SenderCore {
             instance: self.instance,
             page_count: self.page_count,
             generation: self.generation,
+            continues: self.continues,
         });
         self.connected = false;
         self.round = 0;

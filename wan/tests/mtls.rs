@@ -22,7 +22,7 @@ impl Replica for CountingReplica {
         Err("not here".into())
     }
 
-    fn welcome(&self, _: GuestId, _: u64, _: u64, _: u64) -> Result<(EpochId, ChunkId), String> {
+    fn welcome(&self, _: GuestId, _: u64, _: u64, _: u64, _: Option<(EpochId, ChunkId)>) -> Result<(EpochId, ChunkId), String> {
         self.welcomed.fetch_add(1, Ordering::SeqCst);
         Ok((EpochId(0), ChunkId::default()))
     }
@@ -39,9 +39,12 @@ async fn hello(client: quinn::ClientConfig, addr: std::net::SocketAddr) -> Resul
     let ep = endpoint("127.0.0.1:0".parse().unwrap(), None).map_err(|e| e.to_string())?;
     let conn = ep.connect_with(client, addr, SERVER_NAME).map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    send.write_all(&Message::Hello { guest: GuestId(1), instance: 7, page_count: 16, generation: 0 }.to_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
+    send.write_all(
+        &Message::Hello { guest: GuestId(1), instance: 7, page_count: 16, generation: 0, continues: (EpochId(0), ChunkId::default()) }
+            .to_bytes(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let mut rd = FrameReader::default();
     let mut buf = vec![0u8; 4096];
     loop {
@@ -123,7 +126,12 @@ async fn a_corrupt_epoch_stream_closes_the_connection_with_the_reason() {
     let cep = endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
     let conn = cep.connect_with(client, addr, SERVER_NAME).unwrap().await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&Message::Hello { guest: GuestId(1), instance: 7, page_count: 16, generation: 0 }.to_bytes()).await.unwrap();
+    send.write_all(
+        &Message::Hello { guest: GuestId(1), instance: 7, page_count: 16, generation: 0, continues: (EpochId(0), ChunkId::default()) }
+            .to_bytes(),
+    )
+    .await
+    .unwrap();
     let mut buf = vec![0u8; 4096];
     let n = recv.read(&mut buf).await.unwrap().unwrap();
     assert!(matches!(Message::decode(&buf[..n]), Ok(Some((Message::Welcome { .. }, _)))));

@@ -96,6 +96,18 @@ pub struct ProtectArgs {
     /// machine comes from machine.json.
     #[arg(long)]
     pub resume_run_dir: Option<PathBuf>,
+    /// With --resume-run-dir: the guest's history so far is kept by
+    /// another backup up to EPOCH:MANIFEST (hex); a backup holding none of
+    /// it continues that chain (what `remus backup --reverse-to` passes).
+    #[arg(long, value_parser = parse_continues, requires = "resume_run_dir")]
+    pub continue_after: Option<(remus_types::EpochId, remus_types::ChunkId)>,
+}
+
+fn parse_continues(s: &str) -> Result<(remus_types::EpochId, remus_types::ChunkId), String> {
+    let (e, m) = s.split_once(':').ok_or_else(|| format!("{s:?} is not EPOCH:MANIFEST"))?;
+    let epoch = e.parse::<u64>().map_err(|err| format!("{e:?}: {err}"))?;
+    let manifest = remus_types::ChunkId::from_hex(m).ok_or_else(|| format!("{m:?} is not a 64-digit hex manifest id"))?;
+    Ok((remus_types::EpochId(epoch), manifest))
 }
 
 /// Builds the primary's options from the config and the flags.
@@ -163,6 +175,7 @@ pub fn primary_options(
         record_roots: None,
         witness: None,
         hooks: cfg.hooks.clone().unwrap_or_default(),
+        continues: None,
     })
 }
 
@@ -295,6 +308,7 @@ pub fn run(args: &ProtectArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
     opts.output_log = args.output_log.clone();
     opts.record_roots = args.record_roots.clone();
     opts.witness = super::witness_options(cfg, &args.witness, "primary")?;
+    opts.continues = args.continue_after;
     if args.kind == Kind::Qemu {
         anyhow::ensure!(args.guest_flags.pages_per_sec.is_none(), "--pages-per-sec applies to the arena guest only");
         let mut settings = args.qemu.clone().or(&cfg.protect.qemu);
