@@ -43,6 +43,7 @@ fn main() -> Result<()> {
         witness: None,
         hooks: remus_node::HookConfig::default(),
         continues: None,
+        adopt_lease: None,
     })?;
     std::thread::sleep(Duration::from_secs(2));
     let stats = std::sync::Arc::clone(&primary.stats);

@@ -88,6 +88,9 @@ pub enum FailoverOutcome {
         /// The manifest of the epoch it resumes from: its history there
         /// continues this chain.
         manifest: remus_types::ChunkId,
+        /// The guest's lease, handed off for its new primary to adopt
+        /// (generation, version), with a witness.
+        lease: Option<(u64, String)>,
     },
     /// A QEMU guest running again here.
     Resumed {

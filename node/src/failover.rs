@@ -184,14 +184,17 @@ pub struct Job {
 /// ends), so the thread stays until `stopping` is set or the guest exits;
 /// so does the lease, kept renewed meanwhile.
 pub fn spawn(job: Job, stopping: Arc<AtomicBool>, events: crossbeam_channel::Sender<BackupEvent>) {
-    let Job { store, guest, dir, resume, live, lease } = job;
+    let Job { store, guest, dir, resume, live, mut lease } = job;
     std::thread::spawn(move || match execute(&store, guest, &dir, resume.as_ref(), live) {
         Ok(Failover { epoch, path, vm, live }) => {
             let outcome = match (&vm, resume.as_ref().and_then(|r| r.protect_to)) {
                 (Some(vm), _) => FailoverOutcome::Resumed { pid: vm.pid(), qmp: vm.run.qmp(), from_live: live },
                 (None, Some(backup)) if path.is_dir() => {
                     let manifest = store.manifest(guest, epoch).map(|m| m.id()).unwrap_or_default();
-                    FailoverOutcome::ReadyToProtect { run_dir: path, backup, manifest }
+                    // The lease goes to the guest's new primary, renewed
+                    // here up to now.
+                    let lease = lease.take().and_then(crate::lease::Renewal::hand_off).map(|t| (t.lease.generation, t.tag));
+                    FailoverOutcome::ReadyToProtect { run_dir: path, backup, manifest, lease }
                 }
                 (None, _) => FailoverOutcome::Written { path },
             };

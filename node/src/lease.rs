@@ -91,6 +91,26 @@ pub fn acquire(w: &WitnessOptions, guest: GuestId, mut waiting: impl FnMut(&Leas
     }
 }
 
+/// Takes over, for a primary starting on this node, a lease another
+/// process of this node handed off ([`Renewal::hand_off`]): generation
+/// `generation` at version `tag`, renewed at once. `None` when the lease
+/// is not that one any more (then [`acquire`] decides).
+///
+/// # Errors
+/// [`NodeError::Witness`] when the witness cannot be read or written.
+pub fn adopt(w: &WitnessOptions, guest: GuestId, generation: u64, tag: &str) -> Result<Option<(LeaseHolder, Tagged)>, NodeError> {
+    let Some(current) = w.leases.read(guest).map_err(NodeError::Witness)? else { return Ok(None) };
+    if current.tag != tag || current.lease.generation != generation || current.lease.owner != w.node {
+        return Ok(None);
+    }
+    let sent_at = Instant::now();
+    match w.leases.replace(&current.lease.renewed(), tag) {
+        Ok(t) => Ok(Some((LeaseHolder::new(w.timing, generation, sent_at), t))),
+        Err(WitnessError::Lost(_)) => Ok(None),
+        Err(e) => Err(NodeError::Witness(e)),
+    }
+}
+
 /// Swaps in generation `generation` owned by this node if the lease is
 /// still `expected` (`None`: still absent). `Ok(None)` when it changed.
 fn take(
@@ -242,7 +262,9 @@ impl Drop for LeaseWatch {
 pub struct Renewal {
     holder: Arc<Mutex<LeaseHolder>>,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    /// The renewal thread; it returns the lease as last written (none once
+    /// superseded).
+    thread: Option<JoinHandle<Option<Tagged>>>,
 }
 
 impl Renewal {
@@ -277,6 +299,14 @@ impl Renewal {
     pub fn backup_heard(&self, sealed_at: Instant) {
         self.holder.lock().on_backup_heard(sealed_at);
     }
+
+    /// Stops renewing and returns the lease as last written, for another
+    /// process of this node to [`adopt`] (none when it was superseded).
+    #[must_use]
+    pub fn hand_off(mut self) -> Option<Tagged> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().and_then(|t| t.join().ok()).flatten()
+    }
 }
 
 impl Drop for Renewal {
@@ -292,7 +322,7 @@ impl Drop for Renewal {
 /// swap is read back, and only a lease of another generation or owner
 /// supersedes (a renewal that was applied but not answered changed the
 /// tag, not the owner).
-fn renew(leases: &dyn LeaseStore, holder: &Mutex<LeaseHolder>, mut lease: Tagged, stop: &AtomicBool) {
+fn renew(leases: &dyn LeaseStore, holder: &Mutex<LeaseHolder>, mut lease: Tagged, stop: &AtomicBool) -> Option<Tagged> {
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         if !holder.lock().poll_renewal(now) {
@@ -314,7 +344,7 @@ fn renew(leases: &dyn LeaseStore, holder: &Mutex<LeaseHolder>, mut lease: Tagged
                 Ok(Some(t)) => {
                     tracing::error!(%guest, lease = %t.lease, "the guest was taken over; this primary stops");
                     holder.lock().on_superseded(t.lease);
-                    return;
+                    return None;
                 }
                 Ok(None) | Err(_) => holder.lock().on_renewal_failed(now),
             },
@@ -323,5 +353,37 @@ fn renew(leases: &dyn LeaseStore, holder: &Mutex<LeaseHolder>, mut lease: Tagged
                 holder.lock().on_renewal_failed(now);
             }
         }
+    }
+    Some(lease)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use remus_witness::MemoryLeases;
+
+    fn witness(leases: &Arc<MemoryLeases>) -> WitnessOptions {
+        WitnessOptions { leases: Arc::clone(leases) as Arc<dyn LeaseStore>, node: "site-b".into(), timing: Timing::default() }
+    }
+
+    #[test]
+    fn a_handed_off_lease_is_adopted_at_once_and_a_changed_one_is_not() {
+        let leases = Arc::new(MemoryLeases::default());
+        let w = witness(&leases);
+        let g = GuestId(1);
+        let (holder, lease) = acquire(&w, g, |_| {}).unwrap();
+        let renewal = Renewal::start(&w, holder, lease).unwrap();
+        let handed = renewal.hand_off().expect("the lease as last written");
+        let t0 = Instant::now();
+        let (holder, adopted) = adopt(&w, g, handed.lease.generation, &handed.tag).unwrap().expect("adopted");
+        assert!(t0.elapsed() < w.timing.lease, "no lease period waited out");
+        assert_eq!(adopted.lease.generation, 1);
+        assert_eq!(holder.generation(), 1);
+        // The version handed off is gone now: adopting it again fails, as
+        // it would after anyone else's write.
+        assert!(adopt(&w, g, 1, &handed.tag).unwrap().is_none());
+        assert!(adopt(&w, g, 2, &adopted.tag).unwrap().is_none(), "another generation");
+        let other = WitnessOptions { node: "site-c".into(), ..witness(&leases) };
+        assert!(adopt(&other, g, 1, &adopted.tag).unwrap().is_none(), "another node");
     }
 }

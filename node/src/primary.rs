@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 
 use crate::error::NodeError;
 use crate::hooks::{HookConfig, Hooks};
-use crate::lease::{acquire, Renewal, WitnessOptions};
+use crate::lease::{acquire, adopt, Renewal, WitnessOptions};
 use crate::stats::PrimaryStats;
 
 type Result<T, E = NodeError> = std::result::Result<T, E>;
@@ -63,6 +63,10 @@ pub struct PrimaryOptions {
     /// Where its events (lease taken, history continued, self-fence,
     /// taken over) are delivered.
     pub hooks: HookConfig,
+    /// A lease another process of this node handed off (generation,
+    /// version): adopted at once instead of waited out (a guest protected
+    /// again after failing over here).
+    pub adopt_lease: Option<(u64, String)>,
     /// The history this run continues when its backup holds none of the
     /// guest's (a guest protected again after failing over): the last
     /// epoch and its manifest, kept by the backup it failed over to.
@@ -161,9 +165,16 @@ impl Primary {
         // The lease before the guest: a guest owned elsewhere never starts.
         let lease = match &opts.witness {
             Some(w) => {
-                let (holder, lease) = acquire(w, opts.guest, |l| {
-                    tracing::info!(lease = %l, wait_ms = w.timing.taker_wait(w.timing.lease).as_millis(), "this node owned the guest before; waiting out its lease to take the next generation");
-                })?;
+                let adopted = match &opts.adopt_lease {
+                    Some((generation, tag)) => adopt(w, opts.guest, *generation, tag)?,
+                    None => None,
+                };
+                let (holder, lease) = match adopted {
+                    Some(a) => a,
+                    None => acquire(w, opts.guest, |l| {
+                        tracing::info!(lease = %l, wait_ms = w.timing.taker_wait(w.timing.lease).as_millis(), "this node owned the guest before; waiting out its lease to take the next generation");
+                    })?,
+                };
                 tracing::info!(lease = %lease.lease, "lease taken");
                 Some((Renewal::start(w, holder, lease.clone())?, lease.lease))
             }

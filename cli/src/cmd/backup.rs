@@ -140,7 +140,14 @@ impl Reverse<'_> {
     /// `run_dir`, replicating to `backup`: a process of its own (its own
     /// process group), so the guest outlives this backup. Its output goes
     /// to `run_dir/protect.log`.
-    fn start(&self, guest: remus_types::GuestId, run_dir: &Path, backup: SocketAddr, after: (u64, String)) -> Result<(u32, PathBuf)> {
+    fn start(
+        &self,
+        guest: remus_types::GuestId,
+        run_dir: &Path,
+        backup: SocketAddr,
+        after: (u64, String),
+        lease: Option<&(u64, String)>,
+    ) -> Result<(u32, PathBuf)> {
         use anyhow::Context;
         use std::os::unix::process::CommandExt;
         let log = run_dir.join("protect.log");
@@ -152,6 +159,9 @@ impl Reverse<'_> {
         c.arg("--data-dir").arg(self.data_dir).args(["protect", "qemu", "--guest", &guest.0.to_string()]);
         c.args(["--backup", &backup.to_string(), "--resume-run-dir"]).arg(run_dir);
         c.args(["--continue-after", &format!("{}:{}", after.0, after.1)]);
+        if let Some((generation, tag)) = lease {
+            c.args(["--adopt-lease", &format!("{generation}:{tag}")]);
+        }
         if let Some(t) = &self.args.tap {
             c.args(["--tap", t]);
         }
@@ -180,8 +190,8 @@ impl Reverse<'_> {
 fn show_event(ev: &BackupEvent, reverse: &Reverse<'_>) -> Result<()> {
     use std::io::Write;
     match ev {
-        BackupEvent::FailedOver { guest, epoch, outcome: FailoverOutcome::ReadyToProtect { run_dir, backup, manifest } } => {
-            match reverse.start(*guest, run_dir, *backup, (epoch.0, manifest.to_hex())) {
+        BackupEvent::FailedOver { guest, epoch, outcome: FailoverOutcome::ReadyToProtect { run_dir, backup, manifest, lease } } => {
+            match reverse.start(*guest, run_dir, *backup, (epoch.0, manifest.to_hex()), lease.as_ref()) {
                 Ok((pid, log)) => println!(
                     "failover {guest} epoch {} protected again by remus pid {pid}, replicating to {backup} (log {})",
                     epoch.0,

@@ -101,6 +101,16 @@ pub struct ProtectArgs {
     /// it continues that chain (what `remus backup --reverse-to` passes).
     #[arg(long, value_parser = parse_continues, requires = "resume_run_dir")]
     pub continue_after: Option<(remus_types::EpochId, remus_types::ChunkId)>,
+    /// With a witness: adopt the lease GENERATION:VERSION another process
+    /// of this node handed off, instead of waiting it out (what `remus
+    /// backup --reverse-to` passes).
+    #[arg(long, value_parser = parse_adopt)]
+    pub adopt_lease: Option<(u64, String)>,
+}
+
+fn parse_adopt(s: &str) -> Result<(u64, String), String> {
+    let (g, tag) = s.split_once(':').ok_or_else(|| format!("{s:?} is not GENERATION:VERSION"))?;
+    Ok((g.parse().map_err(|e| format!("{g:?}: {e}"))?, tag.to_string()))
 }
 
 fn parse_continues(s: &str) -> Result<(remus_types::EpochId, remus_types::ChunkId), String> {
@@ -176,6 +186,7 @@ pub fn primary_options(
         witness: None,
         hooks: cfg.hooks.clone().unwrap_or_default(),
         continues: None,
+        adopt_lease: None,
     })
 }
 
@@ -309,6 +320,7 @@ pub fn run(args: &ProtectArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
     opts.record_roots = args.record_roots.clone();
     opts.witness = super::witness_options(cfg, &args.witness, "primary")?;
     opts.continues = args.continue_after;
+    opts.adopt_lease = args.adopt_lease.clone();
     if args.kind == Kind::Qemu {
         anyhow::ensure!(args.guest_flags.pages_per_sec.is_none(), "--pages-per-sec applies to the arena guest only");
         let mut settings = args.qemu.clone().or(&cfg.protect.qemu);
