@@ -9,11 +9,13 @@
 //!   checkpoints taken at 20 Hz but not sent (the cost of the pause alone).
 //! - Failover: SIGKILL of the primary (remus and its QEMU) to the guest
 //!   answering at the backup, on the client's open connection and on a new
-//!   one.
+//!   one, with the link through remus-relay at each round trip of
+//!   REMUS_BENCH_QEMU_FAILOVER_RTT_MS (default "0").
 //!
 //! `cargo bench -p remus-cli --bench qemu` as root (it makes a private
 //! network namespace for the guest's network). REMUS_BENCH_QEMU_SIZES
-//! ("128,256,1024") and REMUS_BENCH_QEMU_JOBS (3) change the defaults.
+//! ("128,256,1024"; "none" for the failover alone) and
+//! REMUS_BENCH_QEMU_JOBS (3) change the defaults.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -34,10 +36,14 @@ const JOB_MIB: u32 = 48;
 fn main() {
     enter_private_netns();
     let (kernel, initrd) = guest::guest_image();
-    let sizes: Vec<u64> = std::env::var("REMUS_BENCH_QEMU_SIZES")
-        .unwrap_or_else(|_| "128,256,1024".into())
+    let sizes: Vec<u64> = match std::env::var("REMUS_BENCH_QEMU_SIZES").as_deref() {
+        Ok("none") => Vec::new(),
+        v => v.unwrap_or("128,256,1024").split(',').map(|s| s.trim().parse().expect("sizes in MiB")).collect(),
+    };
+    let rtts: Vec<u64> = std::env::var("REMUS_BENCH_QEMU_FAILOVER_RTT_MS")
+        .unwrap_or_else(|_| "0".into())
         .split(',')
-        .map(|s| s.trim().parse().expect("sizes in MiB"))
+        .map(|s| s.trim().parse().expect("round trips in ms"))
         .collect();
     let jobs: usize = std::env::var("REMUS_BENCH_QEMU_JOBS").map_or(3, |s| s.parse().expect("job count"));
     let work = tempfile::tempdir().expect("tempdir");
@@ -90,14 +96,16 @@ fn main() {
         println!("  {mib:>5}  {:>14}  {:>3}  {:>7}  {:>9}  {:>9}  {:>9}  {:>10}  {after:>7.0}", "unprotected", "", "", "", "", "", "");
     }
     println!();
-    let f = failover(&kernel, &initrd, &data, work.path());
-    println!("failover (128 MiB, 40 Hz, backup primary-timeout 500 ms), from SIGKILL of the primary:");
-    println!("  backup resumed the guest       {:>6.0} ms", f.resumed.as_secs_f64() * 1e3);
-    println!("  new connection answered        {:>6.0} ms", f.new_conn.as_secs_f64() * 1e3);
-    println!(
-        "  open connection's next reply   {:>6.0} ms (includes the client's TCP retransmission backoff)",
-        f.open_conn.as_secs_f64() * 1e3
-    );
+    for rtt in rtts {
+        let f = failover(&kernel, &initrd, &data, work.path(), rtt);
+        println!("failover (128 MiB, 40 Hz, backup primary-timeout 500 ms, {rtt} ms round trip through remus-relay), from SIGKILL of the primary:");
+        println!("  backup resumed the guest       {:>6.0} ms", f.resumed.as_secs_f64() * 1e3);
+        println!("  new connection answered        {:>6.0} ms", f.new_conn.as_secs_f64() * 1e3);
+        println!(
+            "  open connection's next reply   {:>6.0} ms (includes the client's TCP retransmission backoff)",
+            f.open_conn.as_secs_f64() * 1e3
+        );
+    }
 }
 
 fn remus() -> PathBuf {
@@ -309,11 +317,16 @@ struct Failover {
     open_conn: Duration,
 }
 
-fn failover(kernel: &Path, initrd: &Path, data: &Path, work: &Path) -> Failover {
-    let fo = work.join("failover");
+fn failover(kernel: &Path, initrd: &Path, data: &Path, work: &Path, rtt_ms: u64) -> Failover {
+    let fo = work.join(format!("failover-{rtt_ms}"));
     let (backup, addr) = backup(data, &["--failover-dir", fo.to_str().unwrap(), "--resume", "--tap", "tap-b"]);
-    let run_dir = PathBuf::from(format!("/dev/shm/remus-bench-{}-failover", std::process::id()));
-    let mut primary = Proc::spawn(protect_cmd(kernel, initrd, 128, 40, data, &addr, &run_dir));
+    // The link through a relay adding the round trip (in this process's
+    // network namespace, like the rest).
+    let imp = remus_relay::Impairment { delay: Duration::from_millis(rtt_ms / 2), ..remus_relay::Impairment::default() };
+    let relay = remus_relay::Relay::start(&remus_relay::RelayConfig::symmetric(addr.parse().expect("address"), imp, 1)).expect("relay");
+    let via = relay.local_addr().to_string();
+    let run_dir = PathBuf::from(format!("/dev/shm/remus-bench-{}-failover-{rtt_ms}", std::process::id()));
+    let mut primary = Proc::spawn(protect_cmd(kernel, initrd, 128, 40, data, &via, &run_dir));
     wait_ready(&run_dir.join("serial.log"), Some(&mut primary.child));
     let mut conn = BufReader::new(connect(7000, Duration::from_secs(60)));
     let inc = |c: &mut BufReader<TcpStream>| {
