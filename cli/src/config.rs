@@ -45,6 +45,7 @@
 //! heartbeat-ms = 50
 //! primary-timeout-ms = 500     # at the least; longer when the link is irregular
 //! primary-timeout-max-ms = 5000 # at the most
+//! # qemu-images = ["/var/lib/remus/images"]   # kernels and initrds a failed-over guest may boot (default ~/.cache/remus-guest)
 //!
 //! # Optional: the S3 history tier (no defaults for bucket; the rest as
 //! # shown or from the AWS environment: AWS_REGION, AWS_ACCESS_KEY_ID, ...).
@@ -291,11 +292,30 @@ pub struct BackupConfig {
     pub primary_timeout_ms: u64,
     /// ... and at the most (default 5000 ms).
     pub primary_timeout_max_ms: u64,
+    /// Directories whose kernels and initrds a failed-over QEMU guest may
+    /// boot from here (default: where scripts/qemu-deps.sh and
+    /// guest/build.sh put them, `~/.cache/remus-guest`).
+    pub qemu_images: Option<Vec<PathBuf>>,
 }
 
 impl Default for BackupConfig {
     fn default() -> Self {
-        Self { listen: default_listen(), store: None, heartbeat_ms: 50, primary_timeout_ms: 500, primary_timeout_max_ms: 5000 }
+        Self {
+            listen: default_listen(),
+            store: None,
+            heartbeat_ms: 50,
+            primary_timeout_ms: 500,
+            primary_timeout_max_ms: 5000,
+            qemu_images: None,
+        }
+    }
+}
+
+impl BackupConfig {
+    /// The trusted guest image directories.
+    #[must_use]
+    pub fn qemu_images(&self) -> Vec<PathBuf> {
+        self.qemu_images.clone().unwrap_or_else(|| vec![crate::qemu_settings::guest_cache()])
     }
 }
 

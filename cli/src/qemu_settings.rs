@@ -122,7 +122,7 @@ impl QemuSettings {
 
 /// Where scripts/qemu-deps.sh and guest/build.sh keep the guest kernel
 /// and initramfs.
-fn guest_cache() -> PathBuf {
+pub fn guest_cache() -> PathBuf {
     std::env::var_os("REMUS_GUEST_CACHE")
         .map_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/remus-guest"), PathBuf::from)
 }

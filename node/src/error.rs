@@ -87,6 +87,10 @@ pub enum NodeError {
     /// The epoch to fail over from is not a QEMU guest's (no VM files).
     #[error("not a QEMU guest")]
     NotAVm,
+    /// A failed-over guest's machine, as its primary described it, is not
+    /// one this host runs.
+    #[error("the guest's machine is refused: {0}")]
+    UntrustedVm(String),
     /// The witness could not be read or written.
     #[error("{0}")]
     Witness(WitnessError),

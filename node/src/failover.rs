@@ -58,6 +58,10 @@ pub struct ResumeVm {
     pub qemu_binary: PathBuf,
     /// TAP interface for the resumed guest's network.
     pub tap: Option<String>,
+    /// Directories whose kernels and initrds a failed-over guest may boot
+    /// from: the machine comes from the primary's checkpoint and is checked
+    /// against them before it becomes a QEMU command line here.
+    pub images: Vec<PathBuf>,
     /// Protect the resumed guest at once, replicating to this backup: the
     /// files are made ready and the guest is left to a primary runtime of
     /// its own ([`FailoverOutcome::ReadyToProtect`]) instead of a QEMU
@@ -224,8 +228,12 @@ struct Failover {
 /// or the files of a QEMU guest (then resumed when `resume` says so).
 fn execute(store: &Store, guest: GuestId, dir: &Path, resume: Option<&ResumeVm>, live: Option<LiveVm>) -> Result<Failover, NodeError> {
     std::fs::create_dir_all(dir).map_err(NodeError::io(format!("creating {}", dir.display())))?;
-    // Resumed here by QEMU, or left ready for a primary of its own.
+    // Resumed here by QEMU, or left ready for a primary of its own; either
+    // way only a machine this host trusts.
     let start = |state: &QemuState, run: RunDir| -> Result<Option<ResumedVm>, NodeError> {
+        if let Some(r) = resume {
+            state.machine.validate_from_peer(&r.images).map_err(|e| NodeError::UntrustedVm(e.to_string()))?;
+        }
         match resume {
             Some(r) if r.protect_to.is_none() => {
                 Ok(Some(ResumedVm::start(&r.qemu_binary, state, run, None, r.tap.as_deref(), true).map_err(NodeError::Resume)?))

@@ -1,6 +1,6 @@
 //! The QEMU test guest (built by guest/build.sh) and its test network: a
-//! bridge on 10.0.2.1/24 (the guest is 10.0.2.15) and two persistent TAPs
-//! on it, `tap-p` for the primary and `tap-b` for the backup, made inside a
+//! bridge on 10.0.2.1/24 (the guest is 10.0.2.15) and three persistent TAPs
+//! on it, `tap-p` for the primary, `tap-b` and `tap-c` for backups, made inside a
 //! network namespace the test or benchmark created.
 
 use std::path::PathBuf;

@@ -126,6 +126,33 @@ impl QemuMachine {
         }
         Ok(())
     }
+
+    /// Checks a machine that came from a peer (a primary's checkpoint)
+    /// before it becomes a QEMU command line here: [`validate`](Self::validate),
+    /// a kernel command line of at most 1024 printable characters, and the
+    /// kernel and initrd, their links resolved, inside one of the `images`
+    /// directories this host trusts.
+    ///
+    /// # Errors
+    /// [`VmError::Invalid`] naming the bad field.
+    pub fn validate_from_peer(&self, images: &[PathBuf]) -> Result<(), VmError> {
+        self.validate()?;
+        if self.append.len() > 1024 || self.append.chars().any(|c| c.is_control()) {
+            return Err(VmError::Invalid(format!("append must be at most 1024 printable characters, got {} bytes", self.append.len())));
+        }
+        let roots: Vec<PathBuf> = images.iter().filter_map(|d| d.canonicalize().ok()).collect();
+        for (what, p) in [("kernel", &self.kernel), ("initrd", &self.initrd)] {
+            let real = p.canonicalize().map_err(|e| VmError::Invalid(format!("{what} {}: {e}", p.display())))?;
+            if !roots.iter().any(|r| real.starts_with(r)) {
+                return Err(VmError::Invalid(format!(
+                    "{what} {} is outside the guest images this host trusts ({})",
+                    real.display(),
+                    images.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Files and sockets of one running QEMU.
@@ -284,6 +311,29 @@ mod tests {
             disk_mib: 1,
         };
         QemuState { machine, vmstate_len: 5000 }
+    }
+
+    #[test]
+    fn a_peers_machine_is_run_only_from_trusted_images_and_with_a_sane_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let (images, elsewhere) = (dir.path().join("images"), dir.path().join("elsewhere"));
+        std::fs::create_dir_all(&images).unwrap();
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        for p in [images.join("k"), images.join("i"), elsewhere.join("k")] {
+            std::fs::write(p, b"x").unwrap();
+        }
+        let good = QemuMachine { kernel: images.join("k"), initrd: images.join("i"), ..state().machine };
+        good.validate_from_peer(std::slice::from_ref(&images)).unwrap();
+        let outside = QemuMachine { kernel: elsewhere.join("k"), ..good.clone() };
+        let err = outside.validate_from_peer(std::slice::from_ref(&images)).unwrap_err().to_string();
+        assert!(err.contains("outside the guest images"), "{err}");
+        // A path that climbs out of the trusted directory is resolved first.
+        let climbing = QemuMachine { kernel: images.join("../elsewhere/k"), ..good.clone() };
+        assert!(climbing.validate_from_peer(std::slice::from_ref(&images)).is_err());
+        let append = QemuMachine { append: "console=ttyS0\n-device evil".into(), ..good.clone() };
+        assert!(append.validate_from_peer(std::slice::from_ref(&images)).unwrap_err().to_string().contains("append"));
+        let accel = QemuMachine { accel: "xen,evil=1".into(), ..good };
+        assert!(accel.validate_from_peer(&[images]).unwrap_err().to_string().contains("accel"));
     }
 
     #[test]

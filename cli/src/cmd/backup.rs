@@ -68,6 +68,7 @@ pub fn run(args: &BackupArgs, cfg: &Config, config_path: Option<&Path>, data_dir
             resume: args.resume.then(|| ResumeVm {
                 qemu_binary: args.qemu_binary.clone().unwrap_or_else(remus_qemu::default_qemu),
                 tap: args.tap.clone(),
+                images: cfg.backup.qemu_images(),
                 protect_to: args.reverse_to,
             }),
         }),

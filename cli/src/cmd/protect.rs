@@ -293,13 +293,15 @@ pub fn protect_until(
 }
 
 /// The configuration of a guest resumed from the checkpoint in `dir`: its
-/// machine from `dir/machine.json`, the rest from `settings`.
-fn resumed_config(settings: &QemuSettings, dir: &Path) -> Result<remus_qemu::QemuConfig> {
+/// machine from `dir/machine.json` (checked against the trusted `images`),
+/// the rest from `settings`.
+fn resumed_config(settings: &QemuSettings, dir: &Path, images: &[PathBuf]) -> Result<remus_qemu::QemuConfig> {
     use anyhow::Context;
     let path = dir.join("machine.json");
     let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     let machine: remus_vm::QemuMachine = serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
-    machine.validate()?;
+    // It came from a checkpoint: run only what this host trusts.
+    machine.validate_from_peer(images).with_context(|| format!("{}", path.display()))?;
     let mut cfg = settings.resolve(0)?;
     (cfg.machine, cfg.run_dir, cfg.disk) = (machine, dir.to_path_buf(), None);
     Ok(cfg)
@@ -326,7 +328,7 @@ pub fn run(args: &ProtectArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
         let mut settings = args.qemu.clone().or(&cfg.protect.qemu);
         settings.memory_mib = args.guest_flags.memory_mib.or(settings.memory_mib);
         opts.guest_kind = match &args.resume_run_dir {
-            Some(dir) => GuestKind::ResumedQemu(resumed_config(&settings, dir)?),
+            Some(dir) => GuestKind::ResumedQemu(resumed_config(&settings, dir, &cfg.backup.qemu_images())?),
             None => GuestKind::Qemu(settings.resolve(opts.guest.0)?),
         };
     } else {
