@@ -6,10 +6,10 @@
 pub enum CaptureError {
     /// Guest memory could not be created or mapped.
     #[error("guest memory: {0}")]
-    Memory(#[source] std::io::Error),
+    Memory(std::io::Error),
     /// The dirty-page tracker failed.
     #[error("dirty tracking: {0}")]
-    Tracking(#[source] std::io::Error),
+    Tracking(std::io::Error),
     /// The configuration is unusable.
     #[error("invalid capture config: {0}")]
     Config(String),

@@ -104,7 +104,15 @@ pub enum RelayError {
     Invalid(String),
     /// A socket could not be made.
     #[error("relay socket: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
+}
+
+// The message names the cause: a field, not a `source()`, so a chained
+// print says it once.
+impl From<io::Error> for RelayError {
+    fn from(e: io::Error) -> Self {
+        Self::Io(e)
+    }
 }
 
 /// One direction of the path.

@@ -62,7 +62,7 @@ pub enum RestoreError {
     },
     /// The image could not be written.
     #[error("writing the image: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// The guest's VM state header is damaged, or its files cannot be laid out.
     #[error(transparent)]
     Vm(#[from] remus_vm::VmError),
@@ -101,6 +101,14 @@ pub struct RestoreReport {
     pub bytes: u64,
     /// The verified memory root.
     pub root: ChunkId,
+}
+
+// The message names the cause: a field, not a `source()`, so a chained
+// print says it once.
+impl From<std::io::Error> for RestoreError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
+    }
 }
 
 /// A tier a restore reads a guest's history from: the local store

@@ -27,7 +27,7 @@ pub enum ErrorKind {
 pub enum StoreError {
     /// RocksDB failed.
     #[error("rocksdb: {0}")]
-    Db(#[from] rocksdb::Error),
+    Db(rocksdb::Error),
     /// A chunk's bytes do not hash to its id.
     #[error("chunk {0} is corrupt: content does not match its hash")]
     ChunkCorrupt(ChunkId),
@@ -85,14 +85,14 @@ pub enum StoreError {
     #[error("{0}: no history in this store")]
     NoGuest(GuestId),
     /// A local pack file failed.
-    #[error("pack file {}: {op}: {source}", path.display())]
+    #[error("pack file {}: {op}: {cause}", path.display())]
     Pack {
         /// The file.
         path: std::path::PathBuf,
         /// What was being done.
         op: &'static str,
         /// The failure.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The S3 tier failed.
     #[error(transparent)]
@@ -128,7 +128,7 @@ impl StoreError {
         match self {
             Self::Db(e) if e.to_string().contains("No space left") => ErrorKind::NoSpace,
             Self::Db(_) => ErrorKind::Io,
-            Self::Pack { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => ErrorKind::NoSpace,
+            Self::Pack { cause, .. } if cause.raw_os_error() == Some(libc::ENOSPC) => ErrorKind::NoSpace,
             Self::Pack { .. } => ErrorKind::Io,
             Self::ChunkCorrupt(_) | Self::Corrupt { .. } => ErrorKind::Corrupt,
             Self::Io { cause, .. } if cause.raw_os_error() == Some(libc::ENOSPC) => ErrorKind::NoSpace,
@@ -141,5 +141,13 @@ impl StoreError {
             }
             Self::S3(_) => ErrorKind::Unavailable,
         }
+    }
+}
+
+// The message names the cause: a field, not a `source()`, so a chained
+// print says it once.
+impl From<rocksdb::Error> for StoreError {
+    fn from(e: rocksdb::Error) -> Self {
+        Self::Db(e)
     }
 }

@@ -121,7 +121,7 @@ pub(crate) struct Packs {
 }
 
 fn pack_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
-    move |source| StoreError::Pack { path: path.to_path_buf(), op, source }
+    move |cause| StoreError::Pack { path: path.to_path_buf(), op, cause }
 }
 
 impl Packs {

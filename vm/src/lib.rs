@@ -37,15 +37,14 @@ pub enum VmError {
     Invalid(String),
     /// The state header is damaged.
     #[error("vm state header: {0}")]
-    Format(#[from] FormatError),
+    Format(FormatError),
     /// A run directory could not be created.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {cause}", path.display())]
     Io {
         /// The directory.
         path: PathBuf,
         /// The error.
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -76,6 +75,14 @@ pub struct QemuMachine {
     pub mac: String,
     /// Disk size in MiB (0: no disk).
     pub disk_mib: u64,
+}
+
+// The message names the cause: a field, not a `source()`, so a chained
+// print says it once.
+impl From<FormatError> for VmError {
+    fn from(e: FormatError) -> Self {
+        Self::Format(e)
+    }
 }
 
 impl QemuMachine {
@@ -168,7 +175,7 @@ impl RunDir {
     /// # Errors
     /// [`VmError::Io`] when it cannot be created.
     pub fn create(dir: &Path) -> Result<Self, VmError> {
-        std::fs::create_dir_all(dir).map_err(|source| VmError::Io { path: dir.to_path_buf(), source })?;
+        std::fs::create_dir_all(dir).map_err(|cause| VmError::Io { path: dir.to_path_buf(), cause })?;
         Ok(Self { dir: dir.to_path_buf() })
     }
     /// Guest RAM (the memory-backend file).

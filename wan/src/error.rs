@@ -129,22 +129,22 @@ impl std::fmt::Display for Side {
 pub enum StreamError {
     /// Reading failed (reset, connection lost).
     #[error("read: {0}")]
-    Read(#[from] quinn::ReadError),
+    Read(quinn::ReadError),
     /// Reading a whole stream failed (or it was longer than allowed).
     #[error("read: {0}")]
-    ReadToEnd(#[from] quinn::ReadToEndError),
+    ReadToEnd(quinn::ReadToEndError),
     /// Writing failed.
     #[error("write: {0}")]
-    Write(#[from] quinn::WriteError),
+    Write(quinn::WriteError),
     /// A stream could not be opened.
     #[error("open: {0}")]
-    Open(#[from] quinn::ConnectionError),
+    Open(quinn::ConnectionError),
     /// The stream was already finished or reset.
     #[error("finish: {0}")]
-    Finish(#[from] quinn::ClosedStream),
+    Finish(quinn::ClosedStream),
     /// What arrived does not decode.
     #[error("decode: {0}")]
-    Decode(#[from] DecodeError),
+    Decode(DecodeError),
 }
 
 /// Errors of the QUIC driver.
@@ -156,16 +156,16 @@ pub enum LinkError {
     Tls(String),
     /// Socket set-up failed.
     #[error("socket: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// Connecting failed.
     #[error("connect: {0}")]
     Connect(String),
     /// A connection could not be started (bad address, no endpoint).
     #[error("connect: {0}")]
-    Connecting(#[from] quinn::ConnectError),
+    Connecting(quinn::ConnectError),
     /// The connection broke.
     #[error("connection: {0}")]
-    Connection(#[from] quinn::ConnectionError),
+    Connection(quinn::ConnectionError),
     /// The peer violated the protocol.
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
@@ -196,8 +196,33 @@ pub enum LinkError {
     },
     /// A task of the driver ended abnormally.
     #[error("driver task: {0}")]
-    Task(#[from] tokio::task::JoinError),
+    Task(tokio::task::JoinError),
     /// The local side shut down.
     #[error("closed")]
     Closed,
 }
+
+// Where the message names the cause (`"read: {0}"`), the cause is a field,
+// not a `source()`, so a chained print says it once.
+macro_rules! from_cause {
+    ($($enum:ident :: $variant:ident ($cause:ty)),* $(,)?) => {$(
+        impl From<$cause> for $enum {
+            fn from(e: $cause) -> Self {
+                Self::$variant(e)
+            }
+        }
+    )*};
+}
+
+from_cause!(
+    StreamError::Read(quinn::ReadError),
+    StreamError::ReadToEnd(quinn::ReadToEndError),
+    StreamError::Write(quinn::WriteError),
+    StreamError::Open(quinn::ConnectionError),
+    StreamError::Finish(quinn::ClosedStream),
+    StreamError::Decode(DecodeError),
+    LinkError::Io(std::io::Error),
+    LinkError::Connecting(quinn::ConnectError),
+    LinkError::Connection(quinn::ConnectionError),
+    LinkError::Task(tokio::task::JoinError),
+);

@@ -615,3 +615,15 @@ fn acknowledgements_and_heartbeats_are_also_offered_as_datagrams() {
     assert!(datagrams.iter().any(|m| matches!(m, Message::Heartbeat { .. })), "{datagrams:?}");
     assert!(!datagrams.iter().any(|m| matches!(m, Message::Welcome { .. })), "the Welcome goes on the stream only");
 }
+
+#[test]
+fn a_cause_the_message_names_is_not_also_its_source() {
+    // A chained print ({:#}, what the command line shows) walks source():
+    // a cause already in the message must not be walked to again.
+    let e = LinkError::from(std::io::Error::other("boom"));
+    assert_eq!(e.to_string(), "socket: boom");
+    assert!(std::error::Error::source(&e).is_none());
+    let e = LinkError::from(StreamError::from(DecodeError::Corrupt("bad frame")));
+    assert_eq!(e.to_string(), "decode: corrupt: bad frame");
+    assert!(std::error::Error::source(&e).and_then(std::error::Error::source).is_none(), "said once");
+}
