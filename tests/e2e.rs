@@ -525,3 +525,44 @@ fn bisect_finds_the_epoch_the_workload_wrote_its_marker() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("does not hold at epoch"));
 }
+
+/// `remus move` of a process guest: the primary seals its last epoch with
+/// the guest still and hands it over; the backup writes that very epoch
+/// out at once (no silence waited for), byte-exact, and the primary ends
+/// well. With no primary running, `remus move` says so.
+#[test]
+fn remus_move_hands_a_process_guest_over_at_its_last_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    keygen(data);
+    let failover = data.join("failover");
+    let backup = BackupProcess::start_with(data, "127.0.0.1:0", &["--failover-dir", failover.to_str().unwrap()]);
+    let roots = data.join("roots.jsonl");
+    let mut primary = protect(data, &backup.addr)
+        .args(["--memory-mib", "32", "--seconds", "120", "--json", "--record-roots"])
+        .arg(&roots)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    backup.wait_committed(1, 20, Duration::from_secs(60));
+    let out = run_limited(Command::new(remus()).args(["move", "--data-dir"]).arg(data), Duration::from_secs(60));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{said} {}", String::from_utf8_lossy(&out.stderr));
+    let epoch: u64 =
+        said.strip_prefix("moved guest-1 at epoch ").and_then(|r| r.split(':').next()).and_then(|e| e.parse().ok()).expect(&said);
+    let line = backup.wait_line("failover guest-1 epoch ", Duration::from_secs(30));
+    assert!(line.starts_with(&format!("failover guest-1 epoch {epoch} image ")), "taken over at the epoch handed over: {line}");
+    let status = primary.wait().unwrap();
+    assert!(status.success(), "the primary that moved its guest ends well");
+    let mut summary = String::new();
+    std::io::Read::read_to_string(primary.stdout.as_mut().unwrap(), &mut summary).unwrap();
+    let s: serde_json::Value = serde_json::from_str(summary.trim()).expect("summary");
+    assert_eq!(s["epochs_committed"].as_u64(), Some(epoch), "every epoch acknowledged, the last one handed over");
+    let image = line.rsplit(' ').next().unwrap();
+    assert_eq!(MemoryDigest::of_image(&std::fs::read(image).unwrap()).to_hex(), read_roots(&roots)[&epoch], "byte-exact");
+    let out = run_limited(Command::new(remus()).args(["move", "--data-dir"]).arg(data), Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no remus protect of guest 1 runs"), "{}", String::from_utf8_lossy(&out.stderr));
+    backup.stop();
+}
