@@ -326,14 +326,18 @@ impl Primary {
     pub fn finish(mut self, drain: Duration) -> Result<()> {
         self.stop_sealing();
         let deadline = Instant::now() + drain;
-        while !(self.engine_finished() && self.link.as_ref().is_none_or(JoinHandle::is_finished)) {
-            if self.engine_finished() {
-                // Taken over: nothing it sealed may be acknowledged now.
-                if let Some(Err(e @ NodeError::Superseded { .. })) =
-                    self.engine.take().map(JoinHandle::join).and_then(std::result::Result::ok)
-                {
-                    return Err(e);
+        // The engine's result, joined as soon as it ends.
+        let mut engine: Option<Result<()>> = None;
+        loop {
+            if let Some(t) = self.engine.take_if(|t| t.is_finished()) {
+                match t.join().map_err(|_| NodeError::Panicked("epoch")).and_then(|r| r) {
+                    // Taken over: nothing it sealed may be acknowledged now.
+                    Err(e @ NodeError::Superseded { .. }) => return Err(e),
+                    r => engine = Some(r),
                 }
+            }
+            if engine.is_some() && self.link.as_ref().is_none_or(JoinHandle::is_finished) {
+                break;
             }
             if Instant::now() >= deadline {
                 let s = self.stats.lock();
@@ -341,7 +345,7 @@ impl Primary {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let engine = self.engine.take().map_or(Ok(Ok(())), JoinHandle::join).map_err(|_| NodeError::Panicked("epoch"))?;
+        let engine = engine.expect("joined above");
         let link = self.link.take().expect("joined once").join().map_err(|_| NodeError::Panicked("link"))?;
         // The link's failure is the cause when both failed (the engine stops
         // because the link did).
