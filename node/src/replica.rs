@@ -339,8 +339,24 @@ mod tests {
         assert!(matches!(err, CommitError::Rejected(m) if m.contains("failed over")), "{err:?}");
         assert_eq!(store.head(g).unwrap().unwrap().epoch, EpochId(2), "the fence is at the head, epoch 2, not the link's 1");
         assert!(replica.welcome(g, 7, 16, 0, None).unwrap_err().contains("failed over"));
-        let fenced: Vec<_> =
-            events.try_iter().filter_map(|e| if let BackupEvent::Fenced { epoch, .. } = e { Some(epoch) } else { None }).collect();
+        // The failover runs on: wait for it, and for its thread to let go
+        // of the store (RocksDB must not outlive the test's process).
+        let mut fenced = Vec::new();
+        loop {
+            match events.recv_timeout(std::time::Duration::from_secs(60)).expect("the failover ends") {
+                BackupEvent::Fenced { epoch, .. } => fenced.push(epoch),
+                // These epochs carry no memory roots, so the restore
+                // refuses them: the failover ends either way.
+                BackupEvent::FailedOver { .. } | BackupEvent::FailoverFailed { .. } => break,
+                _ => {}
+            }
+        }
         assert_eq!(fenced, [EpochId(2)]);
+        drop(replica);
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        while Arc::strong_count(&store) > 1 {
+            assert!(Instant::now() < deadline, "the failover thread keeps the store");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 }
