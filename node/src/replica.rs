@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use remus_store::Store;
@@ -61,7 +61,7 @@ pub struct StoreReplica {
     witness: Option<WitnessOptions>,
     /// When each guest's primary was last welcomed (a sign it is alive
     /// after a loss was declared).
-    welcomed: Arc<Mutex<HashMap<GuestId, Instant>>>,
+    welcomed: Mutex<HashMap<GuestId, Instant>>,
     /// The lease of each guest this backup may take over, watched while
     /// its primary runs.
     watches: Mutex<HashMap<GuestId, LeaseWatch>>,
@@ -100,7 +100,7 @@ impl StoreReplica {
             admission: Admission::default(),
             failover,
             witness,
-            welcomed: Arc::default(),
+            welcomed: Mutex::default(),
             watches: Mutex::default(),
             commit_locks: Mutex::default(),
             live: LiveFiles::default(),
@@ -139,6 +139,27 @@ impl StoreReplica {
         let live = self.live.take(guest, committed);
         let job = failover::Job { store: Arc::clone(&self.store), guest, dir: dir.clone(), resume: resume.clone(), live, lease };
         failover::spawn(job, Arc::clone(&self.stopping), self.events.clone());
+    }
+
+    /// Wins `guest`'s lease for the next generation, starting from
+    /// `epoch`, once the witness allows it (see [`claim`]: the owner last
+    /// heard at `last_heard`, `heard` polled for newer signs of it,
+    /// `cancel` ending the wait), reports it, and keeps it renewed. `None`:
+    /// the claim was given up.
+    fn win_lease(
+        &self,
+        w: &WitnessOptions,
+        (guest, epoch): (GuestId, EpochId),
+        last_heard: Instant,
+        heard: impl Fn() -> Option<Instant>,
+        cancel: &AtomicBool,
+    ) -> Result<Option<Renewal>, crate::NodeError> {
+        let seen = self.watches.lock().get(&guest).and_then(LeaseWatch::seen);
+        let Some((holder, lease)) = claim(w, (guest, epoch), (last_heard, seen), heard, cancel)? else { return Ok(None) };
+        let _ = self.events.send(BackupEvent::LeaseWon { lease: Box::new(lease.lease.clone()), after: last_heard.elapsed() });
+        // The lease is this backup's now: no more watching.
+        self.watches.lock().remove(&guest);
+        Renewal::start(w, holder, lease).map(Some)
     }
 
     /// The lock that keeps `guest`'s commits (and its fencing) one at a
@@ -246,31 +267,16 @@ impl Replica for StoreReplica {
         // generation: a primary cut off from this backup but not from the
         // witness keeps its lease, and with it its guest.
         let last_heard = Instant::now().checked_sub(silence.silent_for).unwrap_or_else(Instant::now);
-        let seen = self.watches.lock().get(&guest).and_then(LeaseWatch::seen);
-        let (welcomed, stopping, events, me) =
-            (Arc::clone(&self.welcomed), Arc::clone(&self.stopping), self.events.clone(), self.me.clone());
+        let Some(me) = self.me.upgrade() else { return };
         std::thread::spawn(move || {
-            match claim(&w, (guest, committed), (last_heard, seen), || welcomed.lock().get(&guest).copied(), &stopping) {
-                Ok(Some((holder, lease))) => {
-                    let _ = events.send(BackupEvent::LeaseWon { lease: Box::new(lease.lease.clone()), after: last_heard.elapsed() });
-                    match Renewal::start(&w, holder, lease) {
-                        Ok(renewal) => {
-                            if let Some(me) = me.upgrade() {
-                                // The lease is this backup's now: no more watching.
-                                me.watches.lock().remove(&guest);
-                                me.take_over(guest, committed, Some(renewal));
-                            }
-                        }
-                        Err(e) => {
-                            let _ = events.send(BackupEvent::FailoverFailed { guest, error: e.to_string() });
-                        }
-                    }
-                }
+            let heard = || me.welcomed.lock().get(&guest).copied();
+            match me.win_lease(&w, (guest, committed), last_heard, heard, &me.stopping) {
+                Ok(Some(renewal)) => me.take_over(guest, committed, Some(renewal)),
                 Ok(None) => {
-                    let _ = events.send(BackupEvent::TakeoverAbandoned { guest });
+                    let _ = me.events.send(BackupEvent::TakeoverAbandoned { guest });
                 }
                 Err(e) => {
-                    let _ = events.send(BackupEvent::FailoverFailed { guest, error: e.to_string() });
+                    let _ = me.events.send(BackupEvent::FailoverFailed { guest, error: e.to_string() });
                 }
             }
         });
@@ -285,19 +291,11 @@ impl Replica for StoreReplica {
         // stopped (its last epoch is sealed with the guest held still and
         // it releases nothing more), so the lease runs out unchanged.
         let lease = match &self.witness {
-            Some(w) => {
-                let seen = self.watches.lock().get(&guest).and_then(LeaseWatch::seen);
-                let never = AtomicBool::new(false);
-                match claim(w, (guest, epoch), (Instant::now(), seen), || None, &never) {
-                    Ok(Some((holder, lease))) => {
-                        let _ = self.events.send(BackupEvent::LeaseWon { lease: Box::new(lease.lease.clone()), after: Duration::ZERO });
-                        self.watches.lock().remove(&guest);
-                        Some(Renewal::start(w, holder, lease).map_err(|e| e.to_string())?)
-                    }
-                    Ok(None) => return Err(format!("{guest}: the takeover was cancelled")),
-                    Err(e) => return Err(format!("{guest}: the lease could not be taken: {e}")),
-                }
-            }
+            Some(w) => match self.win_lease(w, (guest, epoch), Instant::now(), || None, &AtomicBool::new(false)) {
+                Ok(Some(renewal)) => Some(renewal),
+                Ok(None) => return Err(format!("{guest}: the takeover was cancelled")),
+                Err(e) => return Err(format!("{guest}: the lease could not be taken: {e}")),
+            },
             None => None,
         };
         self.take_over(guest, epoch, lease);
