@@ -176,21 +176,14 @@ impl Primary {
                     })?,
                 };
                 tracing::info!(lease = %lease.lease, "lease taken");
-                Some((Renewal::start(w, holder, lease.clone())?, lease.lease))
+                Some(Renewal::start(w, holder, lease)?)
             }
             None => None,
         };
-        let hooks = Hooks::start(opts.hooks.clone());
-        let owner = Ownership {
-            guest: opts.guest,
-            lease: lease.map(|(renewal, taken)| {
-                hooks.notify(serde_json::json!({
-                    "event": "lease-taken", "role": "primary", "guest": opts.guest.0, "generation": taken.generation, "node": taken.owner,
-                }));
-                renewal
-            }),
-            hooks,
-        };
+        let owner = Ownership { guest: opts.guest, lease, hooks: Hooks::start(opts.hooks.clone()) };
+        if let Some(w) = &opts.witness {
+            owner.notify("lease-taken", serde_json::json!({ "node": w.node }));
+        }
         let output = Arc::new(OutputBuffer::default());
         let (guest, net): (Box<dyn ProtectedGuest>, _) = match &opts.guest_kind {
             GuestKind::Arena(a) => {
@@ -395,8 +388,7 @@ fn drive_engine<G: ProtectedGuest>(
             Err(RecvTimeoutError::Timeout) => {
                 let started = Instant::now();
                 let Some(cp) = engine.handle_timeout(started, now_unix_nanos()).map_err(NodeError::Checkpoint)? else { continue };
-                stats.lock().last_seal_started = Some(started);
-                record_seal(stats, &cp, engine.period());
+                record_seal(stats, &cp, engine.period(), started);
                 let Some(link) = &tx else { continue };
                 if link.blocking_send(cp).is_err() {
                     return Err(NodeError::LinkStopped);
@@ -464,9 +456,10 @@ fn wait_for_welcome(base: &Receiver<EpochId>, stop: &AtomicBool) -> Option<Epoch
     }
 }
 
-fn record_seal(stats: &Mutex<PrimaryStats>, cp: &Checkpoint, next_period: Duration) {
+fn record_seal(stats: &Mutex<PrimaryStats>, cp: &Checkpoint, next_period: Duration, started: Instant) {
     let sealed_at = Instant::now();
     let mut s = stats.lock();
+    s.last_seal_started = Some(started);
     s.periods_ns.push(u64::try_from(next_period.as_nanos()).unwrap_or(u64::MAX));
     s.pauses_ns.push(cp.pause_ns);
     s.dirty_pages += cp.pfns.len() as u64;
