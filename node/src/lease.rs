@@ -139,10 +139,10 @@ fn take(
 
 /// Waits, as a backup whose primary went silent (last heard at
 /// `last_heard`), until the lease may be taken, and takes it for the next
-/// generation starting from `committed`. `seen` is what a [`LeaseWatch`]
-/// saw before: the wait for an unchanged lease counts from when it first
-/// saw the current version. `heard` is polled for newer signs
-/// of the owner; `cancel` ends the wait. `None`: the owner was heard again
+/// generation starting from `committed`. `watched` is a [`LeaseWatch`]'s
+/// view from before: the wait for an unchanged lease counts from when it
+/// first read the current version. `heard` is polled for newer signs of
+/// the owner; `cancel` ends the wait. `None`: the owner was heard again
 /// (or the backup is stopping), so there is no takeover.
 ///
 /// # Errors
@@ -152,15 +152,12 @@ fn take(
 pub fn claim(
     w: &WitnessOptions,
     (guest, committed): (GuestId, EpochId),
-    (last_heard, seen): (Instant, Option<Seen>),
+    (last_heard, watched): (Instant, Option<Claimant>),
     heard: impl Fn() -> Option<Instant>,
     cancel: &AtomicBool,
 ) -> Result<Option<(LeaseHolder, Tagged)>, NodeError> {
-    let mut claimant = Claimant::new(w.timing, last_heard);
-    if let Some(Seen { since, lease }) = seen {
-        // Watched while the primary was alive: unchanged since then.
-        claimant.observe(since, lease.as_ref());
-    }
+    let mut claimant = watched.unwrap_or_else(|| Claimant::new(w.timing, last_heard));
+    claimant.on_owner_heard(last_heard);
     loop {
         if cancel.load(Ordering::Relaxed) || heard().is_some_and(|h| h > last_heard) {
             return Ok(None);
@@ -191,24 +188,14 @@ pub fn claim(
     }
 }
 
-/// The lease as a backup last read it, and since when (its own clock) it
-/// has read this version.
-#[derive(Debug, Clone)]
-pub struct Seen {
-    /// When this version was first read (the read's answer).
-    pub since: Instant,
-    /// The lease (`None`: none yet).
-    pub lease: Option<Tagged>,
-}
-
 /// A backup's running view of a guest's lease while its primary is alive
-/// (a read every [`Timing::read_every`]), so that a takeover counts the
-/// lease unchanged from when this backup first read its current version,
-/// not from when the primary was declared lost: failover then takes about
-/// one lease period after the primary's death instead of the liveness
-/// timeout plus one.
+/// (a read every [`Timing::read_every`], each fed to a [`Claimant`]), so
+/// that a takeover counts the lease unchanged from when this backup first
+/// read its current version, not from when the primary was declared lost:
+/// failover then takes about one lease period after the primary's death
+/// instead of the liveness timeout plus one.
 pub struct LeaseWatch {
-    seen: Arc<Mutex<Option<Seen>>>,
+    claimant: Arc<Mutex<Claimant>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -219,32 +206,27 @@ impl LeaseWatch {
     /// # Errors
     /// When the thread cannot be started.
     pub fn start(w: &WitnessOptions, guest: GuestId) -> Result<Self, NodeError> {
-        let seen: Arc<Mutex<Option<Seen>>> = Arc::default();
+        let claimant = Arc::new(Mutex::new(Claimant::new(w.timing, Instant::now())));
         let stop = Arc::new(AtomicBool::new(false));
-        let (s2, stop2, leases, every) = (Arc::clone(&seen), Arc::clone(&stop), Arc::clone(&w.leases), w.timing.read_every());
+        let (c2, stop2, leases, every) = (Arc::clone(&claimant), Arc::clone(&stop), Arc::clone(&w.leases), w.timing.read_every());
         let thread = std::thread::Builder::new()
             .name("remus-lease-watch".into())
             .spawn(move || {
                 while !stop2.load(Ordering::Relaxed) {
                     if let Ok(lease) = leases.read(guest) {
-                        let now = Instant::now();
-                        let mut seen = s2.lock();
-                        let same = seen.as_ref().is_some_and(|s| s.lease.as_ref().map(|t| &t.tag) == lease.as_ref().map(|t| &t.tag));
-                        if !same {
-                            *seen = Some(Seen { since: now, lease });
-                        }
+                        c2.lock().observe(Instant::now(), lease.as_ref());
                     }
                     std::thread::sleep(every);
                 }
             })
             .map_err(NodeError::io("spawning the lease watch thread"))?;
-        Ok(Self { seen, stop, thread: Some(thread) })
+        Ok(Self { claimant, stop, thread: Some(thread) })
     }
 
-    /// What it has seen.
+    /// What it has seen, as a taker that has watched since it started.
     #[must_use]
-    pub fn seen(&self) -> Option<Seen> {
-        self.seen.lock().clone()
+    pub fn claimant(&self) -> Claimant {
+        self.claimant.lock().clone()
     }
 }
 

@@ -154,8 +154,8 @@ impl StoreReplica {
         heard: impl Fn() -> Option<Instant>,
         cancel: &AtomicBool,
     ) -> Result<Option<Renewal>, crate::NodeError> {
-        let seen = self.watches.lock().get(&guest).and_then(LeaseWatch::seen);
-        let Some((holder, lease)) = claim(w, (guest, epoch), (last_heard, seen), heard, cancel)? else { return Ok(None) };
+        let watched = self.watches.lock().get(&guest).map(LeaseWatch::claimant);
+        let Some((holder, lease)) = claim(w, (guest, epoch), (last_heard, watched), heard, cancel)? else { return Ok(None) };
         let _ = self.events.send(BackupEvent::LeaseWon { lease: Box::new(lease.lease.clone()), after: last_heard.elapsed() });
         // The lease is this backup's now: no more watching.
         self.watches.lock().remove(&guest);

@@ -30,7 +30,7 @@ pub enum Takeover {
 /// the lease period the lease itself names) both of silence from the
 /// owner and of an unchanged lease, each measured from its own
 /// observation.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Claimant {
     timing: Timing,
     observed: Option<Observed>,
@@ -38,7 +38,7 @@ pub struct Claimant {
     next_read: Option<Instant>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Observed {
     tag: Option<String>,
     generation: u64,
