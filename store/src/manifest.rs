@@ -32,7 +32,8 @@
 //! child records a primary that restarted and continued the history: the
 //! child's page delta names every page (unwritten ones as zero pages).
 
-use remus_types::{ChunkId, EpochId, FormatError, GuestId, Pfn};
+use remus_types::format::{self, FormatError};
+use remus_types::{ChunkId, EpochId, GuestId, Pfn};
 
 use crate::error::StoreError;
 
@@ -83,8 +84,7 @@ impl Manifest {
     #[must_use]
     pub fn encode(&self) -> [u8; MANIFEST_LEN] {
         let mut b = [0u8; MANIFEST_LEN];
-        b[0..4].copy_from_slice(&MAGIC);
-        b[4] = VERSION;
+        b[..format::PREFIX_LEN].copy_from_slice(&format::prefix(&MAGIC, VERSION));
         let mut put = |at: usize, v: &[u8]| b[at..at + v.len()].copy_from_slice(v);
         put(8, &self.guest.0.to_le_bytes());
         put(16, &self.epoch.0.to_le_bytes());
@@ -101,8 +101,8 @@ impl Manifest {
         put(200, &self.new_chunk_bytes.to_le_bytes());
         put(208, &self.generation.to_le_bytes());
         put(216, &self.commit_unix_ns.to_le_bytes());
-        let crc = crc32fast::hash(&b[..248]);
-        b[248..252].copy_from_slice(&crc.to_le_bytes());
+        let (covered, crc) = b.split_at_mut(MANIFEST_LEN - format::TRAILER_LEN);
+        crc.copy_from_slice(&format::checksum(covered));
         b
     }
 
@@ -135,14 +135,7 @@ impl Manifest {
         if b.len() > MANIFEST_LEN {
             return Err(corrupt(FormatError::TooLarge { len: b.len(), max: MANIFEST_LEN }));
         }
-        remus_types::format::check_magic(&MAGIC, b).map_err(corrupt)?;
-        if b[4] != VERSION {
-            return Err(corrupt(FormatError::UnsupportedVersion { what: "manifest", found: b[4], supported: VERSION }));
-        }
-        let (stored, computed) = (u32::from_le_bytes(b[248..252].try_into().expect("4 bytes")), crc32fast::hash(&b[..248]));
-        if stored != computed {
-            return Err(corrupt(FormatError::ChecksumMismatch { stored, computed }));
-        }
+        format::open_trailed("manifest", &MAGIC, VERSION, b).map_err(corrupt)?;
         let u = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
         let h = |at: usize| ChunkId(b[at..at + 32].try_into().expect("32 bytes"));
         Ok(Self {

@@ -39,7 +39,8 @@
 //! must speak the same version (a frame of another is refused with
 //! [`FormatError::UnsupportedVersion`]).
 
-use remus_types::{ChunkId, EpochId, FormatError, GuestId};
+use remus_types::format::{self, FormatError};
+use remus_types::{ChunkId, EpochId, GuestId};
 
 use crate::codec::{Reader, Writer};
 use crate::encoding::PageRecord;
@@ -195,8 +196,10 @@ impl Message {
     /// them).
     pub fn encode(&self, out: &mut Vec<u8>) {
         let start = out.len();
-        out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&[VERSION, self.kind(), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let mut prefix = format::prefix(&MAGIC, VERSION);
+        prefix[5] = self.kind();
+        out.extend_from_slice(&prefix);
+        out.extend_from_slice(&[0; HEADER_LEN - format::PREFIX_LEN]);
         let mut w = Writer::with(std::mem::take(out));
         match self {
             Self::Hello { guest, instance, page_count, generation, continues } => {
@@ -276,12 +279,7 @@ impl Message {
             }
             return Ok(None);
         }
-        if buf[..4] != MAGIC {
-            return Err(bad_magic(buf));
-        }
-        if buf[4] != VERSION {
-            return Err(FormatError::UnsupportedVersion { what: "protocol", found: buf[4], supported: VERSION }.into());
-        }
+        format::check_prefix("protocol", &MAGIC, VERSION..=VERSION, buf)?;
         let len = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes")) as usize;
         if len > MAX_PAYLOAD {
             return Err(FormatError::TooLarge { len, max: MAX_PAYLOAD }.into());
@@ -290,13 +288,7 @@ impl Message {
             return Ok(None);
         }
         let payload = &buf[HEADER_LEN..HEADER_LEN + len];
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&buf[..12]);
-        crc.update(payload);
-        let (computed, stored) = (crc.finalize(), u32::from_le_bytes(buf[12..16].try_into().expect("4 bytes")));
-        if computed != stored {
-            return Err(FormatError::ChecksumMismatch { stored, computed }.into());
-        }
+        format::check_crc(&buf[12..16], &[&buf[..12], payload])?;
         let msg = Self::decode_payload(buf[5], payload)?;
         Ok(Some((msg, HEADER_LEN + len)))
     }

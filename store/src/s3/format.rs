@@ -36,7 +36,8 @@
 //! end-4  crc32 of everything before
 //! ```
 
-use remus_types::{ChunkId, EpochId, FormatError, GuestId, Pfn};
+use remus_types::format::{self, FormatError};
+use remus_types::{ChunkId, EpochId, GuestId, Pfn};
 
 use crate::chain::Bridge;
 use crate::error::StoreError;
@@ -48,40 +49,15 @@ const EPOCH_MAGIC: [u8; 4] = *b"RMEP";
 const BRIDGE_MAGIC: [u8; 4] = *b"RMBR";
 const VERSION: u8 = 1;
 /// Header of a pack.
-pub const PACK_HEADER: usize = 8;
+pub const PACK_HEADER: usize = format::PREFIX_LEN;
 
 fn corrupt(what: &str, why: &str) -> StoreError {
     StoreError::malformed(what, why)
 }
 
-fn header(magic: [u8; 4]) -> Vec<u8> {
-    let mut v = magic.to_vec();
-    v.extend_from_slice(&[VERSION, 0, 0, 0]);
-    v
-}
-
-fn seal(mut v: Vec<u8>) -> Vec<u8> {
-    let crc = crc32fast::hash(&v);
-    v.extend_from_slice(&crc.to_le_bytes());
-    v
-}
-
 /// Checks magic, version and trailing crc; returns the body between.
-fn open<'a>(b: &'a [u8], magic: [u8; 4], what: &str) -> Result<&'a [u8], StoreError> {
-    let bad = |cause| StoreError::corrupt(what, cause);
-    if b.len() < 12 {
-        return Err(bad(FormatError::Truncated { need: 12, have: b.len() }));
-    }
-    remus_types::format::check_magic(&magic, b).map_err(bad)?;
-    if b[4] != VERSION {
-        return Err(bad(FormatError::UnsupportedVersion { what: "s3 object", found: b[4], supported: VERSION }));
-    }
-    let (body, crc) = b.split_at(b.len() - 4);
-    let (stored, computed) = (u32::from_le_bytes(crc.try_into().expect("4 bytes")), crc32fast::hash(body));
-    if stored != computed {
-        return Err(bad(FormatError::ChecksumMismatch { stored, computed }));
-    }
-    Ok(&body[8..])
+fn open<'a>(b: &'a [u8], magic: [u8; 4], what: &'static str) -> Result<&'a [u8], StoreError> {
+    Ok(format::open_trailed(what, &magic, VERSION, b).map_err(|cause| StoreError::corrupt(what, cause))?.1)
 }
 
 fn u64_le(b: &[u8], at: usize) -> u64 {
@@ -112,7 +88,7 @@ pub struct PackBuilder {
 
 impl Default for PackBuilder {
     fn default() -> Self {
-        Self { bytes: header(PACK_MAGIC), entries: Vec::new() }
+        Self { bytes: format::prefix(&PACK_MAGIC, VERSION).to_vec(), entries: Vec::new() }
     }
 }
 
@@ -156,7 +132,7 @@ impl PackBuilder {
 /// Encodes a pack index.
 #[must_use]
 pub fn encode_index(pack: &ChunkId, pack_len: u64, entries: &[PackEntry]) -> Vec<u8> {
-    let mut v = header(INDEX_MAGIC);
+    let mut v = format::start_trailed(&INDEX_MAGIC, VERSION);
     v.extend_from_slice(&pack.0);
     v.extend_from_slice(&pack_len.to_le_bytes());
     v.extend_from_slice(&(entries.len() as u32).to_le_bytes());
@@ -165,7 +141,7 @@ pub fn encode_index(pack: &ChunkId, pack_len: u64, entries: &[PackEntry]) -> Vec
         v.extend_from_slice(&e.offset.to_le_bytes());
         v.extend_from_slice(&e.len.to_le_bytes());
     }
-    seal(v)
+    format::seal_trailed(v)
 }
 
 /// A decoded pack index.
@@ -211,23 +187,21 @@ pub fn decode_index(b: &[u8]) -> Result<PackIndex, StoreError> {
 /// # Errors
 /// [`StoreError::Corrupt`].
 pub fn check_pack_header(b: &[u8]) -> Result<(), StoreError> {
-    if b.len() < PACK_HEADER || b[0..4] != PACK_MAGIC || b[4] != VERSION {
-        return Err(corrupt("pack", "bad header"));
-    }
+    format::check_prefix("pack", &PACK_MAGIC, VERSION..=VERSION, b).map_err(|cause| StoreError::corrupt("pack", cause))?;
     Ok(())
 }
 
 /// Encodes an epoch object.
 #[must_use]
 pub fn encode_epoch(m: &Manifest, pages: &[(Pfn, ChunkId)]) -> Vec<u8> {
-    let mut v = header(EPOCH_MAGIC);
+    let mut v = format::start_trailed(&EPOCH_MAGIC, VERSION);
     v.extend_from_slice(&m.encode());
     v.extend_from_slice(&(pages.len() as u64).to_le_bytes());
     for (pfn, id) in pages {
         v.extend_from_slice(&pfn.0.to_le_bytes());
         v.extend_from_slice(&id.0);
     }
-    seal(v)
+    format::seal_trailed(v)
 }
 
 /// Decodes an epoch object: its manifest and page list. The caller
@@ -267,7 +241,7 @@ impl BridgeObject {
     /// Encodes the bridge object.
     #[must_use]
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = header(BRIDGE_MAGIC);
+        let mut v = format::start_trailed(&BRIDGE_MAGIC, VERSION);
         let b = &self.bridge;
         for x in [self.guest.0, b.first.0, b.last.0] {
             v.extend_from_slice(&x.to_le_bytes());
@@ -280,7 +254,7 @@ impl BridgeObject {
             v.extend_from_slice(&e.0.to_le_bytes());
             v.extend_from_slice(&id.0);
         }
-        seal(v)
+        format::seal_trailed(v)
     }
 
     /// Decodes a bridge object.
