@@ -34,6 +34,14 @@ pub struct CadenceConfig {
     pub target: Duration,
 }
 
+impl Default for CadenceConfig {
+    /// 40 Hz, fixed (adaptive epochs are opt-in, see docs/benchmarks.md),
+    /// with an output-delay target of one second for when they are on.
+    fn default() -> Self {
+        Self { base: Duration::from_millis(25), max: Duration::from_millis(25), target: Duration::from_secs(1) }
+    }
+}
+
 impl CadenceConfig {
     /// A fixed period: never lengthened.
     #[must_use]

@@ -92,9 +92,12 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use remus_capture::ArenaConfig;
+use remus_capture::{ArenaConfig, CadenceConfig};
+use remus_wan::driver::{BackupLinkConfig, LinkTuning};
+use remus_wan::SenderConfig;
 
 /// The whole file.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
@@ -151,9 +154,9 @@ impl WitnessConfig {
     /// A message naming the bad key.
     pub fn timing(&self) -> Result<remus_witness::Timing> {
         let t = remus_witness::Timing {
-            lease: std::time::Duration::from_millis(self.lease_ms),
+            lease: Duration::from_millis(self.lease_ms),
             drift: self.drift,
-            margin: std::time::Duration::from_millis(self.margin_ms),
+            margin: Duration::from_millis(self.margin_ms),
         };
         t.validate().map_err(|e| anyhow::anyhow!("witness: {e}"))?;
         Ok(t)
@@ -161,15 +164,15 @@ impl WitnessConfig {
 }
 
 fn default_lease_ms() -> u64 {
-    500
+    ms(remus_witness::Timing::default().lease)
 }
 
 fn default_drift() -> f64 {
-    0.01
+    remus_witness::Timing::default().drift
 }
 
 fn default_margin_ms() -> u64 {
-    20
+    ms(remus_witness::Timing::default().margin)
 }
 
 /// `[retention]`.
@@ -258,24 +261,59 @@ pub struct ProtectConfig {
 }
 
 impl Default for ProtectConfig {
+    /// The libraries' own defaults, in the file's units.
     fn default() -> Self {
+        let (sender, cadence, link) = (SenderConfig::default(), CadenceConfig::default(), LinkTuning::default());
         Self {
             guest: 1,
             backup: default_listen(),
-            epoch_ms: 25,
-            max_epoch_ms: 25,
-            output_delay_target_ms: 1000,
-            max_in_flight: 256,
-            heartbeat_ms: 50,
-            backup_timeout_ms: 500,
-            backup_timeout_max_ms: 5000,
-            congestion: remus_wan::Congestion::default().to_string(),
-            fec: remus_wan::fec::Fec::default().to_string(),
-            max_rate_mbit: 0,
+            epoch_ms: ms(cadence.base),
+            max_epoch_ms: ms(cadence.max),
+            output_delay_target_ms: ms(cadence.target),
+            max_in_flight: sender.max_in_flight,
+            heartbeat_ms: ms(sender.heartbeat),
+            backup_timeout_ms: ms(sender.peer_timeout),
+            backup_timeout_max_ms: ms(sender.peer_timeout_max),
+            congestion: link.congestion.to_string(),
+            fec: link.fec.to_string(),
+            max_rate_mbit: link.max_rate.map_or(0, |bytes| bytes / BYTES_PER_MBIT),
             arena: ArenaConfig::default(),
             qemu: crate::qemu_settings::QemuSettings::default(),
         }
     }
+}
+
+impl ProtectConfig {
+    /// The sender's tuning these keys set (the rest at its defaults).
+    #[must_use]
+    pub fn sender(&self) -> SenderConfig {
+        SenderConfig {
+            max_in_flight: self.max_in_flight,
+            heartbeat: Duration::from_millis(self.heartbeat_ms),
+            peer_timeout: Duration::from_millis(self.backup_timeout_ms),
+            peer_timeout_max: Duration::from_millis(self.backup_timeout_max_ms),
+            ..SenderConfig::default()
+        }
+    }
+
+    /// The epoch cadence for a base period of `epoch` (the file's
+    /// `epoch-ms` unless a flag set another); the longest epoch is never
+    /// below it.
+    #[must_use]
+    pub fn cadence(&self, epoch: Duration) -> CadenceConfig {
+        CadenceConfig {
+            base: epoch,
+            max: Duration::from_millis(self.max_epoch_ms).max(epoch),
+            target: Duration::from_millis(self.output_delay_target_ms),
+        }
+    }
+}
+
+/// Bytes per second in one Mbit/s.
+pub const BYTES_PER_MBIT: u64 = 125_000;
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// `[backup]`.
@@ -299,19 +337,31 @@ pub struct BackupConfig {
 }
 
 impl Default for BackupConfig {
+    /// The link's own defaults, in the file's units.
     fn default() -> Self {
+        let link = BackupLinkConfig::default();
         Self {
             listen: default_listen(),
             store: None,
-            heartbeat_ms: 50,
-            primary_timeout_ms: 500,
-            primary_timeout_max_ms: 5000,
+            heartbeat_ms: ms(link.heartbeat),
+            primary_timeout_ms: ms(link.primary_timeout),
+            primary_timeout_max_ms: ms(link.primary_timeout_max),
             qemu_images: None,
         }
     }
 }
 
 impl BackupConfig {
+    /// The link timing these keys set.
+    #[must_use]
+    pub fn link(&self) -> BackupLinkConfig {
+        BackupLinkConfig {
+            heartbeat: Duration::from_millis(self.heartbeat_ms),
+            primary_timeout: Duration::from_millis(self.primary_timeout_ms),
+            primary_timeout_max: Duration::from_millis(self.primary_timeout_max_ms),
+        }
+    }
+
     /// The trusted guest image directories.
     #[must_use]
     pub fn qemu_images(&self) -> Vec<PathBuf> {
@@ -407,6 +457,17 @@ mod tests {
         assert!(bad.validate().unwrap_err().to_string().contains("s3.endpoint"));
         let bad: Config = toml::from_str("[s3]\nbucket = \"Bad_Name\"\n").unwrap();
         assert!(bad.validate().unwrap_err().to_string().contains("s3.bucket"));
+        // The example shows every default: what it sets is what the
+        // libraries default to.
+        let defaults = Config::default();
+        assert_eq!(format!("{:?}", cfg.protect.sender()), format!("{:?}", SenderConfig::default()));
+        assert_eq!(format!("{:?}", defaults.protect.sender()), format!("{:?}", SenderConfig::default()));
+        assert_eq!(cfg.protect.cadence(Duration::from_millis(cfg.protect.epoch_ms)), CadenceConfig::default());
+        assert_eq!(format!("{:?}", cfg.backup.link()), format!("{:?}", BackupLinkConfig::default()));
+        assert_eq!(
+            (cfg.protect.congestion.as_str(), cfg.protect.fec.as_str()),
+            (defaults.protect.congestion.as_str(), defaults.protect.fec.as_str())
+        );
         let (policy, every) = cfg.retention.as_ref().unwrap().policy().unwrap();
         assert_eq!((policy.rules.len(), every.as_secs()), (4, 3600));
         assert_eq!(policy.rules[3].every.as_secs(), 86_400);

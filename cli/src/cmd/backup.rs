@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Result;
-use remus_wan::driver::BackupLinkConfig;
 
 use crate::config::Config;
 use remus_node::{Backup, BackupOptions};
@@ -58,11 +57,7 @@ pub fn run(args: &BackupArgs, cfg: &Config, config_path: Option<&Path>, data_dir
         listen: args.listen.unwrap_or(b.listen),
         store: store.clone(),
         tls,
-        link: BackupLinkConfig {
-            heartbeat: Duration::from_millis(b.heartbeat_ms),
-            primary_timeout: Duration::from_millis(b.primary_timeout_ms),
-            primary_timeout_max: Duration::from_millis(b.primary_timeout_max_ms),
-        },
+        link: b.link(),
         failover: args.failover_dir.clone().map_or(FailoverAction::Record, |dir| FailoverAction::RestoreTo {
             dir,
             resume: args.resume.then(|| ResumeVm {

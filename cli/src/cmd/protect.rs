@@ -5,9 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use remus_capture::CadenceConfig;
 use remus_types::GuestId;
-use remus_wan::SenderConfig;
 
 use crate::config::Config;
 use crate::qemu_settings::QemuSettings;
@@ -159,18 +157,13 @@ pub fn primary_options(
         }
         (None, None) => Duration::from_millis(p.epoch_ms),
     };
-    let sender = SenderConfig {
-        max_in_flight: p.max_in_flight,
-        heartbeat: Duration::from_millis(p.heartbeat_ms),
-        peer_timeout: Duration::from_millis(p.backup_timeout_ms),
-        peer_timeout_max: Duration::from_millis(p.backup_timeout_max_ms),
-        ..SenderConfig::default()
-    };
-    let max_epoch = Duration::from_millis(p.max_epoch_ms).max(epoch);
-    let cadence = CadenceConfig { base: epoch, max: max_epoch, target: Duration::from_millis(p.output_delay_target_ms) };
+    let sender = p.sender();
+    let cadence = p.cadence(epoch);
     let max_rate = match flags.max_rate_mbit.unwrap_or(p.max_rate_mbit) {
         0 => None,
-        mbit => Some(mbit.checked_mul(125_000).ok_or_else(|| anyhow::anyhow!("--max-rate-mbit {mbit} is too large"))?),
+        mbit => {
+            Some(mbit.checked_mul(crate::config::BYTES_PER_MBIT).ok_or_else(|| anyhow::anyhow!("--max-rate-mbit {mbit} is too large"))?)
+        }
     };
     let link = remus_wan::driver::LinkTuning { congestion, fec, max_rate };
     Ok(PrimaryOptions {
