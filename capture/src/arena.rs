@@ -5,12 +5,11 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
 
-use remus_types::{Checkpoint, EpochId, PAGE_SIZE};
+use remus_types::{Checkpoint, PAGE_SIZE};
 
 use crate::dirty::DirtyTracker;
-use crate::engine::ProtectedGuest;
+use crate::guest::{DeviceState, DirtyLog, DiskTap, MemoryView, Pause};
 use crate::workload::{self, WorkloadConfig};
 use crate::{CaptureError, OutputBuffer};
 use remus_sys::{Mapping, PiMutex, WriteProtectScanner};
@@ -62,8 +61,8 @@ pub struct ArenaGuest {
     shared: Arc<Shared>,
     tracker: DirtyTracker,
     workload: Option<JoinHandle<()>>,
-    pfns: Vec<u64>,
-    last_dirty: usize,
+    /// The workload's count of written pages at the last pause.
+    written_at_pause: u64,
 }
 
 impl ArenaGuest {
@@ -100,7 +99,7 @@ impl ArenaGuest {
             .name("remus-workload".into())
             .spawn(move || workload::run(&s2, &wl))
             .map_err(|e| CaptureError::Stopped(e.to_string()))?;
-        Ok(Self { shared, tracker, workload: Some(workload), pfns: Vec::new(), last_dirty: 0 })
+        Ok(Self { shared, tracker, workload: Some(workload), written_at_pause: 0 })
     }
 
     /// True when dirty pages are found by write-protect scanning.
@@ -145,67 +144,75 @@ impl ArenaGuest {
     }
 }
 
-impl ProtectedGuest for ArenaGuest {
-    fn page_count(&self) -> u64 {
-        self.shared.page_count
+impl Pause for ArenaGuest {
+    fn pause(&mut self) -> Result<(), CaptureError> {
+        if self.workload.as_ref().is_some_and(JoinHandle::is_finished) && !self.shared.stop.load(Ordering::Relaxed) {
+            return Err(CaptureError::Stopped("workload thread exited".into()));
+        }
+        self.shared.pause.store(true, Ordering::Release);
+        // Wait out a batch of writes in progress: the workload checks the
+        // flag under the lock, so once the lock was taken after the flag
+        // was set, nothing is written until the resume.
+        drop(self.shared.memory.lock());
+        Ok(())
     }
 
-    fn exact_tracking(&self) -> bool {
-        Self::exact_tracking(self)
-    }
-
-    fn quiesce(&mut self) {
-        self.stop_workload();
+    fn resume(&mut self) -> Result<(), CaptureError> {
+        self.shared.pause.store(false, Ordering::Release);
+        Ok(())
     }
 
     fn hold(&mut self, held: bool) {
         self.shared.held.store(held, Ordering::Release);
     }
 
-    fn checkpoint(&mut self, epoch: EpochId, cp: &mut Checkpoint, paused: &mut dyn FnMut()) -> Result<(), CaptureError> {
-        if self.workload.as_ref().is_some_and(JoinHandle::is_finished) && !self.shared.stop.load(Ordering::Relaxed) {
-            return Err(CaptureError::Stopped("workload thread exited".into()));
-        }
-        // Fault the page buffer in before pausing (sized from the last
-        // epoch), so the copy inside the pause takes no page faults.
-        let estimate = (self.last_dirty * 2).max(1024) * PAGE_SIZE;
-        if cp.pages.capacity() < estimate {
-            cp.pages = vec![0u8; estimate];
-            cp.pages.fill(1);
-        }
-        // Two-phase collection (see `dirty`): most pages are taken before
-        // the pause, the few written since inside it.
-        self.pfns.clear();
-        self.tracker.collect_running(&mut self.pfns)?;
-        let t0 = Instant::now();
-        self.shared.pause.store(true, Ordering::Release);
+    fn quiesce(&mut self) {
+        self.stop_workload();
+    }
+}
+
+impl DirtyLog for ArenaGuest {
+    fn exact_tracking(&self) -> bool {
+        Self::exact_tracking(self)
+    }
+
+    fn collect_running(&mut self, pfns: &mut Vec<u64>) -> Result<(), CaptureError> {
+        self.tracker.collect_running(pfns)
+    }
+
+    fn collect_paused(&mut self, pfns: &mut Vec<u64>) -> Result<(), CaptureError> {
         let mem = self.shared.memory.lock();
-        paused();
-        let result = self.tracker.collect_paused(mem.as_slice(), &mut self.pfns);
-        if let Err(e) = result {
-            drop(mem);
-            self.shared.pause.store(false, Ordering::Release);
-            return Err(e);
-        }
-        self.pfns.sort_unstable();
-        self.pfns.dedup();
+        self.tracker.collect_paused(mem.as_slice(), pfns)
+    }
+}
+
+impl MemoryView for ArenaGuest {
+    fn page_count(&self) -> u64 {
+        self.shared.page_count
+    }
+
+    fn copy_pages(&self, pfns: &[u64], out: &mut Vec<u8>) {
+        let mem = self.shared.memory.lock();
         let bytes = mem.as_slice();
-        cp.pages.clear();
-        cp.pages.reserve(self.pfns.len() * PAGE_SIZE);
-        self.last_dirty = self.pfns.len();
-        for &pfn in &self.pfns {
+        out.reserve(pfns.len() * PAGE_SIZE);
+        for &pfn in pfns {
             let off = pfn as usize * PAGE_SIZE;
-            cp.pages.extend_from_slice(&bytes[off..off + PAGE_SIZE]);
+            out.extend_from_slice(&bytes[off..off + PAGE_SIZE]);
         }
-        let written = self.shared.written.load(Ordering::Relaxed);
-        drop(mem);
-        self.shared.pause.store(false, Ordering::Release);
-        cp.pause_ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        cp.epoch = epoch;
-        cp.page_count = self.shared.page_count;
-        cp.pfns.clear();
-        cp.pfns.extend(self.pfns.iter().map(|&p| remus_types::Pfn(p)));
-        cp.device_state = written.to_le_bytes().to_vec();
+    }
+}
+
+impl DiskTap for ArenaGuest {}
+
+impl DeviceState for ArenaGuest {
+    /// The arena's device state is the workload's count of pages written.
+    fn save_device_state(&mut self) -> Result<(), CaptureError> {
+        self.written_at_pause = self.shared.written.load(Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn take_device_state(&mut self, cp: &mut Checkpoint) -> Result<(), CaptureError> {
+        cp.device_state = self.written_at_pause.to_le_bytes().to_vec();
         Ok(())
     }
 }

@@ -8,7 +8,9 @@
 //! Per epoch the engine has the guest pause, seals the epoch's output
 //! while the guest is paused (so everything the guest emitted before the
 //! pause belongs to this epoch or an earlier one), takes the pages it
-//! wrote, and has it resume at once (speculative execution).
+//! wrote, and has it resume at once (speculative execution): the sequence
+//! of [`checkpoint`] over the guest's narrow capabilities
+//! ([`crate::guest`]).
 //!
 //! Ordering rule, owned here and nowhere else: output the guest produced
 //! during epoch `N` is released by [`EpochEngine::handle_ack`] for an ack
@@ -24,58 +26,8 @@ use std::time::{Duration, Instant};
 
 use remus_types::{Checkpoint, EpochId, GuestId};
 
+use crate::guest::{checkpoint, ProtectedGuest, Scratch};
 use crate::{Cadence, CadenceConfig, CaptureError, OutputBuffer};
-
-/// A guest that can be checkpointed: the hypervisor or process boundary.
-pub trait ProtectedGuest: Send {
-    /// Memory size in pages.
-    fn page_count(&self) -> u64;
-
-    /// Pauses the guest, calls `paused` exactly once while it is paused
-    /// (before the epoch's dirty pages are collected), fills `cp` with the
-    /// pages written since the previous checkpoint, the device state and
-    /// the pause duration, and resumes the guest (unless quiesced).
-    ///
-    /// # Errors
-    /// Any failure to pause, track or copy; the guest is resumed regardless.
-    fn checkpoint(&mut self, epoch: EpochId, cp: &mut Checkpoint, paused: &mut dyn FnMut()) -> Result<(), CaptureError>;
-
-    /// True when dirty pages are found exactly by write-protect scanning
-    /// (false: by hashing every page).
-    fn exact_tracking(&self) -> bool;
-
-    /// Holds the guest still from the next checkpoint on (it is not
-    /// resumed after it), so that checkpoint is its final state.
-    fn quiesce(&mut self);
-
-    /// Holds the guest still while `held` (at the latest from the next
-    /// checkpoint on; checkpoints go on, with nothing dirtied), or lets it
-    /// run again: a primary that may not own its guest for a while (its
-    /// lease unconfirmed) stops it without ending it.
-    fn hold(&mut self, held: bool);
-}
-
-impl<G: ProtectedGuest + ?Sized> ProtectedGuest for Box<G> {
-    fn page_count(&self) -> u64 {
-        (**self).page_count()
-    }
-
-    fn checkpoint(&mut self, epoch: EpochId, cp: &mut Checkpoint, paused: &mut dyn FnMut()) -> Result<(), CaptureError> {
-        (**self).checkpoint(epoch, cp, paused)
-    }
-
-    fn exact_tracking(&self) -> bool {
-        (**self).exact_tracking()
-    }
-
-    fn quiesce(&mut self) {
-        (**self).quiesce();
-    }
-
-    fn hold(&mut self, held: bool) {
-        (**self).hold(held);
-    }
-}
 
 /// Where the engine is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +52,7 @@ pub struct EpochEngine<G> {
     next: EpochId,
     acked: EpochId,
     output: Arc<OutputBuffer<Vec<u8>>>,
+    scratch: Scratch,
 }
 
 impl<G: ProtectedGuest> EpochEngine<G> {
@@ -107,7 +60,17 @@ impl<G: ProtectedGuest> EpochEngine<G> {
     /// epoch every `period` from `now` on; the first sealed epoch is 1.
     pub fn new(id: GuestId, guest: G, output: Arc<OutputBuffer<Vec<u8>>>, period: Duration, now: Instant) -> Self {
         let cadence = Cadence::new(CadenceConfig::fixed(period));
-        Self { guest, id, cadence, due: Some(now + period), phase: Phase::Running, next: EpochId(1), acked: EpochId(0), output }
+        Self {
+            guest,
+            id,
+            cadence,
+            due: Some(now + period),
+            phase: Phase::Running,
+            next: EpochId(1),
+            acked: EpochId(0),
+            output,
+            scratch: Scratch::default(),
+        }
     }
 
     /// The same engine continuing a history whose last committed epoch is
@@ -189,16 +152,7 @@ impl<G: ProtectedGuest> EpochEngine<G> {
         let mut cp = Checkpoint { guest: self.id, time_unix_ns: unix_ns, ..Checkpoint::default() };
         let epoch = self.next;
         let output = &self.output;
-        let mut sealed = false;
-        self.guest.checkpoint(epoch, &mut cp, &mut || {
-            output.seal(epoch);
-            sealed = true;
-        })?;
-        if !sealed {
-            // A guest that never paused for the seal: its output cannot be
-            // attributed to an epoch, so nothing of it may be released.
-            return Err(CaptureError::Stopped("the guest checkpointed without pausing for the output seal".into()));
-        }
+        checkpoint(&mut self.guest, epoch, &mut cp, &mut self.scratch, || output.seal(epoch))?;
         self.next = epoch.next();
         Ok(cp)
     }

@@ -15,23 +15,28 @@
 //! acknowledgements are fed in by a driver (the primary runtime in
 //! `remus-node`), so it is tested on a virtual clock with a fake guest.
 //!
-//! Guests: [`ArenaGuest`], an in-process guest with a built-in workload;
-//! the QEMU guest lives in `remus-qemu` and uses the same
-//! [`DirtyTracker`] and [`ProtectedGuest`] trait.
+//! The engine sees a guest through five narrow traits ([`Pause`],
+//! [`DirtyLog`], [`MemoryView`], [`DiskTap`], [`DeviceState`]; together
+//! [`ProtectedGuest`]) and owns the one checkpoint sequence over them
+//! ([`checkpoint`]). Guests: [`ArenaGuest`], an in-process guest with a
+//! built-in workload; the QEMU guest lives in `remus-qemu` and uses the
+//! same [`DirtyTracker`] and traits.
 
 mod arena;
 mod cadence;
 mod dirty;
 mod engine;
 mod error;
+pub mod guest;
 mod output;
 mod workload;
 
 pub use arena::{ArenaConfig, ArenaGuest, TrackingMode};
 pub use cadence::{Cadence, CadenceConfig};
 pub use dirty::DirtyTracker;
-pub use engine::{EpochEngine, ProtectedGuest};
+pub use engine::EpochEngine;
 pub use error::CaptureError;
+pub use guest::{checkpoint, DeviceState, DirtyLog, DiskTap, MemoryView, Pause, ProtectedGuest, Scratch};
 pub use output::OutputBuffer;
 pub use workload::{ContentMix, WorkloadConfig};
 

@@ -216,9 +216,10 @@ pub(crate) fn run(shared: &Arc<Shared>, cfg: &WorkloadConfig) {
             std::thread::sleep(Duration::from_micros(100));
         }
         let mut mem = shared.memory.lock();
-        if shared.held.load(Ordering::Acquire) {
-            // Checked under the lock as well: once a checkpoint has taken
-            // the lock after the hold, nothing more is written.
+        if shared.held.load(Ordering::Acquire) || shared.pause.load(Ordering::Acquire) {
+            // Checked under the lock as well: once a pause has taken the
+            // lock after setting its flag (or a checkpoint after the hold),
+            // nothing more is written until it is cleared.
             drop(mem);
             continue;
         }

@@ -24,7 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use remus_capture::{ProtectedGuest, TrackingMode};
+use remus_capture::{checkpoint, Scratch, TrackingMode};
 use remus_qemu::{Egress, QemuConfig, QemuGuest, QemuMachine, RunDir};
 use remus_types::{Checkpoint, EpochId};
 
@@ -209,7 +209,8 @@ fn checkpoints_only(kernel: &Path, initrd: &Path, mib: u64, jobs: usize, work: &
     };
     let mut guest = QemuGuest::start(&cfg, Egress::Direct).expect("QEMU");
     // One checkpoint starts it (QEMU is launched paused).
-    guest.checkpoint(EpochId(1), &mut Checkpoint::default(), &mut || {}).expect("start");
+    let mut scratch = Scratch::default();
+    checkpoint(&mut guest, EpochId(1), &mut Checkpoint::default(), &mut scratch, || {}).expect("start");
     wait_ready(&RunDir { dir: run_dir.clone() }.serial(), None);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop2 = std::sync::Arc::clone(&stop);
@@ -218,7 +219,7 @@ fn checkpoints_only(kernel: &Path, initrd: &Path, mib: u64, jobs: usize, work: &
         let mut e = 2;
         while let Some(hz) = hz.filter(|_| !stop2.load(std::sync::atomic::Ordering::Relaxed)) {
             std::thread::sleep(Duration::from_secs_f64(1.0 / f64::from(hz)));
-            guest.checkpoint(EpochId(e), &mut cp, &mut || {}).expect("checkpoint");
+            checkpoint(&mut guest, EpochId(e), &mut cp, &mut scratch, || {}).expect("checkpoint");
             e += 1;
         }
         guest

@@ -548,41 +548,64 @@ async fn consume_events(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use remus_capture::CaptureError;
-    use remus_types::{Pfn, PAGE_SIZE};
+    use remus_capture::{CaptureError, DeviceState, DirtyLog, DiskTap, MemoryView, Pause};
+    use remus_types::PAGE_SIZE;
 
     /// A guest that emits one line per epoch, just before each pause.
     struct LineGuest {
         output: Arc<OutputBuffer<Vec<u8>>>,
+        /// The epoch it runs in, by its own count.
+        epoch: EpochId,
         quiesced: bool,
     }
 
-    impl ProtectedGuest for LineGuest {
-        fn page_count(&self) -> u64 {
-            1
-        }
-
-        fn checkpoint(&mut self, epoch: EpochId, cp: &mut Checkpoint, paused: &mut dyn FnMut()) -> Result<(), CaptureError> {
+    impl Pause for LineGuest {
+        fn pause(&mut self) -> Result<(), CaptureError> {
             if !self.quiesced {
-                self.output.push(format!("line of epoch {}\n", epoch.0).into_bytes());
+                self.output.push(format!("line of epoch {}\n", self.epoch.0).into_bytes());
             }
-            paused();
-            cp.epoch = epoch;
-            cp.page_count = 1;
-            cp.pfns = vec![Pfn(0)];
-            cp.pages = vec![0; PAGE_SIZE];
             Ok(())
         }
 
-        fn exact_tracking(&self) -> bool {
-            true
+        fn resume(&mut self) -> Result<(), CaptureError> {
+            self.epoch = self.epoch.next();
+            Ok(())
         }
+
+        fn hold(&mut self, _held: bool) {}
 
         fn quiesce(&mut self) {
             self.quiesced = true;
         }
+    }
 
-        fn hold(&mut self, _held: bool) {}
+    impl DirtyLog for LineGuest {
+        fn exact_tracking(&self) -> bool {
+            true
+        }
+
+        fn collect_paused(&mut self, pfns: &mut Vec<u64>) -> Result<(), CaptureError> {
+            pfns.push(0);
+            Ok(())
+        }
+    }
+
+    impl MemoryView for LineGuest {
+        fn page_count(&self) -> u64 {
+            1
+        }
+
+        fn copy_pages(&self, pfns: &[u64], out: &mut Vec<u8>) {
+            out.resize(out.len() + pfns.len() * PAGE_SIZE, 0);
+        }
+    }
+
+    impl DiskTap for LineGuest {}
+
+    impl DeviceState for LineGuest {
+        fn take_device_state(&mut self, _cp: &mut Checkpoint) -> Result<(), CaptureError> {
+            Ok(())
+        }
     }
 
     /// Runs the driver with a link that acknowledges what `ack` allows,
@@ -591,7 +614,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log_path = dir.path().join("released");
         let output = Arc::new(OutputBuffer::default());
-        let guest = LineGuest { output: Arc::clone(&output), quiesced: false };
+        let guest = LineGuest { output: Arc::clone(&output), epoch: EpochId(1), quiesced: false };
         let engine = EpochEngine::new(GuestId(1), guest, output, Duration::from_millis(2), Instant::now());
         let (tx, mut rx) = mpsc::channel::<Checkpoint>(4);
         let (ack_tx, ack_rx) = crossbeam_channel::unbounded();

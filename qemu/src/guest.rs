@@ -21,9 +21,9 @@ use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use remus_capture::{CaptureError, DirtyTracker, ProtectedGuest, TrackingMode};
+use remus_capture::{CaptureError, DeviceState, DirtyLog, DirtyTracker, DiskTap, MemoryView, Pause, TrackingMode};
 use remus_sys::{Mapping, WriteProtectScanner};
-use remus_types::{is_zero_page, Checkpoint, EpochId, Pfn, PAGE_SIZE};
+use remus_types::{is_zero_page, Checkpoint, Pfn, PAGE_SIZE};
 use remus_vm::{QemuMachine, QemuState, RunDir, VMSTATE_PAGES};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -92,7 +92,6 @@ pub struct QemuGuest {
     /// migration, and it is announced on the network after it.
     resumed: bool,
     hold: bool,
-    pfns: Vec<u64>,
     blocks: Vec<u64>,
     vmstate: Vec<u8>,
     prev_vmstate: Vec<u8>,
@@ -210,7 +209,6 @@ impl QemuGuest {
             first: true,
             resumed: false,
             hold: false,
-            pfns: Vec::new(),
             blocks: Vec::new(),
             vmstate: Vec::new(),
             prev_vmstate: Vec::new(),
@@ -236,60 +234,125 @@ impl QemuGuest {
             Err(e) => Err(CaptureError::Qemu(e.to_string())),
         }
     }
+}
 
-    fn checkpoint_paused(&mut self, cp: &mut Checkpoint) -> Result<(), CaptureError> {
+impl Pause for QemuGuest {
+    fn pause(&mut self) -> Result<(), CaptureError> {
+        self.alive()?;
+        let t0 = Instant::now();
+        self.qmp.execute("stop", None)?;
+        tracing::debug!(stop = ?t0.elapsed(), "paused");
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), CaptureError> {
+        let t0 = Instant::now();
+        if self.hold {
+            return Ok(());
+        }
+        if std::mem::take(&mut self.resumed) {
+            self.qmp.cont_after_migration().and_then(|()| crate::resume::announce(&mut self.qmp))?;
+        } else {
+            self.qmp.execute("cont", None)?;
+        }
+        tracing::debug!(cont = ?t0.elapsed(), "resumed");
+        Ok(())
+    }
+
+    fn hold(&mut self, held: bool) {
+        self.hold = held;
+    }
+
+    fn quiesce(&mut self) {
+        self.hold = true;
+    }
+}
+
+impl DirtyLog for QemuGuest {
+    fn exact_tracking(&self) -> bool {
+        Self::exact_tracking(self)
+    }
+
+    fn collect_running(&mut self, pfns: &mut Vec<u64>) -> Result<(), CaptureError> {
+        if self.first {
+            return Ok(());
+        }
+        self.tracker.collect_running(pfns)
+    }
+
+    fn collect_paused(&mut self, pfns: &mut Vec<u64>) -> Result<(), CaptureError> {
         let mem = self.memory.as_slice();
         if self.first {
-            self.pfns.clear();
-            self.pfns.extend((0..self.state.machine.ram_pages()).filter(|&p| !is_zero_page(page(mem, p))));
+            pfns.clear();
+            pfns.extend((0..self.state.machine.ram_pages()).filter(|&p| !is_zero_page(page(mem, p))));
             // Everything is taken: the write-protect scanner's pages so far
             // are moot (collected and dropped). The hashing baseline, taken
             // at attach with QEMU paused since, needs no pass over memory
             // inside this pause.
-            self.tracker.collect_running(&mut Vec::new())?;
+            self.tracker.collect_running(&mut Vec::new())
         } else {
-            self.tracker.collect_paused(mem, &mut self.pfns)?;
+            self.tracker.collect_paused(mem, pfns)
         }
-        self.pfns.sort_unstable();
-        self.pfns.dedup();
-        cp.pages.clear();
-        cp.pfns.clear();
-        for &p in &self.pfns {
-            cp.pages.extend_from_slice(page(mem, p));
-            cp.pfns.push(Pfn(p));
+    }
+}
+
+impl MemoryView for QemuGuest {
+    fn page_count(&self) -> u64 {
+        self.state.machine.page_count()
+    }
+
+    fn copy_pages(&self, pfns: &[u64], out: &mut Vec<u8>) {
+        let mem = self.memory.as_slice();
+        out.reserve(pfns.len() * PAGE_SIZE);
+        for &p in pfns {
+            out.extend_from_slice(page(mem, p));
         }
-        if let Some(d) = &self.disk {
-            let base = self.state.disk_pfn();
-            self.blocks.clear();
-            if self.first {
-                self.blocks.extend(0..d.blocks());
-            } else {
-                d.take_dirty(&mut self.blocks);
+    }
+}
+
+impl DiskTap for QemuGuest {
+    /// The blocks written through the NBD server (all non-zero ones at
+    /// the first checkpoint), as the pages after RAM.
+    fn take_disk(&mut self, cp: &mut Checkpoint) -> Result<(), CaptureError> {
+        let Some(d) = &self.disk else { return Ok(()) };
+        let base = self.state.disk_pfn();
+        self.blocks.clear();
+        if self.first {
+            self.blocks.extend(0..d.blocks());
+        } else {
+            d.take_dirty(&mut self.blocks);
+        }
+        let mut buf = vec![0u8; PAGE_SIZE];
+        for &b in &self.blocks {
+            d.read_block(b, &mut buf).map_err(|e| CaptureError::Io(format!("disk block {b}: {e}")))?;
+            if self.first && is_zero_page(&buf) {
+                continue;
             }
-            let mut buf = vec![0u8; PAGE_SIZE];
-            for &b in &self.blocks {
-                d.read_block(b, &mut buf).map_err(|e| CaptureError::Io(format!("disk block {b}: {e}")))?;
-                if self.first && is_zero_page(&buf) {
-                    continue;
-                }
-                cp.pages.extend_from_slice(&buf);
-                cp.pfns.push(Pfn(base + b));
-            }
+            cp.pages.extend_from_slice(&buf);
+            cp.pfns.push(Pfn(base + b));
         }
-        // Device state only (no RAM, no migration set-up): the call COLO
-        // and Xen use for this. About 1.7 ms and 32 KiB for a q35 guest
-        // here, against 8–9 ms for a `migrate` (almost all of it set-up).
-        let t_pages = Instant::now();
+        Ok(())
+    }
+}
+
+impl DeviceState for QemuGuest {
+    /// Device state only (no RAM, no migration set-up): the call COLO
+    /// and Xen use for this. About 1.7 ms and 32 KiB for a q35 guest
+    /// here, against 8–9 ms for a `migrate` (almost all of it set-up).
+    fn save_device_state(&mut self) -> Result<(), CaptureError> {
+        let t0 = Instant::now();
         let vm_path = self.run.vmstate();
         let _ = std::fs::remove_file(&vm_path);
         self.qmp.execute("xen-save-devices-state", Some(json!({ "filename": vm_path, "live": false })))?;
-        tracing::debug!(device_state = ?t_pages.elapsed(), "device state");
+        tracing::debug!(device_state = ?t0.elapsed(), "device state");
         Ok(())
     }
 
     /// Takes the device state QEMU wrote during the pause; runs after the
-    /// guest resumed (the file is complete and nothing writes it).
-    fn take_vmstate(&mut self, epoch: EpochId, cp: &mut Checkpoint) -> Result<(), CaptureError> {
+    /// guest resumed (the file is complete and nothing writes it). Only
+    /// the pages of the stream that changed (or were cut off) go into the
+    /// checkpoint, after the disk's.
+    fn take_device_state(&mut self, cp: &mut Checkpoint) -> Result<(), CaptureError> {
         let vm_path = self.run.vmstate();
         self.vmstate.clear();
         std::fs::File::open(&vm_path)
@@ -299,7 +362,6 @@ impl QemuGuest {
         if self.vmstate.len() > cap {
             return Err(CaptureError::Qemu(format!("device state of {} bytes exceeds the {cap} reserved", self.vmstate.len())));
         }
-        // Only the pages of the stream that changed (or were cut off).
         let base = self.state.vmstate_pfn();
         let pages = self.vmstate.len().max(self.prev_vmstate.len()).div_ceil(PAGE_SIZE);
         let mut buf = [0u8; PAGE_SIZE];
@@ -316,55 +378,9 @@ impl QemuGuest {
         }
         std::mem::swap(&mut self.vmstate, &mut self.prev_vmstate);
         self.state.vmstate_len = self.prev_vmstate.len() as u64;
-        cp.epoch = epoch;
-        cp.page_count = self.state.machine.page_count();
         cp.device_state = self.state.encode();
         self.first = false;
         Ok(())
-    }
-}
-
-impl ProtectedGuest for QemuGuest {
-    fn page_count(&self) -> u64 {
-        self.state.machine.page_count()
-    }
-
-    fn exact_tracking(&self) -> bool {
-        Self::exact_tracking(self)
-    }
-
-    fn quiesce(&mut self) {
-        self.hold = true;
-    }
-
-    fn hold(&mut self, held: bool) {
-        self.hold = held;
-    }
-
-    fn checkpoint(&mut self, epoch: EpochId, cp: &mut Checkpoint, paused: &mut dyn FnMut()) -> Result<(), CaptureError> {
-        self.alive()?;
-        self.pfns.clear();
-        if !self.first {
-            self.tracker.collect_running(&mut self.pfns)?;
-        }
-        let t0 = Instant::now();
-        self.qmp.execute("stop", None)?;
-        let t_stop = t0.elapsed();
-        paused();
-        let result = self.checkpoint_paused(cp);
-        let t_state = t0.elapsed();
-        let resumed = if self.hold {
-            Ok(())
-        } else if std::mem::take(&mut self.resumed) {
-            self.qmp.cont_after_migration().and_then(|()| crate::resume::announce(&mut self.qmp))
-        } else {
-            self.qmp.execute("cont", None).map(drop)
-        };
-        tracing::debug!(stop = ?t_stop, state = ?(t_state - t_stop), cont = ?(t0.elapsed() - t_state), "pause");
-        cp.pause_ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        result?;
-        resumed?;
-        self.take_vmstate(epoch, cp)
     }
 }
 

@@ -8,73 +8,104 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 use remus_types::{Checkpoint, EpochId, GuestId, Pfn, PAGE_SIZE};
 
-use crate::{CaptureError, EpochEngine, OutputBuffer, ProtectedGuest};
+use crate::{CaptureError, DeviceState, DirtyLog, DiskTap, EpochEngine, MemoryView, OutputBuffer, Pause};
 
 const PERIOD: Duration = Duration::from_millis(25);
 
 /// A guest with no memory to speak of that emits output right up to each
 /// pause and right after each resume, the edges where an epoch's output
-/// is easiest to misattribute.
+/// is easiest to misattribute. It counts its epochs itself (one per
+/// pause), so what it expects of each item does not depend on the engine.
 struct FakeGuest {
     output: Arc<OutputBuffer<Vec<u8>>>,
     /// Ids for the items it emits itself, and the epoch each must carry.
     emitted: Vec<(u64, EpochId)>,
     next_item: u64,
+    /// The epoch it runs in, by its own count.
+    epoch: EpochId,
     paused: bool,
     quiesced: bool,
-    /// Do not call the pause hook (a broken guest).
-    skip_hook: bool,
+    /// Refuse to pause (a guest whose control channel failed).
+    cannot_pause: bool,
 }
 
 impl FakeGuest {
     fn new(output: Arc<OutputBuffer<Vec<u8>>>) -> Self {
-        Self { output, emitted: Vec::new(), next_item: 1 << 32, paused: false, quiesced: false, skip_hook: false }
+        Self { output, emitted: Vec::new(), next_item: 1 << 32, epoch: EpochId(1), paused: false, quiesced: false, cannot_pause: false }
     }
 
-    fn emit(&mut self, epoch: EpochId) {
+    fn emit(&mut self) {
         assert!(!self.paused, "a paused guest emits nothing");
         let id = self.next_item;
         self.next_item += 1;
         self.output.push(id.to_le_bytes().to_vec());
-        self.emitted.push((id, epoch));
+        self.emitted.push((id, self.epoch));
     }
 }
 
-impl ProtectedGuest for FakeGuest {
-    fn page_count(&self) -> u64 {
-        4
-    }
-
-    fn checkpoint(&mut self, epoch: EpochId, cp: &mut Checkpoint, paused: &mut dyn FnMut()) -> Result<(), CaptureError> {
+impl Pause for FakeGuest {
+    fn pause(&mut self) -> Result<(), CaptureError> {
         assert!(!self.quiesced || !self.paused, "checkpoint after the final one");
+        if self.cannot_pause {
+            return Err(CaptureError::Stopped("cannot pause".into()));
+        }
         // The last output before the pause belongs to this epoch.
         if !self.quiesced {
-            self.emit(epoch);
+            self.emit();
         }
         self.paused = true;
-        if !self.skip_hook {
-            paused();
-        }
-        cp.epoch = epoch;
-        cp.page_count = 4;
-        cp.pfns = vec![Pfn(epoch.0 % 4)];
-        cp.pages = vec![epoch.0 as u8; PAGE_SIZE];
-        if !self.quiesced {
-            self.paused = false;
-            // The first output after the resume belongs to the next one.
-            self.emit(epoch.next());
-        }
         Ok(())
     }
 
-    fn exact_tracking(&self) -> bool {
-        true
+    fn resume(&mut self) -> Result<(), CaptureError> {
+        assert!(self.paused, "resumed without a pause");
+        self.epoch = self.epoch.next();
+        if !self.quiesced {
+            self.paused = false;
+            // The first output after the resume belongs to the next one.
+            self.emit();
+        }
+        Ok(())
     }
 
     fn hold(&mut self, _held: bool) {}
 
     fn quiesce(&mut self) {
         self.quiesced = true;
+    }
+}
+
+impl DirtyLog for FakeGuest {
+    fn exact_tracking(&self) -> bool {
+        true
+    }
+
+    fn collect_paused(&mut self, pfns: &mut Vec<u64>) -> Result<(), CaptureError> {
+        assert!(self.paused, "pages collected from a running guest");
+        pfns.push(self.epoch.0 % 4);
+        Ok(())
+    }
+}
+
+impl MemoryView for FakeGuest {
+    fn page_count(&self) -> u64 {
+        4
+    }
+
+    fn copy_pages(&self, pfns: &[u64], out: &mut Vec<u8>) {
+        assert!(self.paused, "memory copied from a running guest");
+        for _ in pfns {
+            out.extend_from_slice(&[self.epoch.0 as u8; PAGE_SIZE]);
+        }
+    }
+}
+
+impl DiskTap for FakeGuest {}
+
+impl DeviceState for FakeGuest {
+    fn take_device_state(&mut self, cp: &mut Checkpoint) -> Result<(), CaptureError> {
+        cp.device_state = cp.epoch.0.to_le_bytes().to_vec();
+        Ok(())
     }
 }
 
@@ -242,14 +273,28 @@ fn stop_seals_one_last_quiesced_epoch_and_finishes_on_its_ack() {
 }
 
 #[test]
-fn a_guest_that_does_not_pause_for_the_seal_is_refused() {
+fn a_guest_that_cannot_pause_seals_nothing() {
     let mut sim = Sim::new();
-    sim.engine.guest_mut().skip_hook = true;
+    sim.emit();
+    sim.engine.guest_mut().cannot_pause = true;
     let err = sim.engine.seal(0).unwrap_err();
     assert!(matches!(err, CaptureError::Stopped(_)), "{err}");
     assert_eq!(sim.engine.sealed(), EpochId(0), "the epoch was not sealed");
     sim.ack(EpochId(1));
     assert!(sim.released.is_empty(), "nothing released for an epoch that was never sealed");
+    assert_eq!(sim.output.held(), 1);
+}
+
+#[test]
+fn a_checkpoint_carries_the_pages_and_device_state_taken_in_its_pause() {
+    let mut sim = Sim::new();
+    sim.advance(PERIOD);
+    sim.advance(PERIOD);
+    let cp = sim.engine.seal(0).unwrap();
+    assert_eq!((cp.epoch, cp.page_count, cp.pfns.as_slice()), (EpochId(3), 4, &[Pfn(3)][..]));
+    assert_eq!(cp.pages, vec![3u8; PAGE_SIZE], "copied while the guest was in epoch 3");
+    assert_eq!(cp.device_state, 3u64.to_le_bytes());
+    assert!(!sim.engine.guest().paused, "resumed after the checkpoint");
 }
 
 #[derive(Debug, Clone)]
