@@ -153,6 +153,63 @@ impl Liveness {
     }
 }
 
+/// One side's heartbeats and its watch on the peer while connected, as
+/// the sender and the receiver core both keep them: when the next
+/// heartbeat is due, and the [`Liveness`] of the peer (none while idle,
+/// and none again once the peer counted as lost, so that is said once).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Pulse {
+    period: Duration,
+    next_heartbeat: Option<Instant>,
+    liveness: Option<Liveness>,
+}
+
+impl Pulse {
+    /// Heartbeats every `period` from `now`, and a watch on a peer heard
+    /// at `now` (see [`Liveness::new`] for `floor` and `ceiling`).
+    pub(crate) fn start(now: Instant, period: Duration, floor: Duration, ceiling: Duration) -> Self {
+        Self { period, next_heartbeat: Some(now + period), liveness: Some(Liveness::new(now, floor, ceiling)) }
+    }
+
+    /// A sign of life other than a message: the peer's packets are
+    /// arriving, or the link measured `rtt`.
+    pub(crate) fn activity(&mut self, now: Instant, packets_arrived: bool, rtt: Duration) {
+        if let Some(l) = self.liveness.as_mut() {
+            l.set_rtt(rtt);
+        }
+        if packets_arrived {
+            self.heard(now);
+        }
+    }
+
+    /// A sign of life from the peer at `now`.
+    pub(crate) fn heard(&mut self, now: Instant) {
+        if let Some(l) = self.liveness.as_mut() {
+            l.heard(now);
+        }
+    }
+
+    /// When [`Pulse::tick`] is next due.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        crate::earliest(self.next_heartbeat, self.liveness.as_ref().map(Liveness::deadline))
+    }
+
+    /// At `now`: whether a heartbeat is due (the next one is then
+    /// scheduled), and the evidence when the peer has just counted as lost
+    /// (it is watched no more).
+    pub(crate) fn tick(&mut self, now: Instant) -> (bool, Option<Silence>) {
+        let beat = self.next_heartbeat.is_some_and(|t| now >= t);
+        if beat {
+            self.next_heartbeat = Some(now + self.period);
+        }
+        let lost = self.liveness.as_ref().filter(|l| l.is_lost(now)).map(|l| l.silence(now));
+        if lost.is_some() {
+            self.liveness = None;
+        }
+        (beat, lost)
+    }
+}
+
 /// Phi of a gap `t` under a normal distribution of gaps (the logistic
 /// approximation of its tail that Akka and Cassandra use).
 fn phi(t: f64, mean: f64, std: f64) -> f64 {

@@ -26,7 +26,7 @@ use remus_types::{ChunkId, EpochId, GuestId};
 use crate::encoding::PageRecord;
 use crate::error::ProtocolError;
 use crate::frame::{EpochHeader, FrameReader, Message, MAX_CHUNK_LIST};
-use crate::liveness::{Liveness, Silence};
+use crate::liveness::{Pulse, Silence};
 
 /// Most epochs handed out in one commit group.
 pub const MAX_GROUP: usize = 32;
@@ -79,10 +79,9 @@ pub struct ReceiverCore {
     /// Refusal round (see the module notes).
     round: u32,
     ready: BTreeMap<EpochId, ReceivedEpoch>,
-    heartbeat: Duration,
-    next_heartbeat: Option<Instant>,
-    /// `None` once the primary was declared lost.
-    liveness: Option<Liveness>,
+    /// Heartbeats, and the watch on the primary (ended once it was
+    /// declared lost).
+    pulse: Pulse,
     control: VecDeque<Message>,
     /// Copies of acknowledgements and heartbeats for unreliable datagrams.
     datagrams: VecDeque<Message>,
@@ -104,9 +103,7 @@ impl ReceiverCore {
             committing: false,
             round: 0,
             ready: BTreeMap::new(),
-            heartbeat,
-            next_heartbeat: Some(now + heartbeat),
-            liveness: Some(Liveness::new(now, timeout, timeout_max)),
+            pulse: Pulse::start(now, heartbeat, timeout, timeout_max),
             control: VecDeque::new(),
             datagrams: VecDeque::new(),
             forget: VecDeque::new(),
@@ -300,38 +297,27 @@ impl ReceiverCore {
     /// A sign of life other than a message: the primary's packets are
     /// arriving (the driver counts them), or the link measured `rtt`.
     pub fn handle_activity(&mut self, now: Instant, packets_arrived: bool, rtt: Duration) {
-        if let Some(l) = self.liveness.as_mut() {
-            l.set_rtt(rtt);
-        }
-        if packets_arrived {
-            self.heard(now);
-        }
+        self.pulse.activity(now, packets_arrived, rtt);
     }
 
     fn heard(&mut self, now: Instant) {
-        if let Some(l) = self.liveness.as_mut() {
-            l.heard(now);
-        }
+        self.pulse.heard(now);
     }
 
     /// When to call [`handle_timeout`](Self::handle_timeout).
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        crate::earliest(self.next_heartbeat, self.liveness.as_ref().map(Liveness::deadline))
+        self.pulse.poll_timeout()
     }
 
     /// Advances the clock.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.next_heartbeat.is_some_and(|t| now >= t) {
+        let (beat, lost) = self.pulse.tick(now);
+        if beat {
             self.send_redundant(Message::Heartbeat { epoch: self.committed });
-            self.next_heartbeat = Some(now + self.heartbeat);
         }
-        if let Some(l) = self.liveness.as_ref().filter(|l| l.is_lost(now)) {
-            let silence = l.silence(now);
-            self.liveness = None;
-            if let Some(guest) = self.guest {
-                self.events.push_back(ReceiverEvent::PrimaryLost { guest, committed: self.committed, silence });
-            }
+        if let (Some(silence), Some(guest)) = (lost, self.guest) {
+            self.events.push_back(ReceiverEvent::PrimaryLost { guest, committed: self.committed, silence });
         }
     }
 

@@ -27,7 +27,7 @@ use remus_types::{content_id, is_zero_page, zero_page_hash, Checkpoint, ChunkId,
 use crate::encoding::{EncoderConfig, EncodingMix, PageEncoder};
 use crate::error::ProtocolError;
 use crate::frame::{EpochHeader, Message};
-use crate::liveness::{Liveness, Silence};
+use crate::liveness::{Pulse, Silence};
 
 /// Tuning of the sender.
 #[derive(Debug, Clone, Copy)]
@@ -157,9 +157,9 @@ pub struct SenderCore {
     connected: bool,
     /// Refusal round of this connection (see [`Message::Missing`]).
     round: u32,
-    next_heartbeat: Option<Instant>,
-    /// While connected and the backup not declared lost.
-    liveness: Option<Liveness>,
+    /// Heartbeats, and the watch on the backup: while connected and it
+    /// was not declared lost.
+    pulse: Pulse,
     control: VecDeque<Message>,
     /// Copies of heartbeats for unreliable datagrams.
     datagrams: VecDeque<Message>,
@@ -189,8 +189,7 @@ impl SenderCore {
             sealed: EpochId(0),
             connected: false,
             round: 0,
-            next_heartbeat: None,
-            liveness: None,
+            pulse: Pulse::default(),
             control: VecDeque::new(),
             datagrams: VecDeque::new(),
             events: VecDeque::new(),
@@ -260,16 +259,14 @@ impl SenderCore {
         });
         self.connected = false;
         self.round = 0;
-        self.next_heartbeat = Some(now + self.cfg.heartbeat);
-        self.liveness = Some(Liveness::new(now, self.cfg.peer_timeout, self.cfg.peer_timeout_max));
+        self.pulse = Pulse::start(now, self.cfg.heartbeat, self.cfg.peer_timeout, self.cfg.peer_timeout_max);
     }
 
     /// The connection broke: everything unacknowledged will be sent again
     /// after the next Welcome.
     pub fn handle_disconnected(&mut self) {
         self.connected = false;
-        self.next_heartbeat = None;
-        self.liveness = None;
+        self.pulse = Pulse::default();
         self.control.clear();
         self.datagrams.clear();
         for r in self.retained.values_mut() {
@@ -420,40 +417,29 @@ impl SenderCore {
     /// A sign of life other than a message: the backup's packets are
     /// arriving (the driver counts them), or the link measured `rtt`.
     pub fn handle_activity(&mut self, now: Instant, packets_arrived: bool, rtt: Duration) {
-        if let Some(l) = self.liveness.as_mut() {
-            l.set_rtt(rtt);
-        }
-        if packets_arrived {
-            self.heard(now);
-        }
+        self.pulse.activity(now, packets_arrived, rtt);
     }
 
     /// A sign of life from the backup at `now` (ignored while not
     /// connected, or once it was declared lost).
     fn heard(&mut self, now: Instant) {
-        if let Some(l) = self.liveness.as_mut() {
-            l.heard(now);
-        }
+        self.pulse.heard(now);
     }
 
     /// When the driver should call [`handle_timeout`](Self::handle_timeout).
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        crate::earliest(self.next_heartbeat, self.liveness.as_ref().map(Liveness::deadline))
+        self.pulse.poll_timeout()
     }
 
     /// Advances the clock: queues heartbeats, notices a silent backup.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if let Some(t) = self.next_heartbeat {
-            if now >= t {
-                self.control.push_back(Message::Heartbeat { epoch: self.sealed });
-                self.datagrams.push_back(Message::Heartbeat { epoch: self.sealed });
-                self.next_heartbeat = Some(now + self.cfg.heartbeat);
-            }
+        let (beat, lost) = self.pulse.tick(now);
+        if beat {
+            self.control.push_back(Message::Heartbeat { epoch: self.sealed });
+            self.datagrams.push_back(Message::Heartbeat { epoch: self.sealed });
         }
-        if let Some(l) = self.liveness.as_ref().filter(|l| l.is_lost(now)) {
-            let silence = l.silence(now);
-            self.liveness = None;
+        if let Some(silence) = lost {
             self.events.push_back(SenderEvent::PeerSilent(silence));
         }
     }
