@@ -5,7 +5,8 @@
 #
 #   - qemu-system-x86 from bookworm-backports (QEMU 10.x; bookworm's own
 #     7.2 conflicts with a backports qemu-utils and lacks what we use)
-#   - busybox-static (guest userland), iproute2 (test network namespaces)
+#   - busybox-static (guest userland), iproute2 (test network namespaces),
+#     gdb and binutils (the tests open restored ELF cores with them)
 #   - the Debian cloud kernel package, downloaded and extracted (not
 #     installed on the host) into $REMUS_GUEST_CACHE/kernel
 #
@@ -65,6 +66,9 @@ _qd_missing=()
 [ -x /bin/busybox ] && dpkg -s busybox-static >/dev/null 2>&1 || _qd_missing+=(busybox-static)
 command -v ip >/dev/null 2>&1 || _qd_missing+=(iproute2)
 command -v cpio >/dev/null 2>&1 || _qd_missing+=(cpio)
+# The tests open restored ELF cores with gdb and readelf.
+command -v gdb >/dev/null 2>&1 || _qd_missing+=(gdb)
+command -v readelf >/dev/null 2>&1 || _qd_missing+=(binutils)
 if [ ${#_qd_missing[@]} -gt 0 ]; then
   echo "qemu-deps: installing ${_qd_missing[*]}" >&2
   _qd_apt_update

@@ -452,7 +452,8 @@ fn diff_names_exactly_the_pages_two_restored_epochs_differ_in() {
 
 /// `remus bisect` finds the epoch at which the workload wrote a marker at
 /// a known address, reading about log2(n) + 2 epochs; the epochs on
-/// either side show it absent and present.
+/// either side show it absent and present, in raw images and in ELF cores
+/// that gdb and readelf open.
 #[test]
 fn bisect_finds_the_epoch_the_workload_wrote_its_marker() {
     let dir = tempfile::tempdir().unwrap();
@@ -515,6 +516,35 @@ fn bisect_finds_the_epoch_the_workload_wrote_its_marker() {
     assert_ne!(bytes_at(first - 1), b"remus-marker-7");
     assert_eq!(bytes_at(first), b"remus-marker-7");
     assert_eq!(bytes_at(last), b"remus-marker-7", "the workload never writes its marker page");
+    // The same epochs as ELF cores: gdb reads the marker at its address in
+    // the first, and not in the one before.
+    let gdb_at = |e: u64| {
+        let core = data.join(format!("core{e}"));
+        let out = run_limited(
+            Command::new(remus_restore())
+                .arg("--data-dir")
+                .arg(data)
+                .args(["--epoch", &e.to_string(), "--format", "elf-core", "--json", "--to"])
+                .arg(&core),
+            Duration::from_secs(60),
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!((report["format"].as_str(), report["verified"].as_bool()), (Some("elf-core"), Some(true)));
+        let out = run_limited(
+            Command::new("gdb").args(["-nx", "-batch", "-ex"]).arg(format!("core-file {}", core.display())).args(["-ex", "x/s 0x3010"]),
+            Duration::from_secs(60),
+        );
+        assert!(out.status.success(), "gdb: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(gdb_at(first).contains("0x3010:\t\"remus-marker-7\""), "{}", gdb_at(first));
+    assert!(!gdb_at(first - 1).contains("remus-marker-7"));
+    let segments = run_limited(Command::new("readelf").arg("-lW").arg(data.join(format!("core{first}"))), Duration::from_secs(30));
+    let listing = String::from_utf8_lossy(&segments.stdout);
+    assert!(listing.contains("Elf file type is CORE"), "{listing}");
+    assert_eq!(listing.lines().filter(|l| l.trim_start().starts_with("LOAD")).count(), 1, "{listing}");
+    assert!(listing.contains("0x1000000 0x1000000"), "one 16 MiB range: {listing}");
     // Never true before: exit 1 and says so.
     let out = run_limited(
         Command::new(remus())

@@ -293,6 +293,26 @@ fn counter_service_survives_sigkill_of_the_primary() {
     for f in ["memory", "disk.img", "vmstate", "machine.json"] {
         assert!(std::fs::read(seen.join(f)).unwrap() == std::fs::read(full.join(f)).unwrap(), "mounted {f} differs from the restored one");
     }
+    // The same epoch as an ELF core: one range of guest RAM at guest-physical
+    // 0 (the guest has less than 2816 MiB), byte for byte the memory QEMU
+    // resumes from; disk and device state stay out.
+    let core = dir.path().join("latest.core");
+    let out = run_limited(
+        Command::new(remus_restore()).args(["--data-dir"]).arg(&data).args(["--latest", "--format", "elf-core", "--to"]).arg(&core),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "restore: {}", String::from_utf8_lossy(&out.stderr));
+    let listing = run_limited(Command::new("readelf").arg("-lW").arg(&core), Duration::from_secs(30));
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    let loads: Vec<Vec<&str>> =
+        listing.lines().map(str::split_whitespace).map(Iterator::collect).filter(|f: &Vec<&str>| f.first() == Some(&"LOAD")).collect();
+    assert_eq!(loads.len(), 1, "{listing}");
+    let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap();
+    let (offset, paddr, size) = (hex(loads[0][1]), hex(loads[0][3]), hex(loads[0][4]));
+    let memory = std::fs::read(full.join("memory")).unwrap();
+    assert_eq!((paddr, size), (0, memory.len() as u64), "{listing}");
+    let core = std::fs::read(&core).unwrap();
+    assert!(core[offset as usize..][..memory.len()] == memory[..], "the core's RAM is the restored memory");
     drop(conn);
     drop(lazy);
 }

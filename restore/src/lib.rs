@@ -18,6 +18,7 @@
 //! A virtual machine's epoch comes back as the files QEMU resumes from
 //! ([`vm`]), laid out by `remus-vm`.
 
+pub mod elf;
 pub mod inspect;
 mod local;
 mod mount;
@@ -172,7 +173,7 @@ impl RestorePlan {
         path: &Path,
         progress: impl FnMut(u64, u64),
     ) -> Result<RestoreReport, RestoreError> {
-        self.execute_segments(source, &[Segment { first: 0, pages: self.manifest.page_count, path }], progress)
+        self.execute_segments(source, &[Segment { first: 0, pages: self.manifest.page_count, path, offset: 0 }], progress)
     }
 
     /// Writes the guest's page space split into files: each segment's
@@ -227,7 +228,8 @@ pub(crate) fn check_root(m: &Manifest, digest: &mut MemoryDigest) -> Result<Chun
     Ok(root)
 }
 
-/// A range of the page space restored into a file of its own.
+/// A range of the page space restored into a file: its pages from byte
+/// `offset` of the file on (segments may share a file).
 #[derive(Debug, Clone, Copy)]
 pub struct Segment<'a> {
     /// First page.
@@ -236,6 +238,8 @@ pub struct Segment<'a> {
     pub pages: u64,
     /// The file.
     pub path: &'a Path,
+    /// Where in the file its first page goes.
+    pub offset: u64,
 }
 
 impl Segment<'_> {
@@ -243,33 +247,50 @@ impl Segment<'_> {
     fn holds(&self, pfn: u64) -> bool {
         (self.first..self.first + self.pages).contains(&pfn)
     }
+
+    fn end(&self) -> u64 {
+        self.offset + self.pages * PAGE_SIZE as u64
+    }
 }
 
 /// The open files of a restore's segments.
 pub struct SegmentFiles<'a> {
-    files: Vec<(Segment<'a>, File)>,
+    segments: Vec<(Segment<'a>, usize)>,
+    files: Vec<File>,
 }
 
 impl<'a> SegmentFiles<'a> {
-    /// Creates (or truncates) each segment's file at its size.
+    /// Creates (or truncates) each segment's file, once per path, at the
+    /// size its segments need (unwritten pages are holes).
     fn create(segments: &[Segment<'a>]) -> std::io::Result<Self> {
-        let files = segments
+        let mut paths: Vec<&Path> = Vec::new();
+        let mut placed = Vec::with_capacity(segments.len());
+        for s in segments {
+            let i = paths.iter().position(|p| *p == s.path).unwrap_or_else(|| {
+                paths.push(s.path);
+                paths.len() - 1
+            });
+            placed.push((*s, i));
+        }
+        let files = paths
             .iter()
-            .map(|s| {
-                let f = File::create(s.path)?;
-                f.set_len(s.pages * PAGE_SIZE as u64)?;
-                Ok((*s, f))
+            .map(|path| {
+                let f = File::create(path)?;
+                let len = placed.iter().filter(|(s, _)| s.path == *path).map(|(s, _)| s.end()).max().unwrap_or(0);
+                f.set_len(len)?;
+                Ok(f)
             })
             .collect::<std::io::Result<_>>()?;
-        Ok(Self { files })
+        Ok(Self { segments: placed, files })
     }
 
     /// The segment holding page `pfn` and the page's byte offset in its
     /// file; `None` when no segment holds it.
     #[must_use]
     pub fn locate(&self, pfn: u64) -> Option<(usize, u64)> {
-        let i = self.files.iter().position(|(s, _)| s.holds(pfn))?;
-        Some((i, (pfn - self.files[i].0.first) * PAGE_SIZE as u64))
+        let i = self.segments.iter().position(|(s, _)| s.holds(pfn))?;
+        let s = &self.segments[i].0;
+        Some((i, s.offset + (pfn - s.first) * PAGE_SIZE as u64))
     }
 
     /// Writes `bytes` at `offset` of segment `seg`'s file.
@@ -277,11 +298,11 @@ impl<'a> SegmentFiles<'a> {
     /// # Errors
     /// The write's error.
     pub fn write(&self, seg: usize, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
-        self.files[seg].1.write_all_at(bytes, offset)
+        self.files[self.segments[seg].1].write_all_at(bytes, offset)
     }
 
     fn sync(&self) -> std::io::Result<()> {
-        self.files.iter().try_for_each(|(_, f)| f.sync_all())
+        self.files.iter().try_for_each(File::sync_all)
     }
 }
 

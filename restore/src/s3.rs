@@ -156,7 +156,7 @@ mod tests {
         assert_eq!(source.device_state(&plan.manifest).unwrap(), b"device state of epoch 3");
         // Pages 0..10 and 25..40 in two files; 10..25 in none.
         let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-        let segs = [Segment { first: 0, pages: 10, path: &a }, Segment { first: 25, pages: 15, path: &b }];
+        let segs = [Segment { first: 0, pages: 10, path: &a, offset: 0 }, Segment { first: 25, pages: 15, path: &b, offset: 0 }];
         let r = plan.execute_segments(&source, &segs, |_, _| {}).unwrap();
         assert_eq!(r.root, MemoryDigest::of_image(&mem));
         assert!(std::fs::read(&a).unwrap() == mem[..10 * PAGE_SIZE], "first segment");

@@ -29,7 +29,8 @@ pub fn restore_vm<S: RestoreSource + ?Sized>(
     let Some(state) = QemuState::decode(&ds)? else { return Ok(None) };
     let run = RunDir::create(dir)?;
     let segs = state.segments(&run);
-    let segments: Vec<Segment<'_>> = segs.iter().map(|(first, pages, path)| Segment { first: *first, pages: *pages, path }).collect();
+    let segments: Vec<Segment<'_>> =
+        segs.iter().map(|(first, pages, path)| Segment { first: *first, pages: *pages, path, offset: 0 }).collect();
     let report = plan.execute_segments(source, &segments, progress)?;
     state.finish_files(&run)?;
     Ok(Some((state, run, report)))

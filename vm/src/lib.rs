@@ -92,6 +92,22 @@ impl QemuMachine {
         self.memory_mib * 256
     }
 
+    /// Guest RAM as QEMU's q35 machine maps it: `(first page of the page
+    /// space, pages, guest-physical address)`. All of it from 0 when it is
+    /// below 2816 MiB; else 2 GiB from 0 and the rest from 4 GiB (QEMU's
+    /// `pc_q35_init`; the RAM file holds the ranges back to back).
+    #[must_use]
+    pub fn ram_ranges(&self) -> Vec<(u64, u64, u64)> {
+        const PAGE: u64 = PAGE_SIZE as u64;
+        let ram = self.memory_mib << 20;
+        let below = if ram >= 0xb000_0000 { 0x8000_0000 } else { ram };
+        let mut ranges = vec![(0, below / PAGE, 0)];
+        if ram > below {
+            ranges.push((below / PAGE, (ram - below) / PAGE, 1 << 32));
+        }
+        ranges
+    }
+
     /// Disk in 4 KiB blocks.
     #[must_use]
     pub fn disk_blocks(&self) -> u64 {

@@ -133,7 +133,7 @@ impl ReceiverCore {
     /// # Errors
     /// [`ProtocolError`] for anything but a heartbeat or an error.
     pub fn handle_message(&mut self, now: Instant, msg: Message) -> Result<(), ProtocolError> {
-        self.heard(now);
+        self.pulse.heard(now);
         match msg {
             Message::Heartbeat { .. } => Ok(()),
             Message::Handover { epoch } => {
@@ -155,7 +155,7 @@ impl ReceiverCore {
     /// [`ProtocolError`] when the stream is malformed, belongs to another
     /// guest, or its record count does not add up.
     pub fn handle_epoch_stream(&mut self, now: Instant, bytes: &[u8]) -> Result<(), ProtocolError> {
-        self.heard(now);
+        self.pulse.heard(now);
         let guest = self.guest.ok_or(ProtocolError::Unexpected("epoch before hello"))?;
         let mut rd = FrameReader::default();
         rd.push(bytes);
@@ -300,10 +300,6 @@ impl ReceiverCore {
         self.pulse.activity(now, packets_arrived, rtt);
     }
 
-    fn heard(&mut self, now: Instant) {
-        self.pulse.heard(now);
-    }
-
     /// When to call [`handle_timeout`](Self::handle_timeout).
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
@@ -332,7 +328,7 @@ impl ReceiverCore {
     /// control stream carries).
     pub fn handle_datagram(&mut self, now: Instant, msg: &Message) {
         if matches!(msg, Message::Heartbeat { .. }) {
-            self.heard(now);
+            self.pulse.heard(now);
         }
     }
 

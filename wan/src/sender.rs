@@ -308,7 +308,7 @@ impl SenderCore {
     /// [`ProtocolError`] for a message that makes no sense here, or the
     /// backup's own error; the driver then closes the connection.
     pub fn handle_message(&mut self, now: Instant, msg: Message) -> Result<(), ProtocolError> {
-        self.heard(now);
+        self.pulse.heard(now);
         match msg {
             Message::Welcome { guest, committed, head } => {
                 if guest != self.guest {
@@ -390,10 +390,10 @@ impl SenderCore {
     pub fn handle_datagram(&mut self, now: Instant, msg: &Message) {
         match *msg {
             Message::Ack { epoch, manifest } if self.connected && epoch <= self.sealed => {
-                self.heard(now);
+                self.pulse.heard(now);
                 self.ack(epoch, manifest);
             }
-            Message::Heartbeat { .. } if self.connected => self.heard(now),
+            Message::Heartbeat { .. } if self.connected => self.pulse.heard(now),
             _ => {}
         }
     }
@@ -418,12 +418,6 @@ impl SenderCore {
     /// arriving (the driver counts them), or the link measured `rtt`.
     pub fn handle_activity(&mut self, now: Instant, packets_arrived: bool, rtt: Duration) {
         self.pulse.activity(now, packets_arrived, rtt);
-    }
-
-    /// A sign of life from the backup at `now` (ignored while not
-    /// connected, or once it was declared lost).
-    fn heard(&mut self, now: Instant) {
-        self.pulse.heard(now);
     }
 
     /// When the driver should call [`handle_timeout`](Self::handle_timeout).

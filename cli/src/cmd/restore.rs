@@ -12,6 +12,15 @@ use remus_types::{EpochId, GuestId};
 use super::parse_time;
 use crate::config::Config;
 
+/// What `remus-restore` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ImageFormat {
+    /// The memory image (for a QEMU guest, the files QEMU resumes from).
+    Raw,
+    /// An ELF core file of the guest's memory.
+    ElfCore,
+}
+
 /// Arguments of `remus-restore`.
 #[derive(Debug, clap::Parser)]
 #[command(name = "remus-restore", version, about = "Restore a guest's memory image at any committed epoch")]
@@ -69,6 +78,12 @@ pub struct RestoreArgs {
     /// TOML configuration file (its `[s3]` table: endpoint, region, credentials).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// What to write at --to: `raw` (the memory image; for a QEMU guest
+    /// its files) or `elf-core` (one core file of the guest's memory, at
+    /// its guest-physical addresses for a QEMU guest, that `gdb -c` and
+    /// `readelf` open).
+    #[arg(long, value_enum, default_value_t = ImageFormat::Raw, conflicts_with_all = ["mount", "run"])]
+    pub format: ImageFormat,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -139,8 +154,16 @@ fn restore_from<S: RestoreSource + ?Sized>(args: &RestoreArgs, source: &S, to: &
             b.set_position(done);
         }
     };
-    let vm = remus_restore::vm::restore_vm(source, &plan, to, &mut show)?;
-    let (report, vm) = files_or_image(args, vm, || Ok(plan.execute(source, to, &mut show)?))?;
+    let (report, vm) = match args.format {
+        ImageFormat::ElfCore => {
+            let ranges = remus_restore::elf::memory_ranges(&plan, source)?;
+            (remus_restore::elf::write_core(&plan, source, &ranges, to, &mut show)?, None)
+        }
+        ImageFormat::Raw => {
+            let vm = remus_restore::vm::restore_vm(source, &plan, to, &mut show)?;
+            files_or_image(args, vm, || Ok(plan.execute(source, to, &mut show)?))?
+        }
+    };
     if let Some(b) = pages {
         b.finish_and_clear();
     }
@@ -176,15 +199,17 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
             "guest": args.guest, "epoch": report.epoch.0, "time": super::format_time(plan.manifest.time_unix_ns),
             "bytes": report.bytes, "pages_written": report.pages_written, "memory_root": report.root.to_hex(),
             "verified": true, "seconds": secs, "to": to.display().to_string(),
+            "format": if args.format == ImageFormat::ElfCore { "elf-core" } else { "raw" },
         });
         println!("{v}");
     } else {
         println!(
-            "restored guest {} epoch {} ({}) to {}: {} bytes, {} pages written, memory root {} verified, {:.2} s",
+            "restored guest {} epoch {} ({}) to {}{}: {} bytes, {} pages written, memory root {} verified, {:.2} s",
             args.guest,
             report.epoch.0,
             super::format_time(plan.manifest.time_unix_ns),
             to.display(),
+            if args.format == ImageFormat::ElfCore { " as an ELF core" } else { "" },
             report.bytes,
             report.pages_written,
             &report.root.to_hex()[..16],

@@ -1,0 +1,229 @@
+//! An epoch as an ELF core file, for debuggers: `remus-restore --format
+//! elf-core`.
+//!
+//! Layout (ELF64, little-endian, `ET_CORE`):
+//! ```text
+//! ELF header | program headers: one PT_NOTE, then one PT_LOAD per memory range
+//! note "REMUS" (type NT_REMUS): JSON naming guest, epoch, time, manifest, memory root
+//! padding to 4096
+//! each range's pages, in order, page-aligned (pages never written are holes)
+//! ```
+//! Each `PT_LOAD` has `p_paddr` = `p_vaddr` = the range's address: for a
+//! QEMU guest its guest-physical address (RAM below 4 GiB, and the rest
+//! from 4 GiB, as `dump-guest-memory` lays it out and as `remus-vm` knows
+//! the machine's map), for the arena guest its offset in the arena. So
+//! `gdb -c FILE` reads any byte of the guest at the address it had, and
+//! `readelf -l` lists the ranges. The disk and device-state pages of a
+//! VM's page space are not memory and stay out.
+//!
+//! The pages are written and verified by the one restore plan (every page
+//! against its id, the memory root over the whole page space), into the
+//! segments of the one file.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use remus_types::PAGE_SIZE;
+
+use crate::{RestoreError, RestorePlan, RestoreReport, RestoreSource, Segment};
+
+/// Note type of the note that names the epoch ("REMU").
+pub const NT_REMUS: u32 = 0x554d_4552;
+const NOTE_NAME: &[u8] = b"REMUS\0";
+const EHDR_LEN: usize = 64;
+const PHDR_LEN: usize = 56;
+const PT_LOAD: u32 = 1;
+const PT_NOTE: u32 = 4;
+const ET_CORE: u16 = 4;
+/// Read, write, execute: guest memory holds code and data alike.
+const PF_RWX: u32 = 7;
+const PF_R: u32 = 4;
+
+#[cfg(target_arch = "aarch64")]
+const MACHINE: u16 = 183; // EM_AARCH64
+#[cfg(not(target_arch = "aarch64"))]
+const MACHINE: u16 = 62; // EM_X86_64
+
+/// A range of guest memory in the core: `pages` pages of the page space
+/// from `first`, at guest address `address`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryRange {
+    /// First page of the page space.
+    pub first: u64,
+    /// Pages.
+    pub pages: u64,
+    /// The guest address of its first byte.
+    pub address: u64,
+}
+
+/// The guest memory of the plan's epoch, as ranges of its page space: a
+/// QEMU guest's RAM at its guest-physical addresses (its machine's map, see
+/// `remus-vm`), any other guest's whole page space from address 0.
+///
+/// # Errors
+/// The tier's errors; a device state that names a QEMU guest but does not
+/// decode.
+pub fn memory_ranges<S: RestoreSource + ?Sized>(plan: &RestorePlan, source: &S) -> Result<Vec<MemoryRange>, RestoreError> {
+    Ok(match remus_vm::QemuState::decode(&source.device_state(&plan.manifest)?)? {
+        Some(s) => s.machine.ram_ranges().into_iter().map(|(first, pages, address)| MemoryRange { first, pages, address }).collect(),
+        None => vec![MemoryRange { first: 0, pages: plan.manifest.page_count, address: 0 }],
+    })
+}
+
+/// Writes the plan's epoch as an ELF core at `path` holding `ranges` of
+/// its page space; `progress(done, total)` as pages are written.
+///
+/// # Errors
+/// As [`RestorePlan::execute`]; [`RestoreError::Io`] for a range outside
+/// the page space.
+pub fn write_core<S: RestoreSource + ?Sized>(
+    plan: &RestorePlan,
+    source: &S,
+    ranges: &[MemoryRange],
+    path: &Path,
+    progress: impl FnMut(u64, u64),
+) -> Result<RestoreReport, RestoreError> {
+    let m = &plan.manifest;
+    if let Some(r) = ranges.iter().find(|r| r.first.checked_add(r.pages).is_none_or(|end| end > m.page_count)) {
+        return Err(RestoreError::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("memory range of {} pages from page {} lies beyond the guest's {} pages", r.pages, r.first, m.page_count),
+        )));
+    }
+    let note = note(plan);
+    let headers = EHDR_LEN + PHDR_LEN * (1 + ranges.len());
+    let data_start = (headers + note.len()).next_multiple_of(PAGE_SIZE) as u64;
+    let mut offsets = Vec::with_capacity(ranges.len());
+    let mut at = data_start;
+    for r in ranges {
+        offsets.push(at);
+        at += r.pages * PAGE_SIZE as u64;
+    }
+    let segments: Vec<Segment<'_>> =
+        ranges.iter().zip(&offsets).map(|(r, &offset)| Segment { first: r.first, pages: r.pages, path, offset }).collect();
+    let report = plan.execute_segments(source, &segments, progress)?;
+    let mut head = Vec::with_capacity(headers + note.len());
+    ehdr(&mut head, 1 + ranges.len());
+    phdr(&mut head, PT_NOTE, PF_R, headers as u64, 0, note.len() as u64, 0, 1);
+    for (r, &offset) in ranges.iter().zip(&offsets) {
+        let len = r.pages * PAGE_SIZE as u64;
+        phdr(&mut head, PT_LOAD, PF_RWX, offset, r.address, len, len, PAGE_SIZE as u64);
+    }
+    head.extend_from_slice(&note);
+    let f = OpenOptions::new().write(true).open(path)?;
+    f.write_all_at(&head, 0)?;
+    if plan.sync {
+        f.sync_all()?;
+    }
+    Ok(report)
+}
+
+fn ehdr(out: &mut Vec<u8>, phnum: usize) {
+    out.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(&ET_CORE.to_le_bytes());
+    out.extend_from_slice(&MACHINE.to_le_bytes());
+    out.extend_from_slice(&1u32.to_le_bytes()); // e_version
+    out.extend_from_slice(&0u64.to_le_bytes()); // e_entry
+    out.extend_from_slice(&(EHDR_LEN as u64).to_le_bytes()); // e_phoff
+    out.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    out.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    out.extend_from_slice(&(EHDR_LEN as u16).to_le_bytes());
+    out.extend_from_slice(&(PHDR_LEN as u16).to_le_bytes());
+    out.extend_from_slice(&u16::try_from(phnum).expect("fewer than 65535 ranges").to_le_bytes());
+    out.extend_from_slice(&[0; 6]); // e_shentsize, e_shnum, e_shstrndx
+}
+
+#[allow(clippy::too_many_arguments)] // the eight fields of an ELF program header
+fn phdr(out: &mut Vec<u8>, kind: u32, flags: u32, offset: u64, address: u64, filesz: u64, memsz: u64, align: u64) {
+    out.extend_from_slice(&kind.to_le_bytes());
+    out.extend_from_slice(&flags.to_le_bytes());
+    for v in [offset, address, address, filesz, memsz, align] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// The note naming the epoch: namesz, descsz, type, name and JSON, each
+/// padded to four bytes.
+fn note(plan: &RestorePlan) -> Vec<u8> {
+    let m = &plan.manifest;
+    let desc = serde_json::json!({
+        "guest": plan.guest.0, "epoch": m.epoch.0, "time_unix_ns": m.time_unix_ns, "generation": m.generation,
+        "manifest": m.id().to_hex(), "memory_root": m.memory_root.to_hex(), "page_count": m.page_count,
+    })
+    .to_string()
+    .into_bytes();
+    let mut out = Vec::new();
+    out.extend_from_slice(&(NOTE_NAME.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(desc.len() as u32).to_le_bytes());
+    out.extend_from_slice(&NT_REMUS.to_le_bytes());
+    for part in [NOTE_NAME, &desc[..]] {
+        out.extend_from_slice(part);
+        out.resize(out.len().next_multiple_of(4), 0);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Target;
+    use remus_store::{Store, StoreOptions};
+    use remus_types::{EpochId, GuestId};
+
+    fn u16_at(b: &[u8], at: usize) -> u16 {
+        u16::from_le_bytes(b[at..at + 2].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], at: usize) -> u64 {
+        u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+    }
+
+    /// The program headers of a core: (type, offset, address, size).
+    fn headers(core: &[u8]) -> Vec<(u32, u64, u64, u64)> {
+        assert_eq!(&core[..6], &[0x7f, b'E', b'L', b'F', 2, 1], "64-bit little-endian ELF");
+        assert_eq!(u16_at(core, 16), ET_CORE);
+        let (phoff, phnum) = (u64_at(core, 32) as usize, usize::from(u16_at(core, 56)));
+        (0..phnum)
+            .map(|i| {
+                let h = &core[phoff + i * PHDR_LEN..][..PHDR_LEN];
+                assert_eq!(u64_at(h, 16), u64_at(h, 24), "paddr = vaddr");
+                (u32::from_le_bytes(h[..4].try_into().unwrap()), u64_at(h, 8), u64_at(h, 16), u64_at(h, 32))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_core_holds_each_range_at_its_address_byte_exact_and_names_the_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), StoreOptions::default()).unwrap();
+        let images = crate::tests::history(&store);
+        let plan = RestorePlan::new(&store, GuestId(1), Target::Epoch(EpochId(4))).unwrap();
+        let image = &images[3];
+        // Two ranges, the second at an address of its own (as RAM above 4 GiB).
+        let ranges = [MemoryRange { first: 0, pages: 60, address: 0 }, MemoryRange { first: 60, pages: 40, address: 1 << 32 }];
+        let path = dir.path().join("core");
+        let report = write_core(&plan, &store, &ranges, &path, |_, _| {}).unwrap();
+        assert_eq!(report.root, plan.manifest.memory_root, "verified over the whole page space");
+        let core = std::fs::read(&path).unwrap();
+        let h = headers(&core);
+        assert_eq!(h.len(), 3);
+        let (kind, note_at, _, note_len) = h[0];
+        assert_eq!(kind, PT_NOTE);
+        let note = &core[note_at as usize..][..note_len as usize];
+        assert_eq!(&note[12..17], b"REMUS");
+        let desc: serde_json::Value =
+            serde_json::from_slice(&note[20..20 + u32::from_le_bytes(note[4..8].try_into().unwrap()) as usize]).unwrap();
+        assert_eq!((desc["epoch"].as_u64(), desc["manifest"].as_str()), (Some(4), Some(plan.manifest.id().to_hex().as_str())));
+        for (range, &(kind, offset, address, len)) in ranges.iter().zip(&h[1..]) {
+            assert_eq!((kind, address, len), (PT_LOAD, range.address, range.pages * PAGE_SIZE as u64));
+            assert_eq!(offset % PAGE_SIZE as u64, 0, "page-aligned");
+            let want = &image[range.first as usize * PAGE_SIZE..][..len as usize];
+            assert!(core[offset as usize..][..len as usize] == *want, "range at {address:#x} byte-exact");
+        }
+        // A range beyond the guest is refused before anything is written.
+        let beyond = [MemoryRange { first: 90, pages: 20, address: 0 }];
+        assert!(write_core(&plan, &store, &beyond, &dir.path().join("bad"), |_, _| {}).is_err());
+        assert!(!dir.path().join("bad").exists());
+    }
+}
