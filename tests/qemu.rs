@@ -219,13 +219,14 @@ fn counter_service_survives_sigkill_of_the_primary() {
     assert_eq!(std::fs::metadata(to.join("memory")).unwrap().len(), 128 << 20);
     assert_eq!(std::fs::metadata(to.join("disk.img")).unwrap().len(), 16 << 20);
 
-    // ... and runs it, paused, for inspection over QMP.
+    // ... and runs it, paused, for inspection over QMP and gdb.
     let at = dir.path().join("epoch-40");
+    let gdb_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut run = KillOnDrop(
         Command::new(remus_restore())
             .args(["--data-dir"])
             .arg(&data)
-            .args(["--epoch", "40", "--run", "--to"])
+            .args(["--epoch", "40", "--run", "--gdb", &gdb_port.to_string(), "--to"])
             .arg(&at)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -238,12 +239,26 @@ fn counter_service_survives_sigkill_of_the_primary() {
         line.clear();
         assert!(out.read_line(&mut line).unwrap() > 0, "remus-restore --run ended early");
     }
-    let qmp = line.rsplit("qmp ").next().unwrap().trim().to_string();
+    assert!(line.trim_end().ends_with(&format!("; gdb 127.0.0.1:{gdb_port}")), "{line}");
+    let qmp = line.split("qmp ").nth(1).unwrap().split(';').next().unwrap().trim().to_string();
     assert!(line.starts_with("guest 1 epoch 40 paused in qemu pid"), "{line}");
-    let status = qmp_status(Path::new(&qmp));
+    assert_eq!(qmp_status(Path::new(&qmp)), "paused");
+    // gdb on the stub reads guest-physical memory as the epoch has it
+    // (and continues the guest when it detaches).
+    let memory = std::fs::read(at.join("memory")).unwrap();
+    let addr = (0x10_0000..memory.len()).step_by(4096).find(|&a| memory[a..a + 8].iter().all(|&b| b != 0)).expect("a busy page");
+    let out = run_limited(
+        Command::new("gdb")
+            .args(["-nx", "-batch", "-ex", &format!("target remote 127.0.0.1:{gdb_port}"), "-ex", "maint packet Qqemu.PhyMemMode:1"])
+            .args(["-ex", &format!("x/8xb {addr:#x}")]),
+        Duration::from_secs(60),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.starts_with(&format!("{addr:#x}"))).unwrap_or_else(|| panic!("gdb: {text}"));
+    let read: Vec<u8> = line.split('\t').skip(1).map(|b| u8::from_str_radix(b.trim().trim_start_matches("0x"), 16).unwrap()).collect();
+    assert_eq!(read, memory[addr..addr + 8], "gdb reads the epoch's memory at {addr:#x}");
     drop(run);
     drop(out);
-    assert_eq!(status, "paused");
 
     // The last committed epoch, brought back lazily: QEMU starts at once on
     // the epoch's files mounted from the store, and the guest serves the

@@ -236,7 +236,7 @@ fn execute(store: &Store, guest: GuestId, dir: &Path, resume: Option<&ResumeVm>,
         }
         match resume {
             Some(r) if r.protect_to.is_none() => {
-                Ok(Some(ResumedVm::start(&r.qemu_binary, state, run, None, r.tap.as_deref(), true).map_err(NodeError::Resume)?))
+                Ok(Some(ResumedVm::start(&r.qemu_binary, state, run, None, r.tap.as_deref(), true, None).map_err(NodeError::Resume)?))
             }
             _ => Ok(None),
         }

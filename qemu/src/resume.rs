@@ -26,7 +26,7 @@ use crate::qmp::Qmp;
 /// # Errors
 /// [`CaptureError::Qemu`] when QEMU fails to start or load the state.
 pub fn resume(qemu: &Path, state: &QemuState, run: &RunDir, start: bool) -> Result<(Child, Qmp), CaptureError> {
-    resume_launch(qemu, state, run, &Launch::Incoming, start)
+    resume_launch(qemu, state, run, &Launch::Incoming, start, None)
 }
 
 /// As [`resume`], from read-only checkpoint files in `from` (an epoch
@@ -37,7 +37,14 @@ pub fn resume(qemu: &Path, state: &QemuState, run: &RunDir, start: bool) -> Resu
 /// # Errors
 /// As [`resume`]; [`CaptureError::Qemu`] when the overlay cannot be made
 /// (`qemu-img`, beside `qemu` or on the PATH).
-pub fn resume_read_only(qemu: &Path, state: &QemuState, run: &RunDir, from: &RunDir, start: bool) -> Result<(Child, Qmp), CaptureError> {
+pub fn resume_read_only(
+    qemu: &Path,
+    state: &QemuState,
+    run: &RunDir,
+    from: &RunDir,
+    start: bool,
+    gdb: Option<u16>,
+) -> Result<(Child, Qmp), CaptureError> {
     if state.machine.disk_mib > 0 {
         let img = qemu.with_file_name("qemu-img");
         let img = if img.is_file() { img } else { PathBuf::from("qemu-img") };
@@ -52,12 +59,24 @@ pub fn resume_read_only(qemu: &Path, state: &QemuState, run: &RunDir, from: &Run
             return Err(CaptureError::Qemu(format!("creating the disk overlay: {}", String::from_utf8_lossy(&out.stderr).trim())));
         }
     }
-    resume_launch(qemu, state, run, &Launch::IncomingReadOnly { from: from.clone() }, start)
+    resume_launch(qemu, state, run, &Launch::IncomingReadOnly { from: from.clone() }, start, gdb)
 }
 
-fn resume_launch(qemu: &Path, state: &QemuState, run: &RunDir, launch: &Launch, start: bool) -> Result<(Child, Qmp), CaptureError> {
+/// `gdb`: a port on 127.0.0.1 where QEMU's gdbstub listens.
+fn resume_launch(
+    qemu: &Path,
+    state: &QemuState,
+    run: &RunDir,
+    launch: &Launch,
+    start: bool,
+    gdb: Option<u16>,
+) -> Result<(Child, Qmp), CaptureError> {
     let vmstate = launch.checkpoint(run).vmstate();
-    let mut child = spawn(command(qemu, &state.machine, run, launch))?;
+    let mut cmd = command(qemu, &state.machine, run, launch);
+    if let Some(port) = gdb {
+        cmd.args(["-gdb", &format!("tcp:127.0.0.1:{port}")]);
+    }
+    let mut child = spawn(cmd)?;
     let mut qmp = match Qmp::connect(&run.qmp(), Duration::from_secs(20)) {
         Ok(q) => q,
         Err(e) => return Err(qemu_failed(&mut child, e)),
@@ -108,7 +127,8 @@ impl ResumedVm {
     /// Starts QEMU on the files [`restore_vm`] wrote in `run`, or, with
     /// `from`, on read-only files there (a mounted epoch: see
     /// [`resume_read_only`]); continues the guest and announces it on
-    /// the network when `start`, else leaves it paused.
+    /// the network when `start`, else leaves it paused. With `gdb`, QEMU's
+    /// gdbstub listens on that port of 127.0.0.1.
     ///
     /// # Errors
     /// [`CaptureError`] when the TAP, the relay or QEMU fail.
@@ -119,12 +139,13 @@ impl ResumedVm {
         from: Option<&RunDir>,
         tap: Option<&str>,
         start: bool,
+        gdb: Option<u16>,
     ) -> Result<Self, CaptureError> {
         let tap = tap.map(Tap::open).transpose()?;
         let net = NetRelay::start(&run.net(), tap, Egress::Direct)?;
         let (child, qmp) = match from {
-            Some(from) => resume_read_only(qemu_binary, state, &run, from, start)?,
-            None => resume(qemu_binary, state, &run, start)?,
+            Some(from) => resume_read_only(qemu_binary, state, &run, from, start, gdb)?,
+            None => resume_launch(qemu_binary, state, &run, &Launch::Incoming, start, gdb)?,
         };
         Ok(Self { child, qmp: Some(qmp), net, run })
     }

@@ -71,6 +71,11 @@ pub struct RestoreArgs {
     /// has none).
     #[arg(long, requires = "run")]
     pub tap: Option<String>,
+    /// With --run: QEMU's gdbstub listens on this port of 127.0.0.1
+    /// (`gdb -ex 'target remote :PORT'`; the guest stays paused until gdb
+    /// or QMP continues it).
+    #[arg(long, value_name = "PORT", requires = "run", conflicts_with = "start")]
+    pub gdb: Option<u16>,
     /// Restore from the S3 tier alone (`s3://BUCKET/PREFIX`), without any
     /// local store: after losing the backup site.
     #[arg(long, value_name = "URL")]
@@ -218,15 +223,16 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
     }
     if let (true, Some((state, run))) = (args.run, vm) {
         let qemu = args.qemu_binary.clone().unwrap_or_else(remus_qemu::default_qemu);
-        let mut vm = remus_qemu::ResumedVm::start(&qemu, &state, run, None, args.tap.as_deref(), args.start)?;
+        let mut vm = remus_qemu::ResumedVm::start(&qemu, &state, run, None, args.tap.as_deref(), args.start, args.gdb)?;
         vm.release_qmp();
         println!(
-            "guest {} epoch {} {} in qemu pid {}; qmp {}",
+            "guest {} epoch {} {} in qemu pid {}; qmp {}{}",
             args.guest,
             report.epoch.0,
             run_state(args),
             vm.pid(),
-            vm.run.qmp().display()
+            vm.run.qmp().display(),
+            gdb_note(args)
         );
         use std::io::Write;
         std::io::stdout().flush()?;
@@ -234,6 +240,11 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
         eprintln!("qemu exited: {status}");
     }
     Ok(())
+}
+
+/// Where the gdbstub listens, for the line `--run` prints.
+fn gdb_note(args: &RestoreArgs) -> String {
+    args.gdb.map(|port| format!("; gdb 127.0.0.1:{port}")).unwrap_or_default()
 }
 
 /// How `--run` leaves the guest.
@@ -272,15 +283,16 @@ fn serve(args: &RestoreArgs, target: Target, at: &Path, t0: Instant) -> Result<(
         (Some(run), Some(state)) => {
             let qemu = args.qemu_binary.clone().unwrap_or_else(remus_qemu::default_qemu);
             let from = remus_vm::RunDir { dir: at.to_path_buf() };
-            let mut vm = remus_qemu::ResumedVm::start(&qemu, &state, run, Some(&from), args.tap.as_deref(), args.start)?;
+            let mut vm = remus_qemu::ResumedVm::start(&qemu, &state, run, Some(&from), args.tap.as_deref(), args.start, args.gdb)?;
             vm.release_qmp();
             println!(
-                "guest {guest} epoch {epoch} ({time}) {} in qemu pid {} after {:.2} s, its files mounted at {}; qmp {}",
+                "guest {guest} epoch {epoch} ({time}) {} in qemu pid {} after {:.2} s, its files mounted at {}; qmp {}{}",
                 run_state(args),
                 vm.pid(),
                 t0.elapsed().as_secs_f64(),
                 at.display(),
-                vm.run.qmp().display()
+                vm.run.qmp().display(),
+                gdb_note(args)
             );
             Some(vm)
         }
