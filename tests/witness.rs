@@ -341,3 +341,42 @@ fn a_restarted_primary_continues_its_guests_history_in_the_next_generation() {
     assert_eq!(taken, [1, 2], "a change of generation at each start");
     backup.stop();
 }
+
+/// A planned move under a witness: the primary releases its lease once
+/// its last epoch is sealed (guest held) and acknowledged, so the backup
+/// takes the next generation without waiting a lease period out, and the
+/// guest is taken over at the epoch handed over.
+#[test]
+fn a_moving_primary_releases_its_lease_and_the_backup_takes_it_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    keygen(data);
+    let config = data.join("remus.toml");
+    write_config(&config);
+    let bucket = lease_bucket("witness-move");
+    let backup = start_backup(data, &config, &bucket);
+    let primary = PrimaryProcess::start_to(data, &config, &backup.addr, &bucket, &endpoint(), 120, "roots.jsonl");
+    backup.wait_committed(1, 20, LIMIT);
+    let out = run_limited(Command::new(remus()).args(["move", "--data-dir"]).arg(data), LIMIT);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{said} {}", String::from_utf8_lossy(&out.stderr));
+    let epoch: u64 =
+        said.strip_prefix("moved guest-1 at epoch ").and_then(|r| r.split(':').next()).and_then(|e| e.parse().ok()).expect(&said);
+    let (ok, _, stderr) = primary.wait();
+    assert!(ok, "the primary that moved its guest ends well: {stderr}");
+    let won = wait_hook(&config, "backup", "lease-won");
+    assert_eq!(
+        (won["generation"].as_u64(), won["node"].as_str(), won["released"].as_bool()),
+        (Some(2), Some("site-b"), Some(true)),
+        "{won}"
+    );
+    let moved = wait_hook(&config, "backup", "move");
+    assert_eq!(moved["epoch"].as_u64(), Some(epoch), "{moved}");
+    let l = lease(&bucket);
+    assert_eq!((l["generation"].as_u64(), l["owner"].as_str(), l.get("released")), (Some(2), Some("site-b"), None), "{l}");
+    let line = backup.wait_line("failover guest-1 epoch ", LIMIT);
+    assert!(line.starts_with(&format!("failover guest-1 epoch {epoch} image ")), "taken over at the epoch handed over: {line}");
+    let image = line.rsplit(' ').next().unwrap();
+    assert_eq!(MemoryDigest::of_image(&std::fs::read(image).unwrap()).to_hex(), read_roots(&data.join("roots.jsonl"))[&epoch]);
+    backup.stop();
+}

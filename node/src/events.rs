@@ -49,6 +49,8 @@ pub enum BackupEvent {
         lease: Box<remus_witness::Lease>,
         /// How long after the primary was last heard.
         after: std::time::Duration,
+        /// Its old owner had released it (a planned move): taken at once.
+        released: bool,
     },
     /// The guest's old primary is fenced here (in memory and in the
     /// store): from now on it is refused.
@@ -116,9 +118,9 @@ impl BackupEvent {
             }
             Self::HandedOver { guest, epoch } => json!({"event": "move", "role": "backup", "guest": guest.0, "epoch": epoch.0}),
             Self::TakeoverAbandoned { guest } => json!({"event": "takeover-abandoned", "role": "backup", "guest": guest.0}),
-            Self::LeaseWon { lease, after } => json!({
+            Self::LeaseWon { lease, after, released } => json!({
                 "event": "lease-won", "role": "backup", "guest": lease.guest.0, "generation": lease.generation,
-                "node": lease.owner, "after_ms": after.as_millis() as u64,
+                "node": lease.owner, "after_ms": after.as_millis() as u64, "released": released,
             }),
             Self::Fenced { guest, epoch } => json!({"event": "fence", "role": "backup", "guest": guest.0, "epoch": epoch.0}),
             Self::FailedOver { guest, epoch, outcome: FailoverOutcome::Written { path } } => json!({

@@ -82,7 +82,7 @@ pub fn acquire(w: &WitnessOptions, guest: GuestId, mut waiting: impl FnMut(&Leas
                 }
             },
             Takeover::Wait(until) => std::thread::sleep(until.saturating_duration_since(Instant::now())),
-            Takeover::Attempt { expected, generation } => {
+            Takeover::Attempt { expected, generation, .. } => {
                 if let Some(won) = take(w, guest, expected.as_deref(), generation, None, &mut claimant)? {
                     return Ok(won);
                 }
@@ -137,6 +137,17 @@ fn take(
     }
 }
 
+/// A lease won by a takeover.
+pub struct Won {
+    /// The owner's side of it.
+    pub holder: LeaseHolder,
+    /// The lease as written.
+    pub lease: Tagged,
+    /// The lease replaced was released by its owner (a planned move), so
+    /// it was taken without waiting a lease period out.
+    pub released: bool,
+}
+
 /// Waits, as a backup whose primary went silent (last heard at
 /// `last_heard`), until the lease may be taken, and takes it for the next
 /// generation starting from `committed`. `watched` is a [`LeaseWatch`]'s
@@ -155,7 +166,7 @@ pub fn claim(
     (last_heard, watched): (Instant, Option<Claimant>),
     heard: impl Fn() -> Option<Instant>,
     cancel: &AtomicBool,
-) -> Result<Option<(LeaseHolder, Tagged)>, NodeError> {
+) -> Result<Option<Won>, NodeError> {
     let mut claimant = watched.unwrap_or_else(|| Claimant::new(w.timing, last_heard));
     claimant.on_owner_heard(last_heard);
     loop {
@@ -173,9 +184,9 @@ pub fn claim(
                 Err(e) => return Err(NodeError::Witness(e)),
             },
             Takeover::Wait(until) => std::thread::sleep(until.saturating_duration_since(now).min(w.timing.retry_every())),
-            Takeover::Attempt { expected, generation } => {
+            Takeover::Attempt { expected, generation, released } => {
                 match take(w, guest, expected.as_deref(), generation, Some(committed), &mut claimant) {
-                    Ok(Some(won)) => return Ok(Some(won)),
+                    Ok(Some((holder, lease))) => return Ok(Some(Won { holder, lease, released })),
                     Ok(None) => {}
                     Err(NodeError::Witness(WitnessError::Unreachable(e))) => {
                         tracing::warn!(%guest, error = %e, "the witness is unreachable; no takeover without it");
@@ -244,6 +255,8 @@ impl Drop for LeaseWatch {
 pub struct Renewal {
     holder: Arc<Mutex<LeaseHolder>>,
     stop: Arc<AtomicBool>,
+    /// Set: the thread releases the lease (once) and stops renewing.
+    release: Arc<AtomicBool>,
     /// The renewal thread; it returns the lease as last written (none once
     /// superseded).
     thread: Option<JoinHandle<Option<Tagged>>>,
@@ -256,13 +269,13 @@ impl Renewal {
     /// When the thread cannot be started.
     pub fn start(w: &WitnessOptions, holder: LeaseHolder, lease: Tagged) -> Result<Self, NodeError> {
         let holder = Arc::new(Mutex::new(holder));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (h2, s2, leases) = (Arc::clone(&holder), Arc::clone(&stop), Arc::clone(&w.leases));
+        let (stop, release) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let (h2, s2, r2, leases) = (Arc::clone(&holder), Arc::clone(&stop), Arc::clone(&release), Arc::clone(&w.leases));
         let thread = std::thread::Builder::new()
             .name("remus-lease".into())
-            .spawn(move || renew(&*leases, &h2, lease, &s2))
+            .spawn(move || renew(&*leases, &h2, lease, &s2, &r2))
             .map_err(NodeError::io("spawning the lease thread"))?;
-        Ok(Self { holder, stop, thread: Some(thread) })
+        Ok(Self { holder, stop, release, thread: Some(thread) })
     }
 
     /// The generation owned.
@@ -280,6 +293,15 @@ impl Renewal {
     /// The backup acknowledged an epoch sealed at `sealed_at`.
     pub fn backup_heard(&self, sealed_at: Instant) {
         self.holder.lock().on_backup_heard(sealed_at);
+    }
+
+    /// Releases the lease for a planned move, soon, from the renewal
+    /// thread, which then renews no more: the next owner takes it at once
+    /// instead of waiting a lease period out. Only for an owner whose
+    /// guest is held still for good and which releases no output of a
+    /// later epoch.
+    pub fn release(&self) {
+        self.release.store(true, Ordering::Relaxed);
     }
 
     /// Stops renewing and returns the lease as last written, for another
@@ -303,10 +325,36 @@ impl Drop for Renewal {
 /// The renewal loop: a renewal whenever the holder asks for one; a lost
 /// swap is read back, and only a lease of another generation or owner
 /// supersedes (a renewal that was applied but not answered changed the
-/// tag, not the owner).
-fn renew(leases: &dyn LeaseStore, holder: &Mutex<LeaseHolder>, mut lease: Tagged, stop: &AtomicBool) -> Option<Tagged> {
-    while !stop.load(Ordering::Relaxed) {
+/// tag, not the owner). Asked to release, it writes the released lease
+/// once and ends.
+fn renew(
+    leases: &dyn LeaseStore,
+    holder: &Mutex<LeaseHolder>,
+    mut lease: Tagged,
+    stop: &AtomicBool,
+    release: &AtomicBool,
+) -> Option<Tagged> {
+    loop {
         let now = Instant::now();
+        // A release asked for is written even when the owner stops at once
+        // (the primary that moved its guest away ends right after).
+        if release.load(Ordering::Relaxed) {
+            let guest = lease.lease.guest;
+            return match leases.replace(&lease.lease.released(), &lease.tag) {
+                Ok(t) => {
+                    tracing::info!(%guest, lease = %t.lease, "lease released for the move");
+                    Some(t)
+                }
+                Err(e) => {
+                    // The next owner then waits the lease out, as after a failure.
+                    tracing::warn!(%guest, error = %e, "the lease could not be released; the next owner waits it out");
+                    None
+                }
+            };
+        }
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
         if !holder.lock().poll_renewal(now) {
             let next = holder.lock().poll_timeout().unwrap_or(now + Duration::from_millis(50));
             std::thread::sleep(next.saturating_duration_since(now).clamp(Duration::from_millis(1), Duration::from_millis(50)));

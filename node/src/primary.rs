@@ -79,6 +79,9 @@ struct Ownership {
     guest: GuestId,
     lease: Option<Renewal>,
     hooks: Hooks,
+    /// Set when the guest is handed over (a planned move): once its last
+    /// epoch is sealed and acknowledged, the lease is released.
+    handover: Arc<AtomicBool>,
 }
 
 impl Ownership {
@@ -180,7 +183,8 @@ impl Primary {
             }
             None => None,
         };
-        let owner = Ownership { guest: opts.guest, lease, hooks: Hooks::start(opts.hooks.clone()) };
+        let handover = Arc::new(AtomicBool::new(false));
+        let owner = Ownership { guest: opts.guest, lease, hooks: Hooks::start(opts.hooks.clone()), handover: Arc::clone(&handover) };
         if let Some(w) = &opts.witness {
             owner.notify("lease-taken", serde_json::json!({ "node": w.node }));
         }
@@ -206,7 +210,6 @@ impl Primary {
         let stats =
             Arc::new(Mutex::new(PrimaryStats { generation: owner.lease.as_ref().map(Renewal::generation), ..PrimaryStats::default() }));
         let stop = Arc::new(AtomicBool::new(false));
-        let handover = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel(256);
         let (etx, erx) = mpsc::unbounded_channel();
         let (ack_tx, ack_rx) = crossbeam_channel::unbounded();
@@ -440,6 +443,11 @@ fn drive_engine<G: ProtectedGuest>(
             }
         }
     }
+    // Handed over: the guest is held still for good and everything it
+    // emitted is released; the next owner need not wait the lease out.
+    if let Some(l) = owner.lease.as_ref().filter(|_| owner.handover.load(Ordering::Relaxed)) {
+        l.release();
+    }
     Ok(())
 }
 
@@ -642,7 +650,7 @@ mod tests {
             in_flight.into_iter().all(send);
         });
         let sinks = OutputSinks { net: None, log: Some(std::fs::File::create(&log_path).unwrap()) };
-        let owner = Ownership { guest: GuestId(1), lease: None, hooks: Hooks::start(HookConfig::default()) };
+        let owner = Ownership { guest: GuestId(1), lease: None, hooks: Hooks::start(HookConfig::default()), handover: Arc::default() };
         let result = drive_engine(engine, tx, &ack_rx, sinks, &stats, &stop, &owner);
         link.join().unwrap();
         let sealed = stats.lock().sealed;

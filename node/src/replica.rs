@@ -24,7 +24,7 @@ use crate::admission::Admission;
 use crate::events::BackupEvent;
 use crate::failover::{self, CommittedPages, FailoverAction, LiveFiles};
 use crate::ingest::Ingest;
-use crate::lease::{claim, LeaseWatch, Renewal, WitnessOptions};
+use crate::lease::{claim, LeaseWatch, Renewal, WitnessOptions, Won};
 
 /// Commit statistics of one guest at the backup.
 #[derive(Debug, Default, Clone)]
@@ -155,8 +155,10 @@ impl StoreReplica {
         cancel: &AtomicBool,
     ) -> Result<Option<Renewal>, crate::NodeError> {
         let watched = self.watches.lock().get(&guest).map(LeaseWatch::claimant);
-        let Some((holder, lease)) = claim(w, (guest, epoch), (last_heard, watched), heard, cancel)? else { return Ok(None) };
-        let _ = self.events.send(BackupEvent::LeaseWon { lease: Box::new(lease.lease.clone()), after: last_heard.elapsed() });
+        let Some(Won { holder, lease, released }) = claim(w, (guest, epoch), (last_heard, watched), heard, cancel)? else {
+            return Ok(None);
+        };
+        let _ = self.events.send(BackupEvent::LeaseWon { lease: Box::new(lease.lease.clone()), after: last_heard.elapsed(), released });
         // The lease is this backup's now: no more watching.
         self.watches.lock().remove(&guest);
         Renewal::start(w, holder, lease).map(Some)

@@ -20,6 +20,9 @@ pub enum Takeover {
         expected: Option<String>,
         /// The generation to take.
         generation: u64,
+        /// The lease was released by its owner, so it is taken without
+        /// waiting a lease period out.
+        released: bool,
     },
 }
 
@@ -29,7 +32,9 @@ pub enum Takeover {
 /// Invariant: it proposes an attempt only after `Timing::taker_wait` (of
 /// the lease period the lease itself names) both of silence from the
 /// owner and of an unchanged lease, each measured from its own
-/// observation.
+/// observation; or at once when the lease it read was released by its
+/// owner (the swap still needs that very version, so a lease renewed or
+/// taken since is not taken).
 #[derive(Clone, Debug)]
 pub struct Claimant {
     timing: Timing,
@@ -44,6 +49,7 @@ struct Observed {
     generation: u64,
     lease: Duration,
     since: Instant,
+    released: bool,
 }
 
 impl Claimant {
@@ -64,9 +70,10 @@ impl Claimant {
         let tag = lease.map(|t| t.tag.clone());
         let same = self.observed.as_ref().is_some_and(|o| o.tag == tag);
         if !same {
-            let (generation, lease_ms) = lease.map_or((0, 0), |t| (t.lease.generation, t.lease.lease_ms));
+            let (generation, lease_ms, released) =
+                lease.map_or((0, 0, false), |t| (t.lease.generation, t.lease.lease_ms, t.lease.released));
             let lease = Duration::from_millis(lease_ms).max(self.timing.lease);
-            self.observed = Some(Observed { tag, generation, lease, since: now });
+            self.observed = Some(Observed { tag, generation, lease, since: now, released });
         }
         self.next_read = Some(now + self.timing.read_every());
     }
@@ -81,10 +88,13 @@ impl Claimant {
     #[must_use]
     pub fn poll(&self, now: Instant) -> Takeover {
         let Some(o) = &self.observed else { return Takeover::Read };
+        if o.released {
+            return Takeover::Attempt { expected: o.tag.clone(), generation: o.generation + 1, released: true };
+        }
         let wait = self.timing.taker_wait(o.lease);
         let ready = (o.since + wait).max(self.last_heard + wait);
         if now >= ready {
-            return Takeover::Attempt { expected: o.tag.clone(), generation: o.generation + 1 };
+            return Takeover::Attempt { expected: o.tag.clone(), generation: o.generation + 1, released: false };
         }
         match self.next_read {
             Some(r) if r <= now => Takeover::Read,

@@ -35,6 +35,11 @@ pub struct Lease {
     /// The committed epoch the generation started from (a takeover), if
     /// any.
     pub from_epoch: Option<u64>,
+    /// Released by its owner (a planned move: its guest is held still for
+    /// good and it releases no output of a later epoch): the next owner
+    /// may take it at once instead of waiting a lease period out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub released: bool,
 }
 
 impl Lease {
@@ -51,6 +56,7 @@ impl Lease {
             since_unix_ms: now,
             renewed_unix_ms: now,
             from_epoch,
+            released: false,
         }
     }
 
@@ -58,6 +64,12 @@ impl Lease {
     #[must_use]
     pub fn renewed(&self) -> Self {
         Self { renewed_unix_ms: unix_ms(), ..self.clone() }
+    }
+
+    /// The same lease, released by its owner now (see [`Lease::released`]).
+    #[must_use]
+    pub fn released(&self) -> Self {
+        Self { renewed_unix_ms: unix_ms(), released: true, ..self.clone() }
     }
 
     /// The object's bytes.

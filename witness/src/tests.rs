@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 use remus_types::GuestId;
 
-use crate::{Claimant, Lease, LeaseHolder, Standing, Takeover, Timing};
+use crate::{Claimant, Lease, LeaseHolder, LeaseStore, MemoryLeases, Standing, Takeover, Timing};
 
 const MS: u64 = 1000; // µs
 
@@ -196,7 +196,7 @@ fn run(s: &Scenario) -> (Option<u64>, u64) {
             let now = taker_clock(t);
             let op = match claimant.poll(now) {
                 Takeover::Read => Some((Op::Read, None)),
-                Takeover::Attempt { expected, generation } => Some((Op::Take { generation }, expected)),
+                Takeover::Attempt { expected, generation, .. } => Some((Op::Take { generation }, expected)),
                 Takeover::Wait(_) => None,
             };
             if let Some((op, expected)) = op {
@@ -266,4 +266,33 @@ fn an_owner_confirmed_by_the_backup_alone_keeps_running() {
     h.on_superseded(l.clone());
     assert_eq!(h.may_run(later), Standing::Superseded(Box::new(l)));
     assert!(!h.poll_renewal(later + Duration::from_secs(1)), "a superseded owner renews no more");
+}
+
+#[test]
+fn a_released_lease_is_taken_at_once_and_only_in_the_version_read() {
+    let timing = Timing::default();
+    let leases = MemoryLeases::default();
+    let owned = leases.create(&Lease::new(GuestId(1), 3, "a", 500, None)).unwrap();
+    let t0 = Instant::now();
+    // The owner is still heard (its link carries the hand-over) and the
+    // lease was renewed a moment ago: a taker waits a lease period out.
+    let mut c = Claimant::new(timing, t0);
+    c.observe(t0, Some(&owned));
+    assert!(matches!(c.poll(t0), Takeover::Wait(_)));
+    // Released by its owner: taken at once, in the next generation.
+    let released = leases.replace(&owned.lease.released(), &owned.tag).unwrap();
+    assert!(Lease::from_bytes(&released.lease.to_bytes()).unwrap().released, "the release survives the object's bytes");
+    let mut c = Claimant::new(timing, t0);
+    c.observe(t0, Some(&released));
+    let Takeover::Attempt { expected, generation, released: true } = c.poll(t0) else { panic!("a released lease is taken at once") };
+    assert_eq!((expected.as_deref(), generation), (Some(released.tag.as_str()), 4));
+    // A lease not released is never taken at once, however it was read.
+    let renewed = leases.replace(&released.lease.renewed(), &released.tag).unwrap();
+    assert!(renewed.lease.released, "a renewal keeps what it renews");
+    let fresh = leases.replace(&Lease::new(GuestId(1), 4, "b", 500, None), &renewed.tag).unwrap();
+    let mut c = Claimant::new(timing, t0);
+    c.observe(t0, Some(&fresh));
+    assert!(matches!(c.poll(t0), Takeover::Wait(_)), "generation 4 is not released");
+    // A stale release does not win: the swap needs the version read.
+    assert!(leases.replace(&Lease::new(GuestId(1), 5, "c", 500, None), &released.tag).is_err());
 }

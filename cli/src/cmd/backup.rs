@@ -214,9 +214,18 @@ fn show_event(ev: &BackupEvent, reverse: &Reverse<'_>) -> Result<()> {
             eprintln!("{guest}: its primary hands it over at epoch {} (a planned move); taking it over", epoch.0);
         }
         BackupEvent::TakeoverAbandoned { guest } => eprintln!("{guest}: the primary is back before its lease ran out; no failover"),
-        BackupEvent::LeaseWon { lease, after } => {
+        BackupEvent::LeaseWon { lease, after, released: false } => {
             println!(
                 "lease {} generation {} taken by {} after {} ms of silence",
+                lease.guest,
+                lease.generation,
+                lease.owner,
+                after.as_millis()
+            );
+        }
+        BackupEvent::LeaseWon { lease, after, released: true } => {
+            println!(
+                "lease {} generation {} taken by {} {} ms into the move (released by its owner)",
                 lease.guest,
                 lease.generation,
                 lease.owner,
