@@ -161,6 +161,18 @@ fn an_s3_outage_leaves_a_backlog_that_drains_and_site_loss_restores_from_s3_alon
         assert_eq!(image.len(), 32 << 20);
         assert_eq!(MemoryDigest::of_image(&image).to_hex(), roots[&e], "epoch {e} from S3 is not byte-exact");
     }
+    // The history lists from S3 alone: every epoch, one chain, each
+    // manifest naming the memory root the primary recorded.
+    let out = run_limited(Command::new(remus()).args(["log", "--json", "--from", &url, "--config"]).arg(&direct), Duration::from_secs(120));
+    assert!(out.status.success(), "log --from: {}", String::from_utf8_lossy(&out.stderr));
+    let listed: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(listed.iter().map(|m| m["epoch"].as_u64().unwrap()).collect::<Vec<_>>(), (1..=committed).collect::<Vec<_>>());
+    for (a, b) in listed.iter().zip(&listed[1..]) {
+        assert_eq!(b["parent"], a["manifest"], "one chain");
+    }
+    for m in &listed {
+        assert_eq!(m["memory_root"].as_str(), Some(roots[&m["epoch"].as_u64().unwrap()].as_str()));
+    }
     // Credentials and endpoint from the usual AWS environment, no config.
     let env = [
         ("AWS_ENDPOINT_URL", endpoint()),

@@ -64,7 +64,7 @@ fn main() -> ExitCode {
             Command::Protect(a) => cmd::protect::run(a, &cfg, &data_dir).map(|()| true),
             Command::Move(a) => cmd::moving::run(a, &data_dir),
             Command::Backup(a) => cmd::backup::run(a, &cfg, cli.config.as_deref(), &data_dir).map(|()| true),
-            Command::Log(a) => cmd::log::run(a, &data_dir).map(|()| true),
+            Command::Log(a) => cmd::log::run(a, &cfg, &data_dir).map(|()| true),
             Command::Show(a) => cmd::show::show(a, &data_dir).map(|()| true),
             Command::Diff(a) => cmd::show::diff(a, &data_dir).map(|()| true),
             Command::Bisect(a) => cmd::show::bisect(a, &data_dir),

@@ -200,6 +200,11 @@ impl S3Tier {
 }
 
 impl S3History {
+    /// The kept epochs' manifests, oldest first.
+    pub fn manifests(&self) -> impl Iterator<Item = &Manifest> {
+        self.epochs.iter().map(|e| &e.manifest)
+    }
+
     /// The newest kept epoch.
     #[must_use]
     pub fn latest(&self) -> Option<&S3Epoch> {
