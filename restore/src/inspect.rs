@@ -1,12 +1,149 @@
 //! Looking into the history without restoring it: what an epoch holds
 //! ([`show`]) and what changed between two epochs ([`diff`]), from the
-//! page index alone (and the changed pages' chunks, for the byte ranges).
+//! page index alone (and the changed pages' chunks, for the byte ranges),
+//! and when a condition on memory first held ([`bisect`]); over either
+//! tier ([`HistoryView`]: the local store, or the S3 tier alone).
 
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use remus_store::s3::format::PackEntry;
 use remus_store::{Manifest, Store, StoreError};
 use remus_types::{zero_page_hash, ChunkId, EpochId, GuestId, Pfn, PAGE_SIZE};
 use remus_vm::QemuState;
 
-use crate::RestoreError;
+use crate::{RestoreError, S3Source};
+
+/// A guest's history as inspection reads it: kept epochs' manifests and
+/// page lists, the page table at any kept epoch, and chunks, each
+/// verified against its id.
+pub trait HistoryView {
+    /// The manifest of kept epoch `epoch`.
+    ///
+    /// # Errors
+    /// An epoch that is not kept; the tier's errors.
+    fn manifest(&self, guest: GuestId, epoch: EpochId) -> Result<Manifest, RestoreError>;
+
+    /// The pages written in `epoch` (its page list).
+    ///
+    /// # Errors
+    /// As [`HistoryView::manifest`].
+    fn epoch_pages(&self, guest: GuestId, epoch: EpochId) -> Result<Vec<(Pfn, ChunkId)>, RestoreError>;
+
+    /// Each page whose pfn lies in `pfns` and was written at or before
+    /// `epoch`, in its newest version at or before it, ascending pfn.
+    ///
+    /// # Errors
+    /// The tier's errors, or what `f` returns.
+    fn pages_in(
+        &self,
+        guest: GuestId,
+        epoch: EpochId,
+        pfns: Range<u64>,
+        f: &mut dyn FnMut(Pfn, ChunkId) -> Result<(), StoreError>,
+    ) -> Result<(), RestoreError>;
+
+    /// A chunk's bytes, verified against its id.
+    ///
+    /// # Errors
+    /// A missing or damaged chunk; the tier's errors.
+    fn chunk(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError>;
+
+    /// The kept epoch nearest `epoch`: the first at or after it when
+    /// `after`, else the last at or before it.
+    ///
+    /// # Errors
+    /// The tier's errors.
+    fn kept_epoch_near(&self, guest: GuestId, epoch: EpochId, after: bool) -> Result<Option<EpochId>, RestoreError>;
+}
+
+impl HistoryView for Store {
+    fn manifest(&self, guest: GuestId, epoch: EpochId) -> Result<Manifest, RestoreError> {
+        Ok(Store::manifest(self, guest, epoch)?)
+    }
+
+    fn epoch_pages(&self, guest: GuestId, epoch: EpochId) -> Result<Vec<(Pfn, ChunkId)>, RestoreError> {
+        Ok(Store::epoch_pages(self, guest, epoch)?)
+    }
+
+    fn pages_in(
+        &self,
+        guest: GuestId,
+        epoch: EpochId,
+        pfns: Range<u64>,
+        f: &mut dyn FnMut(Pfn, ChunkId) -> Result<(), StoreError>,
+    ) -> Result<(), RestoreError> {
+        Ok(self.for_each_page_in(guest, epoch, pfns, f)?)
+    }
+
+    fn chunk(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+        Store::chunk(self, id)
+    }
+
+    fn kept_epoch_near(&self, guest: GuestId, epoch: EpochId, after: bool) -> Result<Option<EpochId>, RestoreError> {
+        Ok(Store::kept_epoch_near(self, guest, epoch, after)?)
+    }
+}
+
+/// The S3 tier read for inspection: its history (as [`S3Source::read`]
+/// reads it) and the chunk locations, read once when a chunk is first
+/// wanted; each chunk is one ranged read of its pack.
+pub struct S3View<'a> {
+    source: S3Source<'a>,
+    locations: OnceLock<HashMap<ChunkId, (ChunkId, PackEntry)>>,
+}
+
+impl<'a> S3View<'a> {
+    /// Inspection over `source`.
+    #[must_use]
+    pub fn new(source: S3Source<'a>) -> Self {
+        Self { source, locations: OnceLock::new() }
+    }
+
+    fn epoch(&self, guest: GuestId, epoch: EpochId) -> Result<&remus_store::s3::S3Epoch, RestoreError> {
+        self.source.kept(guest, epoch).ok_or(RestoreError::Store(StoreError::NoEpoch { guest, epoch }))
+    }
+}
+
+impl HistoryView for S3View<'_> {
+    fn manifest(&self, guest: GuestId, epoch: EpochId) -> Result<Manifest, RestoreError> {
+        Ok(self.epoch(guest, epoch)?.manifest.clone())
+    }
+
+    fn epoch_pages(&self, guest: GuestId, epoch: EpochId) -> Result<Vec<(Pfn, ChunkId)>, RestoreError> {
+        Ok(self.epoch(guest, epoch)?.pages.clone())
+    }
+
+    fn pages_in(
+        &self,
+        guest: GuestId,
+        epoch: EpochId,
+        pfns: Range<u64>,
+        f: &mut dyn FnMut(Pfn, ChunkId) -> Result<(), StoreError>,
+    ) -> Result<(), RestoreError> {
+        self.epoch(guest, epoch)?;
+        for (pfn, id) in self.source.history().page_table(epoch).range(Pfn(pfns.start)..Pfn(pfns.end)) {
+            f(*pfn, *id)?;
+        }
+        Ok(())
+    }
+
+    fn chunk(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+        let locs = match self.locations.get() {
+            Some(l) => l,
+            None => {
+                let l = self.source.tier().chunk_locations()?;
+                self.locations.get_or_init(|| l)
+            }
+        };
+        self.source.tier().read_chunk(locs, id)
+    }
+
+    fn kept_epoch_near(&self, guest: GuestId, epoch: EpochId, after: bool) -> Result<Option<EpochId>, RestoreError> {
+        Ok(if guest == self.source.guest() { self.source.history().kept_near(epoch, after) } else { None })
+    }
+}
 
 /// What one epoch holds, beyond its manifest.
 #[derive(Debug, Clone)]
@@ -30,7 +167,7 @@ pub struct EpochSummary {
 /// # Errors
 /// [`RestoreError::Store`] for an epoch that is not there or a damaged
 /// record.
-pub fn show(store: &Store, guest: GuestId, epoch: EpochId) -> Result<EpochSummary, RestoreError> {
+pub fn show<H: HistoryView + ?Sized>(store: &H, guest: GuestId, epoch: EpochId) -> Result<EpochSummary, RestoreError> {
     let manifest = store.manifest(guest, epoch)?;
     let list = store.epoch_pages(guest, epoch)?;
     let zero = zero_page_hash();
@@ -42,7 +179,7 @@ pub fn show(store: &Store, guest: GuestId, epoch: EpochId) -> Result<EpochSummar
     Ok(EpochSummary { id: manifest.id(), pages: list.len() as u64, zero_pages, distinct_contents: contents.len() as u64, manifest, vm })
 }
 
-fn vm_layout(store: &Store, m: &Manifest) -> Result<Option<QemuState>, RestoreError> {
+fn vm_layout<H: HistoryView + ?Sized>(store: &H, m: &Manifest) -> Result<Option<QemuState>, RestoreError> {
     let ds = store.chunk(&m.device_state)?;
     Ok(QemuState::decode(&ds).map_err(|e| StoreError::malformed("device state", e.to_string()))?)
 }
@@ -113,7 +250,7 @@ impl Diff {
 /// # Errors
 /// [`RestoreError::Store`] for an epoch that is not there (or was
 /// thinned), a damaged record or chunk.
-pub fn diff(store: &Store, guest: GuestId, from: EpochId, to: EpochId) -> Result<Diff, RestoreError> {
+pub fn diff<H: HistoryView + ?Sized>(store: &H, guest: GuestId, from: EpochId, to: EpochId) -> Result<Diff, RestoreError> {
     let (from, to) = (from.min(to), from.max(to));
     let (ma, mb) = (store.manifest(guest, from)?, store.manifest(guest, to)?);
     let (a, b) = (table(store, guest, &ma)?, table(store, guest, &mb)?);
@@ -140,9 +277,9 @@ pub fn diff(store: &Store, guest: GuestId, from: EpochId, to: EpochId) -> Result
     Ok(Diff { from, to, pages })
 }
 
-fn table(store: &Store, guest: GuestId, m: &Manifest) -> Result<Vec<(Pfn, ChunkId)>, StoreError> {
+fn table<H: HistoryView + ?Sized>(store: &H, guest: GuestId, m: &Manifest) -> Result<Vec<(Pfn, ChunkId)>, RestoreError> {
     let mut t = Vec::new();
-    store.for_each_page_at(guest, m.epoch, |pfn, id| {
+    store.pages_in(guest, m.epoch, 0..u64::MAX, &mut |pfn, id| {
         t.push((pfn, id));
         Ok(())
     })?;
@@ -150,7 +287,7 @@ fn table(store: &Store, guest: GuestId, m: &Manifest) -> Result<Vec<(Pfn, ChunkI
     Ok(t)
 }
 
-fn content(store: &Store, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+fn content<H: HistoryView + ?Sized>(store: &H, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
     if *id == zero_page_hash() {
         Ok(vec![0; PAGE_SIZE])
     } else {
@@ -254,7 +391,13 @@ pub struct Bisection {
 /// # Errors
 /// [`RestoreError::Store`] for an epoch that is not there, a range beyond
 /// the page space, a damaged record or chunk.
-pub fn read_bytes(store: &Store, guest: GuestId, epoch: EpochId, address: u64, len: u64) -> Result<Vec<u8>, RestoreError> {
+pub fn read_bytes<H: HistoryView + ?Sized>(
+    store: &H,
+    guest: GuestId,
+    epoch: EpochId,
+    address: u64,
+    len: u64,
+) -> Result<Vec<u8>, RestoreError> {
     let m = store.manifest(guest, epoch)?;
     let page = PAGE_SIZE as u64;
     let end = address
@@ -264,7 +407,7 @@ pub fn read_bytes(store: &Store, guest: GuestId, epoch: EpochId, address: u64, l
     let mut out = vec![0u8; usize::try_from(len).map_err(|_| StoreError::malformed("range", "too long"))?];
     let (first, last) = (address / page, end.div_ceil(page));
     let mut err = None;
-    store.for_each_page_in(guest, epoch, first..last, |pfn, id| {
+    store.pages_in(guest, epoch, first..last, &mut |pfn, id| {
         if id == zero_page_hash() {
             return Ok(());
         }
@@ -292,7 +435,13 @@ pub fn read_bytes(store: &Store, guest: GuestId, epoch: EpochId, address: u64, l
 ///
 /// # Errors
 /// As [`read_bytes`]; either end not being a kept epoch.
-pub fn bisect(store: &Store, guest: GuestId, from: EpochId, to: EpochId, p: &Predicate) -> Result<Bisection, RestoreError> {
+pub fn bisect<H: HistoryView + ?Sized>(
+    store: &H,
+    guest: GuestId,
+    from: EpochId,
+    to: EpochId,
+    p: &Predicate,
+) -> Result<Bisection, RestoreError> {
     let (address, len) = p.range();
     let initial = read_bytes(store, guest, from, address, len)?;
     let mut probes = Vec::new();

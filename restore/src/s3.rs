@@ -4,9 +4,9 @@
 
 use std::collections::HashMap;
 
-use remus_store::s3::{S3History, S3Tier};
+use remus_store::s3::{S3Epoch, S3History, S3Tier};
 use remus_store::{Manifest, StoreError};
-use remus_types::{ChunkId, GuestId, MemoryDigest, Pfn};
+use remus_types::{ChunkId, EpochId, GuestId, MemoryDigest, Pfn};
 
 use crate::{check_root, PagesWritten, RestoreError, RestoreSource, SegmentFiles, Target};
 
@@ -36,6 +36,32 @@ impl<'a> S3Source<'a> {
             r => r?,
         };
         Ok(Self { tier, guest, history })
+    }
+}
+
+impl<'a> S3Source<'a> {
+    /// The guest it read.
+    #[must_use]
+    pub fn guest(&self) -> GuestId {
+        self.guest
+    }
+
+    /// The tier.
+    #[must_use]
+    pub fn tier(&self) -> &'a S3Tier {
+        self.tier
+    }
+
+    /// The history read.
+    #[must_use]
+    pub fn history(&self) -> &S3History {
+        &self.history
+    }
+
+    /// Kept epoch `epoch` of `guest`, if S3 holds it.
+    #[must_use]
+    pub fn kept(&self, guest: GuestId, epoch: EpochId) -> Option<&S3Epoch> {
+        (guest == self.guest).then(|| self.history.get(epoch)).flatten()
     }
 }
 

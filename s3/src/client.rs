@@ -407,6 +407,34 @@ impl S3Client {
         self.rt.block_on(get_async(&self.client, &self.bucket, key)).map_err(|e| self.named(e))
     }
 
+    /// Reads `len` bytes at `offset` of the object at `rel` (a ranged
+    /// GET): one chunk of a pack without fetching the pack.
+    ///
+    /// # Errors
+    /// [`S3Error::NotFound`]; [`S3Error::Unreachable`] for an answer of
+    /// another length; others as the service answers.
+    pub fn get_range(&self, rel: &str, offset: u64, len: u64) -> Result<Vec<u8>, S3Error> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let key = self.key(rel);
+        let r = self.rt.block_on(async {
+            let range = format!("bytes={offset}-{}", offset + len - 1);
+            let r =
+                self.client.get_object().bucket(&self.bucket).key(&key).range(range).send().await.map_err(|e| classify("get", &key, e))?;
+            let body = r.body.collect().await.map_err(|e| S3Error::Unreachable { op: "get", detail: format!("{key}: {e}") })?;
+            let bytes = body.into_bytes().to_vec();
+            if bytes.len() as u64 != len {
+                return Err(S3Error::Unreachable {
+                    op: "get",
+                    detail: format!("{key}: {} bytes answered for a range of {len}", bytes.len()),
+                });
+            }
+            Ok(bytes)
+        });
+        r.map_err(|e| self.named(e))
+    }
+
     /// Reads many objects, up to 16 requests at a time; results in order.
     ///
     /// # Errors

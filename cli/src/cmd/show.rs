@@ -4,26 +4,43 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
-use remus_restore::inspect::{self, Region};
+use anyhow::{Context, Result};
+use remus_restore::inspect::{self, HistoryView, Region, S3View};
+use remus_restore::{S3Source, Target};
 use remus_types::{EpochId, GuestId};
 
 use super::format_time;
+use crate::config::Config;
 
-/// Which history: the store and the guest.
+/// Which history: the store (or the S3 tier) and the guest.
 #[derive(Debug, clap::Args)]
 pub struct History {
     /// Store directory (default `<data-dir>/store`).
     #[arg(long)]
     pub store: Option<PathBuf>,
+    /// Read the S3 tier alone (`s3://BUCKET/PREFIX`; endpoint and
+    /// credentials from `--config`'s `[s3]` table or the AWS environment)
+    /// instead of a local store: after losing the backup site.
+    #[arg(long = "s3", value_name = "URL", conflicts_with = "store")]
+    pub s3: Option<String>,
     /// The guest (default 1).
     #[arg(long, default_value_t = 1)]
     pub guest: u64,
 }
 
 impl History {
-    fn open(&self, data_dir: &Path) -> Result<(remus_store::Store, GuestId)> {
-        Ok((super::open_store_read_only(self.store.as_deref(), data_dir)?, GuestId(self.guest)))
+    /// Runs `f` over the history: the local store, or the guest's history
+    /// read from the S3 tier (every epoch object and the chain checked).
+    fn with<R>(&self, cfg: &Config, data_dir: &Path, f: impl FnOnce(&dyn HistoryView, GuestId) -> Result<R>) -> Result<R> {
+        let g = GuestId(self.guest);
+        let Some(url) = &self.s3 else {
+            return f(&super::open_store_read_only(self.store.as_deref(), data_dir)?, g);
+        };
+        let s3 = super::s3_config(cfg, Some(url))?;
+        let tier = super::connect_s3(&s3)?;
+        let source =
+            S3Source::read(&tier, g, Target::Latest, &mut |_, _| {}).with_context(|| format!("reading {g}'s history from {}", s3.url()))?;
+        f(&S3View::new(source), g)
     }
 }
 
@@ -60,10 +77,13 @@ pub struct DiffArgs {
 ///
 /// # Errors
 /// When the store cannot be opened or has no such epoch.
-pub fn show(args: &ShowArgs, data_dir: &Path) -> Result<()> {
-    let (store, g) = args.history.open(data_dir)?;
+pub fn show(args: &ShowArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
+    args.history.with(cfg, data_dir, |store, g| print_epoch(args, store, g))
+}
+
+fn print_epoch(args: &ShowArgs, store: &dyn HistoryView, g: GuestId) -> Result<()> {
     let e = EpochId(args.epoch);
-    let s = inspect::show(&store, g, e)?;
+    let s = inspect::show(store, g, e)?;
     let m = &s.manifest;
     let layout = s
         .vm
@@ -117,9 +137,12 @@ fn region_name(r: Region) -> &'static str {
 ///
 /// # Errors
 /// When the store cannot be opened or lacks either epoch.
-pub fn diff(args: &DiffArgs, data_dir: &Path) -> Result<()> {
-    let (store, g) = args.history.open(data_dir)?;
-    let d = inspect::diff(&store, g, EpochId(args.a), EpochId(args.b))?;
+pub fn diff(args: &DiffArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
+    args.history.with(cfg, data_dir, |store, g| print_diff(args, store, g))
+}
+
+fn print_diff(args: &DiffArgs, store: &dyn HistoryView, g: GuestId) -> Result<()> {
+    let d = inspect::diff(store, g, EpochId(args.a), EpochId(args.b))?;
     let regions: Vec<_> = d
         .by_region()
         .into_iter()
@@ -233,7 +256,7 @@ fn parse_range(s: &str) -> Result<(u64, u64), String> {
 /// # Errors
 /// When the store cannot be opened, an epoch is missing, or the condition
 /// is not given.
-pub fn bisect(args: &BisectArgs, data_dir: &Path) -> Result<bool> {
+pub fn bisect(args: &BisectArgs, cfg: &Config, data_dir: &Path) -> Result<bool> {
     let p = match (&args.equals, &args.contains, args.changes, args.at) {
         (Some(v), None, false, Some(address)) => inspect::Predicate::Equals { address, value: v.0.clone() },
         (None, Some(v), false, _) => {
@@ -244,8 +267,11 @@ pub fn bisect(args: &BisectArgs, data_dir: &Path) -> Result<bool> {
         _ => anyhow::bail!("give one condition: --equals VALUE --at ADDR, --contains VALUE --in START..END, or --changes --at ADDR"),
     };
     anyhow::ensure!(args.from < args.to, "--from must be before --to");
-    let (store, g) = args.history.open(data_dir)?;
-    let b = inspect::bisect(&store, g, EpochId(args.from), EpochId(args.to), &p)?;
+    args.history.with(cfg, data_dir, |store, g| print_bisection(args, store, g, &p))
+}
+
+fn print_bisection(args: &BisectArgs, store: &dyn HistoryView, g: GuestId, p: &inspect::Predicate) -> Result<bool> {
+    let b = inspect::bisect(store, g, EpochId(args.from), EpochId(args.to), p)?;
     let probes: Vec<_> = b.probes.iter().map(|(e, h)| serde_json::json!({"epoch": e.0, "holds": h})).collect();
     if args.json {
         println!(

@@ -173,9 +173,36 @@ impl S3Tier {
     pub fn fetch_chunks(
         &self,
         wanted: impl IntoIterator<Item = ChunkId>,
+        f: impl FnMut(ChunkId, Vec<u8>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        self.fetch_located(&self.chunk_locations()?, wanted, f)
+    }
+
+    /// One chunk, verified against its id, by a ranged read of its pack
+    /// (`locs` from [`chunk_locations`](Self::chunk_locations)): a page
+    /// without fetching the pack around it.
+    ///
+    /// # Errors
+    /// [`StoreError::ChunkMissing`]; [`StoreError::Corrupt`] for bytes
+    /// that do not match the id; S3 failures.
+    pub fn read_chunk(&self, locs: &HashMap<ChunkId, (ChunkId, PackEntry)>, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+        let (pack, e) = locs.get(id).ok_or(StoreError::ChunkMissing(*id))?;
+        let value = self.client.get_range(&format::pack_key(pack), e.offset, u64::from(e.len))?;
+        decode_chunk_value(id, &value)
+            .map_err(|_| StoreError::malformed(format!("s3 pack {pack}"), format!("chunk {id} does not match its hash")))
+    }
+
+    /// As [`fetch_chunks`](Self::fetch_chunks), with the chunk locations
+    /// already read.
+    ///
+    /// # Errors
+    /// As [`fetch_chunks`](Self::fetch_chunks).
+    pub fn fetch_located(
+        &self,
+        locs: &HashMap<ChunkId, (ChunkId, PackEntry)>,
+        wanted: impl IntoIterator<Item = ChunkId>,
         mut f: impl FnMut(ChunkId, Vec<u8>) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let locs = self.chunk_locations()?;
         let mut by_pack: BTreeMap<ChunkId, Vec<PackEntry>> = BTreeMap::new();
         for id in wanted {
             let (pack, e) = locs.get(&id).ok_or(StoreError::ChunkMissing(id))?;
@@ -215,6 +242,21 @@ impl S3History {
     #[must_use]
     pub fn get(&self, epoch: EpochId) -> Option<&S3Epoch> {
         self.epochs.binary_search_by_key(&epoch, |e| e.manifest.epoch).ok().map(|i| &self.epochs[i])
+    }
+
+    /// The kept epoch nearest `epoch`: the first at or after it when
+    /// `after`, else the last at or before it.
+    #[must_use]
+    pub fn kept_near(&self, epoch: EpochId, after: bool) -> Option<EpochId> {
+        let i = self.epochs.partition_point(|e| e.manifest.epoch < epoch);
+        if after {
+            self.epochs.get(i).map(|e| e.manifest.epoch)
+        } else {
+            match self.epochs.get(i) {
+                Some(e) if e.manifest.epoch == epoch => Some(epoch),
+                _ => i.checked_sub(1).map(|j| self.epochs[j].manifest.epoch),
+            }
+        }
     }
 
     /// The newest kept epoch paused at or before `time_unix_ns`.
