@@ -246,16 +246,10 @@ fn counter_service_survives_sigkill_of_the_primary() {
     // gdb on the stub reads guest-physical memory as the epoch has it
     // (and continues the guest when it detaches).
     let memory = std::fs::read(at.join("memory")).unwrap();
-    let addr = (0x10_0000..memory.len()).step_by(4096).find(|&a| memory[a..a + 8].iter().all(|&b| b != 0)).expect("a busy page");
-    let out = run_limited(
-        Command::new("gdb")
-            .args(["-nx", "-batch", "-ex", &format!("target remote 127.0.0.1:{gdb_port}"), "-ex", "maint packet Qqemu.PhyMemMode:1"])
-            .args(["-ex", &format!("x/8xb {addr:#x}")]),
-        Duration::from_secs(60),
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| l.starts_with(&format!("{addr:#x}"))).unwrap_or_else(|| panic!("gdb: {text}"));
-    let read: Vec<u8> = line.split('\t').skip(1).map(|b| u8::from_str_radix(b.trim().trim_start_matches("0x"), 16).unwrap()).collect();
+    let addr = busy_page(&memory);
+    let stub = format!("target remote 127.0.0.1:{gdb_port}");
+    let (text, read) = gdb_bytes(&[&stub, "info registers rip", "maint packet Qqemu.PhyMemMode:1"], addr);
+    assert!(text.lines().any(|l| l.starts_with("rip") && l.contains("0x")), "gdb info registers: {text}");
     assert_eq!(read, memory[addr..addr + 8], "gdb reads the epoch's memory at {addr:#x}");
     drop(run);
     drop(out);
@@ -326,6 +320,10 @@ fn counter_service_survives_sigkill_of_the_primary() {
     let (offset, paddr, size) = (hex(loads[0][1]), hex(loads[0][3]), hex(loads[0][4]));
     let memory = std::fs::read(full.join("memory")).unwrap();
     assert_eq!((paddr, size), (0, memory.len() as u64), "{listing}");
+    // gdb reads a busy page of it at its guest-physical address.
+    let addr = busy_page(&memory);
+    let (_, read) = gdb_bytes(&[&format!("core-file {}", core.display())], addr);
+    assert_eq!(read, memory[addr..addr + 8], "gdb reads the core at guest-physical {addr:#x}");
     let core = std::fs::read(&core).unwrap();
     assert!(core[offset as usize..][..memory.len()] == memory[..], "the core's RAM is the restored memory");
     drop(conn);
@@ -600,6 +598,26 @@ fn remus_move_takes_the_guest_there_and_on_under_client_load_losing_no_request()
 }
 
 /// The run state of the QEMU behind a QMP socket.
+/// The first page above 1 MiB whose first 8 bytes are all non-zero.
+fn busy_page(memory: &[u8]) -> usize {
+    (0x10_0000..memory.len()).step_by(4096).find(|&a| memory[a..a + 8].iter().all(|&b| b != 0)).expect("a busy page")
+}
+
+/// Runs `gdb -batch` with `commands`, then reads 8 bytes at `addr`:
+/// everything it printed, and those bytes.
+fn gdb_bytes(commands: &[&str], addr: usize) -> (String, Vec<u8>) {
+    let mut cmd = Command::new("gdb");
+    cmd.args(["-nx", "-batch"]);
+    for c in commands.iter().copied().chain([format!("x/8xb {addr:#x}").as_str()]) {
+        cmd.args(["-ex", c]);
+    }
+    let out = run_limited(&mut cmd, Duration::from_secs(60));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = text.lines().find(|l| l.starts_with(&format!("{addr:#x}"))).unwrap_or_else(|| panic!("gdb: {text}"));
+    let read = line.split('\t').skip(1).map(|b| u8::from_str_radix(b.trim().trim_start_matches("0x"), 16).unwrap()).collect();
+    (text, read)
+}
+
 fn qmp_status(path: &Path) -> String {
     let s = std::os::unix::net::UnixStream::connect(path).expect("qmp socket");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
