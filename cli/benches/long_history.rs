@@ -150,7 +150,10 @@ fn main() {
         });
         (s, report.pages_written)
     };
-    let ((r_near, p_near), (r_far, p_far)) = (restore(near), restore(far));
+    // Each once to warm the caches, then alternated, the best of three.
+    let (_, _) = (restore(near), restore(far));
+    let best = |e: EpochId| (0..3).map(|_| restore(e)).min_by(|a, b| a.0.total_cmp(&b.0)).expect("three runs");
+    let ((r_near, p_near), (r_far, p_far)) = (best(near), best(far));
     row("restore (whole memory)", r_near, r_far);
     row("restore, per 1000 pages", r_near * 1e3 / p_near as f64, r_far * 1e3 / p_far as f64);
     let marker = Predicate::Equals { address: marker_pfn * PAGE_SIZE as u64, value: MARKER.to_vec() };
