@@ -28,7 +28,7 @@ pub struct LogArgs {
     /// List the history the S3 tier holds (`s3://BUCKET/PREFIX`; endpoint
     /// and credentials from `--config`'s `[s3]` table or the AWS
     /// environment) instead of a local store: after losing the backup site.
-    #[arg(long, value_name = "URL", conflicts_with = "store")]
+    #[arg(long, visible_alias = "s3", value_name = "URL", conflicts_with = "store")]
     pub from: Option<String>,
 }
 
