@@ -219,6 +219,21 @@ fn counter_service_survives_sigkill_of_the_primary() {
     assert_eq!(std::fs::metadata(to.join("memory")).unwrap().len(), 128 << 20);
     assert_eq!(std::fs::metadata(to.join("disk.img")).unwrap().len(), 16 << 20);
 
+    // A host that trusts other guest images does not start it.
+    let strict = dir.path().join("strict.toml");
+    std::fs::write(&strict, "[backup]\nqemu-images = [\"/nonexistent-images\"]\n").unwrap();
+    let out = run_limited(
+        Command::new(remus_restore())
+            .args(["--data-dir"])
+            .arg(&data)
+            .args(["--epoch", "40", "--run", "--config"])
+            .arg(&strict)
+            .arg("--to")
+            .arg(dir.path().join("untrusted")),
+        Duration::from_secs(60),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(2) && err.contains("outside the guest images this host trusts"), "{err}");
     // ... and runs it, paused, for inspection over QMP and gdb.
     let at = dir.path().join("epoch-40");
     let gdb_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

@@ -367,6 +367,13 @@ fn renew(
                 holder.lock().on_renewed(now);
             }
             Err(WitnessError::Lost(_)) => match leases.read(guest) {
+                // Marked released by someone else: a taker may take it at
+                // once, so this owner stops as if taken over.
+                Ok(Some(t)) if t.lease.released => {
+                    tracing::error!(%guest, lease = %t.lease, "the lease was marked released by another writer; this primary stops");
+                    holder.lock().on_superseded(t.lease);
+                    return None;
+                }
                 Ok(Some(t)) if t.lease.generation == lease.lease.generation && t.lease.owner == lease.lease.owner => {
                     lease = t;
                     holder.lock().on_renewal_failed(now);
@@ -415,5 +422,42 @@ mod tests {
         assert!(adopt(&w, g, 2, &adopted.tag).unwrap().is_none(), "another generation");
         let other = WitnessOptions { node: "site-c".into(), ..witness(&leases) };
         assert!(adopt(&other, g, 1, &adopted.tag).unwrap().is_none(), "another node");
+    }
+
+    /// Waits (at most a few lease periods) until `cond` holds.
+    fn eventually(w: &WitnessOptions, mut cond: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + w.timing.lease * 10;
+        while Instant::now() < deadline {
+            if cond() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        cond()
+    }
+
+    #[test]
+    fn a_release_is_written_once_and_a_release_by_another_writer_stops_the_owner() {
+        let leases = Arc::new(MemoryLeases::default());
+        let w = witness(&leases);
+        let g = GuestId(1);
+        // The owner's own release: the same generation, marked, and no
+        // renewal after it.
+        let (holder, lease) = acquire(&w, g, |_| {}).unwrap();
+        let renewal = Renewal::start(&w, holder, lease).unwrap();
+        renewal.release();
+        assert!(eventually(&w, || leases.read(g).unwrap().is_some_and(|t| t.lease.released)), "released");
+        let released = leases.read(g).unwrap().unwrap();
+        assert_eq!(released.lease.generation, 1);
+        drop(renewal);
+        assert_eq!(leases.read(g).unwrap().unwrap().tag, released.tag, "nothing written after the release");
+        // Marked released by another writer (stolen witness credentials): a
+        // taker could take it at once, so the owner stops.
+        let g2 = GuestId(2);
+        let (holder, lease) = acquire(&w, g2, |_| {}).unwrap();
+        let renewal = Renewal::start(&w, holder, lease).unwrap();
+        let current = leases.read(g2).unwrap().unwrap();
+        leases.replace(&current.lease.released(), &current.tag).unwrap();
+        assert!(eventually(&w, || matches!(renewal.standing(), Standing::Superseded(_))), "the owner stops");
     }
 }

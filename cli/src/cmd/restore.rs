@@ -222,6 +222,7 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
         );
     }
     if let (true, Some((state, run))) = (args.run, vm) {
+        trusted_machine(args, &state)?;
         let qemu = args.qemu_binary.clone().unwrap_or_else(remus_qemu::default_qemu);
         let mut vm = remus_qemu::ResumedVm::start(&qemu, &state, run, None, args.tap.as_deref(), args.start, args.gdb)?;
         vm.release_qmp();
@@ -240,6 +241,15 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
         eprintln!("qemu exited: {status}");
     }
     Ok(())
+}
+
+/// Refuses to start a machine whose description (as a primary sent it)
+/// names a kernel or initrd outside the guest images this host trusts
+/// (`backup.qemu-images` in `--config`), or bad values: the same check a
+/// backup makes before it resumes a guest.
+fn trusted_machine(args: &RestoreArgs, state: &remus_vm::QemuState) -> Result<()> {
+    let images = Config::load(args.config.as_deref())?.backup.qemu_images();
+    state.machine.validate_from_peer(&images).with_context(|| format!("guest {}'s stored machine is not started", args.guest))
 }
 
 /// Where the gdbstub listens, for the line `--run` prints.
@@ -281,6 +291,7 @@ fn serve(args: &RestoreArgs, target: Target, at: &Path, t0: Instant) -> Result<(
     let time = super::format_time(plan.manifest.time_unix_ns);
     let mut vm = match (run, state) {
         (Some(run), Some(state)) => {
+            trusted_machine(args, &state)?;
             let qemu = args.qemu_binary.clone().unwrap_or_else(remus_qemu::default_qemu);
             let from = remus_vm::RunDir { dir: at.to_path_buf() };
             let mut vm = remus_qemu::ResumedVm::start(&qemu, &state, run, Some(&from), args.tap.as_deref(), args.start, args.gdb)?;
