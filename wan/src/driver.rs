@@ -386,7 +386,6 @@ async fn serve_connection(
     let mut welcomed = false;
     let mut activity = PeerActivity::default();
     let mut parity = ParityPlanner::new(fec);
-    let mut handover_sent = false;
     loop {
         if handover.load(std::sync::atomic::Ordering::Relaxed) {
             core.want_handover();
@@ -424,11 +423,9 @@ async fn serve_connection(
             let _ = events.send(LinkEvent::Connected { committed: core.acked() });
         }
         if *input_closed && core.unacked() == 0 && core.handover_pending() {
-            // A planned move: ask once on this connection, then wait for
+            // A planned move: ask (once on this connection), then wait for
             // the backup's answer.
-            if !handover_sent && core.is_connected() {
-                core.send_handover();
-                handover_sent = true;
+            if core.send_handover() {
                 continue;
             }
         } else if *input_closed && core.unacked() == 0 {

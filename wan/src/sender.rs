@@ -164,9 +164,22 @@ pub struct SenderCore {
     /// Copies of heartbeats for unreliable datagrams.
     datagrams: VecDeque<Message>,
     events: VecDeque<SenderEvent>,
-    /// A planned move: hand the guest over once every epoch is
-    /// acknowledged; then the epoch it was handed over at.
-    handover: (bool, Option<EpochId>),
+    /// A planned move, if one was asked for.
+    handover: Handover,
+}
+
+/// Where a planned move stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handover {
+    /// None asked for: the link ends when the checkpoints do.
+    NotAsked,
+    /// To be asked of the backup once every epoch is acknowledged.
+    Wanted,
+    /// Asked on this connection; the answer is awaited (asked again on
+    /// the next connection if this one breaks).
+    Sent,
+    /// The backup took the guest over at this epoch.
+    Done(EpochId),
 }
 
 impl SenderCore {
@@ -193,36 +206,44 @@ impl SenderCore {
             control: VecDeque::new(),
             datagrams: VecDeque::new(),
             events: VecDeque::new(),
-            handover: (false, None),
+            handover: Handover::NotAsked,
         }
     }
 
     /// Asks for a planned move: once the last epoch (sealed with the guest
     /// held still) is acknowledged, the backup is asked to take the guest
-    /// over ([`poll_handover`](Self::poll_handover)) instead of the link
+    /// over ([`send_handover`](Self::send_handover)) instead of the link
     /// ending.
     pub fn want_handover(&mut self) {
-        self.handover.0 = true;
+        if self.handover == Handover::NotAsked {
+            self.handover = Handover::Wanted;
+        }
     }
 
     /// Whether the link still has a handover to make.
     #[must_use]
     pub fn handover_pending(&self) -> bool {
-        self.handover.0 && self.handover.1.is_none()
+        matches!(self.handover, Handover::Wanted | Handover::Sent)
     }
 
     /// The epoch the guest was handed over at, once the backup said so.
     #[must_use]
     pub fn handed_over(&self) -> Option<EpochId> {
-        self.handover.1
+        match self.handover {
+            Handover::Done(e) => Some(e),
+            _ => None,
+        }
     }
 
-    /// Queues the Handover on the control stream, once every epoch is
-    /// acknowledged (call once per connection).
-    pub fn send_handover(&mut self) {
-        if self.connected && self.handover_pending() && self.unacked() == 0 {
+    /// Queues the Handover on the control stream once every epoch is
+    /// acknowledged, once per connection; true when it queued it.
+    pub fn send_handover(&mut self) -> bool {
+        if self.connected && self.handover == Handover::Wanted && self.unacked() == 0 {
             self.control.push_back(Message::Handover { epoch: self.acked });
+            self.handover = Handover::Sent;
+            return true;
         }
+        false
     }
 
     /// The same sender, owning `generation` on the witness (said in every
@@ -267,6 +288,9 @@ impl SenderCore {
     pub fn handle_disconnected(&mut self) {
         self.connected = false;
         self.pulse = Pulse::default();
+        if self.handover == Handover::Sent {
+            self.handover = Handover::Wanted;
+        }
         self.control.clear();
         self.datagrams.clear();
         for r in self.retained.values_mut() {
@@ -341,10 +365,10 @@ impl SenderCore {
             }
             Message::Heartbeat { .. } => {}
             Message::Handover { epoch } => {
-                if !self.handover.0 || epoch != self.acked || self.unacked() != 0 {
+                if self.handover != Handover::Sent || epoch != self.acked || self.unacked() != 0 {
                     return Err(ProtocolError::Unexpected("handover not asked for"));
                 }
-                self.handover.1 = Some(epoch);
+                self.handover = Handover::Done(epoch);
                 self.events.push_back(SenderEvent::HandedOver { epoch });
             }
             Message::Forget(chunks) => {

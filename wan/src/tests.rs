@@ -627,3 +627,44 @@ fn a_cause_the_message_names_is_not_also_its_source() {
     assert_eq!(e.to_string(), "decode: corrupt: bad frame");
     assert!(std::error::Error::source(&e).and_then(std::error::Error::source).is_none(), "said once");
 }
+
+#[test]
+fn a_handover_is_asked_once_per_connection_after_the_last_ack_and_ends_on_the_answer() {
+    let now = Instant::now();
+    let mut s = SenderCore::new(SenderConfig::default(), GuestId(1), 1, PAGES);
+    let welcome = |committed| Message::Welcome { guest: GuestId(1), committed: EpochId(committed), head: ChunkId::default() };
+    let handovers = |s: &mut SenderCore| {
+        std::iter::from_fn(|| s.poll_transmit())
+            .filter_map(|t| match t {
+                Transmit::Control(b) => Some(b),
+                _ => None,
+            })
+            .filter(|b| matches!(Message::decode(b), Ok(Some((Message::Handover { .. }, _)))))
+            .count()
+    };
+    s.push_checkpoint(Checkpoint { guest: GuestId(1), epoch: EpochId(1), page_count: PAGES, ..Checkpoint::default() });
+    s.want_handover();
+    s.handle_connected(now);
+    s.handle_message(now, welcome(0)).unwrap();
+    assert!(!s.send_handover(), "not before the last epoch is acknowledged");
+    assert_eq!(handovers(&mut s), 0);
+    s.handle_message(now, Message::Ack { epoch: EpochId(1), manifest: ChunkId::default() }).unwrap();
+    assert!(s.send_handover());
+    assert!(!s.send_handover(), "once per connection");
+    assert_eq!(handovers(&mut s), 1);
+    assert!(s.handover_pending());
+    // The connection breaks before the answer: asked again on the next.
+    s.handle_disconnected();
+    s.handle_connected(now);
+    s.handle_message(now, welcome(1)).unwrap();
+    assert!(s.send_handover());
+    assert_eq!(handovers(&mut s), 1);
+    s.handle_message(now, Message::Handover { epoch: EpochId(1) }).unwrap();
+    assert_eq!((s.handed_over(), s.handover_pending()), (Some(EpochId(1)), false));
+    assert!(std::iter::from_fn(|| s.poll_event()).any(|e| matches!(e, SenderEvent::HandedOver { epoch: EpochId(1) })));
+    // An answer nobody asked for is a protocol error.
+    let mut other = SenderCore::new(SenderConfig::default(), GuestId(1), 1, PAGES);
+    other.handle_connected(now);
+    other.handle_message(now, welcome(0)).unwrap();
+    assert!(other.handle_message(now, Message::Handover { epoch: EpochId(0) }).is_err());
+}
