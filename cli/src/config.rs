@@ -45,6 +45,8 @@
 //! heartbeat-ms = 50
 //! primary-timeout-ms = 500     # at the least; longer when the link is irregular
 //! primary-timeout-max-ms = 5000 # at the most
+//! buffer-mib-per-primary = 1024 # epochs received, not yet committed: memory for each primary ...
+//! buffer-mib = 4096          # ... and for all of them
 //! # qemu-images = ["/var/lib/remus/images"]   # kernels and initrds a failed-over guest may boot (default ~/.cache/remus-guest)
 //!
 //! # Optional: the S3 history tier (no defaults for bucket; the rest as
@@ -330,6 +332,11 @@ pub struct BackupConfig {
     pub primary_timeout_ms: u64,
     /// ... and at the most (default 5000 ms).
     pub primary_timeout_max_ms: u64,
+    /// Memory for epochs received from one primary and not yet committed,
+    /// MiB (default 1024); beyond it the primary is held back.
+    pub buffer_mib_per_primary: u64,
+    /// ... and for all primaries together (default 4096).
+    pub buffer_mib: u64,
     /// Directories whose kernels and initrds a failed-over QEMU guest may
     /// boot from here (default: where scripts/qemu-deps.sh and
     /// guest/build.sh put them, `~/.cache/remus-guest`).
@@ -346,6 +353,8 @@ impl Default for BackupConfig {
             heartbeat_ms: ms(link.heartbeat),
             primary_timeout_ms: ms(link.primary_timeout),
             primary_timeout_max_ms: ms(link.primary_timeout_max),
+            buffer_mib_per_primary: link.max_buffered_per_connection >> 20,
+            buffer_mib: link.max_buffered >> 20,
             qemu_images: None,
         }
     }
@@ -359,6 +368,8 @@ impl BackupConfig {
             heartbeat: Duration::from_millis(self.heartbeat_ms),
             primary_timeout: Duration::from_millis(self.primary_timeout_ms),
             primary_timeout_max: Duration::from_millis(self.primary_timeout_max_ms),
+            max_buffered_per_connection: self.buffer_mib_per_primary << 20,
+            max_buffered: self.buffer_mib << 20,
         }
     }
 
@@ -408,6 +419,10 @@ impl Config {
         anyhow::ensure!(
             b.primary_timeout_max_ms >= b.primary_timeout_ms,
             "backup.primary-timeout-max-ms must be at least primary-timeout-ms"
+        );
+        anyhow::ensure!(
+            (1..=1 << 20).contains(&b.buffer_mib_per_primary) && (1..=1 << 22).contains(&b.buffer_mib),
+            "backup.buffer-mib-per-primary and backup.buffer-mib must be at least 1 (and at most 1 TiB and 4 TiB)"
         );
         if let Some(s3) = &self.s3 {
             s3.validate()?;

@@ -12,6 +12,7 @@
 //! a commit refused for missing chunks becomes a Missing for the primary,
 //! not a closed connection.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +23,7 @@ use remus_types::{Checkpoint, ChunkId, EpochId, FormatError, GuestId};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use crate::budget::{Budget, ConnectionBudget, Held};
 use crate::encoding::EncodingMix;
 use crate::error::{CommitError, DecodeError, LinkError, ProtocolError, Side, StreamError};
 use crate::fec::{Fec, Parity};
@@ -745,6 +747,11 @@ pub struct BackupLinkConfig {
     /// Silence after which the primary counts as lost, at the most
     /// (default 5 s).
     pub primary_timeout_max: Duration,
+    /// Bytes of epochs received and not yet committed, per connection, at
+    /// most (default 1 GiB; see [`Budget`]).
+    pub max_buffered_per_connection: u64,
+    /// ... and across all connections (default 4 GiB).
+    pub max_buffered: u64,
 }
 
 impl Default for BackupLinkConfig {
@@ -753,14 +760,24 @@ impl Default for BackupLinkConfig {
             heartbeat: Duration::from_millis(50),
             primary_timeout: Duration::from_millis(500),
             primary_timeout_max: Duration::from_secs(5),
+            max_buffered_per_connection: 1 << 30,
+            max_buffered: 4 << 30,
         }
     }
 }
 
-/// Accepts primaries on `ep` until the endpoint closes.
+/// Accepts primaries on `ep` until the endpoint closes, within the
+/// memory budget `cfg` sets.
 pub async fn run_backup<R: Replica>(ep: Endpoint, replica: Arc<R>, cfg: BackupLinkConfig) {
+    let budget = Arc::new(Budget::new(cfg.max_buffered_per_connection, cfg.max_buffered));
+    serve_backup(ep, replica, cfg, budget).await;
+}
+
+/// As [`run_backup`], within `budget` (which the caller can watch).
+pub async fn serve_backup<R: Replica>(ep: Endpoint, replica: Arc<R>, cfg: BackupLinkConfig, budget: Arc<Budget>) {
     while let Some(incoming) = ep.accept().await {
         let replica = Arc::clone(&replica);
+        let budget = budget.connection();
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -770,7 +787,7 @@ pub async fn run_backup<R: Replica>(ep: Endpoint, replica: Arc<R>, cfg: BackupLi
                 }
             };
             let peer = conn.remote_address();
-            match serve_primary(&conn, &replica, cfg).await {
+            match serve_primary(&conn, &replica, cfg, &budget).await {
                 Ok(()) => conn.close(VarInt::from_u32(0), b"done"),
                 Err(e) => {
                     tracing::warn!(%peer, error = %e, "primary connection ended");
@@ -781,7 +798,12 @@ pub async fn run_backup<R: Replica>(ep: Endpoint, replica: Arc<R>, cfg: BackupLi
     }
 }
 
-async fn serve_primary<R: Replica>(conn: &Connection, replica: &Arc<R>, cfg: BackupLinkConfig) -> Result<(), LinkError> {
+async fn serve_primary<R: Replica>(
+    conn: &Connection,
+    replica: &Arc<R>,
+    cfg: BackupLinkConfig,
+    budget: &Arc<ConnectionBudget>,
+) -> Result<(), LinkError> {
     let (mut control, recv) = conn.accept_bi().await?;
     // One reader frames the whole control stream, Hello included.
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -809,24 +831,27 @@ async fn serve_primary<R: Replica>(conn: &Connection, replica: &Arc<R>, cfg: Bac
     // Subscribed before the Welcome: what GC deletes from here on reaches
     // the primary after it.
     let deleted = replica.deleted_chunks();
-    let result = serve_epochs(conn, replica, cfg, Session { guest, page_count, committed, head }, control, (tx, rx), deleted).await;
+    let session = Session { guest, page_count, committed, head, budget: Arc::clone(budget) };
+    let result = serve_epochs(conn, replica, cfg, session, control, (tx, rx), deleted).await;
     replica.disconnected(guest);
     result
 }
 
-/// What the Hello and the replica settled for a connection.
+/// What the Hello and the replica settled for a connection, and its
+/// memory budget.
 struct Session {
     guest: GuestId,
     page_count: u64,
     committed: EpochId,
     head: ChunkId,
+    budget: Arc<ConnectionBudget>,
 }
 
 async fn serve_epochs<R: Replica>(
     conn: &Connection,
     replica: &Arc<R>,
     cfg: BackupLinkConfig,
-    Session { guest, page_count, committed, head }: Session,
+    Session { guest, page_count, committed, head, budget }: Session,
     mut control: SendStream,
     (tx, mut rx): (mpsc::UnboundedSender<Control>, mpsc::UnboundedReceiver<Control>),
     mut deleted: Option<tokio::sync::broadcast::Receiver<Arc<[ChunkId]>>>,
@@ -838,19 +863,22 @@ async fn serve_epochs<R: Replica>(
     let inbox = Arc::new(ParityInbox::new(max as u64));
     let _report = ParityReport(Arc::clone(&inbox));
     let _datagram_reader = AbortOnDrop(tokio::spawn(read_datagrams(conn.clone(), tx, Some(Arc::clone(&inbox)))));
-    let (etx, mut erx) = mpsc::unbounded_channel::<Result<Vec<u8>, StreamError>>();
+    let (etx, mut erx) = mpsc::unbounded_channel::<Result<(Vec<u8>, Held), StreamError>>();
     let c2 = conn.clone();
     let inbox2 = Arc::clone(&inbox);
+    let budget2 = Arc::clone(&budget);
     let _epoch_reader = AbortOnDrop(tokio::spawn(async move {
         loop {
             let Ok(s) = c2.accept_uni().await else { return };
             let etx = etx.clone();
-            let inbox = Arc::clone(&inbox2);
+            let (inbox, budget) = (Arc::clone(&inbox2), Arc::clone(&budget2));
             tokio::spawn(async move {
-                let _ = etx.send(read_epoch_stream(s, &inbox).await);
+                let _ = etx.send(read_epoch_stream(s, &inbox, &budget).await);
             });
         }
     }));
+    // Budget held by epochs received and not yet committed.
+    let mut held: BTreeMap<EpochId, Held> = BTreeMap::new();
     let mut commit: Option<tokio::task::JoinHandle<(EpochId, Result<ChunkId, CommitError>)>> = None;
     loop {
         if commit.is_none() {
@@ -921,16 +949,21 @@ async fn serve_epochs<R: Replica>(
                     return Ok(());
                 }
             },
-            Some(bytes) = erx.recv() => {
-                tracing::debug!(len = bytes.as_ref().map_or(0, Vec::len), "epoch stream from primary");
-                let bytes = bytes?;
-                core.handle_epoch_stream(Instant::now(), &bytes)?;
+            Some(read) = erx.recv() => {
+                let (bytes, budget) = read?;
+                tracing::debug!(len = bytes.len(), "epoch stream from primary");
+                if let Some(epoch) = core.handle_epoch_stream(Instant::now(), &bytes)? {
+                    held.insert(epoch, budget);
+                }
             }
             Some(done) = async { match commit.as_mut() { Some(h) => Some(h.await), None => None } }, if commit.is_some() => {
                 commit = None;
                 let (epoch, r) = done?;
                 match r {
-                    Ok(manifest) => core.handle_committed(epoch, manifest),
+                    Ok(manifest) => {
+                        core.handle_committed(epoch, manifest);
+                        held = held.split_off(&epoch.next());
+                    }
                     Err(CommitError::Missing(chunks)) => {
                         tracing::info!(
                             %guest,
@@ -939,6 +972,8 @@ async fn serve_epochs<R: Replica>(
                             "epochs name chunks no longer held; the primary sends them again"
                         );
                         core.handle_missing(&chunks);
+                        // Every uncommitted epoch was dropped, to come again.
+                        held.clear();
                     }
                     Err(e) => {
                         let _ = control.write_all(&Message::Error(e.to_string()).to_bytes()).await;

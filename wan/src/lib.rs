@@ -16,6 +16,7 @@
 //! epoch that still names it is refused with the exact list (`Missing`)
 //! and sent again in full, never committed with a dangling reference.
 
+pub mod budget;
 mod codec;
 pub mod driver;
 pub mod encoding;

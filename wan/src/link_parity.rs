@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use quinn::{Connection, RecvStream, VarInt};
 use remus_types::EpochId;
 
+use crate::budget::{ConnectionBudget, Held};
 use crate::error::{DecodeError, StreamError};
 use crate::fec::{Fec, Parity, Reassembly};
 
@@ -213,8 +214,14 @@ impl Drop for ParityReport {
 /// Reads one epoch stream, out of order, until all of it arrived or the
 /// parity that came for it can rebuild the rest; a stream completed from
 /// parity is stopped, so the primary retransmits none of it.
-pub(crate) async fn read_epoch_stream(mut s: RecvStream, inbox: &ParityInbox) -> Result<Vec<u8>, StreamError> {
+pub(crate) async fn read_epoch_stream(
+    mut s: RecvStream,
+    inbox: &ParityInbox,
+    budget: &ConnectionBudget,
+) -> Result<(Vec<u8>, Held), StreamError> {
     let id = s.id().index();
+    let _open = budget.open(id);
+    let mut held = Held::default();
     let mut r = Reassembly::new(inbox.max_len);
     let result = loop {
         let (parity, wake) = inbox.take(id);
@@ -227,11 +234,12 @@ pub(crate) async fn read_epoch_stream(mut s: RecvStream, inbox: &ParityInbox) ->
             if r.rebuilt() > 0 {
                 let _ = s.stop(VarInt::from_u32(0));
             }
-            break Ok(bytes);
+            break Ok((bytes, held));
         }
         tokio::select! {
             chunk = s.read_chunk(usize::MAX, false) => match chunk {
                 Ok(Some(c)) => {
+                    budget.take(id, c.bytes.len(), &mut held).await;
                     if let Err(e) = r.add_data(c.offset, &c.bytes) {
                         break Err(StreamError::Decode(DecodeError::Fec(e)));
                     }

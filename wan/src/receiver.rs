@@ -149,12 +149,13 @@ impl ReceiverCore {
         }
     }
 
-    /// A whole epoch stream.
+    /// A whole epoch stream: the epoch, when it is kept to be committed
+    /// (`None`: already committed, or of a refusal round that is over).
     ///
     /// # Errors
     /// [`ProtocolError`] when the stream is malformed, belongs to another
     /// guest, or its record count does not add up.
-    pub fn handle_epoch_stream(&mut self, now: Instant, bytes: &[u8]) -> Result<(), ProtocolError> {
+    pub fn handle_epoch_stream(&mut self, now: Instant, bytes: &[u8]) -> Result<Option<EpochId>, ProtocolError> {
         self.pulse.heard(now);
         let guest = self.guest.ok_or(ProtocolError::Unexpected("epoch before hello"))?;
         let mut rd = FrameReader::default();
@@ -209,18 +210,19 @@ impl ReceiverCore {
         if header.epoch <= self.committed {
             // Resent after a reconnect: already durable, acknowledge again.
             self.send_redundant(Message::Ack { epoch: self.committed, manifest: self.manifest });
-            return Ok(());
+            return Ok(None);
         }
         if header.round < self.round {
             // Encoded before the primary saw the last refusal: it may name
             // chunks this backup lacks, and the primary sends it again.
-            return Ok(());
+            return Ok(None);
         }
         if header.round > self.round {
             return Err(bad("epoch of a refusal round not yet opened"));
         }
-        self.ready.insert(header.epoch, ReceivedEpoch { header, records, device_state, memory_root, wire_bytes: bytes.len() as u64 });
-        Ok(())
+        let epoch = header.epoch;
+        self.ready.insert(epoch, ReceivedEpoch { header, records, device_state, memory_root, wire_bytes: bytes.len() as u64 });
+        Ok(Some(epoch))
     }
 
     /// The next epochs to commit, in order and consecutive from the

@@ -222,7 +222,9 @@ impl Sim {
                     m => rx.handle_message(now, m).unwrap(),
                 }
             }
-            Packet::BackupEpoch(b) => self.receiver.as_mut().unwrap().handle_epoch_stream(now, &b).unwrap(),
+            Packet::BackupEpoch(b) => {
+                self.receiver.as_mut().unwrap().handle_epoch_stream(now, &b).unwrap();
+            }
             Packet::Primary(b) => {
                 let (m, _) = Message::decode(&b).unwrap().unwrap();
                 self.sender.handle_message(now, m).unwrap();
