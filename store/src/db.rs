@@ -527,11 +527,18 @@ impl Store {
         }
         let ids: Vec<ChunkId> = firsts.iter().map(|(id, _)| *id).collect();
         let stored = self.stored(&ids)?;
+        // Every chunk new to the store is checked against its id before it
+        // is stored: whatever a caller hands in, nothing is stored under an
+        // id its bytes do not have.
+        let mut scratch = Vec::with_capacity(PAGE_SIZE);
         for ((id, chunk), stored) in firsts.into_iter().zip(stored) {
             if stored {
                 dup_chunks += 1;
                 continue;
             }
+            let (codec, bytes) = chunk.parts();
+            scratch.clear();
+            decode_chunk_into(&id, codec, bytes, &mut scratch).map_err(|_| StoreError::Mismatch { guest: c.guest, epoch: c.epoch, id })?;
             new_bytes += 1 + chunk.len() as u64;
             fresh.push((id, chunk));
             new_chunks += 1;

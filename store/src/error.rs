@@ -46,6 +46,17 @@ pub enum StoreError {
         /// The chunks it names that are not stored.
         ids: Vec<ChunkId>,
     },
+    /// A chunk offered for commit does not hash to the id it was offered
+    /// under; nothing of its group was written.
+    #[error("{guest}: epoch {epoch} offers chunk {id} with content that does not match it; nothing of the epoch was stored")]
+    Mismatch {
+        /// Guest.
+        guest: GuestId,
+        /// The epoch.
+        epoch: EpochId,
+        /// The id offered.
+        id: ChunkId,
+    },
     /// A stored record fails its checks: `record` says which (and where),
     /// `cause` how, from the closed set every format of remus shares.
     #[error("corrupt {record}: {cause}")]
@@ -130,7 +141,7 @@ impl StoreError {
             Self::Db(_) => ErrorKind::Io,
             Self::Pack { cause, .. } if cause.raw_os_error() == Some(libc::ENOSPC) => ErrorKind::NoSpace,
             Self::Pack { .. } => ErrorKind::Io,
-            Self::ChunkCorrupt(_) | Self::Corrupt { .. } => ErrorKind::Corrupt,
+            Self::ChunkCorrupt(_) | Self::Corrupt { .. } | Self::Mismatch { .. } => ErrorKind::Corrupt,
             Self::Io { cause, .. } if cause.raw_os_error() == Some(libc::ENOSPC) => ErrorKind::NoSpace,
             Self::Io { .. } => ErrorKind::Io,
             Self::OutOfOrder { .. } => ErrorKind::Conflict,

@@ -86,6 +86,26 @@ fn out_of_order_commit_is_refused_and_changes_nothing() {
 }
 
 #[test]
+fn a_chunk_offered_under_an_id_its_bytes_do_not_have_is_refused_and_nothing_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(1);
+    store.commit(commit_of(g, 1, &[(1, 1)])).unwrap();
+    // Plain and compressed alike: bytes of one page under the id of another.
+    for seed in [3u8, 4] {
+        let mut c = commit_of(g, 2, &[(2, seed)]);
+        let lie = content_id(&page(99));
+        c.pages[0].1 = lie;
+        c.chunks[0].0 = lie;
+        let err = store.commit(c).unwrap_err();
+        assert!(matches!(err, StoreError::Mismatch { epoch: EpochId(2), id, .. } if id == lie), "{err}");
+        assert!(!store.has_chunk(&lie).unwrap(), "nothing stored under the false id");
+        assert_eq!(store.head(g).unwrap().unwrap().epoch, EpochId(1), "the epoch was not committed");
+    }
+    store.commit(commit_of(g, 2, &[(2, 3)])).unwrap();
+}
+
+#[test]
 fn a_flipped_byte_in_a_chunk_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
