@@ -421,7 +421,8 @@ mod tests {
             }
         }
 
-        // Epoch 6 names a chunk whose stored bytes are not its content.
+        // Epoch 6 names a chunk whose stored bytes are damaged after the
+        // commit (the store checks them at commit).
         let mut mem = images[4].clone();
         let good = vec![0xab; PAGE_SIZE];
         let id = content_id(&good);
@@ -432,11 +433,12 @@ mod tests {
             page_count: 100,
             time_unix_ns: 6000,
             pages: vec![(Pfn(10), id)],
-            chunks: vec![(id, StoredChunk::Plain(vec![7u8; PAGE_SIZE]))],
+            chunks: vec![(id, StoredChunk::Plain(good.clone()))],
             memory_root: MemoryDigest::of_image(&mem),
             ..Default::default()
         };
         store.commit(c).unwrap();
+        store.corrupt_chunk_for_test(&id, 100).unwrap();
         let at = dir.path().join("e6");
         std::fs::create_dir(&at).unwrap();
         let files = vec![MountFile { name: "memory".into(), content: MountContent::Pages { first: 0, len: 100 * page } }];
