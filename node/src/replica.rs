@@ -39,6 +39,9 @@ pub struct GuestStats {
     pub lost_at: Option<EpochId>,
 }
 
+/// Per guest, the channel its connections hear GC's deletions on.
+type DeletedByGuest = HashMap<GuestId, tokio::sync::broadcast::Sender<Arc<[ChunkId]>>>;
+
 /// Most deleted chunks relayed to primaries per GC (32 MiB of hashes, the
 /// size of a primary's default reference cache): a GC that deletes more
 /// relays only these, and a primary still naming one of the others is
@@ -73,7 +76,8 @@ pub struct StoreReplica {
     stopping: Arc<AtomicBool>,
     events: crossbeam_channel::Sender<BackupEvent>,
     /// What the store's GC deletes, for every connected primary.
-    deleted: tokio::sync::broadcast::Sender<Arc<[ChunkId]>>,
+    /// Per guest, what GC deleted of its chunks, for its connections.
+    deleted: Arc<Mutex<DeletedByGuest>>,
 }
 
 impl StoreReplica {
@@ -87,11 +91,13 @@ impl StoreReplica {
     ) -> Arc<Self> {
         // A few GC runs' lists; a connection that lags further misses some
         // (it is then refused once per chunk it still names, and recovers).
-        let (deleted, _) = tokio::sync::broadcast::channel(16);
-        let tx = deleted.clone();
-        store.on_chunks_deleted(move |ids| {
-            // No receiver (no primary connected) is not an error.
-            let _ = tx.send(Arc::from(&ids[..ids.len().min(MAX_FORGET_RELAYED)]));
+        let deleted: Arc<Mutex<DeletedByGuest>> = Arc::default();
+        let senders = Arc::clone(&deleted);
+        store.on_chunks_deleted(move |guest, ids| {
+            // No receiver (the guest's primary not connected) is not an error.
+            if let Some(tx) = senders.lock().get(&guest) {
+                let _ = tx.send(Arc::from(&ids[..ids.len().min(MAX_FORGET_RELAYED)]));
+            }
         });
         Arc::new_cyclic(|me| Self {
             me: me.clone(),
@@ -253,8 +259,8 @@ impl Replica for StoreReplica {
         Ok(last.id)
     }
 
-    fn deleted_chunks(&self) -> Option<tokio::sync::broadcast::Receiver<Arc<[ChunkId]>>> {
-        Some(self.deleted.subscribe())
+    fn deleted_chunks(&self, guest: GuestId) -> Option<tokio::sync::broadcast::Receiver<Arc<[ChunkId]>>> {
+        Some(self.deleted.lock().entry(guest).or_insert_with(|| tokio::sync::broadcast::channel(16).0).subscribe())
     }
 
     fn primary_lost(&self, guest: GuestId, committed: EpochId, silence: &remus_wan::Silence) {

@@ -17,13 +17,14 @@
 //! reads; so no referenced chunk is ever swept. After a sweep the
 //! watchers hear what was deleted ([`GcCoordinator::notify`]).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use remus_types::ChunkId;
+use remus_types::{ChunkId, GuestId};
 
-/// Told the chunks each GC deleted.
-pub(crate) type DeletedWatcher = Box<dyn Fn(&[ChunkId]) + Send + Sync>;
+/// Told, guest by guest, the chunks each GC deleted that the guest's
+/// thinning had dropped.
+pub(crate) type DeletedWatcher = Box<dyn Fn(GuestId, &[ChunkId]) + Send + Sync>;
 
 /// GC's locks, marks and watchers.
 #[derive(Default)]
@@ -34,6 +35,9 @@ pub(crate) struct GcCoordinator {
     /// While GC marks, `Some`: every chunk commits reference.
     marks: Mutex<Option<HashSet<ChunkId>>>,
     watchers: Mutex<Vec<DeletedWatcher>>,
+    /// Chunks each guest's thinning dropped a reference to since the last
+    /// GC: what a deletion concerns (a guest hears only of its own).
+    dropped: Mutex<HashMap<GuestId, HashSet<ChunkId>>>,
 }
 
 /// Held by a commit for its whole length.
@@ -92,13 +96,31 @@ impl GcCoordinator {
         self.watchers.lock().unwrap_or_else(PoisonError::into_inner).push(f);
     }
 
-    /// Tells every watcher what a sweep deleted (nothing: no call).
+    /// Records that `guest`'s thinning dropped references to `ids`.
+    pub(crate) fn dropped(&self, guest: GuestId, ids: impl IntoIterator<Item = ChunkId>) {
+        self.dropped.lock().unwrap_or_else(PoisonError::into_inner).entry(guest).or_default().extend(ids);
+    }
+
+    /// Tells every watcher, guest by guest, what a sweep deleted of the
+    /// chunks that guest's thinning dropped (nothing: no call); a chunk
+    /// another guest still referenced was not deleted and is forgotten
+    /// here (whoever drops its last reference hears of it).
     pub(crate) fn notify(&self, deleted: &[ChunkId]) {
+        let dropped = std::mem::take(&mut *self.dropped.lock().unwrap_or_else(PoisonError::into_inner));
         if deleted.is_empty() {
             return;
         }
-        for w in self.watchers.lock().unwrap_or_else(PoisonError::into_inner).iter() {
-            w(deleted);
+        let deleted: HashSet<&ChunkId> = deleted.iter().collect();
+        let watchers = self.watchers.lock().unwrap_or_else(PoisonError::into_inner);
+        for (guest, ids) in dropped {
+            let mut mine: Vec<ChunkId> = ids.into_iter().filter(|id| deleted.contains(id)).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            mine.sort_unstable();
+            for w in watchers.iter() {
+                w(guest, &mine);
+            }
         }
     }
 }

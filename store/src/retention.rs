@@ -23,8 +23,9 @@
 //! chunk a concurrent commit relies on is never deleted (and a commit
 //! never references a chunk that is gone: it checks, and names every such
 //! chunk in [`StoreError::Unstored`]). Watchers registered with
-//! [`Store::on_chunks_deleted`] are told what each GC deleted: a backup
-//! relays it to its primaries, which stop referencing those chunks.
+//! [`Store::on_chunks_deleted`] are told what each GC deleted, guest by
+//! guest (the chunks that guest's thinning dropped): a backup relays it to
+//! that guest's primary alone, which stops referencing those chunks.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -245,6 +246,9 @@ impl Store {
         // if no later epoch up to `next` rewrote its page.
         let mut seen: HashSet<Pfn> = self.epoch_pages(guest, next.epoch)?.into_iter().map(|(p, _)| p).collect();
         let mut report = ThinReport { epochs_dropped: dropped.len() as u64, pages_dropped: 0 };
+        // What this guest no longer names: a GC that deletes any of it
+        // tells this guest's primary.
+        let mut unreferenced: Vec<ChunkId> = dropped.iter().map(|m| m.device_state).collect();
         for (e, pages) in self.page_lists(guest, first, last)?.into_iter().rev() {
             let mut keep = Vec::with_capacity(pages.len() * 40);
             for (pfn, id) in &pages {
@@ -254,6 +258,7 @@ impl Store {
                 } else {
                     batch.delete_cf(self.cf(CF_PAGES), page_key(guest, *pfn, e));
                     report.pages_dropped += 1;
+                    unreferenced.push(*id);
                 }
             }
             // Kept even when empty: "nothing of this epoch survives".
@@ -263,6 +268,7 @@ impl Store {
             batch.delete_cf(self.cf(CF_EPOCHS), epoch_key(guest, m.epoch));
         }
         self.db.write(batch)?;
+        self.gc.dropped(guest, unreferenced);
         Ok(report)
     }
 
@@ -300,10 +306,12 @@ impl Store {
         Ok(Marked { referenced: marked, candidates, per_pack })
     }
 
-    /// Calls `f` with the chunks each later [`gc`](Self::gc) of this
-    /// store deletes (after the deletion is written, on the GC's thread;
-    /// not called when nothing was deleted). `f` should return quickly.
-    pub fn on_chunks_deleted(&self, f: impl Fn(&[ChunkId]) + Send + Sync + 'static) {
+    /// Calls `f(guest, ids)` for each guest with the chunks each later
+    /// [`gc`](Self::gc) of this store deletes that the guest's thinning
+    /// had dropped (after the deletion is written, on the GC's thread; not
+    /// called when there are none): a guest hears only of chunks its own
+    /// history named. `f` should return quickly.
+    pub fn on_chunks_deleted(&self, f: impl Fn(GuestId, &[ChunkId]) + Send + Sync + 'static) {
         self.gc.watch(Box::new(f));
     }
 

@@ -170,7 +170,10 @@ fn gc_during_ingest_never_loses_what_a_kept_epoch_needs() {
     let g = GuestId(4);
     let announced = Arc::new(std::sync::Mutex::new(Vec::new()));
     let a2 = Arc::clone(&announced);
-    store.on_chunks_deleted(move |ids| a2.lock().unwrap().extend_from_slice(ids));
+    store.on_chunks_deleted(move |guest, ids| {
+        assert_eq!(guest, GuestId(4), "only the guest whose history named them");
+        a2.lock().unwrap().extend_from_slice(ids);
+    });
     let done = Arc::new(AtomicBool::new(false));
     let ingest = {
         let (store, done) = (Arc::clone(&store), Arc::clone(&done));
@@ -207,4 +210,33 @@ fn gc_during_ingest_never_loses_what_a_kept_epoch_needs() {
     let kept = check_restores(&store, g, &states);
     assert!(kept < 200, "thinning dropped epochs: {kept} kept");
     assert_eq!(store.verify(|_| {}).unwrap().damage, vec![]);
+}
+
+/// GC's deletions reach, guest by guest, only the guest whose history
+/// named the chunks: a chunk two guests share is deleted (and announced)
+/// only when the last one drops it, and only to that one.
+#[test]
+fn a_deletion_is_announced_only_to_the_guest_whose_history_named_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let heard: Arc<std::sync::Mutex<Vec<(GuestId, ChunkId)>>> = Arc::default();
+    let h2 = Arc::clone(&heard);
+    store.on_chunks_deleted(move |guest, ids| h2.lock().unwrap().extend(ids.iter().map(|id| (guest, *id))));
+    let (a, b) = (GuestId(1), GuestId(2));
+    // Both guests write the same contents: every chunk is shared.
+    for e in 1..=20 {
+        for g in [a, b] {
+            store.commit(commit_for(g, e, true).0).unwrap();
+        }
+    }
+    let policy = RetentionPolicy { rules: vec![KeepRule { within: Duration::from_millis(2), every: Duration::ZERO }] };
+    store.thin(a, &policy, EpochId(20)).unwrap();
+    assert_eq!(store.gc().unwrap().deleted, 0, "the other guest still names every chunk");
+    assert!(heard.lock().unwrap().is_empty());
+    store.thin(b, &policy, EpochId(20)).unwrap();
+    let deleted = store.gc().unwrap().deleted;
+    assert!(deleted > 0);
+    let heard = heard.lock().unwrap();
+    assert_eq!(heard.len() as u64, deleted, "each deleted chunk announced once");
+    assert!(heard.iter().all(|(g, _)| *g == b), "only to the guest that dropped the last reference");
 }

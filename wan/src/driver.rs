@@ -711,11 +711,12 @@ pub trait Replica: Send + Sync + 'static {
     /// connection is closed and the primary resends on its next one.
     fn commit(&self, epochs: Vec<ReceivedEpoch>) -> Result<ChunkId, CommitError>;
 
-    /// Chunks the replica deletes from now on (its GC), as lists, for the
-    /// driver to relay to this connection's primary; `None` when it never
-    /// deletes any. Relaying is advisory: a list missed (a lagging
-    /// receiver) only means a refused commit later.
-    fn deleted_chunks(&self) -> Option<tokio::sync::broadcast::Receiver<Arc<[ChunkId]>>> {
+    /// Chunks of `guest`'s history the replica deletes from now on (its
+    /// GC), as lists, for the driver to relay to this connection's
+    /// primary (no other guest's); `None` when it never deletes any.
+    /// Relaying is advisory: a list missed (a lagging receiver) only means
+    /// a refused commit later.
+    fn deleted_chunks(&self, _guest: GuestId) -> Option<tokio::sync::broadcast::Receiver<Arc<[ChunkId]>>> {
         None
     }
 
@@ -830,7 +831,7 @@ async fn serve_primary<R: Replica>(
     tracing::info!(%guest, committed = committed.0, peer = %conn.remote_address(), "primary connected");
     // Subscribed before the Welcome: what GC deletes from here on reaches
     // the primary after it.
-    let deleted = replica.deleted_chunks();
+    let deleted = replica.deleted_chunks(guest);
     let session = Session { guest, page_count, committed, head, budget: Arc::clone(budget) };
     let result = serve_epochs(conn, replica, cfg, session, control, (tx, rx), deleted).await;
     replica.disconnected(guest);
