@@ -477,6 +477,15 @@ fn bisect_finds_the_epoch_the_workload_wrote_its_marker() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let last = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["epochs_committed"].as_u64().unwrap();
     backup.stop();
+    // The end of the history, read from the end.
+    let out = run_limited(Command::new(remus()).args(["log", "--last", "3", "--json", "--data-dir"]).arg(data), Duration::from_secs(30));
+    let tail: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["epoch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(tail, [last - 2, last - 1, last]);
+    let out = run_limited(Command::new(remus()).args(["log", "--last", "3", "--data-dir"]).arg(data), Duration::from_secs(30));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&format!("guest-1: the last 3 committed epochs, up to epoch {last}")));
     let out = run_limited(
         Command::new(remus())
             .args([

@@ -138,6 +138,9 @@ fn main() {
     let (log_s, ms) = timed(|| store.manifests(GUEST).expect("manifests"));
     assert_eq!(ms.len() as u64, epochs);
     println!("log: every manifest listed in {log_s:.2} s ({:.1} µs per epoch)", log_s * 1e6 / epochs as f64);
+    let (tail_s, tail) = timed(|| store.last_manifests(GUEST, 10).expect("last manifests"));
+    assert_eq!(tail.last().map(|m| m.epoch), Some(EpochId(epochs)));
+    println!("log --last 10: {:.3} ms", tail_s * 1e3);
     println!("{:<28} {:>12} {:>12} {:>10}", "operation", "near (ms)", "far (ms)", "far/near");
     let row = |what: &str, a: f64, b: f64| println!("{what:<28} {:>12.3} {:>12.3} {:>10.2}", a * 1e3, b * 1e3, b / a);
     let show = |e: EpochId| timed(|| inspect::show(&store, GUEST, e).expect("show")).0;

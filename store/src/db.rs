@@ -610,6 +610,28 @@ impl Store {
         Ok(m)
     }
 
+    /// The last `n` kept manifests of `guest`, oldest first: read from the
+    /// end, so the cost is that of `n` manifests however long the history.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`], [`StoreError::Corrupt`].
+    pub fn last_manifests(&self, guest: GuestId, n: usize) -> Result<Vec<Manifest>, StoreError> {
+        let end = epoch_key(guest, EpochId(u64::MAX));
+        let mut out = Vec::with_capacity(n.min(1 << 16));
+        for kv in self.db.iterator_cf(self.cf(CF_EPOCHS), IteratorMode::From(&end, Direction::Reverse)) {
+            if out.len() == n {
+                break;
+            }
+            let (k, v) = kv?;
+            if k.len() != 16 || u64_at(&k, 0) != guest.0 {
+                break;
+            }
+            out.push(Manifest::decode(&v).map_err(|e| e.at(format!("{guest} epoch {}", u64_at(&k, 8))))?);
+        }
+        out.reverse();
+        Ok(out)
+    }
+
     /// The committed (kept) epoch of `guest` nearest `epoch`: the first at
     /// or after it when `after`, else the last at or before it; one seek,
     /// however long the history.

@@ -122,6 +122,22 @@ fn a_flipped_byte_in_a_chunk_is_named() {
 }
 
 #[test]
+fn the_last_manifests_are_read_from_the_end_and_never_another_guests() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    for g in [GuestId(1), GuestId(2), GuestId(3)] {
+        for e in 1..=5 {
+            store.commit(commit_of(g, e, &[(e, e as u8)])).unwrap();
+        }
+    }
+    let all = store.manifests(GuestId(2)).unwrap();
+    assert_eq!(store.last_manifests(GuestId(2), 3).unwrap(), all[2..]);
+    assert_eq!(store.last_manifests(GuestId(2), 9).unwrap(), all, "no more than the guest has");
+    assert!(store.last_manifests(GuestId(2), 0).unwrap().is_empty());
+    assert!(store.last_manifests(GuestId(4), 3).unwrap().is_empty());
+}
+
+#[test]
 fn guests_are_kept_apart() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), StoreOptions::default()).unwrap();

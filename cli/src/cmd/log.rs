@@ -56,7 +56,11 @@ pub fn run(args: &LogArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
         None => store.guests()?.into_iter().map(|(g, _)| g).collect(),
     };
     for g in guests {
-        print_history(args, g, &store.manifests(g)?);
+        match args.last {
+            // Read from the end: one more, for the restart marker of the first shown.
+            Some(n) => print_history(args, g, &store.last_manifests(g, n.saturating_add(1))?),
+            None => print_history(args, g, &store.manifests(g)?),
+        }
     }
     Ok(())
 }
@@ -66,7 +70,10 @@ pub fn run(args: &LogArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
 fn print_history(args: &LogArgs, g: GuestId, ms: &[Manifest]) {
     let skip = args.last.map_or(0, |n| ms.len().saturating_sub(n));
     if !args.json {
-        println!("{g}: {} committed epochs", ms.len());
+        match (args.last, ms.last()) {
+            (Some(_), Some(head)) => println!("{g}: the last {} committed epochs, up to epoch {}", ms.len() - skip, head.epoch.0),
+            _ => println!("{g}: {} committed epochs", ms.len()),
+        }
         println!("{:>8}  {:<24}  {:>6}  {:>9}  {:>9}  {:>8}  manifest", "epoch", "time", "pages", "wire B", "new B", "pause ms");
     }
     for (i, m) in ms.iter().enumerate().skip(skip) {
