@@ -460,6 +460,38 @@ impl S3Client {
         r.map_err(|e| self.named(e))
     }
 
+    /// The "folders" directly under `rel_prefix` (which ends in `/`): the
+    /// distinct key prefixes up to the next `/`, each once, in key order,
+    /// without listing the objects below them.
+    ///
+    /// # Errors
+    /// As the service answers.
+    pub fn list_folders(&self, rel_prefix: &str) -> Result<Vec<String>, S3Error> {
+        let full = self.key(rel_prefix);
+        let mut out = Vec::new();
+        let mut token = None;
+        loop {
+            let r = self
+                .rt
+                .block_on(
+                    self.client
+                        .list_objects_v2()
+                        .bucket(&self.bucket)
+                        .prefix(&full)
+                        .delimiter("/")
+                        .set_continuation_token(token.take())
+                        .send(),
+                )
+                .map_err(|e| self.named(classify("list", &full, e)))?;
+            out.extend(r.common_prefixes().iter().filter_map(|p| p.prefix()).map(|p| self.rel(p)));
+            match r.next_continuation_token() {
+                Some(t) if r.is_truncated() == Some(true) => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
     /// Every object under `rel_prefix`, in key order.
     ///
     /// # Errors

@@ -74,11 +74,12 @@ impl S3Tier {
     /// # Errors
     /// As S3 answers.
     pub fn guests(&self) -> Result<Vec<GuestId>, StoreError> {
+        // One entry per guest, not per epoch object.
         let mut g: Vec<GuestId> = self
             .client
-            .list("epochs/")?
+            .list_folders("epochs/")?
             .iter()
-            .filter_map(|l| l.key.split('/').nth(1).and_then(|h| u64::from_str_radix(h, 16).ok()))
+            .filter_map(|p| p.split('/').nth(1).and_then(|h| u64::from_str_radix(h, 16).ok()))
             .map(GuestId)
             .collect();
         g.dedup();

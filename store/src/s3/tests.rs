@@ -78,6 +78,7 @@ fn epochs_upload_in_packs_and_read_back_exactly_from_s3_alone() {
     assert_eq!(tier.upload_pending(&store, &|| false).unwrap().epochs, 5);
 
     // Every epoch's page table and chunk content, from S3 alone.
+    assert_eq!(tier.guests().unwrap(), [g], "one entry for the guest, whatever its epochs");
     let h = tier.history(g, None, &mut |_, _| {}).unwrap();
     assert_eq!(h.epochs.len(), 35);
     for e in [1u64, 17, 35] {
