@@ -467,28 +467,10 @@ impl S3Client {
     /// # Errors
     /// As the service answers.
     pub fn list_folders(&self, rel_prefix: &str) -> Result<Vec<String>, S3Error> {
-        let full = self.key(rel_prefix);
         let mut out = Vec::new();
-        let mut token = None;
-        loop {
-            let r = self
-                .rt
-                .block_on(
-                    self.client
-                        .list_objects_v2()
-                        .bucket(&self.bucket)
-                        .prefix(&full)
-                        .delimiter("/")
-                        .set_continuation_token(token.take())
-                        .send(),
-                )
-                .map_err(|e| self.named(classify("list", &full, e)))?;
+        self.list_pages(rel_prefix, Some("/"), |r| {
             out.extend(r.common_prefixes().iter().filter_map(|p| p.prefix()).map(|p| self.rel(p)));
-            match r.next_continuation_token() {
-                Some(t) if r.is_truncated() == Some(true) => token = Some(t.to_string()),
-                _ => break,
-            }
-        }
+        })?;
         Ok(out)
     }
 
@@ -497,25 +479,42 @@ impl S3Client {
     /// # Errors
     /// As the service answers.
     pub fn list(&self, rel_prefix: &str) -> Result<Vec<Listed>, S3Error> {
-        let full = self.key(rel_prefix);
         let mut out = Vec::new();
-        let mut token = None;
-        loop {
-            let r = self
-                .rt
-                .block_on(self.client.list_objects_v2().bucket(&self.bucket).prefix(&full).set_continuation_token(token.take()).send())
-                .map_err(|e| self.named(classify("list", &full, e)))?;
+        self.list_pages(rel_prefix, None, |r| {
             for o in r.contents() {
                 if let Some(k) = o.key() {
                     out.push(Listed { key: self.rel(k), size: o.size().unwrap_or(0).max(0) as u64 });
                 }
             }
+        })?;
+        Ok(out)
+    }
+
+    /// Hands each page of a listing of `rel_prefix` (grouped at
+    /// `delimiter`, if any) to `each`, following continuation tokens.
+    fn list_pages(
+        &self,
+        rel_prefix: &str,
+        delimiter: Option<&str>,
+        mut each: impl FnMut(&aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Output),
+    ) -> Result<(), S3Error> {
+        let full = self.key(rel_prefix);
+        let mut token = None;
+        loop {
+            let request = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&full)
+                .set_delimiter(delimiter.map(str::to_string))
+                .set_continuation_token(token.take());
+            let r = self.rt.block_on(request.send()).map_err(|e| self.named(classify("list", &full, e)))?;
+            each(&r);
             match r.next_continuation_token() {
                 Some(t) if r.is_truncated() == Some(true) => token = Some(t.to_string()),
-                _ => break,
+                _ => return Ok(()),
             }
         }
-        Ok(out)
     }
 
     /// Every object version under `rel_prefix` (versioned buckets).
