@@ -40,6 +40,10 @@ const MARKER: &[u8] = b"remus-long-history-marker";
 const BATCH: u64 = 1000;
 const PERIOD_NS: u64 = 25_000_000;
 
+/// Bytes of every file under `p`, RocksDB's write-ahead log included:
+/// the history is measured as ingest leaves it, before any flush (unlike
+/// the history bench's `dir_bytes`, which measures a compacted store and
+/// leaves the logs out; at 100 000 epochs everything is still in the log).
 fn dir_bytes(p: &Path) -> u64 {
     std::fs::read_dir(p)
         .into_iter()
