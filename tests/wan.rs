@@ -56,8 +56,12 @@ fn loss_reordering_and_duplication_never_corrupt_drop_or_reorder_committed_epoch
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
     keygen(data);
-    // Info level: the backup logs what parity rebuilt.
-    let backup = BackupProcess::start_logged(data, "127.0.0.1:0", &["--verbose"]);
+    // Info level: the backup logs what parity rebuilt. A memory budget of
+    // 1 MiB for the primary (a few epochs): readers are held back while
+    // loss and reordering leave gaps before the next epoch to commit.
+    let config = data.join("remus.toml");
+    std::fs::write(&config, "[backup]\nbuffer-mib-per-primary = 1\nbuffer-mib = 2\n").unwrap();
+    let backup = BackupProcess::start_logged(data, "127.0.0.1:0", &["--verbose", "--config", config.to_str().unwrap()]);
     // 20 ms round trip, ±2 ms jitter (datagrams overtake each other),
     // 1% loss and 1% duplication each way.
     let imp = Impairment {
