@@ -58,7 +58,7 @@
 //! region = "us-east-1"
 //! force-path-style = true
 //! pack-size-kib = 32768
-//! upload-interval-ms = 1000
+//! upload-interval-ms = 20000
 //! timeout-ms = 30000
 //!
 //! # Optional: a witness, so that a failover needs a majority: the backup

@@ -91,14 +91,17 @@ impl HistoryView for Store {
 /// wanted; each chunk is one ranged read of its pack.
 pub struct S3View<'a> {
     source: S3Source<'a>,
-    locations: OnceLock<HashMap<ChunkId, (ChunkId, PackEntry)>>,
+    /// From the indexes of the packs the history read names.
+    named: OnceLock<HashMap<ChunkId, (ChunkId, PackEntry)>>,
+    /// From every index, once a chunk was not in those (repacked since).
+    every: OnceLock<HashMap<ChunkId, (ChunkId, PackEntry)>>,
 }
 
 impl<'a> S3View<'a> {
     /// Inspection over `source`.
     #[must_use]
     pub fn new(source: S3Source<'a>) -> Self {
-        Self { source, locations: OnceLock::new() }
+        Self { source, named: OnceLock::new(), every: OnceLock::new() }
     }
 
     fn epoch(&self, guest: GuestId, epoch: EpochId) -> Result<&remus_store::s3::S3Epoch, RestoreError> {
@@ -130,14 +133,25 @@ impl HistoryView for S3View<'_> {
     }
 
     fn chunk(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
-        let locs = match self.locations.get() {
+        let tier = self.source.tier();
+        let named = match self.named.get() {
             Some(l) => l,
             None => {
-                let l = self.source.tier().chunk_locations()?;
-                self.locations.get_or_init(|| l)
+                let l = tier.locate(&self.source.history().packs, &[])?;
+                self.named.get_or_init(|| l)
             }
         };
-        self.source.tier().read_chunk(locs, id)
+        if named.contains_key(id) {
+            return tier.read_chunk(named, id);
+        }
+        let every = match self.every.get() {
+            Some(l) => l,
+            None => {
+                let l = tier.chunk_locations()?;
+                self.every.get_or_init(|| l)
+            }
+        };
+        tier.read_chunk(every, id)
     }
 
     fn kept_epoch_near(&self, guest: GuestId, epoch: EpochId, after: bool) -> Result<Option<EpochId>, RestoreError> {

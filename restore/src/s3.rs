@@ -1,18 +1,19 @@
 //! Restore from the S3 tier alone (after losing the backup site): plan
-//! from the epoch objects, then fetch only the packs holding the chunks
-//! of that epoch's page table.
+//! from the checkpoint and segments the target needs, then fetch only the
+//! packs holding the chunks of that epoch's page table.
 
 use std::collections::HashMap;
 
-use remus_store::s3::{S3Epoch, S3History, S3Tier};
+use remus_store::s3::{Reach, S3Epoch, S3History, S3Tier};
 use remus_store::{Manifest, StoreError};
 use remus_types::{ChunkId, EpochId, GuestId, MemoryDigest, Pfn};
 
 use crate::{check_root, PagesWritten, RestoreError, RestoreSource, SegmentFiles, Target};
 
-/// The S3 tier as a [`RestoreSource`]: a guest's epoch objects read and
-/// checked (each object, and the manifest chain across bridges), then
-/// only the packs holding the chunks an epoch's page table names fetched.
+/// The S3 tier as a [`RestoreSource`]: the part of a guest's history a
+/// target needs read and checked (each object, and the manifest chain
+/// across bridges from the checkpoint it starts at), then only the packs
+/// holding the chunks an epoch's page table names fetched.
 pub struct S3Source<'a> {
     tier: &'a S3Tier,
     guest: GuestId,
@@ -20,19 +21,37 @@ pub struct S3Source<'a> {
 }
 
 impl<'a> S3Source<'a> {
-    /// Reads `guest`'s epoch objects, up to the target when it is an
-    /// epoch; `progress(done, total)` counts epoch objects read.
+    /// Reads what restoring `target` of `guest` needs: for an epoch, from
+    /// the newest checkpoint at or before it up to it; for the newest, from
+    /// the newest checkpoint on; for a time, the epoch found by bisecting
+    /// the segments, then as for that epoch. `progress(done, total)`
+    /// counts segments read.
     ///
     /// # Errors
     /// [`RestoreError::NoMatch`] for a guest S3 has no history of;
     /// [`RestoreError::Store`] for S3 failures and damaged objects (named).
     pub fn read(tier: &'a S3Tier, guest: GuestId, target: Target, progress: &mut dyn FnMut(u64, u64)) -> Result<Self, RestoreError> {
-        let upto = match target {
-            Target::Epoch(e) => Some(e),
-            _ => None,
+        let reach = match target {
+            Target::Epoch(e) => Reach::epoch(e),
+            Target::Latest => Reach::LATEST,
+            Target::At(t) => match tier.epoch_at(guest, t)? {
+                Some(e) => Reach::epoch(e),
+                None => return Err(RestoreError::NoMatch { guest, target }),
+            },
         };
-        let history = match tier.history(guest, upto, progress) {
-            Err(StoreError::NoGuest(_)) => return Err(RestoreError::NoMatch { guest, target }),
+        Self::reach(tier, guest, reach, progress).map_err(|e| match e {
+            RestoreError::NoMatch { guest, .. } => RestoreError::NoMatch { guest, target },
+            e => e,
+        })
+    }
+
+    /// Reads the part of `guest`'s history that `reach` names.
+    ///
+    /// # Errors
+    /// As [`read`](Self::read).
+    pub fn reach(tier: &'a S3Tier, guest: GuestId, reach: Reach, progress: &mut dyn FnMut(u64, u64)) -> Result<Self, RestoreError> {
+        let history = match tier.history(guest, reach, progress) {
+            Err(StoreError::NoGuest(_)) => return Err(RestoreError::NoMatch { guest, target: Target::Latest }),
             r => r?,
         };
         Ok(Self { tier, guest, history })
@@ -82,7 +101,8 @@ impl RestoreSource for S3Source<'_> {
     fn device_state(&self, m: &Manifest) -> Result<Vec<u8>, RestoreError> {
         let id = m.device_state;
         let mut found = None;
-        self.tier.fetch_chunks([id], |_, data| {
+        let locs = self.tier.locate(&self.history.packs, &[id])?;
+        self.tier.fetch_located(&locs, [id], |_, data| {
             found = Some(data);
             Ok(())
         })?;
@@ -118,7 +138,9 @@ impl RestoreSource for S3Source<'_> {
         let total = wanted.values().map(|v| v.len() as u64).sum::<u64>();
         let mut done = 0u64;
         progress(0, total);
-        self.tier.fetch_chunks(wanted.keys().copied().collect::<Vec<_>>(), |id, data| {
+        let ids: Vec<ChunkId> = wanted.keys().copied().collect();
+        let locs = self.tier.locate(&self.history.packs, &ids)?;
+        self.tier.fetch_located(&locs, ids, |id, data| {
             for &(seg, offset) in &wanted[&id] {
                 files.write(seg, offset, &data).map_err(|cause| StoreError::Io { what: "writing the restored image", cause })?;
                 done += 1;

@@ -38,7 +38,10 @@ pub struct S3Config {
     /// Pack files are closed at this size (default 32 MiB).
     #[serde(default = "default_pack_kib")]
     pub pack_size_kib: u64,
-    /// How often the uploader looks for newly committed epochs (default 1000 ms).
+    /// How often the uploader looks for newly committed epochs and puts
+    /// them as one segment per guest (default 20 000 ms: 180 segments, and
+    /// at most 180 partial packs with their indexes, per guest-hour; also
+    /// about how far S3 lags the store).
     #[serde(default = "default_interval_ms")]
     pub upload_interval_ms: u64,
     /// Timeout of one request attempt (default 30 s).
@@ -55,7 +58,7 @@ fn default_pack_kib() -> u64 {
 }
 
 fn default_interval_ms() -> u64 {
-    1000
+    20_000
 }
 
 fn default_timeout_ms() -> u64 {

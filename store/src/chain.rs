@@ -68,6 +68,13 @@ impl<'a> ChainWalk<'a> {
         Self { bridges, prev: Some((EpochId(0), ChunkId::default())) }
     }
 
+    /// A walk that starts after `m` and checks every link from there on
+    /// (the chain before `m` is not read: a checkpoint's reader).
+    #[must_use]
+    pub fn after(bridges: &'a [Bridge], m: &Manifest) -> Self {
+        Self { bridges, prev: Some((m.epoch, m.id())) }
+    }
+
     /// Checks `m` against the previous manifest and moves on to it.
     ///
     /// # Errors

@@ -47,7 +47,8 @@ pub fn run(args: &GcArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
             serde_json::json!({
                 "epochs_dropped": run.epochs_dropped, "pages_dropped": run.pages_dropped, "chunks_deleted": run.chunks_deleted,
                 "s3": tier.as_ref().map(|_| serde_json::json!({
-                    "bridges_put": s3.bridges_put, "epochs_deleted": s3.epochs_deleted, "packs_deleted": s3.packs_deleted,
+                    "bridges_put": s3.bridges_put, "epochs_deleted": s3.epochs_deleted,
+                    "segments_rewritten": s3.segments_rewritten, "checkpoints_moved": s3.checkpoints_moved, "packs_deleted": s3.packs_deleted,
                     "packs_kept": s3.packs_kept, "dead_chunks_in_kept_packs": s3.dead_chunks_in_kept_packs,
                     "packs_repacked": s3.packs_repacked, "chunks_moved": s3.chunks_moved,
                 })),
@@ -57,8 +58,10 @@ pub fn run(args: &GcArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
         println!("dropped {} epochs ({} page versions), deleted {} chunks", run.epochs_dropped, run.pages_dropped, run.chunks_deleted);
         if tier.is_some() {
             println!(
-                "s3: {} epoch objects deleted, {} bridges put, {} packs deleted, {} repacked ({} live chunks moved), {} packs kept ({} dead chunks in them)",
+                "s3: {} epochs deleted ({} segments rewritten, {} checkpoints moved), {} bridges put, {} packs deleted, {} repacked ({} live chunks moved), {} packs kept ({} dead chunks in them)",
                 run.s3.epochs_deleted,
+                run.s3.segments_rewritten,
+                run.s3.checkpoints_moved,
                 run.s3.bridges_put,
                 run.s3.packs_deleted,
                 run.s3.packs_repacked,

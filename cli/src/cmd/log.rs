@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use remus_store::s3::Reach;
 use remus_store::Manifest;
 use remus_types::GuestId;
 
@@ -45,7 +46,8 @@ pub fn run(args: &LogArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
             None => tier.guests().with_context(|| format!("listing the guests in {}", s3.url()))?,
         };
         for g in guests {
-            let history = tier.history(g, None, &mut |_, _| {}).with_context(|| format!("reading {g}'s history from {}", s3.url()))?;
+            let history =
+                tier.history(g, Reach::ALL, &mut |_, _| {}).with_context(|| format!("reading {g}'s history from {}", s3.url()))?;
             print_history(args, g, &history.manifests().cloned().collect::<Vec<_>>());
         }
         return Ok(());

@@ -127,13 +127,14 @@ fn files_or_image(
     }
 }
 
-/// Restores from the S3 tier alone: epoch objects first (with a progress
-/// bar), then the same plan as from a local store.
+/// Restores from the S3 tier alone: the checkpoint and segments the target
+/// needs first (with a progress bar), then the same plan as from a local
+/// store.
 fn restore_from_s3(args: &RestoreArgs, to: &Path, target: Target) -> Result<Restored> {
     let cfg = Config::load(args.config.as_deref())?;
     let s3 = super::s3_config(&cfg, args.from.as_deref())?;
     let tier = super::connect_s3(&s3)?;
-    let manifests = bar(args.json, 0, "reading manifests from S3 [{bar:40}] {pos}/{len} epochs ({elapsed})");
+    let manifests = bar(args.json, 0, "reading the history from S3 [{bar:40}] {pos}/{len} segments ({elapsed})");
     let source = S3Source::read(&tier, GuestId(args.guest), target, &mut |done, total| {
         if let Some(b) = &manifests {
             b.set_length(total);

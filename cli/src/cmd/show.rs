@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use remus_restore::inspect::{self, HistoryView, Region, S3View};
-use remus_restore::{S3Source, Target};
+use remus_restore::S3Source;
+use remus_store::s3::Reach;
 use remus_types::{EpochId, GuestId};
 
 use super::format_time;
@@ -29,9 +30,10 @@ pub struct History {
 }
 
 impl History {
-    /// Runs `f` over the history: the local store, or the guest's history
-    /// read from the S3 tier (every epoch object and the chain checked).
-    fn with<R>(&self, cfg: &Config, data_dir: &Path, f: impl FnOnce(&dyn HistoryView, GuestId) -> Result<R>) -> Result<R> {
+    /// Runs `f` over the history: the local store, or the part of the
+    /// guest's history in the S3 tier that `reach` needs (from the
+    /// checkpoint before it; every object read and the chain checked).
+    fn with<R>(&self, cfg: &Config, data_dir: &Path, reach: Reach, f: impl FnOnce(&dyn HistoryView, GuestId) -> Result<R>) -> Result<R> {
         let g = GuestId(self.guest);
         let Some(url) = &self.s3 else {
             return f(&super::open_store_read_only(self.store.as_deref(), data_dir)?, g);
@@ -39,7 +41,7 @@ impl History {
         let s3 = super::s3_config(cfg, Some(url))?;
         let tier = super::connect_s3(&s3)?;
         let source =
-            S3Source::read(&tier, g, Target::Latest, &mut |_, _| {}).with_context(|| format!("reading {g}'s history from {}", s3.url()))?;
+            S3Source::reach(&tier, g, reach, &mut |_, _| {}).with_context(|| format!("reading {g}'s history from {}", s3.url()))?;
         f(&S3View::new(source), g)
     }
 }
@@ -78,7 +80,8 @@ pub struct DiffArgs {
 /// # Errors
 /// When the store cannot be opened or has no such epoch.
 pub fn show(args: &ShowArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
-    args.history.with(cfg, data_dir, |store, g| print_epoch(args, store, g))
+    let reach = Reach { from: Some(EpochId(args.epoch)), upto: None };
+    args.history.with(cfg, data_dir, reach, |store, g| print_epoch(args, store, g))
 }
 
 fn print_epoch(args: &ShowArgs, store: &dyn HistoryView, g: GuestId) -> Result<()> {
@@ -138,7 +141,8 @@ fn region_name(r: Region) -> &'static str {
 /// # Errors
 /// When the store cannot be opened or lacks either epoch.
 pub fn diff(args: &DiffArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
-    args.history.with(cfg, data_dir, |store, g| print_diff(args, store, g))
+    let reach = Reach { from: Some(EpochId(args.a.min(args.b))), upto: None };
+    args.history.with(cfg, data_dir, reach, |store, g| print_diff(args, store, g))
 }
 
 fn print_diff(args: &DiffArgs, store: &dyn HistoryView, g: GuestId) -> Result<()> {
@@ -267,7 +271,8 @@ pub fn bisect(args: &BisectArgs, cfg: &Config, data_dir: &Path) -> Result<bool> 
         _ => anyhow::bail!("give one condition: --equals VALUE --at ADDR, --contains VALUE --in START..END, or --changes --at ADDR"),
     };
     anyhow::ensure!(args.from < args.to, "--from must be before --to");
-    args.history.with(cfg, data_dir, |store, g| print_bisection(args, store, g, &p))
+    let reach = Reach { from: Some(EpochId(args.from.min(args.to))), upto: Some(EpochId(args.from.max(args.to))) };
+    args.history.with(cfg, data_dir, reach, |store, g| print_bisection(args, store, g, &p))
 }
 
 fn print_bisection(args: &BisectArgs, store: &dyn HistoryView, g: GuestId, p: &inspect::Predicate) -> Result<bool> {

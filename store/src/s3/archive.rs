@@ -33,9 +33,9 @@ impl S3Tier {
         let mut r = ArchiveReport { retain_until_unix_s: until, ..ArchiveReport::default() };
         let mut have = HashSet::new();
         let mut todo = Vec::new();
-        // Packs and indexes first, epochs and bridges last: whatever part
-        // of the archive exists is restorable.
-        for dir in ["packs/", "index/", "bridges/", "epochs/"] {
+        // Packs and indexes first, the history's objects last: whatever
+        // part of the archive exists is restorable.
+        for dir in ["packs/", "index/", "bridges/", "checkpoints/", "segments/"] {
             have.extend(archive.client.list(dir)?.into_iter().map(|l| l.key));
             todo.extend(self.client.list(dir)?.into_iter().map(|l| l.key));
         }

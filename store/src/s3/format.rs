@@ -16,12 +16,31 @@
 //! 52     per chunk: id [32] | value offset u64 | value length u32
 //! end-4  crc32 of everything before
 //! ```
-//! Epoch (`epochs/<guest %016x>/<epoch %020>`):
+//! Segment (`segments/<guest %016x>/<first %020>`, or with `-t<count>`
+//! after it once thinning rewrote it with `count` epochs left): a run of
+//! a guest's epochs, one object per guest per upload pass (so a 40 Hz
+//! guest costs a put every `upload-interval-ms`, not one per epoch).
+//! Segments cover disjoint spans of epochs, each from its `first` up to
+//! the next segment's; `last` is the last epoch the pass that put it
+//! covered:
 //! ```text
-//! 0..4   b"RMEP", 4 version (1), 5..8 reserved
-//! 8      manifest [252]
-//! 260    count u64
-//! 268    per page written in the epoch, ascending pfn: pfn u64 | hash [32]
+//! 0..4   b"RMSG", 4 version (1), 5..8 reserved
+//! 8      guest u64 | 16 first u64 | 24 last u64
+//! 32     packs u32 | count u32
+//! 40     packs holding the chunks its epochs name, when it was put: [32] each
+//! then   per epoch, ascending: manifest [252] | pages u64 |
+//!        per page written in it, ascending pfn: pfn u64 | hash [32]
+//! end-4  crc32 of everything before
+//! ```
+//! Checkpoint (`checkpoints/<guest %016x>/<epoch %020>`): the whole page
+//! table at one kept epoch, so a reader starts there instead of at the
+//! first epoch:
+//! ```text
+//! 0..4   b"RMCK", 4 version (1), 5..8 reserved
+//! 8      manifest [252] of that epoch
+//! 260    packs u32 | 264 count u64
+//! 272    packs holding the table's chunks: [32] each
+//! then   per page ever written, ascending pfn: pfn u64 | hash [32]
 //! end-4  crc32 of everything before
 //! ```
 //! Bridge (`bridges/<guest %016x>/<first %020>-<last %020>`), left by
@@ -45,7 +64,8 @@ use crate::manifest::{Manifest, MANIFEST_LEN};
 
 const PACK_MAGIC: [u8; 4] = *b"RMPK";
 const INDEX_MAGIC: [u8; 4] = *b"RMPI";
-const EPOCH_MAGIC: [u8; 4] = *b"RMEP";
+const SEGMENT_MAGIC: [u8; 4] = *b"RMSG";
+const CHECKPOINT_MAGIC: [u8; 4] = *b"RMCK";
 const BRIDGE_MAGIC: [u8; 4] = *b"RMBR";
 const VERSION: u8 = 1;
 /// Header of a pack.
@@ -191,37 +211,203 @@ pub fn check_pack_header(b: &[u8]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Encodes an epoch object.
-#[must_use]
-pub fn encode_epoch(m: &Manifest, pages: &[(Pfn, ChunkId)]) -> Vec<u8> {
-    let mut v = format::start_trailed(&EPOCH_MAGIC, VERSION);
-    v.extend_from_slice(&m.encode());
+fn put_pages(v: &mut Vec<u8>, pages: &[(Pfn, ChunkId)]) {
     v.extend_from_slice(&(pages.len() as u64).to_le_bytes());
     for (pfn, id) in pages {
         v.extend_from_slice(&pfn.0.to_le_bytes());
         v.extend_from_slice(&id.0);
     }
-    format::seal_trailed(v)
 }
 
-/// Decodes an epoch object: its manifest and page list. The caller
-/// checks the list against the manifest's page delta.
-///
-/// # Errors
-/// [`StoreError::Corrupt`].
-pub fn decode_epoch(b: &[u8]) -> Result<(Manifest, Vec<(Pfn, ChunkId)>), StoreError> {
-    let body = open(b, EPOCH_MAGIC, "epoch object")?;
-    if body.len() < MANIFEST_LEN + 8 {
-        return Err(corrupt("epoch object", "truncated"));
+/// Reads `count` (pfn, hash) entries at `*at`, moving past them.
+fn take_pages(body: &[u8], at: &mut usize, count: u64, what: &str) -> Result<Vec<(Pfn, ChunkId)>, StoreError> {
+    let len = usize::try_from(count).ok().and_then(|c| c.checked_mul(40)).ok_or_else(|| corrupt(what, "count"))?;
+    let rest = body.get(*at..).and_then(|r| r.get(..len)).ok_or_else(|| corrupt(what, "length does not match its counts"))?;
+    *at += len;
+    Ok(rest.chunks_exact(40).map(|e| (Pfn(u64_le(e, 0)), id_at(e, 8))).collect())
+}
+
+fn take_ids(body: &[u8], at: &mut usize, count: usize, what: &str) -> Result<Vec<ChunkId>, StoreError> {
+    let len = count.checked_mul(32).ok_or_else(|| corrupt(what, "count"))?;
+    let rest = body.get(*at..).and_then(|r| r.get(..len)).ok_or_else(|| corrupt(what, "length does not match its counts"))?;
+    *at += len;
+    Ok(rest.chunks_exact(32).map(|e| id_at(e, 0)).collect())
+}
+
+/// A run of one guest's epochs, as one object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentObject {
+    /// Guest.
+    pub guest: GuestId,
+    /// First epoch of the span it covers.
+    pub first: EpochId,
+    /// Last epoch of the span it covers.
+    pub last: EpochId,
+    /// Packs holding the chunks its epochs name, when it was put (a hint:
+    /// repacking may have moved them since).
+    pub packs: Vec<ChunkId>,
+    /// Its epochs, ascending: manifest and the pages written in it.
+    pub epochs: Vec<(Manifest, Vec<(Pfn, ChunkId)>)>,
+}
+
+impl SegmentObject {
+    /// Encodes the segment.
+    #[must_use]
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = format::start_trailed(&SEGMENT_MAGIC, VERSION);
+        for x in [self.guest.0, self.first.0, self.last.0] {
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        v.extend_from_slice(&(self.packs.len() as u32).to_le_bytes());
+        v.extend_from_slice(&(self.epochs.len() as u32).to_le_bytes());
+        for p in &self.packs {
+            v.extend_from_slice(&p.0);
+        }
+        for (m, pages) in &self.epochs {
+            v.extend_from_slice(&m.encode());
+            put_pages(&mut v, pages);
+        }
+        format::seal_trailed(v)
     }
-    let m = Manifest::decode(&body[..MANIFEST_LEN])?;
-    let count = u64_le(body, MANIFEST_LEN) as usize;
-    let rest = &body[MANIFEST_LEN + 8..];
-    if Some(rest.len()) != count.checked_mul(40) {
-        return Err(corrupt("epoch object", "length does not match its count"));
+
+    /// Decodes a segment, checking that its epochs are the guest's,
+    /// ascending and inside its span. The caller checks each page list
+    /// against its manifest.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`].
+    pub fn decode(b: &[u8]) -> Result<Self, StoreError> {
+        const WHAT: &str = "segment";
+        let body = open(b, SEGMENT_MAGIC, WHAT)?;
+        if body.len() < 32 {
+            return Err(corrupt(WHAT, "truncated"));
+        }
+        let (guest, first, last) = (GuestId(u64_le(body, 0)), EpochId(u64_le(body, 8)), EpochId(u64_le(body, 16)));
+        let packs = u32::from_le_bytes(body[24..28].try_into().expect("4 bytes")) as usize;
+        let count = u32::from_le_bytes(body[28..32].try_into().expect("4 bytes")) as usize;
+        let mut at = 32;
+        let packs = take_ids(body, &mut at, packs, WHAT)?;
+        // Each epoch takes at least its manifest and page count.
+        if count > (body.len() - at) / (MANIFEST_LEN + 8) {
+            return Err(corrupt(WHAT, "length does not match its counts"));
+        }
+        let mut epochs: Vec<(Manifest, Vec<(Pfn, ChunkId)>)> = Vec::with_capacity(count);
+        for _ in 0..count {
+            let m = Manifest::decode(body.get(at..at + MANIFEST_LEN).ok_or_else(|| corrupt(WHAT, "truncated"))?)?;
+            at += MANIFEST_LEN;
+            let n = u64_le(body.get(at..at + 8).ok_or_else(|| corrupt(WHAT, "truncated"))?, 0);
+            at += 8;
+            let pages = take_pages(body, &mut at, n, WHAT)?;
+            if m.guest != guest || m.epoch < first || m.epoch > last || epochs.last().is_some_and(|(p, _)| p.epoch >= m.epoch) {
+                return Err(corrupt(WHAT, "an epoch lies outside its span or out of order"));
+            }
+            epochs.push((m, pages));
+        }
+        if at != body.len() {
+            return Err(corrupt(WHAT, "length does not match its counts"));
+        }
+        Ok(Self { guest, first, last, packs, epochs })
     }
-    let pages = rest.chunks_exact(40).map(|e| (Pfn(u64_le(e, 0)), id_at(e, 8))).collect();
-    Ok((m, pages))
+
+    /// Its key as the uploader puts it.
+    #[must_use]
+    pub fn key(&self) -> String {
+        format!("{}{:020}", segments_prefix(self.guest), self.first.0)
+    }
+
+    /// Its key as thinning rewrites it (a key of its own, so the new
+    /// segment is in place before the old one goes).
+    #[must_use]
+    pub fn rewritten_key(&self) -> String {
+        format!("{}-t{}", self.key(), self.epochs.len())
+    }
+}
+
+/// The first epoch of the span a segment's key names.
+#[must_use]
+pub fn segment_first(key: &str) -> Option<EpochId> {
+    key.rsplit('/').next()?.split('-').next()?.parse().ok().map(EpochId)
+}
+
+/// The dropped epochs (`first..=last`) a bridge's key names.
+#[must_use]
+pub fn bridge_span(key: &str) -> Option<(EpochId, EpochId)> {
+    let mut parts = key.rsplit('/').next()?.split('-');
+    let first = parts.next()?.parse().ok()?;
+    let last = parts.next()?.parse().ok()?;
+    (first <= last).then_some((EpochId(first), EpochId(last)))
+}
+
+/// A guest's whole page table at one kept epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointObject {
+    /// The manifest of that epoch.
+    pub manifest: Manifest,
+    /// Packs holding the table's chunks, when it was put (a hint).
+    pub packs: Vec<ChunkId>,
+    /// Every page written at or before the epoch, in its newest version
+    /// there, ascending pfn.
+    pub pages: Vec<(Pfn, ChunkId)>,
+}
+
+impl CheckpointObject {
+    /// Encodes the checkpoint.
+    #[must_use]
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = format::start_trailed(&CHECKPOINT_MAGIC, VERSION);
+        v.extend_from_slice(&self.manifest.encode());
+        v.extend_from_slice(&(self.packs.len() as u32).to_le_bytes());
+        v.extend_from_slice(&(self.pages.len() as u64).to_le_bytes());
+        for p in &self.packs {
+            v.extend_from_slice(&p.0);
+        }
+        for (pfn, id) in &self.pages {
+            v.extend_from_slice(&pfn.0.to_le_bytes());
+            v.extend_from_slice(&id.0);
+        }
+        format::seal_trailed(v)
+    }
+
+    /// Decodes a checkpoint; checks that its table is ascending, inside
+    /// the guest's memory, and hashes to the manifest's memory root.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`].
+    pub fn decode(b: &[u8]) -> Result<Self, StoreError> {
+        const WHAT: &str = "checkpoint";
+        let body = open(b, CHECKPOINT_MAGIC, WHAT)?;
+        if body.len() < MANIFEST_LEN + 12 {
+            return Err(corrupt(WHAT, "truncated"));
+        }
+        let manifest = Manifest::decode(&body[..MANIFEST_LEN])?;
+        let packs = u32::from_le_bytes(body[MANIFEST_LEN..MANIFEST_LEN + 4].try_into().expect("4 bytes")) as usize;
+        let count = u64_le(body, MANIFEST_LEN + 4);
+        let mut at = MANIFEST_LEN + 12;
+        let packs = take_ids(body, &mut at, packs, WHAT)?;
+        let pages = take_pages(body, &mut at, count, WHAT)?;
+        if at != body.len() {
+            return Err(corrupt(WHAT, "length does not match its counts"));
+        }
+        let mut digest = remus_types::MemoryDigest::zeroed(manifest.page_count);
+        let mut prev = None;
+        for (pfn, id) in &pages {
+            if pfn.0 >= manifest.page_count || prev.is_some_and(|p| p >= pfn.0) {
+                return Err(corrupt(WHAT, "its page table is out of order or beyond memory"));
+            }
+            prev = Some(pfn.0);
+            digest.set(*pfn, *id);
+        }
+        if digest.root() != manifest.memory_root {
+            return Err(corrupt(WHAT, "its page table does not hash to the manifest's memory root"));
+        }
+        Ok(Self { manifest, packs, pages })
+    }
+
+    /// Its key.
+    #[must_use]
+    pub fn key(&self) -> String {
+        checkpoint_key(self.manifest.guest, self.manifest.epoch)
+    }
 }
 
 /// What thinning leaves in place of a run of dropped epochs: the chain
@@ -296,16 +482,22 @@ pub fn index_key(id: &ChunkId) -> String {
     format!("index/{}", id.to_hex())
 }
 
-/// Prefix of a guest's epoch objects.
+/// Prefix of a guest's segments.
 #[must_use]
-pub fn epochs_prefix(guest: GuestId) -> String {
-    format!("epochs/{:016x}/", guest.0)
+pub fn segments_prefix(guest: GuestId) -> String {
+    format!("segments/{:016x}/", guest.0)
 }
 
-/// Key of an epoch object.
+/// Prefix of a guest's checkpoints.
 #[must_use]
-pub fn epoch_key(guest: GuestId, epoch: EpochId) -> String {
-    format!("{}{:020}", epochs_prefix(guest), epoch.0)
+pub fn checkpoints_prefix(guest: GuestId) -> String {
+    format!("checkpoints/{:016x}/", guest.0)
+}
+
+/// Key of a checkpoint.
+#[must_use]
+pub fn checkpoint_key(guest: GuestId, epoch: EpochId) -> String {
+    format!("{}{:020}", checkpoints_prefix(guest), epoch.0)
 }
 
 /// Prefix of a guest's bridges.
@@ -320,9 +512,9 @@ pub fn bridge_key(b: &BridgeObject) -> String {
     format!("{}{:020}-{:020}", bridges_prefix(b.guest), b.bridge.first.0, b.bridge.last.0)
 }
 
-/// The epoch named by an epoch object's key.
+/// The epoch named by a checkpoint's key.
 #[must_use]
-pub fn epoch_of_key(key: &str) -> Option<EpochId> {
+pub fn checkpoint_epoch(key: &str) -> Option<EpochId> {
     key.rsplit('/').next()?.parse().ok().map(EpochId)
 }
 
@@ -335,7 +527,8 @@ mod tests {
         #[test]
         fn garbage_never_decodes(b in proptest::collection::vec(any::<u8>(), 0..400)) {
             prop_assert!(decode_index(&b).is_err());
-            prop_assert!(decode_epoch(&b).is_err());
+            prop_assert!(SegmentObject::decode(&b).is_err());
+            prop_assert!(CheckpointObject::decode(&b).is_err());
             prop_assert!(BridgeObject::decode(&b).is_err());
         }
 
@@ -348,6 +541,68 @@ mod tests {
             };
             prop_assert_eq!(BridgeObject::decode(&b.encode()).unwrap(), b);
         }
+    }
+
+    fn manifest(epoch: u64, page_count: u64) -> Manifest {
+        Manifest {
+            guest: GuestId(5),
+            epoch: EpochId(epoch),
+            parent: ChunkId([epoch as u8; 32]),
+            time_unix_ns: epoch * 10,
+            page_count,
+            dirty_pages: 0,
+            memory_root: ChunkId::default(),
+            page_delta: ChunkId::default(),
+            device_state: ChunkId([3; 32]),
+            instance: 1,
+            pause_ns: 0,
+            wire_bytes: 0,
+            new_chunk_bytes: 0,
+            generation: 0,
+            commit_unix_ns: epoch * 10,
+        }
+    }
+
+    #[test]
+    fn segments_round_trip_and_refuse_epochs_outside_their_span() {
+        let pages = vec![(Pfn(1), ChunkId([1; 32])), (Pfn(9), ChunkId([2; 32]))];
+        let seg = SegmentObject {
+            guest: GuestId(5),
+            first: EpochId(10),
+            last: EpochId(14),
+            packs: vec![ChunkId([7; 32])],
+            epochs: vec![(manifest(10, 16), pages.clone()), (manifest(12, 16), vec![]), (manifest(14, 16), pages)],
+        };
+        assert_eq!(SegmentObject::decode(&seg.encode()).unwrap(), seg);
+        assert_eq!(segment_first(&seg.key()), Some(EpochId(10)));
+        assert_eq!(segment_first(&seg.rewritten_key()), Some(EpochId(10)));
+        assert!(seg.rewritten_key().ends_with("-t3"));
+        let outside = SegmentObject { last: EpochId(13), ..seg.clone() };
+        assert!(SegmentObject::decode(&outside.encode()).is_err());
+        let mut unordered = seg.clone();
+        unordered.epochs.swap(0, 1);
+        assert!(SegmentObject::decode(&unordered.encode()).is_err());
+        let mut bad = seg.encode();
+        bad[60] ^= 1;
+        assert!(SegmentObject::decode(&bad).is_err());
+    }
+
+    #[test]
+    fn a_checkpoint_must_hash_to_its_manifest_root() {
+        let pages = vec![(Pfn(0), ChunkId([1; 32])), (Pfn(15), ChunkId([2; 32]))];
+        let mut digest = remus_types::MemoryDigest::zeroed(16);
+        for (pfn, id) in &pages {
+            digest.set(*pfn, *id);
+        }
+        let mut m = manifest(20, 16);
+        m.memory_root = digest.root();
+        let c = CheckpointObject { manifest: m.clone(), packs: vec![ChunkId([4; 32])], pages: pages.clone() };
+        assert_eq!(CheckpointObject::decode(&c.encode()).unwrap(), c);
+        assert_eq!(checkpoint_epoch(&c.key()), Some(EpochId(20)));
+        let wrong = CheckpointObject { pages: vec![pages[0]], ..c.clone() };
+        assert!(CheckpointObject::decode(&wrong.encode()).unwrap_err().to_string().contains("memory root"));
+        let beyond = CheckpointObject { pages: vec![(Pfn(16), ChunkId([2; 32]))], ..c };
+        assert!(CheckpointObject::decode(&beyond.encode()).is_err());
     }
 
     #[test]

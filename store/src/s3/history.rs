@@ -1,11 +1,17 @@
-//! Reading the S3 tier back: epochs, bridges, pack indexes and chunks,
-//! checked as they arrive, for restore after site loss.
+//! Reading the S3 tier back: segments, checkpoints, bridges, pack
+//! indexes and chunks, checked as they arrive, for restore after site
+//! loss.
+//!
+//! A read is planned from the keys alone (one listing per kind): for a
+//! target epoch it takes the newest kept checkpoint at or before it and
+//! the segments from there on, so what it reads is bounded by the epochs
+//! it needs, not by the length of the history.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use remus_types::{ChunkId, EpochId, GuestId, Pfn};
 
-use super::format::{self, BridgeObject, PackEntry};
+use super::format::{self, BridgeObject, CheckpointObject, PackEntry, SegmentObject};
 use super::{S3Client, S3Config, S3Error};
 use crate::chain::{Bridge, ChainWalk};
 use crate::db::decode_chunk_value;
@@ -28,13 +34,60 @@ pub struct S3Epoch {
     pub pages: Vec<(Pfn, ChunkId)>,
 }
 
-/// A guest's whole history in S3 (manifests and page lists, no chunks).
+/// A guest's history in S3, or the part of it a read needed (manifests
+/// and page lists, no chunks).
 #[derive(Debug, Clone, Default)]
 pub struct S3History {
-    /// Kept epochs, oldest first.
+    /// The page table the read started from (`None`: the first epoch).
+    pub base: Option<CheckpointObject>,
+    /// Kept epochs read, oldest first (from the base's epoch on).
     pub epochs: Vec<S3Epoch>,
     /// Thinned runs, oldest first.
     pub bridges: Vec<BridgeObject>,
+    /// Packs the objects read name as holding their chunks.
+    pub packs: BTreeSet<ChunkId>,
+    /// Objects read (segments, checkpoint and bridges).
+    pub objects_read: u64,
+}
+
+/// Which part of a guest's history a read needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reach {
+    /// Page tables will be wanted at this epoch and later only, so the
+    /// read may start from a checkpoint at or before it (`None`: read
+    /// from the first epoch).
+    pub from: Option<EpochId>,
+    /// Nothing after this epoch is read (`None`: up to the newest).
+    pub upto: Option<EpochId>,
+}
+
+impl Reach {
+    /// Everything, from the first epoch.
+    pub const ALL: Self = Self { from: None, upto: None };
+    /// The newest epoch (from the newest checkpoint on).
+    pub const LATEST: Self = Self { from: Some(EpochId(u64::MAX)), upto: None };
+
+    /// One epoch: from the checkpoint before it, up to it.
+    #[must_use]
+    pub fn epoch(e: EpochId) -> Self {
+        Self { from: Some(e), upto: Some(e) }
+    }
+
+    fn upto(&self) -> EpochId {
+        self.upto.unwrap_or(EpochId(u64::MAX))
+    }
+}
+
+/// A listed segment: its key and span.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentKey {
+    /// Its key.
+    pub key: String,
+    /// First epoch of its span.
+    pub first: EpochId,
+    /// Last epoch of its span (the epoch before the next segment's first;
+    /// the largest epoch for the newest).
+    pub last: EpochId,
 }
 
 impl S3Tier {
@@ -74,10 +127,10 @@ impl S3Tier {
     /// # Errors
     /// As S3 answers.
     pub fn guests(&self) -> Result<Vec<GuestId>, StoreError> {
-        // One entry per guest, not per epoch object.
+        // One entry per guest, not per segment.
         let mut g: Vec<GuestId> = self
             .client
-            .list_folders("epochs/")?
+            .list_folders("segments/")?
             .iter()
             .filter_map(|p| p.split('/').nth(1).and_then(|h| u64::from_str_radix(h, 16).ok()))
             .map(GuestId)
@@ -86,33 +139,97 @@ impl S3Tier {
         Ok(g)
     }
 
-    /// Epochs of `guest` with an epoch object, ascending.
+    /// `guest`'s segments, by first epoch.
     ///
     /// # Errors
     /// As S3 answers.
-    pub fn epoch_ids(&self, guest: GuestId) -> Result<Vec<EpochId>, StoreError> {
+    pub fn segment_keys(&self, guest: GuestId) -> Result<Vec<SegmentKey>, StoreError> {
+        let mut v: Vec<SegmentKey> = self
+            .client
+            .list(&format::segments_prefix(guest))?
+            .into_iter()
+            .filter_map(|l| format::segment_first(&l.key).map(|first| SegmentKey { key: l.key, first, last: EpochId(u64::MAX) }))
+            .collect();
+        v.sort_by(|a, b| (a.first, &a.key).cmp(&(b.first, &b.key)));
+        // Each span ends where the next distinct one starts (a segment
+        // being rewritten by thinning shares its first epoch).
+        let mut next = EpochId(u64::MAX);
+        for i in (0..v.len()).rev() {
+            if i + 1 < v.len() && v[i + 1].first != v[i].first {
+                next = EpochId(v[i + 1].first.0 - 1);
+            }
+            v[i].last = next;
+        }
+        Ok(v)
+    }
+
+    /// Epochs of `guest` with a checkpoint, ascending.
+    ///
+    /// # Errors
+    /// As S3 answers.
+    pub fn checkpoint_epochs(&self, guest: GuestId) -> Result<Vec<EpochId>, StoreError> {
         let mut v: Vec<EpochId> =
-            self.client.list(&format::epochs_prefix(guest))?.iter().filter_map(|l| format::epoch_of_key(&l.key)).collect();
+            self.client.list(&format::checkpoints_prefix(guest))?.iter().filter_map(|l| format::checkpoint_epoch(&l.key)).collect();
         v.sort_unstable();
         Ok(v)
     }
 
-    /// Reads one epoch object, checking it against its key and its
-    /// manifest's page delta.
+    /// Reads one segment, checking it against its key and each page list
+    /// against its manifest.
     ///
     /// # Errors
     /// [`StoreError::Corrupt`] naming the object; S3 errors.
-    pub fn epoch(&self, guest: GuestId, epoch: EpochId) -> Result<S3Epoch, StoreError> {
-        let key = format::epoch_key(guest, epoch);
-        check_epoch(&key, guest, epoch, &self.client.get(&key)?)
+    pub fn segment(&self, guest: GuestId, key: &str) -> Result<SegmentObject, StoreError> {
+        check_segment(key, guest, &self.client.get(key)?)
     }
 
-    /// Every thinning bridge of `guest`, oldest first.
+    /// The newest epoch of `guest` paused at or before `time_unix_ns`
+    /// (times taken as rising with epochs, as the local lookup does),
+    /// found by bisecting the segments: about log2(segments) + 1 read.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] naming a damaged segment; S3 errors.
+    pub fn epoch_at(&self, guest: GuestId, time_unix_ns: u64) -> Result<Option<EpochId>, StoreError> {
+        let segments = self.segment_keys(guest)?;
+        let dropped: Vec<(EpochId, EpochId)> =
+            self.client.list(&format::bridges_prefix(guest))?.iter().filter_map(|l| format::bridge_span(&l.key)).collect();
+        let kept = |e: EpochId| !dropped.iter().any(|(f, l)| *f <= e && e <= *l);
+        // The last segment whose first epoch is at or before the time.
+        let (mut lo, mut hi) = (0, segments.len());
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            let seg = self.segment(guest, &segments[mid].key)?;
+            if seg.epochs.first().is_some_and(|(m, _)| m.time_unix_ns <= time_unix_ns) {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        // In it, the newest kept epoch at or before the time; before it,
+        // when thinning left none there.
+        for s in segments[..lo].iter().rev() {
+            let seg = self.segment(guest, &s.key)?;
+            let at = seg.epochs.iter().take_while(|(m, _)| m.time_unix_ns <= time_unix_ns).filter(|(m, _)| kept(m.epoch)).last();
+            if let Some((m, _)) = at {
+                return Ok(Some(m.epoch));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Every thinning bridge of `guest` ending at or after `from`, oldest
+    /// first.
     ///
     /// # Errors
     /// [`StoreError::Corrupt`] naming the object; S3 errors.
-    pub fn bridges(&self, guest: GuestId) -> Result<Vec<BridgeObject>, StoreError> {
-        let keys: Vec<String> = self.client.list(&format::bridges_prefix(guest))?.into_iter().map(|l| l.key).collect();
+    pub fn bridges(&self, guest: GuestId, from: EpochId) -> Result<Vec<BridgeObject>, StoreError> {
+        let keys: Vec<String> = self
+            .client
+            .list(&format::bridges_prefix(guest))?
+            .into_iter()
+            .map(|l| l.key)
+            .filter(|k| format::bridge_span(k).is_none_or(|(_, last)| last >= from))
+            .collect();
         let mut out = Vec::with_capacity(keys.len());
         for (key, body) in keys.iter().zip(self.client.get_many(&keys)?) {
             out.push(BridgeObject::decode(&body).map_err(|e| e.at(format!("s3 {key}")))?);
@@ -121,29 +238,105 @@ impl S3Tier {
         Ok(out)
     }
 
-    /// A guest's history up to `upto` (everything when `None`), with
-    /// every object checked and the manifest chain walked across bridges.
+    /// The newest checkpoint of `guest` at or before `at` whose epoch is
+    /// kept; a damaged one is passed over (it only saves reading), with a
+    /// warning.
+    fn base(&self, guest: GuestId, at: EpochId, dropped: &[(EpochId, EpochId)]) -> Result<Option<CheckpointObject>, StoreError> {
+        let spanned = |e: EpochId| dropped.iter().any(|(f, l)| *f <= e && e <= *l);
+        for e in self.checkpoint_epochs(guest)?.into_iter().rev().filter(|e| *e <= at && !spanned(*e)) {
+            let key = format::checkpoint_key(guest, e);
+            match self.client.get(&key).map_err(StoreError::from).and_then(|b| CheckpointObject::decode(&b)) {
+                Ok(c) if c.manifest.guest == guest && c.manifest.epoch == e => return Ok(Some(c)),
+                Ok(_) => tracing::warn!(key, "passing over a checkpoint that names another epoch"),
+                Err(StoreError::S3(S3Error::NotFound(_))) => {}
+                Err(err) => {
+                    if !matches!(err, StoreError::Corrupt { .. }) {
+                        return Err(err);
+                    }
+                    tracing::warn!(key, error = %err, "passing over a damaged checkpoint");
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The part of a guest's history that `reach` needs, with every
+    /// object checked and the manifest chain walked across bridges (from
+    /// the checkpoint it starts at, whose table hashes to its manifest's
+    /// memory root); `progress(done, total)` counts segments.
     ///
     /// # Errors
     /// [`StoreError::NoGuest`] when S3 holds nothing of it,
-    /// [`StoreError::Corrupt`] naming the damaged object or broken link.
-    pub fn history(&self, guest: GuestId, upto: Option<EpochId>, progress: &mut dyn FnMut(u64, u64)) -> Result<S3History, StoreError> {
-        let ids: Vec<EpochId> = self.epoch_ids(guest)?.into_iter().filter(|e| upto.is_none_or(|u| *e <= u)).collect();
-        if ids.is_empty() {
+    /// [`StoreError::Corrupt`] naming the damaged object or broken link,
+    /// or two segments that disagree about an epoch.
+    pub fn history(&self, guest: GuestId, reach: Reach, progress: &mut dyn FnMut(u64, u64)) -> Result<S3History, StoreError> {
+        let segments = self.segment_keys(guest)?;
+        if segments.is_empty() {
             return Err(StoreError::NoGuest(guest));
         }
-        let mut epochs = Vec::with_capacity(ids.len());
-        for batch in ids.chunks(256) {
-            let keys: Vec<String> = batch.iter().map(|e| format::epoch_key(guest, *e)).collect();
-            for ((key, e), body) in keys.iter().zip(batch).zip(self.client.get_many(&keys)?) {
-                epochs.push(check_epoch(key, guest, *e, &body)?);
+        let dropped: Vec<(EpochId, EpochId)> =
+            self.client.list(&format::bridges_prefix(guest))?.iter().filter_map(|l| format::bridge_span(&l.key)).collect();
+        let base = match reach.from {
+            Some(from) => self.base(guest, from.min(reach.upto()), &dropped)?,
+            None => None,
+        };
+        let lo = base.as_ref().map_or(EpochId(0), |c| c.manifest.epoch);
+        let bridges = self.bridges(guest, lo)?;
+        let wanted: Vec<&SegmentKey> = segments.iter().filter(|s| s.last >= lo && s.first <= reach.upto()).collect();
+        let mut by_epoch: BTreeMap<EpochId, (S3Epoch, usize)> = BTreeMap::new();
+        let mut packs: BTreeSet<ChunkId> = base.iter().flat_map(|c| c.packs.iter().copied()).collect();
+        let mut read = 0;
+        for batch in wanted.chunks(64) {
+            let keys: Vec<String> = batch.iter().map(|s| s.key.clone()).collect();
+            for (i, body) in self.client.get_many(&keys)?.into_iter().enumerate() {
+                let at = read + i;
+                let seg = check_segment(&wanted[at].key, guest, &body)?;
+                packs.extend(seg.packs);
+                for (manifest, pages) in seg.epochs {
+                    let e = manifest.epoch;
+                    if e < lo || e > reach.upto() || bridges.iter().any(|b| b.bridge.spans(e)) {
+                        continue;
+                    }
+                    match by_epoch.get(&e) {
+                        Some((have, _)) if have.manifest == manifest && have.pages == pages => {}
+                        Some((_, other)) => {
+                            return Err(StoreError::malformed(
+                                format!("s3 {} and {}", wanted[*other].key, wanted[at].key),
+                                format!("they disagree about epoch {e} (two writers?)"),
+                            ))
+                        }
+                        None => {
+                            by_epoch.insert(e, (S3Epoch { manifest, pages }, at));
+                        }
+                    }
+                }
             }
-            progress(epochs.len() as u64, ids.len() as u64);
+            read += batch.len();
+            progress(read as u64, wanted.len() as u64);
         }
-        let bridges = self.bridges(guest)?;
-        check_chain(&epochs, &bridges)
-            .map_err(|(epoch, why)| StoreError::malformed(format!("s3 {guest} epoch {epoch} manifest chain"), why.to_string()))?;
-        Ok(S3History { epochs, bridges })
+        let epochs: Vec<S3Epoch> = by_epoch.into_values().map(|(e, _)| e).collect();
+        if epochs.is_empty() {
+            return Err(StoreError::NoGuest(guest));
+        }
+        let links: Vec<Bridge> = bridges.iter().map(|b| b.bridge).collect();
+        let mut walk = ChainWalk::new(&links);
+        let mut rest = &epochs[..];
+        if let Some(c) = &base {
+            if epochs[0].manifest != c.manifest {
+                return Err(StoreError::malformed(
+                    format!("s3 {}", c.key()),
+                    "its manifest is not the one the segments hold for its epoch",
+                ));
+            }
+            walk = ChainWalk::after(&links, &c.manifest);
+            rest = &epochs[1..];
+        }
+        for e in rest {
+            walk.step(&e.manifest)
+                .map_err(|why| StoreError::malformed(format!("s3 {guest} epoch {} manifest chain", e.manifest.epoch), why.to_string()))?;
+        }
+        let objects_read = read as u64 + u64::from(base.is_some()) + bridges.len() as u64;
+        Ok(S3History { base, epochs, bridges, packs, objects_read })
     }
 
     /// Every pack index: chunk id → (pack, entry).
@@ -164,19 +357,32 @@ impl S3Tier {
         Ok(out)
     }
 
-    /// Fetches the chunks in `wanted`, a pack at a time (memory: two
-    /// packs), verifying each against its id, and hands each to `f`.
+    /// The locations of `wanted` from the indexes of `packs` alone (what
+    /// the objects read name), or, when those miss one (repacked since),
+    /// from every index.
     ///
     /// # Errors
-    /// [`StoreError::ChunkMissing`] when no pack holds one,
-    /// [`StoreError::Corrupt`] naming pack and chunk when one is damaged,
-    /// S3 errors, or what `f` returns.
-    pub fn fetch_chunks(
-        &self,
-        wanted: impl IntoIterator<Item = ChunkId>,
-        f: impl FnMut(ChunkId, Vec<u8>) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
-        self.fetch_located(&self.chunk_locations()?, wanted, f)
+    /// [`StoreError::Corrupt`] naming a damaged index; S3 errors.
+    pub fn locate(&self, packs: &BTreeSet<ChunkId>, wanted: &[ChunkId]) -> Result<HashMap<ChunkId, (ChunkId, PackEntry)>, StoreError> {
+        let keys: Vec<String> = packs.iter().map(format::index_key).collect();
+        let mut out = HashMap::new();
+        for batch in keys.chunks(64) {
+            let bodies = match self.client.get_many(batch) {
+                Ok(b) => b,
+                // Repacked since: the fallback below reads every index.
+                Err(S3Error::NotFound(_)) => break,
+                Err(e) => return Err(e.into()),
+            };
+            for (key, body) in batch.iter().zip(bodies) {
+                let ix = format::decode_index(&body).map_err(|e| e.at(format!("s3 {key}")))?;
+                out.extend(ix.entries.into_iter().map(|e| (e.id, (ix.pack, e))));
+            }
+        }
+        if wanted.iter().all(|id| out.contains_key(id)) {
+            return Ok(out);
+        }
+        tracing::info!("a chunk is not where the history says (repacked since): reading every pack index");
+        self.chunk_locations()
     }
 
     /// One chunk, verified against its id, by a ranged read of its pack
@@ -191,6 +397,22 @@ impl S3Tier {
         let value = self.client.get_range(&format::pack_key(pack), e.offset, u64::from(e.len))?;
         decode_chunk_value(id, &value)
             .map_err(|_| StoreError::malformed(format!("s3 pack {pack}"), format!("chunk {id} does not match its hash")))
+    }
+
+    /// Fetches the chunks in `wanted`, a pack at a time (memory: two
+    /// packs), verifying each against its id, and hands each to `f`;
+    /// locations from every pack index.
+    ///
+    /// # Errors
+    /// [`StoreError::ChunkMissing`] when no pack holds one,
+    /// [`StoreError::Corrupt`] naming pack and chunk when one is damaged,
+    /// S3 errors, or what `f` returns.
+    pub fn fetch_chunks(
+        &self,
+        wanted: impl IntoIterator<Item = ChunkId>,
+        f: impl FnMut(ChunkId, Vec<u8>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        self.fetch_located(&self.chunk_locations()?, wanted, f)
     }
 
     /// As [`fetch_chunks`](Self::fetch_chunks), with the chunk locations
@@ -268,9 +490,15 @@ impl S3History {
 
     /// Every page written at or before `epoch`, with its newest version
     /// at or before it (pages never written are zero).
+    /// `epoch` must be one this history read (at or after its base).
     #[must_use]
     pub fn page_table(&self, epoch: EpochId) -> BTreeMap<Pfn, ChunkId> {
         let mut versions: BTreeMap<Pfn, (EpochId, ChunkId)> = BTreeMap::new();
+        if let Some(c) = &self.base {
+            debug_assert!(epoch >= c.manifest.epoch, "a page table before the history's base");
+            versions.extend(c.pages.iter().map(|(pfn, id)| (*pfn, (c.manifest.epoch, *id))));
+        }
+        let lo = self.base.as_ref().map_or(EpochId(0), |c| c.manifest.epoch);
         let mut put = |pfn: Pfn, e: EpochId, id: ChunkId| {
             if e <= epoch && versions.get(&pfn).is_none_or(|(have, _)| *have < e) {
                 versions.insert(pfn, (e, id));
@@ -282,7 +510,7 @@ impl S3History {
             }
         }
         for b in &self.bridges {
-            for (pfn, e, id) in &b.pages {
+            for (pfn, e, id) in b.pages.iter().filter(|(_, e, _)| *e > lo) {
                 put(*pfn, *e, *id);
             }
         }
@@ -290,24 +518,20 @@ impl S3History {
     }
 }
 
-pub(crate) fn check_epoch(key: &str, guest: GuestId, epoch: EpochId, body: &[u8]) -> Result<S3Epoch, StoreError> {
-    let (manifest, pages) = format::decode_epoch(body).map_err(|e| e.at(format!("s3 {key}")))?;
-    if manifest.guest != guest || manifest.epoch != epoch {
-        return Err(StoreError::malformed(format!("s3 {key}"), "the manifest names another epoch"));
+/// Decodes a segment and checks it against its key, its guest, and each
+/// epoch's page list against its manifest.
+pub(crate) fn check_segment(key: &str, guest: GuestId, body: &[u8]) -> Result<SegmentObject, StoreError> {
+    let seg = SegmentObject::decode(body).map_err(|e| e.at(format!("s3 {key}")))?;
+    if seg.guest != guest || (seg.key() != key && seg.rewritten_key() != key) {
+        return Err(StoreError::malformed(format!("s3 {key}"), "the segment names another guest or span"));
     }
-    if pages.len() as u64 != manifest.dirty_pages || page_delta_hash(&pages) != manifest.page_delta {
-        return Err(StoreError::malformed(format!("s3 {key}"), "the page list does not match the manifest"));
+    for (m, pages) in &seg.epochs {
+        if pages.len() as u64 != m.dirty_pages || page_delta_hash(pages) != m.page_delta {
+            return Err(StoreError::malformed(
+                format!("s3 {key}"),
+                format!("the page list of epoch {} does not match its manifest", m.epoch),
+            ));
+        }
     }
-    Ok(S3Epoch { manifest, pages })
-}
-
-/// Walks the chain of kept manifests (see `chain.rs`); returns the first
-/// epoch whose link fails, and how.
-pub(crate) fn check_chain(epochs: &[S3Epoch], bridges: &[BridgeObject]) -> Result<(), (EpochId, crate::ChainBreak)> {
-    let links: Vec<Bridge> = bridges.iter().map(|b| b.bridge).collect();
-    let mut walk = ChainWalk::new(&links);
-    for e in epochs {
-        walk.step(&e.manifest).map_err(|why| (e.manifest.epoch, why))?;
-    }
-    Ok(())
+    Ok(seg)
 }

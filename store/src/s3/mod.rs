@@ -6,7 +6,10 @@
 //! - `packs/<blake3>`: chunk values packed to tens of MiB, named by their
 //!   own hash;
 //! - `index/<pack blake3>`: where each chunk sits in that pack;
-//! - `epochs/<guest>/<epoch>`: an epoch's manifest and page list;
+//! - `segments/<guest>/<first>-<last>-<count>`: a run of epochs (manifests
+//!   and page lists), one per guest per upload pass;
+//! - `checkpoints/<guest>/<epoch>`: the whole page table at one epoch, where
+//!   readers start;
 //! - `bridges/<guest>/<first>-<last>`: what thinning left of a dropped run.
 //!
 //! Every put is conditional (`If-None-Match: *`): nothing is overwritten,
@@ -22,10 +25,10 @@ mod upload;
 mod verify;
 
 pub use archive::ArchiveReport;
-pub use history::{S3Epoch, S3History, S3Tier};
+pub use history::{Reach, S3Epoch, S3History, S3Tier, SegmentKey};
 pub use remus_s3::{Listed, ListedVersion, S3Client, S3Config, S3Error};
 pub use retention::S3RetentionReport;
-pub use upload::{apply_retention, RetentionRun, UploadReport, Uploader, MAX_PENDING};
+pub use upload::{apply_retention, RetentionRun, UploadReport, Uploader, CHECKPOINT_PAGES, CHECKPOINT_SEGMENTS, MAX_PENDING};
 
 #[cfg(test)]
 pub(crate) mod tests;

@@ -2,10 +2,13 @@
 //!
 //! Thinning happens locally first (only on epochs S3 already holds);
 //! [`S3Tier::mirror_thinning`] then makes S3 match: it puts a bridge
-//! object for each local bridge it lacks, deletes the epoch objects of
-//! dropped epochs, then deletes bridges a merged one replaced. Every step
-//! is idempotent and ordered so that a reader, or a crash, between any
-//! two of them finds every kept epoch restorable. [`S3Tier::gc`] deletes
+//! object for each local bridge it lacks, rewrites each segment holding
+//! dropped epochs without them (the new one put before the old one is
+//! deleted; readers pass over epochs a bridge spans and merge segments
+//! that overlap), moves each checkpoint at a dropped epoch to the next
+//! kept one, then deletes bridges a merged one replaced. Every step is
+//! idempotent and ordered so that a reader, or a crash, between any two
+//! of them finds every kept epoch restorable. [`S3Tier::gc`] deletes
 //! packs none of whose chunks a kept epoch references, forgetting their
 //! chunks' upload marks first so the uploader sends such content again
 //! if it reappears, and repacks packs that are mostly dead: their live
@@ -18,6 +21,7 @@ use std::collections::HashSet;
 use remus_types::{ChunkId, EpochId};
 
 use super::format::{self, BridgeObject, PackBuilder, PackIndex};
+use super::upload::ok_if_exists;
 use super::{S3Error, S3Tier};
 use crate::db::Store;
 use crate::error::StoreError;
@@ -27,8 +31,13 @@ use crate::error::StoreError;
 pub struct S3RetentionReport {
     /// Bridge objects put.
     pub bridges_put: u64,
-    /// Epoch objects deleted.
+    /// Epochs removed from segments.
     pub epochs_deleted: u64,
+    /// Segments rewritten without their dropped epochs (or deleted when
+    /// none was left).
+    pub segments_rewritten: u64,
+    /// Checkpoints moved from a dropped epoch to the next kept one.
+    pub checkpoints_moved: u64,
     /// Packs deleted (with their indexes).
     pub packs_deleted: u64,
     /// Packs kept.
@@ -70,11 +79,34 @@ impl S3Tier {
                 wanted.insert(key);
             }
             let dropped = |e: EpochId| local.iter().any(|b| b.spans(e));
-            for e in self.epoch_ids(guest)? {
-                if dropped(e) {
-                    self.client.delete(&format::epoch_key(guest, e), None)?;
-                    r.epochs_deleted += 1;
+            let spans_some = |first: EpochId, last: EpochId| local.iter().any(|b| b.first <= last && first <= b.last);
+            for s in self.segment_keys(guest)? {
+                if !spans_some(s.first, s.last) {
+                    continue;
                 }
+                let mut seg = self.segment(guest, &s.key)?;
+                let before = seg.epochs.len();
+                seg.epochs.retain(|(m, _)| !dropped(m.epoch));
+                if seg.epochs.len() == before {
+                    continue;
+                }
+                r.epochs_deleted += (before - seg.epochs.len()) as u64;
+                if !seg.epochs.is_empty() {
+                    ok_if_exists(self.client.put_new(&seg.rewritten_key(), seg.encode()))?;
+                }
+                self.client.delete(&s.key, None)?;
+                r.segments_rewritten += 1;
+            }
+            for e in self.checkpoint_epochs(guest)?.into_iter().filter(|e| dropped(*e)) {
+                // Readers start at checkpoints of kept epochs only; the
+                // next kept epoch takes this one's place.
+                if let Some(next) = store.kept_epoch_near(guest, e, true)? {
+                    if next <= store.s3_cursor(guest)? {
+                        self.put_checkpoint(store, &store.manifest(guest, next)?)?;
+                        r.checkpoints_moved += 1;
+                    }
+                }
+                self.client.delete(&format::checkpoint_key(guest, e), None)?;
             }
             for key in in_s3.difference(&wanted) {
                 self.client.delete(key, None)?;

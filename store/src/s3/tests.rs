@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use remus_types::{ChunkId, EpochId, GuestId, Pfn, PAGE_SIZE};
 
-use super::format::{epoch_key, pack_key};
+use super::format::{pack_key, SegmentObject};
 use super::*;
 use crate::{Damage, EpochCommit, Store, StoreError, StoreOptions, StoredChunk};
 use remus_types::content_id;
@@ -33,6 +33,16 @@ fn page(seed: u64) -> Vec<u8> {
 
 /// Commits `epochs` epochs of 12 changing pages each over 64 pages.
 pub(crate) fn fill(store: &Store, guest: GuestId, from: u64, epochs: u64) {
+    // Memory roots as a primary records them: over the whole page table.
+    let mut digest = remus_types::MemoryDigest::zeroed(64);
+    if from > 1 {
+        store
+            .for_each_page_at(guest, EpochId(from - 1), |p, id| {
+                digest.set(p, id);
+                Ok(())
+            })
+            .unwrap();
+    }
     for e in from..from + epochs {
         let mut c = EpochCommit {
             guest,
@@ -49,9 +59,31 @@ pub(crate) fn fill(store: &Store, guest: GuestId, from: u64, epochs: u64) {
             c.pages.push((Pfn(pfn), id));
             c.chunks.push((id, StoredChunk::Zstd(zstd::bulk::compress(&p, 1).unwrap())));
         }
+        c.pages.sort_unstable_by_key(|(p, _)| *p);
+        for (p, id) in &c.pages {
+            digest.set(*p, *id);
+        }
+        c.memory_root = digest.root();
         c.device_state = format!("dev {e}").into_bytes();
         store.commit(c).unwrap();
     }
+}
+
+/// The local page table of `g` at `e`.
+fn local_table(store: &Store, g: GuestId, e: EpochId) -> std::collections::BTreeMap<Pfn, ChunkId> {
+    let mut table = std::collections::BTreeMap::new();
+    store
+        .for_each_page_at(g, e, |p, id| {
+            table.insert(p, id);
+            Ok(())
+        })
+        .unwrap();
+    table
+}
+
+/// The key of the segment whose span starts at `first`.
+fn segment_key(g: GuestId, first: u64) -> String {
+    format!("{}{first:020}", format::segments_prefix(g))
 }
 
 fn flip(client: &S3Client, key: &str, at: usize) {
@@ -69,27 +101,24 @@ fn epochs_upload_in_packs_and_read_back_exactly_from_s3_alone() {
     fill(&store, g, 1, 30);
     let tier = S3Tier::connect(&test_config("upload")).unwrap();
     let r = tier.upload_pending(&store, &|| false).unwrap();
-    assert_eq!(r.epochs, 30);
+    assert_eq!((r.epochs, r.segments, r.checkpoints), (30, 1, 0), "one segment for the pass: {r:?}");
     assert!(r.packs >= 2, "64 KiB packs: {r:?}");
+    assert_eq!(r.requests, 2 * r.packs + 1, "packs and indexes, one segment: {r:?}");
     assert_eq!(store.s3_cursor(g).unwrap(), EpochId(30));
     // Nothing left: a second pass puts nothing.
     assert_eq!(tier.upload_pending(&store, &|| false).unwrap(), UploadReport::default());
     fill(&store, g, 31, 5);
-    assert_eq!(tier.upload_pending(&store, &|| false).unwrap().epochs, 5);
+    let r = tier.upload_pending(&store, &|| false).unwrap();
+    assert_eq!((r.epochs, r.segments, r.checkpoints), (5, 1, 0), "{r:?}");
 
     // Every epoch's page table and chunk content, from S3 alone.
     assert_eq!(tier.guests().unwrap(), [g], "one entry for the guest, whatever its epochs");
-    let h = tier.history(g, None, &mut |_, _| {}).unwrap();
+    let h = tier.history(g, Reach::ALL, &mut |_, _| {}).unwrap();
     assert_eq!(h.epochs.len(), 35);
+    assert_eq!(h.objects_read, 2);
     for e in [1u64, 17, 35] {
         let table = h.page_table(EpochId(e));
-        let mut local = std::collections::BTreeMap::new();
-        store
-            .for_each_page_at(g, EpochId(e), |p, id| {
-                local.insert(p, id);
-                Ok(())
-            })
-            .unwrap();
+        let local = local_table(&store, g, EpochId(e));
         assert_eq!(table, local, "epoch {e}");
         let mut got = 0;
         tier.fetch_chunks(table.values().copied().collect::<std::collections::HashSet<_>>(), |id, data| {
@@ -104,6 +133,47 @@ fn epochs_upload_in_packs_and_read_back_exactly_from_s3_alone() {
     let report = tier.verify(&mut |_| {}).unwrap();
     assert_eq!(report.damage, vec![]);
     assert_eq!(report.manifests, 35);
+}
+
+#[test]
+fn a_read_near_the_start_or_the_end_of_a_long_history_reads_a_bounded_number_of_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(4);
+    let tier = S3Tier::connect(&test_config("bounded")).unwrap();
+    // 40 passes of 5 epochs, 60 pages each: a checkpoint every fifth pass
+    // (over 4 times this 64-page guest's size, after at least 4 segments).
+    let mut checkpoints = 0;
+    for pass in 0..40 {
+        fill(&store, g, 1 + pass * 5, 5);
+        checkpoints += tier.upload_pending(&store, &|| false).unwrap().checkpoints;
+    }
+    assert_eq!(tier.segment_keys(g).unwrap().len(), 40);
+    assert_eq!(checkpoints, 8);
+    assert_eq!(tier.checkpoint_epochs(g).unwrap(), (1..=8).map(|k| EpochId(k * 25)).collect::<Vec<_>>());
+    for target in [3u64, 24, 101, 196, 200] {
+        let h = tier.history(g, Reach::epoch(EpochId(target)), &mut |_, _| {}).unwrap();
+        // At most a checkpoint and the six segments from it to the target,
+        // however long the history.
+        assert!(h.objects_read <= 7, "epoch {target}: {} objects", h.objects_read);
+        assert_eq!(h.page_table(EpochId(target)), local_table(&store, g, EpochId(target)), "epoch {target}");
+        assert_eq!(h.epochs.last().unwrap().manifest, store.manifest(g, EpochId(target)).unwrap());
+    }
+    // A time, by bisecting the segments.
+    assert_eq!(tier.epoch_at(g, 137_500).unwrap(), Some(EpochId(137)));
+    assert_eq!(tier.epoch_at(g, 5_000).unwrap(), Some(EpochId(5)));
+    assert_eq!(tier.epoch_at(g, 999).unwrap(), None, "before the first epoch");
+    assert_eq!(tier.epoch_at(g, u64::MAX).unwrap(), Some(EpochId(200)));
+    let latest = tier.history(g, Reach::LATEST, &mut |_, _| {}).unwrap();
+    assert_eq!(latest.objects_read, 2, "the checkpoint at 200 and the segment ending there");
+    assert_eq!(latest.epochs.last().unwrap().manifest.epoch, EpochId(200));
+    // A damaged checkpoint is passed over for the one before it.
+    flip(tier.client(), &format::checkpoint_key(g, EpochId(200)), 300);
+    let h = tier.history(g, Reach::epoch(EpochId(200)), &mut |_, _| {}).unwrap();
+    assert_eq!(h.base.as_ref().map(|c| c.manifest.epoch), Some(EpochId(175)));
+    assert_eq!(h.page_table(EpochId(200)), local_table(&store, g, EpochId(200)));
+    let damage = tier.verify(&mut |_| {}).unwrap().damage;
+    assert!(matches!(&damage[..], [Damage::ObjectCorrupt { key, .. }] if *key == format::checkpoint_key(g, EpochId(200))), "{damage:?}");
 }
 
 #[test]
@@ -127,7 +197,18 @@ fn an_outage_leaves_a_backlog_that_drains_and_a_second_writer_cannot_overwrite()
     // S3 back: the whole backlog drains.
     let tier = S3Tier::connect(&cfg).unwrap();
     assert_eq!(tier.upload_pending(&store, &|| false).unwrap().epochs, 15);
-    assert_eq!(tier.epoch_ids(g).unwrap().len(), 15);
+    assert_eq!(tier.segment_keys(g).unwrap().len(), 1);
+
+    // A pass that stopped before its cursor moved (here: another store
+    // with the same history, and more of it) finds its segment in place
+    // and puts only what follows.
+    let dir3 = tempfile::tempdir().unwrap();
+    let same = Store::open(dir3.path(), StoreOptions::default()).unwrap();
+    fill(&same, g, 1, 20);
+    let r = tier.upload_pending(&same, &|| false).unwrap();
+    assert_eq!((r.epochs, r.segments), (20, 1), "{r:?}");
+    assert_eq!(tier.segment_keys(g).unwrap().iter().map(|s| s.first.0).collect::<Vec<_>>(), [1, 16]);
+    assert_eq!(tier.history(g, Reach::ALL, &mut |_, _| {}).unwrap().epochs.len(), 20);
 
     // Another store with different history under the same prefix and guest
     // must not overwrite ours.
@@ -142,8 +223,8 @@ fn an_outage_leaves_a_backlog_that_drains_and_a_second_writer_cannot_overwrite()
     // epoch 4 differs and is refused.
     assert!(matches!(s, Err(StoreError::S3(S3Error::Conflict(_)))), "{s:?}");
     assert_eq!(other.s3_cursor(g).unwrap(), EpochId(0));
-    let (m, _) = format::decode_epoch(&tier.client().get(&epoch_key(g, EpochId(4))).unwrap()).unwrap();
-    assert_eq!(m, store.manifest(g, EpochId(4)).unwrap(), "the first writer's epoch stands");
+    let seg = SegmentObject::decode(&tier.client().get(&segment_key(g, 1)).unwrap()).unwrap();
+    assert_eq!(seg.epochs[3].0, store.manifest(g, EpochId(4)).unwrap(), "the first writer's epoch stands");
 
     // A bucket that is not there is a clear error.
     let mut missing = cfg.clone();
@@ -166,19 +247,20 @@ fn verify_names_the_damaged_pack_chunk_and_manifest() {
     let ix = format::decode_index(&tier.client().get(&ix_key).unwrap()).unwrap();
     let victim = ix.entries[1];
     flip(tier.client(), &pack_key(&ix.pack), victim.offset as usize + victim.len as usize / 2);
-    // One byte of the manifest in epoch 5's object.
-    flip(tier.client(), &epoch_key(g, EpochId(5)), 8 + 100);
+    // One byte of a manifest in the segment.
+    let seg_key = segment_key(g, 1);
+    flip(tier.client(), &seg_key, 200);
     let report = tier.verify(&mut |_| {}).unwrap();
     assert_eq!(report.damage.len(), 2, "{:?}", report.damage);
     assert_eq!(report.damage[0], Damage::PackChunkCorrupt { pack: ix.pack.to_hex(), chunk: victim.id.to_hex() });
     assert!(
-        matches!(&report.damage[1], Damage::ManifestCorrupt { guest: 2, epoch: 5, reason } if reason.starts_with("corrupt epoch object: checksum mismatch")),
+        matches!(&report.damage[1], Damage::ObjectCorrupt { key, reason } if *key == seg_key && reason.starts_with("corrupt segment: checksum mismatch")),
         "{:?}",
         report.damage
     );
     // Restore-side reads refuse the damage, naming it.
-    let err = tier.history(g, None, &mut |_, _| {}).unwrap_err().to_string();
-    assert!(err.contains("epochs/0000000000000002/00000000000000000005") && err.contains("checksum"), "{err}");
+    let err = tier.history(g, Reach::ALL, &mut |_, _| {}).unwrap_err().to_string();
+    assert!(err.contains("segments/0000000000000002/00000000000000000001") && err.contains("checksum"), "{err}");
     let err = tier.fetch_chunks([victim.id], |_, _| Ok(())).unwrap_err().to_string();
     assert!(err.contains(&ix.pack.to_hex()) && err.contains(&victim.id.to_hex()), "{err}");
     let _ = ChunkId::default();
@@ -196,20 +278,22 @@ fn assert_no_pack_mostly_dead(tier: &S3Tier, store: &Store) {
 }
 
 fn assert_s3_matches_local(tier: &S3Tier, store: &Store, g: GuestId) {
-    let h = tier.history(g, None, &mut |_, _| {}).unwrap();
+    let h = tier.history(g, Reach::ALL, &mut |_, _| {}).unwrap();
     let local = store.manifests(g).unwrap();
     assert_eq!(h.epochs.iter().map(|e| e.manifest.clone()).collect::<Vec<_>>(), local, "S3 keeps exactly the local epochs");
     let mut wanted = std::collections::HashSet::new();
     for m in &local {
-        let mut table = std::collections::BTreeMap::new();
-        store
-            .for_each_page_at(g, m.epoch, |p, id| {
-                table.insert(p, id);
-                Ok(())
-            })
-            .unwrap();
+        let table = local_table(store, g, m.epoch);
         assert_eq!(h.page_table(m.epoch), table, "epoch {}", m.epoch);
+        // And read from the checkpoint before it.
+        let from_checkpoint = tier.history(g, Reach::epoch(m.epoch), &mut |_, _| {}).unwrap();
+        assert_eq!(from_checkpoint.page_table(m.epoch), table, "epoch {} from a checkpoint", m.epoch);
+        // Its time finds it among the segments.
+        assert_eq!(tier.epoch_at(g, m.time_unix_ns).unwrap(), Some(m.epoch));
         wanted.extend(table.into_values());
+    }
+    for e in tier.checkpoint_epochs(g).unwrap() {
+        assert!(local.iter().any(|m| m.epoch == e), "a checkpoint at dropped epoch {e}");
     }
     tier.fetch_chunks(wanted, |id, data| {
         assert_eq!(content_id(&data), id);
@@ -227,14 +311,19 @@ fn thinning_and_gc_are_mirrored_in_s3_and_every_kept_epoch_stays_restorable() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
     let g = GuestId(6);
-    fill(&store, g, 1, 60);
     let tier = S3Tier::connect(&test_config("thin")).unwrap();
-    tier.upload_pending(&store, &|| false).unwrap();
+    // Six passes: a checkpoint after the fourth (480 pages over 64).
+    for pass in 0..6 {
+        fill(&store, g, 1 + pass * 10, 10);
+        tier.upload_pending(&store, &|| false).unwrap();
+    }
+    assert_eq!(tier.checkpoint_epochs(g).unwrap(), [EpochId(40)]);
     let us = Duration::from_micros;
     let policy = RetentionPolicy { rules: vec![KeepRule { within: us(10), every: us(0) }, KeepRule { within: us(1000), every: us(7) }] };
     let run = apply_retention(&store, Some(&tier), &policy).unwrap();
     assert!(run.epochs_dropped > 30, "{run:?}");
     assert_eq!(run.s3.epochs_deleted, run.epochs_dropped);
+    assert!(run.s3.segments_rewritten > 0 && run.s3.checkpoints_moved > 0, "{run:?}");
     assert_no_pack_mostly_dead(&tier, &store);
     assert_s3_matches_local(&tier, &store, g);
     // More history, a coarser policy: bridges merge, the replaced ones go.
@@ -286,14 +375,14 @@ fn an_archive_is_locked_in_compliance_mode_and_restorable() {
     assert_eq!((r.copied, r.present), (objects, 0));
     assert_eq!(tier.archive_to(&archive, 1, &mut |_, _| {}).unwrap().copied, 0, "idempotent");
     // The server refuses to delete a locked version.
-    let versions = archive.client().list_versions("epochs/").unwrap();
-    assert_eq!(versions.len(), 6);
+    let versions = archive.client().list_versions("segments/").unwrap();
+    assert_eq!(versions.len(), 1);
     let v = &versions[0];
     let err = archive.client().delete(&v.key, Some(&v.version)).unwrap_err();
     assert!(matches!(&err, S3Error::Locked { version, .. } if *version == v.version), "{err}");
-    assert_eq!(archive.client().list_versions("epochs/").unwrap().len(), 6);
+    assert_eq!(archive.client().list_versions("segments/").unwrap().len(), 1);
     // And the archive alone restores.
-    let h = archive.history(g, None, &mut |_, _| {}).unwrap();
+    let h = archive.history(g, Reach::ALL, &mut |_, _| {}).unwrap();
     assert_eq!(h.epochs.len(), 6);
     assert_eq!(archive.verify(&mut |_| {}).unwrap().damage, vec![]);
 }
@@ -315,18 +404,17 @@ fn truncated_objects_are_named_and_refused() {
     };
     let last = *ix.entries.last().unwrap();
     cut(&pack_key(&ix.pack), last.offset as usize + 3);
-    cut(&epoch_key(g, EpochId(2)), 200);
+    let seg_key = segment_key(g, 1);
+    cut(&seg_key, 200);
     let damage = tier.verify(&mut |_| {}).unwrap().damage;
     assert!(damage.contains(&Damage::PackCorrupt { pack: ix.pack.to_hex(), reason: "truncated or bad header".into() }), "{damage:?}");
     assert!(damage.contains(&Damage::PackChunkCorrupt { pack: ix.pack.to_hex(), chunk: last.id.to_hex() }), "{damage:?}");
     assert!(
-        damage.iter().any(
-            |d| matches!(d, Damage::ManifestCorrupt { guest: 9, epoch: 2, reason } if reason.starts_with("corrupt epoch object: checksum mismatch"))
-        ),
+        damage.iter().any(|d| matches!(d, Damage::ObjectCorrupt { key, reason } if *key == seg_key && reason.starts_with("corrupt segment: checksum mismatch"))),
         "{damage:?}"
     );
     let err = tier.fetch_chunks([last.id], |_, _| Ok(())).unwrap_err().to_string();
     assert!(err.contains("truncated") && err.contains(&ix.pack.to_hex()), "{err}");
-    let err = tier.history(g, None, &mut |_, _| {}).unwrap_err().to_string();
-    assert!(err.contains(&epoch_key(g, EpochId(2))), "{err}");
+    let err = tier.history(g, Reach::ALL, &mut |_, _| {}).unwrap_err().to_string();
+    assert!(err.contains(&seg_key), "{err}");
 }

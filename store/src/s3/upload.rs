@@ -1,22 +1,30 @@
 //! The uploader: committed epochs flow from RocksDB to S3 in the
 //! background.
 //!
-//! Per guest, a cursor in `meta` names the last epoch whose epoch object
-//! is in S3. A pass reads the epochs after it in order, packs the chunks
+//! Per guest, a cursor in `meta` names the last epoch that a segment in
+//! S3 covers. A pass reads the epochs after it in order, packs the chunks
 //! S3 does not hold yet (`s3chk` marks in `meta`) into a pack of at most
 //! `pack-size-kib` plus one chunk, and puts, in this order: the pack, its
-//! index, then the epoch objects (16 requests in flight), then advances
-//! the cursor. So an epoch
-//! object is in S3 only after every chunk it names is, and every put is
-//! conditional (`If-None-Match: *`): content-addressed keys that exist
-//! already hold the same bytes, and an epoch key held by other bytes is
-//! another writer's, which stops the pass with an error.
+//! index, then one segment holding the pass's epochs of that guest, then
+//! advances the cursor. So a segment is in S3 only after every chunk it
+//! names is, and every put is conditional (`If-None-Match: *`):
+//! content-addressed keys that exist already hold the same bytes, and a
+//! segment key held by other bytes is another writer's, which stops the
+//! pass with an error.
+//!
+//! After a segment, when the pages written since the guest's last
+//! checkpoint reach [`CHECKPOINT_PAGES`] times its memory size (and at
+//! least 4 segments were put since), or 32 segments were put since
+//! ([`CHECKPOINT_SEGMENTS`]), the pass also puts a checkpoint: the page
+//! table at the segment's last epoch. A reader then reads one checkpoint
+//! and at most 33 segments (about 4 page tables' worth of pages) for any
+//! epoch.
 //!
 //! Memory is bounded by one pack and the page lists of at most
 //! [`MAX_PENDING`] epochs. When S3 is unreachable the pass fails, nothing
 //! moves, and the backlog simply waits in RocksDB for the next pass.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -25,25 +33,40 @@ use std::time::Duration;
 use remus_types::{ChunkId, EpochId, GuestId, Pfn};
 use rocksdb::WriteBatch;
 
-use super::format::{encode_epoch, epoch_key, index_key, pack_key, PackBuilder};
+use super::format::{index_key, pack_key, CheckpointObject, PackBuilder, SegmentObject};
 use super::{S3Config, S3Error, S3RetentionReport, S3Tier};
 use crate::db::{guest_key, u64_at, Store, CF_META};
 use crate::error::StoreError;
 use crate::manifest::Manifest;
 use crate::retention::RetentionPolicy;
 
-/// Epochs whose objects wait for their pack at most.
+/// Epochs in one segment at most.
 pub const MAX_PENDING: usize = 1024;
+
+/// Segments put between a guest's checkpoints: at least (so checkpoints
+/// never outnumber segments), at most (so a reader reads no more).
+pub const CHECKPOINT_SEGMENTS: std::ops::RangeInclusive<u64> = 4..=32;
+
+/// Between those, a checkpoint is due once the pages written since the
+/// last reach this many times the guest's memory size (a reader then reads
+/// at most about that many times a whole page table after the checkpoint).
+pub const CHECKPOINT_PAGES: u64 = 4;
 
 /// What one pass uploaded.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UploadReport {
-    /// Epoch objects put.
+    /// Epochs put (in segments).
     pub epochs: u64,
+    /// Segments put.
+    pub segments: u64,
+    /// Checkpoints put.
+    pub checkpoints: u64,
     /// Packs put.
     pub packs: u64,
     /// Chunk bytes packed.
     pub chunk_bytes: u64,
+    /// Requests made (puts, and the gets that check a key found taken).
+    pub requests: u64,
 }
 
 fn chunk_mark_key(id: &ChunkId) -> Vec<u8> {
@@ -93,6 +116,35 @@ impl Store {
         self.db.put_cf(self.cf(CF_META), guest_key(b"s3cur", guest), epoch.0.to_be_bytes())?;
         Ok(())
     }
+
+    /// Pages and segments put since `guest`'s last checkpoint in S3.
+    fn s3_since_checkpoint(&self, guest: GuestId) -> Result<(u64, u64), StoreError> {
+        let v = self.db.get_cf(self.cf(CF_META), guest_key(b"s3ckp", guest))?;
+        Ok(v.filter(|v| v.len() == 16).map_or((0, 0), |v| (u64_at(&v, 0), u64_at(&v, 8))))
+    }
+
+    fn set_s3_since_checkpoint(&self, guest: GuestId, pages: u64, segments: u64) -> Result<(), StoreError> {
+        let mut v = pages.to_be_bytes().to_vec();
+        v.extend_from_slice(&segments.to_be_bytes());
+        self.db.put_cf(self.cf(CF_META), guest_key(b"s3ckp", guest), v)?;
+        Ok(())
+    }
+
+    /// The page table of `guest` at `m`'s epoch as a checkpoint object,
+    /// with the packs S3 holds its chunks in.
+    pub(crate) fn s3_checkpoint(&self, m: &Manifest) -> Result<CheckpointObject, StoreError> {
+        let zero = remus_types::zero_page_hash();
+        let mut pages = Vec::new();
+        let mut packs = BTreeSet::new();
+        self.for_each_page_at(m.guest, m.epoch, |pfn, id| {
+            if id != zero {
+                packs.extend(self.s3_pack_of(&id)?);
+            }
+            pages.push((pfn, id));
+            Ok(())
+        })?;
+        Ok(CheckpointObject { manifest: m.clone(), packs: packs.into_iter().collect(), pages })
+    }
 }
 
 struct Pass<'a> {
@@ -100,7 +152,11 @@ struct Pass<'a> {
     store: &'a Store,
     pack: PackBuilder,
     in_pack: HashSet<ChunkId>,
+    /// The open segment: the span it covers from, its epochs, and the
+    /// packs (put) holding the chunks they name.
+    span_first: EpochId,
     pending: Vec<(Manifest, Vec<(Pfn, ChunkId)>)>,
+    packs: BTreeSet<ChunkId>,
     report: UploadReport,
 }
 
@@ -110,37 +166,79 @@ impl Pass<'_> {
             return Ok(());
         }
         let pack = std::mem::take(&mut self.pack);
-        self.report.chunk_bytes += self.tier.put_pack(self.store, pack)?;
+        let (id, size) = self.tier.put_pack(self.store, pack)?;
+        self.packs.insert(id);
+        self.report.chunk_bytes += size;
         self.in_pack.clear();
         self.report.packs += 1;
+        self.report.requests += 2;
         Ok(())
     }
 
-    fn flush_epochs(&mut self) -> Result<(), StoreError> {
+    /// Puts the open segment covering `span_first..=last`, moves the
+    /// cursor to `last`, and puts a checkpoint when one is due.
+    fn flush_segment(&mut self, guest: GuestId, last: EpochId) -> Result<(), StoreError> {
         self.flush_pack()?;
-        let Some(last) = self.pending.last().map(|(m, _)| (m.guest, m.epoch)) else { return Ok(()) };
-        let objects: Vec<(String, Vec<u8>)> =
-            self.pending.drain(..).map(|(m, pages)| (epoch_key(m.guest, m.epoch), encode_epoch(&m, &pages))).collect();
-        let results = self.tier.client.put_many_new(objects.clone());
-        for ((key, body), r) in objects.iter().zip(results) {
-            match r {
-                Ok(()) => {}
-                Err(S3Error::Exists(_)) => {
-                    // Ours from a pass that stopped before its cursor moved,
-                    // or another writer's: only the former is fine.
-                    if self.tier.client.get(key)? != *body {
-                        return Err(S3Error::Conflict(format!("{key} holds another writer's epoch")).into());
-                    }
-                }
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut seg = SegmentObject {
+            guest,
+            first: self.span_first,
+            last,
+            packs: std::mem::take(&mut self.packs).into_iter().collect(),
+            epochs: std::mem::take(&mut self.pending),
+        };
+        let epochs = seg.epochs.len() as u64;
+        let pages: u64 = seg.epochs.iter().map(|(_, p)| p.len() as u64).sum();
+        let newest = seg.epochs.last().map(|(m, _)| m.clone());
+        loop {
+            let key = seg.key();
+            self.report.requests += 1;
+            match self.tier.client.put_new(&key, seg.encode()) {
+                Ok(()) => break,
+                Err(S3Error::Exists(_)) => {}
                 Err(e) => return Err(e.into()),
             }
-            self.report.epochs += 1;
+            // Ours from a pass that stopped before its cursor moved (the
+            // same epochs, perhaps fewer), or another writer's: only the
+            // former is fine, and what it lacks goes in a segment after it.
+            self.report.requests += 1;
+            let conflict = || StoreError::from(S3Error::Conflict(format!("{key} holds another writer's segment")));
+            let theirs = SegmentObject::decode(&self.tier.client.get(&key)?).map_err(|_| conflict())?;
+            let n = theirs.epochs.len().min(seg.epochs.len());
+            if theirs.guest != guest || n == 0 || theirs.epochs[..n] != seg.epochs[..n] {
+                return Err(conflict());
+            }
+            let rest = seg.epochs.split_off(n);
+            match rest.first() {
+                None => break,
+                Some((m, _)) if m.epoch <= theirs.last => return Err(conflict()),
+                Some(_) => seg = SegmentObject { first: theirs.last.next(), epochs: rest, ..seg },
+            }
         }
-        self.store.set_s3_cursor(last.0, last.1)
+        self.report.segments += 1;
+        self.report.epochs += epochs;
+        self.store.set_s3_cursor(guest, last)?;
+        self.span_first = last.next();
+        let (before, segments) = self.store.s3_since_checkpoint(guest)?;
+        let (pages, segments) = (before + pages, segments + 1);
+        match &newest {
+            Some(m)
+                if segments >= *CHECKPOINT_SEGMENTS.end()
+                    || (segments >= *CHECKPOINT_SEGMENTS.start() && pages >= m.page_count.saturating_mul(CHECKPOINT_PAGES)) =>
+            {
+                self.tier.put_checkpoint(self.store, m)?;
+                self.report.checkpoints += 1;
+                self.report.requests += 1;
+                self.store.set_s3_since_checkpoint(guest, 0, 0)
+            }
+            _ => self.store.set_s3_since_checkpoint(guest, pages, segments),
+        }
     }
 }
 
-fn ok_if_exists(r: Result<(), S3Error>) -> Result<(), S3Error> {
+pub(crate) fn ok_if_exists(r: Result<(), S3Error>) -> Result<(), S3Error> {
     match r {
         Err(S3Error::Exists(_)) => Ok(()),
         r => r,
@@ -148,9 +246,16 @@ fn ok_if_exists(r: Result<(), S3Error>) -> Result<(), S3Error> {
 }
 
 impl S3Tier {
+    /// Puts the checkpoint at `m`'s epoch (a key that exists holds the
+    /// same table: the epoch is committed).
+    pub(crate) fn put_checkpoint(&self, store: &Store, m: &Manifest) -> Result<(), StoreError> {
+        let c = store.s3_checkpoint(m)?;
+        Ok(ok_if_exists(self.client.put_new(&c.key(), c.encode()))?)
+    }
+
     /// Puts a finished pack and its index, then marks its chunks as held
-    /// in it; returns the pack's size.
-    pub(crate) fn put_pack(&self, store: &Store, pack: PackBuilder) -> Result<u64, StoreError> {
+    /// in it; returns the pack's id and size.
+    pub(crate) fn put_pack(&self, store: &Store, pack: PackBuilder) -> Result<(ChunkId, u64), StoreError> {
         let ids: Vec<ChunkId> = pack.entries().iter().map(|e| e.id).collect();
         let (id, bytes, index) = pack.finish();
         let size = bytes.len() as u64;
@@ -158,7 +263,7 @@ impl S3Tier {
         ok_if_exists(self.client.put_new(&pack_key(&id), bytes))?;
         ok_if_exists(self.client.put_new(&index_key(&id), index))?;
         store.mark_in_s3(&ids, &id)?;
-        Ok(size)
+        Ok((id, size))
     }
 
     /// Uploads every committed epoch after each guest's cursor; stops
@@ -173,12 +278,15 @@ impl S3Tier {
             store,
             pack: PackBuilder::default(),
             in_pack: HashSet::new(),
+            span_first: EpochId(0),
             pending: Vec::new(),
+            packs: BTreeSet::new(),
             report: UploadReport::default(),
         };
         let zero = remus_types::zero_page_hash();
         for (guest, head) in store.guests()? {
             let mut e = store.s3_cursor(guest)?.next();
+            pass.span_first = e;
             while e <= head.epoch && !stop() {
                 let m = match store.manifest(guest, e) {
                     // Thinned before it was uploaded: nothing to send.
@@ -190,7 +298,11 @@ impl S3Tier {
                 };
                 let pages = store.epoch_pages(guest, e)?;
                 for id in pages.iter().map(|(_, id)| *id).filter(|id| *id != zero).chain([m.device_state]) {
-                    if pass.in_pack.contains(&id) || store.s3_pack_of(&id)?.is_some() {
+                    if pass.in_pack.contains(&id) {
+                        continue;
+                    }
+                    if let Some(pack) = store.s3_pack_of(&id)? {
+                        pass.packs.insert(pack);
                         continue;
                     }
                     pass.pack.push(id, &store.chunk_value(&id)?);
@@ -201,11 +313,11 @@ impl S3Tier {
                 }
                 pass.pending.push((m, pages));
                 if pass.pending.len() >= MAX_PENDING {
-                    pass.flush_epochs()?;
+                    pass.flush_segment(guest, e)?;
                 }
                 e = e.next();
             }
-            pass.flush_epochs()?;
+            pass.flush_segment(guest, EpochId(e.0 - 1))?;
         }
         Ok(pass.report)
     }
@@ -357,7 +469,14 @@ fn run(tier: Option<&S3Tier>, store: &Store, sh: &Shared, interval: Duration, re
         let mut result = match tier {
             Some(t) => t.upload_pending(store, &stop).map(|r| {
                 if r.epochs > 0 {
-                    tracing::info!(epochs = r.epochs, packs = r.packs, bytes = r.chunk_bytes, "uploaded to s3");
+                    tracing::info!(
+                        epochs = r.epochs,
+                        segments = r.segments,
+                        checkpoints = r.checkpoints,
+                        packs = r.packs,
+                        bytes = r.chunk_bytes,
+                        "uploaded to s3"
+                    );
                 }
             }),
             None => Ok(()),

@@ -1,11 +1,14 @@
 //! `verify --s3`: re-hash every chunk of every pack, check every index,
-//! epoch object and bridge, walk each guest's manifest chain, and name
-//! exactly what is damaged (the pack and chunk, the epoch, the object).
+//! segment, checkpoint and bridge, walk each guest's manifest chain, and
+//! name exactly what is damaged (the pack and chunk, the epoch, the
+//! object).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
-use super::format::{self, BridgeObject};
-use super::S3Tier;
+use remus_types::EpochId;
+
+use super::format::{self, BridgeObject, CheckpointObject, SegmentObject};
+use super::{S3Epoch, S3Tier};
 use crate::chain::{Bridge, ChainWalk};
 use crate::db::decode_chunk_value;
 use crate::error::StoreError;
@@ -89,33 +92,80 @@ impl S3Tier {
                     }
                 }
             }
-            let mut walk = ChainWalk::new(&links);
-            for epoch in self.epoch_ids(guest)? {
-                let key = format::epoch_key(guest, epoch);
-                r.manifests += 1;
-                let (m, pages) = match format::decode_epoch(&self.client.get(&key)?) {
-                    Ok((m, _)) if m.guest != guest || m.epoch != epoch => {
-                        r.damage.push(Damage::ManifestCorrupt { guest: guest.0, epoch: epoch.0, reason: "names another epoch".into() });
-                        walk.damaged();
+            // Every kept epoch, from whichever segment holds it (segments
+            // overlap while thinning rewrites one); `None` marks the start
+            // of a segment that could not be read.
+            let mut epochs: BTreeMap<EpochId, Option<S3Epoch>> = BTreeMap::new();
+            for s in self.segment_keys(guest)? {
+                let seg = match SegmentObject::decode(&self.client.get(&s.key)?) {
+                    Ok(seg) if seg.guest == guest && (seg.key() == s.key || seg.rewritten_key() == s.key) => seg,
+                    Ok(_) => {
+                        r.damage.push(Damage::ObjectCorrupt { key: s.key, reason: "names another guest or span".into() });
+                        epochs.entry(s.first).or_insert(None);
                         continue;
                     }
-                    Ok(x) => x,
                     Err(e) => {
-                        r.damage.push(Damage::ManifestCorrupt { guest: guest.0, epoch: epoch.0, reason: e.to_string() });
-                        walk.damaged();
+                        r.damage.push(Damage::ObjectCorrupt { key: s.key, reason: e.to_string() });
+                        epochs.entry(s.first).or_insert(None);
                         continue;
                     }
                 };
+                for (m, pages) in seg.epochs {
+                    if links.iter().any(|b| b.spans(m.epoch)) {
+                        continue;
+                    }
+                    match epochs.get(&m.epoch) {
+                        Some(Some(have)) if have.manifest != m || have.pages != pages => {
+                            r.damage.push(Damage::ManifestCorrupt {
+                                guest: guest.0,
+                                epoch: m.epoch.0,
+                                reason: format!("{} disagrees with another segment about it", s.key),
+                            });
+                        }
+                        Some(Some(_)) => {}
+                        _ => {
+                            epochs.insert(m.epoch, Some(S3Epoch { manifest: m, pages }));
+                        }
+                    }
+                }
+            }
+            let mut walk = ChainWalk::new(&links);
+            for (epoch, entry) in &epochs {
+                let Some(S3Epoch { manifest: m, pages }) = entry else {
+                    walk.damaged();
+                    continue;
+                };
+                r.manifests += 1;
                 r.pages += pages.len() as u64;
-                if pages.len() as u64 != m.dirty_pages || page_delta_hash(&pages) != m.page_delta {
+                if pages.len() as u64 != m.dirty_pages || page_delta_hash(pages) != m.page_delta {
                     r.damage.push(Damage::PageIndexMismatch { guest: guest.0, epoch: epoch.0 });
                 }
-                if walk.step(&m).is_err() {
+                if walk.step(m).is_err() {
                     r.damage.push(Damage::ChainBroken { guest: guest.0, epoch: epoch.0 });
                 }
                 for id in pages.iter().map(|(_, id)| *id).filter(|id| *id != zero).chain([m.device_state]) {
                     if referenced.insert(id) && !held.contains(&id) && !damaged.contains(&id) {
                         r.damage.push(Damage::ChunkMissing { chunk: id.to_hex(), guest: guest.0, epoch: epoch.0 });
+                    }
+                }
+            }
+            for e in self.checkpoint_epochs(guest)? {
+                let key = format::checkpoint_key(guest, e);
+                let c = match CheckpointObject::decode(&self.client.get(&key)?) {
+                    Ok(c) => c,
+                    Err(err) => {
+                        r.damage.push(Damage::ObjectCorrupt { key, reason: err.to_string() });
+                        continue;
+                    }
+                };
+                let kept = epochs.get(&e).and_then(Option::as_ref).map(|k| &k.manifest);
+                if c.manifest.guest != guest || c.manifest.epoch != e || kept.is_some_and(|m| *m != c.manifest) {
+                    r.damage.push(Damage::ObjectCorrupt { key, reason: "its manifest is not the kept epoch's".into() });
+                    continue;
+                }
+                for id in c.pages.iter().map(|(_, id)| *id).filter(|id| *id != zero) {
+                    if referenced.insert(id) && !held.contains(&id) && !damaged.contains(&id) {
+                        r.damage.push(Damage::ChunkMissing { chunk: id.to_hex(), guest: guest.0, epoch: e.0 });
                     }
                 }
             }
