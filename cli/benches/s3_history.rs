@@ -35,13 +35,13 @@ mod common;
 const GUEST: GuestId = GuestId(1);
 const PERIOD_NS: u64 = 25_000_000;
 
-fn tier(endpoint: &str, bucket: &str, prefix: &str) -> S3Tier {
+fn config(endpoint: &str, bucket: &str, prefix: &str) -> S3Config {
     let mut cfg = S3Config::new(bucket, prefix);
     cfg.endpoint = Some(endpoint.into());
     cfg.region = Some("us-east-1".into());
     cfg.access_key_id = Some("test".into());
     cfg.secret_access_key = Some("test".into());
-    S3Tier::connect(&cfg).expect("s3")
+    cfg
 }
 
 fn add(total: &mut UploadReport, r: UploadReport) {
@@ -62,19 +62,15 @@ fn main() {
     let (epochs, pages, dirty) =
         (setting("REMUS_BENCH_EPOCHS", "144000"), setting("REMUS_BENCH_PAGES", "4096"), setting("REMUS_BENCH_DIRTY", "4"));
     let bucket = format!("s3-history-bench-{}", std::process::id());
-    let mut c = S3Config::new(&bucket, "");
-    c.endpoint = Some(endpoint.clone());
-    c.region = Some("us-east-1".into());
-    c.access_key_id = Some("test".into());
-    c.secret_access_key = Some("test".into());
-    S3Client::new(&c).expect("client").create_bucket(false).expect("bucket");
+    S3Client::new(&config(&endpoint, &bucket, "")).expect("client").create_bucket(false).expect("bucket");
     let dir = tempfile::tempdir().expect("tempdir");
     // (store, tier, epochs per pass, requests so far)
     let mut runs: Vec<(Store, S3Tier, u64, UploadReport)> = [800u64, 40]
         .into_iter()
         .map(|every| {
             let store = Store::open(&dir.path().join(format!("store-{every}")), StoreOptions::default()).expect("store");
-            (store, tier(&endpoint, &bucket, &format!("every-{every}")), every, UploadReport::default())
+            let tier = S3Tier::connect(&config(&endpoint, &bucket, &format!("every-{every}"))).expect("s3");
+            (store, tier, every, UploadReport::default())
         })
         .collect();
     println!("s3-history benchmark: {epochs} epochs of a {pages}-page guest, {dirty} pages written per epoch");

@@ -18,7 +18,7 @@ use crate::{RestoreError, S3Source};
 /// A guest's history as inspection reads it: kept epochs' manifests and
 /// page lists, the page table at any kept epoch, and chunks, each
 /// verified against its id.
-pub trait HistoryView {
+pub trait HistoryView: Sync {
     /// The manifest of kept epoch `epoch`.
     ///
     /// # Errors
@@ -50,6 +50,38 @@ pub trait HistoryView {
     /// A missing or damaged chunk; the tier's errors.
     fn chunk(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError>;
 
+    /// Each page whose content at `b` differs from its content at `a`
+    /// (`a < b`), ascending pfn, with both hashes (a page not written by
+    /// then is the zero page). By default from the two page tables.
+    ///
+    /// # Errors
+    /// The tier's errors, or what `f` returns.
+    fn changes(
+        &self,
+        guest: GuestId,
+        a: EpochId,
+        b: EpochId,
+        f: &mut dyn FnMut(Pfn, ChunkId, ChunkId) -> Result<(), StoreError>,
+    ) -> Result<(), RestoreError> {
+        let (ta, tb) = (table(self, guest, a)?, table(self, guest, b)?);
+        let zero = zero_page_hash();
+        let (mut i, mut j) = (0, 0);
+        // Both tables ascend by pfn; a page absent from one is zero there.
+        while i < ta.len() || j < tb.len() {
+            let pa = ta.get(i).map_or(u64::MAX, |p| p.0 .0);
+            let pb = tb.get(j).map_or(u64::MAX, |p| p.0 .0);
+            let pfn = pa.min(pb);
+            let before = if pa == pfn { ta[i].1 } else { zero };
+            let after = if pb == pfn { tb[j].1 } else { zero };
+            i += usize::from(pa == pfn);
+            j += usize::from(pb == pfn);
+            if before != after {
+                f(Pfn(pfn), before, after)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The kept epoch nearest `epoch`: the first at or after it when
     /// `after`, else the last at or before it.
     ///
@@ -79,6 +111,23 @@ impl HistoryView for Store {
 
     fn chunk(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
         Store::chunk(self, id)
+    }
+
+    fn changes(
+        &self,
+        guest: GuestId,
+        a: EpochId,
+        b: EpochId,
+        f: &mut dyn FnMut(Pfn, ChunkId, ChunkId) -> Result<(), StoreError>,
+    ) -> Result<(), RestoreError> {
+        let zero = zero_page_hash();
+        Ok(self.for_each_change(guest, a, b, |pfn, before, after| {
+            let before = before.unwrap_or(zero);
+            if before == after {
+                return Ok(());
+            }
+            f(pfn, before, after)
+        })?)
     }
 
     fn kept_epoch_near(&self, guest: GuestId, epoch: EpochId, after: bool) -> Result<Option<EpochId>, RestoreError> {
@@ -266,34 +315,38 @@ impl Diff {
 /// thinned), a damaged record or chunk.
 pub fn diff<H: HistoryView + ?Sized>(store: &H, guest: GuestId, from: EpochId, to: EpochId) -> Result<Diff, RestoreError> {
     let (from, to) = (from.min(to), from.max(to));
-    let (ma, mb) = (store.manifest(guest, from)?, store.manifest(guest, to)?);
-    let (a, b) = (table(store, guest, &ma)?, table(store, guest, &mb)?);
+    let mb = store.manifest(guest, to)?;
+    store.manifest(guest, from)?;
     let vm = vm_layout(store, &mb)?;
-    let zero = zero_page_hash();
-    let mut pages = Vec::new();
-    let (mut i, mut j) = (0, 0);
-    // Both tables ascend by pfn; a page absent from one is zero there.
-    while i < a.len() || j < b.len() {
-        let pa = a.get(i).map_or(u64::MAX, |p| p.0 .0);
-        let pb = b.get(j).map_or(u64::MAX, |p| p.0 .0);
-        let pfn = pa.min(pb);
-        let before = if pa == pfn { a[i].1 } else { zero };
-        let after = if pb == pfn { b[j].1 } else { zero };
-        i += usize::from(pa == pfn);
-        j += usize::from(pb == pfn);
-        if before == after {
-            continue;
-        }
-        let (region, offset) = locate(vm.as_ref(), pfn);
-        let ranges = differing(&content(store, &before)?, &content(store, &after)?);
-        pages.push(PageChange { pfn: Pfn(pfn), region, offset, before, after, ranges });
-    }
+    let mut changed = Vec::new();
+    store.changes(guest, from, to, &mut |pfn, before, after| {
+        changed.push((pfn, before, after));
+        Ok(())
+    })?;
+    // The byte ranges need both contents of every changed page: read and
+    // compared on two threads (reading a chunk verifies and decompresses it).
+    let ranges = |part: &[(Pfn, ChunkId, ChunkId)]| -> Result<Vec<Vec<(u16, u16)>>, StoreError> {
+        part.iter().map(|(_, before, after)| Ok(differing(&content(store, before)?, &content(store, after)?))).collect()
+    };
+    let (first, second) = changed.split_at(changed.len() / 2);
+    let (r1, r2) = std::thread::scope(|s| {
+        let t = s.spawn(|| ranges(second));
+        (ranges(first), t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    });
+    let pages = changed
+        .iter()
+        .zip(r1?.into_iter().chain(r2?))
+        .map(|(&(pfn, before, after), ranges)| {
+            let (region, offset) = locate(vm.as_ref(), pfn.0);
+            PageChange { pfn, region, offset, before, after, ranges }
+        })
+        .collect();
     Ok(Diff { from, to, pages })
 }
 
-fn table<H: HistoryView + ?Sized>(store: &H, guest: GuestId, m: &Manifest) -> Result<Vec<(Pfn, ChunkId)>, RestoreError> {
+fn table<H: HistoryView + ?Sized>(store: &H, guest: GuestId, epoch: EpochId) -> Result<Vec<(Pfn, ChunkId)>, RestoreError> {
     let mut t = Vec::new();
-    store.pages_in(guest, m.epoch, 0..u64::MAX, &mut |pfn, id| {
+    store.pages_in(guest, epoch, 0..u64::MAX, &mut |pfn, id| {
         t.push((pfn, id));
         Ok(())
     })?;

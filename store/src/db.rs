@@ -755,6 +755,63 @@ impl Store {
         Ok(())
     }
 
+    /// Each page whose version at `b` is not its version at `a` (`a < b`),
+    /// ascending pfn, with both hashes (`None`: not written by `a`). One
+    /// pass over the page index: a page whose newest version at `b` is
+    /// from `a` or before costs a step, not a lookup, so the walk costs
+    /// about what one page table costs whatever the distance.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`], [`StoreError::Corrupt`], or what `f` returns.
+    pub fn for_each_change(
+        &self,
+        guest: GuestId,
+        a: EpochId,
+        b: EpochId,
+        mut f: impl FnMut(Pfn, Option<ChunkId>, ChunkId) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_PAGES));
+        it.seek(page_key(guest, Pfn(0), b));
+        let mut given = None;
+        loop {
+            it.status()?;
+            let Some(k) = it.key() else { break };
+            if k.len() != 24 || u64_at(k, 0) != guest.0 {
+                break;
+            }
+            let (pfn, version) = (u64_at(k, 8), !u64_at(k, 16));
+            if given == Some(pfn) {
+                // An older version of the page just looked at.
+                let Some(next) = pfn.checked_add(1) else { break };
+                it.seek(page_key(guest, Pfn(next), b));
+                continue;
+            }
+            if version > b.0 {
+                it.seek(page_key(guest, Pfn(pfn), b));
+                continue;
+            }
+            given = Some(pfn);
+            if version <= a.0 {
+                it.next();
+                continue;
+            }
+            let after = hash_value(it.value().unwrap_or_default())?;
+            // Its version at `a`, if any (the walk goes on from there).
+            it.seek(page_key(guest, Pfn(pfn), a));
+            it.status()?;
+            let before = match it.key() {
+                Some(k) if k.len() == 24 && u64_at(k, 0) == guest.0 && u64_at(k, 8) == pfn => {
+                    Some(hash_value(it.value().unwrap_or_default())?)
+                }
+                _ => None,
+            };
+            if before != Some(after) {
+                f(Pfn(pfn), before, after)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The pages written in `epoch` (its page-index entries), ascending pfn.
     ///
     /// # Errors

@@ -467,3 +467,43 @@ fn a_grafted_history_continues_a_chain_kept_elsewhere_and_verifies() {
     assert_eq!(report.manifests, 2);
     assert!(matches!(b.graft(g, head), Err(StoreError::OutOfOrder { .. })), "only a guest with no history here");
 }
+
+#[test]
+fn the_change_walk_names_exactly_the_pages_whose_tables_differ() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(3);
+    // Pages rewritten, rewritten with their old content, written late, and
+    // another guest's pages around them in the index.
+    let epochs: [&[(u64, u8)]; 6] =
+        [&[(0, 1), (1, 2), (5, 3)], &[(1, 4)], &[(1, 2), (7, 5)], &[], &[(0, 6), (63, 7)], &[(5, 3), (0, 1), (2, 8)]];
+    for (i, pages) in epochs.iter().enumerate() {
+        store.commit(commit_of(g, i as u64 + 1, pages)).unwrap();
+        store.commit(commit_of(GuestId(4), i as u64 + 1, &[(1, 9), (2, 10)])).unwrap();
+    }
+    let table = |e: u64| {
+        let mut t = BTreeMap::new();
+        store
+            .for_each_page_at(g, EpochId(e), |p, id| {
+                t.insert(p, id);
+                Ok(())
+            })
+            .unwrap();
+        t
+    };
+    for a in 0..=6u64 {
+        for b in a + 1..=6 {
+            let (ta, tb) = (table(a), table(b));
+            let expected: Vec<(Pfn, Option<ChunkId>, ChunkId)> =
+                tb.iter().filter(|(p, id)| ta.get(p) != Some(id)).map(|(p, id)| (*p, ta.get(p).copied(), *id)).collect();
+            let mut got = Vec::new();
+            store
+                .for_each_change(g, EpochId(a), EpochId(b), |p, before, after| {
+                    got.push((p, before, after));
+                    Ok(())
+                })
+                .unwrap();
+            assert_eq!(got, expected, "epochs {a} and {b}");
+        }
+    }
+}
