@@ -414,23 +414,38 @@ impl S3Client {
     /// [`S3Error::NotFound`]; [`S3Error::Unreachable`] for an answer of
     /// another length; others as the service answers.
     pub fn get_range(&self, rel: &str, offset: u64, len: u64) -> Result<Vec<u8>, S3Error> {
-        if len == 0 {
-            return Ok(Vec::new());
-        }
         let key = self.key(rel);
+        let bytes = self.rt.block_on(get_range_async(&self.client, &self.bucket, key.clone(), offset, len)).map_err(|e| self.named(e))?;
+        if bytes.len() as u64 != len {
+            return Err(S3Error::Unreachable { op: "get", detail: format!("{key}: {} bytes answered for a range of {len}", bytes.len()) });
+        }
+        Ok(bytes)
+    }
+
+    /// Ranged reads of many objects (`(rel, offset, len)`), up to 16
+    /// requests at a time; results in order. A range that runs past the
+    /// end of its object answers what there is (the caller judges it).
+    ///
+    /// # Errors
+    /// The first failure, as [`get_range`](Self::get_range).
+    pub fn get_ranges(&self, ranges: &[(String, u64, u64)]) -> Result<Vec<Vec<u8>>, S3Error> {
         let r = self.rt.block_on(async {
-            let range = format!("bytes={offset}-{}", offset + len - 1);
-            let r =
-                self.client.get_object().bucket(&self.bucket).key(&key).range(range).send().await.map_err(|e| classify("get", &key, e))?;
-            let body = r.body.collect().await.map_err(|e| S3Error::Unreachable { op: "get", detail: format!("{key}: {e}") })?;
-            let bytes = body.into_bytes().to_vec();
-            if bytes.len() as u64 != len {
-                return Err(S3Error::Unreachable {
-                    op: "get",
-                    detail: format!("{key}: {} bytes answered for a range of {len}", bytes.len()),
-                });
+            let mut out: Vec<Option<Vec<u8>>> = vec![None; ranges.len()];
+            let mut set = tokio::task::JoinSet::new();
+            let mut next = 0;
+            while next < ranges.len() || !set.is_empty() {
+                while next < ranges.len() && set.len() < 16 {
+                    let (rel, offset, len) = &ranges[next];
+                    let (c, b, k, i, o, l) = (self.client.clone(), self.bucket.clone(), self.key(rel), next, *offset, *len);
+                    set.spawn(async move { (i, get_range_async(&c, &b, k, o, l).await) });
+                    next += 1;
+                }
+                if let Some(done) = set.join_next().await {
+                    let (i, r) = done.map_err(|e| S3Error::Config(format!("s3 task failed: {e}")))?;
+                    out[i] = Some(r?);
+                }
             }
-            Ok(bytes)
+            Ok(out.into_iter().map(|o| o.expect("every range fetched")).collect())
         });
         r.map_err(|e| self.named(e))
     }
@@ -580,6 +595,21 @@ impl S3Client {
         r.object_lock_mode()?;
         r.object_lock_retain_until_date().map(|d| d.to_string())
     }
+}
+
+async fn get_range_async(client: &aws_sdk_s3::Client, bucket: &str, key: String, offset: u64, len: u64) -> Result<Vec<u8>, S3Error> {
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    let range = format!("bytes={offset}-{}", offset + len - 1);
+    let r = match client.get_object().bucket(bucket).key(&key).range(range).send().await.map_err(|e| classify("get", &key, e)) {
+        Ok(r) => r,
+        // A range that starts past the end: nothing there.
+        Err(S3Error::Service { detail, .. }) if detail.contains("InvalidRange") => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let body = r.body.collect().await.map_err(|e| S3Error::Unreachable { op: "get", detail: format!("{key}: {e}") })?;
+    Ok(body.into_bytes().to_vec())
 }
 
 async fn get_async(client: &aws_sdk_s3::Client, bucket: &str, key: String) -> Result<Vec<u8>, S3Error> {

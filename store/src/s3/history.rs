@@ -399,9 +399,10 @@ impl S3Tier {
             .map_err(|_| StoreError::malformed(format!("s3 pack {pack}"), format!("chunk {id} does not match its hash")))
     }
 
-    /// Fetches the chunks in `wanted`, a pack at a time (memory: two
-    /// packs), verifying each against its id, and hands each to `f`;
-    /// locations from every pack index.
+    /// Fetches the chunks in `wanted` by ranged reads of the packs that
+    /// hold them (memory: at most 64 MiB of ranges, or one range),
+    /// verifying each against its id, and hands each to `f`; locations
+    /// from every pack index.
     ///
     /// # Errors
     /// [`StoreError::ChunkMissing`] when no pack holds one,
@@ -431,23 +432,57 @@ impl S3Tier {
             let (pack, e) = locs.get(&id).ok_or(StoreError::ChunkMissing(id))?;
             by_pack.entry(*pack).or_default().push(*e);
         }
-        let packs: Vec<(ChunkId, Vec<PackEntry>)> = by_pack.into_iter().collect();
-        for batch in packs.chunks(2) {
-            let keys: Vec<String> = batch.iter().map(|(p, _)| format::pack_key(p)).collect();
-            for ((pack, entries), body) in batch.iter().zip(self.client.get_many(&keys)?) {
+        // Ranged reads of the parts of each pack that hold wanted chunks,
+        // ranges closer than RANGE_GAP read as one: a chunk or two from a
+        // pack costs their bytes, not the pack's.
+        let mut reads: Vec<(ChunkId, u64, u64, Vec<PackEntry>)> = Vec::new();
+        for (pack, mut entries) in by_pack {
+            entries.sort_by_key(|e| e.offset);
+            for e in entries {
+                let end = e.offset + u64::from(e.len);
+                match reads.last_mut() {
+                    Some((p, _, read_end, es)) if *p == pack && e.offset <= read_end.saturating_add(RANGE_GAP) => {
+                        *read_end = (*read_end).max(end);
+                        es.push(e);
+                    }
+                    _ => reads.push((pack, e.offset, end, vec![e])),
+                }
+            }
+        }
+        let mut next = 0;
+        while next < reads.len() {
+            // A batch: up to 32 reads and FETCH_BYTES in memory (at least one read).
+            let mut upto = next + 1;
+            let mut bytes = reads[next].2 - reads[next].1;
+            while upto < reads.len() && upto - next < 32 && bytes + (reads[upto].2 - reads[upto].1) <= FETCH_BYTES {
+                bytes += reads[upto].2 - reads[upto].1;
+                upto += 1;
+            }
+            let batch = &reads[next..upto];
+            let ranges: Vec<(String, u64, u64)> =
+                batch.iter().map(|(p, start, end, _)| (format::pack_key(p), *start, end - start)).collect();
+            for ((pack, start, _, entries), body) in batch.iter().zip(self.client.get_ranges(&ranges)?) {
                 for e in entries {
+                    let at = (e.offset - start) as usize;
                     let value = body
-                        .get(e.offset as usize..e.offset as usize + e.len as usize)
+                        .get(at..at + e.len as usize)
                         .ok_or_else(|| StoreError::malformed(format!("s3 pack {pack}"), format!("truncated at chunk {}", e.id)))?;
                     let data = decode_chunk_value(&e.id, value)
                         .map_err(|_| StoreError::malformed(format!("s3 pack {pack}"), format!("chunk {} does not match its hash", e.id)))?;
                     f(e.id, data)?;
                 }
             }
+            next = upto;
         }
         Ok(())
     }
 }
+
+/// Parts of a pack closer than this are read as one range.
+const RANGE_GAP: u64 = 1 << 20;
+
+/// Bytes of pack ranges a fetch holds at once at most (beyond one range).
+const FETCH_BYTES: u64 = 64 << 20;
 
 impl S3History {
     /// The kept epochs' manifests, oldest first.
