@@ -182,6 +182,14 @@ fn an_s3_outage_leaves_a_backlog_that_drains_and_site_loss_restores_from_s3_alon
     for m in &listed {
         assert_eq!(m["memory_root"].as_str(), Some(roots[&m["epoch"].as_u64().unwrap()].as_str()));
     }
+    // The last few, read from the newest segments back.
+    let out = run_limited(
+        Command::new(remus()).args(["log", "--json", "--last", "3", "--from", &url, "--config"]).arg(&direct),
+        Duration::from_secs(120),
+    );
+    assert!(out.status.success(), "log --last --from: {}", String::from_utf8_lossy(&out.stderr));
+    let last: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(last, listed[listed.len() - 3..]);
     // show, diff and bisect from S3 alone too: diff names exactly the pages
     // whose bytes differ between the two epochs restored from S3 above.
     let from_s3 = |args: &[&str]| {

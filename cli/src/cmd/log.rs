@@ -46,9 +46,14 @@ pub fn run(args: &LogArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
             None => tier.guests().with_context(|| format!("listing the guests in {}", s3.url()))?,
         };
         for g in guests {
-            let history =
-                tier.history(g, Reach::ALL, &mut |_, _| {}).with_context(|| format!("reading {g}'s history from {}", s3.url()))?;
-            print_history(args, g, &history.manifests().cloned().collect::<Vec<_>>());
+            let read = || format!("reading {g}'s history from {}", s3.url());
+            let manifests = match args.last {
+                // From the newest segments back; one more, for the restart
+                // marker of the first shown.
+                Some(n) => tier.last_manifests(g, n.saturating_add(1)).with_context(read)?,
+                None => tier.history(g, Reach::ALL, &mut |_, _| {}).with_context(read)?.manifests().cloned().collect(),
+            };
+            print_history(args, g, &manifests);
         }
         return Ok(());
     }

@@ -217,6 +217,45 @@ impl S3Tier {
         Ok(None)
     }
 
+    /// The newest `n` kept manifests of `guest`, oldest first, read from
+    /// the newest segments back (about n / epochs-per-segment + 1 read),
+    /// with the chain walked between them.
+    ///
+    /// # Errors
+    /// [`StoreError::NoGuest`] when S3 holds nothing of it;
+    /// [`StoreError::Corrupt`] naming a damaged segment or broken link.
+    pub fn last_manifests(&self, guest: GuestId, n: usize) -> Result<Vec<Manifest>, StoreError> {
+        let segments = self.segment_keys(guest)?;
+        if segments.is_empty() {
+            return Err(StoreError::NoGuest(guest));
+        }
+        let dropped: Vec<(EpochId, EpochId)> =
+            self.client.list(&format::bridges_prefix(guest))?.iter().filter_map(|l| format::bridge_span(&l.key)).collect();
+        let mut found: BTreeMap<EpochId, Manifest> = BTreeMap::new();
+        for s in segments.iter().rev() {
+            // Spans are disjoint: an older segment holds only older epochs.
+            if found.len() >= n {
+                break;
+            }
+            for (m, _) in self.segment(guest, &s.key)?.epochs {
+                if !dropped.iter().any(|(f, l)| *f <= m.epoch && m.epoch <= *l) {
+                    found.insert(m.epoch, m);
+                }
+            }
+        }
+        let mut out: Vec<Manifest> = found.into_values().collect();
+        out.drain(..out.len().saturating_sub(n));
+        if let Some(first) = out.first() {
+            let bridges: Vec<Bridge> = self.bridges(guest, first.epoch)?.iter().map(|b| b.bridge).collect();
+            let mut walk = ChainWalk::after(&bridges, first);
+            for m in &out[1..] {
+                walk.step(m)
+                    .map_err(|why| StoreError::malformed(format!("s3 {guest} epoch {} manifest chain", m.epoch), why.to_string()))?;
+            }
+        }
+        Ok(out)
+    }
+
     /// Every thinning bridge of `guest` ending at or after `from`, oldest
     /// first.
     ///

@@ -159,6 +159,9 @@ fn a_read_near_the_start_or_the_end_of_a_long_history_reads_a_bounded_number_of_
         assert_eq!(h.page_table(EpochId(target)), local_table(&store, g, EpochId(target)), "epoch {target}");
         assert_eq!(h.epochs.last().unwrap().manifest, store.manifest(g, EpochId(target)).unwrap());
     }
+    // The newest epochs, from the newest segments back.
+    assert_eq!(tier.last_manifests(g, 7).unwrap(), store.last_manifests(g, 7).unwrap());
+    assert_eq!(tier.last_manifests(g, 500).unwrap(), store.manifests(g).unwrap());
     // A time, by bisecting the segments.
     assert_eq!(tier.epoch_at(g, 137_500).unwrap(), Some(EpochId(137)));
     assert_eq!(tier.epoch_at(g, 5_000).unwrap(), Some(EpochId(5)));
