@@ -17,10 +17,10 @@ fn missing_tls_material_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let (code, err) = stderr_of(Command::new(remus()).args(["protect", "--seconds", "1", "--data-dir"]).arg(dir.path()));
     assert_eq!(code, 2);
-    assert!(err.contains("no TLS material") && err.contains("remus keygen"), "{err}");
+    assert!(err.contains("TLS material missing") && err.contains("ca.pem") && err.contains("remus keygen"), "{err}");
     let (code, err) = stderr_of(Command::new(remus()).args(["backup", "--data-dir"]).arg(dir.path()));
     assert_eq!(code, 2);
-    assert!(err.contains("no TLS material"), "{err}");
+    assert!(err.contains("TLS material missing") && err.contains("backup.key"), "{err}");
 }
 
 #[test]

@@ -313,6 +313,58 @@ fn one_backup_protects_two_primaries() {
     assert_eq!(guests, [1, 2].into_iter().collect());
 }
 
+/// A primary holding only its own certificate (`remus cert issue`) and the
+/// CA's is protected; where the backup does not let the shared
+/// certificate speak for guests, a primary presenting it is refused by
+/// name; a revoked guest is refused once the backup loads the list.
+#[test]
+fn per_guest_certificates_from_remus_cert() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    keygen(data);
+    let primary_dir = data.join("primary-2");
+    let ca = data.join("tls");
+    let out = run_limited(
+        Command::new(remus())
+            .args(["cert", "issue", "--guest", "2", "--days", "30", "--ca"])
+            .arg(&ca)
+            .arg("--out")
+            .arg(primary_dir.join("tls")),
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "cert issue: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::copy(ca.join("ca.pem"), primary_dir.join("tls/ca.pem")).unwrap();
+    let config = data.join("strict.toml");
+    std::fs::write(&config, "[backup]\nshared-primary-cert = false\n").unwrap();
+    let run = |backup: &BackupProcess, from: &std::path::Path| {
+        run_limited(
+            protect(from, &backup.addr).args(["--guest", "2", "--memory-mib", "16", "--seconds", "2", "--json"]),
+            Duration::from_secs(60),
+        )
+    };
+
+    let backup = BackupProcess::start_with(data, "127.0.0.1:0", &["--config", config.to_str().unwrap()]);
+    let own = run(&backup, &primary_dir);
+    assert!(own.status.success(), "own certificate: {}", String::from_utf8_lossy(&own.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&own.stdout).unwrap();
+    assert!(v["epochs_committed"].as_u64().unwrap() > 10, "{v}");
+    let shared = run(&backup, data);
+    let err = String::from_utf8_lossy(&shared.stderr);
+    assert!(!shared.status.success() && err.contains("shared primary certificate"), "{err}");
+    backup.stop();
+
+    // Revoked, and the list copied to the backup (its TLS directory is the CA's here).
+    let out = run_limited(Command::new(remus()).args(["cert", "revoke", "--guest", "2", "--ca"]).arg(&ca), Duration::from_secs(30));
+    assert!(out.status.success(), "cert revoke: {}", String::from_utf8_lossy(&out.stderr));
+    let out = run_limited(Command::new(remus()).args(["cert", "list", "--ca"]).arg(&ca), Duration::from_secs(30));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("revoked"), "{}", String::from_utf8_lossy(&out.stdout));
+    let backup = BackupProcess::start_with(data, "127.0.0.1:0", &["--config", config.to_str().unwrap()]);
+    let revoked = run(&backup, &primary_dir);
+    let err = String::from_utf8_lossy(&revoked.stderr);
+    assert!(!revoked.status.success() && err.contains("certificate"), "a revoked certificate: {err}");
+    backup.stop();
+}
+
 /// GC in a live backup removes chunks the primary remembers sending: the
 /// workload's `recycle` writes return pages to content they held before,
 /// and retention keeps only the last 200 ms, so most of that content is

@@ -47,6 +47,7 @@
 //! primary-timeout-max-ms = 5000 # at the most
 //! buffer-mib-per-primary = 1024 # epochs received, not yet committed: memory for each primary ...
 //! buffer-mib = 4096          # ... and for all of them
+//! shared-primary-cert = true  # keygen's primary.pem may speak for any guest
 //! # qemu-images = ["/var/lib/remus/images"]   # kernels and initrds a failed-over guest may boot (default ~/.cache/remus-guest)
 //!
 //! # Optional: the S3 history tier (no defaults for bucket; the rest as
@@ -337,6 +338,10 @@ pub struct BackupConfig {
     pub buffer_mib_per_primary: u64,
     /// ... and for all primaries together (default 4096).
     pub buffer_mib: u64,
+    /// Whether `keygen`'s `primary.pem`, shared by every guest, may speak
+    /// for any guest (default true); a certificate from `remus cert issue`
+    /// speaks for its own guest only, whatever this says.
+    pub shared_primary_cert: bool,
     /// Directories whose kernels and initrds a failed-over QEMU guest may
     /// boot from here (default: where scripts/qemu-deps.sh and
     /// guest/build.sh put them, `~/.cache/remus-guest`).
@@ -355,6 +360,7 @@ impl Default for BackupConfig {
             primary_timeout_max_ms: ms(link.primary_timeout_max),
             buffer_mib_per_primary: link.max_buffered_per_connection >> 20,
             buffer_mib: link.max_buffered >> 20,
+            shared_primary_cert: link.shared_primary_cert,
             qemu_images: None,
         }
     }
@@ -370,6 +376,7 @@ impl BackupConfig {
             primary_timeout_max: Duration::from_millis(self.primary_timeout_max_ms),
             max_buffered_per_connection: self.buffer_mib_per_primary << 20,
             max_buffered: self.buffer_mib << 20,
+            shared_primary_cert: self.shared_primary_cert,
         }
     }
 

@@ -43,6 +43,8 @@ enum Command {
     Bisect(cmd::show::BisectArgs),
     /// Generate the CA and certificates for mutual TLS.
     Keygen(cmd::keygen::KeygenArgs),
+    /// Issue, list and revoke per-guest client certificates.
+    Cert(cmd::cert::CertArgs),
     /// Re-hash chunks, walk manifest chains, name what is damaged.
     Verify(cmd::verify::VerifyArgs),
     /// Thin by the retention policy and collect unreferenced chunks and packs.
@@ -69,6 +71,7 @@ fn main() -> ExitCode {
             Command::Diff(a) => cmd::show::diff(a, &cfg, &data_dir).map(|()| true),
             Command::Bisect(a) => cmd::show::bisect(a, &cfg, &data_dir),
             Command::Keygen(a) => cmd::keygen::run(a, &data_dir).map(|()| true),
+            Command::Cert(a) => cmd::cert::run(a, &data_dir).map(|()| true),
             Command::Verify(a) => cmd::verify::run(a, &cfg, &data_dir),
             Command::Gc(a) => cmd::gc::run(a, &cfg, &data_dir).map(|()| true),
             Command::Archive(a) => cmd::archive::run(a, &cfg).map(|()| true),

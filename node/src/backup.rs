@@ -71,7 +71,7 @@ impl Backup {
         } else {
             None
         };
-        let server = server_config(opts.tls.identity("backup")?, opts.tls.roots()?)?;
+        let server = server_config(opts.tls.identity("backup")?, opts.tls.roots()?, opts.tls.crls()?)?;
         let (events_tx, events) = crossbeam_channel::unbounded();
         // Every event goes to the hooks too, on its way out.
         let (inner_tx, inner) = crossbeam_channel::unbounded::<BackupEvent>();

@@ -280,7 +280,13 @@ pub async fn run_primary(
         }
         // Connect, still taking checkpoints so the guest never waits on us.
         let conn = match ep.connect_with(client.clone(), cfg.backup, crate::tls::SERVER_NAME) {
-            Ok(c) => input.take_while(&mut core, &mut checkpoints, &events, c).await.map_err(LinkError::from),
+            Ok(c) => match input.take_while(&mut core, &mut checkpoints, &events, c).await {
+                // Retrying cannot help: the certificate will not change.
+                Err(e) if certificate_refused(&e) => {
+                    return Err(LinkError::Protocol(ProtocolError::Refused(format!("the TLS handshake failed over a certificate: {e}"))));
+                }
+                r => r.map_err(LinkError::from),
+            },
             Err(e) => Err(LinkError::from(e)),
         };
         let conn = match conn {
@@ -315,6 +321,13 @@ pub async fn run_primary(
                 return Err(LinkError::Protocol(e));
             }
             Err(e) => {
+                // TLS 1.3: the backup judges our certificate after our side
+                // of the handshake is done, so its verdict ends the connection.
+                if let Some(reason) = conn.close_reason().filter(certificate_refused) {
+                    return Err(LinkError::Protocol(ProtocolError::Refused(format!(
+                        "the TLS handshake failed over a certificate: {reason}"
+                    ))));
+                }
                 conn.close(VarInt::from_u32(1), b"reconnecting");
                 let _ = events.send(LinkEvent::Disconnected(Arc::new(e)));
             }
@@ -329,6 +342,20 @@ pub async fn run_primary(
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
+}
+
+/// Whether a handshake failed over a certificate (revoked, expired, not
+/// from the CA, refused) on either side: TLS alerts travel as QUIC crypto
+/// errors, 0x100 plus the alert.
+fn certificate_refused(e: &quinn::ConnectionError) -> bool {
+    let code = match e {
+        quinn::ConnectionError::ConnectionClosed(c) => c.error_code,
+        quinn::ConnectionError::TransportError(t) => t.code,
+        _ => return false,
+    };
+    let v = u64::from(code);
+    // bad_certificate .. certificate_unknown, unknown_ca, access_denied.
+    (0x100..0x200).contains(&v) && matches!(v - 0x100, 42..=46 | 48 | 49)
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
@@ -753,6 +780,11 @@ pub struct BackupLinkConfig {
     pub max_buffered_per_connection: u64,
     /// ... and across all connections (default 4 GiB).
     pub max_buffered: u64,
+    /// Whether the client certificate shared by every guest (`keygen`'s
+    /// `primary.pem`) may speak for any guest (default true). A
+    /// certificate issued for one guest speaks for that guest only,
+    /// whatever this says.
+    pub shared_primary_cert: bool,
 }
 
 impl Default for BackupLinkConfig {
@@ -763,6 +795,7 @@ impl Default for BackupLinkConfig {
             primary_timeout_max: Duration::from_secs(5),
             max_buffered_per_connection: 1 << 30,
             max_buffered: 4 << 30,
+            shared_primary_cert: true,
         }
     }
 }
@@ -818,7 +851,10 @@ async fn serve_primary<R: Replica>(
     };
     let r2 = Arc::clone(replica);
     let continues = (continues.0 > EpochId(0)).then_some(continues);
-    let welcome = tokio::task::spawn_blocking(move || r2.welcome(guest, instance, page_count, generation, continues)).await?;
+    let welcome = match identity_refusal(conn, guest, cfg.shared_primary_cert) {
+        Some(why) => Err(why),
+        None => tokio::task::spawn_blocking(move || r2.welcome(guest, instance, page_count, generation, continues)).await?,
+    };
     let (committed, head) = match welcome {
         Ok(w) => w,
         Err(m) => {
@@ -836,6 +872,23 @@ async fn serve_primary<R: Replica>(
     let result = serve_epochs(conn, replica, cfg, session, control, (tx, rx), deleted).await;
     replica.disconnected(guest);
     result
+}
+
+/// Why the peer's certificate may not speak for `guest`, if it may not.
+fn identity_refusal(conn: &Connection, guest: GuestId, shared_allowed: bool) -> Option<String> {
+    let certs = conn.peer_identity().and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok());
+    let Some(leaf) = certs.as_ref().and_then(|c| c.first()) else {
+        return Some("no client certificate".into());
+    };
+    match crate::tls::speaks_for(leaf, guest) {
+        crate::tls::Speaks::Guest => None,
+        crate::tls::Speaks::Shared if shared_allowed => None,
+        crate::tls::Speaks::Shared => Some(format!(
+            "the shared primary certificate may not speak for {guest} here (backup.shared-primary-cert = false): issue one with `remus cert issue --guest {}`",
+            guest.0
+        )),
+        crate::tls::Speaks::Not => Some(format!("this client certificate is not issued for {guest}")),
+    }
 }
 
 /// What the Hello and the replica settled for a connection, and its

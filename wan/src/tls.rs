@@ -2,21 +2,68 @@
 //!
 //! `keygen` writes, into one directory: `ca.pem`/`ca.key` (the deployment's
 //! own certificate authority), `backup.pem`/`backup.key` (server, names
-//! `remus-backup` and `localhost`) and `primary.pem`/`primary.key`
-//! (client). Each side trusts only certificates signed by that CA; a peer
-//! without one is refused during the handshake.
+//! `remus-backup` and `localhost`) and `primary.pem`/`primary.key` (a
+//! client certificate shared by every guest, named `remus-primary`). Each
+//! side trusts only certificates signed by that CA; a peer without one is
+//! refused during the handshake.
+//!
+//! Per-guest identity: [`issue_guest`] signs `guest-G.pem`/`guest-G.key`,
+//! a client certificate named `guest-G.remus` ([`guest_name`]) that speaks
+//! for guest G alone, valid for a number of days, its serial recorded in
+//! `issued.txt` beside the CA. [`revoke_guest`] revokes every certificate
+//! issued for a guest and writes `revoked.crl`, which a backup loads
+//! beside its CA ([`TlsDir::crls`]) and checks at every handshake.
+//! [`speaks_for`] says which guests a client certificate may speak for.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair,
+    KeyUsagePurpose, RevokedCertParams, SerialNumber,
+};
+use remus_types::GuestId;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 
 use crate::error::LinkError;
 
 /// Name the backup's certificate is issued for; primaries connect with it.
 pub const SERVER_NAME: &str = "remus-backup";
+/// Name of the client certificate `keygen` writes, shared by every guest.
+pub const SHARED_PRIMARY_NAME: &str = "remus-primary";
+
+/// The name a certificate that speaks for `guest` alone is issued for.
+#[must_use]
+pub fn guest_name(guest: GuestId) -> String {
+    format!("guest-{}.remus", guest.0)
+}
+
+/// Whom a client certificate may speak for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Speaks {
+    /// The guest it names.
+    Guest,
+    /// Any guest: the certificate shared by every primary.
+    Shared,
+    /// Not this guest.
+    Not,
+}
+
+/// Whether the client certificate `leaf` (already verified against the
+/// CA by the handshake) may speak for `guest`.
+#[must_use]
+pub fn speaks_for(leaf: &CertificateDer<'_>, guest: GuestId) -> Speaks {
+    let Ok(cert) = webpki::EndEntityCert::try_from(leaf) else { return Speaks::Not };
+    let valid_for = |name: String| ServerName::try_from(name).is_ok_and(|n| cert.verify_is_valid_for_subject_name(&n).is_ok());
+    if valid_for(guest_name(guest)) {
+        Speaks::Guest
+    } else if valid_for(SHARED_PRIMARY_NAME.to_string()) {
+        Speaks::Shared
+    } else {
+        Speaks::Not
+    }
+}
 /// ALPN protocol id of the replication link.
 pub const ALPN: &[u8] = b"remus/1";
 
@@ -39,18 +86,42 @@ impl TlsDir {
         self.0.join("ca.pem")
     }
 
-    /// Certificate and key of `role` (`backup` or `primary`).
+    /// The revocation list, when there is one.
+    #[must_use]
+    pub fn crl(&self) -> PathBuf {
+        self.0.join("revoked.crl")
+    }
+
+    /// Certificate and key of `role` (`backup`, `primary`, or `guest-G`).
     #[must_use]
     pub fn pair(&self, role: &str) -> (PathBuf, PathBuf) {
         (self.0.join(format!("{role}.pem")), self.0.join(format!("{role}.key")))
     }
 
-    /// True when every file exists.
+    /// True when every file `keygen` writes exists.
     #[must_use]
     pub fn is_complete(&self) -> bool {
         let (a, b) = self.pair("backup");
         let (c, d) = self.pair("primary");
         [self.ca(), a, b, c, d].iter().all(|p| p.exists())
+    }
+
+    /// The files missing for `role` (`backup`, or the primary of a guest:
+    /// its own pair or the shared one), CA certificate included.
+    #[must_use]
+    pub fn missing_for(&self, guest: Option<GuestId>) -> Vec<PathBuf> {
+        let pair = match guest {
+            None => self.pair("backup"),
+            Some(g) => {
+                let own = self.pair(&format!("guest-{}", g.0));
+                if own.0.exists() {
+                    own
+                } else {
+                    self.pair("primary")
+                }
+            }
+        };
+        [self.ca(), pair.0, pair.1].into_iter().filter(|p| !p.exists()).collect()
     }
 
     /// Loads the identity of `role`.
@@ -60,6 +131,37 @@ impl TlsDir {
     pub fn identity(&self, role: &str) -> Result<Identity, LinkError> {
         let (cert, key) = self.pair(role);
         Ok(Identity { certs: read_certs(&cert)?, key: read_key(&key)? })
+    }
+
+    /// The identity a primary of `guest` presents: its own certificate
+    /// (`guest-G.pem`) when there is one, else the shared `primary.pem`.
+    ///
+    /// # Errors
+    /// As [`identity`](Self::identity).
+    pub fn primary_identity(&self, guest: GuestId) -> Result<Identity, LinkError> {
+        let own = format!("guest-{}", guest.0);
+        self.identity(if self.pair(&own).0.exists() { &own } else { "primary" })
+    }
+
+    /// The revocation lists to check client certificates against (none
+    /// when `revoked.crl` is absent).
+    ///
+    /// # Errors
+    /// [`LinkError::Tls`] naming an unreadable or invalid file.
+    pub fn crls(&self) -> Result<Vec<CertificateRevocationListDer<'static>>, LinkError> {
+        let path = self.crl();
+        let data = match fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(LinkError::Tls(format!("{}: {e}", path.display()))),
+        };
+        let crls = rustls_pemfile::crls(&mut data.as_slice())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| LinkError::Tls(format!("{}: {e}", path.display())))?;
+        if crls.is_empty() {
+            return Err(LinkError::Tls(format!("{}: no revocation list found", path.display())));
+        }
+        Ok(crls)
     }
 
     /// Loads the CA as a root store.
@@ -101,12 +203,8 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, LinkError> {
 pub fn keygen(dir: &Path) -> Result<(), LinkError> {
     let tls = |e: rcgen::Error| LinkError::Tls(e.to_string());
     fs::create_dir_all(dir)?;
-    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(tls)?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "remus CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let ca_key = KeyPair::generate().map_err(tls)?;
-    let ca_cert = ca.self_signed(&ca_key).map_err(tls)?;
+    let ca_cert = ca_params()?.self_signed(&ca_key).map_err(tls)?;
     let td = TlsDir(dir.to_path_buf());
     write_private(&td.0.join("ca.key"), &ca_key.serialize_pem())?;
     fs::write(td.ca(), ca_cert.pem())?;
@@ -126,6 +224,174 @@ pub fn keygen(dir: &Path) -> Result<(), LinkError> {
     Ok(())
 }
 
+/// The CA's certificate parameters: the same every time, so that the CA
+/// key alone re-creates an issuer that certificates and revocation lists
+/// chain to (its subject and key identifier).
+fn ca_params() -> Result<CertificateParams, LinkError> {
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(|e| LinkError::Tls(e.to_string()))?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "remus CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca.key_identifier_method = KeyIdMethod::Sha256;
+    Ok(ca)
+}
+
+/// The CA of `ca_dir` as an issuer: its certificate re-created from its key.
+fn issuer(ca_dir: &Path) -> Result<(rcgen::Certificate, KeyPair), LinkError> {
+    let path = ca_dir.join("ca.key");
+    let pem = fs::read_to_string(&path)
+        .map_err(|e| LinkError::Tls(format!("{}: {e} (the CA key is needed to issue or revoke)", path.display())))?;
+    let key = KeyPair::from_pem(&pem).map_err(|e| LinkError::Tls(format!("{}: {e}", path.display())))?;
+    let cert = ca_params()?.self_signed(&key).map_err(|e| LinkError::Tls(e.to_string()))?;
+    Ok((cert, key))
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// A certificate issued by [`issue_guest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issued {
+    /// The guest it speaks for.
+    pub guest: GuestId,
+    /// Its serial number, hex.
+    pub serial: String,
+    /// When it expires (Unix seconds).
+    pub not_after_unix: i64,
+}
+
+/// Every certificate the CA in `ca_dir` issued (`issued.txt`).
+///
+/// # Errors
+/// [`LinkError::Tls`] naming an unreadable or malformed file.
+pub fn issued(ca_dir: &Path) -> Result<Vec<Issued>, LinkError> {
+    let path = ca_dir.join("issued.txt");
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(LinkError::Tls(format!("{}: {e}", path.display()))),
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let parse = || {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                match f[..] {
+                    [g, serial, until] => {
+                        Some(Issued { guest: GuestId(g.parse().ok()?), serial: serial.to_string(), not_after_unix: until.parse().ok()? })
+                    }
+                    _ => None,
+                }
+            };
+            parse().ok_or_else(|| LinkError::Tls(format!("{}: malformed line {l:?}", path.display())))
+        })
+        .collect()
+}
+
+/// Issues a certificate that speaks for `guest` alone, valid from an hour
+/// ago (clock skew) for `days` days (0: already expired, for tests of
+/// expiry), signed by the CA in `ca_dir`; writes `guest-G.pem` and
+/// `guest-G.key` into `out` and records the serial in `issued.txt`.
+///
+/// # Errors
+/// [`LinkError::Tls`] without the CA key; [`LinkError::Io`] when a file
+/// cannot be written.
+pub fn issue_guest(ca_dir: &Path, guest: GuestId, days: u32, out: &Path) -> Result<Issued, LinkError> {
+    let tls = |e: rcgen::Error| LinkError::Tls(e.to_string());
+    let (ca_cert, ca_key) = issuer(ca_dir)?;
+    let now = time::OffsetDateTime::now_utc();
+    let mut p = CertificateParams::new(vec![guest_name(guest)]).map_err(tls)?;
+    p.distinguished_name.push(DnType::CommonName, format!("remus guest {}", guest.0));
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.not_before = now - time::Duration::hours(1);
+    p.not_after = if days == 0 { now - time::Duration::minutes(1) } else { now + time::Duration::days(i64::from(days)) };
+    // Unique per issue: the guest, the time and this process.
+    let mut h = blake3::Hasher::new();
+    h.update(&guest.0.to_le_bytes());
+    h.update(&now.unix_timestamp_nanos().to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    let mut serial = h.finalize().as_bytes()[..16].to_vec();
+    serial[0] &= 0x7f;
+    p.serial_number = Some(SerialNumber::from_slice(&serial));
+    let not_after_unix = p.not_after.unix_timestamp();
+    let key = KeyPair::generate().map_err(tls)?;
+    let cert = p.signed_by(&key, &ca_cert, &ca_key).map_err(tls)?;
+    fs::create_dir_all(out)?;
+    let dir = TlsDir(out.to_path_buf());
+    let (c, k) = dir.pair(&format!("guest-{}", guest.0));
+    write_private(&k, &key.serialize_pem())?;
+    fs::write(c, cert.pem())?;
+    let issued = Issued { guest, serial: hex(&serial), not_after_unix };
+    append_line(&ca_dir.join("issued.txt"), &format!("{} {} {}", guest.0, issued.serial, issued.not_after_unix))?;
+    Ok(issued)
+}
+
+/// Revokes every certificate issued for `guest` and writes `revoked.crl`
+/// (every serial revoked so far, signed by the CA) into `ca_dir`; returns
+/// the serials newly revoked. Copy the list to each backup's TLS
+/// directory; a backup reads it when it starts.
+///
+/// # Errors
+/// [`LinkError::Tls`] without the CA key or when no certificate was
+/// issued for `guest`; [`LinkError::Io`].
+pub fn revoke_guest(ca_dir: &Path, guest: GuestId) -> Result<Vec<String>, LinkError> {
+    let (ca_cert, ca_key) = issuer(ca_dir)?;
+    let serials: Vec<String> = issued(ca_dir)?.into_iter().filter(|i| i.guest == guest).map(|i| i.serial).collect();
+    if serials.is_empty() {
+        return Err(LinkError::Tls(format!("no certificate was issued for {guest} by the CA in {}", ca_dir.display())));
+    }
+    let revoked_path = ca_dir.join("revoked.txt");
+    let mut all: Vec<String> = match fs::read_to_string(&revoked_path) {
+        Ok(t) => t.lines().filter_map(|l| l.split_whitespace().next()).map(str::to_string).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let new: Vec<String> = serials.into_iter().filter(|s| !all.contains(s)).collect();
+    for s in &new {
+        append_line(&revoked_path, &format!("{s} {}", now_unix()))?;
+        all.push(s.clone());
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let crl = CertificateRevocationListParams {
+        this_update: now - time::Duration::hours(1),
+        next_update: now + time::Duration::days(3650),
+        crl_number: SerialNumber::from(u64::try_from(now_unix()).unwrap_or(0)),
+        issuing_distribution_point: None,
+        revoked_certs: all
+            .iter()
+            .filter_map(|s| unhex(s))
+            .map(|serial| RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&serial),
+                revocation_time: now,
+                reason_code: None,
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    }
+    .signed_by(&ca_cert, &ca_key)
+    .map_err(|e| LinkError::Tls(e.to_string()))?;
+    fs::write(ca_dir.join("revoked.crl"), crl.pem().map_err(|e| LinkError::Tls(e.to_string()))?)?;
+    Ok(new)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect()
+}
+
+fn append_line(path: &Path, line: &str) -> Result<(), LinkError> {
+    use std::io::Write;
+    let mut f = fs::OpenOptions::new().create(true).append(true).open(path)?;
+    writeln!(f, "{line}")?;
+    f.sync_all()?;
+    Ok(())
+}
+
 fn write_private(path: &Path, pem: &str) -> Result<(), LinkError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -139,13 +405,21 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// QUIC server config for the backup: presents `id`, demands a client
-/// certificate signed by a CA in `roots`.
+/// certificate signed by a CA in `roots`, unexpired and not revoked by
+/// any of `crls`.
 ///
 /// # Errors
-/// [`LinkError::Tls`] when the key or certificates are unusable.
-pub fn server_config(id: Identity, roots: rustls::RootCertStore) -> Result<quinn::ServerConfig, LinkError> {
+/// [`LinkError::Tls`] when the key, certificates or lists are unusable.
+pub fn server_config(
+    id: Identity,
+    roots: rustls::RootCertStore,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+) -> Result<quinn::ServerConfig, LinkError> {
     let tls = |e: rustls::Error| LinkError::Tls(e.to_string());
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .with_crls(crls)
+        .only_check_end_entity_revocation()
+        .allow_unknown_revocation_status()
         .build()
         .map_err(|e| LinkError::Tls(e.to_string()))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())

@@ -52,7 +52,7 @@ async fn a_slow_store_holds_the_primary_back_within_the_budget_and_every_epoch_c
     keygen(dir.path()).unwrap();
     let tls = TlsDir(dir.path().to_path_buf());
     let replica = Arc::new(SlowReplica::default());
-    let server = server_config(tls.identity("backup").unwrap(), tls.roots().unwrap()).unwrap();
+    let server = server_config(tls.identity("backup").unwrap(), tls.roots().unwrap(), Vec::new()).unwrap();
     let ep = endpoint("127.0.0.1:0".parse().unwrap(), Some(server)).unwrap();
     let addr = ep.local_addr().unwrap();
     // Room for about four epochs per connection.

@@ -1,6 +1,8 @@
 //! Mutual TLS over real QUIC on loopback: a primary with a certificate
 //! from the deployment's CA is welcomed; one without a certificate, or
-//! with one from another CA, is refused before it can say Hello.
+//! with one from another CA, is refused before it can say Hello; a
+//! certificate issued for one guest speaks for that guest alone, and an
+//! expired or revoked one is refused.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -8,7 +10,7 @@ use std::time::Duration;
 
 use remus_types::{ChunkId, EpochId, GuestId};
 use remus_wan::driver::{endpoint, run_backup, BackupLinkConfig, Replica};
-use remus_wan::tls::{client_config, keygen, server_config, TlsDir, SERVER_NAME};
+use remus_wan::tls::{client_config, issue_guest, keygen, revoke_guest, server_config, TlsDir, SERVER_NAME};
 use remus_wan::{CommitError, FrameReader, Message, ReceivedEpoch};
 
 /// Counts Hellos; commits nothing (the store is tested elsewhere).
@@ -33,15 +35,19 @@ impl Replica for CountingReplica {
     fn disconnected(&self, _: GuestId) {}
 }
 
-/// Connects with `client`, sends Hello, and returns the first message the
-/// backup answers, or the error that ended the attempt.
+/// Connects with `client`, sends Hello for guest 1, and returns the first
+/// message the backup answers, or the error that ended the attempt.
 async fn hello(client: quinn::ClientConfig, addr: std::net::SocketAddr) -> Result<Message, String> {
+    hello_as(client, addr, GuestId(1)).await
+}
+
+/// As [`hello`], for `guest`.
+async fn hello_as(client: quinn::ClientConfig, addr: std::net::SocketAddr, guest: GuestId) -> Result<Message, String> {
     let ep = endpoint("127.0.0.1:0".parse().unwrap(), None).map_err(|e| e.to_string())?;
     let conn = ep.connect_with(client, addr, SERVER_NAME).map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     send.write_all(
-        &Message::Hello { guest: GuestId(1), instance: 7, page_count: 16, generation: 0, continues: (EpochId(0), ChunkId::default()) }
-            .to_bytes(),
+        &Message::Hello { guest, instance: 7, page_count: 16, generation: 0, continues: (EpochId(0), ChunkId::default()) }.to_bytes(),
     )
     .await
     .map_err(|e| e.to_string())?;
@@ -68,7 +74,7 @@ async fn only_primaries_with_a_certificate_from_our_ca_are_admitted() {
     let theirs = TlsDir(theirs.path().to_path_buf());
 
     let replica = Arc::new(CountingReplica::default());
-    let server = server_config(ours.identity("backup").unwrap(), ours.roots().unwrap()).unwrap();
+    let server = server_config(ours.identity("backup").unwrap(), ours.roots().unwrap(), Vec::new()).unwrap();
     let ep = endpoint("127.0.0.1:0".parse().unwrap(), Some(server)).unwrap();
     let addr = ep.local_addr().unwrap();
     tokio::spawn(run_backup(ep.clone(), Arc::clone(&replica), BackupLinkConfig::default()));
@@ -98,6 +104,65 @@ async fn only_primaries_with_a_certificate_from_our_ca_are_admitted() {
     ep.close(0u32.into(), b"done");
 }
 
+#[tokio::test]
+async fn a_guest_certificate_speaks_for_its_guest_alone_and_expired_or_revoked_ones_are_refused() {
+    let ca = tempfile::tempdir().unwrap();
+    keygen(ca.path()).unwrap();
+    let tls = TlsDir(ca.path().to_path_buf());
+    // Each primary's directory holds its own certificate and the CA's.
+    let primary = |guest: u64, days: u32| {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(tls.ca(), dir.path().join("ca.pem")).unwrap();
+        issue_guest(ca.path(), GuestId(guest), days, dir.path()).unwrap();
+        let own = TlsDir(dir.path().to_path_buf());
+        assert!(!own.pair("primary").0.exists() && !dir.path().join("ca.key").exists(), "only its own key and the CA certificate");
+        client_config(Some(own.primary_identity(GuestId(guest)).unwrap()), own.roots().unwrap()).unwrap()
+    };
+    let (g7, g8, expired) = (primary(7, 30), primary(8, 30), primary(9, 0));
+    let limit = Duration::from_secs(10);
+    let start = |crls, shared| {
+        let replica = Arc::new(CountingReplica::default());
+        let server = server_config(tls.identity("backup").unwrap(), tls.roots().unwrap(), crls).unwrap();
+        let ep = endpoint("127.0.0.1:0".parse().unwrap(), Some(server)).unwrap();
+        let cfg = BackupLinkConfig { shared_primary_cert: shared, ..BackupLinkConfig::default() };
+        tokio::spawn(run_backup(ep.clone(), Arc::clone(&replica), cfg));
+        (ep, replica)
+    };
+
+    let (ep, replica) = start(Vec::new(), false);
+    let addr = ep.local_addr().unwrap();
+    let r = tokio::time::timeout(limit, hello_as(g7.clone(), addr, GuestId(7))).await.unwrap();
+    assert!(matches!(r, Ok(Message::Welcome { guest: GuestId(7), .. })), "{r:?}");
+    let r = tokio::time::timeout(limit, hello_as(g7.clone(), addr, GuestId(8))).await.unwrap();
+    assert!(matches!(&r, Ok(Message::Error(why)) if why.contains("not issued for guest-8")), "{r:?}");
+    let r = tokio::time::timeout(limit, hello_as(g8.clone(), addr, GuestId(8))).await.unwrap();
+    assert!(matches!(r, Ok(Message::Welcome { guest: GuestId(8), .. })), "{r:?}");
+    // The shared certificate, where it may not speak for guests.
+    let shared = client_config(Some(tls.identity("primary").unwrap()), tls.roots().unwrap()).unwrap();
+    let r = tokio::time::timeout(limit, hello(shared.clone(), addr)).await.unwrap();
+    assert!(matches!(&r, Ok(Message::Error(why)) if why.contains("shared primary certificate")), "{r:?}");
+    // Expired: refused in the handshake.
+    let r = tokio::time::timeout(limit, hello_as(expired, addr, GuestId(9))).await.unwrap();
+    assert!(r.is_err(), "an expired certificate got {r:?}");
+    assert_eq!(replica.welcomed.load(Ordering::SeqCst), 2, "only the two rightful Hellos reach the replica");
+    ep.close(0u32.into(), b"done");
+
+    // Guest 7 revoked: a backup loading the list refuses it, guest 8 still speaks.
+    assert_eq!(revoke_guest(ca.path(), GuestId(7)).unwrap().len(), 1);
+    assert!(revoke_guest(ca.path(), GuestId(7)).unwrap().is_empty(), "revoking twice adds nothing");
+    assert!(revoke_guest(ca.path(), GuestId(99)).is_err(), "nothing was issued for guest 99");
+    let (ep, replica) = start(tls.crls().unwrap(), true);
+    let addr = ep.local_addr().unwrap();
+    let r = tokio::time::timeout(limit, hello_as(g7, addr, GuestId(7))).await.unwrap();
+    assert!(r.is_err(), "a revoked certificate got {r:?}");
+    let r = tokio::time::timeout(limit, hello_as(g8, addr, GuestId(8))).await.unwrap();
+    assert!(matches!(r, Ok(Message::Welcome { guest: GuestId(8), .. })), "{r:?}");
+    let r = tokio::time::timeout(limit, hello(shared, addr)).await.unwrap();
+    assert!(matches!(r, Ok(Message::Welcome { guest: GuestId(1), .. })), "the shared certificate where allowed: {r:?}");
+    assert_eq!(replica.welcomed.load(Ordering::SeqCst), 2);
+    ep.close(0u32.into(), b"done");
+}
+
 #[test]
 fn unreadable_tls_material_is_named() {
     let dir = tempfile::tempdir().unwrap();
@@ -117,7 +182,7 @@ async fn a_corrupt_epoch_stream_closes_the_connection_with_the_reason() {
     keygen(dir.path()).unwrap();
     let tls = TlsDir(dir.path().to_path_buf());
     let replica = Arc::new(CountingReplica::default());
-    let server = server_config(tls.identity("backup").unwrap(), tls.roots().unwrap()).unwrap();
+    let server = server_config(tls.identity("backup").unwrap(), tls.roots().unwrap(), Vec::new()).unwrap();
     let ep = endpoint("127.0.0.1:0".parse().unwrap(), Some(server)).unwrap();
     let addr = ep.local_addr().unwrap();
     tokio::spawn(run_backup(ep.clone(), Arc::clone(&replica), BackupLinkConfig::default()));

@@ -50,7 +50,7 @@ pub struct BackupArgs {
 /// When the store or the address cannot be opened, or TLS material is missing.
 pub fn run(args: &BackupArgs, cfg: &Config, config_path: Option<&Path>, data_dir: &Path) -> Result<()> {
     super::install_stop_handler();
-    let tls = super::tls_dir(data_dir, false)?;
+    let tls = super::tls_dir_for(data_dir, None)?;
     let b = &cfg.backup;
     let store = args.store.clone().or_else(|| b.store.clone()).unwrap_or_else(|| data_dir.join("store"));
     let backup = Backup::start(BackupOptions {

@@ -2,6 +2,7 @@
 
 pub mod archive;
 pub mod backup;
+pub mod cert;
 pub mod demo;
 pub mod gc;
 pub mod keygen;
@@ -15,6 +16,7 @@ pub mod verify;
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use remus_types::GuestId;
 use remus_wan::tls::TlsDir;
 
 /// How long a stopping primary waits for the backup to acknowledge what
@@ -23,7 +25,8 @@ pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub use remus_sys::{install_stop_handler, stop_requested};
 
-/// The TLS directory of `data_dir`, generating it when `create` and absent.
+/// The TLS directory of `data_dir`, generating all of it when `create` and
+/// absent.
 ///
 /// # Errors
 /// When the files are missing (and not created) or generation fails.
@@ -34,6 +37,24 @@ pub fn tls_dir(data_dir: &Path, create: bool) -> Result<TlsDir> {
         remus_wan::tls::keygen(&tls.0).with_context(|| format!("generating TLS material in {}", tls.0.display()))?;
         eprintln!("generated a CA and backup/primary certificates in {}", tls.0.display());
     }
+    Ok(tls)
+}
+
+/// The TLS directory of `data_dir` holding what one side needs: the CA
+/// certificate and, for the backup (`guest` none), its pair; for the
+/// primary of `guest`, its own pair (`remus cert issue`) or the shared one.
+///
+/// # Errors
+/// Naming the missing files.
+pub fn tls_dir_for(data_dir: &Path, guest: Option<GuestId>) -> Result<TlsDir> {
+    let tls = TlsDir(data_dir.join("tls"));
+    let missing = tls.missing_for(guest);
+    anyhow::ensure!(
+        missing.is_empty(),
+        "TLS material missing: {} (run `remus keygen --data-dir {}`, or `remus cert issue` for a guest)",
+        missing.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+        data_dir.display()
+    );
     Ok(tls)
 }
 

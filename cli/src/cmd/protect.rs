@@ -308,9 +308,10 @@ fn resumed_config(settings: &QemuSettings, dir: &Path, images: &[PathBuf]) -> Re
 pub fn run(args: &ProtectArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
     anyhow::ensure!(args.drain_seconds >= 0.0 && args.drain_seconds.is_finite(), "--drain-seconds must be non-negative");
     super::install_stop_handler();
-    let tls = super::tls_dir(data_dir, false)?;
+    let guest = args.guest.unwrap_or(cfg.protect.guest);
+    let tls = super::tls_dir_for(data_dir, Some(remus_types::GuestId(guest)))?;
     let backup = args.backup.unwrap_or(cfg.protect.backup);
-    let mut opts = primary_options(cfg, &args.guest_flags, tls, backup, args.guest.unwrap_or(cfg.protect.guest))?;
+    let mut opts = primary_options(cfg, &args.guest_flags, tls, backup, guest)?;
     opts.output_log = args.output_log.clone();
     opts.record_roots = args.record_roots.clone();
     opts.witness = super::witness_options(cfg, &args.witness, "primary")?;
