@@ -119,17 +119,23 @@ impl Ingest {
             match &r.encoding {
                 PageEncoding::Zero => {}
                 PageEncoding::Ref => {
-                    // A cached page may have been collected meanwhile: the
-                    // store's commit checks again, and names it if so.
-                    let held = staged.contains_key(&r.hash)
-                        || self.cache.lock().contains_key(&r.hash)
-                        || self.store.has_chunk(&r.hash).map_err(storage)?;
+                    // Only what this guest holds (the store's per-guest
+                    // set), so the answer says nothing of other guests; GC
+                    // may still collect it before the commit, which checks
+                    // again and names it if so.
+                    let held = staged.contains_key(&r.hash) || self.store.holds(h.guest, &r.hash).map_err(storage)?;
                     if !held {
                         missing.push(r.hash);
                         continue;
                     }
                 }
                 PageEncoding::Xor { base, .. } => {
+                    // A base this guest does not hold is missing, whoever
+                    // else holds it.
+                    if !staged.contains_key(base) && !self.store.holds(h.guest, base).map_err(storage)? {
+                        missing.push(*base);
+                        continue;
+                    }
                     // A damaged or missing base is named as such, not as a
                     // decoding error of this page.
                     let base_page = match self.page(base, staged) {

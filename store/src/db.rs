@@ -38,6 +38,11 @@ pub(crate) const CF_CHUNKS: &str = "chunks";
 pub(crate) const CF_EPOCHS: &str = "epochs";
 pub(crate) const CF_PAGES: &str = "pages";
 pub(crate) const CF_META: &str = "meta";
+/// Which chunks each guest holds: `guest u64 BE | chunk id` → empty. A
+/// page may name a stored chunk only when its guest holds it (sent its
+/// bytes, or named it, before), so whether a chunk is stored says nothing
+/// of other guests' histories.
+pub(crate) const CF_HELD: &str = "held";
 
 /// New chunk bytes from which a commit appends its chunks to a pack file
 /// (see [`Store::commit_many`]).
@@ -209,6 +214,13 @@ pub(crate) fn epoch_key(guest: GuestId, epoch: EpochId) -> [u8; 16] {
     k
 }
 
+pub(crate) fn held_key(guest: GuestId, id: &ChunkId) -> [u8; 40] {
+    let mut k = [0u8; 40];
+    k[..8].copy_from_slice(&guest.0.to_be_bytes());
+    k[8..].copy_from_slice(&id.0);
+    k
+}
+
 pub(crate) fn page_key(guest: GuestId, pfn: Pfn, epoch: EpochId) -> [u8; 24] {
     let mut k = [0u8; 24];
     k[..8].copy_from_slice(&guest.0.to_be_bytes());
@@ -247,12 +259,23 @@ impl Store {
         let mut bbo = BlockBasedOptions::default();
         bbo.set_bloom_filter(10.0, false);
         chunks.set_block_based_table_factory(&bbo);
-        let cfs = vec![
+        let mut held = plain();
+        let mut hbo = BlockBasedOptions::default();
+        hbo.set_bloom_filter(10.0, false);
+        held.set_block_based_table_factory(&hbo);
+        let mut cfs = vec![
             ColumnFamilyDescriptor::new(CF_CHUNKS, chunks),
             ColumnFamilyDescriptor::new(CF_EPOCHS, plain()),
             ColumnFamilyDescriptor::new(CF_PAGES, plain()),
             ColumnFamilyDescriptor::new(CF_META, plain()),
+            ColumnFamilyDescriptor::new(CF_HELD, held),
         ];
+        if opts.read_only {
+            // A store written before a column family existed opens for
+            // reading without it (readers do not use `held`).
+            let present = DB::list_cf(&db_opts, path).unwrap_or_default();
+            cfs.retain(|d| present.iter().any(|p| p == d.name()));
+        }
         if opts.read_only {
             // Readers (restore, verify, log) read through mmap: no syscall
             // per chunk. Writers keep plain reads.
@@ -361,6 +384,34 @@ impl Store {
             return Ok(false);
         }
         Ok(self.db.get_pinned_cf(cf, id.0)?.is_some())
+    }
+
+    /// Whether `guest` holds chunk `id`: its bytes came from this guest, or
+    /// a page of this guest named it before (see [`CF_HELD`]). What a
+    /// primary may name by hash alone.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn holds(&self, guest: GuestId, id: &ChunkId) -> Result<bool, StoreError> {
+        let cf = self.cf(CF_HELD);
+        let key = held_key(guest, id);
+        if !self.db.key_may_exist_cf(cf, key) {
+            return Ok(false);
+        }
+        Ok(self.db.get_pinned_cf(cf, key)?.is_some())
+    }
+
+    /// For each id, whether `guest` holds it: one batched lookup.
+    fn held(&self, guest: GuestId, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
+        let keys: Vec<[u8; 40]> = ids.iter().map(|id| held_key(guest, id)).collect();
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_unstable_by_key(|&i| keys[i]);
+        let found = self.db.batched_multi_get_cf(self.cf(CF_HELD), order.iter().map(|&i| &keys[i][..]), true);
+        let mut out = vec![false; ids.len()];
+        for (&i, r) in order.iter().zip(found) {
+            out[i] = r?.is_some();
+        }
+        Ok(out)
     }
 
     /// For each id, whether the chunk is stored: one batched lookup, in
@@ -501,13 +552,14 @@ impl Store {
     }
 
     /// Adds one epoch to `batch`: its index entries, manifest and head;
-    /// its new chunks (skipping those stored or already in `seen`) go to
+    /// its new chunks (skipping those stored or already in `seen`, the
+    /// chunks each guest of the group handed in so far) go to
     /// `fresh`, for the caller to store.
     fn stage(
         &self,
         batch: &mut WriteBatch,
         fresh: &mut Vec<(ChunkId, StoredChunk)>,
-        seen: &mut std::collections::HashSet<ChunkId>,
+        seen: &mut std::collections::HashSet<(GuestId, ChunkId)>,
         mut c: EpochCommit,
         parent: ChunkId,
     ) -> Result<CommitOutcome, StoreError> {
@@ -519,7 +571,7 @@ impl Store {
         let mut new_bytes = 0u64;
         let mut firsts = Vec::with_capacity(c.chunks.len());
         for (id, chunk) in std::mem::take(&mut c.chunks) {
-            if seen.insert(id) {
+            if seen.insert((c.guest, id)) {
                 firsts.push((id, chunk));
             } else {
                 dup_chunks += 1;
@@ -527,35 +579,48 @@ impl Store {
         }
         let ids: Vec<ChunkId> = firsts.iter().map(|(id, _)| *id).collect();
         let stored = self.stored(&ids)?;
-        // Every chunk new to the store is checked against its id before it
-        // is stored: whatever a caller hands in, nothing is stored under an
-        // id its bytes do not have.
+        let held = self.held(c.guest, &ids)?;
+        // Every chunk handed in is checked against its id before it is
+        // stored or counted as this guest's: whatever a caller hands in,
+        // nothing is stored under an id its bytes do not have, and whether
+        // another guest stored it already changes no answer.
         let mut scratch = Vec::with_capacity(PAGE_SIZE);
-        for ((id, chunk), stored) in firsts.into_iter().zip(stored) {
-            if stored {
+        let held_cf = self.cf(CF_HELD);
+        for (((id, chunk), stored), held) in firsts.into_iter().zip(stored).zip(held) {
+            if stored && held {
                 dup_chunks += 1;
                 continue;
             }
             let (codec, bytes) = chunk.parts();
             scratch.clear();
             decode_chunk_into(&id, codec, bytes, &mut scratch).map_err(|_| StoreError::Mismatch { guest: c.guest, epoch: c.epoch, id })?;
+            batch.put_cf(held_cf, held_key(c.guest, &id), []);
+            if stored {
+                dup_chunks += 1;
+                continue;
+            }
             new_bytes += 1 + chunk.len() as u64;
             fresh.push((id, chunk));
             new_chunks += 1;
         }
         let ds_id = content_id(&c.device_state);
-        if seen.insert(ds_id) && !self.has_chunk(&ds_id)? {
+        if seen.insert((c.guest, ds_id)) && !self.has_chunk(&ds_id)? {
             fresh.push((ds_id, StoredChunk::Plain(std::mem::take(&mut c.device_state))));
         }
         // A page may name a chunk sent in an earlier epoch: it must still
-        // be stored (GC may have removed what no kept epoch referenced).
-        // All of them are named, so the sender can resend them at once.
+        // be stored (GC may have removed what no kept epoch referenced),
+        // and held by this guest (so naming a hash tells nothing of other
+        // guests). Every such chunk is named, so the sender can resend them
+        // at once; a chunk stored but not held is named alike.
         let zero = remus_types::zero_page_hash();
-        let mut named: Vec<ChunkId> = c.pages.iter().map(|(_, id)| *id).filter(|id| *id != zero && !seen.contains(id)).collect();
+        let mut named: Vec<ChunkId> =
+            c.pages.iter().map(|(_, id)| *id).filter(|id| *id != zero && !seen.contains(&(c.guest, *id))).collect();
         named.sort_unstable();
         named.dedup();
         let stored = self.stored(&named)?;
-        let unstored: Vec<ChunkId> = named.into_iter().zip(stored).filter(|(_, s)| !s).map(|(id, _)| id).collect();
+        let held = self.held(c.guest, &named)?;
+        let unstored: Vec<ChunkId> =
+            named.into_iter().zip(stored.into_iter().zip(held)).filter(|(_, (s, h))| !(*s && *h)).map(|(id, _)| id).collect();
         if !unstored.is_empty() {
             return Err(StoreError::Unstored { guest: c.guest, epoch: c.epoch, ids: unstored });
         }

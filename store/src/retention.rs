@@ -34,7 +34,9 @@ use remus_types::{ChunkId, EpochId, GuestId, Pfn};
 use rocksdb::{IteratorMode, WriteBatch};
 
 use crate::chain::Bridge;
-use crate::db::{delta_key, epoch_key, guest_key, page_key, u64_at, Head, Store, CF_CHUNKS, CF_EPOCHS, CF_META, CF_PAGES};
+use crate::db::{
+    delta_key, epoch_key, guest_key, held_key, page_key, u64_at, Head, Store, CF_CHUNKS, CF_EPOCHS, CF_HELD, CF_META, CF_PAGES,
+};
 use crate::error::StoreError;
 use crate::manifest::Manifest;
 
@@ -337,8 +339,13 @@ impl Store {
         let mut batch = WriteBatch::default();
         candidates.retain(|(id, _)| !marked.contains(id));
         let mut freed: Vec<crate::packs::Location> = Vec::new();
+        let guests: Vec<GuestId> = self.guests()?.into_iter().map(|(g, _)| g).collect();
         for (id, loc) in &candidates {
             batch.delete_cf(self.cf(CF_CHUNKS), id.0);
+            // No guest holds what is gone: its bytes must come again.
+            for g in &guests {
+                batch.delete_cf(self.cf(CF_HELD), held_key(*g, id));
+            }
             freed.extend(loc);
         }
         // Synced before the packed bytes are freed: a crash must not leave

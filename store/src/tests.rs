@@ -507,3 +507,47 @@ fn the_change_walk_names_exactly_the_pages_whose_tables_differ() {
         }
     }
 }
+
+#[test]
+fn a_guest_may_name_by_hash_only_what_it_holds_so_no_answer_tells_of_other_guests() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let (a, b) = (GuestId(1), GuestId(2));
+    store.commit(commit_of(a, 1, &[(1, 7)])).unwrap();
+    let h = content_id(&page(7));
+    let unheld = content_id(&page(99));
+    assert!(store.holds(a, &h).unwrap() && !store.holds(b, &h).unwrap());
+    // B names A's chunk by hash, and one no one stored: the same refusal.
+    let by_ref = |epoch: u64, id: ChunkId| EpochCommit {
+        guest: b,
+        epoch: EpochId(epoch),
+        page_count: 64,
+        pages: vec![(Pfn(3), id)],
+        ..EpochCommit::default()
+    };
+    let err = |r: Result<CommitOutcome, StoreError>| match r {
+        Err(StoreError::Unstored { ids, .. }) => ids,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(err(store.commit(by_ref(1, h))), vec![h]);
+    assert_eq!(err(store.commit(by_ref(1, unheld))), vec![unheld]);
+    // Wrong bytes under A's id are refused as under an id no one stored.
+    let mut forged = commit_of(b, 1, &[]);
+    forged.pages.push((Pfn(3), h));
+    forged.chunks.push((h, StoredChunk::Plain(page(8))));
+    assert!(matches!(store.commit(forged), Err(StoreError::Mismatch { id, .. }) if id == h));
+    // Its bytes make it B's too (stored once), and then a reference will do.
+    let out = store.commit(commit_of(b, 1, &[(3, 7)])).unwrap();
+    assert_eq!((out.new_chunks, out.manifest.new_chunk_bytes), (0, 0), "stored once");
+    assert!(store.holds(b, &h).unwrap());
+    store.commit(by_ref(2, h)).unwrap();
+    // What GC deletes no guest holds any more.
+    let policy = RetentionPolicy { rules: vec![KeepRule { within: std::time::Duration::ZERO, every: std::time::Duration::ZERO }] };
+    store.commit(commit_of(a, 2, &[(1, 5)])).unwrap();
+    store.commit(commit_of(b, 3, &[(3, 5)])).unwrap();
+    for g in [a, b] {
+        store.thin(g, &policy, EpochId(u64::MAX)).unwrap();
+    }
+    assert!(store.gc().unwrap().deleted > 0);
+    assert!(!store.holds(a, &h).unwrap() && !store.holds(b, &h).unwrap());
+}
