@@ -343,7 +343,7 @@ fn per_guest_certificates_from_remus_cert() {
         )
     };
 
-    let backup = BackupProcess::start_with(data, "127.0.0.1:0", &["--config", config.to_str().unwrap()]);
+    let backup = BackupProcess::start_logged(data, "127.0.0.1:0", &["--config", config.to_str().unwrap()]);
     let own = run(&backup, &primary_dir);
     assert!(own.status.success(), "own certificate: {}", String::from_utf8_lossy(&own.stderr));
     let v: serde_json::Value = serde_json::from_slice(&own.stdout).unwrap();
@@ -351,6 +351,24 @@ fn per_guest_certificates_from_remus_cert() {
     let shared = run(&backup, data);
     let err = String::from_utf8_lossy(&shared.stderr);
     assert!(!shared.status.success() && err.contains("shared primary certificate"), "{err}");
+    // The backup logs the refusal with its reason.
+    let line = backup.wait_stderr("primary connection ended", Duration::from_secs(10));
+    assert!(line.contains("shared primary certificate may not speak for guest-2"), "{line}");
+    // Guest 2's pair put where guest 3's belongs: refused for guest 3.
+    let other_dir = data.join("primary-3");
+    std::fs::create_dir_all(other_dir.join("tls")).unwrap();
+    std::fs::copy(ca.join("ca.pem"), other_dir.join("tls/ca.pem")).unwrap();
+    for ext in ["pem", "key"] {
+        std::fs::copy(primary_dir.join(format!("tls/guest-2.{ext}")), other_dir.join(format!("tls/guest-3.{ext}"))).unwrap();
+    }
+    let out = run_limited(
+        protect(&other_dir, &backup.addr).args(["--guest", "3", "--memory-mib", "16", "--seconds", "2", "--json"]),
+        Duration::from_secs(60),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("not issued for guest-3"), "{err}");
+    let line = backup.wait_stderr("primary connection ended", Duration::from_secs(10));
+    assert!(line.contains("this client certificate is not issued for guest-3"), "{line}");
     backup.stop();
 
     // Revoked, and the list copied to the backup (its TLS directory is the CA's here).
@@ -358,10 +376,12 @@ fn per_guest_certificates_from_remus_cert() {
     assert!(out.status.success(), "cert revoke: {}", String::from_utf8_lossy(&out.stderr));
     let out = run_limited(Command::new(remus()).args(["cert", "list", "--ca"]).arg(&ca), Duration::from_secs(30));
     assert!(String::from_utf8_lossy(&out.stdout).contains("revoked"), "{}", String::from_utf8_lossy(&out.stdout));
-    let backup = BackupProcess::start_with(data, "127.0.0.1:0", &["--config", config.to_str().unwrap()]);
+    let backup = BackupProcess::start_logged(data, "127.0.0.1:0", &["--config", config.to_str().unwrap()]);
     let revoked = run(&backup, &primary_dir);
     let err = String::from_utf8_lossy(&revoked.stderr);
     assert!(!revoked.status.success() && err.contains("certificate"), "a revoked certificate: {err}");
+    let line = backup.wait_stderr("refused connection", Duration::from_secs(10));
+    assert!(line.contains("Revoked"), "{line}");
     backup.stop();
 }
 
