@@ -371,12 +371,14 @@ fn per_guest_certificates_from_remus_cert() {
     assert!(line.contains("this client certificate is not issued for guest-3"), "{line}");
     backup.stop();
 
-    // Revoked, and the list copied to the backup (its TLS directory is the CA's here).
+    // Revoked while the backup runs (its TLS directory is the CA's here):
+    // it reloads the list and refuses the certificate from then on.
+    let backup = BackupProcess::start_logged(data, "127.0.0.1:0", &["--config", config.to_str().unwrap()]);
     let out = run_limited(Command::new(remus()).args(["cert", "revoke", "--guest", "2", "--ca"]).arg(&ca), Duration::from_secs(30));
     assert!(out.status.success(), "cert revoke: {}", String::from_utf8_lossy(&out.stderr));
     let out = run_limited(Command::new(remus()).args(["cert", "list", "--ca"]).arg(&ca), Duration::from_secs(30));
     assert!(String::from_utf8_lossy(&out.stdout).contains("revoked"), "{}", String::from_utf8_lossy(&out.stdout));
-    let backup = BackupProcess::start_logged(data, "127.0.0.1:0", &["--config", config.to_str().unwrap()]);
+    backup.wait_stderr("revocation list reloaded", Duration::from_secs(20));
     let revoked = run(&backup, &primary_dir);
     let err = String::from_utf8_lossy(&revoked.stderr);
     assert!(!revoked.status.success() && err.contains("certificate"), "a revoked certificate: {err}");

@@ -330,7 +330,7 @@ pub fn issue_guest(ca_dir: &Path, guest: GuestId, days: u32, out: &Path) -> Resu
 /// Revokes every certificate issued for `guest` and writes `revoked.crl`
 /// (every serial revoked so far, signed by the CA) into `ca_dir`; returns
 /// the serials newly revoked. Copy the list to each backup's TLS
-/// directory; a backup reads it when it starts.
+/// directory; a backup reads it when it starts and when it changes.
 ///
 /// # Errors
 /// [`LinkError::Tls`] without the CA key or when no certificate was

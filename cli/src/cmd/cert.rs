@@ -41,8 +41,8 @@ pub enum CertAction {
     /// Every certificate issued, with its guest, serial and expiry.
     List,
     /// Revoke every certificate issued for a guest and rewrite
-    /// `revoked.crl`; copy it into each backup's TLS directory, and
-    /// restart the backup to load it.
+    /// `revoked.crl`; copy it into each backup's TLS directory (a running
+    /// backup reloads it within seconds).
     Revoke {
         /// The guest.
         #[arg(long)]
@@ -92,7 +92,7 @@ pub fn run(args: &CertArgs, data_dir: &Path) -> Result<()> {
         CertAction::Revoke { guest } => {
             let new = tls::revoke_guest(&ca, GuestId(*guest)).with_context(|| format!("revoking with the CA in {}", ca.display()))?;
             println!(
-                "revoked {} certificate(s) of guest {guest}; wrote {} (copy it into each backup's TLS directory and restart the backup)",
+                "revoked {} certificate(s) of guest {guest}; wrote {} (copy it into each backup's TLS directory; a running backup reloads it)",
                 new.len(),
                 ca.join("revoked.crl").display()
             );
