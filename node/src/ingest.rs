@@ -9,12 +9,12 @@
 //! collected, not failed on: the caller refuses the whole group naming
 //! every such chunk, and the primary sends it again in full.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 use remus_store::{EpochCommit, Store, StoreError, StoredChunk};
-use remus_types::{zero_page_hash, BoundedMap, ChunkId, EpochId, Pfn};
+use remus_types::{zero_page_hash, BoundedMap, ChunkId, EpochId, GuestId, Pfn};
 
 use crate::admission::Lineage;
 use remus_wan::{CommitError, PageEncoding, ReceivedEpoch};
@@ -77,8 +77,28 @@ impl Ingest {
     pub fn decode(&self, epochs: Vec<ReceivedEpoch>, lineage: Lineage) -> Result<Decoded, CommitError> {
         let mut staged = Staged::new();
         let mut missing = Vec::new();
+        // What the group names by hash (references, XOR bases) that this
+        // guest holds, in one batched lookup.
+        let mut named: Vec<(GuestId, ChunkId)> = epochs
+            .iter()
+            .flat_map(|e| {
+                e.records.iter().filter_map(move |r| match &r.encoding {
+                    PageEncoding::Ref => Some((e.header.guest, r.hash)),
+                    PageEncoding::Xor { base, .. } => Some((e.header.guest, *base)),
+                    _ => None,
+                })
+            })
+            .collect();
+        named.sort_unstable();
+        named.dedup();
+        let mut held = HashSet::new();
+        for guest in named.iter().map(|(g, _)| *g).collect::<std::collections::BTreeSet<_>>() {
+            let ids: Vec<ChunkId> = named.iter().filter(|(g, _)| *g == guest).map(|(_, id)| *id).collect();
+            let found = self.store.held(guest, &ids).map_err(storage)?;
+            held.extend(ids.into_iter().zip(found).filter(|(_, h)| *h).map(|(id, _)| (guest, id)));
+        }
         let commits =
-            epochs.into_iter().map(|e| self.decode_epoch(e, lineage, &mut staged, &mut missing)).collect::<Result<Vec<_>, _>>()?;
+            epochs.into_iter().map(|e| self.decode_epoch(e, lineage, &held, &mut staged, &mut missing)).collect::<Result<Vec<_>, _>>()?;
         if !missing.is_empty() {
             missing.sort_unstable();
             missing.dedup();
@@ -94,6 +114,7 @@ impl Ingest {
         &self,
         e: ReceivedEpoch,
         lineage: Lineage,
+        held: &HashSet<(GuestId, ChunkId)>,
         staged: &mut Staged,
         missing: &mut Vec<ChunkId>,
     ) -> Result<EpochCommit, CommitError> {
@@ -123,8 +144,7 @@ impl Ingest {
                     // set), so the answer says nothing of other guests; GC
                     // may still collect it before the commit, which checks
                     // again and names it if so.
-                    let held = staged.contains_key(&r.hash) || self.store.holds(h.guest, &r.hash).map_err(storage)?;
-                    if !held {
+                    if !staged.contains_key(&r.hash) && !held.contains(&(h.guest, r.hash)) {
                         missing.push(r.hash);
                         continue;
                     }
@@ -132,7 +152,7 @@ impl Ingest {
                 PageEncoding::Xor { base, .. } => {
                     // A base this guest does not hold is missing, whoever
                     // else holds it.
-                    if !staged.contains_key(base) && !self.store.holds(h.guest, base).map_err(storage)? {
+                    if !staged.contains_key(base) && !held.contains(&(h.guest, *base)) {
                         missing.push(*base);
                         continue;
                     }

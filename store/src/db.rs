@@ -401,8 +401,12 @@ impl Store {
         Ok(self.db.get_pinned_cf(cf, key)?.is_some())
     }
 
-    /// For each id, whether `guest` holds it: one batched lookup.
-    fn held(&self, guest: GuestId, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
+    /// For each id, whether `guest` holds it (as [`holds`](Self::holds)):
+    /// one batched lookup.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn held(&self, guest: GuestId, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
         let keys: Vec<[u8; 40]> = ids.iter().map(|id| held_key(guest, id)).collect();
         let mut order: Vec<usize> = (0..ids.len()).collect();
         order.sort_unstable_by_key(|&i| keys[i]);
@@ -579,7 +583,10 @@ impl Store {
         }
         let ids: Vec<ChunkId> = firsts.iter().map(|(id, _)| *id).collect();
         let stored = self.stored(&ids)?;
-        let held = self.held(c.guest, &ids)?;
+        // Held only matters for what is stored already (dedup hits).
+        let again: Vec<ChunkId> = ids.iter().zip(&stored).filter(|(_, s)| **s).map(|(id, _)| *id).collect();
+        let mut again_held = self.held(c.guest, &again)?.into_iter();
+        let held: Vec<bool> = stored.iter().map(|s| *s && again_held.next().unwrap_or(false)).collect();
         // Every chunk handed in is checked against its id before it is
         // stored or counted as this guest's: whatever a caller hands in,
         // nothing is stored under an id its bytes do not have, and whether
@@ -617,10 +624,10 @@ impl Store {
             c.pages.iter().map(|(_, id)| *id).filter(|id| *id != zero && !seen.contains(&(c.guest, *id))).collect();
         named.sort_unstable();
         named.dedup();
-        let stored = self.stored(&named)?;
+        // Held implies stored: GC deletes a chunk and every guest's entry
+        // for it in one batch, and a commit's chunks are marked against it.
         let held = self.held(c.guest, &named)?;
-        let unstored: Vec<ChunkId> =
-            named.into_iter().zip(stored.into_iter().zip(held)).filter(|(_, (s, h))| !(*s && *h)).map(|(id, _)| id).collect();
+        let unstored: Vec<ChunkId> = named.into_iter().zip(held).filter(|(_, h)| !h).map(|(id, _)| id).collect();
         if !unstored.is_empty() {
             return Err(StoreError::Unstored { guest: c.guest, epoch: c.epoch, ids: unstored });
         }
