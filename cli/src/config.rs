@@ -61,6 +61,7 @@
 //! pack-size-kib = 32768
 //! upload-interval-ms = 20000
 //! timeout-ms = 30000
+//! allow-http = false         # plain http:// to another host (loopback needs no permission)
 //!
 //! # Optional: a witness, so that a failover needs a majority: the backup
 //! # takes a guest over only by winning its lease, and a primary that can

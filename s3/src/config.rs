@@ -47,6 +47,11 @@ pub struct S3Config {
     /// Timeout of one request attempt (default 30 s).
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// Allow a plain `http://` endpoint on another host than this one
+    /// (default false: credentials, history and leases would cross the
+    /// network in the clear). Loopback endpoints need no permission.
+    #[serde(default)]
+    pub allow_http: bool,
 }
 
 fn yes() -> bool {
@@ -65,6 +70,16 @@ fn default_timeout_ms() -> u64 {
     30_000
 }
 
+/// Whether the authority of a URL (`host[:port][/...]`) names this host.
+fn is_loopback(authority: &str) -> bool {
+    let authority = authority.split('/').next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 impl S3Config {
     /// A configuration for `bucket` and `prefix` with every default.
     #[must_use]
@@ -80,6 +95,7 @@ impl S3Config {
             pack_size_kib: default_pack_kib(),
             upload_interval_ms: default_interval_ms(),
             timeout_ms: default_timeout_ms(),
+            allow_http: false,
         }
     }
 
@@ -118,6 +134,17 @@ impl S3Config {
                 return bad(format!("s3.endpoint {e:?} must be an http:// or https:// URL"));
             }
         }
+        let from_env = std::env::var("AWS_ENDPOINT_URL").ok();
+        if let Some(e) = self.endpoint.as_ref().or(from_env.as_ref()) {
+            if let Some(rest) = e.strip_prefix("http://") {
+                if !self.allow_http && !is_loopback(rest) {
+                    return bad(format!(
+                        "s3 endpoint {e:?} is plain http to another host: credentials, history and leases would cross the network \
+                         in the clear; use https://, or set s3.allow-http = true"
+                    ));
+                }
+            }
+        }
         if self.access_key_id.is_some() != self.secret_access_key.is_some() {
             return bad("s3.access-key-id and s3.secret-access-key go together".into());
         }
@@ -149,5 +176,24 @@ impl S3Config {
     #[must_use]
     pub fn url(&self) -> String {
         format!("s3://{}/{}", self.bucket, self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_is_refused_off_this_host_unless_allowed() {
+        let with =
+            |endpoint: &str, allow_http: bool| S3Config { endpoint: Some(endpoint.into()), allow_http, ..S3Config::new("bucket", "p") };
+        for local in ["http://127.0.0.1:9000", "http://localhost:9000/", "http://[::1]:9000", "https://s3.example.com"] {
+            with(local, false).validate().unwrap_or_else(|e| panic!("{local}: {e}"));
+        }
+        let err = with("http://10.0.0.5:9000", false).validate().unwrap_err().to_string();
+        assert!(err.contains("plain http to another host") && err.contains("allow-http"), "{err}");
+        assert!(with("http://s3.example.com", false).validate().is_err());
+        with("http://10.0.0.5:9000", true).validate().unwrap();
+        assert!(with("ftp://x.example.com", true).validate().is_err());
     }
 }
