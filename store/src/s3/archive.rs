@@ -35,7 +35,7 @@ impl S3Tier {
         let mut todo = Vec::new();
         // Packs and indexes first, the history's objects last: whatever
         // part of the archive exists is restorable.
-        for dir in ["packs/", "index/", "bridges/", "checkpoints/", "segments/"] {
+        for dir in ["packs/", "index/", "bridges/", "checkpoints/", "epochs/", "segments/"] {
             have.extend(archive.client.list(dir)?.into_iter().map(|l| l.key));
             todo.extend(self.client.list(dir)?.into_iter().map(|l| l.key));
         }

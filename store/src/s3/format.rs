@@ -32,6 +32,16 @@
 //!        per page written in it, ascending pfn: pfn u64 | hash [32]
 //! end-4  crc32 of everything before
 //! ```
+//! Epoch (`epochs/<guest %016x>/<epoch %020>`), one per epoch as tiers
+//! were written before segments; read as a segment of that one epoch,
+//! never written:
+//! ```text
+//! 0..4   b"RMEP", 4 version (1), 5..8 reserved
+//! 8      manifest [252]
+//! 260    count u64
+//! 268    per page written in the epoch, ascending pfn: pfn u64 | hash [32]
+//! end-4  crc32 of everything before
+//! ```
 //! Checkpoint (`checkpoints/<guest %016x>/<epoch %020>`): the whole page
 //! table at one kept epoch, so a reader starts there instead of at the
 //! first epoch:
@@ -65,6 +75,7 @@ use crate::manifest::{Manifest, MANIFEST_LEN};
 const PACK_MAGIC: [u8; 4] = *b"RMPK";
 const INDEX_MAGIC: [u8; 4] = *b"RMPI";
 const SEGMENT_MAGIC: [u8; 4] = *b"RMSG";
+const EPOCH_MAGIC: [u8; 4] = *b"RMEP";
 const CHECKPOINT_MAGIC: [u8; 4] = *b"RMCK";
 const BRIDGE_MAGIC: [u8; 4] = *b"RMBR";
 const VERSION: u8 = 1;
@@ -323,10 +334,54 @@ impl SegmentObject {
     }
 }
 
-/// The first epoch of the span a segment's key names.
+/// The first epoch of the span a segment's key (or an epoch object's,
+/// from before segments) names.
 #[must_use]
 pub fn segment_first(key: &str) -> Option<EpochId> {
     key.rsplit('/').next()?.split('-').next()?.parse().ok().map(EpochId)
+}
+
+/// Prefix of a guest's epoch objects (written before segments).
+#[must_use]
+pub fn legacy_epochs_prefix(guest: GuestId) -> String {
+    format!("epochs/{:016x}/", guest.0)
+}
+
+/// Decodes an object listed among a guest's segments: a segment, or an
+/// epoch object from before segments (as a segment of that one epoch,
+/// naming no packs).
+///
+/// # Errors
+/// [`StoreError::Corrupt`].
+pub fn decode_listed(key: &str, b: &[u8]) -> Result<SegmentObject, StoreError> {
+    if !key.starts_with("epochs/") {
+        return SegmentObject::decode(b);
+    }
+    const WHAT: &str = "epoch object";
+    let body = open(b, EPOCH_MAGIC, WHAT)?;
+    if body.len() < MANIFEST_LEN + 8 {
+        return Err(corrupt(WHAT, "truncated"));
+    }
+    let m = Manifest::decode(&body[..MANIFEST_LEN])?;
+    let mut at = MANIFEST_LEN + 8;
+    let pages = take_pages(body, &mut at, u64_le(body, MANIFEST_LEN), WHAT)?;
+    if at != body.len() {
+        return Err(corrupt(WHAT, "length does not match its count"));
+    }
+    Ok(SegmentObject { guest: m.guest, first: m.epoch, last: m.epoch, packs: Vec::new(), epochs: vec![(m, pages)] })
+}
+
+/// The key `seg` was read from, when it is an epoch object's.
+fn legacy_key(seg: &SegmentObject) -> String {
+    format!("{}{:020}", legacy_epochs_prefix(seg.guest), seg.first.0)
+}
+
+impl SegmentObject {
+    /// Whether `key` is one this segment may be read from.
+    #[must_use]
+    pub fn is_at(&self, key: &str) -> bool {
+        self.key() == key || self.rewritten_key() == key || (self.epochs.len() == 1 && legacy_key(self) == key)
+    }
 }
 
 /// The dropped epochs (`first..=last`) a bridge's key names.

@@ -128,13 +128,14 @@ impl S3Tier {
     /// As S3 answers.
     pub fn guests(&self) -> Result<Vec<GuestId>, StoreError> {
         // One entry per guest, not per segment.
-        let mut g: Vec<GuestId> = self
-            .client
-            .list_folders("segments/")?
+        // And epoch objects, written before segments.
+        let mut g: Vec<GuestId> = [self.client.list_folders("segments/")?, self.client.list_folders("epochs/")?]
             .iter()
+            .flatten()
             .filter_map(|p| p.split('/').nth(1).and_then(|h| u64::from_str_radix(h, 16).ok()))
             .map(GuestId)
             .collect();
+        g.sort_unstable();
         g.dedup();
         Ok(g)
     }
@@ -144,9 +145,10 @@ impl S3Tier {
     /// # Errors
     /// As S3 answers.
     pub fn segment_keys(&self, guest: GuestId) -> Result<Vec<SegmentKey>, StoreError> {
-        let mut v: Vec<SegmentKey> = self
-            .client
-            .list(&format::segments_prefix(guest))?
+        // Epoch objects from before segments read as one-epoch segments.
+        let mut listed = self.client.list(&format::segments_prefix(guest))?;
+        listed.extend(self.client.list(&format::legacy_epochs_prefix(guest))?);
+        let mut v: Vec<SegmentKey> = listed
             .into_iter()
             .filter_map(|l| format::segment_first(&l.key).map(|first| SegmentKey { key: l.key, first, last: EpochId(u64::MAX) }))
             .collect();
@@ -595,8 +597,8 @@ impl S3History {
 /// Decodes a segment and checks it against its key, its guest, and each
 /// epoch's page list against its manifest.
 pub(crate) fn check_segment(key: &str, guest: GuestId, body: &[u8]) -> Result<SegmentObject, StoreError> {
-    let seg = SegmentObject::decode(body).map_err(|e| e.at(format!("s3 {key}")))?;
-    if seg.guest != guest || (seg.key() != key && seg.rewritten_key() != key) {
+    let seg = format::decode_listed(key, body).map_err(|e| e.at(format!("s3 {key}")))?;
+    if seg.guest != guest || !seg.is_at(key) {
         return Err(StoreError::malformed(format!("s3 {key}"), "the segment names another guest or span"));
     }
     for (m, pages) in &seg.epochs {

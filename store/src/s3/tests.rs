@@ -421,3 +421,47 @@ fn truncated_objects_are_named_and_refused() {
     let err = tier.history(g, Reach::ALL, &mut |_, _| {}).unwrap_err().to_string();
     assert!(err.contains(&seg_key), "{err}");
 }
+
+/// An epoch object as tiers were written before segments.
+fn legacy_epoch_object(m: &crate::Manifest, pages: &[(Pfn, ChunkId)]) -> Vec<u8> {
+    let mut v = remus_types::format::start_trailed(b"RMEP", 1);
+    v.extend_from_slice(&m.encode());
+    v.extend_from_slice(&(pages.len() as u64).to_le_bytes());
+    for (pfn, id) in pages {
+        v.extend_from_slice(&pfn.0.to_le_bytes());
+        v.extend_from_slice(&id.0);
+    }
+    remus_types::format::seal_trailed(v)
+}
+
+#[test]
+fn a_tier_written_before_segments_is_read_and_continued() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(8);
+    let tier = S3Tier::connect(&test_config("legacy")).unwrap();
+    // Epochs 1..=10 as the old layout left them: packs, indexes, and one
+    // epoch object each (no segment, no checkpoint).
+    fill(&store, g, 1, 10);
+    tier.upload_pending(&store, &|| false).unwrap();
+    tier.client().delete(&segment_key(g, 1), None).unwrap();
+    for e in 1..=10 {
+        let (m, pages) = (store.manifest(g, EpochId(e)).unwrap(), store.epoch_pages(g, EpochId(e)).unwrap());
+        tier.client().put_new(&format!("{}{e:020}", format::legacy_epochs_prefix(g)), legacy_epoch_object(&m, &pages)).unwrap();
+    }
+    // The new uploader goes on from its cursor in segments.
+    fill(&store, g, 11, 10);
+    assert_eq!(tier.upload_pending(&store, &|| false).unwrap().epochs, 10);
+    assert_eq!(tier.guests().unwrap(), [g]);
+    assert_s3_matches_local(&tier, &store, g);
+    assert_eq!(tier.last_manifests(g, 3).unwrap(), store.last_manifests(g, 3).unwrap());
+    // Thinning deletes the epoch objects of dropped epochs.
+    let us = std::time::Duration::from_micros;
+    let policy = crate::RetentionPolicy {
+        rules: vec![crate::KeepRule { within: us(3), every: us(0) }, crate::KeepRule { within: us(1000), every: us(4) }],
+    };
+    let run = apply_retention(&store, Some(&tier), &policy).unwrap();
+    assert!(run.epochs_dropped > 5, "{run:?}");
+    assert_s3_matches_local(&tier, &store, g);
+    assert!(tier.client().list(&format::legacy_epochs_prefix(g)).unwrap().len() < 10);
+}

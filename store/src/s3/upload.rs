@@ -112,7 +112,7 @@ impl Store {
         Ok(())
     }
 
-    fn set_s3_cursor(&self, guest: GuestId, epoch: EpochId) -> Result<(), StoreError> {
+    pub(crate) fn set_s3_cursor(&self, guest: GuestId, epoch: EpochId) -> Result<(), StoreError> {
         self.db.put_cf(self.cf(CF_META), guest_key(b"s3cur", guest), epoch.0.to_be_bytes())?;
         Ok(())
     }

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use remus_types::EpochId;
 
-use super::format::{self, BridgeObject, CheckpointObject, SegmentObject};
+use super::format::{self, BridgeObject, CheckpointObject};
 use super::{S3Epoch, S3Tier};
 use crate::chain::{Bridge, ChainWalk};
 use crate::db::decode_chunk_value;
@@ -97,8 +97,8 @@ impl S3Tier {
             // of a segment that could not be read.
             let mut epochs: BTreeMap<EpochId, Option<S3Epoch>> = BTreeMap::new();
             for s in self.segment_keys(guest)? {
-                let seg = match SegmentObject::decode(&self.client.get(&s.key)?) {
-                    Ok(seg) if seg.guest == guest && (seg.key() == s.key || seg.rewritten_key() == s.key) => seg,
+                let seg = match format::decode_listed(&s.key, &self.client.get(&s.key)?) {
+                    Ok(seg) if seg.guest == guest && seg.is_at(&s.key) => seg,
                     Ok(_) => {
                         r.damage.push(Damage::ObjectCorrupt { key: s.key, reason: "names another guest or span".into() });
                         epochs.entry(s.first).or_insert(None);
