@@ -80,7 +80,7 @@ pub struct DiffArgs {
 /// # Errors
 /// When the store cannot be opened or has no such epoch.
 pub fn show(args: &ShowArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
-    let reach = Reach { from: Some(EpochId(args.epoch)), upto: None };
+    let reach = Reach::epoch(EpochId(args.epoch));
     args.history.with(cfg, data_dir, reach, |store, g| print_epoch(args, store, g))
 }
 
@@ -141,7 +141,7 @@ fn region_name(r: Region) -> &'static str {
 /// # Errors
 /// When the store cannot be opened or lacks either epoch.
 pub fn diff(args: &DiffArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
-    let reach = Reach { from: Some(EpochId(args.a.min(args.b))), upto: None };
+    let reach = Reach { from: Some(EpochId(args.a.min(args.b))), upto: Some(EpochId(args.a.max(args.b))) };
     args.history.with(cfg, data_dir, reach, |store, g| print_diff(args, store, g))
 }
 
