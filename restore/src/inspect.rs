@@ -183,28 +183,27 @@ impl HistoryView for S3View<'_> {
 
     fn chunk(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
         let tier = self.source.tier();
-        let named = match self.named.get() {
-            Some(l) => l,
-            None => {
-                let l = tier.locate(&self.source.history().packs, &[])?;
-                self.named.get_or_init(|| l)
-            }
-        };
+        let named = once(&self.named, || tier.locate(&self.source.history().packs, &[]))?;
         if named.contains_key(id) {
             return tier.read_chunk(named, id);
         }
-        let every = match self.every.get() {
-            Some(l) => l,
-            None => {
-                let l = tier.chunk_locations()?;
-                self.every.get_or_init(|| l)
-            }
-        };
-        tier.read_chunk(every, id)
+        tier.read_chunk(once(&self.every, || tier.chunk_locations())?, id)
     }
 
     fn kept_epoch_near(&self, guest: GuestId, epoch: EpochId, after: bool) -> Result<Option<EpochId>, RestoreError> {
         Ok(if guest == self.source.guest() { self.source.history().kept_near(epoch, after) } else { None })
+    }
+}
+
+/// The value in `cell`, made by `make` the first time (a failure is
+/// returned and tried again next time).
+fn once<T, E>(cell: &OnceLock<T>, make: impl FnOnce() -> Result<T, E>) -> Result<&T, E> {
+    match cell.get() {
+        Some(v) => Ok(v),
+        None => {
+            let v = make()?;
+            Ok(cell.get_or_init(|| v))
+        }
     }
 }
 

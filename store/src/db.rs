@@ -386,46 +386,30 @@ impl Store {
         Ok(self.db.get_pinned_cf(cf, id.0)?.is_some())
     }
 
-    /// Whether `guest` holds chunk `id`: its bytes came from this guest, or
-    /// a page of this guest named it before (see [`CF_HELD`]). What a
-    /// primary may name by hash alone.
-    ///
-    /// # Errors
-    /// [`StoreError::Db`].
-    pub fn holds(&self, guest: GuestId, id: &ChunkId) -> Result<bool, StoreError> {
-        let cf = self.cf(CF_HELD);
-        let key = held_key(guest, id);
-        if !self.db.key_may_exist_cf(cf, key) {
-            return Ok(false);
-        }
-        Ok(self.db.get_pinned_cf(cf, key)?.is_some())
-    }
-
-    /// For each id, whether `guest` holds it (as [`holds`](Self::holds)):
-    /// one batched lookup.
+    /// For each id, whether `guest` holds the chunk: its bytes came from
+    /// this guest, or a page of this guest named it before (see
+    /// [`CF_HELD`]); what a primary may name by hash alone. One batched
+    /// lookup.
     ///
     /// # Errors
     /// [`StoreError::Db`].
     pub fn held(&self, guest: GuestId, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
-        let keys: Vec<[u8; 40]> = ids.iter().map(|id| held_key(guest, id)).collect();
-        let mut order: Vec<usize> = (0..ids.len()).collect();
-        order.sort_unstable_by_key(|&i| keys[i]);
-        let found = self.db.batched_multi_get_cf(self.cf(CF_HELD), order.iter().map(|&i| &keys[i][..]), true);
-        let mut out = vec![false; ids.len()];
-        for (&i, r) in order.iter().zip(found) {
-            out[i] = r?.is_some();
-        }
-        Ok(out)
+        self.present(CF_HELD, &ids.iter().map(|id| held_key(guest, id)).collect::<Vec<_>>())
     }
 
     /// For each id, whether the chunk is stored: one batched lookup, in
     /// key order (a commit checks thousands at once).
     fn stored(&self, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
-        let mut order: Vec<usize> = (0..ids.len()).collect();
-        order.sort_unstable_by_key(|&i| ids[i]);
-        let keys: Vec<&[u8]> = order.iter().map(|&i| &ids[i].0[..]).collect();
-        let found = self.db.batched_multi_get_cf(self.cf(CF_CHUNKS), keys, true);
-        let mut out = vec![false; ids.len()];
+        self.present(CF_CHUNKS, &ids.iter().map(|id| id.0).collect::<Vec<_>>())
+    }
+
+    /// For each key, whether column family `cf` holds it: one batched
+    /// lookup, in key order, answers in the order asked.
+    fn present<K: AsRef<[u8]> + Ord>(&self, cf: &str, keys: &[K]) -> Result<Vec<bool>, StoreError> {
+        let mut order: Vec<usize> = (0..keys.len()).collect();
+        order.sort_unstable_by(|&a, &b| keys[a].cmp(&keys[b]));
+        let found = self.db.batched_multi_get_cf(self.cf(cf), order.iter().map(|&i| keys[i].as_ref()), true);
+        let mut out = vec![false; keys.len()];
         for (&i, r) in order.iter().zip(found) {
             out[i] = r?.is_some();
         }

@@ -123,6 +123,13 @@ impl Manifest {
         ChunkId(*blake3::hash(&self.encode()).as_bytes())
     }
 
+    /// Whether `pages` (pfn order) is the page list this manifest records:
+    /// its count and its page delta.
+    #[must_use]
+    pub fn names_pages(&self, pages: &[(Pfn, ChunkId)]) -> bool {
+        pages.len() as u64 == self.dirty_pages && page_delta_hash(pages) == self.page_delta
+    }
+
     /// Decodes and checks a stored manifest.
     ///
     /// # Errors

@@ -9,7 +9,7 @@ use rocksdb::IteratorMode;
 use crate::chain::{Bridge, ChainWalk};
 use crate::db::{u64_at, Store, CF_CHUNKS, CF_EPOCHS, CF_PAGES};
 use crate::error::StoreError;
-use crate::manifest::{page_delta_hash, Manifest};
+use crate::manifest::Manifest;
 
 /// One thing found damaged.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -153,7 +153,7 @@ impl Store {
                 if walk.step(&m).is_err() {
                     report.damage.push(Damage::ChainBroken { guest: guest.0, epoch });
                 }
-                if pages.len() as u64 != m.dirty_pages || page_delta_hash(&pages) != m.page_delta {
+                if !m.names_pages(&pages) {
                     report.damage.push(Damage::PageIndexMismatch { guest: guest.0, epoch });
                 }
                 let zero = remus_types::zero_page_hash();

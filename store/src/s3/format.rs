@@ -222,8 +222,13 @@ pub fn check_pack_header(b: &[u8]) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Writes a page list: its count, then each (pfn, hash).
 fn put_pages(v: &mut Vec<u8>, pages: &[(Pfn, ChunkId)]) {
     v.extend_from_slice(&(pages.len() as u64).to_le_bytes());
+    put_page_entries(v, pages);
+}
+
+fn put_page_entries(v: &mut Vec<u8>, pages: &[(Pfn, ChunkId)]) {
     for (pfn, id) in pages {
         v.extend_from_slice(&pfn.0.to_le_bytes());
         v.extend_from_slice(&id.0);
@@ -416,10 +421,7 @@ impl CheckpointObject {
         for p in &self.packs {
             v.extend_from_slice(&p.0);
         }
-        for (pfn, id) in &self.pages {
-            v.extend_from_slice(&pfn.0.to_le_bytes());
-            v.extend_from_slice(&id.0);
-        }
+        put_page_entries(&mut v, &self.pages);
         format::seal_trailed(v)
     }
 

@@ -16,7 +16,7 @@ use super::{S3Client, S3Config, S3Error};
 use crate::chain::{Bridge, ChainWalk};
 use crate::db::decode_chunk_value;
 use crate::error::StoreError;
-use crate::manifest::{page_delta_hash, Manifest};
+use crate::manifest::Manifest;
 
 /// A bucket and prefix holding remus history.
 #[derive(Debug)]
@@ -75,6 +75,17 @@ impl Reach {
 
     fn upto(&self) -> EpochId {
         self.upto.unwrap_or(EpochId(u64::MAX))
+    }
+}
+
+/// A guest's bridge keys and the runs of dropped epochs they name, from
+/// one listing.
+struct BridgeKeys(Vec<(String, Option<(EpochId, EpochId)>)>);
+
+impl BridgeKeys {
+    /// Whether a bridge spans `epoch` (it was thinned).
+    fn spans(&self, epoch: EpochId) -> bool {
+        self.0.iter().any(|(_, span)| span.is_some_and(|(f, l)| f <= epoch && epoch <= l))
     }
 }
 
@@ -193,25 +204,29 @@ impl S3Tier {
     /// [`StoreError::Corrupt`] naming a damaged segment; S3 errors.
     pub fn epoch_at(&self, guest: GuestId, time_unix_ns: u64) -> Result<Option<EpochId>, StoreError> {
         let segments = self.segment_keys(guest)?;
-        let dropped: Vec<(EpochId, EpochId)> =
-            self.client.list(&format::bridges_prefix(guest))?.iter().filter_map(|l| format::bridge_span(&l.key)).collect();
-        let kept = |e: EpochId| !dropped.iter().any(|(f, l)| *f <= e && e <= *l);
-        // The last segment whose first epoch is at or before the time.
+        let dropped = self.bridge_keys(guest)?;
+        // The last segment whose first epoch is at or before the time
+        // (kept as read, so it is not read again below).
         let (mut lo, mut hi) = (0, segments.len());
+        let mut last_at = None;
         while lo < hi {
             let mid = (lo + hi) / 2;
             let seg = self.segment(guest, &segments[mid].key)?;
             if seg.epochs.first().is_some_and(|(m, _)| m.time_unix_ns <= time_unix_ns) {
                 lo = mid + 1;
+                last_at = Some(seg);
             } else {
                 hi = mid;
             }
         }
         // In it, the newest kept epoch at or before the time; before it,
         // when thinning left none there.
-        for s in segments[..lo].iter().rev() {
-            let seg = self.segment(guest, &s.key)?;
-            let at = seg.epochs.iter().take_while(|(m, _)| m.time_unix_ns <= time_unix_ns).filter(|(m, _)| kept(m.epoch)).last();
+        for i in (0..lo).rev() {
+            let seg = match last_at.take() {
+                Some(seg) if i + 1 == lo => seg,
+                _ => self.segment(guest, &segments[i].key)?,
+            };
+            let at = seg.epochs.iter().take_while(|(m, _)| m.time_unix_ns <= time_unix_ns).filter(|(m, _)| !dropped.spans(m.epoch)).last();
             if let Some((m, _)) = at {
                 return Ok(Some(m.epoch));
             }
@@ -231,8 +246,7 @@ impl S3Tier {
         if segments.is_empty() {
             return Err(StoreError::NoGuest(guest));
         }
-        let dropped: Vec<(EpochId, EpochId)> =
-            self.client.list(&format::bridges_prefix(guest))?.iter().filter_map(|l| format::bridge_span(&l.key)).collect();
+        let dropped = self.bridge_keys(guest)?;
         let mut found: BTreeMap<EpochId, Manifest> = BTreeMap::new();
         for s in segments.iter().rev() {
             // Spans are disjoint: an older segment holds only older epochs.
@@ -240,7 +254,7 @@ impl S3Tier {
                 break;
             }
             for (m, _) in self.segment(guest, &s.key)?.epochs {
-                if !dropped.iter().any(|(f, l)| *f <= m.epoch && m.epoch <= *l) {
+                if !dropped.spans(m.epoch) {
                     found.insert(m.epoch, m);
                 }
             }
@@ -248,7 +262,7 @@ impl S3Tier {
         let mut out: Vec<Manifest> = found.into_values().collect();
         out.drain(..out.len().saturating_sub(n));
         if let Some(first) = out.first() {
-            let bridges: Vec<Bridge> = self.bridges(guest, first.epoch)?.iter().map(|b| b.bridge).collect();
+            let bridges: Vec<Bridge> = self.read_bridges(&dropped, first.epoch)?.iter().map(|b| b.bridge).collect();
             let mut walk = ChainWalk::after(&bridges, first);
             for m in &out[1..] {
                 walk.step(m)
@@ -264,13 +278,28 @@ impl S3Tier {
     /// # Errors
     /// [`StoreError::Corrupt`] naming the object; S3 errors.
     pub fn bridges(&self, guest: GuestId, from: EpochId) -> Result<Vec<BridgeObject>, StoreError> {
-        let keys: Vec<String> = self
-            .client
-            .list(&format::bridges_prefix(guest))?
-            .into_iter()
-            .map(|l| l.key)
-            .filter(|k| format::bridge_span(k).is_none_or(|(_, last)| last >= from))
-            .collect();
+        self.read_bridges(&self.bridge_keys(guest)?, from)
+    }
+
+    /// Lists `guest`'s bridges (keys and spans, no bodies).
+    fn bridge_keys(&self, guest: GuestId) -> Result<BridgeKeys, StoreError> {
+        let listed = self.client.list(&format::bridges_prefix(guest))?;
+        Ok(BridgeKeys(
+            listed
+                .into_iter()
+                .map(|l| {
+                    let span = format::bridge_span(&l.key);
+                    (l.key, span)
+                })
+                .collect(),
+        ))
+    }
+
+    /// Reads the bridges of `keys` ending at or after `from` (and any whose
+    /// key names no span, so that its damage is reported), oldest first.
+    fn read_bridges(&self, keys: &BridgeKeys, from: EpochId) -> Result<Vec<BridgeObject>, StoreError> {
+        let keys: Vec<String> =
+            keys.0.iter().filter(|(_, span)| span.is_none_or(|(_, last)| last >= from)).map(|(key, _)| key.clone()).collect();
         let mut out = Vec::with_capacity(keys.len());
         for (key, body) in keys.iter().zip(self.client.get_many(&keys)?) {
             out.push(BridgeObject::decode(&body).map_err(|e| e.at(format!("s3 {key}")))?);
@@ -282,9 +311,8 @@ impl S3Tier {
     /// The newest checkpoint of `guest` at or before `at` whose epoch is
     /// kept; a damaged one is passed over (it only saves reading), with a
     /// warning.
-    fn base(&self, guest: GuestId, at: EpochId, dropped: &[(EpochId, EpochId)]) -> Result<Option<CheckpointObject>, StoreError> {
-        let spanned = |e: EpochId| dropped.iter().any(|(f, l)| *f <= e && e <= *l);
-        for e in self.checkpoint_epochs(guest)?.into_iter().rev().filter(|e| *e <= at && !spanned(*e)) {
+    fn base(&self, guest: GuestId, at: EpochId, dropped: &BridgeKeys) -> Result<Option<CheckpointObject>, StoreError> {
+        for e in self.checkpoint_epochs(guest)?.into_iter().rev().filter(|e| *e <= at && !dropped.spans(*e)) {
             let key = format::checkpoint_key(guest, e);
             match self.client.get(&key).map_err(StoreError::from).and_then(|b| CheckpointObject::decode(&b)) {
                 Ok(c) if c.manifest.guest == guest && c.manifest.epoch == e => return Ok(Some(c)),
@@ -315,14 +343,13 @@ impl S3Tier {
         if segments.is_empty() {
             return Err(StoreError::NoGuest(guest));
         }
-        let dropped: Vec<(EpochId, EpochId)> =
-            self.client.list(&format::bridges_prefix(guest))?.iter().filter_map(|l| format::bridge_span(&l.key)).collect();
+        let dropped = self.bridge_keys(guest)?;
         let base = match reach.from {
             Some(from) => self.base(guest, from.min(reach.upto()), &dropped)?,
             None => None,
         };
         let lo = base.as_ref().map_or(EpochId(0), |c| c.manifest.epoch);
-        let bridges = self.bridges(guest, lo)?;
+        let bridges = self.read_bridges(&dropped, lo)?;
         let wanted: Vec<&SegmentKey> = segments.iter().filter(|s| s.last >= lo && s.first <= reach.upto()).collect();
         let mut by_epoch: BTreeMap<EpochId, (S3Epoch, usize)> = BTreeMap::new();
         let mut packs: BTreeSet<ChunkId> = base.iter().flat_map(|c| c.packs.iter().copied()).collect();
@@ -602,7 +629,7 @@ pub(crate) fn check_segment(key: &str, guest: GuestId, body: &[u8]) -> Result<Se
         return Err(StoreError::malformed(format!("s3 {key}"), "the segment names another guest or span"));
     }
     for (m, pages) in &seg.epochs {
-        if pages.len() as u64 != m.dirty_pages || page_delta_hash(pages) != m.page_delta {
+        if !m.names_pages(pages) {
             return Err(StoreError::malformed(
                 format!("s3 {key}"),
                 format!("the page list of epoch {} does not match its manifest", m.epoch),

@@ -5,14 +5,13 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use remus_types::EpochId;
+use remus_types::{ChunkId, EpochId};
 
 use super::format::{self, BridgeObject, CheckpointObject};
 use super::{S3Epoch, S3Tier};
 use crate::chain::{Bridge, ChainWalk};
 use crate::db::decode_chunk_value;
 use crate::error::StoreError;
-use crate::manifest::page_delta_hash;
 use crate::verify::{Damage, VerifyReport};
 use remus_types::content_id;
 
@@ -85,11 +84,16 @@ impl S3Tier {
                 v
             };
             let links: Vec<Bridge> = bridges.iter().map(|b| b.bridge).collect();
+            // A chunk this guest's `epoch` names, reported missing the first
+            // time it is met if no pack holds it (nor a damaged one).
+            let mut named = |id: ChunkId, epoch: EpochId, damage: &mut Vec<Damage>| {
+                if referenced.insert(id) && !held.contains(&id) && !damaged.contains(&id) {
+                    damage.push(Damage::ChunkMissing { chunk: id.to_hex(), guest: guest.0, epoch: epoch.0 });
+                }
+            };
             for b in &bridges {
-                for (_, e, id) in &b.pages {
-                    if *id != zero && referenced.insert(*id) && !held.contains(id) && !damaged.contains(id) {
-                        r.damage.push(Damage::ChunkMissing { chunk: id.to_hex(), guest: guest.0, epoch: e.0 });
-                    }
+                for (_, e, id) in b.pages.iter().filter(|(_, _, id)| *id != zero) {
+                    named(*id, *e, &mut r.damage);
                 }
             }
             // Every kept epoch, from whichever segment holds it (segments
@@ -137,16 +141,14 @@ impl S3Tier {
                 };
                 r.manifests += 1;
                 r.pages += pages.len() as u64;
-                if pages.len() as u64 != m.dirty_pages || page_delta_hash(pages) != m.page_delta {
+                if !m.names_pages(pages) {
                     r.damage.push(Damage::PageIndexMismatch { guest: guest.0, epoch: epoch.0 });
                 }
                 if walk.step(m).is_err() {
                     r.damage.push(Damage::ChainBroken { guest: guest.0, epoch: epoch.0 });
                 }
                 for id in pages.iter().map(|(_, id)| *id).filter(|id| *id != zero).chain([m.device_state]) {
-                    if referenced.insert(id) && !held.contains(&id) && !damaged.contains(&id) {
-                        r.damage.push(Damage::ChunkMissing { chunk: id.to_hex(), guest: guest.0, epoch: epoch.0 });
-                    }
+                    named(id, *epoch, &mut r.damage);
                 }
             }
             for e in self.checkpoint_epochs(guest)? {
@@ -164,9 +166,7 @@ impl S3Tier {
                     continue;
                 }
                 for id in c.pages.iter().map(|(_, id)| *id).filter(|id| *id != zero) {
-                    if referenced.insert(id) && !held.contains(&id) && !damaged.contains(&id) {
-                        r.damage.push(Damage::ChunkMissing { chunk: id.to_hex(), guest: guest.0, epoch: e.0 });
-                    }
+                    named(id, e, &mut r.damage);
                 }
             }
         }
