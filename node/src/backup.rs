@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use remus_store::s3::{S3Config, Uploader};
 use remus_store::{RetentionPolicy, Store, StoreOptions};
 use remus_wan::driver::{endpoint, run_backup, BackupLinkConfig, Endpoint};
-use remus_wan::tls::{server_config, TlsDir};
+use remus_wan::tls::TlsDir;
 
 use crate::error::NodeError;
 use crate::events::BackupEvent;
@@ -71,7 +71,7 @@ impl Backup {
         } else {
             None
         };
-        let server = server_config(opts.tls.identity("backup")?, opts.tls.roots()?, opts.tls.crls()?)?;
+        let server = opts.tls.backup_server()?;
         let (events_tx, events) = crossbeam_channel::unbounded();
         // Every event goes to the hooks too, on its way out.
         let (inner_tx, inner) = crossbeam_channel::unbounded::<BackupEvent>();
@@ -154,8 +154,7 @@ async fn watch_revocations(ep: Endpoint, tls: TlsDir) {
             continue;
         }
         last = now;
-        let reloaded = tls.identity("backup").and_then(|id| server_config(id, tls.roots()?, tls.crls()?));
-        match reloaded {
+        match tls.backup_server() {
             Ok(cfg) => {
                 ep.set_server_config(Some(cfg));
                 // A change of who may connect: shown at the default level.

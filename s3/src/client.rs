@@ -429,25 +429,7 @@ impl S3Client {
     /// # Errors
     /// The first failure, as [`get_range`](Self::get_range).
     pub fn get_ranges(&self, ranges: &[(String, u64, u64)]) -> Result<Vec<Vec<u8>>, S3Error> {
-        let r = self.rt.block_on(async {
-            let mut out: Vec<Option<Vec<u8>>> = vec![None; ranges.len()];
-            let mut set = tokio::task::JoinSet::new();
-            let mut next = 0;
-            while next < ranges.len() || !set.is_empty() {
-                while next < ranges.len() && set.len() < 16 {
-                    let (rel, offset, len) = &ranges[next];
-                    let (c, b, k, i, o, l) = (self.client.clone(), self.bucket.clone(), self.key(rel), next, *offset, *len);
-                    set.spawn(async move { (i, get_range_async(&c, &b, k, o, l).await) });
-                    next += 1;
-                }
-                if let Some(done) = set.join_next().await {
-                    let (i, r) = done.map_err(|e| S3Error::Config(format!("s3 task failed: {e}")))?;
-                    out[i] = Some(r?);
-                }
-            }
-            Ok(out.into_iter().map(|o| o.expect("every range fetched")).collect())
-        });
-        r.map_err(|e| self.named(e))
+        self.gets(ranges.iter().map(|(rel, offset, len)| (rel.as_str(), Some((*offset, *len)))).collect())
     }
 
     /// Reads many objects, up to 16 requests at a time; results in order.
@@ -455,14 +437,27 @@ impl S3Client {
     /// # Errors
     /// The first failure.
     pub fn get_many(&self, rels: &[String]) -> Result<Vec<Vec<u8>>, S3Error> {
+        self.gets(rels.iter().map(|rel| (rel.as_str(), None)).collect())
+    }
+
+    /// Reads each `(rel, range)` (the whole object without one), up to 16
+    /// requests at a time; results in order.
+    fn gets(&self, requests: Vec<(&str, Option<(u64, u64)>)>) -> Result<Vec<Vec<u8>>, S3Error> {
         let r = self.rt.block_on(async {
-            let mut out: Vec<Option<Vec<u8>>> = vec![None; rels.len()];
+            let mut out: Vec<Option<Vec<u8>>> = vec![None; requests.len()];
             let mut set = tokio::task::JoinSet::new();
             let mut next = 0;
-            while next < rels.len() || !set.is_empty() {
-                while next < rels.len() && set.len() < 16 {
-                    let (c, b, k, i) = (self.client.clone(), self.bucket.clone(), self.key(&rels[next]), next);
-                    set.spawn(async move { (i, get_async(&c, &b, k).await) });
+            while next < requests.len() || !set.is_empty() {
+                while next < requests.len() && set.len() < 16 {
+                    let (rel, range) = requests[next];
+                    let (c, b, k, i) = (self.client.clone(), self.bucket.clone(), self.key(rel), next);
+                    set.spawn(async move {
+                        let r = match range {
+                            Some((offset, len)) => get_range_async(&c, &b, k, offset, len).await,
+                            None => get_async(&c, &b, k).await,
+                        };
+                        (i, r)
+                    });
                     next += 1;
                 }
                 if let Some(done) = set.join_next().await {
@@ -470,7 +465,7 @@ impl S3Client {
                     out[i] = Some(r?);
                 }
             }
-            Ok(out.into_iter().map(|o| o.expect("every object fetched")).collect())
+            Ok(out.into_iter().map(|o| o.expect("every request answered")).collect())
         });
         r.map_err(|e| self.named(e))
     }

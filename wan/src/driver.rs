@@ -282,10 +282,11 @@ pub async fn run_primary(
         let conn = match ep.connect_with(client.clone(), cfg.backup, crate::tls::SERVER_NAME) {
             Ok(c) => match input.take_while(&mut core, &mut checkpoints, &events, c).await {
                 // Retrying cannot help: the certificate will not change.
-                Err(e) if certificate_refused(&e) => {
-                    return Err(LinkError::Protocol(ProtocolError::Refused(format!("the TLS handshake failed over a certificate: {e}"))));
-                }
-                r => r.map_err(LinkError::from),
+                Err(e) => match certificate_refusal(&e) {
+                    Some(refused) => return Err(refused),
+                    None => Err(LinkError::from(e)),
+                },
+                Ok(c) => Ok(c),
             },
             Err(e) => Err(LinkError::from(e)),
         };
@@ -323,10 +324,8 @@ pub async fn run_primary(
             Err(e) => {
                 // TLS 1.3: the backup judges our certificate after our side
                 // of the handshake is done, so its verdict ends the connection.
-                if let Some(reason) = conn.close_reason().filter(certificate_refused) {
-                    return Err(LinkError::Protocol(ProtocolError::Refused(format!(
-                        "the TLS handshake failed over a certificate: {reason}"
-                    ))));
+                if let Some(refused) = conn.close_reason().as_ref().and_then(certificate_refusal) {
+                    return Err(refused);
                 }
                 conn.close(VarInt::from_u32(1), b"reconnecting");
                 let _ = events.send(LinkEvent::Disconnected(Arc::new(e)));
@@ -344,18 +343,19 @@ pub async fn run_primary(
     }
 }
 
-/// Whether a handshake failed over a certificate (revoked, expired, not
-/// from the CA, refused) on either side: TLS alerts travel as QUIC crypto
-/// errors, 0x100 plus the alert.
-fn certificate_refused(e: &quinn::ConnectionError) -> bool {
+/// The refusal, when a handshake failed over a certificate (revoked,
+/// expired, not from the CA, refused) on either side: retrying cannot
+/// help. TLS alerts travel as QUIC crypto errors, 0x100 plus the alert.
+fn certificate_refusal(e: &quinn::ConnectionError) -> Option<LinkError> {
     let code = match e {
         quinn::ConnectionError::ConnectionClosed(c) => c.error_code,
         quinn::ConnectionError::TransportError(t) => t.code,
-        _ => return false,
+        _ => return None,
     };
     let v = u64::from(code);
     // bad_certificate .. certificate_unknown, unknown_ca, access_denied.
-    (0x100..0x200).contains(&v) && matches!(v - 0x100, 42..=46 | 48 | 49)
+    ((0x100..0x200).contains(&v) && matches!(v - 0x100, 42..=46 | 48 | 49))
+        .then(|| LinkError::Protocol(ProtocolError::Refused(format!("the TLS handshake failed over a certificate: {e}"))))
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(50);

@@ -143,6 +143,15 @@ impl TlsDir {
         self.identity(if self.pair(&own).0.exists() { &own } else { "primary" })
     }
 
+    /// The backup's QUIC server configuration from this directory: its
+    /// identity, the CA, and the revocation list when there is one.
+    ///
+    /// # Errors
+    /// [`LinkError::Tls`] naming an unreadable or invalid file.
+    pub fn backup_server(&self) -> Result<quinn::ServerConfig, LinkError> {
+        server_config(self.identity("backup")?, self.roots()?, self.crls()?)
+    }
+
     /// The revocation lists to check client certificates against (none
     /// when `revoked.crl` is absent).
     ///
@@ -246,10 +255,6 @@ fn issuer(ca_dir: &Path) -> Result<(rcgen::Certificate, KeyPair), LinkError> {
     Ok((cert, key))
 }
 
-fn now_unix() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
 /// A certificate issued by [`issue_guest`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Issued {
@@ -327,6 +332,18 @@ pub fn issue_guest(ca_dir: &Path, guest: GuestId, days: u32, out: &Path) -> Resu
     Ok(issued)
 }
 
+/// The serials (hex) the CA in `ca_dir` revoked (`revoked.txt`).
+///
+/// # Errors
+/// [`LinkError::Io`] when the file exists and cannot be read.
+pub fn revoked(ca_dir: &Path) -> Result<Vec<String>, LinkError> {
+    match fs::read_to_string(ca_dir.join("revoked.txt")) {
+        Ok(t) => Ok(t.lines().filter_map(|l| l.split_whitespace().next()).map(str::to_string).collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Revokes every certificate issued for `guest` and writes `revoked.crl`
 /// (every serial revoked so far, signed by the CA) into `ca_dir`; returns
 /// the serials newly revoked. Copy the list to each backup's TLS
@@ -341,22 +358,17 @@ pub fn revoke_guest(ca_dir: &Path, guest: GuestId) -> Result<Vec<String>, LinkEr
     if serials.is_empty() {
         return Err(LinkError::Tls(format!("no certificate was issued for {guest} by the CA in {}", ca_dir.display())));
     }
-    let revoked_path = ca_dir.join("revoked.txt");
-    let mut all: Vec<String> = match fs::read_to_string(&revoked_path) {
-        Ok(t) => t.lines().filter_map(|l| l.split_whitespace().next()).map(str::to_string).collect(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(e.into()),
-    };
+    let mut all = revoked(ca_dir)?;
     let new: Vec<String> = serials.into_iter().filter(|s| !all.contains(s)).collect();
+    let now = time::OffsetDateTime::now_utc();
     for s in &new {
-        append_line(&revoked_path, &format!("{s} {}", now_unix()))?;
+        append_line(&ca_dir.join("revoked.txt"), &format!("{s} {}", now.unix_timestamp()))?;
         all.push(s.clone());
     }
-    let now = time::OffsetDateTime::now_utc();
     let crl = CertificateRevocationListParams {
         this_update: now - time::Duration::hours(1),
         next_update: now + time::Duration::days(3650),
-        crl_number: SerialNumber::from(u64::try_from(now_unix()).unwrap_or(0)),
+        crl_number: SerialNumber::from(u64::try_from(now.unix_timestamp()).unwrap_or(0)),
         issuing_distribution_point: None,
         revoked_certs: all
             .iter()
@@ -372,7 +384,7 @@ pub fn revoke_guest(ca_dir: &Path, guest: GuestId) -> Result<Vec<String>, LinkEr
     }
     .signed_by(&ca_cert, &ca_key)
     .map_err(|e| LinkError::Tls(e.to_string()))?;
-    fs::write(ca_dir.join("revoked.crl"), crl.pem().map_err(|e| LinkError::Tls(e.to_string()))?)?;
+    fs::write(TlsDir(ca_dir.to_path_buf()).crl(), crl.pem().map_err(|e| LinkError::Tls(e.to_string()))?)?;
     Ok(new)
 }
 

@@ -71,10 +71,10 @@ pub fn run(args: &CertArgs, data_dir: &Path) -> Result<()> {
             );
         }
         CertAction::List => {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-            let revoked = std::fs::read_to_string(ca.join("revoked.txt")).unwrap_or_default();
+            let now = i64::try_from(remus_types::now_unix_nanos() / 1_000_000_000).unwrap_or(i64::MAX);
+            let revoked = tls::revoked(&ca)?;
             for i in tls::issued(&ca)? {
-                let state = if revoked.lines().any(|l| l.starts_with(&i.serial)) {
+                let state = if revoked.contains(&i.serial) {
                     "revoked"
                 } else if i.not_after_unix <= now {
                     "expired"
@@ -94,7 +94,7 @@ pub fn run(args: &CertArgs, data_dir: &Path) -> Result<()> {
             println!(
                 "revoked {} certificate(s) of guest {guest}; wrote {} (copy it into each backup's TLS directory; a running backup reloads it)",
                 new.len(),
-                ca.join("revoked.crl").display()
+                tls::TlsDir(ca.clone()).crl().display()
             );
         }
     }

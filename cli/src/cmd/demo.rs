@@ -42,7 +42,7 @@ pub fn run(args: &DemoArgs, cfg: &Config, data_dir: &Path) -> Result<bool> {
     super::install_stop_handler();
     std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     let _lock = lock_data_dir(data_dir)?;
-    let tls = super::tls_dir(data_dir, true)?;
+    let tls = super::tls_dir(data_dir)?;
     let store_dir = data_dir.join("demo-store");
     if store_dir.exists() {
         std::fs::remove_dir_all(&store_dir).with_context(|| format!("clearing the previous demo store {}", store_dir.display()))?;

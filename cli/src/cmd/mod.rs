@@ -25,15 +25,14 @@ pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub use remus_sys::{install_stop_handler, stop_requested};
 
-/// The TLS directory of `data_dir`, generating all of it when `create` and
-/// absent.
+/// The TLS directory of `data_dir`, generating all of it when any of it
+/// is absent (the demo runs both sides).
 ///
 /// # Errors
-/// When the files are missing (and not created) or generation fails.
-pub fn tls_dir(data_dir: &Path, create: bool) -> Result<TlsDir> {
+/// When generation fails.
+pub fn tls_dir(data_dir: &Path) -> Result<TlsDir> {
     let tls = TlsDir(data_dir.join("tls"));
     if !tls.is_complete() {
-        anyhow::ensure!(create, "no TLS material in {}: run `remus keygen --data-dir {}` first", tls.0.display(), data_dir.display());
         remus_wan::tls::keygen(&tls.0).with_context(|| format!("generating TLS material in {}", tls.0.display()))?;
         eprintln!("generated a CA and backup/primary certificates in {}", tls.0.display());
     }
