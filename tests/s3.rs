@@ -460,3 +460,71 @@ fn wrong_credentials_are_denied_by_name_and_the_backlog_waits_for_the_right_ones
         assert_eq!(MemoryDigest::of_image(&std::fs::read(&img).unwrap()).to_hex(), roots[&e], "epoch {e} from S3");
     }
 }
+
+/// The history is sealed with a key file from `remus key new` before it
+/// leaves the backup: after site loss it restores byte-exact, lists and
+/// verifies from S3 with that file alone, and without it every command
+/// says the history is encrypted and which setting it needs.
+#[test]
+fn an_encrypted_history_restores_and_verifies_from_s3_with_its_key_file_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    keygen(data);
+    let bucket = bucket("sealed");
+    let s3 = client(&bucket, "site-a");
+    s3.create_bucket(false).unwrap();
+    let keys = data.join("s3.keys");
+    let out = run_limited(Command::new(remus()).args(["key", "new"]).arg(&keys), Duration::from_secs(30));
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("key 1 added"), "{out:?}");
+    let with_keys = |path: &Path, endpoint: &str| {
+        write_config(path, endpoint, &bucket, "site-a");
+        let mut text = std::fs::read_to_string(path).unwrap();
+        text.push_str(&format!("encryption-keys = \"{}\"\n", keys.display()));
+        std::fs::write(path, text).unwrap();
+    };
+    let config = data.join("remus.toml");
+    with_keys(&config, &endpoint());
+    let backup = BackupProcess::start_with(data, "127.0.0.1:0", &["--config", config.to_str().unwrap()]);
+    let roots = data.join("roots.jsonl");
+    let committed = protect_recorded(data, &backup.addr, &config, 3, &roots);
+    backup.wait_line(&format!("uploaded guest-1 epoch {committed}"), Duration::from_secs(120));
+    backup.stop();
+    let roots = read_roots(&roots);
+    // Nothing in the bucket is readable without the key.
+    for l in s3.list("").unwrap() {
+        let body = s3.get(&l.key).unwrap();
+        assert!(!l.key.starts_with("packs/") || body[4] == 2, "{} is a sealed pack", l.key);
+        assert!(l.key.starts_with("packs/") || body.starts_with(b"RMSE"), "{} is sealed", l.key);
+    }
+
+    std::fs::remove_dir_all(data.join("store")).unwrap();
+    let url = format!("s3://{bucket}/site-a");
+    let img = data.join("sealed.img");
+    let out = restore_from_s3(&["--from", &url, "--config", config.to_str().unwrap()], &[], committed, &img);
+    assert!(out.status.success(), "restore: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(MemoryDigest::of_image(&std::fs::read(&img).unwrap()).to_hex(), roots[&committed], "byte-exact from a sealed tier");
+    let out = run_limited(
+        Command::new(remus()).args(["verify", "--s3", "--json", "--from", &url, "--config"]).arg(&config),
+        Duration::from_secs(120),
+    );
+    assert!(out.status.success(), "verify --s3: {}", String::from_utf8_lossy(&out.stdout));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["chunks"].as_u64().unwrap() > 0 && report["damage"] == serde_json::json!([]), "{report}");
+
+    // Without the key file: refused, saying why.
+    let bare = data.join("bare.toml");
+    write_config(&bare, &endpoint(), &bucket, "site-a");
+    let out = restore_from_s3(&["--from", &url, "--config", bare.to_str().unwrap()], &[], committed, &img);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(2) && err.contains("is encrypted") && err.contains("s3.encryption-keys"), "{err}");
+    let out = run_limited(Command::new(remus()).args(["log", "--from", &url, "--config"]).arg(&bare), Duration::from_secs(60));
+    assert!(out.status.code() == Some(2) && String::from_utf8_lossy(&out.stderr).contains("is encrypted"), "{out:?}");
+    // Rotation: a second key encrypts from then on; both decrypt.
+    let out = run_limited(Command::new(remus()).args(["key", "new"]).arg(&keys), Duration::from_secs(30));
+    assert!(out.status.success(), "{out:?}");
+    let out = run_limited(Command::new(remus()).args(["key", "list"]).arg(&keys), Duration::from_secs(30));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "key 1\nkey 2 (encrypts)\n");
+    let out = restore_from_s3(&["--from", &url, "--config", config.to_str().unwrap()], &[], 1, &img);
+    assert!(out.status.success(), "restore after rotation: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(MemoryDigest::of_image(&std::fs::read(&img).unwrap()).to_hex(), roots[&1]);
+}

@@ -62,6 +62,9 @@
 //! upload-interval-ms = 20000
 //! timeout-ms = 30000
 //! allow-http = false         # plain http:// to another host (loopback needs no permission)
+//! # encryption-keys = "/etc/remus/s3.keys"   # `remus key new` writes it: every object sealed (AES-256-GCM) before upload
+//! # accept-plaintext = false  # with keys: also read objects put before encryption was turned on
+//! # server-side-encryption = "AES256"        # or "aws:kms" (with sse-kms-key-id): asked of S3 as well
 //!
 //! # Optional: a witness, so that a failover needs a majority: the backup
 //! # takes a guest over only by winning its lease, and a primary that can

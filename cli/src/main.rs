@@ -45,6 +45,8 @@ enum Command {
     Keygen(cmd::keygen::KeygenArgs),
     /// Issue, list and revoke per-guest client certificates.
     Cert(cmd::cert::CertArgs),
+    /// Create, rotate and list the key file that encrypts the S3 history.
+    Key(cmd::key::KeyArgs),
     /// Re-hash chunks, walk manifest chains, name what is damaged.
     Verify(cmd::verify::VerifyArgs),
     /// Thin by the retention policy and collect unreferenced chunks and packs.
@@ -72,6 +74,7 @@ fn main() -> ExitCode {
             Command::Bisect(a) => cmd::show::bisect(a, &cfg, &data_dir),
             Command::Keygen(a) => cmd::keygen::run(a, &data_dir).map(|()| true),
             Command::Cert(a) => cmd::cert::run(a, &data_dir).map(|()| true),
+            Command::Key(a) => cmd::key::run(a).map(|()| true),
             Command::Verify(a) => cmd::verify::run(a, &cfg, &data_dir),
             Command::Gc(a) => cmd::gc::run(a, &cfg, &data_dir).map(|()| true),
             Command::Archive(a) => cmd::archive::run(a, &cfg).map(|()| true),

@@ -12,7 +12,7 @@ use std::time::Duration;
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, ProvideCredentials, Region, SharedCredentialsProvider};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, DateTime};
-use aws_sdk_s3::types::ObjectLockMode;
+use aws_sdk_s3::types::{ObjectLockMode, ServerSideEncryption};
 use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
 
 use crate::S3Config;
@@ -108,6 +108,23 @@ pub struct S3Client {
     credentials: Option<SharedCredentialsProvider>,
     /// Resolved on the first denial, for its message.
     access_key: OnceLock<String>,
+    /// Server-side encryption asked on every put, and its KMS key.
+    sse: Option<(ServerSideEncryption, Option<String>)>,
+}
+
+/// A put of `key` to `bucket` with the client's server-side encryption,
+/// for the caller to add its condition and body to.
+fn put(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    sse: &Option<(ServerSideEncryption, Option<String>)>,
+) -> aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder {
+    let p = client.put_object().bucket(bucket).key(key);
+    match sse {
+        None => p,
+        Some((mode, kms)) => p.server_side_encryption(mode.clone()).set_ssekms_key_id(kms.clone()),
+    }
 }
 
 impl std::fmt::Debug for S3Client {
@@ -204,6 +221,7 @@ impl S3Client {
             prefix: cfg.prefix.clone(),
             credentials: sdk.credentials_provider(),
             access_key: OnceLock::new(),
+            sse: cfg.server_side_encryption.as_deref().map(|m| (ServerSideEncryption::from(m), cfg.sse_kms_key_id.clone())),
         })
     }
 
@@ -289,7 +307,7 @@ impl S3Client {
     pub fn put_new(&self, rel: &str, body: Vec<u8>) -> Result<(), S3Error> {
         let key = self.key(rel);
         self.rt
-            .block_on(self.client.put_object().bucket(&self.bucket).key(&key).if_none_match("*").body(ByteStream::from(body)).send())
+            .block_on(put(&self.client, &self.bucket, &key, &self.sse).if_none_match("*").body(ByteStream::from(body)).send())
             .map_err(|e| self.named(classify("put", &key, e)))?;
         Ok(())
     }
@@ -322,7 +340,7 @@ impl S3Client {
         let key = self.key(rel);
         let r = self
             .rt
-            .block_on(self.client.put_object().bucket(&self.bucket).key(&key).if_none_match("*").body(ByteStream::from(body)).send())
+            .block_on(put(&self.client, &self.bucket, &key, &self.sse).if_none_match("*").body(ByteStream::from(body)).send())
             .map_err(|e| self.named(classify("put", &key, e)))?;
         r.e_tag().map(str::to_string).ok_or_else(|| S3Error::Service { op: "put", key, detail: "no ETag in the answer".into() })
     }
@@ -337,7 +355,7 @@ impl S3Client {
         let key = self.key(rel);
         let r = self
             .rt
-            .block_on(self.client.put_object().bucket(&self.bucket).key(&key).if_match(etag).body(ByteStream::from(body)).send())
+            .block_on(put(&self.client, &self.bucket, &key, &self.sse).if_match(etag).body(ByteStream::from(body)).send())
             .map_err(|e| match classify("put", &key, e) {
                 // 412 (changed) or 404 (deleted): the precondition failed.
                 S3Error::Exists(_) | S3Error::NotFound(_) => S3Error::Conflict(format!("{key} is no longer {etag}")),
@@ -359,9 +377,10 @@ impl S3Client {
             loop {
                 while set.len() < 16 {
                     let Some((i, (rel, body))) = todo.next() else { break };
-                    let (c, b, key) = (self.client.clone(), self.bucket.clone(), self.key(&rel));
+                    let req = put(&self.client, &self.bucket, &self.key(&rel), &self.sse).if_none_match("*").body(ByteStream::from(body));
+                    let key = self.key(&rel);
                     set.spawn(async move {
-                        let r = c.put_object().bucket(b).key(&key).if_none_match("*").body(ByteStream::from(body)).send().await;
+                        let r = req.send().await;
                         (i, r.map(|_| ()).map_err(|e| classify("put", &key, e)))
                     });
                 }
@@ -385,10 +404,7 @@ impl S3Client {
         let key = self.key(rel);
         self.rt
             .block_on(
-                self.client
-                    .put_object()
-                    .bucket(&self.bucket)
-                    .key(&key)
+                put(&self.client, &self.bucket, &key, &self.sse)
                     .object_lock_mode(ObjectLockMode::Compliance)
                     .object_lock_retain_until_date(DateTime::from_secs(retain_until_unix_s))
                     .body(ByteStream::from(body))
@@ -396,6 +412,19 @@ impl S3Client {
             )
             .map_err(|e| self.named(classify("put-locked", &key, e)))?;
         Ok(())
+    }
+
+    /// The server-side encryption S3 reports for the object at `rel`.
+    ///
+    /// # Errors
+    /// [`S3Error::NotFound`]; others as the service answers.
+    pub fn server_side_encryption(&self, rel: &str) -> Result<Option<String>, S3Error> {
+        let key = self.key(rel);
+        let r = self
+            .rt
+            .block_on(self.client.head_object().bucket(&self.bucket).key(&key).send())
+            .map_err(|e| self.named(classify("head", &key, e)))?;
+        Ok(r.server_side_encryption().map(|s| s.as_str().to_string()))
     }
 
     /// Reads the whole object at `rel`.

@@ -52,6 +52,27 @@ pub struct S3Config {
     /// network in the clear). Loopback endpoints need no permission.
     #[serde(default)]
     pub allow_http: bool,
+    /// Key file that encrypts the history before it leaves this host
+    /// (`remus key new` writes one; default none: objects are stored as
+    /// they are, checksummed but readable by whoever can read the bucket).
+    /// Every key in it decrypts, the newest encrypts.
+    #[serde(default)]
+    pub encryption_keys: Option<std::path::PathBuf>,
+    /// With `encryption-keys`, also read objects that are not encrypted
+    /// (a tier written before encryption was turned on; default false:
+    /// such an object is refused, since anyone who can write the bucket
+    /// could have put it there).
+    #[serde(default)]
+    pub accept_plaintext: bool,
+    /// Server-side encryption asked of S3 on every put: `AES256` or
+    /// `aws:kms` (default none). On top of `encryption-keys`, not instead:
+    /// the provider holds those keys.
+    #[serde(default)]
+    pub server_side_encryption: Option<String>,
+    /// KMS key for `server-side-encryption = "aws:kms"` (default: the
+    /// bucket's).
+    #[serde(default)]
+    pub sse_kms_key_id: Option<String>,
 }
 
 fn yes() -> bool {
@@ -96,6 +117,10 @@ impl S3Config {
             upload_interval_ms: default_interval_ms(),
             timeout_ms: default_timeout_ms(),
             allow_http: false,
+            encryption_keys: None,
+            accept_plaintext: false,
+            server_side_encryption: None,
+            sse_kms_key_id: None,
         }
     }
 
@@ -153,6 +178,16 @@ impl S3Config {
         }
         if !(10..=3_600_000).contains(&self.upload_interval_ms) {
             return bad(format!("s3.upload-interval-ms must be in 10..=3600000, got {}", self.upload_interval_ms));
+        }
+        match self.server_side_encryption.as_deref() {
+            None | Some("AES256" | "aws:kms" | "aws:kms:dsse") => {}
+            Some(other) => return bad(format!("s3.server-side-encryption must be AES256, aws:kms or aws:kms:dsse, got {other:?}")),
+        }
+        if self.sse_kms_key_id.is_some() && !self.server_side_encryption.as_deref().is_some_and(|s| s.starts_with("aws:kms")) {
+            return bad("s3.sse-kms-key-id needs s3.server-side-encryption = \"aws:kms\"".into());
+        }
+        if self.accept_plaintext && self.encryption_keys.is_none() {
+            return bad("s3.accept-plaintext is for a tier with s3.encryption-keys set".into());
         }
         if self.timeout_ms < 100 {
             return bad(format!("s3.timeout-ms must be at least 100, got {}", self.timeout_ms));

@@ -19,6 +19,9 @@ pub enum ErrorKind {
     Io,
     /// A remote service (S3) is unreachable or refused us: retry later.
     Unavailable,
+    /// The configuration does not fit what is stored (an encryption key
+    /// missing, or one where none was expected): retrying will not help.
+    Config,
 }
 
 /// A store failure.
@@ -105,6 +108,9 @@ pub enum StoreError {
         /// The failure.
         cause: std::io::Error,
     },
+    /// An encryption key is missing, unreadable, or not wanted here.
+    #[error("{0}")]
+    Keys(String),
     /// The S3 tier failed.
     #[error(transparent)]
     S3(#[from] crate::s3::S3Error),
@@ -151,6 +157,7 @@ impl StoreError {
                 ErrorKind::Conflict
             }
             Self::S3(_) => ErrorKind::Unavailable,
+            Self::Keys(_) => ErrorKind::Config,
         }
     }
 }

@@ -5,6 +5,7 @@ pub mod backup;
 pub mod cert;
 pub mod demo;
 pub mod gc;
+pub mod key;
 pub mod keygen;
 pub mod log;
 pub mod moving;

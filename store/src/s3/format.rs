@@ -1,19 +1,31 @@
 //! Object formats of the S3 tier. Integers little-endian; every object
 //! has a versioned magic and a checksum, and decoding is bounded.
 //!
+//! With `s3.encryption-keys` set, every object but a pack is stored
+//! sealed in an envelope, and packs seal each value ([`super::seal`]).
+//!
 //! Pack (`packs/<id>`, id = blake3 of the whole object):
 //! ```text
 //! 0..4   b"RMPK", 4 version (1), 5..8 reserved
 //! then per chunk: id [32] | len u32 | value [len]
 //!        (value = codec u8 | bytes, exactly as in the `chunks` column family)
 //! ```
-//! Pack index (`index/<pack id>`):
+//! Sealed pack (version 2): no chunk id in the clear, each value sealed
+//! under the pack's key with its offset as nonce:
 //! ```text
-//! 0..4   b"RMPI", 4 version (1), 5..8 reserved
+//! 0..4   b"RMPK", 4 version (2), 5..8 reserved
+//! 8      key id u32 | 12 salt [32]
+//! 44     per chunk: len u32 | sealed value [len] (value, then a 16-byte tag)
+//! ```
+//! Pack index (`index/<pack id>`; version 2 for a sealed pack, with the
+//! key id and salt after the count):
+//! ```text
+//! 0..4   b"RMPI", 4 version (1 or 2), 5..8 reserved
 //! 8      pack id [32]
 //! 40     pack length u64
 //! 48     count u32
-//! 52     per chunk: id [32] | value offset u64 | value length u32
+//! (v2)   key id u32 | salt [32]
+//! then   per chunk: id [32] | value offset u64 | value length u32
 //! end-4  crc32 of everything before
 //! ```
 //! Segment (`segments/<guest %016x>/<first %020>`, or with `-t<count>`
@@ -68,6 +80,7 @@
 use remus_types::format::{self, FormatError};
 use remus_types::{ChunkId, EpochId, GuestId, Pfn};
 
+use super::seal::{PackSeal, PackSealer};
 use crate::chain::Bridge;
 use crate::error::StoreError;
 use crate::manifest::{Manifest, MANIFEST_LEN};
@@ -79,8 +92,8 @@ const EPOCH_MAGIC: [u8; 4] = *b"RMEP";
 const CHECKPOINT_MAGIC: [u8; 4] = *b"RMCK";
 const BRIDGE_MAGIC: [u8; 4] = *b"RMBR";
 const VERSION: u8 = 1;
-/// Header of a pack.
-pub const PACK_HEADER: usize = format::PREFIX_LEN;
+/// Version of sealed packs and of their indexes.
+const SEALED: u8 = 2;
 
 fn corrupt(what: &str, why: &str) -> StoreError {
     StoreError::malformed(what, why)
@@ -106,8 +119,10 @@ pub struct PackEntry {
     pub id: ChunkId,
     /// Offset of its value in the pack.
     pub offset: u64,
-    /// Length of its value.
+    /// Length of its value (sealed: with its tag).
     pub len: u32,
+    /// How the pack seals it (`None`: stored as it is).
+    pub seal: Option<PackSeal>,
 }
 
 /// A pack being filled.
@@ -115,22 +130,41 @@ pub struct PackEntry {
 pub struct PackBuilder {
     bytes: Vec<u8>,
     entries: Vec<PackEntry>,
+    sealer: Option<PackSealer>,
 }
 
 impl Default for PackBuilder {
     fn default() -> Self {
-        Self { bytes: format::prefix(&PACK_MAGIC, VERSION).to_vec(), entries: Vec::new() }
+        Self::new(None)
     }
 }
 
 impl PackBuilder {
+    /// An empty pack, sealing its values with `sealer` if given.
+    #[must_use]
+    pub fn new(sealer: Option<PackSealer>) -> Self {
+        let bytes = match &sealer {
+            None => format::prefix(&PACK_MAGIC, VERSION).to_vec(),
+            Some(s) => [&format::prefix(&PACK_MAGIC, SEALED)[..], &s.seal.key.to_le_bytes(), &s.seal.salt].concat(),
+        };
+        Self { bytes, entries: Vec::new(), sealer }
+    }
+
     /// Appends a chunk value (codec byte and bytes).
     pub fn push(&mut self, id: ChunkId, value: &[u8]) {
-        self.bytes.extend_from_slice(&id.0);
-        self.bytes.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        let Some(sealer) = &self.sealer else {
+            self.bytes.extend_from_slice(&id.0);
+            self.bytes.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            let offset = self.bytes.len() as u64;
+            self.bytes.extend_from_slice(value);
+            self.entries.push(PackEntry { id, offset, len: value.len() as u32, seal: None });
+            return;
+        };
+        let len = value.len() + super::seal::TAG_LEN;
+        self.bytes.extend_from_slice(&(len as u32).to_le_bytes());
         let offset = self.bytes.len() as u64;
-        self.bytes.extend_from_slice(value);
-        self.entries.push(PackEntry { id, offset, len: value.len() as u32 });
+        sealer.seal_onto(&mut self.bytes, value);
+        self.entries.push(PackEntry { id, offset, len: len as u32, seal: Some(sealer.seal) });
     }
 
     /// Bytes so far.
@@ -155,18 +189,22 @@ impl PackBuilder {
     #[must_use]
     pub fn finish(self) -> (ChunkId, Vec<u8>, Vec<u8>) {
         let id = remus_types::content_id(&self.bytes);
-        let index = encode_index(&id, self.bytes.len() as u64, &self.entries);
+        let index = encode_index(&id, self.bytes.len() as u64, self.sealer.as_ref().map(|s| s.seal), &self.entries);
         (id, self.bytes, index)
     }
 }
 
-/// Encodes a pack index.
+/// Encodes a pack index (of a pack sealed with `seal`, if given).
 #[must_use]
-pub fn encode_index(pack: &ChunkId, pack_len: u64, entries: &[PackEntry]) -> Vec<u8> {
-    let mut v = format::start_trailed(&INDEX_MAGIC, VERSION);
+pub fn encode_index(pack: &ChunkId, pack_len: u64, seal: Option<PackSeal>, entries: &[PackEntry]) -> Vec<u8> {
+    let mut v = format::start_trailed(&INDEX_MAGIC, if seal.is_some() { SEALED } else { VERSION });
     v.extend_from_slice(&pack.0);
     v.extend_from_slice(&pack_len.to_le_bytes());
     v.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    if let Some(s) = seal {
+        v.extend_from_slice(&s.key.to_le_bytes());
+        v.extend_from_slice(&s.salt);
+    }
     for e in entries {
         v.extend_from_slice(&e.id.0);
         v.extend_from_slice(&e.offset.to_le_bytes());
@@ -182,6 +220,8 @@ pub struct PackIndex {
     pub pack: ChunkId,
     /// The pack's length.
     pub pack_len: u64,
+    /// How the pack seals its values (`None`: stored as they are).
+    pub seal: Option<PackSeal>,
     /// Its chunks.
     pub entries: Vec<PackEntry>,
 }
@@ -191,35 +231,48 @@ pub struct PackIndex {
 /// # Errors
 /// [`StoreError::Corrupt`] for any damage or an entry outside the pack.
 pub fn decode_index(b: &[u8]) -> Result<PackIndex, StoreError> {
-    let body = open(b, INDEX_MAGIC, "pack index")?;
-    if body.len() < 44 {
-        return Err(StoreError::corrupt("pack index", FormatError::Truncated { need: 44, have: body.len() }));
+    let (version, body) = format::open_trailed("pack index", &INDEX_MAGIC, SEALED, b).map_err(|c| StoreError::corrupt("pack index", c))?;
+    let head = if version == SEALED { 80 } else { 44 };
+    if body.len() < head {
+        return Err(StoreError::corrupt("pack index", FormatError::Truncated { need: head, have: body.len() }));
     }
     let pack = id_at(body, 0);
     let pack_len = u64_le(body, 32);
     let count = u32::from_le_bytes(body[40..44].try_into().expect("4 bytes")) as usize;
-    let rest = &body[44..];
+    let seal = (version == SEALED).then(|| PackSeal {
+        key: u32::from_le_bytes(body[44..48].try_into().expect("4 bytes")),
+        salt: body[48..80].try_into().expect("32 bytes"),
+    });
+    let rest = &body[head..];
     if rest.len() != count.checked_mul(44).ok_or_else(|| corrupt("pack index", "count"))? {
         return Err(corrupt("pack index", "length does not match its count"));
     }
     let mut entries = Vec::with_capacity(count);
     for e in rest.chunks_exact(44) {
-        let entry = PackEntry { id: id_at(e, 0), offset: u64_le(e, 32), len: u32::from_le_bytes(e[40..44].try_into().expect("4")) };
+        let entry = PackEntry { id: id_at(e, 0), offset: u64_le(e, 32), len: u32::from_le_bytes(e[40..44].try_into().expect("4")), seal };
         if entry.offset.checked_add(u64::from(entry.len)).is_none_or(|end| end > pack_len) {
             return Err(corrupt("pack index", "entry outside the pack"));
         }
         entries.push(entry);
     }
-    Ok(PackIndex { pack, pack_len, entries })
+    Ok(PackIndex { pack, pack_len, seal, entries })
 }
 
-/// Checks a pack's header; its integrity as a whole is its id.
+/// Checks a pack's header against its index's seal; its integrity as a
+/// whole is its id.
 ///
 /// # Errors
 /// [`StoreError::Corrupt`].
-pub fn check_pack_header(b: &[u8]) -> Result<(), StoreError> {
-    format::check_prefix("pack", &PACK_MAGIC, VERSION..=VERSION, b).map_err(|cause| StoreError::corrupt("pack", cause))?;
-    Ok(())
+pub fn check_pack_header(b: &[u8], seal: Option<PackSeal>) -> Result<(), StoreError> {
+    let version = format::check_prefix("pack", &PACK_MAGIC, VERSION..=SEALED, b).map_err(|cause| StoreError::corrupt("pack", cause))?;
+    let sealed = (version == SEALED).then(|| b.get(8..44)).map(|h| {
+        h.map(|h| PackSeal { key: u32::from_le_bytes(h[..4].try_into().expect("4 bytes")), salt: h[4..].try_into().expect("32 bytes") })
+    });
+    match sealed {
+        None if seal.is_none() => Ok(()),
+        Some(Some(s)) if Some(s) == seal => Ok(()),
+        _ => Err(corrupt("pack", "its header does not match its index's seal")),
+    }
 }
 
 /// Writes a page list: its count, then each (pfn, hash).
@@ -673,9 +726,33 @@ mod tests {
         assert_eq!(ix.pack_len, bytes.len() as u64);
         let e = ix.entries[1];
         assert_eq!(&bytes[e.offset as usize..][..e.len as usize], b"\0world!");
-        check_pack_header(&bytes).unwrap();
+        check_pack_header(&bytes, None).unwrap();
         let mut bad = index.clone();
         bad[60] ^= 1;
         assert!(decode_index(&bad).is_err());
+    }
+
+    #[test]
+    fn a_sealed_pack_keeps_ids_and_values_out_of_its_bytes_and_its_index_names_its_seal() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("k");
+        crate::s3::Keyring::add_key(&keys).unwrap();
+        let ring = crate::s3::Keyring::load(&keys).unwrap();
+        let mut p = PackBuilder::new(Some(ring.pack_sealer()));
+        p.push(ChunkId([7; 32]), b"\0hello hello hello");
+        p.push(ChunkId([8; 32]), b"\0world world world!");
+        let (id, bytes, index) = p.finish();
+        assert!(!bytes.windows(32).any(|w| w == [7; 32] || w == [8; 32]), "no chunk id in the clear");
+        assert!(!bytes.windows(5).any(|w| w == b"hello" || w == b"world"), "no value in the clear");
+        let ix = decode_index(&index).unwrap();
+        assert_eq!((ix.pack, ix.pack_len), (id, bytes.len() as u64));
+        let seal = ix.seal.expect("a sealed index");
+        assert!(ix.entries.iter().all(|e| e.seal == Some(seal)));
+        check_pack_header(&bytes, Some(seal)).unwrap();
+        assert!(check_pack_header(&bytes, None).is_err(), "a plain index for a sealed pack");
+        assert!(check_pack_header(&bytes, Some(PackSeal { key: 2, ..seal })).is_err());
+        let e = ix.entries[1];
+        let v = &bytes[e.offset as usize..][..e.len as usize];
+        assert_eq!(ring.open_value("p", &seal, e.offset, v).unwrap(), b"\0world world world!");
     }
 }

@@ -11,7 +11,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use remus_types::{ChunkId, EpochId, GuestId, Pfn};
 
-use super::format::{self, BridgeObject, CheckpointObject, PackEntry, SegmentObject};
+use super::format::{self, BridgeObject, CheckpointObject, PackBuilder, PackEntry, SegmentObject};
+use super::seal::{is_sealed, Keyring};
 use super::{S3Client, S3Config, S3Error};
 use crate::chain::{Bridge, ChainWalk};
 use crate::db::decode_chunk_value;
@@ -23,6 +24,8 @@ use crate::manifest::Manifest;
 pub struct S3Tier {
     pub(crate) client: S3Client,
     pub(crate) cfg: S3Config,
+    /// The keys objects are sealed with (`s3.encryption-keys`).
+    keys: Option<Keyring>,
 }
 
 /// One epoch as S3 holds it.
@@ -105,9 +108,10 @@ impl S3Tier {
     /// A tier for `cfg`; makes no request, so it works while S3 is away.
     ///
     /// # Errors
-    /// [`S3Error::Config`].
+    /// [`S3Error::Config`], also for a key file that cannot be read.
     pub fn new(cfg: &S3Config) -> Result<Self, S3Error> {
-        Ok(Self { client: S3Client::new(cfg)?, cfg: cfg.clone() })
+        let keys = cfg.encryption_keys.as_deref().map(Keyring::load).transpose().map_err(|e| S3Error::Config(e.to_string()))?;
+        Ok(Self { client: S3Client::new(cfg)?, cfg: cfg.clone(), keys })
     }
 
     /// A tier for `cfg` whose bucket answers with these credentials.
@@ -131,6 +135,75 @@ impl S3Tier {
     #[must_use]
     pub fn config(&self) -> &S3Config {
         &self.cfg
+    }
+
+    /// The keys the tier seals objects with, if any.
+    #[must_use]
+    pub fn keys(&self) -> Option<&Keyring> {
+        self.keys.as_ref()
+    }
+
+    /// Puts a new object at `rel` (`If-None-Match: *`), sealed when the
+    /// tier has keys.
+    pub(crate) fn put_object(&self, rel: &str, plain: Vec<u8>) -> Result<(), S3Error> {
+        let body = match &self.keys {
+            Some(k) => k.seal_object(rel, &plain),
+            None => plain,
+        };
+        self.client.put_new(rel, body)
+    }
+
+    /// The plain bytes of an object read at `rel`: opened when sealed;
+    /// refused when sealed and the tier has no keys ([`StoreError::Keys`]),
+    /// or not sealed and it has (unless `s3.accept-plaintext`; as damage).
+    pub(crate) fn open(&self, rel: &str, body: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        match (&self.keys, is_sealed(&body)) {
+            (Some(k), true) => k.open_object(rel, body),
+            (None, true) => {
+                Err(StoreError::Keys(format!("s3 {rel} is encrypted: set s3.encryption-keys to the key file that encrypted it")))
+            }
+            (Some(_), false) if !self.cfg.accept_plaintext => Err(StoreError::malformed(
+                format!("s3 {rel}"),
+                "not encrypted, but s3.encryption-keys is set: refused, as anyone who can write the bucket could have put it there (a \
+                 tier written before encryption was turned on needs s3.accept-plaintext = true)",
+            )),
+            _ => Ok(body),
+        }
+    }
+
+    /// Reads and opens the object at `rel`.
+    pub(crate) fn get_object(&self, rel: &str) -> Result<Vec<u8>, StoreError> {
+        self.open(rel, self.client.get(rel)?)
+    }
+
+    /// Reads and opens the objects at `rels`, in order.
+    pub(crate) fn get_objects(&self, rels: &[String]) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.client.get_many(rels)?.into_iter().zip(rels).map(|(body, rel)| self.open(rel, body)).collect()
+    }
+
+    /// An empty pack, sealing its values when the tier has keys.
+    pub(crate) fn new_pack(&self) -> PackBuilder {
+        PackBuilder::new(self.keys.as_ref().map(Keyring::pack_sealer))
+    }
+
+    /// The data of chunk `e` from the bytes `stored` at its place in
+    /// `pack`: opened when sealed, then checked against its id.
+    pub(crate) fn chunk_data(&self, pack: &ChunkId, e: &PackEntry, stored: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let opened;
+        let value = match (&e.seal, &self.keys) {
+            (None, _) => stored,
+            (Some(seal), Some(k)) => {
+                opened = k.open_value(&pack.to_hex(), seal, e.offset, stored)?;
+                &opened
+            }
+            (Some(_), None) => {
+                return Err(StoreError::Keys(format!(
+                    "s3 pack {pack} is encrypted: set s3.encryption-keys to the key file that encrypted it"
+                )))
+            }
+        };
+        decode_chunk_value(&e.id, value)
+            .map_err(|_| StoreError::malformed(format!("s3 pack {pack}"), format!("chunk {} does not match its hash", e.id)))
     }
 
     /// Guests with epochs in S3.
@@ -193,7 +266,7 @@ impl S3Tier {
     /// # Errors
     /// [`StoreError::Corrupt`] naming the object; S3 errors.
     pub fn segment(&self, guest: GuestId, key: &str) -> Result<SegmentObject, StoreError> {
-        check_segment(key, guest, &self.client.get(key)?)
+        check_segment(key, guest, &self.get_object(key)?)
     }
 
     /// The newest epoch of `guest` paused at or before `time_unix_ns`
@@ -301,7 +374,7 @@ impl S3Tier {
         let keys: Vec<String> =
             keys.0.iter().filter(|(_, span)| span.is_none_or(|(_, last)| last >= from)).map(|(key, _)| key.clone()).collect();
         let mut out = Vec::with_capacity(keys.len());
-        for (key, body) in keys.iter().zip(self.client.get_many(&keys)?) {
+        for (key, body) in keys.iter().zip(self.get_objects(&keys)?) {
             out.push(BridgeObject::decode(&body).map_err(|e| e.at(format!("s3 {key}")))?);
         }
         out.sort_by_key(|b| b.bridge.first);
@@ -314,7 +387,7 @@ impl S3Tier {
     fn base(&self, guest: GuestId, at: EpochId, dropped: &BridgeKeys) -> Result<Option<CheckpointObject>, StoreError> {
         for e in self.checkpoint_epochs(guest)?.into_iter().rev().filter(|e| *e <= at && !dropped.spans(*e)) {
             let key = format::checkpoint_key(guest, e);
-            match self.client.get(&key).map_err(StoreError::from).and_then(|b| CheckpointObject::decode(&b)) {
+            match self.get_object(&key).and_then(|b| CheckpointObject::decode(&b)) {
                 Ok(c) if c.manifest.guest == guest && c.manifest.epoch == e => return Ok(Some(c)),
                 Ok(_) => tracing::warn!(key, "passing over a checkpoint that names another epoch"),
                 Err(StoreError::S3(S3Error::NotFound(_))) => {}
@@ -356,7 +429,7 @@ impl S3Tier {
         let mut read = 0;
         for batch in wanted.chunks(64) {
             let keys: Vec<String> = batch.iter().map(|s| s.key.clone()).collect();
-            for (i, body) in self.client.get_many(&keys)?.into_iter().enumerate() {
+            for (i, body) in self.get_objects(&keys)?.into_iter().enumerate() {
                 let at = read + i;
                 let seg = check_segment(&wanted[at].key, guest, &body)?;
                 packs.extend(seg.packs);
@@ -415,7 +488,7 @@ impl S3Tier {
         let keys: Vec<String> = self.client.list("index/")?.into_iter().map(|l| l.key).collect();
         let mut out = HashMap::new();
         for batch in keys.chunks(256) {
-            for (key, body) in batch.iter().zip(self.client.get_many(batch)?) {
+            for (key, body) in batch.iter().zip(self.get_objects(batch)?) {
                 let ix = format::decode_index(&body).map_err(|e| e.at(format!("s3 {key}")))?;
                 for e in ix.entries {
                     out.insert(e.id, (ix.pack, e));
@@ -435,11 +508,11 @@ impl S3Tier {
         let keys: Vec<String> = packs.iter().map(format::index_key).collect();
         let mut out = HashMap::new();
         for batch in keys.chunks(64) {
-            let bodies = match self.client.get_many(batch) {
+            let bodies = match self.get_objects(batch) {
                 Ok(b) => b,
                 // Repacked since: the fallback below reads every index.
-                Err(S3Error::NotFound(_)) => break,
-                Err(e) => return Err(e.into()),
+                Err(StoreError::S3(S3Error::NotFound(_))) => break,
+                Err(e) => return Err(e),
             };
             for (key, body) in batch.iter().zip(bodies) {
                 let ix = format::decode_index(&body).map_err(|e| e.at(format!("s3 {key}")))?;
@@ -463,8 +536,7 @@ impl S3Tier {
     pub fn read_chunk(&self, locs: &HashMap<ChunkId, (ChunkId, PackEntry)>, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
         let (pack, e) = locs.get(id).ok_or(StoreError::ChunkMissing(*id))?;
         let value = self.client.get_range(&format::pack_key(pack), e.offset, u64::from(e.len))?;
-        decode_chunk_value(id, &value)
-            .map_err(|_| StoreError::malformed(format!("s3 pack {pack}"), format!("chunk {id} does not match its hash")))
+        self.chunk_data(pack, e, &value)
     }
 
     /// Fetches the chunks in `wanted` by ranged reads of the packs that
@@ -535,9 +607,7 @@ impl S3Tier {
                     let value = body
                         .get(at..at + e.len as usize)
                         .ok_or_else(|| StoreError::malformed(format!("s3 pack {pack}"), format!("truncated at chunk {}", e.id)))?;
-                    let data = decode_chunk_value(&e.id, value)
-                        .map_err(|_| StoreError::malformed(format!("s3 pack {pack}"), format!("chunk {} does not match its hash", e.id)))?;
-                    f(e.id, data)?;
+                    f(e.id, self.chunk_data(pack, e, value)?)?;
                 }
             }
             next = upto;

@@ -12,6 +12,9 @@
 //!   readers start;
 //! - `bridges/<guest>/<first>-<last>`: what thinning left of a dropped run.
 //!
+//! With `s3.encryption-keys`, every object is sealed before it leaves
+//! ([`seal`]): the bucket's owner sees sizes and key names, no content.
+//!
 //! Every put is conditional (`If-None-Match: *`): nothing is overwritten,
 //! so two writers never clobber each other. [`Uploader`] moves committed
 //! epochs there in the background; [`S3Tier`] reads them back for
@@ -21,6 +24,7 @@ mod archive;
 pub mod format;
 mod history;
 mod retention;
+pub mod seal;
 mod upload;
 mod verify;
 
@@ -28,6 +32,7 @@ pub use archive::ArchiveReport;
 pub use history::{Reach, S3Epoch, S3History, S3Tier, SegmentKey};
 pub use remus_s3::{Listed, ListedVersion, S3Client, S3Config, S3Error};
 pub use retention::S3RetentionReport;
+pub use seal::Keyring;
 pub use upload::{apply_retention, RetentionRun, UploadReport, Uploader, CHECKPOINT_PAGES, CHECKPOINT_SEGMENTS, MAX_PENDING};
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use std::collections::HashSet;
 
 use remus_types::{ChunkId, EpochId};
 
-use super::format::{self, BridgeObject, PackBuilder, PackIndex};
+use super::format::{self, BridgeObject, PackIndex};
 use super::upload::ok_if_exists;
 use super::{S3Error, S3Tier};
 use crate::db::Store;
@@ -71,7 +71,7 @@ impl S3Tier {
                 let bridge = BridgeObject { guest, bridge: *b, pages };
                 let key = format::bridge_key(&bridge);
                 if !in_s3.contains(&key) {
-                    match self.client.put_new(&key, bridge.encode()) {
+                    match self.put_object(&key, bridge.encode()) {
                         Ok(()) | Err(S3Error::Exists(_)) => r.bridges_put += 1,
                         Err(e) => return Err(e.into()),
                     }
@@ -92,7 +92,7 @@ impl S3Tier {
                 }
                 r.epochs_deleted += (before - seg.epochs.len()) as u64;
                 if !seg.epochs.is_empty() {
-                    ok_if_exists(self.client.put_new(&seg.rewritten_key(), seg.encode()))?;
+                    ok_if_exists(self.put_object(&seg.rewritten_key(), seg.encode()))?;
                 }
                 self.client.delete(&s.key, None)?;
                 r.segments_rewritten += 1;
@@ -126,7 +126,7 @@ impl S3Tier {
         let packs: HashSet<String> = self.client.list("packs/")?.into_iter().map(|l| l.key).collect();
         let mut sparse = Vec::new();
         for l in self.client.list("index/")? {
-            let ix = format::decode_index(&self.client.get(&l.key)?).map_err(|e| e.at(format!("s3 {}", l.key)))?;
+            let ix = format::decode_index(&self.get_object(&l.key)?).map_err(|e| e.at(format!("s3 {}", l.key)))?;
             let live = ix.entries.iter().filter(|e| referenced.contains(&e.id)).count();
             if live * 2 < ix.entries.len() && live > 0 {
                 sparse.push((l.key, ix));
@@ -141,7 +141,7 @@ impl S3Tier {
         // Live chunks of mostly dead packs into new packs, from the local
         // store (which holds every referenced chunk); each old pack goes
         // once the new pack holding its live chunks is in place.
-        let mut next = PackBuilder::default();
+        let mut next = self.new_pack();
         let mut emptied: Vec<(String, PackIndex)> = Vec::new();
         for (key, ix) in sparse {
             let live: Vec<ChunkId> = ix.entries.iter().map(|e| e.id).filter(|id| referenced.contains(id)).collect();
@@ -161,7 +161,7 @@ impl S3Tier {
             }
             emptied.push((key, ix));
             if next.len() >= self.cfg.pack_bytes() {
-                self.put_pack(store, std::mem::take(&mut next))?;
+                self.put_pack(store, std::mem::replace(&mut next, self.new_pack()))?;
                 for (key, ix) in emptied.drain(..) {
                     self.delete_pack(store, &key, &ix, &packs)?;
                     r.packs_repacked += 1;

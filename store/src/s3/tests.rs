@@ -86,6 +86,26 @@ fn segment_key(g: GuestId, first: u64) -> String {
     format!("{}{first:020}", format::segments_prefix(g))
 }
 
+/// A fresh bucket whose history is sealed with a new key file in `dir`.
+fn sealed_config(name: &str, dir: &std::path::Path) -> S3Config {
+    let mut cfg = test_config(name);
+    let keys = dir.join("s3.keys");
+    Keyring::add_key(&keys).unwrap();
+    cfg.encryption_keys = Some(keys);
+    cfg
+}
+
+/// Every object under the tier's prefix, as the bucket holds it.
+fn raw_objects(tier: &S3Tier) -> Vec<(String, Vec<u8>)> {
+    let keys: Vec<String> = tier.client().list("").unwrap().into_iter().map(|l| l.key).collect();
+    keys.iter().cloned().zip(tier.client().get_many(&keys).unwrap()).collect()
+}
+
+/// How many of `needles` appear anywhere in `objects`.
+fn found_in(objects: &[(String, Vec<u8>)], needles: &[Vec<u8>]) -> usize {
+    needles.iter().filter(|n| objects.iter().any(|(_, b)| b.windows(n.len()).any(|w| w == &n[..]))).count()
+}
+
 fn flip(client: &S3Client, key: &str, at: usize) {
     let mut b = client.get(key).unwrap();
     b[at] ^= 1;
@@ -274,7 +294,7 @@ fn verify_names_the_damaged_pack_chunk_and_manifest() {
 fn assert_no_pack_mostly_dead(tier: &S3Tier, store: &Store) {
     let live = store.referenced().unwrap();
     for l in tier.client().list("index/").unwrap() {
-        let ix = format::decode_index(&tier.client().get(&l.key).unwrap()).unwrap();
+        let ix = format::decode_index(&tier.get_object(&l.key).unwrap()).unwrap();
         let n = ix.entries.iter().filter(|e| live.contains(&e.id)).count();
         assert!(n * 2 >= ix.entries.len(), "{}: {n} of {} chunks live", l.key, ix.entries.len());
     }
@@ -309,12 +329,22 @@ fn assert_s3_matches_local(tier: &S3Tier, store: &Store, g: GuestId) {
 
 #[test]
 fn thinning_and_gc_are_mirrored_in_s3_and_every_kept_epoch_stays_restorable() {
+    thinning_and_gc_mirrored(&test_config("thin"));
+}
+
+#[test]
+fn thinning_and_gc_are_mirrored_in_a_sealed_tier_too() {
+    let keys = tempfile::tempdir().unwrap();
+    thinning_and_gc_mirrored(&sealed_config("thin-sealed", keys.path()));
+}
+
+fn thinning_and_gc_mirrored(cfg: &S3Config) {
     use crate::{KeepRule, RetentionPolicy};
     use std::time::Duration;
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
     let g = GuestId(6);
-    let tier = S3Tier::connect(&test_config("thin")).unwrap();
+    let tier = S3Tier::connect(cfg).unwrap();
     // Six passes: a checkpoint after the fourth (480 pages over 64).
     for pass in 0..6 {
         fill(&store, g, 1 + pass * 10, 10);
@@ -464,4 +494,124 @@ fn a_tier_written_before_segments_is_read_and_continued() {
     assert!(run.epochs_dropped > 5, "{run:?}");
     assert_s3_matches_local(&tier, &store, g);
     assert!(tier.client().list(&format::legacy_epochs_prefix(g)).unwrap().len() < 10);
+}
+
+#[test]
+fn a_sealed_tier_shows_the_bucket_no_chunk_id_or_content_and_reads_verifies_and_archives_with_its_key_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(9);
+    let keys = tempfile::tempdir().unwrap();
+    let cfg = sealed_config("sealed", keys.path());
+    let tier = S3Tier::connect(&cfg).unwrap();
+    // The control: the same history in a tier without keys (from a store
+    // of its own, as upload marks belong to one tier).
+    let plain = S3Tier::connect(&test_config("unsealed")).unwrap();
+    let plain_dir = tempfile::tempdir().unwrap();
+    let plain_store = Store::open(plain_dir.path(), StoreOptions::default()).unwrap();
+    for pass in 0..5 {
+        for (s, t) in [(&store, &tier), (&plain_store, &plain)] {
+            fill(s, g, 1 + pass * 8, 8);
+            t.upload_pending(s, &|| false).unwrap();
+        }
+    }
+    assert_eq!(tier.checkpoint_epochs(g).unwrap().len(), 1, "a checkpoint too");
+
+    // What a reader of the bucket sees: no chunk id, no stored value, no
+    // manifest; the same search finds them all in an unsealed tier.
+    let mut ids = std::collections::BTreeSet::new();
+    let mut manifests = Vec::new();
+    for m in store.manifests(g).unwrap() {
+        ids.extend(store.epoch_pages(g, m.epoch).unwrap().into_iter().map(|(_, id)| id));
+        manifests.push(m.encode()[..64].to_vec());
+    }
+    let id_bytes: Vec<Vec<u8>> = ids.iter().map(|id| id.0.to_vec()).collect();
+    let values: Vec<Vec<u8>> = ids.iter().map(|id| store.chunk_value(id).unwrap()[1..33].to_vec()).collect();
+    let (sealed_raw, plain_raw) = (raw_objects(&tier), raw_objects(&plain));
+    assert_eq!(sealed_raw.len(), plain_raw.len(), "the same objects");
+    assert_eq!(found_in(&plain_raw, &id_bytes), ids.len(), "the control finds every id in the clear");
+    assert_eq!(found_in(&plain_raw, &values), ids.len());
+    assert_eq!(found_in(&plain_raw, &manifests), manifests.len());
+    assert_eq!(found_in(&sealed_raw, &id_bytes), 0, "no chunk id in the sealed tier");
+    assert_eq!(found_in(&sealed_raw, &values), 0, "no chunk content");
+    assert_eq!(found_in(&sealed_raw, &manifests), 0, "no manifest");
+
+    // With the key: every epoch and chunk exactly, and verify is exact.
+    assert_s3_matches_local(&tier, &store, g);
+    let report = tier.verify(&mut |_| {}).unwrap();
+    assert_eq!((report.damage.len(), report.chunks), (0, ids.len() as u64 + 40), "pages and device states");
+
+    // Without it, or with another file's key 1: refused, naming why.
+    let unkeyed = S3Tier::new(&S3Config { encryption_keys: None, ..cfg.clone() }).unwrap();
+    let err = unkeyed.history(g, Reach::ALL, &mut |_, _| {}).unwrap_err();
+    assert!(matches!(&err, StoreError::Keys(m) if m.contains("is encrypted") && m.contains("s3.encryption-keys")), "{err}");
+    assert!(unkeyed.verify(&mut |_| {}).is_err());
+    let elsewhere = tempfile::tempdir().unwrap();
+    let wrong = S3Tier::new(&sealed_config("other-keys", elsewhere.path()).with_url(&cfg.url()).unwrap()).unwrap();
+    let err = wrong.history(g, Reach::ALL, &mut |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("does not decrypt with key 1"), "{err}");
+
+    // An object put in the clear by whoever can write the bucket is refused.
+    let seg = tier.segment_keys(g).unwrap().pop().unwrap();
+    let forged = plain.client().get(&seg.key).unwrap();
+    tier.client().delete(&seg.key, None).unwrap();
+    tier.client().put_new(&seg.key, forged.clone()).unwrap();
+    let err = tier.history(g, Reach::ALL, &mut |_, _| {}).unwrap_err().to_string();
+    assert!(err.contains("not encrypted, but s3.encryption-keys is set"), "{err}");
+    let report = tier.verify(&mut |_| {}).unwrap();
+    assert!(
+        matches!(&report.damage[..], [Damage::ObjectCorrupt { key, reason }] if *key == seg.key && reason.contains("not encrypted")),
+        "{:?}",
+        report.damage
+    );
+    // ... unless the tier says it was written before encryption.
+    let mixed = S3Tier::new(&S3Config { accept_plaintext: true, ..cfg.clone() }).unwrap();
+    assert_eq!(mixed.history(g, Reach::ALL, &mut |_, _| {}).unwrap().epochs.len(), 40);
+    tier.client().delete(&seg.key, None).unwrap();
+    let original = sealed_raw.iter().find(|(k, _)| *k == seg.key).unwrap().1.clone();
+    tier.client().put_new(&seg.key, original).unwrap();
+
+    // One flipped byte in a sealed chunk, one in a sealed segment: named.
+    let ix_key = tier.client().list("index/").unwrap()[0].key.clone();
+    let ix = format::decode_index(&tier.get_object(&ix_key).unwrap()).unwrap();
+    let victim = ix.entries[1];
+    flip(tier.client(), &pack_key(&ix.pack), victim.offset as usize + 3);
+    let first = segment_key(g, 1);
+    flip(tier.client(), &first, 100);
+    let report = tier.verify(&mut |_| {}).unwrap();
+    assert_eq!(report.damage.len(), 2, "{:?}", report.damage);
+    assert_eq!(report.damage[0], Damage::PackChunkCorrupt { pack: ix.pack.to_hex(), chunk: victim.id.to_hex() });
+    assert!(matches!(&report.damage[1], Damage::ObjectCorrupt { key, reason } if *key == first && reason.contains("does not decrypt")));
+    flip(tier.client(), &pack_key(&ix.pack), victim.offset as usize + 3);
+    flip(tier.client(), &first, 100);
+
+    // A compliance archive of it: locked, and restorable and verifiable
+    // with the key alone.
+    let mut locked = test_config("sealed-archive");
+    locked.bucket.push_str("-x");
+    S3Client::new(&locked).unwrap().create_bucket(true).unwrap();
+    locked.encryption_keys = cfg.encryption_keys.clone();
+    let archive = S3Tier::connect(&locked).unwrap();
+    tier.archive_to(&archive, 1, &mut |_, _| {}).unwrap();
+    assert_eq!(archive.history(g, Reach::ALL, &mut |_, _| {}).unwrap().epochs.len(), 40);
+    assert_eq!(archive.verify(&mut |_| {}).unwrap().damage, vec![]);
+    let unkeyed = S3Tier::new(&S3Config { encryption_keys: None, ..locked }).unwrap();
+    assert!(matches!(unkeyed.history(g, Reach::ALL, &mut |_, _| {}), Err(StoreError::Keys(_))));
+}
+
+#[test]
+fn server_side_encryption_is_asked_on_every_put() {
+    let mut cfg = test_config("sse");
+    cfg.server_side_encryption = Some("AES256".into());
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    fill(&store, GuestId(4), 1, 5);
+    let tier = S3Tier::connect(&cfg).unwrap();
+    tier.upload_pending(&store, &|| false).unwrap();
+    assert_eq!(tier.history(GuestId(4), Reach::ALL, &mut |_, _| {}).unwrap().epochs.len(), 5);
+    for l in tier.client().list("").unwrap() {
+        assert_eq!(tier.client().server_side_encryption(&l.key).unwrap().as_deref(), Some("AES256"), "{}", l.key);
+    }
+    let bad = S3Config { server_side_encryption: Some("rot13".into()), ..cfg };
+    assert!(bad.validate().unwrap_err().to_string().contains("server-side-encryption"));
 }

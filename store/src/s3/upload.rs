@@ -165,7 +165,7 @@ impl Pass<'_> {
         if self.pack.is_empty() {
             return Ok(());
         }
-        let pack = std::mem::take(&mut self.pack);
+        let pack = std::mem::replace(&mut self.pack, self.tier.new_pack());
         let (id, size) = self.tier.put_pack(self.store, pack)?;
         self.packs.insert(id);
         self.report.chunk_bytes += size;
@@ -195,7 +195,7 @@ impl Pass<'_> {
         loop {
             let key = seg.key();
             self.report.requests += 1;
-            match self.tier.client.put_new(&key, seg.encode()) {
+            match self.tier.put_object(&key, seg.encode()) {
                 Ok(()) => break,
                 Err(S3Error::Exists(_)) => {}
                 Err(e) => return Err(e.into()),
@@ -205,7 +205,7 @@ impl Pass<'_> {
             // former is fine, and what it lacks goes in a segment after it.
             self.report.requests += 1;
             let conflict = || StoreError::from(S3Error::Conflict(format!("{key} holds another writer's segment")));
-            let theirs = SegmentObject::decode(&self.tier.client.get(&key)?).map_err(|_| conflict())?;
+            let theirs = self.tier.get_object(&key).and_then(|b| SegmentObject::decode(&b)).map_err(|_| conflict())?;
             let n = theirs.epochs.len().min(seg.epochs.len());
             if theirs.guest != guest || n == 0 || theirs.epochs[..n] != seg.epochs[..n] {
                 return Err(conflict());
@@ -250,7 +250,7 @@ impl S3Tier {
     /// same table: the epoch is committed).
     pub(crate) fn put_checkpoint(&self, store: &Store, m: &Manifest) -> Result<(), StoreError> {
         let c = store.s3_checkpoint(m)?;
-        Ok(ok_if_exists(self.client.put_new(&c.key(), c.encode()))?)
+        Ok(ok_if_exists(self.put_object(&c.key(), c.encode()))?)
     }
 
     /// Puts a finished pack and its index, then marks its chunks as held
@@ -261,7 +261,7 @@ impl S3Tier {
         let size = bytes.len() as u64;
         // Content-addressed: a key that exists holds these very bytes.
         ok_if_exists(self.client.put_new(&pack_key(&id), bytes))?;
-        ok_if_exists(self.client.put_new(&index_key(&id), index))?;
+        ok_if_exists(self.put_object(&index_key(&id), index))?;
         store.mark_in_s3(&ids, &id)?;
         Ok((id, size))
     }
@@ -276,7 +276,7 @@ impl S3Tier {
         let mut pass = Pass {
             tier: self,
             store,
-            pack: PackBuilder::default(),
+            pack: self.new_pack(),
             in_pack: HashSet::new(),
             span_first: EpochId(0),
             pending: Vec::new(),

@@ -10,12 +10,21 @@ use remus_types::{ChunkId, EpochId};
 use super::format::{self, BridgeObject, CheckpointObject};
 use super::{S3Epoch, S3Tier};
 use crate::chain::{Bridge, ChainWalk};
-use crate::db::decode_chunk_value;
 use crate::error::StoreError;
 use crate::verify::{Damage, VerifyReport};
 use remus_types::content_id;
 
 impl S3Tier {
+    /// Reads, opens and decodes the object at `key`: the outer error when
+    /// verify cannot go on (S3 away, a key missing), the inner one when
+    /// the object is damaged.
+    fn checked<T>(&self, key: &str, decode: impl FnOnce(&[u8]) -> Result<T, StoreError>) -> Result<Result<T, StoreError>, StoreError> {
+        match self.get_object(key).and_then(|b| decode(&b)) {
+            Err(e @ (StoreError::Keys(_) | StoreError::S3(_))) => Err(e),
+            r => Ok(r),
+        }
+    }
+
     /// Checks the whole tier; `progress(chunks)` after each pack.
     ///
     /// # Errors
@@ -27,7 +36,7 @@ impl S3Tier {
         let mut held = HashSet::new();
         let mut damaged = HashSet::new();
         for key in &index_keys {
-            let ix = match format::decode_index(&self.client.get(key)?) {
+            let ix = match self.checked(key, format::decode_index)? {
                 Ok(ix) => ix,
                 Err(e) => {
                     r.damage.push(Damage::ObjectCorrupt { key: key.clone(), reason: e.to_string() });
@@ -41,14 +50,15 @@ impl S3Tier {
             }
             let body = self.client.get(&format::pack_key(&ix.pack))?;
             let mut bad = 0;
-            if body.len() as u64 != ix.pack_len || format::check_pack_header(&body).is_err() {
+            if body.len() as u64 != ix.pack_len || format::check_pack_header(&body, ix.seal).is_err() {
                 r.damage.push(Damage::PackCorrupt { pack: pack.clone(), reason: "truncated or bad header".into() });
                 bad += 1;
             }
             for e in &ix.entries {
                 r.chunks += 1;
-                let ok =
-                    body.get(e.offset as usize..e.offset as usize + e.len as usize).is_some_and(|v| decode_chunk_value(&e.id, v).is_ok());
+                let ok = body
+                    .get(e.offset as usize..e.offset as usize + e.len as usize)
+                    .is_some_and(|v| self.chunk_data(&ix.pack, e, v).is_ok());
                 if ok {
                     held.insert(e.id);
                 } else {
@@ -75,7 +85,7 @@ impl S3Tier {
             let bridges: Vec<BridgeObject> = {
                 let mut v = Vec::new();
                 for l in self.client.list(&format::bridges_prefix(guest))? {
-                    match BridgeObject::decode(&self.client.get(&l.key)?) {
+                    match self.checked(&l.key, BridgeObject::decode)? {
                         Ok(b) => v.push(b),
                         Err(e) => r.damage.push(Damage::ObjectCorrupt { key: l.key, reason: e.to_string() }),
                     }
@@ -101,7 +111,7 @@ impl S3Tier {
             // of a segment that could not be read.
             let mut epochs: BTreeMap<EpochId, Option<S3Epoch>> = BTreeMap::new();
             for s in self.segment_keys(guest)? {
-                let seg = match format::decode_listed(&s.key, &self.client.get(&s.key)?) {
+                let seg = match self.checked(&s.key, |b| format::decode_listed(&s.key, b))? {
                     Ok(seg) if seg.guest == guest && seg.is_at(&s.key) => seg,
                     Ok(_) => {
                         r.damage.push(Damage::ObjectCorrupt { key: s.key, reason: "names another guest or span".into() });
@@ -153,7 +163,7 @@ impl S3Tier {
             }
             for e in self.checkpoint_epochs(guest)? {
                 let key = format::checkpoint_key(guest, e);
-                let c = match CheckpointObject::decode(&self.client.get(&key)?) {
+                let c = match self.checked(&key, CheckpointObject::decode)? {
                     Ok(c) => c,
                     Err(err) => {
                         r.damage.push(Damage::ObjectCorrupt { key, reason: err.to_string() });
