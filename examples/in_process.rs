@@ -29,6 +29,7 @@ fn main() -> Result<()> {
         retention: None,
         witness: None,
         hooks: remus_node::HookConfig::default(),
+        quota: remus_node::GuestQuota::default(),
     })?;
     let primary = Primary::start(PrimaryOptions {
         guest: GuestId(1),

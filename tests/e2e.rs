@@ -258,6 +258,54 @@ fn a_full_disk_at_the_backup_loses_nothing_committed() {
     }
 }
 
+/// A guest over its store quota (`[backup] guest-store-mib`): the backup
+/// refuses its commits saying why, on both sides; its output stays held;
+/// what was committed before stays whole and restores byte-exact.
+#[test]
+fn a_guest_over_its_store_quota_is_refused_by_name_and_loses_nothing_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    keygen(data);
+    let config = data.join("remus.toml");
+    std::fs::write(&config, "[backup]\nguest-store-mib = 2\n").unwrap();
+    let backup = BackupProcess::start_logged(data, "127.0.0.1:0", &["--config", config.to_str().unwrap()]);
+    let roots = data.join("roots.jsonl");
+    let output_log = data.join("released.log");
+    let out = run_limited(
+        protect(data, &backup.addr)
+            .args(["--memory-mib", "64", "--seconds", "4", "--drain-seconds", "2", "--json", "--record-roots"])
+            .arg(&roots)
+            .arg("--output-log")
+            .arg(&output_log),
+        Duration::from_secs(120),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "the primary must report unacknowledged epochs: {err}");
+    assert!(err.contains("guest-1 is over its store quota at this backup") && err.contains("guest-store-mib"), "{err}");
+    let line = backup.wait_stderr("over its store quota", Duration::from_secs(30));
+    assert!(line.contains("guest-1") && line.contains("of 2.0 MiB"), "{line}");
+    let store = data.join("store");
+    backup.stop();
+
+    let out = run_limited(
+        Command::new(remus()).args(["verify", "--json", "--store"]).arg(&store).arg("--data-dir").arg(data),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "verify: {}", String::from_utf8_lossy(&out.stdout));
+    let committed = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["manifests"].as_u64().unwrap();
+    let roots = read_roots(&roots);
+    assert!(committed >= 1 && (roots.len() as u64) > committed + 10, "{} sealed, {committed} committed", roots.len());
+    let released = std::fs::read_to_string(&output_log).unwrap().lines().count() as u64;
+    assert!(released <= committed + 2, "{released} lines released for {committed} committed epochs");
+    let img = data.join("quota.img");
+    let out = run_limited(
+        Command::new(remus_restore()).arg("--store").arg(&store).args(["--epoch", &committed.to_string(), "--to"]).arg(&img),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "restore: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(MemoryDigest::of_image(&std::fs::read(&img).unwrap()).to_hex(), roots[&committed]);
+}
+
 /// One backup protects two primaries at once (N-to-1); each guest's
 /// history is kept apart and restores byte-exact.
 #[test]

@@ -48,6 +48,8 @@
 //! buffer-mib-per-primary = 1024 # epochs received, not yet committed: memory for each primary ...
 //! buffer-mib = 4096          # ... and for all of them
 //! shared-primary-cert = true  # keygen's primary.pem may speak for any guest
+//! guest-store-mib = 0         # store bytes each guest's kept epochs may charge (0: no limit); beyond, its commits are refused
+//! guest-epoch-hz = 0          # epochs a second each guest may commit on average (0: no limit); beyond, commits wait
 //! # qemu-images = ["/var/lib/remus/images"]   # kernels and initrds a failed-over guest may boot (default ~/.cache/remus-guest)
 //!
 //! # Optional: the S3 history tier (no defaults for bucket; the rest as
@@ -350,6 +352,12 @@ pub struct BackupConfig {
     /// boot from here (default: where scripts/qemu-deps.sh and
     /// guest/build.sh put them, `~/.cache/remus-guest`).
     pub qemu_images: Option<Vec<PathBuf>>,
+    /// Store bytes each guest's kept epochs may charge, MiB (default 0:
+    /// no limit); beyond it the guest's commits are refused, saying so.
+    pub guest_store_mib: u64,
+    /// Epochs a second each guest's commits may average (default 0: no
+    /// limit); beyond it they wait.
+    pub guest_epoch_hz: u32,
 }
 
 impl Default for BackupConfig {
@@ -366,6 +374,8 @@ impl Default for BackupConfig {
             buffer_mib: link.max_buffered >> 20,
             shared_primary_cert: link.shared_primary_cert,
             qemu_images: None,
+            guest_store_mib: 0,
+            guest_epoch_hz: 0,
         }
     }
 }
@@ -381,6 +391,15 @@ impl BackupConfig {
             max_buffered_per_connection: self.buffer_mib_per_primary << 20,
             max_buffered: self.buffer_mib << 20,
             shared_primary_cert: self.shared_primary_cert,
+        }
+    }
+
+    /// What each guest may use of the backup.
+    #[must_use]
+    pub fn quota(&self) -> remus_node::GuestQuota {
+        remus_node::GuestQuota {
+            store_bytes: (self.guest_store_mib > 0).then_some(self.guest_store_mib << 20),
+            epoch_hz: (self.guest_epoch_hz > 0).then_some(self.guest_epoch_hz),
         }
     }
 
@@ -435,6 +454,8 @@ impl Config {
             (1..=1 << 20).contains(&b.buffer_mib_per_primary) && (1..=1 << 22).contains(&b.buffer_mib),
             "backup.buffer-mib-per-primary and backup.buffer-mib must be at least 1 (and at most 1 TiB and 4 TiB)"
         );
+        anyhow::ensure!(b.guest_store_mib <= 1 << 30, "backup.guest-store-mib must be at most 1 PiB (0: no limit)");
+        anyhow::ensure!(b.guest_epoch_hz <= 100_000, "backup.guest-epoch-hz must be at most 100000 (0: no limit)");
         if let Some(s3) = &self.s3 {
             s3.validate()?;
         }

@@ -38,6 +38,8 @@ pub struct BackupOptions {
     pub witness: Option<crate::WitnessOptions>,
     /// Where every event is also delivered.
     pub hooks: crate::HookConfig,
+    /// What each guest may use of this backup.
+    pub quota: crate::GuestQuota,
 }
 
 /// A running backup.
@@ -85,7 +87,7 @@ impl Backup {
                 }
             })
             .map_err(NodeError::io("spawning the events thread"))?;
-        let replica = StoreReplica::new(Arc::clone(&store), opts.failover.clone(), opts.witness.clone(), inner_tx);
+        let replica = StoreReplica::new(Arc::clone(&store), opts.failover.clone(), opts.witness.clone(), opts.quota, inner_tx);
         let r2 = Arc::clone(&replica);
         let (tx, rx) = std::sync::mpsc::channel();
         let link = opts.link;

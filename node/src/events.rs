@@ -60,6 +60,17 @@ pub enum BackupEvent {
         /// The committed epoch the guest fails over from.
         epoch: EpochId,
     },
+    /// A guest reached its store quota: its commits are refused until
+    /// retention frees space or the quota is raised (once per time it is
+    /// reached).
+    QuotaExceeded {
+        /// The guest.
+        guest: GuestId,
+        /// Bytes its kept epochs charge to the store.
+        used: u64,
+        /// Its quota.
+        limit: u64,
+    },
     /// A failover could not be completed.
     FailoverFailed {
         /// The guest.
@@ -134,6 +145,9 @@ impl BackupEvent {
                 "event": "failover", "role": "backup", "guest": guest.0, "epoch": epoch.0, "resumed_pid": pid,
                 "qmp": qmp.display().to_string(), "from_live": from_live,
             }),
+            Self::QuotaExceeded { guest, used, limit } => {
+                json!({"event": "quota-exceeded", "role": "backup", "guest": guest.0, "used_bytes": used, "limit_bytes": limit})
+            }
             Self::FailoverFailed { guest, error } => {
                 json!({"event": "failover-failed", "role": "backup", "guest": guest.0, "error": error})
             }

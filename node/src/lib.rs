@@ -26,6 +26,7 @@ pub mod hooks;
 pub mod ingest;
 pub mod lease;
 pub mod primary;
+pub mod quota;
 pub mod replica;
 pub mod stats;
 
@@ -36,3 +37,4 @@ pub use failover::{FailoverAction, ResumeVm};
 pub use hooks::HookConfig;
 pub use lease::WitnessOptions;
 pub use primary::{GuestKind, Primary, PrimaryOptions};
+pub use quota::GuestQuota;

@@ -25,6 +25,7 @@ use crate::events::BackupEvent;
 use crate::failover::{self, CommittedPages, FailoverAction, LiveFiles};
 use crate::ingest::Ingest;
 use crate::lease::{claim, LeaseWatch, Renewal, WitnessOptions, Won};
+use crate::quota::{self, GuestQuota, Rates};
 
 /// Commit statistics of one guest at the backup.
 #[derive(Debug, Default, Clone)]
@@ -72,6 +73,12 @@ pub struct StoreReplica {
     /// may overlap for a while), and fencing between commits.
     commit_locks: Mutex<HashMap<GuestId, Arc<Mutex<()>>>>,
     live: LiveFiles,
+    /// What each guest may use, its rate buckets, and the guests whose
+    /// commits are refused for their store quota now (each reported once
+    /// per time it is reached).
+    quota: GuestQuota,
+    rates: Rates,
+    over_quota: Mutex<std::collections::HashSet<GuestId>>,
     stats: Mutex<HashMap<GuestId, GuestStats>>,
     stopping: Arc<AtomicBool>,
     events: crossbeam_channel::Sender<BackupEvent>,
@@ -87,6 +94,7 @@ impl StoreReplica {
         store: Arc<Store>,
         failover: FailoverAction,
         witness: Option<WitnessOptions>,
+        quota: GuestQuota,
         events: crossbeam_channel::Sender<BackupEvent>,
     ) -> Arc<Self> {
         // A few GC runs' lists; a connection that lags further misses some
@@ -109,6 +117,9 @@ impl StoreReplica {
             welcomed: Mutex::default(),
             watches: Mutex::default(),
             commit_locks: Mutex::default(),
+            quota,
+            rates: Rates::default(),
+            over_quota: Mutex::default(),
             live: LiveFiles::default(),
             stats: Mutex::new(HashMap::new()),
             stopping: Arc::default(),
@@ -176,6 +187,36 @@ impl StoreReplica {
         Arc::clone(self.commit_locks.lock().entry(guest).or_default())
     }
 
+    /// Refuses a commit group of `n` epochs of `guest` over its store
+    /// quota (nothing committed is touched); over its epoch rate, waits
+    /// until the group is within it.
+    fn within_quota(&self, guest: GuestId, n: u64) -> Result<(), CommitError> {
+        if let Some(limit) = self.quota.store_bytes {
+            let used = self.store.usage(guest).map_err(crate::ingest::storage)?;
+            if used >= limit {
+                if self.over_quota.lock().insert(guest) {
+                    tracing::warn!(%guest, used, limit, "store quota reached: the guest's commits are refused");
+                    let _ = self.events.send(BackupEvent::QuotaExceeded { guest, used, limit });
+                }
+                return Err(CommitError::Refused(format!(
+                    "{guest} is over its store quota at this backup ({} of {}, [backup] guest-store-mib): nothing more of it is \
+                     committed until retention frees space or the quota is raised",
+                    quota::bytes(used),
+                    quota::bytes(limit)
+                )));
+            }
+            self.over_quota.lock().remove(&guest);
+        }
+        if let Some(hz) = self.quota.epoch_hz {
+            let wait = self.rates.wait(guest, hz, n);
+            if !wait.is_zero() {
+                tracing::debug!(%guest, hz, ms = wait.as_millis() as u64, "over the epoch rate quota: the commit waits");
+                std::thread::sleep(wait);
+            }
+        }
+        Ok(())
+    }
+
     /// Stops guests resumed here by failover (the backup is stopping).
     pub fn shutdown(&self) {
         self.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -236,6 +277,7 @@ impl Replica for StoreReplica {
         }
         let lineage = self.admission.lineage(guest).ok_or(CommitError::Rejected("commit for a guest that was never welcomed"))?;
         let n = epochs.len() as u64;
+        self.within_quota(guest, n)?;
         let decoded = self.ingest.decode(epochs, lineage)?;
         let live: Option<Vec<CommittedPages>> = self
             .failover
@@ -329,12 +371,70 @@ mod tests {
     }
 
     #[test]
+    fn a_guest_over_its_store_quota_is_refused_saying_so_and_others_and_its_history_are_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("store"), remus_store::StoreOptions::default()).unwrap());
+        let (tx, events) = crossbeam_channel::unbounded();
+        let quota = GuestQuota { store_bytes: Some(3000), epoch_hz: None };
+        let replica = StoreReplica::new(Arc::clone(&store), FailoverAction::Record, None, quota, tx);
+        let (g, other) = (GuestId(1), GuestId(2));
+        replica.welcome(g, 7, 16, 0, None).unwrap();
+        replica.welcome(other, 8, 16, 0, None).unwrap();
+        // Each epoch charges its manifest and one index entry (300 bytes):
+        // the group that crosses 3000 is taken whole, the next refused.
+        let mut e = 0;
+        let err = loop {
+            e += 1;
+            match replica.commit(vec![epoch(g, e)]) {
+                Ok(_) => assert!(e < 20, "never refused"),
+                Err(err) => break err,
+            }
+        };
+        let head = store.head(g).unwrap().unwrap().epoch;
+        assert_eq!(head, EpochId(e - 1));
+        assert!(store.usage(g).unwrap() >= 3000 && store.usage(g).unwrap() < 3000 + 400);
+        let CommitError::Refused(why) = err else { panic!("{err:?}") };
+        assert!(why.contains("guest-1 is over its store quota") && why.contains("guest-store-mib"), "{why}");
+        // Refused again, reported once; nothing of it written.
+        assert!(matches!(replica.commit(vec![epoch(g, e)]), Err(CommitError::Refused(_))));
+        let reported: Vec<BackupEvent> = events.try_iter().collect();
+        assert!(
+            matches!(&reported[..], [BackupEvent::QuotaExceeded { guest, used, limit: 3000 }] if *guest == g && *used >= 3000),
+            "{reported:?}"
+        );
+        assert_eq!(store.head(g).unwrap().unwrap().epoch, head);
+        assert_eq!(store.manifests(g).unwrap().len() as u64, head.0, "its history is whole");
+        // Another guest has a quota of its own.
+        replica.commit(vec![epoch(other, 1), epoch(other, 2)]).unwrap();
+        assert_eq!(store.head(other).unwrap().unwrap().epoch, EpochId(2));
+    }
+
+    #[test]
+    fn commits_over_the_epoch_rate_wait_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("store"), remus_store::StoreOptions::default()).unwrap());
+        let (tx, _events) = crossbeam_channel::unbounded();
+        let quota = GuestQuota { store_bytes: None, epoch_hz: Some(20) };
+        let replica = StoreReplica::new(Arc::clone(&store), FailoverAction::Record, None, quota, tx);
+        let g = GuestId(1);
+        replica.welcome(g, 7, 16, 0, None).unwrap();
+        let t0 = Instant::now();
+        replica.commit((1..=20).map(|e| epoch(g, e)).collect()).unwrap();
+        let burst = t0.elapsed();
+        // The bucket held 20 (a second's): the next 10 wait half a second.
+        replica.commit((21..=30).map(|e| epoch(g, e)).collect()).unwrap();
+        let paced = t0.elapsed();
+        assert!(paced >= burst + std::time::Duration::from_millis(450), "burst {burst:?}, then {paced:?}");
+        assert_eq!(store.head(g).unwrap().unwrap().epoch, EpochId(30));
+    }
+
+    #[test]
     fn nothing_commits_for_a_guest_once_it_failed_over_here() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(&dir.path().join("store"), remus_store::StoreOptions::default()).unwrap());
         let (tx, events) = crossbeam_channel::unbounded();
         let failover = FailoverAction::RestoreTo { dir: dir.path().join("failover"), resume: None };
-        let replica = StoreReplica::new(Arc::clone(&store), failover, None, tx);
+        let replica = StoreReplica::new(Arc::clone(&store), failover, None, GuestQuota::default(), tx);
         let g = GuestId(1);
         replica.welcome(g, 7, 16, 0, None).unwrap();
         replica.commit(vec![epoch(g, 1), epoch(g, 2)]).unwrap();

@@ -43,6 +43,23 @@ pub(crate) const CF_META: &str = "meta";
 /// bytes, or named it, before), so whether a chunk is stored says nothing
 /// of other guests' histories.
 pub(crate) const CF_HELD: &str = "held";
+/// Per guest (key: guest u64 big-endian), the bytes its kept epochs
+/// charge to the store ([`Manifest::charge`]), an i64 little-endian kept
+/// by merges (added at commit, taken away by thinning, in the same
+/// batches), so that no two writers race on it.
+pub(crate) const CF_USAGE: &str = "usage";
+
+/// Marks a store whose `usage` column family covers every kept epoch
+/// (written when it was created, or counted once from the manifests of a
+/// store written before it).
+const USAGE_COUNTED: &[u8] = b"usage-counted";
+
+/// The merge of `usage`: the sum of the stored value and the operands.
+fn add_usage(_key: &[u8], existing: Option<&[u8]>, operands: &rocksdb::MergeOperands) -> Option<Vec<u8>> {
+    let read = |b: &[u8]| b.try_into().map(i64::from_le_bytes).unwrap_or(0);
+    let sum = operands.iter().fold(existing.map_or(0, read), |acc, op| acc.wrapping_add(read(op)));
+    Some(sum.to_le_bytes().to_vec())
+}
 
 /// New chunk bytes from which a commit appends its chunks to a pack file
 /// (see [`Store::commit_many`]).
@@ -263,12 +280,15 @@ impl Store {
         let mut hbo = BlockBasedOptions::default();
         hbo.set_bloom_filter(10.0, false);
         held.set_block_based_table_factory(&hbo);
+        let mut usage = plain();
+        usage.set_merge_operator_associative("remus-add-i64", add_usage);
         let mut cfs = vec![
             ColumnFamilyDescriptor::new(CF_CHUNKS, chunks),
             ColumnFamilyDescriptor::new(CF_EPOCHS, plain()),
             ColumnFamilyDescriptor::new(CF_PAGES, plain()),
             ColumnFamilyDescriptor::new(CF_META, plain()),
             ColumnFamilyDescriptor::new(CF_HELD, held),
+            ColumnFamilyDescriptor::new(CF_USAGE, usage),
         ];
         if opts.read_only {
             // A store written before a column family existed opens for
@@ -286,13 +306,53 @@ impl Store {
         } else {
             DB::open_cf_descriptors(&db_opts, path, cfs)?
         };
-        Ok(Self {
+        let store = Self {
             db,
             path: path.to_path_buf(),
             opts,
             gc: crate::gc::GcCoordinator::default(),
             packs: Packs::new(path, opts.read_only, opts.sync),
-        })
+        };
+        if !opts.read_only {
+            store.count_usage()?;
+        }
+        Ok(store)
+    }
+
+    /// Counts each guest's usage from its kept manifests, once, in a
+    /// store written before usage was kept (a new store is marked at once).
+    fn count_usage(&self) -> Result<(), StoreError> {
+        if self.db.get_cf(self.cf(CF_META), USAGE_COUNTED)?.is_some() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        for (guest, _) in self.guests()? {
+            let used: u64 = self.manifests(guest)?.iter().map(Manifest::charge).sum();
+            batch.put_cf(self.cf(CF_USAGE), guest.0.to_be_bytes(), (used as i64).to_le_bytes());
+        }
+        batch.put_cf(self.cf(CF_META), USAGE_COUNTED, []);
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// The bytes `guest`'s kept epochs charge to the store: the new chunks
+    /// each brought in (pages and device state, as stored), its manifest
+    /// and its page-index entries ([`Manifest::charge`]). Shared content
+    /// is charged to the guest that stored it first; what thinning drops
+    /// is no longer charged, though a page version still in use stays
+    /// stored (at most the guest's memory size beyond the count).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn usage(&self, guest: GuestId) -> Result<u64, StoreError> {
+        let Some(cf) = self.db.cf_handle(CF_USAGE) else { return Ok(0) };
+        let v = self.db.get_cf(cf, guest.0.to_be_bytes())?;
+        Ok(v.and_then(|v| v.as_slice().try_into().ok()).map_or(0, |b| i64::from_le_bytes(b).max(0) as u64))
+    }
+
+    /// Adds `bytes` (negative: takes away) to `guest`'s usage in `batch`.
+    pub(crate) fn charge(&self, batch: &mut WriteBatch, guest: GuestId, bytes: i64) {
+        batch.merge_cf(self.cf(CF_USAGE), guest.0.to_be_bytes(), bytes.to_le_bytes());
     }
 
     /// Where the store lives.
@@ -506,6 +566,7 @@ impl Store {
             c.commit_unix_ns = now.max(parent_commit.saturating_add(1));
             gc.referenced(c.pages.iter().map(|(_, id)| *id).chain([content_id(&c.device_state)]));
             let out = self.stage(&mut batch, &mut fresh, &mut seen, c, parent)?;
+            self.charge(&mut batch, out.manifest.guest, out.manifest.charge() as i64);
             heads.insert(out.manifest.guest, (out.manifest.epoch, out.id, out.manifest.commit_unix_ns));
             outcomes.push(out);
         }
@@ -596,7 +657,9 @@ impl Store {
         }
         let ds_id = content_id(&c.device_state);
         if seen.insert((c.guest, ds_id)) && !self.has_chunk(&ds_id)? {
-            fresh.push((ds_id, StoredChunk::Plain(std::mem::take(&mut c.device_state))));
+            let ds = StoredChunk::Plain(std::mem::take(&mut c.device_state));
+            new_bytes += 1 + ds.len() as u64;
+            fresh.push((ds_id, ds));
         }
         // A page may name a chunk sent in an earlier epoch: it must still
         // be stored (GC may have removed what no kept epoch referenced),
@@ -935,6 +998,19 @@ impl Store {
         for cf in [CF_CHUNKS, CF_EPOCHS, CF_PAGES, CF_META] {
             self.db.compact_range_cf(self.cf(cf), None::<&[u8]>, None::<&[u8]>);
         }
+        Ok(())
+    }
+
+    /// Forgets every guest's usage and that it was counted, as in a store
+    /// written before usage was kept: for tests only.
+    #[doc(hidden)]
+    pub fn forget_usage_for_test(&self) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for (guest, _) in self.guests()? {
+            batch.delete_cf(self.cf(CF_USAGE), guest.0.to_be_bytes());
+        }
+        batch.delete_cf(self.cf(CF_META), USAGE_COUNTED);
+        self.db.write(batch)?;
         Ok(())
     }
 

@@ -69,7 +69,8 @@ pub struct Manifest {
     pub pause_ns: u64,
     /// Bytes the epoch took on the wire.
     pub wire_bytes: u64,
-    /// Bytes of chunks this epoch added to the store.
+    /// Bytes of chunks this epoch added to the store (pages and device
+    /// state, as stored).
     pub new_chunk_bytes: u64,
     /// The owner's generation on the witness (0 without one).
     pub generation: u64,
@@ -115,6 +116,14 @@ impl Manifest {
         } else {
             self.commit_unix_ns
         }
+    }
+
+    /// The bytes this epoch charges to its guest's store usage: the new
+    /// chunks it brought in, its manifest, and its page-index entries
+    /// (key and hash, about 48 bytes a page).
+    #[must_use]
+    pub fn charge(&self) -> u64 {
+        self.new_chunk_bytes.saturating_add(MANIFEST_LEN as u64).saturating_add(self.dirty_pages.saturating_mul(48))
     }
 
     /// The manifest's id: blake3 of its encoding.

@@ -268,6 +268,7 @@ impl Store {
         }
         for m in dropped {
             batch.delete_cf(self.cf(CF_EPOCHS), epoch_key(guest, m.epoch));
+            self.charge(&mut batch, guest, -(m.charge() as i64));
         }
         self.db.write(batch)?;
         self.gc.dropped(guest, unreferenced);

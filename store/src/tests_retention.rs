@@ -240,3 +240,45 @@ fn a_deletion_is_announced_only_to_the_guest_whose_history_named_it() {
     assert_eq!(heard.len() as u64, deleted, "each deleted chunk announced once");
     assert!(heard.iter().all(|(g, _)| *g == b), "only to the guest that dropped the last reference");
 }
+
+#[test]
+fn usage_is_what_the_kept_epochs_charge_through_commits_thinning_reopening_and_a_store_that_never_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (GuestId(1), GuestId(2));
+    let charged = |store: &Store, g: GuestId| store.manifests(g).unwrap().iter().map(Manifest::charge).sum::<u64>();
+    {
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        assert_eq!(store.usage(a).unwrap(), 0);
+        for e in 1..=40 {
+            store.commit(commit_for(a, e, true).0).unwrap();
+        }
+        // B stores content of its own and content A stored first (charged
+        // to A alone: B's chunks are new to it, not to the store).
+        store.commit_many((1..=5).map(|e| commit_for(b, e, true).0).collect()).unwrap();
+        let used = store.usage(a).unwrap();
+        assert_eq!(used, charged(&store, a));
+        // 40 epochs of 4 new zstd pages and a 3-byte device state each, plus
+        // manifests and index entries.
+        assert!(used > 40 * (4 * 10 + 4 + 252 + 6 * 48), "{used}");
+        assert_eq!(store.usage(b).unwrap(), charged(&store, b));
+        assert_eq!(store.usage(b).unwrap(), 5 * (252 + 6 * 48), "B stored no page or device state A had not");
+        // Thinning takes away what the dropped epochs charged.
+        let policy = RetentionPolicy { rules: vec![KeepRule { within: Duration::from_millis(5), every: Duration::ZERO }] };
+        let r = store.thin(a, &policy, EpochId(40)).unwrap();
+        assert!(r.epochs_dropped >= 30, "{r:?}");
+        assert_eq!(store.usage(a).unwrap(), charged(&store, a));
+        assert!(store.usage(a).unwrap() < used / 4);
+    }
+    // Kept across a restart, and counted once from the manifests in a
+    // store written before usage was kept.
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let (ua, ub) = (store.usage(a).unwrap(), store.usage(b).unwrap());
+    assert_eq!(ua, charged(&store, a));
+    store.forget_usage_for_test().unwrap();
+    assert_eq!(store.usage(a).unwrap(), 0);
+    drop(store);
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    assert_eq!((store.usage(a).unwrap(), store.usage(b).unwrap()), (ua, ub));
+    store.commit(commit_for(a, 41, true).0).unwrap();
+    assert_eq!(store.usage(a).unwrap(), charged(&store, a));
+}

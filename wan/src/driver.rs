@@ -327,6 +327,14 @@ pub async fn run_primary(
                 if let Some(refused) = conn.close_reason().as_ref().and_then(certificate_refusal) {
                     return Err(refused);
                 }
+                // The backup ended it saying why (a commit it refused, say):
+                // that reason, not the lost read it caused here.
+                let e = match conn.close_reason() {
+                    Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == VarInt::from_u32(1) && !c.reason.is_empty() => {
+                        LinkError::Protocol(ProtocolError::Peer(String::from_utf8_lossy(&c.reason).into_owned()))
+                    }
+                    _ => e,
+                };
                 conn.close(VarInt::from_u32(1), b"reconnecting");
                 let _ = events.send(LinkEvent::Disconnected(Arc::new(e)));
             }

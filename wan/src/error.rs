@@ -94,6 +94,10 @@ pub enum CommitError {
     /// that was never welcomed).
     #[error("{0}")]
     Rejected(&'static str),
+    /// The replica refuses the group by its own rule (a quota), saying
+    /// why: the connection is closed and the primary tries again later.
+    #[error("{0}")]
+    Refused(String),
     /// The replica's storage failed (a full disk, say): the connection is
     /// closed and the primary resends on its next one.
     #[error("storage: {cause}")]

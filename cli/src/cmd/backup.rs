@@ -71,6 +71,7 @@ pub fn run(args: &BackupArgs, cfg: &Config, config_path: Option<&Path>, data_dir
         retention: cfg.retention.as_ref().map(crate::config::RetentionConfig::policy).transpose()?,
         witness: super::witness_options(cfg, &args.witness, "backup")?,
         hooks: cfg.hooks.clone().unwrap_or_default(),
+        quota: b.quota(),
     })?;
     // Scripts and tests read this line to learn the port.
     println!("listening on {} (store {})", backup.addr, store.display());
@@ -232,6 +233,12 @@ fn show_event(ev: &BackupEvent, reverse: &Reverse<'_>) -> Result<()> {
                 after.as_millis()
             );
         }
+        BackupEvent::QuotaExceeded { guest, used, limit } => eprintln!(
+            "{guest}: over its store quota ({} of {}): its commits are refused until retention frees space or [backup] \
+             guest-store-mib is raised",
+            remus_node::quota::bytes(*used),
+            remus_node::quota::bytes(*limit)
+        ),
         other => eprintln!("{other:?}"),
     }
     std::io::stdout().flush()?;

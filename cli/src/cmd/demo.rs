@@ -57,6 +57,7 @@ pub fn run(args: &DemoArgs, cfg: &Config, data_dir: &Path) -> Result<bool> {
         retention: None,
         witness: None,
         hooks: remus_node::HookConfig::default(),
+        quota: remus_node::GuestQuota::default(),
     })?;
     let opts = primary_options(cfg, &args.guest_flags, tls, backup.addr, cfg.protect.guest)?;
     let guest = opts.guest;
