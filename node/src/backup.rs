@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 
 use remus_store::s3::{S3Config, Uploader};
 use remus_store::{RetentionPolicy, Store, StoreOptions};
-use remus_wan::driver::{endpoint, run_backup, BackupLinkConfig, Endpoint};
+use remus_wan::driver::{endpoint, run_backup_revoking, BackupLinkConfig, Endpoint};
 use remus_wan::tls::TlsDir;
 
 use crate::error::NodeError;
@@ -112,8 +112,7 @@ impl Backup {
                         }
                     };
                     let _ = tx.send(Ok(ep.clone()));
-                    tokio::spawn(watch_revocations(ep.clone(), tls));
-                    run_backup(ep, r2, link).await;
+                    run_backup_revoking(ep, r2, link, tls).await;
                 });
             })
             .map_err(NodeError::io("spawning the backup thread"))?;
@@ -135,34 +134,6 @@ impl Backup {
         }
         if let Err(e) = self.store.flush() {
             tracing::warn!(error = %e, "flushing the store on stop failed; the next open replays the WAL");
-        }
-    }
-}
-
-/// How often the backup looks for a new revocation list.
-const REVOCATION_POLL: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Reloads the TLS configuration when `revoked.crl` changes (written,
-/// replaced or removed), so a revoked certificate is refused at its next
-/// handshake without restarting the backup. A list that cannot be read
-/// keeps the one in force, with a warning.
-async fn watch_revocations(ep: Endpoint, tls: TlsDir) {
-    let stamp = |tls: &TlsDir| std::fs::metadata(tls.crl()).and_then(|m| m.modified()).ok();
-    let mut last = stamp(&tls);
-    loop {
-        tokio::time::sleep(REVOCATION_POLL).await;
-        let now = stamp(&tls);
-        if now == last {
-            continue;
-        }
-        last = now;
-        match tls.backup_server() {
-            Ok(cfg) => {
-                ep.set_server_config(Some(cfg));
-                // A change of who may connect: shown at the default level.
-                tracing::warn!(path = %tls.crl().display(), "revocation list reloaded");
-            }
-            Err(e) => tracing::warn!(error = %e, "revocation list not reloaded; the one in force stays"),
         }
     }
 }

@@ -164,7 +164,7 @@ impl Primary {
     /// # Errors
     /// When the guest cannot start or the TLS material is unusable.
     pub fn start(opts: PrimaryOptions) -> Result<Self> {
-        let client = client_config(Some(opts.tls.primary_identity(opts.guest)?), opts.tls.roots()?)?;
+        let client = client_config(Some(opts.tls.primary_identity(opts.guest)?), opts.tls.roots()?, opts.tls.crls()?)?;
         // The lease before the guest: a guest owned elsewhere never starts.
         let lease = match &opts.witness {
             Some(w) => {

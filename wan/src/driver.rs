@@ -815,11 +815,63 @@ pub async fn run_backup<R: Replica>(ep: Endpoint, replica: Arc<R>, cfg: BackupLi
     serve_backup(ep, replica, cfg, budget).await;
 }
 
+/// As [`run_backup`], following `tls`'s revocation list: when
+/// `revoked.crl` changes (written, replaced or removed; looked for every
+/// [`REVOCATION_POLL`]), new handshakes are checked against the new list
+/// and every connected primary's certificate is checked again, and one
+/// it revokes is disconnected (its next handshake is then refused). A
+/// list that cannot be read keeps the one in force, with a warning.
+pub async fn run_backup_revoking<R: Replica>(ep: Endpoint, replica: Arc<R>, cfg: BackupLinkConfig, tls: crate::tls::TlsDir) {
+    let budget = Arc::new(Budget::new(cfg.max_buffered_per_connection, cfg.max_buffered));
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let _watch = AbortOnDrop(tokio::spawn(watch_revocations(ep.clone(), tls, tx)));
+    accept_primaries(ep, replica, cfg, budget, Some(rx)).await;
+}
+
+/// How often a backup looks for a new revocation list.
+pub const REVOCATION_POLL: Duration = Duration::from_secs(2);
+
+async fn watch_revocations(ep: Endpoint, tls: crate::tls::TlsDir, checks: tokio::sync::watch::Sender<Option<crate::tls::PeerCheck>>) {
+    let stamp = |tls: &crate::tls::TlsDir| std::fs::metadata(tls.crl()).and_then(|m| m.modified()).ok();
+    let mut last = stamp(&tls);
+    loop {
+        tokio::time::sleep(REVOCATION_POLL).await;
+        let now = stamp(&tls);
+        if now == last {
+            continue;
+        }
+        last = now;
+        let reloaded = tls.backup_server().and_then(|cfg| Ok((cfg, crate::tls::peer_check(tls.roots()?, tls.crls()?)?)));
+        match reloaded {
+            Ok((cfg, check)) => {
+                ep.set_server_config(Some(cfg));
+                // A change of who may connect: shown at the default level.
+                tracing::warn!(path = %tls.crl().display(), "revocation list reloaded");
+                let _ = checks.send(Some(check));
+            }
+            Err(e) => tracing::warn!(error = %e, "revocation list not reloaded; the one in force stays"),
+        }
+    }
+}
+
 /// As [`run_backup`], within `budget` (which the caller can watch).
 pub async fn serve_backup<R: Replica>(ep: Endpoint, replica: Arc<R>, cfg: BackupLinkConfig, budget: Arc<Budget>) {
+    accept_primaries(ep, replica, cfg, budget, None).await;
+}
+
+/// Serves each primary that connects; with `checks`, disconnects one
+/// whose certificate a new check refuses.
+async fn accept_primaries<R: Replica>(
+    ep: Endpoint,
+    replica: Arc<R>,
+    cfg: BackupLinkConfig,
+    budget: Arc<Budget>,
+    checks: Option<tokio::sync::watch::Receiver<Option<crate::tls::PeerCheck>>>,
+) {
     while let Some(incoming) = ep.accept().await {
         let replica = Arc::clone(&replica);
         let budget = budget.connection();
+        let mut checks = checks.clone();
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -829,11 +881,34 @@ pub async fn serve_backup<R: Replica>(ep: Endpoint, replica: Arc<R>, cfg: Backup
                 }
             };
             let peer = conn.remote_address();
-            match serve_primary(&conn, &replica, cfg, &budget).await {
-                Ok(()) => conn.close(VarInt::from_u32(0), b"done"),
-                Err(e) => {
-                    tracing::warn!(%peer, error = %e, "primary connection ended");
-                    conn.close(VarInt::from_u32(1), e.to_string().as_bytes());
+            let chain: Vec<rustls::pki_types::CertificateDer<'static>> =
+                conn.peer_identity().and_then(|id| id.downcast().ok()).map(|c| *c).unwrap_or_default();
+            let served = serve_primary(&conn, &replica, cfg, &budget);
+            tokio::pin!(served);
+            let revoked = async {
+                let Some(rx) = checks.as_mut() else { return std::future::pending().await };
+                loop {
+                    if rx.changed().await.is_err() {
+                        return std::future::pending().await;
+                    }
+                    let check = rx.borrow_and_update().clone();
+                    if let Some(Err(why)) = check.map(|c| c(&chain)) {
+                        return why;
+                    }
+                }
+            };
+            tokio::select! {
+                r = &mut served => match r {
+                    Ok(()) => conn.close(VarInt::from_u32(0), b"done"),
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "primary connection ended");
+                        conn.close(VarInt::from_u32(1), e.to_string().as_bytes());
+                    }
+                },
+                why = revoked => {
+                    let why = format!("the certificate this primary connected with is no longer valid: {why}");
+                    tracing::warn!(%peer, %why, "primary disconnected");
+                    conn.close(VarInt::from_u32(1), why.as_bytes());
                 }
             }
         });

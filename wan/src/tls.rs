@@ -152,8 +152,9 @@ impl TlsDir {
         server_config(self.identity("backup")?, self.roots()?, self.crls()?)
     }
 
-    /// The revocation lists to check client certificates against (none
-    /// when `revoked.crl` is absent).
+    /// The revocation lists to check the peer's certificate against (none
+    /// when `revoked.crl` is absent): a backup checks primaries by it, a
+    /// primary its backup.
     ///
     /// # Errors
     /// [`LinkError::Tls`] naming an unreadable or invalid file.
@@ -353,11 +354,69 @@ pub fn revoked(ca_dir: &Path) -> Result<Vec<String>, LinkError> {
 /// [`LinkError::Tls`] without the CA key or when no certificate was
 /// issued for `guest`; [`LinkError::Io`].
 pub fn revoke_guest(ca_dir: &Path, guest: GuestId) -> Result<Vec<String>, LinkError> {
-    let (ca_cert, ca_key) = issuer(ca_dir)?;
     let serials: Vec<String> = issued(ca_dir)?.into_iter().filter(|i| i.guest == guest).map(|i| i.serial).collect();
     if serials.is_empty() {
         return Err(LinkError::Tls(format!("no certificate was issued for {guest} by the CA in {}", ca_dir.display())));
     }
+    revoke_serials(ca_dir, serials)
+}
+
+/// Revokes the certificate with serial `serial` (hex, as `remus cert
+/// list` and [`serial_of`] give it), whatever it is for: a backup's, say,
+/// which primaries holding the list then refuse. Returns the serials
+/// newly revoked (none when it already was).
+///
+/// # Errors
+/// As [`revoke_guest`]; [`LinkError::Tls`] for a serial that is not hex.
+pub fn revoke_serial(ca_dir: &Path, serial: &str) -> Result<Vec<String>, LinkError> {
+    let serial = serial.trim().trim_start_matches("0x").to_ascii_lowercase();
+    if serial.is_empty() || unhex(&serial).is_none() {
+        return Err(LinkError::Tls(format!("serial {serial:?} is not hex digits")));
+    }
+    revoke_serials(ca_dir, vec![serial])
+}
+
+/// The serial number (hex) of the first certificate in the PEM file at
+/// `path`.
+///
+/// # Errors
+/// [`LinkError::Tls`] for an unreadable file or certificate.
+pub fn serial_of(path: &Path) -> Result<String, LinkError> {
+    let cert = read_certs(path)?.into_iter().next().ok_or_else(|| LinkError::Tls(format!("{}: no certificate", path.display())))?;
+    der_serial(&cert).map(hex).ok_or_else(|| LinkError::Tls(format!("{}: not an X.509 certificate", path.display())))
+}
+
+/// The serial of a DER certificate: `Certificate ::= SEQUENCE {
+/// tbsCertificate SEQUENCE { [0] version OPTIONAL, serialNumber INTEGER,
+/// ... } ... }`.
+fn der_serial(der: &[u8]) -> Option<&[u8]> {
+    // (tag, contents, rest) of the element at the start of `b`.
+    fn element(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, b) = b.split_first()?;
+        let (&first, mut b) = b.split_first()?;
+        let len = if first < 0x80 {
+            usize::from(first)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || b.len() < n {
+                return None;
+            }
+            let len = b[..n].iter().fold(0usize, |acc, x| (acc << 8) | usize::from(*x));
+            b = &b[n..];
+            len
+        };
+        (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+    }
+    let (0x30, cert, _) = element(der)? else { return None };
+    let (0x30, tbs, _) = element(cert)? else { return None };
+    let (tag, body, rest) = element(tbs)?;
+    let (tag, body) = if tag == 0xa0 { element(rest).map(|(t, b, _)| (t, b))? } else { (tag, body) };
+    (tag == 0x02).then_some(body).map(|b| if b.len() > 1 && b[0] == 0 { &b[1..] } else { b })
+}
+
+/// Adds `serials` to the CA's revoked ones and rewrites `revoked.crl`.
+fn revoke_serials(ca_dir: &Path, serials: Vec<String>) -> Result<Vec<String>, LinkError> {
+    let (ca_cert, ca_key) = issuer(ca_dir)?;
     let mut all = revoked(ca_dir)?;
     let new: Vec<String> = serials.into_iter().filter(|s| !all.contains(s)).collect();
     let now = time::OffsetDateTime::now_utc();
@@ -428,12 +487,7 @@ pub fn server_config(
     crls: Vec<CertificateRevocationListDer<'static>>,
 ) -> Result<quinn::ServerConfig, LinkError> {
     let tls = |e: rustls::Error| LinkError::Tls(e.to_string());
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-        .with_crls(crls)
-        .only_check_end_entity_revocation()
-        .allow_unknown_revocation_status()
-        .build()
-        .map_err(|e| LinkError::Tls(e.to_string()))?;
+    let verifier = client_verifier(roots, crls)?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls)?
@@ -447,17 +501,59 @@ pub fn server_config(
     Ok(sc)
 }
 
-/// QUIC client config for the primary: trusts `roots`, presents `id`
+/// The check of a client certificate: signed by a CA in `roots`,
+/// unexpired, not revoked by any of `crls`.
+fn client_verifier(
+    roots: rustls::RootCertStore,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, LinkError> {
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .with_crls(crls)
+        .only_check_end_entity_revocation()
+        .allow_unknown_revocation_status()
+        .build()
+        .map_err(|e| LinkError::Tls(e.to_string()))
+}
+
+/// Checks a connected primary's certificate chain (leaf first) again,
+/// as a handshake would now: `Err` says why it is no longer valid.
+pub type PeerCheck = Arc<dyn Fn(&[CertificateDer<'static>]) -> Result<(), String> + Send + Sync>;
+
+/// The [`PeerCheck`] of a backup trusting `roots` and revoking by `crls`
+/// (the handshake's own verifier).
+///
+/// # Errors
+/// [`LinkError::Tls`] when the lists are unusable.
+pub fn peer_check(roots: rustls::RootCertStore, crls: Vec<CertificateRevocationListDer<'static>>) -> Result<PeerCheck, LinkError> {
+    let verifier = client_verifier(roots, crls)?;
+    Ok(Arc::new(move |chain: &[CertificateDer<'static>]| {
+        let (leaf, rest) = chain.split_first().ok_or("no certificate")?;
+        verifier.verify_client_cert(leaf, rest, rustls::pki_types::UnixTime::now()).map(|_| ()).map_err(|e| e.to_string())
+    }))
+}
+
+/// QUIC client config for the primary: trusts a backup certificate from
+/// `roots` that none of `crls` revokes, presents `id`
 /// (`None` only to test that the backup refuses such a client).
 ///
 /// # Errors
 /// [`LinkError::Tls`] when the key or certificates are unusable.
-pub fn client_config(id: Option<Identity>, roots: rustls::RootCertStore) -> Result<quinn::ClientConfig, LinkError> {
+pub fn client_config(
+    id: Option<Identity>,
+    roots: rustls::RootCertStore,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+) -> Result<quinn::ClientConfig, LinkError> {
     let tls = |e: rustls::Error| LinkError::Tls(e.to_string());
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+        .with_crls(crls)
+        .only_check_end_entity_revocation()
+        .allow_unknown_revocation_status()
+        .build()
+        .map_err(|e| LinkError::Tls(e.to_string()))?;
     let b = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls)?
-        .with_root_certificates(roots);
+        .with_webpki_verifier(verifier);
     let mut cfg = match id {
         Some(id) => b.with_client_auth_cert(id.certs, id.key).map_err(tls)?,
         None => b.with_no_client_auth(),

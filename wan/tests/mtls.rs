@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use remus_types::{ChunkId, EpochId, GuestId};
-use remus_wan::driver::{endpoint, run_backup, BackupLinkConfig, Replica};
-use remus_wan::tls::{client_config, issue_guest, keygen, revoke_guest, server_config, TlsDir, SERVER_NAME};
+use remus_wan::driver::{endpoint, run_backup, run_backup_revoking, BackupLinkConfig, Replica};
+use remus_wan::tls::{client_config, issue_guest, keygen, revoke_guest, revoke_serial, serial_of, server_config, TlsDir, SERVER_NAME};
 use remus_wan::{CommitError, FrameReader, Message, ReceivedEpoch};
 
 /// Counts Hellos; commits nothing (the store is tested elsewhere).
@@ -81,24 +81,24 @@ async fn only_primaries_with_a_certificate_from_our_ca_are_admitted() {
     let limit = Duration::from_secs(10);
 
     // No client certificate at all.
-    let anon = client_config(None, ours.roots().unwrap()).unwrap();
+    let anon = client_config(None, ours.roots().unwrap(), Vec::new()).unwrap();
     let r = tokio::time::timeout(limit, hello(anon, addr)).await.expect("attempt ends by itself");
     assert!(r.is_err(), "a client without a certificate got {r:?}");
 
     // A certificate from another CA.
-    let foreign = client_config(Some(theirs.identity("primary").unwrap()), ours.roots().unwrap()).unwrap();
+    let foreign = client_config(Some(theirs.identity("primary").unwrap()), ours.roots().unwrap(), Vec::new()).unwrap();
     let r = tokio::time::timeout(limit, hello(foreign, addr)).await.expect("attempt ends by itself");
     assert!(r.is_err(), "a client with a foreign certificate got {r:?}");
     assert_eq!(replica.welcomed.load(Ordering::SeqCst), 0, "refused clients never reach the replica");
 
     // Control: our own primary certificate is welcomed.
-    let good = client_config(Some(ours.identity("primary").unwrap()), ours.roots().unwrap()).unwrap();
+    let good = client_config(Some(ours.identity("primary").unwrap()), ours.roots().unwrap(), Vec::new()).unwrap();
     let r = tokio::time::timeout(limit, hello(good, addr)).await.expect("attempt ends by itself");
     assert!(matches!(r, Ok(Message::Welcome { guest: GuestId(1), committed: EpochId(0), .. })), "{r:?}");
     assert_eq!(replica.welcomed.load(Ordering::SeqCst), 1);
 
     // A primary that does not trust the backup's CA refuses the backup.
-    let wrong_roots = client_config(Some(ours.identity("primary").unwrap()), theirs.roots().unwrap()).unwrap();
+    let wrong_roots = client_config(Some(ours.identity("primary").unwrap()), theirs.roots().unwrap(), Vec::new()).unwrap();
     let r = tokio::time::timeout(limit, hello(wrong_roots, addr)).await.expect("attempt ends by itself");
     assert!(r.is_err());
     ep.close(0u32.into(), b"done");
@@ -116,7 +116,7 @@ async fn a_guest_certificate_speaks_for_its_guest_alone_and_expired_or_revoked_o
         issue_guest(ca.path(), GuestId(guest), days, dir.path()).unwrap();
         let own = TlsDir(dir.path().to_path_buf());
         assert!(!own.pair("primary").0.exists() && !dir.path().join("ca.key").exists(), "only its own key and the CA certificate");
-        client_config(Some(own.primary_identity(GuestId(guest)).unwrap()), own.roots().unwrap()).unwrap()
+        client_config(Some(own.primary_identity(GuestId(guest)).unwrap()), own.roots().unwrap(), Vec::new()).unwrap()
     };
     let (g7, g8, expired) = (primary(7, 30), primary(8, 30), primary(9, 0));
     let limit = Duration::from_secs(10);
@@ -138,7 +138,7 @@ async fn a_guest_certificate_speaks_for_its_guest_alone_and_expired_or_revoked_o
     let r = tokio::time::timeout(limit, hello_as(g8.clone(), addr, GuestId(8))).await.unwrap();
     assert!(matches!(r, Ok(Message::Welcome { guest: GuestId(8), .. })), "{r:?}");
     // The shared certificate, where it may not speak for guests.
-    let shared = client_config(Some(tls.identity("primary").unwrap()), tls.roots().unwrap()).unwrap();
+    let shared = client_config(Some(tls.identity("primary").unwrap()), tls.roots().unwrap(), Vec::new()).unwrap();
     let r = tokio::time::timeout(limit, hello(shared.clone(), addr)).await.unwrap();
     assert!(matches!(&r, Ok(Message::Error(why)) if why.contains("shared primary certificate")), "{r:?}");
     // Expired: refused in the handshake.
@@ -160,6 +160,95 @@ async fn a_guest_certificate_speaks_for_its_guest_alone_and_expired_or_revoked_o
     let r = tokio::time::timeout(limit, hello(shared, addr)).await.unwrap();
     assert!(matches!(r, Ok(Message::Welcome { guest: GuestId(1), .. })), "the shared certificate where allowed: {r:?}");
     assert_eq!(replica.welcomed.load(Ordering::SeqCst), 2);
+    ep.close(0u32.into(), b"done");
+}
+
+/// Connects with `client` as `guest` and stays connected once welcomed.
+async fn connected_as(client: quinn::ClientConfig, addr: std::net::SocketAddr, guest: GuestId) -> (quinn::Endpoint, quinn::Connection) {
+    let ep = endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
+    let conn = ep.connect_with(client, addr, SERVER_NAME).unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(
+        &Message::Hello { guest, instance: 7, page_count: 16, generation: 0, continues: (EpochId(0), ChunkId::default()) }.to_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut rd = FrameReader::default();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        if let Some(m) = rd.next_message().unwrap() {
+            assert!(matches!(m, Message::Welcome { .. }), "{m:?}");
+            // Kept open: the stream halves live as long as the connection.
+            std::mem::forget((send, recv));
+            return (ep, conn);
+        }
+        let n = recv.read(&mut buf).await.unwrap().expect("the backup answers");
+        rd.push(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn a_primary_connected_with_a_certificate_revoked_since_is_disconnected_and_others_stay() {
+    let ca = tempfile::tempdir().unwrap();
+    keygen(ca.path()).unwrap();
+    let tls = TlsDir(ca.path().to_path_buf());
+    let client = |guest: u64| {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(tls.ca(), dir.path().join("ca.pem")).unwrap();
+        issue_guest(ca.path(), GuestId(guest), 30, dir.path()).unwrap();
+        let own = TlsDir(dir.path().to_path_buf());
+        client_config(Some(own.primary_identity(GuestId(guest)).unwrap()), own.roots().unwrap(), Vec::new()).unwrap()
+    };
+    let (c7, c8) = (client(7), client(8));
+    let replica = Arc::new(CountingReplica::default());
+    let ep = endpoint("127.0.0.1:0".parse().unwrap(), Some(tls.backup_server().unwrap())).unwrap();
+    let addr = ep.local_addr().unwrap();
+    // Primaries that send no heartbeat here are not declared lost.
+    let cfg =
+        BackupLinkConfig { primary_timeout: Duration::from_secs(120), primary_timeout_max: Duration::from_secs(120), ..Default::default() };
+    tokio::spawn(run_backup_revoking(ep.clone(), Arc::clone(&replica), cfg, tls.clone()));
+    let (_e7, conn7) = connected_as(c7.clone(), addr, GuestId(7)).await;
+    let (_e8, conn8) = connected_as(c8, addr, GuestId(8)).await;
+
+    // The list changes while both are connected: guest 7's connection is
+    // closed saying why, within a few polls; guest 8's stays.
+    revoke_guest(ca.path(), GuestId(7)).unwrap();
+    let closed = tokio::time::timeout(remus_wan::driver::REVOCATION_POLL * 10, conn7.closed()).await.expect("guest 7 is disconnected");
+    let quinn::ConnectionError::ApplicationClosed(c) = &closed else { panic!("{closed:?}") };
+    let why = String::from_utf8_lossy(&c.reason);
+    assert!(why.contains("no longer valid") && why.contains("Revoked"), "{why}");
+    assert!(conn8.close_reason().is_none(), "guest 8 stays connected: {:?}", conn8.close_reason());
+    // And its next handshake is refused.
+    let r = tokio::time::timeout(Duration::from_secs(10), hello_as(c7, addr, GuestId(7))).await.unwrap();
+    assert!(r.is_err(), "a revoked certificate got {r:?}");
+    assert_eq!(replica.welcomed.load(Ordering::SeqCst), 2);
+    ep.close(0u32.into(), b"done");
+}
+
+#[tokio::test]
+async fn a_primary_holding_the_revocation_list_refuses_a_revoked_backup() {
+    let ca = tempfile::tempdir().unwrap();
+    keygen(ca.path()).unwrap();
+    let tls = TlsDir(ca.path().to_path_buf());
+    let replica = Arc::new(CountingReplica::default());
+    let ep = endpoint("127.0.0.1:0".parse().unwrap(), Some(tls.backup_server().unwrap())).unwrap();
+    let addr = ep.local_addr().unwrap();
+    tokio::spawn(run_backup(ep.clone(), Arc::clone(&replica), BackupLinkConfig::default()));
+    let limit = Duration::from_secs(10);
+    let primary = |crls| client_config(Some(tls.identity("primary").unwrap()), tls.roots().unwrap(), crls).unwrap();
+
+    let serial = serial_of(&tls.pair("backup").0).unwrap();
+    assert!(revoke_serial(ca.path(), "not hex").is_err());
+    assert_eq!(revoke_serial(ca.path(), &serial).unwrap(), std::slice::from_ref(&serial));
+    // The list names the backup's serial: a primary holding it refuses
+    // that backup in the handshake; one without it still connects.
+    let r = tokio::time::timeout(limit, hello(primary(tls.crls().unwrap()), addr)).await.unwrap();
+    assert!(matches!(&r, Err(e) if e.contains("Revoked")), "{r:?}");
+    let r = tokio::time::timeout(limit, hello(primary(Vec::new()), addr)).await.unwrap();
+    assert!(matches!(r, Ok(Message::Welcome { .. })), "{r:?}");
+    // A guest's serial, as issued and as read back from its certificate.
+    let issued = issue_guest(ca.path(), GuestId(3), 30, ca.path()).unwrap();
+    assert_eq!(serial_of(&tls.pair("guest-3").0).unwrap(), issued.serial);
     ep.close(0u32.into(), b"done");
 }
 
@@ -187,7 +276,7 @@ async fn a_corrupt_epoch_stream_closes_the_connection_with_the_reason() {
     let addr = ep.local_addr().unwrap();
     tokio::spawn(run_backup(ep.clone(), Arc::clone(&replica), BackupLinkConfig::default()));
 
-    let client = client_config(Some(tls.identity("primary").unwrap()), tls.roots().unwrap()).unwrap();
+    let client = client_config(Some(tls.identity("primary").unwrap()), tls.roots().unwrap(), Vec::new()).unwrap();
     let cep = endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
     let conn = cep.connect_with(client, addr, SERVER_NAME).unwrap().await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();

@@ -40,13 +40,18 @@ pub enum CertAction {
     },
     /// Every certificate issued, with its guest, serial and expiry.
     List,
-    /// Revoke every certificate issued for a guest and rewrite
-    /// `revoked.crl`; copy it into each backup's TLS directory (a running
-    /// backup reloads it within seconds).
+    /// Revoke every certificate issued for a guest (or the one with a
+    /// serial: a backup's, say) and rewrite `revoked.crl`; copy it into
+    /// each backup's TLS directory (a running backup reloads it within
+    /// seconds and disconnects a primary it revokes) and each primary's
+    /// (a primary refuses a backup it revokes).
     Revoke {
         /// The guest.
+        #[arg(long, required_unless_present = "serial", conflicts_with = "serial")]
+        guest: Option<u64>,
+        /// The serial (hex, as `remus cert list` shows it).
         #[arg(long)]
-        guest: u64,
+        serial: Option<String>,
     },
 }
 
@@ -73,6 +78,14 @@ pub fn run(args: &CertArgs, data_dir: &Path) -> Result<()> {
         CertAction::List => {
             let now = i64::try_from(remus_types::now_unix_nanos() / 1_000_000_000).unwrap_or(i64::MAX);
             let revoked = tls::revoked(&ca)?;
+            // keygen's own certificates, where they are beside the CA.
+            for role in ["backup", "primary"] {
+                let path = tls::TlsDir(ca.clone()).pair(role).0;
+                if let Ok(serial) = tls::serial_of(&path) {
+                    let state = if revoked.contains(&serial) { "revoked" } else { "valid" };
+                    println!("{role} ({})  serial {serial}  {state}", path.display());
+                }
+            }
             for i in tls::issued(&ca)? {
                 let state = if revoked.contains(&i.serial) {
                     "revoked"
@@ -89,10 +102,15 @@ pub fn run(args: &CertArgs, data_dir: &Path) -> Result<()> {
                 );
             }
         }
-        CertAction::Revoke { guest } => {
-            let new = tls::revoke_guest(&ca, GuestId(*guest)).with_context(|| format!("revoking with the CA in {}", ca.display()))?;
+        CertAction::Revoke { guest, serial } => {
+            let (new, what) = match (guest, serial) {
+                (Some(g), _) => (tls::revoke_guest(&ca, GuestId(*g)), format!("certificate(s) of guest {g}")),
+                (None, Some(s)) => (tls::revoke_serial(&ca, s), format!("certificate(s) with serial {s}")),
+                (None, None) => anyhow::bail!("--guest or --serial"),
+            };
+            let new = new.with_context(|| format!("revoking with the CA in {}", ca.display()))?;
             println!(
-                "revoked {} certificate(s) of guest {guest}; wrote {} (copy it into each backup's TLS directory; a running backup reloads it)",
+                "revoked {} {what}; wrote {} (copy it into the TLS directory of each backup, which reloads it, and of each primary)",
                 new.len(),
                 tls::TlsDir(ca.clone()).crl().display()
             );
