@@ -528,3 +528,72 @@ fn an_encrypted_history_restores_and_verifies_from_s3_with_its_key_file_alone() 
     assert!(out.status.success(), "restore after rotation: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(MemoryDigest::of_image(&std::fs::read(&img).unwrap()).to_hex(), roots[&1]);
 }
+
+/// Least privilege against S3: the backup holds keys to the history and
+/// the leases, the primary keys to the lease prefix alone (`[witness]`
+/// credentials of its own, no `[s3]`). The primary protects its guest
+/// normally under the witness, and its keys can neither read, list,
+/// delete nor overwrite anything of the history, which stays whole.
+#[test]
+fn a_primary_holding_lease_keys_alone_protects_and_cannot_touch_the_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    keygen(data);
+    let moto = AuthMoto::start_for(data, 2);
+    let (tier_bucket, lease_bucket) = (bucket("least-tier"), bucket("least-leases"));
+    let (bid, bsecret) = moto.user_with_s3_access("remus-backup");
+    let (pid, psecret) = moto.user_with_policy(
+        "remus-primary",
+        &serde_json::json!([
+            {"Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject"], "Resource": format!("arn:aws:s3:::{lease_bucket}/leases/*")},
+            {"Effect": "Allow", "Action": "s3:ListBucket", "Resource": format!("arn:aws:s3:::{lease_bucket}")},
+        ]),
+    );
+    let backup_keys = (bid.as_str(), bsecret.as_str());
+    let primary_keys = (pid.as_str(), psecret.as_str());
+    let tier = client_as(&moto.endpoint, &tier_bucket, "site", backup_keys);
+    tier.create_bucket(false).unwrap();
+    client_as(&moto.endpoint, &lease_bucket, "", backup_keys).create_bucket(false).unwrap();
+
+    let backup_config = data.join("backup.toml");
+    write_config_as(&backup_config, &moto.endpoint, &tier_bucket, "site", backup_keys);
+    let text = std::fs::read_to_string(&backup_config).unwrap();
+    std::fs::write(&backup_config, format!("{text}\n[witness]\nurl = \"s3://{lease_bucket}/leases\"\nnode = \"site-b\"\n")).unwrap();
+    let backup = BackupProcess::start_logged(data, "127.0.0.1:0", &["--config", backup_config.to_str().unwrap()]);
+    let primary_config = data.join("primary.toml");
+    std::fs::write(
+        &primary_config,
+        format!(
+            "[protect]\nbackup-timeout-ms = 3000\n\n[witness]\nurl = \"s3://{lease_bucket}/leases\"\nnode = \"site-a\"\nendpoint = \"{}\"\n\
+             access-key-id = \"{pid}\"\nsecret-access-key = \"{psecret}\"\n",
+            moto.endpoint
+        ),
+    )
+    .unwrap();
+    let roots = data.join("roots.jsonl");
+    let committed = protect_recorded(data, &backup.addr, &primary_config, 3, &roots);
+    assert!(committed > 5, "{committed} epochs committed");
+    backup.wait_line(&format!("uploaded guest-1 epoch {committed}"), Duration::from_secs(120));
+    backup.stop();
+    // The primary held the guest's lease, written with its own keys.
+    let lease = client_as(&moto.endpoint, &lease_bucket, "leases", primary_keys).get("leases/guest-1").unwrap();
+    let lease: serde_json::Value = serde_json::from_slice(&lease).unwrap();
+    assert_eq!(lease["owner"], "site-a", "{lease}");
+
+    // The history, as the backup's keys see it; then the primary's try.
+    let before: Vec<String> = tier.list("").unwrap().into_iter().map(|l| l.key).collect();
+    assert!(before.iter().any(|k| k.starts_with("segments/")), "{before:?}");
+    let theirs = client_as(&moto.endpoint, &tier_bucket, "site", primary_keys);
+    let some = &before[0];
+    let denied = |r: Result<(), S3Error>, what: &str| {
+        assert!(matches!(&r, Err(S3Error::Denied { access_key, .. }) if *access_key == pid), "{what}: {r:?}");
+    };
+    denied(theirs.list("").map(|_| ()), "list");
+    denied(theirs.get(some).map(|_| ()), "read");
+    denied(theirs.delete(some, None), "delete");
+    denied(theirs.put_new("segments/0000000000000001/99999999999999999999", b"forged".to_vec()), "put");
+    let leases_elsewhere = client_as(&moto.endpoint, &lease_bucket, "other", primary_keys);
+    denied(leases_elsewhere.put_new("x", b"x".to_vec()), "put outside the lease prefix");
+    let after: Vec<String> = tier.list("").unwrap().into_iter().map(|l| l.key).collect();
+    assert_eq!(after, before, "the history is whole");
+}

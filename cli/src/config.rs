@@ -74,6 +74,8 @@
 //! # guest still (self-fencing). Endpoint and credentials as for [s3].
 //! [witness]
 //! url = "s3://remus-witness/leases"
+//! # endpoint, access-key-id, secret-access-key: the witness's own (default [s3]'s); a primary
+//! # needs keys for the lease prefix alone, never the history's
 //! node = "site-a"            # this node's name in a lease (default: <hostname>/primary or /backup)
 //! lease-ms = 500
 //! drift = 0.01               # clock rate error allowed each side
@@ -133,8 +135,18 @@ pub struct Config {
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct WitnessConfig {
     /// Where the leases are kept, `s3://BUCKET/PREFIX`; endpoint and
-    /// credentials from `[s3]` or the AWS environment.
+    /// credentials from the keys below, else `[s3]` or the AWS environment.
     pub url: String,
+    /// Endpoint of the witness's S3 service, when not `[s3]`'s.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Credentials of the witness's own (with `secret-access-key`): give a
+    /// primary keys that reach the lease prefix alone, not the history.
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    /// Secret of `access-key-id`.
+    #[serde(default)]
+    pub secret_access_key: Option<String>,
     /// This node's name in a lease (default `<hostname>/primary` or
     /// `<hostname>/backup`).
     #[serde(default)]
@@ -154,7 +166,16 @@ impl WitnessConfig {
     /// A witness at `url` with every default.
     #[must_use]
     pub fn at(url: &str) -> Self {
-        Self { url: url.to_string(), node: None, lease_ms: default_lease_ms(), drift: default_drift(), margin_ms: default_margin_ms() }
+        Self {
+            url: url.to_string(),
+            endpoint: None,
+            access_key_id: None,
+            secret_access_key: None,
+            node: None,
+            lease_ms: default_lease_ms(),
+            drift: default_drift(),
+            margin_ms: default_margin_ms(),
+        }
     }
 
     /// The lease timing.

@@ -410,6 +410,36 @@ mod tests {
     }
 
     #[test]
+    fn of_two_concurrent_commits_of_one_epoch_exactly_one_lands() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("store"), remus_store::StoreOptions::default()).unwrap());
+        let (tx, _events) = crossbeam_channel::unbounded();
+        let replica = StoreReplica::new(Arc::clone(&store), FailoverAction::Record, None, GuestQuota::default(), tx);
+        let g = GuestId(1);
+        replica.welcome(g, 7, 16, 0, None).unwrap();
+        // Two connections of one primary run offer each epoch at once.
+        for e in 1..=50 {
+            let start = Arc::new(std::sync::Barrier::new(2));
+            let results: Vec<Result<ChunkId, CommitError>> = std::thread::scope(|s| {
+                let runs: Vec<_> = (0..2)
+                    .map(|_| {
+                        let (replica, start) = (Arc::clone(&replica), Arc::clone(&start));
+                        s.spawn(move || {
+                            start.wait();
+                            replica.commit(vec![epoch(g, e)])
+                        })
+                    })
+                    .collect();
+                runs.into_iter().map(|r| r.join().unwrap()).collect()
+            });
+            assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "epoch {e}: {results:?}");
+            assert_eq!(store.head(g).unwrap().unwrap().epoch, EpochId(e));
+        }
+        assert_eq!(store.manifests(g).unwrap().len(), 50, "each epoch once");
+        assert_eq!(store.verify(|_| {}).unwrap().damage, vec![]);
+    }
+
+    #[test]
     fn commits_over_the_epoch_rate_wait_for_it() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(&dir.path().join("store"), remus_store::StoreOptions::default()).unwrap());

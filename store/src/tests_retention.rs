@@ -87,17 +87,21 @@ fn check_restores(store: &Store, guest: GuestId, states: &[BTreeMap<u64, u64>]) 
 }
 
 #[test]
-fn an_epoch_stamped_far_ahead_by_its_primary_thins_nothing() {
+fn epochs_stamped_far_ahead_or_far_back_by_their_primary_thin_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
     let g = GuestId(9);
     let before = remus_types::now_unix_nanos();
     for e in 1..=5 {
         let (mut c, _) = commit_for(g, e, true);
-        // The store's own clock, and the primary's claim: the last epoch
-        // says it was taken ten years from now.
+        // The store's own clock, and the primary's claims: epoch 2 says it
+        // was taken in 1970, the last ten years from now.
         c.commit_unix_ns = 0;
-        c.time_unix_ns = if e == 5 { before + 10 * 365 * 86_400 * 1_000_000_000 } else { before + e * MS };
+        c.time_unix_ns = match e {
+            2 => 1,
+            5 => before + 10 * 365 * 86_400 * 1_000_000_000,
+            _ => before + e * MS,
+        };
         store.commit(c).unwrap();
     }
     let after = remus_types::now_unix_nanos();

@@ -17,19 +17,19 @@ use std::time::{Duration, Instant};
 use super::run_limited;
 
 /// The IAM actions that make a user with a key (create the user, give it
-/// a policy, create its key): all moto serves unchecked.
-const UNCHECKED_ACTIONS: u32 = 3;
+/// a policy, create its key): moto serves this many per user unchecked.
+const ACTIONS_PER_USER: u32 = 3;
 
-/// Makes an IAM user allowed `s3:*` and prints its new key as JSON
-/// (argv: endpoint, user name); boto3 comes with moto.
+/// Makes an IAM user with a policy and prints its new key as JSON (argv:
+/// endpoint, user name, policy statements as JSON); boto3 comes with moto.
 const MAKE_USER: &str = r#"
 import json, sys
 import boto3
 iam = boto3.client("iam", endpoint_url=sys.argv[1], region_name="us-east-1",
                    aws_access_key_id="setup", aws_secret_access_key="setup")
 iam.create_user(UserName=sys.argv[2])
-policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
-iam.put_user_policy(UserName=sys.argv[2], PolicyName="s3-all", PolicyDocument=json.dumps(policy))
+policy = {"Version": "2012-10-17", "Statement": json.loads(sys.argv[3])}
+iam.put_user_policy(UserName=sys.argv[2], PolicyName="remus-test", PolicyDocument=json.dumps(policy))
 key = iam.create_access_key(UserName=sys.argv[2])["AccessKey"]
 print(json.dumps({"id": key["AccessKeyId"], "secret": key["SecretAccessKey"]}))
 "#;
@@ -45,8 +45,13 @@ pub struct AuthMoto {
 
 impl AuthMoto {
     /// Starts one on a free loopback port, logging into `dir`, and waits
-    /// until it answers.
+    /// until it answers; one user may be made.
     pub fn start(dir: &Path) -> Self {
+        Self::start_for(dir, 1)
+    }
+
+    /// As [`start`](Self::start), for `users` users to be made.
+    pub fn start_for(dir: &Path, users: u32) -> Self {
         let binary = PathBuf::from(std::env::var("REMUS_TEST_MOTO_SERVER").unwrap_or_else(|_| {
             panic!("REMUS_TEST_MOTO_SERVER is not set: run `bash scripts/test.sh`, or `source scripts/s3-server.sh`, which export it")
         }));
@@ -56,7 +61,7 @@ impl AuthMoto {
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(&binary)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .env("INITIAL_NO_AUTH_ACTION_COUNT", UNCHECKED_ACTIONS.to_string())
+            .env("INITIAL_NO_AUTH_ACTION_COUNT", (users * ACTIONS_PER_USER).to_string())
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -90,12 +95,21 @@ impl AuthMoto {
     }
 
     /// Makes IAM user `name` allowed `s3:*` with a new access key;
-    /// returns (access key id, secret). Call once, first: it spends the
-    /// actions moto serves unchecked.
+    /// returns (access key id, secret). Users are made first: they spend
+    /// the actions moto serves unchecked.
     pub fn user_with_s3_access(&self, name: &str) -> (String, String) {
+        self.user_with_policy(name, &serde_json::json!([{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]))
+    }
+
+    /// Makes IAM user `name` with the policy `statements` and a new access
+    /// key; returns (access key id, secret).
+    pub fn user_with_policy(&self, name: &str, statements: &serde_json::Value) -> (String, String) {
         let python = self.binary.with_file_name("python");
         assert!(python.is_file(), "no python beside {} (moto's virtualenv)", self.binary.display());
-        let out = run_limited(Command::new(&python).args(["-c", MAKE_USER, &self.endpoint, name]), Duration::from_secs(60));
+        let out = run_limited(
+            Command::new(&python).args(["-c", MAKE_USER, &self.endpoint, name, &statements.to_string()]),
+            Duration::from_secs(60),
+        );
         assert!(out.status.success(), "making IAM user {name}: {}\n{}", String::from_utf8_lossy(&out.stderr), self.log_text());
         let key: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the key as JSON");
         (key["id"].as_str().unwrap().to_string(), key["secret"].as_str().unwrap().to_string())

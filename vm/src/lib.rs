@@ -355,8 +355,25 @@ mod tests {
         assert!(climbing.validate_from_peer(std::slice::from_ref(&images)).is_err());
         let append = QemuMachine { append: "console=ttyS0\n-device evil".into(), ..good.clone() };
         assert!(append.validate_from_peer(std::slice::from_ref(&images)).unwrap_err().to_string().contains("append"));
-        let accel = QemuMachine { accel: "xen,evil=1".into(), ..good };
-        assert!(accel.validate_from_peer(&[images]).unwrap_err().to_string().contains("accel"));
+        let accel = QemuMachine { accel: "xen,evil=1".into(), ..good.clone() };
+        assert!(accel.validate_from_peer(std::slice::from_ref(&images)).unwrap_err().to_string().contains("accel"));
+        // Every other field, each refused by name.
+        let trusted = std::slice::from_ref(&images);
+        for (bad, field) in [
+            (QemuMachine { memory_mib: 0, ..good.clone() }, "memory-mib"),
+            (QemuMachine { memory_mib: u64::MAX, ..good.clone() }, "memory-mib"),
+            (QemuMachine { cpus: 0, ..good.clone() }, "cpus"),
+            (QemuMachine { cpus: 4096, ..good.clone() }, "cpus"),
+            (QemuMachine { disk_mib: u64::MAX, ..good.clone() }, "disk-mib"),
+            (QemuMachine { mac: "52:54:00:12:34:56,script=/bin/evil".into(), ..good.clone() }, "mac"),
+            (QemuMachine { mac: "zz:54:00:12:34:56".into(), ..good.clone() }, "mac"),
+            (QemuMachine { append: "a".repeat(1025), ..good.clone() }, "append"),
+            (QemuMachine { kernel: images.join("absent"), ..good.clone() }, "kernel"),
+            (QemuMachine { initrd: elsewhere.join("k"), ..good.clone() }, "initrd"),
+        ] {
+            let err = bad.validate_from_peer(trusted).unwrap_err().to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
     }
 
     #[test]

@@ -110,6 +110,17 @@ pub fn witness_options(cfg: &crate::config::Config, flags: &WitnessFlags, role: 
     };
     let timing = w.timing()?;
     let mut s3 = s3_config(cfg, Some(&w.url)).context("witness")?;
+    if w.endpoint.is_some() {
+        s3.endpoint.clone_from(&w.endpoint);
+    }
+    if w.access_key_id.is_some() || w.secret_access_key.is_some() {
+        s3.access_key_id.clone_from(&w.access_key_id);
+        s3.secret_access_key.clone_from(&w.secret_access_key);
+    }
+    // Only the lease client's settings matter here, not the tier's keys.
+    s3.encryption_keys = None;
+    s3.accept_plaintext = false;
+    s3.validate().context("witness")?;
     // A request to the witness may take at most a lease period: a
     // renewal that waits longer is of no use, and the next one is due.
     s3.timeout_ms = u64::try_from(timing.lease.as_millis()).unwrap_or(u64::MAX).max(100);
