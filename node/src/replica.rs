@@ -363,6 +363,20 @@ mod tests {
     use remus_types::{zero_page_hash, Pfn};
     use remus_wan::{EpochHeader, PageEncoding, PageRecord};
 
+    /// Every file under `dir`.
+    fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+        out
+    }
+
     fn epoch(guest: GuestId, e: u64) -> ReceivedEpoch {
         let records = vec![PageRecord { pfn: Pfn(e % 16), hash: zero_page_hash(), encoding: PageEncoding::Zero }];
         let header =
@@ -488,6 +502,21 @@ mod tests {
             }
         }
         assert_eq!(fenced, [EpochId(2)]);
+        // The failover has written what it writes: a late commit now is
+        // refused and leaves every file of it as it was.
+        let snapshot = |dir: &std::path::Path| {
+            let mut files = Vec::new();
+            for e in walk(dir) {
+                files.push((e.clone(), std::fs::read(&e).unwrap()));
+            }
+            files.sort();
+            files
+        };
+        let before = snapshot(&dir.path().join("failover"));
+        assert!(!before.is_empty(), "the failover wrote its files");
+        assert!(matches!(replica.commit(vec![epoch(g, 3)]), Err(CommitError::Rejected(_))));
+        assert_eq!(snapshot(&dir.path().join("failover")), before, "the resumed guest's files are untouched");
+        assert_eq!(store.head(g).unwrap().unwrap().epoch, EpochId(2));
         drop(replica);
         let deadline = Instant::now() + std::time::Duration::from_secs(60);
         while Arc::strong_count(&store) > 1 {
