@@ -380,3 +380,54 @@ fn a_moving_primary_releases_its_lease_and_the_backup_takes_it_at_once() {
     assert_eq!(MemoryDigest::of_image(&std::fs::read(image).unwrap()).to_hex(), read_roots(&data.join("roots.jsonl"))[&epoch]);
     backup.stop();
 }
+
+/// Where there is no S3: a `remus witness` process on a third site keeps
+/// the lease. The primary reaches backup and witness each through a relay;
+/// both are cut: it fences itself, the backup wins the lease from the
+/// witness and fails over from a committed epoch, and the primary, once
+/// it reaches the witness again, learns it was taken over and stops. The
+/// witness kept the lease in its file.
+#[test]
+fn a_remus_witness_process_decides_a_takeover_where_there_is_no_s3() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    keygen(data);
+    let config = data.join("remus.toml");
+    write_config(&config);
+    let leases = data.join("leases");
+    let mut cmd = Command::new(remus());
+    cmd.args(["witness", "--data-dir"]).arg(data).args(["--listen", "127.0.0.1:0", "--dir"]).arg(&leases);
+    let witness = BackupProcess::spawn_logged(cmd);
+    let witness_relay = relay_to(&witness.addr);
+    let mut cmd = Command::new(remus());
+    cmd.args(["backup", "--data-dir"]).arg(data).args(["--listen", "127.0.0.1:0", "--config"]).arg(&config);
+    cmd.arg("--failover-dir").arg(data.join("failover"));
+    cmd.args(["--witness", &format!("remus://{}", witness.addr), "--node", "site-b"]);
+    let backup = BackupProcess::spawn_logged(cmd);
+    let relay = relay_to(&backup.addr);
+    let mut cmd = protect(data, &relay.local_addr().to_string());
+    cmd.arg("--config").arg(&config);
+    cmd.args(["--memory-mib", "64", "--pages-per-sec", "2000", "--json", "--drain-seconds", "60", "--seconds", "60"]);
+    cmd.args(["--witness", &format!("remus://{}", witness_relay.local_addr()), "--node", "site-a"]);
+    cmd.arg("--record-roots").arg(data.join("roots.jsonl")).arg("--output-log").arg(data.join("released.log"));
+    let primary = PrimaryProcess(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn protect"));
+    backup.wait_committed(1, 20, LIMIT);
+    relay.set_partitioned(true);
+    witness_relay.set_partitioned(true);
+    backup.wait_line("lease guest-1 generation 2 taken by site-b", LIMIT);
+    let failover = backup.wait_line("failover guest-1 epoch ", LIMIT);
+    let mut words = failover.split_whitespace().skip(3);
+    let epoch: u64 = words.next().unwrap().parse().unwrap();
+    let image = words.nth(1).unwrap().to_string();
+    witness_relay.set_partitioned(false);
+    let (ok, _, stderr) = primary.wait();
+    assert!(!ok, "the old primary must not go on");
+    assert!(stderr.contains("self-fenced") && stderr.contains("was taken over by site-b in generation 2"), "{stderr}");
+    assert_one_history(&data.join("released.log"));
+    let roots = read_roots(&data.join("roots.jsonl"));
+    assert_eq!(MemoryDigest::of_image(&std::fs::read(&image).unwrap()).to_hex(), roots[&epoch]);
+    backup.stop();
+    witness.stop();
+    let stored: serde_json::Value = serde_json::from_slice(&std::fs::read(leases.join("guest-1.lease")).unwrap()).unwrap();
+    assert_eq!((stored["lease"]["generation"].as_u64(), stored["lease"]["owner"].as_str()), (Some(2), Some("site-b")), "{stored}");
+}

@@ -134,8 +134,10 @@ pub struct Config {
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct WitnessConfig {
-    /// Where the leases are kept, `s3://BUCKET/PREFIX`; endpoint and
-    /// credentials from the keys below, else `[s3]` or the AWS environment.
+    /// Where the leases are kept: `s3://BUCKET/PREFIX` (endpoint and
+    /// credentials from the keys below, else `[s3]` or the AWS
+    /// environment), or `remus://HOST:PORT`, a `remus witness` (reached
+    /// with this host's certificate).
     pub url: String,
     /// Endpoint of the witness's S3 service, when not `[s3]`'s.
     #[serde(default)]
@@ -488,7 +490,11 @@ impl Config {
         }
         if let Some(w) = &self.witness {
             w.timing()?;
-            anyhow::ensure!(w.url.starts_with("s3://"), "witness.url {:?} is not an s3://BUCKET/PREFIX URL", w.url);
+            anyhow::ensure!(
+                w.url.starts_with("s3://") || w.url.strip_prefix("remus://").is_some_and(|a| a.contains(':')),
+                "witness.url {:?} is neither s3://BUCKET/PREFIX nor remus://HOST:PORT (a remus witness)",
+                w.url
+            );
             anyhow::ensure!(w.node.as_deref().is_none_or(|n| !n.is_empty()), "witness.node must not be empty");
         }
         Ok(())

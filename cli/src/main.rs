@@ -53,6 +53,8 @@ enum Command {
     Gc(cmd::gc::GcArgs),
     /// Copy the S3 tier into an Object Lock (COMPLIANCE) archive bucket.
     Archive(cmd::archive::ArchiveArgs),
+    /// Keep guests' leases for sites without S3 (`--witness remus://HOST:PORT`).
+    Witness(cmd::witness::WitnessArgs),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +80,7 @@ fn main() -> ExitCode {
             Command::Verify(a) => cmd::verify::run(a, &cfg, &data_dir),
             Command::Gc(a) => cmd::gc::run(a, &cfg, &data_dir).map(|()| true),
             Command::Archive(a) => cmd::archive::run(a, &cfg).map(|()| true),
+            Command::Witness(a) => cmd::witness::run(a, &data_dir).map(|()| true),
         }
     };
     match run() {

@@ -64,6 +64,14 @@ pub fn speaks_for(leaf: &CertificateDer<'_>, guest: GuestId) -> Speaks {
         Speaks::Not
     }
 }
+/// Whether the certificate `leaf` (already verified against the CA) is a
+/// backup's (issued for [`SERVER_NAME`]).
+#[must_use]
+pub fn is_backup(leaf: &CertificateDer<'_>) -> bool {
+    let Ok(cert) = webpki::EndEntityCert::try_from(leaf) else { return false };
+    ServerName::try_from(SERVER_NAME).is_ok_and(|n| cert.verify_is_valid_for_subject_name(&n).is_ok())
+}
+
 /// ALPN protocol id of the replication link.
 pub const ALPN: &[u8] = b"remus/1";
 
@@ -219,12 +227,17 @@ pub fn keygen(dir: &Path) -> Result<(), LinkError> {
     write_private(&td.0.join("ca.key"), &ca_key.serialize_pem())?;
     fs::write(td.ca(), ca_cert.pem())?;
     for (role, names, usage) in [
-        ("backup", vec![SERVER_NAME.to_string(), "localhost".to_string()], ExtendedKeyUsagePurpose::ServerAuth),
-        ("primary", vec!["remus-primary".to_string()], ExtendedKeyUsagePurpose::ClientAuth),
+        // A backup is also a client: of a remus witness.
+        (
+            "backup",
+            vec![SERVER_NAME.to_string(), "localhost".to_string()],
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+        ),
+        ("primary", vec!["remus-primary".to_string()], vec![ExtendedKeyUsagePurpose::ClientAuth]),
     ] {
         let mut p = CertificateParams::new(names).map_err(tls)?;
         p.distinguished_name.push(DnType::CommonName, format!("remus {role}"));
-        p.extended_key_usages = vec![usage];
+        p.extended_key_usages = usage;
         let key = KeyPair::generate().map_err(tls)?;
         let cert = p.signed_by(&key, &ca_cert, &ca_key).map_err(tls)?;
         let (c, k) = td.pair(role);

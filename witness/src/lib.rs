@@ -5,7 +5,8 @@
 //! - [`Lease`] is a small record per guest (generation, owner, lease
 //!   period) kept on a witness that changes it only by compare-and-swap:
 //!   an S3 object swapped with `If-None-Match: *` / `If-Match: <etag>`
-//!   ([`S3Leases`]).
+//!   ([`S3Leases`]), or a file of a `remus witness` process for sites
+//!   without S3 ([`WitnessServer`], reached by [`RemoteLeases`]).
 //! - [`LeaseHolder`] is the owner's side: it renews the lease and counts
 //!   each acknowledged epoch as a confirmation from the backup; when
 //!   neither confirmed it within the lease period it must pause its guest
@@ -24,11 +25,13 @@
 mod claimant;
 mod holder;
 mod lease;
+mod remote;
 mod timing;
 
 pub use claimant::{Claimant, Takeover};
 pub use holder::{LeaseHolder, Standing};
 pub use lease::{unix_ms, Lease, LeaseStore, MemoryLeases, S3Leases, Tagged, WitnessError, LEASE_FORMAT};
+pub use remote::{RemoteLeases, WitnessDir, WitnessServer, MAX_MESSAGE};
 pub use timing::Timing;
 
 #[cfg(test)]

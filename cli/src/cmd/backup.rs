@@ -51,6 +51,7 @@ pub struct BackupArgs {
 pub fn run(args: &BackupArgs, cfg: &Config, config_path: Option<&Path>, data_dir: &Path) -> Result<()> {
     super::install_stop_handler();
     let tls = super::tls_dir_for(data_dir, None)?;
+    let witness = super::witness_options(cfg, &args.witness, "backup", &tls, None)?;
     let b = &cfg.backup;
     let store = args.store.clone().or_else(|| b.store.clone()).unwrap_or_else(|| data_dir.join("store"));
     let backup = Backup::start(BackupOptions {
@@ -69,7 +70,7 @@ pub fn run(args: &BackupArgs, cfg: &Config, config_path: Option<&Path>, data_dir
         }),
         s3: cfg.s3.clone(),
         retention: cfg.retention.as_ref().map(crate::config::RetentionConfig::policy).transpose()?,
-        witness: super::witness_options(cfg, &args.witness, "backup")?,
+        witness,
         hooks: cfg.hooks.clone().unwrap_or_default(),
         quota: b.quota(),
     })?;

@@ -13,6 +13,7 @@ pub mod protect;
 pub mod restore;
 pub mod show;
 pub mod verify;
+pub mod witness;
 
 use std::path::Path;
 
@@ -85,9 +86,9 @@ pub fn s3_config(cfg: &crate::config::Config, url: Option<&str>) -> Result<remus
 /// Flags naming the witness; each overrides `[witness]`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct WitnessFlags {
-    /// A witness holding each guest's lease, `s3://BUCKET/PREFIX`
-    /// (default: `witness.url`; none: no witness). Endpoint and
-    /// credentials as for `[s3]`.
+    /// A witness holding each guest's lease: `s3://BUCKET/PREFIX`
+    /// (endpoint and credentials as for `[s3]`) or `remus://HOST:PORT`
+    /// (a `remus witness`) (default: `witness.url`; none: no witness).
     #[arg(long)]
     pub witness: Option<String>,
     /// This node's name in a lease (default: `witness.node`, else
@@ -101,7 +102,13 @@ pub struct WitnessFlags {
 ///
 /// # Errors
 /// When the settings are invalid or the witness does not answer.
-pub fn witness_options(cfg: &crate::config::Config, flags: &WitnessFlags, role: &str) -> Result<Option<remus_node::WitnessOptions>> {
+pub fn witness_options(
+    cfg: &crate::config::Config,
+    flags: &WitnessFlags,
+    role: &str,
+    tls: &TlsDir,
+    guest: Option<GuestId>,
+) -> Result<Option<remus_node::WitnessOptions>> {
     let w = match (&flags.witness, &cfg.witness) {
         (Some(url), Some(w)) => crate::config::WitnessConfig { url: url.clone(), ..w.clone() },
         (Some(url), None) => crate::config::WitnessConfig::at(url),
@@ -109,6 +116,41 @@ pub fn witness_options(cfg: &crate::config::Config, flags: &WitnessFlags, role: 
         (None, None) => return Ok(None),
     };
     let timing = w.timing()?;
+    let leases: std::sync::Arc<dyn remus_witness::LeaseStore> = match w.url.strip_prefix("remus://") {
+        // A remus witness: this host's certificate (a guest's or the
+        // shared primary's, or the backup's) and the deployment's CA.
+        Some(addr) => {
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(addr)
+                .with_context(|| format!("witness {}: not HOST:PORT", w.url))?
+                .next()
+                .with_context(|| format!("witness {}: no address", w.url))?;
+            let id = match guest {
+                Some(g) => tls.primary_identity(g)?,
+                None => tls.identity("backup")?,
+            };
+            std::sync::Arc::new(remus_witness::RemoteLeases::new(addr, tls, id, timing.lease.max(std::time::Duration::from_millis(100)))?)
+        }
+        None => std::sync::Arc::new(s3_leases(cfg, &w, &timing)?),
+    };
+    // It must answer now: a lease nobody can read protects nothing.
+    leases.read(GuestId(0)).with_context(|| format!("witness {}", w.url))?;
+    let node = match flags.node.clone().or(w.node) {
+        Some(n) => n,
+        None => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "localhost".into());
+            format!("{}/{role}", host.trim())
+        }
+    };
+    anyhow::ensure!(!node.is_empty(), "--node must not be empty");
+    Ok(Some(remus_node::WitnessOptions { leases, node, timing }))
+}
+
+/// The leases of an S3 witness (`[witness]` url `s3://…`).
+fn s3_leases(
+    cfg: &crate::config::Config,
+    w: &crate::config::WitnessConfig,
+    timing: &remus_witness::Timing,
+) -> Result<remus_witness::S3Leases> {
     let mut s3 = s3_config(cfg, Some(&w.url)).context("witness")?;
     if w.endpoint.is_some() {
         s3.endpoint.clone_from(&w.endpoint);
@@ -125,18 +167,7 @@ pub fn witness_options(cfg: &crate::config::Config, flags: &WitnessFlags, role: 
     // renewal that waits longer is of no use, and the next one is due.
     s3.timeout_ms = u64::try_from(timing.lease.as_millis()).unwrap_or(u64::MAX).max(100);
     let client = remus_store::s3::S3Client::new(&s3).with_context(|| format!("witness {}", w.url))?;
-    let leases = remus_witness::S3Leases::new(client);
-    // It must answer now: a lease nobody can read protects nothing.
-    remus_witness::LeaseStore::read(&leases, remus_types::GuestId(0)).with_context(|| format!("witness {}", w.url))?;
-    let node = match flags.node.clone().or(w.node) {
-        Some(n) => n,
-        None => {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "localhost".into());
-            format!("{}/{role}", host.trim())
-        }
-    };
-    anyhow::ensure!(!node.is_empty(), "--node must not be empty");
-    Ok(Some(remus_node::WitnessOptions { leases: std::sync::Arc::new(leases), node, timing }))
+    Ok(remus_witness::S3Leases::new(client))
 }
 
 /// Connects to the S3 tier, checking the bucket answers.

@@ -314,7 +314,7 @@ pub fn run(args: &ProtectArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
     let mut opts = primary_options(cfg, &args.guest_flags, tls, backup, guest)?;
     opts.output_log = args.output_log.clone();
     opts.record_roots = args.record_roots.clone();
-    opts.witness = super::witness_options(cfg, &args.witness, "primary")?;
+    opts.witness = super::witness_options(cfg, &args.witness, "primary", &opts.tls, Some(remus_types::GuestId(guest)))?;
     opts.continues = args.continue_after;
     opts.adopt_lease = args.adopt_lease.clone();
     if args.kind == Kind::Qemu {
