@@ -20,6 +20,9 @@
 //! every datagram it drops is counted by cause ([`Counters`]), and
 //! [`Relay::kernel_drops`] reads what the kernel dropped on its sockets.
 //! Randomness comes from a seed, so a run can be repeated.
+//!
+//! [`TunWire`] puts the same pipes between two network namespaces, for
+//! any IP traffic (kernel TCP) rather than one UDP flow.
 
 use std::collections::{BinaryHeap, HashMap};
 use std::io;
@@ -207,13 +210,31 @@ fn bump(a: &AtomicU64) {
     a.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Where a pipe delivers: a UDP socket and address, or a TUN interface.
+#[derive(Clone)]
+pub(crate) enum Sink {
+    Udp(Arc<UdpSocket>, SocketAddr),
+    Tun(Arc<std::fs::File>),
+}
+
+impl Sink {
+    fn send(&self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Self::Udp(socket, to) => socket.send_to(bytes, *to).map(|_| ()),
+            Self::Tun(f) => {
+                use std::io::Write;
+                (&**f).write(bytes).map(|_| ())
+            }
+        }
+    }
+}
+
 /// A datagram waiting for its delivery time.
 struct Scheduled {
     at: Instant,
     seq: u64,
     bytes: Arc<[u8]>,
-    socket: Arc<UdpSocket>,
-    to: SocketAddr,
+    sink: Sink,
 }
 
 impl PartialEq for Scheduled {
@@ -277,14 +298,14 @@ impl PipeState {
 }
 
 /// One direction: impairs datagrams and sends each at its time.
-struct Pipe {
+pub(crate) struct Pipe {
     state: Mutex<PipeState>,
     wake: Condvar,
     counters: AtomicCounters,
 }
 
 impl Pipe {
-    fn new(imp: Impairment, seed: u64) -> Self {
+    pub(crate) fn new(imp: Impairment, seed: u64) -> Self {
         Self {
             state: Mutex::new(PipeState {
                 imp,
@@ -302,7 +323,7 @@ impl Pipe {
     }
 
     /// A datagram arrived at `now`: drop it or schedule it (and a copy).
-    fn push(&self, now: Instant, bytes: &[u8], socket: &Arc<UdpSocket>, to: SocketAddr) {
+    pub(crate) fn push(&self, now: Instant, bytes: &[u8], sink: &Sink) {
         let c = &self.counters;
         bump(&c.packets);
         c.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -338,14 +359,14 @@ impl Pipe {
             let at = departs + st.sample_delay();
             let seq = st.next_seq;
             st.next_seq += 1;
-            st.heap.push(Scheduled { at, seq, bytes: Arc::clone(&bytes), socket: Arc::clone(socket), to });
+            st.heap.push(Scheduled { at, seq, bytes: Arc::clone(&bytes), sink: sink.clone() });
         }
         drop(st);
         self.wake.notify_one();
     }
 
     /// Sends datagrams at their delivery times until `stop`.
-    fn run(&self, stop: &AtomicBool) {
+    pub(crate) fn run(&self, stop: &AtomicBool) {
         loop {
             let next = {
                 let mut st = self.state.lock();
@@ -372,8 +393,8 @@ impl Pipe {
                     }
                 }
             };
-            match next.socket.send_to(&next.bytes, next.to) {
-                Ok(_) => bump(&self.counters.delivered),
+            match next.sink.send(&next.bytes) {
+                Ok(()) => bump(&self.counters.delivered),
                 Err(_) => bump(&self.counters.send_errors),
             }
         }
@@ -444,7 +465,9 @@ impl Shared {
             let mut buf = vec![0u8; MAX_DATAGRAM];
             while !me.stop.load(Ordering::Relaxed) {
                 match reader.recv_from(&mut buf) {
-                    Ok((n, from)) if from == me.upstream => me.down.push(Instant::now(), &buf[..n], &me.listen, client),
+                    Ok((n, from)) if from == me.upstream => {
+                        me.down.push(Instant::now(), &buf[..n], &Sink::Udp(Arc::clone(&me.listen), client))
+                    }
                     Ok(_) => {}
                     Err(e) if is_timeout(&e) => {}
                     Err(_) => std::thread::sleep(POLL),
@@ -506,7 +529,7 @@ impl Relay {
             while !me.stop.load(Ordering::Relaxed) {
                 match me.listen.recv_from(&mut buf) {
                     Ok((n, client)) => match me.session(client) {
-                        Ok(sock) => me.up.push(Instant::now(), &buf[..n], &sock, me.upstream),
+                        Ok(sock) => me.up.push(Instant::now(), &buf[..n], &Sink::Udp(sock, me.upstream)),
                         Err(_) => bump(&me.up.counters.send_errors),
                     },
                     Err(e) if is_timeout(&e) => {}
@@ -616,6 +639,9 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
     }
     Ok((v * mul) as u64)
 }
+
+mod wire;
+pub use wire::{End, TunWire, ADDR_A, ADDR_B};
 
 #[cfg(test)]
 mod tests;

@@ -1,10 +1,11 @@
-//! TAP interfaces.
+//! TAP and TUN interfaces, network namespaces.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFF_TUN: libc::c_short = 0x0001;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 
@@ -24,11 +25,23 @@ struct IfReq {
 /// `InvalidInput` for a bad name; the OS error (no `/dev/net/tun`, no
 /// permission, busy).
 pub fn open_tap(name: &str) -> io::Result<File> {
+    open_tun_or_tap(name, IFF_TAP)
+}
+
+/// As [`open_tap`], for a TUN interface: IP packets, not frames.
+///
+/// # Errors
+/// As [`open_tap`].
+pub fn open_tun(name: &str) -> io::Result<File> {
+    open_tun_or_tap(name, IFF_TUN)
+}
+
+fn open_tun_or_tap(name: &str, kind: libc::c_short) -> io::Result<File> {
     if name.is_empty() || name.len() > 15 {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("tap name {name:?} must be 1..=15 bytes")));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("interface name {name:?} must be 1..=15 bytes")));
     }
     let file = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun")?;
-    let mut req = IfReq { name: [0; 16], flags: IFF_TAP | IFF_NO_PI, _pad: [0; 22] };
+    let mut req = IfReq { name: [0; 16], flags: kind | IFF_NO_PI, _pad: [0; 22] };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: TUNSETIFF takes a `struct ifreq`, which IfReq lays out (name,
     // then the flags union member), padded to its 40 bytes.
