@@ -1,0 +1,27 @@
+#!/bin/bash
+# Primary and backup each pinned to one core of this machine (backup on
+# CPU 0, primary and its arena guest on CPU 1), on loopback: one run of
+# `remus protect --pages-per-sec N` for SECONDS, printing achieved Hz,
+# output delay and CPU per dirty page on each side.
+#
+# usage: scripts/pinned.sh PAGES_PER_SEC SECONDS   (REMUS_BIN: the remus binary)
+set -u
+R=${REMUS_BIN:-${CARGO_TARGET_DIR:-target}/release/remus}
+D=$(mktemp -d)
+$R --data-dir $D keygen >/dev/null 2>&1
+taskset -c 0 $R --data-dir $D backup --listen 127.0.0.1:0 > $D/b.out 2>$D/b.err &
+BP=$!
+for i in $(seq 50); do grep -q "listening on" $D/b.out 2>/dev/null && break; sleep 0.1; done
+ADDR=$(head -1 $D/b.out | awk '{print $3}')
+T0=$(awk '{print $14+$15}' /proc/$BP/stat)
+taskset -c 1 $R --data-dir $D protect --backup $ADDR --seconds $2 --pages-per-sec $1 --json --drain-seconds 30 > $D/p.json 2>$D/p.err
+T1=$(awk '{print $14+$15}' /proc/$BP/stat)
+kill $BP; wait $BP 2>/dev/null
+python3 - "$D/p.json" "$1" $((T1-T0)) <<'PY'
+import json,sys
+s=json.load(open(sys.argv[1]))
+d=max(s["dirty_pages"],1)
+tick=100.0
+print(f'{sys.argv[2]:>6} pages/s: {s["hz"]:.1f} Hz, acked {s["epochs_committed"]}/{s["epochs"]}, output p50 {s["commit_ms_p50"]:.0f} ms p99 {s["commit_ms_p99"]:.0f} ms, dirty {s["dirty_pages"]}, primary {s["cpu_seconds"]*1e6/d:.1f} us/page, backup {int(sys.argv[3])/tick*1e6/d:.1f} us/page')
+PY
+rm -rf $D
