@@ -62,8 +62,10 @@ fn add_usage(_key: &[u8], existing: Option<&[u8]>, operands: &rocksdb::MergeOper
 }
 
 /// New chunk bytes from which a commit appends its chunks to a pack file
-/// (see [`Store::commit_many`]).
-const BULK_BYTES: usize = 4 << 20;
+/// (see [`Store::commit_many`]): a page's worth. Below it (a few bytes of
+/// device state, say) they ride in the batch, as a pack append would cost
+/// a sync of its own for them.
+const BULK_BYTES: usize = 4 << 10;
 
 /// Largest chunk content accepted when reading.
 const MAX_CHUNK: usize = 16 << 20;
@@ -570,8 +572,9 @@ impl Store {
             heads.insert(out.manifest.guest, (out.manifest.epoch, out.id, out.manifest.commit_unix_ns));
             outcomes.push(out);
         }
-        // A large group's chunks go to a pack file, synced before the index
-        // batch that names them; small ones ride in the batch itself.
+        // New chunks go to a pack file, synced before the index batch that
+        // names them (written once, not to the WAL and again to blob files
+        // at flush); a few bytes ride in the batch itself.
         let chunks_cf = self.cf(CF_CHUNKS);
         if fresh.iter().map(|(_, c)| c.len()).sum::<usize>() >= BULK_BYTES {
             let parts: Vec<(ChunkId, u8, &[u8])> = fresh

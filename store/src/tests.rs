@@ -256,14 +256,15 @@ fn pack_files(store_dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 }
 
 #[test]
-fn a_large_commit_goes_to_a_pack_file_and_reads_back_after_reopening() {
+fn a_commit_of_a_page_or_more_goes_to_a_pack_file_and_reads_back_after_reopening() {
     let dir = tempfile::tempdir().unwrap();
     let g = GuestId(1);
     let (c, pages) = random_epoch(g, 1, 2048, 1);
     {
         let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
-        // A small commit stays in RocksDB: no pack file yet.
-        store.commit(commit_of(GuestId(9), 1, &[(1, 1)])).unwrap();
+        // Less than a page of new bytes (one compressed page) stays in
+        // RocksDB: no pack file yet.
+        store.commit(commit_of(GuestId(9), 1, &[(1, 2)])).unwrap();
         assert!(pack_files(dir.path()).is_empty());
         let out = store.commit(c).unwrap();
         assert_eq!(out.new_chunks, 2048);
