@@ -28,15 +28,6 @@ mod common;
 
 const GUEST: GuestId = GuestId(1);
 
-fn config(endpoint: &str, bucket: &str, prefix: &str) -> S3Config {
-    let mut cfg = S3Config::new(bucket, prefix);
-    cfg.endpoint = Some(endpoint.into());
-    cfg.region = Some("us-east-1".into());
-    cfg.access_key_id = Some("test".into());
-    cfg.secret_access_key = Some("test".into());
-    cfg
-}
-
 fn page(rng: &mut rand::rngs::SmallRng, incompressible: bool) -> Vec<u8> {
     let mut p = vec![0u8; PAGE_SIZE];
     if incompressible {
@@ -69,7 +60,7 @@ fn main() {
         setting("REMUS_BENCH_ROUNDS", "3"),
     );
     let bucket = format!("s3-crypt-bench-{}", std::process::id());
-    S3Client::new(&config(&endpoint, &bucket, "")).expect("client").create_bucket(false).expect("bucket");
+    S3Client::new(&common::s3_config(&endpoint, &bucket, "")).expect("client").create_bucket(false).expect("bucket");
     let dir = tempfile::tempdir().expect("tempdir");
     let keys = dir.path().join("s3.keys");
     Keyring::add_key(&keys).expect("key file");
@@ -78,7 +69,7 @@ fn main() {
         .into_iter()
         .map(|(name, keys)| {
             let store = Store::open(&dir.path().join(name), StoreOptions::default()).expect("store");
-            let cfg = S3Config { encryption_keys: keys, ..config(&endpoint, &bucket, name) };
+            let cfg = S3Config { encryption_keys: keys, ..common::s3_config(&endpoint, &bucket, name) };
             (name, store, S3Tier::connect(&cfg).expect("s3"), Vec::new())
         })
         .collect();

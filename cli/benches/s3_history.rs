@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
 use remus_restore::{RestorePlan, S3Source, Target};
-use remus_store::s3::{Reach, S3Client, S3Config, S3Tier, UploadReport};
+use remus_store::s3::{Reach, S3Client, S3Tier, UploadReport};
 use remus_store::{EpochCommit, Store, StoreOptions, StoredChunk};
 use remus_types::{content_id, EpochId, GuestId, MemoryDigest, Pfn, PAGE_SIZE};
 
@@ -34,15 +34,6 @@ mod common;
 
 const GUEST: GuestId = GuestId(1);
 const PERIOD_NS: u64 = 25_000_000;
-
-fn config(endpoint: &str, bucket: &str, prefix: &str) -> S3Config {
-    let mut cfg = S3Config::new(bucket, prefix);
-    cfg.endpoint = Some(endpoint.into());
-    cfg.region = Some("us-east-1".into());
-    cfg.access_key_id = Some("test".into());
-    cfg.secret_access_key = Some("test".into());
-    cfg
-}
 
 fn add(total: &mut UploadReport, r: UploadReport) {
     total.epochs += r.epochs;
@@ -62,14 +53,14 @@ fn main() {
     let (epochs, pages, dirty) =
         (setting("REMUS_BENCH_EPOCHS", "144000"), setting("REMUS_BENCH_PAGES", "4096"), setting("REMUS_BENCH_DIRTY", "4"));
     let bucket = format!("s3-history-bench-{}", std::process::id());
-    S3Client::new(&config(&endpoint, &bucket, "")).expect("client").create_bucket(false).expect("bucket");
+    S3Client::new(&common::s3_config(&endpoint, &bucket, "")).expect("client").create_bucket(false).expect("bucket");
     let dir = tempfile::tempdir().expect("tempdir");
     // (store, tier, epochs per pass, requests so far)
     let mut runs: Vec<(Store, S3Tier, u64, UploadReport)> = [800u64, 40]
         .into_iter()
         .map(|every| {
             let store = Store::open(&dir.path().join(format!("store-{every}")), StoreOptions::default()).expect("store");
-            let tier = S3Tier::connect(&config(&endpoint, &bucket, &format!("every-{every}"))).expect("s3");
+            let tier = S3Tier::connect(&common::s3_config(&endpoint, &bucket, &format!("every-{every}"))).expect("s3");
             (store, tier, every, UploadReport::default())
         })
         .collect();

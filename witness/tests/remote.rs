@@ -4,7 +4,9 @@
 //! restart, a guest's certificate confined to its own lease, and clear
 //! errors for a witness that is away or a client it does not trust.
 
-use std::sync::{Arc, Barrier};
+mod common;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use remus_types::GuestId;
@@ -31,13 +33,7 @@ fn the_lease_changes_only_from_the_version_read_and_survives_a_restart() {
     let server = WitnessServer::start("127.0.0.1:0".parse().unwrap(), state.path(), &tls).unwrap();
     let s = as_backup(&server, &tls);
     let g = GuestId(7);
-    assert_eq!(s.read(g).unwrap(), None);
-    let first = s.create(&Lease::new(g, 1, "site-a", 500, None)).unwrap();
-    assert!(matches!(s.create(&Lease::new(g, 1, "site-b", 500, None)), Err(WitnessError::Lost(_))), "only one first lease");
-    let renewed = s.replace(&first.lease.renewed(), &first.tag).unwrap();
-    assert_ne!(renewed.tag, first.tag, "a renewal is a new version");
-    assert!(matches!(s.replace(&Lease::new(g, 2, "site-b", 500, Some(40)), &first.tag), Err(WitnessError::Lost(_))));
-    assert_eq!(s.read(g).unwrap().unwrap(), renewed);
+    let (first, renewed) = common::swaps_only_from_the_version_read(&s, g);
 
     // Restarted on the same directory: the lease and its version are
     // there, the old versions still lose, the current one still wins.
@@ -56,31 +52,9 @@ fn of_racing_takers_exactly_one_wins() {
     let (_ca, tls) = new_ca();
     let state = tempfile::tempdir().unwrap();
     let server = WitnessServer::start("127.0.0.1:0".parse().unwrap(), state.path(), &tls).unwrap();
-    const TAKERS: usize = 6;
     // Each taker a client of its own, as on its own host.
-    let takers: Vec<Arc<RemoteLeases>> = (0..TAKERS).map(|_| Arc::new(as_backup(&server, &tls))).collect();
-    for round in 0..15u64 {
-        let g = GuestId(100 + round);
-        let start = takers[0].create(&Lease::new(g, 1, "owner", 500, None)).unwrap();
-        let barrier = Arc::new(Barrier::new(TAKERS));
-        let handles: Vec<_> = takers
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let (s, barrier, tag) = (Arc::clone(s), Arc::clone(&barrier), start.tag.clone());
-                std::thread::spawn(move || {
-                    let lease = Lease::new(g, 2, &format!("taker-{i}"), 500, Some(round));
-                    barrier.wait();
-                    s.replace(&lease, &tag).map(|t| t.lease.owner)
-                })
-            })
-            .collect();
-        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        let winners: Vec<&String> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
-        assert_eq!(winners.len(), 1, "round {round}: {results:?}");
-        assert!(results.iter().all(|r| matches!(r, Ok(_) | Err(WitnessError::Lost(_)))), "round {round}: {results:?}");
-        assert_eq!(&takers[1].read(g).unwrap().unwrap().lease.owner, winners[0], "the witness names the winner");
-    }
+    let takers: Vec<Arc<dyn LeaseStore>> = (0..6).map(|_| Arc::new(as_backup(&server, &tls)) as Arc<dyn LeaseStore>).collect();
+    common::exactly_one_of_racing_takers_wins(&takers, 15);
 }
 
 #[test]

@@ -3,7 +3,9 @@
 //! compare-and-swap semantics, and that of many takers racing for the
 //! same lease exactly one wins, every round.
 
-use std::sync::{Arc, Barrier};
+mod common;
+
+use std::sync::Arc;
 
 use remus_s3::{S3Client, S3Config};
 use remus_types::GuestId;
@@ -30,42 +32,14 @@ fn leases(bucket: &str) -> S3Leases {
 fn the_lease_changes_only_from_the_version_read() {
     let s = leases("lease-cas");
     let g = GuestId(7);
-    assert_eq!(s.read(g).unwrap(), None);
-    let first = s.create(&Lease::new(g, 1, "site-a", 500, None)).unwrap();
-    assert!(matches!(s.create(&Lease::new(g, 1, "site-b", 500, None)), Err(WitnessError::Lost(_))), "only one first lease");
-    let renewed = s.replace(&first.lease.renewed(), &first.tag).unwrap();
-    assert_ne!(renewed.tag, first.tag, "a renewal is a new version");
-    // A writer holding the old version loses, whatever it writes.
-    assert!(matches!(s.replace(&Lease::new(g, 2, "site-b", 500, Some(40)), &first.tag), Err(WitnessError::Lost(_))));
-    let read = s.read(g).unwrap().unwrap();
-    assert_eq!(read, renewed);
-    let taken = s.replace(&Lease::new(g, 2, "site-b", 500, Some(40)), &read.tag).unwrap();
+    let (_, renewed) = common::swaps_only_from_the_version_read(&s, g);
+    let taken = s.replace(&Lease::new(g, 2, "site-b", 500, Some(40)), &renewed.tag).unwrap();
     assert!(matches!(s.replace(&renewed.lease.renewed(), &renewed.tag), Err(WitnessError::Lost(_))), "the old owner's renewal fails");
     assert_eq!(s.read(g).unwrap().unwrap().lease.generation, taken.lease.generation);
 }
 
 #[test]
 fn of_racing_takers_exactly_one_wins() {
-    let s = Arc::new(leases("lease-race"));
-    const TAKERS: usize = 8;
-    for round in 0..15u64 {
-        let g = GuestId(100 + round);
-        let start = s.create(&Lease::new(g, 1, "owner", 500, None)).unwrap();
-        let barrier = Arc::new(Barrier::new(TAKERS));
-        let handles: Vec<_> = (0..TAKERS)
-            .map(|i| {
-                let (s, barrier, tag) = (Arc::clone(&s), Arc::clone(&barrier), start.tag.clone());
-                std::thread::spawn(move || {
-                    let lease = Lease::new(g, 2, &format!("taker-{i}"), 500, Some(round));
-                    barrier.wait();
-                    s.replace(&lease, &tag).map(|t| t.lease.owner)
-                })
-            })
-            .collect();
-        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        let winners: Vec<&String> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
-        assert_eq!(winners.len(), 1, "round {round}: {results:?}");
-        assert!(results.iter().all(|r| matches!(r, Ok(_) | Err(WitnessError::Lost(_)))), "round {round}: {results:?}");
-        assert_eq!(&s.read(g).unwrap().unwrap().lease.owner, winners[0], "the witness names the winner");
-    }
+    let s: Arc<dyn LeaseStore> = Arc::new(leases("lease-race"));
+    common::exactly_one_of_racing_takers_wins(&vec![s; 8], 15);
 }
