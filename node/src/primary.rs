@@ -21,6 +21,7 @@ use parking_lot::Mutex;
 use remus_capture::{ArenaConfig, ArenaGuest, CadenceConfig, EpochEngine, OutputBuffer, ProtectedGuest};
 use remus_qemu::{Egress, NetRelay, QemuConfig, QemuGuest};
 use remus_types::{now_unix_nanos, Checkpoint, EpochId, GuestId};
+use remus_wan::driver::ClientSource;
 use remus_wan::driver::{run_primary, LinkEvent, LinkTuning, PrimaryLinkConfig};
 use remus_wan::tls::{client_config, TlsDir};
 use remus_wan::SenderConfig;
@@ -164,7 +165,13 @@ impl Primary {
     /// # Errors
     /// When the guest cannot start or the TLS material is unusable.
     pub fn start(opts: PrimaryOptions) -> Result<Self> {
-        let client = client_config(Some(opts.tls.primary_identity(opts.guest)?), opts.tls.roots()?, opts.tls.crls()?)?;
+        // Checked now (a clear error before the guest starts), and built
+        // again before each connection attempt (a revocation list since).
+        let client: ClientSource = {
+            let (tls, guest) = (opts.tls.clone(), opts.guest);
+            Arc::new(move || client_config(Some(tls.primary_identity(guest)?), tls.roots()?, tls.crls()?))
+        };
+        client()?;
         // The lease before the guest: a guest owned elsewhere never starts.
         let lease = match &opts.witness {
             Some(w) => {

@@ -212,13 +212,18 @@ pub struct LinkTuning {
     pub max_rate: Option<u64>,
 }
 
+/// Builds the primary's TLS client configuration (with its certificate)
+/// for each connection attempt, so that a revocation list written since
+/// the last one is honoured.
+pub type ClientSource = Arc<dyn Fn() -> Result<quinn::ClientConfig, LinkError> + Send + Sync>;
+
 /// Where and how the primary connects.
 #[derive(Clone)]
 pub struct PrimaryLinkConfig {
     /// Backup address.
     pub backup: SocketAddr,
-    /// TLS client config (with the primary's certificate).
-    pub client: quinn::ClientConfig,
+    /// TLS client config, built again before each connection attempt.
+    pub client: ClientSource,
     /// Protocol tuning.
     pub sender: SenderConfig,
     /// Transport tuning.
@@ -261,8 +266,9 @@ pub async fn run_primary(
 ) -> Result<(), LinkError> {
     let bind: SocketAddr = if cfg.backup.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("addr");
     let ep = endpoint(bind, None)?;
-    let mut client = cfg.client.clone();
-    client.transport_config(Arc::new(transport_config(cfg.tuning.congestion, cfg.tuning.max_rate)));
+    let transport = Arc::new(transport_config(cfg.tuning.congestion, cfg.tuning.max_rate));
+    let mut client = (cfg.client)()?;
+    client.transport_config(Arc::clone(&transport));
     let mut core = SenderCore::new(cfg.sender, cfg.guest, cfg.instance, cfg.page_count).with_generation(cfg.generation);
     if let Some((epoch, manifest)) = cfg.continues {
         core = core.continuing(epoch, manifest);
@@ -277,6 +283,15 @@ pub async fn run_primary(
             ep.close(VarInt::from_u32(0), b"done");
             ep.wait_idle().await;
             return Ok(());
+        }
+        // The TLS files as they are now (a revocation list written since);
+        // unreadable ones leave the configuration in force, with a warning.
+        match (cfg.client)() {
+            Ok(mut c) => {
+                c.transport_config(Arc::clone(&transport));
+                client = c;
+            }
+            Err(e) => tracing::warn!(error = %e, "TLS files not reloaded; the configuration in force stays"),
         }
         // Connect, still taking checkpoints so the guest never waits on us.
         let conn = match ep.connect_with(client.clone(), cfg.backup, crate::tls::SERVER_NAME) {

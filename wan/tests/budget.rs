@@ -62,7 +62,10 @@ async fn a_slow_store_holds_the_primary_back_within_the_budget_and_every_epoch_c
 
     let cfg = PrimaryLinkConfig {
         backup: addr,
-        client: client_config(Some(tls.identity("primary").unwrap()), tls.roots().unwrap(), Vec::new()).unwrap(),
+        client: {
+            let tls = tls.clone();
+            Arc::new(move || client_config(Some(tls.identity("primary")?), tls.roots()?, Vec::new()))
+        },
         sender: SenderConfig::default(),
         tuning: LinkTuning::default(),
         guest: GuestId(1),

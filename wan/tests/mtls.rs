@@ -252,6 +252,66 @@ async fn a_primary_holding_the_revocation_list_refuses_a_revoked_backup() {
     ep.close(0u32.into(), b"done");
 }
 
+/// A primary reads its TLS files again before each connection attempt: a
+/// revocation list naming its backup, written while it was connected, is
+/// honoured at its next connection: it refuses that backup and stops.
+#[tokio::test]
+async fn a_running_primary_honours_a_revocation_list_written_since_it_started() {
+    use remus_wan::driver::{run_primary, LinkTuning, PrimaryLinkConfig};
+    let ca = tempfile::tempdir().unwrap();
+    keygen(ca.path()).unwrap();
+    let tls = TlsDir(ca.path().to_path_buf());
+    let replica = Arc::new(CountingReplica::default());
+    let ep = endpoint("127.0.0.1:0".parse().unwrap(), Some(tls.backup_server().unwrap())).unwrap();
+    let addr = ep.local_addr().unwrap();
+    let backup = tokio::spawn(run_backup(ep.clone(), Arc::clone(&replica), BackupLinkConfig::default()));
+    let cfg = PrimaryLinkConfig {
+        backup: addr,
+        client: {
+            let tls = tls.clone();
+            Arc::new(move || client_config(Some(tls.identity("primary")?), tls.roots()?, tls.crls()?))
+        },
+        sender: remus_wan::SenderConfig::default(),
+        tuning: LinkTuning::default(),
+        guest: GuestId(1),
+        instance: 7,
+        generation: 0,
+        page_count: 16,
+        continues: None,
+        handover: Arc::default(),
+    };
+    let (_checkpoints, rx) = tokio::sync::mpsc::channel(1);
+    let (etx, _erx) = tokio::sync::mpsc::unbounded_channel();
+    let link = tokio::spawn(run_primary(cfg, rx, etx));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while replica.welcomed.load(Ordering::SeqCst) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the primary never connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Connected. The backup's certificate is revoked, the backup goes
+    // away and comes back on the same address.
+    revoke_serial(ca.path(), &serial_of(&tls.pair("backup").0).unwrap()).unwrap();
+    ep.close(0u32.into(), b"restarting");
+    ep.wait_idle().await;
+    backup.abort();
+    drop(ep);
+    let ep = loop {
+        match endpoint(addr, Some(tls.backup_server().unwrap())) {
+            Ok(ep) => break ep,
+            Err(e) => {
+                assert!(tokio::time::Instant::now() < deadline, "rebinding {addr}: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    tokio::spawn(run_backup(ep.clone(), Arc::clone(&replica), BackupLinkConfig::default()));
+    let ended = tokio::time::timeout(Duration::from_secs(30), link).await.expect("the primary stops").unwrap();
+    let err = ended.expect_err("a revoked backup is refused").to_string();
+    assert!(err.contains("certificate") && err.contains("Revoked"), "{err}");
+    assert_eq!(replica.welcomed.load(Ordering::SeqCst), 1, "it never said Hello to the revoked backup");
+    ep.close(0u32.into(), b"done");
+}
+
 #[test]
 fn unreadable_tls_material_is_named() {
     let dir = tempfile::tempdir().unwrap();
