@@ -35,6 +35,14 @@ impl Replica for CountingReplica {
     fn disconnected(&self, _: GuestId) {}
 }
 
+/// A new CA with keygen's certificates, in a directory of its own.
+fn new_ca() -> (tempfile::TempDir, TlsDir) {
+    let dir = tempfile::tempdir().unwrap();
+    keygen(dir.path()).unwrap();
+    let tls = TlsDir(dir.path().to_path_buf());
+    (dir, tls)
+}
+
 /// Connects with `client`, sends Hello for guest 1, and returns the first
 /// message the backup answers, or the error that ended the attempt.
 async fn hello(client: quinn::ClientConfig, addr: std::net::SocketAddr) -> Result<Message, String> {
@@ -106,9 +114,7 @@ async fn only_primaries_with_a_certificate_from_our_ca_are_admitted() {
 
 #[tokio::test]
 async fn a_guest_certificate_speaks_for_its_guest_alone_and_expired_or_revoked_ones_are_refused() {
-    let ca = tempfile::tempdir().unwrap();
-    keygen(ca.path()).unwrap();
-    let tls = TlsDir(ca.path().to_path_buf());
+    let (ca, tls) = new_ca();
     // Each primary's directory holds its own certificate and the CA's.
     let primary = |guest: u64, days: u32| {
         let dir = tempfile::tempdir().unwrap();
@@ -189,9 +195,7 @@ async fn connected_as(client: quinn::ClientConfig, addr: std::net::SocketAddr, g
 
 #[tokio::test]
 async fn a_primary_connected_with_a_certificate_revoked_since_is_disconnected_and_others_stay() {
-    let ca = tempfile::tempdir().unwrap();
-    keygen(ca.path()).unwrap();
-    let tls = TlsDir(ca.path().to_path_buf());
+    let (ca, tls) = new_ca();
     let client = |guest: u64| {
         let dir = tempfile::tempdir().unwrap();
         std::fs::copy(tls.ca(), dir.path().join("ca.pem")).unwrap();
@@ -227,9 +231,7 @@ async fn a_primary_connected_with_a_certificate_revoked_since_is_disconnected_an
 
 #[tokio::test]
 async fn a_primary_holding_the_revocation_list_refuses_a_revoked_backup() {
-    let ca = tempfile::tempdir().unwrap();
-    keygen(ca.path()).unwrap();
-    let tls = TlsDir(ca.path().to_path_buf());
+    let (ca, tls) = new_ca();
     let replica = Arc::new(CountingReplica::default());
     let ep = endpoint("127.0.0.1:0".parse().unwrap(), Some(tls.backup_server().unwrap())).unwrap();
     let addr = ep.local_addr().unwrap();
@@ -258,9 +260,7 @@ async fn a_primary_holding_the_revocation_list_refuses_a_revoked_backup() {
 #[tokio::test]
 async fn a_running_primary_honours_a_revocation_list_written_since_it_started() {
     use remus_wan::driver::{run_primary, LinkTuning, PrimaryLinkConfig};
-    let ca = tempfile::tempdir().unwrap();
-    keygen(ca.path()).unwrap();
-    let tls = TlsDir(ca.path().to_path_buf());
+    let (ca, tls) = new_ca();
     let replica = Arc::new(CountingReplica::default());
     let ep = endpoint("127.0.0.1:0".parse().unwrap(), Some(tls.backup_server().unwrap())).unwrap();
     let addr = ep.local_addr().unwrap();
@@ -327,9 +327,7 @@ fn unreadable_tls_material_is_named() {
 /// the connection naming the fault, and commits nothing.
 #[tokio::test]
 async fn a_corrupt_epoch_stream_closes_the_connection_with_the_reason() {
-    let dir = tempfile::tempdir().unwrap();
-    keygen(dir.path()).unwrap();
-    let tls = TlsDir(dir.path().to_path_buf());
+    let (_dir, tls) = new_ca();
     let replica = Arc::new(CountingReplica::default());
     let server = server_config(tls.identity("backup").unwrap(), tls.roots().unwrap(), Vec::new()).unwrap();
     let ep = endpoint("127.0.0.1:0".parse().unwrap(), Some(server)).unwrap();
