@@ -426,30 +426,76 @@ impl RelayConfig {
     }
 }
 
-struct Shared {
-    listen: Arc<UdpSocket>,
-    upstream: SocketAddr,
-    up: Pipe,
-    down: Pipe,
-    stop: AtomicBool,
-    /// Client address to the upstream socket that speaks for it.
-    sessions: Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>,
+/// The two directions of an impaired path and the threads that run them,
+/// for the UDP relay and the TUN wire alike.
+pub(crate) struct Pipes {
+    pub(crate) up: Pipe,
+    pub(crate) down: Pipe,
+    pub(crate) stop: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
-impl Shared {
-    fn pipe(&self, dir: Direction) -> &Pipe {
+impl Pipes {
+    /// Up impaired by `up`, down by `down`; `seed` draws both.
+    pub(crate) fn new(up: Impairment, down: Impairment, seed: u64) -> Self {
+        Self {
+            up: Pipe::new(up, seed),
+            down: Pipe::new(down, seed ^ 0x9e37_79b9_7f4a_7c15),
+            stop: AtomicBool::new(false),
+            threads: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn pipe(&self, dir: Direction) -> &Pipe {
         match dir {
             Direction::Up => &self.up,
             Direction::Down => &self.down,
         }
     }
 
-    fn spawn(self: &Arc<Self>, name: &str, f: impl FnOnce(&Shared) + Send + 'static) -> io::Result<()> {
-        let me = Arc::clone(self);
+    /// Runs `f(owner)` on a named thread that [`stop`](Self::stop) joins.
+    pub(crate) fn spawn<T: Send + Sync + 'static>(
+        &self,
+        owner: &Arc<T>,
+        name: &str,
+        f: impl FnOnce(&T) + Send + 'static,
+    ) -> io::Result<()> {
+        let me = Arc::clone(owner);
         let h = std::thread::Builder::new().name(name.into()).spawn(move || f(&me))?;
         self.threads.lock().push(h);
         Ok(())
+    }
+
+    /// Cuts (or heals) both directions.
+    pub(crate) fn set_partitioned(&self, on: bool) {
+        for dir in [Direction::Up, Direction::Down] {
+            self.pipe(dir).state.lock().partitioned = on;
+        }
+    }
+
+    /// Stops every thread and waits for them.
+    pub(crate) fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.up.wake.notify_all();
+        self.down.wake.notify_all();
+        let threads = std::mem::take(&mut *self.threads.lock());
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Shared {
+    listen: Arc<UdpSocket>,
+    upstream: SocketAddr,
+    pipes: Pipes,
+    /// Client address to the upstream socket that speaks for it.
+    sessions: Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>,
+}
+
+impl Shared {
+    fn spawn(self: &Arc<Self>, name: &str, f: impl FnOnce(&Shared) + Send + 'static) -> io::Result<()> {
+        self.pipes.spawn(self, name, f)
     }
 
     /// The upstream socket for `client`, made (with its reader) on first use.
@@ -463,10 +509,10 @@ impl Shared {
         let reader = Arc::clone(&sock);
         self.spawn("relay-down", move |me| {
             let mut buf = vec![0u8; MAX_DATAGRAM];
-            while !me.stop.load(Ordering::Relaxed) {
+            while !me.pipes.stop.load(Ordering::Relaxed) {
                 match reader.recv_from(&mut buf) {
                     Ok((n, from)) if from == me.upstream => {
-                        me.down.push(Instant::now(), &buf[..n], &Sink::Udp(Arc::clone(&me.listen), client))
+                        me.pipes.down.push(Instant::now(), &buf[..n], &Sink::Udp(Arc::clone(&me.listen), client))
                     }
                     Ok(_) => {}
                     Err(e) if is_timeout(&e) => {}
@@ -515,22 +561,19 @@ impl Relay {
         let shared = Arc::new(Shared {
             listen,
             upstream: cfg.upstream,
-            up: Pipe::new(cfg.up, cfg.seed),
-            down: Pipe::new(cfg.down, cfg.seed ^ 0x9e37_79b9_7f4a_7c15),
-            stop: AtomicBool::new(false),
+            pipes: Pipes::new(cfg.up, cfg.down, cfg.seed),
             sessions: Mutex::new(HashMap::new()),
-            threads: Mutex::new(Vec::new()),
         });
-        shared.spawn("relay-up-send", |me| me.up.run(&me.stop))?;
-        shared.spawn("relay-down-send", |me| me.down.run(&me.stop))?;
+        shared.spawn("relay-up-send", |me| me.pipes.up.run(&me.pipes.stop))?;
+        shared.spawn("relay-down-send", |me| me.pipes.down.run(&me.pipes.stop))?;
         let me = Arc::clone(&shared);
         shared.spawn("relay-up", move |_| {
             let mut buf = vec![0u8; MAX_DATAGRAM];
-            while !me.stop.load(Ordering::Relaxed) {
+            while !me.pipes.stop.load(Ordering::Relaxed) {
                 match me.listen.recv_from(&mut buf) {
                     Ok((n, client)) => match me.session(client) {
-                        Ok(sock) => me.up.push(Instant::now(), &buf[..n], &Sink::Udp(sock, me.upstream)),
-                        Err(_) => bump(&me.up.counters.send_errors),
+                        Ok(sock) => me.pipes.up.push(Instant::now(), &buf[..n], &Sink::Udp(sock, me.upstream)),
+                        Err(_) => bump(&me.pipes.up.counters.send_errors),
                     },
                     Err(e) if is_timeout(&e) => {}
                     Err(_) => std::thread::sleep(POLL),
@@ -549,9 +592,7 @@ impl Relay {
     /// Cuts (or heals) both directions; datagrams already on their way
     /// still arrive, as on a real path.
     pub fn set_partitioned(&self, on: bool) {
-        for dir in [Direction::Up, Direction::Down] {
-            self.shared.pipe(dir).state.lock().partitioned = on;
-        }
+        self.shared.pipes.set_partitioned(on);
     }
 
     /// Changes one direction's impairment while running.
@@ -560,20 +601,20 @@ impl Relay {
     /// [`RelayError::Invalid`] for values out of range.
     pub fn set_impairment(&self, dir: Direction, imp: Impairment) -> Result<(), RelayError> {
         imp.validate()?;
-        self.shared.pipe(dir).state.lock().imp = imp;
+        self.shared.pipes.pipe(dir).state.lock().imp = imp;
         Ok(())
     }
 
     /// What one direction did so far.
     #[must_use]
     pub fn counters(&self, dir: Direction) -> Counters {
-        self.shared.pipe(dir).counters.snapshot()
+        self.shared.pipes.pipe(dir).counters.snapshot()
     }
 
     /// Datagrams of one direction scheduled and not yet sent on.
     #[must_use]
     pub fn pending(&self, dir: Direction) -> usize {
-        self.shared.pipe(dir).state.lock().heap.len()
+        self.shared.pipes.pipe(dir).state.lock().heap.len()
     }
 
     /// Datagrams the kernel dropped on the relay's own sockets (full
@@ -612,13 +653,7 @@ fn udp_drops(table: &str, ports: &[u16]) -> u64 {
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
-        self.shared.up.wake.notify_all();
-        self.shared.down.wake.notify_all();
-        let threads = std::mem::take(&mut *self.shared.threads.lock());
-        for t in threads {
-            let _ = t.join();
-        }
+        self.shared.pipes.stop();
     }
 }
 

@@ -17,12 +17,9 @@ use std::net::Ipv4Addr;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Instant;
 
-use parking_lot::Mutex;
-
-use crate::{Counters, Direction, Impairment, Pipe, RelayError, Sink, MAX_DATAGRAM};
+use crate::{Counters, Direction, Impairment, Pipe, Pipes, RelayError, Sink, MAX_DATAGRAM};
 
 /// Side A's address.
 pub const ADDR_A: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
@@ -38,16 +35,9 @@ pub enum End {
     B,
 }
 
-struct WireShared {
-    up: Pipe,
-    down: Pipe,
-    stop: AtomicBool,
-    threads: Mutex<Vec<JoinHandle<()>>>,
-}
-
 /// A running wire; its namespaces are deleted when it is dropped.
 pub struct TunWire {
-    shared: Arc<WireShared>,
+    pipes: Arc<Pipes>,
     names: [String; 2],
 }
 
@@ -88,13 +78,7 @@ impl TunWire {
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         let names = [format!("remus-w{}-{n}a", std::process::id()), format!("remus-w{}-{n}b", std::process::id())];
-        let shared = Arc::new(WireShared {
-            up: Pipe::new(up, seed),
-            down: Pipe::new(down, seed ^ 0x9e37_79b9_7f4a_7c15),
-            stop: AtomicBool::new(false),
-            threads: Mutex::new(Vec::new()),
-        });
-        let wire = Self { shared, names };
+        let wire = Self { pipes: Arc::new(Pipes::new(up, down, seed)), names };
         let mut tuns = Vec::new();
         for (name, (local, peer)) in wire.names.iter().zip([(ADDR_A, ADDR_B), (ADDR_B, ADDR_A)]) {
             ip(&["netns", "add", name])?;
@@ -105,19 +89,13 @@ impl TunWire {
             tuns.push(tun);
         }
         let (a, b) = (Arc::clone(&tuns[0]), Arc::clone(&tuns[1]));
-        wire.spawn("wire-up-send", |w| w.up.run(&w.stop))?;
-        wire.spawn("wire-down-send", |w| w.down.run(&w.stop))?;
+        let p = &wire.pipes;
+        p.spawn(p, "wire-up-send", |w| w.up.run(&w.stop))?;
+        p.spawn(p, "wire-down-send", |w| w.down.run(&w.stop))?;
         let (from_a, to_b) = (Arc::clone(&a), Sink::Tun(Arc::clone(&b)));
-        wire.spawn("wire-read-a", move |w| read_into(&from_a, &w.up, &to_b, &w.stop))?;
-        wire.spawn("wire-read-b", move |w| read_into(&b, &w.down, &Sink::Tun(a), &w.stop))?;
+        p.spawn(p, "wire-read-a", move |w| read_into(&from_a, &w.up, &to_b, &w.stop))?;
+        p.spawn(p, "wire-read-b", move |w| read_into(&b, &w.down, &Sink::Tun(a), &w.stop))?;
         Ok(wire)
-    }
-
-    fn spawn(&self, name: &str, f: impl FnOnce(&WireShared) + Send + 'static) -> io::Result<()> {
-        let me = Arc::clone(&self.shared);
-        let h = std::thread::Builder::new().name(name.into()).spawn(move || f(&me))?;
-        self.shared.threads.lock().push(h);
-        Ok(())
     }
 
     /// Moves the calling thread into one end's namespace: sockets it
@@ -132,18 +110,13 @@ impl TunWire {
 
     /// Cuts (or heals) both directions.
     pub fn set_partitioned(&self, on: bool) {
-        for p in [&self.shared.up, &self.shared.down] {
-            p.state.lock().partitioned = on;
-        }
+        self.pipes.set_partitioned(on);
     }
 
     /// What one direction did so far.
     #[must_use]
     pub fn counters(&self, dir: Direction) -> Counters {
-        match dir {
-            Direction::Up => self.shared.up.counters.snapshot(),
-            Direction::Down => self.shared.down.counters.snapshot(),
-        }
+        self.pipes.pipe(dir).counters.snapshot()
     }
 }
 
@@ -163,12 +136,7 @@ fn read_into(tun: &File, pipe: &Pipe, sink: &Sink, stop: &AtomicBool) {
 
 impl Drop for TunWire {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
-        self.shared.up.wake.notify_all();
-        self.shared.down.wake.notify_all();
-        for h in self.shared.threads.lock().drain(..) {
-            let _ = h.join();
-        }
+        self.pipes.stop();
         for name in &self.names {
             let _ = ip(&["netns", "del", name]);
         }
