@@ -137,12 +137,6 @@ impl S3Tier {
         &self.cfg
     }
 
-    /// The keys the tier seals objects with, if any.
-    #[must_use]
-    pub fn keys(&self) -> Option<&Keyring> {
-        self.keys.as_ref()
-    }
-
     /// Puts a new object at `rel` (`If-None-Match: *`), sealed when the
     /// tier has keys.
     pub(crate) fn put_object(&self, rel: &str, plain: Vec<u8>) -> Result<(), S3Error> {
@@ -159,9 +153,7 @@ impl S3Tier {
     pub(crate) fn open(&self, rel: &str, body: Vec<u8>) -> Result<Vec<u8>, StoreError> {
         match (&self.keys, is_sealed(&body)) {
             (Some(k), true) => k.open_object(rel, body),
-            (None, true) => {
-                Err(StoreError::Keys(format!("s3 {rel} is encrypted: set s3.encryption-keys to the key file that encrypted it")))
-            }
+            (None, true) => Err(needs_keys(&format!("s3 {rel}"))),
             (Some(_), false) if !self.cfg.accept_plaintext => Err(StoreError::malformed(
                 format!("s3 {rel}"),
                 "not encrypted, but s3.encryption-keys is set: refused, as anyone who can write the bucket could have put it there (a \
@@ -196,11 +188,7 @@ impl S3Tier {
                 opened = k.open_value(&pack.to_hex(), seal, e.offset, stored)?;
                 &opened
             }
-            (Some(_), None) => {
-                return Err(StoreError::Keys(format!(
-                    "s3 pack {pack} is encrypted: set s3.encryption-keys to the key file that encrypted it"
-                )))
-            }
+            (Some(_), None) => return Err(needs_keys(&format!("s3 pack {pack}"))),
         };
         decode_chunk_value(&e.id, value)
             .map_err(|_| StoreError::malformed(format!("s3 pack {pack}"), format!("chunk {} does not match its hash", e.id)))
@@ -614,6 +602,11 @@ impl S3Tier {
         }
         Ok(())
     }
+}
+
+/// The error for a sealed `object` read by a tier without keys.
+fn needs_keys(object: &str) -> StoreError {
+    StoreError::Keys(format!("{object} is encrypted: set s3.encryption-keys to the key file that encrypted it"))
 }
 
 /// Parts of a pack closer than this are read as one range.
