@@ -267,8 +267,7 @@ pub async fn run_primary(
     let bind: SocketAddr = if cfg.backup.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("addr");
     let ep = endpoint(bind, None)?;
     let transport = Arc::new(transport_config(cfg.tuning.congestion, cfg.tuning.max_rate));
-    let mut client = (cfg.client)()?;
-    client.transport_config(Arc::clone(&transport));
+    let mut in_force: Option<quinn::ClientConfig> = None;
     let mut core = SenderCore::new(cfg.sender, cfg.guest, cfg.instance, cfg.page_count).with_generation(cfg.generation);
     if let Some((epoch, manifest)) = cfg.continues {
         core = core.continuing(epoch, manifest);
@@ -285,14 +284,20 @@ pub async fn run_primary(
             return Ok(());
         }
         // The TLS files as they are now (a revocation list written since);
-        // unreadable ones leave the configuration in force, with a warning.
-        match (cfg.client)() {
-            Ok(mut c) => {
+        // unreadable ones leave the configuration in force, with a warning
+        // (at the first attempt, there is none: the error ends the link).
+        let current = match ((cfg.client)(), in_force.take()) {
+            (Ok(mut c), _) => {
                 c.transport_config(Arc::clone(&transport));
-                client = c;
+                c
             }
-            Err(e) => tracing::warn!(error = %e, "TLS files not reloaded; the configuration in force stays"),
-        }
+            (Err(e), None) => return Err(e),
+            (Err(e), Some(c)) => {
+                tracing::warn!(error = %e, "TLS files not reloaded; the configuration in force stays");
+                c
+            }
+        };
+        let client = in_force.insert(current);
         // Connect, still taking checkpoints so the guest never waits on us.
         let conn = match ep.connect_with(client.clone(), cfg.backup, crate::tls::SERVER_NAME) {
             Ok(c) => match input.take_while(&mut core, &mut checkpoints, &events, c).await {
@@ -856,8 +861,7 @@ async fn watch_revocations(ep: Endpoint, tls: crate::tls::TlsDir, checks: tokio:
             continue;
         }
         last = now;
-        let reloaded = tls.backup_server().and_then(|cfg| Ok((cfg, crate::tls::peer_check(tls.roots()?, tls.crls()?)?)));
-        match reloaded {
+        match tls.backup_server_and_check() {
             Ok((cfg, check)) => {
                 ep.set_server_config(Some(cfg));
                 // A change of who may connect: shown at the default level.

@@ -54,22 +54,26 @@ pub enum Speaks {
 /// CA by the handshake) may speak for `guest`.
 #[must_use]
 pub fn speaks_for(leaf: &CertificateDer<'_>, guest: GuestId) -> Speaks {
-    let Ok(cert) = webpki::EndEntityCert::try_from(leaf) else { return Speaks::Not };
-    let valid_for = |name: String| ServerName::try_from(name).is_ok_and(|n| cert.verify_is_valid_for_subject_name(&n).is_ok());
-    if valid_for(guest_name(guest)) {
+    if issued_for(leaf, &guest_name(guest)) {
         Speaks::Guest
-    } else if valid_for(SHARED_PRIMARY_NAME.to_string()) {
+    } else if issued_for(leaf, SHARED_PRIMARY_NAME) {
         Speaks::Shared
     } else {
         Speaks::Not
     }
 }
+
 /// Whether the certificate `leaf` (already verified against the CA) is a
 /// backup's (issued for [`SERVER_NAME`]).
 #[must_use]
 pub fn is_backup(leaf: &CertificateDer<'_>) -> bool {
+    issued_for(leaf, SERVER_NAME)
+}
+
+/// Whether `leaf` is issued for `name`, by webpki's own name check.
+fn issued_for(leaf: &CertificateDer<'_>, name: &str) -> bool {
     let Ok(cert) = webpki::EndEntityCert::try_from(leaf) else { return false };
-    ServerName::try_from(SERVER_NAME).is_ok_and(|n| cert.verify_is_valid_for_subject_name(&n).is_ok())
+    ServerName::try_from(name.to_string()).is_ok_and(|n| cert.verify_is_valid_for_subject_name(&n).is_ok())
 }
 
 /// ALPN protocol id of the replication link.
@@ -158,6 +162,17 @@ impl TlsDir {
     /// [`LinkError::Tls`] naming an unreadable or invalid file.
     pub fn backup_server(&self) -> Result<quinn::ServerConfig, LinkError> {
         server_config(self.identity("backup")?, self.roots()?, self.crls()?)
+    }
+
+    /// As [`backup_server`](Self::backup_server), with the [`PeerCheck`]
+    /// of connected primaries made by the same verifier (the files read
+    /// once).
+    ///
+    /// # Errors
+    /// As [`backup_server`](Self::backup_server).
+    pub fn backup_server_and_check(&self) -> Result<(quinn::ServerConfig, PeerCheck), LinkError> {
+        let verifier = client_verifier(self.roots()?, self.crls()?)?;
+        Ok((server_config_with(self.identity("backup")?, Arc::clone(&verifier))?, peer_check(verifier)))
     }
 
     /// The revocation lists to check the peer's certificate against (none
@@ -499,8 +514,15 @@ pub fn server_config(
     roots: rustls::RootCertStore,
     crls: Vec<CertificateRevocationListDer<'static>>,
 ) -> Result<quinn::ServerConfig, LinkError> {
+    server_config_with(id, client_verifier(roots, crls)?)
+}
+
+/// As [`server_config`], with the client certificate check given.
+fn server_config_with(
+    id: Identity,
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+) -> Result<quinn::ServerConfig, LinkError> {
     let tls = |e: rustls::Error| LinkError::Tls(e.to_string());
-    let verifier = client_verifier(roots, crls)?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls)?
@@ -532,17 +554,12 @@ fn client_verifier(
 /// as a handshake would now: `Err` says why it is no longer valid.
 pub type PeerCheck = Arc<dyn Fn(&[CertificateDer<'static>]) -> Result<(), String> + Send + Sync>;
 
-/// The [`PeerCheck`] of a backup trusting `roots` and revoking by `crls`
-/// (the handshake's own verifier).
-///
-/// # Errors
-/// [`LinkError::Tls`] when the lists are unusable.
-pub fn peer_check(roots: rustls::RootCertStore, crls: Vec<CertificateRevocationListDer<'static>>) -> Result<PeerCheck, LinkError> {
-    let verifier = client_verifier(roots, crls)?;
-    Ok(Arc::new(move |chain: &[CertificateDer<'static>]| {
+/// The [`PeerCheck`] of `verifier` (the handshake's own).
+fn peer_check(verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>) -> PeerCheck {
+    Arc::new(move |chain: &[CertificateDer<'static>]| {
         let (leaf, rest) = chain.split_first().ok_or("no certificate")?;
         verifier.verify_client_cert(leaf, rest, rustls::pki_types::UnixTime::now()).map(|_| ()).map_err(|e| e.to_string())
-    }))
+    })
 }
 
 /// QUIC client config for the primary: trusts a backup certificate from
