@@ -900,8 +900,7 @@ async fn accept_primaries<R: Replica>(
                 }
             };
             let peer = conn.remote_address();
-            let chain: Vec<rustls::pki_types::CertificateDer<'static>> =
-                conn.peer_identity().and_then(|id| id.downcast().ok()).map(|c| *c).unwrap_or_default();
+            let chain = crate::tls::peer_chain(&conn);
             let served = serve_primary(&conn, &replica, cfg, &budget);
             tokio::pin!(served);
             let revoked = async {
@@ -978,8 +977,8 @@ async fn serve_primary<R: Replica>(
 
 /// Why the peer's certificate may not speak for `guest`, if it may not.
 fn identity_refusal(conn: &Connection, guest: GuestId, shared_allowed: bool) -> Option<String> {
-    let certs = conn.peer_identity().and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok());
-    let Some(leaf) = certs.as_ref().and_then(|c| c.first()) else {
+    let chain = crate::tls::peer_chain(conn);
+    let Some(leaf) = chain.first() else {
         return Some("no client certificate".into());
     };
     match crate::tls::speaks_for(leaf, guest) {

@@ -70,6 +70,13 @@ pub fn is_backup(leaf: &CertificateDer<'_>) -> bool {
     issued_for(leaf, SERVER_NAME)
 }
 
+/// The certificate chain the peer of `conn` presented (leaf first; empty
+/// without one).
+#[must_use]
+pub fn peer_chain(conn: &quinn::Connection) -> Vec<CertificateDer<'static>> {
+    conn.peer_identity().and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok()).map(|c| *c).unwrap_or_default()
+}
+
 /// Whether `leaf` is issued for `name`, by webpki's own name check.
 fn issued_for(leaf: &CertificateDer<'_>, name: &str) -> bool {
     let Ok(cert) = webpki::EndEntityCert::try_from(leaf) else { return false };

@@ -153,10 +153,11 @@ fn answer(dir: &WitnessDir, leaf: Option<&rustls::pki_types::CertificateDer<'_>>
     if !may_change(leaf, guest) {
         return Answer::Refused(format!("this client certificate may not read or change the lease of {guest}"));
     }
+    let found = |t: Tagged| Answer::Lease { lease: t.lease, tag: t.tag };
     let r = match req {
-        Request::Read { guest } => dir.read(guest).map(|t| t.map_or(Answer::None, |t| Answer::Lease { lease: t.lease, tag: t.tag })),
-        Request::Create { lease } => dir.create(&lease).map(|t| Answer::Lease { lease: t.lease, tag: t.tag }),
-        Request::Replace { lease, expected } => dir.replace(&lease, &expected).map(|t| Answer::Lease { lease: t.lease, tag: t.tag }),
+        Request::Read { guest } => dir.read(guest).map(|t| t.map_or(Answer::None, found)),
+        Request::Create { lease } => dir.create(&lease).map(found),
+        Request::Replace { lease, expected } => dir.replace(&lease, &expected).map(found),
     };
     match r {
         Ok(a) => a,
@@ -222,10 +223,7 @@ async fn serve(ep: quinn::Endpoint, dir: Arc<WitnessDir>) {
                     return;
                 }
             };
-            let leaf: Option<rustls::pki_types::CertificateDer<'static>> = conn
-                .peer_identity()
-                .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
-                .and_then(|c| c.into_iter().next());
+            let leaf = remus_wan::tls::peer_chain(&conn).into_iter().next();
             let peer = conn.remote_address();
             while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                 let (dir, leaf) = (Arc::clone(&dir), leaf.clone());
