@@ -122,6 +122,7 @@ impl Ingest {
         let mut c = EpochCommit {
             guest: h.guest,
             epoch: h.epoch,
+            follows: Some(h.follows).filter(|f| f.next() != h.epoch),
             instance: lineage.instance,
             generation: lineage.generation,
             time_unix_ns: h.time_unix_ns,

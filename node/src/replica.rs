@@ -379,8 +379,16 @@ mod tests {
 
     fn epoch(guest: GuestId, e: u64) -> ReceivedEpoch {
         let records = vec![PageRecord { pfn: Pfn(e % 16), hash: zero_page_hash(), encoding: PageEncoding::Zero }];
-        let header =
-            EpochHeader { guest, epoch: EpochId(e), time_unix_ns: e, page_count: 16, pause_ns: 0, records: records.len() as u32, round: 0 };
+        let header = EpochHeader {
+            guest,
+            epoch: EpochId(e),
+            time_unix_ns: e,
+            page_count: 16,
+            pause_ns: 0,
+            records: records.len() as u32,
+            round: 0,
+            follows: EpochId(e - 1),
+        };
         ReceivedEpoch { header, records, device_state: Vec::new(), memory_root: ChunkId::default(), wire_bytes: 0 }
     }
 

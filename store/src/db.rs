@@ -119,8 +119,13 @@ impl StoredChunk {
 pub struct EpochCommit {
     /// Guest.
     pub guest: GuestId,
-    /// Epoch; must be the head + 1.
+    /// Epoch; must be the head + 1, or later with `follows` the head.
     pub epoch: EpochId,
+    /// The epoch it follows when that is not `epoch − 1`: the primary
+    /// merged the epochs between into this one (a backup that fell behind,
+    /// catching up). Those epochs are never kept here: the commit records
+    /// them as a bridge, as thinning would (see `retention`).
+    pub follows: Option<EpochId>,
     /// The primary run that produced it.
     pub instance: u64,
     /// The owner's generation on the witness (0 without one).
@@ -559,8 +564,12 @@ impl Store {
                     None => (EpochId(0), ChunkId::default(), 0),
                 },
             };
-            if c.epoch != head_epoch.next() {
+            let follows = c.follows.unwrap_or(EpochId(c.epoch.0.saturating_sub(1)));
+            if c.epoch <= head_epoch || follows != head_epoch {
                 return Err(StoreError::OutOfOrder { guest: c.guest, epoch: c.epoch, head: head_epoch });
+            }
+            if c.epoch != head_epoch.next() {
+                self.bridge_skipped(&mut batch, c.guest, head_epoch, parent, c.epoch)?;
             }
             // The backup's clock, never behind the parent's commit: what a
             // primary claims about time ages nothing.

@@ -110,6 +110,15 @@ pub struct GcReport {
     pub referenced: HashSet<ChunkId>,
 }
 
+/// Puts `b` into `batch` as `guest`'s bridge record.
+pub(crate) fn put_bridge(store: &Store, batch: &mut WriteBatch, guest: GuestId, b: &Bridge) {
+    let mut v = Vec::with_capacity(72);
+    v.extend_from_slice(&b.last.0.to_be_bytes());
+    v.extend_from_slice(&b.first_parent.0);
+    v.extend_from_slice(&b.last_id.0);
+    batch.put_cf(store.cf(CF_META), bridge_key(guest, b.first), v);
+}
+
 pub(crate) fn bridge_key(guest: GuestId, first: EpochId) -> Vec<u8> {
     let mut k = guest_key(b"bridge", guest);
     k.extend_from_slice(&first.0.to_be_bytes());
@@ -144,11 +153,8 @@ impl Store {
             return Err(StoreError::OutOfOrder { guest, epoch: head.epoch, head: h.epoch });
         }
         let mut batch = WriteBatch::default();
-        let mut v = Vec::with_capacity(72);
-        v.extend_from_slice(&head.epoch.0.to_be_bytes());
-        v.extend_from_slice(&ChunkId::default().0);
-        v.extend_from_slice(&head.manifest.0);
-        batch.put_cf(self.cf(CF_META), bridge_key(guest, EpochId(1)), v);
+        let bridge = Bridge { first: EpochId(1), last: head.epoch, first_parent: ChunkId::default(), last_id: head.manifest };
+        put_bridge(self, &mut batch, guest, &bridge);
         let mut head_v = Vec::with_capacity(64);
         head_v.extend_from_slice(&head.epoch.0.to_be_bytes());
         head_v.extend_from_slice(&head.manifest.0);
@@ -161,6 +167,29 @@ impl Store {
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
         self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// Records, in `batch`, the epochs between `head` (its manifest id
+    /// `parent`) and `epoch` as never kept: a commit of `epoch` that
+    /// follows `head` because the primary merged the epochs between into
+    /// it. The chain rule is thinning's: the bridge's first parent and
+    /// last id are both `parent`. A bridge ending at `head` (a graft,
+    /// whose head has no manifest) is extended instead.
+    pub(crate) fn bridge_skipped(
+        &self,
+        batch: &mut WriteBatch,
+        guest: GuestId,
+        head: EpochId,
+        parent: ChunkId,
+        epoch: EpochId,
+    ) -> Result<(), StoreError> {
+        let last = EpochId(epoch.0 - 1);
+        let bridge = match self.bridges(guest)?.into_iter().find(|b| b.last == head) {
+            Some(graft) => Bridge { last, ..graft },
+            None => Bridge { first: head.next(), last, first_parent: parent, last_id: parent },
+        };
+        put_bridge(self, batch, guest, &bridge);
         Ok(())
     }
 
@@ -239,11 +268,7 @@ impl Store {
             batch.delete_cf(self.cf(CF_META), bridge_key(guest, b.first));
         }
         let rec = Bridge { first, last, first_parent: prev.map_or(ChunkId::default(), Manifest::id), last_id: next.parent };
-        let mut v = Vec::with_capacity(72);
-        v.extend_from_slice(&rec.last.0.to_be_bytes());
-        v.extend_from_slice(&rec.first_parent.0);
-        v.extend_from_slice(&rec.last_id.0);
-        batch.put_cf(self.cf(CF_META), bridge_key(guest, first), v);
+        put_bridge(self, &mut batch, guest, &rec);
         // Page versions in the gap, newest first: a version survives only
         // if no later epoch up to `next` rewrote its page.
         let mut seen: HashSet<Pfn> = self.epoch_pages(guest, next.epoch)?.into_iter().map(|(p, _)| p).collect();

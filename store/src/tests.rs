@@ -553,3 +553,71 @@ fn a_guest_may_name_by_hash_only_what_it_holds_so_no_answer_tells_of_other_guest
     assert!(store.gc().unwrap().deleted > 0);
     assert!(!holds(a) && !holds(b));
 }
+
+/// The pages of `g` at `e`, as seeds.
+fn seeds_at(store: &Store, g: GuestId, e: u64) -> BTreeMap<u64, u8> {
+    let mut got = BTreeMap::new();
+    store
+        .for_each_page_at(g, EpochId(e), |pfn, id| {
+            let data = store.chunk(&id)?;
+            got.insert(pfn.0, (1..=40).find(|&s| page(s) == data).expect("known page"));
+            Ok(())
+        })
+        .unwrap();
+    got
+}
+
+#[test]
+fn a_commit_that_follows_an_earlier_epoch_bridges_the_skipped_ones_and_stays_verifiable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(1);
+    let at = |c: EpochCommit, secs: u64| EpochCommit { commit_unix_ns: secs * 1_000_000_000, ..c };
+    store.commit(at(commit_of(g, 1, &[(1, 1), (2, 2)]), 1)).unwrap();
+    store.commit(at(commit_of(g, 2, &[(2, 3)]), 2)).unwrap();
+    // Epochs 3..=6 merged by the primary into 7: it follows 2.
+    let skipped = at(EpochCommit { follows: Some(EpochId(2)), ..commit_of(g, 7, &[(1, 4), (5, 5)]) }, 100);
+    // Anything else is out of order: following another epoch than the
+    // head, or the head itself.
+    for (epoch, follows) in [(7, 1), (7, 3), (2, 2)] {
+        let bad = EpochCommit { follows: Some(EpochId(follows)), ..commit_of(g, epoch, &[(1, 4)]) };
+        assert!(matches!(store.commit(bad), Err(StoreError::OutOfOrder { .. })), "{epoch} following {follows}");
+    }
+    assert!(matches!(store.commit(commit_of(g, 7, &[(1, 4)])), Err(StoreError::OutOfOrder { .. })), "a gap needs follows");
+    let out = store.commit(skipped).unwrap();
+    assert_eq!(out.manifest.parent, store.manifest(g, EpochId(2)).unwrap().id(), "the chain goes on from the epoch it follows");
+    store.commit(at(commit_of(g, 8, &[(2, 6)]), 101)).unwrap();
+    assert_eq!(
+        store.bridges(g).unwrap(),
+        vec![Bridge { first: EpochId(3), last: EpochId(6), first_parent: out.manifest.parent, last_id: out.manifest.parent }]
+    );
+    assert!(matches!(store.manifest(g, EpochId(4)), Err(StoreError::NoEpoch { .. })));
+    assert_eq!(seeds_at(&store, g, 7), BTreeMap::from([(1, 4), (2, 3), (5, 5)]));
+    assert_eq!(seeds_at(&store, g, 8), BTreeMap::from([(1, 4), (2, 6), (5, 5)]));
+    assert_eq!(store.verify(|_| {}).unwrap().damage, vec![], "the chain crosses the bridge");
+    // Thinning epoch 2 (every epoch of the last 5 s, then the oldest of
+    // each 1000 s) merges the dropped run with the skipped one.
+    let secs = std::time::Duration::from_secs;
+    let policy =
+        RetentionPolicy { rules: vec![KeepRule { within: secs(5), every: secs(0) }, KeepRule { within: secs(1000), every: secs(1000) }] };
+    assert_eq!(store.thin(g, &policy, EpochId(8)).unwrap().epochs_dropped, 1);
+    assert_eq!(store.bridges(g).unwrap().iter().map(|b| (b.first.0, b.last.0)).collect::<Vec<_>>(), vec![(2, 6)]);
+    assert_eq!(seeds_at(&store, g, 7), BTreeMap::from([(1, 4), (2, 3), (5, 5)]), "epoch 2's version of page 2 survives for 7");
+    assert_eq!(store.verify(|_| {}).unwrap().damage, vec![]);
+}
+
+#[test]
+fn a_grafted_history_whose_first_commit_skips_epochs_extends_the_graft() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(2);
+    let manifest = ChunkId([7; 32]);
+    store.graft(g, Head { epoch: EpochId(10), manifest, instance: 5, page_count: 64, generation: 0 }).unwrap();
+    let out = store.commit(EpochCommit { follows: Some(EpochId(10)), ..commit_of(g, 14, &[(1, 1)]) }).unwrap();
+    assert_eq!(out.manifest.parent, manifest);
+    assert_eq!(
+        store.bridges(g).unwrap(),
+        vec![Bridge { first: EpochId(1), last: EpochId(13), first_parent: ChunkId::default(), last_id: manifest }]
+    );
+    assert_eq!(store.verify(|_| {}).unwrap().damage, vec![]);
+}

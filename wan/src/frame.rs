@@ -3,7 +3,7 @@
 //! Layout:
 //! ```text
 //! 0..4    magic  b"RMUS"
-//! 4       version (3)
+//! 4       version (4)
 //! 5       message kind
 //! 6..8    reserved, zero
 //! 8..12   payload length, u32 LE, at most MAX_PAYLOAD
@@ -24,6 +24,7 @@
 //!                (generation and continues since version 3)
 //! 2  Welcome     guest u64 | committed u64 | head[32]
 //! 3  EpochBegin  guest u64 | epoch u64 | time u64 | page_count u64 | pause_ns u64 | records u32 | round u32
+//!                | follows u64                          (since version 4)
 //! 4  Pages       count u32 | page record × count      (encoding.rs)
 //! 5  DeviceState len u32 | bytes
 //! 6  EpochEnd    epoch u64 | memory_root[32]
@@ -35,7 +36,7 @@
 //! 12 Handover    epoch u64                             (since version 3)
 //! ```
 //! Version 2 added Forget, Missing and EpochBegin's `round`; version 3
-//! Hello's `generation`; both ends
+//! Hello's `generation`; version 4 EpochBegin's `follows`; both ends
 //! must speak the same version (a frame of another is refused with
 //! [`FormatError::UnsupportedVersion`]).
 
@@ -49,7 +50,7 @@ use crate::error::DecodeError;
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"RMUS";
 /// Protocol version spoken by this build.
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 /// Header length.
 pub const HEADER_LEN: usize = 16;
 /// Largest payload accepted.
@@ -81,6 +82,11 @@ pub struct EpochHeader {
     /// epochs of an earlier round (they may name chunks it lacks; the
     /// primary sends them again).
     pub round: u32,
+    /// The epoch this one follows in this backup's history: `epoch − 1`,
+    /// or earlier when the primary merged the epochs between into this
+    /// one (a backup that fell behind catching up: they are never kept
+    /// there). Less than `epoch`.
+    pub follows: EpochId,
 }
 
 /// Everything that crosses the wire.
@@ -223,6 +229,7 @@ impl Message {
                 w.u64(h.pause_ns);
                 w.u32(h.records);
                 w.u32(h.round);
+                w.u64(h.follows.0);
             }
             Self::Pages(records) => {
                 w.u32(u32::try_from(records.len()).expect("batch size"));
@@ -312,6 +319,7 @@ impl Message {
                 pause_ns: r.u64()?,
                 records: r.u32()?,
                 round: r.u32()?,
+                follows: EpochId(r.u64()?),
             }),
             4 => {
                 let n = r.u32()? as usize;
@@ -449,14 +457,15 @@ mod tests {
                 committed: EpochId(e),
                 head: h
             }),
-            (any::<[u64; 5]>(), any::<u32>(), any::<u32>()).prop_map(|(v, records, round)| Message::EpochBegin(EpochHeader {
+            (any::<[u64; 6]>(), any::<u32>(), any::<u32>()).prop_map(|(v, records, round)| Message::EpochBegin(EpochHeader {
                 guest: GuestId(v[0]),
                 epoch: EpochId(v[1]),
                 time_unix_ns: v[2],
                 page_count: v[3],
                 pause_ns: v[4],
                 records,
-                round
+                round,
+                follows: EpochId(v[5])
             })),
             proptest::collection::vec(record(), 0..6).prop_map(Message::Pages),
             proptest::collection::vec(any::<u8>(), 0..100).prop_map(Message::DeviceState),

@@ -171,6 +171,9 @@ impl ReceiverCore {
         if header.page_count != self.page_count {
             return Err(bad("page count differs from hello"));
         }
+        if header.follows >= header.epoch {
+            return Err(bad("follows an epoch not before it"));
+        }
         // An epoch names each page at most once.
         if u64::from(header.records) > self.page_count {
             return Err(bad("more records than the guest has pages"));
@@ -225,20 +228,24 @@ impl ReceiverCore {
         Ok(Some(epoch))
     }
 
-    /// The next epochs to commit, in order and consecutive from the
-    /// committed one, when no commit is running: every complete epoch that
-    /// is ready goes in one group (at most [`MAX_GROUP`]), so the store can
-    /// commit them with one synced write when the backup falls behind.
+    /// The next epochs to commit, in order and each following the one
+    /// before (the committed one first; see [`EpochHeader::follows`]),
+    /// when no commit is running: every complete epoch that is ready goes
+    /// in one group (at most [`MAX_GROUP`]), so the store can commit them
+    /// with one synced write when the backup falls behind.
     pub fn poll_commit(&mut self) -> Option<Vec<ReceivedEpoch>> {
         if self.committing {
             return None;
         }
         let mut group = Vec::new();
-        let mut next = self.committed.next();
+        let mut last = self.committed;
         while group.len() < MAX_GROUP {
-            let Some(e) = self.ready.remove(&next) else { break };
-            group.push(e);
-            next = next.next();
+            // Epochs received are kept by number: the next to commit is the
+            // lowest one above the last, and only if it says it follows it.
+            let Some(entry) = self.ready.range(last.next()..).next().filter(|(_, e)| e.header.follows == last) else { break };
+            let epoch = *entry.0;
+            group.push(self.ready.remove(&epoch).expect("present"));
+            last = epoch;
         }
         if group.is_empty() {
             return None;

@@ -130,6 +130,8 @@ pub enum SenderEvent {
 
 struct Retained {
     cp: Checkpoint,
+    /// The epoch pushed before it (see [`EpochHeader::follows`]).
+    follows: EpochId,
     hashes: Vec<ChunkId>,
     root: ChunkId,
     sent: bool,
@@ -299,7 +301,9 @@ impl SenderCore {
     }
 
     /// Takes a sealed checkpoint (epochs must arrive in order) and returns
-    /// the memory root of the guest at that epoch.
+    /// the memory root of the guest at that epoch. Epochs may be skipped:
+    /// a checkpoint that merges the epochs since the last one pushed
+    /// ([`Checkpoint::absorb`]) follows that one in the backup's history.
     ///
     /// # Panics
     /// If epochs are pushed out of order or the page count differs.
@@ -320,9 +324,9 @@ impl SenderCore {
             self.digest.set(*pfn, *h);
         }
         let root = self.digest.root();
-        self.sealed = cp.epoch;
+        let follows = std::mem::replace(&mut self.sealed, cp.epoch);
         self.retained_bytes += cp.pages.len();
-        self.retained.insert(cp.epoch, Retained { cp, hashes, root, sent: false, ever_sent: false });
+        self.retained.insert(cp.epoch, Retained { cp, follows, hashes, root, sent: false, ever_sent: false });
         root
     }
 
@@ -474,7 +478,7 @@ impl SenderCore {
         let r = self.retained.get_mut(&epoch).expect("present");
         r.sent = true;
         let resent = std::mem::replace(&mut r.ever_sent, true);
-        let (bytes, mix) = encode_epoch(&mut self.encoder, &self.cfg, &r.cp, &r.hashes, r.root, self.round);
+        let (bytes, mix) = encode_epoch(&mut self.encoder, &self.cfg, r, self.round);
         Some(Transmit::Epoch { epoch, bytes, pages: r.cp.pfns.len() as u64, mix, resent })
     }
 
@@ -521,14 +525,8 @@ impl SenderCore {
     }
 }
 
-fn encode_epoch(
-    enc: &mut PageEncoder,
-    cfg: &SenderConfig,
-    cp: &Checkpoint,
-    hashes: &[ChunkId],
-    root: ChunkId,
-    round: u32,
-) -> (Vec<u8>, EncodingMix) {
+fn encode_epoch(enc: &mut PageEncoder, cfg: &SenderConfig, r: &Retained, round: u32) -> (Vec<u8>, EncodingMix) {
+    let Retained { cp, hashes, root, follows, .. } = r;
     let mut out = Vec::with_capacity(cp.pfns.len() * 1024 + 256);
     let records = u32::try_from(cp.pfns.len()).expect("fewer than 4 Gi pages per epoch");
     Message::EpochBegin(EpochHeader {
@@ -539,6 +537,7 @@ fn encode_epoch(
         pause_ns: cp.pause_ns,
         records,
         round,
+        follows: *follows,
     })
     .encode(&mut out);
     let mut mix = EncodingMix::default();
@@ -558,6 +557,6 @@ fn encode_epoch(
         Message::Pages(batch).encode(&mut out);
     }
     Message::DeviceState(cp.device_state.clone()).encode(&mut out);
-    Message::EpochEnd { epoch: cp.epoch, memory_root: root }.encode(&mut out);
+    Message::EpochEnd { epoch: cp.epoch, memory_root: *root }.encode(&mut out);
     (out, mix)
 }

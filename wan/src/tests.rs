@@ -47,7 +47,7 @@ impl Backup {
         }
         let mut writes = writes.into_iter().peekable();
         for e in group {
-            assert_eq!(e.header.epoch, self.committed.next(), "commits in order, each once");
+            assert!(e.header.epoch > self.committed && e.header.follows == self.committed, "commits in order, each once");
             while let Some((_, pfn, page)) = writes.next_if(|(epoch, _, _)| *epoch == e.header.epoch) {
                 self.memory[pfn.0 as usize * PAGE_SIZE..][..PAGE_SIZE].copy_from_slice(&page);
             }
@@ -126,6 +126,13 @@ impl Sim {
     }
 
     fn seal(&mut self, epoch: u64) {
+        let cp = self.write(epoch);
+        let root = self.sender.push_checkpoint(cp);
+        assert_eq!(root, MemoryDigest::of_image(&self.memory));
+    }
+
+    /// Writes some pages of the guest; returns the epoch's checkpoint.
+    fn write(&mut self, epoch: u64) -> Checkpoint {
         let mut pfns: Vec<u64> = (0..20).map(|_| self.rng.gen_range(0..PAGES)).collect();
         pfns.sort_unstable();
         pfns.dedup();
@@ -148,16 +155,14 @@ impl Sim {
         for &p in &pfns {
             pages.extend_from_slice(&self.memory[p as usize * PAGE_SIZE..][..PAGE_SIZE]);
         }
-        let cp = Checkpoint {
+        Checkpoint {
             guest: GuestId(7),
             epoch: EpochId(epoch),
             page_count: PAGES,
             pfns: pfns.into_iter().map(Pfn).collect(),
             pages,
             ..Checkpoint::default()
-        };
-        let root = self.sender.push_checkpoint(cp);
-        assert_eq!(root, MemoryDigest::of_image(&self.memory));
+        }
     }
 
     /// Runs the network and both cores until `until`.
@@ -263,6 +268,45 @@ fn epochs_commit_in_order_and_survive_link_cuts() {
     }
 }
 
+/// A backup cut off long enough is sent the epochs it missed merged into
+/// one (the primary's fan-out to a far backup does so): it commits that
+/// one after the last it holds, skipping those between, and reaches the
+/// same memory.
+#[test]
+fn epochs_merged_while_the_backup_was_away_commit_as_one_that_follows_the_last_it_holds() {
+    for seed in 0..8 {
+        let mut sim = Sim::new(seed);
+        let start = sim.now;
+        let mut merged: Option<Checkpoint> = None;
+        for e in 1..=60u64 {
+            if e == 20 {
+                sim.cut();
+            }
+            let cp = sim.write(e);
+            if (20..40).contains(&e) {
+                match merged.as_mut() {
+                    Some(m) => m.absorb(cp),
+                    None => merged = Some(cp),
+                }
+            } else {
+                if let Some(m) = merged.take() {
+                    sim.connect();
+                    sim.sender.push_checkpoint(m);
+                }
+                let root = sim.sender.push_checkpoint(cp);
+                assert_eq!(root, MemoryDigest::of_image(&sim.memory));
+            }
+            sim.run(start + Duration::from_millis(25 * e));
+        }
+        sim.run(sim.now + Duration::from_secs(2));
+        assert_eq!(sim.backup.committed, EpochId(60), "seed {seed}");
+        assert_eq!(sim.backup.memory, sim.memory);
+        let mut kept: Vec<u64> = sim.backup.roots.keys().map(|e| e.0).filter(|e| (18..42).contains(e)).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, vec![18, 19, 39, 40, 41], "seed {seed}: the merged epochs are skipped");
+    }
+}
+
 #[test]
 fn a_silent_backup_is_noticed() {
     let mut sim = Sim::new(99);
@@ -344,8 +388,16 @@ fn malformed_epoch_streams_are_refused() {
     let mut rx = ReceiverCore::new(now, Duration::from_millis(50), Duration::from_millis(150), Duration::from_secs(5));
     assert!(rx.handle_epoch_stream(now, b"RMUS").is_err(), "epoch before hello");
     rx.accept(GuestId(3), PAGES, EpochId(0), ChunkId::default());
-    let header =
-        EpochHeader { guest: GuestId(3), epoch: EpochId(1), time_unix_ns: 0, page_count: PAGES, pause_ns: 0, records: 2, round: 0 };
+    let header = EpochHeader {
+        guest: GuestId(3),
+        epoch: EpochId(1),
+        time_unix_ns: 0,
+        page_count: PAGES,
+        pause_ns: 0,
+        records: 2,
+        round: 0,
+        follows: EpochId(0),
+    };
     let mut s = Message::EpochBegin(header).to_bytes();
     Message::EpochEnd { epoch: EpochId(1), memory_root: ChunkId::default() }.encode(&mut s);
     assert_eq!(rx.handle_epoch_stream(now, &s), Err(ProtocolError::BadEpoch { epoch: EpochId(1), reason: "fewer records than announced" }));
@@ -461,6 +513,7 @@ fn epoch_stream(epoch: u64, round: u32, records: Vec<PageRecord>) -> Vec<u8> {
         pause_ns: 0,
         records: records.len() as u32,
         round,
+        follows: EpochId(epoch - 1),
     };
     let mut s = Message::EpochBegin(header).to_bytes();
     Message::Pages(records).encode(&mut s);

@@ -33,11 +33,17 @@ fn page(seed: u64) -> Vec<u8> {
 
 /// Commits `epochs` epochs of 12 changing pages each over 64 pages.
 pub(crate) fn fill(store: &Store, guest: GuestId, from: u64, epochs: u64) {
+    fill_following(store, guest, from - 1, from, epochs);
+}
+
+/// As [`fill`], the first epoch following epoch `follows` (the epochs
+/// between skipped).
+fn fill_following(store: &Store, guest: GuestId, follows: u64, from: u64, epochs: u64) {
     // Memory roots as a primary records them: over the whole page table.
     let mut digest = remus_types::MemoryDigest::zeroed(64);
-    if from > 1 {
+    if follows > 0 {
         store
-            .for_each_page_at(guest, EpochId(from - 1), |p, id| {
+            .for_each_page_at(guest, EpochId(follows), |p, id| {
                 digest.set(p, id);
                 Ok(())
             })
@@ -50,6 +56,7 @@ pub(crate) fn fill(store: &Store, guest: GuestId, from: u64, epochs: u64) {
             page_count: 64,
             time_unix_ns: e * 1000,
             commit_unix_ns: e * 1000,
+            follows: Some(EpochId(follows)).filter(|_| e == from && follows + 1 != from),
             ..Default::default()
         };
         for k in 0..12 {
@@ -153,6 +160,32 @@ fn epochs_upload_in_packs_and_read_back_exactly_from_s3_alone() {
     let report = tier.verify(&mut |_| {}).unwrap();
     assert_eq!(report.damage, vec![]);
     assert_eq!(report.manifests, 35);
+}
+
+#[test]
+fn epochs_a_commit_skipped_are_bridged_in_s3_and_the_history_reads_and_verifies_across_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(5);
+    let tier = S3Tier::connect(&test_config("skipped")).unwrap();
+    fill(&store, g, 1, 10);
+    tier.upload_pending(&store, &|| false).unwrap();
+    // 11..=14 merged into 15 by the primary; then 21 follows 16.
+    fill_following(&store, g, 10, 15, 2);
+    fill_following(&store, g, 16, 21, 3);
+    let r = tier.upload_pending(&store, &|| false).unwrap();
+    assert_eq!(r.epochs, 5, "{r:?}");
+    let spans: Vec<(u64, u64)> = tier.bridges(g, EpochId(0)).unwrap().iter().map(|b| (b.bridge.first.0, b.bridge.last.0)).collect();
+    assert_eq!(spans, vec![(11, 14), (17, 20)]);
+    let h = tier.history(g, Reach::ALL, &mut |_, _| {}).unwrap();
+    assert_eq!(h.epochs.len(), 15);
+    for e in [10u64, 15, 16, 21, 23] {
+        assert_eq!(h.page_table(EpochId(e)), local_table(&store, g, EpochId(e)), "epoch {e}");
+    }
+    assert!(h.get(EpochId(12)).is_none());
+    let report = tier.verify(&mut |_| {}).unwrap();
+    assert_eq!(report.damage, vec![], "the chain crosses both bridges in S3");
+    assert_eq!(report.manifests, 15);
 }
 
 #[test]

@@ -33,7 +33,7 @@ use std::time::Duration;
 use remus_types::{ChunkId, EpochId, GuestId, Pfn};
 use rocksdb::WriteBatch;
 
-use super::format::{index_key, pack_key, CheckpointObject, PackBuilder, SegmentObject};
+use super::format::{self, index_key, pack_key, BridgeObject, CheckpointObject, PackBuilder, SegmentObject};
 use super::{S3Config, S3Error, S3RetentionReport, S3Tier};
 use crate::db::{guest_key, u64_at, Store, CF_META};
 use crate::error::StoreError;
@@ -287,6 +287,14 @@ impl S3Tier {
         for (guest, head) in store.guests()? {
             let mut e = store.s3_cursor(guest)?.next();
             pass.span_first = e;
+            // Epochs a commit skipped (merged into a later one by the
+            // primary) are bridged as thinned ones are, before the
+            // segments that cross them.
+            for b in store.bridges(guest)?.into_iter().filter(|b| b.first >= e && b.last < head.epoch) {
+                let bridge = BridgeObject { guest, bridge: b, pages: Vec::new() };
+                pass.report.requests += 1;
+                ok_if_exists(self.put_object(&format::bridge_key(&bridge), bridge.encode()))?;
+            }
             while e <= head.epoch && !stop() {
                 let m = match store.manifest(guest, e) {
                     // Thinned before it was uploaded: nothing to send.
