@@ -214,3 +214,100 @@ fn the_bandwidth_cap_holds() {
     assert!(sent >= CAP * 2.0, "only {sent} bytes in {elapsed:.2} s: the link hardly moved");
     backup.stop();
 }
+
+/// The epochs of the store at `store`, as `remus log` lists them.
+fn logged_epochs(store: &std::path::Path) -> Vec<u64> {
+    let out = run_limited(Command::new(remus()).args(["log", "--json", "--store"]).arg(store), LIMIT);
+    assert!(out.status.success(), "log: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json line")["epoch"].as_u64().expect("epoch"))
+        .collect()
+}
+
+/// Lines in the released-output log so far.
+fn released_lines(path: &std::path::Path) -> usize {
+    std::fs::read_to_string(path).map_or(0, |t| t.lines().count())
+}
+
+/// Near + far fan-out, the far backup behind a 50 ms round trip with
+/// jitter and loss: while the far path is cut off, the near backup's
+/// acknowledgements keep releasing output and the guest keeps its rate;
+/// once it heals, the far backup catches up (the epochs it missed merged
+/// into one), and every epoch it holds restores to the primary's memory.
+#[test]
+fn fan_out_releases_output_on_the_near_backup_while_the_far_one_is_cut_off_and_the_far_one_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    keygen(data);
+    let far_store = data.join("far-store");
+    let near = BackupProcess::start(data, "127.0.0.1:0");
+    let far = BackupProcess::start_with(data, "127.0.0.1:0", &["--store", far_store.to_str().unwrap()]);
+    let imp = Impairment { delay: Duration::from_millis(25), jitter: Duration::from_millis(2), loss: 0.005, ..Impairment::default() };
+    let relay = relay_to(&far.addr, imp);
+    let (roots, output_log) = (data.join("roots.jsonl"), data.join("released.log"));
+    // 8 MiB kept for the far backup: a few seconds of this guest's epochs,
+    // so a longer cut merges the rest.
+    let config = data.join("remus.toml");
+    std::fs::write(&config, "[protect]\nfar-retained-mib = 8\n").unwrap();
+    let primary = protect(data, &near.addr)
+        .args(["--config", config.to_str().unwrap(), "--far", &relay.local_addr().to_string(), "--release", "near"])
+        .args(["--memory-mib", "64", "--pages-per-sec", "4000", "--seconds", "16", "--json", "--record-roots"])
+        .arg(&roots)
+        .arg("--output-log")
+        .arg(&output_log)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    far.wait_committed(1, 40, LIMIT);
+    relay.set_partitioned(true);
+    let newest = |store: &std::path::Path| logged_epochs(store).last().copied().unwrap_or(0);
+    let cut = newest(&data.join("store"));
+    let released_at_cut = released_lines(&output_log);
+    // 120 epochs (3 s at 40 Hz) committed by the near backup with the far
+    // one cut off: their output is released all the same.
+    let near_during = near.wait_committed(1, cut + 120, LIMIT);
+    let far_during = newest(&far_store);
+    let released_during = released_lines(&output_log);
+    assert!(
+        released_during >= released_at_cut + 100,
+        "output held while the far backup was cut off: {released_at_cut} → {released_during}"
+    );
+    assert!(far_during + 100 < near_during, "the far backup committed {far_during} through a partition (near at {near_during})");
+    near.wait_committed(1, cut + 200, LIMIT);
+    relay.set_partitioned(false);
+    let out = primary.wait_with_output().unwrap();
+    assert!(out.status.success(), "protect failed");
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sealed = s["epochs"].as_u64().unwrap();
+    assert_eq!(s["epochs_committed"].as_u64(), Some(sealed), "{s}");
+    assert!(s["hz"].as_f64().unwrap() >= 30.0, "the guest kept its rate: {s}");
+    let f = &s["far"][0];
+    assert_eq!(f["epochs_committed"].as_u64(), Some(sealed), "the far backup caught up: {s}");
+    assert!(f["merged_epochs"].as_u64().unwrap() > 0, "epochs merged while cut off: {s}");
+    assert!(relay.counters(Direction::Up).partition_dropped > 0);
+    near.stop();
+    far.stop();
+    // The near backup holds every epoch; the far one every epoch but those
+    // merged away, ending at the last, and its chain verifies across them.
+    assert_history_exact(data, &roots, sealed);
+    let held = logged_epochs(&far_store);
+    assert_eq!(held.last(), Some(&sealed));
+    assert!(held.windows(2).all(|w| w[0] < w[1]));
+    let skipped = sealed - held.len() as u64;
+    assert!(skipped > 0 && skipped <= f["merged_epochs"].as_u64().unwrap(), "{skipped} skipped, {f}");
+    let out = run_limited(Command::new(remus()).args(["verify", "--json", "--store"]).arg(&far_store), LIMIT);
+    assert!(out.status.success(), "verify far: {}", String::from_utf8_lossy(&out.stdout));
+    let recorded = read_roots(&roots);
+    let after_gap = held.windows(2).find(|w| w[1] > w[0] + 1).expect("a gap")[1];
+    for e in [held[0], after_gap, sealed] {
+        let img = data.join(format!("far-{e}.img"));
+        let out = run_limited(
+            Command::new(remus_restore()).arg("--store").arg(&far_store).args(["--epoch", &e.to_string(), "--to"]).arg(&img),
+            LIMIT,
+        );
+        assert!(out.status.success(), "restore {e} from the far backup: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(MemoryDigest::of_image(&std::fs::read(&img).unwrap()).to_hex(), recorded[&e], "far epoch {e} restored exact");
+    }
+}

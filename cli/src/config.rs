@@ -17,6 +17,9 @@
 //! congestion = "bbr"        # or cubic, newreno
 //! fec = "auto"               # parity beside each epoch: auto (sized to the loss seen), off, or 1..16 per 32
 //! max-rate-mbit = 0          # a bandwidth cap for the link, Mbit/s (0: none)
+//! far = []                   # far backups replicated to beside `backup`, e.g. ["203.0.113.7:7400"]
+//! release = "near"           # whose acks release output: near, all, or a count of backups
+//! far-retained-mib = 256     # unacknowledged epochs kept per far backup before merging the rest
 //!
 //! [protect.arena]
 //! memory-mib = 1024
@@ -286,6 +289,14 @@ pub struct ProtectConfig {
     pub fec: String,
     /// A bandwidth cap for the link in Mbit/s (default 0: none).
     pub max_rate_mbit: u64,
+    /// Far backups, replicated to beside `backup` (default none).
+    pub far: Vec<SocketAddr>,
+    /// Whose acknowledgements release output: `near` (default: the far
+    /// backups never hold output back), `all`, or a count of backups.
+    pub release: String,
+    /// MiB of unacknowledged epochs kept for each far backup that does not
+    /// pace the guest; beyond it, epochs are merged (default 256).
+    pub far_retained_mib: usize,
     /// The arena guest.
     pub arena: ArenaConfig,
     /// A QEMU guest.
@@ -309,6 +320,9 @@ impl Default for ProtectConfig {
             congestion: link.congestion.to_string(),
             fec: link.fec.to_string(),
             max_rate_mbit: link.max_rate.map_or(0, |bytes| bytes / BYTES_PER_MBIT),
+            far: Vec::new(),
+            release: "near".into(),
+            far_retained_mib: remus_node::fanout::FAR_RETAINED_BYTES >> 20,
             arena: ArenaConfig::default(),
             qemu: crate::qemu_settings::QemuSettings::default(),
         }
@@ -465,6 +479,9 @@ impl Config {
         anyhow::ensure!(p.backup_timeout_max_ms >= p.backup_timeout_ms, "protect.backup-timeout-max-ms must be at least backup-timeout-ms");
         p.congestion.parse::<remus_wan::Congestion>().map_err(|e| anyhow::anyhow!("protect.congestion: {e}"))?;
         p.fec.parse::<remus_wan::fec::Fec>().map_err(|e| anyhow::anyhow!("protect.fec: {e}"))?;
+        remus_node::Release::parse(&p.release).map_err(|e| anyhow::anyhow!("protect.release: {e}"))?;
+        anyhow::ensure!(!p.far.contains(&p.backup), "protect.far must not name the near backup ({})", p.backup);
+        anyhow::ensure!((1..=1 << 20).contains(&p.far_retained_mib), "protect.far-retained-mib must be in 1..=1048576");
         p.arena.workload.validate().map_err(|e| anyhow::anyhow!("protect.arena.workload: {e}"))?;
         let b = &self.backup;
         anyhow::ensure!(b.heartbeat_ms >= 1, "backup.heartbeat-ms must be at least 1");

@@ -85,6 +85,26 @@ pub struct Summary {
     pub restore_seconds: Vec<f64>,
     /// Whether dirty tracking was exact (write-protect scanning).
     pub exact_tracking: bool,
+    /// Each far backup's link (none without far backups).
+    pub far: Vec<FarSummary>,
+}
+
+/// What a far backup's link did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FarSummary {
+    /// Its address.
+    pub backup: String,
+    /// Highest epoch it acknowledged.
+    pub epochs_committed: u64,
+    /// Bytes put on the wire to it (resends included).
+    pub wire_bytes: u64,
+    /// Bytes sent to it again after a reconnect or a refusal.
+    pub resent_bytes: u64,
+    /// Epochs merged into a later one while its link was behind (not kept
+    /// there).
+    pub merged_epochs: u64,
+    /// Connection losses.
+    pub disconnects: u64,
 }
 
 /// Page counts per encoding.
@@ -149,6 +169,18 @@ impl Summary {
             restored_epochs: Vec::new(),
             restore_seconds: Vec::new(),
             exact_tracking,
+            far: s
+                .far
+                .iter()
+                .map(|f| FarSummary {
+                    backup: f.addr.map(|a| a.to_string()).unwrap_or_default(),
+                    epochs_committed: f.acked.0,
+                    wire_bytes: f.wire_bytes,
+                    resent_bytes: f.resent_bytes,
+                    merged_epochs: f.merged.load(std::sync::atomic::Ordering::Relaxed),
+                    disconnects: f.disconnects,
+                })
+                .collect(),
         }
     }
 
@@ -202,6 +234,12 @@ impl Summary {
             self.restores_failed,
             self.restored_epochs,
         );
+        for f in &self.far {
+            text.push_str(&format!(
+                "\nfar backup        {}: {} committed; wire {} bytes, resent {} bytes after {} disconnects; {} epochs merged while behind",
+                f.backup, f.epochs_committed, f.wire_bytes, f.resent_bytes, f.disconnects, f.merged_epochs
+            ));
+        }
         if let Some(g) = self.generation {
             text.push_str(&format!(
                 "\nwitness           generation {g}; self-fenced {} times ({:.0} ms in all)",

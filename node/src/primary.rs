@@ -29,6 +29,7 @@ use remus_witness::Standing;
 use tokio::sync::mpsc;
 
 use crate::error::NodeError;
+use crate::fanout::{fan_out, merging_feed, FarStats, Feeds, Release, Releaser, FAR_QUEUE};
 use crate::hooks::{HookConfig, Hooks};
 use crate::lease::{acquire, adopt, Renewal, WitnessOptions};
 use crate::stats::PrimaryStats;
@@ -45,8 +46,17 @@ pub struct PrimaryOptions {
     /// Epoch length: the base period, and how far it may grow while the
     /// backup lags (see [`CadenceConfig`]).
     pub cadence: CadenceConfig,
-    /// Backup address.
+    /// Backup address (the near backup, when there are far ones).
     pub backup: SocketAddr,
+    /// Far backups, replicated to at once beside the near one (see
+    /// [`crate::fanout`]).
+    pub far: Vec<SocketAddr>,
+    /// Whose acknowledgements release output.
+    pub release: Release,
+    /// Bytes of unacknowledged checkpoints a far backup's link keeps (one
+    /// that does not pace the guest) before merging the rest (default
+    /// [`FAR_RETAINED_BYTES`](crate::fanout::FAR_RETAINED_BYTES)).
+    pub far_retained_bytes: usize,
     /// TLS material.
     pub tls: TlsDir,
     /// Protocol tuning.
@@ -220,6 +230,8 @@ impl Primary {
         let (tx, rx) = mpsc::channel(256);
         let (etx, erx) = mpsc::unbounded_channel();
         let (ack_tx, ack_rx) = crossbeam_channel::unbounded();
+        let releaser = Arc::new(Releaser::new(opts.release, 1 + opts.far.len(), ack_tx));
+        stats.lock().far = opts.far.iter().map(|a| FarStats { addr: Some(*a), ..FarStats::default() }).collect();
         // The first Welcome says where the guest's history stands: a
         // restarted primary continues it.
         let (base_tx, base_rx) = crossbeam_channel::bounded(1);
@@ -234,7 +246,9 @@ impl Primary {
             page_count,
             handover: Arc::clone(&handover),
             continues: opts.continues,
+            start_after: None,
         };
+        let (far, release, far_retained) = (opts.far.clone(), opts.release, opts.far_retained_bytes);
         let create = |p: &Option<PathBuf>| -> Result<Option<std::fs::File>> {
             p.as_ref().map(|p| std::fs::File::create(p).map_err(NodeError::io(format!("creating {}", p.display())))).transpose()
         };
@@ -253,10 +267,19 @@ impl Primary {
                     .build()
                     .map_err(NodeError::io("starting the link's runtime"))?;
                 rt.block_on(async move {
-                    let consumer = tokio::spawn(consume_events(erx, s2, ack_tx, base_tx, roots_file));
-                    let r = run_primary(link_cfg, rx, etx).await;
+                    if far.is_empty() {
+                        let consumer = tokio::spawn(consume_events(erx, s2, releaser, base_tx, None, roots_file));
+                        let r = run_primary(link_cfg, rx, etx).await;
+                        let _ = consumer.await;
+                        return Ok(r?);
+                    }
+                    let (far_base_tx, far_base_rx) = tokio::sync::oneshot::channel();
+                    let consumer =
+                        tokio::spawn(consume_events(erx, Arc::clone(&s2), Arc::clone(&releaser), base_tx, Some(far_base_tx), roots_file));
+                    let fan = FanOut { near: link_cfg, far, release, far_retained, stats: s2, releaser };
+                    let r = fan.run(rx, etx, far_base_rx).await;
                     let _ = consumer.await;
-                    Ok(r?)
+                    r
                 })
             })
             .map_err(NodeError::io("spawning the link thread"))?;
@@ -502,8 +525,9 @@ fn record_ack(stats: &Mutex<PrimaryStats>, acked: EpochId, released: usize) {
 async fn consume_events(
     mut rx: mpsc::UnboundedReceiver<LinkEvent>,
     stats: Arc<Mutex<PrimaryStats>>,
-    acks: Sender<EpochId>,
+    releaser: Arc<Releaser>,
     base: Sender<EpochId>,
+    mut far_base: Option<tokio::sync::oneshot::Sender<EpochId>>,
     mut roots: Option<std::fs::File>,
 ) {
     let mut base = Some(base);
@@ -530,10 +554,7 @@ async fn consume_events(
                 s.wire_pages += pages;
                 s.mix.merge(&mix);
             }
-            LinkEvent::Acked { epoch, .. } => {
-                // The driver is gone only once the engine finished.
-                let _ = acks.send(epoch);
-            }
+            LinkEvent::Acked { epoch, .. } => releaser.acked(0, epoch),
             LinkEvent::HandedOver { epoch } => {
                 let mut s = stats.lock();
                 (s.handed_over, s.handed_over_at) = (Some(epoch), Some(Instant::now()));
@@ -541,6 +562,9 @@ async fn consume_events(
             LinkEvent::Connected { committed } => {
                 tracing::info!(committed = committed.0, "connected to backup");
                 if let Some(b) = base.take() {
+                    let _ = b.send(committed);
+                }
+                if let Some(b) = far_base.take() {
                     let _ = b.send(committed);
                 }
             }
@@ -557,6 +581,135 @@ async fn consume_events(
     }
     if let Some(f) = roots.as_mut() {
         let _ = f.flush();
+    }
+}
+
+/// The links of a primary with far backups: the near one (its events
+/// taken by [`consume_events`]), the far ones, started once the near
+/// backup said where the guest's history stands, and the fan-out between
+/// the engine and them.
+struct FanOut {
+    near: PrimaryLinkConfig,
+    far: Vec<SocketAddr>,
+    release: Release,
+    far_retained: usize,
+    stats: Arc<Mutex<PrimaryStats>>,
+    releaser: Arc<Releaser>,
+}
+
+/// How long, once the near link is done, far backups that do not pace
+/// the guest are given to acknowledge the rest before the primary stops
+/// without them (they keep what they committed).
+const FAR_DRAIN: Duration = Duration::from_secs(10);
+
+impl FanOut {
+    async fn run(
+        self,
+        checkpoints: mpsc::Receiver<Checkpoint>,
+        events: mpsc::UnboundedSender<LinkEvent>,
+        base: tokio::sync::oneshot::Receiver<EpochId>,
+    ) -> Result<()> {
+        let Self { near, far, release, far_retained, stats, releaser } = self;
+        let (near_tx, near_rx) = mpsc::channel(16);
+        let near_link = tokio::spawn(run_primary(near.clone(), near_rx, events));
+        // Nothing is sealed before the near backup's Welcome.
+        let Ok(committed) = base.await else { return Ok(near_link.await.map_err(|_| NodeError::Panicked("link"))??) };
+        let mut feeds = Feeds { paced: vec![near_tx], merging: Vec::new() };
+        let mut paced = Vec::new();
+        let mut unpaced = Vec::new();
+        for (k, addr) in far.iter().enumerate() {
+            let i = k + 1;
+            let mut sender = near.sender;
+            if !release.paces(i) {
+                sender.max_retained_bytes = sender.max_retained_bytes.min(far_retained);
+            }
+            let cfg = PrimaryLinkConfig {
+                backup: *addr,
+                sender,
+                start_after: Some(committed),
+                continues: None,
+                handover: Arc::default(),
+                ..near.clone()
+            };
+            let (etx, erx) = mpsc::unbounded_channel();
+            tokio::spawn(consume_far_events(i, erx, Arc::clone(&stats), Arc::clone(&releaser)));
+            let link = if release.paces(i) {
+                let (tx, rx) = mpsc::channel(16);
+                feeds.paced.push(tx);
+                tokio::spawn(run_primary(cfg, rx, etx))
+            } else {
+                let (tx, rx) = mpsc::channel(FAR_QUEUE);
+                let (feed_tx, feed_rx) = mpsc::unbounded_channel();
+                feeds.merging.push(feed_tx);
+                tokio::spawn(merging_feed(feed_rx, tx, Arc::clone(&stats.lock().far[k].merged)));
+                tokio::spawn(run_primary(cfg, rx, etx))
+            };
+            if release.paces(i) {
+                paced.push((*addr, link))
+            } else {
+                unpaced.push((*addr, link))
+            }
+        }
+        tokio::spawn(fan_out(checkpoints, feeds));
+        let near_result = near_link.await.map_err(|_| NodeError::Panicked("link"))?;
+        let mut result: Result<()> = near_result.map_err(NodeError::from);
+        for (addr, link) in paced {
+            let r = link.await.map_err(|_| NodeError::Panicked("link"))?;
+            if let Err(e) = r {
+                tracing::error!(backup = %addr, error = %e, "a backup whose acknowledgements release output failed");
+                result = result.and(Err(e.into()));
+            }
+        }
+        let deadline = tokio::time::Instant::now() + FAR_DRAIN;
+        for (addr, link) in unpaced {
+            match tokio::time::timeout_at(deadline, link).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!(backup = %addr, error = %e, "far backup link ended"),
+                Ok(Err(_)) => return Err(NodeError::Panicked("link")),
+                Err(_) => {
+                    tracing::warn!(backup = %addr, "far backup has not acknowledged every epoch; stopping without it (it keeps what it committed)")
+                }
+            }
+        }
+        result
+    }
+}
+
+/// Takes a far backup's link events: its statistics, and its
+/// acknowledgements for the release rule.
+async fn consume_far_events(
+    i: usize,
+    mut rx: mpsc::UnboundedReceiver<LinkEvent>,
+    stats: Arc<Mutex<PrimaryStats>>,
+    releaser: Arc<Releaser>,
+) {
+    while let Some(ev) = rx.recv().await {
+        let mut s = stats.lock();
+        let far = &mut s.far[i - 1];
+        let addr = far.addr;
+        match ev {
+            LinkEvent::Sent { wire_bytes, resent, .. } => {
+                far.wire_bytes += wire_bytes;
+                if resent {
+                    far.resent_bytes += wire_bytes;
+                }
+            }
+            LinkEvent::Acked { epoch, .. } => {
+                far.acked = far.acked.max(epoch);
+                drop(s);
+                releaser.acked(i, epoch);
+            }
+            LinkEvent::Connected { committed } => {
+                far.connected = true;
+                tracing::info!(backup = ?addr, committed = committed.0, "connected to far backup");
+            }
+            LinkEvent::Disconnected(why) => {
+                far.connected = false;
+                far.disconnects += 1;
+                tracing::warn!(backup = ?addr, %why, "far backup link lost; retrying");
+            }
+            _ => {}
+        }
     }
 }
 

@@ -89,6 +89,8 @@ pub struct PrimaryStats {
     pub handed_over: Option<EpochId>,
     /// When the backup said it took the guest over.
     pub handed_over_at: Option<Instant>,
+    /// Each far backup's link, in the order configured.
+    pub far: Vec<crate::fanout::FarStats>,
 }
 
 impl Default for PrimaryStats {
@@ -122,6 +124,7 @@ impl Default for PrimaryStats {
             last_seal_started: None,
             handed_over: None,
             handed_over_at: None,
+            far: Vec::new(),
         }
     }
 }

@@ -239,6 +239,10 @@ pub struct PrimaryLinkConfig {
     /// A history kept by another backup that this run continues (a guest
     /// protected again after failing over): its last epoch and manifest.
     pub continues: Option<(EpochId, ChunkId)>,
+    /// The epoch the checkpoints start after, which the backup must hold
+    /// (none: whatever the backup's first Welcome says; see
+    /// [`SenderCore::after`]).
+    pub start_after: Option<EpochId>,
     /// Set before the checkpoints end: a planned move, the backup taking
     /// the guest over once every epoch is acknowledged
     /// ([`LinkEvent::HandedOver`]), instead of the link just ending.
@@ -271,6 +275,9 @@ pub async fn run_primary(
     let mut core = SenderCore::new(cfg.sender, cfg.guest, cfg.instance, cfg.page_count).with_generation(cfg.generation);
     if let Some((epoch, manifest)) = cfg.continues {
         core = core.continuing(epoch, manifest);
+    }
+    if let Some(epoch) = cfg.start_after {
+        core = core.after(epoch);
     }
     let mut input = Input::default();
     let mut backoff = MIN_BACKOFF;

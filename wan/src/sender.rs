@@ -156,6 +156,9 @@ pub struct SenderCore {
     retained_bytes: usize,
     acked: EpochId,
     sealed: EpochId,
+    /// The epoch this run's history starts after, when set by
+    /// [`after`](Self::after).
+    starts_after: Option<EpochId>,
     connected: bool,
     /// Refusal round of this connection (see [`Message::Missing`]).
     round: u32,
@@ -202,6 +205,7 @@ impl SenderCore {
             retained_bytes: 0,
             acked: EpochId(0),
             sealed: EpochId(0),
+            starts_after: None,
             connected: false,
             round: 0,
             pulse: Pulse::default(),
@@ -262,6 +266,16 @@ impl SenderCore {
     #[must_use]
     pub fn continuing(mut self, epoch: EpochId, manifest: ChunkId) -> Self {
         self.continues = (epoch, manifest);
+        self
+    }
+
+    /// The same sender, its epochs starting after `epoch`, which the
+    /// backup must hold already (a far backup joining a primary that
+    /// continues the history its near backup holds): a backup holding
+    /// less, or more, is refused with a protocol error.
+    #[must_use]
+    pub fn after(mut self, epoch: EpochId) -> Self {
+        (self.sealed, self.acked, self.starts_after) = (epoch, epoch, Some(epoch));
         self
     }
 
@@ -342,11 +356,17 @@ impl SenderCore {
                 if guest != self.guest {
                     return Err(ProtocolError::Unexpected("welcome for another guest"));
                 }
+                if committed < self.acked && Some(self.acked) == self.starts_after {
+                    return Err(ProtocolError::BadEpoch {
+                        epoch: committed,
+                        reason: "backup holds less of the guest's history than this primary continues from",
+                    });
+                }
                 if committed < self.acked {
                     return Err(ProtocolError::BadEpoch { epoch: committed, reason: "backup lost acknowledged epochs" });
                 }
                 if committed > self.sealed {
-                    if self.sealed != EpochId(0) {
+                    if self.sealed != EpochId(0) || self.starts_after.is_some() {
                         return Err(ProtocolError::BadEpoch { epoch: committed, reason: "backup is ahead of this primary" });
                     }
                     // Nothing sealed yet: this run continues the guest's

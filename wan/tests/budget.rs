@@ -73,6 +73,7 @@ async fn a_slow_store_holds_the_primary_back_within_the_budget_and_every_epoch_c
         generation: 0,
         page_count: PAGES,
         continues: None,
+        start_after: None,
         handover: Arc::default(),
     };
     let (tx, rx) = tokio::sync::mpsc::channel(EPOCHS as usize);

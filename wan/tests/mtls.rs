@@ -278,6 +278,7 @@ async fn a_running_primary_honours_a_revocation_list_written_since_it_started() 
         generation: 0,
         page_count: 16,
         continues: None,
+        start_after: None,
         handover: Arc::default(),
     };
     let (_checkpoints, rx) = tokio::sync::mpsc::channel(1);

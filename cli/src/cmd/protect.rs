@@ -60,6 +60,14 @@ pub struct ProtectArgs {
     /// Backup address (default 127.0.0.1:7400).
     #[arg(long)]
     pub backup: Option<SocketAddr>,
+    /// A far backup, replicated to beside the near one (repeat for more;
+    /// replaces `protect.far`).
+    #[arg(long)]
+    pub far: Vec<SocketAddr>,
+    /// Whose acknowledgements release output: near (default), all, or a
+    /// count of backups.
+    #[arg(long, value_parser = |s: &str| remus_node::Release::parse(s))]
+    pub release: Option<remus_node::Release>,
     /// Guest id (default 1).
     #[arg(long)]
     pub guest: Option<u64>,
@@ -171,6 +179,9 @@ pub fn primary_options(
         guest_kind,
         cadence,
         backup,
+        far: p.far.clone(),
+        release: remus_node::Release::parse(&p.release).map_err(|e| anyhow::anyhow!("protect.release: {e}"))?,
+        far_retained_bytes: p.far_retained_mib << 20,
         tls,
         sender,
         link,
@@ -317,6 +328,13 @@ pub fn run(args: &ProtectArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
     opts.witness = super::witness_options(cfg, &args.witness, "primary", &opts.tls, Some(remus_types::GuestId(guest)))?;
     opts.continues = args.continue_after;
     opts.adopt_lease = args.adopt_lease.clone();
+    if !args.far.is_empty() {
+        opts.far = args.far.clone();
+    }
+    if let Some(r) = args.release {
+        opts.release = r;
+    }
+    anyhow::ensure!(!opts.far.contains(&opts.backup), "a far backup must not be the near one ({})", opts.backup);
     if args.kind == Kind::Qemu {
         anyhow::ensure!(args.guest_flags.pages_per_sec.is_none(), "--pages-per-sec applies to the arena guest only");
         let mut settings = args.qemu.clone().or(&cfg.protect.qemu);
@@ -328,8 +346,9 @@ pub fn run(args: &ProtectArgs, cfg: &Config, data_dir: &Path) -> Result<()> {
     } else {
         anyhow::ensure!(args.resume_run_dir.is_none(), "--resume-run-dir applies to `remus protect qemu` only");
     }
+    let far: String = opts.far.iter().map(|a| format!(" + far {a}")).collect();
     eprintln!(
-        "protecting guest {} ({}, {} MiB) at {:.1} Hz, replicating to {backup}",
+        "protecting guest {} ({}, {} MiB) at {:.1} Hz, replicating to {backup}{far}",
         opts.guest.0,
         match args.kind {
             Kind::Arena => "arena",
