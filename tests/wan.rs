@@ -311,3 +311,49 @@ fn fan_out_releases_output_on_the_near_backup_while_the_far_one_is_cut_off_and_t
         assert_eq!(MemoryDigest::of_image(&std::fs::read(&img).unwrap()).to_hex(), recorded[&e], "far epoch {e} restored exact");
     }
 }
+
+/// Under `--release all`, the far backup's acknowledgement is needed too:
+/// while its path is cut off, output stays held however far the near
+/// backup gets, and flows again, all of it, once the path heals.
+#[test]
+fn under_release_all_a_cut_off_far_backup_holds_output_until_it_acknowledges() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    keygen(data);
+    let far_store = data.join("far-store");
+    let near = BackupProcess::start(data, "127.0.0.1:0");
+    let far = BackupProcess::start_with(data, "127.0.0.1:0", &["--store", far_store.to_str().unwrap()]);
+    let relay = relay_to(&far.addr, Impairment { delay: Duration::from_millis(10), ..Impairment::default() });
+    let output_log = data.join("released.log");
+    let primary = protect(data, &near.addr)
+        .args(["--far", &relay.local_addr().to_string(), "--release", "all"])
+        .args(["--memory-mib", "64", "--pages-per-sec", "2000", "--seconds", "10", "--json", "--output-log"])
+        .arg(&output_log)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    far.wait_committed(1, 40, LIMIT);
+    relay.set_partitioned(true);
+    let newest = |store: &std::path::Path| logged_epochs(store).last().copied().unwrap_or(0);
+    let cut = newest(&data.join("store"));
+    // Once the far backup's last acknowledgement is in, nothing more is
+    // released while the near backup commits another 40 epochs.
+    near.wait_committed(1, cut + 40, LIMIT);
+    let held_at = released_lines(&output_log);
+    let near_during = near.wait_committed(1, cut + 80, LIMIT);
+    let (released, far_during) = (released_lines(&output_log), newest(&far_store));
+    assert_eq!(released, held_at, "output released with the far backup cut off (far {far_during}, near {near_during})");
+    assert!(far_during + 60 < near_during, "far {far_during}, near {near_during}");
+    relay.set_partitioned(false);
+    let out = primary.wait_with_output().unwrap();
+    assert!(out.status.success(), "protect failed");
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sealed = s["epochs"].as_u64().unwrap();
+    assert_eq!(s["far"][0]["epochs_committed"].as_u64(), Some(sealed), "{s}");
+    assert_eq!(s["far"][0]["merged_epochs"].as_u64(), Some(0), "a backup that paces the guest gets every epoch: {s}");
+    assert_eq!(released_lines(&output_log) as u64, s["output_lines_released"].as_u64().unwrap());
+    assert_eq!(logged_epochs(&far_store), (1..=sealed).collect::<Vec<_>>());
+    near.stop();
+    far.stop();
+}
