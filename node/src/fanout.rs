@@ -14,13 +14,14 @@
 //! ([`FAR_RETAINED_BYTES`]), two queued checkpoints, and one merged
 //! checkpoint (at most the guest's memory).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::Sender;
 use parking_lot::Mutex;
-use remus_types::{Checkpoint, EpochId};
+use remus_types::{Checkpoint, EpochId, Pfn, PAGE_SIZE};
 use tokio::sync::mpsc;
 
 /// Bytes of unacknowledged checkpoints a far backup's link keeps for
@@ -163,16 +164,61 @@ pub(crate) async fn fan_out(mut input: mpsc::Receiver<Checkpoint>, mut feeds: Fe
     }
 }
 
+/// Checkpoints merged into one as they come, as [`Checkpoint::absorb`]
+/// merges them, each in time proportional to its own pages (not to what
+/// was merged before it: a backup cut off for long accumulates up to the
+/// guest's whole memory).
+struct Merged {
+    /// The newest checkpoint's header and device state (no pages).
+    newest: Checkpoint,
+    /// Where each page's newest content sits in `pages`.
+    slots: BTreeMap<Pfn, usize>,
+    pages: Vec<u8>,
+}
+
+impl Merged {
+    fn new(cp: Checkpoint) -> Self {
+        let slots = cp.pfns.iter().enumerate().map(|(i, p)| (*p, i)).collect();
+        let mut newest = cp;
+        let pages = std::mem::take(&mut newest.pages);
+        newest.pfns.clear();
+        Self { newest, slots, pages }
+    }
+
+    fn absorb(&mut self, mut later: Checkpoint) {
+        assert!(later.epoch > self.newest.epoch, "absorbing a later checkpoint");
+        for (i, pfn) in later.pfns.iter().enumerate() {
+            match self.slots.get(pfn) {
+                Some(&s) => self.pages[s * PAGE_SIZE..(s + 1) * PAGE_SIZE].copy_from_slice(later.page(i)),
+                None => {
+                    self.slots.insert(*pfn, self.pages.len() / PAGE_SIZE);
+                    self.pages.extend_from_slice(later.page(i));
+                }
+            }
+        }
+        (later.pfns, later.pages) = (Vec::new(), Vec::new());
+        self.newest = later;
+    }
+
+    fn into_checkpoint(self) -> Checkpoint {
+        let mut pages = Vec::with_capacity(self.pages.len());
+        for s in self.slots.values() {
+            pages.extend_from_slice(&self.pages[s * PAGE_SIZE..(s + 1) * PAGE_SIZE]);
+        }
+        Checkpoint { pfns: self.slots.into_keys().collect(), pages, ..self.newest }
+    }
+}
+
 /// Feeds a far backup's link: each checkpoint goes to the link while it
 /// has room; while it has none, they are merged into one, sent when room
 /// frees. `merged` counts the epochs merged away.
 pub(crate) async fn merging_feed(mut from: mpsc::UnboundedReceiver<Checkpoint>, to: mpsc::Sender<Checkpoint>, merged: Arc<AtomicU64>) {
-    let mut held: Option<Checkpoint> = None;
+    let mut held: Option<Merged> = None;
     loop {
         tokio::select! {
             biased;
             permit = to.reserve(), if held.is_some() => match permit {
-                Ok(p) => p.send(held.take().expect("held")),
+                Ok(p) => p.send(held.take().expect("held").into_checkpoint()),
                 Err(_) => return,
             },
             cp = from.recv() => match (cp, held.as_mut()) {
@@ -183,21 +229,23 @@ pub(crate) async fn merging_feed(mut from: mpsc::UnboundedReceiver<Checkpoint>, 
                 }
                 (Some(cp), None) => match to.try_send(cp) {
                     Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(cp)) => held = Some(cp),
+                    Err(mpsc::error::TrySendError::Full(cp)) => held = Some(Merged::new(cp)),
                     Err(mpsc::error::TrySendError::Closed(_)) => return,
                 },
             },
         }
     }
     if let Some(h) = held {
-        let _ = to.send(h).await;
+        let _ = to.send(h.into_checkpoint()).await;
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
-    use remus_types::{GuestId, Pfn, PAGE_SIZE};
+    use remus_types::GuestId;
 
     #[test]
     fn release_rules_pick_the_epoch_their_backups_acknowledged() {
@@ -228,6 +276,34 @@ mod tests {
         r.acked(1, EpochId(2));
         r.acked(1, EpochId(8));
         assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![EpochId(3), EpochId(5)]);
+    }
+
+    proptest! {
+        /// The feed's running merge is `Checkpoint::absorb`'s.
+        #[test]
+        fn a_running_merge_is_the_merge_of_its_checkpoints(
+            epochs in proptest::collection::vec(proptest::collection::btree_map(0u64..16, any::<u8>(), 0..8), 1..6)
+        ) {
+            let cps: Vec<Checkpoint> = epochs
+                .iter()
+                .enumerate()
+                .map(|(i, w)| Checkpoint {
+                    guest: GuestId(1),
+                    epoch: EpochId(i as u64 + 1),
+                    page_count: 16,
+                    pfns: w.keys().map(|p| Pfn(*p)).collect(),
+                    pages: w.values().flat_map(|v| [*v; PAGE_SIZE]).collect(),
+                    device_state: vec![i as u8],
+                    ..Checkpoint::default()
+                })
+                .collect();
+            let (mut want, mut running) = (cps[0].clone(), Merged::new(cps[0].clone()));
+            for cp in &cps[1..] {
+                want.absorb(cp.clone());
+                running.absorb(cp.clone());
+            }
+            prop_assert_eq!(running.into_checkpoint(), want);
+        }
     }
 
     fn cp(epoch: u64, pfn: u64) -> Checkpoint {

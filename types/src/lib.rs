@@ -62,7 +62,7 @@ pub fn now_unix_nanos() -> u64 {
 ///
 /// Invariant: `pages.len() == pfns.len() * PAGE_SIZE`, and page `i` of
 /// `pages` is the content of guest page `pfns[i]` at the end of the epoch.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Checkpoint {
     /// Protected guest.
     pub guest: GuestId,
