@@ -38,14 +38,13 @@ pub struct Ingest {
     /// Invariant: only pages durably committed are inserted.
     cache: Mutex<BoundedMap<ChunkId, Arc<Vec<u8>>>>,
     store: Arc<Store>,
-    zstd_level: i32,
 }
 
 impl Ingest {
     /// An ingest for `store` with a cache of `cache_pages` pages.
     #[must_use]
     pub fn new(store: Arc<Store>, cache_pages: usize) -> Self {
-        Self { cache: Mutex::new(BoundedMap::new(cache_pages)), store, zstd_level: 1 }
+        Self { cache: Mutex::new(BoundedMap::new(cache_pages)), store }
     }
 
     /// The page with hash `id`, from `staged`, the cache or the store.
@@ -150,7 +149,7 @@ impl Ingest {
                         continue;
                     }
                 }
-                PageEncoding::Xor { base, .. } => {
+                PageEncoding::Xor { base, delta } => {
                     // A base this guest does not hold is missing, whoever
                     // else holds it.
                     if !staged.contains_key(base) && !held.contains(&(h.guest, *base)) {
@@ -169,9 +168,9 @@ impl Ingest {
                         Err(e) => return Err(storage(e)),
                     };
                     let page = r.decode_page(|_| Some(base_page)).map_err(fail)?;
-                    let z = remus_types::zstd_compress(&page, self.zstd_level)
-                        .map_err(|e| CommitError::Storage { no_space: false, cause: Box::new(e) })?;
-                    c.chunks.push((r.hash, StoredChunk::Zstd(z)));
+                    // Kept as the wire carried it: the store keeps the
+                    // delta (or makes it whole when its chain is deep).
+                    c.chunks.push((r.hash, StoredChunk::delta(base, delta)));
                     staged.insert(r.hash, Arc::new(page));
                 }
                 PageEncoding::RawZstd(z) => {

@@ -23,6 +23,7 @@
 //! synced first), its page-index entries, its manifest and the new head:
 //! either all of it is visible after a crash or none of it.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use remus_types::{content_id, ChunkId, EpochId, GuestId, Pfn, PAGE_SIZE};
@@ -48,6 +49,16 @@ pub(crate) const CF_HELD: &str = "held";
 /// by merges (added at commit, taken away by thinning, in the same
 /// batches), so that no two writers race on it.
 pub(crate) const CF_USAGE: &str = "usage";
+/// Chunks stored as a delta against another: `delta id` → `base id |
+/// depth u8` (the number of deltas to undo to read it: 1 over a whole
+/// chunk). GC keeps every base of a live delta, and a commit reads the
+/// depth of the base it builds on.
+pub(crate) const CF_BASES: &str = "bases";
+
+/// Most deltas undone to read a chunk: a page stored as a delta over a
+/// chunk this deep is stored whole instead, so a read costs at most this
+/// many extra chunk reads.
+pub const MAX_DELTA_DEPTH: u8 = 3;
 
 /// Marks a store whose `usage` column family covers every kept epoch
 /// (written when it was created, or counted once from the manifests of a
@@ -73,6 +84,11 @@ const MAX_CHUNK: usize = 16 << 20;
 const CODEC_PLAIN: u8 = 0;
 const CODEC_ZSTD: u8 = 1;
 const CODEC_PACKED: u8 = 2;
+/// `base id [32] | zstd frame of content ^ base` (as the wire carried it).
+const CODEC_DELTA: u8 = 3;
+
+/// zstd level of a delta the store makes whole (its chain too deep).
+const WHOLE_LEVEL: i32 = 1;
 
 /// Chunk content as it is to be stored.
 #[derive(Debug, Clone)]
@@ -81,14 +97,29 @@ pub enum StoredChunk {
     Plain(Vec<u8>),
     /// A zstd frame of the content.
     Zstd(Vec<u8>),
+    /// A delta: the id of a stored base chunk of the same size and a zstd
+    /// frame of the content XOR the base (see [`StoredChunk::delta`]). The
+    /// store keeps it as it is unless the base is already
+    /// [`MAX_DELTA_DEPTH`] deltas deep, then it stores the content whole.
+    Delta(Vec<u8>),
 }
 
 impl StoredChunk {
+    /// A delta over `base`: `xor_zstd` is a zstd frame of the content XOR
+    /// the base's content.
+    #[must_use]
+    pub fn delta(base: &ChunkId, xor_zstd: &[u8]) -> Self {
+        let mut v = Vec::with_capacity(32 + xor_zstd.len());
+        v.extend_from_slice(&base.0);
+        v.extend_from_slice(xor_zstd);
+        Self::Delta(v)
+    }
+
     /// Stored bytes (compressed or not).
     #[must_use]
     pub fn len(&self) -> usize {
         match self {
-            Self::Plain(b) | Self::Zstd(b) => b.len(),
+            Self::Plain(b) | Self::Zstd(b) | Self::Delta(b) => b.len(),
         }
     }
 
@@ -102,6 +133,7 @@ impl StoredChunk {
         match self {
             Self::Plain(b) => (CODEC_PLAIN, b),
             Self::Zstd(b) => (CODEC_ZSTD, b),
+            Self::Delta(b) => (CODEC_DELTA, b),
         }
     }
 
@@ -296,6 +328,7 @@ impl Store {
             ColumnFamilyDescriptor::new(CF_META, plain()),
             ColumnFamilyDescriptor::new(CF_HELD, held),
             ColumnFamilyDescriptor::new(CF_USAGE, usage),
+            ColumnFamilyDescriptor::new(CF_BASES, plain()),
         ];
         if opts.read_only {
             // A store written before a column family existed opens for
@@ -500,6 +533,12 @@ impl Store {
     /// # Errors
     /// As [`chunk`](Self::chunk); on error `out` is left as it was.
     pub fn chunk_into(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<(), StoreError> {
+        self.chunk_at_depth(id, out, 0)
+    }
+
+    /// [`chunk_into`](Self::chunk_into), `depth` deltas down a chain (a
+    /// chain longer than any the store writes is damage, not a loop).
+    fn chunk_at_depth(&self, id: &ChunkId, out: &mut Vec<u8>, depth: u8) -> Result<(), StoreError> {
         // The content is checked against its id, which subsumes RocksDB's
         // block checksum on this path (and costs less than both).
         let mut ro = rocksdb::ReadOptions::default();
@@ -508,11 +547,37 @@ impl Store {
         match v.split_first() {
             Some((&CODEC_PACKED, _)) => {
                 let loc = Self::location(&v).ok_or(StoreError::ChunkCorrupt(*id))?;
+                if loc.codec == CODEC_DELTA {
+                    let delta = self.packs.with_bytes(id, &loc, |b| Ok(b.to_vec()))?;
+                    return self.undo_delta(id, &delta, out, depth);
+                }
                 self.packs.with_bytes(id, &loc, |b| decode_chunk_into(id, loc.codec, b, out))
             }
+            Some((&CODEC_DELTA, b)) => self.undo_delta(id, b, out, depth),
             Some((&codec, b)) => decode_chunk_into(id, codec, b, out),
             None => Err(StoreError::ChunkCorrupt(*id)),
         }
+    }
+
+    /// Appends the content of the delta `id` (`delta`: base id and XOR
+    /// frame) to `out`, verified, reading its base first.
+    fn undo_delta(&self, id: &ChunkId, delta: &[u8], out: &mut Vec<u8>, depth: u8) -> Result<(), StoreError> {
+        if depth >= MAX_DELTA_DEPTH || delta.len() < 32 {
+            return Err(StoreError::ChunkCorrupt(*id));
+        }
+        let base = ChunkId(delta[..32].try_into().expect("32 bytes"));
+        let start = out.len();
+        self.chunk_at_depth(&base, out, depth + 1)?;
+        if apply_xor(&mut out[start..], &delta[32..]).is_err() || content_id(&out[start..]) != *id {
+            out.truncate(start);
+            return Err(StoreError::ChunkCorrupt(*id));
+        }
+        Ok(())
+    }
+
+    /// How many deltas deep `id` is stored (0: whole), by the bases table.
+    fn delta_depth(&self, id: &ChunkId) -> Result<u8, StoreError> {
+        Ok(self.db.get_cf(self.cf(CF_BASES), id.0)?.and_then(|v| v.get(32).copied()).unwrap_or(0))
     }
 
     /// The pack location of a chunk stored in a pack.
@@ -543,7 +608,7 @@ impl Store {
         let pages: usize = commits.iter().map(|c| c.pages.len()).sum();
         // Sized up front: growing a large batch copies it over and over.
         let mut batch = WriteBatch::with_capacity_bytes(pages * 120 + 4096);
-        let mut fresh = Vec::new();
+        let mut fresh = Fresh::default();
         let mut seen = std::collections::HashSet::new();
         // Each guest's head as the group goes: epoch, manifest id, commit time.
         let mut heads: std::collections::HashMap<GuestId, (EpochId, ChunkId, u64)> = std::collections::HashMap::new();
@@ -585,8 +650,9 @@ impl Store {
         // names them (written once, not to the WAL and again to blob files
         // at flush); a few bytes ride in the batch itself.
         let chunks_cf = self.cf(CF_CHUNKS);
-        if fresh.iter().map(|(_, c)| c.len()).sum::<usize>() >= BULK_BYTES {
+        if fresh.chunks.iter().map(|(_, c)| c.len()).sum::<usize>() >= BULK_BYTES {
             let parts: Vec<(ChunkId, u8, &[u8])> = fresh
+                .chunks
                 .iter()
                 .map(|(id, c)| {
                     let (codec, b) = c.parts();
@@ -595,14 +661,14 @@ impl Store {
                 .collect();
             let locs = self.packs.append(&parts)?;
             let mut v = Vec::with_capacity(1 + Location::LEN);
-            for ((id, _), loc) in fresh.iter().zip(locs) {
+            for ((id, _), loc) in fresh.chunks.iter().zip(locs) {
                 v.clear();
                 v.push(CODEC_PACKED);
                 loc.encode(&mut v);
                 batch.put_cf(chunks_cf, id.0, &v);
             }
         } else {
-            for (id, c) in &fresh {
+            for (id, c) in &fresh.chunks {
                 batch.put_cf(chunks_cf, id.0, c.value());
             }
         }
@@ -619,7 +685,7 @@ impl Store {
     fn stage(
         &self,
         batch: &mut WriteBatch,
-        fresh: &mut Vec<(ChunkId, StoredChunk)>,
+        fresh: &mut Fresh,
         seen: &mut std::collections::HashSet<(GuestId, ChunkId)>,
         mut c: EpochCommit,
         parent: ChunkId,
@@ -655,23 +721,62 @@ impl Store {
                 dup_chunks += 1;
                 continue;
             }
-            let (codec, bytes) = chunk.parts();
             scratch.clear();
-            decode_chunk_into(&id, codec, bytes, &mut scratch).map_err(|_| StoreError::Mismatch { guest: c.guest, epoch: c.epoch, id })?;
+            let mismatch = |_: ()| StoreError::Mismatch { guest: c.guest, epoch: c.epoch, id };
+            let (chunk, depth) = match chunk {
+                StoredChunk::Delta(d) => {
+                    let base =
+                        ChunkId(d.get(..32).ok_or(StoreError::Mismatch { guest: c.guest, epoch: c.epoch, id })?.try_into().expect("32"));
+                    // The base from this group or the store; gone (GC) is
+                    // named as unstored, so the sender sends it again.
+                    let base_depth = match self.group_content(&base, fresh, &mut scratch) {
+                        Err(StoreError::ChunkMissing(b)) => {
+                            return Err(StoreError::Unstored { guest: c.guest, epoch: c.epoch, ids: vec![b] })
+                        }
+                        r => r?,
+                    };
+                    apply_xor(&mut scratch, &d[32..]).map_err(mismatch)?;
+                    if content_id(&scratch) != id {
+                        return Err(StoreError::Mismatch { guest: c.guest, epoch: c.epoch, id });
+                    }
+                    if base_depth >= MAX_DELTA_DEPTH {
+                        (
+                            StoredChunk::Zstd(
+                                remus_types::zstd_compress(&scratch, WHOLE_LEVEL)
+                                    .map_err(|cause| StoreError::Io { what: "compressing a chunk whose delta chain is too deep", cause })?,
+                            ),
+                            0,
+                        )
+                    } else {
+                        (StoredChunk::Delta(d), base_depth + 1)
+                    }
+                }
+                chunk => {
+                    let (codec, bytes) = chunk.parts();
+                    decode_chunk_into(&id, codec, bytes, &mut scratch).map_err(|_| mismatch(()))?;
+                    (chunk, 0)
+                }
+            };
             batch.put_cf(held_cf, held_key(c.guest, &id), []);
             if stored {
                 dup_chunks += 1;
                 continue;
             }
+            if let StoredChunk::Delta(d) = &chunk {
+                let mut v = [0u8; 33];
+                v[..32].copy_from_slice(&d[..32]);
+                v[32] = depth;
+                batch.put_cf(self.cf(CF_BASES), id.0, v);
+            }
             new_bytes += 1 + chunk.len() as u64;
-            fresh.push((id, chunk));
+            fresh.push(id, chunk, depth);
             new_chunks += 1;
         }
         let ds_id = content_id(&c.device_state);
         if seen.insert((c.guest, ds_id)) && !self.has_chunk(&ds_id)? {
             let ds = StoredChunk::Plain(std::mem::take(&mut c.device_state));
             new_bytes += 1 + ds.len() as u64;
-            fresh.push((ds_id, ds));
+            fresh.push(ds_id, ds, 0);
         }
         // A page may name a chunk sent in an earlier epoch: it must still
         // be stored (GC may have removed what no kept epoch referenced),
@@ -989,6 +1094,26 @@ impl Store {
         }
     }
 
+    /// A chunk's value as [`chunk_value`](Self::chunk_value) gives it, a
+    /// delta made whole (zstd): what leaves the store for the S3 tier,
+    /// whose readers never see a delta.
+    ///
+    /// # Errors
+    /// As [`chunk`](Self::chunk).
+    pub fn chunk_value_whole(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+        let v = self.chunk_value(id)?;
+        if v.first() != Some(&CODEC_DELTA) {
+            return Ok(v);
+        }
+        let content = self.chunk(id)?;
+        let z = remus_types::zstd_compress(&content, WHOLE_LEVEL)
+            .map_err(|cause| StoreError::Io { what: "compressing a delta made whole", cause })?;
+        let mut whole = Vec::with_capacity(1 + z.len());
+        whole.push(CODEC_ZSTD);
+        whole.extend_from_slice(&z);
+        Ok(whole)
+    }
+
     /// Flushes memtables (for tests that inspect files).
     ///
     /// # Errors
@@ -1071,6 +1196,57 @@ fn decode_chunk(id: &ChunkId, codec: u8, b: &[u8]) -> Result<Vec<u8>, StoreError
 
 /// Appends the content of chunk bytes stored with `codec` to `out`, after
 /// checking it against `id` (on error `out` is left as it was).
+/// The chunks a commit group stores, in order, and where each is with
+/// its delta depth (a later delta of the group may build on one).
+#[derive(Default)]
+pub(crate) struct Fresh {
+    chunks: Vec<(ChunkId, StoredChunk)>,
+    index: HashMap<ChunkId, (usize, u8)>,
+}
+
+impl Fresh {
+    fn push(&mut self, id: ChunkId, chunk: StoredChunk, depth: u8) {
+        self.index.insert(id, (self.chunks.len(), depth));
+        self.chunks.push((id, chunk));
+    }
+}
+
+impl Store {
+    /// Appends the content of `id` to `out`, from the group's new chunks
+    /// or the store, and returns its delta depth.
+    fn group_content(&self, id: &ChunkId, fresh: &Fresh, out: &mut Vec<u8>) -> Result<u8, StoreError> {
+        let Some(&(i, depth)) = fresh.index.get(id) else {
+            self.chunk_into(id, out)?;
+            return self.delta_depth(id);
+        };
+        match &fresh.chunks[i].1 {
+            StoredChunk::Delta(d) => {
+                let start = out.len();
+                self.group_content(&ChunkId(d[..32].try_into().expect("32 bytes")), fresh, out)?;
+                apply_xor(&mut out[start..], &d[32..]).map_err(|()| StoreError::ChunkCorrupt(*id))?;
+            }
+            chunk => {
+                let (codec, bytes) = chunk.parts();
+                decode_chunk_into(id, codec, bytes, out)?;
+            }
+        }
+        Ok(depth)
+    }
+}
+
+/// XORs `content` (a base's content, in place) with the zstd frame
+/// `xor_zstd`, which must hold exactly as many bytes.
+fn apply_xor(content: &mut [u8], xor_zstd: &[u8]) -> Result<(), ()> {
+    let mut x = vec![0u8; content.len()];
+    match remus_types::zstd_decompress_into(xor_zstd, &mut x) {
+        Ok(n) if n == content.len() => {
+            content.iter_mut().zip(&x).for_each(|(c, x)| *c ^= x);
+            Ok(())
+        }
+        _ => Err(()),
+    }
+}
+
 fn decode_chunk_into(id: &ChunkId, codec: u8, b: &[u8], out: &mut Vec<u8>) -> Result<(), StoreError> {
     let start = out.len();
     let decoded = match codec {

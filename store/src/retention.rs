@@ -35,7 +35,7 @@ use rocksdb::{IteratorMode, WriteBatch};
 
 use crate::chain::Bridge;
 use crate::db::{
-    delta_key, epoch_key, guest_key, held_key, page_key, u64_at, Head, Store, CF_CHUNKS, CF_EPOCHS, CF_HELD, CF_META, CF_PAGES,
+    delta_key, epoch_key, guest_key, held_key, page_key, u64_at, Head, Store, CF_BASES, CF_CHUNKS, CF_EPOCHS, CF_HELD, CF_META, CF_PAGES,
 };
 use crate::error::StoreError;
 use crate::manifest::Manifest;
@@ -362,12 +362,31 @@ impl Store {
         };
         let sweep = self.gc.sweep();
         marked.extend(sweep.marked.iter().copied());
+        // Every base of a live delta lives, and its base in turn (read
+        // with no commit running: every delta written is in the table).
+        let mut bases = std::collections::HashMap::new();
+        for kv in self.db.iterator_cf(self.cf(CF_BASES), IteratorMode::Start) {
+            let (k, v) = kv?;
+            match (<[u8; 32]>::try_from(&k[..]), v.get(..32).map(<[u8; 32]>::try_from)) {
+                (Ok(d), Some(Ok(b))) => bases.insert(ChunkId(d), ChunkId(b)),
+                _ => return Err(StoreError::malformed("bases record".to_string(), "wrong length")),
+            };
+        }
+        let mut frontier: Vec<ChunkId> = marked.iter().filter_map(|id| bases.get(id)).copied().collect();
+        while let Some(b) = frontier.pop() {
+            if marked.insert(b) {
+                frontier.extend(bases.get(&b));
+            }
+        }
         let mut batch = WriteBatch::default();
         candidates.retain(|(id, _)| !marked.contains(id));
         let mut freed: Vec<crate::packs::Location> = Vec::new();
         let guests: Vec<GuestId> = self.guests()?.into_iter().map(|(g, _)| g).collect();
         for (id, loc) in &candidates {
             batch.delete_cf(self.cf(CF_CHUNKS), id.0);
+            if bases.contains_key(id) {
+                batch.delete_cf(self.cf(CF_BASES), id.0);
+            }
             // No guest holds what is gone: its bytes must come again.
             for g in &guests {
                 batch.delete_cf(self.cf(CF_HELD), held_key(*g, id));

@@ -621,3 +621,115 @@ fn a_grafted_history_whose_first_commit_skips_epochs_extends_the_graft() {
     );
     assert_eq!(store.verify(|_| {}).unwrap().damage, vec![]);
 }
+
+/// Version `k` of an incompressible page: a few bytes differ from the
+/// version before.
+fn version(k: u8) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut p: Vec<u8> = (0..PAGE_SIZE)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    p[..usize::from(k) * 8].fill(k);
+    p
+}
+
+/// `to` as a delta over `from`, as the wire carries one.
+fn delta_between(from: &[u8], to: &[u8]) -> StoredChunk {
+    let x: Vec<u8> = from.iter().zip(to).map(|(a, b)| a ^ b).collect();
+    StoredChunk::delta(&content_id(from), &zstd::bulk::compress(&x, 1).unwrap())
+}
+
+/// An epoch writing page 0 as `to`, stored as a delta over `from`.
+fn delta_commit(g: GuestId, epoch: u64, from: &[u8], to: &[u8], secs: u64) -> EpochCommit {
+    let id = content_id(to);
+    EpochCommit {
+        guest: g,
+        epoch: EpochId(epoch),
+        page_count: 64,
+        pages: vec![(Pfn(0), id)],
+        chunks: vec![(id, delta_between(from, to))],
+        commit_unix_ns: secs * 1_000_000_000,
+        ..EpochCommit::default()
+    }
+}
+
+#[test]
+fn deltas_are_kept_as_deltas_up_to_the_depth_bound_read_exact_and_their_bases_outlive_gc() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(1);
+    let v1 = version(1);
+    let first = EpochCommit {
+        guest: g,
+        epoch: EpochId(1),
+        page_count: 64,
+        pages: vec![(Pfn(0), content_id(&v1))],
+        chunks: vec![(content_id(&v1), StoredChunk::Plain(v1.clone()))],
+        commit_unix_ns: 1_000_000_000,
+        ..EpochCommit::default()
+    };
+    store.commit(first).unwrap();
+    // 2 over 1, 3 over 2, 4 over 3: three deep; 5 over 4 would be four.
+    for k in 2..=5u8 {
+        let out = store.commit(delta_commit(g, u64::from(k), &version(k - 1), &version(k), u64::from(k))).unwrap();
+        let stored = out.manifest.new_chunk_bytes;
+        if k < 5 {
+            assert!(stored < 200, "epoch {k}: the delta stored, {stored} bytes");
+        } else {
+            assert!(stored > 4000, "epoch {k}: the page stored whole, {stored} bytes");
+        }
+    }
+    let id = |k: u8| content_id(&version(k));
+    let codec = |k: u8| store.chunk_value(&id(k)).unwrap()[0];
+    assert_eq!([codec(2), codec(3), codec(4)], [3, 3, 3], "kept as deltas");
+    assert_eq!(codec(5), 1, "past the depth bound: stored whole (zstd)");
+    for k in 1..=5 {
+        assert_eq!(store.chunk(&id(k)).unwrap(), version(k), "version {k}");
+    }
+    // S3 is handed every chunk whole.
+    assert_eq!(store.chunk_value_whole(&id(4)).unwrap()[0], 1);
+    assert_eq!(store.verify(|_| {}).unwrap().damage, vec![]);
+    // Keep only epochs 4 and 5 (the newest second): version 4 is a delta
+    // over 3 over 2 over 1, which no kept epoch names; GC keeps them all.
+    let secs = std::time::Duration::from_secs;
+    let policy = RetentionPolicy { rules: vec![KeepRule { within: secs(1), every: secs(0) }] };
+    assert_eq!(store.thin(g, &policy, EpochId(5)).unwrap().epochs_dropped, 3);
+    store.gc().unwrap();
+    assert_eq!(store.chunk(&id(4)).unwrap(), version(4), "the chain under a kept delta survives GC");
+    assert_eq!(store.verify(|_| {}).unwrap().damage, vec![]);
+    // Once no kept epoch names version 4, its chain goes with it.
+    let newest_only = RetentionPolicy { rules: vec![KeepRule { within: secs(0), every: secs(0) }] };
+    store.thin(g, &newest_only, EpochId(5)).unwrap();
+    let gone = store.gc().unwrap().deleted;
+    assert!(gone >= 4, "versions 1..=4 deleted: {gone}");
+    assert!(matches!(store.chunk(&id(2)), Err(StoreError::ChunkMissing(_))));
+    assert_eq!(store.chunk(&id(5)).unwrap(), version(5));
+    assert_eq!(store.verify(|_| {}).unwrap().damage, vec![]);
+}
+
+#[test]
+fn a_delta_that_does_not_undo_to_its_id_or_names_a_missing_base_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(1);
+    store.commit(commit_of(g, 1, &[(0, 1)])).unwrap();
+    // The delta of 1 → 2 handed in under the id of page 3.
+    let mut wrong = delta_commit(g, 2, &page(1), &page(2), 0);
+    let id3 = content_id(&page(3));
+    (wrong.pages[0].1, wrong.chunks[0].0) = (id3, id3);
+    assert!(matches!(store.commit(wrong), Err(StoreError::Mismatch { .. })));
+    // Over a base the store never had: named, so it can be sent again.
+    let missing = delta_commit(g, 2, &page(9), &page(2), 0);
+    match store.commit(missing) {
+        Err(StoreError::Unstored { ids, .. }) => assert_eq!(ids, vec![content_id(&page(9))]),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.head(g).unwrap().unwrap().epoch, EpochId(1), "nothing of either was written");
+    store.commit(delta_commit(g, 2, &page(1), &page(2), 0)).unwrap();
+    assert_eq!(store.chunk(&content_id(&page(2))).unwrap(), page(2));
+}

@@ -145,7 +145,7 @@ impl S3Tier {
         let mut emptied: Vec<(String, PackIndex)> = Vec::new();
         for (key, ix) in sparse {
             let live: Vec<ChunkId> = ix.entries.iter().map(|e| e.id).filter(|id| referenced.contains(id)).collect();
-            let values = match live.iter().map(|id| store.chunk_value(id).map(|v| (*id, v))).collect::<Result<Vec<_>, _>>() {
+            let values = match live.iter().map(|id| store.chunk_value_whole(id).map(|v| (*id, v))).collect::<Result<Vec<_>, _>>() {
                 Ok(v) => v,
                 Err(StoreError::ChunkMissing(id)) => {
                     tracing::warn!(pack = %ix.pack, chunk = %id, "not repacking: a live chunk is not in the local store");

@@ -313,7 +313,7 @@ impl S3Tier {
                         pass.packs.insert(pack);
                         continue;
                     }
-                    pass.pack.push(id, &store.chunk_value(&id)?);
+                    pass.pack.push(id, &store.chunk_value_whole(&id)?);
                     pass.in_pack.insert(id);
                     if pass.pack.len() >= self.cfg.pack_bytes() {
                         pass.flush_pack()?;
