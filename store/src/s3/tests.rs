@@ -648,3 +648,49 @@ fn server_side_encryption_is_asked_on_every_put() {
     let bad = S3Config { server_side_encryption: Some("rot13".into()), ..cfg };
     assert!(bad.validate().unwrap_err().to_string().contains("server-side-encryption"));
 }
+
+#[test]
+fn a_chunk_the_store_keeps_as_a_delta_goes_to_s3_whole_and_reads_back_from_s3_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(6);
+    let tier = S3Tier::connect(&test_config("delta")).unwrap();
+    fill(&store, g, 1, 2);
+    // Epoch 3 rewrites a page as a few bytes changed from what epoch 2 left there.
+    let (pfn, before) = local_table(&store, g, EpochId(2)).into_iter().next().unwrap();
+    let old = store.chunk(&before).unwrap();
+    let mut new = old.clone();
+    new[100..108].copy_from_slice(b"changed!");
+    let xor: Vec<u8> = old.iter().zip(&new).map(|(a, b)| a ^ b).collect();
+    let id = content_id(&new);
+    let mut digest = remus_types::MemoryDigest::zeroed(64);
+    for (p, c) in local_table(&store, g, EpochId(2)) {
+        digest.set(p, c);
+    }
+    digest.set(pfn, id);
+    let c = EpochCommit {
+        guest: g,
+        epoch: EpochId(3),
+        page_count: 64,
+        time_unix_ns: 3000,
+        commit_unix_ns: 3000,
+        memory_root: digest.root(),
+        pages: vec![(pfn, id)],
+        chunks: vec![(id, StoredChunk::delta(&before, &zstd::bulk::compress(&xor, 1).unwrap()))],
+        ..Default::default()
+    };
+    store.commit(c).unwrap();
+    assert_eq!(store.chunk_value(&id).unwrap()[0], 3, "kept locally as a delta");
+    tier.upload_pending(&store, &|| false).unwrap();
+    let h = tier.history(g, Reach::ALL, &mut |_, _| {}).unwrap();
+    assert_eq!(h.page_table(EpochId(3))[&pfn], id);
+    let mut got = None;
+    tier.fetch_chunks([id], |i, data| {
+        assert_eq!(i, id);
+        got = Some(data);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(got, Some(new), "read whole from S3 alone");
+    assert_eq!(tier.verify(&mut |_| {}).unwrap().damage, vec![]);
+}
