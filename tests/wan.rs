@@ -357,3 +357,38 @@ fn under_release_all_a_cut_off_far_backup_holds_output_until_it_acknowledges() {
     near.stop();
     far.stop();
 }
+
+/// A guest dirtying more than its link carries: with adaptive epochs the
+/// epochs lengthen to their bound, then the guest is held still in a
+/// share of them, so output delay stays near the target instead of
+/// growing for as long as the run lasts, and the primary's memory stays
+/// bounded.
+#[test]
+fn a_dirty_rate_above_the_link_is_throttled_to_keep_output_under_the_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    keygen(data);
+    let backup = BackupProcess::start(data, "127.0.0.1:0");
+    let config = data.join("remus.toml");
+    std::fs::write(&config, "[protect]\nmax-epoch-ms = 200\noutput-delay-target-ms = 1000\n").unwrap();
+    // 8 Mbit/s (1 MB/s) over a 40 ms round trip (a window of rate × RTT
+    // the cap can hold) for a guest writing 4 000 pages a second (about
+    // 3 MB/s on the wire at this mix): three times what the link carries.
+    let relay = relay_to(&backup.addr, Impairment { delay: Duration::from_millis(20), ..Impairment::default() });
+    let out = run_limited(
+        protect(data, &relay.local_addr().to_string())
+            .args(["--config", config.to_str().unwrap(), "--max-rate-mbit", "8", "--fec", "off"])
+            .args(["--memory-mib", "16", "--pages-per-sec", "4000", "--seconds", "20", "--json"])
+            .stderr(Stdio::inherit()),
+        LIMIT,
+    );
+    assert!(out.status.success(), "protect failed");
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (p50, p99) = (s["commit_ms_p50"].as_f64().unwrap(), s["commit_ms_p99"].as_f64().unwrap());
+    assert!(s["throttled_epochs"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["epoch_ms_max"].as_f64(), Some(200.0), "epochs lengthened to their bound first: {s}");
+    assert!(p50 <= 1000.0 && p99 <= 2500.0, "output delay p50 {p50} ms, p99 {p99} ms: {s}");
+    assert!(s["peak_resident_mib"].as_f64().unwrap() < 1024.0, "{s}");
+    assert_eq!(s["epochs_committed"], s["epochs"]);
+    backup.stop();
+}

@@ -17,6 +17,16 @@
 //! before the first acknowledgement: the first epoch carries the whole
 //! guest (the initial copy) and its delay says nothing about the link's
 //! steady state.
+//!
+//! When longer epochs do not keep the excess down, the guest itself is
+//! slowed (Remus's last resort): a *throttle*, the fraction of epochs in
+//! which the guest is held still (it dirties nothing then, and the
+//! backlog drains), in proportion to the excess beyond a quarter of the
+//! target (four times the excess over the target, up to [`MAX_THROTTLE`]). It
+//! follows a growing excess at once and a shrinking one by at most a
+//! twentieth per epoch, and the period shortens only once it is gone. A
+//! fixed period (`max` = `base`) never throttles. The engine applies it
+//! ([`crate::EpochEngine`]).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -50,6 +60,19 @@ impl CadenceConfig {
     }
 }
 
+/// The largest fraction of epochs the guest is held still in.
+pub const MAX_THROTTLE: f64 = 0.95;
+
+/// The throttle wanted per target's worth of excess beyond a quarter of
+/// the target: a guest dirtying three times what its link carries needs
+/// about 0.67, reached at an excess of 0.42 of the target.
+const THROTTLE_GAIN: f64 = 4.0;
+/// Most the throttle shrinks per epoch: it follows a growing excess at
+/// once (a backlog grows by the whole overload every second) and a
+/// shrinking one slowly, so it settles near the share the link carries
+/// instead of swinging between none and most.
+const THROTTLE_DOWN: f64 = 0.05;
+
 /// Recent acknowledgements the floor is taken over.
 const FLOOR_WINDOW: usize = 256;
 
@@ -58,6 +81,8 @@ const FLOOR_WINDOW: usize = 256;
 pub struct Cadence {
     cfg: CadenceConfig,
     period: Duration,
+    /// Fraction of epochs the guest is held still in.
+    throttle: f64,
     /// Seal time of every unacknowledged epoch, oldest first.
     unacked: VecDeque<(EpochId, Instant)>,
     /// Seal-to-acknowledgement times of recent epochs.
@@ -68,13 +93,20 @@ impl Cadence {
     /// Starts at the base period.
     #[must_use]
     pub fn new(cfg: CadenceConfig) -> Self {
-        Self { cfg, period: cfg.base, unacked: VecDeque::new(), recent: VecDeque::new() }
+        Self { cfg, period: cfg.base, throttle: 0.0, unacked: VecDeque::new(), recent: VecDeque::new() }
     }
 
     /// The current period.
     #[must_use]
     pub fn period(&self) -> Duration {
         self.period
+    }
+
+    /// The fraction of epochs the guest is held still in (0: it runs
+    /// in every epoch).
+    #[must_use]
+    pub fn throttle(&self) -> f64 {
+        self.throttle
     }
 
     /// Epoch `epoch` was sealed at `now`; returns the period until the
@@ -85,8 +117,15 @@ impl Cadence {
         let excess = self.output_delay(now).saturating_sub(floor);
         if excess > self.cfg.target / 2 {
             self.period = self.period.mul_f64(1.25).min(self.cfg.max);
-        } else if excess < self.cfg.target / 4 {
+        } else if excess < self.cfg.target / 4 && self.throttle == 0.0 {
             self.period = (self.period / 2).max(self.cfg.base);
+        }
+        if self.cfg.max > self.cfg.base {
+            // In proportion to the excess beyond a quarter of the target,
+            // at once when it grows, slowly when it shrinks.
+            let target = self.cfg.target.as_secs_f64();
+            let want = (THROTTLE_GAIN * (excess.as_secs_f64() - target / 4.0) / target).clamp(0.0, MAX_THROTTLE);
+            self.throttle = if want >= self.throttle { want } else { (self.throttle - THROTTLE_DOWN).max(want) };
         }
         self.period
     }
@@ -150,9 +189,10 @@ mod tests {
         assert_eq!(c.period(), 400 * MS);
         assert!(c.output_delay(now) > 1000 * MS);
         // The backup catches up: acknowledged at once from here on, and
-        // the period is back at the base within a few epochs.
+        // the period is back at the base within a few epochs (the
+        // throttle the long backlog built up goes first).
         c.acked(EpochId(e), now);
-        for _ in 0..5 {
+        for _ in 0..40 {
             e += 1;
             let p = c.sealed(EpochId(e), now);
             c.acked(EpochId(e), now);
@@ -188,6 +228,51 @@ mod tests {
         // Oldest unacked sealed at 750 ms; at 1150 ms the excess is 350 ms:
         // between a quarter and a half of the target.
         assert_eq!(c.sealed(EpochId(4), t0 + 1150 * MS), p);
+    }
+
+    #[test]
+    fn a_backlog_the_longest_epochs_cannot_drain_throttles_the_guest_until_it_drains() {
+        let mut c = Cadence::new(cfg());
+        let t0 = Instant::now();
+        c.sealed(EpochId(1), t0);
+        c.acked(EpochId(1), t0 + 50 * MS);
+        // Nothing acknowledged since: the period reaches its bound, then
+        // the throttle grows, bounded.
+        let (mut e, mut now) = (1, t0 + 100 * MS);
+        let mut throttles = Vec::new();
+        while now < t0 + 20_000 * MS {
+            e += 1;
+            now += c.sealed(EpochId(e), now);
+            throttles.push(c.throttle());
+        }
+        assert_eq!(c.period(), 400 * MS);
+        assert_eq!(c.throttle(), MAX_THROTTLE);
+        assert!(throttles.windows(2).all(|w| w[0] <= w[1]), "it only grows while the backlog does: {throttles:?}");
+        // Drained: the throttle goes first, then the period.
+        c.acked(EpochId(e), now);
+        let mut seen = Vec::new();
+        for _ in 0..40 {
+            e += 1;
+            let p = c.sealed(EpochId(e), now);
+            c.acked(EpochId(e), now);
+            now += p;
+            seen.push((c.throttle(), c.period()));
+        }
+        let first_short = seen.iter().position(|(_, p)| *p < 400 * MS).expect("the period shortens");
+        assert!(seen[..first_short].iter().any(|(t, _)| *t > 0.0) && seen[first_short].0 == 0.0, "{seen:?}");
+        assert_eq!(seen.last(), Some(&(0.0, 25 * MS)));
+    }
+
+    #[test]
+    fn a_fixed_cadence_never_throttles() {
+        let mut c = Cadence::new(CadenceConfig { base: 25 * MS, max: 25 * MS, target: 1000 * MS });
+        let t0 = Instant::now();
+        c.sealed(EpochId(1), t0);
+        c.acked(EpochId(1), t0 + 10 * MS);
+        for e in 2..200u64 {
+            c.sealed(EpochId(e), t0 + 25 * MS * e as u32);
+        }
+        assert_eq!(c.throttle(), 0.0);
     }
 
     #[test]

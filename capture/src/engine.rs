@@ -53,6 +53,13 @@ pub struct EpochEngine<G> {
     acked: EpochId,
     output: Arc<OutputBuffer<Vec<u8>>>,
     scratch: Scratch,
+    /// Held still by the driver ([`EpochEngine::set_fenced`]).
+    fenced: bool,
+    /// Throttle credit: each epoch adds the cadence's throttle, and an
+    /// epoch that brings it to 1 is one the guest is held still in.
+    credit: f64,
+    /// Epochs the guest was held still in by the throttle.
+    throttled: u64,
 }
 
 impl<G: ProtectedGuest> EpochEngine<G> {
@@ -70,7 +77,28 @@ impl<G: ProtectedGuest> EpochEngine<G> {
             acked: EpochId(0),
             output,
             scratch: Scratch::default(),
+            fenced: false,
+            credit: 0.0,
+            throttled: 0,
         }
+    }
+
+    /// Holds the guest still (from the next pause on) while `fenced`, or
+    /// lets it run again (as far as the throttle lets it).
+    pub fn set_fenced(&mut self, fenced: bool) {
+        self.fenced = fenced;
+        self.guest.hold(fenced);
+    }
+
+    /// The fraction of epochs the guest is held still in to let the
+    /// backup catch up (see [`Cadence`]).
+    pub fn throttle(&self) -> f64 {
+        self.cadence.throttle()
+    }
+
+    /// Epochs the guest was held still in by the throttle so far.
+    pub fn throttled_epochs(&self) -> u64 {
+        self.throttled
     }
 
     /// The same engine continuing a history whose last committed epoch is
@@ -122,6 +150,19 @@ impl<G: ProtectedGuest> EpochEngine<G> {
         let last = self.phase == Phase::Stopping;
         if last {
             self.guest.quiesce();
+        }
+        // The throttle: the guest is held still through the coming epoch
+        // when this one brings the credit to a whole epoch.
+        if !last && !self.fenced {
+            self.credit += self.cadence.throttle();
+            let hold = self.credit >= 1.0;
+            if hold {
+                self.credit -= 1.0;
+                self.throttled += 1;
+            } else if self.cadence.throttle() == 0.0 {
+                self.credit = 0.0;
+            }
+            self.guest.hold(hold);
         }
         let cp = self.seal(unix_ns)?;
         if last {

@@ -25,6 +25,9 @@ pub struct Summary {
     /// Median epoch length, ms (longer than the configured one while the
     /// backup lagged).
     pub epoch_ms_p50: f64,
+    /// Epochs the guest was held still in (throttled) because output
+    /// waited past the target even with the longest epochs.
+    pub throttled_epochs: u64,
     /// Longest epoch length, ms.
     pub epoch_ms_max: f64,
     /// Dirty pages sealed.
@@ -59,6 +62,8 @@ pub struct Summary {
     pub self_fenced_ms: f64,
     /// CPU time this process used (user and system, every thread), s.
     pub cpu_seconds: f64,
+    /// The most memory this process held resident, MiB.
+    pub peak_resident_mib: f64,
     /// Encoding mix, pages.
     pub encoding: EncodingSummary,
     /// Seal-to-ack latency percentiles, ms.
@@ -138,6 +143,7 @@ impl Summary {
             pause_ms_max: ms(s.pauses_ns.iter().copied().max().unwrap_or(0)),
             epoch_ms_p50: ms(percentile(&s.periods_ns, 50.0)),
             epoch_ms_max: ms(s.periods_ns.iter().copied().max().unwrap_or(0)),
+            throttled_epochs: s.throttled_epochs,
             dirty_pages: s.dirty_pages,
             dirty_pages_per_epoch: match s.sealed.0 - s.continued_from.0 {
                 0 => 0.0,
@@ -156,6 +162,7 @@ impl Summary {
             self_fences: s.self_fences,
             self_fenced_ms: ms(s.self_fenced_ns),
             cpu_seconds: remus_sys::cpu_time().as_secs_f64(),
+            peak_resident_mib: remus_sys::peak_resident_bytes() as f64 / f64::from(1 << 20),
             encoding: EncodingSummary { zero: m.zero, reference: m.reference, xor: m.xor, raw_zstd: m.raw_zstd, raw_plain: m.raw_plain },
             commit_ms_p50: ms(percentile(&s.commit_ns, 50.0)),
             commit_ms_p99: ms(percentile(&s.commit_ns, 99.0)),
@@ -193,7 +200,7 @@ impl Summary {
         let mut text = format!(
             "epochs            {} sealed, {} committed in {:.1} s ({:.1} Hz)\n\
              pause             p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} tracking)\n\
-             epoch length      p50 {:.1} ms, max {:.1} ms (longer while the backup lags)\n\
+             epoch length      p50 {:.1} ms, max {:.1} ms (longer while the backup lags); guest held still in {} epochs (throttled)\n\
              dirty pages       {} ({:.0} per epoch)\n\
              wire              {} bytes, {:.1} bytes per dirty page ({:.1}% of raw); resent {} bytes in {} epochs after {} disconnects; parity {} bytes ({} left out, link saturated)\n\
              encodings         zero {:.1}%, ref {:.1}%, xor {:.1}%, zstd {:.1}%, plain {:.1}%\n\
@@ -210,6 +217,7 @@ impl Summary {
             if self.exact_tracking { "exact write-protect" } else { "page-hash" },
             self.epoch_ms_p50,
             self.epoch_ms_max,
+            self.throttled_epochs,
             self.dirty_pages,
             self.dirty_pages_per_epoch,
             self.wire_bytes,

@@ -422,6 +422,7 @@ fn drive_engine<G: ProtectedGuest>(
                 let started = Instant::now();
                 let Some(cp) = engine.handle_timeout(started, now_unix_nanos()).map_err(NodeError::Checkpoint)? else { continue };
                 record_seal(stats, &cp, engine.period(), started);
+                stats.lock().throttled_epochs = engine.throttled_epochs();
                 let Some(link) = &tx else { continue };
                 if link.blocking_send(cp).is_err() {
                     return Err(NodeError::LinkStopped);
@@ -440,7 +441,7 @@ fn drive_engine<G: ProtectedGuest>(
         match owner.standing() {
             None | Some(Standing::Owner) => {
                 if let Some(since) = fenced.take() {
-                    engine.guest_mut().hold(false);
+                    engine.set_fenced(false);
                     stats.lock().self_fenced_ns += u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
                     tracing::warn!(held_ms = since.elapsed().as_millis(), "lease confirmed again: the guest runs and output flows");
                     owner.notify("self-fence-ended", serde_json::json!({ "held_ms": since.elapsed().as_millis() as u64 }));
@@ -454,7 +455,7 @@ fn drive_engine<G: ProtectedGuest>(
             Some(Standing::SelfFenced { .. }) => {
                 if fenced.is_none() {
                     fenced = Some(Instant::now());
-                    engine.guest_mut().hold(true);
+                    engine.set_fenced(true);
                     stats.lock().self_fences += 1;
                     tracing::error!(
                         acked = engine.acked().0,
@@ -464,7 +465,7 @@ fn drive_engine<G: ProtectedGuest>(
                 }
             }
             Some(Standing::Superseded(lease)) => {
-                engine.guest_mut().hold(true);
+                engine.set_fenced(true);
                 owner.notify(
                     "superseded",
                     serde_json::json!({ "by": lease.owner, "new_generation": lease.generation, "acked": engine.acked().0 }),

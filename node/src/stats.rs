@@ -91,6 +91,9 @@ pub struct PrimaryStats {
     pub handed_over_at: Option<Instant>,
     /// Each far backup's link, in the order configured.
     pub far: Vec<crate::fanout::FarStats>,
+    /// Epochs the guest was held still in because the backup could not
+    /// keep output under the target even with the longest epochs.
+    pub throttled_epochs: u64,
 }
 
 impl Default for PrimaryStats {
@@ -125,6 +128,7 @@ impl Default for PrimaryStats {
             handed_over: None,
             handed_over_at: None,
             far: Vec::new(),
+            throttled_epochs: 0,
         }
     }
 }

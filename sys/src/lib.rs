@@ -26,7 +26,7 @@ pub use memory::Mapping;
 pub use net::{enter_net_namespace, open_tap, open_tun, unshare_net_namespace};
 pub use pi_mutex::{PiGuard, PiMutex};
 pub use process::{
-    cpu_time, die_on_closed_pipe, die_with_parent, ids, install_stop_handler, keep_freed_memory, process_cpu_time, raise_priority, signal,
-    stop_requested,
+    cpu_time, die_on_closed_pipe, die_with_parent, ids, install_stop_handler, keep_freed_memory, peak_resident_bytes, process_cpu_time,
+    raise_priority, signal, stop_requested,
 };
 pub use uffd::WriteProtectScanner;

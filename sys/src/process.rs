@@ -123,6 +123,19 @@ pub fn cpu_time() -> std::time::Duration {
     process_cpu_time(std::process::id()).unwrap_or_default()
 }
 
+/// The most memory this process has held resident so far (`VmHWM`), in
+/// bytes; 0 where the kernel does not say.
+#[must_use]
+pub fn peak_resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|kb| kb.trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -135,5 +148,8 @@ mod tests {
         }
         assert!(super::cpu_time() > before, "300 ms of spinning shows as CPU time");
         assert!(super::process_cpu_time(u32::MAX).is_err());
+        let held = vec![1u8; 64 << 20];
+        assert!(super::peak_resident_bytes() >= 64 << 20, "64 MiB touched shows in the peak");
+        drop(std::hint::black_box(held));
     }
 }
