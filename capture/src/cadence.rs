@@ -4,8 +4,9 @@
 //! Output waits for its epoch's acknowledgement, so the age of the oldest
 //! unacknowledged epoch is the delay output sees now. Part of it no epoch
 //! length can remove: the round trip and the commit, seen as the shortest
-//! seal-to-acknowledgement time of recent epochs (the floor). The rest,
-//! the excess, is backlog: when the guest dirties more than the link (or
+//! seal-to-acknowledgement time of recent epochs (the floor), and the time
+//! to send one epoch, at most its length while the link keeps up. The
+//! rest, the excess, is backlog: when the guest dirties more than the link (or
 //! the backup) carries, it grows without bound at a fixed period. Longer
 //! epochs carry less: a page written many times in an epoch is sent once,
 //! and per-epoch costs are paid less often. So when the excess passes half
@@ -45,10 +46,10 @@ pub struct CadenceConfig {
 }
 
 impl Default for CadenceConfig {
-    /// 40 Hz, fixed (adaptive epochs are opt-in, see docs/benchmarks.md),
-    /// with an output-delay target of one second for when they are on.
+    /// 40 Hz, lengthened up to 200 ms (5 Hz) and then the guest slowed
+    /// while output waits past half of a one-second target.
     fn default() -> Self {
-        Self { base: Duration::from_millis(25), max: Duration::from_millis(25), target: Duration::from_secs(1) }
+        Self { base: Duration::from_millis(25), max: Duration::from_millis(200), target: Duration::from_secs(1) }
     }
 }
 
@@ -114,7 +115,10 @@ impl Cadence {
     pub fn sealed(&mut self, epoch: EpochId, now: Instant) -> Duration {
         self.unacked.push_back((epoch, now));
         let Some(floor) = self.recent.iter().min().copied() else { return self.period };
-        let excess = self.output_delay(now).saturating_sub(floor);
+        // An epoch of length P takes up to P to send while the link keeps
+        // up: that is not backlog (else longer epochs, slower to send,
+        // would read as more backlog and lengthen themselves).
+        let excess = self.output_delay(now).saturating_sub(floor).saturating_sub(self.period);
         if excess > self.cfg.target / 2 {
             self.period = self.period.mul_f64(1.25).min(self.cfg.max);
         } else if excess < self.cfg.target / 4 && self.throttle == 0.0 {

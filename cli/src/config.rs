@@ -8,7 +8,7 @@
 //! guest = 1
 //! backup = "127.0.0.1:7400"
 //! epoch-ms = 25
-//! max-epoch-ms = 25              # above epoch-ms: epochs lengthen up to it while the backup lags
+//! max-epoch-ms = 200             # epochs lengthen up to it while output waits, then the guest is slowed (= epoch-ms: fixed)
 //! output-delay-target-ms = 1000   # ... to keep output delay under this
 //! max-in-flight = 256
 //! heartbeat-ms = 50
@@ -266,9 +266,9 @@ pub struct ProtectConfig {
     pub backup: SocketAddr,
     /// Epoch length in ms (default 25, i.e. 40 Hz).
     pub epoch_ms: u64,
-    /// Longest epoch in ms when the backup lags (default 25: a fixed
-    /// period; adaptive epochs are opt-in until their control law helps
-    /// on long paths too, see docs/benchmarks.md).
+    /// Longest epoch in ms while output waits past half the target
+    /// (default 200; beyond it the guest is slowed). Equal to `epoch-ms`:
+    /// a fixed period, never throttled.
     pub max_epoch_ms: u64,
     /// Output delay to stay under, ms (default 1000): epochs lengthen
     /// while the oldest unacknowledged output waits longer than half this.
