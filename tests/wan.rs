@@ -197,9 +197,14 @@ fn the_bandwidth_cap_holds() {
     // 4 000 page writes/s of the default mix is about 3 MB/s on the wire;
     // the cap is 8 Mbit/s = 1 MB/s.
     const CAP: f64 = 1_000_000.0;
+    // A fixed period: the guest is not slowed to the cap (that is the
+    // throttle's test below), so a backlog builds that cannot drain.
+    let config = data.join("remus.toml");
+    std::fs::write(&config, "[protect]\nmax-epoch-ms = 25\n").unwrap();
     let started = std::time::Instant::now();
     let out = run_limited(
         protect(data, &relay.local_addr().to_string())
+            .args(["--config", config.to_str().unwrap()])
             .args(["--memory-mib", "64", "--pages-per-sec", "4000", "--seconds", "4", "--drain-seconds", "1"])
             .args(["--max-rate-mbit", "8", "--fec", "off"]),
         LIMIT,
@@ -223,6 +228,11 @@ fn logged_epochs(store: &std::path::Path) -> Vec<u64> {
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json line")["epoch"].as_u64().expect("epoch"))
         .collect()
+}
+
+/// The newest epoch of the store at `store` (0 for none).
+fn newest_epoch(store: &std::path::Path) -> u64 {
+    logged_epochs(store).last().copied().unwrap_or(0)
 }
 
 /// Lines in the released-output log so far.
@@ -262,13 +272,12 @@ fn fan_out_releases_output_on_the_near_backup_while_the_far_one_is_cut_off_and_t
         .unwrap();
     far.wait_committed(1, 40, LIMIT);
     relay.set_partitioned(true);
-    let newest = |store: &std::path::Path| logged_epochs(store).last().copied().unwrap_or(0);
-    let cut = newest(&data.join("store"));
+    let cut = newest_epoch(&data.join("store"));
     let released_at_cut = released_lines(&output_log);
     // 120 epochs (3 s at 40 Hz) committed by the near backup with the far
     // one cut off: their output is released all the same.
     let near_during = near.wait_committed(1, cut + 120, LIMIT);
-    let far_during = newest(&far_store);
+    let far_during = newest_epoch(&far_store);
     let released_during = released_lines(&output_log);
     assert!(
         released_during >= released_at_cut + 100,
@@ -325,8 +334,12 @@ fn under_release_all_a_cut_off_far_backup_holds_output_until_it_acknowledges() {
     let far = BackupProcess::start_with(data, "127.0.0.1:0", &["--store", far_store.to_str().unwrap()]);
     let relay = relay_to(&far.addr, Impairment { delay: Duration::from_millis(10), ..Impairment::default() });
     let output_log = data.join("released.log");
+    // A fixed period: with output held the guest would otherwise be
+    // slowed (the throttle), and this test is about what is released.
+    let config = data.join("remus.toml");
+    std::fs::write(&config, "[protect]\nmax-epoch-ms = 25\n").unwrap();
     let primary = protect(data, &near.addr)
-        .args(["--far", &relay.local_addr().to_string(), "--release", "all"])
+        .args(["--config", config.to_str().unwrap(), "--far", &relay.local_addr().to_string(), "--release", "all"])
         .args(["--memory-mib", "64", "--pages-per-sec", "2000", "--seconds", "10", "--json", "--output-log"])
         .arg(&output_log)
         .stdout(Stdio::piped())
@@ -335,14 +348,13 @@ fn under_release_all_a_cut_off_far_backup_holds_output_until_it_acknowledges() {
         .unwrap();
     far.wait_committed(1, 40, LIMIT);
     relay.set_partitioned(true);
-    let newest = |store: &std::path::Path| logged_epochs(store).last().copied().unwrap_or(0);
-    let cut = newest(&data.join("store"));
+    let cut = newest_epoch(&data.join("store"));
     // Once the far backup's last acknowledgement is in, nothing more is
     // released while the near backup commits another 40 epochs.
     near.wait_committed(1, cut + 40, LIMIT);
     let held_at = released_lines(&output_log);
     let near_during = near.wait_committed(1, cut + 80, LIMIT);
-    let (released, far_during) = (released_lines(&output_log), newest(&far_store));
+    let (released, far_during) = (released_lines(&output_log), newest_epoch(&far_store));
     assert_eq!(released, held_at, "output released with the far backup cut off (far {far_during}, near {near_during})");
     assert!(far_during + 60 < near_during, "far {far_during}, near {near_during}");
     relay.set_partitioned(false);
