@@ -8,20 +8,19 @@
 //! backup's link to take each checkpoint, as with a single backup. A
 //! backup that does not pace never holds the guest or its output back:
 //! when its link falls behind (a slow path, or cut off), the checkpoints
-//! it has not taken are merged into one ([`Checkpoint::absorb`]), which it
+//! it has not taken are merged into one ([`MergedCheckpoint`]), which it
 //! commits after the last epoch it holds, skipping those between. Memory
 //! for it stays bounded by what its link retains
 //! ([`FAR_RETAINED_BYTES`]), two queued checkpoints, and one merged
 //! checkpoint (at most the guest's memory).
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::Sender;
 use parking_lot::Mutex;
-use remus_types::{Checkpoint, EpochId, Pfn, PAGE_SIZE};
+use remus_types::{Checkpoint, EpochId, MergedCheckpoint};
 use tokio::sync::mpsc;
 
 /// Bytes of unacknowledged checkpoints a far backup's link keeps for
@@ -164,56 +163,11 @@ pub(crate) async fn fan_out(mut input: mpsc::Receiver<Checkpoint>, mut feeds: Fe
     }
 }
 
-/// Checkpoints merged into one as they come, as [`Checkpoint::absorb`]
-/// merges them, each in time proportional to its own pages (not to what
-/// was merged before it: a backup cut off for long accumulates up to the
-/// guest's whole memory).
-struct Merged {
-    /// The newest checkpoint's header and device state (no pages).
-    newest: Checkpoint,
-    /// Where each page's newest content sits in `pages`.
-    slots: BTreeMap<Pfn, usize>,
-    pages: Vec<u8>,
-}
-
-impl Merged {
-    fn new(cp: Checkpoint) -> Self {
-        let slots = cp.pfns.iter().enumerate().map(|(i, p)| (*p, i)).collect();
-        let mut newest = cp;
-        let pages = std::mem::take(&mut newest.pages);
-        newest.pfns.clear();
-        Self { newest, slots, pages }
-    }
-
-    fn absorb(&mut self, mut later: Checkpoint) {
-        assert!(later.epoch > self.newest.epoch, "absorbing a later checkpoint");
-        for (i, pfn) in later.pfns.iter().enumerate() {
-            match self.slots.get(pfn) {
-                Some(&s) => self.pages[s * PAGE_SIZE..(s + 1) * PAGE_SIZE].copy_from_slice(later.page(i)),
-                None => {
-                    self.slots.insert(*pfn, self.pages.len() / PAGE_SIZE);
-                    self.pages.extend_from_slice(later.page(i));
-                }
-            }
-        }
-        (later.pfns, later.pages) = (Vec::new(), Vec::new());
-        self.newest = later;
-    }
-
-    fn into_checkpoint(self) -> Checkpoint {
-        let mut pages = Vec::with_capacity(self.pages.len());
-        for s in self.slots.values() {
-            pages.extend_from_slice(&self.pages[s * PAGE_SIZE..(s + 1) * PAGE_SIZE]);
-        }
-        Checkpoint { pfns: self.slots.into_keys().collect(), pages, ..self.newest }
-    }
-}
-
 /// Feeds a far backup's link: each checkpoint goes to the link while it
 /// has room; while it has none, they are merged into one, sent when room
 /// frees. `merged` counts the epochs merged away.
 pub(crate) async fn merging_feed(mut from: mpsc::UnboundedReceiver<Checkpoint>, to: mpsc::Sender<Checkpoint>, merged: Arc<AtomicU64>) {
-    let mut held: Option<Merged> = None;
+    let mut held: Option<MergedCheckpoint> = None;
     loop {
         tokio::select! {
             biased;
@@ -229,7 +183,7 @@ pub(crate) async fn merging_feed(mut from: mpsc::UnboundedReceiver<Checkpoint>, 
                 }
                 (Some(cp), None) => match to.try_send(cp) {
                     Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(cp)) => held = Some(Merged::new(cp)),
+                    Err(mpsc::error::TrySendError::Full(cp)) => held = Some(MergedCheckpoint::new(cp)),
                     Err(mpsc::error::TrySendError::Closed(_)) => return,
                 },
             },
@@ -242,10 +196,8 @@ pub(crate) async fn merging_feed(mut from: mpsc::UnboundedReceiver<Checkpoint>, 
 
 #[cfg(test)]
 mod tests {
-    use proptest::prelude::*;
-
     use super::*;
-    use remus_types::GuestId;
+    use remus_types::{GuestId, Pfn, PAGE_SIZE};
 
     #[test]
     fn release_rules_pick_the_epoch_their_backups_acknowledged() {
@@ -276,34 +228,6 @@ mod tests {
         r.acked(1, EpochId(2));
         r.acked(1, EpochId(8));
         assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![EpochId(3), EpochId(5)]);
-    }
-
-    proptest! {
-        /// The feed's running merge is `Checkpoint::absorb`'s.
-        #[test]
-        fn a_running_merge_is_the_merge_of_its_checkpoints(
-            epochs in proptest::collection::vec(proptest::collection::btree_map(0u64..16, any::<u8>(), 0..8), 1..6)
-        ) {
-            let cps: Vec<Checkpoint> = epochs
-                .iter()
-                .enumerate()
-                .map(|(i, w)| Checkpoint {
-                    guest: GuestId(1),
-                    epoch: EpochId(i as u64 + 1),
-                    page_count: 16,
-                    pfns: w.keys().map(|p| Pfn(*p)).collect(),
-                    pages: w.values().flat_map(|v| [*v; PAGE_SIZE]).collect(),
-                    device_state: vec![i as u8],
-                    ..Checkpoint::default()
-                })
-                .collect();
-            let (mut want, mut running) = (cps[0].clone(), Merged::new(cps[0].clone()));
-            for cp in &cps[1..] {
-                want.absorb(cp.clone());
-                running.absorb(cp.clone());
-            }
-            prop_assert_eq!(running.into_checkpoint(), want);
-        }
     }
 
     fn cp(epoch: u64, pfn: u64) -> Checkpoint {

@@ -88,40 +88,64 @@ impl Checkpoint {
     pub fn page(&self, i: usize) -> &[u8] {
         &self.pages[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
     }
+}
 
-    /// Merges `later`, a checkpoint of a later epoch of the same guest,
-    /// into this one: the result is `later`'s epoch, time and device state
-    /// with every page either wrote, `later`'s content where both did. It
-    /// describes the guest at `later` as fully as the two did together
-    /// (for a backup that fell behind: the epochs between are not kept
-    /// there, only skipped).
+/// Checkpoints of successive epochs of one guest merged into one, as they
+/// come: the newest epoch's number, time and device state with every page
+/// any of them wrote, at its newest content. It describes the guest at the
+/// newest epoch as fully as they did together (for a backup that fell
+/// behind: the epochs between are not kept there, only skipped). Each
+/// merge takes time in proportion to its own pages, not to what was
+/// merged before (a backup cut off for long accumulates up to the guest's
+/// whole memory).
+#[derive(Debug)]
+pub struct MergedCheckpoint {
+    /// The newest checkpoint's header and device state (no pages).
+    newest: Checkpoint,
+    /// Where each page's newest content sits in `pages`.
+    slots: std::collections::BTreeMap<Pfn, usize>,
+    pages: Vec<u8>,
+}
+
+impl MergedCheckpoint {
+    /// Starts with `cp`.
+    #[must_use]
+    pub fn new(cp: Checkpoint) -> Self {
+        let slots = cp.pfns.iter().enumerate().map(|(i, p)| (*p, i)).collect();
+        let mut newest = cp;
+        let pages = std::mem::take(&mut newest.pages);
+        newest.pfns.clear();
+        Self { newest, slots, pages }
+    }
+
+    /// Merges in `later`.
     ///
     /// # Panics
     /// If `later` is not of a later epoch of the same guest and size.
-    pub fn absorb(&mut self, later: Checkpoint) {
-        assert!(
-            later.epoch > self.epoch && later.guest == self.guest && later.page_count == self.page_count,
-            "absorbing a later checkpoint"
-        );
-        let (mut pfns, mut pages) = (Vec::with_capacity(self.pfns.len() + later.pfns.len()), Vec::new());
-        pages.reserve(self.pages.len() + later.pages.len());
-        let (mut i, mut j) = (0, 0);
-        while i < self.pfns.len() || j < later.pfns.len() {
-            let take_later = j < later.pfns.len() && (i == self.pfns.len() || later.pfns[j] <= self.pfns[i]);
-            if take_later {
-                if i < self.pfns.len() && self.pfns[i] == later.pfns[j] {
-                    i += 1;
+    pub fn absorb(&mut self, mut later: Checkpoint) {
+        let n = &self.newest;
+        assert!(later.epoch > n.epoch && later.guest == n.guest && later.page_count == n.page_count, "absorbing a later checkpoint");
+        for (i, pfn) in later.pfns.iter().enumerate() {
+            match self.slots.get(pfn) {
+                Some(&s) => self.pages[s * PAGE_SIZE..(s + 1) * PAGE_SIZE].copy_from_slice(later.page(i)),
+                None => {
+                    self.slots.insert(*pfn, self.pages.len() / PAGE_SIZE);
+                    self.pages.extend_from_slice(later.page(i));
                 }
-                pfns.push(later.pfns[j]);
-                pages.extend_from_slice(later.page(j));
-                j += 1;
-            } else {
-                pfns.push(self.pfns[i]);
-                pages.extend_from_slice(self.page(i));
-                i += 1;
             }
         }
-        *self = Checkpoint { pfns, pages, ..later };
+        (later.pfns, later.pages) = (Vec::new(), Vec::new());
+        self.newest = later;
+    }
+
+    /// The merged checkpoint (pages in ascending order).
+    #[must_use]
+    pub fn into_checkpoint(self) -> Checkpoint {
+        let mut pages = Vec::with_capacity(self.pages.len());
+        for s in self.slots.values() {
+            pages.extend_from_slice(&self.pages[s * PAGE_SIZE..(s + 1) * PAGE_SIZE]);
+        }
+        Checkpoint { pfns: self.slots.into_keys().collect(), pages, ..self.newest }
     }
 }
 
@@ -164,10 +188,11 @@ mod tests {
             for cp in &cps {
                 apply(&mut one_by_one, cp);
             }
-            let mut merged = cps[0].clone();
+            let mut merging = MergedCheckpoint::new(cps[0].clone());
             for cp in &cps[1..] {
-                merged.absorb(cp.clone());
+                merging.absorb(cp.clone());
             }
+            let merged = merging.into_checkpoint();
             apply(&mut merged_memory, &merged);
             prop_assert_eq!(one_by_one, merged_memory);
             prop_assert!(merged.pfns.windows(2).all(|w| w[0] < w[1]));

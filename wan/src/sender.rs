@@ -317,7 +317,7 @@ impl SenderCore {
     /// Takes a sealed checkpoint (epochs must arrive in order) and returns
     /// the memory root of the guest at that epoch. Epochs may be skipped:
     /// a checkpoint that merges the epochs since the last one pushed
-    /// ([`Checkpoint::absorb`]) follows that one in the backup's history.
+    /// ([`remus_types::MergedCheckpoint`]) follows that one in the backup's history.
     ///
     /// # Panics
     /// If epochs are pushed out of order or the page count differs.

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
-use remus_types::{Checkpoint, ChunkId, EpochId, GuestId, MemoryDigest, Pfn, PAGE_SIZE};
+use remus_types::{Checkpoint, ChunkId, EpochId, GuestId, MemoryDigest, MergedCheckpoint, Pfn, PAGE_SIZE};
 
 use crate::*;
 
@@ -277,7 +277,7 @@ fn epochs_merged_while_the_backup_was_away_commit_as_one_that_follows_the_last_i
     for seed in 0..8 {
         let mut sim = Sim::new(seed);
         let start = sim.now;
-        let mut merged: Option<Checkpoint> = None;
+        let mut merged: Option<MergedCheckpoint> = None;
         for e in 1..=60u64 {
             if e == 20 {
                 sim.cut();
@@ -286,12 +286,12 @@ fn epochs_merged_while_the_backup_was_away_commit_as_one_that_follows_the_last_i
             if (20..40).contains(&e) {
                 match merged.as_mut() {
                     Some(m) => m.absorb(cp),
-                    None => merged = Some(cp),
+                    None => merged = Some(MergedCheckpoint::new(cp)),
                 }
             } else {
                 if let Some(m) = merged.take() {
                     sim.connect();
-                    sim.sender.push_checkpoint(m);
+                    sim.sender.push_checkpoint(m.into_checkpoint());
                 }
                 let root = sim.sender.push_checkpoint(cp);
                 assert_eq!(root, MemoryDigest::of_image(&sim.memory));
