@@ -565,13 +565,12 @@ impl Store {
     /// Appends the content of the delta `id` (`delta`: base id and XOR
     /// frame) to `out`, verified, reading its base first.
     fn undo_delta(&self, id: &ChunkId, delta: &[u8], out: &mut Vec<u8>, depth: u8) -> Result<(), StoreError> {
-        if depth >= MAX_DELTA_DEPTH || delta.len() < 32 {
+        let Some((base, xor)) = delta_parts(delta).filter(|_| depth < MAX_DELTA_DEPTH) else {
             return Err(StoreError::ChunkCorrupt(*id));
-        }
-        let base = ChunkId(delta[..32].try_into().expect("32 bytes"));
+        };
         let start = out.len();
         self.chunk_at_depth(&base, out, depth + 1)?;
-        if apply_xor(&mut out[start..], &delta[32..]).is_err() || (depth == 0 && content_id(&out[start..]) != *id) {
+        if apply_xor(&mut out[start..], xor).is_err() || (depth == 0 && content_id(&out[start..]) != *id) {
             out.truncate(start);
             return Err(StoreError::ChunkCorrupt(*id));
         }
@@ -726,10 +725,10 @@ impl Store {
             }
             scratch.clear();
             let mismatch = |_: ()| StoreError::Mismatch { guest: c.guest, epoch: c.epoch, id };
-            let (chunk, depth) = match chunk {
+            // Kept as a delta: its base and depth.
+            let (chunk, over) = match chunk {
                 StoredChunk::Delta(d) => {
-                    let base =
-                        ChunkId(d.get(..32).ok_or(StoreError::Mismatch { guest: c.guest, epoch: c.epoch, id })?.try_into().expect("32"));
+                    let (base, xor) = delta_parts(&d).ok_or_else(|| mismatch(()))?;
                     // The base from this group or the store; gone (GC) is
                     // named as unstored, so the sender sends it again.
                     let base_depth = match self.group_content(&base, fresh, &mut scratch) {
@@ -738,26 +737,20 @@ impl Store {
                         }
                         r => r?,
                     };
-                    apply_xor(&mut scratch, &d[32..]).map_err(mismatch)?;
+                    apply_xor(&mut scratch, xor).map_err(mismatch)?;
                     if content_id(&scratch) != id {
-                        return Err(StoreError::Mismatch { guest: c.guest, epoch: c.epoch, id });
+                        return Err(mismatch(()));
                     }
                     if base_depth >= MAX_DELTA_DEPTH {
-                        (
-                            StoredChunk::Zstd(
-                                remus_types::zstd_compress(&scratch, WHOLE_LEVEL)
-                                    .map_err(|cause| StoreError::Io { what: "compressing a chunk whose delta chain is too deep", cause })?,
-                            ),
-                            0,
-                        )
+                        (compress_whole(&scratch)?, None)
                     } else {
-                        (StoredChunk::Delta(d), base_depth + 1)
+                        (StoredChunk::Delta(d), Some((base, base_depth + 1)))
                     }
                 }
                 chunk => {
                     let (codec, bytes) = chunk.parts();
                     decode_chunk_into(&id, codec, bytes, &mut scratch).map_err(|_| mismatch(()))?;
-                    (chunk, 0)
+                    (chunk, None)
                 }
             };
             batch.put_cf(held_cf, held_key(c.guest, &id), []);
@@ -765,14 +758,14 @@ impl Store {
                 dup_chunks += 1;
                 continue;
             }
-            if let StoredChunk::Delta(d) = &chunk {
+            if let Some((base, depth)) = over {
                 let mut v = [0u8; 33];
-                v[..32].copy_from_slice(&d[..32]);
+                v[..32].copy_from_slice(&base.0);
                 v[32] = depth;
                 batch.put_cf(self.cf(CF_BASES), id.0, v);
             }
             new_bytes += 1 + chunk.len() as u64;
-            fresh.push(id, chunk, depth);
+            fresh.push(id, chunk, over.map_or(0, |(_, depth)| depth));
             new_chunks += 1;
         }
         let ds_id = content_id(&c.device_state);
@@ -1105,16 +1098,14 @@ impl Store {
     /// As [`chunk`](Self::chunk).
     pub fn chunk_value_whole(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
         let v = self.chunk_value(id)?;
-        if v.first() != Some(&CODEC_DELTA) {
-            return Ok(v);
+        match v.split_first() {
+            Some((&CODEC_DELTA, delta)) => {
+                let mut content = Vec::with_capacity(PAGE_SIZE);
+                self.undo_delta(id, delta, &mut content, 0)?;
+                Ok(compress_whole(&content)?.value())
+            }
+            _ => Ok(v),
         }
-        let content = self.chunk(id)?;
-        let z = remus_types::zstd_compress(&content, WHOLE_LEVEL)
-            .map_err(|cause| StoreError::Io { what: "compressing a delta made whole", cause })?;
-        let mut whole = Vec::with_capacity(1 + z.len());
-        whole.push(CODEC_ZSTD);
-        whole.extend_from_slice(&z);
-        Ok(whole)
     }
 
     /// Flushes memtables (for tests that inspect files).
@@ -1197,8 +1188,6 @@ fn decode_chunk(id: &ChunkId, codec: u8, b: &[u8]) -> Result<Vec<u8>, StoreError
     Ok(out)
 }
 
-/// Appends the content of chunk bytes stored with `codec` to `out`, after
-/// checking it against `id` (on error `out` is left as it was).
 /// The chunks a commit group stores, in order, and where each is with
 /// its delta depth (a later delta of the group may build on one).
 #[derive(Default)]
@@ -1224,9 +1213,10 @@ impl Store {
         };
         match &fresh.chunks[i].1 {
             StoredChunk::Delta(d) => {
+                let (base, xor) = delta_parts(d).ok_or(StoreError::ChunkCorrupt(*id))?;
                 let start = out.len();
-                self.group_content(&ChunkId(d[..32].try_into().expect("32 bytes")), fresh, out)?;
-                apply_xor(&mut out[start..], &d[32..]).map_err(|()| StoreError::ChunkCorrupt(*id))?;
+                self.group_content(&base, fresh, out)?;
+                apply_xor(&mut out[start..], xor).map_err(|()| StoreError::ChunkCorrupt(*id))?;
             }
             chunk => {
                 let (codec, bytes) = chunk.parts();
@@ -1235,6 +1225,20 @@ impl Store {
         }
         Ok(depth)
     }
+}
+
+/// A delta's base id and XOR frame (`None`: too short to be a delta).
+fn delta_parts(delta: &[u8]) -> Option<(ChunkId, &[u8])> {
+    let base = delta.get(..32)?.try_into().ok()?;
+    Some((ChunkId(base), &delta[32..]))
+}
+
+/// `content` stored whole (zstd): a delta whose chain is too deep, or one
+/// leaving the store for the S3 tier.
+fn compress_whole(content: &[u8]) -> Result<StoredChunk, StoreError> {
+    remus_types::zstd_compress(content, WHOLE_LEVEL)
+        .map(StoredChunk::Zstd)
+        .map_err(|cause| StoreError::Io { what: "compressing a delta made whole", cause })
 }
 
 /// XORs `content` (a base's content, in place) with the zstd frame
@@ -1250,6 +1254,8 @@ fn apply_xor(content: &mut [u8], xor_zstd: &[u8]) -> Result<(), ()> {
     }
 }
 
+/// Appends the content of chunk bytes stored with `codec` to `out`, after
+/// checking it against `id` (on error `out` is left as it was).
 fn decode_chunk_into(id: &ChunkId, codec: u8, b: &[u8], out: &mut Vec<u8>) -> Result<(), StoreError> {
     decode_into(id, codec, b, out, true)
 }
