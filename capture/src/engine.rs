@@ -90,12 +90,6 @@ impl<G: ProtectedGuest> EpochEngine<G> {
         self.guest.hold(fenced);
     }
 
-    /// The fraction of epochs the guest is held still in to let the
-    /// backup catch up (see [`Cadence`]).
-    pub fn throttle(&self) -> f64 {
-        self.cadence.throttle()
-    }
-
     /// Epochs the guest was held still in by the throttle so far.
     pub fn throttled_epochs(&self) -> u64 {
         self.throttled

@@ -619,9 +619,9 @@ impl FanOut {
         let mut paced = Vec::new();
         let mut unpaced = Vec::new();
         for (k, addr) in far.iter().enumerate() {
-            let i = k + 1;
+            let paces = release.paces(k + 1);
             let mut sender = near.sender;
-            if !release.paces(i) {
+            if !paces {
                 sender.max_retained_bytes = sender.max_retained_bytes.min(far_retained);
             }
             let cfg = PrimaryLinkConfig {
@@ -633,22 +633,17 @@ impl FanOut {
                 ..near.clone()
             };
             let (etx, erx) = mpsc::unbounded_channel();
-            tokio::spawn(consume_far_events(i, erx, Arc::clone(&stats), Arc::clone(&releaser)));
-            let link = if release.paces(i) {
+            tokio::spawn(consume_far_events(k + 1, erx, Arc::clone(&stats), Arc::clone(&releaser)));
+            if paces {
                 let (tx, rx) = mpsc::channel(16);
                 feeds.paced.push(tx);
-                tokio::spawn(run_primary(cfg, rx, etx))
+                paced.push((*addr, tokio::spawn(run_primary(cfg, rx, etx))));
             } else {
                 let (tx, rx) = mpsc::channel(FAR_QUEUE);
                 let (feed_tx, feed_rx) = mpsc::unbounded_channel();
                 feeds.merging.push(feed_tx);
                 tokio::spawn(merging_feed(feed_rx, tx, Arc::clone(&stats.lock().far[k].merged)));
-                tokio::spawn(run_primary(cfg, rx, etx))
-            };
-            if release.paces(i) {
-                paced.push((*addr, link))
-            } else {
-                unpaced.push((*addr, link))
+                unpaced.push((*addr, tokio::spawn(run_primary(cfg, rx, etx))));
             }
         }
         tokio::spawn(fan_out(checkpoints, feeds));
