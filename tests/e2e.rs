@@ -213,7 +213,13 @@ fn a_full_disk_at_the_backup_loses_nothing_committed() {
     let backup = BackupProcess::start_with(data, "127.0.0.1:0", &["--store", store.to_str().unwrap()]);
     let roots = data.join("roots.jsonl");
     let output_log = data.join("released.log");
+    // A fixed period, so that each epoch holds one 25 ms output line (the
+    // count below): with adaptive epochs a backup that stopped committing
+    // lengthens them.
+    let config = data.join("fixed.toml");
+    std::fs::write(&config, "[protect]\nmax-epoch-ms = 25\n").unwrap();
     let primary = protect(data, &backup.addr)
+        .args(["--config", config.to_str().unwrap()])
         .args(["--memory-mib", "64", "--seconds", "6", "--drain-seconds", "2", "--json", "--record-roots"])
         .arg(&roots)
         .arg("--output-log")
