@@ -10,7 +10,13 @@
 //! - Failover: SIGKILL of the primary (remus and its QEMU) to the guest
 //!   answering at the backup, on the client's open connection and on a new
 //!   one, with the link through remus-relay at each round trip of
-//!   REMUS_BENCH_QEMU_FAILOVER_RTT_MS (default "0").
+//!   REMUS_BENCH_QEMU_FAILOVER_RTT_MS (default "0") and each primary
+//!   timeout of REMUS_BENCH_QEMU_TIMEOUT_MS (default "500").
+//! - Planned move: `remus move` through remus-relay at each round trip of
+//!   REMUS_BENCH_QEMU_MOVE_RTT_MS (default "0"; "none" to skip), under a
+//!   client sending one request after another: the hold `remus move`
+//!   reports, the time until the guest runs at the backup, and the
+//!   client's slowest request.
 //!
 //! `cargo bench -p remus-cli --bench qemu` as root (it makes a private
 //! network namespace for the guest's network). REMUS_BENCH_QEMU_SIZES
@@ -96,15 +102,44 @@ fn main() {
         println!("  {mib:>5}  {:>14}  {:>3}  {:>7}  {:>9}  {:>9}  {:>9}  {:>10}  {after:>7.0}", "unprotected", "", "", "", "", "", "");
     }
     println!();
-    for rtt in rtts {
-        let f = failover(&kernel, &initrd, &data, work.path(), rtt);
-        println!("failover (128 MiB, 40 Hz, backup primary-timeout 500 ms, {rtt} ms round trip through remus-relay), from SIGKILL of the primary:");
-        println!("  backup resumed the guest       {:>6.0} ms", f.resumed.as_secs_f64() * 1e3);
-        println!("  new connection answered        {:>6.0} ms", f.new_conn.as_secs_f64() * 1e3);
+    let move_rtts: Vec<u64> = match std::env::var("REMUS_BENCH_QEMU_MOVE_RTT_MS").as_deref() {
+        Ok("none") => Vec::new(),
+        v => v.unwrap_or("0").split(',').map(|s| s.trim().parse().expect("round trips in ms")).collect(),
+    };
+    let timeouts: Vec<u64> = std::env::var("REMUS_BENCH_QEMU_TIMEOUT_MS")
+        .unwrap_or_else(|_| "500".into())
+        .split(',')
+        .map(|s| s.trim().parse().expect("timeouts in ms"))
+        .collect();
+    for &rtt in &move_rtts {
+        let m = planned_move(&kernel, &initrd, &data, work.path(), rtt);
+        println!("remus move (128 MiB, 40 Hz, {rtt} ms round trip through remus-relay), a client sending inc after inc:");
+        println!("  guest held still until the backup had it  {:>6.1} ms (as remus move reports)", m.held_ms);
+        println!("  remus move asked to resumed at the backup {:>6.0} ms", m.resumed.as_secs_f64() * 1e3);
         println!(
-            "  open connection's next reply   {:>6.0} ms (includes the client's TCP retransmission backoff)",
-            f.open_conn.as_secs_f64() * 1e3
+            "  client's slowest request                  {:>6.0} ms ({:.0} ms typical before the move)",
+            m.slowest.as_secs_f64() * 1e3,
+            m.typical.as_secs_f64() * 1e3
         );
+    }
+    for rtt in rtts {
+        for &timeout in &timeouts {
+            let f = failover(&kernel, &initrd, &data, work.path(), rtt, timeout);
+            println!("failover (128 MiB, 40 Hz, backup primary-timeout {timeout} ms, {rtt} ms round trip through remus-relay), from SIGKILL of the primary:");
+            println!("  backup declared it lost        {:>6.0} ms", f.detected.as_secs_f64() * 1e3);
+            println!("  backup resumed the guest       {:>6.0} ms", f.resumed.as_secs_f64() * 1e3);
+            println!("  new connection accepted        {:>6.0} ms (the guest's kernel answers)", f.handshake.as_secs_f64() * 1e3);
+            println!(
+                "  new connection answered        {:>6.0} ms (its counter service; {:.0} ms for a new connection before the kill)",
+                f.new_conn.as_secs_f64() * 1e3,
+                f.steady.as_secs_f64() * 1e3
+            );
+            println!("  the next new connection took   {:>6.0} ms", f.second.as_secs_f64() * 1e3);
+            println!(
+                "  open connection's next reply   {:>6.0} ms (includes the client's TCP retransmission backoff)",
+                f.open_conn.as_secs_f64() * 1e3
+            );
+        }
     }
 }
 
@@ -237,18 +272,26 @@ struct Proc {
 }
 
 impl Proc {
+    /// Runs `cmd`, timing each line it prints on stdout or stderr as it
+    /// arrives (stderr echoed to this process's).
     fn spawn(mut cmd: Command) -> Self {
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn");
-        let out = child.stdout.take().unwrap();
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
         let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines() {
-                let Ok(l) = l else { break };
-                if tx.send((Instant::now(), l)).is_err() {
-                    break;
+        let read = |r: Box<dyn std::io::Read + Send>, tx: mpsc::Sender<(Instant, String)>, echo: bool| {
+            std::thread::spawn(move || {
+                for l in BufReader::new(r).lines() {
+                    let Ok(l) = l else { break };
+                    if echo {
+                        eprintln!("{l}");
+                    }
+                    if tx.send((Instant::now(), l)).is_err() {
+                        break;
+                    }
                 }
-            }
-        });
+            });
+        };
+        read(Box::new(child.stdout.take().unwrap()), tx.clone(), false);
+        read(Box::new(child.stderr.take().unwrap()), tx, true);
         Self { child, lines }
     }
 
@@ -261,6 +304,22 @@ impl Proc {
                 return (t, l);
             }
         }
+    }
+
+    /// When each of `prefixes` first began a line, in any order.
+    fn wait_lines(&self, prefixes: &[&str], limit: Duration) -> Vec<Instant> {
+        let deadline = Instant::now() + limit;
+        let mut at: Vec<Option<Instant>> = vec![None; prefixes.len()];
+        while at.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (t, l) = self.lines.recv_timeout(left).unwrap_or_else(|_| panic!("no lines {prefixes:?}"));
+            for (p, a) in prefixes.iter().zip(at.iter_mut()) {
+                if a.is_none() && l.starts_with(p) {
+                    *a = Some(t);
+                }
+            }
+        }
+        at.into_iter().map(|a| a.expect("seen")).collect()
     }
 
     fn term(&mut self) {
@@ -276,8 +335,16 @@ impl Drop for Proc {
 }
 
 fn backup(data: &Path, extra: &[&str]) -> (Proc, String) {
+    backup_with(None, data, extra)
+}
+
+/// `remus backup` with a config file.
+fn backup_with(config: Option<&Path>, data: &Path, extra: &[&str]) -> (Proc, String) {
     let store = tempfile::Builder::new().prefix("store").tempdir_in(data.parent().unwrap()).unwrap().keep();
     let mut c = Command::new(remus());
+    if let Some(config) = config {
+        c.arg("--config").arg(config);
+    }
     c.args(["backup", "--data-dir"]).arg(data).arg("--store").arg(&store).args(["--listen", "127.0.0.1:0"]).args(extra);
     let p = Proc::spawn(c);
     let (_, first) = p.wait_line("listening on ", Duration::from_secs(30));
@@ -313,14 +380,22 @@ fn protected(kernel: &Path, initrd: &Path, mib: u64, hz: u32, jobs: usize, data:
 }
 
 struct Failover {
+    detected: Duration,
     resumed: Duration,
+    handshake: Duration,
     new_conn: Duration,
+    /// A new connection's reply before the kill (median of 5).
+    steady: Duration,
+    /// The next new connection's reply, right after the first one answered.
+    second: Duration,
     open_conn: Duration,
 }
 
-fn failover(kernel: &Path, initrd: &Path, data: &Path, work: &Path, rtt_ms: u64) -> Failover {
-    let fo = work.join(format!("failover-{rtt_ms}"));
-    let (backup, addr) = backup(data, &["--failover-dir", fo.to_str().unwrap(), "--resume", "--tap", "tap-b"]);
+fn failover(kernel: &Path, initrd: &Path, data: &Path, work: &Path, rtt_ms: u64, timeout_ms: u64) -> Failover {
+    let fo = work.join(format!("failover-{rtt_ms}-{timeout_ms}"));
+    let config = work.join(format!("failover-{timeout_ms}.toml"));
+    std::fs::write(&config, format!("[backup]\nprimary-timeout-ms = {timeout_ms}\n")).expect("config");
+    let (backup, addr) = backup_with(Some(&config), data, &["--failover-dir", fo.to_str().unwrap(), "--resume", "--tap", "tap-b"]);
     // The link through a relay adding the round trip (in this process's
     // network namespace, like the rest).
     let imp = remus_relay::Impairment { delay: Duration::from_millis(rtt_ms / 2), ..remus_relay::Impairment::default() };
@@ -339,25 +414,118 @@ fn failover(kernel: &Path, initrd: &Path, data: &Path, work: &Path, rtt_ms: u64)
     for _ in 0..5 {
         inc(&mut conn);
     }
+    // What a new connection's reply costs the guest when nothing fails
+    // (under TCG the service forks a shell per connection).
+    let mut steady: Vec<f64> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            assert!(get_reply(TcpStream::connect_timeout(&"10.0.2.15:7000".parse().unwrap(), Duration::from_secs(5)).expect("connect")));
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    steady.sort_by(f64::total_cmp);
     let killed = Instant::now();
     primary.child.kill().unwrap();
     let _ = primary.child.wait();
-    let probe = std::thread::spawn(move || loop {
-        if let Ok(s) = TcpStream::connect_timeout(&"10.0.2.15:7000".parse().unwrap(), Duration::from_millis(200)) {
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            let mut c = BufReader::new(s);
-            c.get_mut().write_all(b"get\n").unwrap();
-            let mut r = String::new();
-            if c.read_line(&mut r).is_ok_and(|n| n > 0) {
-                return killed.elapsed();
+    // New connections tried back to back (each given 20 ms), so the time
+    // the guest first answers is known to within about that: its kernel
+    // (the handshake) and its counter service (a reply).
+    let probe = std::thread::spawn(move || {
+        let mut handshake = None;
+        loop {
+            if let Ok(s) = TcpStream::connect_timeout(&"10.0.2.15:7000".parse().unwrap(), Duration::from_millis(20)) {
+                let shook = *handshake.get_or_insert(killed.elapsed());
+                if get_reply(s) {
+                    let answered = killed.elapsed();
+                    // And once more, on a guest that has run a little.
+                    let t = Instant::now();
+                    let again = TcpStream::connect_timeout(&"10.0.2.15:7000".parse().unwrap(), Duration::from_secs(5)).is_ok_and(get_reply);
+                    assert!(again, "the resumed guest answered once and then not");
+                    return (shook, answered, t.elapsed());
+                }
             }
+            std::thread::sleep(Duration::from_millis(1));
         }
-        std::thread::sleep(Duration::from_millis(20));
     });
     inc(&mut conn);
     let open_conn = killed.elapsed();
-    let new_conn = probe.join().unwrap();
-    let (t, _) = backup.wait_line("failover guest-1", Duration::from_secs(30));
+    let (handshake, new_conn, second) = probe.join().unwrap();
+    let at = backup.wait_lines(&["guest-1: primary silent", "failover guest-1"], Duration::from_secs(30));
     let _ = std::fs::remove_dir_all(&run_dir);
-    Failover { resumed: t.duration_since(killed), new_conn, open_conn }
+    Failover {
+        detected: at[0].duration_since(killed),
+        resumed: at[1].duration_since(killed),
+        handshake,
+        new_conn,
+        open_conn,
+        steady: Duration::from_secs_f64(steady[2]),
+        second,
+    }
+}
+
+/// A planned move through a relay adding `rtt_ms`, under a client sending
+/// one `inc` after another on one connection.
+struct Move {
+    /// What `remus move` reported: the guest held still until the backup had it.
+    held_ms: f64,
+    /// `remus move` asked to the backup's line that the guest runs there.
+    resumed: Duration,
+    /// The client's slowest request across the move.
+    slowest: Duration,
+    /// Its median request before the move.
+    typical: Duration,
+}
+
+fn planned_move(kernel: &Path, initrd: &Path, data: &Path, work: &Path, rtt_ms: u64) -> Move {
+    let fo = work.join(format!("move-{rtt_ms}"));
+    let (backup, addr) = backup(data, &["--failover-dir", fo.to_str().unwrap(), "--resume", "--tap", "tap-b"]);
+    let imp = remus_relay::Impairment { delay: Duration::from_millis(rtt_ms / 2), ..remus_relay::Impairment::default() };
+    let relay = remus_relay::Relay::start(&remus_relay::RelayConfig::symmetric(addr.parse().expect("address"), imp, 1)).expect("relay");
+    let via = relay.local_addr().to_string();
+    let run_dir = PathBuf::from(format!("/dev/shm/remus-bench-{}-move-{rtt_ms}", std::process::id()));
+    let mut primary = Proc::spawn(protect_cmd(kernel, initrd, 128, 40, data, &via, &run_dir));
+    wait_ready(&run_dir.join("serial.log"), Some(&mut primary.child));
+    let mut conn = BufReader::new(connect(7000, Duration::from_secs(60)));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = std::sync::Arc::clone(&stop);
+    let client = std::thread::spawn(move || {
+        let mut took = Vec::new();
+        let mut last = 0u64;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            let t = Instant::now();
+            conn.get_mut().write_all(b"inc\n").unwrap();
+            let mut r = String::new();
+            conn.read_line(&mut r).unwrap();
+            let n: u64 = r.trim().parse().expect("counter reply");
+            assert_eq!(n, last + 1, "a request lost or repeated across the move");
+            last = n;
+            took.push((t, t.elapsed()));
+        }
+        took
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let asked = Instant::now();
+    let out = Command::new(remus()).args(["move", "--data-dir"]).arg(data).output().expect("remus move");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "remus move: {text} {}", String::from_utf8_lossy(&out.stderr));
+    let held_ms: f64 = text.split("held still for ").nth(1).and_then(|t| t.split(' ').next()).and_then(|t| t.parse().ok()).expect(&text);
+    let at = backup.wait_lines(&["failover guest-1"], Duration::from_secs(30));
+    let _ = primary.child.wait();
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let took = client.join().unwrap();
+    let mut before: Vec<Duration> = took.iter().filter(|(t, _)| *t < asked).map(|(_, d)| *d).collect();
+    before.sort_unstable();
+    let slowest = took.iter().map(|(_, d)| *d).max().unwrap();
+    let _ = std::fs::remove_dir_all(&run_dir);
+    Move { held_ms, resumed: at[0].duration_since(asked), slowest, typical: before[before.len() / 2] }
+}
+
+/// Asks `get` on a new connection: true when the guest replied.
+fn get_reply(s: TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut c = BufReader::new(s);
+    c.get_mut().write_all(b"get\n").unwrap();
+    let mut r = String::new();
+    c.read_line(&mut r).is_ok_and(|n| n > 0)
 }

@@ -486,9 +486,9 @@ async fn serve_connection(
             welcomed = true;
             let _ = events.send(LinkEvent::Connected { committed: core.acked() });
         }
-        if *input_closed && core.unacked() == 0 && core.handover_pending() {
-            // A planned move: ask (once on this connection), then wait for
-            // the backup's answer.
+        if *input_closed && core.handover_pending() {
+            // A planned move: ask (once on this connection, as soon as the
+            // last epoch is sealed), then wait for the backup's answer.
             if core.send_handover() {
                 continue;
             }

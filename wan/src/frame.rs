@@ -35,6 +35,9 @@
 //! 11 Missing     round u32 | epoch u64 | list          (since version 2)
 //! 12 Handover    epoch u64                             (since version 3)
 //! ```
+//! Version 5 lets the primary send Handover as soon as it has sealed the
+//! epoch (the backup takes over once that epoch is committed and answers
+//! with Handover after its Ack); before, only after the Ack.
 //! Version 2 added Forget, Missing and EpochBegin's `round`; version 3
 //! Hello's `generation`; version 4 EpochBegin's `follows`; both ends
 //! must speak the same version (a frame of another is refused with
@@ -50,7 +53,7 @@ use crate::error::DecodeError;
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"RMUS";
 /// Protocol version spoken by this build.
-pub const VERSION: u8 = 4;
+pub const VERSION: u8 = 5;
 /// Header length.
 pub const HEADER_LEN: usize = 16;
 /// Largest payload accepted.

@@ -87,6 +87,9 @@ pub struct ReceiverCore {
     datagrams: VecDeque<Message>,
     forget: VecDeque<Message>,
     events: VecDeque<ReceiverEvent>,
+    /// A planned move asked for at this epoch, taken once it is
+    /// committed (the primary asks as soon as it has sealed it).
+    handover_at: Option<EpochId>,
 }
 
 impl ReceiverCore {
@@ -108,6 +111,7 @@ impl ReceiverCore {
             datagrams: VecDeque::new(),
             forget: VecDeque::new(),
             events: VecDeque::new(),
+            handover_at: None,
         }
     }
 
@@ -137,11 +141,16 @@ impl ReceiverCore {
         match msg {
             Message::Heartbeat { .. } => Ok(()),
             Message::Handover { epoch } => {
-                let guest = self.guest.ok_or(ProtocolError::Unexpected("handover before hello"))?;
-                if epoch != self.committed || self.committing || !self.ready.is_empty() {
-                    return Err(ProtocolError::BadEpoch { epoch, reason: "handover before every epoch up to it was committed" });
+                self.guest.ok_or(ProtocolError::Unexpected("handover before hello"))?;
+                if epoch < self.committed || self.ready.keys().next_back().is_some_and(|&e| e > epoch) {
+                    return Err(ProtocolError::BadEpoch { epoch, reason: "handover at an epoch before the last one sent" });
                 }
-                self.events.push_back(ReceiverEvent::Handover { guest, epoch });
+                // Taken once every epoch up to it is committed (at once
+                // when they are): the primary holds its guest still from
+                // the moment it sealed that epoch, so the move costs one
+                // round trip, not two.
+                self.handover_at = Some(epoch);
+                self.take_handover();
                 Ok(())
             }
             Message::Error(m) => Err(ProtocolError::Peer(m)),
@@ -173,6 +182,9 @@ impl ReceiverCore {
         }
         if header.follows >= header.epoch {
             return Err(bad("follows an epoch not before it"));
+        }
+        if self.handover_at.is_some_and(|h| header.epoch > h) {
+            return Err(bad("epoch after the one the guest was handed over at"));
         }
         // An epoch names each page at most once.
         if u64::from(header.records) > self.page_count {
@@ -261,6 +273,17 @@ impl ReceiverCore {
         self.committed = epoch;
         self.manifest = manifest;
         self.send_redundant(Message::Ack { epoch, manifest });
+        self.take_handover();
+    }
+
+    /// Hands out the planned move asked for once its epoch is committed.
+    fn take_handover(&mut self) {
+        if let (Some(guest), Some(epoch)) = (self.guest, self.handover_at) {
+            if epoch == self.committed && !self.committing {
+                self.handover_at = None;
+                self.events.push_back(ReceiverEvent::Handover { guest, epoch });
+            }
+        }
     }
 
     /// The commit handed out by [`poll_commit`](Self::poll_commit) was

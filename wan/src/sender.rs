@@ -178,7 +178,7 @@ pub struct SenderCore {
 enum Handover {
     /// None asked for: the link ends when the checkpoints do.
     NotAsked,
-    /// To be asked of the backup once every epoch is acknowledged.
+    /// To be asked of the backup once every epoch is sealed.
     Wanted,
     /// Asked on this connection; the answer is awaited (asked again on
     /// the next connection if this one breaks).
@@ -216,10 +216,10 @@ impl SenderCore {
         }
     }
 
-    /// Asks for a planned move: once the last epoch (sealed with the guest
-    /// held still) is acknowledged, the backup is asked to take the guest
-    /// over ([`send_handover`](Self::send_handover)) instead of the link
-    /// ending.
+    /// Asks for a planned move: once the last epoch is sealed (with the
+    /// guest held still for good), the backup is asked to take the guest
+    /// over from it as soon as it has committed it
+    /// ([`send_handover`](Self::send_handover)) instead of the link ending.
     pub fn want_handover(&mut self) {
         if self.handover == Handover::NotAsked {
             self.handover = Handover::Wanted;
@@ -241,11 +241,14 @@ impl SenderCore {
         }
     }
 
-    /// Queues the Handover on the control stream once every epoch is
-    /// acknowledged, once per connection; true when it queued it.
+    /// Queues the Handover of the last epoch sealed on the control stream,
+    /// once per connection; true when it queued it. The caller knows no
+    /// epoch follows (the guest is held still for good). It goes without
+    /// waiting for that epoch's acknowledgement: the backup takes the
+    /// guest over once it has committed it.
     pub fn send_handover(&mut self) -> bool {
-        if self.connected && self.handover == Handover::Wanted && self.unacked() == 0 {
-            self.control.push_back(Message::Handover { epoch: self.acked });
+        if self.connected && self.handover == Handover::Wanted {
+            self.control.push_back(Message::Handover { epoch: self.sealed });
             self.handover = Handover::Sent;
             return true;
         }

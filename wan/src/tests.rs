@@ -684,7 +684,7 @@ fn a_cause_the_message_names_is_not_also_its_source() {
 }
 
 #[test]
-fn a_handover_is_asked_once_per_connection_after_the_last_ack_and_ends_on_the_answer() {
+fn a_handover_is_asked_once_per_connection_without_waiting_for_the_last_ack_and_ends_on_the_answer() {
     let now = Instant::now();
     let mut s = SenderCore::new(SenderConfig::default(), GuestId(1), 1, PAGES);
     let welcome = |committed| Message::Welcome { guest: GuestId(1), committed: EpochId(committed), head: ChunkId::default() };
@@ -694,26 +694,31 @@ fn a_handover_is_asked_once_per_connection_after_the_last_ack_and_ends_on_the_an
                 Transmit::Control(b) => Some(b),
                 _ => None,
             })
-            .filter(|b| matches!(Message::decode(b), Ok(Some((Message::Handover { .. }, _)))))
-            .count()
+            .filter_map(|b| match Message::decode(&b) {
+                Ok(Some((Message::Handover { epoch }, _))) => Some(epoch.0),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
     };
     s.push_checkpoint(Checkpoint { guest: GuestId(1), epoch: EpochId(1), page_count: PAGES, ..Checkpoint::default() });
     s.want_handover();
+    assert!(!s.send_handover(), "not before connected");
     s.handle_connected(now);
     s.handle_message(now, welcome(0)).unwrap();
-    assert!(!s.send_handover(), "not before the last epoch is acknowledged");
-    assert_eq!(handovers(&mut s), 0);
-    s.handle_message(now, Message::Ack { epoch: EpochId(1), manifest: ChunkId::default() }).unwrap();
+    // Asked for the last epoch sealed while it is still unacknowledged:
+    // the backup takes the guest over once it has committed it.
     assert!(s.send_handover());
     assert!(!s.send_handover(), "once per connection");
-    assert_eq!(handovers(&mut s), 1);
+    assert_eq!(handovers(&mut s), vec![1]);
     assert!(s.handover_pending());
+    // The answer comes after the epoch's Ack; before it, it is refused.
+    assert!(s.handle_message(now, Message::Handover { epoch: EpochId(1) }).is_err());
     // The connection breaks before the answer: asked again on the next.
     s.handle_disconnected();
     s.handle_connected(now);
     s.handle_message(now, welcome(1)).unwrap();
     assert!(s.send_handover());
-    assert_eq!(handovers(&mut s), 1);
+    assert_eq!(handovers(&mut s), vec![1]);
     s.handle_message(now, Message::Handover { epoch: EpochId(1) }).unwrap();
     assert_eq!((s.handed_over(), s.handover_pending()), (Some(EpochId(1)), false));
     assert!(std::iter::from_fn(|| s.poll_event()).any(|e| matches!(e, SenderEvent::HandedOver { epoch: EpochId(1) })));
@@ -722,4 +727,44 @@ fn a_handover_is_asked_once_per_connection_after_the_last_ack_and_ends_on_the_an
     other.handle_connected(now);
     other.handle_message(now, welcome(0)).unwrap();
     assert!(other.handle_message(now, Message::Handover { epoch: EpochId(0) }).is_err());
+}
+
+#[test]
+fn a_handover_asked_before_its_epoch_commits_is_taken_once_it_has_and_nothing_after_it_is_accepted() {
+    let now = Instant::now();
+    let mut rx = ReceiverCore::new(now, Duration::from_millis(50), Duration::from_millis(500), Duration::from_secs(5));
+    rx.accept(GuestId(3), PAGES, EpochId(4), ChunkId::default());
+    assert!(
+        matches!(rx.handle_message(now, Message::Handover { epoch: EpochId(3) }), Err(ProtocolError::BadEpoch { .. })),
+        "not at an epoch before the last committed"
+    );
+    // Asked at epoch 6 while 5 and 6 are still on their way.
+    rx.handle_message(now, Message::Handover { epoch: EpochId(6) }).unwrap();
+    rx.handle_epoch_stream(now, &epoch_stream(5, 0, Vec::new())).unwrap();
+    assert_eq!(rx.poll_commit().unwrap().len(), 1);
+    rx.handle_committed(EpochId(5), ChunkId([5; 32]));
+    assert_eq!(rx.poll_event(), None, "not before epoch 6 is committed");
+    assert_eq!(
+        rx.handle_epoch_stream(now, &epoch_stream(7, 0, Vec::new())),
+        Err(ProtocolError::BadEpoch { epoch: EpochId(7), reason: "epoch after the one the guest was handed over at" })
+    );
+    rx.handle_epoch_stream(now, &epoch_stream(6, 0, Vec::new())).unwrap();
+    assert_eq!(rx.poll_commit().unwrap().len(), 1);
+    assert_eq!(rx.poll_event(), None, "not while it is being committed");
+    rx.handle_committed(EpochId(6), ChunkId([6; 32]));
+    // Its Ack goes first, then the takeover.
+    assert_eq!(
+        control(&mut rx),
+        vec![
+            Message::Welcome { guest: GuestId(3), committed: EpochId(4), head: ChunkId::default() },
+            Message::Ack { epoch: EpochId(5), manifest: ChunkId([5; 32]) },
+            Message::Ack { epoch: EpochId(6), manifest: ChunkId([6; 32]) }
+        ]
+    );
+    assert_eq!(rx.poll_event(), Some(ReceiverEvent::Handover { guest: GuestId(3), epoch: EpochId(6) }));
+    // Asked at the epoch already committed: at once.
+    let mut rx = ReceiverCore::new(now, Duration::from_millis(50), Duration::from_millis(500), Duration::from_secs(5));
+    rx.accept(GuestId(3), PAGES, EpochId(4), ChunkId::default());
+    rx.handle_message(now, Message::Handover { epoch: EpochId(4) }).unwrap();
+    assert_eq!(rx.poll_event(), Some(ReceiverEvent::Handover { guest: GuestId(3), epoch: EpochId(4) }));
 }
