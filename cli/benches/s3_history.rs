@@ -42,6 +42,7 @@ fn add(total: &mut UploadReport, r: UploadReport) {
     total.packs += r.packs;
     total.chunk_bytes += r.chunk_bytes;
     total.requests += r.requests;
+    total.chunks_gathered += r.chunks_gathered;
 }
 
 fn main() {
@@ -111,12 +112,13 @@ fn main() {
     let hours = epochs as f64 * PERIOD_NS as f64 / 3.6e12;
     for (_, _, every, r) in &runs {
         println!(
-            "pass every {every} epochs ({} ms at 40 Hz): {} requests per guest-hour ({} segments, {} checkpoints, {} packs and their indexes)",
+            "pass every {every} epochs ({} ms at 40 Hz): {} requests per guest-hour ({} segments, {} checkpoints, {} packs and their indexes; {} chunks gathered for checkpoints)",
             every * 25,
             (r.requests as f64 / hours).round(),
             (r.segments as f64 / hours).round(),
             (r.checkpoints as f64 / hours).round(),
             (r.packs as f64 / hours).round(),
+            r.chunks_gathered,
         );
     }
     let r = &runs[0].3;
@@ -136,9 +138,16 @@ fn main() {
         }
         .expect("read");
         let read = source.history().objects_read;
+        let named = source.history().packs.len();
+        let history = t0.elapsed().as_secs_f64();
         let plan = RestorePlan::new(&source, GUEST, Target::Epoch(EpochId(target))).expect("plan");
         plan.execute(&source, &img, |_, _| {}).expect("restore");
-        (read, t0.elapsed().as_secs_f64())
+        let all = t0.elapsed().as_secs_f64();
+        println!(
+            "  restore of epoch {target}: history read in {history:.2} s ({named} packs named), then packs and pages in {:.2} s",
+            all - history
+        );
+        (read, all)
     };
     let (near_start, near_end) = (1000.min(epochs), epochs.saturating_sub(1000).max(1));
     for round in 0..3 {
@@ -149,6 +158,22 @@ fn main() {
             "restore round {round}: epoch {near_start}: {a_read} objects, {a_s:.2} s; epoch {near_end}: {b_read} objects, {b_s:.2} s (end / start = {:.2})",
             b_s / a_s
         );
+    }
+    // The same place in the history's structure (1000 epochs after a
+    // checkpoint, so the same objects to read and a page table as full)
+    // near the start and near the end: what the length of the history
+    // alone costs.
+    let checkpoints = tier.checkpoint_epochs(GUEST).expect("checkpoints");
+    if let (Some(first), Some(last)) = (checkpoints.first(), checkpoints.iter().rev().find(|c| c.0 + 1000 <= epochs)) {
+        let (a, b) = (first.0 + 1000, last.0 + 1000);
+        for round in 0..3 {
+            let (a_read, a_s) = restore(a, None);
+            let (b_read, b_s) = restore(b, None);
+            println!(
+                "restore 1000 epochs after a checkpoint, round {round}: epoch {a}: {a_read} objects, {a_s:.2} s; epoch {b}: {b_read} objects, {b_s:.2} s (end / start = {:.2})",
+                b_s / a_s
+            );
+        }
     }
     let (all_read, all_s) = restore(near_end, Some(Reach { from: None, upto: Some(EpochId(near_end)) }));
     println!("restore of epoch {near_end} from the first segment on (no checkpoint): {all_read} objects, {all_s:.2} s");

@@ -4,11 +4,8 @@
 //! and when a condition on memory first held ([`bisect`]); over either
 //! tier ([`HistoryView`]: the local store, or the S3 tier alone).
 
-use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::OnceLock;
 
-use remus_store::s3::format::PackEntry;
 use remus_store::{Manifest, Store, StoreError};
 use remus_types::{zero_page_hash, ChunkId, EpochId, GuestId, Pfn, PAGE_SIZE};
 use remus_vm::QemuState;
@@ -137,20 +134,17 @@ impl HistoryView for Store {
 
 /// The S3 tier read for inspection: its history (as [`S3Source::read`]
 /// reads it) and the chunk locations, read once when a chunk is first
-/// wanted; each chunk is one ranged read of its pack.
+/// wanted ([`S3Source::locations`]); each chunk is one ranged read of its
+/// pack.
 pub struct S3View<'a> {
     source: S3Source<'a>,
-    /// From the indexes of the packs the history read names.
-    named: OnceLock<HashMap<ChunkId, (ChunkId, PackEntry)>>,
-    /// From every index, once a chunk was not in those (repacked since).
-    every: OnceLock<HashMap<ChunkId, (ChunkId, PackEntry)>>,
 }
 
 impl<'a> S3View<'a> {
     /// Inspection over `source`.
     #[must_use]
     pub fn new(source: S3Source<'a>) -> Self {
-        Self { source, named: OnceLock::new(), every: OnceLock::new() }
+        Self { source }
     }
 
     fn epoch(&self, guest: GuestId, epoch: EpochId) -> Result<&remus_store::s3::S3Epoch, RestoreError> {
@@ -182,28 +176,11 @@ impl HistoryView for S3View<'_> {
     }
 
     fn chunk(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
-        let tier = self.source.tier();
-        let named = once(&self.named, || tier.locate(&self.source.history().packs, &[]))?;
-        if named.contains_key(id) {
-            return tier.read_chunk(named, id);
-        }
-        tier.read_chunk(once(&self.every, || tier.chunk_locations())?, id)
+        self.source.tier().read_chunk(&*self.source.locations(&[*id])?, id)
     }
 
     fn kept_epoch_near(&self, guest: GuestId, epoch: EpochId, after: bool) -> Result<Option<EpochId>, RestoreError> {
         Ok(if guest == self.source.guest() { self.source.history().kept_near(epoch, after) } else { None })
-    }
-}
-
-/// The value in `cell`, made by `make` the first time (a failure is
-/// returned and tried again next time).
-fn once<T, E>(cell: &OnceLock<T>, make: impl FnOnce() -> Result<T, E>) -> Result<&T, E> {
-    match cell.get() {
-        Some(v) => Ok(v),
-        None => {
-            let v = make()?;
-            Ok(cell.get_or_init(|| v))
-        }
     }
 }
 

@@ -3,8 +3,9 @@
 //! packs holding the chunks of that epoch's page table.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use remus_store::s3::{Reach, S3Epoch, S3History, S3Tier};
+use remus_store::s3::{ChunkLocations, Reach, S3Epoch, S3History, S3Tier};
 use remus_store::{Manifest, StoreError};
 use remus_types::{ChunkId, EpochId, GuestId, MemoryDigest, Pfn};
 
@@ -18,6 +19,9 @@ pub struct S3Source<'a> {
     tier: &'a S3Tier,
     guest: GuestId,
     history: S3History,
+    /// The chunks of the indexes of the packs the history names, read
+    /// once (the device state and the pages both need them).
+    located: Mutex<Option<Arc<ChunkLocations>>>,
 }
 
 impl<'a> S3Source<'a> {
@@ -54,7 +58,28 @@ impl<'a> S3Source<'a> {
             Err(StoreError::NoGuest(_)) => return Err(RestoreError::NoMatch { guest, target: Target::Latest }),
             r => r?,
         };
-        Ok(Self { tier, guest, history })
+        Ok(Self { tier, guest, history, located: Mutex::new(None) })
+    }
+
+    /// Where S3 holds each of `wanted`: from the indexes of the packs the
+    /// history names (read on first use), or from every index when a
+    /// chunk is not in those (repacked since; kept from then on).
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] naming a damaged index; S3 errors.
+    pub fn locations(&self, wanted: &[ChunkId]) -> Result<Arc<ChunkLocations>, StoreError> {
+        let mut located = self.located.lock().unwrap_or_else(PoisonError::into_inner);
+        if located.is_none() {
+            *located = self.tier.pack_locations(&self.history.packs)?.map(Arc::new);
+        }
+        match located.as_ref() {
+            Some(l) if wanted.iter().all(|id| l.contains_key(id)) => Ok(Arc::clone(l)),
+            _ => {
+                let all = Arc::new(self.tier.locate(&self.history.packs, wanted)?);
+                *located = Some(Arc::clone(&all));
+                Ok(all)
+            }
+        }
     }
 }
 
@@ -101,7 +126,7 @@ impl RestoreSource for S3Source<'_> {
     fn device_state(&self, m: &Manifest) -> Result<Vec<u8>, RestoreError> {
         let id = m.device_state;
         let mut found = None;
-        let locs = self.tier.locate(&self.history.packs, &[id])?;
+        let locs = self.locations(&[id])?;
         self.tier.fetch_located(&locs, [id], |_, data| {
             found = Some(data);
             Ok(())
@@ -139,7 +164,7 @@ impl RestoreSource for S3Source<'_> {
         let mut done = 0u64;
         progress(0, total);
         let ids: Vec<ChunkId> = wanted.keys().copied().collect();
-        let locs = self.tier.locate(&self.history.packs, &ids)?;
+        let locs = self.locations(&ids)?;
         self.tier.fetch_located(&locs, ids, |id, data| {
             for &(seg, offset) in &wanted[&id] {
                 files.write(seg, offset, &data).map_err(|cause| StoreError::Io { what: "writing the restored image", cause })?;

@@ -17,6 +17,13 @@ use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
 
 use crate::S3Config;
 
+/// Requests of one batch in flight at once: a restore reads an index and a
+/// range from each of many packs, so its time is about the number of
+/// rounds these take (S3 serves thousands of requests at once per prefix;
+/// 16 left a restore at the end of a long history about twice as slow as
+/// one at its start).
+pub const PARALLEL: usize = 16;
+
 /// An S3 failure.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -364,7 +371,7 @@ impl S3Client {
         r.e_tag().map(str::to_string).ok_or_else(|| S3Error::Service { op: "put", key, detail: "no ETag in the answer".into() })
     }
 
-    /// Conditional puts of many objects, up to 16 requests at a time (an
+    /// Conditional puts of many objects, up to [`PARALLEL`] requests at a time (an
     /// epoch object per epoch would otherwise cost one round trip each);
     /// one result per object, in order.
     #[must_use]
@@ -375,7 +382,7 @@ impl S3Client {
             let mut set = tokio::task::JoinSet::new();
             let mut todo = objects.into_iter().enumerate();
             loop {
-                while set.len() < 16 {
+                while set.len() < PARALLEL {
                     let Some((i, (rel, body))) = todo.next() else { break };
                     let req = put(&self.client, &self.bucket, &self.key(&rel), &self.sse).if_none_match("*").body(ByteStream::from(body));
                     let key = self.key(&rel);
@@ -451,7 +458,7 @@ impl S3Client {
         Ok(bytes)
     }
 
-    /// Ranged reads of many objects (`(rel, offset, len)`), up to 16
+    /// Ranged reads of many objects (`(rel, offset, len)`), up to [`PARALLEL`]
     /// requests at a time; results in order. A range that runs past the
     /// end of its object answers what there is (the caller judges it).
     ///
@@ -461,7 +468,7 @@ impl S3Client {
         self.gets(ranges.iter().map(|(rel, offset, len)| (rel.as_str(), Some((*offset, *len)))).collect())
     }
 
-    /// Reads many objects, up to 16 requests at a time; results in order.
+    /// Reads many objects, up to [`PARALLEL`] requests at a time; results in order.
     ///
     /// # Errors
     /// The first failure.
@@ -469,7 +476,7 @@ impl S3Client {
         self.gets(rels.iter().map(|rel| (rel.as_str(), None)).collect())
     }
 
-    /// Reads each `(rel, range)` (the whole object without one), up to 16
+    /// Reads each `(rel, range)` (the whole object without one), up to [`PARALLEL`]
     /// requests at a time; results in order.
     fn gets(&self, requests: Vec<(&str, Option<(u64, u64)>)>) -> Result<Vec<Vec<u8>>, S3Error> {
         let r = self.rt.block_on(async {
@@ -477,7 +484,7 @@ impl S3Client {
             let mut set = tokio::task::JoinSet::new();
             let mut next = 0;
             while next < requests.len() || !set.is_empty() {
-                while next < requests.len() && set.len() < 16 {
+                while next < requests.len() && set.len() < PARALLEL {
                     let (rel, range) = requests[next];
                     let (c, b, k, i) = (self.client.clone(), self.bucket.clone(), self.key(rel), next);
                     set.spawn(async move {

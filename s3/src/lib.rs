@@ -12,5 +12,5 @@
 mod client;
 mod config;
 
-pub use client::{Listed, ListedVersion, S3Client, S3Error};
+pub use client::{Listed, ListedVersion, S3Client, S3Error, PARALLEL};
 pub use config::S3Config;

@@ -472,7 +472,7 @@ impl S3Tier {
     ///
     /// # Errors
     /// [`StoreError::Corrupt`] naming a damaged index; S3 errors.
-    pub fn chunk_locations(&self) -> Result<HashMap<ChunkId, (ChunkId, PackEntry)>, StoreError> {
+    pub fn chunk_locations(&self) -> Result<ChunkLocations, StoreError> {
         let keys: Vec<String> = self.client.list("index/")?.into_iter().map(|l| l.key).collect();
         let mut out = HashMap::new();
         for batch in keys.chunks(256) {
@@ -492,14 +492,28 @@ impl S3Tier {
     ///
     /// # Errors
     /// [`StoreError::Corrupt`] naming a damaged index; S3 errors.
-    pub fn locate(&self, packs: &BTreeSet<ChunkId>, wanted: &[ChunkId]) -> Result<HashMap<ChunkId, (ChunkId, PackEntry)>, StoreError> {
+    pub fn locate(&self, packs: &BTreeSet<ChunkId>, wanted: &[ChunkId]) -> Result<ChunkLocations, StoreError> {
+        match self.pack_locations(packs)? {
+            Some(out) if wanted.iter().all(|id| out.contains_key(id)) => Ok(out),
+            _ => {
+                tracing::info!("a chunk is not where the history says (repacked since): reading every pack index");
+                self.chunk_locations()
+            }
+        }
+    }
+
+    /// Every chunk in the indexes of `packs`; `None` when one of them is
+    /// gone (repacked since).
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] naming a damaged index; S3 errors.
+    pub fn pack_locations(&self, packs: &BTreeSet<ChunkId>) -> Result<Option<ChunkLocations>, StoreError> {
         let keys: Vec<String> = packs.iter().map(format::index_key).collect();
         let mut out = HashMap::new();
-        for batch in keys.chunks(64) {
+        for batch in keys.chunks(4 * remus_s3::PARALLEL) {
             let bodies = match self.get_objects(batch) {
                 Ok(b) => b,
-                // Repacked since: the fallback below reads every index.
-                Err(StoreError::S3(S3Error::NotFound(_))) => break,
+                Err(StoreError::S3(S3Error::NotFound(_))) => return Ok(None),
                 Err(e) => return Err(e),
             };
             for (key, body) in batch.iter().zip(bodies) {
@@ -507,11 +521,7 @@ impl S3Tier {
                 out.extend(ix.entries.into_iter().map(|e| (e.id, (ix.pack, e))));
             }
         }
-        if wanted.iter().all(|id| out.contains_key(id)) {
-            return Ok(out);
-        }
-        tracing::info!("a chunk is not where the history says (repacked since): reading every pack index");
-        self.chunk_locations()
+        Ok(Some(out))
     }
 
     /// One chunk, verified against its id, by a ranged read of its pack
@@ -521,7 +531,7 @@ impl S3Tier {
     /// # Errors
     /// [`StoreError::ChunkMissing`]; [`StoreError::Corrupt`] for bytes
     /// that do not match the id; S3 failures.
-    pub fn read_chunk(&self, locs: &HashMap<ChunkId, (ChunkId, PackEntry)>, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+    pub fn read_chunk(&self, locs: &ChunkLocations, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
         let (pack, e) = locs.get(id).ok_or(StoreError::ChunkMissing(*id))?;
         let value = self.client.get_range(&format::pack_key(pack), e.offset, u64::from(e.len))?;
         self.chunk_data(pack, e, &value)
@@ -551,7 +561,7 @@ impl S3Tier {
     /// As [`fetch_chunks`](Self::fetch_chunks).
     pub fn fetch_located(
         &self,
-        locs: &HashMap<ChunkId, (ChunkId, PackEntry)>,
+        locs: &ChunkLocations,
         wanted: impl IntoIterator<Item = ChunkId>,
         mut f: impl FnMut(ChunkId, Vec<u8>) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
@@ -579,10 +589,10 @@ impl S3Tier {
         }
         let mut next = 0;
         while next < reads.len() {
-            // A batch: up to 32 reads and FETCH_BYTES in memory (at least one read).
+            // A batch: up to 2 × PARALLEL reads and FETCH_BYTES in memory (at least one read).
             let mut upto = next + 1;
             let mut bytes = reads[next].2 - reads[next].1;
-            while upto < reads.len() && upto - next < 32 && bytes + (reads[upto].2 - reads[upto].1) <= FETCH_BYTES {
+            while upto < reads.len() && upto - next < 2 * remus_s3::PARALLEL && bytes + (reads[upto].2 - reads[upto].1) <= FETCH_BYTES {
                 bytes += reads[upto].2 - reads[upto].1;
                 upto += 1;
             }
@@ -608,6 +618,9 @@ impl S3Tier {
 fn needs_keys(object: &str) -> StoreError {
     StoreError::Keys(format!("{object} is encrypted: set s3.encryption-keys to the key file that encrypted it"))
 }
+
+/// Where S3 holds chunks: chunk id → (pack, its entry in the pack's index).
+pub type ChunkLocations = HashMap<ChunkId, (ChunkId, PackEntry)>;
 
 /// Parts of a pack closer than this are read as one range.
 const RANGE_GAP: u64 = 1 << 20;

@@ -29,11 +29,13 @@ mod upload;
 mod verify;
 
 pub use archive::ArchiveReport;
-pub use history::{Reach, S3Epoch, S3History, S3Tier, SegmentKey};
+pub use history::{ChunkLocations, Reach, S3Epoch, S3History, S3Tier, SegmentKey};
 pub use remus_s3::{Listed, ListedVersion, S3Client, S3Config, S3Error};
 pub use retention::S3RetentionReport;
 pub use seal::Keyring;
-pub use upload::{apply_retention, RetentionRun, UploadReport, Uploader, CHECKPOINT_PAGES, CHECKPOINT_SEGMENTS, MAX_PENDING};
+pub use upload::{
+    apply_retention, spread_limit, RetentionRun, UploadReport, Uploader, CHECKPOINT_PAGES, CHECKPOINT_SEGMENTS, MAX_PENDING, SPREAD_PACKS,
+};
 
 #[cfg(test)]
 pub(crate) mod tests;

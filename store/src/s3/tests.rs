@@ -232,6 +232,74 @@ fn a_read_near_the_start_or_the_end_of_a_long_history_reads_a_bounded_number_of_
     assert!(matches!(&damage[..], [Damage::ObjectCorrupt { key, .. }] if *key == format::checkpoint_key(g, EpochId(200))), "{damage:?}");
 }
 
+/// A guest that rewrites one page per epoch, cycling through its 64
+/// pages, uploaded a pass every 5 epochs: each page table lies across the
+/// packs of the last 13 passes. Before each checkpoint the uploader
+/// gathers the table's chunks from the sparsest packs, so a checkpoint
+/// names at most `spread_limit` packs and a restore from S3 near the end
+/// reads about as many packs as one near the start; every epoch still
+/// reads back exactly, and verify finds nothing wrong.
+#[test]
+fn a_checkpoints_page_table_is_gathered_into_few_packs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(6);
+    let tier = S3Tier::connect(&test_config("gather")).unwrap();
+    let mut digest = remus_types::MemoryDigest::zeroed(64);
+    let mut gathered = 0;
+    for e in 1..=350u64 {
+        let p = page(e * 7 + 1);
+        let id = content_id(&p);
+        let pfn = Pfn((e - 1) % 64);
+        digest.set(pfn, id);
+        let c = EpochCommit {
+            guest: g,
+            epoch: EpochId(e),
+            page_count: 64,
+            time_unix_ns: e * 1000,
+            commit_unix_ns: e * 1000,
+            pages: vec![(pfn, id)],
+            chunks: vec![(id, StoredChunk::Zstd(zstd::bulk::compress(&p, 1).unwrap()))],
+            memory_root: digest.root(),
+            device_state: b"dev".to_vec(),
+            ..Default::default()
+        };
+        store.commit(c).unwrap();
+        if e % 5 == 0 {
+            gathered += tier.upload_pending(&store, &|| false).unwrap().chunks_gathered;
+        }
+    }
+    let checkpoints = tier.checkpoint_epochs(g).unwrap();
+    assert!(checkpoints.len() >= 2, "{checkpoints:?}");
+    assert!(gathered > 0, "nothing gathered");
+    let limit = spread_limit(64, tier.cfg.pack_bytes());
+    for e in &checkpoints {
+        let h = tier.history(g, Reach::epoch(*e), &mut |_, _| {}).unwrap();
+        let c = h.base.as_ref().expect("read from its checkpoint");
+        assert!(c.packs.len() <= limit, "checkpoint at {e} names {} packs (limit {limit})", c.packs.len());
+    }
+    for target in [20u64, 330, 350] {
+        let h = tier.history(g, Reach::epoch(EpochId(target)), &mut |_, _| {}).unwrap();
+        let table = h.page_table(EpochId(target));
+        assert_eq!(table, local_table(&store, g, EpochId(target)), "epoch {target}");
+        // The packs a restore reads, those holding the table's chunks: at
+        // most the checkpoint's and one per segment after it.
+        let locs = tier.locate(&h.packs, &table.values().copied().collect::<Vec<_>>()).unwrap();
+        let read: std::collections::BTreeSet<ChunkId> = table.values().map(|id| locs[id].0).collect();
+        let segments = h.objects_read as usize - usize::from(h.base.is_some());
+        assert!(read.len() <= limit + segments, "epoch {target}: {} packs, {segments} segments", read.len());
+        let mut got = 0;
+        tier.fetch_located(&locs, table.values().copied(), |id, data| {
+            assert_eq!(content_id(&data), id);
+            got += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(got, table.len());
+    }
+    assert_eq!(tier.verify(&mut |_| {}).unwrap().damage, vec![]);
+}
+
 #[test]
 fn an_outage_leaves_a_backlog_that_drains_and_a_second_writer_cannot_overwrite() {
     let dir = tempfile::tempdir().unwrap();

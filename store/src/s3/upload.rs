@@ -20,6 +20,15 @@
 //! and at most 33 segments (about 4 page tables' worth of pages) for any
 //! epoch.
 //!
+//! Before a checkpoint, when the chunks of its page table lie in more
+//! packs than [`spread_limit`] allows (a long history scatters a table's
+//! pages over one pack per pass), the live chunks of the sparsest of those
+//! packs go again into the pass's own pack, so that the checkpoint names
+//! few packs and a restore near the end of a long history reads about as
+//! many as one near its start. The old copies stay (older epochs name
+//! them); S3 GC repacks them once nothing references them. It costs the
+//! bytes gathered and no request of its own unless the pack fills.
+//!
 //! Memory is bounded by one pack and the page lists of at most
 //! [`MAX_PENDING`] epochs. When S3 is unreachable the pass fails, nothing
 //! moves, and the backlog simply waits in RocksDB for the next pass.
@@ -67,6 +76,20 @@ pub struct UploadReport {
     pub chunk_bytes: u64,
     /// Requests made (puts, and the gets that check a key found taken).
     pub requests: u64,
+    /// Chunks already in S3 packed again so that a checkpoint's page table
+    /// lies in few packs.
+    pub chunks_gathered: u64,
+}
+
+/// Packs a checkpoint's page table may lie in, at least.
+pub const SPREAD_PACKS: usize = 8;
+
+/// Packs the page table of a checkpoint may lie in before its chunks are
+/// gathered: [`SPREAD_PACKS`], or twice the packs its `chunks` would
+/// fill uncompressed.
+#[must_use]
+pub fn spread_limit(chunks: usize, pack_bytes: usize) -> usize {
+    SPREAD_PACKS.max(2 * (chunks * remus_types::PAGE_SIZE).div_ceil(pack_bytes.max(1)))
 }
 
 fn chunk_mark_key(id: &ChunkId) -> Vec<u8> {
@@ -175,13 +198,65 @@ impl Pass<'_> {
         Ok(())
     }
 
-    /// Puts the open segment covering `span_first..=last`, moves the
-    /// cursor to `last`, and puts a checkpoint when one is due.
-    fn flush_segment(&mut self, guest: GuestId, last: EpochId) -> Result<(), StoreError> {
-        self.flush_pack()?;
-        if self.pending.is_empty() {
+    /// Before a checkpoint at `m`: when the chunks of its page table lie
+    /// in more packs than [`spread_limit`], puts the live chunks of the
+    /// sparsest packs into the pass's pack until the rest lie in at most
+    /// half that many. A chunk the local store no longer holds stays where
+    /// it is.
+    fn gather(&mut self, m: &Manifest) -> Result<(), StoreError> {
+        let zero = remus_types::zero_page_hash();
+        let mut seen = HashSet::new();
+        let mut by_pack: std::collections::HashMap<ChunkId, Vec<ChunkId>> = std::collections::HashMap::new();
+        self.store.for_each_page_at(m.guest, m.epoch, |_, id| {
+            if id != zero && seen.insert(id) {
+                if let Some(pack) = self.store.s3_pack_of(&id)? {
+                    by_pack.entry(pack).or_default().push(id);
+                }
+            }
+            Ok(())
+        })?;
+        let limit = spread_limit(seen.len(), self.tier.cfg.pack_bytes());
+        if by_pack.len() <= limit {
             return Ok(());
         }
+        let mut packs: Vec<(ChunkId, Vec<ChunkId>)> = by_pack.into_iter().collect();
+        packs.sort_unstable_by_key(|(pack, ids)| (ids.len(), *pack));
+        let moving = packs.len() - limit / 2;
+        for id in packs.into_iter().take(moving).flat_map(|(_, ids)| ids) {
+            if self.in_pack.contains(&id) {
+                continue;
+            }
+            match self.store.chunk_value_whole(&id) {
+                Ok(v) => self.pack.push(id, &v),
+                Err(StoreError::ChunkMissing(_)) => continue,
+                Err(e) => return Err(e),
+            }
+            self.in_pack.insert(id);
+            self.report.chunks_gathered += 1;
+            if self.pack.len() >= self.tier.cfg.pack_bytes() {
+                self.flush_pack()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the open segment covering `span_first..=last`, moves the
+    /// cursor to `last`, and puts a checkpoint when one is due (gathering
+    /// its page table's chunks first when they are scattered).
+    fn flush_segment(&mut self, guest: GuestId, last: EpochId) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return self.flush_pack();
+        }
+        let pages: u64 = self.pending.iter().map(|(_, p)| p.len() as u64).sum();
+        let (before, segments) = self.store.s3_since_checkpoint(guest)?;
+        let (pages, segments) = (before + pages, segments + 1);
+        let newest = self.pending.last().map(|(m, _)| m.clone()).expect("not empty");
+        let checkpoint = segments >= *CHECKPOINT_SEGMENTS.end()
+            || (segments >= *CHECKPOINT_SEGMENTS.start() && pages >= newest.page_count.saturating_mul(CHECKPOINT_PAGES));
+        if checkpoint {
+            self.gather(&newest)?;
+        }
+        self.flush_pack()?;
         let mut seg = SegmentObject {
             guest,
             first: self.span_first,
@@ -190,8 +265,6 @@ impl Pass<'_> {
             epochs: std::mem::take(&mut self.pending),
         };
         let epochs = seg.epochs.len() as u64;
-        let pages: u64 = seg.epochs.iter().map(|(_, p)| p.len() as u64).sum();
-        let newest = seg.epochs.last().map(|(m, _)| m.clone());
         loop {
             let key = seg.key();
             self.report.requests += 1;
@@ -221,19 +294,13 @@ impl Pass<'_> {
         self.report.epochs += epochs;
         self.store.set_s3_cursor(guest, last)?;
         self.span_first = last.next();
-        let (before, segments) = self.store.s3_since_checkpoint(guest)?;
-        let (pages, segments) = (before + pages, segments + 1);
-        match &newest {
-            Some(m)
-                if segments >= *CHECKPOINT_SEGMENTS.end()
-                    || (segments >= *CHECKPOINT_SEGMENTS.start() && pages >= m.page_count.saturating_mul(CHECKPOINT_PAGES)) =>
-            {
-                self.tier.put_checkpoint(self.store, m)?;
-                self.report.checkpoints += 1;
-                self.report.requests += 1;
-                self.store.set_s3_since_checkpoint(guest, 0, 0)
-            }
-            _ => self.store.set_s3_since_checkpoint(guest, pages, segments),
+        if checkpoint {
+            self.tier.put_checkpoint(self.store, &newest)?;
+            self.report.checkpoints += 1;
+            self.report.requests += 1;
+            self.store.set_s3_since_checkpoint(guest, 0, 0)
+        } else {
+            self.store.set_s3_since_checkpoint(guest, pages, segments)
         }
     }
 }
@@ -483,6 +550,7 @@ fn run(tier: Option<&S3Tier>, store: &Store, sh: &Shared, interval: Duration, re
                         checkpoints = r.checkpoints,
                         packs = r.packs,
                         bytes = r.chunk_bytes,
+                        gathered = r.chunks_gathered,
                         "uploaded to s3"
                     );
                 }
