@@ -4,7 +4,9 @@
 //! Output waits for its epoch's acknowledgement, so the age of the oldest
 //! unacknowledged epoch is the delay output sees now. Part of it no epoch
 //! length can remove: the round trip and the commit, seen as the shortest
-//! seal-to-acknowledgement time of recent epochs (the floor), and the time
+//! seal-to-acknowledgement time of recent epochs (the floor, but at most
+//! two round trips of the path and two base periods once the transport
+//! has measured the round trip), and the time
 //! to send one epoch, at most its length while the link keeps up. The
 //! rest, the excess, is backlog: when the guest dirties more than the link (or
 //! the backup) carries, it grows without bound at a fixed period. Longer
@@ -88,13 +90,36 @@ pub struct Cadence {
     unacked: VecDeque<(EpochId, Instant)>,
     /// Seal-to-acknowledgement times of recent epochs.
     recent: VecDeque<Duration>,
+    /// The path's round-trip time, when the transport has said.
+    path_rtt: Duration,
 }
 
 impl Cadence {
     /// Starts at the base period.
     #[must_use]
     pub fn new(cfg: CadenceConfig) -> Self {
-        Self { cfg, period: cfg.base, throttle: 0.0, unacked: VecDeque::new(), recent: VecDeque::new() }
+        Self { cfg, period: cfg.base, throttle: 0.0, unacked: VecDeque::new(), recent: VecDeque::new(), path_rtt: Duration::ZERO }
+    }
+
+    /// The path's round-trip time, as the transport measures it: it caps
+    /// the floor. Without it a backlog standing since the initial copy
+    /// (the epochs sealed while the copy was sent wait behind it, and
+    /// every later one behind them when the link carries less than the
+    /// guest dirties) would read as the floor itself, and epochs would
+    /// never lengthen.
+    pub fn set_path_rtt(&mut self, rtt: Duration) {
+        self.path_rtt = rtt;
+    }
+
+    /// The part of output delay no epoch length removes: the shortest
+    /// recent seal-to-acknowledgement time, but at most two round trips
+    /// and two base periods once the round trip is known.
+    fn floor(&self) -> Option<Duration> {
+        let seen = self.recent.iter().min().copied()?;
+        if self.path_rtt.is_zero() {
+            return Some(seen);
+        }
+        Some(seen.min(2 * self.path_rtt + 2 * self.cfg.base))
     }
 
     /// The current period.
@@ -114,7 +139,7 @@ impl Cadence {
     /// next seal.
     pub fn sealed(&mut self, epoch: EpochId, now: Instant) -> Duration {
         self.unacked.push_back((epoch, now));
-        let Some(floor) = self.recent.iter().min().copied() else { return self.period };
+        let Some(floor) = self.floor() else { return self.period };
         // An epoch of length P takes up to P to send while the link keeps
         // up: that is not backlog (else longer epochs, slower to send,
         // would read as more backlog and lengthen themselves).
@@ -203,6 +228,39 @@ mod tests {
             now += p;
         }
         assert_eq!(c.period(), 25 * MS);
+    }
+
+    /// Every epoch acknowledged `lag` after its seal, from the first on,
+    /// over a path whose round trip the transport measured as `rtt` (none
+    /// when zero): the period after 20 s.
+    fn period_under_standing_lag(lag: Duration, rtt: Duration) -> Duration {
+        let mut c = Cadence::new(cfg());
+        c.set_path_rtt(rtt);
+        let t0 = Instant::now();
+        let (mut now, mut sealed) = (t0, VecDeque::new());
+        for e in 1..=2000u64 {
+            while let Some(&(k, at)) = sealed.front().filter(|(_, at)| now >= *at + lag) {
+                c.acked(EpochId(k), at + lag);
+                sealed.pop_front();
+            }
+            sealed.push_back((e, now));
+            now += c.sealed(EpochId(e), now);
+            if now > t0 + 20_000 * MS {
+                break;
+            }
+        }
+        c.period()
+    }
+
+    #[test]
+    fn a_backlog_standing_since_the_initial_copy_lengthens_epochs_once_the_round_trip_is_known() {
+        // Every epoch waits 1.5 s for its acknowledgement over a 100 ms
+        // path: backlog, since the start. Seen alone, its delays make the
+        // floor; with the path's round trip they are known for backlog.
+        assert_eq!(period_under_standing_lag(1500 * MS, Duration::ZERO), 25 * MS);
+        assert_eq!(period_under_standing_lag(1500 * MS, 100 * MS), 400 * MS);
+        // A path whose round trip is that long lengthens nothing.
+        assert_eq!(period_under_standing_lag(1500 * MS, 1400 * MS), 25 * MS);
     }
 
     #[test]

@@ -90,6 +90,12 @@ impl<G: ProtectedGuest> EpochEngine<G> {
         self.guest.hold(fenced);
     }
 
+    /// The round-trip time of the path to the backup, as the transport
+    /// measures it (see [`Cadence::set_path_rtt`](crate::Cadence::set_path_rtt)).
+    pub fn set_path_rtt(&mut self, rtt: Duration) {
+        self.cadence.set_path_rtt(rtt);
+    }
+
     /// Epochs the guest was held still in by the throttle so far.
     pub fn throttled_epochs(&self) -> u64 {
         self.throttled

@@ -10,13 +10,18 @@
 //! - Failover: SIGKILL of the primary (remus and its QEMU) to the guest
 //!   answering at the backup, on the client's open connection and on a new
 //!   one, with the link through remus-relay at each round trip of
-//!   REMUS_BENCH_QEMU_FAILOVER_RTT_MS (default "0") and each primary
+//!   REMUS_BENCH_QEMU_FAILOVER_RTT_MS (default "0"; "none" to skip) and each primary
 //!   timeout of REMUS_BENCH_QEMU_TIMEOUT_MS (default "500").
 //! - Planned move: `remus move` through remus-relay at each round trip of
 //!   REMUS_BENCH_QEMU_MOVE_RTT_MS (default "0"; "none" to skip), under a
 //!   client sending one request after another: the hold `remus move`
 //!   reports, the time until the guest runs at the backup, and the
 //!   client's slowest request.
+//! - Protected again: `remus move` to a backup running `--reverse-to` a
+//!   third one reached through remus-relay at each round trip of
+//!   REMUS_BENCH_QEMU_REVERSE_RTT_MS (default none): the time until the
+//!   third backup commits the guest's first epoch, and the client's
+//!   slowest request.
 //!
 //! `cargo bench -p remus-cli --bench qemu` as root (it makes a private
 //! network namespace for the guest's network). REMUS_BENCH_QEMU_SIZES
@@ -46,11 +51,10 @@ fn main() {
         Ok("none") => Vec::new(),
         v => v.unwrap_or("128,256,1024").split(',').map(|s| s.trim().parse().expect("sizes in MiB")).collect(),
     };
-    let rtts: Vec<u64> = std::env::var("REMUS_BENCH_QEMU_FAILOVER_RTT_MS")
-        .unwrap_or_else(|_| "0".into())
-        .split(',')
-        .map(|s| s.trim().parse().expect("round trips in ms"))
-        .collect();
+    let rtts: Vec<u64> = match std::env::var("REMUS_BENCH_QEMU_FAILOVER_RTT_MS").as_deref() {
+        Ok("none") => Vec::new(),
+        v => v.unwrap_or("0").split(',').map(|s| s.trim().parse().expect("round trips in ms")).collect(),
+    };
     let jobs: usize = std::env::var("REMUS_BENCH_QEMU_JOBS").map_or(3, |s| s.parse().expect("job count"));
     let work = tempfile::tempdir().expect("tempdir");
     let data = work.path().join("data");
@@ -106,11 +110,29 @@ fn main() {
         Ok("none") => Vec::new(),
         v => v.unwrap_or("0").split(',').map(|s| s.trim().parse().expect("round trips in ms")).collect(),
     };
+    let reverse_rtts: Vec<u64> = match std::env::var("REMUS_BENCH_QEMU_REVERSE_RTT_MS").as_deref() {
+        Ok("none") | Err(_) => Vec::new(),
+        Ok(v) => v.split(',').map(|s| s.trim().parse().expect("round trips in ms")).collect(),
+    };
     let timeouts: Vec<u64> = std::env::var("REMUS_BENCH_QEMU_TIMEOUT_MS")
         .unwrap_or_else(|_| "500".into())
         .split(',')
         .map(|s| s.trim().parse().expect("timeouts in ms"))
         .collect();
+    for &rtt in &reverse_rtts {
+        let r = protected_again(&kernel, &initrd, &data, work.path(), rtt);
+        println!("remus move to a backup protecting it again (--reverse-to a third, {rtt} ms round trip to it through remus-relay):");
+        println!("  remus move asked to the new primary started   {:>6.0} ms", r.handed.as_secs_f64() * 1e3);
+        println!("  ... to the third backup's first committed epoch {:>6.0} ms (protected again)", r.protected.as_secs_f64() * 1e3);
+        println!(
+            "  client's slowest request                       {:>6.0} ms ({:.0} ms typical before the move)",
+            r.slowest.as_secs_f64() * 1e3,
+            r.typical.as_secs_f64() * 1e3
+        );
+        for l in &r.said {
+            println!("  new primary: {l}");
+        }
+    }
     for &rtt in &move_rtts {
         let m = planned_move(&kernel, &initrd, &data, work.path(), rtt);
         println!("remus move (128 MiB, 40 Hz, {rtt} ms round trip through remus-relay), a client sending inc after inc:");
@@ -306,16 +328,16 @@ impl Proc {
         }
     }
 
-    /// When each of `prefixes` first began a line, in any order.
-    fn wait_lines(&self, prefixes: &[&str], limit: Duration) -> Vec<Instant> {
+    /// When each of `prefixes` first began a line, in any order, and the line.
+    fn wait_lines(&self, prefixes: &[&str], limit: Duration) -> Vec<(Instant, String)> {
         let deadline = Instant::now() + limit;
-        let mut at: Vec<Option<Instant>> = vec![None; prefixes.len()];
+        let mut at: Vec<Option<(Instant, String)>> = vec![None; prefixes.len()];
         while at.iter().any(Option::is_none) {
             let left = deadline.saturating_duration_since(Instant::now());
             let (t, l) = self.lines.recv_timeout(left).unwrap_or_else(|_| panic!("no lines {prefixes:?}"));
             for (p, a) in prefixes.iter().zip(at.iter_mut()) {
                 if a.is_none() && l.starts_with(p) {
-                    *a = Some(t);
+                    *a = Some((t, l.clone()));
                 }
             }
         }
@@ -453,8 +475,8 @@ fn failover(kernel: &Path, initrd: &Path, data: &Path, work: &Path, rtt_ms: u64,
     let at = backup.wait_lines(&["guest-1: primary silent", "failover guest-1"], Duration::from_secs(30));
     let _ = std::fs::remove_dir_all(&run_dir);
     Failover {
-        detected: at[0].duration_since(killed),
-        resumed: at[1].duration_since(killed),
+        detected: at[0].0.duration_since(killed),
+        resumed: at[1].0.duration_since(killed),
         handshake,
         new_conn,
         open_conn,
@@ -485,40 +507,119 @@ fn planned_move(kernel: &Path, initrd: &Path, data: &Path, work: &Path, rtt_ms: 
     let run_dir = PathBuf::from(format!("/dev/shm/remus-bench-{}-move-{rtt_ms}", std::process::id()));
     let mut primary = Proc::spawn(protect_cmd(kernel, initrd, 128, 40, data, &via, &run_dir));
     wait_ready(&run_dir.join("serial.log"), Some(&mut primary.child));
-    let mut conn = BufReader::new(connect(7000, Duration::from_secs(60)));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stop2 = std::sync::Arc::clone(&stop);
-    let client = std::thread::spawn(move || {
-        let mut took = Vec::new();
-        let mut last = 0u64;
-        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-            let t = Instant::now();
-            conn.get_mut().write_all(b"inc\n").unwrap();
-            let mut r = String::new();
-            conn.read_line(&mut r).unwrap();
-            let n: u64 = r.trim().parse().expect("counter reply");
-            assert_eq!(n, last + 1, "a request lost or repeated across the move");
-            last = n;
-            took.push((t, t.elapsed()));
-        }
-        took
-    });
+    let client = Client::start();
     std::thread::sleep(Duration::from_secs(2));
+    let (asked, held_ms) = remus_move(data);
+    let at = backup.wait_lines(&["failover guest-1"], Duration::from_secs(30));
+    let _ = primary.child.wait();
+    std::thread::sleep(Duration::from_secs(2));
+    let (slowest, typical) = client.stop(asked);
+    let _ = std::fs::remove_dir_all(&run_dir);
+    Move { held_ms, resumed: at[0].0.duration_since(asked), slowest, typical }
+}
+
+/// `remus move` of the guest whose primary runs with `data`: when it was
+/// asked, and the hold it reports.
+fn remus_move(data: &Path) -> (Instant, f64) {
     let asked = Instant::now();
     let out = Command::new(remus()).args(["move", "--data-dir"]).arg(data).output().expect("remus move");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "remus move: {text} {}", String::from_utf8_lossy(&out.stderr));
-    let held_ms: f64 = text.split("held still for ").nth(1).and_then(|t| t.split(' ').next()).and_then(|t| t.parse().ok()).expect(&text);
-    let at = backup.wait_lines(&["failover guest-1"], Duration::from_secs(30));
+    let held_ms = text.split("held still for ").nth(1).and_then(|t| t.split(' ').next()).and_then(|t| t.parse().ok()).expect(&text);
+    (asked, held_ms)
+}
+
+/// A client of the counter service sending one `inc` after another on
+/// one connection, checking that the values run on by one.
+struct Client {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(Instant, Duration)>>,
+}
+
+impl Client {
+    fn start() -> Self {
+        let mut conn = BufReader::new(connect(7000, Duration::from_secs(60)));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut took = Vec::new();
+            let mut last = 0u64;
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                conn.get_mut().write_all(b"inc\n").unwrap();
+                let mut r = String::new();
+                conn.read_line(&mut r).unwrap();
+                let n: u64 = r.trim().parse().expect("counter reply");
+                assert_eq!(n, last + 1, "a request lost or repeated");
+                last = n;
+                took.push((t, t.elapsed()));
+            }
+            took
+        });
+        Self { stop, thread }
+    }
+
+    /// Stops it: its slowest request, and its median one before `since`.
+    fn stop(self, since: Instant) -> (Duration, Duration) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let took = self.thread.join().unwrap();
+        let mut before: Vec<Duration> = took.iter().filter(|(t, _)| *t < since).map(|(_, d)| *d).collect();
+        before.sort_unstable();
+        (took.iter().map(|(_, d)| *d).max().unwrap(), before[before.len() / 2])
+    }
+}
+
+/// A planned move to a backup that protects the guest again at once
+/// (`--reverse-to` a third backup, through a relay adding `rtt_ms`): when
+/// the guest is protected again, and what the client waited.
+struct Reverse {
+    /// `remus move` asked to the backup's line that the new primary runs.
+    handed: Duration,
+    /// ... to the third backup's first committed epoch of the guest.
+    protected: Duration,
+    slowest: Duration,
+    typical: Duration,
+    /// The new primary's summary lines on epoch length and commit latency.
+    said: Vec<String>,
+}
+
+fn protected_again(kernel: &Path, initrd: &Path, data: &Path, work: &Path, rtt_ms: u64) -> Reverse {
+    let (far, far_addr) = backup(data, &[]);
+    let imp = remus_relay::Impairment { delay: Duration::from_millis(rtt_ms / 2), ..remus_relay::Impairment::default() };
+    let relay = remus_relay::Relay::start(&remus_relay::RelayConfig::symmetric(far_addr.parse().expect("address"), imp, 1)).expect("relay");
+    let via = relay.local_addr().to_string();
+    let fo = work.join(format!("reverse-{rtt_ms}"));
+    let (near, addr) = backup(data, &["--failover-dir", fo.to_str().unwrap(), "--resume", "--tap", "tap-b", "--reverse-to", &via]);
+    let run_dir = PathBuf::from(format!("/dev/shm/remus-bench-{}-reverse-{rtt_ms}", std::process::id()));
+    let mut primary = Proc::spawn(protect_cmd(kernel, initrd, 128, 40, data, &addr, &run_dir));
+    wait_ready(&run_dir.join("serial.log"), Some(&mut primary.child));
+    let client = Client::start();
+    std::thread::sleep(Duration::from_secs(2));
+    let (asked, _) = remus_move(data);
+    let (handed, line) = near.wait_lines(&["failover guest-1"], Duration::from_secs(30)).remove(0);
+    let pid = line.split("remus pid ").nth(1).and_then(|p| p.split(',').next()).expect(&line).to_string();
+    let (protected, _) = far.wait_lines(&["committed guest-1 epoch "], Duration::from_secs(120)).remove(0);
     let _ = primary.child.wait();
     std::thread::sleep(Duration::from_secs(2));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let took = client.join().unwrap();
-    let mut before: Vec<Duration> = took.iter().filter(|(t, _)| *t < asked).map(|(_, d)| *d).collect();
-    before.sort_unstable();
-    let slowest = took.iter().map(|(_, d)| *d).max().unwrap();
+    let (slowest, typical) = client.stop(asked);
+    // The new primary runs apart from the backup that started it (its own
+    // process group, with its QEMU): stop it.
+    let _ = Command::new("kill").arg(&pid).status();
+    for _ in 0..100 {
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // What the new primary said (its summary: commit latency, epochs).
+    let log = line.split("(log ").nth(1).map(|l| l.trim_end_matches(')').to_string());
+    let said = log
+        .and_then(|l| std::fs::read_to_string(l).ok())
+        .map(|t| t.lines().filter(|l| l.starts_with("commit latency") || l.starts_with("epoch length")).map(str::to_string).collect())
+        .unwrap_or_default();
     let _ = std::fs::remove_dir_all(&run_dir);
-    Move { held_ms, resumed: at[0].duration_since(asked), slowest, typical: before[before.len() / 2] }
+    let _ = std::fs::remove_dir_all(&fo);
+    Reverse { handed: handed.duration_since(asked), protected: protected.duration_since(asked), slowest, typical, said }
 }
 
 /// Asks `get` on a new connection: true when the guest replied.

@@ -419,6 +419,8 @@ fn drive_engine<G: ProtectedGuest>(
                 pending = pending.max(Some(epoch));
             }
             Err(RecvTimeoutError::Timeout) => {
+                let rtt = stats.lock().path_rtt;
+                engine.set_path_rtt(rtt);
                 let started = Instant::now();
                 let Some(cp) = engine.handle_timeout(started, now_unix_nanos()).map_err(NodeError::Checkpoint)? else { continue };
                 record_seal(stats, &cp, engine.period(), started);
@@ -555,7 +557,10 @@ async fn consume_events(
                 s.wire_pages += pages;
                 s.mix.merge(&mix);
             }
-            LinkEvent::Acked { epoch, .. } => releaser.acked(0, epoch),
+            LinkEvent::Acked { epoch, rtt, .. } => {
+                stats.lock().path_rtt = rtt;
+                releaser.acked(0, epoch);
+            }
             LinkEvent::HandedOver { epoch } => {
                 let mut s = stats.lock();
                 (s.handed_over, s.handed_over_at) = (Some(epoch), Some(Instant::now()));

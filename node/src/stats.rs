@@ -31,6 +31,8 @@ pub fn ms(ns: u64) -> f64 {
 pub struct PrimaryStats {
     /// When protection started.
     pub started: Instant,
+    /// The round-trip time to the backup, as of its last acknowledgement.
+    pub path_rtt: std::time::Duration,
     /// Pause of each sealed epoch, ns.
     pub pauses_ns: Vec<u64>,
     /// Dirty pages sealed.
@@ -100,6 +102,7 @@ impl Default for PrimaryStats {
     fn default() -> Self {
         Self {
             started: Instant::now(),
+            path_rtt: std::time::Duration::ZERO,
             pauses_ns: Vec::new(),
             dirty_pages: 0,
             periods_ns: Vec::new(),

@@ -169,6 +169,8 @@ pub enum LinkEvent {
         epoch: EpochId,
         /// Its manifest hash.
         manifest: ChunkId,
+        /// The path's round-trip time, as the transport measures it now.
+        rtt: Duration,
     },
     /// The backup took the guest over from `epoch` (a planned move).
     HandedOver {
@@ -461,7 +463,7 @@ async fn serve_connection(
             match ev {
                 SenderEvent::Acked { epoch, manifest } => {
                     parity.acked(epoch);
-                    let _ = events.send(LinkEvent::Acked { epoch, manifest });
+                    let _ = events.send(LinkEvent::Acked { epoch, manifest, rtt: conn.rtt() });
                 }
                 SenderEvent::PeerSilent(silence) => {
                     tracing::warn!(%silence, "backup lost");
