@@ -47,14 +47,8 @@ const JOB_MIB: u32 = 48;
 fn main() {
     enter_private_netns();
     let (kernel, initrd) = guest::guest_image();
-    let sizes: Vec<u64> = match std::env::var("REMUS_BENCH_QEMU_SIZES").as_deref() {
-        Ok("none") => Vec::new(),
-        v => v.unwrap_or("128,256,1024").split(',').map(|s| s.trim().parse().expect("sizes in MiB")).collect(),
-    };
-    let rtts: Vec<u64> = match std::env::var("REMUS_BENCH_QEMU_FAILOVER_RTT_MS").as_deref() {
-        Ok("none") => Vec::new(),
-        v => v.unwrap_or("0").split(',').map(|s| s.trim().parse().expect("round trips in ms")).collect(),
-    };
+    let sizes = numbers("REMUS_BENCH_QEMU_SIZES", "128,256,1024");
+    let rtts = numbers("REMUS_BENCH_QEMU_FAILOVER_RTT_MS", "0");
     let jobs: usize = std::env::var("REMUS_BENCH_QEMU_JOBS").map_or(3, |s| s.parse().expect("job count"));
     let work = tempfile::tempdir().expect("tempdir");
     let data = work.path().join("data");
@@ -106,19 +100,9 @@ fn main() {
         println!("  {mib:>5}  {:>14}  {:>3}  {:>7}  {:>9}  {:>9}  {:>9}  {:>10}  {after:>7.0}", "unprotected", "", "", "", "", "", "");
     }
     println!();
-    let move_rtts: Vec<u64> = match std::env::var("REMUS_BENCH_QEMU_MOVE_RTT_MS").as_deref() {
-        Ok("none") => Vec::new(),
-        v => v.unwrap_or("0").split(',').map(|s| s.trim().parse().expect("round trips in ms")).collect(),
-    };
-    let reverse_rtts: Vec<u64> = match std::env::var("REMUS_BENCH_QEMU_REVERSE_RTT_MS").as_deref() {
-        Ok("none") | Err(_) => Vec::new(),
-        Ok(v) => v.split(',').map(|s| s.trim().parse().expect("round trips in ms")).collect(),
-    };
-    let timeouts: Vec<u64> = std::env::var("REMUS_BENCH_QEMU_TIMEOUT_MS")
-        .unwrap_or_else(|_| "500".into())
-        .split(',')
-        .map(|s| s.trim().parse().expect("timeouts in ms"))
-        .collect();
+    let move_rtts = numbers("REMUS_BENCH_QEMU_MOVE_RTT_MS", "0");
+    let reverse_rtts = numbers("REMUS_BENCH_QEMU_REVERSE_RTT_MS", "none");
+    let timeouts = numbers("REMUS_BENCH_QEMU_TIMEOUT_MS", "500");
     for &rtt in &reverse_rtts {
         let r = protected_again(&kernel, &initrd, &data, work.path(), rtt);
         println!("remus move to a backup protecting it again (--reverse-to a third, {rtt} ms round trip to it through remus-relay):");
@@ -162,6 +146,15 @@ fn main() {
                 f.open_conn.as_secs_f64() * 1e3
             );
         }
+    }
+}
+
+/// The comma-separated numbers in environment variable `var` (`default`
+/// when unset; none for "none").
+fn numbers(var: &str, default: &str) -> Vec<u64> {
+    match std::env::var(var).as_deref().unwrap_or(default) {
+        "none" => Vec::new(),
+        v => v.split(',').map(|s| s.trim().parse().unwrap_or_else(|_| panic!("{var}: {v:?} is not a list of numbers"))).collect(),
     }
 }
 
