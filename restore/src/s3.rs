@@ -20,8 +20,9 @@ pub struct S3Source<'a> {
     guest: GuestId,
     history: S3History,
     /// The chunks of the indexes of the packs the history names, read
-    /// once (the device state and the pages both need them).
-    located: Mutex<Option<Arc<ChunkLocations>>>,
+    /// once (the device state and the pages both need them); true once
+    /// they are those of every index instead (a chunk was not in those).
+    located: Mutex<Option<(Arc<ChunkLocations>, bool)>>,
 }
 
 impl<'a> S3Source<'a> {
@@ -63,20 +64,21 @@ impl<'a> S3Source<'a> {
 
     /// Where S3 holds each of `wanted`: from the indexes of the packs the
     /// history names (read on first use), or from every index when a
-    /// chunk is not in those (repacked since; kept from then on).
+    /// chunk is not in those (repacked since; read once, kept from then
+    /// on, and a chunk not there either is missing).
     ///
     /// # Errors
     /// [`StoreError::Corrupt`] naming a damaged index; S3 errors.
     pub fn locations(&self, wanted: &[ChunkId]) -> Result<Arc<ChunkLocations>, StoreError> {
         let mut located = self.located.lock().unwrap_or_else(PoisonError::into_inner);
         if located.is_none() {
-            *located = self.tier.pack_locations(&self.history.packs)?.map(Arc::new);
+            *located = self.tier.pack_locations(&self.history.packs)?.map(|l| (Arc::new(l), false));
         }
         match located.as_ref() {
-            Some(l) if wanted.iter().all(|id| l.contains_key(id)) => Ok(Arc::clone(l)),
+            Some((l, every)) if *every || wanted.iter().all(|id| l.contains_key(id)) => Ok(Arc::clone(l)),
             _ => {
-                let all = Arc::new(self.tier.locate(&self.history.packs, wanted)?);
-                *located = Some(Arc::clone(&all));
+                let all = Arc::new(self.tier.relocate()?);
+                *located = Some((Arc::clone(&all), true));
                 Ok(all)
             }
         }

@@ -495,11 +495,18 @@ impl S3Tier {
     pub fn locate(&self, packs: &BTreeSet<ChunkId>, wanted: &[ChunkId]) -> Result<ChunkLocations, StoreError> {
         match self.pack_locations(packs)? {
             Some(out) if wanted.iter().all(|id| out.contains_key(id)) => Ok(out),
-            _ => {
-                tracing::info!("a chunk is not where the history says (repacked since): reading every pack index");
-                self.chunk_locations()
-            }
+            _ => self.relocate(),
         }
+    }
+
+    /// Every pack index, for a chunk that is not where the history says
+    /// (repacked since).
+    ///
+    /// # Errors
+    /// As [`chunk_locations`](Self::chunk_locations).
+    pub fn relocate(&self) -> Result<ChunkLocations, StoreError> {
+        tracing::info!("a chunk is not where the history says (repacked since): reading every pack index");
+        self.chunk_locations()
     }
 
     /// Every chunk in the indexes of `packs`; `None` when one of them is
