@@ -382,11 +382,27 @@ fn protect_cmd(kernel: &Path, initrd: &Path, mib: u64, hz: u32, data: &Path, add
     c
 }
 
+/// A relay to `to` adding a round trip of `rtt_ms` (in this process's
+/// network namespace, like the rest), and its address.
+fn relay(to: &str, rtt_ms: u64) -> (remus_relay::Relay, String) {
+    let imp = remus_relay::Impairment { delay: Duration::from_millis(rtt_ms / 2), ..remus_relay::Impairment::default() };
+    let relay = remus_relay::Relay::start(&remus_relay::RelayConfig::symmetric(to.parse().expect("address"), imp, 1)).expect("relay");
+    let via = relay.local_addr().to_string();
+    (relay, via)
+}
+
+/// `remus protect qemu` of a `mib` MiB guest at `hz` replicating to
+/// `backup`, in a run directory named by `tag`, once its guest is ready.
+fn ready_primary(kernel: &Path, initrd: &Path, (mib, hz): (u64, u32), data: &Path, backup: &str, tag: &str) -> (Proc, PathBuf) {
+    let run_dir = PathBuf::from(format!("/dev/shm/remus-bench-{}-{tag}", std::process::id()));
+    let mut primary = Proc::spawn(protect_cmd(kernel, initrd, mib, hz, data, backup, &run_dir));
+    wait_ready(&run_dir.join("serial.log"), Some(&mut primary.child));
+    (primary, run_dir)
+}
+
 fn protected(kernel: &Path, initrd: &Path, mib: u64, hz: u32, jobs: usize, data: &Path) -> (serde_json::Value, Vec<f64>) {
     let (_backup, addr) = backup(data, &[]);
-    let run_dir = PathBuf::from(format!("/dev/shm/remus-bench-{}-p{mib}-{hz}", std::process::id()));
-    let mut primary = Proc::spawn(protect_cmd(kernel, initrd, mib, hz, data, &addr, &run_dir));
-    wait_ready(&run_dir.join("serial.log"), Some(&mut primary.child));
+    let (mut primary, run_dir) = ready_primary(kernel, initrd, (mib, hz), data, &addr, &format!("p{mib}-{hz}"));
     let ms = cpu_jobs(jobs);
     primary.term();
     let (_, json) = primary.wait_line("{", Duration::from_secs(120));
@@ -411,14 +427,8 @@ fn failover(kernel: &Path, initrd: &Path, data: &Path, work: &Path, rtt_ms: u64,
     let config = work.join(format!("failover-{timeout_ms}.toml"));
     std::fs::write(&config, format!("[backup]\nprimary-timeout-ms = {timeout_ms}\n")).expect("config");
     let (backup, addr) = backup_with(Some(&config), data, &["--failover-dir", fo.to_str().unwrap(), "--resume", "--tap", "tap-b"]);
-    // The link through a relay adding the round trip (in this process's
-    // network namespace, like the rest).
-    let imp = remus_relay::Impairment { delay: Duration::from_millis(rtt_ms / 2), ..remus_relay::Impairment::default() };
-    let relay = remus_relay::Relay::start(&remus_relay::RelayConfig::symmetric(addr.parse().expect("address"), imp, 1)).expect("relay");
-    let via = relay.local_addr().to_string();
-    let run_dir = PathBuf::from(format!("/dev/shm/remus-bench-{}-failover-{rtt_ms}", std::process::id()));
-    let mut primary = Proc::spawn(protect_cmd(kernel, initrd, 128, 40, data, &via, &run_dir));
-    wait_ready(&run_dir.join("serial.log"), Some(&mut primary.child));
+    let (_relay, via) = relay(&addr, rtt_ms);
+    let (mut primary, run_dir) = ready_primary(kernel, initrd, (128, 40), data, &via, &format!("failover-{rtt_ms}"));
     let mut conn = BufReader::new(connect(7000, Duration::from_secs(60)));
     let inc = |c: &mut BufReader<TcpStream>| {
         c.get_mut().write_all(b"inc\n").unwrap();
@@ -494,12 +504,8 @@ struct Move {
 fn planned_move(kernel: &Path, initrd: &Path, data: &Path, work: &Path, rtt_ms: u64) -> Move {
     let fo = work.join(format!("move-{rtt_ms}"));
     let (backup, addr) = backup(data, &["--failover-dir", fo.to_str().unwrap(), "--resume", "--tap", "tap-b"]);
-    let imp = remus_relay::Impairment { delay: Duration::from_millis(rtt_ms / 2), ..remus_relay::Impairment::default() };
-    let relay = remus_relay::Relay::start(&remus_relay::RelayConfig::symmetric(addr.parse().expect("address"), imp, 1)).expect("relay");
-    let via = relay.local_addr().to_string();
-    let run_dir = PathBuf::from(format!("/dev/shm/remus-bench-{}-move-{rtt_ms}", std::process::id()));
-    let mut primary = Proc::spawn(protect_cmd(kernel, initrd, 128, 40, data, &via, &run_dir));
-    wait_ready(&run_dir.join("serial.log"), Some(&mut primary.child));
+    let (_relay, via) = relay(&addr, rtt_ms);
+    let (mut primary, run_dir) = ready_primary(kernel, initrd, (128, 40), data, &via, &format!("move-{rtt_ms}"));
     let client = Client::start();
     std::thread::sleep(Duration::from_secs(2));
     let (asked, held_ms) = remus_move(data);
@@ -578,14 +584,10 @@ struct Reverse {
 
 fn protected_again(kernel: &Path, initrd: &Path, data: &Path, work: &Path, rtt_ms: u64) -> Reverse {
     let (far, far_addr) = backup(data, &[]);
-    let imp = remus_relay::Impairment { delay: Duration::from_millis(rtt_ms / 2), ..remus_relay::Impairment::default() };
-    let relay = remus_relay::Relay::start(&remus_relay::RelayConfig::symmetric(far_addr.parse().expect("address"), imp, 1)).expect("relay");
-    let via = relay.local_addr().to_string();
+    let (_relay, via) = relay(&far_addr, rtt_ms);
     let fo = work.join(format!("reverse-{rtt_ms}"));
     let (near, addr) = backup(data, &["--failover-dir", fo.to_str().unwrap(), "--resume", "--tap", "tap-b", "--reverse-to", &via]);
-    let run_dir = PathBuf::from(format!("/dev/shm/remus-bench-{}-reverse-{rtt_ms}", std::process::id()));
-    let mut primary = Proc::spawn(protect_cmd(kernel, initrd, 128, 40, data, &addr, &run_dir));
-    wait_ready(&run_dir.join("serial.log"), Some(&mut primary.child));
+    let (mut primary, run_dir) = ready_primary(kernel, initrd, (128, 40), data, &addr, &format!("reverse-{rtt_ms}"));
     let client = Client::start();
     std::thread::sleep(Duration::from_secs(2));
     let (asked, _) = remus_move(data);
