@@ -406,3 +406,66 @@ fn a_dirty_rate_above_the_link_is_throttled_to_keep_output_under_the_target() {
     assert_eq!(s["epochs_committed"], s["epochs"]);
     backup.stop();
 }
+
+/// `remus move` through an impaired path, cut off by a partition as it is
+/// asked: the primary asks for the handover as soon as its last epoch is
+/// sealed, before that epoch can be acknowledged; the backup takes the
+/// guest over only once it has committed that very epoch, after the path
+/// heals, byte-exact; every epoch arrives once, in order, and the primary
+/// ends well with all of them acknowledged. (The backup's liveness floor
+/// is above the partition, so this is a move, not a failover.)
+#[test]
+fn a_move_asked_across_a_lossy_path_cut_off_by_a_partition_takes_the_guest_over_at_its_last_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    keygen(data);
+    let config = data.join("remus.toml");
+    std::fs::write(&config, "[backup]\nprimary-timeout-ms = 5000\nprimary-timeout-max-ms = 10000\n").unwrap();
+    let failover = data.join("failover");
+    let backup = BackupProcess::start_logged(
+        data,
+        "127.0.0.1:0",
+        &["--failover-dir", failover.to_str().unwrap(), "--config", config.to_str().unwrap()],
+    );
+    let relay = relay_to(
+        &backup.addr,
+        Impairment {
+            delay: Duration::from_millis(10),
+            jitter: Duration::from_millis(2),
+            loss: 0.01,
+            duplicate: 0.01,
+            ..Impairment::default()
+        },
+    );
+    let roots = data.join("roots.jsonl");
+    let primary = protect(data, &relay.local_addr().to_string())
+        .args(["--memory-mib", "32", "--seconds", "120", "--json", "--record-roots"])
+        .arg(&roots)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    backup.wait_committed(1, 20, LIMIT);
+    relay.set_partitioned(true);
+    let data2 = data.to_path_buf();
+    let mover = std::thread::spawn(move || run_limited(Command::new(remus()).args(["move", "--data-dir"]).arg(&data2), LIMIT));
+    std::thread::sleep(Duration::from_secs(2));
+    relay.set_partitioned(false);
+    let out = mover.join().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{said} {}", String::from_utf8_lossy(&out.stderr));
+    let epoch: u64 =
+        said.strip_prefix("moved guest-1 at epoch ").and_then(|r| r.split(':').next()).and_then(|e| e.parse().ok()).expect(&said);
+    let line = backup.wait_line("failover guest-1 epoch ", LIMIT);
+    assert!(line.starts_with(&format!("failover guest-1 epoch {epoch} image ")), "taken over at the epoch handed over: {line}");
+    let image = line.rsplit(' ').next().unwrap().to_string();
+    let out = primary.wait_with_output().unwrap();
+    assert!(out.status.success(), "the primary that moved its guest ends well");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["epochs_committed"].as_u64(), Some(epoch), "every epoch acknowledged, the last one handed over: {summary}");
+    assert!(relay.counters(Direction::Up).partition_dropped > 0, "the partition cut the move off");
+    assert_eq!(MemoryDigest::of_image(&std::fs::read(&image).unwrap()).to_hex(), read_roots(&roots)[&epoch], "byte-exact");
+    let errors = backup.stop_logged();
+    assert!(!errors.iter().any(|l| l.contains("primary silent")), "no failover on silence: {errors:?}");
+    assert_history_exact(data, &roots, epoch);
+}
