@@ -21,7 +21,6 @@ use remus_vm::{QemuState, RunDir, VMSTATE_PAGES};
 
 use crate::error::NodeError;
 use crate::events::{BackupEvent, FailoverOutcome};
-use crate::ingest::{Ingest, Staged};
 
 /// What the backup does when a primary goes silent.
 #[derive(Debug, Clone, Default)]
@@ -125,7 +124,7 @@ impl LiveFiles {
     /// Applies committed epochs to `guest`'s live files in `dir`. The
     /// first time (or after a failure) the files are rebuilt from the
     /// store's latest epoch instead. Not a QEMU guest: nothing to do.
-    pub fn update(&self, store: &Store, ingest: &Ingest, dir: &Path, guest: GuestId, epochs: &[CommittedPages], staged: &Staged) {
+    pub fn update(&self, store: &Store, dir: &Path, guest: GuestId, epochs: &[CommittedPages]) {
         let Some((last_epoch, last_ds, _)) = epochs.last() else { return };
         let Ok(Some(state)) = QemuState::decode(last_ds) else { return };
         let mut live = self.guests.lock();
@@ -144,7 +143,7 @@ impl LiveFiles {
                     let written = if *id == zero_page_hash() {
                         l.write(pfn.0, &zero)
                     } else {
-                        l.write(pfn.0, &ingest.page(id, staged).map_err(|e| NodeError::Restore(e.into()))?)
+                        l.write(pfn.0, &store.recent_chunk(id).map_err(|e| NodeError::Restore(e.into()))?)
                     };
                     written.map_err(NodeError::io("writing the live VM files"))?;
                 }

@@ -49,9 +49,6 @@ type DeletedByGuest = HashMap<GuestId, tokio::sync::broadcast::Sender<Arc<[Chunk
 /// refused for it once.
 const MAX_FORGET_RELAYED: usize = 1 << 20;
 
-/// Pages of recently committed content kept for XOR bases and references.
-const CACHE_PAGES: usize = 16 << 10;
-
 /// A [`Replica`] backed by a [`Store`].
 pub struct StoreReplica {
     /// Itself, for the threads a takeover runs on.
@@ -109,7 +106,7 @@ impl StoreReplica {
         });
         Arc::new_cyclic(|me| Self {
             me: me.clone(),
-            ingest: Ingest::new(Arc::clone(&store), CACHE_PAGES),
+            ingest: Ingest::new(Arc::clone(&store)),
             store,
             admission: Admission::default(),
             failover,
@@ -278,20 +275,17 @@ impl Replica for StoreReplica {
         let lineage = self.admission.lineage(guest).ok_or(CommitError::Rejected("commit for a guest that was never welcomed"))?;
         let n = epochs.len() as u64;
         self.within_quota(guest, n)?;
-        let decoded = self.ingest.decode(epochs, lineage)?;
-        let live: Option<Vec<CommittedPages>> = self
-            .failover
-            .keeps_live()
-            .then(|| decoded.commits.iter().map(|c| (c.epoch, c.device_state.clone(), c.pages.clone())).collect());
-        let outs = self.store.commit_many(decoded.commits).map_err(|e| match e {
+        let commits = self.ingest.decode(epochs, lineage)?;
+        let live: Option<Vec<CommittedPages>> =
+            self.failover.keeps_live().then(|| commits.iter().map(|c| (c.epoch, c.device_state.clone(), c.pages.clone())).collect());
+        let outs = self.store.commit_many(commits).map_err(|e| match e {
             // Collected between the checks above and the commit.
             remus_store::StoreError::Unstored { ids, .. } => CommitError::Missing(ids),
             e => crate::ingest::storage(e),
         })?;
         if let (Some(epochs), FailoverAction::RestoreTo { dir, .. }) = (live, &self.failover) {
-            self.live.update(&self.store, &self.ingest, dir, guest, &epochs, &decoded.staged);
+            self.live.update(&self.store, dir, guest, &epochs);
         }
-        self.ingest.committed(decoded.staged);
         let last = outs.last().ok_or(CommitError::Rejected("empty commit group"))?;
         let mut stats = self.stats.lock();
         let s = stats.entry(guest).or_default();
@@ -429,6 +423,52 @@ mod tests {
         // Another guest has a quota of its own.
         replica.commit(vec![epoch(other, 1), epoch(other, 2)]).unwrap();
         assert_eq!(store.head(other).unwrap().unwrap().epoch, EpochId(2));
+    }
+
+    /// Epoch `e` carrying `page` at pfn 3 as `encoding`, under `hash`.
+    fn epoch_with(guest: GuestId, e: u64, hash: ChunkId, encoding: PageEncoding) -> ReceivedEpoch {
+        let mut ep = epoch(guest, e);
+        ep.records = vec![PageRecord { pfn: Pfn(3), hash, encoding }];
+        ep.header.records = 1;
+        ep
+    }
+
+    /// A page whose content is not what its hash says (sent whole,
+    /// compressed, or as a delta over a held page) or is not one page's
+    /// worth is refused as a bad page naming it, and nothing of its group
+    /// is written; the honest page commits after.
+    #[test]
+    fn a_page_that_is_not_its_hash_is_refused_naming_it_and_nothing_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("store"), remus_store::StoreOptions::default()).unwrap());
+        let (tx, _events) = crossbeam_channel::unbounded();
+        let replica = StoreReplica::new(Arc::clone(&store), FailoverAction::Record, None, GuestQuota::default(), tx);
+        let g = GuestId(1);
+        replica.welcome(g, 7, 16, 0, None).unwrap();
+        let page = |b: u8| vec![b; remus_types::PAGE_SIZE];
+        let id = |b: u8| remus_types::content_id(&page(b));
+        let zstd = |p: &[u8]| zstd::bulk::compress(p, 1).unwrap();
+        replica.commit(vec![epoch_with(g, 1, id(1), PageEncoding::RawZstd(zstd(&page(1))))]).unwrap();
+        let xor: Vec<u8> = page(1).iter().zip(page(2)).map(|(a, b)| a ^ b).collect();
+        let lies =
+            [PageEncoding::RawPlain(page(2)), PageEncoding::RawZstd(zstd(&page(2))), PageEncoding::Xor { base: id(1), delta: zstd(&xor) }];
+        for lie in lies {
+            // Epoch 2 is fine; epoch 3 says page 9 and carries page 2.
+            let group = vec![epoch(g, 2), epoch_with(g, 3, id(9), lie.clone())];
+            let err = replica.commit(group).unwrap_err();
+            assert!(
+                matches!(err, CommitError::BadPage { epoch: EpochId(3), pfn: 3, cause: remus_wan::DecodeError::HashMismatch { pfn: 3 } }),
+                "{lie:?}: {err:?}"
+            );
+            assert_eq!(store.head(g).unwrap().unwrap().epoch, EpochId(1), "{lie:?}: nothing of the group written");
+        }
+        let short = epoch_with(g, 2, id(2), PageEncoding::RawPlain(vec![2; 100]));
+        assert!(matches!(replica.commit(vec![short]).unwrap_err(), CommitError::BadPage { pfn: 3, .. }));
+        let short = epoch_with(g, 2, id(2), PageEncoding::RawZstd(zstd(&[2; 100])));
+        assert!(matches!(replica.commit(vec![short]).unwrap_err(), CommitError::BadPage { pfn: 3, .. }));
+        replica.commit(vec![epoch_with(g, 2, id(2), PageEncoding::Xor { base: id(1), delta: zstd(&xor) })]).unwrap();
+        assert_eq!(store.chunk(&id(2)).unwrap(), page(2));
+        assert_eq!(store.verify(|_| {}).unwrap().damage, vec![]);
     }
 
     #[test]

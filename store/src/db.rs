@@ -25,8 +25,9 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use remus_types::{content_id, ChunkId, EpochId, GuestId, Pfn, PAGE_SIZE};
+use remus_types::{content_id, BoundedMap, ChunkId, EpochId, GuestId, Pfn, PAGE_SIZE};
 use rocksdb::{
     BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
@@ -231,11 +232,15 @@ pub struct StoreOptions {
     /// Open for reading only (default false): writes nothing, so it works
     /// on a full disk and beside a running backup's lock-free readers.
     pub read_only: bool,
+    /// How many recently committed pages the store keeps decoded in
+    /// memory (default 16 Ki, 64 MiB): the bases most deltas of the next
+    /// epochs name, and what a live failover image reads back.
+    pub recent_pages: usize,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { sync: true, read_only: false }
+        Self { sync: true, read_only: false, recent_pages: 16 << 10 }
     }
 }
 
@@ -255,7 +260,15 @@ pub struct Store {
     /// GC's coordination with commits (see `gc.rs`).
     pub(crate) gc: crate::gc::GcCoordinator,
     pub(crate) packs: Packs,
+    /// Recently committed chunks, decoded and verified, with their delta
+    /// depth. Invariant: only chunks the store holds (a commit adds them
+    /// after its write; GC's sweep removes what it deletes, with no
+    /// commit running), so a delta over one of them has its base stored.
+    recent: Mutex<Recent>,
 }
+
+/// Content and delta depth of recently committed chunks, by id.
+type Recent = BoundedMap<ChunkId, (Arc<Vec<u8>>, u8)>;
 
 pub(crate) fn guest_key(prefix: &[u8], guest: GuestId) -> Vec<u8> {
     let mut k = prefix.to_vec();
@@ -289,6 +302,13 @@ pub(crate) fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
+/// Each column family's memtable. The index's keys are hashes, so each
+/// commit inserts its keys all over the memtable's skiplist, and the walk
+/// down it (cache misses) was the backup's largest cost at 64 MiB; a
+/// smaller one is shallower, for more frequent flushes (measured in
+/// docs/benchmarks.md, "Each side on one core").
+const MEMTABLE_BYTES: usize = 8 << 20;
+
 impl Store {
     /// Opens (creating if needed) the store at `path`.
     ///
@@ -304,6 +324,7 @@ impl Store {
         let plain = || {
             let mut o = Options::default();
             o.set_compression_type(DBCompressionType::None);
+            o.set_write_buffer_size(MEMTABLE_BYTES);
             o
         };
         let mut chunks = plain();
@@ -311,7 +332,6 @@ impl Store {
         chunks.set_min_blob_size(256);
         chunks.set_blob_compression_type(DBCompressionType::None);
         chunks.set_enable_blob_gc(true);
-        chunks.set_write_buffer_size(64 << 20);
         let mut bbo = BlockBasedOptions::default();
         bbo.set_bloom_filter(10.0, false);
         chunks.set_block_based_table_factory(&bbo);
@@ -352,6 +372,7 @@ impl Store {
             opts,
             gc: crate::gc::GcCoordinator::default(),
             packs: Packs::new(path, opts.read_only, opts.sync),
+            recent: Mutex::new(BoundedMap::new(opts.recent_pages)),
         };
         if !opts.read_only {
             store.count_usage()?;
@@ -536,6 +557,32 @@ impl Store {
         self.chunk_at_depth(id, out, 0)
     }
 
+    /// The content of a chunk, from memory when it was committed lately
+    /// (verified then), else as [`chunk`](Self::chunk) reads it: for
+    /// following the newest epochs, not for checking what is on disk.
+    ///
+    /// # Errors
+    /// As [`chunk`](Self::chunk).
+    pub fn recent_chunk(&self, id: &ChunkId) -> Result<Arc<Vec<u8>>, StoreError> {
+        match self.recent(id) {
+            Some((content, _)) => Ok(content),
+            None => self.chunk(id).map(Arc::new),
+        }
+    }
+
+    /// A recently committed chunk's content and delta depth.
+    fn recent(&self, id: &ChunkId) -> Option<(Arc<Vec<u8>>, u8)> {
+        self.recent.lock().unwrap_or_else(PoisonError::into_inner).get(id).cloned()
+    }
+
+    /// Forgets deleted chunks (GC's sweep, with no commit running).
+    pub(crate) fn forget_recent(&self, ids: &[ChunkId]) {
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        for id in ids {
+            recent.remove(id);
+        }
+    }
+
     /// [`chunk_into`](Self::chunk_into), `depth` deltas down a chain (a
     /// chain longer than any the store writes is damage, not a loop). A
     /// base is not checked against its id on the way: the content at the
@@ -677,6 +724,15 @@ impl Store {
         let mut wo = WriteOptions::default();
         wo.set_sync(self.opts.sync);
         self.db.write_opt(batch, &wo)?;
+        // Stored now, and GC's sweep waits for `gc` (see `recent`).
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        for ((id, _), content) in fresh.chunks.iter().zip(fresh.content) {
+            if let (Some(content), Some(&(_, depth))) = (content, fresh.index.get(id)) {
+                recent.insert(*id, (content, depth));
+            }
+        }
+        drop(recent);
+        drop(gc);
         Ok(outcomes)
     }
 
@@ -724,7 +780,12 @@ impl Store {
                 continue;
             }
             scratch.clear();
-            let mismatch = |_: ()| StoreError::Mismatch { guest: c.guest, epoch: c.epoch, id };
+            let mismatch = |_: ()| StoreError::Mismatch {
+                guest: c.guest,
+                epoch: c.epoch,
+                id,
+                pfn: c.pages.iter().find(|(_, p)| *p == id).map(|(pfn, _)| pfn.0),
+            };
             // Kept as a delta: its base and depth.
             let (chunk, over) = match chunk {
                 StoredChunk::Delta(d) => {
@@ -765,14 +826,15 @@ impl Store {
                 batch.put_cf(self.cf(CF_BASES), id.0, v);
             }
             new_bytes += 1 + chunk.len() as u64;
-            fresh.push(id, chunk, over.map_or(0, |(_, depth)| depth));
+            let content = std::mem::replace(&mut scratch, Vec::with_capacity(PAGE_SIZE));
+            fresh.push(id, chunk, over.map_or(0, |(_, depth)| depth), Some(Arc::new(content)));
             new_chunks += 1;
         }
         let ds_id = content_id(&c.device_state);
         if seen.insert((c.guest, ds_id)) && !self.has_chunk(&ds_id)? {
             let ds = StoredChunk::Plain(std::mem::take(&mut c.device_state));
             new_bytes += 1 + ds.len() as u64;
-            fresh.push(ds_id, ds, 0);
+            fresh.push(ds_id, ds, 0, None);
         }
         // A page may name a chunk sent in an earlier epoch: it must still
         // be stored (GC may have removed what no kept epoch referenced),
@@ -1194,23 +1256,34 @@ fn decode_chunk(id: &ChunkId, codec: u8, b: &[u8]) -> Result<Vec<u8>, StoreError
 pub(crate) struct Fresh {
     chunks: Vec<(ChunkId, StoredChunk)>,
     index: HashMap<ChunkId, (usize, u8)>,
+    /// Each page's content, as verified (a device state: `None`).
+    content: Vec<Option<Arc<Vec<u8>>>>,
 }
 
 impl Fresh {
-    fn push(&mut self, id: ChunkId, chunk: StoredChunk, depth: u8) {
+    fn push(&mut self, id: ChunkId, chunk: StoredChunk, depth: u8, content: Option<Arc<Vec<u8>>>) {
         self.index.insert(id, (self.chunks.len(), depth));
         self.chunks.push((id, chunk));
+        self.content.push(content);
     }
 }
 
 impl Store {
-    /// Appends the content of `id` to `out`, from the group's new chunks
-    /// or the store, and returns its delta depth.
+    /// Appends the content of `id` to `out`, from the group's new chunks,
+    /// the recent ones or the store, and returns its delta depth.
     fn group_content(&self, id: &ChunkId, fresh: &Fresh, out: &mut Vec<u8>) -> Result<u8, StoreError> {
         let Some(&(i, depth)) = fresh.index.get(id) else {
-            self.chunk_into(id, out)?;
+            if let Some((content, depth)) = self.recent(id) {
+                out.extend_from_slice(&content);
+                return Ok(depth);
+            }
+            self.chunk_at_depth(id, out, 0)?;
             return self.delta_depth(id);
         };
+        if let Some(content) = &fresh.content[i] {
+            out.extend_from_slice(content);
+            return Ok(depth);
+        }
         match &fresh.chunks[i].1 {
             StoredChunk::Delta(d) => {
                 let (base, xor) = delta_parts(d).ok_or(StoreError::ChunkCorrupt(*id))?;

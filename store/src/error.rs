@@ -51,7 +51,7 @@ pub enum StoreError {
     },
     /// A chunk offered for commit does not hash to the id it was offered
     /// under; nothing of its group was written.
-    #[error("{guest}: epoch {epoch} offers chunk {id} with content that does not match it; nothing of the epoch was stored")]
+    #[error("{guest}: epoch {epoch} offers chunk {id}{} with content that does not match it; nothing of the epoch was stored", .pfn.map(|p| format!(" for page {p}")).unwrap_or_default())]
     Mismatch {
         /// Guest.
         guest: GuestId,
@@ -59,6 +59,8 @@ pub enum StoreError {
         epoch: EpochId,
         /// The id offered.
         id: ChunkId,
+        /// The first page the epoch names it for, if any.
+        pfn: Option<u64>,
     },
     /// A stored record fails its checks: `record` says which (and where),
     /// `cause` how, from the closed set every format of remus shares.

@@ -398,9 +398,10 @@ impl Store {
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
         self.db.write_opt(batch, &wo)?;
+        let deleted: Vec<ChunkId> = candidates.into_iter().map(|(id, _)| id).collect();
+        self.forget_recent(&deleted);
         drop(sweep);
         // Gone from the index for good: watchers may hear of it now.
-        let deleted: Vec<ChunkId> = candidates.into_iter().map(|(id, _)| id).collect();
         self.gc.notify(&deleted);
         // Only the pack being appended to can gain entries, so any other
         // whose entries all went is unreferenced for good.

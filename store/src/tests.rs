@@ -658,10 +658,18 @@ fn delta_commit(g: GuestId, epoch: u64, from: &[u8], to: &[u8], secs: u64) -> Ep
     }
 }
 
+/// With the recently committed pages in memory (the default) and
+/// without (every base read back from disk), alike.
 #[test]
 fn deltas_are_kept_as_deltas_up_to_the_depth_bound_read_exact_and_their_bases_outlive_gc() {
+    for recent_pages in [StoreOptions::default().recent_pages, 0] {
+        deltas_kept_as_deltas(StoreOptions { recent_pages, ..StoreOptions::default() });
+    }
+}
+
+fn deltas_kept_as_deltas(opts: StoreOptions) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let store = Store::open(dir.path(), opts).unwrap();
     let g = GuestId(1);
     let v1 = version(1);
     let first = EpochCommit {
@@ -710,6 +718,14 @@ fn deltas_are_kept_as_deltas_up_to_the_depth_bound_read_exact_and_their_bases_ou
     assert!(matches!(store.chunk(&id(2)), Err(StoreError::ChunkMissing(_))));
     assert_eq!(store.chunk(&id(5)).unwrap(), version(5));
     assert_eq!(store.verify(|_| {}).unwrap().damage, vec![]);
+    // A delta over a base GC deleted is refused naming it, though the
+    // base was committed moments ago: the primary sends it again.
+    match store.commit(delta_commit(g, 6, &version(4), &version(6), 6)) {
+        Err(StoreError::Unstored { ids, .. }) => assert_eq!(ids, vec![id(4)]),
+        other => panic!("{other:?}"),
+    }
+    store.commit(delta_commit(g, 6, &version(5), &version(6), 6)).unwrap();
+    assert_eq!(store.chunk(&id(6)).unwrap(), version(6));
 }
 
 #[test]
