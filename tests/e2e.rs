@@ -48,6 +48,10 @@ fn separate_processes_replicate_survive_a_backup_restart_and_restore_byte_exact(
     let committed = summary["epochs_committed"].as_u64().unwrap();
     assert_eq!(committed, summary["epochs"].as_u64().unwrap(), "every sealed epoch acknowledged at the end");
     assert!(committed > after_restart);
+    // Protected once the first epoch (the whole memory) was committed:
+    // within the run, before the backup was killed.
+    let protected = summary["protected_ms"].as_f64().expect("protected");
+    assert!(protected > 0.0 && protected < summary["seconds"].as_f64().unwrap() * 1e3, "{summary}");
     // Output commit: every released line belongs to an acknowledged epoch,
     // and all output was released once everything was acknowledged.
     let released = std::fs::read_to_string(&output_log).unwrap();

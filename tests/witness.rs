@@ -311,6 +311,10 @@ fn a_restarted_primary_continues_its_guests_history_in_the_next_generation() {
     let before = s["first_epoch"].as_u64().unwrap() - 1;
     assert!(before >= 20, "{s}");
     assert_eq!(s["epochs_committed"], s["epochs"]);
+    // Protected from its own first epoch's commit, not from the backup's
+    // welcome (which names the first run's last epoch).
+    let protected = s["protected_ms"].as_f64().expect("protected");
+    assert!(protected > 0.0 && protected < s["seconds"].as_f64().unwrap() * 1e3, "{s}");
     // One chain, epochs 1..=last, the generation changing once where the
     // second run began.
     let h = history(data);

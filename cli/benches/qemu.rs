@@ -20,8 +20,9 @@
 //! - Protected again: `remus move` to a backup running `--reverse-to` a
 //!   third one reached through remus-relay at each round trip of
 //!   REMUS_BENCH_QEMU_REVERSE_RTT_MS (default none): the time until the
-//!   third backup commits the guest's first epoch, and the client's
-//!   slowest request.
+//!   third backup commits the new primary's first epoch (the whole
+//!   memory, as the new primary logs it), what remus-relay counted on the
+//!   way, and the client's slowest request.
 //!
 //! `cargo bench -p remus-cli --bench qemu` as root (it makes a private
 //! network namespace for the guest's network). REMUS_BENCH_QEMU_SIZES
@@ -107,7 +108,11 @@ fn main() {
         let r = protected_again(&kernel, &initrd, &data, work.path(), rtt);
         println!("remus move to a backup protecting it again (--reverse-to a third, {rtt} ms round trip to it through remus-relay):");
         println!("  remus move asked to the new primary started   {:>6.0} ms", r.handed.as_secs_f64() * 1e3);
-        println!("  ... to the third backup's first committed epoch {:>6.0} ms (protected again)", r.protected.as_secs_f64() * 1e3);
+        println!(
+            "  ... to the third backup's commit of its first epoch {:>6.0} ms (protected again: the whole memory)",
+            r.protected.as_secs_f64() * 1e3
+        );
+        println!("  relay to the third backup: {}", r.relayed);
         println!(
             "  client's slowest request                       {:>6.0} ms ({:.0} ms typical before the move)",
             r.slowest.as_secs_f64() * 1e3,
@@ -574,8 +579,10 @@ impl Client {
 struct Reverse {
     /// `remus move` asked to the backup's line that the new primary runs.
     handed: Duration,
-    /// ... to the third backup's first committed epoch of the guest.
+    /// ... to the third backup's commit of the new primary's first epoch.
     protected: Duration,
+    /// What remus-relay did on the way to the third backup.
+    relayed: String,
     slowest: Duration,
     typical: Duration,
     /// The new primary's summary lines on epoch length and commit latency.
@@ -584,16 +591,21 @@ struct Reverse {
 
 fn protected_again(kernel: &Path, initrd: &Path, data: &Path, work: &Path, rtt_ms: u64) -> Reverse {
     let (far, far_addr) = backup(data, &[]);
-    let (_relay, via) = relay(&far_addr, rtt_ms);
+    let (relay, via) = relay(&far_addr, rtt_ms);
     let fo = work.join(format!("reverse-{rtt_ms}"));
     let (near, addr) = backup(data, &["--failover-dir", fo.to_str().unwrap(), "--resume", "--tap", "tap-b", "--reverse-to", &via]);
     let (mut primary, run_dir) = ready_primary(kernel, initrd, (128, 40), data, &addr, &format!("reverse-{rtt_ms}"));
     let client = Client::start();
     std::thread::sleep(Duration::from_secs(2));
+    let asked_wall = std::time::SystemTime::now();
     let (asked, _) = remus_move(data);
     let (handed, line) = near.wait_lines(&["failover guest-1"], Duration::from_secs(30)).remove(0);
     let pid = line.split("remus pid ").nth(1).and_then(|p| p.split(',').next()).expect(&line).to_string();
-    let (protected, _) = far.wait_lines(&["committed guest-1 epoch "], Duration::from_secs(120)).remove(0);
+    let log = line.split("(log ").nth(1).map(|l| PathBuf::from(l.trim_end_matches(')'))).expect(&line);
+    // The third backup's first "committed" line is the graft (the history
+    // it continues), not the memory: the new primary says when it is
+    // protected, in its log.
+    let protected = protected_in_log(&log, asked_wall, Duration::from_secs(120));
     let _ = primary.child.wait();
     std::thread::sleep(Duration::from_secs(2));
     let (slowest, typical) = client.stop(asked);
@@ -607,14 +619,34 @@ fn protected_again(kernel: &Path, initrd: &Path, data: &Path, work: &Path, rtt_m
         std::thread::sleep(Duration::from_millis(100));
     }
     // What the new primary said (its summary: commit latency, epochs).
-    let log = line.split("(log ").nth(1).map(|l| l.trim_end_matches(')').to_string());
-    let said = log
-        .and_then(|l| std::fs::read_to_string(l).ok())
+    let said = std::fs::read_to_string(&log)
         .map(|t| t.lines().filter(|l| l.starts_with("commit latency") || l.starts_with("epoch length")).map(str::to_string).collect())
         .unwrap_or_default();
+    let relayed = format!("{}; kernel drops at the relay {:?}", relay.counters(remus_relay::Direction::Up), relay.kernel_drops());
+    drop(far);
     let _ = std::fs::remove_dir_all(&run_dir);
     let _ = std::fs::remove_dir_all(&fo);
-    Reverse { handed: handed.duration_since(asked), protected: protected.duration_since(asked), slowest, typical, said }
+    Reverse { handed: handed.duration_since(asked), protected, relayed, slowest, typical, said }
+}
+
+/// Waits for the line of `log` saying the primary is protected; the time
+/// from `since` to it, by the log's timestamp (UTC, the same clock).
+fn protected_in_log(log: &Path, since: std::time::SystemTime, limit: Duration) -> Duration {
+    let deadline = Instant::now() + limit;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains("protected: the backup committed")) {
+            // "2026-12-03T12:10:11.123456Z  INFO ...": seconds into the day.
+            let clock = l.split('T').nth(1).and_then(|t| t.split('Z').next()).expect(l);
+            let mut parts = clock.split(':').map(|p| p.parse::<f64>().expect(l));
+            let (h, m, s) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+            let at = h * 3600.0 + m * 60.0 + s;
+            let from = since.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64() % 86_400.0;
+            return Duration::from_secs_f64((at - from).max(0.0));
+        }
+        assert!(Instant::now() < deadline, "{}: never protected:\n{text}", log.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Asks `get` on a new connection: true when the guest replied.

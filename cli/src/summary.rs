@@ -51,6 +51,10 @@ pub struct Summary {
     pub parity_dropped_bytes: u64,
     /// Connection losses.
     pub disconnects: u64,
+    /// Milliseconds from the start until the backup committed this run's
+    /// first epoch (the whole memory): protected from then on (absent if
+    /// it never did).
+    pub protected_ms: Option<f64>,
     /// The first epoch this run sealed (1 for a new guest; after the
     /// committed one when a restarted primary continued the history).
     pub first_epoch: u64,
@@ -157,6 +161,7 @@ impl Summary {
             parity_bytes: s.parity_bytes,
             parity_dropped_bytes: s.parity_dropped_bytes,
             disconnects: s.disconnects,
+            protected_ms: s.protected_at.map(|t| t.duration_since(s.started).as_secs_f64() * 1e3),
             first_epoch: s.continued_from.0 + 1,
             generation: s.generation,
             self_fences: s.self_fences,
@@ -198,7 +203,7 @@ impl Summary {
         let total = (e.zero + e.reference + e.xor + e.raw_zstd + e.raw_plain).max(1) as f64;
         let pct = |n: u64| 100.0 * n as f64 / total;
         let mut text = format!(
-            "epochs            {} sealed, {} committed in {:.1} s ({:.1} Hz)\n\
+            "epochs            {} sealed, {} committed in {:.1} s ({:.1} Hz); {}\n\
              pause             p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} tracking)\n\
              epoch length      p50 {:.1} ms, max {:.1} ms (longer while the backup lags); guest held still in {} epochs (throttled)\n\
              dirty pages       {} ({:.0} per epoch)\n\
@@ -211,6 +216,10 @@ impl Summary {
             self.epochs_committed,
             self.seconds,
             self.hz,
+            self.protected_ms.map_or_else(
+                || "not protected: the backup never committed the first epoch".to_string(),
+                |ms| format!("protected after {ms:.0} ms (the backup committed the first epoch, the whole memory)")
+            ),
             self.pause_ms_p50,
             self.pause_ms_p99,
             self.pause_ms_max,

@@ -558,7 +558,17 @@ async fn consume_events(
                 s.mix.merge(&mix);
             }
             LinkEvent::Acked { epoch, rtt, .. } => {
-                stats.lock().path_rtt = rtt;
+                let mut s = stats.lock();
+                s.path_rtt = rtt;
+                // An epoch this run sealed (not the one a backup's welcome
+                // says it holds): the first one holds the whole memory.
+                if s.protected_at.is_none() && s.sealed_at.contains_key(&epoch) {
+                    let now = Instant::now();
+                    s.protected_at = Some(now);
+                    let after_ms = now.duration_since(s.started).as_millis();
+                    tracing::info!(epoch = epoch.0, after_ms, "protected: the backup committed this run's first epoch (the whole memory)");
+                }
+                drop(s);
                 releaser.acked(0, epoch);
             }
             LinkEvent::HandedOver { epoch } => {

@@ -91,6 +91,9 @@ pub struct PrimaryStats {
     pub handed_over: Option<EpochId>,
     /// When the backup said it took the guest over.
     pub handed_over_at: Option<Instant>,
+    /// When the backup committed this run's first epoch (the whole
+    /// memory): the guest is protected from then on.
+    pub protected_at: Option<Instant>,
     /// Each far backup's link, in the order configured.
     pub far: Vec<crate::fanout::FarStats>,
     /// Epochs the guest was held still in because the backup could not
@@ -130,6 +133,7 @@ impl Default for PrimaryStats {
             last_seal_started: None,
             handed_over: None,
             handed_over_at: None,
+            protected_at: None,
             far: Vec::new(),
             throttled_epochs: 0,
         }

@@ -137,7 +137,7 @@ impl Reverse<'_> {
     /// Starts `remus protect qemu` on the failed-over guest's files in
     /// `run_dir`, replicating to `backup`: a process of its own (its own
     /// process group), so the guest outlives this backup. Its output goes
-    /// to `run_dir/protect.log`.
+    /// to `run_dir/protect.log`, at info level.
     fn start(
         &self,
         guest: remus_types::GuestId,
@@ -154,7 +154,9 @@ impl Reverse<'_> {
         if let Some(p) = self.config_path {
             c.arg("--config").arg(p);
         }
-        c.arg("--data-dir").arg(self.data_dir).args(["protect", "qemu", "--guest", &guest.0.to_string()]);
+        // Its log is a file: info level (when it was protected, links
+        // lost and regained), as `--verbose` gives.
+        c.arg("--data-dir").arg(self.data_dir).args(["--verbose", "protect", "qemu", "--guest", &guest.0.to_string()]);
         c.args(["--backup", &backup.to_string(), "--resume-run-dir"]).arg(run_dir);
         c.args(["--continue-after", &format!("{}:{}", after.0, after.1)]);
         if let Some((generation, tag)) = lease {
