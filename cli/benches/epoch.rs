@@ -3,7 +3,9 @@
 //! same guest and workload:
 //! - pause: write-protect scanning (remus) vs page-hash scanning vs a
 //!   full copy of guest memory at every epoch (no dirty tracking);
-//! - wire: remus encodings vs raw pages (4096 bytes + page number each).
+//! - wire: remus encodings vs raw pages (4096 bytes + page number each);
+//! - a first copy (128 MiB of text-like pages, a tenth random) encoded on
+//!   one thread vs the default threads, alternated.
 //!
 //! `cargo bench -p remus-cli --bench epoch` (set REMUS_BENCH_MIB and
 //! REMUS_BENCH_EPOCHS to change the 1024 MiB / 200 epoch defaults).
@@ -65,6 +67,46 @@ fn run(mib: u64, epochs: usize, tracking: Option<TrackingMode>) -> Run {
     r
 }
 
+/// A first copy's encoding time on `threads` threads, ms.
+fn first_copy(pages: &[Vec<u8>], threads: usize) -> f64 {
+    let mut enc = PageEncoder::new(EncoderConfig { threads, ..EncoderConfig::default() });
+    let pfns: Vec<remus_types::Pfn> = (0..pages.len() as u64).map(remus_types::Pfn).collect();
+    let t0 = Instant::now();
+    let hashes: Vec<remus_types::ChunkId> = pages.iter().map(|p| remus_types::content_id(p)).collect();
+    let records = enc.encode_pages(remus_types::EpochId(1), &pfns, |i| &pages[i], &hashes);
+    std::hint::black_box(records);
+    t0.elapsed().as_secs_f64() * 1e3
+}
+
+/// 128 MiB of pages: words from a small vocabulary (as text compresses),
+/// every tenth page random.
+fn first_copy_pages() -> Vec<Vec<u8>> {
+    let words: [&[u8]; 8] = [b"remus ", b"epoch ", b"page ", b"backup ", b"guest ", b"commit ", b"the ", b"of "];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    (0..32_768)
+        .map(|i| {
+            let mut p = Vec::with_capacity(4096);
+            if i % 10 == 9 {
+                while p.len() < 4096 {
+                    p.extend_from_slice(&next().to_le_bytes());
+                }
+            } else {
+                while p.len() < 4096 {
+                    p.extend_from_slice(words[(next() % 8) as usize]);
+                }
+            }
+            p.truncate(4096);
+            p
+        })
+        .collect()
+}
+
 fn main() {
     let mib: u64 = std::env::var("REMUS_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
     let epochs: usize = std::env::var("REMUS_BENCH_EPOCHS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
@@ -93,4 +135,14 @@ fn main() {
         per_page / raw,
         raw / per_page
     );
+    let pages = first_copy_pages();
+    let threads = EncoderConfig::default().threads;
+    let (mut one, mut many) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        one.push(first_copy(&pages, 1));
+        many.push(first_copy(&pages, threads));
+    }
+    let range = |v: &[f64]| (v.iter().copied().fold(f64::MAX, f64::min), v.iter().copied().fold(0.0, f64::max));
+    let ((a, b), (c, d)) = (range(&one), range(&many));
+    println!("first copy (32768 pages) encoded: one thread {a:.0}-{b:.0} ms, {threads} threads {c:.0}-{d:.0} ms (best {:.2}x)", a / c);
 }

@@ -593,7 +593,13 @@ fn protected_again(kernel: &Path, initrd: &Path, data: &Path, work: &Path, rtt_m
     let (far, far_addr) = backup(data, &[]);
     let (relay, via) = relay(&far_addr, rtt_ms);
     let fo = work.join(format!("reverse-{rtt_ms}"));
-    let (near, addr) = backup(data, &["--failover-dir", fo.to_str().unwrap(), "--resume", "--tap", "tap-b", "--reverse-to", &via]);
+    // The new primary's encoding threads (REMUS_BENCH_QEMU_ENCODE_THREADS,
+    // default: the machine's), through the config it inherits.
+    let config = work.join(format!("reverse-{rtt_ms}.toml"));
+    let threads = std::env::var("REMUS_BENCH_QEMU_ENCODE_THREADS").map_or(String::new(), |n| format!("encode-threads = {n}\n"));
+    std::fs::write(&config, format!("[protect]\n{threads}")).expect("config");
+    let args = ["--failover-dir", fo.to_str().unwrap(), "--resume", "--tap", "tap-b", "--reverse-to", &via];
+    let (near, addr) = backup_with(Some(&config), data, &args);
     let (mut primary, run_dir) = ready_primary(kernel, initrd, (128, 40), data, &addr, &format!("reverse-{rtt_ms}"));
     let client = Client::start();
     std::thread::sleep(Duration::from_secs(2));

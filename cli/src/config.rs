@@ -11,6 +11,7 @@
 //! max-epoch-ms = 200             # epochs lengthen up to it while output waits, then the guest is slowed (= epoch-ms: fixed)
 //! output-delay-target-ms = 1000   # ... to keep output delay under this
 //! max-in-flight = 256
+//! # encode-threads = 2       # threads compressing a large epoch (a first copy); default: the cores, at most 4
 //! heartbeat-ms = 50
 //! backup-timeout-ms = 500     # at the least; longer when the link is irregular
 //! backup-timeout-max-ms = 5000 # at the most
@@ -275,6 +276,10 @@ pub struct ProtectConfig {
     pub output_delay_target_ms: u64,
     /// Epochs in flight at most (default 256).
     pub max_in_flight: usize,
+    /// Threads that compress a large epoch's pages (a first copy, a
+    /// burst) side by side (default: the machine's cores, at most 4; 1:
+    /// one thread).
+    pub encode_threads: Option<usize>,
     /// Heartbeat period (default 50 ms).
     pub heartbeat_ms: u64,
     /// Silence after which the backup counts as lost, at the least
@@ -314,6 +319,7 @@ impl Default for ProtectConfig {
             max_epoch_ms: ms(cadence.max),
             output_delay_target_ms: ms(cadence.target),
             max_in_flight: sender.max_in_flight,
+            encode_threads: None,
             heartbeat_ms: ms(sender.heartbeat),
             backup_timeout_ms: ms(sender.peer_timeout),
             backup_timeout_max_ms: ms(sender.peer_timeout_max),
@@ -338,6 +344,10 @@ impl ProtectConfig {
             heartbeat: Duration::from_millis(self.heartbeat_ms),
             peer_timeout: Duration::from_millis(self.backup_timeout_ms),
             peer_timeout_max: Duration::from_millis(self.backup_timeout_max_ms),
+            encoder: remus_wan::EncoderConfig {
+                threads: self.encode_threads.map_or(remus_wan::EncoderConfig::default().threads, |n| n.max(1)),
+                ..remus_wan::EncoderConfig::default()
+            },
             ..SenderConfig::default()
         }
     }

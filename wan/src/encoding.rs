@@ -162,6 +162,15 @@ pub fn decompress_page(z: &[u8]) -> Result<Vec<u8>, DecodeError> {
     Ok(out)
 }
 
+/// A page sent whole: zstd when that saves more than a record's
+/// overhead, else plain.
+fn compress_page(z: &mut zstd::bulk::Compressor<'_>, page: &[u8]) -> PageEncoding {
+    match z.compress(page) {
+        Ok(c) if c.len() + 64 < PAGE_SIZE => PageEncoding::RawZstd(c),
+        _ => PageEncoding::RawPlain(page.to_vec()),
+    }
+}
+
 fn xor_into(dst: &mut [u8], src: &[u8]) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d ^= s;
@@ -220,13 +229,22 @@ pub struct EncoderConfig {
     pub held_capacity: usize,
     /// Previous page contents kept for XOR deltas (default 16 Ki pages).
     pub shadow_capacity: usize,
+    /// Threads that compress a large epoch's pages side by side (default:
+    /// the machine's cores, at most 4; 1 for none).
+    pub threads: usize,
 }
 
 impl Default for EncoderConfig {
     fn default() -> Self {
-        Self { zstd_level: 1, held_capacity: 1 << 20, shadow_capacity: 16 << 10 }
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        Self { zstd_level: 1, held_capacity: 1 << 20, shadow_capacity: 16 << 10, threads: cores.min(4) }
     }
 }
+
+/// Pages an epoch must leave to be compressed before they are spread over
+/// threads (a first copy, a burst): below it, a thread costs more than
+/// it saves.
+const PARALLEL_PAGES: usize = 4096;
 
 /// Sender-side encoder: remembers which hashes the backup holds (bounded)
 /// and the last content of recently written pages (bounded), and picks the
@@ -242,6 +260,8 @@ pub struct PageEncoder {
     held: BoundedMap<ChunkId, EpochId>,
     shadow: BoundedMap<Pfn, (ChunkId, Box<[u8]>)>,
     zstd: zstd::bulk::Compressor<'static>,
+    level: i32,
+    threads: usize,
 }
 
 impl PageEncoder {
@@ -255,7 +275,64 @@ impl PageEncoder {
             held: BoundedMap::new(cfg.held_capacity),
             shadow: BoundedMap::new(cfg.shadow_capacity),
             zstd: zstd::bulk::Compressor::new(cfg.zstd_level).expect("zstd context"),
+            level: cfg.zstd_level,
+            threads: cfg.threads.max(1),
         }
+    }
+
+    /// Encodes an epoch's pages (`page(i)` written at `pfns[i]`, with
+    /// blake3 `hashes[i]`), in order: the records [`encode_hashed`]
+    /// (Self::encode_hashed) gives one by one, with the pages that go
+    /// whole compressed on several threads when there are many.
+    ///
+    /// # Panics
+    /// If zstd cannot create a compression context (out of memory).
+    pub fn encode_pages<'a>(
+        &mut self,
+        epoch: EpochId,
+        pfns: &[Pfn],
+        page: impl Fn(usize) -> &'a [u8] + Sync,
+        hashes: &[ChunkId],
+    ) -> Vec<PageRecord> {
+        let mut records = Vec::with_capacity(pfns.len());
+        // Every decision in order, as one by one; the pages to compress
+        // whole are left for later (their content is the epoch's, not the
+        // shadow's, so nothing decided after them changes them).
+        let mut whole = Vec::new();
+        for (i, pfn) in pfns.iter().enumerate() {
+            let rec = self.encode_deciding(epoch, *pfn, page(i), hashes[i], self.threads > 1);
+            if rec.encoding == PageEncoding::RawPlain(Vec::new()) {
+                whole.push((records.len(), i));
+            }
+            records.push(rec);
+        }
+        let compress = |z: &mut zstd::bulk::Compressor<'_>, (at, i): (usize, usize)| (at, compress_page(z, page(i)));
+        if whole.len() < PARALLEL_PAGES {
+            for job in whole {
+                let (at, e) = compress(&mut self.zstd, job);
+                records[at].encoding = e;
+            }
+            return records;
+        }
+        let per = whole.len().div_ceil(self.threads);
+        let level = self.level;
+        let done: Vec<Vec<(usize, PageEncoding)>> = std::thread::scope(|s| {
+            let workers: Vec<_> = whole
+                .chunks(per)
+                .map(|jobs| {
+                    let compress = &compress;
+                    s.spawn(move || {
+                        let mut z = zstd::bulk::Compressor::new(level).expect("zstd context");
+                        jobs.iter().map(|&job| compress(&mut z, job)).collect()
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().expect("a compression thread panicked")).collect()
+        });
+        for (at, e) in done.into_iter().flatten() {
+            records[at].encoding = e;
+        }
+        records
     }
 
     /// Encodes `page` (written at `pfn` in `epoch`).
@@ -266,6 +343,12 @@ impl PageEncoder {
 
     /// Encodes `page` whose blake3 the caller already computed.
     pub fn encode_hashed(&mut self, epoch: EpochId, pfn: Pfn, page: &[u8], hash: ChunkId) -> PageRecord {
+        self.encode_deciding(epoch, pfn, page, hash, false)
+    }
+
+    /// [`encode_hashed`](Self::encode_hashed); with `defer`, a page to go
+    /// whole is left as an empty `RawPlain` for the caller to compress.
+    fn encode_deciding(&mut self, epoch: EpochId, pfn: Pfn, page: &[u8], hash: ChunkId, defer: bool) -> PageRecord {
         debug_assert_eq!(page.len(), PAGE_SIZE);
         if hash == zero_page_hash() {
             self.shadow.remove(&pfn);
@@ -278,7 +361,8 @@ impl PageEncoder {
             self.mark_held(hash, epoch);
             match xor {
                 Some(x) => x,
-                None => self.compress(page),
+                None if defer => PageEncoding::RawPlain(Vec::new()),
+                None => compress_page(&mut self.zstd, page),
             }
         };
         self.remember(pfn, hash, page);
@@ -330,13 +414,6 @@ impl PageEncoder {
         xor_into(&mut delta, page);
         let z = self.zstd.compress(&delta).ok()?;
         Some(PageEncoding::Xor { base: *base, delta: z })
-    }
-
-    fn compress(&mut self, page: &[u8]) -> PageEncoding {
-        match self.zstd.compress(page) {
-            Ok(z) if z.len() + 64 < PAGE_SIZE => PageEncoding::RawZstd(z),
-            _ => PageEncoding::RawPlain(page.to_vec()),
-        }
     }
 
     /// Called only for a hash not held yet, so `epoch` is the one that
@@ -451,6 +528,53 @@ mod tests {
         let mut edited = other.clone();
         edited[10] = b'X';
         assert!(matches!(enc.encode(EpochId(3), Pfn(2), &edited).encoding, PageEncoding::RawZstd(_)));
+    }
+
+    /// An epoch of many pages (text, random, repeated, zero, edited) as
+    /// one by one and as `encode_pages` with threads: the same records,
+    /// epoch after epoch (what is held and the shadow move alike).
+    #[test]
+    fn a_large_epoch_compressed_on_threads_encodes_as_one_by_one() {
+        let n = PARALLEL_PAGES * 2;
+        let mut rng = 7u64;
+        let mut next = || {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            rng >> 33
+        };
+        let mut pages: Vec<Vec<u8>> = (0..n)
+            .map(|i| match i % 5 {
+                0 => vec![0u8; PAGE_SIZE],
+                1 => (0..PAGE_SIZE).map(|_| next() as u8).collect(),
+                2 => vec![7u8; PAGE_SIZE],
+                _ => {
+                    let mut p: Vec<u8> = (0..PAGE_SIZE).map(|j| b"remus page "[j % 11]).collect();
+                    p[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                    p
+                }
+            })
+            .collect();
+        let mut one = PageEncoder::new(EncoderConfig { threads: 1, ..EncoderConfig::default() });
+        let mut many = PageEncoder::new(EncoderConfig { threads: 3, ..EncoderConfig::default() });
+        for e in 1..=2u64 {
+            if e == 2 {
+                // Edits: most pages go as XOR deltas over the first epoch's.
+                for (i, p) in pages.iter_mut().enumerate() {
+                    p[i % PAGE_SIZE] ^= 0x5a;
+                }
+            }
+            let pfns: Vec<Pfn> = (0..n as u64).map(Pfn).collect();
+            let hashes: Vec<ChunkId> = pages.iter().map(|p| if is_zero_page(p) { zero_page_hash() } else { content_id(p) }).collect();
+            let want: Vec<PageRecord> =
+                pfns.iter().zip(&pages).zip(&hashes).map(|((pfn, p), h)| one.encode_hashed(EpochId(e), *pfn, p, *h)).collect();
+            let got = many.encode_pages(EpochId(e), &pfns, |i| &pages[i], &hashes);
+            assert!(got == want, "epoch {e}: the records differ");
+            let mut mix = EncodingMix::default();
+            got.iter().for_each(|r| mix.add(&r.encoding));
+            // The first epoch's whole pages took the threads; the
+            // second's are deltas over it.
+            let whole = mix.raw_zstd + mix.raw_plain;
+            assert!(if e == 1 { whole >= PARALLEL_PAGES as u64 && mix.raw_plain > 0 } else { mix.xor > whole }, "epoch {e}: {mix:?}");
+        }
     }
 
     #[test]

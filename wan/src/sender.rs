@@ -566,8 +566,7 @@ fn encode_epoch(enc: &mut PageEncoder, cfg: &SenderConfig, r: &Retained, round: 
     let mut mix = EncodingMix::default();
     let mut batch = Vec::new();
     let mut batch_bytes = 0;
-    for (i, pfn) in cp.pfns.iter().enumerate() {
-        let rec = enc.encode_hashed(cp.epoch, *pfn, cp.page(i), hashes[i]);
+    for rec in enc.encode_pages(cp.epoch, &cp.pfns, |i| cp.page(i), hashes) {
         mix.add(&rec.encoding);
         batch_bytes += rec.wire_len();
         batch.push(rec);
