@@ -531,10 +531,9 @@ fn is_timeout(e: &io::Error) -> bool {
 fn udp_socket(bind: SocketAddr) -> io::Result<UdpSocket> {
     let domain = if bind.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
     let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-    // Best effort: the kernel caps both at rmem_max/wmem_max; what it
+    // Best effort, past the kernel's cap where this process may; what it
     // drops anyway shows in `kernel_drops`.
-    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+    let _ = remus_sys::size_udp_buffers(&sock, SOCKET_BUFFER);
     sock.bind(&bind.into())?;
     let sock: UdpSocket = sock.into();
     sock.set_read_timeout(Some(POLL))?;

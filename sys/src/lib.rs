@@ -23,7 +23,7 @@ mod uffd;
 
 pub use fs::{detach_mount, punch_hole, sync_all, try_lock_exclusive, wait_readable};
 pub use memory::Mapping;
-pub use net::{enter_net_namespace, open_tap, open_tun, unshare_net_namespace};
+pub use net::{enter_net_namespace, open_tap, open_tun, size_udp_buffers, unshare_net_namespace};
 pub use pi_mutex::{PiGuard, PiMutex};
 pub use process::{
     cpu_time, die_on_closed_pipe, die_with_parent, ids, install_stop_handler, keep_freed_memory, peak_resident_bytes, process_cpu_time,

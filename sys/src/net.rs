@@ -76,3 +76,73 @@ pub fn unshare_net_namespace() -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Sizes a UDP socket's receive and send buffers to `bytes` each, and
+/// returns the sizes granted (receive, send). The kernel caps what is
+/// asked at `net.core.rmem_max` / `wmem_max` (208 KiB on many systems);
+/// past that cap only a process with `CAP_NET_ADMIN` may go, so this
+/// asks again that way when the first ask was capped. A buffer smaller
+/// than asked shows in the result, for the caller to say so.
+///
+/// # Errors
+/// The OS error of reading a size back (not a socket, say).
+pub fn size_udp_buffers(sock: &impl AsRawFd, bytes: usize) -> io::Result<(usize, usize)> {
+    let fd = sock.as_raw_fd();
+    let mut granted = [0usize; 2];
+    for (slot, (opt, force)) in granted.iter_mut().zip([(libc::SO_RCVBUF, libc::SO_RCVBUFFORCE), (libc::SO_SNDBUF, libc::SO_SNDBUFFORCE)]) {
+        let want = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // Best effort: a refusal leaves the size read back below.
+        let _ = set_int(fd, opt, want);
+        if buffer_size(fd, opt)? < bytes {
+            let _ = set_int(fd, force, want);
+        }
+        *slot = buffer_size(fd, opt)?;
+    }
+    Ok((granted[0], granted[1]))
+}
+
+fn set_int(fd: libc::c_int, opt: libc::c_int, v: libc::c_int) -> io::Result<()> {
+    // SAFETY: a valid pointer to a c_int and its size.
+    let r = unsafe {
+        libc::setsockopt(fd, libc::SOL_SOCKET, opt, std::ptr::from_ref(&v).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The usable size of a socket buffer (Linux reports twice what was set,
+/// the other half being its bookkeeping).
+fn buffer_size(fd: libc::c_int, opt: libc::c_int) -> io::Result<usize> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid pointers to a c_int and its length.
+    let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, opt, std::ptr::from_mut(&mut v).cast(), &mut len) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(v).unwrap_or(0) / 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// At least what the kernel lets anyone have, up to what was asked,
+    /// and what the socket reports.
+    #[test]
+    fn udp_buffers_are_sized_as_far_as_the_kernel_allows() {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let cap = |f: &str| std::fs::read_to_string(f).unwrap().trim().parse::<usize>().unwrap();
+        let want = 6 << 20;
+        let (rcv, snd) = size_udp_buffers(&sock, want).unwrap();
+        assert!(rcv >= want.min(cap("/proc/sys/net/core/rmem_max")), "receive {rcv}");
+        assert!(snd >= want.min(cap("/proc/sys/net/core/wmem_max")), "send {snd}");
+        assert_eq!(
+            (rcv, snd),
+            (buffer_size(sock.as_raw_fd(), libc::SO_RCVBUF).unwrap(), buffer_size(sock.as_raw_fd(), libc::SO_SNDBUF).unwrap())
+        );
+    }
+}

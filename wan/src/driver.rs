@@ -122,9 +122,18 @@ pub fn transport_config(congestion: Congestion, max_rate: Option<u64>) -> quinn:
 pub fn endpoint(bind: SocketAddr, server: Option<quinn::ServerConfig>) -> Result<Endpoint, LinkError> {
     let domain = if bind.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
     let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-    // Best effort: the kernel caps these at rmem_max/wmem_max.
-    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+    // Past the kernel's cap (net.core.rmem_max) where this process may;
+    // short of it, datagrams a busy process has not read yet are dropped.
+    match remus_sys::size_udp_buffers(&sock, SOCKET_BUFFER) {
+        Ok((rcv, _)) if rcv < SOCKET_BUFFER => tracing::warn!(
+            granted_kib = rcv >> 10,
+            wanted_kib = SOCKET_BUFFER >> 10,
+            "the kernel capped the UDP receive buffer (net.core.rmem_max): under load datagrams are dropped before remus reads \
+             them; raise it (sysctl -w net.core.rmem_max=8388608) or run with CAP_NET_ADMIN"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "UDP socket buffers not sized"),
+    }
     sock.bind(&bind.into())?;
     let runtime = quinn::default_runtime().ok_or_else(|| LinkError::Connect("no async runtime".into()))?;
     Ok(Endpoint::new(quinn::EndpointConfig::default(), server, sock.into(), runtime)?)
