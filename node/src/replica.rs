@@ -386,13 +386,24 @@ mod tests {
         ReceivedEpoch { header, records, device_state: Vec::new(), memory_root: ChunkId::default(), wire_bytes: 0 }
     }
 
+    /// A store in `dir` and a replica of it acting on failures as told,
+    /// with the events it sends.
+    fn replica_in(
+        dir: &std::path::Path,
+        failover: FailoverAction,
+        quota: GuestQuota,
+    ) -> (Arc<Store>, Arc<StoreReplica>, crossbeam_channel::Receiver<BackupEvent>) {
+        let store = Arc::new(Store::open(&dir.join("store"), remus_store::StoreOptions::default()).unwrap());
+        let (tx, events) = crossbeam_channel::unbounded();
+        let replica = StoreReplica::new(Arc::clone(&store), failover, None, quota, tx);
+        (store, replica, events)
+    }
+
     #[test]
     fn a_guest_over_its_store_quota_is_refused_saying_so_and_others_and_its_history_are_untouched() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("store"), remus_store::StoreOptions::default()).unwrap());
-        let (tx, events) = crossbeam_channel::unbounded();
         let quota = GuestQuota { store_bytes: Some(3000), epoch_hz: None };
-        let replica = StoreReplica::new(Arc::clone(&store), FailoverAction::Record, None, quota, tx);
+        let (store, replica, events) = replica_in(dir.path(), FailoverAction::Record, quota);
         let (g, other) = (GuestId(1), GuestId(2));
         replica.welcome(g, 7, 16, 0, None).unwrap();
         replica.welcome(other, 8, 16, 0, None).unwrap();
@@ -440,9 +451,7 @@ mod tests {
     #[test]
     fn a_page_that_is_not_its_hash_is_refused_naming_it_and_nothing_is_written() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("store"), remus_store::StoreOptions::default()).unwrap());
-        let (tx, _events) = crossbeam_channel::unbounded();
-        let replica = StoreReplica::new(Arc::clone(&store), FailoverAction::Record, None, GuestQuota::default(), tx);
+        let (store, replica, _events) = replica_in(dir.path(), FailoverAction::Record, GuestQuota::default());
         let g = GuestId(1);
         replica.welcome(g, 7, 16, 0, None).unwrap();
         let page = |b: u8| vec![b; remus_types::PAGE_SIZE];
@@ -474,9 +483,7 @@ mod tests {
     #[test]
     fn of_two_concurrent_commits_of_one_epoch_exactly_one_lands() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("store"), remus_store::StoreOptions::default()).unwrap());
-        let (tx, _events) = crossbeam_channel::unbounded();
-        let replica = StoreReplica::new(Arc::clone(&store), FailoverAction::Record, None, GuestQuota::default(), tx);
+        let (store, replica, _events) = replica_in(dir.path(), FailoverAction::Record, GuestQuota::default());
         let g = GuestId(1);
         replica.welcome(g, 7, 16, 0, None).unwrap();
         // Two connections of one primary run offer each epoch at once.
@@ -504,10 +511,8 @@ mod tests {
     #[test]
     fn commits_over_the_epoch_rate_wait_for_it() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("store"), remus_store::StoreOptions::default()).unwrap());
-        let (tx, _events) = crossbeam_channel::unbounded();
         let quota = GuestQuota { store_bytes: None, epoch_hz: Some(20) };
-        let replica = StoreReplica::new(Arc::clone(&store), FailoverAction::Record, None, quota, tx);
+        let (store, replica, _events) = replica_in(dir.path(), FailoverAction::Record, quota);
         let g = GuestId(1);
         replica.welcome(g, 7, 16, 0, None).unwrap();
         let t0 = Instant::now();
@@ -523,10 +528,8 @@ mod tests {
     #[test]
     fn nothing_commits_for_a_guest_once_it_failed_over_here() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("store"), remus_store::StoreOptions::default()).unwrap());
-        let (tx, events) = crossbeam_channel::unbounded();
         let failover = FailoverAction::RestoreTo { dir: dir.path().join("failover"), resume: None };
-        let replica = StoreReplica::new(Arc::clone(&store), failover, None, GuestQuota::default(), tx);
+        let (store, replica, events) = replica_in(dir.path(), failover, GuestQuota::default());
         let g = GuestId(1);
         replica.welcome(g, 7, 16, 0, None).unwrap();
         replica.commit(vec![epoch(g, 1), epoch(g, 2)]).unwrap();
