@@ -299,18 +299,17 @@ impl PageEncoder {
         // whole are left for later (their content is the epoch's, not the
         // shadow's, so nothing decided after them changes them).
         let mut whole = Vec::new();
-        for (i, pfn) in pfns.iter().enumerate() {
-            let rec = self.encode_deciding(epoch, *pfn, page(i), hashes[i], self.threads > 1);
-            if rec.encoding == PageEncoding::RawPlain(Vec::new()) {
-                whole.push((records.len(), i));
-            }
-            records.push(rec);
+        for (i, (pfn, hash)) in pfns.iter().zip(hashes).enumerate() {
+            let encoding = self.decide(epoch, *pfn, page(i), *hash).unwrap_or_else(|| {
+                whole.push(i);
+                // Filled in below.
+                PageEncoding::Zero
+            });
+            records.push(PageRecord { pfn: *pfn, hash: *hash, encoding });
         }
-        let compress = |z: &mut zstd::bulk::Compressor<'_>, (at, i): (usize, usize)| (at, compress_page(z, page(i)));
-        if whole.len() < PARALLEL_PAGES {
-            for job in whole {
-                let (at, e) = compress(&mut self.zstd, job);
-                records[at].encoding = e;
+        if whole.len() < PARALLEL_PAGES || self.threads == 1 {
+            for i in whole {
+                records[i].encoding = compress_page(&mut self.zstd, page(i));
             }
             return records;
         }
@@ -320,17 +319,17 @@ impl PageEncoder {
             let workers: Vec<_> = whole
                 .chunks(per)
                 .map(|jobs| {
-                    let compress = &compress;
+                    let page = &page;
                     s.spawn(move || {
                         let mut z = zstd::bulk::Compressor::new(level).expect("zstd context");
-                        jobs.iter().map(|&job| compress(&mut z, job)).collect()
+                        jobs.iter().map(|&i| (i, compress_page(&mut z, page(i)))).collect()
                     })
                 })
                 .collect();
             workers.into_iter().map(|w| w.join().expect("a compression thread panicked")).collect()
         });
-        for (at, e) in done.into_iter().flatten() {
-            records[at].encoding = e;
+        for (i, e) in done.into_iter().flatten() {
+            records[i].encoding = e;
         }
         records
     }
@@ -343,30 +342,27 @@ impl PageEncoder {
 
     /// Encodes `page` whose blake3 the caller already computed.
     pub fn encode_hashed(&mut self, epoch: EpochId, pfn: Pfn, page: &[u8], hash: ChunkId) -> PageRecord {
-        self.encode_deciding(epoch, pfn, page, hash, false)
+        let encoding = self.decide(epoch, pfn, page, hash).unwrap_or_else(|| compress_page(&mut self.zstd, page));
+        PageRecord { pfn, hash, encoding }
     }
 
-    /// [`encode_hashed`](Self::encode_hashed); with `defer`, a page to go
-    /// whole is left as an empty `RawPlain` for the caller to compress.
-    fn encode_deciding(&mut self, epoch: EpochId, pfn: Pfn, page: &[u8], hash: ChunkId, defer: bool) -> PageRecord {
+    /// The encoding of `page`, or `None` when it goes whole (the caller
+    /// compresses it); what is held and the shadow move as for the record.
+    fn decide(&mut self, epoch: EpochId, pfn: Pfn, page: &[u8], hash: ChunkId) -> Option<PageEncoding> {
         debug_assert_eq!(page.len(), PAGE_SIZE);
         if hash == zero_page_hash() {
             self.shadow.remove(&pfn);
-            return PageRecord { pfn, hash, encoding: PageEncoding::Zero };
+            return Some(PageEncoding::Zero);
         }
         let encoding = if self.held.contains_key(&hash) {
-            PageEncoding::Ref
+            Some(PageEncoding::Ref)
         } else {
             let xor = self.xor_delta(pfn, page);
             self.mark_held(hash, epoch);
-            match xor {
-                Some(x) => x,
-                None if defer => PageEncoding::RawPlain(Vec::new()),
-                None => compress_page(&mut self.zstd, page),
-            }
+            xor
         };
         self.remember(pfn, hash, page);
-        PageRecord { pfn, hash, encoding }
+        encoding
     }
 
     /// After a reconnect: the backup committed everything up to
