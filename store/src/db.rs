@@ -1277,22 +1277,14 @@ impl Store {
                 out.extend_from_slice(&content);
                 return Ok(depth);
             }
-            self.chunk_at_depth(id, out, 0)?;
+            self.chunk_into(id, out)?;
             return self.delta_depth(id);
         };
-        if let Some(content) = &fresh.content[i] {
-            out.extend_from_slice(content);
-            return Ok(depth);
-        }
-        match &fresh.chunks[i].1 {
-            StoredChunk::Delta(d) => {
-                let (base, xor) = delta_parts(d).ok_or(StoreError::ChunkCorrupt(*id))?;
-                let start = out.len();
-                self.group_content(&base, fresh, out)?;
-                apply_xor(&mut out[start..], xor).map_err(|()| StoreError::ChunkCorrupt(*id))?;
-            }
-            chunk => {
-                let (codec, bytes) = chunk.parts();
+        match &fresh.content[i] {
+            Some(content) => out.extend_from_slice(content),
+            // A device state: whole, kept as it came.
+            None => {
+                let (codec, bytes) = fresh.chunks[i].1.parts();
                 decode_chunk_into(id, codec, bytes, out)?;
             }
         }
