@@ -486,19 +486,6 @@ impl S3Tier {
         Ok(out)
     }
 
-    /// The locations of `wanted` from the indexes of `packs` alone (what
-    /// the objects read name), or, when those miss one (repacked since),
-    /// from every index.
-    ///
-    /// # Errors
-    /// [`StoreError::Corrupt`] naming a damaged index; S3 errors.
-    pub fn locate(&self, packs: &BTreeSet<ChunkId>, wanted: &[ChunkId]) -> Result<ChunkLocations, StoreError> {
-        match self.pack_locations(packs)? {
-            Some(out) if wanted.iter().all(|id| out.contains_key(id)) => Ok(out),
-            _ => self.relocate(),
-        }
-    }
-
     /// Every pack index, for a chunk that is not where the history says
     /// (repacked since).
     ///
