@@ -339,15 +339,14 @@ impl ProtectConfig {
     /// The sender's tuning these keys set (the rest at its defaults).
     #[must_use]
     pub fn sender(&self) -> SenderConfig {
+        let encoder = remus_wan::EncoderConfig::default();
         SenderConfig {
             max_in_flight: self.max_in_flight,
             heartbeat: Duration::from_millis(self.heartbeat_ms),
             peer_timeout: Duration::from_millis(self.backup_timeout_ms),
             peer_timeout_max: Duration::from_millis(self.backup_timeout_max_ms),
-            encoder: remus_wan::EncoderConfig {
-                threads: self.encode_threads.map_or(remus_wan::EncoderConfig::default().threads, |n| n.max(1)),
-                ..remus_wan::EncoderConfig::default()
-            },
+            // The encoder takes at least one thread, whatever it is told.
+            encoder: remus_wan::EncoderConfig { threads: self.encode_threads.unwrap_or(encoder.threads), ..encoder },
             ..SenderConfig::default()
         }
     }
