@@ -457,6 +457,7 @@ async fn serve_connection(
     let _guard = AbortOnDrop(reader);
     let _forget_reader = AbortOnDrop(tokio::spawn(read_forget_streams(conn.clone(), tx.clone())));
     let _datagram_reader = AbortOnDrop(tokio::spawn(read_datagrams(conn.clone(), tx.clone(), None)));
+    let _trace = AbortOnDrop(tokio::spawn(trace_path(conn.clone())));
     let mut streams = JoinSet::new();
     let mut welcomed = false;
     let mut activity = PeerActivity::default();
@@ -536,6 +537,25 @@ async fn serve_connection(
             }
             () = std::future::ready(()), if more => {}
         }
+    }
+}
+
+/// Logs the path's state four times a second at debug level (the
+/// congestion window's ramp, the round trip, bytes out, losses): what a
+/// slow first copy or a stalled link is read from.
+async fn trace_path(conn: Connection) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let st = conn.stats();
+        tracing::debug!(
+            cwnd = st.path.cwnd,
+            rtt_ms = st.path.rtt.as_secs_f64() * 1e3,
+            tx_bytes = st.udp_tx.bytes,
+            rx_bytes = st.udp_rx.bytes,
+            lost_packets = st.path.lost_packets,
+            congestion_events = st.path.congestion_events,
+            "path"
+        );
     }
 }
 
@@ -1036,6 +1056,7 @@ async fn serve_epochs<R: Replica>(
     let inbox = Arc::new(ParityInbox::new(max as u64));
     let _report = ParityReport(Arc::clone(&inbox));
     let _datagram_reader = AbortOnDrop(tokio::spawn(read_datagrams(conn.clone(), tx, Some(Arc::clone(&inbox)))));
+    let _trace = AbortOnDrop(tokio::spawn(trace_path(conn.clone())));
     let (etx, mut erx) = mpsc::unbounded_channel::<Result<(Vec<u8>, Held), StreamError>>();
     let c2 = conn.clone();
     let inbox2 = Arc::clone(&inbox);

@@ -214,8 +214,7 @@ impl Bbr {
         !app_limited
             && self
                 .probe_rtt_last_started_at
-                .map(|last| now.saturating_duration_since(last) > Duration::from_secs(10))
-                .unwrap_or(true)
+                .is_some_and(|last| now.saturating_duration_since(last) > Duration::from_secs(10))
     }
 
     fn maybe_enter_or_exit_probe_rtt(
@@ -408,9 +407,16 @@ impl Controller for Bbr {
         self.max_bandwidth
             .on_ack(now, sent, bytes, self.round_count, app_limited);
         self.acked_bytes += bytes;
-        if self.is_min_rtt_expired(now, app_limited) || self.min_rtt > rtt.min() {
+        if self.min_rtt.is_zero()
+            || self.is_min_rtt_expired(now, app_limited)
+            || self.min_rtt > rtt.min()
+        {
             self.min_rtt = rtt.min();
         }
+        // The min-RTT filter's first window starts with the first sample
+        // (not expired from the start: a connection's first acknowledgement
+        // would otherwise send it into ProbeRtt at once).
+        self.probe_rtt_last_started_at.get_or_insert(now);
     }
 
     fn on_end_acks(
@@ -427,7 +433,8 @@ impl Controller for Bbr {
             self.round_count,
             self.max_bandwidth.get_estimate(),
         );
-        self.max_bandwidth.end_acks(self.round_count, app_limited);
+        self.max_bandwidth
+            .end_acks(self.round_count, app_limited, self.min_rtt, in_flight);
         if let Some(largest_acked_packet) = largest_packet_num_acked {
             self.max_acked_packet_number = largest_acked_packet;
         }
@@ -649,3 +656,29 @@ const K_MAX_INITIAL_CONGESTION_WINDOW: u64 = 200;
 
 const PROBE_RTT_BASED_ON_BDP: bool = true;
 const DRAIN_TO_TARGET: bool = true;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_acknowledgements_do_not_probe_rtt() {
+        let config = Arc::new(BbrConfig::default());
+        let mut bbr = Bbr::new(Arc::clone(&config), 1200);
+        let initial = bbr.window();
+        let rtt_sample = Duration::from_millis(100);
+        let mut rtt = RttEstimator::new(rtt_sample);
+        rtt.update(Duration::ZERO, rtt_sample);
+        let t0 = Instant::now();
+        for pn in 0..20u64 {
+            bbr.on_sent(t0, 1200, pn);
+        }
+        let t1 = t0 + rtt_sample;
+        for _ in 0..10 {
+            bbr.on_ack(t1, t0, 1200, false, &rtt);
+        }
+        bbr.on_end_acks(t1, 10 * 1200, false, Some(9));
+        assert_ne!(bbr.mode, Mode::ProbeRtt);
+        assert!(bbr.window() >= initial, "window {} after the first acks, initially {initial}", bbr.window());
+    }
+}
