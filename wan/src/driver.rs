@@ -459,6 +459,8 @@ async fn serve_connection(
     let _datagram_reader = AbortOnDrop(tokio::spawn(read_datagrams(conn.clone(), tx.clone(), None)));
     let _trace = AbortOnDrop(tokio::spawn(trace_path(conn.clone())));
     let mut streams = JoinSet::new();
+    // The stream of an epoch being sent in parts.
+    let mut parts = None;
     let mut welcomed = false;
     let mut activity = PeerActivity::default();
     let mut parity = ParityPlanner::new(fec);
@@ -468,7 +470,7 @@ async fn serve_connection(
         }
         // Encode at most one epoch per turn so heartbeats and acks are
         // never held up behind a backlog of encoding.
-        let more = flush_sender(core, &mut control, conn, &mut streams, events, &mut parity).await?;
+        let more = flush_sender(core, &mut control, conn, (&mut streams, &mut parts), events, &mut parity).await?;
         while let Some(ev) = core.poll_event() {
             match ev {
                 SenderEvent::Acked { epoch, manifest } => {
@@ -576,11 +578,32 @@ impl PeerActivity {
     }
 }
 
+/// The tasks writing epoch streams.
+type EpochStreams = JoinSet<Result<(), StreamError>>;
+/// Where the parts of an epoch sent in parts go, to its stream's writer.
+type PartSink = mpsc::UnboundedSender<Vec<u8>>;
+
+/// Writes an epoch sent in parts onto a stream of its own, each part as
+/// it comes, and finishes the stream when the parts end.
+async fn write_parts(conn: Connection, priority: i32, mut parts: mpsc::UnboundedReceiver<Vec<u8>>) -> Result<(), StreamError> {
+    let mut s = conn.open_uni().await?;
+    // Cannot fail on a stream just opened.
+    let _ = s.set_priority(priority);
+    while let Some(bytes) = parts.recv().await {
+        match s.write_all(&bytes).await {
+            Err(quinn::WriteError::Stopped(_)) => return Ok(()),
+            r => r?,
+        }
+    }
+    let _ = s.finish();
+    Ok(())
+}
+
 async fn flush_sender(
     core: &mut SenderCore,
     control: &mut SendStream,
     conn: &Connection,
-    streams: &mut JoinSet<Result<(), StreamError>>,
+    (streams, parts): (&mut EpochStreams, &mut Option<PartSink>),
     events: &mpsc::UnboundedSender<LinkEvent>,
     parity: &mut ParityPlanner,
 ) -> Result<bool, LinkError> {
@@ -590,9 +613,24 @@ async fn flush_sender(
     while let Some(t) = core.poll_transmit() {
         match t {
             Transmit::Control(b) => control.write_all(&b).await.map_err(StreamError::from)?,
-            Transmit::Epoch { epoch, bytes, pages, mix, resent } => {
+            Transmit::Epoch { epoch, bytes, first, last, wire_bytes, pages, mix, resent } => {
+                if last {
+                    let _ = events.send(LinkEvent::Sent { epoch, wire_bytes, pages, mix, resent });
+                }
+                if !(first && last) {
+                    // An epoch in parts (no parity: it is large).
+                    if first {
+                        let _ = parity.plan(conn, epoch, 0);
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        streams.spawn(write_parts(conn.clone(), epoch_priority(epoch), rx));
+                        *parts = Some(tx);
+                    }
+                    let sink = if last { parts.take() } else { parts.clone() };
+                    // A writer gone has failed, which its task reports.
+                    let _ = sink.expect("an epoch's parts follow its first").send(bytes);
+                    return Ok(true);
+                }
                 let parity = parity.plan(conn, epoch, bytes.len());
-                let _ = events.send(LinkEvent::Sent { epoch, wire_bytes: bytes.len() as u64, pages, mix, resent });
                 let conn = conn.clone();
                 let events = events.clone();
                 let priority = epoch_priority(epoch);

@@ -241,10 +241,11 @@ impl Default for EncoderConfig {
     }
 }
 
-/// Pages an epoch must leave to be compressed before they are spread over
-/// threads (a first copy, a burst): below it, a thread costs more than
-/// it saves.
-const PARALLEL_PAGES: usize = 4096;
+/// Pages a call must leave to be compressed before they are spread over
+/// threads (a first copy or a burst, a slice of it at a time; see
+/// `SenderConfig::slice_pages`): far below it, starting threads costs
+/// more than it saves; at it, compressing takes tens of milliseconds.
+const PARALLEL_PAGES: usize = 1024;
 
 /// Sender-side encoder: remembers which hashes the backup holds (bounded)
 /// and the last content of recently written pages (bounded), and picks the

@@ -51,6 +51,12 @@ pub struct SenderConfig {
     pub peer_timeout_max: Duration,
     /// Target payload bytes per Pages frame (default 256 KiB).
     pub batch_bytes: usize,
+    /// Pages encoded per turn of a large epoch (default 4096): an epoch
+    /// with more dirty pages (a first copy, a burst) goes out in parts as
+    /// they are encoded, on one stream, so the link carries the first
+    /// while the rest are encoded, and acknowledgements and heartbeats are
+    /// handled between parts.
+    pub slice_pages: usize,
     /// Bytes of unacknowledged checkpoints kept for resending, at most
     /// (default 2 GiB). Beyond it the sender takes no new checkpoint, so
     /// the capture engine blocks and the guest runs on in a longer epoch:
@@ -68,6 +74,7 @@ impl Default for SenderConfig {
             peer_timeout: Duration::from_millis(500),
             peer_timeout_max: Duration::from_secs(5),
             batch_bytes: 256 << 10,
+            slice_pages: 4096,
             max_retained_bytes: 2 << 30,
             encoder: EncoderConfig::default(),
         }
@@ -79,15 +86,24 @@ impl Default for SenderConfig {
 pub enum Transmit {
     /// Frames for the control stream.
     Control(Vec<u8>),
-    /// A whole epoch, for a stream of its own.
+    /// An epoch, or a part of one, for a stream of its own: the parts of
+    /// an epoch come one after another (other transmits between them),
+    /// the first opening its stream, the last finishing it.
     Epoch {
         /// The epoch.
         epoch: EpochId,
-        /// Its frames.
+        /// Its frames (this part's).
         bytes: Vec<u8>,
+        /// Its first part: a new stream.
+        first: bool,
+        /// Its last part: the stream ends after it.
+        last: bool,
+        /// Bytes of the epoch so far, this part's included (at the last
+        /// part, its size on the wire).
+        wire_bytes: u64,
         /// Dirty pages it carries.
         pages: u64,
-        /// How they were encoded.
+        /// How they were encoded so far.
         mix: EncodingMix,
         /// True when this epoch went on the wire before (a reconnect or a
         /// refusal) and is sent again.
@@ -171,6 +187,23 @@ pub struct SenderCore {
     events: VecDeque<SenderEvent>,
     /// A planned move, if one was asked for.
     handover: Handover,
+    /// The epoch being sent in parts, if any.
+    streaming: Option<Streaming>,
+}
+
+/// An epoch part-way onto its stream.
+struct Streaming {
+    epoch: EpochId,
+    /// Its next page to encode.
+    next: usize,
+    wire_bytes: u64,
+    mix: EncodingMix,
+    resent: bool,
+    /// Refused while it was being sent (see [`Message::Missing`]): its
+    /// stream is finished in the old round, which the backup drops, and
+    /// then the encoder forgets again what it counted as sent since the
+    /// committed epoch, the missing chunks included.
+    refused: Option<Vec<ChunkId>>,
 }
 
 /// Where a planned move stands.
@@ -213,6 +246,7 @@ impl SenderCore {
             datagrams: VecDeque::new(),
             events: VecDeque::new(),
             handover: Handover::NotAsked,
+            streaming: None,
         }
     }
 
@@ -312,6 +346,7 @@ impl SenderCore {
         }
         self.control.clear();
         self.datagrams.clear();
+        self.streaming = None;
         for r in self.retained.values_mut() {
             r.sent = false;
         }
@@ -421,6 +456,9 @@ impl SenderCore {
                 // them is held, nor are the missing chunks.
                 self.encoder.forget_after(self.acked);
                 self.encoder.forget(&chunks);
+                if let Some(st) = self.streaming.as_mut() {
+                    st.refused = Some(chunks.clone());
+                }
                 self.round = round;
                 for r in self.retained.values_mut() {
                     r.sent = false;
@@ -494,15 +532,59 @@ impl SenderCore {
         if let Some(m) = self.control.pop_front() {
             return Some(Transmit::Control(m.to_bytes()));
         }
-        if !self.connected || self.in_flight() >= self.cfg.max_in_flight {
+        if !self.connected {
+            return None;
+        }
+        // An epoch part-way out goes on before any other starts.
+        if let Some(st) = self.streaming.take() {
+            return Some(self.next_part(st, Vec::new()));
+        }
+        if self.in_flight() >= self.cfg.max_in_flight {
             return None;
         }
         let epoch = *self.retained.iter().find(|(_, r)| !r.sent)?.0;
         let r = self.retained.get_mut(&epoch).expect("present");
-        r.sent = true;
         let resent = std::mem::replace(&mut r.ever_sent, true);
-        let (bytes, mix) = encode_epoch(&mut self.encoder, &self.cfg, r, self.round);
-        Some(Transmit::Epoch { epoch, bytes, pages: r.cp.pfns.len() as u64, mix, resent })
+        let mut out = Vec::with_capacity(r.cp.pfns.len().min(self.cfg.slice_pages.max(1)) * 1024 + 256);
+        epoch_begin(r, self.round, &mut out);
+        let st = Streaming { epoch, next: 0, wire_bytes: 0, mix: EncodingMix::default(), resent, refused: None };
+        Some(self.next_part(st, out))
+    }
+
+    /// Encodes the next slice of the epoch `st` onto `out` (which may hold
+    /// its beginning), and its end when no page is left.
+    fn next_part(&mut self, mut st: Streaming, mut out: Vec<u8>) -> Transmit {
+        let first = st.next == 0;
+        let r = self.retained.get_mut(&st.epoch).expect("a streaming epoch is retained until acknowledged");
+        let end = r.cp.pfns.len().min(st.next + self.cfg.slice_pages.max(1));
+        encode_pages(&mut self.encoder, &self.cfg, r, st.next..end, &mut out, &mut st.mix);
+        st.next = end;
+        let last = end == r.cp.pfns.len();
+        if last {
+            epoch_end(r, &mut out);
+        }
+        st.wire_bytes += out.len() as u64;
+        let t = Transmit::Epoch {
+            epoch: st.epoch,
+            bytes: out,
+            first,
+            last,
+            wire_bytes: st.wire_bytes,
+            pages: r.cp.pfns.len() as u64,
+            mix: st.mix,
+            resent: st.resent,
+        };
+        if !last {
+            self.streaming = Some(st);
+        } else if let Some(chunks) = st.refused {
+            // Sent in a refused round: it comes again, and what it sent
+            // is not held.
+            self.encoder.forget_after(self.acked);
+            self.encoder.forget(&chunks);
+        } else {
+            r.sent = true;
+        }
+        t
     }
 
     /// The next event, if any.
@@ -548,9 +630,9 @@ impl SenderCore {
     }
 }
 
-fn encode_epoch(enc: &mut PageEncoder, cfg: &SenderConfig, r: &Retained, round: u32) -> (Vec<u8>, EncodingMix) {
-    let Retained { cp, hashes, root, follows, .. } = r;
-    let mut out = Vec::with_capacity(cp.pfns.len() * 1024 + 256);
+/// An epoch's first frame.
+fn epoch_begin(r: &Retained, round: u32, out: &mut Vec<u8>) {
+    let Retained { cp, follows, .. } = r;
     let records = u32::try_from(cp.pfns.len()).expect("fewer than 4 Gi pages per epoch");
     Message::EpochBegin(EpochHeader {
         guest: cp.guest,
@@ -562,23 +644,39 @@ fn encode_epoch(enc: &mut PageEncoder, cfg: &SenderConfig, r: &Retained, round: 
         round,
         follows: *follows,
     })
-    .encode(&mut out);
-    let mut mix = EncodingMix::default();
+    .encode(out);
+}
+
+/// The epoch's pages `range` as Pages frames onto `out`, their encodings
+/// counted in `mix`.
+fn encode_pages(
+    enc: &mut PageEncoder,
+    cfg: &SenderConfig,
+    r: &Retained,
+    range: std::ops::Range<usize>,
+    out: &mut Vec<u8>,
+    mix: &mut EncodingMix,
+) {
+    let Retained { cp, hashes, .. } = r;
+    let start = range.start;
     let mut batch = Vec::new();
     let mut batch_bytes = 0;
-    for rec in enc.encode_pages(cp.epoch, &cp.pfns, |i| cp.page(i), hashes) {
+    for rec in enc.encode_pages(cp.epoch, &cp.pfns[range.clone()], |i| cp.page(start + i), &hashes[range]) {
         mix.add(&rec.encoding);
         batch_bytes += rec.wire_len();
         batch.push(rec);
         if batch_bytes >= cfg.batch_bytes {
-            Message::Pages(std::mem::take(&mut batch)).encode(&mut out);
+            Message::Pages(std::mem::take(&mut batch)).encode(out);
             batch_bytes = 0;
         }
     }
     if !batch.is_empty() {
-        Message::Pages(batch).encode(&mut out);
+        Message::Pages(batch).encode(out);
     }
-    Message::DeviceState(cp.device_state.clone()).encode(&mut out);
-    Message::EpochEnd { epoch: cp.epoch, memory_root: *root }.encode(&mut out);
-    (out, mix)
+}
+
+/// An epoch's last frames.
+fn epoch_end(r: &Retained, out: &mut Vec<u8>) {
+    Message::DeviceState(r.cp.device_state.clone()).encode(out);
+    Message::EpochEnd { epoch: r.cp.epoch, memory_root: r.root }.encode(out);
 }

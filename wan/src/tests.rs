@@ -87,6 +87,8 @@ struct Sim {
     backup: Backup,
     memory: Vec<u8>,
     epoch_bytes_sent: HashMap<EpochId, u32>,
+    /// The epoch whose parts are being sent, and its bytes so far.
+    parts: Option<(EpochId, Vec<u8>)>,
     latency: Duration,
     /// Commits refused for missing chunks.
     refusals: u32,
@@ -101,11 +103,22 @@ impl Sim {
             now,
             rng: rand::rngs::SmallRng::seed_from_u64(seed),
             net: Vec::new(),
-            sender: SenderCore::new(SenderConfig::default(), GuestId(7), 1, PAGES),
+            // Odd seeds send every epoch of more than five pages in parts
+            // (a first copy's way), interleaved with acks and heartbeats.
+            sender: SenderCore::new(
+                SenderConfig {
+                    slice_pages: if seed % 2 == 1 { 5 } else { SenderConfig::default().slice_pages },
+                    ..SenderConfig::default()
+                },
+                GuestId(7),
+                1,
+                PAGES,
+            ),
             receiver: None,
             backup: Backup { memory: vec![0; PAGES as usize * PAGE_SIZE], ..Backup::default() },
             memory: vec![0; PAGES as usize * PAGE_SIZE],
             epoch_bytes_sent: HashMap::new(),
+            parts: None,
             latency: Duration::from_millis(50),
             refusals: 0,
             forgotten: 0,
@@ -121,6 +134,7 @@ impl Sim {
 
     fn cut(&mut self) {
         self.net.clear();
+        self.parts = None;
         self.sender.handle_disconnected();
         self.receiver = None;
     }
@@ -173,9 +187,20 @@ impl Sim {
                 let at = self.now + self.latency + jitter;
                 match t {
                     Transmit::Control(b) => self.net.push((self.now + self.latency, Packet::BackupControl(b))),
-                    Transmit::Epoch { epoch, bytes, .. } => {
+                    Transmit::Epoch { epoch, bytes, first, last, wire_bytes, .. } => {
+                        // One stream: its parts in order, another epoch's
+                        // only after its last.
+                        assert_eq!(first, self.parts.is_none(), "epoch {epoch}: a first part opens a stream, and only then");
+                        let (e, mut all) = self.parts.take().unwrap_or((epoch, Vec::new()));
+                        assert_eq!(e, epoch, "the parts of one epoch at a time");
+                        all.extend_from_slice(&bytes);
+                        if !last {
+                            self.parts = Some((epoch, all));
+                            continue;
+                        }
+                        assert_eq!(wire_bytes, all.len() as u64);
                         *self.epoch_bytes_sent.entry(epoch).or_default() += 1;
-                        self.net.push((at, Packet::BackupEpoch(bytes)));
+                        self.net.push((at, Packet::BackupEpoch(all)));
                     }
                 }
             }
@@ -767,4 +792,113 @@ fn a_handover_asked_before_its_epoch_commits_is_taken_once_it_has_and_nothing_af
     rx.accept(GuestId(3), PAGES, EpochId(4), ChunkId::default());
     rx.handle_message(now, Message::Handover { epoch: EpochId(4) }).unwrap();
     assert_eq!(rx.poll_event(), Some(ReceiverEvent::Handover { guest: GuestId(3), epoch: EpochId(4) }));
+}
+
+#[test]
+fn a_large_epoch_goes_out_in_parts_and_one_refused_part_way_is_finished_then_sent_again_in_full() {
+    let now = Instant::now();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
+    let mut page = || -> Vec<u8> { (0..PAGE_SIZE).map(|_| rng.gen_range(0..4u8)).collect() };
+    let cp = |e: u64, pages: &[Vec<u8>]| Checkpoint {
+        guest: GuestId(3),
+        epoch: EpochId(e),
+        page_count: PAGES,
+        pfns: (0..pages.len() as u64).map(Pfn).collect(),
+        pages: pages.concat(),
+        ..Checkpoint::default()
+    };
+    // Every part of the next epoch (control frames between them skipped),
+    // and its records, from the concatenated stream.
+    let next_epoch = |s: &mut SenderCore| {
+        let (mut parts, mut all) = (Vec::new(), Vec::new());
+        loop {
+            match s.poll_transmit() {
+                Some(Transmit::Epoch { bytes, first, last, wire_bytes, .. }) => {
+                    assert_eq!(first, parts.is_empty());
+                    all.extend_from_slice(&bytes);
+                    assert_eq!(wire_bytes, all.len() as u64);
+                    parts.push(bytes);
+                    if last {
+                        break;
+                    }
+                }
+                Some(Transmit::Control(_)) => {}
+                None => panic!("nothing to send"),
+            }
+        }
+        let mut rd = FrameReader::default();
+        rd.push(&all);
+        let Some(Message::EpochBegin(h)) = rd.next_message().unwrap() else { panic!("no EpochBegin") };
+        let mut records = Vec::new();
+        loop {
+            match rd.next_message().unwrap() {
+                Some(Message::Pages(r)) => records.extend(r),
+                Some(Message::DeviceState(_)) => {}
+                Some(Message::EpochEnd { epoch, .. }) => {
+                    assert_eq!(epoch, h.epoch);
+                    break;
+                }
+                m => panic!("unexpected {m:?}"),
+            }
+        }
+        assert_eq!(rd.pending(), 0);
+        (parts.len(), h, records)
+    };
+    let connect = |slice_pages| {
+        let mut s = SenderCore::new(SenderConfig { slice_pages, ..SenderConfig::default() }, GuestId(3), 1, PAGES);
+        s.handle_connected(now);
+        s.handle_message(now, Message::Welcome { guest: GuestId(3), committed: EpochId(0), head: ChunkId::default() }).unwrap();
+        s
+    };
+    let (mut parted, mut whole) = (connect(4), connect(4096));
+    let first: Vec<Vec<u8>> = (0..3).map(|_| page()).collect();
+    let mut second: Vec<Vec<u8>> = (0..7).map(|_| page()).collect();
+    second.extend(first.iter().cloned());
+    for s in [&mut parted, &mut whole] {
+        s.push_checkpoint(cp(1, &first));
+        assert_eq!(next_epoch(s).0, 1);
+        s.handle_message(now, Message::Ack { epoch: EpochId(1), manifest: ChunkId::default() }).unwrap();
+        s.push_checkpoint(cp(2, &second));
+    }
+    // Ten pages in slices of four: three parts, the same records as in one
+    // piece (the last three pages the backup holds: references).
+    let (n, h, records) = next_epoch(&mut parted);
+    assert_eq!((n, h.records), (3, 10));
+    assert_eq!(records, next_epoch(&mut whole).2);
+    assert!(records[7..].iter().all(|r| r.encoding == PageEncoding::Ref));
+    parted.handle_message(now, Message::Ack { epoch: EpochId(2), manifest: ChunkId::default() }).unwrap();
+
+    // Refused after its first part: the rest goes out (in the old round,
+    // which the backup drops), then the epoch again, in the new round,
+    // every page in full: none counts as held.
+    let third: Vec<Vec<u8>> = (0..10).map(|_| page()).collect();
+    parted.push_checkpoint(cp(3, &third));
+    let Some(Transmit::Epoch { first: true, last: false, .. }) = parted.poll_transmit() else { panic!("no first part") };
+    parted.handle_message(now, Message::Missing { round: 1, epoch: EpochId(3), chunks: vec![ChunkId([9; 32])] }).unwrap();
+    let mut rest = 0;
+    loop {
+        match parted.poll_transmit() {
+            Some(Transmit::Epoch { first: false, last, .. }) => {
+                rest += 1;
+                if last {
+                    break;
+                }
+            }
+            Some(Transmit::Control(_)) => {}
+            t => panic!("the refused epoch's parts first, got {t:?}"),
+        }
+    }
+    assert_eq!(rest, 2);
+    let (n, h, records) = next_epoch(&mut parted);
+    assert_eq!((n, h.epoch, h.round), (3, EpochId(3), 1));
+    assert!(records.iter().all(|r| r.encoding != PageEncoding::Ref), "{records:?}");
+    // A cut part-way: after the reconnect the epoch starts over.
+    parted.push_checkpoint(cp(4, &third[..6]));
+    let Some(Transmit::Epoch { first: true, last: false, .. }) = parted.poll_transmit() else { panic!("no first part") };
+    parted.handle_disconnected();
+    parted.handle_connected(now);
+    parted.handle_message(now, Message::Welcome { guest: GuestId(3), committed: EpochId(2), head: ChunkId::default() }).unwrap();
+    let (n, h, _) = next_epoch(&mut parted);
+    assert_eq!((n, h.epoch, h.round), (3, EpochId(3), 0));
+    assert_eq!(next_epoch(&mut parted).1.epoch, EpochId(4));
 }
