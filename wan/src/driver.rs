@@ -281,7 +281,8 @@ pub async fn run_primary(
 ) -> Result<(), LinkError> {
     let bind: SocketAddr = if cfg.backup.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("addr");
     let ep = endpoint(bind, None)?;
-    let transport = Arc::new(transport_config(cfg.tuning.congestion, cfg.tuning.max_rate));
+    // The round trip of the last connection, the next attempt's estimate.
+    let mut last_rtt = None;
     let mut in_force: Option<quinn::ClientConfig> = None;
     let mut core = SenderCore::new(cfg.sender, cfg.guest, cfg.instance, cfg.page_count).with_generation(cfg.generation);
     if let Some((epoch, manifest)) = cfg.continues {
@@ -304,27 +305,41 @@ pub async fn run_primary(
         // The TLS files as they are now (a revocation list written since);
         // unreadable ones leave the configuration in force, with a warning
         // (at the first attempt, there is none: the error ends the link).
+        let mut transport = transport_config(cfg.tuning.congestion, cfg.tuning.max_rate);
+        if let Some(rtt) = last_rtt {
+            transport.initial_rtt(rtt);
+        }
+        let transport = Arc::new(transport);
         let current = match ((cfg.client)(), in_force.take()) {
             (Ok(mut c), _) => {
                 c.transport_config(Arc::clone(&transport));
                 c
             }
             (Err(e), None) => return Err(e),
-            (Err(e), Some(c)) => {
+            (Err(e), Some(mut c)) => {
                 tracing::warn!(error = %e, "TLS files not reloaded; the configuration in force stays");
+                c.transport_config(Arc::clone(&transport));
                 c
             }
         };
         let client = in_force.insert(current);
         // Connect, still taking checkpoints so the guest never waits on us.
+        let attempt = attempt_timeout(last_rtt);
         let conn = match ep.connect_with(client.clone(), cfg.backup, crate::tls::SERVER_NAME) {
-            Ok(c) => match input.take_while(&mut core, &mut checkpoints, &events, c).await {
+            Ok(c) => match input.take_while(&mut core, &mut checkpoints, &events, tokio::time::timeout(attempt, c)).await {
                 // Retrying cannot help: the certificate will not change.
-                Err(e) => match certificate_refusal(&e) {
+                Ok(Err(e)) => match certificate_refusal(&e) {
                     Some(refused) => return Err(refused),
                     None => Err(LinkError::from(e)),
                 },
-                Ok(c) => Ok(c),
+                Ok(Ok(c)) => Ok(c),
+                Err(_) => {
+                    // Unanswered (the backup down or cut off): a fresh
+                    // attempt at once, the wait already paid; the loss was
+                    // reported when the connection went.
+                    tracing::debug!(attempt_ms = attempt.as_millis() as u64, "no answer from the backup; connecting again");
+                    continue;
+                }
             },
             Err(e) => Err(LinkError::from(e)),
         };
@@ -341,6 +356,7 @@ pub async fn run_primary(
         let served =
             serve_connection(&conn, &mut core, (cfg.tuning.fec, &cfg.handover), &mut checkpoints, &mut input.closed, &events).await;
         let st = conn.stats();
+        last_rtt = Some(st.path.rtt);
         tracing::info!(
             rtt_ms = st.path.rtt.as_secs_f64() * 1e3,
             cwnd = st.path.cwnd,
@@ -402,6 +418,19 @@ fn certificate_refusal(e: &quinn::ConnectionError) -> Option<LinkError> {
     // bad_certificate .. certificate_unknown, unknown_ca, access_denied.
     ((0x100..0x200).contains(&v) && matches!(v - 0x100, 42..=46 | 48 | 49))
         .then(|| LinkError::Protocol(ProtocolError::Refused(format!("the TLS handshake failed over a certificate: {e}"))))
+}
+
+/// How long one connection attempt waits for the backup's answer before
+/// a fresh one starts. quinn resends an unanswered handshake at a probe
+/// timeout that doubles each time, so after a partition heals its next
+/// resend could be seconds away (a 5 s cut at 100 ms RTT reconnected
+/// 2.7 s after healing). A fresh attempt whose round-trip estimate is the
+/// last connection's resends at about 3, 9 and 21 round trips: ten round
+/// trips bounds the wait for a healed path to a few of them, and leaves a
+/// handshake room for a lost packet or two. The first attempt, with no
+/// measure yet, takes quinn's 333 ms estimate.
+fn attempt_timeout(last_rtt: Option<Duration>) -> Duration {
+    (last_rtt.unwrap_or(Duration::from_millis(333)) * 10).clamp(Duration::from_secs(1), Duration::from_secs(10))
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
@@ -1223,5 +1252,23 @@ async fn serve_epochs<R: Replica>(
                 core.handle_timeout(Instant::now());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_attempt_waits_ten_round_trips_within_one_to_ten_seconds() {
+        let ms = Duration::from_millis;
+        // Room for a handshake that loses a packet or two on a long path.
+        assert_eq!(attempt_timeout(Some(ms(200))), ms(2000));
+        // A short path is still given a second: a handshake costs CPU too.
+        assert_eq!(attempt_timeout(Some(ms(1))), ms(1000));
+        // Never longer than the connection's idle timeout.
+        assert_eq!(attempt_timeout(Some(ms(5000))), ms(10_000));
+        // No measure yet: quinn's own estimate.
+        assert_eq!(attempt_timeout(None), ms(3330));
     }
 }
