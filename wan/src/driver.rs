@@ -90,6 +90,33 @@ const TIME_THRESHOLD: f32 = 1.25;
 /// control.
 #[must_use]
 pub fn transport_config(congestion: Congestion, max_rate: Option<u64>) -> quinn::TransportConfig {
+    resuming_transport_config(congestion, max_rate, None)
+}
+
+/// A path as a connection measured it, for the next connection to the
+/// same backup to start from.
+#[derive(Debug, Clone, Copy)]
+struct MeasuredPath {
+    /// BBR's delivery-rate estimate, bytes per second.
+    bandwidth: u64,
+    min_rtt: Duration,
+    at: tokio::time::Instant,
+}
+
+/// How long a measured path is trusted for the next connection's start.
+const PATH_MEMORY: Duration = Duration::from_secs(300);
+
+impl MeasuredPath {
+    /// The path `conn` measured, when its controller is BBR and has one.
+    fn of(conn: &Connection) -> Option<Self> {
+        let bbr = conn.congestion_state().into_any().downcast::<quinn::congestion::Bbr>().ok()?;
+        (bbr.bandwidth() > 0).then(|| Self { bandwidth: bbr.bandwidth(), min_rtt: bbr.min_rtt(), at: tokio::time::Instant::now() })
+    }
+}
+
+/// [`transport_config`], with BBR starting from `path` (a reconnection
+/// to the same backup: Careful Resume, see quinn-proto's PATCHES.md).
+fn resuming_transport_config(congestion: Congestion, max_rate: Option<u64>, path: Option<MeasuredPath>) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_uni_streams(VarInt::from_u32(1024));
     t.stream_receive_window(VarInt::from_u32(64 << 20));
@@ -103,7 +130,13 @@ pub fn transport_config(congestion: Congestion, max_rate: Option<u64>) -> quinn:
     t.packet_threshold(PACKET_THRESHOLD);
     t.time_threshold(TIME_THRESHOLD);
     let controller: Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> = match congestion {
-        Congestion::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
+        Congestion::Bbr => {
+            let mut bbr = quinn::congestion::BbrConfig::default();
+            if let Some(p) = path.filter(|p| p.at.elapsed() < PATH_MEMORY) {
+                bbr.resume(p.bandwidth, p.min_rtt);
+            }
+            Arc::new(bbr)
+        }
         Congestion::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
         Congestion::NewReno => Arc::new(quinn::congestion::NewRenoConfig::default()),
     };
@@ -281,8 +314,10 @@ pub async fn run_primary(
 ) -> Result<(), LinkError> {
     let bind: SocketAddr = if cfg.backup.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("addr");
     let ep = endpoint(bind, None)?;
-    // The round trip of the last connection, the next attempt's estimate.
+    // The round trip of the last connection, the next attempt's estimate,
+    // and the path it measured, the next connection's start.
     let mut last_rtt = None;
+    let mut last_path = None;
     let mut in_force: Option<quinn::ClientConfig> = None;
     let mut core = SenderCore::new(cfg.sender, cfg.guest, cfg.instance, cfg.page_count).with_generation(cfg.generation);
     if let Some((epoch, manifest)) = cfg.continues {
@@ -305,7 +340,7 @@ pub async fn run_primary(
         // The TLS files as they are now (a revocation list written since);
         // unreadable ones leave the configuration in force, with a warning
         // (at the first attempt, there is none: the error ends the link).
-        let mut transport = transport_config(cfg.tuning.congestion, cfg.tuning.max_rate);
+        let mut transport = resuming_transport_config(cfg.tuning.congestion, cfg.tuning.max_rate, last_path);
         if let Some(rtt) = last_rtt {
             transport.initial_rtt(rtt);
         }
@@ -357,6 +392,7 @@ pub async fn run_primary(
             serve_connection(&conn, &mut core, (cfg.tuning.fec, &cfg.handover), &mut checkpoints, &mut input.closed, &events).await;
         let st = conn.stats();
         last_rtt = Some(st.path.rtt);
+        last_path = MeasuredPath::of(&conn).or(last_path);
         tracing::info!(
             rtt_ms = st.path.rtt.as_secs_f64() * 1e3,
             cwnd = st.path.cwnd,

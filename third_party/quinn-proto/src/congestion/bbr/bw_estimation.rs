@@ -120,6 +120,11 @@ impl BandwidthEstimation {
         }
     }
 
+    /// A rate taken as a sample of round `round` (a path measured before).
+    pub(crate) fn seed(&mut self, round: u64, rate: u64) {
+        self.max_filter.update_max(round, rate);
+    }
+
     pub(crate) fn get_estimate(&self) -> u64 {
         self.max_filter.get()
     }

@@ -58,6 +58,9 @@ pub struct Bbr {
     round_wo_bw_gain: u64,
     ack_aggregation: AckAggregationState,
     random_number_generator: Pcg32,
+    /// A path measured by an earlier connection, until this one's first
+    /// RTT sample decides whether to start from it.
+    resume: Option<Resume>,
 }
 
 impl Bbr {
@@ -65,7 +68,6 @@ impl Bbr {
     pub fn new(config: Arc<BbrConfig>, current_mtu: u16) -> Self {
         let initial_window = config.initial_window;
         Self {
-            config,
             current_mtu: current_mtu as u64,
             max_bandwidth: BandwidthEstimation::default(),
             acked_bytes: 0,
@@ -99,7 +101,37 @@ impl Bbr {
             round_wo_bw_gain: 0,
             ack_aggregation: AckAggregationState::default(),
             random_number_generator: Pcg32::from_rng(&mut rand::rng()),
+            resume: config.resume,
+            config,
         }
+    }
+
+    /// The delivery rate of the path as BBR estimates it, in bytes per
+    /// second (0 before the first sample).
+    pub fn bandwidth(&self) -> u64 {
+        self.max_bandwidth.get_estimate()
+    }
+
+    /// The minimum RTT seen (zero before the first sample).
+    pub fn min_rtt(&self) -> Duration {
+        self.min_rtt
+    }
+
+    /// Careful Resume's jump (draft-ietf-tsvwg-careful-resume): when the
+    /// first RTT sample is within half to twice the saved one, the path is
+    /// taken to be the one measured before, and BBR starts from half its
+    /// delivery rate (a max-filter entry that ages out like any sample)
+    /// with a window of one saved bandwidth-delay product, instead of
+    /// doubling up from the initial window. Otherwise the saved path is
+    /// dropped and STARTUP goes on as for a new path.
+    fn maybe_resume(&mut self) {
+        let Some(r) = self.resume.take() else { return };
+        if self.min_rtt < r.rtt / 2 || self.min_rtt > r.rtt * 2 {
+            return;
+        }
+        self.max_bandwidth.seed(self.round_count, r.bandwidth / 2);
+        let bdp = (r.bandwidth as u128 * self.min_rtt.as_micros() / 1_000_000) as u64;
+        self.cwnd = self.cwnd.max(bdp);
     }
 
     fn enter_startup_mode(&mut self) {
@@ -417,6 +449,7 @@ impl Controller for Bbr {
         // (not expired from the start: a connection's first acknowledgement
         // would otherwise send it into ProbeRtt at once).
         self.probe_rtt_last_started_at.get_or_insert(now);
+        self.maybe_resume();
     }
 
     fn on_end_acks(
@@ -523,6 +556,14 @@ impl Controller for Bbr {
 #[derive(Debug, Clone)]
 pub struct BbrConfig {
     initial_window: u64,
+    resume: Option<Resume>,
+}
+
+/// A path as an earlier connection measured it.
+#[derive(Debug, Clone, Copy)]
+struct Resume {
+    bandwidth: u64,
+    rtt: Duration,
 }
 
 impl BbrConfig {
@@ -533,12 +574,23 @@ impl BbrConfig {
         self.initial_window = value;
         self
     }
+
+    /// Start from a path an earlier connection to the same peer measured:
+    /// its delivery rate (bytes per second, [`Bbr::bandwidth`]) and minimum
+    /// RTT ([`Bbr::min_rtt`]). Used only when this connection's first RTT
+    /// sample is within half to twice `rtt`; then BBR starts from half that
+    /// rate and a window of one bandwidth-delay product of it.
+    pub fn resume(&mut self, bandwidth: u64, rtt: Duration) -> &mut Self {
+        self.resume = (bandwidth > 0 && !rtt.is_zero()).then_some(Resume { bandwidth, rtt });
+        self
+    }
 }
 
 impl Default for BbrConfig {
     fn default() -> Self {
         Self {
             initial_window: K_MAX_INITIAL_CONGESTION_WINDOW * BASE_DATAGRAM_SIZE,
+            resume: None,
         }
     }
 }
@@ -663,10 +715,15 @@ mod tests {
 
     #[test]
     fn the_first_acknowledgements_do_not_probe_rtt() {
-        let config = Arc::new(BbrConfig::default());
-        let mut bbr = Bbr::new(Arc::clone(&config), 1200);
-        let initial = bbr.window();
-        let rtt_sample = Duration::from_millis(100);
+        let initial = BbrConfig::default().initial_window;
+        let bbr = first_round(BbrConfig::default(), Duration::from_millis(100));
+        assert_ne!(bbr.mode, Mode::ProbeRtt);
+        assert!(bbr.window() >= initial, "window {} after the first acks, initially {initial}", bbr.window());
+    }
+
+    /// A first round trip of `rtt_sample`: 20 packets out, 10 acknowledged.
+    fn first_round(config: BbrConfig, rtt_sample: Duration) -> Bbr {
+        let mut bbr = Bbr::new(Arc::new(config), 1200);
         let mut rtt = RttEstimator::new(rtt_sample);
         rtt.update(Duration::ZERO, rtt_sample);
         let t0 = Instant::now();
@@ -678,7 +735,37 @@ mod tests {
             bbr.on_ack(t1, t0, 1200, false, &rtt);
         }
         bbr.on_end_acks(t1, 10 * 1200, false, Some(9));
-        assert_ne!(bbr.mode, Mode::ProbeRtt);
-        assert!(bbr.window() >= initial, "window {} after the first acks, initially {initial}", bbr.window());
+        bbr
+    }
+
+    #[test]
+    fn a_path_measured_before_is_resumed_at_half_its_rate_when_the_rtt_matches() {
+        let rtt = Duration::from_millis(100);
+        let fresh = first_round(BbrConfig::default(), rtt);
+        // 80 MB/s over 100 ms: a window of 8 MB, 33 times the initial one.
+        let resumed = first_round(BbrConfig::default().resume(80_000_000, rtt).clone(), rtt);
+        assert!(resumed.window() >= 8_000_000, "window {}", resumed.window());
+        assert!(fresh.window() < 1_000_000, "window {}", fresh.window());
+        assert_eq!(resumed.bandwidth(), 40_000_000);
+        // Paced at STARTUP's gain over half the saved rate, after one more acknowledgement.
+        let mut resumed = resumed;
+        let mut est = RttEstimator::new(rtt);
+        est.update(Duration::ZERO, rtt);
+        let t = Instant::now();
+        resumed.on_sent(t, 1200, 20);
+        resumed.on_ack(t + rtt, t, 1200, false, &est);
+        resumed.on_end_acks(t + rtt, 1200, false, Some(20));
+        assert!(resumed.pacing_rate >= 100_000_000, "pacing {} B/s", resumed.pacing_rate);
+    }
+
+    #[test]
+    fn a_path_whose_rtt_differs_is_not_resumed() {
+        let saved = Duration::from_millis(100);
+        for rtt in [Duration::from_millis(20), Duration::from_millis(300)] {
+            let resumed = first_round(BbrConfig::default().resume(80_000_000, saved).clone(), rtt);
+            let fresh = first_round(BbrConfig::default(), rtt);
+            assert_eq!(resumed.window(), fresh.window(), "at {rtt:?}");
+            assert!(resumed.bandwidth() < 40_000_000, "at {rtt:?}: {}", resumed.bandwidth());
+        }
     }
 }
