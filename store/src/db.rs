@@ -265,6 +265,14 @@ pub struct Store {
     /// after its write; GC's sweep removes what it deletes, with no
     /// commit running), so a delta over one of them has its base stored.
     recent: Mutex<Recent>,
+    /// Held by a commit from its first look at what is stored to its
+    /// write. Two guests' commits handing in the same new chunk at once
+    /// would otherwise both store it, each encoded its own way (whole, or a
+    /// delta over its own base), the later write replacing the earlier one
+    /// under the same id after an epoch had already taken the earlier one's
+    /// delta depth for a delta over it: a chain deeper than
+    /// [`MAX_DELTA_DEPTH`], unreadable.
+    commit_lock: Mutex<()>,
 }
 
 /// Content and delta depth of recently committed chunks, by id.
@@ -373,6 +381,7 @@ impl Store {
             gc: crate::gc::GcCoordinator::default(),
             packs: Packs::new(path, opts.read_only, opts.sync),
             recent: Mutex::new(BoundedMap::new(opts.recent_pages)),
+            commit_lock: Mutex::new(()),
         };
         if !opts.read_only {
             store.count_usage()?;
@@ -653,6 +662,7 @@ impl Store {
     /// head (or the previous epoch of the group); [`StoreError::Db`] when
     /// the write fails. Either way nothing of the group is visible.
     pub fn commit_many(&self, commits: Vec<EpochCommit>) -> Result<Vec<CommitOutcome>, StoreError> {
+        let _one_at_a_time = self.commit_lock.lock().unwrap_or_else(PoisonError::into_inner);
         let gc = self.gc.commit();
         let pages: usize = commits.iter().map(|c| c.pages.len()).sum();
         // Sized up front: growing a large batch copies it over and over.

@@ -749,3 +749,73 @@ fn a_delta_that_does_not_undo_to_its_id_or_names_a_missing_base_is_refused() {
     store.commit(delta_commit(g, 2, &page(1), &page(2), 0)).unwrap();
     assert_eq!(store.chunk(&content_id(&page(2))).unwrap(), page(2));
 }
+
+/// Two guests hand in the same new page at once, one whole and one as a
+/// delta three deep (in a large epoch, long to check), while the first
+/// guest goes on to a delta over it. Whatever order the commits run in,
+/// every version reads back: a chunk once stored is never replaced by
+/// another guest's encoding of it (which a delta over it, sized by the
+/// first encoding's depth, could not survive).
+#[test]
+fn the_same_new_page_from_two_guests_at_once_keeps_every_delta_over_it_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(Store::open(dir.path(), StoreOptions::default()).unwrap());
+    let (one, two) = (GuestId(1), GuestId(2));
+    // Round r's versions differ from every other round's.
+    let ver = |r: u8, k: u8| {
+        let mut p = version(k);
+        p[PAGE_SIZE - 1] = r;
+        p
+    };
+    let whole = |g: GuestId, epoch: u64, p: &[u8]| EpochCommit {
+        guest: g,
+        epoch: EpochId(epoch),
+        page_count: 64,
+        pages: vec![(Pfn(0), content_id(p))],
+        chunks: vec![(content_id(p), StoredChunk::Plain(p.to_vec()))],
+        commit_unix_ns: epoch * 1_000_000_000,
+        ..EpochCommit::default()
+    };
+    let (mut e1, mut e2) = (0u64, 0u64);
+    for r in 0..40u8 {
+        // Guest 2: version 1 whole, then 2 and 3 as deltas (two deep).
+        e2 += 1;
+        store.commit(whole(two, e2, &ver(r, 1))).unwrap();
+        for k in 2..=3 {
+            e2 += 1;
+            store.commit(delta_commit(two, e2, &ver(r, k - 1), &ver(r, k), e2)).unwrap();
+        }
+        // At once: guest 1 stores version 4 whole and then 5 as a delta
+        // over it; guest 2 stores 4 as a delta over 3, in an epoch of
+        // 2000 more new pages.
+        let mut c2 = delta_commit(two, e2 + 1, &ver(r, 3), &ver(r, 4), e2 + 1);
+        for i in 1..=2000u64 {
+            let mut x = u64::from(r) << 32 | i;
+            let p: Vec<u8> = (0..PAGE_SIZE)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            c2.pages.push((Pfn(i), content_id(&p)));
+            c2.chunks.push((content_id(&p), StoredChunk::Plain(p)));
+        }
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let (s, b) = (store.clone(), barrier.clone());
+        let t = std::thread::spawn(move || {
+            b.wait();
+            s.commit(c2).unwrap();
+        });
+        barrier.wait();
+        store.commit(whole(one, e1 + 1, &ver(r, 4))).unwrap();
+        store.commit(delta_commit(one, e1 + 2, &ver(r, 4), &ver(r, 5), e1 + 2)).unwrap();
+        t.join().unwrap();
+        e1 += 2;
+        e2 += 1;
+        for k in 1..=5 {
+            assert_eq!(store.chunk(&content_id(&ver(r, k))).unwrap(), ver(r, k), "round {r}, version {k}");
+        }
+    }
+}
