@@ -625,17 +625,21 @@ fn a_grafted_history_whose_first_commit_skips_epochs_extends_the_graft() {
 /// Version `k` of an incompressible page: a few bytes differ from the
 /// version before.
 fn version(k: u8) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let mut p: Vec<u8> = (0..PAGE_SIZE)
+    let mut p = noise(0x9e37_79b9_7f4a_7c15);
+    p[..usize::from(k) * 8].fill(k);
+    p
+}
+
+/// An incompressible page, a xorshift stream from `seed` (non-zero).
+fn noise(mut x: u64) -> Vec<u8> {
+    (0..PAGE_SIZE)
         .map(|_| {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             x as u8
         })
-        .collect();
-    p[..usize::from(k) * 8].fill(k);
-    p
+        .collect()
 }
 
 /// `to` as a delta over `from`, as the wire carries one.
@@ -790,15 +794,7 @@ fn the_same_new_page_from_two_guests_at_once_keeps_every_delta_over_it_readable(
         // 2000 more new pages.
         let mut c2 = delta_commit(two, e2 + 1, &ver(r, 3), &ver(r, 4), e2 + 1);
         for i in 1..=2000u64 {
-            let mut x = u64::from(r) << 32 | i;
-            let p: Vec<u8> = (0..PAGE_SIZE)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
+            let p = noise(u64::from(r) << 32 | i);
             c2.pages.push((Pfn(i), content_id(&p)));
             c2.chunks.push((content_id(&p), StoredChunk::Plain(p)));
         }
