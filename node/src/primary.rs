@@ -547,8 +547,11 @@ async fn consume_events(
                 s.parity_bytes += sent;
                 s.parity_dropped_bytes += dropped;
             }
-            LinkEvent::Sent { wire_bytes, pages, mix, resent, .. } => {
+            LinkEvent::Sent { epoch, wire_bytes, pages, mix, resent } => {
                 let mut s = stats.lock();
+                if let Some(t) = s.sealed_at.get(&epoch) {
+                    tracing::debug!(epoch = epoch.0, ms = t.elapsed().as_secs_f64() * 1e3, wire_bytes, "epoch encoded");
+                }
                 if resent {
                     s.resent_bytes += wire_bytes;
                     s.resent_epochs += 1;

@@ -292,6 +292,7 @@ impl Replica for StoreReplica {
         s.epochs += n;
         s.committed = last.manifest.epoch;
         s.commit_ns.push(u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        tracing::debug!(%guest, epochs = n, ms = t0.elapsed().as_secs_f64() * 1e3, "committed");
         Ok(last.id)
     }
 

@@ -614,8 +614,12 @@ async fn trace_path(conn: Connection) {
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let st = conn.stats();
+        let bbr = conn.congestion_state().into_any().downcast::<quinn::congestion::Bbr>().ok();
         tracing::debug!(
             cwnd = st.path.cwnd,
+            bbr = bbr.as_ref().map_or("-", |b| b.mode_name()),
+            bw_mbps = bbr.as_ref().map_or(0.0, |b| b.bandwidth() as f64 * 8e-6),
+            min_rtt_ms = bbr.as_ref().map_or(0.0, |b| b.min_rtt().as_secs_f64() * 1e3),
             rtt_ms = st.path.rtt.as_secs_f64() * 1e3,
             tx_bytes = st.udp_tx.bytes,
             rx_bytes = st.udp_rx.bytes,

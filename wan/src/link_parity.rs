@@ -33,12 +33,13 @@ impl ParityPlanner {
         // has none to spare.
         let behind = self.backlog.behind(conn.rtt());
         self.backlog.sent(epoch);
-        let parity = self.fec.parity_for(self.loss.rate(conn));
-        if behind || parity == 0 || len == 0 {
+        if behind || len == 0 || self.fec == Fec::Off {
             return None;
         }
         let shard = u16::try_from(crate::fec::shard_size(conn.max_datagram_size()?)?).ok()?;
-        Some((shard, parity))
+        let group = crate::fec::Layout::new(len as u64, shard, 1).largest_group();
+        let parity = self.fec.parity_for(self.loss.rate(conn), group);
+        (parity > 0).then_some((shard, parity))
     }
 
     pub(crate) fn acked(&mut self, epoch: EpochId) {
@@ -223,6 +224,7 @@ pub(crate) async fn read_epoch_stream(
     let _open = budget.open(id);
     let mut held = Held::default();
     let mut r = Reassembly::new(inbox.max_len);
+    let mut first: Option<Instant> = None;
     let result = loop {
         let (parity, wake) = inbox.take(id);
         for p in parity {
@@ -239,6 +241,7 @@ pub(crate) async fn read_epoch_stream(
         tokio::select! {
             chunk = s.read_chunk(usize::MAX, false) => match chunk {
                 Ok(Some(c)) => {
+                    first.get_or_insert_with(Instant::now);
                     budget.take(id, c.bytes.len(), &mut held).await;
                     if let Err(e) = r.add_data(c.offset, &c.bytes) {
                         break Err(StreamError::Decode(DecodeError::Fec(e)));
@@ -254,6 +257,7 @@ pub(crate) async fn read_epoch_stream(
             () = wake.notified() => {}
         }
     };
+    tracing::debug!(stream = id, ms = first.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3), rebuilt = r.rebuilt(), "epoch stream read");
     inbox.finish(id, r.rebuilt());
     result
 }

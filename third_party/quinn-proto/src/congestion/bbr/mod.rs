@@ -117,6 +117,17 @@ impl Bbr {
         self.min_rtt
     }
 
+    /// The state BBR is in (startup, drain, probe-bw, probe-rtt), for
+    /// tracing.
+    pub fn mode_name(&self) -> &'static str {
+        match self.mode {
+            Mode::Startup => "startup",
+            Mode::Drain => "drain",
+            Mode::ProbeBw => "probe-bw",
+            Mode::ProbeRtt => "probe-rtt",
+        }
+    }
+
     /// Careful Resume's jump (draft-ietf-tsvwg-careful-resume): when the
     /// first RTT sample is within half to twice the saved one, the path is
     /// taken to be the one measured before, and BBR starts from half its
