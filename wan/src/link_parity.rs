@@ -257,7 +257,16 @@ pub(crate) async fn read_epoch_stream(
             () = wake.notified() => {}
         }
     };
-    tracing::debug!(stream = id, ms = first.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3), rebuilt = r.rebuilt(), "epoch stream read");
+    let (parity, layout) = r.parity_seen();
+    tracing::debug!(
+        stream = id,
+        ms = first.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3),
+        rebuilt = r.rebuilt(),
+        parity,
+        groups = layout.map_or(0, |l| l.groups),
+        per_group = layout.map_or(0, |l| l.parity),
+        "epoch stream read"
+    );
     inbox.finish(id, r.rebuilt());
     result
 }
