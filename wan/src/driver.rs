@@ -578,6 +578,7 @@ async fn serve_connection(
             return Ok(());
         }
         let deadline = core.poll_timeout().map(tokio::time::Instant::from_std);
+        let blocked = parts_blocked(core, parts.as_ref());
         // Biased: messages that queued up while this task was encoding
         // are handled before a timeout is judged.
         tokio::select! {
@@ -597,6 +598,7 @@ async fn serve_connection(
                     return Err(e.into());
                 }
             }
+            true = parts_room(parts.as_ref()), if blocked => {}
             () = sleep_opt(deadline) => {
                 let (arrived, rtt) = activity.look(conn);
                 core.handle_activity(Instant::now(), arrived, rtt);
@@ -650,11 +652,39 @@ impl PeerActivity {
 /// The tasks writing epoch streams.
 type EpochStreams = JoinSet<Result<(), StreamError>>;
 /// Where the parts of an epoch sent in parts go, to its stream's writer.
-type PartSink = mpsc::UnboundedSender<Vec<u8>>;
+type PartSink = mpsc::Sender<Vec<u8>>;
+
+/// Parts of an epoch sent in parts that may wait for its stream's writer:
+/// the next part is encoded only when there is room for it, so however
+/// large the epoch (a first copy over a slow link), what waits encoded is
+/// a few parts, not the whole of it.
+const PARTS_AHEAD: usize = 2;
+
+/// The core's next transmit, short of a further part of an epoch whose
+/// writer has no room for it (control messages still go).
+fn next_transmit(core: &mut SenderCore, parts: Option<&PartSink>) -> Option<Transmit> {
+    if parts_blocked(core, parts) {
+        return core.poll_control();
+    }
+    core.poll_transmit()
+}
+
+fn parts_blocked(core: &SenderCore, parts: Option<&PartSink>) -> bool {
+    core.is_streaming() && parts.is_some_and(|s| s.capacity() == 0)
+}
+
+/// Resolves once the writer of the epoch in parts has room for another
+/// part (`false` if it is gone: its task reports why).
+async fn parts_room(parts: Option<&PartSink>) -> bool {
+    match parts {
+        Some(s) => s.reserve().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
 
 /// Writes an epoch sent in parts onto a stream of its own, each part as
 /// it comes, and finishes the stream when the parts end.
-async fn write_parts(conn: Connection, priority: i32, mut parts: mpsc::UnboundedReceiver<Vec<u8>>) -> Result<(), StreamError> {
+async fn write_parts(conn: Connection, priority: i32, mut parts: mpsc::Receiver<Vec<u8>>) -> Result<(), StreamError> {
     let mut s = conn.open_uni().await?;
     // Cannot fail on a stream just opened.
     let _ = s.set_priority(priority);
@@ -679,7 +709,7 @@ async fn flush_sender(
     while let Some(d) = core.poll_datagram() {
         send_datagram(conn, d);
     }
-    while let Some(t) = core.poll_transmit() {
+    while let Some(t) = next_transmit(core, parts.as_ref()) {
         match t {
             Transmit::Control(b) => control.write_all(&b).await.map_err(StreamError::from)?,
             Transmit::Epoch { epoch, bytes, first, last, wire_bytes, pages, mix, resent } => {
@@ -690,13 +720,14 @@ async fn flush_sender(
                     // An epoch in parts (no parity: it is large).
                     if first {
                         let _ = parity.plan(conn, epoch, 0);
-                        let (tx, rx) = mpsc::unbounded_channel();
+                        let (tx, rx) = mpsc::channel(PARTS_AHEAD);
                         streams.spawn(write_parts(conn.clone(), epoch_priority(epoch), rx));
                         *parts = Some(tx);
                     }
                     let sink = if last { parts.take() } else { parts.clone() };
-                    // A writer gone has failed, which its task reports.
-                    let _ = sink.expect("an epoch's parts follow its first").send(bytes);
+                    // Room was checked before the part was encoded; a
+                    // writer gone has failed, which its task reports.
+                    let _ = sink.expect("an epoch's parts follow its first").try_send(bytes);
                     return Ok(true);
                 }
                 let parity = parity.plan(conn, epoch, bytes.len());
@@ -1310,5 +1341,63 @@ mod tests {
         assert_eq!(attempt_timeout(Some(ms(5000))), ms(10_000));
         // No measure yet: quinn's own estimate.
         assert_eq!(attempt_timeout(None), ms(3330));
+    }
+
+    /// While an epoch's stream writer has no room for another part, the
+    /// core gives control messages only: the encoder never runs further
+    /// ahead of the link than [`PARTS_AHEAD`] parts.
+    #[test]
+    fn parts_are_encoded_no_further_ahead_than_their_writer_has_room_for() {
+        use remus_types::{Checkpoint, ChunkId, GuestId, Pfn, PAGE_SIZE};
+        let now = Instant::now();
+        let mut core = SenderCore::new(SenderConfig { slice_pages: 4, ..SenderConfig::default() }, GuestId(3), 1, 64);
+        core.handle_connected(now);
+        core.handle_message(now, Message::Welcome { guest: GuestId(3), committed: EpochId(0), head: ChunkId::default() }).unwrap();
+        let pages: Vec<u8> = (0..40 * PAGE_SIZE).map(|i| (i * 7 / 4093) as u8).collect();
+        core.push_checkpoint(Checkpoint {
+            guest: GuestId(3),
+            epoch: EpochId(1),
+            page_count: 64,
+            pfns: (0..40).map(Pfn).collect(),
+            pages,
+            ..Checkpoint::default()
+        });
+        let (tx, mut rx) = mpsc::channel(PARTS_AHEAD);
+        let mut sink: Option<PartSink> = None;
+        let take = |core: &mut SenderCore, sink: &mut Option<PartSink>| loop {
+            match next_transmit(core, sink.as_ref()) {
+                Some(Transmit::Epoch { bytes, first, last, .. }) => {
+                    if first {
+                        *sink = Some(tx.clone());
+                    }
+                    sink.as_ref().unwrap().try_send(bytes).expect("room was checked");
+                    return Some(last);
+                }
+                Some(Transmit::Control(_)) => {}
+                None => return None,
+            }
+        };
+        // Ten parts to go; the writer reads none of them: two are encoded.
+        assert_eq!(take(&mut core, &mut sink), Some(false));
+        assert_eq!(take(&mut core, &mut sink), Some(false));
+        assert_eq!(take(&mut core, &mut sink), None, "no room: no third part");
+        assert!(core.is_streaming() && parts_blocked(&core, sink.as_ref()));
+        // A heartbeat falls due meanwhile: it still goes.
+        core.handle_timeout(now + Duration::from_secs(1));
+        assert!(matches!(next_transmit(&mut core, sink.as_ref()), Some(Transmit::Control(_))));
+        // The writer takes parts as the link carries them: one encoded per
+        // part taken, to the last.
+        let mut parts = 2;
+        loop {
+            rx.try_recv().expect("a part waits");
+            let last = take(&mut core, &mut sink).expect("room, yet no part");
+            parts += 1;
+            if last {
+                assert!(!core.is_streaming());
+                break;
+            }
+            assert_eq!(take(&mut core, &mut sink), None, "one taken, one encoded");
+        }
+        assert_eq!(parts, 10);
     }
 }

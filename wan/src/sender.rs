@@ -527,10 +527,25 @@ impl SenderCore {
         }
     }
 
+    /// The next control message to send, if any: what [`poll_transmit`]
+    /// gives first, for a driver that has no room for more epoch bytes.
+    ///
+    /// [`poll_transmit`]: Self::poll_transmit
+    pub fn poll_control(&mut self) -> Option<Transmit> {
+        self.control.pop_front().map(|m| Transmit::Control(m.to_bytes()))
+    }
+
+    /// Whether an epoch is part-way out: the next epoch bytes
+    /// [`poll_transmit`](Self::poll_transmit) gives are its next part.
+    #[must_use]
+    pub fn is_streaming(&self) -> bool {
+        self.streaming.is_some()
+    }
+
     /// The next thing to send, encoding an epoch when the window allows.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        if let Some(m) = self.control.pop_front() {
-            return Some(Transmit::Control(m.to_bytes()));
+        if let Some(t) = self.poll_control() {
+            return Some(t);
         }
         if !self.connected {
             return None;
