@@ -715,9 +715,6 @@ impl Store {
             heads.insert(out.manifest.guest, (out.manifest.epoch, out.id, out.manifest.commit_unix_ns));
             outcomes.push(out);
         }
-        // New chunks go to a pack file, synced before the index batch that
-        // names them (written once, not to the WAL and again to blob files
-        // at flush); a few bytes ride in the batch itself.
         // The keys named by chunk id go into the batch in ascending order:
         // a memtable takes a run of ascending keys each from where the last
         // went in, where ids in the order they came (random) each search
@@ -734,6 +731,9 @@ impl Store {
         for (id, v) in &fresh.bases {
             batch.put_cf(bases_cf, id.0, v);
         }
+        // New chunks go to a pack file, synced before the index batch that
+        // names them (written once, not to the WAL and again to blob files
+        // at flush); a few bytes ride in the batch itself.
         let chunks_cf = self.cf(CF_CHUNKS);
         if fresh.chunks.iter().map(|(_, c)| c.len()).sum::<usize>() >= BULK_BYTES {
             let parts: Vec<(ChunkId, u8, &[u8])> = fresh

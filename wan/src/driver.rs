@@ -103,13 +103,18 @@ struct MeasuredPath {
     at: tokio::time::Instant,
 }
 
+/// A copy of `conn`'s congestion controller when it is BBR.
+fn bbr_state(conn: &Connection) -> Option<Box<quinn::congestion::Bbr>> {
+    conn.congestion_state().into_any().downcast::<quinn::congestion::Bbr>().ok()
+}
+
 /// How long a measured path is trusted for the next connection's start.
 const PATH_MEMORY: Duration = Duration::from_secs(300);
 
 impl MeasuredPath {
     /// The path `conn` measured, when its controller is BBR and has one.
     fn of(conn: &Connection) -> Option<Self> {
-        let bbr = conn.congestion_state().into_any().downcast::<quinn::congestion::Bbr>().ok()?;
+        let bbr = bbr_state(conn)?;
         (bbr.bandwidth() > 0).then(|| Self { bandwidth: bbr.bandwidth(), min_rtt: bbr.min_rtt(), at: tokio::time::Instant::now() })
     }
 }
@@ -615,8 +620,12 @@ async fn serve_connection(
 async fn trace_path(conn: Connection) {
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
+        // The controller is copied to be read: only when the line is kept.
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            continue;
+        }
         let st = conn.stats();
-        let bbr = conn.congestion_state().into_any().downcast::<quinn::congestion::Bbr>().ok();
+        let bbr = bbr_state(&conn);
         tracing::debug!(
             cwnd = st.path.cwnd,
             bbr = bbr.as_ref().map_or("-", |b| b.mode_name()),

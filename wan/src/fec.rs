@@ -14,11 +14,12 @@
 //! shards for each group as QUIC datagrams beside the stream. Few large
 //! groups rather than many small ones: the parity a group needs grows with
 //! the square root of its size, not its size, and each rebuild has a fixed
-//! cost (about 0.25 ms) whatever the group's size. The backup reads the stream out of order
-//! into a [`Reassembly`]; as soon as every group misses no more shards than it
-//! has parity for, it rebuilds the epoch and stops the stream. The stream stays
-//! the carrier of record: with too little parity, the epoch completes when
-//! quinn's retransmissions arrive, exactly as without parity.
+//! cost (about 0.25 ms) whatever the group's size. The backup reads the
+//! stream out of order into a [`Reassembly`]; as soon as every group misses
+//! no more shards than it has parity for, it rebuilds the epoch and stops
+//! the stream. The stream stays the carrier of record: with too little
+//! parity, the epoch completes when quinn's retransmissions arrive, exactly
+//! as without parity.
 //!
 //! A parity datagram's layout (integers little-endian):
 //!
