@@ -6,9 +6,12 @@
 #   - qemu-system-x86 from bookworm-backports (QEMU 10.x; bookworm's own
 #     7.2 conflicts with a backports qemu-utils and lacks what we use)
 #   - busybox-static (guest userland), iproute2 (test network namespaces),
-#     gdb and binutils (the tests open restored ELF cores with them)
+#     gdb, binutils and crash (the tests open restored ELF cores with them)
 #   - the Debian cloud kernel package, downloaded and extracted (not
 #     installed on the host) into $REMUS_GUEST_CACHE/kernel
+#   - its debug symbols: vmlinux alone, taken from the matching -dbg
+#     package (~280 MB download) into $REMUS_GUEST_CACHE/kernel-dbg, for
+#     `crash`; $REMUS_GUEST_VMLINUX names it
 #
 # Prints the guest kernel path on the last line of stdout; everything
 # else goes to stderr. Can be sourced or run.
@@ -69,6 +72,7 @@ command -v cpio >/dev/null 2>&1 || _qd_missing+=(cpio)
 # The tests open restored ELF cores with gdb and readelf.
 command -v gdb >/dev/null 2>&1 || _qd_missing+=(gdb)
 command -v readelf >/dev/null 2>&1 || _qd_missing+=(binutils)
+command -v crash >/dev/null 2>&1 || _qd_missing+=(crash)
 if [ ${#_qd_missing[@]} -gt 0 ]; then
   echo "qemu-deps: installing ${_qd_missing[*]}" >&2
   _qd_apt_update
@@ -89,6 +93,8 @@ if ! ls "$_qd_kdir"/boot/vmlinuz-* >/dev/null 2>&1; then
   (cd "$_qd_tmp" && apt-get download -qq "$_qd_pkg" >&2) || _qd_die "apt-get download $_qd_pkg failed"
   mkdir -p "$_qd_kdir.tmp"
   dpkg-deb -x "$_qd_tmp"/*.deb "$_qd_kdir.tmp" || _qd_die "extracting $_qd_pkg failed"
+  # The debug symbols must come from the very same build.
+  dpkg-deb -f "$_qd_tmp"/*.deb Version >"$_qd_kdir.tmp/version"
   rm -rf "$_qd_tmp" "$_qd_kdir"
   mv "$_qd_kdir.tmp" "$_qd_kdir"
 fi
@@ -97,6 +103,33 @@ export REMUS_GUEST_KERNEL
 # The kernel image is mode 0600 in the package; QEMU may run unprivileged.
 [ -r "$REMUS_GUEST_KERNEL" ] || _qd_die "cannot read $REMUS_GUEST_KERNEL"
 chmod a+r "$REMUS_GUEST_KERNEL" 2>/dev/null || true
+
+# 4. The guest kernel's vmlinux with debug symbols, from the -dbg package
+#    of the same version (only vmlinux is extracted; the package's module
+#    symbols are not needed).
+_qd_kver="${REMUS_GUEST_KERNEL##*/vmlinuz-}"
+REMUS_GUEST_VMLINUX="$REMUS_GUEST_CACHE/kernel-dbg/vmlinux-$_qd_kver"
+if [ ! -f "$REMUS_GUEST_VMLINUX" ]; then
+  _qd_apt_update
+  if [ -f "$_qd_kdir/version" ]; then
+    _qd_ver=$(cat "$_qd_kdir/version")
+  else
+    # A kernel fetched before its version was recorded: apt's.
+    _qd_ver=$(apt-cache show "linux-image-$_qd_kver" | awk '/^Version:/ { print $2; exit }')
+  fi
+  [ -n "$_qd_ver" ] || _qd_die "no version known for linux-image-$_qd_kver"
+  echo "qemu-deps: downloading the guest kernel's debug symbols (linux-image-$_qd_kver-dbg $_qd_ver)" >&2
+  _qd_tmp=$(mktemp -d)
+  chmod 755 "$_qd_tmp"
+  (cd "$_qd_tmp" && apt-get download -qq "linux-image-$_qd_kver-dbg=$_qd_ver" >&2) \
+    || _qd_die "apt-get download linux-image-$_qd_kver-dbg=$_qd_ver failed (remove $_qd_kdir to fetch a kernel and its symbols afresh)"
+  mkdir -p "$_qd_tmp/x" "$(dirname "$REMUS_GUEST_VMLINUX")"
+  dpkg-deb --fsys-tarfile "$_qd_tmp"/*.deb | tar -x -C "$_qd_tmp/x" "./usr/lib/debug/boot/vmlinux-$_qd_kver" \
+    || _qd_die "extracting vmlinux-$_qd_kver failed"
+  mv "$_qd_tmp/x/usr/lib/debug/boot/vmlinux-$_qd_kver" "$REMUS_GUEST_VMLINUX"
+  rm -rf "$_qd_tmp"
+fi
+export REMUS_GUEST_VMLINUX
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   echo "$REMUS_GUEST_KERNEL"

@@ -339,6 +339,21 @@ fn counter_service_survives_sigkill_of_the_primary() {
     let addr = busy_page(&memory);
     let (_, read) = gdb_bytes(&[&format!("core-file {}", core.display())], addr);
     assert_eq!(read, memory[addr..addr + 8], "gdb reads the core at guest-physical {addr:#x}");
+    // `crash` opens it with the guest kernel's vmlinux alone: the core
+    // carries the kernel's own VMCOREINFO note (release, KASLR offset).
+    let release = kernel.file_name().unwrap().to_string_lossy().trim_start_matches("vmlinuz-").to_string();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains(&format!("kernel {release}'s VMCOREINFO kept")), "{said}");
+    let commands = dir.path().join("crash-commands");
+    std::fs::write(&commands, "sys\nlog\nq\n").unwrap();
+    let crash = run_limited(
+        Command::new("crash").arg("-s").arg("-i").arg(&commands).arg(common::guest::vmlinux()).arg(&core).stdin(Stdio::null()),
+        Duration::from_secs(120),
+    );
+    let text = String::from_utf8_lossy(&crash.stdout);
+    assert!(crash.status.success(), "crash: {text} {}", String::from_utf8_lossy(&crash.stderr));
+    assert!(text.lines().any(|l| l.trim() == format!("RELEASE: {release}")), "crash sys: {text}");
+    assert!(text.contains(&format!("Linux version {release}")), "crash log shows the guest's boot: {text}");
     let core = std::fs::read(&core).unwrap();
     assert!(core[offset as usize..][..memory.len()] == memory[..], "the core's RAM is the restored memory");
     drop(conn);

@@ -5,7 +5,8 @@
 //! ```text
 //! ELF header | program headers: one PT_NOTE, then one PT_LOAD per memory range
 //! note "REMUS" (type NT_REMUS): JSON naming guest, epoch, time, manifest, memory root
-//! padding to 4096
+//! note "VMCOREINFO" (type 0), when the guest's memory holds a Linux kernel's
+//! padding to a page (room for the largest VMCOREINFO note is kept whether or not)
 //! each range's pages, in order, page-aligned (pages never written are holes)
 //! ```
 //! Each `PT_LOAD` has `p_paddr` = `p_vaddr` = the range's address: for a
@@ -16,6 +17,19 @@
 //! `readelf -l` lists the ranges. The disk and device-state pages of a
 //! VM's page space are not memory and stay out.
 //!
+//! A Linux guest's kernel keeps its own crash-dump note in memory (the
+//! `vmcoreinfo_note` of `kernel/crash_core.c`, page-aligned: its release,
+//! the addresses of the symbols a dump reader needs, `phys_base` and the
+//! KASLR offset). The core carries a copy of it, found by its header at
+//! the start of a page, so the `crash` utility opens the core with the
+//! kernel's `vmlinux` and nothing else. `p_align` of every `PT_LOAD` is 0,
+//! as in the kernel's own `/proc/vmcore`: `crash` takes a core laid out so
+//! for a kdump and then relocates the kernel's symbols by the note's
+//! KASLR offset (with a page alignment it reads a "netdump" and needs
+//! `--kaslr`). A guest could forge such a page; two different notes found
+//! leave both out (the core still opens in gdb), and a forged one only
+//! misleads a reader of that guest's own dump.
+//!
 //! The pages are written and verified by the one restore plan (every page
 //! against its id, the memory root over the whole page space), into the
 //! segments of the one file.
@@ -24,13 +38,21 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use remus_types::PAGE_SIZE;
+use remus_types::{ChunkId, Pfn, PAGE_SIZE};
 
 use crate::{RestoreError, RestorePlan, RestoreReport, RestoreSource, Segment};
 
 /// Note type of the note that names the epoch ("REMU").
 pub const NT_REMUS: u32 = 0x554d_4552;
 const NOTE_NAME: &[u8] = b"REMUS\0";
+/// The kernel's crash-dump note: its name (with its padding) ...
+const VMCOREINFO_NAME: &[u8; 12] = b"VMCOREINFO\0\0";
+/// ... the first key of its text ...
+const VMCOREINFO_FIRST: &[u8] = b"OSRELEASE=";
+/// ... and the most text it holds (the kernel's `VMCOREINFO_BYTES`).
+const VMCOREINFO_MAX: usize = PAGE_SIZE;
+/// A note's header: name size, description size, type.
+const NOTE_HEADER: usize = 12;
 const EHDR_LEN: usize = 64;
 const PHDR_LEN: usize = 56;
 const PT_LOAD: u32 = 1;
@@ -71,6 +93,34 @@ pub fn memory_ranges<S: RestoreSource + ?Sized>(plan: &RestorePlan, source: &S) 
     })
 }
 
+/// What [`write_core`] did.
+#[derive(Debug, Clone)]
+pub struct CoreReport {
+    /// The pages written and the memory root verified.
+    pub restore: RestoreReport,
+    /// The guest kernel's crash-dump note, copied into the core or not.
+    pub vmcoreinfo: Vmcoreinfo,
+}
+
+/// The guest kernel's crash-dump note (VMCOREINFO) in a core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Vmcoreinfo {
+    /// No page of the guest starts with one (not a Linux guest, or a
+    /// kernel built without crash support).
+    Absent,
+    /// Copied into the core; the kernel's release, from the note.
+    Kept {
+        /// `OSRELEASE` of the note.
+        release: String,
+    },
+    /// Pages holding different notes: none copied, since which is the
+    /// running kernel's cannot be told.
+    Ambiguous {
+        /// Different notes found.
+        notes: usize,
+    },
+}
+
 /// Writes the plan's epoch as an ELF core at `path` holding `ranges` of
 /// its page space; `progress(done, total)` as pages are written.
 ///
@@ -83,7 +133,7 @@ pub fn write_core<S: RestoreSource + ?Sized>(
     ranges: &[MemoryRange],
     path: &Path,
     progress: impl FnMut(u64, u64),
-) -> Result<RestoreReport, RestoreError> {
+) -> Result<CoreReport, RestoreError> {
     let m = &plan.manifest;
     if let Some(r) = ranges.iter().find(|r| r.first.checked_add(r.pages).is_none_or(|end| end > m.page_count)) {
         return Err(RestoreError::Io(std::io::Error::new(
@@ -91,9 +141,10 @@ pub fn write_core<S: RestoreSource + ?Sized>(
             format!("memory range of {} pages from page {} lies beyond the guest's {} pages", r.pages, r.first, m.page_count),
         )));
     }
-    let note = note(plan);
+    let mut notes = note(plan);
     let headers = EHDR_LEN + PHDR_LEN * (1 + ranges.len());
-    let data_start = (headers + note.len()).next_multiple_of(PAGE_SIZE) as u64;
+    let room = NOTE_HEADER + VMCOREINFO_NAME.len() + VMCOREINFO_MAX;
+    let data_start = (headers + notes.len() + room).next_multiple_of(PAGE_SIZE) as u64;
     let mut offsets = Vec::with_capacity(ranges.len());
     let mut at = data_start;
     for r in ranges {
@@ -102,21 +153,75 @@ pub fn write_core<S: RestoreSource + ?Sized>(
     }
     let segments: Vec<Segment<'_>> =
         ranges.iter().zip(&offsets).map(|(r, &offset)| Segment { first: r.first, pages: r.pages, path, offset }).collect();
-    let report = plan.execute_segments(source, &segments, progress)?;
-    let mut head = Vec::with_capacity(headers + note.len());
+    let (restore, table) = plan.write_segments(source, &segments, progress)?;
+    let f = OpenOptions::new().read(true).write(true).open(path)?;
+    let vmcoreinfo = match find_vmcoreinfo(&f, &segments, &table)?.as_slice() {
+        [] => Vmcoreinfo::Absent,
+        [text] => {
+            notes.extend_from_slice(&vmcoreinfo_note(text));
+            let release = text[VMCOREINFO_FIRST.len()..].split(|&b| b == b'\n').next().unwrap_or_default();
+            Vmcoreinfo::Kept { release: String::from_utf8_lossy(release).into_owned() }
+        }
+        several => Vmcoreinfo::Ambiguous { notes: several.len() },
+    };
+    let mut head = Vec::with_capacity(headers + notes.len());
     ehdr(&mut head, 1 + ranges.len());
-    phdr(&mut head, PT_NOTE, PF_R, headers as u64, 0, note.len() as u64, 0, 1);
+    phdr(&mut head, PT_NOTE, PF_R, headers as u64, 0, notes.len() as u64, 0, 1);
     for (r, &offset) in ranges.iter().zip(&offsets) {
         let len = r.pages * PAGE_SIZE as u64;
-        phdr(&mut head, PT_LOAD, PF_RWX, offset, r.address, len, len, PAGE_SIZE as u64);
+        phdr(&mut head, PT_LOAD, PF_RWX, offset, r.address, len, len, 0);
     }
-    head.extend_from_slice(&note);
-    let f = OpenOptions::new().write(true).open(path)?;
+    head.extend_from_slice(&notes);
     f.write_all_at(&head, 0)?;
     if plan.sync {
         f.sync_all()?;
     }
-    Ok(report)
+    Ok(CoreReport { restore, vmcoreinfo })
+}
+
+/// The texts of the distinct VMCOREINFO notes that start a page of the
+/// core's ranges (`table`: the pages written, read back from `f`), each
+/// whole within its range and well formed: `OSRELEASE=` first, printable
+/// lines, at most [`VMCOREINFO_MAX`] bytes.
+fn find_vmcoreinfo(f: &std::fs::File, segments: &[Segment<'_>], table: &[(Pfn, ChunkId)]) -> std::io::Result<Vec<Vec<u8>>> {
+    let mut found: Vec<Vec<u8>> = Vec::new();
+    let mut head = [0u8; NOTE_HEADER + 12 + 10];
+    for &(pfn, _) in table {
+        let Some(s) = segments.iter().find(|s| s.holds(pfn.0)) else { continue };
+        let at = s.offset + (pfn.0 - s.first) * PAGE_SIZE as u64;
+        f.read_exact_at(&mut head, at)?;
+        let word = |i: usize| u32::from_le_bytes(head[i * 4..i * 4 + 4].try_into().expect("4 bytes")) as usize;
+        let (name, desc, kind) = (word(0), word(1), word(2));
+        if name != 11
+            || kind != 0
+            || &head[NOTE_HEADER..NOTE_HEADER + 12] != VMCOREINFO_NAME
+            || !head[NOTE_HEADER + 12..].starts_with(VMCOREINFO_FIRST)
+        {
+            continue;
+        }
+        let start = at + (NOTE_HEADER + VMCOREINFO_NAME.len()) as u64;
+        if desc > VMCOREINFO_MAX || start + desc as u64 > s.end() {
+            continue;
+        }
+        let mut text = vec![0u8; desc];
+        f.read_exact_at(&mut text, start)?;
+        if text.iter().all(|&b| b == b'\n' || (b' '..=b'~').contains(&b)) && !found.contains(&text) {
+            found.push(text);
+        }
+    }
+    Ok(found)
+}
+
+/// A VMCOREINFO note holding `text`, as the kernel writes it.
+fn vmcoreinfo_note(text: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(NOTE_HEADER + VMCOREINFO_NAME.len() + text.len() + 3);
+    out.extend_from_slice(&11u32.to_le_bytes());
+    out.extend_from_slice(&(text.len() as u32).to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(VMCOREINFO_NAME);
+    out.extend_from_slice(text);
+    out.resize(out.len().next_multiple_of(4), 0);
+    out
 }
 
 fn ehdr(out: &mut Vec<u8>, phnum: usize) {
@@ -179,7 +284,8 @@ mod tests {
         u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
     }
 
-    /// The program headers of a core: (type, offset, address, size).
+    /// The program headers of a core: (type, offset, address, size); every
+    /// load has `p_align` 0 (read by `crash` as a kdump).
     fn headers(core: &[u8]) -> Vec<(u32, u64, u64, u64)> {
         assert_eq!(&core[..6], &[0x7f, b'E', b'L', b'F', 2, 1], "64-bit little-endian ELF");
         assert_eq!(u16_at(core, 16), ET_CORE);
@@ -188,6 +294,9 @@ mod tests {
             .map(|i| {
                 let h = &core[phoff + i * PHDR_LEN..][..PHDR_LEN];
                 assert_eq!(u64_at(h, 16), u64_at(h, 24), "paddr = vaddr");
+                if u32::from_le_bytes(h[..4].try_into().unwrap()) == PT_LOAD {
+                    assert_eq!(u64_at(h, 48), 0, "p_align of a load");
+                }
                 (u32::from_le_bytes(h[..4].try_into().unwrap()), u64_at(h, 8), u64_at(h, 16), u64_at(h, 32))
             })
             .collect()
@@ -204,7 +313,8 @@ mod tests {
         let ranges = [MemoryRange { first: 0, pages: 60, address: 0 }, MemoryRange { first: 60, pages: 40, address: 1 << 32 }];
         let path = dir.path().join("core");
         let report = write_core(&plan, &store, &ranges, &path, |_, _| {}).unwrap();
-        assert_eq!(report.root, plan.manifest.memory_root, "verified over the whole page space");
+        assert_eq!(report.restore.root, plan.manifest.memory_root, "verified over the whole page space");
+        assert_eq!(report.vmcoreinfo, Vmcoreinfo::Absent);
         let core = std::fs::read(&path).unwrap();
         let h = headers(&core);
         assert_eq!(h.len(), 3);
@@ -225,5 +335,81 @@ mod tests {
         let beyond = [MemoryRange { first: 90, pages: 20, address: 0 }];
         assert!(write_core(&plan, &store, &beyond, &dir.path().join("bad"), |_, _| {}).is_err());
         assert!(!dir.path().join("bad").exists());
+    }
+
+    /// The notes of a core's PT_NOTE: (name, type, description).
+    fn notes(core: &[u8]) -> Vec<(Vec<u8>, u32, Vec<u8>)> {
+        let (_, at, _, len) = headers(core)[0];
+        let mut b = &core[at as usize..][..len as usize];
+        let mut out = Vec::new();
+        while !b.is_empty() {
+            let word = |i: usize| u32::from_le_bytes(b[i * 4..i * 4 + 4].try_into().unwrap()) as usize;
+            let (name, desc, kind) = (word(0), word(1), word(2) as u32);
+            let desc_at = 12 + name.next_multiple_of(4);
+            out.push((b[12..12 + name].to_vec(), kind, b[desc_at..desc_at + desc].to_vec()));
+            b = &b[desc_at + desc.next_multiple_of(4)..];
+        }
+        out
+    }
+
+    /// A page holding a kernel's VMCOREINFO note with `text`, `at` bytes in.
+    fn kernel_note(text: &str, at: usize) -> Vec<u8> {
+        let mut page = vec![0u8; PAGE_SIZE];
+        page[at..at + 12].copy_from_slice(&[11, 0, 0, 0, text.len() as u8, (text.len() >> 8) as u8, 0, 0, 0, 0, 0, 0]);
+        page[at + 12..at + 24].copy_from_slice(b"VMCOREINFO\0\0");
+        page[at + 24..at + 24 + text.len()].copy_from_slice(text.as_bytes());
+        page
+    }
+
+    /// Commits epoch `epoch` of a 64-page guest writing `pages` into `mem`.
+    fn commit(store: &Store, epoch: u64, mem: &mut [u8], pages: &[(u64, Vec<u8>)]) {
+        let mut c = remus_store::EpochCommit {
+            guest: GuestId(1),
+            epoch: EpochId(epoch),
+            page_count: 64,
+            time_unix_ns: epoch,
+            ..Default::default()
+        };
+        for (pfn, content) in pages {
+            mem[*pfn as usize * PAGE_SIZE..][..PAGE_SIZE].copy_from_slice(content);
+            let id = remus_types::content_id(content);
+            c.pages.push((Pfn(*pfn), id));
+            c.chunks.push((id, remus_store::StoredChunk::Plain(content.clone())));
+        }
+        c.memory_root = remus_types::MemoryDigest::of_image(mem);
+        store.commit(c).unwrap();
+    }
+
+    #[test]
+    fn a_kernels_vmcoreinfo_note_at_a_page_start_is_carried_and_two_different_ones_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), StoreOptions::default()).unwrap();
+        let text = "OSRELEASE=6.1.0-test\nPAGESIZE=4096\nKERNELOFFSET=fa00000\n";
+        let mut mem = vec![0u8; 64 * PAGE_SIZE];
+        // The kernel's note at the start of page 5; the same bytes 24 bytes
+        // into page 9 (not a page start: not a note the kernel keeps); a
+        // note whose text would run past the end of the last range.
+        let mut spill = kernel_note("OSRELEASE=spill\n", 0);
+        spill[4..8].copy_from_slice(&3000u32.to_le_bytes());
+        commit(&store, 1, &mut mem, &[(5, kernel_note(text, 0)), (9, kernel_note("OSRELEASE=elsewhere\n", 24)), (63, spill)]);
+        let ranges = [MemoryRange { first: 0, pages: 64, address: 0 }];
+        let path = dir.path().join("core");
+        let plan = RestorePlan::new(&store, GuestId(1), Target::Epoch(EpochId(1))).unwrap();
+        let report = write_core(&plan, &store, &ranges, &path, |_, _| {}).unwrap();
+        assert_eq!(report.vmcoreinfo, Vmcoreinfo::Kept { release: "6.1.0-test".into() });
+        let core = std::fs::read(&path).unwrap();
+        let n = notes(&core);
+        assert_eq!(n.len(), 2, "REMUS and VMCOREINFO");
+        assert_eq!((n[1].0.as_slice(), n[1].1, n[1].2.as_slice()), (&b"VMCOREINFO\0"[..], 0, text.as_bytes()));
+        let (_, offset, _, _) = headers(&core)[1];
+        assert!(core[offset as usize..] == mem[..], "memory byte-exact after the larger header");
+
+        // A second, different note elsewhere: which one the kernel runs
+        // with cannot be told, so neither is carried.
+        commit(&store, 2, &mut mem, &[(20, kernel_note("OSRELEASE=forged\n", 0))]);
+        let plan = RestorePlan::new(&store, GuestId(1), Target::Epoch(EpochId(2))).unwrap();
+        let report = write_core(&plan, &store, &ranges, &path, |_, _| {}).unwrap();
+        assert_eq!(report.vmcoreinfo, Vmcoreinfo::Ambiguous { notes: 2 });
+        assert_eq!(notes(&std::fs::read(&path).unwrap()).len(), 1, "the REMUS note alone");
     }
 }

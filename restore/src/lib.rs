@@ -188,13 +188,24 @@ impl RestorePlan {
         &self,
         source: &S,
         segments: &[Segment<'_>],
-        mut progress: impl FnMut(u64, u64),
+        progress: impl FnMut(u64, u64),
     ) -> Result<RestoreReport, RestoreError> {
+        Ok(self.write_segments(source, segments, progress)?.0)
+    }
+
+    /// [`Self::execute_segments`], also giving the epoch's page table (the
+    /// pages that are not zero).
+    pub(crate) fn write_segments<S: RestoreSource + ?Sized>(
+        &self,
+        source: &S,
+        segments: &[Segment<'_>],
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<(RestoreReport, Vec<(Pfn, ChunkId)>), RestoreError> {
         let m = &self.manifest;
         let files = SegmentFiles::create(segments)?;
         let PagesWritten { written, table } = source.write_pages(self.guest, m, &files, &mut progress)?;
         let mut digest = MemoryDigest::zeroed(m.page_count);
-        for (pfn, id) in table {
+        for &(pfn, id) in &table {
             if pfn.0 >= m.page_count {
                 return Err(StoreError::malformed("page table", format!("names pfn {} beyond memory", pfn.0)).into());
             }
@@ -204,7 +215,7 @@ impl RestorePlan {
             files.sync()?;
         }
         let root = self.check_root(&mut digest)?;
-        Ok(RestoreReport { epoch: m.epoch, pages_written: written, bytes: m.page_count * PAGE_SIZE as u64, root })
+        Ok((RestoreReport { epoch: m.epoch, pages_written: written, bytes: m.page_count * PAGE_SIZE as u64, root }, table))
     }
 
     /// The root of `digest`, when it is the one the manifest records.

@@ -23,6 +23,18 @@ pub fn guest_image() -> (PathBuf, PathBuf) {
     (kernel, initrd)
 }
 
+/// The guest kernel's vmlinux with its debug symbols (for `crash`),
+/// fetched by scripts/qemu-deps.sh when missing.
+pub fn vmlinux() -> PathBuf {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/qemu-deps.sh");
+    let out = Command::new("bash")
+        .args(["-c", &format!("source {script} >/dev/null && printf %s \"$REMUS_GUEST_VMLINUX\"")])
+        .output()
+        .expect("scripts/qemu-deps.sh");
+    assert!(out.status.success(), "scripts/qemu-deps.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8(out.stdout).expect("a path"))
+}
+
 /// The network, as `ip` commands in order.
 pub const BRIDGE_AND_TAPS: &[&str] = &[
     "ip link set lo up",

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use remus_restore::elf::Vmcoreinfo;
 use remus_restore::{RestorePlan, RestoreReport, RestoreSource, S3Source, Target};
 use remus_types::{EpochId, GuestId};
 
@@ -106,9 +107,16 @@ fn bar(json: bool, len: u64, template: &str) -> Option<indicatif::ProgressBar> {
 /// A restored QEMU guest's state and run directory.
 type VmFiles = (remus_vm::QemuState, remus_vm::RunDir);
 
-/// What a restore wrote: the epoch's manifest, the report, and for a
-/// QEMU guest its files.
-type Restored = (remus_store::Manifest, RestoreReport, Option<VmFiles>);
+/// What a restore wrote.
+struct Restored {
+    /// The epoch's manifest.
+    manifest: remus_store::Manifest,
+    report: RestoreReport,
+    /// A QEMU guest's files (in the raw format).
+    vm: Option<VmFiles>,
+    /// Whether an ELF core carries the guest kernel's crash-dump note.
+    vmcoreinfo: Option<Vmcoreinfo>,
+}
 
 /// A QEMU guest's restore when `vm` wrote its files; for any other guest,
 /// the one image `image` writes (which `--run` cannot start: refused
@@ -160,20 +168,22 @@ fn restore_from<S: RestoreSource + ?Sized>(args: &RestoreArgs, source: &S, to: &
             b.set_position(done);
         }
     };
-    let (report, vm) = match args.format {
+    let (report, vm, vmcoreinfo) = match args.format {
         ImageFormat::ElfCore => {
             let ranges = remus_restore::elf::memory_ranges(&plan, source)?;
-            (remus_restore::elf::write_core(&plan, source, &ranges, to, &mut show)?, None)
+            let core = remus_restore::elf::write_core(&plan, source, &ranges, to, &mut show)?;
+            (core.restore, None, Some(core.vmcoreinfo))
         }
         ImageFormat::Raw => {
             let vm = remus_restore::vm::restore_vm(source, &plan, to, &mut show)?;
-            files_or_image(args, vm, || Ok(plan.execute(source, to, &mut show)?))?
+            let (report, vm) = files_or_image(args, vm, || Ok(plan.execute(source, to, &mut show)?))?;
+            (report, vm, None)
         }
     };
     if let Some(b) = pages {
         b.finish_and_clear();
     }
-    Ok((plan.manifest, report, vm))
+    Ok(Restored { manifest: plan.manifest, report, vm, vmcoreinfo })
 }
 
 /// Runs the restore.
@@ -192,7 +202,7 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
         return serve(args, target, at, t0);
     }
     let to = args.to.as_deref().context("--to is required")?;
-    let (manifest, report, vm) = if args.from.is_some() {
+    let Restored { manifest, report, vm, vmcoreinfo } = if args.from.is_some() {
         restore_from_s3(args, to, target)?
     } else {
         let store = super::open_store_read_only(args.store.as_deref(), &args.data_dir)?;
@@ -206,11 +216,12 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
             "bytes": report.bytes, "pages_written": report.pages_written, "memory_root": report.root.to_hex(),
             "verified": true, "seconds": secs, "to": to.display().to_string(),
             "format": if args.format == ImageFormat::ElfCore { "elf-core" } else { "raw" },
+            "kernel_release": match &vmcoreinfo { Some(Vmcoreinfo::Kept { release }) => Some(release), _ => None },
         });
         println!("{v}");
     } else {
         println!(
-            "restored guest {} epoch {} ({}) to {}{}: {} bytes, {} pages written, memory root {} verified, {:.2} s",
+            "restored guest {} epoch {} ({}) to {}{}: {} bytes, {} pages written, memory root {} verified, {:.2} s{}",
             args.guest,
             report.epoch.0,
             super::format_time(plan.manifest.time_unix_ns),
@@ -219,7 +230,8 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
             report.bytes,
             report.pages_written,
             &report.root.to_hex()[..16],
-            secs
+            secs,
+            vmcoreinfo.as_ref().map(kernel_note).unwrap_or_default()
         );
     }
     if let (true, Some((state, run))) = (args.run, vm) {
@@ -251,6 +263,17 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
 fn trusted_machine(args: &RestoreArgs, state: &remus_vm::QemuState) -> Result<()> {
     let images = Config::load(args.config.as_deref())?.backup.qemu_images();
     state.machine.validate_from_peer(&images).with_context(|| format!("guest {}'s stored machine is not started", args.guest))
+}
+
+/// What a core's line says of the guest kernel's crash-dump note.
+fn kernel_note(v: &Vmcoreinfo) -> String {
+    match v {
+        Vmcoreinfo::Absent => String::new(),
+        Vmcoreinfo::Kept { release } => format!("; kernel {release}'s VMCOREINFO kept (`crash VMLINUX CORE` opens it)"),
+        Vmcoreinfo::Ambiguous { notes } => {
+            format!("; {notes} different VMCOREINFO notes in guest memory, none kept (`crash` needs `--kaslr` for this core)")
+        }
+    }
 }
 
 /// Where the gdbstub listens, for the line `--run` prints.
