@@ -6,7 +6,8 @@
 # connected again and its output released within 300 ms again (and that
 # after connecting: the catch-up), and the longest an output waited.
 #
-# usage: scripts/partition.sh RTT_MS LOSS   (REMUS_BIN, REMUS_RELAY_BIN: the binaries)
+# usage: scripts/partition.sh RTT_MS LOSS   (REMUS_BIN, REMUS_RELAY_BIN: the binaries;
+#        REMUS_CONFIG: a configuration file for the primary)
 set -u
 T=${CARGO_TARGET_DIR:-target}/release
 R=${REMUS_BIN:-$T/remus}
@@ -23,7 +24,7 @@ mkfifo $D/ctl
 $RELAY --to $ADDR --delay $(( $1 / 2 ))ms --jitter 1ms --loss $2 < $D/ctl > $D/r.out 2>$D/r.err &
 RP=$!
 for i in $(seq 50); do [ -s $D/r.out ] && break; sleep 0.1; done
-RUST_LOG=info,remus_node=debug $R --data-dir $D protect --backup $(head -1 $D/r.out) --seconds 25 --json > $D/p.json 2>$D/p.err
+RUST_LOG=info,remus_node=debug $R --data-dir $D protect --backup $(head -1 $D/r.out) ${REMUS_CONFIG:+--config $REMUS_CONFIG} --seconds 25 --json > $D/p.json 2>$D/p.err
 kill $BP $RP 2>/dev/null
 wait 2>/dev/null
 python3 - $D/p.err $D/heal <<'PY'

@@ -77,7 +77,24 @@ impl Controller for Capped {
         self.inner.initial_window().min(self.cap())
     }
 
+    /// The wrapped controller's state: what a reader of the link's
+    /// controller wants (BBR's estimates for the path trace and for the
+    /// next connection's Careful Resume) lies there; the cap holds only
+    /// the configured rate and the last RTT.
     fn into_any(self: Box<Self>) -> Box<dyn Any> {
-        self
+        self.inner.into_any()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_capped_controller_shows_the_controller_it_wraps() {
+        let inner: Arc<dyn ControllerFactory + Send + Sync> = Arc::new(quinn::congestion::BbrConfig::default());
+        let capped = Arc::new(CappedFactory { inner, rate: 1 << 20 }).build(Instant::now(), 1200);
+        assert!(capped.window() <= (1 << 20) / 10 + MIN_WINDOW, "capped before any RTT sample: {}", capped.window());
+        assert!(capped.clone_box().into_any().downcast::<quinn::congestion::Bbr>().is_ok(), "BBR's state is readable through the cap");
     }
 }
