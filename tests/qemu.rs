@@ -535,7 +535,12 @@ fn a_failed_over_guest_is_protected_again_and_survives_a_second_failover() {
     for _ in 0..10 {
         seen.push(request(&mut conn, "inc").parse::<u64>().expect("a number"));
     }
-    far.wait_committed(1, 1, Duration::from_secs(60));
+    // C first records where the history it continues left off (nothing of
+    // the memory yet), then commits the new host's epochs after it.
+    let graft = far.wait_line("continuing guest-1 after epoch ", Duration::from_secs(60));
+    let after: u64 = graft.split_whitespace().nth(4).and_then(|e| e.parse().ok()).expect(&graft);
+    assert!(after >= handed, "{graft}: the history continues from the failover epoch {handed} on");
+    far.wait_committed(1, after + 1, Duration::from_secs(60));
     // The new host dies too, under load.
     conn.get_mut().write_all(b"inc\n").unwrap();
     sh(&["kill", "-9", &pid.to_string()]);

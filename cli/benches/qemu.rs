@@ -608,9 +608,8 @@ fn protected_again(kernel: &Path, initrd: &Path, data: &Path, work: &Path, rtt_m
     let (handed, line) = near.wait_lines(&["failover guest-1"], Duration::from_secs(30)).remove(0);
     let pid = line.split("remus pid ").nth(1).and_then(|p| p.split(',').next()).expect(&line).to_string();
     let log = line.split("(log ").nth(1).map(|l| PathBuf::from(l.trim_end_matches(')'))).expect(&line);
-    // The third backup's first "committed" line is the graft (the history
-    // it continues), not the memory: the new primary says when it is
-    // protected, in its log.
+    // The new primary says when it is protected, in its log (the third
+    // backup's first line for the guest is the graft, "continuing").
     let protected = protected_in_log(&log, asked_wall, Duration::from_secs(120));
     let _ = primary.child.wait();
     std::thread::sleep(Duration::from_secs(2));

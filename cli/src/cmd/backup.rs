@@ -93,7 +93,14 @@ pub fn run(args: &BackupArgs, cfg: &Config, config_path: Option<&Path>, data_dir
         next_progress = std::time::Instant::now() + Duration::from_millis(500);
         for (g, head) in backup.store.guests()? {
             if shown.insert(g, head.epoch) != Some(head.epoch) {
-                println!("committed {g} epoch {}", head.epoch.0);
+                match backup.store.manifest(g, head.epoch) {
+                    // A graft: the head is another backup's epoch, whose
+                    // memory is not here (the primary sends it next).
+                    Err(remus_store::StoreError::NoEpoch { .. }) => {
+                        println!("continuing {g} after epoch {} (its history up to there is elsewhere)", head.epoch.0);
+                    }
+                    _ => println!("committed {g} epoch {}", head.epoch.0),
+                }
                 std::io::stdout().flush()?;
             }
             if let (Some(u), true) = (&backup.uploader, cfg.s3.is_some()) {
