@@ -25,6 +25,7 @@ pub fn guest_image() -> (PathBuf, PathBuf) {
 
 /// The guest kernel's vmlinux with its debug symbols (for `crash`),
 /// fetched by scripts/qemu-deps.sh when missing.
+#[allow(dead_code)] // the benches share this file and do not use it
 pub fn vmlinux() -> PathBuf {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/qemu-deps.sh");
     let out = Command::new("bash")
