@@ -263,11 +263,24 @@ fn counter_service_survives_sigkill_of_the_primary() {
     let memory = std::fs::read(at.join("memory")).unwrap();
     let addr = busy_page(&memory);
     let stub = format!("target remote 127.0.0.1:{gdb_port}");
-    let (text, read) = gdb_bytes(&[&stub, "info registers rip", "maint packet Qqemu.PhyMemMode:1"], addr);
-    assert!(text.lines().any(|l| l.starts_with("rip") && l.contains("0x")), "gdb info registers: {text}");
+    let (text, read) = gdb_bytes(&[&stub, "info registers rip", "info registers rsp", "maint packet Qqemu.PhyMemMode:1"], addr);
+    let live = (register(&text, "rip"), register(&text, "rsp"));
     assert_eq!(read, memory[addr..addr + 8], "gdb reads the epoch's memory at {addr:#x}");
     drop(run);
     drop(out);
+    // The same epoch as an ELF core carries the vCPU's registers (read by
+    // remus from the device state): gdb finds in it what QEMU, loading that
+    // device state itself, showed, and the same memory.
+    let core40 = dir.path().join("epoch-40.core");
+    let out = run_limited(
+        Command::new(remus_restore()).args(["--data-dir"]).arg(&data).args(["--epoch", "40", "--format", "elf-core", "--to"]).arg(&core40),
+        Duration::from_secs(60),
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && said.contains("; registers of 1 vCPU(s)"), "{said} {}", String::from_utf8_lossy(&out.stderr));
+    let (text, read) = gdb_bytes(&[&format!("core-file {}", core40.display()), "info registers rip", "info registers rsp"], addr);
+    assert_eq!((register(&text, "rip"), register(&text, "rsp")), live, "the core's registers are QEMU's: {text}");
+    assert_eq!(read, memory[addr..addr + 8], "gdb reads the core at guest-physical {addr:#x}");
 
     // The last committed epoch, brought back lazily: QEMU starts at once on
     // the epoch's files mounted from the store, and the guest serves the
@@ -636,6 +649,15 @@ fn remus_move_takes_the_guest_there_and_on_under_client_load_losing_no_request()
 /// The first page above 1 MiB whose first 8 bytes are all non-zero.
 fn busy_page(memory: &[u8]) -> usize {
     (0x10_0000..memory.len()).step_by(4096).find(|&a| memory[a..a + 8].iter().all(|&b| b != 0)).expect("a busy page")
+}
+
+/// The value of register `name` in gdb's `info registers` output.
+fn register(text: &str, name: &str) -> String {
+    text.lines()
+        .map(str::split_whitespace)
+        .find_map(|mut f| (f.next() == Some(name)).then(|| f.next()).flatten())
+        .unwrap_or_else(|| panic!("gdb printed no {name}: {text}"))
+        .to_string()
 }
 
 /// Runs `gdb -batch` with `commands`, then reads 8 bytes at `addr`:

@@ -53,6 +53,12 @@ const VMCOREINFO_FIRST: &[u8] = b"OSRELEASE=";
 const VMCOREINFO_MAX: usize = PAGE_SIZE;
 /// A note's header: name size, description size, type.
 const NOTE_HEADER: usize = 12;
+/// Note type of a thread's (here a vCPU's) registers.
+const NT_PRSTATUS: u32 = 1;
+/// `struct elf_prstatus` on x86-64.
+const PRSTATUS_LEN: usize = 336;
+/// An `NT_PRSTATUS` note: header, "CORE" padded, the structure.
+const PRSTATUS_NOTE: usize = NOTE_HEADER + 8 + PRSTATUS_LEN;
 const EHDR_LEN: usize = 64;
 const PHDR_LEN: usize = 56;
 const PT_LOAD: u32 = 1;
@@ -79,17 +85,43 @@ pub struct MemoryRange {
     pub address: u64,
 }
 
-/// The guest memory of the plan's epoch, as ranges of its page space: a
-/// QEMU guest's RAM at its guest-physical addresses (its machine's map, see
-/// `remus-vm`), any other guest's whole page space from address 0.
+/// What a core of the plan's epoch holds: its memory as ranges of the
+/// page space, and for a QEMU guest where its device-state stream lies
+/// (the vCPUs' registers are read from it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoreLayout {
+    /// The memory.
+    pub ranges: Vec<MemoryRange>,
+    /// QEMU's device state: its first page, its length in bytes, and the
+    /// vCPUs it holds.
+    pub device_stream: Option<DeviceStream>,
+}
+
+/// Where a QEMU guest's device-state stream lies in its page space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceStream {
+    /// First page.
+    pub first: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// vCPUs of the machine.
+    pub cpus: u32,
+}
+
+/// The layout of a core of the plan's epoch: a QEMU guest's RAM at its
+/// guest-physical addresses (its machine's map, see `remus-vm`) and its
+/// device-state stream, any other guest's whole page space from address 0.
 ///
 /// # Errors
 /// The tier's errors; a device state that names a QEMU guest but does not
 /// decode.
-pub fn memory_ranges<S: RestoreSource + ?Sized>(plan: &RestorePlan, source: &S) -> Result<Vec<MemoryRange>, RestoreError> {
+pub fn layout<S: RestoreSource + ?Sized>(plan: &RestorePlan, source: &S) -> Result<CoreLayout, RestoreError> {
     Ok(match remus_vm::QemuState::decode(&source.device_state(&plan.manifest)?)? {
-        Some(s) => s.machine.ram_ranges().into_iter().map(|(first, pages, address)| MemoryRange { first, pages, address }).collect(),
-        None => vec![MemoryRange { first: 0, pages: plan.manifest.page_count, address: 0 }],
+        Some(s) => CoreLayout {
+            ranges: s.machine.ram_ranges().into_iter().map(|(first, pages, address)| MemoryRange { first, pages, address }).collect(),
+            device_stream: Some(DeviceStream { first: s.vmstate_pfn(), len: s.vmstate_len, cpus: s.machine.cpus }),
+        },
+        None => CoreLayout { ranges: vec![MemoryRange { first: 0, pages: plan.manifest.page_count, address: 0 }], device_stream: None },
     })
 }
 
@@ -100,6 +132,9 @@ pub struct CoreReport {
     pub restore: RestoreReport,
     /// The guest kernel's crash-dump note, copied into the core or not.
     pub vmcoreinfo: Vmcoreinfo,
+    /// vCPUs whose registers the core carries (`NT_PRSTATUS`): all of a
+    /// QEMU guest's when its device state holds them as expected, else 0.
+    pub registers: usize,
 }
 
 /// The guest kernel's crash-dump note (VMCOREINFO) in a core.
@@ -121,8 +156,8 @@ pub enum Vmcoreinfo {
     },
 }
 
-/// Writes the plan's epoch as an ELF core at `path` holding `ranges` of
-/// its page space; `progress(done, total)` as pages are written.
+/// Writes the plan's epoch as an ELF core at `path` as `layout` says;
+/// `progress(done, total)` as pages are written.
 ///
 /// # Errors
 /// As [`RestorePlan::execute`]; [`RestoreError::Io`] for a range outside
@@ -130,12 +165,14 @@ pub enum Vmcoreinfo {
 pub fn write_core<S: RestoreSource + ?Sized>(
     plan: &RestorePlan,
     source: &S,
-    ranges: &[MemoryRange],
+    layout: &CoreLayout,
     path: &Path,
     progress: impl FnMut(u64, u64),
 ) -> Result<CoreReport, RestoreError> {
     let m = &plan.manifest;
-    if let Some(r) = ranges.iter().find(|r| r.first.checked_add(r.pages).is_none_or(|end| end > m.page_count)) {
+    let ranges = &layout.ranges;
+    let stream = layout.device_stream.map(|d| MemoryRange { first: d.first, pages: d.len.div_ceil(PAGE_SIZE as u64), address: 0 });
+    if let Some(r) = ranges.iter().chain(&stream).find(|r| r.first.checked_add(r.pages).is_none_or(|end| end > m.page_count)) {
         return Err(RestoreError::Io(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!("memory range of {} pages from page {} lies beyond the guest's {} pages", r.pages, r.first, m.page_count),
@@ -143,7 +180,8 @@ pub fn write_core<S: RestoreSource + ?Sized>(
     }
     let mut notes = note(plan);
     let headers = EHDR_LEN + PHDR_LEN * (1 + ranges.len());
-    let room = NOTE_HEADER + VMCOREINFO_NAME.len() + VMCOREINFO_MAX;
+    let cpus = layout.device_stream.map_or(0, |d| d.cpus as usize);
+    let room = cpus * PRSTATUS_NOTE + NOTE_HEADER + VMCOREINFO_NAME.len() + VMCOREINFO_MAX;
     let data_start = (headers + notes.len() + room).next_multiple_of(PAGE_SIZE) as u64;
     let mut offsets = Vec::with_capacity(ranges.len());
     let mut at = data_start;
@@ -151,10 +189,29 @@ pub fn write_core<S: RestoreSource + ?Sized>(
         offsets.push(at);
         at += r.pages * PAGE_SIZE as u64;
     }
-    let segments: Vec<Segment<'_>> =
+    let mut segments: Vec<Segment<'_>> =
         ranges.iter().zip(&offsets).map(|(r, &offset)| Segment { first: r.first, pages: r.pages, path, offset }).collect();
+    // The device state goes after the memory for a moment: read back for
+    // the registers, then cut off (it is not memory).
+    let end = at;
+    if let Some(r) = stream {
+        segments.push(Segment { first: r.first, pages: r.pages, path, offset: end });
+    }
     let (restore, table) = plan.write_segments(source, &segments, progress)?;
     let f = OpenOptions::new().read(true).write(true).open(path)?;
+    let mut registers = 0;
+    if let Some(d) = layout.device_stream {
+        let mut bytes = vec![0u8; usize::try_from(d.len).expect("a device state in memory")];
+        f.read_exact_at(&mut bytes, end)?;
+        f.set_len(end)?;
+        segments.pop();
+        if let Some(vcpus) = remus_vm::cpu::x86_registers(&bytes, cpus) {
+            for (i, r) in vcpus.iter().enumerate() {
+                notes.extend_from_slice(&prstatus_note(i, r));
+            }
+            registers = vcpus.len();
+        }
+    }
     let vmcoreinfo = match find_vmcoreinfo(&f, &segments, &table)?.as_slice() {
         [] => Vmcoreinfo::Absent,
         [text] => {
@@ -176,7 +233,59 @@ pub fn write_core<S: RestoreSource + ?Sized>(
     if plan.sync {
         f.sync_all()?;
     }
-    Ok(CoreReport { restore, vmcoreinfo })
+    Ok(CoreReport { restore, vmcoreinfo, registers })
+}
+
+/// An `NT_PRSTATUS` note for vCPU `index` (x86-64 `struct elf_prstatus`,
+/// 336 bytes: `pr_pid` at 32 is the vCPU's index + 1, so gdb shows one
+/// thread per vCPU; `pr_reg`, a `user_regs_struct`, at 112).
+fn prstatus_note(index: usize, r: &remus_vm::cpu::X86Registers) -> Vec<u8> {
+    let g = &r.gpr;
+    let [es, cs, ss, ds, fs, gs] = r.segments;
+    // user_regs_struct: r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx
+    // rsi rdi orig_rax rip cs eflags rsp ss fs_base gs_base ds es fs gs;
+    // QEMU's order is rax rcx rdx rbx rsp rbp rsi rdi r8..r15.
+    let regs = [
+        g[15],
+        g[14],
+        g[13],
+        g[12],
+        g[5],
+        g[3],
+        g[11],
+        g[10],
+        g[9],
+        g[8],
+        g[0],
+        g[1],
+        g[2],
+        g[6],
+        g[7],
+        u64::MAX,
+        r.rip,
+        u64::from(cs.0),
+        r.rflags,
+        g[4],
+        u64::from(ss.0),
+        fs.1,
+        gs.1,
+        u64::from(ds.0),
+        u64::from(es.0),
+        u64::from(fs.0),
+        u64::from(gs.0),
+    ];
+    let mut desc = vec![0u8; PRSTATUS_LEN];
+    desc[32..36].copy_from_slice(&u32::try_from(index + 1).unwrap_or(u32::MAX).to_le_bytes());
+    for (i, v) in regs.iter().enumerate() {
+        desc[112 + i * 8..120 + i * 8].copy_from_slice(&v.to_le_bytes());
+    }
+    let mut out = Vec::with_capacity(PRSTATUS_NOTE);
+    out.extend_from_slice(&5u32.to_le_bytes());
+    out.extend_from_slice(&(PRSTATUS_LEN as u32).to_le_bytes());
+    out.extend_from_slice(&NT_PRSTATUS.to_le_bytes());
+    out.extend_from_slice(b"CORE\0\0\0\0");
+    out.extend_from_slice(&desc);
+    out
 }
 
 /// The texts of the distinct VMCOREINFO notes that start a page of the
@@ -312,7 +421,7 @@ mod tests {
         // Two ranges, the second at an address of its own (as RAM above 4 GiB).
         let ranges = [MemoryRange { first: 0, pages: 60, address: 0 }, MemoryRange { first: 60, pages: 40, address: 1 << 32 }];
         let path = dir.path().join("core");
-        let report = write_core(&plan, &store, &ranges, &path, |_, _| {}).unwrap();
+        let report = write_core(&plan, &store, &CoreLayout { ranges: ranges.to_vec(), device_stream: None }, &path, |_, _| {}).unwrap();
         assert_eq!(report.restore.root, plan.manifest.memory_root, "verified over the whole page space");
         assert_eq!(report.vmcoreinfo, Vmcoreinfo::Absent);
         let core = std::fs::read(&path).unwrap();
@@ -333,6 +442,7 @@ mod tests {
         }
         // A range beyond the guest is refused before anything is written.
         let beyond = [MemoryRange { first: 90, pages: 20, address: 0 }];
+        let beyond = CoreLayout { ranges: beyond.to_vec(), device_stream: None };
         assert!(write_core(&plan, &store, &beyond, &dir.path().join("bad"), |_, _| {}).is_err());
         assert!(!dir.path().join("bad").exists());
     }
@@ -395,7 +505,7 @@ mod tests {
         let ranges = [MemoryRange { first: 0, pages: 64, address: 0 }];
         let path = dir.path().join("core");
         let plan = RestorePlan::new(&store, GuestId(1), Target::Epoch(EpochId(1))).unwrap();
-        let report = write_core(&plan, &store, &ranges, &path, |_, _| {}).unwrap();
+        let report = write_core(&plan, &store, &CoreLayout { ranges: ranges.to_vec(), device_stream: None }, &path, |_, _| {}).unwrap();
         assert_eq!(report.vmcoreinfo, Vmcoreinfo::Kept { release: "6.1.0-test".into() });
         let core = std::fs::read(&path).unwrap();
         let n = notes(&core);
@@ -408,7 +518,7 @@ mod tests {
         // with cannot be told, so neither is carried.
         commit(&store, 2, &mut mem, &[(20, kernel_note("OSRELEASE=forged\n", 0))]);
         let plan = RestorePlan::new(&store, GuestId(1), Target::Epoch(EpochId(2))).unwrap();
-        let report = write_core(&plan, &store, &ranges, &path, |_, _| {}).unwrap();
+        let report = write_core(&plan, &store, &CoreLayout { ranges: ranges.to_vec(), device_stream: None }, &path, |_, _| {}).unwrap();
         assert_eq!(report.vmcoreinfo, Vmcoreinfo::Ambiguous { notes: 2 });
         assert_eq!(notes(&std::fs::read(&path).unwrap()).len(), 1, "the REMUS note alone");
     }

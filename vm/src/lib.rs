@@ -24,6 +24,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod cpu;
+
 use remus_types::format::{self, FormatError};
 use remus_types::PAGE_SIZE;
 use serde::{Deserialize, Serialize};

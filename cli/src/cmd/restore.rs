@@ -114,8 +114,9 @@ struct Restored {
     report: RestoreReport,
     /// A QEMU guest's files (in the raw format).
     vm: Option<VmFiles>,
-    /// Whether an ELF core carries the guest kernel's crash-dump note.
-    vmcoreinfo: Option<Vmcoreinfo>,
+    /// Whether an ELF core carries the guest kernel's crash-dump note, and
+    /// of how many vCPUs it carries the registers.
+    vmcoreinfo: Option<(Vmcoreinfo, usize)>,
 }
 
 /// A QEMU guest's restore when `vm` wrote its files; for any other guest,
@@ -170,9 +171,9 @@ fn restore_from<S: RestoreSource + ?Sized>(args: &RestoreArgs, source: &S, to: &
     };
     let (report, vm, vmcoreinfo) = match args.format {
         ImageFormat::ElfCore => {
-            let ranges = remus_restore::elf::memory_ranges(&plan, source)?;
-            let core = remus_restore::elf::write_core(&plan, source, &ranges, to, &mut show)?;
-            (core.restore, None, Some(core.vmcoreinfo))
+            let layout = remus_restore::elf::layout(&plan, source)?;
+            let core = remus_restore::elf::write_core(&plan, source, &layout, to, &mut show)?;
+            (core.restore, None, Some((core.vmcoreinfo, core.registers)))
         }
         ImageFormat::Raw => {
             let vm = remus_restore::vm::restore_vm(source, &plan, to, &mut show)?;
@@ -216,7 +217,8 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
             "bytes": report.bytes, "pages_written": report.pages_written, "memory_root": report.root.to_hex(),
             "verified": true, "seconds": secs, "to": to.display().to_string(),
             "format": if args.format == ImageFormat::ElfCore { "elf-core" } else { "raw" },
-            "kernel_release": match &vmcoreinfo { Some(Vmcoreinfo::Kept { release }) => Some(release), _ => None },
+            "kernel_release": match &vmcoreinfo { Some((Vmcoreinfo::Kept { release }, _)) => Some(release), _ => None },
+            "vcpu_registers": vmcoreinfo.as_ref().map(|(_, n)| n),
         });
         println!("{v}");
     } else {
@@ -231,7 +233,7 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
             report.pages_written,
             &report.root.to_hex()[..16],
             secs,
-            vmcoreinfo.as_ref().map(kernel_note).unwrap_or_default()
+            vmcoreinfo.as_ref().map(core_notes).unwrap_or_default()
         );
     }
     if let (true, Some((state, run))) = (args.run, vm) {
@@ -265,15 +267,18 @@ fn trusted_machine(args: &RestoreArgs, state: &remus_vm::QemuState) -> Result<()
     state.machine.validate_from_peer(&images).with_context(|| format!("guest {}'s stored machine is not started", args.guest))
 }
 
-/// What a core's line says of the guest kernel's crash-dump note.
-fn kernel_note(v: &Vmcoreinfo) -> String {
-    match v {
-        Vmcoreinfo::Absent => String::new(),
-        Vmcoreinfo::Kept { release } => format!("; kernel {release}'s VMCOREINFO kept (`crash VMLINUX CORE` opens it)"),
-        Vmcoreinfo::Ambiguous { notes } => {
-            format!("; {notes} different VMCOREINFO notes in guest memory, none kept (`crash` needs `--kaslr` for this core)")
+/// What a core's line says of the vCPUs' registers and the guest
+/// kernel's crash-dump note.
+fn core_notes((v, registers): &(Vmcoreinfo, usize)) -> String {
+    let registers = if *registers > 0 { format!("; registers of {registers} vCPU(s)") } else { String::new() };
+    registers
+        + &match v {
+            Vmcoreinfo::Absent => String::new(),
+            Vmcoreinfo::Kept { release } => format!("; kernel {release}'s VMCOREINFO kept (`crash VMLINUX CORE` opens it)"),
+            Vmcoreinfo::Ambiguous { notes } => {
+                format!("; {notes} different VMCOREINFO notes in guest memory, none kept (`crash` needs `--kaslr` for this core)")
+            }
         }
-    }
 }
 
 /// Where the gdbstub listens, for the line `--run` prints.
