@@ -14,11 +14,8 @@ R=${REMUS_BIN:-$T/remus}
 RELAY=${REMUS_RELAY_BIN:-$T/remus-relay}
 D=$(mktemp -d)
 trap 'rm -rf $D' EXIT
-$R --data-dir $D keygen >/dev/null 2>&1
-$R --data-dir $D backup --listen 127.0.0.1:0 > $D/b.out 2>$D/b.err &
-BP=$!
-for i in $(seq 50); do grep -q "listening on" $D/b.out 2>/dev/null && break; sleep 0.1; done
-ADDR=$(head -1 $D/b.out | awk '{print $3}')
+source "$(dirname "$0")/backup-lib.sh"
+start_backup $R $D
 mkfifo $D/ctl
 ( sleep 10; echo partition; sleep 5; date -u +%Y-%m-%dT%H:%M:%S.%N > $D/heal; echo heal; sleep 30 ) > $D/ctl &
 $RELAY --to $ADDR --delay $(( $1 / 2 ))ms --jitter 1ms --loss $2 < $D/ctl > $D/r.out 2>$D/r.err &

@@ -8,11 +8,8 @@
 set -u
 R=${REMUS_BIN:-${CARGO_TARGET_DIR:-target}/release/remus}
 D=$(mktemp -d)
-$R --data-dir $D keygen >/dev/null 2>&1
-taskset -c 0 $R --data-dir $D backup --listen 127.0.0.1:0 > $D/b.out 2>$D/b.err &
-BP=$!
-for i in $(seq 50); do grep -q "listening on" $D/b.out 2>/dev/null && break; sleep 0.1; done
-ADDR=$(head -1 $D/b.out | awk '{print $3}')
+source "$(dirname "$0")/backup-lib.sh"
+start_backup $R $D taskset -c 0
 T0=$(awk '{print $14+$15}' /proc/$BP/stat)
 taskset -c 1 $R --data-dir $D protect --backup $ADDR --seconds $2 --pages-per-sec $1 --json --drain-seconds 30 > $D/p.json 2>$D/p.err
 T1=$(awk '{print $14+$15}' /proc/$BP/stat)
