@@ -179,7 +179,9 @@ pub fn write_core<S: RestoreSource + ?Sized>(
         )));
     }
     let mut notes = note(plan);
-    let headers = EHDR_LEN + PHDR_LEN * (1 + ranges.len());
+    // Room for a second load of each range: its part in the kernel image's
+    // mapping, when a Linux kernel's note says where that is.
+    let headers = EHDR_LEN + PHDR_LEN * (1 + 2 * ranges.len());
     let cpus = layout.device_stream.map_or(0, |d| d.cpus as usize);
     let room = cpus * PRSTATUS_NOTE + NOTE_HEADER + VMCOREINFO_NAME.len() + VMCOREINFO_MAX;
     let data_start = (headers + notes.len() + room).next_multiple_of(PAGE_SIZE) as u64;
@@ -212,28 +214,79 @@ pub fn write_core<S: RestoreSource + ?Sized>(
             registers = vcpus.len();
         }
     }
+    let mut loads: Vec<(u64, u64, u64, u64)> =
+        ranges.iter().zip(&offsets).map(|(r, &offset)| (offset, r.address, r.address, r.pages * PAGE_SIZE as u64)).collect();
     let vmcoreinfo = match find_vmcoreinfo(&f, &segments, &table)?.as_slice() {
         [] => Vmcoreinfo::Absent,
         [text] => {
             notes.extend_from_slice(&vmcoreinfo_note(text));
+            if let Some(image) = KernelImage::of(text) {
+                let image_loads: Vec<_> = loads.iter().filter_map(|&l| image.load(l)).collect();
+                loads.extend(image_loads);
+            }
             let release = text[VMCOREINFO_FIRST.len()..].split(|&b| b == b'\n').next().unwrap_or_default();
             Vmcoreinfo::Kept { release: String::from_utf8_lossy(release).into_owned() }
         }
         several => Vmcoreinfo::Ambiguous { notes: several.len() },
     };
     let mut head = Vec::with_capacity(headers + notes.len());
-    ehdr(&mut head, 1 + ranges.len());
-    phdr(&mut head, PT_NOTE, PF_R, headers as u64, 0, notes.len() as u64, 0, 1);
-    for (r, &offset) in ranges.iter().zip(&offsets) {
-        let len = r.pages * PAGE_SIZE as u64;
-        phdr(&mut head, PT_LOAD, PF_RWX, offset, r.address, len, len, 0);
+    ehdr(&mut head, 1 + loads.len());
+    phdr(&mut head, PT_NOTE, PF_R, headers as u64, 0, 0, notes.len() as u64, 0, 1);
+    for &(offset, vaddr, paddr, len) in &loads {
+        phdr(&mut head, PT_LOAD, PF_RWX, offset, vaddr, paddr, len, len, 0);
     }
+    head.resize(headers, 0);
     head.extend_from_slice(&notes);
     f.write_all_at(&head, 0)?;
     if plan.sync {
         f.sync_all()?;
     }
     Ok(CoreReport { restore, vmcoreinfo, registers })
+}
+
+/// Where an x86-64 Linux kernel maps its own image: virtual
+/// `__START_KERNEL_map` (0xffffffff80000000) + physical − `phys_base`, for
+/// `KERNEL_IMAGE_SIZE` bytes (both from its VMCOREINFO). A second load of
+/// guest RAM at those addresses lets gdb read the kernel's text and data
+/// by their symbols (`p jiffies`, a backtrace on a stack in the image)
+/// where the first load gives it guest-physical addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct KernelImage {
+    phys_base: i128,
+    size: i128,
+}
+
+impl KernelImage {
+    const START: i128 = 0xffff_ffff_8000_0000;
+
+    /// From a VMCOREINFO text; `None` without `NUMBER(phys_base)`.
+    fn of(text: &[u8]) -> Option<Self> {
+        let number = |key: &str| {
+            text.split(|&b| b == b'\n')
+                .find_map(|l| l.strip_prefix(key.as_bytes()))
+                .and_then(|v| std::str::from_utf8(v).ok()?.parse::<i64>().ok())
+        };
+        let phys_base = number("NUMBER(phys_base)=")?;
+        let size = number("NUMBER(KERNEL_IMAGE_SIZE)=").unwrap_or(1 << 30);
+        Some(Self { phys_base: i128::from(phys_base), size: i128::from(size) })
+    }
+
+    /// The part of a load `(offset, vaddr, paddr, len)` the image mapping
+    /// covers, as a load at the image's virtual addresses.
+    fn load(self, (offset, _, paddr, len): (u64, u64, u64, u64)) -> Option<(u64, u64, u64, u64)> {
+        let (start, end) = (i128::from(paddr), i128::from(paddr) + i128::from(len));
+        let lo = start.max(self.phys_base);
+        let hi = end.min(self.phys_base + self.size);
+        (lo < hi).then(|| {
+            let vaddr = u64::try_from(lo - self.phys_base + Self::START).expect("in the top 2 GiB");
+            (
+                offset + u64::try_from(lo - start).expect("within the load"),
+                vaddr,
+                u64::try_from(lo).expect("physical"),
+                u64::try_from(hi - lo).expect("a length"),
+            )
+        })
+    }
 }
 
 /// An `NT_PRSTATUS` note for vCPU `index` (x86-64 `struct elf_prstatus`,
@@ -349,10 +402,10 @@ fn ehdr(out: &mut Vec<u8>, phnum: usize) {
 }
 
 #[allow(clippy::too_many_arguments)] // the eight fields of an ELF program header
-fn phdr(out: &mut Vec<u8>, kind: u32, flags: u32, offset: u64, address: u64, filesz: u64, memsz: u64, align: u64) {
+fn phdr(out: &mut Vec<u8>, kind: u32, flags: u32, offset: u64, vaddr: u64, paddr: u64, filesz: u64, memsz: u64, align: u64) {
     out.extend_from_slice(&kind.to_le_bytes());
     out.extend_from_slice(&flags.to_le_bytes());
-    for v in [offset, address, address, filesz, memsz, align] {
+    for v in [offset, vaddr, paddr, filesz, memsz, align] {
         out.extend_from_slice(&v.to_le_bytes());
     }
 }
@@ -402,7 +455,9 @@ mod tests {
         (0..phnum)
             .map(|i| {
                 let h = &core[phoff + i * PHDR_LEN..][..PHDR_LEN];
-                assert_eq!(u64_at(h, 16), u64_at(h, 24), "paddr = vaddr");
+                if u64_at(h, 16) < 0xffff_ffff_8000_0000 {
+                    assert_eq!(u64_at(h, 16), u64_at(h, 24), "paddr = vaddr outside the kernel image's mapping");
+                }
                 if u32::from_le_bytes(h[..4].try_into().unwrap()) == PT_LOAD {
                     assert_eq!(u64_at(h, 48), 0, "p_align of a load");
                 }
@@ -491,10 +546,26 @@ mod tests {
     }
 
     #[test]
+    fn the_kernel_image_mapping_covers_the_part_of_a_load_inside_it() {
+        let image = KernelImage { phys_base: 0x400_0000, size: 0x100_0000 };
+        // A load from physical 0 of 128 MiB at file offset 8192: its part
+        // from 64 MiB for 16 MiB, at the image's start.
+        assert_eq!(image.load((8192, 0, 0, 128 << 20)), Some((8192 + 0x400_0000, 0xffff_ffff_8000_0000, 0x400_0000, 0x100_0000)));
+        assert_eq!(image.load((8192, 0x1_0000_0000, 0x1_0000_0000, 1 << 20)), None, "above the image");
+        let low = KernelImage { phys_base: -0xc60_0000, size: 1 << 30 };
+        assert_eq!(low.load((4096, 0, 0, 1 << 20)), Some((4096, 0xffff_ffff_8c60_0000, 0, 1 << 20)));
+        assert_eq!(
+            KernelImage::of(b"OSRELEASE=x\nNUMBER(phys_base)=-207618048\n"),
+            Some(KernelImage { phys_base: -207_618_048, size: 1 << 30 })
+        );
+        assert_eq!(KernelImage::of(b"OSRELEASE=x\n"), None);
+    }
+
+    #[test]
     fn a_kernels_vmcoreinfo_note_at_a_page_start_is_carried_and_two_different_ones_are_not() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db"), StoreOptions::default()).unwrap();
-        let text = "OSRELEASE=6.1.0-test\nPAGESIZE=4096\nKERNELOFFSET=fa00000\n";
+        let text = "OSRELEASE=6.1.0-test\nPAGESIZE=4096\nNUMBER(phys_base)=-1048576\nKERNELOFFSET=fa00000\n";
         let mut mem = vec![0u8; 64 * PAGE_SIZE];
         // The kernel's note at the start of page 5; the same bytes 24 bytes
         // into page 9 (not a page start: not a note the kernel keeps); a
@@ -511,8 +582,13 @@ mod tests {
         let n = notes(&core);
         assert_eq!(n.len(), 2, "REMUS and VMCOREINFO");
         assert_eq!((n[1].0.as_slice(), n[1].1, n[1].2.as_slice()), (&b"VMCOREINFO\0"[..], 0, text.as_bytes()));
-        let (_, offset, _, _) = headers(&core)[1];
+        let h = headers(&core);
+        let (_, offset, _, _) = h[1];
         assert!(core[offset as usize..] == mem[..], "memory byte-exact after the larger header");
+        // The kernel image's mapping, from phys_base: the same bytes again at
+        // 0xffffffff80000000 + physical + 1 MiB.
+        assert_eq!(h.len(), 3, "{h:?}");
+        assert_eq!(h[2], (PT_LOAD, offset, 0xffff_ffff_8010_0000, 64 * PAGE_SIZE as u64));
 
         // A second, different note elsewhere: which one the kernel runs
         // with cannot be told, so neither is carried.
@@ -520,6 +596,8 @@ mod tests {
         let plan = RestorePlan::new(&store, GuestId(1), Target::Epoch(EpochId(2))).unwrap();
         let report = write_core(&plan, &store, &CoreLayout { ranges: ranges.to_vec(), device_stream: None }, &path, |_, _| {}).unwrap();
         assert_eq!(report.vmcoreinfo, Vmcoreinfo::Ambiguous { notes: 2 });
-        assert_eq!(notes(&std::fs::read(&path).unwrap()).len(), 1, "the REMUS note alone");
+        let core = std::fs::read(&path).unwrap();
+        assert_eq!(notes(&core).len(), 1, "the REMUS note alone");
+        assert_eq!(headers(&core).len(), 2, "no kernel image mapping without the note");
     }
 }
