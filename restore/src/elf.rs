@@ -3,10 +3,12 @@
 //!
 //! Layout (ELF64, little-endian, `ET_CORE`):
 //! ```text
-//! ELF header | program headers: one PT_NOTE, then one PT_LOAD per memory range
+//! ELF header | program headers: one PT_NOTE, one PT_LOAD per memory range, then
+//!              (with a kernel's note) one per range's part in the kernel image's mapping
 //! note "REMUS" (type NT_REMUS): JSON naming guest, epoch, time, manifest, memory root
+//! note "CORE" (NT_PRSTATUS) per vCPU of a QEMU guest: its registers
 //! note "VMCOREINFO" (type 0), when the guest's memory holds a Linux kernel's
-//! padding to a page (room for the largest VMCOREINFO note is kept whether or not)
+//! padding to a page (room for the largest notes and loads is kept whether or not)
 //! each range's pages, in order, page-aligned (pages never written are holes)
 //! ```
 //! Each `PT_LOAD` has `p_paddr` = `p_vaddr` = the range's address: for a
