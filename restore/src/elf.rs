@@ -46,8 +46,10 @@ use crate::{RestoreError, RestorePlan, RestoreReport, RestoreSource, Segment};
 
 /// Note type of the note that names the epoch ("REMU").
 pub const NT_REMUS: u32 = 0x554d_4552;
-const NOTE_NAME: &[u8] = b"REMUS\0";
-/// The kernel's crash-dump note: its name (with its padding) ...
+const NOTE_NAME: &[u8] = b"REMUS";
+/// The kernel's crash-dump note: its name ...
+const VMCOREINFO: &[u8] = b"VMCOREINFO";
+/// ... as it lies in a note (its NUL and padding) ...
 const VMCOREINFO_NAME: &[u8; 12] = b"VMCOREINFO\0\0";
 /// ... the first key of its text ...
 const VMCOREINFO_FIRST: &[u8] = b"OSRELEASE=";
@@ -216,12 +218,16 @@ pub fn write_core<S: RestoreSource + ?Sized>(
             registers = vcpus.len();
         }
     }
-    let mut loads: Vec<(u64, u64, u64, u64)> =
-        ranges.iter().zip(&offsets).map(|(r, &offset)| (offset, r.address, r.address, r.pages * PAGE_SIZE as u64)).collect();
+    let mut loads: Vec<Load> = ranges
+        .iter()
+        .zip(&offsets)
+        .map(|(r, &offset)| Load { offset, vaddr: r.address, paddr: r.address, len: r.pages * PAGE_SIZE as u64 })
+        .collect();
     let vmcoreinfo = match find_vmcoreinfo(&f, &segments, &table)?.as_slice() {
         [] => Vmcoreinfo::Absent,
         [text] => {
-            notes.extend_from_slice(&vmcoreinfo_note(text));
+            // As the kernel writes it.
+            notes.extend_from_slice(&elf_note(VMCOREINFO, 0, text));
             if let Some(image) = KernelImage::of(text) {
                 let image_loads: Vec<_> = loads.iter().filter_map(|&l| image.load(l)).collect();
                 loads.extend(image_loads);
@@ -234,8 +240,8 @@ pub fn write_core<S: RestoreSource + ?Sized>(
     let mut head = Vec::with_capacity(headers + notes.len());
     ehdr(&mut head, 1 + loads.len());
     phdr(&mut head, PT_NOTE, PF_R, headers as u64, 0, 0, notes.len() as u64, 0, 1);
-    for &(offset, vaddr, paddr, len) in &loads {
-        phdr(&mut head, PT_LOAD, PF_RWX, offset, vaddr, paddr, len, len, 0);
+    for l in &loads {
+        phdr(&mut head, PT_LOAD, PF_RWX, l.offset, l.vaddr, l.paddr, l.len, l.len, 0);
     }
     head.resize(headers, 0);
     head.extend_from_slice(&notes);
@@ -244,6 +250,16 @@ pub fn write_core<S: RestoreSource + ?Sized>(
         f.sync_all()?;
     }
     Ok(CoreReport { restore, vmcoreinfo, registers })
+}
+
+/// A `PT_LOAD`: `len` bytes of the file from `offset`, at virtual address
+/// `vaddr` and guest-physical `paddr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Load {
+    offset: u64,
+    vaddr: u64,
+    paddr: u64,
+    len: u64,
 }
 
 /// Where an x86-64 Linux kernel maps its own image: virtual
@@ -273,20 +289,17 @@ impl KernelImage {
         Some(Self { phys_base: i128::from(phys_base), size: i128::from(size) })
     }
 
-    /// The part of a load `(offset, vaddr, paddr, len)` the image mapping
-    /// covers, as a load at the image's virtual addresses.
-    fn load(self, (offset, _, paddr, len): (u64, u64, u64, u64)) -> Option<(u64, u64, u64, u64)> {
-        let (start, end) = (i128::from(paddr), i128::from(paddr) + i128::from(len));
+    /// The part of `load` the image mapping covers, as a load at the
+    /// image's virtual addresses.
+    fn load(self, load: Load) -> Option<Load> {
+        let (start, end) = (i128::from(load.paddr), i128::from(load.paddr) + i128::from(load.len));
         let lo = start.max(self.phys_base);
         let hi = end.min(self.phys_base + self.size);
-        (lo < hi).then(|| {
-            let vaddr = u64::try_from(lo - self.phys_base + Self::START).expect("in the top 2 GiB");
-            (
-                offset + u64::try_from(lo - start).expect("within the load"),
-                vaddr,
-                u64::try_from(lo).expect("physical"),
-                u64::try_from(hi - lo).expect("a length"),
-            )
+        (lo < hi).then(|| Load {
+            offset: load.offset + u64::try_from(lo - start).expect("within the load"),
+            vaddr: u64::try_from(lo - self.phys_base + Self::START).expect("in the top 2 GiB"),
+            paddr: u64::try_from(lo).expect("physical"),
+            len: u64::try_from(hi - lo).expect("a length"),
         })
     }
 }
@@ -334,13 +347,7 @@ fn prstatus_note(index: usize, r: &remus_vm::cpu::X86Registers) -> Vec<u8> {
     for (i, v) in regs.iter().enumerate() {
         desc[112 + i * 8..120 + i * 8].copy_from_slice(&v.to_le_bytes());
     }
-    let mut out = Vec::with_capacity(PRSTATUS_NOTE);
-    out.extend_from_slice(&5u32.to_le_bytes());
-    out.extend_from_slice(&(PRSTATUS_LEN as u32).to_le_bytes());
-    out.extend_from_slice(&NT_PRSTATUS.to_le_bytes());
-    out.extend_from_slice(b"CORE\0\0\0\0");
-    out.extend_from_slice(&desc);
-    out
+    elf_note(b"CORE", NT_PRSTATUS, &desc)
 }
 
 /// The texts of the distinct VMCOREINFO notes that start a page of the
@@ -376,14 +383,17 @@ fn find_vmcoreinfo(f: &std::fs::File, segments: &[Segment<'_>], table: &[(Pfn, C
     Ok(found)
 }
 
-/// A VMCOREINFO note holding `text`, as the kernel writes it.
-fn vmcoreinfo_note(text: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(NOTE_HEADER + VMCOREINFO_NAME.len() + text.len() + 3);
-    out.extend_from_slice(&11u32.to_le_bytes());
-    out.extend_from_slice(&(text.len() as u32).to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(VMCOREINFO_NAME);
-    out.extend_from_slice(text);
+/// An ELF note: name size (with its NUL), description size, type, then
+/// `name` and `desc`, each padded to four bytes with zeros.
+fn elf_note(name: &[u8], kind: u32, desc: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(NOTE_HEADER + name.len() + desc.len() + 8);
+    out.extend_from_slice(&u32::try_from(name.len() + 1).expect("a short name").to_le_bytes());
+    out.extend_from_slice(&u32::try_from(desc.len()).expect("a note under 4 GiB").to_le_bytes());
+    out.extend_from_slice(&kind.to_le_bytes());
+    out.extend_from_slice(name);
+    out.push(0);
+    out.resize(out.len().next_multiple_of(4), 0);
+    out.extend_from_slice(desc);
     out.resize(out.len().next_multiple_of(4), 0);
     out
 }
@@ -412,25 +422,15 @@ fn phdr(out: &mut Vec<u8>, kind: u32, flags: u32, offset: u64, vaddr: u64, paddr
     }
 }
 
-/// The note naming the epoch: namesz, descsz, type, name and JSON, each
-/// padded to four bytes.
+/// The note naming the epoch: its JSON.
 fn note(plan: &RestorePlan) -> Vec<u8> {
     let m = &plan.manifest;
     let desc = serde_json::json!({
         "guest": plan.guest.0, "epoch": m.epoch.0, "time_unix_ns": m.time_unix_ns, "generation": m.generation,
         "manifest": m.id().to_hex(), "memory_root": m.memory_root.to_hex(), "page_count": m.page_count,
     })
-    .to_string()
-    .into_bytes();
-    let mut out = Vec::new();
-    out.extend_from_slice(&(NOTE_NAME.len() as u32).to_le_bytes());
-    out.extend_from_slice(&(desc.len() as u32).to_le_bytes());
-    out.extend_from_slice(&NT_REMUS.to_le_bytes());
-    for part in [NOTE_NAME, &desc[..]] {
-        out.extend_from_slice(part);
-        out.resize(out.len().next_multiple_of(4), 0);
-    }
-    out
+    .to_string();
+    elf_note(NOTE_NAME, NT_REMUS, desc.as_bytes())
 }
 
 #[cfg(test)]
@@ -552,10 +552,11 @@ mod tests {
         let image = KernelImage { phys_base: 0x400_0000, size: 0x100_0000 };
         // A load from physical 0 of 128 MiB at file offset 8192: its part
         // from 64 MiB for 16 MiB, at the image's start.
-        assert_eq!(image.load((8192, 0, 0, 128 << 20)), Some((8192 + 0x400_0000, 0xffff_ffff_8000_0000, 0x400_0000, 0x100_0000)));
-        assert_eq!(image.load((8192, 0x1_0000_0000, 0x1_0000_0000, 1 << 20)), None, "above the image");
+        let at = |offset, vaddr, paddr, len| Load { offset, vaddr, paddr, len };
+        assert_eq!(image.load(at(8192, 0, 0, 128 << 20)), Some(at(8192 + 0x400_0000, 0xffff_ffff_8000_0000, 0x400_0000, 0x100_0000)));
+        assert_eq!(image.load(at(8192, 0x1_0000_0000, 0x1_0000_0000, 1 << 20)), None, "above the image");
         let low = KernelImage { phys_base: -0xc60_0000, size: 1 << 30 };
-        assert_eq!(low.load((4096, 0, 0, 1 << 20)), Some((4096, 0xffff_ffff_8c60_0000, 0, 1 << 20)));
+        assert_eq!(low.load(at(4096, 0, 0, 1 << 20)), Some(at(4096, 0xffff_ffff_8c60_0000, 0, 1 << 20)));
         assert_eq!(
             KernelImage::of(b"OSRELEASE=x\nNUMBER(phys_base)=-207618048\n"),
             Some(KernelImage { phys_base: -207_618_048, size: 1 << 30 })

@@ -18,12 +18,12 @@
 
 /// The vmstate version of an x86 vCPU section this layout is read from.
 const X86_CPU_VERSION: u32 = 12;
-/// Bytes of the section read: registers, rip, rflags, hflags, the FPU
-/// words and registers, six segments.
-const READ: usize = 16 * 8 + 8 + 8 + 4 + 4 * 2 + 8 * 10 + 6 * SEGMENT;
-const SEGMENT: usize = 4 + 8 + 4 + 4;
-/// Where the segments start in the section.
+/// Where the segments start in the section: after the registers, rip,
+/// rflags, hflags, the FPU words and registers.
 const SEGMENTS_AT: usize = 16 * 8 + 8 + 8 + 4 + 4 * 2 + 8 * 10;
+const SEGMENT: usize = 4 + 8 + 4 + 4;
+/// Bytes of the section read: up to the end of the six segments.
+const READ: usize = SEGMENTS_AT + 6 * SEGMENT;
 
 /// One x86-64 vCPU's general registers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

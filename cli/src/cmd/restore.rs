@@ -116,7 +116,7 @@ struct Restored {
     vm: Option<VmFiles>,
     /// Whether an ELF core carries the guest kernel's crash-dump note, and
     /// of how many vCPUs it carries the registers.
-    vmcoreinfo: Option<(Vmcoreinfo, usize)>,
+    core: Option<(Vmcoreinfo, usize)>,
 }
 
 /// A QEMU guest's restore when `vm` wrote its files; for any other guest,
@@ -169,7 +169,7 @@ fn restore_from<S: RestoreSource + ?Sized>(args: &RestoreArgs, source: &S, to: &
             b.set_position(done);
         }
     };
-    let (report, vm, vmcoreinfo) = match args.format {
+    let (report, vm, core) = match args.format {
         ImageFormat::ElfCore => {
             let layout = remus_restore::elf::layout(&plan, source)?;
             let core = remus_restore::elf::write_core(&plan, source, &layout, to, &mut show)?;
@@ -184,7 +184,7 @@ fn restore_from<S: RestoreSource + ?Sized>(args: &RestoreArgs, source: &S, to: &
     if let Some(b) = pages {
         b.finish_and_clear();
     }
-    Ok(Restored { manifest: plan.manifest, report, vm, vmcoreinfo })
+    Ok(Restored { manifest: plan.manifest, report, vm, core })
 }
 
 /// Runs the restore.
@@ -203,7 +203,7 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
         return serve(args, target, at, t0);
     }
     let to = args.to.as_deref().context("--to is required")?;
-    let Restored { manifest, report, vm, vmcoreinfo } = if args.from.is_some() {
+    let Restored { manifest, report, vm, core } = if args.from.is_some() {
         restore_from_s3(args, to, target)?
     } else {
         let store = super::open_store_read_only(args.store.as_deref(), &args.data_dir)?;
@@ -217,8 +217,8 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
             "bytes": report.bytes, "pages_written": report.pages_written, "memory_root": report.root.to_hex(),
             "verified": true, "seconds": secs, "to": to.display().to_string(),
             "format": if args.format == ImageFormat::ElfCore { "elf-core" } else { "raw" },
-            "kernel_release": match &vmcoreinfo { Some((Vmcoreinfo::Kept { release }, _)) => Some(release), _ => None },
-            "vcpu_registers": vmcoreinfo.as_ref().map(|(_, n)| n),
+            "kernel_release": match &core { Some((Vmcoreinfo::Kept { release }, _)) => Some(release), _ => None },
+            "vcpu_registers": core.as_ref().map(|(_, n)| n),
         });
         println!("{v}");
     } else {
@@ -233,7 +233,7 @@ pub fn run(args: &RestoreArgs) -> Result<()> {
             report.pages_written,
             &report.root.to_hex()[..16],
             secs,
-            vmcoreinfo.as_ref().map(core_notes).unwrap_or_default()
+            core.as_ref().map(core_notes).unwrap_or_default()
         );
     }
     if let (true, Some((state, run))) = (args.run, vm) {
