@@ -492,8 +492,9 @@ fn a_guest_cut_off_from_backup_and_witness_fails_over_once_and_its_client_sees_o
 
 /// Three sites on the namespace's bridge: a primary (QEMU on tap-p)
 /// replicating to B (tap-b), which protects a guest it takes over again
-/// (`--reverse-to`), replicating to C (tap-c); and a client connected to
-/// the guest's counter service. Fields drop in order: the namespace last.
+/// (`--reverse-to`), replicating to C (tap-c), which does the same
+/// towards B; and a client connected to the guest's counter service.
+/// Fields drop in order: the namespace last.
 struct ThreeSites {
     conn: BufReader<TcpStream>,
     primary: KillOnDrop,
@@ -513,17 +514,19 @@ impl ThreeSites {
         let ns = Netns::create();
         let cfg = dir.join("remus.toml");
         std::fs::write(&cfg, format!("[backup]\nprimary-timeout-ms = 2000\n\n[protect]\nbackup-timeout-ms = 2000\n\n{extra}")).unwrap();
-        let backup = |store: &str, failover: &str, tap: &str, reverse_to: Option<&str>| {
+        let backup = |store: &str, failover: &str, tap: &str, listen: &str, reverse_to: &str| {
             let mut c = ns.command(&remus());
             c.arg("--config").arg(&cfg).args(["backup", "--data-dir"]).arg(&data).arg("--store").arg(data.join(store));
-            c.args(["--listen", "127.0.0.1:0", "--failover-dir"]).arg(dir.join(failover)).args(["--resume", "--tap", tap]);
-            if let Some(to) = reverse_to {
-                c.args(["--reverse-to", to]);
-            }
+            c.args(["--listen", listen, "--failover-dir"]).arg(dir.join(failover)).args(["--resume", "--tap", tap]);
+            c.args(["--reverse-to", reverse_to]);
             BackupProcess::spawn(c)
         };
-        let far = backup("store-c", "failover-c", "tap-c", None);
-        let near = backup("store-b", "failover-b", "tap-b", Some(&far.addr));
+        // Each protects a guest that arrives again, replicating to the
+        // other: B and C are two sites, the first host at C's (ports fixed
+        // in the namespace this test made, so each can name the other).
+        let (b, c) = ("127.0.0.1:7401", "127.0.0.1:7402");
+        let far = backup("store-c", "failover-c", "tap-c", c, b);
+        let near = backup("store-b", "failover-b", "tap-b", b, c);
         let run_dir = PathBuf::from(format!("/dev/shm/remus-test-{tag}{}", std::process::id()));
         let mut pcmd = ns.command(&remus());
         pcmd.arg("--config").arg(&cfg).args(["protect", "qemu", "--data-dir"]).arg(&data);
@@ -557,8 +560,7 @@ fn a_failed_over_guest_is_protected_again_and_survives_a_second_failover() {
     conn.read_line(&mut reply).expect("reply after the first failover");
     seen.push(reply.trim().parse().expect("a number"));
     let line = near.wait_line("failover guest-1 epoch ", Duration::from_secs(30));
-    assert!(line.contains("protected again by remus pid"), "{line}");
-    let pid: u32 = line.split("remus pid ").nth(1).and_then(|r| r.split(',').next()).and_then(|p| p.parse().ok()).expect("pid");
+    let pid = protected_again_by(&line);
     let handed: u64 = line.split_whitespace().nth(3).and_then(|e| e.parse().ok()).expect("the failover epoch");
     // The guest now runs protected at B, replicating to C: each reply it
     // gives is released only once C committed it.
@@ -578,8 +580,18 @@ fn a_failed_over_guest_is_protected_again_and_survives_a_second_failover() {
     conn.read_line(&mut reply).expect("reply after the second failover");
     seen.push(reply.trim().parse().expect("a number"));
     let line = far.wait_line("failover guest-1 epoch ", Duration::from_secs(30));
-    assert!(line.contains("resumed in qemu pid"), "{line}");
+    // Protected again at once, by B, which it failed over from before: B
+    // takes its history up again after the epoch C resumed it from.
+    let third = KillPidOnDrop(protected_again_by(&line));
+    let second: u64 = line.split_whitespace().nth(3).and_then(|e| e.parse().ok()).expect("the failover epoch");
     for _ in 0..10 {
+        seen.push(request(&mut conn, "inc").parse::<u64>().expect("a number"));
+    }
+    let graft = near.wait_line("continuing guest-1 after epoch ", Duration::from_secs(60));
+    let after: u64 = graft.split_whitespace().nth(4).and_then(|e| e.parse().ok()).expect(&graft);
+    assert!(after >= second, "{graft}: B's history goes on from C's failover epoch {second} on");
+    near.wait_committed(1, after + 1, Duration::from_secs(60));
+    for _ in 0..5 {
         seen.push(request(&mut conn, "inc").parse::<u64>().expect("a number"));
     }
     let expected: Vec<u64> = (1..=seen.len() as u64).collect();
@@ -601,14 +613,44 @@ fn a_failed_over_guest_is_protected_again_and_survives_a_second_failover() {
     let at_b = json(&["show", &handed.to_string(), "--json", "--store", &store("store-b")]);
     assert_eq!(at_c[0]["parent"], at_b[0]["manifest"], "one chain across both backups");
     json(&["verify", "--json", "--store", &store("store-c")]);
+    // B holds the guest's history up to the first failover and again
+    // after the second, one chain through C's epochs between, and it
+    // verifies; its epochs before the guest left are still restorable.
+    let at_b = json(&["log", "--json", "--store", &store("store-b")]);
+    let epochs: Vec<u64> = at_b.iter().map(|m| m["epoch"].as_u64().unwrap()).collect();
+    let back = epochs.iter().position(|e| *e > handed).expect("B committed epochs after the guest came back");
+    assert_eq!(epochs[back], after + 1, "{epochs:?}");
+    assert!(epochs[..back].iter().all(|e| *e <= handed), "{epochs:?}");
+    let at_c = json(&["show", &after.to_string(), "--json", "--store", &store("store-c")]);
+    assert_eq!(at_b[back]["parent"], at_c[0]["manifest"], "B's history goes on from C's epoch");
+    json(&["verify", "--json", "--store", &store("store-b")]);
+    drop(third);
+}
+
+/// The pid of the primary a backup's failover line says protects the
+/// guest again.
+fn protected_again_by(line: &str) -> u32 {
+    assert!(line.contains("protected again by remus pid"), "{line}");
+    line.split("remus pid ").nth(1).and_then(|r| r.split(',').next()).and_then(|p| p.parse().ok()).expect(line)
+}
+
+/// A process the test did not start itself (a primary a backup started),
+/// killed when the test ends, passed or failed.
+struct KillPidOnDrop(u32);
+
+impl Drop for KillPidOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-9", &self.0.to_string()]).status();
+    }
 }
 
 #[test]
-fn remus_move_takes_the_guest_there_and_on_under_client_load_losing_no_request() {
+fn remus_move_takes_the_guest_there_back_and_there_again_under_client_load_losing_no_request() {
     let _one = ONE_GUEST.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.jsonl");
-    // B protects the guest again once it arrives, replicating to C.
+    // B and C each protect the guest again once it arrives, replicating
+    // to the other.
     let sites = ThreeSites::start(dir.path(), "m", &format!("[hooks]\ncommand = \"cat >> {}\"\n", events.display()));
     let ThreeSites { mut conn, mut primary, near, far, run_dir, data, ns: _ns } = sites;
     // A client that keeps asking, one request after another, timing each.
@@ -632,34 +674,47 @@ fn remus_move_takes_the_guest_there_and_on_under_client_load_losing_no_request()
     let first = remus_move();
     assert!(primary.0.wait().unwrap().success(), "the primary that moved its guest ends well");
     let line = near.wait_line("failover guest-1 epoch ", Duration::from_secs(30));
-    assert!(line.contains("protected again by remus pid"), "{line}");
-    // The guest runs on at B, protected to C; then it moves on to C.
+    protected_again_by(&line);
+    // The guest runs on at B, protected to C (the first host's site);
+    // then it moves back there, and there again: each time protected at
+    // once by the site it left, which takes its history up again.
     far.wait_committed(1, 1, Duration::from_secs(120));
     std::thread::sleep(Duration::from_secs(2));
     let second = remus_move();
     let line = far.wait_line("failover guest-1 epoch ", Duration::from_secs(30));
-    assert!(line.contains("resumed in qemu pid"), "{line}");
+    protected_again_by(&line);
+    let graft = near.wait_line("continuing guest-1 after epoch ", Duration::from_secs(60));
+    let after: u64 = graft.split_whitespace().nth(4).and_then(|e| e.parse().ok()).expect(&graft);
+    near.wait_committed(1, after + 1, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(2));
+    let third = remus_move();
+    let line = near.wait_line("failover guest-1 epoch ", Duration::from_secs(30));
+    let last_host = KillPidOnDrop(protected_again_by(&line));
+    let graft = far.wait_line("continuing guest-1 after epoch ", Duration::from_secs(60));
+    let after: u64 = graft.split_whitespace().nth(4).and_then(|e| e.parse().ok()).expect(&graft);
+    far.wait_committed(1, after + 1, Duration::from_secs(120));
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (seen, mut conn) = client.join().unwrap();
     let values: Vec<u64> = seen.iter().map(|(v, _)| *v).collect();
     let expected: Vec<u64> = (1..=values.len() as u64).collect();
-    assert_eq!(values, expected, "across both moves the client's values run on from 1: none lost, none repeated");
+    assert_eq!(values, expected, "across three moves the client's values run on from 1: none lost, none repeated");
     let last = *values.last().unwrap();
     assert_eq!(request(&mut conn, "get"), format!("{last} {last}"), "memory and disk agree with what the client was told");
     // The pause each move cost the client: its two slowest requests.
     let mut slow: Vec<Duration> = seen.iter().map(|(_, d)| *d).collect();
     slow.sort_unstable();
-    eprintln!("move 1: {first}move 2: {second}slowest requests: {:?} of {} requests", &slow[slow.len() - 3..], values.len());
+    eprintln!("move 1: {first}move 2: {second}move 3: {third}slowest requests: {:?} of {} requests", &slow[slow.len() - 4..], values.len());
     let _ = std::fs::remove_dir_all(&run_dir);
-    // The hooks heard both moves: each backup a `move` and a `failover`
-    // at the epoch the guest was handed over at.
+    // The hooks heard every move: each a `move` and a `failover` at the
+    // epoch the guest was handed over at.
     let heard: Vec<serde_json::Value> =
         std::fs::read_to_string(&events).unwrap().lines().map(|l| serde_json::from_str(l).expect("one JSON event per line")).collect();
     let moves: Vec<u64> = heard.iter().filter(|e| e["event"] == "move").map(|e| e["epoch"].as_u64().unwrap()).collect();
     let failovers: Vec<u64> = heard.iter().filter(|e| e["event"] == "failover").map(|e| e["epoch"].as_u64().unwrap()).collect();
-    assert_eq!(moves.len(), 2, "{heard:?}");
+    assert_eq!(moves.len(), 3, "{heard:?}");
     assert_eq!(moves, failovers, "each move taken over from the epoch handed over");
+    drop(last_host);
 }
 
 /// The run state of the QEMU behind a QMP socket.

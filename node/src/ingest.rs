@@ -14,7 +14,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use remus_store::{EpochCommit, Store, StoreError, StoredChunk};
-use remus_types::{zero_page_hash, ChunkId, EpochId, GuestId, Pfn, PAGE_SIZE};
+use remus_types::{zero_page_hash, ChunkId, GuestId, Pfn, PAGE_SIZE};
 
 use crate::admission::Lineage;
 use remus_wan::{CommitError, DecodeError, PageEncoding, ReceivedEpoch};
@@ -139,7 +139,8 @@ fn decode_epoch(
         let hash = if r.encoding == PageEncoding::Zero { zero_page_hash() } else { r.hash };
         c.pages.push((r.pfn, hash));
     }
-    if lineage.continues_after.map(EpochId::next) == Some(h.epoch) {
+    // The first epoch of the run (merged or not) follows where it continues.
+    if lineage.continues_after == Some(h.follows) {
         zero_fill(&mut c.pages, h.page_count);
     }
     Ok(c)

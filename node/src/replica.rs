@@ -234,20 +234,20 @@ impl Replica for StoreReplica {
         generation: u64,
         continues: Option<(EpochId, ChunkId)>,
     ) -> Result<(EpochId, ChunkId), String> {
-        let mut head = self.store.head(guest).map_err(|e| e.to_string())?;
-        if let (None, Some((epoch, manifest))) = (head, continues) {
-            // A guest protected again after failing over elsewhere: its
-            // history here continues that chain.
-            if page_count > remus_types::MAX_PAGE_COUNT {
-                return Err(format!("{guest}: a memory of {page_count} pages is not one remus protects"));
-            }
-            let graft = remus_store::Head { epoch, manifest, instance, page_count, generation };
-            self.store.graft(guest, graft).map_err(|e| e.to_string())?;
-            tracing::info!(%guest, epoch = epoch.0, "history continued from another backup's epoch");
-            head = Some(graft);
-        }
+        let head = self.store.head(guest).map_err(|e| e.to_string())?;
         let fence = self.store.fenced(guest).map_err(|e| e.to_string())?;
-        let welcome = self.admission.welcome(guest, (instance, generation), page_count, head, fence)?;
+        let admitted = self.admission.welcome(guest, (instance, generation), page_count, (head, fence), continues)?;
+        if let Some(graft) = admitted.graft {
+            // A guest protected again after failing over or moving: its
+            // history here continues that chain (after what this backup
+            // held of it before, if anything).
+            if let Err(e) = self.store.graft(guest, graft) {
+                self.admission.disconnected(guest);
+                return Err(e.to_string());
+            }
+            let before = head.map(|h| h.epoch.0);
+            tracing::info!(%guest, epoch = graft.epoch.0, ?before, "history continued from another backup's epoch");
+        }
         self.welcomed.lock().insert(guest, Instant::now());
         if let (Some(w), FailoverAction::RestoreTo { .. }) = (&self.witness, &self.failover) {
             if let std::collections::hash_map::Entry::Vacant(e) = self.watches.lock().entry(guest) {
@@ -259,7 +259,7 @@ impl Replica for StoreReplica {
                 }
             }
         }
-        Ok(welcome)
+        Ok(admitted.committed)
     }
 
     fn commit(&self, epochs: Vec<ReceivedEpoch>) -> Result<ChunkId, CommitError> {

@@ -466,6 +466,18 @@ impl Store {
         }))
     }
 
+    /// Puts `head` into `batch` as `guest`'s head record (the layout
+    /// [`head`](Self::head) reads).
+    pub(crate) fn put_head(&self, batch: &mut WriteBatch, guest: GuestId, head: &Head) {
+        let mut v = Vec::with_capacity(64);
+        v.extend_from_slice(&head.epoch.0.to_be_bytes());
+        v.extend_from_slice(&head.manifest.0);
+        v.extend_from_slice(&head.instance.to_be_bytes());
+        v.extend_from_slice(&head.page_count.to_be_bytes());
+        v.extend_from_slice(&head.generation.to_be_bytes());
+        batch.put_cf(self.cf(CF_META), guest_key(b"head", guest), v);
+    }
+
     /// Records durably (a synced write) that `guest` failed over here at
     /// `epoch`; a later fence replaces an earlier one.
     ///
@@ -916,13 +928,8 @@ impl Store {
         };
         let id = manifest.id();
         batch.put_cf(self.cf(CF_EPOCHS), epoch_key(c.guest, c.epoch), manifest.encode());
-        let mut head_v = Vec::with_capacity(64);
-        head_v.extend_from_slice(&c.epoch.0.to_be_bytes());
-        head_v.extend_from_slice(&id.0);
-        head_v.extend_from_slice(&c.instance.to_be_bytes());
-        head_v.extend_from_slice(&c.page_count.to_be_bytes());
-        head_v.extend_from_slice(&c.generation.to_be_bytes());
-        batch.put_cf(self.cf(CF_META), guest_key(b"head", c.guest), head_v);
+        let head = Head { epoch: c.epoch, manifest: id, instance: c.instance, page_count: c.page_count, generation: c.generation };
+        self.put_head(batch, c.guest, &head);
         Ok(CommitOutcome { manifest, id, new_chunks, dup_chunks })
     }
 

@@ -137,33 +137,43 @@ struct Marked {
 }
 
 impl Store {
-    /// Starts `guest`'s history in this store after `head` (epoch and
+    /// Continues `guest`'s history in this store after `head` (epoch and
     /// manifest) of a history kept elsewhere, so that the next commit,
-    /// epoch `head.epoch + 1`, continues that chain (a guest protected
-    /// again after failing over, replicating to a backup that never held
-    /// it). The epochs up to `head.epoch` are recorded as a bridge from
-    /// the start, as if thinned: verify accepts the chain, and nothing
-    /// before the graft can be restored here. One synced write.
+    /// epoch `head.epoch + 1`, continues that chain: a guest protected
+    /// again after failing over or moving, replicating to a backup that
+    /// never held it, or that held it only up to an earlier epoch (it
+    /// failed over or moved from here, and comes back). The epochs this
+    /// store lacks up to `head.epoch` are recorded as a bridge, as if
+    /// thinned (from the start, or from the guest's head here): verify
+    /// accepts the chain, and none of them can be restored here. One
+    /// synced write.
     ///
     /// # Errors
-    /// [`StoreError::OutOfOrder`] when the guest already has history here;
-    /// [`StoreError::Db`].
+    /// [`StoreError::OutOfOrder`] when the guest's history here already
+    /// reaches `head.epoch`; [`StoreError::Db`].
     pub fn graft(&self, guest: GuestId, head: Head) -> Result<(), StoreError> {
-        if let Some(h) = self.head(guest)? {
-            return Err(StoreError::OutOfOrder { guest, epoch: head.epoch, head: h.epoch });
-        }
+        let here = self.head(guest)?;
         let mut batch = WriteBatch::default();
-        let bridge = Bridge { first: EpochId(1), last: head.epoch, first_parent: ChunkId::default(), last_id: head.manifest };
+        let bridge = match here {
+            Some(h) if h.epoch >= head.epoch => return Err(StoreError::OutOfOrder { guest, epoch: head.epoch, head: h.epoch }),
+            // Nothing before the graft is here to upload.
+            None => {
+                batch.put_cf(self.cf(CF_META), guest_key(b"s3cur", guest), head.epoch.0.to_be_bytes());
+                Bridge { first: EpochId(1), last: head.epoch, first_parent: ChunkId::default(), last_id: head.manifest }
+            }
+            Some(h) => match self.manifest(guest, h.epoch) {
+                // Grafted here before and never committed after: that
+                // graft's bridge reaches on.
+                Err(StoreError::NoEpoch { .. }) => match self.bridges(guest)?.into_iter().find(|b| b.last == h.epoch) {
+                    Some(b) => Bridge { last: head.epoch, last_id: head.manifest, ..b },
+                    None => return Err(StoreError::malformed(format!("{guest} head"), "no manifest and no bridge at the head")),
+                },
+                Ok(_) => Bridge { first: h.epoch.next(), last: head.epoch, first_parent: h.manifest, last_id: head.manifest },
+                Err(e) => return Err(e),
+            },
+        };
         put_bridge(self, &mut batch, guest, &bridge);
-        let mut head_v = Vec::with_capacity(64);
-        head_v.extend_from_slice(&head.epoch.0.to_be_bytes());
-        head_v.extend_from_slice(&head.manifest.0);
-        head_v.extend_from_slice(&head.instance.to_be_bytes());
-        head_v.extend_from_slice(&head.page_count.to_be_bytes());
-        head_v.extend_from_slice(&head.generation.to_be_bytes());
-        batch.put_cf(self.cf(CF_META), guest_key(b"head", guest), head_v);
-        // Nothing before the graft is here to upload.
-        batch.put_cf(self.cf(CF_META), guest_key(b"s3cur", guest), head.epoch.0.to_be_bytes());
+        self.put_head(&mut batch, guest, &head);
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
         self.db.write_opt(batch, &wo)?;

@@ -470,6 +470,39 @@ fn a_grafted_history_continues_a_chain_kept_elsewhere_and_verifies() {
 }
 
 #[test]
+fn a_guest_that_comes_back_continues_its_history_here_across_what_it_did_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(6);
+    // Epochs 1..=3 here; then the guest moved away and ran epochs 4..=8
+    // elsewhere (manifest of 8 there: `there`); it comes back after 8.
+    for e in 1..=3 {
+        store.commit(commit_of(g, e, &[(e, e as u8)])).unwrap();
+    }
+    let here = store.head(g).unwrap().unwrap();
+    let there = ChunkId([8; 32]);
+    let back = Head { epoch: EpochId(8), manifest: there, instance: 9, page_count: 64, generation: 3 };
+    assert!(matches!(store.graft(g, Head { epoch: EpochId(3), ..back }), Err(StoreError::OutOfOrder { .. })), "not behind what is here");
+    store.graft(g, Head { epoch: EpochId(6), ..back }).unwrap();
+    // Grafted again before anything was committed after it: one bridge.
+    store.graft(g, back).unwrap();
+    assert_eq!(store.head(g).unwrap(), Some(back));
+    assert_eq!(
+        store.bridges(g).unwrap(),
+        vec![Bridge { first: EpochId(4), last: EpochId(8), first_parent: here.manifest, last_id: there }]
+    );
+    let mut c = commit_of(g, 9, &[(1, 9), (2, 10)]);
+    (c.instance, c.generation) = (9, 3);
+    assert_eq!(store.commit(c).unwrap().manifest.parent, there, "the chain goes on from the other store's epoch 8");
+    assert_eq!(store.manifests(g).unwrap().iter().map(|m| m.epoch.0).collect::<Vec<_>>(), [1, 2, 3, 9]);
+    let report = store.verify(|_| {}).unwrap();
+    assert!(report.damage.is_empty(), "{:?}", report.damage);
+    // The epochs before the move are still here to restore.
+    assert_eq!(seeds_at(&store, g, 3), BTreeMap::from([(1, 1), (2, 2), (3, 3)]));
+    assert_eq!(seeds_at(&store, g, 9), BTreeMap::from([(1, 9), (2, 10), (3, 3)]), "what epoch 9 does not name reads as before");
+}
+
+#[test]
 fn the_change_walk_names_exactly_the_pages_whose_tables_differ() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), StoreOptions::default()).unwrap();

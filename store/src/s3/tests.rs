@@ -189,6 +189,34 @@ fn epochs_a_commit_skipped_are_bridged_in_s3_and_the_history_reads_and_verifies_
 }
 
 #[test]
+fn a_guest_that_comes_back_is_bridged_in_s3_once_an_epoch_follows_its_graft() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(6);
+    let tier = S3Tier::connect(&test_config("comes-back")).unwrap();
+    fill(&store, g, 1, 10);
+    // It ran epochs 11..=18 elsewhere and comes back after 18, before
+    // this store uploaded its epochs.
+    let head = store.head(g).unwrap().unwrap();
+    store.graft(g, crate::Head { epoch: EpochId(18), manifest: ChunkId([8; 32]), ..head }).unwrap();
+    tier.upload_pending(&store, &|| false).unwrap();
+    assert_eq!(store.s3_cursor(g).unwrap(), EpochId(10), "the epochs here, not past the graft: nothing follows it yet");
+    assert!(tier.bridges(g, EpochId(0)).unwrap().is_empty());
+    fill_following(&store, g, 18, 19, 3);
+    let r = tier.upload_pending(&store, &|| false).unwrap();
+    assert_eq!(r.epochs, 3, "{r:?}");
+    let spans: Vec<(u64, u64)> = tier.bridges(g, EpochId(0)).unwrap().iter().map(|b| (b.bridge.first.0, b.bridge.last.0)).collect();
+    assert_eq!(spans, vec![(11, 18)]);
+    let h = tier.history(g, Reach::ALL, &mut |_, _| {}).unwrap();
+    for e in [10u64, 19, 21] {
+        assert_eq!(h.page_table(EpochId(e)), local_table(&store, g, EpochId(e)), "epoch {e}");
+    }
+    let report = tier.verify(&mut |_| {}).unwrap();
+    assert_eq!(report.damage, vec![], "the chain crosses the epochs run elsewhere in S3");
+    assert_eq!(report.manifests, 13);
+}
+
+#[test]
 fn a_read_near_the_start_or_the_end_of_a_long_history_reads_a_bounded_number_of_objects() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
