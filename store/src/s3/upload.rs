@@ -357,12 +357,22 @@ impl S3Tier {
             // Epochs a commit skipped (merged into a later one by the
             // primary) are bridged as thinned ones are, before the
             // segments that cross them.
-            for b in store.bridges(guest)?.into_iter().filter(|b| b.first >= e && b.last < head.epoch) {
+            let bridges = store.bridges(guest)?;
+            // A graft's bridge reaches the head, which has no manifest
+            // here: final (and uploaded) once an epoch is committed after
+            // it, and the cursor waits before it until then.
+            let upto = match store.manifest(guest, head.epoch) {
+                Err(StoreError::NoEpoch { .. }) => {
+                    bridges.iter().find(|b| b.last == head.epoch).map_or(head.epoch, |b| EpochId(b.first.0 - 1))
+                }
+                _ => head.epoch,
+            };
+            for b in bridges.into_iter().filter(|b| b.first >= e && b.last < head.epoch) {
                 let bridge = BridgeObject { guest, bridge: b, pages: Vec::new() };
                 pass.report.requests += 1;
                 ok_if_exists(self.put_object(&format::bridge_key(&bridge), bridge.encode()))?;
             }
-            while e <= head.epoch && !stop() {
+            while e <= upto && !stop() {
                 let m = match store.manifest(guest, e) {
                     // Thinned before it was uploaded: nothing to send.
                     Err(StoreError::NoEpoch { .. }) => {
