@@ -113,11 +113,13 @@ impl Drop for KillOnDrop {
     }
 }
 
-fn wait_for_file_line(path: &Path, needle: &str, limit: Duration) {
+/// Waits until the file at `path` has a line containing `needle`, and
+/// returns that line.
+fn wait_for_file_line(path: &Path, needle: &str, limit: Duration) -> String {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
-        if std::fs::read_to_string(path).is_ok_and(|s| s.contains(needle)) {
-            return;
+        if let Some(line) = std::fs::read_to_string(path).ok().and_then(|s| s.lines().find(|l| l.contains(needle)).map(str::to_owned)) {
+            return line;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -686,6 +688,12 @@ fn remus_move_takes_the_guest_there_back_and_there_again_under_client_load_losin
     let graft = near.wait_line("continuing guest-1 after epoch ", Duration::from_secs(60));
     let after: u64 = graft.split_whitespace().nth(4).and_then(|e| e.parse().ok()).expect(&graft);
     near.wait_committed(1, after + 1, Duration::from_secs(120));
+    // B still held most of the guest's memory from before it left: the
+    // new primary was told, and sent those pages by reference.
+    let log = PathBuf::from(line.rsplit("(log ").next().and_then(|l| l.strip_suffix(')')).expect(&line));
+    let told = wait_for_file_line(&log, "the backup holds these of the guest's pages already", Duration::from_secs(30));
+    let chunks: u64 = told.split("chunks=").nth(1).and_then(|n| n.split_whitespace().next()).and_then(|n| n.parse().ok()).expect(&told);
+    assert!(chunks > 100, "{told}");
     std::thread::sleep(Duration::from_secs(2));
     let third = remus_move();
     let line = near.wait_line("failover guest-1 epoch ", Duration::from_secs(30));

@@ -23,6 +23,11 @@
 //!   third backup commits the new primary's first epoch (the whole
 //!   memory, as the new primary logs it), what remus-relay counted on the
 //!   way, and the client's slowest request.
+//! - Failback: at each round trip of REMUS_BENCH_QEMU_FAILBACK_RTT_MS
+//!   (default none), two sites each protecting a guest that arrives
+//!   (`--reverse-to` the other through remus-relay); the guest moves there
+//!   and back: the time until it is protected again each way, at a backup
+//!   holding nothing of it and at the one it left (which held most of it).
 //!
 //! `cargo bench -p remus-cli --bench qemu` as root (it makes a private
 //! network namespace for the guest's network). REMUS_BENCH_QEMU_SIZES
@@ -104,6 +109,20 @@ fn main() {
     let move_rtts = numbers("REMUS_BENCH_QEMU_MOVE_RTT_MS", "0");
     let reverse_rtts = numbers("REMUS_BENCH_QEMU_REVERSE_RTT_MS", "none");
     let timeouts = numbers("REMUS_BENCH_QEMU_TIMEOUT_MS", "500");
+    for rtt in numbers("REMUS_BENCH_QEMU_FAILBACK_RTT_MS", "none") {
+        let [there, back] = failback(&kernel, &initrd, &data, work.path(), rtt);
+        println!("failback (128 MiB, 40 Hz; B and C each protect a guest that arrives, replicating to the other through remus-relay, {rtt} ms round trip):");
+        println!(
+            "  move A -> B: protected again at C {:>6.0} ms after remus move (C held {} of its pages)",
+            there.0.as_secs_f64() * 1e3,
+            there.1
+        );
+        println!(
+            "  move B -> C: protected again at B {:>6.0} ms after remus move (B held {} of its pages, from before the first move)",
+            back.0.as_secs_f64() * 1e3,
+            back.1
+        );
+    }
     for &rtt in &reverse_rtts {
         let r = protected_again(&kernel, &initrd, &data, work.path(), rtt);
         println!("remus move to a backup protecting it again (--reverse-to a third, {rtt} ms round trip to it through remus-relay):");
@@ -360,12 +379,17 @@ fn backup(data: &Path, extra: &[&str]) -> (Proc, String) {
 
 /// `remus backup` with a config file.
 fn backup_with(config: Option<&Path>, data: &Path, extra: &[&str]) -> (Proc, String) {
+    backup_at(config, data, "127.0.0.1:0", extra)
+}
+
+/// `remus backup` listening on `listen`.
+fn backup_at(config: Option<&Path>, data: &Path, listen: &str, extra: &[&str]) -> (Proc, String) {
     let store = tempfile::Builder::new().prefix("store").tempdir_in(data.parent().unwrap()).unwrap().keep();
     let mut c = Command::new(remus());
     if let Some(config) = config {
         c.arg("--config").arg(config);
     }
-    c.args(["backup", "--data-dir"]).arg(data).arg("--store").arg(&store).args(["--listen", "127.0.0.1:0"]).args(extra);
+    c.args(["backup", "--data-dir"]).arg(data).arg("--store").arg(&store).args(["--listen", listen]).args(extra);
     let p = Proc::spawn(c);
     let (_, first) = p.wait_line("listening on ", Duration::from_secs(30));
     let addr = first.split_whitespace().nth(2).unwrap().to_string();
@@ -632,6 +656,69 @@ fn protected_again(kernel: &Path, initrd: &Path, data: &Path, work: &Path, rtt_m
     let _ = std::fs::remove_dir_all(&run_dir);
     let _ = std::fs::remove_dir_all(&fo);
     Reverse { handed: handed.duration_since(asked), protected, relayed, slowest, typical, said }
+}
+
+/// Failback through a round trip of `rtt_ms`: B and C (at the first
+/// host's site) each protect a guest that arrives, replicating to the
+/// other through remus-relay. The guest moves A -> B (C holds nothing of
+/// it), then back B -> C (B holds it as of the first move), under a
+/// client: for each move, the time until the new primary is protected
+/// (its backup committed its whole memory) and how many of its pages that
+/// backup told it it held.
+fn failback(kernel: &Path, initrd: &Path, data: &Path, work: &Path, rtt_ms: u64) -> [(Duration, u64); 2] {
+    // Fixed ports (this process's private namespace): each names the other.
+    let (b, c) = ("127.0.0.1:7411", "127.0.0.1:7412");
+    let (_to_c, via_c) = relay(c, rtt_ms);
+    let (_to_b, via_b) = relay(b, rtt_ms);
+    let (fo_b, fo_c) = (work.join(format!("failback-b-{rtt_ms}")), work.join(format!("failback-c-{rtt_ms}")));
+    let site = |fo: &Path, tap: &str, listen: &str, to: &str| {
+        backup_at(None, data, listen, &["--failover-dir", fo.to_str().unwrap(), "--resume", "--tap", tap, "--reverse-to", to]).0
+    };
+    let near = site(&fo_b, "tap-b", b, &via_c);
+    let far = site(&fo_c, "tap-c", c, &via_b);
+    let (mut primary, run_dir) = ready_primary(kernel, initrd, (128, 40), data, b, &format!("failback-{rtt_ms}"));
+    let client = Client::start();
+    let mut pids = Vec::new();
+    let mut out = [(Duration::ZERO, 0); 2];
+    for (i, taker) in [&near, &far].into_iter().enumerate() {
+        std::thread::sleep(Duration::from_secs(2));
+        let wall = std::time::SystemTime::now();
+        remus_move(data);
+        let (_, line) = taker.wait_lines(&["failover guest-1"], Duration::from_secs(30)).remove(0);
+        pids.push(line.split("remus pid ").nth(1).and_then(|p| p.split(',').next()).expect(&line).to_string());
+        let log = line.split("(log ").nth(1).map(|l| PathBuf::from(l.trim_end_matches(')'))).expect(&line);
+        let protected = protected_in_log(&log, wall, Duration::from_secs(120));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let held = text
+            .lines()
+            .find(|l| l.contains("the backup holds these of the guest's pages already"))
+            .and_then(|l| l.split("chunks=").nth(1))
+            .and_then(|n| n.split_whitespace().next())
+            .map_or(0, |n| n.parse().expect(&line));
+        out[i] = (protected, held);
+        if i == 0 {
+            let _ = primary.child.wait();
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    client.stop(Instant::now());
+    // The last new primary runs apart from the backup that started it.
+    for pid in &pids {
+        let _ = Command::new("kill").arg(pid).status();
+    }
+    for pid in &pids {
+        for _ in 0..100 {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    drop((near, far));
+    let _ = std::fs::remove_dir_all(&run_dir);
+    let _ = std::fs::remove_dir_all(&fo_b);
+    let _ = std::fs::remove_dir_all(&fo_c);
+    out
 }
 
 /// Waits for the line of `log` saying the primary is protected; the time

@@ -578,8 +578,11 @@ async fn consume_events(
                 let mut s = stats.lock();
                 (s.handed_over, s.handed_over_at) = (Some(epoch), Some(Instant::now()));
             }
-            LinkEvent::Connected { committed } => {
+            LinkEvent::Connected { committed, holds } => {
                 tracing::info!(committed = committed.0, "connected to backup");
+                if holds > 0 {
+                    tracing::info!(chunks = holds, "the backup holds these of the guest's pages already: they go by reference");
+                }
                 if let Some(b) = base.take() {
                     let _ = b.send(committed);
                 }
@@ -713,9 +716,9 @@ async fn consume_far_events(
                 drop(s);
                 releaser.acked(i, epoch);
             }
-            LinkEvent::Connected { committed } => {
+            LinkEvent::Connected { committed, holds } => {
                 far.connected = true;
-                tracing::info!(backup = ?addr, committed = committed.0, "connected to far backup");
+                tracing::info!(backup = ?addr, committed = committed.0, holds, "connected to far backup");
             }
             LinkEvent::Disconnected(why) => {
                 far.connected = false;

@@ -350,6 +350,39 @@ impl Replica for StoreReplica {
     fn disconnected(&self, guest: GuestId) {
         self.admission.disconnected(guest);
     }
+
+    fn holds(&self, guest: GuestId) -> Vec<ChunkId> {
+        let t0 = Instant::now();
+        match self.memory_held(guest) {
+            Ok(ids) => {
+                tracing::info!(%guest, chunks = ids.len(), ms = t0.elapsed().as_millis() as u64, "told the primary what its memory here holds");
+                ids
+            }
+            Err(e) => {
+                tracing::warn!(%guest, error = %e, "could not list what the guest's memory here holds; its primary sends it whole");
+                Vec::new()
+            }
+        }
+    }
+}
+
+impl StoreReplica {
+    /// The distinct non-zero chunks of `guest`'s memory at its head here
+    /// (at most [`remus_wan::MAX_HOLDS`]) that it may name by hash.
+    fn memory_held(&self, guest: GuestId) -> Result<Vec<ChunkId>, remus_store::StoreError> {
+        let Some(head) = self.store.head(guest)? else { return Ok(Vec::new()) };
+        let zero = remus_types::zero_page_hash();
+        let mut ids = std::collections::HashSet::new();
+        self.store.for_each_page_at(guest, head.epoch, |_, id| {
+            if id != zero && ids.len() < remus_wan::MAX_HOLDS {
+                ids.insert(id);
+            }
+            Ok(())
+        })?;
+        let ids: Vec<ChunkId> = ids.into_iter().collect();
+        let held = self.store.held(guest, &ids)?;
+        Ok(ids.into_iter().zip(held).filter(|(_, h)| *h).map(|(id, _)| id).collect())
+    }
 }
 
 #[cfg(test)]

@@ -230,6 +230,10 @@ pub enum LinkEvent {
     Connected {
         /// The last committed epoch.
         committed: EpochId,
+        /// Chunks the backup said the guest's memory holds there (asked
+        /// for by a run that knew nothing of it): pages with that content
+        /// go by reference.
+        holds: usize,
     },
     /// The backup deleted chunks (GC); `held` of them were counted as held
     /// by the encoder, which forgot them.
@@ -568,7 +572,7 @@ async fn serve_connection(
         }
         if core.is_connected() && !welcomed {
             welcomed = true;
-            let _ = events.send(LinkEvent::Connected { committed: core.acked() });
+            let _ = events.send(LinkEvent::Connected { committed: core.acked(), holds: core.assumed() });
         }
         if *input_closed && core.handover_pending() {
             // A planned move: ask (once on this connection, as soon as the
@@ -973,7 +977,19 @@ pub trait Replica: Send + Sync + 'static {
 
     /// The connection of `guest` ended (for any reason).
     fn disconnected(&self, guest: GuestId);
+
+    /// Chunks of `guest`'s memory at its head here that its primary may
+    /// name by hash (see [`Message::Holds`]), at most
+    /// [`MAX_HOLDS`]; asked for by a primary that knows nothing of what
+    /// this replica holds. Advisory: none is always correct.
+    fn holds(&self, _guest: GuestId) -> Vec<ChunkId> {
+        Vec::new()
+    }
 }
+
+/// Most chunks a backup lists in [`Message::Holds`] (32 MiB of hashes:
+/// a 4 GiB memory of distinct pages).
+pub const MAX_HOLDS: usize = 1 << 20;
 
 /// Timing of the backup's side.
 #[derive(Debug, Clone, Copy)]
@@ -1132,7 +1148,7 @@ async fn serve_primary<R: Replica>(
         Some(Control::Message(m)) => m?,
         Some(Control::Closed | Control::Datagram(_)) | None => return Err(LinkError::Closed),
     };
-    let Message::Hello { guest, instance, page_count, generation, continues } = hello else {
+    let Message::Hello { guest, instance, page_count, generation, continues, wants_holds } = hello else {
         return Err(ProtocolError::Unexpected("first control message is not Hello").into());
     };
     let r2 = Arc::clone(replica);
@@ -1154,7 +1170,13 @@ async fn serve_primary<R: Replica>(
     // Subscribed before the Welcome: what GC deletes from here on reaches
     // the primary after it.
     let deleted = replica.deleted_chunks(guest);
-    let session = Session { guest, page_count, committed, head, budget: Arc::clone(budget) };
+    let holds = if wants_holds {
+        let r2 = Arc::clone(replica);
+        tokio::task::spawn_blocking(move || r2.holds(guest)).await?
+    } else {
+        Vec::new()
+    };
+    let session = Session { guest, page_count, committed, head, holds, budget: Arc::clone(budget) };
     let result = serve_epochs(conn, replica, cfg, session, control, (tx, rx), deleted).await;
     replica.disconnected(guest);
     result
@@ -1184,6 +1206,9 @@ struct Session {
     page_count: u64,
     committed: EpochId,
     head: ChunkId,
+    /// What the guest's memory at the head holds, for the primary (when
+    /// its Hello asked).
+    holds: Vec<ChunkId>,
     budget: Arc<ConnectionBudget>,
 }
 
@@ -1191,14 +1216,14 @@ async fn serve_epochs<R: Replica>(
     conn: &Connection,
     replica: &Arc<R>,
     cfg: BackupLinkConfig,
-    Session { guest, page_count, committed, head, budget }: Session,
+    Session { guest, page_count, committed, head, holds, budget }: Session,
     mut control: SendStream,
     (tx, mut rx): (mpsc::UnboundedSender<Control>, mpsc::UnboundedReceiver<Control>),
     mut deleted: Option<tokio::sync::broadcast::Receiver<Arc<[ChunkId]>>>,
 ) -> Result<(), LinkError> {
     let mut core = ReceiverCore::new(Instant::now(), cfg.heartbeat, cfg.primary_timeout, cfg.primary_timeout_max);
     let mut activity = PeerActivity::default();
-    core.accept(guest, page_count, committed, head);
+    core.accept(guest, page_count, (committed, head), holds);
     let max = core.max_epoch_bytes();
     let inbox = Arc::new(ParityInbox::new(max as u64));
     let _report = ParityReport(Arc::clone(&inbox));

@@ -374,6 +374,20 @@ impl PageEncoder {
         self.shadow.retain(|_, (h, _)| held.contains_key(h));
     }
 
+    /// The backup says the guest may name `chunks` there (its Holds, before
+    /// the Welcome): count them as held, as sent before anything this run
+    /// sent (so no [`forget_after`](Self::forget_after) drops them).
+    /// Returns how many were not counted already.
+    pub fn assume_held(&mut self, chunks: &[ChunkId]) -> usize {
+        let before = self.held.len();
+        for c in chunks {
+            if !self.held.contains_key(c) {
+                self.held.insert(*c, EpochId(0));
+            }
+        }
+        self.held.len() - before
+    }
+
     /// The backup no longer holds `chunks` (its GC deleted them, or it
     /// refused an epoch naming them): never reference them again, nor use
     /// them as XOR bases, until their content is sent anew. Returns how

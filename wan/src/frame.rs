@@ -11,8 +11,9 @@
 //! 16..    payload
 //! ```
 //! A control stream (bidirectional, one per connection) carries Hello,
-//! Welcome, Ack, Heartbeat, Error and Missing (preceded by Forget frames
-//! when its list is too long for one); each epoch travels on a
+//! Welcome (preceded by Holds frames when the Hello asked for them), Ack,
+//! Heartbeat, Error and Missing (preceded by Forget frames when its list
+//! is too long for one); each epoch travels on a
 //! unidirectional stream of its own: EpochBegin, Pages*, DeviceState,
 //! EpochEnd; the backup sends what its GC deleted as Forget frames on
 //! unidirectional streams of their own.
@@ -21,7 +22,8 @@
 //! most [`MAX_CHUNK_LIST`] hashes, and must fill the payload exactly):
 //! ```text
 //! 1  Hello       guest u64 | instance u64 | page_count u64 | generation u64 | continues u64 | continues_manifest[32]
-//!                (generation and continues since version 3)
+//!                | wants_holds u8                       (generation and continues since version 3,
+//!                                                        wants_holds since version 6)
 //! 2  Welcome     guest u64 | committed u64 | head[32]
 //! 3  EpochBegin  guest u64 | epoch u64 | time u64 | page_count u64 | pause_ns u64 | records u32 | round u32
 //!                | follows u64                          (since version 4)
@@ -34,7 +36,13 @@
 //! 10 Forget      list                                  (since version 2)
 //! 11 Missing     round u32 | epoch u64 | list          (since version 2)
 //! 12 Handover    epoch u64                             (since version 3)
+//! 13 Holds       list                                  (since version 6)
 //! ```
+//! Version 6 lets a primary whose encoder knows nothing of what the
+//! backup holds (a new run: restarted, or protecting a guest that failed
+//! over or moved) ask for it: before the Welcome, the backup lists the
+//! chunks of the guest's memory at its head that the guest may name by
+//! hash there, and the primary sends those pages by reference.
 //! Version 5 lets the primary send Handover as soon as it has sealed the
 //! epoch (the backup takes over once that epoch is committed and answers
 //! with Handover after its Ack); before, only after the Ack.
@@ -53,14 +61,14 @@ use crate::error::DecodeError;
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"RMUS";
 /// Protocol version spoken by this build.
-pub const VERSION: u8 = 5;
+pub const VERSION: u8 = 6;
 /// Header length.
 pub const HEADER_LEN: usize = 16;
 /// Largest payload accepted.
 pub const MAX_PAYLOAD: usize = 4 << 20;
 /// Largest device-state blob accepted.
 pub const MAX_DEVICE_STATE: usize = MAX_PAYLOAD - 8;
-/// Most chunk hashes in one Forget or Missing frame (2 MiB of hashes);
+/// Most chunk hashes in one Forget, Missing or Holds frame (2 MiB of hashes);
 /// longer lists are split over several frames.
 pub const MAX_CHUNK_LIST: usize = 1 << 16;
 
@@ -113,6 +121,9 @@ pub enum Message {
         /// (epoch 0: none). A backup that holds no history of the guest
         /// continues that chain.
         continues: (EpochId, ChunkId),
+        /// The primary knows nothing of what the backup holds: it asks
+        /// for [`Message::Holds`] before the Welcome.
+        wants_holds: bool,
     },
     /// Backup → primary: what it has committed for that guest.
     Welcome {
@@ -169,6 +180,12 @@ pub enum Message {
         /// Chunks it named that the backup does not hold.
         chunks: Vec<ChunkId>,
     },
+    /// Backup → primary, before the Welcome when the Hello asked: chunks
+    /// of the guest's memory at the backup's head that the guest may name
+    /// by hash there (one or more frames). The primary counts them as
+    /// held; one the backup deletes later comes in a Forget, and one named
+    /// anyway is refused with Missing.
+    Holds(Vec<ChunkId>),
     /// Primary → backup, once every epoch is acknowledged and the last was
     /// sealed with the guest held still: take the guest over from `epoch`
     /// now (a planned move). Backup → primary: it has (the guest is
@@ -194,6 +211,7 @@ impl Message {
             Self::Forget(_) => 10,
             Self::Missing { .. } => 11,
             Self::Handover { .. } => 12,
+            Self::Holds(_) => 13,
         }
     }
 
@@ -211,13 +229,14 @@ impl Message {
         out.extend_from_slice(&[0; HEADER_LEN - format::PREFIX_LEN]);
         let mut w = Writer::with(std::mem::take(out));
         match self {
-            Self::Hello { guest, instance, page_count, generation, continues } => {
+            Self::Hello { guest, instance, page_count, generation, continues, wants_holds } => {
                 w.u64(guest.0);
                 w.u64(*instance);
                 w.u64(*page_count);
                 w.u64(*generation);
                 w.u64(continues.0 .0);
                 w.bytes(&continues.1 .0);
+                w.u8(u8::from(*wants_holds));
             }
             Self::Welcome { guest, committed, head } => {
                 w.u64(guest.0);
@@ -251,7 +270,7 @@ impl Message {
             }
             Self::Heartbeat { epoch } | Self::Handover { epoch } => w.u64(epoch.0),
             Self::Error(m) => w.blob(&m.as_bytes()[..m.len().min(4096)]),
-            Self::Forget(chunks) => put_chunk_list(&mut w, chunks),
+            Self::Forget(chunks) | Self::Holds(chunks) => put_chunk_list(&mut w, chunks),
             Self::Missing { round, epoch, chunks } => {
                 w.u32(*round);
                 w.u64(epoch.0);
@@ -312,6 +331,11 @@ impl Message {
                 page_count: r.u64()?,
                 generation: r.u64()?,
                 continues: (EpochId(r.u64()?), r.hash()?),
+                wants_holds: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(DecodeError::Corrupt("a Hello's wants_holds that is neither 0 nor 1")),
+                },
             },
             2 => Self::Welcome { guest: GuestId(r.u64()?), committed: EpochId(r.u64()?), head: r.hash()? },
             3 => Self::EpochBegin(EpochHeader {
@@ -344,6 +368,7 @@ impl Message {
             10 => Self::Forget(chunk_list(&mut r)?),
             11 => Self::Missing { round: r.u32()?, epoch: EpochId(r.u64()?), chunks: chunk_list(&mut r)? },
             12 => Self::Handover { epoch: EpochId(r.u64()?) },
+            13 => Self::Holds(chunk_list(&mut r)?),
             k => return Err(DecodeError::UnknownKind { what: "message", kind: k }),
         };
         if !r.is_empty() {
@@ -448,12 +473,13 @@ mod tests {
 
     fn message() -> impl Strategy<Value = Message> {
         prop_oneof![
-            (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>(), hash()).prop_map(|(g, i, p, n, c, h)| Message::Hello {
-                guest: GuestId(g),
-                instance: i,
-                page_count: p,
-                generation: n,
-                continues: (EpochId(c), h)
+            (any::<[u64; 5]>(), hash(), any::<bool>()).prop_map(|(v, h, wants_holds)| Message::Hello {
+                guest: GuestId(v[0]),
+                instance: v[1],
+                page_count: v[2],
+                generation: v[3],
+                continues: (EpochId(v[4]), h),
+                wants_holds
             }),
             (any::<u64>(), any::<u64>(), hash()).prop_map(|(g, e, h)| Message::Welcome {
                 guest: GuestId(g),
@@ -478,6 +504,7 @@ mod tests {
             any::<u64>().prop_map(|e| Message::Handover { epoch: EpochId(e) }),
             "[a-z ]{0,40}".prop_map(Message::Error),
             proptest::collection::vec(hash(), 0..8).prop_map(Message::Forget),
+            proptest::collection::vec(hash(), 0..8).prop_map(Message::Holds),
             (any::<u32>(), any::<u64>(), proptest::collection::vec(hash(), 0..8)).prop_map(|(round, e, chunks)| Message::Missing {
                 round,
                 epoch: EpochId(e),

@@ -31,7 +31,7 @@ mod sender;
 pub mod tls;
 
 pub use codec::{Reader, Writer};
-pub use driver::Congestion;
+pub use driver::{Congestion, MAX_HOLDS};
 pub use encoding::{decompress_page, EncoderConfig, EncodingMix, PageEncoder, PageEncoding, PageRecord};
 pub use error::{CommitError, DecodeError, LinkError, ProtocolError, Side, StreamError};
 pub use frame::{EpochHeader, FrameReader, Message, MAX_CHUNK_LIST};

@@ -116,12 +116,16 @@ impl ReceiverCore {
     }
 
     /// The Hello was accepted by the store, which had `committed` (manifest
-    /// `head`) for this guest: queue the Welcome.
-    pub fn accept(&mut self, guest: GuestId, page_count: u64, committed: EpochId, head: ChunkId) {
+    /// `head`) for this guest: queue `holds` (what the guest may name by
+    /// hash, when the Hello asked) and the Welcome.
+    pub fn accept(&mut self, guest: GuestId, page_count: u64, (committed, head): (EpochId, ChunkId), holds: Vec<ChunkId>) {
         self.guest = Some(guest);
         self.page_count = page_count;
         self.committed = committed;
         self.manifest = head;
+        for part in holds.chunks(MAX_CHUNK_LIST) {
+            self.control.push_back(Message::Holds(part.to_vec()));
+        }
         self.control.push_back(Message::Welcome { guest, committed, head });
     }
 

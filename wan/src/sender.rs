@@ -189,6 +189,10 @@ pub struct SenderCore {
     handover: Handover,
     /// The epoch being sent in parts, if any.
     streaming: Option<Streaming>,
+    /// Welcomed once in this run: the encoder knows what the backup holds.
+    welcomed_once: bool,
+    /// Chunks the backup's Holds added on this connection.
+    assumed: usize,
 }
 
 /// An epoch part-way onto its stream.
@@ -247,6 +251,8 @@ impl SenderCore {
             events: VecDeque::new(),
             handover: Handover::NotAsked,
             streaming: None,
+            welcomed_once: false,
+            assumed: 0,
         }
     }
 
@@ -330,8 +336,10 @@ impl SenderCore {
             page_count: self.page_count,
             generation: self.generation,
             continues: self.continues,
+            wants_holds: !self.welcomed_once || self.encoder.held_len() == 0,
         });
         self.connected = false;
+        self.assumed = 0;
         self.round = 0;
         self.pulse = Pulse::start(now, self.cfg.heartbeat, self.cfg.peer_timeout, self.cfg.peer_timeout_max);
     }
@@ -413,6 +421,7 @@ impl SenderCore {
                     self.sealed = committed;
                 }
                 self.connected = true;
+                self.welcomed_once = true;
                 self.encoder.forget_after(committed);
                 for r in self.retained.values_mut() {
                     r.sent = false;
@@ -432,6 +441,12 @@ impl SenderCore {
                 }
                 self.handover = Handover::Done(epoch);
                 self.events.push_back(SenderEvent::HandedOver { epoch });
+            }
+            Message::Holds(chunks) => {
+                if self.connected {
+                    return Err(ProtocolError::Unexpected("holds after the welcome"));
+                }
+                self.assumed += self.encoder.assume_held(&chunks);
             }
             Message::Forget(chunks) => {
                 // On a stream of its own, it may overtake the Welcome;
@@ -636,6 +651,14 @@ impl SenderCore {
     #[must_use]
     pub fn sealed(&self) -> EpochId {
         self.sealed
+    }
+
+    /// Chunks the backup said it holds before this connection's Welcome
+    /// (see [`Message::Holds`]) that the encoder did not count as held:
+    /// pages with that content go by reference.
+    #[must_use]
+    pub fn assumed(&self) -> usize {
+        self.assumed
     }
 
     /// True once the backup has welcomed this connection.

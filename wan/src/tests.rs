@@ -247,7 +247,7 @@ impl Sim {
                 let rx = self.receiver.as_mut().unwrap();
                 match m {
                     Message::Hello { guest, page_count, .. } => {
-                        rx.accept(guest, page_count, self.backup.committed, ChunkId::default());
+                        rx.accept(guest, page_count, (self.backup.committed, ChunkId::default()), Vec::new());
                     }
                     m => rx.handle_message(now, m).unwrap(),
                 }
@@ -352,7 +352,7 @@ fn a_silent_backup_is_noticed() {
 fn a_silent_primary_is_noticed_by_the_backup() {
     let now = Instant::now();
     let mut rx = ReceiverCore::new(now, Duration::from_millis(50), Duration::from_millis(150), Duration::from_secs(5));
-    rx.accept(GuestId(3), PAGES, EpochId(9), ChunkId::default());
+    rx.accept(GuestId(3), PAGES, (EpochId(9), ChunkId::default()), Vec::new());
     rx.handle_timeout(now + Duration::from_millis(100));
     assert_eq!(rx.poll_event(), None);
     rx.handle_timeout(now + Duration::from_millis(151));
@@ -370,7 +370,7 @@ fn a_primary_whose_packets_keep_arriving_is_not_lost_while_its_heartbeats_are_la
     let t0 = Instant::now();
     let ms = Duration::from_millis;
     let mut rx = ReceiverCore::new(t0, ms(50), ms(500), Duration::from_secs(5));
-    rx.accept(GuestId(3), PAGES, EpochId(9), ChunkId::default());
+    rx.accept(GuestId(3), PAGES, (EpochId(9), ChunkId::default()), Vec::new());
     // Two seconds without a single control message, but the transport
     // sees the primary's packets every 100 ms (bulk data, retransmissions).
     for i in 1..=20 {
@@ -393,7 +393,7 @@ fn a_primary_heard_irregularly_gets_more_time_before_it_counts_as_lost() {
     let t0 = Instant::now();
     let ms = Duration::from_millis;
     let mut rx = ReceiverCore::new(t0, ms(50), ms(500), Duration::from_secs(5));
-    rx.accept(GuestId(3), PAGES, EpochId(9), ChunkId::default());
+    rx.accept(GuestId(3), PAGES, (EpochId(9), ChunkId::default()), Vec::new());
     let mut t = t0;
     for i in 0..100 {
         t += if i % 4 == 0 { ms(480) } else { ms(50) };
@@ -412,7 +412,7 @@ fn malformed_epoch_streams_are_refused() {
     let now = Instant::now();
     let mut rx = ReceiverCore::new(now, Duration::from_millis(50), Duration::from_millis(150), Duration::from_secs(5));
     assert!(rx.handle_epoch_stream(now, b"RMUS").is_err(), "epoch before hello");
-    rx.accept(GuestId(3), PAGES, EpochId(0), ChunkId::default());
+    rx.accept(GuestId(3), PAGES, (EpochId(0), ChunkId::default()), Vec::new());
     let header = EpochHeader {
         guest: GuestId(3),
         epoch: EpochId(1),
@@ -555,7 +555,7 @@ fn control(rx: &mut ReceiverCore) -> Vec<Message> {
 fn a_refused_commit_opens_a_round_and_drops_what_was_encoded_before_it() {
     let now = Instant::now();
     let mut rx = ReceiverCore::new(now, Duration::from_millis(50), Duration::from_millis(500), Duration::from_secs(5));
-    rx.accept(GuestId(3), PAGES, EpochId(4), ChunkId::default());
+    rx.accept(GuestId(3), PAGES, (EpochId(4), ChunkId::default()), Vec::new());
     let gone = ChunkId([5; 32]);
     let reference = || vec![PageRecord { pfn: Pfn(1), hash: gone, encoding: PageEncoding::Ref }];
     rx.handle_epoch_stream(now, &epoch_stream(5, 0, reference())).unwrap();
@@ -654,6 +654,71 @@ fn after_missing_the_sender_resends_in_full_for_the_new_round() {
 }
 
 #[test]
+fn a_new_run_asks_what_the_backup_holds_and_sends_those_pages_by_reference() {
+    let now = Instant::now();
+    let mut s = SenderCore::new(SenderConfig::default(), GuestId(3), 1, PAGES);
+    let page = |b: u8| -> Vec<u8> { b"a page the backup may hold ".iter().map(|c| c ^ b).cycle().take(PAGE_SIZE).collect() };
+    let (there, new) = (page(1), page(2));
+    let hello = |s: &mut SenderCore| {
+        s.handle_connected(now);
+        match s.poll_transmit() {
+            Some(Transmit::Control(b)) => Message::decode(&b).unwrap().unwrap().0,
+            other => panic!("no Hello: {other:?}"),
+        }
+    };
+    assert!(matches!(hello(&mut s), Message::Hello { wants_holds: true, .. }), "a run that knows nothing asks");
+    s.handle_message(now, Message::Holds(vec![remus_types::content_id(&there), ChunkId([9; 32])])).unwrap();
+    s.handle_message(now, Message::Holds(vec![ChunkId([9; 32])])).unwrap();
+    assert_eq!(s.assumed(), 2, "counted once each");
+    s.handle_message(now, Message::Welcome { guest: GuestId(3), committed: EpochId(0), head: ChunkId::default() }).unwrap();
+    assert_eq!(s.handle_message(now, Message::Holds(vec![])), Err(ProtocolError::Unexpected("holds after the welcome")));
+    let mut pages = there.clone();
+    pages.extend_from_slice(&new);
+    s.push_checkpoint(Checkpoint {
+        guest: GuestId(3),
+        epoch: EpochId(1),
+        page_count: PAGES,
+        pfns: vec![Pfn(0), Pfn(1)],
+        pages,
+        ..Checkpoint::default()
+    });
+    let records = loop {
+        match s.poll_transmit() {
+            Some(Transmit::Epoch { bytes, .. }) => {
+                let mut rd = FrameReader::default();
+                rd.push(&bytes);
+                assert!(matches!(rd.next_message().unwrap(), Some(Message::EpochBegin(_))));
+                let Some(Message::Pages(records)) = rd.next_message().unwrap() else { panic!("no Pages") };
+                break records;
+            }
+            Some(Transmit::Control(_)) => {}
+            None => panic!("nothing to send"),
+        }
+    };
+    assert_eq!(records[0].encoding, PageEncoding::Ref, "the page the backup holds goes by reference");
+    assert!(matches!(records[1].encoding, PageEncoding::RawZstd(_)), "{:?}", records[1].encoding);
+    // The same run reconnecting knows what the backup holds: it does not
+    // ask again.
+    s.handle_disconnected();
+    assert!(matches!(hello(&mut s), Message::Hello { wants_holds: false, .. }));
+}
+
+#[test]
+fn the_backup_lists_what_the_guest_holds_before_its_welcome_in_frames_of_bounded_size() {
+    let mut rx = ReceiverCore::new(Instant::now(), Duration::from_millis(50), Duration::from_secs(1), Duration::from_secs(5));
+    let many: Vec<ChunkId> = (0..MAX_CHUNK_LIST as u32 + 3).map(|i| ChunkId(blake3::hash(&i.to_le_bytes()).into())).collect();
+    rx.accept(GuestId(3), PAGES, (EpochId(9), ChunkId([1; 32])), many.clone());
+    assert_eq!(
+        control(&mut rx),
+        vec![
+            Message::Holds(many[..MAX_CHUNK_LIST].to_vec()),
+            Message::Holds(many[MAX_CHUNK_LIST..].to_vec()),
+            Message::Welcome { guest: GuestId(3), committed: EpochId(9), head: ChunkId([1; 32]) }
+        ]
+    );
+}
+
+#[test]
 fn datagram_copies_are_advisory_and_an_ack_counts_only_once_welcomed() {
     let now = Instant::now();
     let mut s = SenderCore::new(SenderConfig::default(), GuestId(7), 1, PAGES);
@@ -683,7 +748,7 @@ fn datagram_copies_are_advisory_and_an_ack_counts_only_once_welcomed() {
 fn acknowledgements_and_heartbeats_are_also_offered_as_datagrams() {
     let now = Instant::now();
     let mut rx = ReceiverCore::new(now, Duration::from_millis(50), Duration::from_millis(500), Duration::from_secs(5));
-    rx.accept(GuestId(3), PAGES, EpochId(0), ChunkId::default());
+    rx.accept(GuestId(3), PAGES, (EpochId(0), ChunkId::default()), Vec::new());
     rx.handle_timeout(now + Duration::from_millis(50));
     let datagrams: Vec<Message> = std::iter::from_fn(|| rx.poll_datagram())
         .map(|b| {
@@ -758,7 +823,7 @@ fn a_handover_is_asked_once_per_connection_without_waiting_for_the_last_ack_and_
 fn a_handover_asked_before_its_epoch_commits_is_taken_once_it_has_and_nothing_after_it_is_accepted() {
     let now = Instant::now();
     let mut rx = ReceiverCore::new(now, Duration::from_millis(50), Duration::from_millis(500), Duration::from_secs(5));
-    rx.accept(GuestId(3), PAGES, EpochId(4), ChunkId::default());
+    rx.accept(GuestId(3), PAGES, (EpochId(4), ChunkId::default()), Vec::new());
     assert!(
         matches!(rx.handle_message(now, Message::Handover { epoch: EpochId(3) }), Err(ProtocolError::BadEpoch { .. })),
         "not at an epoch before the last committed"
@@ -789,7 +854,7 @@ fn a_handover_asked_before_its_epoch_commits_is_taken_once_it_has_and_nothing_af
     assert_eq!(rx.poll_event(), Some(ReceiverEvent::Handover { guest: GuestId(3), epoch: EpochId(6) }));
     // Asked at the epoch already committed: at once.
     let mut rx = ReceiverCore::new(now, Duration::from_millis(50), Duration::from_millis(500), Duration::from_secs(5));
-    rx.accept(GuestId(3), PAGES, EpochId(4), ChunkId::default());
+    rx.accept(GuestId(3), PAGES, (EpochId(4), ChunkId::default()), Vec::new());
     rx.handle_message(now, Message::Handover { epoch: EpochId(4) }).unwrap();
     assert_eq!(rx.poll_event(), Some(ReceiverEvent::Handover { guest: GuestId(3), epoch: EpochId(4) }));
 }

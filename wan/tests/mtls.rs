@@ -55,7 +55,15 @@ async fn hello_as(client: quinn::ClientConfig, addr: std::net::SocketAddr, guest
     let conn = ep.connect_with(client, addr, SERVER_NAME).map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     send.write_all(
-        &Message::Hello { guest, instance: 7, page_count: 16, generation: 0, continues: (EpochId(0), ChunkId::default()) }.to_bytes(),
+        &Message::Hello {
+            guest,
+            instance: 7,
+            page_count: 16,
+            generation: 0,
+            continues: (EpochId(0), ChunkId::default()),
+            wants_holds: false,
+        }
+        .to_bytes(),
     )
     .await
     .map_err(|e| e.to_string())?;
@@ -175,7 +183,15 @@ async fn connected_as(client: quinn::ClientConfig, addr: std::net::SocketAddr, g
     let conn = ep.connect_with(client, addr, SERVER_NAME).unwrap().await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     send.write_all(
-        &Message::Hello { guest, instance: 7, page_count: 16, generation: 0, continues: (EpochId(0), ChunkId::default()) }.to_bytes(),
+        &Message::Hello {
+            guest,
+            instance: 7,
+            page_count: 16,
+            generation: 0,
+            continues: (EpochId(0), ChunkId::default()),
+            wants_holds: false,
+        }
+        .to_bytes(),
     )
     .await
     .unwrap();
@@ -340,8 +356,15 @@ async fn a_corrupt_epoch_stream_closes_the_connection_with_the_reason() {
     let conn = cep.connect_with(client, addr, SERVER_NAME).unwrap().await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     send.write_all(
-        &Message::Hello { guest: GuestId(1), instance: 7, page_count: 16, generation: 0, continues: (EpochId(0), ChunkId::default()) }
-            .to_bytes(),
+        &Message::Hello {
+            guest: GuestId(1),
+            instance: 7,
+            page_count: 16,
+            generation: 0,
+            continues: (EpochId(0), ChunkId::default()),
+            wants_holds: false,
+        }
+        .to_bytes(),
     )
     .await
     .unwrap();
