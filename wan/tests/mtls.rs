@@ -49,24 +49,18 @@ async fn hello(client: quinn::ClientConfig, addr: std::net::SocketAddr) -> Resul
     hello_as(client, addr, GuestId(1)).await
 }
 
+/// A fresh primary run's Hello for `guest` (instance 7, 16 pages).
+fn hello_frame(guest: GuestId) -> Vec<u8> {
+    Message::Hello { guest, instance: 7, page_count: 16, generation: 0, continues: (EpochId(0), ChunkId::default()), wants_holds: false }
+        .to_bytes()
+}
+
 /// As [`hello`], for `guest`.
 async fn hello_as(client: quinn::ClientConfig, addr: std::net::SocketAddr, guest: GuestId) -> Result<Message, String> {
     let ep = endpoint("127.0.0.1:0".parse().unwrap(), None).map_err(|e| e.to_string())?;
     let conn = ep.connect_with(client, addr, SERVER_NAME).map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    send.write_all(
-        &Message::Hello {
-            guest,
-            instance: 7,
-            page_count: 16,
-            generation: 0,
-            continues: (EpochId(0), ChunkId::default()),
-            wants_holds: false,
-        }
-        .to_bytes(),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    send.write_all(&hello_frame(guest)).await.map_err(|e| e.to_string())?;
     let mut rd = FrameReader::default();
     let mut buf = vec![0u8; 4096];
     loop {
@@ -182,19 +176,7 @@ async fn connected_as(client: quinn::ClientConfig, addr: std::net::SocketAddr, g
     let ep = endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
     let conn = ep.connect_with(client, addr, SERVER_NAME).unwrap().await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(
-        &Message::Hello {
-            guest,
-            instance: 7,
-            page_count: 16,
-            generation: 0,
-            continues: (EpochId(0), ChunkId::default()),
-            wants_holds: false,
-        }
-        .to_bytes(),
-    )
-    .await
-    .unwrap();
+    send.write_all(&hello_frame(guest)).await.unwrap();
     let mut rd = FrameReader::default();
     let mut buf = vec![0u8; 4096];
     loop {
@@ -355,19 +337,7 @@ async fn a_corrupt_epoch_stream_closes_the_connection_with_the_reason() {
     let cep = endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
     let conn = cep.connect_with(client, addr, SERVER_NAME).unwrap().await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(
-        &Message::Hello {
-            guest: GuestId(1),
-            instance: 7,
-            page_count: 16,
-            generation: 0,
-            continues: (EpochId(0), ChunkId::default()),
-            wants_holds: false,
-        }
-        .to_bytes(),
-    )
-    .await
-    .unwrap();
+    send.write_all(&hello_frame(GuestId(1))).await.unwrap();
     let mut buf = vec![0u8; 4096];
     let n = recv.read(&mut buf).await.unwrap().unwrap();
     assert!(matches!(Message::decode(&buf[..n]), Ok(Some((Message::Welcome { .. }, _)))));
