@@ -97,7 +97,13 @@ pub fn run(args: &BackupArgs, cfg: &Config, config_path: Option<&Path>, data_dir
                     // A graft: the head is another backup's epoch, whose
                     // memory is not here (the primary sends it next).
                     Err(remus_store::StoreError::NoEpoch { .. }) => {
-                        println!("continuing {g} after epoch {} (its history up to there is elsewhere)", head.epoch.0);
+                        // Its history before the graft is here when it came back.
+                        let since =
+                            backup.store.bridges(g)?.into_iter().find(|b| b.last == head.epoch).map(|b| b.first.0).filter(|f| *f > 1);
+                        match since {
+                            Some(f) => println!("continuing {g} after epoch {} (its epochs {f} to there are elsewhere)", head.epoch.0),
+                            None => println!("continuing {g} after epoch {} (its history up to there is elsewhere)", head.epoch.0),
+                        }
                     }
                     _ => println!("committed {g} epoch {}", head.epoch.0),
                 }
