@@ -4,9 +4,10 @@
 //! incompressible one, with BBR (remus's default) beside quinn's default
 //! controller (CUBIC) measured in the same run.
 //!
-//! Per cell: achieved Hz, output delay (seal to acknowledgement) p50/p99,
-//! wire bytes per dirty page, bytes resent, and CPU time per dirty page on
-//! each side.
+//! Per cell: achieved Hz, output delay (seal to acknowledgement) p50/p99
+//! and p99 once protected ("p99 prot": the epochs sealed after the first
+//! copy was committed, none of them waiting behind it), wire bytes per
+//! dirty page, bytes resent, and CPU time per dirty page on each side.
 //!
 //! Beside them, per round trip and loss rate, the baseline a replicator
 //! without remus's encoding or transport would be: a plain kernel TCP
@@ -121,11 +122,12 @@ fn run_cell(c: &Cell, seconds: u64, jitter: Duration) -> String {
     let dirty = f("dirty_pages").max(1.0);
     let acked = f("epochs_committed") / f("epochs").max(1.0);
     format!(
-        "{head} {:>6.1} {:>6.0}% {:>8.0} {:>8.0} {:>7.0} {:>8.0} {:>10.0} {:>9.1} {:>9.1} {:>7}{}",
+        "{head} {:>6.1} {:>6.0}% {:>8.0} {:>8.0} {:>8.0} {:>7.0} {:>8.0} {:>10.0} {:>9.1} {:>9.1} {:>7}{}",
         f("hz"),
         acked * 100.0,
         f("commit_ms_p50"),
         f("commit_ms_p99"),
+        f("protected_commit_ms_p99"),
         f("wire_bytes_per_dirty_page"),
         f("parity_bytes") / dirty,
         f("resent_bytes"),
@@ -238,11 +240,12 @@ fn run_tcp(rtt_ms: u64, loss: f64, pages: usize, seconds: u64, jitter: Duration)
     let (up, down) = (wire.counters(Direction::Up), wire.counters(Direction::Down));
     let wire_bytes = (up.bytes + down.bytes) as f64 / (acked.max(1) as f64 * pages as f64);
     format!(
-        "{head} {:>6.1} {:>6.0}% {:>8.0} {:>8.0} {:>7.0} {:>8} {:>10} {:>9} {:>9} {:>7}",
+        "{head} {:>6.1} {:>6.0}% {:>8.0} {:>8.0} {:>8} {:>7.0} {:>8} {:>10} {:>9} {:>9} {:>7}",
         epochs / seconds as f64,
         acked as f64 / epochs.max(1.0) * 100.0,
         pct(0.5),
         pct(0.99),
+        "-",
         wire_bytes,
         "-",
         "-",
@@ -275,7 +278,7 @@ fn main() {
     let fecs: Vec<String> = env_list("REMUS_BENCH_FEC", "auto,off");
     println!("# remus WAN benchmark: {seconds} s per run, jitter ±{} ms, 1024 MiB arena guest at 40 Hz", jitter.as_secs_f64() * 1e3);
     println!(
-        "{:>4} {:>6} {:>15} {:>6} {:>5} {:>6} {:>7} {:>8} {:>8} {:>7} {:>8} {:>10} {:>9} {:>9} {:>7}",
+        "{:>4} {:>6} {:>15} {:>6} {:>5} {:>6} {:>7} {:>8} {:>8} {:>8} {:>7} {:>8} {:>10} {:>9} {:>9} {:>7}",
         "rtt",
         "loss%",
         "workload",
@@ -285,6 +288,7 @@ fn main() {
         "acked",
         "p50 ms",
         "p99 ms",
+        "p99 prot",
         "B/page",
         "parity/p",
         "resent B",

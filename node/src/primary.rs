@@ -516,7 +516,11 @@ fn record_ack(stats: &Mutex<PrimaryStats>, acked: EpochId, released: usize) {
         if let Some(t) = s.sealed_at.remove(&EpochId(e)) {
             let held = now.duration_since(t);
             tracing::debug!(epoch = e, held_ms = held.as_secs_f64() * 1e3, "epoch acknowledged");
-            s.commit_ns.push(u64::try_from(held.as_nanos()).unwrap_or(u64::MAX));
+            let ns = u64::try_from(held.as_nanos()).unwrap_or(u64::MAX);
+            s.commit_ns.push(ns);
+            if s.protected_at.is_some_and(|p| t >= p) {
+                s.protected_commit_ns.push(ns);
+            }
         }
     }
     s.acked = s.acked.max(acked);
@@ -735,6 +739,26 @@ mod tests {
     use super::*;
     use remus_capture::{CaptureError, DeviceState, DirtyLog, DiskTap, MemoryView, Pause};
     use remus_types::PAGE_SIZE;
+
+    #[test]
+    fn latency_once_protected_counts_only_epochs_sealed_after_the_first_copy_was_committed() {
+        let stats = Mutex::new(PrimaryStats::default());
+        let t0 = Instant::now();
+        {
+            let mut s = stats.lock();
+            // Epochs 1 (the first copy) and 2 sealed before it was committed,
+            // 3 and 4 after.
+            for (e, at) in [(1, 0), (2, 10), (3, 60), (4, 70)] {
+                s.sealed_at.insert(EpochId(e), t0 + Duration::from_millis(at));
+            }
+            s.protected_at = Some(t0 + Duration::from_millis(50));
+        }
+        record_ack(&stats, EpochId(4), 0);
+        let s = stats.lock();
+        assert_eq!(s.commit_ns.len(), 4);
+        assert_eq!(s.protected_commit_ns.len(), 2);
+        assert_eq!(&s.protected_commit_ns[..], &s.commit_ns[2..], "epochs 3 and 4");
+    }
 
     /// A guest that emits one line per epoch, just before each pause.
     struct LineGuest {

@@ -63,6 +63,10 @@ pub struct PrimaryStats {
     pub acked: EpochId,
     /// Seal-to-ack latency of each acknowledged epoch, ns.
     pub commit_ns: Vec<u64>,
+    /// The same, of the epochs sealed once the guest was protected (its
+    /// first epoch, the whole memory, committed): steady state, without
+    /// the epochs that waited behind the first copy.
+    pub protected_commit_ns: Vec<u64>,
     /// Output lines released after their epoch was acknowledged.
     pub output_released: u64,
     /// Connection losses seen.
@@ -121,6 +125,7 @@ impl Default for PrimaryStats {
             mix: EncodingMix::default(),
             acked: EpochId(0),
             commit_ns: Vec::new(),
+            protected_commit_ns: Vec::new(),
             output_released: 0,
             disconnects: 0,
             chunks_forgotten: 0,
