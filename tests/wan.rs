@@ -321,6 +321,70 @@ fn fan_out_releases_output_on_the_near_backup_while_the_far_one_is_cut_off_and_t
     }
 }
 
+/// A far backup that fell behind before its primary restarted (cut off
+/// when the first run died) is not refused by the next run: it continues
+/// the guest's history from the near backup's head, its first epoch of
+/// the new run carrying the whole memory, and it holds that run's epochs
+/// exact, its own older ones kept, its chain verifying across the gap.
+#[test]
+fn a_far_backup_behind_when_its_primary_restarts_continues_from_the_near_ones_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    keygen(data);
+    let far_store = data.join("far-store");
+    let near = BackupProcess::start_logged(data, "127.0.0.1:0", &[]);
+    let far = BackupProcess::start_logged(data, "127.0.0.1:0", &["--store", far_store.to_str().unwrap()]);
+    let relay = relay_to(&far.addr, Impairment { delay: Duration::from_millis(5), ..Impairment::default() });
+    let run = |seconds: &str, roots: &std::path::Path| {
+        let mut c = protect(data, &near.addr);
+        c.args(["--far", &relay.local_addr().to_string(), "--release", "near", "--memory-mib", "64", "--pages-per-sec", "4000"])
+            .args(["--seconds", seconds, "--json", "--record-roots"])
+            .arg(roots)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        c
+    };
+    let (roots1, roots2) = (data.join("roots-1.jsonl"), data.join("roots-2.jsonl"));
+    let mut first = run("60", &roots1).spawn().unwrap();
+    far.wait_committed(1, 40, LIMIT);
+    relay.set_partitioned(true);
+    let far_cut = newest_epoch(&far_store);
+    let near_at = near.wait_committed(1, far_cut + 80, LIMIT);
+    // The first run dies with the far backup behind; the next starts once
+    // both backups have let its connections go.
+    first.kill().unwrap();
+    let _ = first.wait();
+    far.wait_stderr("guest-1: primary silent", LIMIT);
+    near.wait_stderr("guest-1: primary silent", LIMIT);
+    relay.set_partitioned(false);
+    let far_before = newest_epoch(&far_store);
+    assert!(far_before + 60 < near_at, "the far backup fell behind: {far_before} against {near_at}");
+    let out = run("4", &roots2).output().unwrap();
+    assert!(out.status.success(), "the second run: {}", String::from_utf8_lossy(&out.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (from, last) = (s["first_epoch"].as_u64().unwrap(), s["epochs"].as_u64().unwrap());
+    assert_eq!(s["far"][0]["epochs_committed"].as_u64(), Some(last), "the far backup took the new run's epochs: {s}");
+    near.stop();
+    far.stop();
+    let held = logged_epochs(&far_store);
+    let (old, new): (Vec<u64>, Vec<u64>) = held.iter().partition(|e| **e < from);
+    assert_eq!(old.last(), Some(&far_before), "its own epochs kept");
+    assert_eq!(new.first(), Some(&from), "the new run's first epoch, the whole memory: {held:?}");
+    assert_eq!(new.last(), Some(&last));
+    let out = run_limited(Command::new(remus()).args(["verify", "--json", "--store"]).arg(&far_store), LIMIT);
+    assert!(out.status.success(), "verify far: {}", String::from_utf8_lossy(&out.stdout));
+    let (r1, r2) = (read_roots(&roots1), read_roots(&roots2));
+    for (e, roots) in [(far_before, &r1), (from, &r2), (last, &r2)] {
+        let img = data.join(format!("far-{e}.img"));
+        let out = run_limited(
+            Command::new(remus_restore()).arg("--store").arg(&far_store).args(["--epoch", &e.to_string(), "--to"]).arg(&img),
+            LIMIT,
+        );
+        assert!(out.status.success(), "restore {e} from the far backup: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(MemoryDigest::of_image(&std::fs::read(&img).unwrap()).to_hex(), roots[&e], "far epoch {e} restored exact");
+    }
+}
+
 /// Under `--release all`, the far backup's acknowledgement is needed too:
 /// while its path is cut off, output stays held however far the near
 /// backup gets, and flows again, all of it, once the path heals.

@@ -20,7 +20,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 use remus_capture::{ArenaConfig, ArenaGuest, CadenceConfig, EpochEngine, OutputBuffer, ProtectedGuest};
 use remus_qemu::{Egress, NetRelay, QemuConfig, QemuGuest};
-use remus_types::{now_unix_nanos, Checkpoint, EpochId, GuestId};
+use remus_types::{now_unix_nanos, Checkpoint, ChunkId, EpochId, GuestId};
 use remus_wan::driver::ClientSource;
 use remus_wan::driver::{run_primary, LinkEvent, LinkTuning, PrimaryLinkConfig};
 use remus_wan::tls::{client_config, TlsDir};
@@ -534,7 +534,7 @@ async fn consume_events(
     stats: Arc<Mutex<PrimaryStats>>,
     releaser: Arc<Releaser>,
     base: Sender<EpochId>,
-    mut far_base: Option<tokio::sync::oneshot::Sender<EpochId>>,
+    mut far_base: Option<tokio::sync::oneshot::Sender<(EpochId, ChunkId)>>,
     mut roots: Option<std::fs::File>,
 ) {
     let mut base = Some(base);
@@ -582,7 +582,7 @@ async fn consume_events(
                 let mut s = stats.lock();
                 (s.handed_over, s.handed_over_at) = (Some(epoch), Some(Instant::now()));
             }
-            LinkEvent::Connected { committed, holds } => {
+            LinkEvent::Connected { committed, manifest, holds } => {
                 tracing::info!(committed = committed.0, "connected to backup");
                 if holds > 0 {
                     tracing::info!(chunks = holds, "the backup holds these of the guest's pages already: they go by reference");
@@ -591,7 +591,7 @@ async fn consume_events(
                     let _ = b.send(committed);
                 }
                 if let Some(b) = far_base.take() {
-                    let _ = b.send(committed);
+                    let _ = b.send((committed, manifest));
                 }
             }
             LinkEvent::Forgot { held } => stats.lock().chunks_forgotten += held as u64,
@@ -633,13 +633,13 @@ impl FanOut {
         self,
         checkpoints: mpsc::Receiver<Checkpoint>,
         events: mpsc::UnboundedSender<LinkEvent>,
-        base: tokio::sync::oneshot::Receiver<EpochId>,
+        base: tokio::sync::oneshot::Receiver<(EpochId, ChunkId)>,
     ) -> Result<()> {
         let Self { near, far, release, far_retained, stats, releaser } = self;
         let (near_tx, near_rx) = mpsc::channel(16);
         let near_link = tokio::spawn(run_primary(near.clone(), near_rx, events));
         // Nothing is sealed before the near backup's Welcome.
-        let Ok(committed) = base.await else { return Ok(near_link.await.map_err(|_| NodeError::Panicked("link"))??) };
+        let Ok((committed, manifest)) = base.await else { return Ok(near_link.await.map_err(|_| NodeError::Panicked("link"))??) };
         let mut feeds = Feeds { paced: vec![near_tx], merging: Vec::new() };
         let mut paced = Vec::new();
         let mut unpaced = Vec::new();
@@ -653,7 +653,12 @@ impl FanOut {
                 backup: *addr,
                 sender,
                 start_after: Some(committed),
-                continues: None,
+                // A far backup holding less of the guest's history than the
+                // near one (it fell behind before this primary started, or
+                // holds none) continues it from the near one's head: the
+                // first epoch carries the whole memory, by reference where
+                // it still holds the content.
+                continues: Some((committed, manifest)).filter(|(e, _)| *e > EpochId(0)),
                 handover: Arc::default(),
                 ..near.clone()
             };
@@ -720,7 +725,7 @@ async fn consume_far_events(
                 drop(s);
                 releaser.acked(i, epoch);
             }
-            LinkEvent::Connected { committed, holds } => {
+            LinkEvent::Connected { committed, holds, .. } => {
                 far.connected = true;
                 tracing::info!(backup = ?addr, committed = committed.0, holds, "connected to far backup");
             }

@@ -230,6 +230,8 @@ pub enum LinkEvent {
     Connected {
         /// The last committed epoch.
         committed: EpochId,
+        /// Its manifest id (zero when none).
+        manifest: ChunkId,
         /// Chunks the backup said the guest's memory holds there (asked
         /// for by a run that knew nothing of it): pages with that content
         /// go by reference.
@@ -572,7 +574,7 @@ async fn serve_connection(
         }
         if core.is_connected() && !welcomed {
             welcomed = true;
-            let _ = events.send(LinkEvent::Connected { committed: core.acked(), holds: core.assumed() });
+            let _ = events.send(LinkEvent::Connected { committed: core.acked(), manifest: core.acked_manifest(), holds: core.assumed() });
         }
         if *input_closed && core.handover_pending() {
             // A planned move: ask (once on this connection, as soon as the

@@ -193,6 +193,8 @@ pub struct SenderCore {
     welcomed_once: bool,
     /// Chunks the backup's Holds added on this connection.
     assumed: usize,
+    /// The manifest of the highest acknowledged epoch (zero before any).
+    acked_manifest: ChunkId,
 }
 
 /// An epoch part-way onto its stream.
@@ -253,6 +255,7 @@ impl SenderCore {
             streaming: None,
             welcomed_once: false,
             assumed: 0,
+            acked_manifest: ChunkId::default(),
         }
     }
 
@@ -510,6 +513,9 @@ impl SenderCore {
     }
 
     fn ack(&mut self, epoch: EpochId, manifest: ChunkId) {
+        if epoch >= self.acked {
+            self.acked_manifest = manifest;
+        }
         if epoch > self.acked {
             self.acked = epoch;
             self.retained = self.retained.split_off(&epoch.next());
@@ -651,6 +657,13 @@ impl SenderCore {
     #[must_use]
     pub fn sealed(&self) -> EpochId {
         self.sealed
+    }
+
+    /// The manifest of the highest acknowledged epoch, [`acked`](Self::acked)
+    /// (zero before any).
+    #[must_use]
+    pub fn acked_manifest(&self) -> ChunkId {
+        self.acked_manifest
     }
 
     /// Chunks the backup said it holds before this connection's Welcome
