@@ -306,18 +306,24 @@ fn fan_out_releases_output_on_the_near_backup_while_the_far_one_is_cut_off_and_t
     assert!(held.windows(2).all(|w| w[0] < w[1]));
     let skipped = sealed - held.len() as u64;
     assert!(skipped > 0 && skipped <= f["merged_epochs"].as_u64().unwrap(), "{skipped} skipped, {f}");
-    let out = run_limited(Command::new(remus()).args(["verify", "--json", "--store"]).arg(&far_store), LIMIT);
-    assert!(out.status.success(), "verify far: {}", String::from_utf8_lossy(&out.stdout));
     let recorded = read_roots(&roots);
     let after_gap = held.windows(2).find(|w| w[1] > w[0] + 1).expect("a gap")[1];
-    for e in [held[0], after_gap, sealed] {
+    assert_far_exact(data, &far_store, &[(held[0], &recorded), (after_gap, &recorded), (sealed, &recorded)]);
+}
+
+/// The far backup's store at `far_store` verifies, and each epoch given
+/// restores to the root recorded for it.
+fn assert_far_exact(data: &std::path::Path, far_store: &std::path::Path, epochs: &[(u64, &std::collections::HashMap<u64, String>)]) {
+    let out = run_limited(Command::new(remus()).args(["verify", "--json", "--store"]).arg(far_store), LIMIT);
+    assert!(out.status.success(), "verify far: {}", String::from_utf8_lossy(&out.stdout));
+    for &(e, roots) in epochs {
         let img = data.join(format!("far-{e}.img"));
         let out = run_limited(
-            Command::new(remus_restore()).arg("--store").arg(&far_store).args(["--epoch", &e.to_string(), "--to"]).arg(&img),
+            Command::new(remus_restore()).arg("--store").arg(far_store).args(["--epoch", &e.to_string(), "--to"]).arg(&img),
             LIMIT,
         );
         assert!(out.status.success(), "restore {e} from the far backup: {}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(MemoryDigest::of_image(&std::fs::read(&img).unwrap()).to_hex(), recorded[&e], "far epoch {e} restored exact");
+        assert_eq!(MemoryDigest::of_image(&std::fs::read(&img).unwrap()).to_hex(), roots[&e], "far epoch {e} restored exact");
     }
 }
 
@@ -371,18 +377,8 @@ fn a_far_backup_behind_when_its_primary_restarts_continues_from_the_near_ones_he
     assert_eq!(old.last(), Some(&far_before), "its own epochs kept");
     assert_eq!(new.first(), Some(&from), "the new run's first epoch, the whole memory: {held:?}");
     assert_eq!(new.last(), Some(&last));
-    let out = run_limited(Command::new(remus()).args(["verify", "--json", "--store"]).arg(&far_store), LIMIT);
-    assert!(out.status.success(), "verify far: {}", String::from_utf8_lossy(&out.stdout));
     let (r1, r2) = (read_roots(&roots1), read_roots(&roots2));
-    for (e, roots) in [(far_before, &r1), (from, &r2), (last, &r2)] {
-        let img = data.join(format!("far-{e}.img"));
-        let out = run_limited(
-            Command::new(remus_restore()).arg("--store").arg(&far_store).args(["--epoch", &e.to_string(), "--to"]).arg(&img),
-            LIMIT,
-        );
-        assert!(out.status.success(), "restore {e} from the far backup: {}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(MemoryDigest::of_image(&std::fs::read(&img).unwrap()).to_hex(), roots[&e], "far epoch {e} restored exact");
-    }
+    assert_far_exact(data, &far_store, &[(far_before, &r1), (from, &r2), (last, &r2)]);
 }
 
 /// Under `--release all`, the far backup's acknowledgement is needed too:
