@@ -722,6 +722,15 @@ fn remus_move_takes_the_guest_there_back_and_there_again_under_client_load_losin
     let failovers: Vec<u64> = heard.iter().filter(|e| e["event"] == "failover").map(|e| e["epoch"].as_u64().unwrap()).collect();
     assert_eq!(moves.len(), 3, "{heard:?}");
     assert_eq!(moves, failovers, "each move taken over from the epoch handed over");
+    // Each new primary's backup continued the history: C from nothing, then
+    // B and C each after the epochs the guest ran elsewhere.
+    let continued: Vec<(u64, Option<u64>)> = heard
+        .iter()
+        .filter(|e| e["event"] == "history-continued" && e["role"] == "backup")
+        .map(|e| (e["after"].as_u64().unwrap(), e["elsewhere_from"].as_u64()))
+        .collect();
+    assert_eq!(continued.iter().map(|(a, _)| *a).collect::<Vec<_>>(), moves, "{heard:?}");
+    assert!(continued[0].1.is_none() && continued[1..].iter().all(|(a, f)| f.is_some_and(|f| f <= *a)), "{continued:?}");
     drop(last_host);
 }
 

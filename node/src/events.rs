@@ -60,6 +60,19 @@ pub enum BackupEvent {
         /// The committed epoch the guest fails over from.
         epoch: EpochId,
     },
+    /// A primary continues the guest's history here after `after`, an epoch
+    /// another backup holds (a guest protected again after failing over or
+    /// moving): nothing of its memory is here until its next commit. When
+    /// this backup held the guest's history before, `elsewhere_from` is the
+    /// first epoch it does not hold (it ran elsewhere since).
+    Continued {
+        /// The guest.
+        guest: GuestId,
+        /// The epoch its history continues after.
+        after: EpochId,
+        /// The first epoch it ran elsewhere, when it comes back here.
+        elsewhere_from: Option<EpochId>,
+    },
     /// A guest reached its store quota: its commits are refused until
     /// retention frees space or the quota is raised (once per time it is
     /// reached).
@@ -144,6 +157,10 @@ impl BackupEvent {
             Self::FailedOver { guest, epoch, outcome: FailoverOutcome::Resumed { pid, qmp, from_live } } => json!({
                 "event": "failover", "role": "backup", "guest": guest.0, "epoch": epoch.0, "resumed_pid": pid,
                 "qmp": qmp.display().to_string(), "from_live": from_live,
+            }),
+            Self::Continued { guest, after, elsewhere_from } => json!({
+                "event": "history-continued", "role": "backup", "guest": guest.0, "after": after.0,
+                "elsewhere_from": elsewhere_from.map(|e| e.0),
             }),
             Self::QuotaExceeded { guest, used, limit } => {
                 json!({"event": "quota-exceeded", "role": "backup", "guest": guest.0, "used_bytes": used, "limit_bytes": limit})

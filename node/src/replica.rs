@@ -247,6 +247,8 @@ impl Replica for StoreReplica {
             }
             let before = head.map(|h| h.epoch.0);
             tracing::info!(%guest, epoch = graft.epoch.0, ?before, "history continued from another backup's epoch");
+            let elsewhere_from = head.map(|h| h.epoch.next());
+            let _ = self.events.send(BackupEvent::Continued { guest, after: graft.epoch, elsewhere_from });
         }
         self.welcomed.lock().insert(guest, Instant::now());
         if let (Some(w), FailoverAction::RestoreTo { .. }) = (&self.witness, &self.failover) {

@@ -95,16 +95,9 @@ pub fn run(args: &BackupArgs, cfg: &Config, config_path: Option<&Path>, data_dir
             if shown.insert(g, head.epoch) != Some(head.epoch) {
                 match backup.store.manifest(g, head.epoch) {
                     // A graft: the head is another backup's epoch, whose
-                    // memory is not here (the primary sends it next).
-                    Err(remus_store::StoreError::NoEpoch { .. }) => {
-                        // Its history before the graft is here when it came back.
-                        let since =
-                            backup.store.bridges(g)?.into_iter().find(|b| b.last == head.epoch).map(|b| b.first.0).filter(|f| *f > 1);
-                        match since {
-                            Some(f) => println!("continuing {g} after epoch {} (its epochs {f} to there are elsewhere)", head.epoch.0),
-                            None => println!("continuing {g} after epoch {} (its history up to there is elsewhere)", head.epoch.0),
-                        }
-                    }
+                    // memory is not here (the primary sends it next); its
+                    // event said so.
+                    Err(remus_store::StoreError::NoEpoch { .. }) => {}
                     _ => println!("committed {g} epoch {}", head.epoch.0),
                 }
                 std::io::stdout().flush()?;
@@ -249,6 +242,10 @@ fn show_event(ev: &BackupEvent, reverse: &Reverse<'_>) -> Result<()> {
                 after.as_millis()
             );
         }
+        BackupEvent::Continued { guest, after, elsewhere_from } => match elsewhere_from {
+            Some(f) => println!("continuing {guest} after epoch {} (its epochs {} to there are elsewhere)", after.0, f.0),
+            None => println!("continuing {guest} after epoch {} (its history up to there is elsewhere)", after.0),
+        },
         BackupEvent::QuotaExceeded { guest, used, limit } => eprintln!(
             "{guest}: over its store quota ({} of {}): its commits are refused until retention frees space or [backup] \
              guest-store-mib is raised",
