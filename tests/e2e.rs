@@ -258,13 +258,7 @@ fn a_full_disk_at_the_backup_loses_nothing_committed() {
 
     let roots = read_roots(&roots);
     for e in [1, committed / 2, committed] {
-        let img = data.join(format!("full-{e}.img"));
-        let out = run_limited(
-            Command::new(remus_restore()).arg("--store").arg(&store).args(["--epoch", &e.to_string(), "--to"]).arg(&img),
-            Duration::from_secs(60),
-        );
-        assert!(out.status.success(), "restore {e}: {}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(MemoryDigest::of_image(&std::fs::read(&img).unwrap()).to_hex(), roots[&e], "epoch {e}");
+        assert_store_restores(&store, e, &data.join(format!("full-{e}.img")), &roots[&e], Duration::from_secs(60));
     }
 }
 
@@ -307,13 +301,7 @@ fn a_guest_over_its_store_quota_is_refused_by_name_and_loses_nothing_committed()
     assert!(committed >= 1 && (roots.len() as u64) > committed + 10, "{} sealed, {committed} committed", roots.len());
     let released = std::fs::read_to_string(&output_log).unwrap().lines().count() as u64;
     assert!(released <= committed + 2, "{released} lines released for {committed} committed epochs");
-    let img = data.join("quota.img");
-    let out = run_limited(
-        Command::new(remus_restore()).arg("--store").arg(&store).args(["--epoch", &committed.to_string(), "--to"]).arg(&img),
-        Duration::from_secs(60),
-    );
-    assert!(out.status.success(), "restore: {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(MemoryDigest::of_image(&std::fs::read(&img).unwrap()).to_hex(), roots[&committed]);
+    assert_store_restores(&store, committed, &data.join("quota.img"), &roots[&committed], Duration::from_secs(60));
 }
 
 /// One backup protects two primaries at once (N-to-1); each guest's

@@ -39,15 +39,7 @@ fn assert_history_exact(data: &std::path::Path, roots: &std::path::Path, last: u
     assert!(out.status.success(), "verify: {}", String::from_utf8_lossy(&out.stdout));
     let roots = read_roots(roots);
     for e in [1, last / 3, 2 * last / 3, last] {
-        let img = data.join(format!("epoch-{e}.img"));
-        let store = data.join("store");
-        let out = run_limited(
-            Command::new(remus_restore()).arg("--store").arg(&store).args(["--epoch", &e.to_string(), "--to"]).arg(&img),
-            LIMIT,
-        );
-        assert!(out.status.success(), "restore {e}: {}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(MemoryDigest::of_image(&std::fs::read(&img).unwrap()).to_hex(), roots[&e], "epoch {e} restored exact");
-        std::fs::remove_file(&img).unwrap();
+        assert_store_restores(&data.join("store"), e, &data.join(format!("epoch-{e}.img")), &roots[&e], LIMIT);
     }
 }
 
@@ -317,13 +309,7 @@ fn assert_far_exact(data: &std::path::Path, far_store: &std::path::Path, epochs:
     let out = run_limited(Command::new(remus()).args(["verify", "--json", "--store"]).arg(far_store), LIMIT);
     assert!(out.status.success(), "verify far: {}", String::from_utf8_lossy(&out.stdout));
     for &(e, roots) in epochs {
-        let img = data.join(format!("far-{e}.img"));
-        let out = run_limited(
-            Command::new(remus_restore()).arg("--store").arg(far_store).args(["--epoch", &e.to_string(), "--to"]).arg(&img),
-            LIMIT,
-        );
-        assert!(out.status.success(), "restore {e} from the far backup: {}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(MemoryDigest::of_image(&std::fs::read(&img).unwrap()).to_hex(), roots[&e], "far epoch {e} restored exact");
+        assert_store_restores(far_store, e, &data.join(format!("far-{e}.img")), &roots[&e], LIMIT);
     }
 }
 

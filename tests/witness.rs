@@ -32,14 +32,7 @@ fn history(data: &Path) -> Vec<serde_json::Value> {
 
 /// Restores epoch `epoch` from the store and checks it against `root`.
 fn assert_restores_to(data: &Path, epoch: u64, root: &str) {
-    let img = data.join(format!("epoch-{epoch}.img"));
-    let out = run_limited(
-        Command::new(remus_restore()).arg("--store").arg(data.join("store")).args(["--epoch", &epoch.to_string(), "--to"]).arg(&img),
-        LIMIT,
-    );
-    assert!(out.status.success(), "restore {epoch}: {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(MemoryDigest::of_image(&std::fs::read(&img).unwrap()).to_hex(), root, "epoch {epoch} restored exact");
-    std::fs::remove_file(&img).unwrap();
+    assert_store_restores(&data.join("store"), epoch, &data.join(format!("epoch-{epoch}.img")), root, LIMIT);
 }
 
 const LIMIT: Duration = Duration::from_secs(120);

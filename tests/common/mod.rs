@@ -217,6 +217,18 @@ pub fn keygen(data_dir: &Path) {
     assert!(out.status.success(), "keygen: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// Restores epoch `epoch` of the store at `store` into `img` with
+/// remus-restore (within `limit`), checks the image's memory root is
+/// `root` (as the primary recorded it), and removes the image.
+pub fn assert_store_restores(store: &Path, epoch: u64, img: &Path, root: &str, limit: Duration) {
+    let out =
+        run_limited(Command::new(remus_restore()).arg("--store").arg(store).args(["--epoch", &epoch.to_string(), "--to"]).arg(img), limit);
+    assert!(out.status.success(), "restore {epoch} from {}: {}", store.display(), String::from_utf8_lossy(&out.stderr));
+    let image = std::fs::read(img).unwrap();
+    assert_eq!(remus_types::MemoryDigest::of_image(&image).to_hex(), root, "epoch {epoch} of {} restored exact", store.display());
+    std::fs::remove_file(img).unwrap();
+}
+
 /// Reads the primary's recorded roots (JSON lines) into a map.
 pub fn read_roots(path: &Path) -> std::collections::HashMap<u64, String> {
     let text = std::fs::read_to_string(path).expect("roots file");
