@@ -245,9 +245,8 @@ impl Replica for StoreReplica {
                 self.admission.disconnected(guest);
                 return Err(e.to_string());
             }
-            let before = head.map(|h| h.epoch.0);
-            tracing::info!(%guest, epoch = graft.epoch.0, ?before, "history continued from another backup's epoch");
             let elsewhere_from = head.map(|h| h.epoch.next());
+            tracing::info!(%guest, epoch = graft.epoch.0, ?elsewhere_from, "history continued from another backup's epoch");
             let _ = self.events.send(BackupEvent::Continued { guest, after: graft.epoch, elsewhere_from });
         }
         self.welcomed.lock().insert(guest, Instant::now());
