@@ -326,7 +326,10 @@ fn a_far_backup_behind_when_its_primary_restarts_continues_from_the_near_ones_he
     let far_store = data.join("far-store");
     let near = BackupProcess::start_logged(data, "127.0.0.1:0", &[]);
     let far = BackupProcess::start_logged(data, "127.0.0.1:0", &["--store", far_store.to_str().unwrap()]);
-    let relay = relay_to(&far.addr, Impairment { delay: Duration::from_millis(5), ..Impairment::default() });
+    // Delay, jitter (reordering) and loss on the far path: the Holds list
+    // and the whole-memory epoch after it cross it too.
+    let imp = Impairment { delay: Duration::from_millis(10), jitter: Duration::from_millis(1), loss: 0.01, ..Impairment::default() };
+    let relay = relay_to(&far.addr, imp);
     let run = |seconds: &str, roots: &std::path::Path| {
         let mut c = protect(data, &near.addr);
         c.args(["--far", &relay.local_addr().to_string(), "--release", "near", "--memory-mib", "64", "--pages-per-sec", "4000"])
