@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use remus_types::{Checkpoint, PAGE_SIZE};
 
@@ -52,6 +53,9 @@ pub(crate) struct Shared {
     /// Held still (self-fenced) until cleared.
     pub(crate) held: AtomicBool,
     pub(crate) written: AtomicU64,
+    /// The workload thread's CPU time, ns, as of its last output line
+    /// (and exactly once it has stopped).
+    pub(crate) cpu_ns: AtomicU64,
     pub(crate) page_count: u64,
     pub(crate) output: Arc<OutputBuffer<Vec<u8>>>,
 }
@@ -91,6 +95,7 @@ impl ArenaGuest {
             stop: AtomicBool::new(false),
             held: AtomicBool::new(false),
             written: AtomicU64::new(0),
+            cpu_ns: AtomicU64::new(0),
             output,
         });
         let wl = cfg.workload.clone();
@@ -168,6 +173,10 @@ impl Pause for ArenaGuest {
 
     fn quiesce(&mut self) {
         self.stop_workload();
+    }
+
+    fn cpu_time(&self) -> Duration {
+        Duration::from_nanos(self.shared.cpu_ns.load(Ordering::Relaxed))
     }
 }
 

@@ -203,6 +203,7 @@ pub(crate) fn run(shared: &Arc<Shared>, cfg: &WorkloadConfig) {
             let line = format!("tick {lines}: {written} pages written\n");
             shared.output.push(line.into_bytes());
             next_line += tick;
+            record_cpu(shared);
         }
         let due = (cfg.pages_per_sec as f64 * now.duration_since(start).as_secs_f64()) as u64;
         if written >= due {
@@ -269,6 +270,12 @@ pub(crate) fn run(shared: &Arc<Shared>, cfg: &WorkloadConfig) {
         drop(mem);
         shared.written.store(written, Ordering::Relaxed);
     }
+    record_cpu(shared);
+}
+
+fn record_cpu(shared: &Shared) {
+    let ns = u64::try_from(remus_sys::thread_cpu_time().as_nanos()).unwrap_or(u64::MAX);
+    shared.cpu_ns.store(ns, Ordering::Relaxed);
 }
 
 /// Content `i` of the recycle pool: the same bytes every time.

@@ -66,6 +66,9 @@ pub struct Summary {
     pub self_fenced_ms: f64,
     /// CPU time this process used (user and system, every thread), s.
     pub cpu_seconds: f64,
+    /// Of `cpu_seconds`, what an in-process guest's own execution used
+    /// (the built-in workload's writes), s; 0 for a QEMU guest.
+    pub guest_cpu_seconds: f64,
     /// The most memory this process held resident, MiB.
     pub peak_resident_mib: f64,
     /// Encoding mix, pages.
@@ -172,6 +175,7 @@ impl Summary {
             self_fences: s.self_fences,
             self_fenced_ms: ms(s.self_fenced_ns),
             cpu_seconds: remus_sys::cpu_time().as_secs_f64(),
+            guest_cpu_seconds: s.guest_cpu.as_secs_f64(),
             peak_resident_mib: remus_sys::peak_resident_bytes() as f64 / f64::from(1 << 20),
             encoding: EncodingSummary { zero: m.zero, reference: m.reference, xor: m.xor, raw_zstd: m.raw_zstd, raw_plain: m.raw_plain },
             commit_ms_p50: ms(percentile(&s.commit_ns, 50.0)),

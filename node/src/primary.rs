@@ -424,7 +424,11 @@ fn drive_engine<G: ProtectedGuest>(
                 let started = Instant::now();
                 let Some(cp) = engine.handle_timeout(started, now_unix_nanos()).map_err(NodeError::Checkpoint)? else { continue };
                 record_seal(stats, &cp, engine.period(), started);
-                stats.lock().throttled_epochs = engine.throttled_epochs();
+                {
+                    let mut s = stats.lock();
+                    s.throttled_epochs = engine.throttled_epochs();
+                    s.guest_cpu = engine.guest().cpu_time();
+                }
                 let Some(link) = &tx else { continue };
                 if link.blocking_send(cp).is_err() {
                     return Err(NodeError::LinkStopped);

@@ -103,6 +103,9 @@ pub struct PrimaryStats {
     /// Epochs the guest was held still in because the backup could not
     /// keep output under the target even with the longest epochs.
     pub throttled_epochs: u64,
+    /// CPU time of the guest's own execution in this process (see
+    /// `remus_capture::Pause::cpu_time`), as of the last seal.
+    pub guest_cpu: std::time::Duration,
 }
 
 impl Default for PrimaryStats {
@@ -141,6 +144,7 @@ impl Default for PrimaryStats {
             protected_at: None,
             far: Vec::new(),
             throttled_epochs: 0,
+            guest_cpu: std::time::Duration::ZERO,
         }
     }
 }

@@ -27,6 +27,6 @@ pub use net::{enter_net_namespace, open_tap, open_tun, size_udp_buffers, unshare
 pub use pi_mutex::{PiGuard, PiMutex};
 pub use process::{
     cpu_time, die_on_closed_pipe, die_with_parent, ids, install_stop_handler, keep_freed_memory, peak_resident_bytes, process_cpu_time,
-    raise_priority, signal, stop_requested,
+    raise_priority, signal, stop_requested, thread_cpu_time,
 };
 pub use uffd::WriteProtectScanner;

@@ -123,6 +123,17 @@ pub fn cpu_time() -> std::time::Duration {
     process_cpu_time(std::process::id()).unwrap_or_default()
 }
 
+/// CPU time (user and system) the calling thread has used so far.
+#[must_use]
+pub fn thread_cpu_time() -> std::time::Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec, which `ts` is.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::new(u64::try_from(ts.tv_sec).unwrap_or(0), u32::try_from(ts.tv_nsec).unwrap_or(0))
+}
+
 /// The most memory this process has held resident so far (`VmHWM`), in
 /// bytes; 0 where the kernel does not say.
 #[must_use]

@@ -24,6 +24,7 @@ fn replay_matches(tracking: TrackingMode) {
     let out = Arc::new(OutputBuffer::default());
     let guest = ArenaGuest::start(&cfg, Arc::clone(&out)).unwrap();
     let mut engine = EpochEngine::new(GuestId(1), guest, Arc::clone(&out), Duration::from_millis(5), Instant::now());
+    let started = Instant::now();
     let mut shadow = vec![0u8; engine.guest().page_count() as usize * PAGE_SIZE];
     let mut dirty_total = 0;
     for _ in 0..20 {
@@ -33,6 +34,10 @@ fn replay_matches(tracking: TrackingMode) {
         apply(&mut shadow, &cp);
     }
     engine.guest_mut().stop_workload();
+    // The writer's own CPU time, counted once it stopped: some, and no
+    // more than the time it ran.
+    let cpu = engine.guest().cpu_time();
+    assert!(cpu > Duration::ZERO && cpu <= started.elapsed(), "writer CPU {cpu:?} over {:?}", started.elapsed());
     let last = engine.seal(now_unix_nanos()).unwrap();
     apply(&mut shadow, &last);
     assert!(dirty_total > 100, "workload wrote too little: {dirty_total}");
