@@ -24,7 +24,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use remus_types::{Checkpoint, EpochId, GuestId};
+use remus_types::{Checkpoint, EpochId, GuestId, PagePool};
 
 use crate::guest::{checkpoint, ProtectedGuest, Scratch};
 use crate::{Cadence, CadenceConfig, CaptureError, OutputBuffer};
@@ -111,6 +111,15 @@ impl<G: ProtectedGuest> EpochEngine<G> {
         self.next = committed.next();
         self.acked = committed;
         self.output.open_at(self.next);
+        self
+    }
+
+    /// Takes checkpoint page buffers from `pool`, where whoever is done
+    /// with a checkpoint hands its buffer back (the link, once the epoch
+    /// is acknowledged).
+    #[must_use]
+    pub fn with_page_pool(mut self, pool: PagePool) -> Self {
+        self.scratch.pool = pool;
         self
     }
 

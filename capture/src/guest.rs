@@ -17,7 +17,7 @@
 
 use std::time::Instant;
 
-use remus_types::{Checkpoint, EpochId, Pfn, PAGE_SIZE};
+use remus_types::{Checkpoint, EpochId, PagePool, Pfn, PAGE_SIZE};
 
 use crate::CaptureError;
 
@@ -194,6 +194,8 @@ impl<G: DeviceState + ?Sized> DeviceState for Box<G> {
 pub struct Scratch {
     pfns: Vec<u64>,
     last_dirty: usize,
+    /// Where page buffers come back once their epoch is done with.
+    pub(crate) pool: PagePool,
 }
 
 /// Takes epoch `epoch`'s checkpoint of `guest` into `cp`: collects the
@@ -216,17 +218,20 @@ pub fn checkpoint<G: ProtectedGuest + ?Sized>(
 ) -> Result<(), CaptureError> {
     cp.epoch = epoch;
     cp.page_count = guest.page_count();
-    // Fault the page buffer in before pausing (sized from the last
+    // A page buffer faulted in before pausing (sized from the last
     // epoch), so the copy inside the pause takes no page faults: one
-    // byte written per page is enough (filling it all cost a memset of
-    // twice the epoch's pages, every epoch).
+    // handed back by an acknowledged epoch, or a new one with a byte
+    // written in each page.
     let estimate = (scratch.last_dirty * 2).max(1024) * PAGE_SIZE;
     cp.pages.clear();
     if cp.pages.capacity() < estimate {
-        cp.pages = Vec::with_capacity(estimate);
-        for b in cp.pages.spare_capacity_mut().iter_mut().step_by(PAGE_SIZE) {
-            b.write(1);
-        }
+        cp.pages = scratch.pool.take(estimate).unwrap_or_else(|| {
+            let mut fresh = Vec::with_capacity(estimate);
+            for b in fresh.spare_capacity_mut().iter_mut().step_by(PAGE_SIZE) {
+                b.write(1);
+            }
+            fresh
+        });
     }
     cp.pfns.clear();
     // Two-phase collection: most pages are taken before the pause, the few

@@ -20,7 +20,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 use remus_capture::{ArenaConfig, ArenaGuest, CadenceConfig, EpochEngine, OutputBuffer, ProtectedGuest};
 use remus_qemu::{Egress, NetRelay, QemuConfig, QemuGuest};
-use remus_types::{now_unix_nanos, Checkpoint, ChunkId, EpochId, GuestId};
+use remus_types::{now_unix_nanos, Checkpoint, ChunkId, EpochId, GuestId, PagePool};
 use remus_wan::driver::ClientSource;
 use remus_wan::driver::{run_primary, LinkEvent, LinkTuning, PrimaryLinkConfig};
 use remus_wan::tls::{client_config, TlsDir};
@@ -235,6 +235,11 @@ impl Primary {
         // The first Welcome says where the guest's history stands: a
         // restarted primary continues it.
         let (base_tx, base_rx) = crossbeam_channel::bounded(1);
+        // Page buffers go round: the engine copies into one, the link
+        // holding it hands it back once its epoch is acknowledged (with far
+        // backups, one link holds the engine's buffer and the others
+        // copies, which the pool lets go first: they are the smallest).
+        let pool = PagePool::default();
         let link_cfg = PrimaryLinkConfig {
             backup: opts.backup,
             client,
@@ -247,6 +252,7 @@ impl Primary {
             handover: Arc::clone(&handover),
             continues: opts.continues,
             start_after: None,
+            page_pool: Some(pool.clone()),
         };
         let (far, release, far_retained) = (opts.far.clone(), opts.release, opts.far_retained_bytes);
         let create = |p: &Option<PathBuf>| -> Result<Option<std::fs::File>> {
@@ -305,7 +311,10 @@ impl Primary {
                     s.started = Instant::now();
                     (s.continued_from, s.sealed, s.acked) = (committed, committed, committed);
                 }
-                let engine = EpochEngine::new(id, guest, output, cadence.base, Instant::now()).with_cadence(cadence).after(committed);
+                let engine = EpochEngine::new(id, guest, output, cadence.base, Instant::now())
+                    .with_cadence(cadence)
+                    .with_page_pool(pool)
+                    .after(committed);
                 drive_engine(engine, tx, &ack_rx, sinks, &s3, &stop2, &owner)
             })
             .map_err(NodeError::io("spawning the epoch thread"))?;

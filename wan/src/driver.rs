@@ -298,6 +298,9 @@ pub struct PrimaryLinkConfig {
     /// (none: whatever the backup's first Welcome says; see
     /// [`SenderCore::after`]).
     pub start_after: Option<EpochId>,
+    /// Where acknowledged checkpoints' page buffers go back to (the epoch
+    /// engine's; none: they are freed).
+    pub page_pool: Option<remus_types::PagePool>,
     /// Set before the checkpoints end: a planned move, the backup taking
     /// the guest over once every epoch is acknowledged
     /// ([`LinkEvent::HandedOver`]), instead of the link just ending.
@@ -336,6 +339,9 @@ pub async fn run_primary(
     }
     if let Some(epoch) = cfg.start_after {
         core = core.after(epoch);
+    }
+    if let Some(pool) = &cfg.page_pool {
+        core = core.recycling_pages_into(pool.clone());
     }
     let mut input = Input::default();
     let mut backoff = MIN_BACKOFF;

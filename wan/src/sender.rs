@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use remus_types::{content_id, is_zero_page, zero_page_hash, Checkpoint, ChunkId, EpochId, GuestId, MemoryDigest};
+use remus_types::{content_id, is_zero_page, zero_page_hash, Checkpoint, ChunkId, EpochId, GuestId, MemoryDigest, PagePool};
 
 use crate::encoding::{EncoderConfig, EncodingMix, PageEncoder};
 use crate::error::ProtocolError;
@@ -193,6 +193,8 @@ pub struct SenderCore {
     welcomed_once: bool,
     /// Chunks the backup's Holds added on this connection.
     assumed: usize,
+    /// Where an acknowledged checkpoint's page buffer goes back to.
+    page_pool: Option<PagePool>,
     /// The manifest of the highest acknowledged epoch (zero before any).
     acked_manifest: ChunkId,
 }
@@ -255,6 +257,7 @@ impl SenderCore {
             streaming: None,
             welcomed_once: false,
             assumed: 0,
+            page_pool: None,
             acked_manifest: ChunkId::default(),
         }
     }
@@ -296,6 +299,14 @@ impl SenderCore {
             return true;
         }
         false
+    }
+
+    /// The same sender, handing each acknowledged checkpoint's page buffer
+    /// back to `pool` (see [`PagePool`]).
+    #[must_use]
+    pub fn recycling_pages_into(mut self, pool: PagePool) -> Self {
+        self.page_pool = Some(pool);
+        self
     }
 
     /// The same sender, owning `generation` on the witness (said in every
@@ -518,7 +529,13 @@ impl SenderCore {
         }
         if epoch > self.acked {
             self.acked = epoch;
-            self.retained = self.retained.split_off(&epoch.next());
+            let kept = self.retained.split_off(&epoch.next());
+            let done = std::mem::replace(&mut self.retained, kept);
+            if let Some(pool) = &self.page_pool {
+                for r in done.into_values() {
+                    pool.give(r.cp.pages);
+                }
+            }
             self.retained_bytes = self.retained.values().map(|r| r.cp.pages.len()).sum();
             self.events.push_back(SenderEvent::Acked { epoch, manifest });
         }

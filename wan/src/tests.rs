@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
-use remus_types::{Checkpoint, ChunkId, EpochId, GuestId, MemoryDigest, MergedCheckpoint, Pfn, PAGE_SIZE};
+use remus_types::{Checkpoint, ChunkId, EpochId, GuestId, MemoryDigest, MergedCheckpoint, PagePool, Pfn, PAGE_SIZE};
 
 use crate::*;
 
@@ -468,6 +468,35 @@ fn retained_checkpoints_are_bounded_while_the_backup_is_away() {
     s.handle_message(now, Message::Welcome { guest: GuestId(1), committed: EpochId(0), head: ChunkId::default() }).unwrap();
     s.handle_message(now, Message::Ack { epoch: EpochId(2), manifest: ChunkId::default() }).unwrap();
     assert!(s.can_accept());
+    assert_eq!(s.unacked(), 1);
+}
+
+#[test]
+fn acknowledged_checkpoints_hand_their_page_buffers_back_and_unacknowledged_ones_keep_them() {
+    let pool = PagePool::default();
+    let mut s = SenderCore::new(SenderConfig::default(), GuestId(1), 1, PAGES).recycling_pages_into(pool.clone());
+    for e in 1..=3u64 {
+        let mut pages = Vec::with_capacity(40 * PAGE_SIZE);
+        pages.resize(20 * PAGE_SIZE, e as u8);
+        s.push_checkpoint(Checkpoint {
+            guest: GuestId(1),
+            epoch: EpochId(e),
+            page_count: PAGES,
+            pfns: (0..20).map(Pfn).collect(),
+            pages,
+            ..Checkpoint::default()
+        });
+    }
+    assert!(pool.take(1).is_none(), "nothing handed back before an ack");
+    let now = Instant::now();
+    s.handle_connected(now);
+    s.handle_message(now, Message::Welcome { guest: GuestId(1), committed: EpochId(0), head: ChunkId::default() }).unwrap();
+    s.handle_message(now, Message::Ack { epoch: EpochId(2), manifest: ChunkId::default() }).unwrap();
+    for _ in 1..=2 {
+        let buf = pool.take(40 * PAGE_SIZE).expect("an acknowledged epoch's buffer, whole");
+        assert!(buf.is_empty());
+    }
+    assert!(pool.take(1).is_none(), "epoch 3 is not acknowledged: its buffer stays with it");
     assert_eq!(s.unacked(), 1);
 }
 

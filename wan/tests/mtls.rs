@@ -277,6 +277,7 @@ async fn a_running_primary_honours_a_revocation_list_written_since_it_started() 
         page_count: 16,
         continues: None,
         start_after: None,
+        page_pool: None,
         handover: Arc::default(),
     };
     let (_checkpoints, rx) = tokio::sync::mpsc::channel(1);
