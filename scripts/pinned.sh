@@ -19,6 +19,6 @@ import json,sys
 s=json.load(open(sys.argv[1]))
 d=max(s["dirty_pages"],1)
 tick=100.0
-print(f'{sys.argv[2]:>6} pages/s: {s["hz"]:.1f} Hz, acked {s["epochs_committed"]}/{s["epochs"]}, output p50 {s["commit_ms_p50"]:.0f} ms p99 {s["commit_ms_p99"]:.0f} ms, dirty {s["dirty_pages"]}, primary {s["cpu_seconds"]*1e6/d:.1f} us/page (guest {s.get("guest_cpu_seconds",0)*1e6/d:.1f}), backup {int(sys.argv[3])/tick*1e6/d:.1f} us/page')
+print(f'{sys.argv[2]:>6} pages/s: {s["hz"]:.1f} Hz, pause p50 {s["pause_ms_p50"]:.2f} p99 {s["pause_ms_p99"]:.2f} ms, acked {s["epochs_committed"]}/{s["epochs"]}, output p50 {s["commit_ms_p50"]:.0f} ms p99 {s["commit_ms_p99"]:.0f} ms, dirty {s["dirty_pages"]}, primary {s["cpu_seconds"]*1e6/d:.1f} us/page (guest {s.get("guest_cpu_seconds",0)*1e6/d:.1f}), backup {int(sys.argv[3])/tick*1e6/d:.1f} us/page')
 PY
 rm -rf $D
