@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use remus_qemu::ResumedVm;
 use remus_restore::vm::restore_vm;
 use remus_restore::{RestorePlan, Target};
@@ -115,53 +115,131 @@ impl LiveVm {
 }
 
 /// The live files of every QEMU guest this backup would resume.
+///
+/// Invariant: while a guest's files are being rebuilt from the store (on a
+/// thread of their own, off the commit path), every epoch committed since
+/// the rebuild's epoch waits in order to be applied after it, and nothing
+/// else writes those files: a failover waits for the rebuild to end.
 #[derive(Default)]
 pub struct LiveFiles {
-    guests: Mutex<HashMap<GuestId, LiveVm>>,
+    guests: Mutex<HashMap<GuestId, Live>>,
+    rebuilt: Condvar,
+}
+
+enum Live {
+    Ready(LiveVm),
+    /// Rebuilt from the store at `epoch`; `pending` committed since.
+    Rebuilding {
+        epoch: EpochId,
+        pending: Vec<CommittedPages>,
+    },
 }
 
 impl LiveFiles {
     /// Applies committed epochs to `guest`'s live files in `dir`. The
     /// first time (or after a failure) the files are rebuilt from the
-    /// store's latest epoch instead. Not a QEMU guest: nothing to do.
-    pub fn update(&self, store: &Store, dir: &Path, guest: GuestId, epochs: &[CommittedPages]) {
+    /// store's latest epoch instead, on a thread of their own, so that
+    /// the commit (and its acknowledgement) does not wait for a restore of
+    /// the guest's whole memory; epochs committed meanwhile are applied
+    /// after it. Not a QEMU guest: nothing to do.
+    pub fn update(self: &Arc<Self>, store: &Arc<Store>, dir: &Path, guest: GuestId, epochs: &[CommittedPages]) {
         let Some((last_epoch, last_ds, _)) = epochs.last() else { return };
-        let Ok(Some(state)) = QemuState::decode(last_ds) else { return };
+        let Ok(Some(_)) = QemuState::decode(last_ds) else { return };
+        let first = epochs[0].0;
         let mut live = self.guests.lock();
-        let result = (|| -> Result<(), NodeError> {
-            let current = live.remove(&guest).filter(|l| epochs.first().is_some_and(|(e, _, _)| l.epoch.next() == *e));
-            let Some(mut l) = current else {
-                // Rebuild from the store (which holds these epochs now).
-                let plan = RestorePlan::new(store, guest, Target::Epoch(*last_epoch))?;
-                let (state, run, _) = restore_vm(store, &plan, &dir.join(format!("{guest}")), |_, _| {})?.ok_or(NodeError::NotAVm)?;
-                live.insert(guest, LiveVm::open(state, run, *last_epoch).map_err(NodeError::io("opening the live VM files"))?);
-                return Ok(());
-            };
-            let zero = vec![0u8; PAGE_SIZE];
-            for (epoch, _, pages) in epochs {
-                for (pfn, id) in pages {
-                    let written = if *id == zero_page_hash() {
-                        l.write(pfn.0, &zero)
-                    } else {
-                        l.write(pfn.0, &store.recent_chunk(id).map_err(|e| NodeError::Restore(e.into()))?)
-                    };
-                    written.map_err(NodeError::io("writing the live VM files"))?;
+        match live.remove(&guest) {
+            Some(Live::Ready(mut l)) if l.epoch.next() == first => match apply(&mut l, store, epochs) {
+                Ok(()) => {
+                    live.insert(guest, Live::Ready(l));
                 }
-                l.epoch = *epoch;
+                Err(e) => tracing::warn!(%guest, error = %e, "live failover image not kept; failover will restore from the store"),
+            },
+            Some(Live::Rebuilding { epoch, mut pending }) if pending.last().map_or(epoch, |p| p.0).next() == first => {
+                pending.extend_from_slice(epochs);
+                live.insert(guest, Live::Rebuilding { epoch, pending });
             }
-            l.state = state;
-            live.insert(guest, l);
-            Ok(())
-        })();
-        if let Err(e) = result {
-            tracing::warn!(%guest, error = %e, "live failover image not kept; failover will restore from the store");
+            Some(Live::Rebuilding { epoch, pending }) => {
+                // Not the next epoch (cannot happen while commits are in
+                // order): the rebuilt files will end before the committed
+                // epoch, which a failover then restores from the store,
+                // and the next commit rebuilds them.
+                live.insert(guest, Live::Rebuilding { epoch, pending });
+                drop(live);
+                tracing::warn!(%guest, epoch = first.0, "live failover image out of step; failover will restore from the store");
+            }
+            _ => {
+                live.insert(guest, Live::Rebuilding { epoch: *last_epoch, pending: Vec::new() });
+                let (files, store, dir, epoch) = (Arc::clone(self), Arc::clone(store), dir.join(format!("{guest}")), *last_epoch);
+                let spawned =
+                    std::thread::Builder::new().name("remus-live-files".into()).spawn(move || files.rebuild(&store, &dir, guest, epoch));
+                if let Err(e) = spawned {
+                    live.remove(&guest);
+                    tracing::warn!(%guest, error = %e, "live failover image not kept; failover will restore from the store");
+                }
+            }
         }
     }
 
-    /// Takes `guest`'s live files if they hold exactly `epoch`.
-    pub fn take(&self, guest: GuestId, epoch: EpochId) -> Option<LiveVm> {
-        self.guests.lock().remove(&guest).filter(|l| l.epoch == epoch)
+    /// Restores `guest`'s `epoch` from the store into `dir` and opens it
+    /// as its live files, then applies what was committed meanwhile.
+    fn rebuild(&self, store: &Store, dir: &Path, guest: GuestId, epoch: EpochId) {
+        let t0 = std::time::Instant::now();
+        let restored = (|| -> Result<LiveVm, NodeError> {
+            let plan = RestorePlan::new(store, guest, Target::Epoch(epoch))?;
+            let (state, run, _) = restore_vm(store, &plan, dir, |_, _| {})?.ok_or(NodeError::NotAVm)?;
+            LiveVm::open(state, run, epoch).map_err(NodeError::io("opening the live VM files"))
+        })();
+        let mut live = self.guests.lock();
+        let kept = match (live.remove(&guest), restored) {
+            (Some(Live::Rebuilding { epoch: e, pending }), Ok(mut l)) if e == epoch => {
+                apply(&mut l, store, &pending).map(|()| l).map_err(|e| e.to_string())
+            }
+            (_, Err(e)) => Err(e.to_string()),
+            (_, Ok(_)) => Err(format!("replaced while rebuilding epoch {}", epoch.0)),
+        };
+        match kept {
+            Ok(l) => {
+                tracing::debug!(%guest, epoch = l.epoch.0, ms = t0.elapsed().as_secs_f64() * 1e3, "live failover image rebuilt");
+                live.insert(guest, Live::Ready(l));
+            }
+            Err(e) => tracing::warn!(%guest, error = %e, "live failover image not kept; failover will restore from the store"),
+        }
+        drop(live);
+        self.rebuilt.notify_all();
     }
+
+    /// Takes `guest`'s live files if they hold exactly `epoch`, waiting
+    /// for a rebuild under way to end first.
+    pub fn take(&self, guest: GuestId, epoch: EpochId) -> Option<LiveVm> {
+        let mut live = self.guests.lock();
+        while matches!(live.get(&guest), Some(Live::Rebuilding { .. })) {
+            self.rebuilt.wait(&mut live);
+        }
+        match live.remove(&guest) {
+            Some(Live::Ready(l)) if l.epoch == epoch => Some(l),
+            _ => None,
+        }
+    }
+}
+
+/// Writes committed `epochs` (each following the last) into `l`.
+fn apply(l: &mut LiveVm, store: &Store, epochs: &[CommittedPages]) -> Result<(), NodeError> {
+    let zero = vec![0u8; PAGE_SIZE];
+    for (epoch, ds, pages) in epochs {
+        for (pfn, id) in pages {
+            let written = if *id == zero_page_hash() {
+                l.write(pfn.0, &zero)
+            } else {
+                l.write(pfn.0, &store.recent_chunk(id).map_err(|e| NodeError::Restore(e.into()))?)
+            };
+            written.map_err(NodeError::io("writing the live VM files"))?;
+        }
+        l.epoch = *epoch;
+        if let Ok(Some(state)) = QemuState::decode(ds) {
+            l.state = state;
+        }
+    }
+    Ok(())
 }
 
 /// A failover to carry out: `guest`'s last committed epoch in `store`
@@ -175,8 +253,12 @@ pub struct Job {
     pub dir: PathBuf,
     /// Resume a QEMU guest here.
     pub resume: Option<ResumeVm>,
-    /// Its live files, when they hold exactly the last committed epoch.
-    pub live: Option<LiveVm>,
+    /// The last committed epoch (the one failed over to).
+    pub epoch: EpochId,
+    /// The backup's live files: the guest's, when they hold exactly that
+    /// epoch, are resumed from (taken on the failover's thread, which
+    /// waits for a rebuild under way).
+    pub live: Arc<LiveFiles>,
     /// The guest's lease (with a witness), kept renewed while it runs here.
     pub lease: Option<crate::lease::Renewal>,
 }
@@ -187,8 +269,8 @@ pub struct Job {
 /// ends), so the thread stays until `stopping` is set or the guest exits;
 /// so does the lease, kept renewed meanwhile.
 pub fn spawn(job: Job, stopping: Arc<AtomicBool>, events: crossbeam_channel::Sender<BackupEvent>) {
-    let Job { store, guest, dir, resume, live, mut lease } = job;
-    std::thread::spawn(move || match execute(&store, guest, &dir, resume.as_ref(), live) {
+    let Job { store, guest, dir, resume, epoch, live, mut lease } = job;
+    std::thread::spawn(move || match execute(&store, guest, &dir, resume.as_ref(), live.take(guest, epoch)) {
         Ok(Failover { epoch, path, vm, live }) => {
             let outcome = match (&vm, resume.as_ref().and_then(|r| r.protect_to)) {
                 (Some(vm), _) => FailoverOutcome::Resumed { pid: vm.pid(), qmp: vm.run.qmp(), from_live: live },

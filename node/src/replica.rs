@@ -69,7 +69,7 @@ pub struct StoreReplica {
     /// One commit at a time per guest (two connections of one primary run
     /// may overlap for a while), and fencing between commits.
     commit_locks: Mutex<HashMap<GuestId, Arc<Mutex<()>>>>,
-    live: LiveFiles,
+    live: Arc<LiveFiles>,
     /// What each guest may use, its rate buckets, and the guests whose
     /// commits are refused for their store quota now (each reported once
     /// per time it is reached).
@@ -117,7 +117,7 @@ impl StoreReplica {
             quota,
             rates: Rates::default(),
             over_quota: Mutex::default(),
-            live: LiveFiles::default(),
+            live: Arc::default(),
             stats: Mutex::new(HashMap::new()),
             stopping: Arc::default(),
             events,
@@ -150,8 +150,15 @@ impl StoreReplica {
         {
             tracing::error!(%guest, error = %e, "the fence could not be stored; it holds until this backup stops");
         }
-        let live = self.live.take(guest, committed);
-        let job = failover::Job { store: Arc::clone(&self.store), guest, dir: dir.clone(), resume: resume.clone(), live, lease };
+        let job = failover::Job {
+            store: Arc::clone(&self.store),
+            guest,
+            dir: dir.clone(),
+            resume: resume.clone(),
+            epoch: committed,
+            live: Arc::clone(&self.live),
+            lease,
+        };
         failover::spawn(job, Arc::clone(&self.stopping), self.events.clone());
     }
 
