@@ -181,8 +181,22 @@ impl LiveFiles {
     }
 
     /// Restores `guest`'s `epoch` from the store into `dir` and opens it
-    /// as its live files, then applies what was committed meanwhile.
+    /// as its live files, then applies what was committed meanwhile;
+    /// wakes a failover waiting for it whatever happens (a panic drops the
+    /// entry: a failover then restores from the store).
     fn rebuild(&self, store: &Store, dir: &Path, guest: GuestId, epoch: EpochId) {
+        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.rebuild_files(store, dir, guest, epoch)));
+        if done.is_err() {
+            let mut live = self.guests.lock();
+            if matches!(live.get(&guest), Some(Live::Rebuilding { .. })) {
+                live.remove(&guest);
+            }
+            tracing::warn!(%guest, "live failover image not kept (its rebuild failed); failover will restore from the store");
+        }
+        self.rebuilt.notify_all();
+    }
+
+    fn rebuild_files(&self, store: &Store, dir: &Path, guest: GuestId, epoch: EpochId) {
         let t0 = std::time::Instant::now();
         let restored = (|| -> Result<LiveVm, NodeError> {
             let plan = RestorePlan::new(store, guest, Target::Epoch(epoch))?;
@@ -204,8 +218,6 @@ impl LiveFiles {
             }
             Err(e) => tracing::warn!(%guest, error = %e, "live failover image not kept; failover will restore from the store"),
         }
-        drop(live);
-        self.rebuilt.notify_all();
     }
 
     /// Takes `guest`'s live files if they hold exactly `epoch`, waiting
@@ -338,4 +350,47 @@ fn execute(store: &Store, guest: GuestId, dir: &Path, resume: Option<&ResumeVm>,
     let path = dir.join(format!("{guest}-epoch-{}.img", epoch.0));
     plan.execute(store, &path, |_, _| {})?;
     Ok(Failover { epoch, path, vm: None, live: false })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use remus_store::StoreOptions;
+    use remus_types::{ChunkId, Pfn};
+    use remus_vm::QemuMachine;
+
+    fn qemu_device_state() -> Vec<u8> {
+        let machine = QemuMachine {
+            memory_mib: 16,
+            cpus: 1,
+            accel: "tcg".into(),
+            kernel: "k".into(),
+            initrd: "i".into(),
+            append: String::new(),
+            mac: "52:54:00:12:34:56".into(),
+            disk_mib: 0,
+        };
+        QemuState { machine, vmstate_len: 0 }.encode()
+    }
+
+    /// A rebuild that fails (here: the store holds nothing of the guest)
+    /// wakes the failover waiting on it, which then restores from the
+    /// store; the epochs committed meanwhile are not applied anywhere.
+    #[test]
+    fn a_failover_waits_for_a_rebuild_under_way_and_a_failed_one_leaves_no_files_to_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("store"), StoreOptions::default()).unwrap());
+        let live = Arc::new(LiveFiles::default());
+        let guest = GuestId(4);
+        let ds = qemu_device_state();
+        let epoch = |e: u64| -> CommittedPages { (EpochId(e), ds.clone(), vec![(Pfn(1), ChunkId([e as u8; 32]))]) };
+        live.update(&store, &dir.path().join("live"), guest, &[epoch(1)]);
+        // Committed while it rebuilds (or after it failed): no panic, no wait.
+        live.update(&store, &dir.path().join("live"), guest, &[epoch(2), epoch(3)]);
+        assert!(live.take(guest, EpochId(3)).is_none(), "nothing rebuilt to resume from");
+        assert!(live.take(guest, EpochId(3)).is_none());
+        // Not a QEMU guest: nothing kept, nothing rebuilt.
+        live.update(&store, &dir.path().join("live"), GuestId(5), &[(EpochId(1), vec![1, 2, 3], Vec::new())]);
+        assert!(live.guests.lock().get(&GuestId(5)).is_none());
+    }
 }
