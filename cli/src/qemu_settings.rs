@@ -97,15 +97,16 @@ impl QemuSettings {
             None => default_kernel(&cache)
                 .with_context(|| format!("no guest kernel under {}: run scripts/qemu-deps.sh, or pass --kernel", cache.display()))?,
         };
+        let d = QemuMachine::default();
         let machine = QemuMachine {
-            memory_mib: self.memory_mib.unwrap_or(128),
-            cpus: self.cpus.unwrap_or(1),
-            accel: self.accel.clone().unwrap_or_else(|| "tcg".into()),
+            memory_mib: self.memory_mib.unwrap_or(d.memory_mib),
+            cpus: self.cpus.unwrap_or(d.cpus),
+            accel: self.accel.clone().unwrap_or(d.accel),
             kernel,
             initrd: self.initrd.clone().unwrap_or_else(|| cache.join("initramfs.cpio.gz")),
-            append: self.append.clone().unwrap_or_else(|| "console=ttyS0 quiet".into()),
-            mac: self.mac.clone().unwrap_or_else(|| "52:54:00:12:34:56".into()),
-            disk_mib: self.disk_mib.unwrap_or(64),
+            append: self.append.clone().unwrap_or(d.append),
+            mac: self.mac.clone().unwrap_or(d.mac),
+            disk_mib: self.disk_mib.unwrap_or(d.disk_mib),
         };
         machine.validate()?;
         Ok(QemuConfig {

@@ -360,17 +360,7 @@ mod tests {
     use remus_vm::QemuMachine;
 
     fn qemu_device_state() -> Vec<u8> {
-        let machine = QemuMachine {
-            memory_mib: 16,
-            cpus: 1,
-            accel: "tcg".into(),
-            kernel: "k".into(),
-            initrd: "i".into(),
-            append: String::new(),
-            mac: "52:54:00:12:34:56".into(),
-            disk_mib: 0,
-        };
-        QemuState { machine, vmstate_len: 0 }.encode()
+        QemuState { machine: QemuMachine::default(), vmstate_len: 0 }.encode()
     }
 
     /// A rebuild that fails (here: the store holds nothing of the guest)

@@ -87,6 +87,24 @@ impl From<FormatError> for VmError {
     }
 }
 
+/// The machine `remus protect qemu` starts unless told otherwise: 128 MiB,
+/// one vCPU under TCG, a serial console, a 64 MiB disk; no kernel or
+/// initrd (those are always found or given).
+impl Default for QemuMachine {
+    fn default() -> Self {
+        Self {
+            memory_mib: 128,
+            cpus: 1,
+            accel: "tcg".into(),
+            kernel: PathBuf::new(),
+            initrd: PathBuf::new(),
+            append: "console=ttyS0 quiet".into(),
+            mac: "52:54:00:12:34:56".into(),
+            disk_mib: 64,
+        }
+    }
+}
+
 impl QemuMachine {
     /// RAM in pages.
     #[must_use]
@@ -327,13 +345,11 @@ mod tests {
     fn state() -> QemuState {
         let machine = QemuMachine {
             memory_mib: 16,
-            cpus: 1,
-            accel: "tcg".into(),
             kernel: "k".into(),
             initrd: "i".into(),
             append: String::new(),
-            mac: "52:54:00:12:34:56".into(),
             disk_mib: 1,
+            ..QemuMachine::default()
         };
         QemuState { machine, vmstate_len: 5000 }
     }
