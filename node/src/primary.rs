@@ -24,7 +24,7 @@ use remus_types::{now_unix_nanos, Checkpoint, ChunkId, EpochId, GuestId, PagePoo
 use remus_wan::driver::ClientSource;
 use remus_wan::driver::{run_primary, LinkEvent, LinkTuning, PrimaryLinkConfig};
 use remus_wan::tls::{client_config, TlsDir};
-use remus_wan::SenderConfig;
+use remus_wan::{SenderConfig, SharedFrames};
 use remus_witness::Standing;
 use tokio::sync::mpsc;
 
@@ -253,6 +253,9 @@ impl Primary {
             continues: opts.continues,
             start_after: None,
             page_pool: Some(pool.clone()),
+            // Near and far backups are sent the same pages: each compressed
+            // about once (the near link first to last, far ones backwards).
+            shared_frames: (!opts.far.is_empty()).then(|| (SharedFrames::default(), false)),
         };
         let (far, release, far_retained) = (opts.far.clone(), opts.release, opts.far_retained_bytes);
         let create = |p: &Option<PathBuf>| -> Result<Option<std::fs::File>> {
@@ -673,6 +676,7 @@ impl FanOut {
                 // it still holds the content.
                 continues: Some((committed, manifest)).filter(|(e, _)| *e > EpochId(0)),
                 handover: Arc::default(),
+                shared_frames: near.shared_frames.as_ref().map(|(f, _)| (f.clone(), true)),
                 ..near.clone()
             };
             let (etx, erx) = mpsc::unbounded_channel();

@@ -301,6 +301,10 @@ pub struct PrimaryLinkConfig {
     /// Where acknowledged checkpoints' page buffers go back to (the epoch
     /// engine's; none: they are freed).
     pub page_pool: Option<remus_types::PagePool>,
+    /// Whole-page frames shared with the primary's other links (with far
+    /// backups; none: each link compresses its own), and whether this
+    /// link goes through an epoch's pages last to first.
+    pub shared_frames: Option<(crate::SharedFrames, bool)>,
     /// Set before the checkpoints end: a planned move, the backup taking
     /// the guest over once every epoch is acknowledged
     /// ([`LinkEvent::HandedOver`]), instead of the link just ending.
@@ -342,6 +346,9 @@ pub async fn run_primary(
     }
     if let Some(pool) = &cfg.page_pool {
         core = core.recycling_pages_into(pool.clone());
+    }
+    if let Some((frames, backwards)) = &cfg.shared_frames {
+        core = core.sharing_frames(frames.clone(), *backwards);
     }
     let mut input = Input::default();
     let mut backoff = MIN_BACKOFF;

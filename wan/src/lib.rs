@@ -32,7 +32,7 @@ pub mod tls;
 
 pub use codec::{Reader, Writer};
 pub use driver::{Congestion, MAX_HOLDS};
-pub use encoding::{decompress_page, EncoderConfig, EncodingMix, PageEncoder, PageEncoding, PageRecord};
+pub use encoding::{decompress_page, EncoderConfig, EncodingMix, PageEncoder, PageEncoding, PageRecord, SharedFrames};
 pub use error::{CommitError, DecodeError, LinkError, ProtocolError, Side, StreamError};
 pub use frame::{EpochHeader, FrameReader, Message, MAX_CHUNK_LIST};
 pub use liveness::{Liveness, Silence, PHI_THRESHOLD};

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use remus_types::{content_id, is_zero_page, zero_page_hash, Checkpoint, ChunkId, EpochId, GuestId, MemoryDigest, PagePool};
 
-use crate::encoding::{EncoderConfig, EncodingMix, PageEncoder};
+use crate::encoding::{EncoderConfig, EncodingMix, PageEncoder, SharedFrames};
 use crate::error::ProtocolError;
 use crate::frame::{EpochHeader, Message};
 use crate::liveness::{Pulse, Silence};
@@ -299,6 +299,15 @@ impl SenderCore {
             return true;
         }
         false
+    }
+
+    /// The same sender, sharing the frames of pages it sends whole with
+    /// the other links of its primary (see [`SharedFrames`]), going
+    /// through an epoch's pages last to first when `backwards`.
+    #[must_use]
+    pub fn sharing_frames(mut self, frames: SharedFrames, backwards: bool) -> Self {
+        self.encoder.share_frames(frames, backwards);
+        self
     }
 
     /// The same sender, handing each acknowledged checkpoint's page buffer

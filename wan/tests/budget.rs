@@ -75,6 +75,7 @@ async fn a_slow_store_holds_the_primary_back_within_the_budget_and_every_epoch_c
         continues: None,
         start_after: None,
         page_pool: None,
+        shared_frames: None,
         handover: Arc::default(),
     };
     let (tx, rx) = tokio::sync::mpsc::channel(EPOCHS as usize);

@@ -278,6 +278,7 @@ async fn a_running_primary_honours_a_revocation_list_written_since_it_started() 
         continues: None,
         start_after: None,
         page_pool: None,
+        shared_frames: None,
         handover: Arc::default(),
     };
     let (_checkpoints, rx) = tokio::sync::mpsc::channel(1);
