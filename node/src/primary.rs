@@ -235,6 +235,7 @@ impl Primary {
         // The first Welcome says where the guest's history stands: a
         // restarted primary continues it.
         let (base_tx, base_rx) = crossbeam_channel::bounded(1);
+        let hash_once = !opts.far.is_empty();
         // Page buffers go round: the engine copies into one, the link
         // holding it hands it back once its epoch is acknowledged (with far
         // backups, one link holds the engine's buffer and the others
@@ -318,7 +319,7 @@ impl Primary {
                     .with_cadence(cadence)
                     .with_page_pool(pool)
                     .after(committed);
-                drive_engine(engine, tx, &ack_rx, sinks, &s3, &stop2, &owner)
+                drive_engine(engine, (tx, hash_once), &ack_rx, sinks, &s3, &stop2, &owner)
             })
             .map_err(NodeError::io("spawning the epoch thread"))?;
         Ok(Self { stop, handover, engine: Some(engine), link: Some(link), stats, exact_tracking })
@@ -404,7 +405,7 @@ impl Primary {
 /// acknowledgements wait (self-fencing); taken over, it stops.
 fn drive_engine<G: ProtectedGuest>(
     mut engine: EpochEngine<G>,
-    tx: mpsc::Sender<Checkpoint>,
+    (tx, hash_once): (mpsc::Sender<Checkpoint>, bool),
     acks: &Receiver<EpochId>,
     mut sinks: OutputSinks,
     stats: &Mutex<PrimaryStats>,
@@ -434,8 +435,13 @@ fn drive_engine<G: ProtectedGuest>(
                 let rtt = stats.lock().path_rtt;
                 engine.set_path_rtt(rtt);
                 let started = Instant::now();
-                let Some(cp) = engine.handle_timeout(started, now_unix_nanos()).map_err(NodeError::Checkpoint)? else { continue };
+                let Some(mut cp) = engine.handle_timeout(started, now_unix_nanos()).map_err(NodeError::Checkpoint)? else { continue };
                 record_seal(stats, &cp, engine.period(), started);
+                if hash_once {
+                    // Several links (near and far backups): the pages' ids
+                    // taken here once rather than by each.
+                    cp.hashes = cp.page_ids();
+                }
                 {
                     let mut s = stats.lock();
                     s.throttled_epochs = engine.throttled_epochs();
@@ -874,7 +880,7 @@ mod tests {
         });
         let sinks = OutputSinks { net: None, log: Some(std::fs::File::create(&log_path).unwrap()) };
         let owner = Ownership { guest: GuestId(1), lease: None, hooks: Hooks::start(HookConfig::default()), handover: Arc::default() };
-        let result = drive_engine(engine, tx, &ack_rx, sinks, &stats, &stop, &owner);
+        let result = drive_engine(engine, (tx, false), &ack_rx, sinks, &stats, &stop, &owner);
         link.join().unwrap();
         let sealed = stats.lock().sealed;
         (std::fs::read_to_string(&log_path).unwrap(), result, sealed)

@@ -80,6 +80,9 @@ pub struct Checkpoint {
     pub device_state: Vec<u8>,
     /// How long the guest was paused for this checkpoint, in nanoseconds.
     pub pause_ns: u64,
+    /// The pages' ids in the order of `pfns` ([`Checkpoint::page_ids`]),
+    /// when taken once for several backups' links; empty when not taken.
+    pub hashes: Vec<ChunkId>,
 }
 
 impl Checkpoint {
@@ -87,6 +90,22 @@ impl Checkpoint {
     #[must_use]
     pub fn page(&self, i: usize) -> &[u8] {
         &self.pages[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+    }
+
+    /// Each page's id, in the order of `pfns`: its blake3, or the zero
+    /// page's id.
+    #[must_use]
+    pub fn page_ids(&self) -> Vec<ChunkId> {
+        (0..self.pfns.len())
+            .map(|i| {
+                let page = self.page(i);
+                if is_zero_page(page) {
+                    zero_page_hash()
+                } else {
+                    content_id(page)
+                }
+            })
+            .collect()
     }
 }
 
@@ -154,6 +173,8 @@ impl MergedCheckpoint {
         let mut newest = cp;
         let pages = std::mem::take(&mut newest.pages);
         newest.pfns.clear();
+        // Ids of the pages as they were: the merged checkpoint's differ.
+        newest.hashes.clear();
         Self { newest, slots, pages }
     }
 
@@ -173,7 +194,7 @@ impl MergedCheckpoint {
                 }
             }
         }
-        (later.pfns, later.pages) = (Vec::new(), Vec::new());
+        (later.pfns, later.pages, later.hashes) = (Vec::new(), Vec::new(), Vec::new());
         self.newest = later;
     }
 
@@ -223,6 +244,7 @@ mod tests {
             pages: writes.values().flat_map(|v| [*v; PAGE_SIZE]).collect(),
             device_state: vec![epoch as u8],
             pause_ns: epoch,
+            hashes: Vec::new(),
         }
     }
 
@@ -241,7 +263,17 @@ mod tests {
         fn absorbing_later_checkpoints_yields_the_state_they_reach(
             epochs in proptest::collection::vec(proptest::collection::btree_map(0u64..32, any::<u8>(), 0..12), 1..6)
         ) {
-            let cps: Vec<Checkpoint> = epochs.iter().enumerate().map(|(i, w)| checkpoint(i as u64 + 1, w)).collect();
+            // Each with its pages' ids taken (as for several links): the
+            // merged checkpoint's are its own.
+            let cps: Vec<Checkpoint> = epochs
+                .iter()
+                .enumerate()
+                .map(|(i, w)| {
+                    let mut cp = checkpoint(i as u64 + 1, w);
+                    cp.hashes = cp.page_ids();
+                    cp
+                })
+                .collect();
             let (mut one_by_one, mut merged_memory) = (vec![0u8; 32 * PAGE_SIZE], vec![0u8; 32 * PAGE_SIZE]);
             for cp in &cps {
                 apply(&mut one_by_one, cp);
@@ -256,6 +288,7 @@ mod tests {
             prop_assert!(merged.pfns.windows(2).all(|w| w[0] < w[1]));
             prop_assert_eq!(merged.pages.len(), merged.pfns.len() * PAGE_SIZE);
             prop_assert_eq!(merged.epoch, EpochId(cps.len() as u64));
+            prop_assert!(merged.hashes.is_empty() || merged.hashes == merged.page_ids(), "stale page ids");
             prop_assert_eq!(merged.device_state, vec![cps.len() as u8]);
         }
     }

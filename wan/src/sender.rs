@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use remus_types::{content_id, is_zero_page, zero_page_hash, Checkpoint, ChunkId, EpochId, GuestId, MemoryDigest, PagePool};
+use remus_types::{Checkpoint, ChunkId, EpochId, GuestId, MemoryDigest, PagePool};
 
 use crate::encoding::{EncoderConfig, EncodingMix, PageEncoder, SharedFrames};
 use crate::error::ProtocolError;
@@ -390,19 +390,11 @@ impl SenderCore {
     ///
     /// # Panics
     /// If epochs are pushed out of order or the page count differs.
-    pub fn push_checkpoint(&mut self, cp: Checkpoint) -> ChunkId {
+    pub fn push_checkpoint(&mut self, mut cp: Checkpoint) -> ChunkId {
         assert!(cp.epoch > self.sealed, "checkpoints must be pushed in epoch order");
         assert_eq!(cp.page_count, self.page_count, "page count changed");
-        let hashes: Vec<ChunkId> = (0..cp.pfns.len())
-            .map(|i| {
-                let page = cp.page(i);
-                if is_zero_page(page) {
-                    zero_page_hash()
-                } else {
-                    content_id(page)
-                }
-            })
-            .collect();
+        // Taken once for every link when there are several.
+        let hashes = if cp.hashes.len() == cp.pfns.len() { std::mem::take(&mut cp.hashes) } else { cp.page_ids() };
         for (pfn, h) in cp.pfns.iter().zip(&hashes) {
             self.digest.set(*pfn, *h);
         }
