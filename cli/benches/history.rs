@@ -30,7 +30,6 @@ use std::time::Instant;
 use rand::{Rng, RngCore, SeedableRng};
 use remus_restore::{MountContent, MountFile, RestorePlan, Target};
 use remus_store::{EpochCommit, Store, StoreOptions, StoredChunk};
-use remus_types::content_id;
 use remus_types::{EpochId, GuestId, MemoryDigest, Pfn, PAGE_SIZE};
 
 /// Bytes of the files under `p`, leaving out RocksDB's write-ahead logs
@@ -107,7 +106,7 @@ fn ingest(store: &Store, epoch: u64, img: &[u8], changed: Option<&[usize]>, stor
         let mut c = EpochCommit { guest: GuestId(1), epoch: e, page_count, time_unix_ns: e.0, ..EpochCommit::default() };
         for &p in epochs[i] {
             let page = &img[p * PAGE_SIZE..][..PAGE_SIZE];
-            let id = if remus_types::is_zero_page(page) { zero } else { content_id(page) };
+            let id = remus_types::page_id(page);
             if id != zero && seen.insert(id) {
                 c.chunks.push((id, StoredChunk::Zstd(z.compress(page).expect("zstd"))));
             }

@@ -51,6 +51,17 @@ pub fn is_zero_page(page: &[u8]) -> bool {
     words.all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0) && words.remainder().iter().all(|&b| b == 0)
 }
 
+/// A page's id: the zero page's id for a page of zeros (found without
+/// hashing it), else its content id.
+#[must_use]
+pub fn page_id(page: &[u8]) -> ChunkId {
+    if is_zero_page(page) {
+        zero_page_hash()
+    } else {
+        content_id(page)
+    }
+}
+
 /// Wall-clock time as nanoseconds since the Unix epoch.
 #[must_use]
 pub fn now_unix_nanos() -> u64 {
@@ -92,20 +103,10 @@ impl Checkpoint {
         &self.pages[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
     }
 
-    /// Each page's id, in the order of `pfns`: its blake3, or the zero
-    /// page's id.
+    /// Each page's id ([`page_id`]), in the order of `pfns`.
     #[must_use]
     pub fn page_ids(&self) -> Vec<ChunkId> {
-        (0..self.pfns.len())
-            .map(|i| {
-                let page = self.page(i);
-                if is_zero_page(page) {
-                    zero_page_hash()
-                } else {
-                    content_id(page)
-                }
-            })
-            .collect()
+        (0..self.pfns.len()).map(|i| page_id(self.page(i))).collect()
     }
 }
 

@@ -16,7 +16,7 @@
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use remus_types::{content_id, is_zero_page, zero_page_hash, BoundedMap, ChunkId, EpochId, Pfn, PAGE_SIZE};
+use remus_types::{content_id, page_id, zero_page_hash, BoundedMap, ChunkId, EpochId, Pfn, PAGE_SIZE};
 
 use crate::codec::{Reader, Writer};
 use crate::error::DecodeError;
@@ -426,8 +426,7 @@ impl PageEncoder {
 
     /// Encodes `page` (written at `pfn` in `epoch`).
     pub fn encode(&mut self, epoch: EpochId, pfn: Pfn, page: &[u8]) -> PageRecord {
-        let hash = if is_zero_page(page) { zero_page_hash() } else { content_id(page) };
-        self.encode_hashed(epoch, pfn, page, hash)
+        self.encode_hashed(epoch, pfn, page, page_id(page))
     }
 
     /// Encodes `page` whose blake3 the caller already computed.
@@ -741,7 +740,7 @@ mod tests {
                 }
             }
             let pfns: Vec<Pfn> = (0..n as u64).map(Pfn).collect();
-            let hashes: Vec<ChunkId> = pages.iter().map(|p| if is_zero_page(p) { zero_page_hash() } else { content_id(p) }).collect();
+            let hashes: Vec<ChunkId> = pages.iter().map(|p| page_id(p)).collect();
             let want: Vec<PageRecord> =
                 pfns.iter().zip(&pages).zip(&hashes).map(|((pfn, p), h)| one.encode_hashed(EpochId(e), *pfn, p, *h)).collect();
             let got = many.encode_pages(EpochId(e), &pfns, |i| &pages[i], &hashes);
