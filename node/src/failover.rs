@@ -144,11 +144,11 @@ impl LiveFiles {
     /// after it. Not a QEMU guest: nothing to do.
     pub fn update(self: &Arc<Self>, store: &Arc<Store>, dir: &Path, guest: GuestId, epochs: &[CommittedPages]) {
         let Some((last_epoch, last_ds, _)) = epochs.last() else { return };
-        let Ok(Some(_)) = QemuState::decode(last_ds) else { return };
+        let Ok(Some(state)) = QemuState::decode(last_ds) else { return };
         let first = epochs[0].0;
         let mut live = self.guests.lock();
         match live.remove(&guest) {
-            Some(Live::Ready(mut l)) if l.epoch.next() == first => match apply(&mut l, store, epochs) {
+            Some(Live::Ready(mut l)) if l.epoch.next() == first => match apply(&mut l, store, epochs, Some(state)) {
                 Ok(()) => {
                     live.insert(guest, Live::Ready(l));
                 }
@@ -206,7 +206,8 @@ impl LiveFiles {
         let mut live = self.guests.lock();
         let kept = match (live.remove(&guest), restored) {
             (Some(Live::Rebuilding { epoch: e, pending }), Ok(mut l)) if e == epoch => {
-                apply(&mut l, store, &pending).map(|()| l).map_err(|e| e.to_string())
+                let state = pending.last().and_then(|(_, ds, _)| QemuState::decode(ds).ok().flatten());
+                apply(&mut l, store, &pending, state).map(|()| l).map_err(|e| e.to_string())
             }
             (_, Err(e)) => Err(e.to_string()),
             (_, Ok(_)) => Err(format!("replaced while rebuilding epoch {}", epoch.0)),
@@ -234,10 +235,11 @@ impl LiveFiles {
     }
 }
 
-/// Writes committed `epochs` (each following the last) into `l`.
-fn apply(l: &mut LiveVm, store: &Store, epochs: &[CommittedPages]) -> Result<(), NodeError> {
+/// Writes committed `epochs` (each following the last) into `l`, whose
+/// device state then is `state` (the last epoch's, decoded once).
+fn apply(l: &mut LiveVm, store: &Store, epochs: &[CommittedPages], state: Option<QemuState>) -> Result<(), NodeError> {
     let zero = vec![0u8; PAGE_SIZE];
-    for (epoch, ds, pages) in epochs {
+    for (epoch, _, pages) in epochs {
         for (pfn, id) in pages {
             let written = if *id == zero_page_hash() {
                 l.write(pfn.0, &zero)
@@ -247,9 +249,9 @@ fn apply(l: &mut LiveVm, store: &Store, epochs: &[CommittedPages]) -> Result<(),
             written.map_err(NodeError::io("writing the live VM files"))?;
         }
         l.epoch = *epoch;
-        if let Ok(Some(state)) = QemuState::decode(ds) {
-            l.state = state;
-        }
+    }
+    if let Some(state) = state {
+        l.state = state;
     }
     Ok(())
 }

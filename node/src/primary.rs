@@ -235,7 +235,10 @@ impl Primary {
         // The first Welcome says where the guest's history stands: a
         // restarted primary continues it.
         let (base_tx, base_rx) = crossbeam_channel::bounded(1);
-        let hash_once = !opts.far.is_empty();
+        // With far backups every link is sent the same pages: their ids
+        // are taken once, and each page sent whole compressed about once
+        // (the near link first to last, far ones backwards).
+        let fan_out = !opts.far.is_empty();
         // Page buffers go round: the engine copies into one, the link
         // holding it hands it back once its epoch is acknowledged (with far
         // backups, one link holds the engine's buffer and the others
@@ -254,9 +257,7 @@ impl Primary {
             continues: opts.continues,
             start_after: None,
             page_pool: Some(pool.clone()),
-            // Near and far backups are sent the same pages: each compressed
-            // about once (the near link first to last, far ones backwards).
-            shared_frames: (!opts.far.is_empty()).then(|| (SharedFrames::default(), false)),
+            shared_frames: fan_out.then(|| (SharedFrames::default(), false)),
         };
         let (far, release, far_retained) = (opts.far.clone(), opts.release, opts.far_retained_bytes);
         let create = |p: &Option<PathBuf>| -> Result<Option<std::fs::File>> {
@@ -319,7 +320,7 @@ impl Primary {
                     .with_cadence(cadence)
                     .with_page_pool(pool)
                     .after(committed);
-                drive_engine(engine, (tx, hash_once), &ack_rx, sinks, &s3, &stop2, &owner)
+                drive_engine(engine, (tx, fan_out), &ack_rx, sinks, &s3, &stop2, &owner)
             })
             .map_err(NodeError::io("spawning the epoch thread"))?;
         Ok(Self { stop, handover, engine: Some(engine), link: Some(link), stats, exact_tracking })

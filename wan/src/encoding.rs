@@ -393,13 +393,10 @@ impl PageEncoder {
                 e
             };
             if matches!(shared, Some((_, true))) {
-                for &i in whole.iter().rev() {
-                    records[i].encoding = one(i);
-                }
-            } else {
-                for &i in &whole {
-                    records[i].encoding = one(i);
-                }
+                whole.reverse();
+            }
+            for i in whole {
+                records[i].encoding = one(i);
             }
             return records;
         }
@@ -541,6 +538,8 @@ impl PageEncoder {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, RngCore, SeedableRng};
     use std::collections::HashMap;
 
     fn round_trip(rec: &PageRecord) -> PageRecord {
@@ -613,15 +612,8 @@ mod tests {
 
     #[test]
     fn random_bytes_go_plain_untried_and_anything_an_entropy_coder_shrinks_is_tried() {
-        let mut x = 0x2545_F491_4F6C_DD1Du64;
-        let random: Vec<u8> = (0..PAGE_SIZE)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 32) as u8
-            })
-            .collect();
+        let mut random = vec![0u8; PAGE_SIZE];
+        StdRng::seed_from_u64(1).fill_bytes(&mut random);
         assert!(looks_random(&random));
         let mut enc = PageEncoder::new(EncoderConfig::default());
         assert!(matches!(enc.encode(EpochId(1), Pfn(1), &random).encoding, PageEncoding::RawPlain(_)));
@@ -650,14 +642,11 @@ mod tests {
         let mut alone = PageEncoder::new(EncoderConfig { zstd_level: 1, threads: 1, ..EncoderConfig::default() });
         // Text of words picked at random: what a level changes the frame of.
         let words = ["the ", "epoch ", "of ", "a ", "guest ", "backup ", "page ", "memory ", "commit "];
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rng = StdRng::seed_from_u64(2);
         let mut text = || -> Vec<u8> {
             let mut p = Vec::new();
             while p.len() < PAGE_SIZE {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                p.extend_from_slice(words[(x % words.len() as u64) as usize].as_bytes());
+                p.extend_from_slice(words[rng.gen_range(0..words.len())].as_bytes());
             }
             p.truncate(PAGE_SIZE);
             p
