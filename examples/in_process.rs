@@ -48,6 +48,7 @@ fn main() -> Result<()> {
         hooks: remus_node::HookConfig::default(),
         continues: None,
         adopt_lease: None,
+        release_first_copy: true,
     })?;
     std::thread::sleep(Duration::from_secs(2));
     let stats = std::sync::Arc::clone(&primary.stats);

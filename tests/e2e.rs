@@ -67,6 +67,13 @@ fn separate_processes_replicate_survive_a_backup_restart_and_restore_byte_exact(
     for w in entries.windows(2) {
         assert_eq!(w[1]["parent"], w[0]["manifest"], "manifest chain");
     }
+    // A new guest: its first copy's epochs (sealed before the first was
+    // acknowledged) had their output released at their seals, and say so
+    // in the history; every later epoch's was held for its ack.
+    let ahead = entries.iter().take_while(|e| e["released_ahead"] == true).count() as u64;
+    assert!(ahead >= 1 && ahead < committed, "{ahead} of {committed} released ahead");
+    assert_eq!(ahead, summary["released_ahead_epochs"].as_u64().unwrap(), "{summary}");
+    assert!(entries[ahead as usize..].iter().all(|e| e["released_ahead"] == false), "only the first copy's epochs");
 
     // The store verifies clean after a SIGKILLed backup.
     let out = run_limited(Command::new(remus()).args(["verify", "--json", "--data-dir"]).arg(data), Duration::from_secs(60));

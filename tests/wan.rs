@@ -175,6 +175,54 @@ fn output_of_epochs_cut_off_by_a_partition_is_never_released() {
     assert!(released <= committed + 2, "{released} lines released for {committed} committed epochs");
 }
 
+/// A new guest's output flows while its first copy is made; a primary
+/// lost before any epoch whose output it held was committed is not failed
+/// over (output of epochs the backup never got may be out). Acks take 3 s
+/// back to the primary here, so every epoch the backup commits before the
+/// kill was sealed before the primary heard of the first.
+#[test]
+fn a_primary_lost_before_its_guest_was_protected_is_not_failed_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    keygen(data);
+    let config = data.join("remus.toml");
+    std::fs::write(&config, "[backup]\nprimary-timeout-ms = 1000\n\n[protect]\nbackup-timeout-ms = 8000\nbackup-timeout-max-ms = 9000\n")
+        .unwrap();
+    let failover = data.join("failover");
+    let backup = BackupProcess::start_logged(
+        data,
+        "127.0.0.1:0",
+        &["--config", config.to_str().unwrap(), "--failover-dir", failover.to_str().unwrap()],
+    );
+    let upstream: SocketAddr = backup.addr.parse().unwrap();
+    let cfg = RelayConfig {
+        down: Impairment { delay: Duration::from_secs(3), ..Impairment::default() },
+        ..RelayConfig::symmetric(upstream, Impairment::default(), 42)
+    };
+    let relay = Relay::start(&cfg).expect("relay");
+    let mut primary = protect(data, &relay.local_addr().to_string())
+        .args(["--config", config.to_str().unwrap(), "--memory-mib", "64", "--seconds", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let committed = backup.wait_committed(1, 10, LIMIT);
+    primary.kill().unwrap();
+    primary.wait().unwrap();
+    let line = backup.wait_stderr("not failed over", LIMIT);
+    assert!(line.contains("guest-1") && line.contains("not yet protected"), "{line}");
+    // Decided: nothing of the guest was brought back.
+    assert!(std::fs::read_dir(&failover).map_or(true, |mut d| d.next().is_none()), "a failover wrote files");
+    let stderr = backup.stop_logged();
+    assert!(!stderr.iter().any(|l| l.contains("fenced")), "{stderr:?}");
+    // Every epoch committed was released ahead, and the history says so.
+    let out = run_limited(Command::new(remus()).args(["log", "--json", "--data-dir"]).arg(data), LIMIT);
+    let entries: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(entries.len() as u64 >= committed, "{} logged, {committed} reported", entries.len());
+    assert!(entries.iter().all(|e| e["released_ahead"] == true), "{entries:?}");
+    drop(relay);
+}
+
 /// `--max-rate-mbit` caps what the link sends: a guest that dirties about
 /// three times the cap gets no more than the cap through the relay.
 #[test]

@@ -20,6 +20,15 @@
 //! or below the highest seen releases nothing, and an ack beyond the last
 //! sealed epoch counts only up to it (the open epoch's output is not
 //! sealed, so it cannot have been acknowledged).
+//!
+//! The one exception, asked for with [`EpochEngine::releasing_ahead`]
+//! for a guest with no history: until this run's first epoch (the whole
+//! memory, before which no backup can resume the guest at all) is
+//! acknowledged, each epoch's output is released when it is sealed and
+//! its checkpoint says so ([`Checkpoint::released_ahead`]), for the
+//! backup to refuse a failover while its newest committed epoch is one of
+//! those (the output of later ones may be out). From that acknowledgement
+//! on, the rule above holds without exception.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,6 +69,12 @@ pub struct EpochEngine<G> {
     credit: f64,
     /// Epochs the guest was held still in by the throttle.
     throttled: u64,
+    /// Release output at the seal until `first` is acknowledged.
+    release_ahead: bool,
+    /// This run's first epoch.
+    first: EpochId,
+    /// Output released at seals, for the driver to take.
+    ahead: Vec<Vec<u8>>,
 }
 
 impl<G: ProtectedGuest> EpochEngine<G> {
@@ -80,6 +95,9 @@ impl<G: ProtectedGuest> EpochEngine<G> {
             fenced: false,
             credit: 0.0,
             throttled: 0,
+            release_ahead: false,
+            first: EpochId(1),
+            ahead: Vec::new(),
         }
     }
 
@@ -109,9 +127,28 @@ impl<G: ProtectedGuest> EpochEngine<G> {
     pub fn after(mut self, committed: EpochId) -> Self {
         assert_eq!(self.next, EpochId(1), "only before the first seal");
         self.next = committed.next();
+        self.first = self.next;
         self.acked = committed;
         self.output.open_at(self.next);
         self
+    }
+
+    /// Releases each epoch's output when it is sealed, until this run's
+    /// first epoch is acknowledged (see the module's ordering rule): for a
+    /// guest with no history, whose output would otherwise wait for a
+    /// whole first copy to cross the path although no backup could resume
+    /// it before that copy is committed. The checkpoints of those epochs
+    /// say so; the driver takes their output with
+    /// [`take_released_ahead`](Self::take_released_ahead).
+    #[must_use]
+    pub fn releasing_ahead(mut self) -> Self {
+        self.release_ahead = true;
+        self
+    }
+
+    /// Output released by the seals since the last call, in order.
+    pub fn take_released_ahead(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.ahead)
     }
 
     /// Takes checkpoint page buffers from `pool`, where whoever is done
@@ -204,6 +241,10 @@ impl<G: ProtectedGuest> EpochEngine<G> {
         let output = &self.output;
         checkpoint(&mut self.guest, epoch, &mut cp, &mut self.scratch, || output.seal(epoch))?;
         self.next = epoch.next();
+        if self.release_ahead && self.acked < self.first {
+            cp.released_ahead = true;
+            self.ahead.extend(self.output.release(epoch));
+        }
         Ok(cp)
     }
 

@@ -4,10 +4,12 @@
 //! incompressible one, with BBR (remus's default) beside quinn's default
 //! controller (CUBIC) measured in the same run.
 //!
-//! Per cell: achieved Hz, output delay (seal to acknowledgement) p50/p99
-//! and p99 once protected ("p99 prot": the epochs sealed after the first
-//! copy was committed, none of them waiting behind it), wire bytes per
-//! dirty page, bytes resent, and CPU time per dirty page on each side.
+//! Per cell: achieved Hz, output delay p50/p99 ("out": how long each
+//! epoch's output was held, 0 for a new guest's first-copy epochs released
+//! at their seals), seal-to-acknowledgement p99 of every epoch ("ack p99")
+//! and of those sealed once protected ("p99 prot": after the first copy
+//! was committed, none of them waiting behind it), wire bytes per dirty
+//! page, bytes resent, and CPU time per dirty page on each side.
 //!
 //! Beside them, per round trip and loss rate, the baseline a replicator
 //! without remus's encoding or transport would be: a plain kernel TCP
@@ -28,7 +30,9 @@
 //! - `REMUS_BENCH_FEC` (default `auto,off`): parity beside each epoch;
 //! - `REMUS_BENCH_JITTER_MS` (default 1; 0 at RTT 0);
 //! - `REMUS_BENCH_PAGES_PER_SEC` (default: the workload's own, 20 000);
-//! - `REMUS_BENCH_TCP` (default 1; 0 leaves the TCP baseline out).
+//! - `REMUS_BENCH_TCP` (default 1; 0 leaves the TCP baseline out);
+//! - `REMUS_BENCH_FIRST_COPY` (default `release`; `hold`, or both):
+//!   `[protect] release-first-copy` true or false.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -84,6 +88,8 @@ struct Cell {
     workload: String,
     cc: String,
     fec: String,
+    /// Release a new guest's output during its first copy.
+    release_first_copy: bool,
 }
 
 fn run_cell(c: &Cell, seconds: u64, jitter: Duration) -> String {
@@ -97,11 +103,10 @@ fn run_cell(c: &Cell, seconds: u64, jitter: Duration) -> String {
         Impairment { delay: one_way, jitter: if c.rtt_ms == 0 { Duration::ZERO } else { jitter }, loss: c.loss, ..Impairment::default() };
     let relay = Relay::start(&RelayConfig::symmetric(backup.addr, imp, 7)).expect("relay");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_remus"));
-    if c.workload == "incompressible" {
-        let cfg = data.join("incompressible.toml");
-        std::fs::write(&cfg, INCOMPRESSIBLE).expect("config");
-        cmd.arg("--config").arg(cfg);
-    }
+    let cfg = data.join("bench.toml");
+    let workload = if c.workload == "incompressible" { INCOMPRESSIBLE } else { "" };
+    std::fs::write(&cfg, format!("[protect]\nrelease-first-copy = {}\n\n{workload}", c.release_first_copy)).expect("config");
+    cmd.arg("--config").arg(cfg);
     let cpu0 = backup.cpu();
     let out = cmd
         .args(["protect", "--data-dir"])
@@ -114,7 +119,8 @@ fn run_cell(c: &Cell, seconds: u64, jitter: Duration) -> String {
         .expect("protect");
     let backup_cpu = backup.cpu().saturating_sub(cpu0);
     let lost = relay.counters(Direction::Up).lost + relay.counters(Direction::Down).lost;
-    let head = format!("{:>4} {:>6.1} {:>15} {:>6} {:>5}", c.rtt_ms, c.loss * 100.0, c.workload, c.cc, c.fec);
+    let first = if c.release_first_copy { "rel" } else { "hold" };
+    let head = format!("{:>4} {:>6.1} {:>15} {:>6} {:>5} {:>4}", c.rtt_ms, c.loss * 100.0, c.workload, c.cc, c.fec, first);
     let Ok(s) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
         return format!("{head}  failed: exit {:?} (no summary)", out.status.code());
     };
@@ -122,10 +128,11 @@ fn run_cell(c: &Cell, seconds: u64, jitter: Duration) -> String {
     let dirty = f("dirty_pages").max(1.0);
     let acked = f("epochs_committed") / f("epochs").max(1.0);
     format!(
-        "{head} {:>6.1} {:>6.0}% {:>8.0} {:>8.0} {:>8.0} {:>7.0} {:>8.0} {:>10.0} {:>9.1} {:>9.1} {:>7}{}",
+        "{head} {:>6.1} {:>6.0}% {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>7.0} {:>8.0} {:>10.0} {:>9.1} {:>9.1} {:>7}{}",
         f("hz"),
         acked * 100.0,
-        f("commit_ms_p50"),
+        f("output_ms_p50"),
+        f("output_ms_p99"),
         f("commit_ms_p99"),
         f("protected_commit_ms_p99"),
         f("wire_bytes_per_dirty_page"),
@@ -147,7 +154,7 @@ fn run_tcp(rtt_ms: u64, loss: f64, pages: usize, seconds: u64, jitter: Duration)
     use std::time::Instant;
     // The kernel's controller in the namespaces, as the label of the row.
     let cc = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control").map_or("tcp".into(), |c| format!("k:{}", c.trim()));
-    let head = format!("{:>4} {:>6.1} {:>15} {:>6} {:>5}", rtt_ms, loss * 100.0, "raw pages", cc, "-");
+    let head = format!("{:>4} {:>6.1} {:>15} {:>6} {:>5} {:>4}", rtt_ms, loss * 100.0, "raw pages", cc, "-", "-");
     let one_way = Duration::from_micros(rtt_ms * 500);
     let imp = Impairment { delay: one_way, jitter: if rtt_ms == 0 { Duration::ZERO } else { jitter }, loss, ..Impairment::default() };
     let wire = match TunWire::start(imp, imp, 7) {
@@ -240,10 +247,11 @@ fn run_tcp(rtt_ms: u64, loss: f64, pages: usize, seconds: u64, jitter: Duration)
     let (up, down) = (wire.counters(Direction::Up), wire.counters(Direction::Down));
     let wire_bytes = (up.bytes + down.bytes) as f64 / (acked.max(1) as f64 * pages as f64);
     format!(
-        "{head} {:>6.1} {:>6.0}% {:>8.0} {:>8.0} {:>8} {:>7.0} {:>8} {:>10} {:>9} {:>9} {:>7}",
+        "{head} {:>6.1} {:>6.0}% {:>8.0} {:>8.0} {:>8.0} {:>8} {:>7.0} {:>8} {:>10} {:>9} {:>9} {:>7}",
         epochs / seconds as f64,
         acked as f64 / epochs.max(1.0) * 100.0,
         pct(0.5),
+        pct(0.99),
         pct(0.99),
         "-",
         wire_bytes,
@@ -276,18 +284,21 @@ fn main() {
     let workloads: Vec<String> = env_list("REMUS_BENCH_WORKLOADS", "default,incompressible");
     let ccs: Vec<String> = env_list("REMUS_BENCH_CC", "bbr,cubic");
     let fecs: Vec<String> = env_list("REMUS_BENCH_FEC", "auto,off");
+    let first_copy: Vec<String> = env_list("REMUS_BENCH_FIRST_COPY", "release");
     println!("# remus WAN benchmark: {seconds} s per run, jitter ±{} ms, 1024 MiB arena guest at 40 Hz", jitter.as_secs_f64() * 1e3);
     println!(
-        "{:>4} {:>6} {:>15} {:>6} {:>5} {:>6} {:>7} {:>8} {:>8} {:>8} {:>7} {:>8} {:>10} {:>9} {:>9} {:>7}",
+        "{:>4} {:>6} {:>15} {:>6} {:>5} {:>4} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>10} {:>9} {:>9} {:>7}",
         "rtt",
         "loss%",
         "workload",
         "cc",
         "fec",
+        "1st",
         "Hz",
         "acked",
-        "p50 ms",
-        "p99 ms",
+        "out p50",
+        "out p99",
+        "ack p99",
         "p99 prot",
         "B/page",
         "parity/p",
@@ -308,8 +319,17 @@ fn main() {
                 // a change in the machine's load hits them alike.
                 for cc in &ccs {
                     for fec in &fecs {
-                        let cell = Cell { rtt_ms: *rtt_ms, loss: *loss, workload: workload.clone(), cc: cc.clone(), fec: fec.clone() };
-                        println!("{}", run_cell(&cell, seconds, jitter));
+                        for first in &first_copy {
+                            let cell = Cell {
+                                rtt_ms: *rtt_ms,
+                                loss: *loss,
+                                workload: workload.clone(),
+                                cc: cc.clone(),
+                                fec: fec.clone(),
+                                release_first_copy: first != "hold",
+                            };
+                            println!("{}", run_cell(&cell, seconds, jitter));
+                        }
                     }
                 }
             }

@@ -21,6 +21,7 @@
 //! far = []                   # far backups replicated to beside `backup`, e.g. ["203.0.113.7:7400"]
 //! release = "near"           # whose acks release output: near, all, or a count of backups
 //! far-retained-mib = 256     # unacknowledged epochs kept per far backup before merging the rest
+//! release-first-copy = true  # a new guest's output flows while its first copy is made (false: held until committed)
 //!
 //! [protect.arena]
 //! memory-mib = 1024
@@ -302,6 +303,14 @@ pub struct ProtectConfig {
     /// MiB of unacknowledged epochs kept for each far backup that does not
     /// pace the guest; beyond it, epochs are merged (default 256).
     pub far_retained_mib: usize,
+    /// A guest new to every backup releases its output while its first
+    /// copy is made, before any backup could resume it (default true, as
+    /// Remus did during its initial migration; a backup does not fail
+    /// such a guest over until an epoch whose output was held is
+    /// committed). False: held until the first copy is committed, cutting
+    /// the guest off for as long as the copy takes. A guest continuing a
+    /// history always holds it.
+    pub release_first_copy: bool,
     /// The arena guest.
     pub arena: ArenaConfig,
     /// A QEMU guest.
@@ -328,6 +337,7 @@ impl Default for ProtectConfig {
             max_rate_mbit: link.max_rate.map_or(0, |bytes| bytes / BYTES_PER_MBIT),
             far: Vec::new(),
             release: "near".into(),
+            release_first_copy: true,
             far_retained_mib: remus_node::fanout::FAR_RETAINED_BYTES >> 20,
             arena: ArenaConfig::default(),
             qemu: crate::qemu_settings::QemuSettings::default(),

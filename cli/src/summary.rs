@@ -82,6 +82,15 @@ pub struct Summary {
     pub protected_commit_ms_p50: f64,
     /// 99th percentile of the above, ms.
     pub protected_commit_ms_p99: f64,
+    /// How long output was held, each acknowledged epoch's (seal to ack,
+    /// or 0 for an epoch released at its seal), ms.
+    pub output_ms_p50: f64,
+    /// 99th percentile of the above, ms.
+    pub output_ms_p99: f64,
+    /// Epochs whose output was released at their seals: a new guest's
+    /// first copy, before the backup held it ([protect]
+    /// release-first-copy).
+    pub released_ahead_epochs: u64,
     /// Backup's time to decode, verify and durably commit a commit group, ms.
     pub backup_commit_ms_p50: f64,
     /// 99th percentile of the above, ms.
@@ -182,6 +191,9 @@ impl Summary {
             commit_ms_p99: ms(percentile(&s.commit_ns, 99.0)),
             protected_commit_ms_p50: ms(percentile(&s.protected_commit_ns, 50.0)),
             protected_commit_ms_p99: ms(percentile(&s.protected_commit_ns, 99.0)),
+            output_ms_p50: ms(percentile(&s.output_ns, 50.0)),
+            output_ms_p99: ms(percentile(&s.output_ns, 99.0)),
+            released_ahead_epochs: s.released_ahead_epochs,
             backup_commit_ms_p50: 0.0,
             backup_commit_ms_p99: 0.0,
             output_lines_released: s.output_released,
@@ -221,7 +233,7 @@ impl Summary {
              wire              {} bytes, {:.1} bytes per dirty page ({:.1}% of raw); resent {} bytes in {} epochs after {} disconnects; parity {} bytes ({} left out, link saturated)\n\
              encodings         zero {:.1}%, ref {:.1}%, xor {:.1}%, zstd {:.1}%, plain {:.1}%\n\
              commit latency    p50 {:.2} ms, p99 {:.2} ms (seal to ack; once protected p50 {:.2} ms, p99 {:.2} ms; backup commit p50 {:.2} ms, p99 {:.2} ms)\n\
-             output released   {} lines, each after its epoch was acknowledged\n\
+             output released   {} lines, held p50 {:.2} ms, p99 {:.2} ms; {}\n\
              restores          {} verified byte-exact, {} failed (epochs {:?})",
             self.epochs,
             self.epochs_committed,
@@ -260,6 +272,12 @@ impl Summary {
             self.backup_commit_ms_p50,
             self.backup_commit_ms_p99,
             self.output_lines_released,
+            self.output_ms_p50,
+            self.output_ms_p99,
+            match self.released_ahead_epochs {
+                0 => "each after its epoch was acknowledged".to_string(),
+                n => format!("the first copy's {n} epochs at their seals (not yet protected), the rest after their epochs were acknowledged"),
+            },
             self.restores_verified,
             self.restores_failed,
             self.restored_epochs,

@@ -45,13 +45,16 @@ pub enum NodeError {
     #[error("replication link stopped")]
     LinkStopped,
     /// Stopping, the backup did not acknowledge every sealed epoch in
-    /// time: their output was never released.
-    #[error("the backup did not acknowledge epochs {first}..={last} within {drain:?}; their output was never released")]
+    /// time: their output was never released (but for a first copy's
+    /// epochs released at their seals).
+    #[error("the backup did not acknowledge epochs {first}..={last} within {drain:?}; {}", unreleased(*first, *last, *released_ahead))]
     Unacknowledged {
         /// First unacknowledged epoch.
         first: EpochId,
         /// Last sealed epoch.
         last: EpochId,
+        /// The last epoch whose output was released at its seal (0: none).
+        released_ahead: EpochId,
         /// How long the runtime waited.
         drain: Duration,
     },
@@ -134,5 +137,17 @@ impl NodeError {
     pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
         let what = what.into();
         move |cause| Self::Io { what, cause }
+    }
+}
+
+/// What became of the output of unacknowledged epochs `first..=last`.
+fn unreleased(first: EpochId, last: EpochId, released_ahead: EpochId) -> String {
+    const AHEAD: &str = "released at their seals (the first copy: the guest was not yet protected)";
+    if released_ahead < first {
+        "their output was never released".into()
+    } else if released_ahead >= last {
+        format!("their output was {AHEAD}")
+    } else {
+        format!("the output of {first}..={released_ahead} was {AHEAD}, of {}..={last} never released", released_ahead.next())
     }
 }

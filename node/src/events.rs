@@ -36,6 +36,16 @@ pub enum BackupEvent {
         /// The epoch.
         epoch: EpochId,
     },
+    /// The primary went silent while the guest was not yet protected: its
+    /// newest committed epoch here is one whose output the primary
+    /// released when it sealed it (its first copy), so output of epochs
+    /// this backup does not hold may have gone out. It is not failed over.
+    NotProtected {
+        /// The guest.
+        guest: GuestId,
+        /// Its last committed epoch.
+        committed: EpochId,
+    },
     /// The primary went silent but was heard again before the lease could
     /// be taken: no failover (it resumes replicating).
     TakeoverAbandoned {
@@ -142,6 +152,9 @@ impl BackupEvent {
             }
             Self::HandedOver { guest, epoch } => json!({"event": "move", "role": "backup", "guest": guest.0, "epoch": epoch.0}),
             Self::TakeoverAbandoned { guest } => json!({"event": "takeover-abandoned", "role": "backup", "guest": guest.0}),
+            Self::NotProtected { guest, committed } => {
+                json!({"event": "not-protected", "role": "backup", "guest": guest.0, "committed": committed.0})
+            }
             Self::LeaseWon { lease, after, released } => json!({
                 "event": "lease-won", "role": "backup", "guest": lease.guest.0, "generation": lease.generation,
                 "node": lease.owner, "after_ms": after.as_millis() as u64, "released": released,

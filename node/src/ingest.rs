@@ -94,6 +94,7 @@ fn decode_epoch(
         memory_root: e.memory_root,
         pause_ns: h.pause_ns,
         wire_bytes: e.wire_bytes,
+        released_ahead: h.released_ahead,
         pages: Vec::with_capacity(e.records.len()),
         chunks: Vec::new(),
         device_state: e.device_state,

@@ -82,6 +82,14 @@ pub struct PrimaryOptions {
     /// guest's (a guest protected again after failing over): the last
     /// epoch and its manifest, kept by the backup it failed over to.
     pub continues: Option<(EpochId, remus_types::ChunkId)>,
+    /// A guest with no history (new to every backup) releases its output
+    /// while its first copy is made, as Remus did during its initial
+    /// migration: no backup could resume it before that copy is committed,
+    /// and holding it would cut the guest off for as long as the copy
+    /// takes (see [`EpochEngine::releasing_ahead`]). False: held, like
+    /// every later epoch's. A guest that continues a history (restarted,
+    /// failed over or moved) always holds it.
+    pub release_first_copy: bool,
 }
 
 /// Whether the primary may release output (its lease, when it has one),
@@ -222,6 +230,11 @@ impl Primary {
                 (Box::new(g), Some(net))
             }
         };
+        // Only for a guest new to every backup (one that failed over or
+        // moved continues its history elsewhere: a backup or the S3 tier
+        // could bring it back from before output released now).
+        let release_first_copy =
+            opts.release_first_copy && opts.continues.is_none() && !matches!(opts.guest_kind, GuestKind::ResumedQemu(_));
         let exact_tracking = guest.exact_tracking();
         let page_count = guest.page_count();
         let stats =
@@ -316,10 +329,13 @@ impl Primary {
                     s.started = Instant::now();
                     (s.continued_from, s.sealed, s.acked) = (committed, committed, committed);
                 }
-                let engine = EpochEngine::new(id, guest, output, cadence.base, Instant::now())
+                let mut engine = EpochEngine::new(id, guest, output, cadence.base, Instant::now())
                     .with_cadence(cadence)
                     .with_page_pool(pool)
                     .after(committed);
+                if release_first_copy && committed == EpochId(0) {
+                    engine = engine.releasing_ahead();
+                }
                 drive_engine(engine, (tx, fan_out), &ack_rx, sinks, &s3, &stop2, &owner)
             })
             .map_err(NodeError::io("spawning the epoch thread"))?;
@@ -381,7 +397,7 @@ impl Primary {
             }
             if Instant::now() >= deadline {
                 let s = self.stats.lock();
-                return Err(NodeError::Unacknowledged { first: s.acked.next(), last: s.sealed, drain });
+                return Err(NodeError::Unacknowledged { first: s.acked.next(), last: s.sealed, released_ahead: s.released_ahead, drain });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -438,6 +454,11 @@ fn drive_engine<G: ProtectedGuest>(
                 let started = Instant::now();
                 let Some(mut cp) = engine.handle_timeout(started, now_unix_nanos()).map_err(NodeError::Checkpoint)? else { continue };
                 record_seal(stats, &cp, engine.period(), started);
+                if cp.released_ahead {
+                    let mut s = stats.lock();
+                    s.released_ahead = cp.epoch;
+                    s.released_ahead_epochs += 1;
+                }
                 if hash_once {
                     // Several links (near and far backups): the pages' ids
                     // taken here once rather than by each.
@@ -470,6 +491,12 @@ fn drive_engine<G: ProtectedGuest>(
                     stats.lock().self_fenced_ns += u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
                     tracing::warn!(held_ms = since.elapsed().as_millis(), "lease confirmed again: the guest runs and output flows");
                     owner.notify("self-fence-ended", serde_json::json!({ "held_ms": since.elapsed().as_millis() as u64 }));
+                }
+                // A first copy's epochs, released at their seals.
+                let ahead = engine.take_released_ahead();
+                if !ahead.is_empty() {
+                    stats.lock().output_released += ahead.len() as u64;
+                    sinks.deliver(&ahead);
                 }
                 if let Some(epoch) = pending.take() {
                     let released = engine.handle_ack(epoch, Instant::now());
@@ -544,6 +571,9 @@ fn record_ack(stats: &Mutex<PrimaryStats>, acked: EpochId, released: usize) {
             if s.protected_at.is_some_and(|p| t >= p) {
                 s.protected_commit_ns.push(ns);
             }
+            // Released at its seal: its output waited for nothing.
+            let output = if EpochId(e) <= s.released_ahead { 0 } else { ns };
+            s.output_ns.push(output);
         }
     }
     s.acked = s.acked.max(acked);

@@ -129,7 +129,9 @@ impl StoreReplica {
     /// so a restarted backup still refuses it) and brings back the last
     /// committed epoch; `lease`, when a witness is used, is kept renewed
     /// for as long as the resumed guest runs here.
-    fn take_over(&self, guest: GuestId, committed: EpochId, lease: Option<Renewal>) {
+    /// After a loss (`lost`), not while the guest's newest committed epoch
+    /// is one whose output was released ahead ([`Self::protected`]).
+    fn take_over(&self, guest: GuestId, committed: EpochId, lease: Option<Renewal>, lost: bool) {
         let FailoverAction::RestoreTo { dir, resume } = &self.failover else { return };
         // Fenced under the guest's commit lock, the head read after: a
         // commit running now finishes first and is in the head the guest
@@ -141,6 +143,9 @@ impl StoreReplica {
             let lock = self.guest_lock(guest);
             let _one = lock.lock();
             let head = self.store.head(guest).ok().flatten().map_or(committed, |h| h.epoch);
+            if lost && !self.protected(guest) {
+                return;
+            }
             self.admission.fence(guest, head);
             head
         };
@@ -160,6 +165,34 @@ impl StoreReplica {
             lease,
         };
         failover::spawn(job, Arc::clone(&self.stopping), self.events.clone());
+    }
+
+    /// Whether `guest` may fail over from its newest committed epoch: not
+    /// when the primary released that epoch's output ahead (its first
+    /// copy, before any backup held it; see
+    /// `remus_capture::EpochEngine::releasing_ahead`), for the output of
+    /// epochs after it, which this backup does not hold, may be out.
+    /// Reported when not.
+    fn protected(&self, guest: GuestId) -> bool {
+        let newest = self.store.head(guest).and_then(|h| h.map(|h| self.store.manifest(guest, h.epoch)).transpose());
+        let (released_ahead, committed) = match newest {
+            Ok(Some(m)) => (m.released_ahead, m.epoch),
+            // No history here: the failover finds nothing to resume and says so.
+            Ok(None) => return true,
+            Err(e) => {
+                tracing::error!(%guest, error = %e, "the newest manifest could not be read: not failed over");
+                return false;
+            }
+        };
+        if released_ahead {
+            tracing::error!(
+                %guest,
+                committed = committed.0,
+                "not failed over: the guest was not yet protected (its primary released output while making its first copy)"
+            );
+            let _ = self.events.send(BackupEvent::NotProtected { guest, committed });
+        }
+        !released_ahead
     }
 
     /// Wins `guest`'s lease for the next generation, starting from
@@ -313,9 +346,13 @@ impl Replica for StoreReplica {
         let _ = self.events.send(BackupEvent::PrimaryLost { guest, committed, silence: *silence });
         let FailoverAction::RestoreTo { .. } = &self.failover else { return };
         let Some(w) = self.witness.clone() else {
-            self.take_over(guest, committed, None);
+            self.take_over(guest, committed, None, true);
             return;
         };
+        // Not protected yet: no lease taken from a primary that may run on.
+        if !self.protected(guest) {
+            return;
+        }
         // With a witness, only by winning the lease for the next
         // generation: a primary cut off from this backup but not from the
         // witness keeps its lease, and with it its guest.
@@ -324,7 +361,7 @@ impl Replica for StoreReplica {
         std::thread::spawn(move || {
             let heard = || me.welcomed.lock().get(&guest).copied();
             match me.win_lease(&w, (guest, committed), last_heard, heard, &me.stopping) {
-                Ok(Some(renewal)) => me.take_over(guest, committed, Some(renewal)),
+                Ok(Some(renewal)) => me.take_over(guest, committed, Some(renewal), true),
                 Ok(None) => {
                     let _ = me.events.send(BackupEvent::TakeoverAbandoned { guest });
                 }
@@ -351,7 +388,9 @@ impl Replica for StoreReplica {
             },
             None => None,
         };
-        self.take_over(guest, epoch, lease);
+        // Every epoch is committed (the primary hands over only then): any
+        // output it released ahead is here.
+        self.take_over(guest, epoch, lease, false);
         Ok(())
     }
 
@@ -424,6 +463,7 @@ mod tests {
             records: records.len() as u32,
             round: 0,
             follows: EpochId(e - 1),
+            released_ahead: false,
         };
         ReceivedEpoch { header, records, device_state: Vec::new(), memory_root: ChunkId::default(), wire_bytes: 0 }
     }
@@ -568,6 +608,56 @@ mod tests {
     }
 
     #[test]
+    fn a_guest_whose_newest_epoch_was_released_ahead_is_not_failed_over_until_a_held_one_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let failover = FailoverAction::RestoreTo { dir: dir.path().join("failover"), resume: None };
+        let (store, replica, events) = replica_in(dir.path(), failover, GuestQuota::default());
+        let g = GuestId(1);
+        let ahead = |e| {
+            let mut r = epoch(g, e);
+            r.header.released_ahead = true;
+            r
+        };
+        let silence = remus_wan::Silence {
+            silent_for: std::time::Duration::from_secs(1),
+            timeout: std::time::Duration::from_millis(500),
+            phi: 9.0,
+            mean_gap: std::time::Duration::from_millis(20),
+            std_gap: std::time::Duration::from_millis(5),
+            samples: 100,
+            rtt: std::time::Duration::from_millis(1),
+        };
+        replica.welcome(g, 7, 16, 0, None).unwrap();
+        replica.commit(vec![ahead(1), ahead(2)]).unwrap();
+        assert!(store.manifest(g, EpochId(2)).unwrap().released_ahead, "the manifest records it");
+        replica.primary_lost(g, EpochId(2), &silence);
+        let mut seen = Vec::new();
+        while let Ok(e) = events.try_recv() {
+            seen.push(e);
+        }
+        assert!(seen.iter().any(|e| matches!(e, BackupEvent::NotProtected { committed: EpochId(2), .. })), "{seen:?}");
+        assert!(!seen.iter().any(|e| matches!(e, BackupEvent::Fenced { .. })), "not fenced: {seen:?}");
+        assert!(replica.commit(vec![epoch(g, 3)]).is_ok(), "the primary, heard again, goes on");
+        assert!(!store.manifest(g, EpochId(3)).unwrap().released_ahead);
+        // Epoch 3's output was held for its commit: from here it fails over.
+        replica.primary_lost(g, EpochId(3), &silence);
+        loop {
+            match events.recv_timeout(std::time::Duration::from_secs(60)).expect("the failover ends") {
+                BackupEvent::Fenced { epoch, .. } => assert_eq!(epoch, EpochId(3)),
+                BackupEvent::NotProtected { .. } => panic!("protected once a held epoch is committed"),
+                BackupEvent::FailedOver { .. } | BackupEvent::FailoverFailed { .. } => break,
+                _ => {}
+            }
+        }
+        drop(replica);
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        while Arc::strong_count(&store) > 1 {
+            assert!(Instant::now() < deadline, "the failover thread keeps the store");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    #[test]
     fn nothing_commits_for_a_guest_once_it_failed_over_here() {
         let dir = tempfile::tempdir().unwrap();
         let failover = FailoverAction::RestoreTo { dir: dir.path().join("failover"), resume: None };
@@ -575,7 +665,7 @@ mod tests {
         let g = GuestId(1);
         replica.welcome(g, 7, 16, 0, None).unwrap();
         replica.commit(vec![epoch(g, 1), epoch(g, 2)]).unwrap();
-        replica.take_over(g, EpochId(1), None);
+        replica.take_over(g, EpochId(1), None, true);
         // A commit of the old primary after the fence: refused whole,
         // nothing written, the head where the guest failed over.
         let err = replica.commit(vec![epoch(g, 3)]).unwrap_err();

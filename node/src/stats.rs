@@ -67,7 +67,16 @@ pub struct PrimaryStats {
     /// first epoch, the whole memory, committed): steady state, without
     /// the epochs that waited behind the first copy.
     pub protected_commit_ns: Vec<u64>,
-    /// Output lines released after their epoch was acknowledged.
+    /// How long each acknowledged epoch's output was held: its
+    /// seal-to-ack latency, or 0 for an epoch released ahead.
+    pub output_ns: Vec<u64>,
+    /// The last epoch whose output was released at its seal (a new
+    /// guest's first copy; 0: none).
+    pub released_ahead: EpochId,
+    /// Epochs released at their seals.
+    pub released_ahead_epochs: u64,
+    /// Output lines released (after their epoch was acknowledged, or at
+    /// its seal for an epoch released ahead).
     pub output_released: u64,
     /// Connection losses seen.
     pub disconnects: u64,
@@ -129,6 +138,9 @@ impl Default for PrimaryStats {
             acked: EpochId(0),
             commit_ns: Vec::new(),
             protected_commit_ns: Vec::new(),
+            output_ns: Vec::new(),
+            released_ahead: EpochId(0),
+            released_ahead_epochs: 0,
             output_released: 0,
             disconnects: 0,
             chunks_forgotten: 0,

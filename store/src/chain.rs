@@ -128,6 +128,7 @@ mod tests {
             new_chunk_bytes: 0,
             generation: 0,
             commit_unix_ns: 0,
+            released_ahead: false,
         }
     }
 

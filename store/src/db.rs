@@ -183,6 +183,9 @@ pub struct EpochCommit {
     /// clock; tests that build a history of their own times give one. The
     /// store makes it later than the parent's either way.
     pub commit_unix_ns: u64,
+    /// Its output was released when the primary sealed it
+    /// ([`Manifest::released_ahead`]).
+    pub released_ahead: bool,
 }
 
 /// The committed head of a guest.
@@ -925,6 +928,7 @@ impl Store {
             new_chunk_bytes: new_bytes,
             generation: c.generation,
             commit_unix_ns: c.commit_unix_ns,
+            released_ahead: c.released_ahead,
         };
         let id = manifest.id();
         batch.put_cf(self.cf(CF_EPOCHS), epoch_key(c.guest, c.epoch), manifest.encode());

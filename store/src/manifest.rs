@@ -22,7 +22,10 @@
 //!                              without one; reserved and zero before)
 //! 216      commit_unix_ns u64 (when the backup committed it, its own clock,
 //!                              never earlier than the parent's; 0 before)
-//! 224      reserved [24], zero
+//! 224      flags u64          (bit 0: released ahead, the primary released
+//!                              this epoch's output when it sealed it; 0
+//!                              before it was recorded)
+//! 232      reserved [16], zero
 //! 248      crc32 of bytes 0..248
 //! ```
 //! The manifest's id is the blake3 of these 252 bytes; the chain head in
@@ -39,6 +42,8 @@ use crate::error::StoreError;
 
 const MAGIC: [u8; 4] = *b"RMMF";
 const VERSION: u8 = 1;
+/// Flag bit: the epoch's output was released ahead.
+const RELEASED_AHEAD: u64 = 1;
 /// Encoded size of a manifest.
 pub const MANIFEST_LEN: usize = 252;
 
@@ -78,6 +83,11 @@ pub struct Manifest {
     /// written before it was recorded). `time_unix_ns` is the primary's
     /// claim; retention ages epochs by this.
     pub commit_unix_ns: u64,
+    /// The primary released this epoch's output when it sealed it, before
+    /// any backup committed it (a new guest's first copy; see
+    /// `remus_types::Checkpoint::released_ahead`): while a guest's newest
+    /// epoch is one of these, the backup does not fail it over.
+    pub released_ahead: bool,
 }
 
 impl Manifest {
@@ -102,6 +112,7 @@ impl Manifest {
         put(200, &self.new_chunk_bytes.to_le_bytes());
         put(208, &self.generation.to_le_bytes());
         put(216, &self.commit_unix_ns.to_le_bytes());
+        put(224, &u64::from(self.released_ahead).to_le_bytes());
         let (covered, crc) = b.split_at_mut(MANIFEST_LEN - format::TRAILER_LEN);
         crc.copy_from_slice(&format::checksum(covered));
         b
@@ -170,6 +181,7 @@ impl Manifest {
             new_chunk_bytes: u(200),
             generation: u(208),
             commit_unix_ns: u(216),
+            released_ahead: u(224) & RELEASED_AHEAD != 0,
         })
     }
 }
@@ -192,12 +204,12 @@ mod tests {
 
     proptest! {
         #[test]
-        fn round_trip(v in any::<[u64; 11]>(), hs in any::<[[u8; 32]; 4]>()) {
+        fn round_trip(v in any::<[u64; 11]>(), hs in any::<[[u8; 32]; 4]>(), released_ahead in any::<bool>()) {
             let m = Manifest {
                 guest: GuestId(v[0]), epoch: EpochId(v[1]), parent: ChunkId(hs[0]), time_unix_ns: v[2],
                 page_count: v[3], dirty_pages: v[4], memory_root: ChunkId(hs[1]), page_delta: ChunkId(hs[2]),
                 device_state: ChunkId(hs[3]), instance: v[5], pause_ns: v[6], wire_bytes: v[7], new_chunk_bytes: v[8],
-                generation: v[9], commit_unix_ns: v[10],
+                generation: v[9], commit_unix_ns: v[10], released_ahead,
             };
             prop_assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
         }

@@ -94,6 +94,12 @@ pub struct Checkpoint {
     /// The pages' ids in the order of `pfns` ([`Checkpoint::page_ids`]),
     /// when taken once for several backups' links; empty when not taken.
     pub hashes: Vec<ChunkId>,
+    /// This epoch's output was released when it was sealed, before any
+    /// backup committed it: a guest with no history making its first copy
+    /// (see `remus_capture::EpochEngine::releasing_ahead`). A backup whose
+    /// newest committed epoch is such an epoch does not fail the guest
+    /// over: output of epochs it does not hold may have gone out.
+    pub released_ahead: bool,
 }
 
 impl Checkpoint {
@@ -246,6 +252,8 @@ mod tests {
             device_state: vec![epoch as u8],
             pause_ns: epoch,
             hashes: Vec::new(),
+            // A first copy's epochs come first; any rule serves here.
+            released_ahead: epoch <= 2,
         }
     }
 
@@ -291,6 +299,7 @@ mod tests {
             prop_assert_eq!(merged.epoch, EpochId(cps.len() as u64));
             prop_assert!(merged.hashes.is_empty() || merged.hashes == merged.page_ids(), "stale page ids");
             prop_assert_eq!(merged.device_state, vec![cps.len() as u8]);
+            prop_assert_eq!(merged.released_ahead, cps.len() <= 2, "the last epoch's: committing it commits the rest");
         }
     }
 }

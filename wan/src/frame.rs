@@ -26,7 +26,7 @@
 //!                                                        wants_holds since version 6)
 //! 2  Welcome     guest u64 | committed u64 | head[32]
 //! 3  EpochBegin  guest u64 | epoch u64 | time u64 | page_count u64 | pause_ns u64 | records u32 | round u32
-//!                | follows u64                          (since version 4)
+//!                | follows u64 | released_ahead u8     (follows since version 4, released_ahead since 7)
 //! 4  Pages       count u32 | page record × count      (encoding.rs)
 //! 5  DeviceState len u32 | bytes
 //! 6  EpochEnd    epoch u64 | memory_root[32]
@@ -38,6 +38,10 @@
 //! 12 Handover    epoch u64                             (since version 3)
 //! 13 Holds       list                                  (since version 6)
 //! ```
+//! Version 7 marks an epoch whose output the primary released when it
+//! sealed it, before any backup committed it (a new guest's first copy):
+//! the backup records it in the epoch's manifest and does not fail the
+//! guest over while its newest committed epoch is one of those.
 //! Version 6 lets a primary whose encoder knows nothing of what the
 //! backup holds (a new run: restarted, or protecting a guest that failed
 //! over or moved) ask for it: before the Welcome, the backup lists the
@@ -61,7 +65,7 @@ use crate::error::DecodeError;
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"RMUS";
 /// Protocol version spoken by this build.
-pub const VERSION: u8 = 6;
+pub const VERSION: u8 = 7;
 /// Header length.
 pub const HEADER_LEN: usize = 16;
 /// Largest payload accepted.
@@ -98,6 +102,9 @@ pub struct EpochHeader {
     /// one (a backup that fell behind catching up: they are never kept
     /// there). Less than `epoch`.
     pub follows: EpochId,
+    /// The primary released this epoch's output when it sealed it
+    /// ([`remus_types::Checkpoint::released_ahead`]).
+    pub released_ahead: bool,
 }
 
 /// Everything that crosses the wire.
@@ -252,6 +259,7 @@ impl Message {
                 w.u32(h.records);
                 w.u32(h.round);
                 w.u64(h.follows.0);
+                w.u8(u8::from(h.released_ahead));
             }
             Self::Pages(records) => {
                 w.u32(u32::try_from(records.len()).expect("batch size"));
@@ -347,6 +355,11 @@ impl Message {
                 records: r.u32()?,
                 round: r.u32()?,
                 follows: EpochId(r.u64()?),
+                released_ahead: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(DecodeError::Corrupt("an EpochBegin's released_ahead that is neither 0 nor 1")),
+                },
             }),
             4 => {
                 let n = r.u32()? as usize;
@@ -486,16 +499,19 @@ mod tests {
                 committed: EpochId(e),
                 head: h
             }),
-            (any::<[u64; 6]>(), any::<u32>(), any::<u32>()).prop_map(|(v, records, round)| Message::EpochBegin(EpochHeader {
-                guest: GuestId(v[0]),
-                epoch: EpochId(v[1]),
-                time_unix_ns: v[2],
-                page_count: v[3],
-                pause_ns: v[4],
-                records,
-                round,
-                follows: EpochId(v[5])
-            })),
+            (any::<[u64; 6]>(), any::<u32>(), any::<u32>(), any::<bool>()).prop_map(|(v, records, round, released_ahead)| {
+                Message::EpochBegin(EpochHeader {
+                    guest: GuestId(v[0]),
+                    epoch: EpochId(v[1]),
+                    time_unix_ns: v[2],
+                    page_count: v[3],
+                    pause_ns: v[4],
+                    records,
+                    round,
+                    follows: EpochId(v[5]),
+                    released_ahead,
+                })
+            }),
             proptest::collection::vec(record(), 0..6).prop_map(Message::Pages),
             proptest::collection::vec(any::<u8>(), 0..100).prop_map(Message::DeviceState),
             (any::<u64>(), hash()).prop_map(|(e, h)| Message::EpochEnd { epoch: EpochId(e), memory_root: h }),

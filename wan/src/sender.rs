@@ -712,6 +712,7 @@ fn epoch_begin(r: &Retained, round: u32, out: &mut Vec<u8>) {
         records,
         round,
         follows: *follows,
+        released_ahead: cp.released_ahead,
     })
     .encode(out);
 }

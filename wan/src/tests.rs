@@ -48,6 +48,7 @@ impl Backup {
         let mut writes = writes.into_iter().peekable();
         for e in group {
             assert!(e.header.epoch > self.committed && e.header.follows == self.committed, "commits in order, each once");
+            assert_eq!(e.header.released_ahead, released_ahead(e.header.epoch), "the flag crosses as sealed");
             while let Some((_, pfn, page)) = writes.next_if(|(epoch, _, _)| *epoch == e.header.epoch) {
                 self.memory[pfn.0 as usize * PAGE_SIZE..][..PAGE_SIZE].copy_from_slice(&page);
             }
@@ -69,6 +70,12 @@ impl Backup {
         }
         deleted
     }
+}
+
+/// Which epochs the simulated primary marks as released ahead (any rule
+/// does: the flag must cross as sealed, a merged epoch carrying its last).
+fn released_ahead(epoch: EpochId) -> bool {
+    epoch.0 % 3 == 0
 }
 
 /// A datagram in flight, by where it goes.
@@ -175,6 +182,7 @@ impl Sim {
             page_count: PAGES,
             pfns: pfns.into_iter().map(Pfn).collect(),
             pages,
+            released_ahead: released_ahead(EpochId(epoch)),
             ..Checkpoint::default()
         }
     }
@@ -422,6 +430,7 @@ fn malformed_epoch_streams_are_refused() {
         records: 2,
         round: 0,
         follows: EpochId(0),
+        released_ahead: false,
     };
     let mut s = Message::EpochBegin(header).to_bytes();
     Message::EpochEnd { epoch: EpochId(1), memory_root: ChunkId::default() }.encode(&mut s);
@@ -568,6 +577,7 @@ fn epoch_stream(epoch: u64, round: u32, records: Vec<PageRecord>) -> Vec<u8> {
         records: records.len() as u32,
         round,
         follows: EpochId(epoch - 1),
+        released_ahead: false,
     };
     let mut s = Message::EpochBegin(header).to_bytes();
     Message::Pages(records).encode(&mut s);

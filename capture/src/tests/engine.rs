@@ -121,14 +121,35 @@ struct Sim {
     /// Highest ack fed in, as the engine may count it (up to the sealed).
     max_ack: EpochId,
     seals: Vec<Instant>,
+    /// Epochs sealed with their output released at once.
+    ahead: Vec<EpochId>,
 }
 
 impl Sim {
     fn new() -> Self {
+        Self::with(false)
+    }
+
+    /// With `ahead`, the engine releases its first copy's output at the
+    /// seals ([`EpochEngine::releasing_ahead`]).
+    fn with(ahead: bool) -> Self {
         let output = Arc::new(OutputBuffer::default());
         let now = Instant::now();
-        let engine = EpochEngine::new(GuestId(1), FakeGuest::new(Arc::clone(&output)), Arc::clone(&output), PERIOD, now);
-        Self { engine, output, now, pushed: Vec::new(), next_item: 0, released: Vec::new(), max_ack: EpochId(0), seals: Vec::new() }
+        let mut engine = EpochEngine::new(GuestId(1), FakeGuest::new(Arc::clone(&output)), Arc::clone(&output), PERIOD, now);
+        if ahead {
+            engine = engine.releasing_ahead();
+        }
+        Self {
+            engine,
+            output,
+            now,
+            pushed: Vec::new(),
+            next_item: 0,
+            released: Vec::new(),
+            max_ack: EpochId(0),
+            seals: Vec::new(),
+            ahead: Vec::new(),
+        }
     }
 
     /// The guest emits an item while running (in the open epoch).
@@ -148,16 +169,29 @@ impl Sim {
             assert_eq!(cp.epoch, self.engine.sealed());
             assert!(due <= self.now);
             self.seals.push(self.now);
+            if cp.released_ahead {
+                assert_eq!(self.max_ack, EpochId(0), "released ahead only before the first epoch is acknowledged");
+                assert_eq!(self.ahead.len() as u64 + 1, cp.epoch.0, "only the epochs from the first on, without a gap");
+                self.ahead.push(cp.epoch);
+            }
+            let items = self.engine.take_released_ahead();
+            self.take_items(items);
+            self.check();
+        }
+    }
+
+    fn take_items(&mut self, items: Vec<Vec<u8>>) {
+        for item in items {
+            let id = u64::from_le_bytes(item.try_into().expect("8-byte item"));
+            self.released.push(id);
         }
     }
 
     fn ack(&mut self, epoch: EpochId) {
         let counted = epoch.min(self.engine.sealed());
         self.max_ack = self.max_ack.max(counted);
-        for item in self.engine.handle_ack(epoch, self.now) {
-            let id = u64::from_le_bytes(item.try_into().expect("8-byte item"));
-            self.released.push(id);
-        }
+        let items = self.engine.handle_ack(epoch, self.now);
+        self.take_items(items);
         self.check();
     }
 
@@ -166,18 +200,24 @@ impl Sim {
         self.pushed.iter().chain(&self.engine.guest().emitted).find(|(i, _)| *i == id).expect("released item was pushed").1
     }
 
-    /// Never before its epoch's ack, never twice, in the order pushed.
+    /// Never before its epoch's ack (unless its epoch was released
+    /// ahead), never twice, in the order pushed.
     fn check(&self) {
         let mut seen = std::collections::HashSet::new();
         for &id in &self.released {
             assert!(seen.insert(id), "item {id} released twice");
             let e = self.epoch_of(id);
-            assert!(e <= self.max_ack, "item {id} of epoch {e} released with only epoch {} acknowledged", self.max_ack);
+            assert!(
+                e <= self.max_ack || self.ahead.contains(&e),
+                "item {id} of epoch {e} released with only epoch {} acknowledged",
+                self.max_ack
+            );
         }
-        // Every item of an acknowledged epoch is out (nothing held back or lost).
+        // Every item of an acknowledged or released-ahead epoch is out
+        // (nothing held back or lost).
         let all = self.pushed.iter().chain(&self.engine.guest().emitted);
         for (id, e) in all {
-            if *e <= self.max_ack {
+            if *e <= self.max_ack || self.ahead.contains(e) {
                 assert!(seen.contains(id), "item {id} of acknowledged epoch {e} was never released");
             }
         }
@@ -239,6 +279,43 @@ fn a_continued_history_seals_after_the_committed_epoch_and_releases_nothing_earl
     let released = engine.handle_ack(EpochId(42), now + PERIOD);
     assert_eq!(released.first().map(Vec::as_slice), Some(&b"early"[..]), "what the guest said first goes out with the first epoch");
     assert_eq!(output.held(), 1, "the guest's item after the resume belongs to epoch 43");
+}
+
+#[test]
+fn a_first_copy_released_ahead_releases_at_the_seals_until_the_first_epoch_is_acknowledged() {
+    let mut sim = Sim::with(true);
+    sim.emit();
+    sim.advance(PERIOD); // seals 1: its output goes out at once
+    assert_eq!(sim.ahead, [EpochId(1)]);
+    assert_eq!(sim.released, [0, 1 << 32]);
+    sim.emit();
+    sim.advance(PERIOD); // 2, still before epoch 1's ack
+    assert_eq!(sim.ahead, [EpochId(1), EpochId(2)]);
+    assert_eq!(sim.output.held(), 1, "only the open epoch's item waits");
+    sim.ack(EpochId(1));
+    sim.emit();
+    sim.advance(PERIOD); // 3: protected now, held for its ack
+    assert_eq!(sim.ahead, [EpochId(1), EpochId(2)], "epoch 3 is not released ahead");
+    assert_eq!(
+        sim.output.held(),
+        4,
+        "epoch 3's three items (the test's, the guest's after the last resume and before this pause) and the open epoch's"
+    );
+    sim.ack(EpochId(2));
+    assert_eq!(sim.output.held(), 4, "epoch 2's ack releases nothing more");
+    sim.ack(EpochId(3));
+    assert_eq!(sim.output.held(), 1);
+    // A continued history: this run's first epoch is 42, released ahead
+    // until its ack (the primary asks for this only for a new guest).
+    let output = Arc::new(OutputBuffer::default());
+    let guest = FakeGuest::new(Arc::clone(&output));
+    let now = Instant::now();
+    let mut engine = EpochEngine::new(GuestId(1), guest, Arc::clone(&output), PERIOD, now).after(EpochId(41)).releasing_ahead();
+    let cp = engine.handle_timeout(now + PERIOD, 0).unwrap().expect("due");
+    assert!(cp.released_ahead);
+    assert_eq!(engine.take_released_ahead().len(), 1, "the guest's item before the pause");
+    engine.handle_ack(EpochId(42), now + PERIOD);
+    assert!(!engine.handle_timeout(now + PERIOD * 2, 0).unwrap().expect("due").released_ahead, "after this run's first ack: held");
 }
 
 #[test]
@@ -325,8 +402,8 @@ proptest! {
     /// replayed acks: nothing released before its epoch's ack, nothing
     /// twice, and once the final epoch is acknowledged nothing is lost.
     #[test]
-    fn output_commit_holds_under_any_ack_order(ops in proptest::collection::vec(op(), 1..120)) {
-        let mut sim = Sim::new();
+    fn output_commit_holds_under_any_ack_order(ops in proptest::collection::vec(op(), 1..120), ahead in any::<bool>()) {
+        let mut sim = Sim::with(ahead);
         for op in ops {
             match op {
                 Op::Emit => sim.emit(),

@@ -223,6 +223,11 @@ fn show_event(ev: &BackupEvent, reverse: &Reverse<'_>) -> Result<()> {
         BackupEvent::HandedOver { guest, epoch } => {
             eprintln!("{guest}: its primary hands it over at epoch {} (a planned move); taking it over", epoch.0);
         }
+        BackupEvent::NotProtected { guest, committed } => eprintln!(
+            "{guest}: not failed over: it was not yet protected (epoch {} here, the newest committed, is one whose output its \
+             primary released while making its first copy; output of later epochs may be out)",
+            committed.0
+        ),
         BackupEvent::TakeoverAbandoned { guest } => eprintln!("{guest}: the primary is back before its lease ran out; no failover"),
         BackupEvent::LeaseWon { lease, after, released: false } => {
             println!(

@@ -96,6 +96,7 @@ fn print_history(args: &LogArgs, g: GuestId, ms: &[Manifest]) {
                 "pause_ms": m.pause_ns as f64 / 1e6, "manifest": m.id().to_hex(), "parent": m.parent.to_hex(),
                 "memory_root": m.memory_root.to_hex(), "generation": m.generation, "instance": format!("{:016x}", m.instance),
                 "commit_time": format_time(m.commit_unix_ns), "commit_unix_ns": m.commit_unix_ns,
+                "released_ahead": m.released_ahead,
             });
             println!("{v}");
         } else {

@@ -191,6 +191,7 @@ pub fn primary_options(
         hooks: cfg.hooks.clone().unwrap_or_default(),
         continues: None,
         adopt_lease: None,
+        release_first_copy: p.release_first_copy,
     })
 }
 

@@ -99,7 +99,7 @@ fn print_epoch(args: &ShowArgs, store: &dyn HistoryView, g: GuestId) -> Result<(
         "page_count": m.page_count, "dirty_pages": m.dirty_pages, "zero_pages": s.zero_pages,
         "distinct_contents": s.distinct_contents, "wire_bytes": m.wire_bytes, "new_chunk_bytes": m.new_chunk_bytes,
         "pause_ms": m.pause_ns as f64 / 1e6, "memory_root": m.memory_root.to_hex(), "device_state": m.device_state.to_hex(),
-        "qemu": layout,
+        "released_ahead": m.released_ahead, "qemu": layout,
     });
     if args.json {
         println!("{v}");
@@ -116,6 +116,9 @@ fn print_epoch(args: &ShowArgs, store: &dyn HistoryView, g: GuestId) -> Result<(
     );
     println!("  bytes             {} on the wire, {} new in the store", m.wire_bytes, m.new_chunk_bytes);
     println!("  pause             {:.2} ms", m.pause_ns as f64 / 1e6);
+    if m.released_ahead {
+        println!("  output            released at the seal, before a backup held the epoch (the guest's first copy)");
+    }
     println!("  memory root       {}", m.memory_root.to_hex());
     if let Some(v) = &s.vm {
         println!(

@@ -670,6 +670,7 @@ mod tests {
             new_chunk_bytes: 0,
             generation: 0,
             commit_unix_ns: epoch * 10,
+            released_ahead: false,
         }
     }
 
