@@ -119,7 +119,15 @@ impl Cadence {
         if self.path_rtt.is_zero() {
             return Some(seen);
         }
-        Some(seen.min(2 * self.path_rtt + 2 * self.cfg.base))
+        Some(seen.min(self.caught_up()))
+    }
+
+    /// A seal-to-acknowledgement time that shows the backup keeping up:
+    /// two round trips of the path and two base periods (two base periods
+    /// before the round trip is measured).
+    #[must_use]
+    pub fn caught_up(&self) -> Duration {
+        2 * self.path_rtt + 2 * self.cfg.base
     }
 
     /// The current period.
@@ -139,6 +147,28 @@ impl Cadence {
     /// next seal.
     pub fn sealed(&mut self, epoch: EpochId, now: Instant) -> Duration {
         self.unacked.push_back((epoch, now));
+        self.next_period(now)
+    }
+
+    /// Epoch `epoch`, whose output was released at its seal (a new guest's
+    /// first copy; see [`crate::EpochEngine::releasing_ahead`]), was sealed
+    /// at `now`; returns the period until the next seal. No output waits
+    /// for its acknowledgement, so it adds nothing to the output delay:
+    /// what it leaves on the link shows in the epochs after it.
+    pub fn sealed_ahead(&mut self, now: Instant) -> Duration {
+        self.next_period(now)
+    }
+
+    /// Epoch `epoch`, sealed at `sealed` and released ahead, is not yet
+    /// acknowledged when the epochs after it start to hold their output:
+    /// they will wait behind it, so from now on it counts as waiting.
+    /// Called in epoch order, before any later epoch is sealed.
+    pub fn waiting(&mut self, epoch: EpochId, sealed: Instant) {
+        debug_assert!(self.unacked.back().is_none_or(|(e, _)| *e < epoch), "in epoch order");
+        self.unacked.push_back((epoch, sealed));
+    }
+
+    fn next_period(&mut self, now: Instant) -> Duration {
         let Some(floor) = self.floor() else { return self.period };
         // An epoch of length P takes up to P to send while the link keeps
         // up: that is not backlog (else longer epochs, slower to send,
@@ -185,6 +215,62 @@ mod tests {
 
     fn cfg() -> CadenceConfig {
         CadenceConfig { base: 25 * MS, max: 400 * MS, target: 1000 * MS }
+    }
+
+    /// A first copy that takes 3 s to cross: epochs sealed meanwhile and
+    /// acknowledged only after it lengthen the next ones when their output
+    /// waited, not when it was released at their seals; but once later
+    /// epochs hold their output behind them, they count.
+    #[test]
+    fn epochs_released_ahead_add_nothing_to_the_output_delay() {
+        for ahead in [true, false] {
+            let mut c = Cadence::new(cfg());
+            c.set_path_rtt(100 * MS);
+            let t0 = Instant::now();
+            let mut now = t0;
+            for e in 1..=120u64 {
+                if ahead {
+                    c.sealed_ahead(now);
+                } else {
+                    c.sealed(EpochId(e), now);
+                }
+                now += 25 * MS;
+            }
+            c.acked(EpochId(1), now);
+            let mut longest = Duration::ZERO;
+            for e in 121..=160u64 {
+                longest = longest.max(c.sealed(EpochId(e), now));
+                // The backlog drains: each acknowledged 125 ms after its seal.
+                now += 25 * MS;
+                c.acked(EpochId(e - 5), now);
+            }
+            if ahead {
+                assert_eq!(longest, 25 * MS, "released ahead: nothing waited");
+            } else {
+                assert!(longest > 25 * MS, "held: the first copy's epochs waited seconds");
+            }
+        }
+        // Released ahead, but still unacknowledged when epochs start to
+        // hold their output behind them: the backlog they leave counts.
+        let mut c = Cadence::new(cfg());
+        c.set_path_rtt(100 * MS);
+        let t0 = Instant::now();
+        let mut now = t0;
+        for _ in 1..=120u64 {
+            c.sealed_ahead(now);
+            now += 25 * MS;
+        }
+        c.acked(EpochId(1), now);
+        for e in 2..=120u64 {
+            c.waiting(EpochId(e), t0 + 25 * MS * (e as u32 - 1));
+        }
+        c.acked(EpochId(10), now);
+        let mut longest = Duration::ZERO;
+        for e in 121..=130u64 {
+            longest = longest.max(c.sealed(EpochId(e), now));
+            now += 25 * MS;
+        }
+        assert!(longest > 25 * MS, "the backlog left by epochs released ahead lengthens the next");
     }
 
     #[test]

@@ -22,13 +22,17 @@
 //! sealed, so it cannot have been acknowledged).
 //!
 //! The one exception, asked for with [`EpochEngine::releasing_ahead`]
-//! for a guest with no history: until this run's first epoch (the whole
-//! memory, before which no backup can resume the guest at all) is
-//! acknowledged, each epoch's output is released when it is sealed and
-//! its checkpoint says so ([`Checkpoint::released_ahead`]), for the
+//! for a guest with no history: until the backup has caught up with this
+//! run's first copy (its first epoch, the whole memory, before which no
+//! backup can resume the guest at all, and the epochs sealed while it
+//! crossed the path), each epoch's output is released when it is sealed
+//! and its checkpoint says so ([`Checkpoint::released_ahead`]), for the
 //! backup to refuse a failover while its newest committed epoch is one of
-//! those (the output of later ones may be out). From that acknowledgement
-//! on, the rule above holds without exception.
+//! those (the output of later ones may be out). Caught up: an
+//! acknowledgement comes within [`Cadence::caught_up`] of its epoch's
+//! seal, or [`CATCH_UP`] has passed since the first one (a link that
+//! never catches up). From then on the rule above holds
+//! without exception: no later epoch is released ahead.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,6 +41,12 @@ use remus_types::{Checkpoint, EpochId, GuestId, PagePool};
 
 use crate::guest::{checkpoint, ProtectedGuest, Scratch};
 use crate::{Cadence, CadenceConfig, CaptureError, OutputBuffer};
+
+/// The longest a guest released ahead goes on so after its first epoch
+/// is acknowledged, waiting for the backup to catch up with the epochs
+/// sealed while that first copy crossed the path; then it is protected
+/// (and what still lags is left to longer epochs and the throttle).
+pub const CATCH_UP: Duration = Duration::from_millis(500);
 
 /// Where the engine is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,10 +79,15 @@ pub struct EpochEngine<G> {
     credit: f64,
     /// Epochs the guest was held still in by the throttle.
     throttled: u64,
-    /// Release output at the seal until `first` is acknowledged.
+    /// Release output at the seal until the backup caught up.
     release_ahead: bool,
     /// This run's first epoch.
     first: EpochId,
+    /// Seal instants of the epochs released ahead and not yet
+    /// acknowledged (sealed by [`Self::handle_timeout`]).
+    ahead_sealed: std::collections::VecDeque<(EpochId, Instant)>,
+    /// When the first epoch was acknowledged.
+    first_ack: Option<Instant>,
     /// Output released at seals, for the driver to take.
     ahead: Vec<Vec<u8>>,
 }
@@ -97,6 +112,8 @@ impl<G: ProtectedGuest> EpochEngine<G> {
             throttled: 0,
             release_ahead: false,
             first: EpochId(1),
+            ahead_sealed: std::collections::VecDeque::new(),
+            first_ack: None,
             ahead: Vec::new(),
         }
     }
@@ -133,11 +150,11 @@ impl<G: ProtectedGuest> EpochEngine<G> {
         self
     }
 
-    /// Releases each epoch's output when it is sealed, until this run's
-    /// first epoch is acknowledged (see the module's ordering rule): for a
-    /// guest with no history, whose output would otherwise wait for a
-    /// whole first copy to cross the path although no backup could resume
-    /// it before that copy is committed. The checkpoints of those epochs
+    /// Releases each epoch's output when it is sealed, until the backup
+    /// has caught up with this run's first copy (see the module's
+    /// ordering rule): for a guest with no history, whose output would
+    /// otherwise wait for a whole first copy to cross the path although no
+    /// backup could resume it before that copy is committed. The checkpoints of those epochs
     /// say so; the driver takes their output with
     /// [`take_released_ahead`](Self::take_released_ahead).
     #[must_use]
@@ -211,11 +228,14 @@ impl<G: ProtectedGuest> EpochEngine<G> {
             self.guest.hold(hold);
         }
         let cp = self.seal(unix_ns)?;
+        if cp.released_ahead {
+            self.ahead_sealed.push_back((cp.epoch, now));
+        }
         if last {
             self.phase = Phase::Sealed;
             self.due = None;
         } else {
-            let period = self.cadence.sealed(cp.epoch, now);
+            let period = if cp.released_ahead { self.cadence.sealed_ahead(now) } else { self.cadence.sealed(cp.epoch, now) };
             let next = due + period;
             self.due = Some(if next <= now { now + period } else { next });
         }
@@ -241,7 +261,7 @@ impl<G: ProtectedGuest> EpochEngine<G> {
         let output = &self.output;
         checkpoint(&mut self.guest, epoch, &mut cp, &mut self.scratch, || output.seal(epoch))?;
         self.next = epoch.next();
-        if self.release_ahead && self.acked < self.first {
+        if self.release_ahead {
             cp.released_ahead = true;
             self.ahead.extend(self.output.release(epoch));
         }
@@ -259,7 +279,34 @@ impl<G: ProtectedGuest> EpochEngine<G> {
         }
         self.acked = epoch;
         self.cadence.acked(epoch, now);
+        if self.release_ahead && epoch >= self.first {
+            self.catching_up(epoch, now);
+        }
         self.output.release(epoch)
+    }
+
+    /// An acknowledgement of `epoch` while releasing ahead: ends it once
+    /// the backup has caught up (the epoch acknowledged within
+    /// [`Cadence::caught_up`] of its seal), or [`CATCH_UP`] after the
+    /// first acknowledgement.
+    fn catching_up(&mut self, epoch: EpochId, now: Instant) {
+        let first_ack = *self.first_ack.get_or_insert(now);
+        let mut sealed = None;
+        while let Some((e, t)) = self.ahead_sealed.front().copied().filter(|(e, _)| *e <= epoch) {
+            sealed = Some((e, t));
+            self.ahead_sealed.pop_front();
+        }
+        // An epoch sealed outside the schedule ([`Self::seal`]) has no
+        // instant: counted as caught up.
+        let lag = sealed.filter(|(e, _)| *e == epoch).map_or(Duration::ZERO, |(_, t)| now.saturating_duration_since(t));
+        if lag <= self.cadence.caught_up() || now.saturating_duration_since(first_ack) >= CATCH_UP {
+            self.release_ahead = false;
+            // What the backup has not caught up with yet, the first held
+            // epochs will wait behind: from now on the cadence sees it.
+            for (e, t) in self.ahead_sealed.drain(..) {
+                self.cadence.waiting(e, t);
+            }
+        }
     }
 
     /// Highest acknowledged epoch.

@@ -34,7 +34,7 @@ mod workload;
 pub use arena::{ArenaConfig, ArenaGuest, TrackingMode};
 pub use cadence::{Cadence, CadenceConfig};
 pub use dirty::DirtyTracker;
-pub use engine::EpochEngine;
+pub use engine::{EpochEngine, CATCH_UP};
 pub use error::CaptureError;
 pub use guest::{checkpoint, DeviceState, DirtyLog, DiskTap, MemoryView, Pause, ProtectedGuest, Scratch};
 pub use output::OutputBuffer;

@@ -52,8 +52,9 @@ pub struct Summary {
     /// Connection losses.
     pub disconnects: u64,
     /// Milliseconds from the start until the backup committed this run's
-    /// first epoch (the whole memory): protected from then on (absent if
-    /// it never did).
+    /// first epoch (the whole memory) and an epoch whose output was held
+    /// (after those released ahead): protected from then on (absent if it
+    /// never did).
     pub protected_ms: Option<f64>,
     /// The first epoch this run sealed (1 for a new guest; after the
     /// committed one when a restarted primary continued the history).
@@ -240,8 +241,8 @@ impl Summary {
             self.seconds,
             self.hz,
             self.protected_ms.map_or_else(
-                || "not protected: the backup never committed the first epoch".to_string(),
-                |ms| format!("protected after {ms:.0} ms (the backup committed the first epoch, the whole memory)")
+                || "not protected: the backup never committed the first copy".to_string(),
+                |ms| format!("protected after {ms:.0} ms (the backup committed the first copy, the whole memory)")
             ),
             self.pause_ms_p50,
             self.pause_ms_p99,
@@ -276,7 +277,10 @@ impl Summary {
             self.output_ms_p99,
             match self.released_ahead_epochs {
                 0 => "each after its epoch was acknowledged".to_string(),
-                n => format!("the first copy's {n} epochs at their seals (not yet protected), the rest after their epochs were acknowledged"),
+                n => format!(
+                    "{n} epochs at their seals (the first copy, until the backup caught up: not yet protected), the rest after their \
+                     epochs were acknowledged"
+                ),
             },
             self.restores_verified,
             self.restores_failed,

@@ -621,12 +621,18 @@ async fn consume_events(
                 let mut s = stats.lock();
                 s.path_rtt = rtt;
                 // An epoch this run sealed (not the one a backup's welcome
-                // says it holds): the first one holds the whole memory.
-                if s.protected_at.is_none() && s.sealed_at.contains_key(&epoch) {
+                // says it holds; the first one holds the whole memory) and
+                // whose output was held: every epoch released ahead is
+                // older (a backup fails the guest over from here on).
+                if s.protected_at.is_none() && s.sealed_at.contains_key(&epoch) && epoch > s.released_ahead {
                     let now = Instant::now();
                     s.protected_at = Some(now);
                     let after_ms = now.duration_since(s.started).as_millis();
-                    tracing::info!(epoch = epoch.0, after_ms, "protected: the backup committed this run's first epoch (the whole memory)");
+                    tracing::info!(
+                        epoch = epoch.0,
+                        after_ms,
+                        "protected: the backup committed this run's first copy and an epoch whose output was held"
+                    );
                 }
                 drop(s);
                 releaser.acked(0, epoch);

@@ -105,7 +105,8 @@ pub struct PrimaryStats {
     /// When the backup said it took the guest over.
     pub handed_over_at: Option<Instant>,
     /// When the backup committed this run's first epoch (the whole
-    /// memory): the guest is protected from then on.
+    /// memory) and an epoch whose output was held (after any released
+    /// ahead): the guest is protected from then on.
     pub protected_at: Option<Instant>,
     /// Each far backup's link, in the order configured.
     pub far: Vec<crate::fanout::FarStats>,
