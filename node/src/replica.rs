@@ -607,6 +607,16 @@ mod tests {
         assert_eq!(store.head(g).unwrap().unwrap().epoch, EpochId(30));
     }
 
+    /// Waits until the failover's thread has let go of the store (RocksDB
+    /// must not outlive the test's process).
+    fn wait_for_the_failover_to_let_go(store: &Arc<Store>) {
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        while Arc::strong_count(store) > 1 {
+            assert!(Instant::now() < deadline, "the failover thread keeps the store");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     #[test]
     fn a_guest_whose_newest_epoch_was_released_ahead_is_not_failed_over_until_a_held_one_commits() {
         let dir = tempfile::tempdir().unwrap();
@@ -650,11 +660,7 @@ mod tests {
             }
         }
         drop(replica);
-        let deadline = Instant::now() + std::time::Duration::from_secs(60);
-        while Arc::strong_count(&store) > 1 {
-            assert!(Instant::now() < deadline, "the failover thread keeps the store");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        wait_for_the_failover_to_let_go(&store);
     }
 
     #[test]
@@ -701,10 +707,6 @@ mod tests {
         assert_eq!(snapshot(&dir.path().join("failover")), before, "the resumed guest's files are untouched");
         assert_eq!(store.head(g).unwrap().unwrap().epoch, EpochId(2));
         drop(replica);
-        let deadline = Instant::now() + std::time::Duration::from_secs(60);
-        while Arc::strong_count(&store) > 1 {
-            assert!(Instant::now() < deadline, "the failover thread keeps the store");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        wait_for_the_failover_to_let_go(&store);
     }
 }
