@@ -154,8 +154,9 @@ impl<G: ProtectedGuest> EpochEngine<G> {
     /// has caught up with this run's first copy (see the module's
     /// ordering rule): for a guest with no history, whose output would
     /// otherwise wait for a whole first copy to cross the path although no
-    /// backup could resume it before that copy is committed. The checkpoints of those epochs
-    /// say so; the driver takes their output with
+    /// backup could resume it before that copy is committed. The
+    /// checkpoints of those epochs say so; the driver takes their output
+    /// with
     /// [`take_released_ahead`](Self::take_released_ahead).
     #[must_use]
     pub fn releasing_ahead(mut self) -> Self {
@@ -226,6 +227,11 @@ impl<G: ProtectedGuest> EpochEngine<G> {
                 self.credit = 0.0;
             }
             self.guest.hold(hold);
+        }
+        // [`CATCH_UP`] after the first acknowledgement, whether or not
+        // more came since.
+        if self.release_ahead && self.first_ack.is_some_and(|t| now.saturating_duration_since(t) >= CATCH_UP) {
+            self.end_release_ahead();
         }
         let cp = self.seal(unix_ns)?;
         if cp.released_ahead {
@@ -300,12 +306,17 @@ impl<G: ProtectedGuest> EpochEngine<G> {
         // instant: counted as caught up.
         let lag = sealed.filter(|(e, _)| *e == epoch).map_or(Duration::ZERO, |(_, t)| now.saturating_duration_since(t));
         if lag <= self.cadence.caught_up() || now.saturating_duration_since(first_ack) >= CATCH_UP {
-            self.release_ahead = false;
-            // What the backup has not caught up with yet, the first held
-            // epochs will wait behind: from now on the cadence sees it.
-            for (e, t) in self.ahead_sealed.drain(..) {
-                self.cadence.waiting(e, t);
-            }
+            self.end_release_ahead();
+        }
+    }
+
+    /// From the next seal on, output is held for its acknowledgement.
+    fn end_release_ahead(&mut self) {
+        self.release_ahead = false;
+        // What the backup has not caught up with yet, the first held
+        // epochs will wait behind: from now on the cadence sees it.
+        for (e, t) in self.ahead_sealed.drain(..) {
+            self.cadence.waiting(e, t);
         }
     }
 

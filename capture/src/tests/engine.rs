@@ -320,7 +320,7 @@ fn a_first_copy_released_ahead_releases_at_the_seals_until_the_first_epoch_is_ac
 }
 
 #[test]
-fn epochs_are_released_ahead_until_the_backup_has_caught_up_or_the_target_has_passed() {
+fn epochs_are_released_ahead_until_the_backup_has_caught_up_or_the_catch_up_limit_has_passed() {
     // The backup acknowledges 10 periods after each seal (a backlog behind
     // the first copy), then 1 period after: caught up (within 2 periods).
     let mut sim = Sim::with(true);
@@ -349,6 +349,17 @@ fn epochs_are_released_ahead_until_the_backup_has_caught_up_or_the_target_has_pa
         assert!(sim.seals.len() < 10 + (target.as_millis() / PERIOD.as_millis()) as usize + 2, "released ahead past the target");
     }
     assert!(sim.ahead.len() >= 10 + (target.as_millis() / PERIOD.as_millis()) as usize - 1, "ended early: {}", sim.ahead.len());
+    // Acknowledgements that stop after the first: the limit holds all the same.
+    let mut sim = Sim::with(true);
+    for _ in 0..10 {
+        sim.advance(PERIOD);
+    }
+    sim.ack(EpochId(1));
+    for _ in 0..(target.as_millis() / PERIOD.as_millis()) + 2 {
+        sim.advance(PERIOD);
+    }
+    let sealed = sim.engine.sealed().0 as usize;
+    assert!(sim.ahead.len() < sealed, "still released ahead {} of {sealed} with no acknowledgement since the first", sim.ahead.len());
 }
 
 #[test]
