@@ -150,8 +150,8 @@ impl Cadence {
         self.next_period(now)
     }
 
-    /// Epoch `epoch`, whose output was released at its seal (a new guest's
-    /// first copy; see [`crate::EpochEngine::releasing_ahead`]), was sealed
+    /// An epoch whose output was released at its seal (a new guest's
+    /// first copy; see [`crate::EpochEngine::releasing_ahead`]) was sealed
     /// at `now`; returns the period until the next seal. No output waits
     /// for its acknowledgement, so it adds nothing to the output delay:
     /// what it leaves on the link shows in the epochs after it.

@@ -194,7 +194,8 @@ impl Summary {
             protected_commit_ms_p99: ms(percentile(&s.protected_commit_ns, 99.0)),
             output_ms_p50: ms(percentile(&s.output_ns, 50.0)),
             output_ms_p99: ms(percentile(&s.output_ns, 99.0)),
-            released_ahead_epochs: s.released_ahead_epochs,
+            // Only a new guest releases ahead, from its first epoch on.
+            released_ahead_epochs: s.released_ahead.0.saturating_sub(s.continued_from.0),
             backup_commit_ms_p50: 0.0,
             backup_commit_ms_p99: 0.0,
             output_lines_released: s.output_released,

@@ -454,11 +454,6 @@ fn drive_engine<G: ProtectedGuest>(
                 let started = Instant::now();
                 let Some(mut cp) = engine.handle_timeout(started, now_unix_nanos()).map_err(NodeError::Checkpoint)? else { continue };
                 record_seal(stats, &cp, engine.period(), started);
-                if cp.released_ahead {
-                    let mut s = stats.lock();
-                    s.released_ahead = cp.epoch;
-                    s.released_ahead_epochs += 1;
-                }
                 if hash_once {
                     // Several links (near and far backups): the pages' ids
                     // taken here once rather than by each.
@@ -557,6 +552,9 @@ fn record_seal(stats: &Mutex<PrimaryStats>, cp: &Checkpoint, next_period: Durati
     s.sealed = cp.epoch;
     s.sealed_at.insert(cp.epoch, sealed_at);
     s.last_seal = Some(sealed_at);
+    if cp.released_ahead {
+        s.released_ahead = cp.epoch;
+    }
 }
 
 fn record_ack(stats: &Mutex<PrimaryStats>, acked: EpochId, released: usize) {

@@ -71,10 +71,9 @@ pub struct PrimaryStats {
     /// seal-to-ack latency, or 0 for an epoch released ahead.
     pub output_ns: Vec<u64>,
     /// The last epoch whose output was released at its seal (a new
-    /// guest's first copy; 0: none).
+    /// guest's first copy, whose epochs from the first on were all
+    /// released so; 0: none).
     pub released_ahead: EpochId,
-    /// Epochs released at their seals.
-    pub released_ahead_epochs: u64,
     /// Output lines released (after their epoch was acknowledged, or at
     /// its seal for an epoch released ahead).
     pub output_released: u64,
@@ -141,7 +140,6 @@ impl Default for PrimaryStats {
             protected_commit_ns: Vec::new(),
             output_ns: Vec::new(),
             released_ahead: EpochId(0),
-            released_ahead_epochs: 0,
             output_released: 0,
             disconnects: 0,
             chunks_forgotten: 0,
