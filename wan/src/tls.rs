@@ -353,7 +353,10 @@ pub fn issue_guest(ca_dir: &Path, guest: GuestId, days: u32, out: &Path) -> Resu
     h.update(&now.unix_timestamp_nanos().to_le_bytes());
     h.update(&std::process::id().to_le_bytes());
     let mut serial = h.finalize().as_bytes()[..16].to_vec();
-    serial[0] &= 0x7f;
+    // Positive, and no leading zero byte: DER drops it, and the serial
+    // read back from the certificate would then differ from the one
+    // recorded in issued.txt (one issue in 128 before).
+    serial[0] = serial[0] & 0x7f | 0x40;
     p.serial_number = Some(SerialNumber::from_slice(&serial));
     let not_after_unix = p.not_after.unix_timestamp();
     let key = KeyPair::generate().map_err(tls)?;
