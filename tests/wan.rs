@@ -468,10 +468,9 @@ fn under_release_all_a_cut_off_far_backup_holds_output_until_it_acknowledges() {
 }
 
 /// A guest dirtying more than its link carries: with adaptive epochs the
-/// epochs lengthen to their bound, then the guest is held still in a
-/// share of them, so output delay stays near the target instead of
-/// growing for as long as the run lasts, and the primary's memory stays
-/// bounded.
+/// epochs lengthen and the guest is held still in a share of them, so
+/// output delay stays near the target instead of growing for as long as
+/// the run lasts, and the primary's memory stays bounded.
 #[test]
 fn a_dirty_rate_above_the_link_is_throttled_to_keep_output_under_the_target() {
     let dir = tempfile::tempdir().unwrap();
@@ -495,10 +494,13 @@ fn a_dirty_rate_above_the_link_is_throttled_to_keep_output_under_the_target() {
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let (p50, p99) = (s["commit_ms_p50"].as_f64().unwrap(), s["commit_ms_p99"].as_f64().unwrap());
     assert!(s["throttled_epochs"].as_u64().unwrap() > 0, "{s}");
-    assert_eq!(s["epoch_ms_max"].as_f64(), Some(200.0), "epochs lengthened to their bound first: {s}");
+    assert!(s["epoch_ms_max"].as_f64().unwrap() > 100.0, "epochs lengthened: {s}");
     // Without the throttle the same run holds output 3–4 s at the median
-    // and growing; the p99 is the initial copy, when nothing adapts yet.
-    assert!(p50 <= 1000.0 && p99 <= 4000.0, "output delay p50 {p50} ms, p99 {p99} ms: {s}");
+    // and growing. Seal to acknowledgement includes the epochs of the
+    // first copy, whose output was released at their seals.
+    assert!(p50 <= 1000.0 && p99 <= 4000.0, "seal to acknowledgement p50 {p50} ms, p99 {p99} ms: {s}");
+    let output_p99 = s["output_ms_p99"].as_f64().unwrap();
+    assert!(output_p99 <= 2000.0, "output held p99 {output_p99} ms: {s}");
     assert!(s["peak_resident_mib"].as_f64().unwrap() < 1024.0, "{s}");
     assert_eq!(s["epochs_committed"], s["epochs"]);
     backup.stop();

@@ -83,9 +83,6 @@ pub struct EpochEngine<G> {
     release_ahead: bool,
     /// This run's first epoch.
     first: EpochId,
-    /// Seal instants of the epochs released ahead and not yet
-    /// acknowledged (sealed by [`Self::handle_timeout`]).
-    ahead_sealed: std::collections::VecDeque<(EpochId, Instant)>,
     /// When the first epoch was acknowledged.
     first_ack: Option<Instant>,
     /// Output released at seals, for the driver to take.
@@ -112,7 +109,6 @@ impl<G: ProtectedGuest> EpochEngine<G> {
             throttled: 0,
             release_ahead: false,
             first: EpochId(1),
-            ahead_sealed: std::collections::VecDeque::new(),
             first_ack: None,
             ahead: Vec::new(),
         }
@@ -234,14 +230,13 @@ impl<G: ProtectedGuest> EpochEngine<G> {
             self.end_release_ahead();
         }
         let cp = self.seal(unix_ns)?;
-        if cp.released_ahead {
-            self.ahead_sealed.push_back((cp.epoch, now));
-        }
         if last {
             self.phase = Phase::Sealed;
             self.due = None;
         } else {
-            let period = if cp.released_ahead { self.cadence.sealed_ahead(now) } else { self.cadence.sealed(cp.epoch, now) };
+            let pages = cp.pfns.len() as u64;
+            let period =
+                if cp.released_ahead { self.cadence.sealed_ahead(cp.epoch, pages, now) } else { self.cadence.sealed(cp.epoch, pages, now) };
             let next = due + period;
             self.due = Some(if next <= now { now + period } else { next });
         }
@@ -284,9 +279,9 @@ impl<G: ProtectedGuest> EpochEngine<G> {
             return Vec::new();
         }
         self.acked = epoch;
-        self.cadence.acked(epoch, now);
+        let sealed_at = self.cadence.acked(epoch, now);
         if self.release_ahead && epoch >= self.first {
-            self.catching_up(epoch, now);
+            self.catching_up(sealed_at, now);
         }
         self.output.release(epoch)
     }
@@ -295,16 +290,11 @@ impl<G: ProtectedGuest> EpochEngine<G> {
     /// the backup has caught up (the epoch acknowledged within
     /// [`Cadence::caught_up`] of its seal), or [`CATCH_UP`] after the
     /// first acknowledgement.
-    fn catching_up(&mut self, epoch: EpochId, now: Instant) {
+    fn catching_up(&mut self, sealed_at: Option<Instant>, now: Instant) {
         let first_ack = *self.first_ack.get_or_insert(now);
-        let mut sealed = None;
-        while let Some((e, t)) = self.ahead_sealed.front().copied().filter(|(e, _)| *e <= epoch) {
-            sealed = Some((e, t));
-            self.ahead_sealed.pop_front();
-        }
         // An epoch sealed outside the schedule ([`Self::seal`]) has no
         // instant: counted as caught up.
-        let lag = sealed.filter(|(e, _)| *e == epoch).map_or(Duration::ZERO, |(_, t)| now.saturating_duration_since(t));
+        let lag = sealed_at.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
         if lag <= self.cadence.caught_up() || now.saturating_duration_since(first_ack) >= CATCH_UP {
             self.end_release_ahead();
         }
@@ -315,9 +305,7 @@ impl<G: ProtectedGuest> EpochEngine<G> {
         self.release_ahead = false;
         // What the backup has not caught up with yet, the first held
         // epochs will wait behind: from now on the cadence sees it.
-        for (e, t) in self.ahead_sealed.drain(..) {
-            self.cadence.waiting(e, t);
-        }
+        self.cadence.hold_released();
     }
 
     /// Highest acknowledged epoch.
