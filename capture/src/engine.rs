@@ -225,7 +225,7 @@ impl<G: ProtectedGuest> EpochEngine<G> {
             self.guest.hold(hold);
         }
         // [`CATCH_UP`] after the first acknowledgement, whether or not
-        // more came since.
+        // more came since: the one place this limit is checked.
         if self.release_ahead && self.first_ack.is_some_and(|t| now.saturating_duration_since(t) >= CATCH_UP) {
             self.end_release_ahead();
         }
@@ -286,16 +286,18 @@ impl<G: ProtectedGuest> EpochEngine<G> {
         self.output.release(epoch)
     }
 
-    /// An acknowledgement of `epoch` while releasing ahead: ends it once
-    /// the backup has caught up (the epoch acknowledged within
-    /// [`Cadence::caught_up`] of its seal), or [`CATCH_UP`] after the
-    /// first acknowledgement.
+    /// An acknowledgement, at `now`, of an epoch sealed at `sealed_at`
+    /// while releasing ahead: ends it once the backup has caught up (the
+    /// epoch acknowledged within [`Cadence::caught_up`] of its seal). The
+    /// other end, [`CATCH_UP`] after the first acknowledgement, is
+    /// checked at each seal ([`Self::handle_timeout`]), where it takes
+    /// effect either way.
     fn catching_up(&mut self, sealed_at: Option<Instant>, now: Instant) {
-        let first_ack = *self.first_ack.get_or_insert(now);
+        self.first_ack.get_or_insert(now);
         // An epoch sealed outside the schedule ([`Self::seal`]) has no
         // instant: counted as caught up.
         let lag = sealed_at.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
-        if lag <= self.cadence.caught_up() || now.saturating_duration_since(first_ack) >= CATCH_UP {
+        if lag <= self.cadence.caught_up() {
             self.end_release_ahead();
         }
     }
