@@ -247,6 +247,7 @@ impl Cadence {
         // An epoch of length P takes up to P to send while the link keeps
         // up: that is not backlog (else longer epochs, slower to send,
         // would read as more backlog and lengthen themselves).
+        let beyond = |d: Duration| d.saturating_sub(floor).saturating_sub(self.period);
         // What waits behind the backlog is output only once an epoch
         // holds its output; before, epochs are not lengthened for it (the
         // first copy of a guest released ahead), but the guest is slowed,
@@ -254,7 +255,6 @@ impl Cadence {
         // is what the first held epochs wait behind.
         let backlog = self.backlog();
         let held = self.unacked.back().is_some_and(|e| e.held);
-        let beyond = |d: Duration| d.saturating_sub(floor).saturating_sub(self.period);
         let excess = beyond(self.output_delay(now).max(if held { backlog } else { Duration::ZERO }));
         let slow = beyond(self.output_delay(now).max(backlog));
         // An epoch whose own pages take the link more than a quarter of
@@ -292,10 +292,16 @@ impl Cadence {
         self.carried_in(self.queued as f64)
     }
 
+    /// The weight the link carries per second, as estimated (see
+    /// [`Self::acked`]); `None` before the first measurement.
+    fn rate(&self) -> Option<f64> {
+        self.rates.iter().map(|(_, r)| *r).reduce(f64::max)
+    }
+
     /// How long the link takes to carry `weight`, at the rate measured
     /// (zero before).
     fn carried_in(&self, weight: f64) -> Duration {
-        match self.rates.iter().map(|(_, r)| *r).reduce(f64::max) {
+        match self.rate() {
             Some(rate) if rate > 0.0 => Duration::from_secs_f64((weight / rate).min(3600.0)),
             _ => Duration::ZERO,
         }
@@ -350,7 +356,7 @@ impl Cadence {
         }
         let sample = window as f64 / span.as_secs_f64();
         let busy = 2 * self.queued >= window;
-        if busy || self.rates.iter().all(|(_, r)| *r < sample) {
+        if busy || self.rate().is_none_or(|r| r < sample) {
             self.rates.push_back((now, sample));
         }
         let start = now.checked_sub(RATE_HORIZON);
