@@ -126,6 +126,12 @@ pub struct LiveFiles {
     rebuilt: Condvar,
 }
 
+/// Says that `guest`'s live files were dropped, and why: a failover then
+/// restores from the store (slower, the same memory).
+fn not_kept(guest: GuestId, why: &dyn std::fmt::Display) {
+    tracing::warn!(%guest, error = %why, "live failover image not kept; failover will restore from the store");
+}
+
 enum Live {
     Ready(LiveVm),
     /// Rebuilt from the store at `epoch`; `pending` committed since.
@@ -152,7 +158,7 @@ impl LiveFiles {
                 Ok(()) => {
                     live.insert(guest, Live::Ready(l));
                 }
-                Err(e) => tracing::warn!(%guest, error = %e, "live failover image not kept; failover will restore from the store"),
+                Err(e) => not_kept(guest, &e),
             },
             Some(Live::Rebuilding { epoch, mut pending }) if pending.last().map_or(epoch, |p| p.0).next() == first => {
                 pending.extend_from_slice(epochs);
@@ -174,7 +180,7 @@ impl LiveFiles {
                     std::thread::Builder::new().name("remus-live-files".into()).spawn(move || files.rebuild(&store, &dir, guest, epoch));
                 if let Err(e) = spawned {
                     live.remove(&guest);
-                    tracing::warn!(%guest, error = %e, "live failover image not kept; failover will restore from the store");
+                    not_kept(guest, &e);
                 }
             }
         }
@@ -191,7 +197,7 @@ impl LiveFiles {
             if matches!(live.get(&guest), Some(Live::Rebuilding { .. })) {
                 live.remove(&guest);
             }
-            tracing::warn!(%guest, "live failover image not kept (its rebuild failed); failover will restore from the store");
+            not_kept(guest, &"its rebuild panicked");
         }
         self.rebuilt.notify_all();
     }
@@ -217,7 +223,7 @@ impl LiveFiles {
                 tracing::debug!(%guest, epoch = l.epoch.0, ms = t0.elapsed().as_secs_f64() * 1e3, "live failover image rebuilt");
                 live.insert(guest, Live::Ready(l));
             }
-            Err(e) => tracing::warn!(%guest, error = %e, "live failover image not kept; failover will restore from the store"),
+            Err(e) => not_kept(guest, &e),
         }
     }
 

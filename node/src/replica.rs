@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use parking_lot::Mutex;
-use remus_store::Store;
+use remus_store::{Head, Store, StoreError};
 use remus_types::{ChunkId, EpochId, GuestId};
 use remus_wan::driver::Replica;
 use remus_wan::{CommitError, ReceivedEpoch};
@@ -142,12 +142,13 @@ impl StoreReplica {
         let committed = {
             let lock = self.guest_lock(guest);
             let _one = lock.lock();
-            let head = self.store.head(guest).ok().flatten().map_or(committed, |h| h.epoch);
-            if lost && !self.protected(guest) {
+            let head = self.store.head(guest);
+            let epoch = head.as_ref().ok().and_then(|h| h.as_ref()).map_or(committed, |h| h.epoch);
+            if lost && !self.protected(guest, head) {
                 return;
             }
-            self.admission.fence(guest, head);
-            head
+            self.admission.fence(guest, epoch);
+            epoch
         };
         let _ = self.events.send(BackupEvent::Fenced { guest, epoch: committed });
         if let Err(e) =
@@ -172,9 +173,9 @@ impl StoreReplica {
     /// copy, before any backup held it; see
     /// `remus_capture::EpochEngine::releasing_ahead`), for the output of
     /// epochs after it, which this backup does not hold, may be out.
-    /// Reported when not.
-    fn protected(&self, guest: GuestId) -> bool {
-        let newest = self.store.head(guest).and_then(|h| h.map(|h| self.store.manifest(guest, h.epoch)).transpose());
+    /// Reported when not. `head`: the guest's head, as just read.
+    fn protected(&self, guest: GuestId, head: Result<Option<Head>, StoreError>) -> bool {
+        let newest = head.and_then(|h| h.map(|h| self.store.manifest(guest, h.epoch)).transpose());
         let (released_ahead, committed) = match newest {
             Ok(Some(m)) => (m.released_ahead, m.epoch),
             // No history here: the failover finds nothing to resume and says so.
@@ -350,7 +351,7 @@ impl Replica for StoreReplica {
             return;
         };
         // Not protected yet: no lease taken from a primary that may run on.
-        if !self.protected(guest) {
+        if !self.protected(guest, self.store.head(guest)) {
             return;
         }
         // With a witness, only by winning the lease for the next
