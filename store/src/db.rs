@@ -12,8 +12,12 @@
 //!   with the same P is the newest version at or before N.
 //! - `meta`:    b"head" | guest u64 → epoch u64 | manifest id [32] |
 //!   instance u64 | page_count u64;
-//!   b"delta" | guest u64 | epoch u64 → the epoch's page list, ascending
-//!   pfn: (pfn u64 | hash [32])*, so one epoch reads back in one get;
+//!   b"pfns" | guest u64 | epoch u64 → the pages the epoch wrote,
+//!   ascending, each a LEB128 varint of its gap from the one before (see
+//!   [`encode_pfns`]); their hashes are the page index's entries at that
+//!   epoch, read in one batched lookup. About 2 bytes a page where a list
+//!   that repeated each hash took 40 (stores written before keep
+//!   b"delta" | guest u64 | epoch u64 → (pfn u64 | hash [32])*, still read);
 //!   b"s3cur" | guest u64 → last epoch uploaded to the S3 tier;
 //!   b"s3chk" | chunk id → id of the pack holding it in S3;
 //!   b"bridge" | guest u64 | first u64 → a thinned run (see `retention`).
@@ -803,6 +807,9 @@ impl Store {
         // Canonical order: the manifest's page delta is over pfn order,
         // the order the page index yields them back in.
         c.pages.sort_unstable_by_key(|(pfn, _)| *pfn);
+        if let Some(w) = c.pages.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(StoreError::malformed(format!("{} epoch {}", c.guest, c.epoch), format!("names page {} twice", w[0].0 .0)));
+        }
         let mut new_chunks = 0;
         let mut dup_chunks = 0;
         let mut new_bytes = 0u64;
@@ -905,13 +912,10 @@ impl Store {
             return Err(StoreError::Unstored { guest: c.guest, epoch: c.epoch, ids: unstored });
         }
         let pages_cf = self.cf(CF_PAGES);
-        let mut delta = Vec::with_capacity(c.pages.len() * 40);
         for (pfn, id) in &c.pages {
             batch.put_cf(pages_cf, page_key(c.guest, *pfn, c.epoch), id.0);
-            delta.extend_from_slice(&pfn.0.to_be_bytes());
-            delta.extend_from_slice(&id.0);
         }
-        batch.put_cf(self.cf(CF_META), delta_key(c.guest, c.epoch), delta);
+        batch.put_cf(self.cf(CF_META), pfns_key(c.guest, c.epoch), encode_pfns(c.pages.iter().map(|(pfn, _)| *pfn)));
         let manifest = Manifest {
             guest: c.guest,
             epoch: c.epoch,
@@ -1158,11 +1162,11 @@ impl Store {
     /// # Errors
     /// [`StoreError::Db`], [`StoreError::Corrupt`].
     pub fn epoch_pages(&self, guest: GuestId, epoch: EpochId) -> Result<Vec<(Pfn, ChunkId)>, StoreError> {
+        if let Some(v) = self.db.get_pinned_cf(self.cf(CF_META), pfns_key(guest, epoch))? {
+            return self.listed_pages(guest, epoch, &v);
+        }
         if let Some(v) = self.db.get_cf(self.cf(CF_META), delta_key(guest, epoch))? {
-            if v.len() % 40 != 0 {
-                return Err(StoreError::malformed(format!("{guest} epoch {epoch} page list"), "length is not a whole number of entries"));
-            }
-            return Ok(v.chunks_exact(40).map(|e| (Pfn(u64_at(e, 0)), ChunkId(e[8..40].try_into().expect("32 bytes")))).collect());
+            return decode_delta_list(guest, epoch, &v);
         }
         // Epochs committed before page lists were kept: scan the index.
         let mut out = Vec::new();
@@ -1176,6 +1180,22 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// The pages of a `pfns` list of `guest`'s `epoch` with their hashes:
+    /// the page index's entries at that epoch, in one batched lookup.
+    pub(crate) fn listed_pages(&self, guest: GuestId, epoch: EpochId, list: &[u8]) -> Result<crate::PageList, StoreError> {
+        let record = || format!("{guest} epoch {epoch} page list");
+        let pfns = decode_pfns(list).ok_or_else(|| StoreError::malformed(record(), "not a list of ascending page numbers"))?;
+        let keys: Vec<[u8; 24]> = pfns.iter().map(|pfn| page_key(guest, *pfn, epoch)).collect();
+        let found = self.db.batched_multi_get_cf(self.cf(CF_PAGES), keys.iter().map(<[u8; 24]>::as_slice), true);
+        pfns.into_iter()
+            .zip(found)
+            .map(|(pfn, v)| match v? {
+                Some(v) => Ok((pfn, hash_value(&v)?)),
+                None => Err(StoreError::malformed(record(), format!("names page {} the page index does not hold", pfn.0))),
+            })
+            .collect()
     }
 
     /// A chunk's stored value (codec byte and bytes), unverified: what
@@ -1254,6 +1274,29 @@ impl Store {
         Ok(())
     }
 
+    /// Rewrites an epoch's page list in the form stores kept before pfns
+    /// lists (every hash repeated in it): for tests of such stores only.
+    #[doc(hidden)]
+    pub fn old_form_page_list_for_test(&self, guest: GuestId, epoch: EpochId) -> Result<(), StoreError> {
+        let mut v = Vec::new();
+        for (pfn, id) in self.epoch_pages(guest, epoch)? {
+            v.extend_from_slice(&pfn.0.to_be_bytes());
+            v.extend_from_slice(&id.0);
+        }
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(CF_META), pfns_key(guest, epoch));
+        batch.put_cf(self.cf(CF_META), delta_key(guest, epoch), v);
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// Overwrites an epoch's stored pfns list: for tamper tests only.
+    #[doc(hidden)]
+    pub fn corrupt_page_list_for_test(&self, guest: GuestId, epoch: EpochId, bytes: &[u8]) -> Result<(), StoreError> {
+        self.db.put_cf(self.cf(CF_META), pfns_key(guest, epoch), bytes)?;
+        Ok(())
+    }
+
     /// Overwrites a stored manifest's raw bytes: for tamper tests only.
     #[doc(hidden)]
     pub fn corrupt_manifest_for_test(&self, guest: GuestId, epoch: EpochId, bytes: &[u8]) -> Result<(), StoreError> {
@@ -1279,6 +1322,63 @@ pub(crate) fn delta_key(guest: GuestId, epoch: EpochId) -> Vec<u8> {
     let mut k = guest_key(b"delta", guest);
     k.extend_from_slice(&epoch.0.to_be_bytes());
     k
+}
+
+pub(crate) fn pfns_key(guest: GuestId, epoch: EpochId) -> Vec<u8> {
+    let mut k = guest_key(b"pfns", guest);
+    k.extend_from_slice(&epoch.0.to_be_bytes());
+    k
+}
+
+/// An epoch's pages, strictly ascending, as stored under `pfns`: the
+/// first pfn, then each one's gap after the one before less one, each a
+/// LEB128 varint (most gaps fit one or two bytes).
+pub(crate) fn encode_pfns(pfns: impl Iterator<Item = Pfn>) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut next = 0u64;
+    for pfn in pfns {
+        let mut gap = pfn.0 - next;
+        while gap >= 0x80 {
+            out.push(gap as u8 | 0x80);
+            gap >>= 7;
+        }
+        out.push(gap as u8);
+        // Past u64::MAX nothing follows in an ascending list.
+        next = pfn.0.wrapping_add(1);
+    }
+    out
+}
+
+/// The pfns [`encode_pfns`] wrote; `None` when `b` is not such a list (a
+/// varint cut short or too long, or a pfn past `u64::MAX`).
+pub(crate) fn decode_pfns(b: &[u8]) -> Option<Vec<Pfn>> {
+    let mut out = Vec::with_capacity(b.len());
+    // `None` once u64::MAX is listed: nothing may follow it.
+    let (mut next, mut gap, mut shift) = (Some(0u64), 0u64, 0u32);
+    for &byte in b {
+        let bits = u64::from(byte & 0x7f);
+        if shift > 63 || (shift == 63 && bits > 1) {
+            return None;
+        }
+        gap |= bits << shift;
+        if byte & 0x80 != 0 {
+            shift += 7;
+            continue;
+        }
+        let pfn = next?.checked_add(gap)?;
+        out.push(Pfn(pfn));
+        next = pfn.checked_add(1);
+        (gap, shift) = (0, 0);
+    }
+    (shift == 0).then_some(out)
+}
+
+/// A page list in the earlier form: (pfn u64 | hash [32])*.
+pub(crate) fn decode_delta_list(guest: GuestId, epoch: EpochId, v: &[u8]) -> Result<crate::PageList, StoreError> {
+    if v.len() % 40 != 0 {
+        return Err(StoreError::malformed(format!("{guest} epoch {epoch} page list"), "length is not a whole number of entries"));
+    }
+    Ok(v.chunks_exact(40).map(|e| (Pfn(u64_at(e, 0)), ChunkId(e[8..40].try_into().expect("32 bytes")))).collect())
 }
 
 /// Decodes a chunk value (codec byte and bytes) and checks it against `id`.

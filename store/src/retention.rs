@@ -35,7 +35,8 @@ use rocksdb::{IteratorMode, WriteBatch};
 
 use crate::chain::Bridge;
 use crate::db::{
-    delta_key, epoch_key, guest_key, held_key, page_key, u64_at, Head, Store, CF_BASES, CF_CHUNKS, CF_EPOCHS, CF_HELD, CF_META, CF_PAGES,
+    decode_delta_list, delta_key, encode_pfns, epoch_key, guest_key, held_key, page_key, pfns_key, u64_at, Head, Store, CF_BASES,
+    CF_CHUNKS, CF_EPOCHS, CF_HELD, CF_META, CF_PAGES,
 };
 use crate::error::StoreError;
 use crate::manifest::Manifest;
@@ -287,11 +288,10 @@ impl Store {
         // tells this guest's primary.
         let mut unreferenced: Vec<ChunkId> = dropped.iter().map(|m| m.device_state).collect();
         for (e, pages) in self.page_lists(guest, first, last)?.into_iter().rev() {
-            let mut keep = Vec::with_capacity(pages.len() * 40);
+            let mut keep = Vec::with_capacity(pages.len());
             for (pfn, id) in &pages {
                 if seen.insert(*pfn) {
-                    keep.extend_from_slice(&pfn.0.to_be_bytes());
-                    keep.extend_from_slice(&id.0);
+                    keep.push(*pfn);
                 } else {
                     batch.delete_cf(self.cf(CF_PAGES), page_key(guest, *pfn, e));
                     report.pages_dropped += 1;
@@ -299,7 +299,8 @@ impl Store {
                 }
             }
             // Kept even when empty: "nothing of this epoch survives".
-            batch.put_cf(self.cf(CF_META), delta_key(guest, e), keep);
+            batch.delete_cf(self.cf(CF_META), delta_key(guest, e));
+            batch.put_cf(self.cf(CF_META), pfns_key(guest, e), encode_pfns(keep.into_iter()));
         }
         for m in dropped {
             batch.delete_cf(self.cf(CF_EPOCHS), epoch_key(guest, m.epoch));
@@ -429,6 +430,9 @@ impl Store {
     }
 }
 
+/// Where a form of page list is kept: its key for a guest's epoch.
+type ListKey = fn(GuestId, EpochId) -> Vec<u8>;
+
 fn add(a: ThinReport, b: ThinReport) -> ThinReport {
     ThinReport { epochs_dropped: a.epochs_dropped + b.epochs_dropped, pages_dropped: a.pages_dropped + b.pages_dropped }
 }
@@ -440,20 +444,23 @@ impl Store {
     /// # Errors
     /// [`StoreError::Db`], [`StoreError::Corrupt`].
     pub fn page_lists(&self, guest: GuestId, first: EpochId, last: EpochId) -> Result<Vec<(EpochId, crate::PageList)>, StoreError> {
-        let start = delta_key(guest, first);
-        let end = delta_key(guest, last);
-        let mut out = Vec::new();
-        for kv in self.db.iterator_cf(self.cf(CF_META), IteratorMode::From(&start, rocksdb::Direction::Forward)) {
-            let (k, v) = kv?;
-            if k.len() != end.len() || k[..end.len() - 8] != end[..end.len() - 8] || k[..] > end[..] {
-                break;
+        // Both forms (a store written before pfns lists holds delta lists;
+        // thinning rewrites an epoch's list in the new form).
+        let mut out = std::collections::BTreeMap::new();
+        let forms: [(ListKey, bool); 2] = [(delta_key, true), (pfns_key, false)];
+        for (key, hashes_inline) in forms {
+            let start = key(guest, first);
+            let end = key(guest, last);
+            for kv in self.db.iterator_cf(self.cf(CF_META), IteratorMode::From(&start, rocksdb::Direction::Forward)) {
+                let (k, v) = kv?;
+                if k.len() != end.len() || k[..end.len() - 8] != end[..end.len() - 8] || k[..] > end[..] {
+                    break;
+                }
+                let e = EpochId(u64_at(&k, end.len() - 8));
+                let pages = if hashes_inline { decode_delta_list(guest, e, &v)? } else { self.listed_pages(guest, e, &v)? };
+                out.insert(e, pages);
             }
-            if v.len() % 40 != 0 {
-                return Err(StoreError::malformed(format!("{guest} page list"), "length is not a whole number of entries"));
-            }
-            let e = EpochId(u64_at(&k, end.len() - 8));
-            out.push((e, v.chunks_exact(40).map(|x| (Pfn(u64_at(x, 0)), ChunkId(x[8..40].try_into().expect("32 bytes")))).collect()));
         }
-        Ok(out)
+        Ok(out.into_iter().collect())
     }
 }

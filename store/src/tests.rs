@@ -848,3 +848,38 @@ fn the_same_new_page_from_two_guests_at_once_keeps_every_delta_over_it_readable(
         }
     }
 }
+
+#[test]
+fn page_lists_keep_pfns_only_and_read_back_the_index_hashes() {
+    use crate::db::{decode_pfns, encode_pfns};
+    let lists: [&[u64]; 5] = [&[], &[0], &[0, 1, 2, 127, 128, 16_511, 16_512], &[5, 1 << 40, u64::MAX - 1], &[u64::MAX]];
+    for list in lists {
+        let bytes = encode_pfns(list.iter().map(|p| Pfn(*p)));
+        assert_eq!(decode_pfns(&bytes), Some(list.iter().map(|p| Pfn(*p)).collect()), "{list:?}");
+    }
+    assert_eq!(encode_pfns([0, 1, 2, 3].into_iter().map(Pfn)).len(), 4, "neighbours take a byte each");
+    // Not such a list: a varint cut short, one too long, a pfn past u64::MAX.
+    let past_max = [&encode_pfns([Pfn(u64::MAX)].into_iter())[..], &[0x00]].concat();
+    for bad in [&[0x80u8][..], &[0xff; 11][..], &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02][..], &past_max[..]] {
+        assert_eq!(decode_pfns(bad), None, "{bad:?}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(1);
+    store.commit(commit_of(g, 1, &[(9, 1), (2, 2), (40, 3)])).unwrap();
+    store.commit(commit_of(g, 2, &[(2, 4)])).unwrap();
+    let want = |pages: &[(u64, u8)]| pages.iter().map(|&(p, s)| (Pfn(p), content_id(&page(s)))).collect::<Vec<_>>();
+    assert_eq!(store.epoch_pages(g, EpochId(1)).unwrap(), want(&[(2, 2), (9, 1), (40, 3)]));
+    assert_eq!(store.epoch_pages(g, EpochId(2)).unwrap(), want(&[(2, 4)]));
+    // An epoch that names a page twice is refused, and nothing of it written.
+    let err = store.commit(commit_of(g, 3, &[(7, 1), (7, 2)])).unwrap_err();
+    assert!(err.to_string().contains("names page 7 twice"), "{err}");
+    assert_eq!(store.head(g).unwrap().unwrap().epoch, EpochId(2));
+    // A list naming a page the index does not hold at its epoch is named.
+    store.corrupt_page_list_for_test(g, EpochId(2), &crate::db::encode_pfns([Pfn(2), Pfn(3)].into_iter())).unwrap();
+    let err = store.epoch_pages(g, EpochId(2)).unwrap_err();
+    assert!(err.to_string().contains("names page 3 the page index does not hold"), "{err}");
+    store.corrupt_page_list_for_test(g, EpochId(2), &[0x80]).unwrap();
+    assert!(store.epoch_pages(g, EpochId(2)).unwrap_err().to_string().contains("not a list of ascending page numbers"));
+}

@@ -168,6 +168,41 @@ fn thinning_keeps_every_kept_epoch_byte_exact_and_the_chain_verifiable() {
 }
 
 #[test]
+fn a_store_with_page_lists_in_the_earlier_form_reads_thins_and_verifies_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(1);
+    let mut state = BTreeMap::new();
+    let mut states = Vec::new();
+    for e in 1..=120 {
+        state.extend(commit(&store, g, e));
+        states.push(state.clone());
+    }
+    let lists = store.page_lists(g, EpochId(1), EpochId(120)).unwrap();
+    assert_eq!(lists.len(), 120);
+    // Every other epoch of the first half as a store written before kept it.
+    for e in (1..=60).step_by(2) {
+        store.old_form_page_list_for_test(g, EpochId(e)).unwrap();
+    }
+    assert_eq!(store.page_lists(g, EpochId(1), EpochId(120)).unwrap(), lists);
+    for (e, pages) in &lists {
+        assert_eq!(&store.epoch_pages(g, *e).unwrap(), pages, "epoch {e}");
+    }
+    assert_eq!(store.verify(|_| {}).unwrap().damage, vec![]);
+    let ms = Duration::from_millis;
+    let policy = RetentionPolicy { rules: vec![KeepRule { within: ms(20), every: ms(0) }, KeepRule { within: ms(200), every: ms(7) }] };
+    let r = store.thin(g, &policy, EpochId(120)).unwrap();
+    assert!(r.epochs_dropped > 40 && r.pages_dropped > 0, "{r:?}");
+    assert_eq!(check_restores(&store, g, &states), 120 - r.epochs_dropped as usize);
+    assert_eq!(store.verify(|_| {}).unwrap().damage, vec![]);
+    // What thinning kept of each list is what the index kept.
+    for (e, pages) in store.page_lists(g, EpochId(1), EpochId(120)).unwrap() {
+        let full = &lists[e.0 as usize - 1].1;
+        assert!(pages.iter().all(|p| full.contains(p)), "epoch {e}");
+    }
+}
+
+#[test]
 fn gc_during_ingest_never_loses_what_a_kept_epoch_needs() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path(), StoreOptions::default()).unwrap());
