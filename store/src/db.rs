@@ -280,6 +280,9 @@ pub struct Store {
     /// delta depth for a delta over it: a chain deeper than
     /// [`MAX_DELTA_DEPTH`], unreadable.
     commit_lock: Mutex<()>,
+    /// Whether page lists in the earlier form (`delta`, every hash in it)
+    /// may be kept: found at open; new lists are never written so.
+    pub(crate) old_page_lists: std::sync::atomic::AtomicBool,
 }
 
 /// Content and delta depth of recently committed chunks, by id.
@@ -407,7 +410,11 @@ impl Store {
             packs: Packs::new(path, opts.read_only, opts.sync),
             recent: Mutex::new(BoundedMap::new(opts.recent_pages)),
             commit_lock: Mutex::new(()),
+            old_page_lists: std::sync::atomic::AtomicBool::new(false),
         };
+        let old_lists =
+            store.db.prefix_iterator_cf(store.cf(CF_META), b"delta").next().transpose()?.is_some_and(|(k, _)| k.starts_with(b"delta"));
+        store.old_page_lists.store(old_lists, std::sync::atomic::Ordering::Relaxed);
         if !opts.read_only {
             store.count_usage()?;
         }
@@ -1190,20 +1197,54 @@ impl Store {
         Ok(out)
     }
 
+    /// The pages written in `epoch`, ascending, without their hashes
+    /// (what thinning needs of the epoch that ends a gap).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`], [`StoreError::Corrupt`].
+    pub(crate) fn epoch_pfns(&self, guest: GuestId, epoch: EpochId) -> Result<Vec<Pfn>, StoreError> {
+        if let Some(v) = self.db.get_pinned_cf(self.cf(CF_META), pfns_key(guest, epoch))? {
+            return decode_pfns(&v)
+                .ok_or_else(|| StoreError::malformed(format!("{guest} epoch {epoch} page list"), "not a list of ascending page numbers"));
+        }
+        Ok(self.epoch_pages(guest, epoch)?.into_iter().map(|(pfn, _)| pfn).collect())
+    }
+
     /// The pages of a `pfns` list of `guest`'s `epoch` with their hashes:
     /// the page index's entries at that epoch, in one batched lookup.
     pub(crate) fn listed_pages(&self, guest: GuestId, epoch: EpochId, list: &[u8]) -> Result<crate::PageList, StoreError> {
-        let record = || format!("{guest} epoch {epoch} page list");
-        let pfns = decode_pfns(list).ok_or_else(|| StoreError::malformed(record(), "not a list of ascending page numbers"))?;
-        let keys: Vec<[u8; 24]> = pfns.iter().map(|pfn| page_key(guest, *pfn, epoch)).collect();
-        let found = self.db.batched_multi_get_cf(self.cf(CF_PAGES), keys.iter().map(<[u8; 24]>::as_slice), true);
-        pfns.into_iter()
-            .zip(found)
-            .map(|(pfn, v)| match v? {
-                Some(v) => Ok((pfn, hash_value(&v)?)),
-                None => Err(StoreError::malformed(record(), format!("names page {} the page index does not hold", pfn.0))),
-            })
-            .collect()
+        let pfns = decode_pfns(list)
+            .ok_or_else(|| StoreError::malformed(format!("{guest} epoch {epoch} page list"), "not a list of ascending page numbers"))?;
+        let entries: Vec<(Pfn, EpochId)> = pfns.iter().map(|pfn| (*pfn, epoch)).collect();
+        Ok(pfns.into_iter().zip(self.index_hashes(guest, &entries)?).collect())
+    }
+
+    /// The page index's hash of each (page, epoch) of `guest` that a page
+    /// list names, in the order asked: one batched lookup in key order.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] naming the first entry the index lacks;
+    /// [`StoreError::Db`].
+    pub(crate) fn index_hashes(&self, guest: GuestId, entries: &[(Pfn, EpochId)]) -> Result<Vec<ChunkId>, StoreError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<[u8; 24]> = entries.iter().map(|(pfn, epoch)| page_key(guest, *pfn, *epoch)).collect();
+        let mut order: Vec<usize> = (0..keys.len()).collect();
+        order.sort_unstable_by(|&a, &b| keys[a].cmp(&keys[b]));
+        let found = self.db.batched_multi_get_cf(self.cf(CF_PAGES), order.iter().map(|&i| keys[i].as_slice()), true);
+        let mut out = vec![ChunkId::default(); keys.len()];
+        for (&i, v) in order.iter().zip(found) {
+            let Some(v) = v? else {
+                let (pfn, epoch) = entries[i];
+                return Err(StoreError::malformed(
+                    format!("{guest} epoch {epoch} page list"),
+                    format!("names page {} the page index does not hold", pfn.0),
+                ));
+            };
+            out[i] = hash_value(&v)?;
+        }
+        Ok(out)
     }
 
     /// A chunk's stored value (codec byte and bytes), unverified: what
@@ -1295,6 +1336,7 @@ impl Store {
         batch.delete_cf(self.cf(CF_META), pfns_key(guest, epoch));
         batch.put_cf(self.cf(CF_META), delta_key(guest, epoch), v);
         self.db.write(batch)?;
+        self.old_page_lists.store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 

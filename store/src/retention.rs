@@ -35,8 +35,8 @@ use rocksdb::{IteratorMode, WriteBatch};
 
 use crate::chain::Bridge;
 use crate::db::{
-    decode_delta_list, delta_key, encode_pfns, epoch_key, guest_key, held_key, page_key, pfns_key, u64_at, Head, Store, CF_BASES,
-    CF_CHUNKS, CF_EPOCHS, CF_HELD, CF_META, CF_PAGES,
+    decode_delta_list, decode_pfns, delta_key, encode_pfns, epoch_key, guest_key, held_key, page_key, pfns_key, u64_at, Head, Store,
+    CF_BASES, CF_CHUNKS, CF_EPOCHS, CF_HELD, CF_META, CF_PAGES,
 };
 use crate::error::StoreError;
 use crate::manifest::Manifest;
@@ -282,26 +282,31 @@ impl Store {
         put_bridge(self, &mut batch, guest, &rec);
         // Page versions in the gap, newest first: a version survives only
         // if no later epoch up to `next` rewrote its page.
-        let mut seen: HashSet<Pfn> = self.epoch_pages(guest, next.epoch)?.into_iter().map(|(p, _)| p).collect();
+        let mut seen: HashSet<Pfn> = self.epoch_pfns(guest, next.epoch)?.into_iter().collect();
         let mut report = ThinReport { epochs_dropped: dropped.len() as u64, pages_dropped: 0 };
         // What this guest no longer names: a GC that deletes any of it
         // tells this guest's primary.
         let mut unreferenced: Vec<ChunkId> = dropped.iter().map(|m| m.device_state).collect();
-        for (e, pages) in self.page_lists(guest, first, last)?.into_iter().rev() {
-            let mut keep = Vec::with_capacity(pages.len());
-            for (pfn, id) in &pages {
-                if seen.insert(*pfn) {
-                    keep.push(*pfn);
+        // Only the dropped versions' hashes are needed: read after, at once.
+        let mut gone = Vec::new();
+        for (e, pfns, old_form) in self.pfn_lists(guest, first, last)?.into_iter().rev() {
+            let mut keep = Vec::with_capacity(pfns.len());
+            for pfn in pfns {
+                if seen.insert(pfn) {
+                    keep.push(pfn);
                 } else {
-                    batch.delete_cf(self.cf(CF_PAGES), page_key(guest, *pfn, e));
-                    report.pages_dropped += 1;
-                    unreferenced.push(*id);
+                    batch.delete_cf(self.cf(CF_PAGES), page_key(guest, pfn, e));
+                    gone.push((pfn, e));
                 }
             }
             // Kept even when empty: "nothing of this epoch survives".
-            batch.delete_cf(self.cf(CF_META), delta_key(guest, e));
+            if old_form {
+                batch.delete_cf(self.cf(CF_META), delta_key(guest, e));
+            }
             batch.put_cf(self.cf(CF_META), pfns_key(guest, e), encode_pfns(keep.into_iter()));
         }
+        report.pages_dropped = gone.len() as u64;
+        unreferenced.extend(self.index_hashes(guest, &gone)?);
         for m in dropped {
             batch.delete_cf(self.cf(CF_EPOCHS), epoch_key(guest, m.epoch));
             self.charge(&mut batch, guest, -(m.charge() as i64));
@@ -444,11 +449,22 @@ impl Store {
     /// # Errors
     /// [`StoreError::Db`], [`StoreError::Corrupt`].
     pub fn page_lists(&self, guest: GuestId, first: EpochId, last: EpochId) -> Result<Vec<(EpochId, crate::PageList)>, StoreError> {
+        let lists = self.pfn_lists(guest, first, last)?;
+        let entries: Vec<(Pfn, EpochId)> = lists.iter().flat_map(|(e, pfns, _)| pfns.iter().map(move |pfn| (*pfn, *e))).collect();
+        let mut ids = self.index_hashes(guest, &entries)?.into_iter();
+        Ok(lists.into_iter().map(|(e, pfns, _)| (e, pfns.into_iter().zip(ids.by_ref()).collect())).collect())
+    }
+
+    /// The pages listed for each of `guest`'s epochs in `first..=last`
+    /// that has a list, ascending epoch, without their hashes; and
+    /// whether the list is in the earlier form.
+    pub(crate) fn pfn_lists(&self, guest: GuestId, first: EpochId, last: EpochId) -> Result<Vec<(EpochId, Vec<Pfn>, bool)>, StoreError> {
         // Both forms (a store written before pfns lists holds delta lists;
         // thinning rewrites an epoch's list in the new form).
         let mut out = std::collections::BTreeMap::new();
+        let old = self.old_page_lists.load(std::sync::atomic::Ordering::Relaxed);
         let forms: [(ListKey, bool); 2] = [(delta_key, true), (pfns_key, false)];
-        for (key, hashes_inline) in forms {
+        for (key, hashes_inline) in forms.into_iter().filter(|(_, inline)| old || !inline) {
             let start = key(guest, first);
             let end = key(guest, last);
             for kv in self.db.iterator_cf(self.cf(CF_META), IteratorMode::From(&start, rocksdb::Direction::Forward)) {
@@ -457,10 +473,16 @@ impl Store {
                     break;
                 }
                 let e = EpochId(u64_at(&k, end.len() - 8));
-                let pages = if hashes_inline { decode_delta_list(guest, e, &v)? } else { self.listed_pages(guest, e, &v)? };
-                out.insert(e, pages);
+                let pfns = if hashes_inline {
+                    decode_delta_list(guest, e, &v)?.into_iter().map(|(pfn, _)| pfn).collect()
+                } else {
+                    decode_pfns(&v).ok_or_else(|| {
+                        StoreError::malformed(format!("{guest} epoch {e} page list"), "not a list of ascending page numbers")
+                    })?
+                };
+                out.insert(e, (pfns, hashes_inline));
             }
         }
-        Ok(out.into_iter().collect())
+        Ok(out.into_iter().map(|(e, (pfns, old_form))| (e, pfns, old_form)).collect())
     }
 }

@@ -185,6 +185,10 @@ fn a_store_with_page_lists_in_the_earlier_form_reads_thins_and_verifies_alike() 
         store.old_form_page_list_for_test(g, EpochId(e)).unwrap();
     }
     assert_eq!(store.page_lists(g, EpochId(1), EpochId(120)).unwrap(), lists);
+    // Found again when the store is opened.
+    drop(store);
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    assert_eq!(store.page_lists(g, EpochId(1), EpochId(120)).unwrap(), lists);
     for (e, pages) in &lists {
         assert_eq!(&store.epoch_pages(g, *e).unwrap(), pages, "epoch {e}");
     }
