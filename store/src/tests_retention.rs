@@ -86,6 +86,23 @@ fn check_restores(store: &Store, guest: GuestId, states: &[BTreeMap<u64, u64>]) 
     kept
 }
 
+/// Commits epochs 1..=n of `guest` (see `commit`); the page state after each.
+fn commit_epochs(store: &Store, guest: GuestId, n: u64) -> Vec<BTreeMap<u64, u64>> {
+    let mut state = BTreeMap::new();
+    (1..=n)
+        .map(|e| {
+            state.extend(commit(store, guest, e));
+            state.clone()
+        })
+        .collect()
+}
+
+/// Every epoch of the last 20 ms, then one per 7 ms up to 200 ms.
+fn every_7_ms_after_20() -> RetentionPolicy {
+    let ms = Duration::from_millis;
+    RetentionPolicy { rules: vec![KeepRule { within: ms(20), every: ms(0) }, KeepRule { within: ms(200), every: ms(7) }] }
+}
+
 #[test]
 fn epochs_stamped_far_ahead_or_far_back_by_their_primary_thin_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -130,14 +147,9 @@ fn thinning_keeps_every_kept_epoch_byte_exact_and_the_chain_verifiable() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
     let g = GuestId(1);
-    let mut state = BTreeMap::new();
-    let mut states = Vec::new();
-    for e in 1..=120 {
-        state.extend(commit(&store, g, e));
-        states.push(state.clone());
-    }
+    let states = commit_epochs(&store, g, 120);
     let ms = Duration::from_millis;
-    let policy = RetentionPolicy { rules: vec![KeepRule { within: ms(20), every: ms(0) }, KeepRule { within: ms(200), every: ms(7) }] };
+    let policy = every_7_ms_after_20();
     // Two rounds, the second coarser: runs merge with existing bridges.
     let r = store.thin(g, &policy, EpochId(60)).unwrap();
     assert!(r.epochs_dropped > 40 && r.pages_dropped > 0, "{r:?}");
@@ -172,12 +184,7 @@ fn a_store_with_page_lists_in_the_earlier_form_reads_thins_and_verifies_alike() 
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
     let g = GuestId(1);
-    let mut state = BTreeMap::new();
-    let mut states = Vec::new();
-    for e in 1..=120 {
-        state.extend(commit(&store, g, e));
-        states.push(state.clone());
-    }
+    let states = commit_epochs(&store, g, 120);
     let lists = store.page_lists(g, EpochId(1), EpochId(120)).unwrap();
     assert_eq!(lists.len(), 120);
     // Every other epoch of the first half as a store written before kept it.
@@ -193,9 +200,7 @@ fn a_store_with_page_lists_in_the_earlier_form_reads_thins_and_verifies_alike() 
         assert_eq!(&store.epoch_pages(g, *e).unwrap(), pages, "epoch {e}");
     }
     assert_eq!(store.verify(|_| {}).unwrap().damage, vec![]);
-    let ms = Duration::from_millis;
-    let policy = RetentionPolicy { rules: vec![KeepRule { within: ms(20), every: ms(0) }, KeepRule { within: ms(200), every: ms(7) }] };
-    let r = store.thin(g, &policy, EpochId(120)).unwrap();
+    let r = store.thin(g, &every_7_ms_after_20(), EpochId(120)).unwrap();
     assert!(r.epochs_dropped > 40 && r.pages_dropped > 0, "{r:?}");
     assert_eq!(check_restores(&store, g, &states), 120 - r.epochs_dropped as usize);
     assert_eq!(store.verify(|_| {}).unwrap().damage, vec![]);
