@@ -1,0 +1,57 @@
+#!/bin/bash
+# The S3 tier's bytes against the wire bytes: a backup with an `[s3]`
+# table (uploading every 2 s) against a local moto_server (scripts/
+# s3-server.sh), pinned to CPU 0, and `remus protect --pages-per-sec
+# PAGES --seconds SECS` (default 20000, 10) pinned to CPU 1; once the
+# last epoch is uploaded, the bucket's objects are summed by kind (packs,
+# segments, indexes, ...) against the wire bytes and the local packs.
+#
+# usage: scripts/s3-ratio.sh   (REMUS_BIN: the remus binary; PAGES, SECS in the environment)
+set -u
+R=${REMUS_BIN:-${CARGO_TARGET_DIR:-target}/release/remus}
+source "$(dirname "$0")/s3-server.sh"
+set +e
+PY=${REMUS_VENV:-$HOME/.cache/remus-venv}/bin/python
+BUCKET=ratio
+$PY - "$REMUS_TEST_S3_ENDPOINT" "$BUCKET" <<'PY'
+import sys, boto3
+boto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id='test', aws_secret_access_key='test',
+             region_name='us-east-1').create_bucket(Bucket=sys.argv[2])
+PY
+D=$(mktemp -d)
+cat > "$D/c.toml" <<T
+[s3]
+bucket = "$BUCKET"
+prefix = "ratio"
+endpoint = "$REMUS_TEST_S3_ENDPOINT"
+region = "us-east-1"
+force-path-style = true
+upload-interval-ms = 2000
+access-key-id = "test"
+secret-access-key = "test"
+T
+"$R" --data-dir "$D" keygen >/dev/null 2>&1
+taskset -c 0 "$R" --config "$D/c.toml" --data-dir "$D" backup --listen 127.0.0.1:0 > "$D/b.out" 2>"$D/b.err" &
+BP=$!
+for _ in $(seq 50); do grep -q "listening on" "$D/b.out" 2>/dev/null && break; sleep 0.1; done
+ADDR=$(head -1 "$D/b.out" | awk '{print $3}')
+taskset -c 1 "$R" --data-dir "$D" protect --backup "$ADDR" --seconds "${SECS:-10}" --pages-per-sec "${PAGES:-20000}" --json --drain-seconds 30 > "$D/p.json" 2>"$D/p.err"
+LAST=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['epochs_committed'])" "$D/p.json")
+echo "waiting for epoch $LAST to be uploaded" >&2
+for _ in $(seq 600); do grep -q "uploaded guest-.* epoch $LAST\$" "$D/b.out" && break; sleep 1; done
+kill $BP; wait $BP 2>/dev/null
+$PY - "$D/p.json" "$REMUS_TEST_S3_ENDPOINT" "$BUCKET" "$(du -sb "$D/store/packs" | cut -f1)" <<'PY'
+import collections, json, sys, boto3
+s = json.load(open(sys.argv[1]))
+c = boto3.client('s3', endpoint_url=sys.argv[2], aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1')
+by = collections.Counter()
+for page in c.get_paginator('list_objects_v2').paginate(Bucket=sys.argv[3]):
+    for o in page.get('Contents', []):
+        parts = o['Key'].split('/')
+        by[parts[1] if len(parts) > 2 else parts[-1]] += o['Size']
+w = s['wire_bytes']
+t = sum(by.values())
+print(f"wire {w/1e6:.0f} MB, local packs {int(sys.argv[4])/w:.2f}x, S3 tier {t/1e6:.0f} MB = {t/w:.2f}x ("
+      + ", ".join(f"{k} {v/w:.3f}x" for k, v in by.most_common()) + ")")
+PY
+rm -rf "$D"
