@@ -1177,11 +1177,8 @@ impl Store {
     /// # Errors
     /// [`StoreError::Db`], [`StoreError::Corrupt`].
     pub fn epoch_pages(&self, guest: GuestId, epoch: EpochId) -> Result<Vec<(Pfn, ChunkId)>, StoreError> {
-        if let Some(v) = self.db.get_pinned_cf(self.cf(CF_META), pfns_key(guest, epoch))? {
-            return self.listed_pages(guest, epoch, &v);
-        }
-        if let Some(v) = self.db.get_cf(self.cf(CF_META), delta_key(guest, epoch))? {
-            return decode_delta_list(guest, epoch, &v);
+        if let Some(list) = self.page_list(guest, epoch)? {
+            return Ok(list);
         }
         // Epochs committed before page lists were kept: scan the index.
         let mut out = Vec::new();
@@ -1195,6 +1192,20 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// `epoch`'s page list, when it has one (in either form).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`], [`StoreError::Corrupt`].
+    pub(crate) fn page_list(&self, guest: GuestId, epoch: EpochId) -> Result<Option<crate::PageList>, StoreError> {
+        if let Some(v) = self.db.get_pinned_cf(self.cf(CF_META), pfns_key(guest, epoch))? {
+            return self.listed_pages(guest, epoch, &v).map(Some);
+        }
+        if let Some(v) = self.db.get_pinned_cf(self.cf(CF_META), delta_key(guest, epoch))? {
+            return decode_delta_list(guest, epoch, &v).map(Some);
+        }
+        Ok(None)
     }
 
     /// The pages written in `epoch`, ascending, without their hashes

@@ -880,6 +880,13 @@ fn page_lists_keep_pfns_only_and_read_back_the_index_hashes() {
     store.corrupt_page_list_for_test(g, EpochId(2), &crate::db::encode_pfns([Pfn(2), Pfn(3)].into_iter())).unwrap();
     let err = store.epoch_pages(g, EpochId(2)).unwrap_err();
     assert!(err.to_string().contains("names page 3 the page index does not hold"), "{err}");
+    let mismatch = vec![Damage::PageIndexMismatch { guest: 1, epoch: 2 }];
+    assert_eq!(store.verify(|_| {}).unwrap().damage, mismatch, "verify names it");
     store.corrupt_page_list_for_test(g, EpochId(2), &[0x80]).unwrap();
     assert!(store.epoch_pages(g, EpochId(2)).unwrap_err().to_string().contains("not a list of ascending page numbers"));
+    assert_eq!(store.verify(|_| {}).unwrap().damage, mismatch);
+    // A list that misses a page the index holds.
+    store.corrupt_page_list_for_test(g, EpochId(1), &crate::db::encode_pfns([Pfn(2), Pfn(9)].into_iter())).unwrap();
+    store.corrupt_page_list_for_test(g, EpochId(2), &crate::db::encode_pfns([Pfn(2)].into_iter())).unwrap();
+    assert_eq!(store.verify(|_| {}).unwrap().damage, vec![Damage::PageIndexMismatch { guest: 1, epoch: 1 }]);
 }

@@ -153,7 +153,9 @@ impl Store {
                 if walk.step(&m).is_err() {
                     report.damage.push(Damage::ChainBroken { guest: guest.0, epoch });
                 }
-                if !m.names_pages(&pages) {
+                // The index against the manifest, and the page list (what
+                // `show`, thinning and the uploader read) against the index.
+                if !m.names_pages(&pages) || !self.lists(guest, EpochId(epoch), &pages, Self::page_list)? {
                     report.damage.push(Damage::PageIndexMismatch { guest: guest.0, epoch });
                 }
                 let zero = remus_types::zero_page_hash();
@@ -173,7 +175,7 @@ impl Store {
         let zero = remus_types::zero_page_hash();
         for ((guest, epoch), pages) in index {
             let inside = bridged.iter().any(|(g, b)| *g == guest && b.spans(EpochId(epoch)));
-            if !inside || self.epoch_pages(GuestId(guest), EpochId(epoch))? != pages {
+            if !inside || !self.lists(GuestId(guest), EpochId(epoch), &pages, |s, g, e| s.epoch_pages(g, e).map(Some))? {
                 report.damage.push(Damage::PageIndexMismatch { guest, epoch });
                 continue;
             }
@@ -234,4 +236,23 @@ pub fn damaged_guests(r: &VerifyReport) -> Vec<GuestId> {
     g.sort_unstable();
     g.dedup();
     g
+}
+
+impl Store {
+    /// Whether `epoch`'s page list, as `read` gives it, lists exactly
+    /// `pages` (its page-index entries); no list passes. A list that
+    /// cannot be read (damaged) does not.
+    fn lists(
+        &self,
+        guest: GuestId,
+        epoch: EpochId,
+        pages: &[(Pfn, ChunkId)],
+        read: impl Fn(&Self, GuestId, EpochId) -> Result<Option<crate::PageList>, StoreError>,
+    ) -> Result<bool, StoreError> {
+        match read(self, guest, epoch) {
+            Ok(list) => Ok(list.is_none_or(|l| l == pages)),
+            Err(e) if e.kind() == crate::ErrorKind::Corrupt => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
 }
