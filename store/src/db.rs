@@ -1215,8 +1215,7 @@ impl Store {
     /// [`StoreError::Db`], [`StoreError::Corrupt`].
     pub(crate) fn epoch_pfns(&self, guest: GuestId, epoch: EpochId) -> Result<Vec<Pfn>, StoreError> {
         if let Some(v) = self.db.get_pinned_cf(self.cf(CF_META), pfns_key(guest, epoch))? {
-            return decode_pfns(&v)
-                .ok_or_else(|| StoreError::malformed(format!("{guest} epoch {epoch} page list"), "not a list of ascending page numbers"));
+            return decode_pfn_list(guest, epoch, &v);
         }
         Ok(self.epoch_pages(guest, epoch)?.into_iter().map(|(pfn, _)| pfn).collect())
     }
@@ -1224,8 +1223,7 @@ impl Store {
     /// The pages of a `pfns` list of `guest`'s `epoch` with their hashes:
     /// the page index's entries at that epoch, in one batched lookup.
     pub(crate) fn listed_pages(&self, guest: GuestId, epoch: EpochId, list: &[u8]) -> Result<crate::PageList, StoreError> {
-        let pfns = decode_pfns(list)
-            .ok_or_else(|| StoreError::malformed(format!("{guest} epoch {epoch} page list"), "not a list of ascending page numbers"))?;
+        let pfns = decode_pfn_list(guest, epoch, list)?;
         let entries: Vec<(Pfn, EpochId)> = pfns.iter().map(|pfn| (*pfn, epoch)).collect();
         Ok(pfns.into_iter().zip(self.index_hashes(guest, &entries)?).collect())
     }
@@ -1432,6 +1430,14 @@ pub(crate) fn decode_pfns(b: &[u8]) -> Option<Vec<Pfn>> {
         (gap, shift) = (0, 0);
     }
     (shift == 0).then_some(out)
+}
+
+/// A stored `pfns` list of `guest`'s `epoch`, decoded ([`decode_pfns`]).
+///
+/// # Errors
+/// [`StoreError::Corrupt`] when it is not such a list.
+pub(crate) fn decode_pfn_list(guest: GuestId, epoch: EpochId, v: &[u8]) -> Result<Vec<Pfn>, StoreError> {
+    decode_pfns(v).ok_or_else(|| StoreError::malformed(format!("{guest} epoch {epoch} page list"), "not a list of ascending page numbers"))
 }
 
 /// A page list in the earlier form: (pfn u64 | hash [32])*.

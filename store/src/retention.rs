@@ -35,7 +35,7 @@ use rocksdb::{IteratorMode, WriteBatch};
 
 use crate::chain::Bridge;
 use crate::db::{
-    decode_delta_list, decode_pfns, delta_key, encode_pfns, epoch_key, guest_key, held_key, page_key, pfns_key, u64_at, Head, Store,
+    decode_delta_list, decode_pfn_list, delta_key, encode_pfns, epoch_key, guest_key, held_key, page_key, pfns_key, u64_at, Head, Store,
     CF_BASES, CF_CHUNKS, CF_EPOCHS, CF_HELD, CF_META, CF_PAGES,
 };
 use crate::error::StoreError;
@@ -476,9 +476,7 @@ impl Store {
                 let pfns = if hashes_inline {
                     decode_delta_list(guest, e, &v)?.into_iter().map(|(pfn, _)| pfn).collect()
                 } else {
-                    decode_pfns(&v).ok_or_else(|| {
-                        StoreError::malformed(format!("{guest} epoch {e} page list"), "not a list of ascending page numbers")
-                    })?
+                    decode_pfn_list(guest, e, &v)?
                 };
                 out.insert(e, (pfns, hashes_inline));
             }

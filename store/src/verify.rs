@@ -155,7 +155,7 @@ impl Store {
                 }
                 // The index against the manifest, and the page list (what
                 // `show`, thinning and the uploader read) against the index.
-                if !m.names_pages(&pages) || !self.lists(guest, EpochId(epoch), &pages, Self::page_list)? {
+                if !m.names_pages(&pages) || !self.lists(guest, EpochId(epoch), &pages)? {
                     report.damage.push(Damage::PageIndexMismatch { guest: guest.0, epoch });
                 }
                 let zero = remus_types::zero_page_hash();
@@ -175,7 +175,7 @@ impl Store {
         let zero = remus_types::zero_page_hash();
         for ((guest, epoch), pages) in index {
             let inside = bridged.iter().any(|(g, b)| *g == guest && b.spans(EpochId(epoch)));
-            if !inside || !self.lists(GuestId(guest), EpochId(epoch), &pages, |s, g, e| s.epoch_pages(g, e).map(Some))? {
+            if !inside || !self.lists(GuestId(guest), EpochId(epoch), &pages)? {
                 report.damage.push(Damage::PageIndexMismatch { guest, epoch });
                 continue;
             }
@@ -239,17 +239,12 @@ pub fn damaged_guests(r: &VerifyReport) -> Vec<GuestId> {
 }
 
 impl Store {
-    /// Whether `epoch`'s page list, as `read` gives it, lists exactly
-    /// `pages` (its page-index entries); no list passes. A list that
-    /// cannot be read (damaged) does not.
-    fn lists(
-        &self,
-        guest: GuestId,
-        epoch: EpochId,
-        pages: &[(Pfn, ChunkId)],
-        read: impl Fn(&Self, GuestId, EpochId) -> Result<Option<crate::PageList>, StoreError>,
-    ) -> Result<bool, StoreError> {
-        match read(self, guest, epoch) {
+    /// Whether `epoch`'s page list lists exactly `pages` (its page-index
+    /// entries); an epoch without one (committed before lists were kept)
+    /// passes, as what the index gives for it is those entries. A list
+    /// that cannot be read (damaged) does not.
+    fn lists(&self, guest: GuestId, epoch: EpochId, pages: &[(Pfn, ChunkId)]) -> Result<bool, StoreError> {
+        match self.page_list(guest, epoch) {
             Ok(list) => Ok(list.is_none_or(|l| l == pages)),
             Err(e) if e.kind() == crate::ErrorKind::Corrupt => Ok(false),
             Err(e) => Err(e),
