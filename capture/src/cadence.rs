@@ -255,8 +255,9 @@ impl Cadence {
         // is what the first held epochs wait behind.
         let backlog = self.backlog();
         let held = self.unacked.back().is_some_and(|e| e.held);
-        let excess = beyond(self.output_delay(now).max(if held { backlog } else { Duration::ZERO }));
-        let slow = beyond(self.output_delay(now).max(backlog));
+        let age = self.output_delay(now);
+        let excess = beyond(age.max(if held { backlog } else { Duration::ZERO }));
+        let slow = beyond(age.max(backlog));
         // An epoch whose own pages take the link more than a quarter of
         // the target, and half as long again as the epoch itself, is too
         // long to help: the guest writes few pages twice, so a longer
@@ -314,7 +315,7 @@ impl Cadence {
     /// The link's rate is measured from the weight acknowledged over the
     /// last [`RATE_WINDOW`], and estimated as the largest such sample of
     /// the last [`RATE_HORIZON`]. A sample counts when at least half as
-    /// much again is still waiting (a backlog: the link was busy carrying
+    /// much as it measured is still waiting (a backlog: the link was busy carrying
     /// it and not waiting for the guest); otherwise (the guest's epochs
     /// small, or empty while it is held still) it only shows that the link
     /// carries at least that much, and counts only when it is larger than
