@@ -10,6 +10,7 @@
 set -u
 R=${REMUS_BIN:-${CARGO_TARGET_DIR:-target}/release/remus}
 source "$(dirname "$0")/s3-server.sh"
+source "$(dirname "$0")/backup-lib.sh"
 set +e
 PY=${REMUS_VENV:-$HOME/.cache/remus-venv}/bin/python
 BUCKET=ratio
@@ -30,11 +31,7 @@ upload-interval-ms = 2000
 access-key-id = "test"
 secret-access-key = "test"
 T
-"$R" --data-dir "$D" keygen >/dev/null 2>&1
-taskset -c 0 "$R" --config "$D/c.toml" --data-dir "$D" backup --listen 127.0.0.1:0 > "$D/b.out" 2>"$D/b.err" &
-BP=$!
-for _ in $(seq 50); do grep -q "listening on" "$D/b.out" 2>/dev/null && break; sleep 0.1; done
-ADDR=$(head -1 "$D/b.out" | awk '{print $3}')
+BACKUP_CONFIG="$D/c.toml" start_backup "$R" "$D" taskset -c 0
 taskset -c 1 "$R" --data-dir "$D" protect --backup "$ADDR" --seconds "${SECS:-10}" --pages-per-sec "${PAGES:-20000}" --json --drain-seconds 30 > "$D/p.json" 2>"$D/p.err"
 LAST=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['epochs_committed'])" "$D/p.json")
 echo "waiting for epoch $LAST to be uploaded" >&2
