@@ -4,9 +4,11 @@
 # s3-server.sh), pinned to CPU 0, and `remus protect --pages-per-sec
 # PAGES --seconds SECS` (default 20000, 10) pinned to CPU 1; once the
 # last epoch is uploaded, the bucket's objects are summed by kind (packs,
-# segments, indexes, ...) against the wire bytes and the local packs.
+# segments, indexes, ...) against the wire bytes and the local packs;
+# then the newest epoch is restored from S3 alone, RESTORES times (3).
 #
-# usage: scripts/s3-ratio.sh   (REMUS_BIN: the remus binary; PAGES, SECS in the environment)
+# usage: scripts/s3-ratio.sh   (REMUS_BIN, REMUS_RESTORE_BIN: the binaries;
+#        PAGES, SECS, RESTORES in the environment)
 set -u
 R=${REMUS_BIN:-${CARGO_TARGET_DIR:-target}/release/remus}
 source "$(dirname "$0")/s3-server.sh"
@@ -51,4 +53,12 @@ t = sum(by.values())
 print(f"wire {w/1e6:.0f} MB, local packs {int(sys.argv[4])/w:.2f}x, S3 tier {t/1e6:.0f} MB = {t/w:.2f}x ("
       + ", ".join(f"{k} {v/w:.3f}x" for k, v in by.most_common()) + ")")
 PY
+# A restore of the newest epoch from S3 alone, three times (RESTORES).
+RR=${REMUS_RESTORE_BIN:-$(dirname "$R")/remus-restore}
+for _ in $(seq "${RESTORES:-3}"); do
+  T0=$(date +%s.%N)
+  "$RR" --from "s3://$BUCKET/ratio" --config "$D/c.toml" --latest --to "$D/r.img" >/dev/null 2>"$D/r.err" || { cat "$D/r.err"; break; }
+  echo "restore of the newest epoch from S3: $(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$T0" "$(date +%s.%N)") s"
+  rm -f "$D/r.img"
+done
 rm -rf "$D"

@@ -176,7 +176,7 @@ impl HistoryView for S3View<'_> {
     }
 
     fn chunk(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
-        self.source.tier().read_chunk(&*self.source.locations(&[*id])?, id)
+        self.source.chunk(id)
     }
 
     fn kept_epoch_near(&self, guest: GuestId, epoch: EpochId, after: bool) -> Result<Option<EpochId>, RestoreError> {

@@ -2,7 +2,7 @@
 //! from the checkpoint and segments the target needs, then fetch only the
 //! packs holding the chunks of that epoch's page table.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use remus_store::s3::{ChunkLocations, Reach, S3Epoch, S3History, S3Tier};
@@ -69,18 +69,64 @@ impl<'a> S3Source<'a> {
     ///
     /// # Errors
     /// [`StoreError::Corrupt`] naming a damaged index; S3 errors.
-    pub fn locations(&self, wanted: &[ChunkId]) -> Result<Arc<ChunkLocations>, StoreError> {
+    fn locations(&self, wanted: &[ChunkId]) -> Result<Arc<ChunkLocations>, StoreError> {
         let mut located = self.located.lock().unwrap_or_else(PoisonError::into_inner);
         if located.is_none() {
             *located = self.tier.pack_locations(&self.history.packs)?.map(|l| (Arc::new(l), false));
         }
         match located.as_ref() {
             Some((l, every)) if *every || wanted.iter().all(|id| l.contains_key(id)) => Ok(Arc::clone(l)),
-            _ => {
-                let all = Arc::new(self.tier.relocate()?);
-                *located = Some((Arc::clone(&all), true));
-                Ok(all)
+            _ => Self::relocated(self.tier, &mut located),
+        }
+    }
+
+    /// Every index read, and kept as the locations from then on.
+    fn relocated(tier: &S3Tier, located: &mut Option<(Arc<ChunkLocations>, bool)>) -> Result<Arc<ChunkLocations>, StoreError> {
+        let all = Arc::new(tier.relocate()?);
+        *located = Some((Arc::clone(&all), true));
+        Ok(all)
+    }
+
+    /// One chunk, checked against its id (see [`fetch`](Self::fetch)).
+    ///
+    /// # Errors
+    /// As [`S3Tier::fetch_located`].
+    pub fn chunk(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+        let mut found = None;
+        self.fetch(&[*id], &mut |_, data| {
+            found = Some(data);
+            Ok(())
+        })?;
+        found.ok_or(StoreError::ChunkMissing(*id))
+    }
+
+    /// Fetches `ids` (each checked against its id) as
+    /// [`S3Tier::fetch_located`] does, at their [`locations`](Self::locations);
+    /// when a base of a delta is not in the packs the history names
+    /// (repacked since), every index is read and the chunks not yet handed
+    /// to `f` are fetched from there.
+    ///
+    /// # Errors
+    /// As [`S3Tier::fetch_located`].
+    pub fn fetch(&self, ids: &[ChunkId], f: &mut dyn FnMut(ChunkId, Vec<u8>) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        let locs = self.locations(ids)?;
+        let mut got = HashSet::new();
+        let r = self.tier.fetch_located(&locs, ids.iter().copied(), |id, data| {
+            got.insert(id);
+            f(id, data)
+        });
+        match r {
+            Err(StoreError::ChunkMissing(_)) => {
+                let all = {
+                    let mut located = self.located.lock().unwrap_or_else(PoisonError::into_inner);
+                    match located.as_ref() {
+                        Some((_, true)) => return r,
+                        _ => Self::relocated(self.tier, &mut located)?,
+                    }
+                };
+                self.tier.fetch_located(&all, ids.iter().copied().filter(|id| !got.contains(id)), f)
             }
+            r => r,
         }
     }
 }
@@ -126,14 +172,7 @@ impl RestoreSource for S3Source<'_> {
     }
 
     fn device_state(&self, m: &Manifest) -> Result<Vec<u8>, RestoreError> {
-        let id = m.device_state;
-        let mut found = None;
-        let locs = self.locations(&[id])?;
-        self.tier.fetch_located(&locs, [id], |_, data| {
-            found = Some(data);
-            Ok(())
-        })?;
-        Ok(found.ok_or(StoreError::ChunkMissing(id))?)
+        Ok(self.chunk(&m.device_state)?)
     }
 
     fn write_pages(
@@ -166,8 +205,7 @@ impl RestoreSource for S3Source<'_> {
         let mut done = 0u64;
         progress(0, total);
         let ids: Vec<ChunkId> = wanted.keys().copied().collect();
-        let locs = self.locations(&ids)?;
-        self.tier.fetch_located(&locs, ids, |id, data| {
+        self.fetch(&ids, &mut |id, data| {
             for &(seg, offset) in &wanted[&id] {
                 files.write(seg, offset, &data).map_err(|cause| StoreError::Io { what: "writing the restored image", cause })?;
                 done += 1;
@@ -236,6 +274,78 @@ mod tests {
         assert_eq!(r.root, MemoryDigest::of_image(&mem));
         assert!(std::fs::read(&a).unwrap() == mem[..10 * PAGE_SIZE], "first segment");
         assert!(std::fs::read(&b).unwrap() == mem[25 * PAGE_SIZE..], "second segment");
+    }
+
+    #[test]
+    fn a_delta_whose_base_is_in_no_pack_the_history_names_is_read_from_every_index() {
+        use remus_store::s3::format::{self, CheckpointObject};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), StoreOptions::default()).unwrap();
+        let tier = tier("delta-base");
+        let g = GuestId(1);
+        let mut mem = vec![0u8; 2 * PAGE_SIZE];
+        // One pass per epoch (a segment each); page 0 goes as a delta over
+        // its first version in epoch 2, then only page 1 changes, until a
+        // checkpoint at epoch 6 (4 segments, 8 pages: four times memory).
+        let passes: [&[u64]; 4] = [&[1], &[2], &[3], &[4, 5, 6]];
+        let mut base = None;
+        let mut versions = Vec::new();
+        for epochs in passes {
+            for &e in epochs {
+                let mut c = EpochCommit {
+                    guest: g,
+                    epoch: EpochId(e),
+                    page_count: 2,
+                    time_unix_ns: e,
+                    device_state: format!("device state {e}").into_bytes(),
+                    ..Default::default()
+                };
+                for pfn in [0u64, 1].into_iter().filter(|p| *p == 1 || e <= 2) {
+                    let p = &mut mem[pfn as usize * PAGE_SIZE..][..PAGE_SIZE];
+                    let old = p.to_vec();
+                    p[..64].fill((e * 10 + pfn) as u8);
+                    p[64..].fill(pfn as u8 + 1);
+                    let id = content_id(p);
+                    c.pages.push((Pfn(pfn), id));
+                    let chunk = match (pfn, base) {
+                        (0, Some(b)) => {
+                            let xor: Vec<u8> = old.iter().zip(p.iter()).map(|(a, b)| a ^ b).collect();
+                            StoredChunk::delta(&b, &zstd::bulk::compress(&xor, 1).unwrap())
+                        }
+                        _ => StoredChunk::Zstd(zstd::bulk::compress(p, 1).unwrap()),
+                    };
+                    if pfn == 0 {
+                        base = Some(id);
+                        versions.push((id, p.to_vec()));
+                    }
+                    c.chunks.push((id, chunk));
+                }
+                c.memory_root = MemoryDigest::of_image(&mem);
+                store.commit(c).unwrap();
+            }
+            tier.upload_pending(&store, &|| false).unwrap();
+        }
+        assert_eq!(tier.checkpoint_epochs(g).unwrap(), [EpochId(6)]);
+        // The checkpoint names its delta's base's pack; drop that from its
+        // list, as a history written without it would be.
+        let key = format::checkpoint_key(g, EpochId(6));
+        let mut c = CheckpointObject::decode(&tier.client().get(&key).unwrap()).unwrap();
+        let (base_pack, _) = tier.chunk_locations().unwrap()[&versions[0].0];
+        assert!(c.packs.contains(&base_pack), "the checkpoint names its delta's base's pack");
+        c.packs.retain(|p| *p != base_pack);
+        tier.client().delete(&key, None).unwrap();
+        tier.client().put_new(&key, c.encode()).unwrap();
+        drop(store);
+        let source = S3Source::read(&tier, g, Target::Latest, &mut |_, _| {}).unwrap();
+        assert!(!source.history().packs.contains(&base_pack));
+        // The delta first: its own pack is named, its base's is not.
+        assert_eq!(c.pages[0].1, versions[1].0);
+        assert!(source.chunk(&versions[1].0).unwrap() == versions[1].1, "read through its base");
+        let plan = RestorePlan::new(&source, g, Target::Latest).unwrap();
+        let out = dir.path().join("latest.img");
+        let r = plan.execute(&source, &out, |_, _| {}).unwrap();
+        assert_eq!(r.root, MemoryDigest::of_image(&mem));
+        assert!(std::fs::read(&out).unwrap() == mem, "byte-exact through the delta");
     }
 
     #[test]

@@ -1278,21 +1278,48 @@ impl Store {
     }
 
     /// A chunk's value as [`chunk_value`](Self::chunk_value) gives it, a
-    /// delta made whole (zstd): what leaves the store for the S3 tier,
-    /// whose readers never see a delta.
+    /// delta made whole (zstd): what the S3 tier gets when it does not
+    /// hold the base, or gathers chunks into fewer packs.
     ///
     /// # Errors
     /// As [`chunk`](Self::chunk).
     pub fn chunk_value_whole(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+        Ok(self.chunk_value_for_s3(id, |_| Ok(false))?.0)
+    }
+
+    /// A chunk's value for the S3 tier: a delta as it is when
+    /// `base_in_s3` says the tier holds its base (returned with it), else
+    /// made whole as [`chunk_value_whole`](Self::chunk_value_whole) does.
+    ///
+    /// # Errors
+    /// As [`chunk`](Self::chunk), or what `base_in_s3` returns.
+    pub(crate) fn chunk_value_for_s3(
+        &self,
+        id: &ChunkId,
+        mut base_in_s3: impl FnMut(&ChunkId) -> Result<bool, StoreError>,
+    ) -> Result<(Vec<u8>, Option<ChunkId>), StoreError> {
         let v = self.chunk_value(id)?;
         match v.split_first() {
             Some((&CODEC_DELTA, delta)) => {
+                let (base, _) = delta_parts(delta).ok_or(StoreError::ChunkCorrupt(*id))?;
+                if base_in_s3(&base)? {
+                    return Ok((v, Some(base)));
+                }
                 let mut content = Vec::with_capacity(PAGE_SIZE);
                 self.undo_delta(id, delta, &mut content, 0)?;
-                Ok(compress_whole(&content)?.value())
+                Ok((compress_whole(&content)?.value(), None))
             }
-            _ => Ok(v),
+            _ => Ok((v, None)),
         }
+    }
+
+    /// The base `id` is stored as a delta over, by the bases table
+    /// (`None`: stored whole).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub(crate) fn delta_base(&self, id: &ChunkId) -> Result<Option<ChunkId>, StoreError> {
+        Ok(self.db.get_cf(self.cf(CF_BASES), id.0)?.and_then(|v| v.get(..32).and_then(|b| b.try_into().ok())).map(ChunkId))
     }
 
     /// Flushes memtables (for tests that inspect files).
@@ -1455,6 +1482,38 @@ pub(crate) fn decode_delta_list(guest: GuestId, epoch: EpochId, v: &[u8]) -> Res
 pub fn decode_chunk_value(id: &ChunkId, v: &[u8]) -> Result<Vec<u8>, StoreError> {
     let (&codec, b) = v.split_first().ok_or(StoreError::ChunkCorrupt(*id))?;
     decode_chunk(id, codec, b)
+}
+
+/// A chunk value as the S3 tier may hold it: whole content (checked
+/// against its id), or a delta whose base must be read first.
+pub(crate) enum HeldValue {
+    /// The content, checked.
+    Whole(Vec<u8>),
+    /// A delta over `base`: `xor` is a zstd frame of the content XOR the
+    /// base's content (see [`undo_xor`]).
+    Delta { base: ChunkId, xor: Vec<u8> },
+}
+
+/// Decodes a chunk value that may be a delta (a delta over itself is
+/// refused: it could never be read).
+pub(crate) fn decode_held_value(id: &ChunkId, v: &[u8]) -> Result<HeldValue, StoreError> {
+    match v.split_first() {
+        Some((&CODEC_DELTA, d)) => {
+            let (base, xor) = delta_parts(d).filter(|(base, _)| base != id).ok_or(StoreError::ChunkCorrupt(*id))?;
+            Ok(HeldValue::Delta { base, xor: xor.to_vec() })
+        }
+        _ => decode_chunk_value(id, v).map(HeldValue::Whole),
+    }
+}
+
+/// The content of the delta `id` given its base's content, checked
+/// against `id`.
+pub(crate) fn undo_xor(id: &ChunkId, base: &[u8], xor: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let mut content = base.to_vec();
+    if apply_xor(&mut content, xor).is_err() || content_id(&content) != *id {
+        return Err(StoreError::ChunkCorrupt(*id));
+    }
+    Ok(content)
 }
 
 /// Decodes chunk bytes stored with `codec` and checks them against `id`.

@@ -8,7 +8,9 @@
 //! ```text
 //! 0..4   b"RMPK", 4 version (1), 5..8 reserved
 //! then per chunk: id [32] | len u32 | value [len]
-//!        (value = codec u8 | bytes, exactly as in the `chunks` column family)
+//!        (value = codec u8 | bytes, exactly as in the `chunks` column
+//!        family: whole, or a delta `3 | base id [32] | zstd frame of the
+//!        content XOR the base's` over a chunk the tier holds)
 //! ```
 //! Sealed pack (version 2): no chunk id in the clear, each value sealed
 //! under the pack's key with its offset as nonce:

@@ -15,7 +15,7 @@ use super::format::{self, BridgeObject, CheckpointObject, PackBuilder, PackEntry
 use super::seal::{is_sealed, Keyring};
 use super::{S3Client, S3Config, S3Error};
 use crate::chain::{Bridge, ChainWalk};
-use crate::db::decode_chunk_value;
+use crate::db::{decode_held_value, undo_xor, HeldValue, MAX_DELTA_DEPTH};
 use crate::error::StoreError;
 use crate::manifest::Manifest;
 
@@ -178,9 +178,10 @@ impl S3Tier {
         PackBuilder::new(self.keys.as_ref().map(Keyring::pack_sealer))
     }
 
-    /// The data of chunk `e` from the bytes `stored` at its place in
-    /// `pack`: opened when sealed, then checked against its id.
-    pub(crate) fn chunk_data(&self, pack: &ChunkId, e: &PackEntry, stored: &[u8]) -> Result<Vec<u8>, StoreError> {
+    /// Chunk `e` from the bytes `stored` at its place in `pack`: opened
+    /// when sealed, then decoded; whole content is checked against its id,
+    /// a delta is checked once its base is read ([`fetch_located`](Self::fetch_located)).
+    pub(crate) fn held_value(&self, pack: &ChunkId, e: &PackEntry, stored: &[u8]) -> Result<HeldValue, StoreError> {
         let opened;
         let value = match (&e.seal, &self.keys) {
             (None, _) => stored,
@@ -190,8 +191,7 @@ impl S3Tier {
             }
             (Some(_), None) => return Err(needs_keys(&format!("s3 pack {pack}"))),
         };
-        decode_chunk_value(&e.id, value)
-            .map_err(|_| StoreError::malformed(format!("s3 pack {pack}"), format!("chunk {} does not match its hash", e.id)))
+        decode_held_value(&e.id, value).map_err(|_| mismatch(pack, &e.id))
     }
 
     /// Guests with epochs in S3.
@@ -518,19 +518,6 @@ impl S3Tier {
         Ok(Some(out))
     }
 
-    /// One chunk, verified against its id, by a ranged read of its pack
-    /// (`locs` from [`chunk_locations`](Self::chunk_locations)): a page
-    /// without fetching the pack around it.
-    ///
-    /// # Errors
-    /// [`StoreError::ChunkMissing`]; [`StoreError::Corrupt`] for bytes
-    /// that do not match the id; S3 failures.
-    pub fn read_chunk(&self, locs: &ChunkLocations, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
-        let (pack, e) = locs.get(id).ok_or(StoreError::ChunkMissing(*id))?;
-        let value = self.client.get_range(&format::pack_key(pack), e.offset, u64::from(e.len))?;
-        self.chunk_data(pack, e, &value)
-    }
-
     /// Fetches the chunks in `wanted` by ranged reads of the packs that
     /// hold them (memory: at most 64 MiB of ranges, or one range),
     /// verifying each against its id, and hands each to `f`; locations
@@ -558,6 +545,56 @@ impl S3Tier {
         locs: &ChunkLocations,
         wanted: impl IntoIterator<Item = ChunkId>,
         mut f: impl FnMut(ChunkId, Vec<u8>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        self.fetch_at_depth(locs, wanted.into_iter().collect(), 0, &mut f)
+    }
+
+    /// Fetches `wanted`, `depth` deltas down a chain: the whole ones go to
+    /// `f` as they arrive; the deltas (their XOR frames kept, a few
+    /// hundred bytes each) once their bases are fetched the same way, one
+    /// level down, each base's content streamed past the deltas over it.
+    fn fetch_at_depth(
+        &self,
+        locs: &ChunkLocations,
+        wanted: Vec<ChunkId>,
+        depth: u8,
+        f: &mut dyn FnMut(ChunkId, Vec<u8>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut over: HashMap<ChunkId, Vec<(ChunkId, ChunkId, Vec<u8>)>> = HashMap::new();
+        self.fetch_values(locs, wanted, &mut |pack, id, value| match value {
+            HeldValue::Whole(content) => f(id, content),
+            HeldValue::Delta { base, xor } => {
+                over.entry(base).or_default().push((pack, id, xor));
+                Ok(())
+            }
+        })?;
+        if over.is_empty() {
+            return Ok(());
+        }
+        if depth >= MAX_DELTA_DEPTH {
+            let (pack, id, _) = &over.values().next().expect("not empty")[0];
+            return Err(StoreError::malformed(
+                format!("s3 pack {pack}"),
+                format!("chunk {id} is a delta more than {MAX_DELTA_DEPTH} deep"),
+            ));
+        }
+        let bases: Vec<ChunkId> = over.keys().copied().collect();
+        self.fetch_at_depth(locs, bases, depth + 1, &mut |base, content| {
+            for (pack, id, xor) in over.remove(&base).unwrap_or_default() {
+                f(id, undo_xor(&id, &content, &xor).map_err(|_| mismatch(&pack, &id))?)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Ranged reads of the values of `wanted` (memory: at most 64 MiB of
+    /// ranges, or one range), each handed to `f` with its pack as
+    /// [`held_value`](Self::held_value) decodes it.
+    fn fetch_values(
+        &self,
+        locs: &ChunkLocations,
+        wanted: Vec<ChunkId>,
+        f: &mut dyn FnMut(ChunkId, ChunkId, HeldValue) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let mut by_pack: BTreeMap<ChunkId, Vec<PackEntry>> = BTreeMap::new();
         for id in wanted {
@@ -599,13 +636,18 @@ impl S3Tier {
                     let value = body
                         .get(at..at + e.len as usize)
                         .ok_or_else(|| StoreError::malformed(format!("s3 pack {pack}"), format!("truncated at chunk {}", e.id)))?;
-                    f(e.id, self.chunk_data(pack, e, value)?)?;
+                    f(*pack, e.id, self.held_value(pack, e, value)?)?;
                 }
             }
             next = upto;
         }
         Ok(())
     }
+}
+
+/// The error for chunk `id` of `pack` whose bytes do not give its content.
+fn mismatch(pack: &ChunkId, id: &ChunkId) -> StoreError {
+    StoreError::malformed(format!("s3 pack {pack}"), format!("chunk {id} does not match its hash"))
 }
 
 /// The error for a sealed `object` read by a tier without keys.

@@ -145,7 +145,10 @@ impl S3Tier {
         let mut emptied: Vec<(String, PackIndex)> = Vec::new();
         for (key, ix) in sparse {
             let live: Vec<ChunkId> = ix.entries.iter().map(|e| e.id).filter(|id| referenced.contains(id)).collect();
-            let values = match live.iter().map(|id| store.chunk_value_whole(id).map(|v| (*id, v))).collect::<Result<Vec<_>, _>>() {
+            // A delta stays one over a base S3 holds (a live delta's base
+            // is live: it is kept, or moved before its pack goes).
+            let value = |id: &ChunkId| store.chunk_value_for_s3(id, |b| Ok(store.s3_pack_of(b)?.is_some())).map(|(v, _)| (*id, v));
+            let values = match live.iter().map(value).collect::<Result<Vec<_>, _>>() {
                 Ok(v) => v,
                 Err(StoreError::ChunkMissing(id)) => {
                     tracing::warn!(pack = %ix.pack, chunk = %id, "not repacking: a live chunk is not in the local store");

@@ -745,48 +745,129 @@ fn server_side_encryption_is_asked_on_every_put() {
     assert!(bad.validate().unwrap_err().to_string().contains("server-side-encryption"));
 }
 
-#[test]
-fn a_chunk_the_store_keeps_as_a_delta_goes_to_s3_whole_and_reads_back_from_s3_alone() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
-    let g = GuestId(6);
-    let tier = S3Tier::connect(&test_config("delta")).unwrap();
-    fill(&store, g, 1, 2);
-    // Epoch 3 rewrites a page as a few bytes changed from what epoch 2 left there.
-    let (pfn, before) = local_table(&store, g, EpochId(2)).into_iter().next().unwrap();
+/// Commits epoch `epoch` of `g` rewriting the page at `pfn` as a few
+/// bytes changed from what the epoch before left there, sent as a delta
+/// over it; returns the new content's id.
+fn commit_edit(store: &Store, g: GuestId, epoch: u64, pfn: Pfn) -> ChunkId {
+    let table = local_table(store, g, EpochId(epoch - 1));
+    let before = table[&pfn];
     let old = store.chunk(&before).unwrap();
     let mut new = old.clone();
-    new[100..108].copy_from_slice(b"changed!");
+    new[100 + epoch as usize..108 + epoch as usize].copy_from_slice(b"changed!");
     let xor: Vec<u8> = old.iter().zip(&new).map(|(a, b)| a ^ b).collect();
     let id = content_id(&new);
     let mut digest = remus_types::MemoryDigest::zeroed(64);
-    for (p, c) in local_table(&store, g, EpochId(2)) {
+    for (p, c) in table {
         digest.set(p, c);
     }
     digest.set(pfn, id);
     let c = EpochCommit {
         guest: g,
-        epoch: EpochId(3),
+        epoch: EpochId(epoch),
         page_count: 64,
-        time_unix_ns: 3000,
-        commit_unix_ns: 3000,
+        time_unix_ns: epoch * 1000,
+        commit_unix_ns: epoch * 1000,
         memory_root: digest.root(),
         pages: vec![(pfn, id)],
         chunks: vec![(id, StoredChunk::delta(&before, &zstd::bulk::compress(&xor, 1).unwrap()))],
         ..Default::default()
     };
     store.commit(c).unwrap();
-    assert_eq!(store.chunk_value(&id).unwrap()[0], 3, "kept locally as a delta");
-    tier.upload_pending(&store, &|| false).unwrap();
-    let h = tier.history(g, Reach::ALL, &mut |_, _| {}).unwrap();
-    assert_eq!(h.page_table(EpochId(3))[&pfn], id);
-    let mut got = None;
-    tier.fetch_chunks([id], |i, data| {
-        assert_eq!(i, id);
-        got = Some(data);
+    id
+}
+
+/// The codec byte of chunk `id` as S3 holds it (the tier unsealed).
+fn s3_codec(tier: &S3Tier, id: &ChunkId) -> u8 {
+    let (pack, e) = tier.chunk_locations().unwrap()[id];
+    tier.client().get_range(&pack_key(&pack), e.offset, 1).unwrap()[0]
+}
+
+#[test]
+fn a_delta_goes_to_s3_as_a_delta_over_the_base_s3_holds_and_reads_back_through_its_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(6);
+    let tier = S3Tier::connect(&test_config("delta")).unwrap();
+    fill(&store, g, 1, 2);
+    let first = tier.upload_pending(&store, &|| false).unwrap();
+    assert_eq!(first.deltas, 0, "{first:?}");
+    // Four edits of one page: deltas 1, 2 and 3 deep, then one the store
+    // keeps whole (its base is as deep as a chain may go).
+    let pfn = *local_table(&store, g, EpochId(2)).keys().next().unwrap();
+    let base = local_table(&store, g, EpochId(2))[&pfn];
+    let edits: Vec<ChunkId> = (3..=6).map(|e| commit_edit(&store, g, e, pfn)).collect();
+    let codecs: Vec<u8> = edits.iter().map(|id| store.chunk_value(id).unwrap()[0]).collect();
+    assert_eq!(codecs, [3, 3, 3, 1], "kept locally as deltas, the fourth whole");
+    // Uploaded in two passes: the first delta's base is in an earlier
+    // pass's pack, the later ones' in the same pack as themselves.
+    let r = tier.upload_pending(&store, &|| false).unwrap();
+    assert_eq!((r.epochs, r.deltas), (4, 3), "{r:?}");
+    let in_s3: Vec<u8> = edits.iter().map(|id| s3_codec(&tier, id)).collect();
+    assert_eq!(in_s3, codecs, "S3 keeps the deltas as deltas");
+
+    // Read back from S3 alone, through the chains.
+    let wanted: Vec<ChunkId> = edits.iter().rev().copied().collect();
+    let mut got = std::collections::HashMap::new();
+    tier.fetch_chunks(wanted.clone(), |id, data| {
+        got.insert(id, data);
         Ok(())
     })
     .unwrap();
-    assert_eq!(got, Some(new), "read whole from S3 alone");
+    assert_eq!(got.len(), 4);
+    for id in &edits {
+        assert_eq!(content_id(&got[id]), *id);
+    }
+    assert_eq!(got[&edits[2]], store.chunk(&edits[2]).unwrap());
+    // A reader of the last epoch finds every base of the chain in the
+    // packs its history names, without reading every index.
+    let h = tier.history(g, Reach::epoch(EpochId(6)), &mut |_, _| {}).unwrap();
+    let locs = tier.pack_locations(&h.packs).unwrap().unwrap();
+    for id in [base, edits[0], edits[1], edits[2]] {
+        assert!(locs.contains_key(&id), "{id} is in a pack the history names");
+    }
     assert_eq!(tier.verify(&mut |_| {}).unwrap().damage, vec![]);
+
+    // A checkpoint names the packs of the bases of its page table's deltas.
+    let c = store.s3_checkpoint(&store.manifest(g, EpochId(5)).unwrap()).unwrap();
+    let (pack_of_base, _) = tier.chunk_locations().unwrap()[&base];
+    assert!(c.packs.contains(&pack_of_base), "{:?}", c.packs);
+
+    // The middle delta damaged: it and the one over it are named, and a
+    // read through it says which pack and chunk.
+    let (pack, e) = tier.chunk_locations().unwrap()[&edits[1]];
+    flip(tier.client(), &pack_key(&pack), (e.offset + u64::from(e.len) - 2) as usize);
+    let damage = tier.verify(&mut |_| {}).unwrap().damage;
+    for id in &edits[1..3] {
+        assert!(damage.contains(&Damage::PackChunkCorrupt { pack: pack.to_hex(), chunk: id.to_hex() }), "{id}: {damage:?}");
+    }
+    assert!(!damage.iter().any(|d| matches!(d, Damage::PackChunkCorrupt { chunk, .. } if *chunk == edits[0].to_hex())), "{damage:?}");
+    let err = tier.fetch_chunks([edits[2]], |_, _| Ok(())).unwrap_err().to_string();
+    assert!(err.contains(&pack.to_hex()) && err.contains("does not match its hash"), "{err}");
+}
+
+#[test]
+fn gc_repacks_deltas_as_deltas_and_every_kept_epoch_reads_back() {
+    use crate::{KeepRule, RetentionPolicy};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(7);
+    let tier = S3Tier::connect(&test_config("delta-gc")).unwrap();
+    // A chain at page 15 in a pack of its own, then epochs that leave page
+    // 15 alone and overwrite most of the rest: that pack ends mostly dead.
+    fill(&store, g, 1, 3);
+    let edits: Vec<ChunkId> = (4..=6).map(|e| commit_edit(&store, g, e, Pfn(15))).collect();
+    assert_eq!(tier.upload_pending(&store, &|| false).unwrap().packs, 1);
+    fill_following(&store, g, 6, 7, 6);
+    assert_eq!(local_table(&store, g, EpochId(12))[&Pfn(15)], edits[2]);
+    tier.upload_pending(&store, &|| false).unwrap();
+    let packs_before: Vec<ChunkId> = edits.iter().map(|id| tier.chunk_locations().unwrap()[id].0).collect();
+    // Only the last epoch kept: its table and the chain under its edit live.
+    let last_only = RetentionPolicy { rules: vec![KeepRule { within: std::time::Duration::ZERO, every: std::time::Duration::ZERO }] };
+    let run = apply_retention(&store, Some(&tier), &last_only).unwrap();
+    assert!(run.s3.packs_repacked > 0 && run.s3.chunks_moved > 0, "{run:?}");
+    let packs_after: Vec<ChunkId> = edits.iter().map(|id| tier.chunk_locations().unwrap()[id].0).collect();
+    assert!(packs_before.iter().zip(&packs_after).all(|(a, b)| a != b), "the deltas were repacked");
+    assert_eq!(edits.iter().map(|id| s3_codec(&tier, id)).collect::<Vec<_>>(), [3, 3, 3], "and are deltas still");
+    assert_no_pack_mostly_dead(&tier, &store);
+    assert_s3_matches_local(&tier, &store, g);
 }

@@ -79,6 +79,8 @@ pub struct UploadReport {
     /// Chunks already in S3 packed again so that a checkpoint's page table
     /// lies in few packs.
     pub chunks_gathered: u64,
+    /// Chunks put as deltas over a base S3 already holds (the rest whole).
+    pub deltas: u64,
 }
 
 /// Packs a checkpoint's page table may lie in, at least.
@@ -115,6 +117,33 @@ impl Store {
     pub fn s3_pack_of(&self, id: &ChunkId) -> Result<Option<ChunkId>, StoreError> {
         let v = self.db.get_cf(self.cf(CF_META), chunk_mark_key(id))?;
         Ok(v.and_then(|v| <[u8; 32]>::try_from(&v[..]).ok()).map(ChunkId))
+    }
+
+    /// Adds to `packs` the S3 pack holding `id` and those holding each
+    /// base of its delta chain in the local store: every pack a reader of
+    /// `id` from S3 may need (S3 keeps a chunk as a delta only over the
+    /// base the local store keeps it over).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub(crate) fn s3_chain_packs(&self, id: &ChunkId, packs: &mut BTreeSet<ChunkId>) -> Result<(), StoreError> {
+        self.s3_chain(id, |_, pack| {
+            packs.insert(pack);
+        })
+    }
+
+    /// Calls `f(chunk, pack)` for `id` and each base of its local delta
+    /// chain that S3 holds, with the pack holding it.
+    fn s3_chain(&self, id: &ChunkId, mut f: impl FnMut(ChunkId, ChunkId)) -> Result<(), StoreError> {
+        let mut at = Some(*id);
+        for _ in 0..=crate::db::MAX_DELTA_DEPTH {
+            let Some(id) = at else { break };
+            if let Some(pack) = self.s3_pack_of(&id)? {
+                f(id, pack);
+            }
+            at = self.delta_base(&id)?;
+        }
+        Ok(())
     }
 
     pub(crate) fn mark_in_s3(&self, ids: &[ChunkId], pack: &ChunkId) -> Result<(), StoreError> {
@@ -161,7 +190,7 @@ impl Store {
         let mut packs = BTreeSet::new();
         self.for_each_page_at(m.guest, m.epoch, |pfn, id| {
             if id != zero {
-                packs.extend(self.s3_pack_of(&id)?);
+                self.s3_chain_packs(&id, &mut packs)?;
             }
             pages.push((pfn, id));
             Ok(())
@@ -198,20 +227,23 @@ impl Pass<'_> {
         Ok(())
     }
 
-    /// Before a checkpoint at `m`: when the chunks of its page table lie
-    /// in more packs than [`spread_limit`], puts the live chunks of the
-    /// sparsest packs into the pass's pack until the rest lie in at most
-    /// half that many. A chunk the local store no longer holds stays where
-    /// it is.
+    /// Before a checkpoint at `m`: when the chunks of its page table (and
+    /// the bases of those S3 may hold as deltas) lie in more packs than
+    /// [`spread_limit`], puts the live chunks of the sparsest packs, made
+    /// whole, into the pass's pack until the rest lie in at most half that
+    /// many. A chunk the local store no longer holds stays where it is.
     fn gather(&mut self, m: &Manifest) -> Result<(), StoreError> {
         let zero = remus_types::zero_page_hash();
         let mut seen = HashSet::new();
+        let mut chained = HashSet::new();
         let mut by_pack: std::collections::HashMap<ChunkId, Vec<ChunkId>> = std::collections::HashMap::new();
         self.store.for_each_page_at(m.guest, m.epoch, |_, id| {
             if id != zero && seen.insert(id) {
-                if let Some(pack) = self.store.s3_pack_of(&id)? {
-                    by_pack.entry(pack).or_default().push(id);
-                }
+                self.store.s3_chain(&id, |id, pack| {
+                    if chained.insert(id) {
+                        by_pack.entry(pack).or_default().push(id);
+                    }
+                })?;
             }
             Ok(())
         })?;
@@ -386,11 +418,17 @@ impl S3Tier {
                     if pass.in_pack.contains(&id) {
                         continue;
                     }
-                    if let Some(pack) = store.s3_pack_of(&id)? {
-                        pass.packs.insert(pack);
+                    if store.s3_pack_of(&id)?.is_some() {
+                        store.s3_chain_packs(&id, &mut pass.packs)?;
                         continue;
                     }
-                    pass.pack.push(id, &store.chunk_value_whole(&id)?);
+                    let in_pack = &pass.in_pack;
+                    let (value, base) = store.chunk_value_for_s3(&id, |b| Ok(in_pack.contains(b) || store.s3_pack_of(b)?.is_some()))?;
+                    if let Some(base) = base {
+                        store.s3_chain_packs(&base, &mut pass.packs)?;
+                        pass.report.deltas += 1;
+                    }
+                    pass.pack.push(id, &value);
                     pass.in_pack.insert(id);
                     if pass.pack.len() >= self.cfg.pack_bytes() {
                         pass.flush_pack()?;

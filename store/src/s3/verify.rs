@@ -8,11 +8,15 @@ use std::collections::{BTreeMap, HashSet};
 use remus_types::{ChunkId, EpochId};
 
 use super::format::{self, BridgeObject, CheckpointObject};
-use super::{S3Epoch, S3Tier};
+use super::{ChunkLocations, S3Epoch, S3Tier};
 use crate::chain::{Bridge, ChainWalk};
+use crate::db::HeldValue;
 use crate::error::StoreError;
 use crate::verify::{Damage, VerifyReport};
 use remus_types::content_id;
+
+/// Deltas read through their chains per batch.
+const DELTA_BATCH: usize = 4096;
 
 impl S3Tier {
     /// Reads, opens and decodes the object at `key`: the outer error when
@@ -25,6 +29,31 @@ impl S3Tier {
         }
     }
 
+    /// Reads each delta of `deltas` through its chain of bases and checks
+    /// its content against its id, in batches; calls `bad(id, base_gone)`
+    /// for each that cannot be read (`base_gone`: a base on its chain is
+    /// in no pack, else one is damaged).
+    fn check_deltas(&self, locs: &ChunkLocations, deltas: &[ChunkId], bad: &mut dyn FnMut(ChunkId, bool)) -> Result<(), StoreError> {
+        let away = |e: &StoreError| matches!(e, StoreError::Keys(_) | StoreError::S3(_));
+        for batch in deltas.chunks(DELTA_BATCH) {
+            match self.fetch_located(locs, batch.iter().copied(), |_, _| Ok(())) {
+                Err(e) if away(&e) => return Err(e),
+                Ok(()) => continue,
+                Err(_) => {}
+            }
+            // One is damaged: find which, one at a time.
+            for id in batch {
+                match self.fetch_located(locs, [*id], |_, _| Ok(())) {
+                    Err(e) if away(&e) => return Err(e),
+                    Err(StoreError::ChunkMissing(_)) => bad(*id, true),
+                    Err(_) => bad(*id, false),
+                    Ok(()) => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Checks the whole tier; `progress(chunks)` after each pack.
     ///
     /// # Errors
@@ -35,6 +64,9 @@ impl S3Tier {
         let index_keys: Vec<String> = self.client.list("index/")?.into_iter().map(|l| l.key).collect();
         let mut held = HashSet::new();
         let mut damaged = HashSet::new();
+        // Where each chunk is, and the deltas, read once their bases are.
+        let mut locs = ChunkLocations::new();
+        let mut deltas = Vec::new();
         for key in &index_keys {
             let ix = match self.checked(key, format::decode_index)? {
                 Ok(ix) => ix,
@@ -56,9 +88,16 @@ impl S3Tier {
             }
             for e in &ix.entries {
                 r.chunks += 1;
-                let ok = body
-                    .get(e.offset as usize..e.offset as usize + e.len as usize)
-                    .is_some_and(|v| self.chunk_data(&ix.pack, e, v).is_ok());
+                locs.insert(e.id, (ix.pack, *e));
+                let value = body.get(e.offset as usize..e.offset as usize + e.len as usize).map(|v| self.held_value(&ix.pack, e, v));
+                let ok = match value {
+                    Some(Ok(HeldValue::Whole(_))) => true,
+                    Some(Ok(HeldValue::Delta { .. })) => {
+                        deltas.push(e.id);
+                        true
+                    }
+                    _ => false,
+                };
                 if ok {
                     held.insert(e.id);
                 } else {
@@ -180,6 +219,15 @@ impl S3Tier {
                 }
             }
         }
+        // A delta no kept epoch names may have lost a base to GC (it is
+        // garbage its pack still holds); any other that cannot be read is
+        // damaged.
+        self.check_deltas(&locs, &deltas, &mut |id, base_gone| {
+            if !base_gone || referenced.contains(&id) {
+                let pack = locs[&id].0.to_hex();
+                r.damage.push(Damage::PackChunkCorrupt { pack, chunk: id.to_hex() });
+            }
+        })?;
         progress(r.chunks);
         Ok(r)
     }
