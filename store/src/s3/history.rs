@@ -7,7 +7,7 @@
 //! the segments from there on, so what it reads is bounded by the epochs
 //! it needs, not by the length of the history.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use remus_types::{ChunkId, EpochId, GuestId, Pfn};
 
@@ -546,22 +546,24 @@ impl S3Tier {
         wanted: impl IntoIterator<Item = ChunkId>,
         mut f: impl FnMut(ChunkId, Vec<u8>) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        self.fetch_at_depth(locs, wanted.into_iter().collect(), 0, &mut f)
+        self.fetch_at_depth(locs, wanted.into_iter().collect(), 0, &mut Passing::default(), &mut f)
     }
 
     /// Fetches `wanted`, `depth` deltas down a chain: the whole ones go to
     /// `f` as they arrive; the deltas (their XOR frames kept, a few
     /// hundred bytes each) once their bases are fetched the same way, one
-    /// level down, each base's content streamed past the deltas over it.
+    /// level down, each base's content streamed past the deltas over it
+    /// (from the ranges read `passing` when they hold it).
     fn fetch_at_depth(
         &self,
         locs: &ChunkLocations,
         wanted: Vec<ChunkId>,
         depth: u8,
+        passing: &mut Passing,
         f: &mut dyn FnMut(ChunkId, Vec<u8>) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let mut over: HashMap<ChunkId, Vec<(ChunkId, ChunkId, Vec<u8>)>> = HashMap::new();
-        self.fetch_values(locs, wanted, &mut |pack, id, value| match value {
+        self.fetch_values(locs, wanted, passing, &mut |pack, id, value| match value {
             HeldValue::Whole(content) => f(id, content),
             HeldValue::Delta { base, xor } => {
                 over.entry(base).or_default().push((pack, id, xor));
@@ -579,7 +581,7 @@ impl S3Tier {
             ));
         }
         let bases: Vec<ChunkId> = over.keys().copied().collect();
-        self.fetch_at_depth(locs, bases, depth + 1, &mut |base, content| {
+        self.fetch_at_depth(locs, bases, depth + 1, passing, &mut |base, content| {
             for (pack, id, xor) in over.remove(&base).unwrap_or_default() {
                 f(id, undo_xor(&id, &content, &xor).map_err(|_| mismatch(&pack, &id))?)?;
             }
@@ -587,19 +589,24 @@ impl S3Tier {
         })
     }
 
-    /// Ranged reads of the values of `wanted` (memory: at most 64 MiB of
-    /// ranges, or one range), each handed to `f` with its pack as
-    /// [`held_value`](Self::held_value) decodes it.
+    /// The values of `wanted`, each handed to `f` with its pack as
+    /// [`held_value`](Self::held_value) decodes it: from a range `passing`
+    /// kept, else by ranged reads (memory: at most 64 MiB of ranges, or
+    /// one range, in flight), whose bodies `passing` then keeps.
     fn fetch_values(
         &self,
         locs: &ChunkLocations,
         wanted: Vec<ChunkId>,
+        passing: &mut Passing,
         f: &mut dyn FnMut(ChunkId, ChunkId, HeldValue) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let mut by_pack: BTreeMap<ChunkId, Vec<PackEntry>> = BTreeMap::new();
         for id in wanted {
             let (pack, e) = locs.get(&id).ok_or(StoreError::ChunkMissing(id))?;
-            by_pack.entry(*pack).or_default().push(*e);
+            match passing.find(pack, e) {
+                Some(value) => f(*pack, id, self.held_value(pack, e, value)?)?,
+                None => by_pack.entry(*pack).or_default().push(*e),
+            }
         }
         // Ranged reads of the parts of each pack that hold wanted chunks,
         // ranges closer than RANGE_GAP read as one: a chunk or two from a
@@ -638,12 +645,46 @@ impl S3Tier {
                         .ok_or_else(|| StoreError::malformed(format!("s3 pack {pack}"), format!("truncated at chunk {}", e.id)))?;
                     f(*pack, e.id, self.held_value(pack, e, value)?)?;
                 }
+                passing.keep(*pack, *start, body);
             }
             next = upto;
         }
         Ok(())
     }
 }
+
+/// The ranges a fetch has read, kept (the newest, up to [`PASSING_BYTES`])
+/// so that the bases of its deltas, read a level down, come from them
+/// when they lie there: a range merged across gaps holds many chunks
+/// besides those it was read for, and an older version of a page is often
+/// among them.
+#[derive(Default)]
+struct Passing {
+    ranges: VecDeque<(ChunkId, u64, Vec<u8>)>,
+    bytes: usize,
+}
+
+impl Passing {
+    /// The bytes of entry `e` of `pack`, if a kept range holds them.
+    fn find(&self, pack: &ChunkId, e: &PackEntry) -> Option<&[u8]> {
+        self.ranges.iter().find_map(|(p, start, body)| {
+            let at = usize::try_from(e.offset.checked_sub(*start)?).ok()?;
+            (p == pack).then(|| body.get(at..at + e.len as usize)).flatten()
+        })
+    }
+
+    fn keep(&mut self, pack: ChunkId, start: u64, body: Vec<u8>) {
+        self.bytes += body.len();
+        self.ranges.push_back((pack, start, body));
+        while self.bytes > PASSING_BYTES {
+            let Some((_, _, old)) = self.ranges.pop_front() else { break };
+            self.bytes -= old.len();
+        }
+    }
+}
+
+/// Bytes of ranges a fetch keeps for the bases of its deltas, at most.
+const PASSING_BYTES: usize = 256 << 20;
 
 /// The error for chunk `id` of `pack` whose bytes do not give its content.
 fn mismatch(pack: &ChunkId, id: &ChunkId) -> StoreError {
@@ -749,4 +790,25 @@ pub(crate) fn check_segment(key: &str, guest: GuestId, body: &[u8]) -> Result<Se
         }
     }
     Ok(seg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_range_gives_exactly_the_entries_wholly_inside_it_of_its_own_pack() {
+        let (a, b) = (ChunkId([1; 32]), ChunkId([2; 32]));
+        let mut passing = Passing::default();
+        passing.keep(a, 100, (0..50).collect());
+        let at = |offset: u64, len: u32| PackEntry { id: ChunkId([9; 32]), offset, len, seal: None };
+        assert_eq!(passing.find(&a, &at(120, 10)), Some(&(20..30).collect::<Vec<u8>>()[..]));
+        assert_eq!(passing.find(&a, &at(100, 50)).map(<[u8]>::len), Some(50));
+        assert_eq!(passing.find(&a, &at(140, 20)), None, "runs past the range");
+        assert_eq!(passing.find(&a, &at(90, 20)), None, "starts before it");
+        assert_eq!(passing.find(&b, &at(120, 10)), None, "another pack");
+        passing.keep(b, 0, vec![7; 8]);
+        assert_eq!(passing.find(&b, &at(4, 4)), Some(&[7u8; 4][..]));
+        assert_eq!(passing.bytes, 58);
+    }
 }
