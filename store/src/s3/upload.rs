@@ -599,6 +599,7 @@ fn run(tier: Option<&S3Tier>, store: &Store, sh: &Shared, interval: Duration, re
                         packs = r.packs,
                         bytes = r.chunk_bytes,
                         gathered = r.chunks_gathered,
+                        deltas = r.deltas,
                         "uploaded to s3"
                     );
                 }
