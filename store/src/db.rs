@@ -679,7 +679,23 @@ impl Store {
 
     /// How many deltas deep `id` is stored (0: whole), by the bases table.
     fn delta_depth(&self, id: &ChunkId) -> Result<u8, StoreError> {
-        Ok(self.db.get_cf(self.cf(CF_BASES), id.0)?.and_then(|v| v.get(32).copied()).unwrap_or(0))
+        Ok(self.base_record(id)?.map_or(0, |(_, depth)| depth))
+    }
+
+    /// The base `id` is stored as a delta over, by the bases table
+    /// (`None`: stored whole).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub(crate) fn delta_base(&self, id: &ChunkId) -> Result<Option<ChunkId>, StoreError> {
+        Ok(self.base_record(id)?.map(|(base, _)| base))
+    }
+
+    /// `id`'s record in the bases table (`base id [32] | depth u8`): its
+    /// base and delta depth, `None` when stored whole.
+    fn base_record(&self, id: &ChunkId) -> Result<Option<(ChunkId, u8)>, StoreError> {
+        let v = self.db.get_cf(self.cf(CF_BASES), id.0)?;
+        Ok(v.and_then(|v| Some((ChunkId(v.get(..32)?.try_into().ok()?), *v.get(32)?))))
     }
 
     /// The pack location of a chunk stored in a pack.
@@ -1311,15 +1327,6 @@ impl Store {
             }
             _ => Ok((v, None)),
         }
-    }
-
-    /// The base `id` is stored as a delta over, by the bases table
-    /// (`None`: stored whole).
-    ///
-    /// # Errors
-    /// [`StoreError::Db`].
-    pub(crate) fn delta_base(&self, id: &ChunkId) -> Result<Option<ChunkId>, StoreError> {
-        Ok(self.db.get_cf(self.cf(CF_BASES), id.0)?.and_then(|v| v.get(..32).and_then(|b| b.try_into().ok())).map(ChunkId))
     }
 
     /// Flushes memtables (for tests that inspect files).
