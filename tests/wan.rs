@@ -494,7 +494,11 @@ fn a_dirty_rate_above_the_link_is_throttled_to_keep_output_under_the_target() {
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let (p50, p99) = (s["commit_ms_p50"].as_f64().unwrap(), s["commit_ms_p99"].as_f64().unwrap());
     assert!(s["throttled_epochs"].as_u64().unwrap() > 0, "{s}");
-    assert!(s["epoch_ms_max"].as_f64().unwrap() > 100.0, "epochs lengthened: {s}");
+    // The epochs lengthened: the period the cadence chose went past the
+    // 25 ms base. How far (six steps of a quarter or more in runs here)
+    // depends on the rate it measured, and so on how busy the machine is;
+    // that it lengthened at all does not.
+    assert!(s["epoch_ms_max"].as_f64().unwrap() > 25.0, "epochs lengthened: {s}");
     // Without the throttle the same run holds output 3–4 s at the median
     // and growing. Seal to acknowledgement includes the epochs of the
     // first copy, whose output was released at their seals.
