@@ -5,10 +5,12 @@
 # PAGES --seconds SECS` (default 20000, 10) pinned to CPU 1; once the
 # last epoch is uploaded, the bucket's objects are summed by kind (packs,
 # segments, indexes, ...) against the wire bytes and the local packs;
-# then the newest epoch is restored from S3 alone, RESTORES times (3).
+# then the newest epoch is restored from S3 alone, RESTORES times (3),
+# and the whole tier verified (`verify --s3`), VERIFIES times (1).
 #
-# usage: scripts/s3-ratio.sh   (REMUS_BIN, REMUS_RESTORE_BIN: the binaries;
-#        PAGES, SECS, RESTORES in the environment)
+# usage: scripts/s3-ratio.sh   (REMUS_BIN, REMUS_RESTORE_BIN,
+#        REMUS_VERIFY_BIN: the binaries; PAGES, SECS, RESTORES, VERIFIES
+#        in the environment)
 set -u
 R=${REMUS_BIN:-${CARGO_TARGET_DIR:-target}/release/remus}
 source "$(dirname "$0")/s3-server.sh"
@@ -60,5 +62,12 @@ for _ in $(seq "${RESTORES:-3}"); do
   "$RR" --from "s3://$BUCKET/ratio" --config "$D/c.toml" --latest --to "$D/r.img" >/dev/null 2>"$D/r.err" || { cat "$D/r.err"; break; }
   echo "restore of the newest epoch from S3: $(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$T0" "$(date +%s.%N)") s"
   rm -f "$D/r.img"
+done
+# `verify --s3` of the whole tier, VERIFIES times (default 1; REMUS_VERIFY_BIN).
+VB=${REMUS_VERIFY_BIN:-$R}
+for _ in $(seq "${VERIFIES:-1}"); do
+  T0=$(date +%s.%N)
+  "$VB" --data-dir "$D" --config "$D/c.toml" verify --s3 >"$D/v.out" 2>&1 || { tail -5 "$D/v.out"; break; }
+  echo "verify --s3: $(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$T0" "$(date +%s.%N)") s, $(tail -1 "$D/v.out")"
 done
 rm -rf "$D"

@@ -18,7 +18,7 @@ use std::time::Duration;
 use common::moto::AuthMoto;
 use common::*;
 use remus_store::s3::{format, S3Client, S3Config, S3Error};
-use remus_types::MemoryDigest;
+use remus_types::{ChunkId, MemoryDigest};
 
 fn endpoint() -> String {
     std::env::var("REMUS_TEST_S3_ENDPOINT").unwrap_or_else(|_| {
@@ -257,10 +257,20 @@ fn an_s3_outage_leaves_a_backlog_that_drains_and_site_loss_restores_from_s3_alon
     let out = verify();
     assert_eq!(out.status.code(), Some(1), "verify must fail: {}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(
-        report["damage"],
-        serde_json::json!([{"kind": "pack-chunk-corrupt", "pack": ix.pack.to_hex(), "chunk": victim.id.to_hex()}])
-    );
+    // The flipped chunk is named first; besides it, only deltas read
+    // through it (each over it or over another one named).
+    let damage = report["damage"].as_array().unwrap();
+    assert_eq!(damage[0], serde_json::json!({"kind": "pack-chunk-corrupt", "pack": ix.pack.to_hex(), "chunk": victim.id.to_hex()}));
+    let named: std::collections::HashSet<&str> = damage.iter().filter_map(|d| d["chunk"].as_str()).collect();
+    for d in &damage[1..] {
+        assert_eq!(d["kind"], "pack-chunk-corrupt", "{report}");
+        let pack = ChunkId::from_hex(d["pack"].as_str().unwrap()).unwrap();
+        let entries = format::decode_index(&s3.get(&format::index_key(&pack)).unwrap()).unwrap().entries;
+        let e = entries.iter().find(|e| Some(&*e.id.to_hex()) == d["chunk"].as_str()).expect("a chunk of its pack");
+        let value = s3.get_range(&format::pack_key(&pack), e.offset, 33).unwrap();
+        let base = ChunkId(value[1..33].try_into().unwrap()).to_hex();
+        assert!(value[0] == 3 && named.contains(&*base), "{} is no delta over a chunk named: {report}", e.id);
+    }
 
     // Bad input is a clear error: an unreachable endpoint, a missing bucket.
     let closed = TcpListener::bind("127.0.0.1:0").unwrap();

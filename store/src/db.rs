@@ -1293,19 +1293,9 @@ impl Store {
         }
     }
 
-    /// A chunk's value as [`chunk_value`](Self::chunk_value) gives it, a
-    /// delta made whole (zstd): what the S3 tier gets when it does not
-    /// hold the base, or gathers chunks into fewer packs.
-    ///
-    /// # Errors
-    /// As [`chunk`](Self::chunk).
-    pub fn chunk_value_whole(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
-        Ok(self.chunk_value_for_s3(id, |_| Ok(false))?.0)
-    }
-
     /// A chunk's value for the S3 tier: a delta as it is when
     /// `base_in_s3` says the tier holds its base (returned with it), else
-    /// made whole as [`chunk_value_whole`](Self::chunk_value_whole) does.
+    /// made whole (zstd).
     ///
     /// # Errors
     /// As [`chunk`](Self::chunk), or what `base_in_s3` returns.

@@ -782,6 +782,78 @@ fn s3_codec(tier: &S3Tier, id: &ChunkId) -> u8 {
     tier.client().get_range(&pack_key(&pack), e.offset, 1).unwrap()[0]
 }
 
+/// A guest editing one page an epoch (kept as XOR deltas, chains up to
+/// three deep), uploaded a pass every 5 epochs: the checkpoints gather
+/// the tables' scattered chunks, and a gathered delta goes again as a
+/// delta (its base is among the table's chains): more deltas are put
+/// than there are distinct deltas. Every checkpoint still names at most
+/// `spread_limit` packs, every epoch reads back exactly, and verify
+/// finds nothing wrong.
+#[test]
+fn gathered_deltas_stay_deltas_and_every_checkpoint_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let g = GuestId(6);
+    let tier = S3Tier::connect(&test_config("gather-deltas")).unwrap();
+    fill(&store, g, 1, 6);
+    let pfns: Vec<Pfn> = local_table(&store, g, EpochId(6)).keys().copied().collect();
+    let (mut gathered, mut deltas_put, mut edits) = (0, 0, Vec::new());
+    for e in 7..=400u64 {
+        edits.push(commit_edit(&store, g, e, pfns[e as usize % pfns.len()]));
+        if e % 5 == 0 {
+            let r = tier.upload_pending(&store, &|| false).unwrap();
+            gathered += r.chunks_gathered;
+            deltas_put += r.deltas;
+        }
+    }
+    let r = tier.upload_pending(&store, &|| false).unwrap();
+    deltas_put += r.deltas;
+    let deltas = edits.iter().filter(|id| store.chunk_value(id).unwrap()[0] == 3).count() as u64;
+    assert!(gathered > 0 && deltas > 0, "gathered {gathered}, deltas {deltas}");
+    assert!(deltas_put > deltas, "{deltas_put} deltas put for {deltas} distinct: none gathered as a delta");
+    let checkpoints = tier.checkpoint_epochs(g).unwrap();
+    assert!(checkpoints.len() >= 2, "{checkpoints:?}");
+    let limit = spread_limit(64, tier.cfg.pack_bytes());
+    for e in checkpoints.iter().copied().chain([EpochId(6), EpochId(203), EpochId(400)]) {
+        let h = tier.history(g, Reach::epoch(e), &mut |_, _| {}).unwrap();
+        if let Some(c) = h.base.as_ref().filter(|c| c.manifest.epoch == e) {
+            assert!(c.packs.len() <= limit, "checkpoint at {e} names {} packs (limit {limit})", c.packs.len());
+        }
+        let table = h.page_table(e);
+        assert_eq!(table, local_table(&store, g, e), "epoch {e}");
+        let locs = tier.pack_locations(&h.packs).unwrap().expect("the history's packs are there");
+        let mut got = 0;
+        tier.fetch_located(&locs, table.values().copied(), |id, data| {
+            assert_eq!(content_id(&data), id);
+            got += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(got, table.len(), "epoch {e}");
+    }
+    assert_eq!(tier.verify(&mut |_| {}).unwrap().damage, vec![]);
+
+    // A gathered delta has two copies; the one readers do not locate,
+    // damaged, is named with its own pack.
+    let mut copies: std::collections::HashMap<ChunkId, Vec<(ChunkId, format::PackEntry)>> = std::collections::HashMap::new();
+    for l in tier.client().list("index/").unwrap() {
+        let ix = format::decode_index(&tier.get_object(&l.key).unwrap()).unwrap();
+        for e in ix.entries {
+            copies.entry(e.id).or_default().push((ix.pack, e));
+        }
+    }
+    let locs = tier.chunk_locations().unwrap();
+    let codec = |pack: &ChunkId, e: &format::PackEntry| tier.client().get_range(&pack_key(pack), e.offset, 1).unwrap()[0];
+    let (id, pack, e) = copies
+        .iter()
+        .filter(|(_, c)| c.len() > 1)
+        .find_map(|(id, c)| c.iter().find(|(p, e)| *p != locs[id].0 && codec(p, e) == 3).map(|(p, e)| (*id, *p, *e)))
+        .expect("a delta with two copies");
+    flip(tier.client(), &pack_key(&pack), (e.offset + u64::from(e.len) - 2) as usize);
+    let damage = tier.verify(&mut |_| {}).unwrap().damage;
+    assert!(damage.contains(&Damage::PackChunkCorrupt { pack: pack.to_hex(), chunk: id.to_hex() }), "{damage:?}");
+}
+
 #[test]
 fn a_delta_goes_to_s3_as_a_delta_over_the_base_s3_holds_and_reads_back_through_its_chain() {
     let dir = tempfile::tempdir().unwrap();

@@ -229,9 +229,12 @@ impl Pass<'_> {
 
     /// Before a checkpoint at `m`: when the chunks of its page table (and
     /// the bases of those S3 may hold as deltas) lie in more packs than
-    /// [`spread_limit`], puts the live chunks of the sparsest packs, made
-    /// whole, into the pass's pack until the rest lie in at most half that
-    /// many. A chunk the local store no longer holds stays where it is.
+    /// [`spread_limit`], puts the live chunks of the sparsest packs into
+    /// the pass's pack until the rest lie in at most half that many. A
+    /// delta stays a delta over a base S3 holds: its base is one of the
+    /// table's chunks' chain, so the base's pack is among those counted
+    /// (or the base moves with it). A chunk the local store no longer
+    /// holds stays where it is.
     fn gather(&mut self, m: &Manifest) -> Result<(), StoreError> {
         let zero = remus_types::zero_page_hash();
         let mut seen = HashSet::new();
@@ -258,8 +261,12 @@ impl Pass<'_> {
             if self.in_pack.contains(&id) {
                 continue;
             }
-            match self.store.chunk_value_whole(&id) {
-                Ok(v) => self.pack.push(id, &v),
+            let (store, in_pack) = (self.store, &self.in_pack);
+            match store.chunk_value_for_s3(&id, |b| Ok(in_pack.contains(b) || store.s3_pack_of(b)?.is_some())) {
+                Ok((v, base)) => {
+                    self.pack.push(id, &v);
+                    self.report.deltas += u64::from(base.is_some());
+                }
                 Err(StoreError::ChunkMissing(_)) => continue,
                 Err(e) => return Err(e),
             }

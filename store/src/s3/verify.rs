@@ -3,20 +3,55 @@
 //! name exactly what is damaged (the pack and chunk, the epoch, the
 //! object).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use remus_types::{ChunkId, EpochId};
 
 use super::format::{self, BridgeObject, CheckpointObject};
 use super::{ChunkLocations, S3Epoch, S3Tier};
 use crate::chain::{Bridge, ChainWalk};
-use crate::db::HeldValue;
+use crate::db::{undo_xor, HeldValue};
 use crate::error::StoreError;
 use crate::verify::{Damage, VerifyReport};
 use remus_types::content_id;
 
-/// Deltas read through their chains per batch.
+/// Deltas whose bases lie in other packs, checked per batch.
 const DELTA_BATCH: usize = 4096;
+
+/// Content of a pack's whole chunks kept while its deltas are checked, at
+/// most (a delta over a base past it is checked as one in another pack).
+const HERE_BYTES: usize = 64 << 20;
+
+/// One copy of a delta in a pack, its base to be read.
+struct DeltaCopy {
+    pack: ChunkId,
+    id: ChunkId,
+    base: ChunkId,
+    xor: Vec<u8>,
+}
+
+/// Why a delta copy could not be read (in the order they are reported).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Unread {
+    /// Its own bytes: its base read well.
+    Own,
+    /// A base on its chain is damaged.
+    Base,
+    /// A base on its chain is in no pack.
+    BaseGone,
+}
+
+/// A delta copy that could not be read: its pack, its id, and why.
+type Unreadable = (ChunkId, ChunkId, Unread);
+
+/// Checks each of `copies` over their base's `content`.
+fn settle(copies: Vec<DeltaCopy>, content: &[u8], bad: &mut Vec<Unreadable>) {
+    for d in copies {
+        if undo_xor(&d.id, content, &d.xor).is_err() {
+            bad.push((d.pack, d.id, Unread::Own));
+        }
+    }
+}
 
 impl S3Tier {
     /// Reads, opens and decodes the object at `key`: the outer error when
@@ -29,26 +64,40 @@ impl S3Tier {
         }
     }
 
-    /// Reads each delta of `deltas` through its chain of bases and checks
-    /// its content against its id, in batches; calls `bad(id, base_gone)`
-    /// for each that cannot be read (`base_gone`: a base on its chain is
-    /// in no pack, else one is damaged).
-    fn check_deltas(&self, locs: &ChunkLocations, deltas: &[ChunkId], bad: &mut dyn FnMut(ChunkId, bool)) -> Result<(), StoreError> {
+    /// Checks each of `copies` (deltas whose bases lie in other packs)
+    /// against its id over its base's content, the bases read through
+    /// their chains in one fetch, or one at a time when one cannot be
+    /// read; pushes to `bad` those that cannot be read.
+    fn check_deferred(&self, locs: &ChunkLocations, copies: Vec<DeltaCopy>, bad: &mut Vec<Unreadable>) -> Result<(), StoreError> {
         let away = |e: &StoreError| matches!(e, StoreError::Keys(_) | StoreError::S3(_));
-        for batch in deltas.chunks(DELTA_BATCH) {
-            match self.fetch_located(locs, batch.iter().copied(), |_, _| Ok(())) {
+        let mut over: HashMap<ChunkId, Vec<DeltaCopy>> = HashMap::new();
+        for d in copies {
+            over.entry(d.base).or_default().push(d);
+        }
+        let bases: Vec<ChunkId> = over.keys().copied().collect();
+        match self.fetch_located(locs, bases, |base, content| {
+            settle(over.remove(&base).unwrap_or_default(), &content, bad);
+            Ok(())
+        }) {
+            Err(e) if away(&e) => return Err(e),
+            Ok(()) => return Ok(()),
+            Err(_) => {}
+        }
+        // A base could not be read: the rest one at a time, to tell which.
+        let rest: Vec<ChunkId> = over.keys().copied().collect();
+        for base in rest {
+            let copies = over.remove(&base).unwrap_or_default();
+            let mut got = None;
+            match self.fetch_located(locs, [base], |_, content| {
+                got = Some(content);
+                Ok(())
+            }) {
                 Err(e) if away(&e) => return Err(e),
-                Ok(()) => continue,
-                Err(_) => {}
-            }
-            // One is damaged: find which, one at a time.
-            for id in batch {
-                match self.fetch_located(locs, [*id], |_, _| Ok(())) {
-                    Err(e) if away(&e) => return Err(e),
-                    Err(StoreError::ChunkMissing(_)) => bad(*id, true),
-                    Err(_) => bad(*id, false),
-                    Ok(()) => {}
+                Err(e) => {
+                    let why = if matches!(e, StoreError::ChunkMissing(_)) { Unread::BaseGone } else { Unread::Base };
+                    bad.extend(copies.iter().map(|d| (d.pack, d.id, why)));
                 }
+                Ok(()) => settle(copies, &got.unwrap_or_default(), bad),
             }
         }
         Ok(())
@@ -64,9 +113,10 @@ impl S3Tier {
         let index_keys: Vec<String> = self.client.list("index/")?.into_iter().map(|l| l.key).collect();
         let mut held = HashSet::new();
         let mut damaged = HashSet::new();
-        // Where each chunk is, and the deltas, read once their bases are.
+        // Every index first: where each chunk is, so that a delta over a
+        // base in another pack can be read through its chain.
         let mut locs = ChunkLocations::new();
-        let mut deltas = Vec::new();
+        let mut indexes = Vec::new();
         for key in &index_keys {
             let ix = match self.checked(key, format::decode_index)? {
                 Ok(ix) => ix,
@@ -75,42 +125,88 @@ impl S3Tier {
                     continue;
                 }
             };
-            let pack = ix.pack.to_hex();
             if !packs.remove(&format::pack_key(&ix.pack)) {
-                r.damage.push(Damage::PackMissing { pack });
+                r.damage.push(Damage::PackMissing { pack: ix.pack.to_hex() });
                 continue;
             }
+            for e in &ix.entries {
+                locs.insert(e.id, (ix.pack, *e));
+            }
+            indexes.push(ix);
+        }
+        // Then each pack: its whole chunks checked, then every copy of a
+        // delta over its base, from this pack when it holds the base (and
+        // the base reads), else read through its chain with others.
+        let mut deferred = Vec::new();
+        let mut unreadable = Vec::new();
+        // Packs whose bytes do not give their name, with no chunk found
+        // damaged yet (a delta's own damage shows once it is read).
+        let mut mismatched = Vec::new();
+        for ix in &indexes {
+            let pack = ix.pack.to_hex();
             let body = self.client.get(&format::pack_key(&ix.pack))?;
             let mut bad = 0;
             if body.len() as u64 != ix.pack_len || format::check_pack_header(&body, ix.seal).is_err() {
                 r.damage.push(Damage::PackCorrupt { pack: pack.clone(), reason: "truncated or bad header".into() });
                 bad += 1;
             }
+            let (mut here, mut here_bytes) = (HashMap::new(), 0);
+            let mut waiting = Vec::new();
             for e in &ix.entries {
                 r.chunks += 1;
-                locs.insert(e.id, (ix.pack, *e));
                 let value = body.get(e.offset as usize..e.offset as usize + e.len as usize).map(|v| self.held_value(&ix.pack, e, v));
-                let ok = match value {
-                    Some(Ok(HeldValue::Whole(_))) => true,
-                    Some(Ok(HeldValue::Delta { .. })) => {
-                        deltas.push(e.id);
-                        true
+                match value {
+                    Some(Ok(HeldValue::Whole(content))) => {
+                        held.insert(e.id);
+                        if here_bytes < HERE_BYTES {
+                            here_bytes += content.len();
+                            here.insert(e.id, content);
+                        }
                     }
-                    _ => false,
-                };
-                if ok {
-                    held.insert(e.id);
-                } else {
-                    damaged.insert(e.id);
-                    bad += 1;
-                    r.damage.push(Damage::PackChunkCorrupt { pack: pack.clone(), chunk: e.id.to_hex() });
+                    Some(Ok(HeldValue::Delta { base, xor })) => {
+                        held.insert(e.id);
+                        waiting.push(DeltaCopy { pack: ix.pack, id: e.id, base, xor });
+                    }
+                    _ => {
+                        damaged.insert(e.id);
+                        bad += 1;
+                        r.damage.push(Damage::PackChunkCorrupt { pack: pack.clone(), chunk: e.id.to_hex() });
+                    }
                 }
             }
+            // Chains within the pack, a level at a time (a delta's base
+            // may come after it); what is left waits for a batch.
+            loop {
+                let before = waiting.len();
+                let mut read = Vec::new();
+                waiting.retain(|d: &DeltaCopy| {
+                    let Some(base) = here.get(&d.base) else { return true };
+                    match undo_xor(&d.id, base, &d.xor) {
+                        Ok(content) => read.push((d.id, content)),
+                        Err(_) => unreadable.push((d.pack, d.id, Unread::Own)),
+                    }
+                    false
+                });
+                for (id, content) in read {
+                    if here_bytes < HERE_BYTES {
+                        here_bytes += content.len();
+                        here.insert(id, content);
+                    }
+                }
+                if waiting.len() == before {
+                    break;
+                }
+            }
+            deferred.append(&mut waiting);
+            if deferred.len() >= DELTA_BATCH {
+                self.check_deferred(&locs, std::mem::take(&mut deferred), &mut unreadable)?;
+            }
             if bad == 0 && content_id(&body) != ix.pack {
-                r.damage.push(Damage::PackCorrupt { pack, reason: "content does not match its name".into() });
+                mismatched.push(pack);
             }
             progress(r.chunks);
         }
+        self.check_deferred(&locs, deferred, &mut unreadable)?;
         let mut orphans: Vec<String> = packs.into_iter().collect();
         orphans.sort();
         for key in orphans {
@@ -221,13 +317,19 @@ impl S3Tier {
         }
         // A delta no kept epoch names may have lost a base to GC (it is
         // garbage its pack still holds); any other that cannot be read is
-        // damaged.
-        self.check_deltas(&locs, &deltas, &mut |id, base_gone| {
-            if !base_gone || referenced.contains(&id) {
-                let pack = locs[&id].0.to_hex();
-                r.damage.push(Damage::PackChunkCorrupt { pack, chunk: id.to_hex() });
+        // damaged, each copy named with its pack: first those damaged
+        // themselves, then those read through a damaged base.
+        unreadable.sort_by_key(|(_, _, why)| *why);
+        for (pack, id, why) in unreadable {
+            if why != Unread::BaseGone || referenced.contains(&id) {
+                r.damage.push(Damage::PackChunkCorrupt { pack: pack.to_hex(), chunk: id.to_hex() });
             }
-        })?;
+        }
+        for pack in mismatched {
+            if !r.damage.iter().any(|d| matches!(d, Damage::PackChunkCorrupt { pack: p, .. } if *p == pack)) {
+                r.damage.push(Damage::PackCorrupt { pack, reason: "content does not match its name".into() });
+            }
+        }
         progress(r.chunks);
         Ok(r)
     }
