@@ -6,7 +6,8 @@
 # last epoch is uploaded, the bucket's objects are summed by kind (packs,
 # segments, indexes, ...) against the wire bytes and the local packs;
 # then the newest epoch is restored from S3 alone, RESTORES times (3),
-# and the whole tier verified (`verify --s3`), VERIFIES times (1).
+# and the whole tier verified (`verify --s3`), VERIFIES times (1) by each
+# binary of REMUS_VERIFY_BIN.
 #
 # usage: scripts/s3-ratio.sh   (REMUS_BIN, REMUS_RESTORE_BIN,
 #        REMUS_VERIFY_BIN: the binaries; PAGES, SECS, RESTORES, VERIFIES
@@ -63,11 +64,14 @@ for _ in $(seq "${RESTORES:-3}"); do
   echo "restore of the newest epoch from S3: $(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$T0" "$(date +%s.%N)") s"
   rm -f "$D/r.img"
 done
-# `verify --s3` of the whole tier, VERIFIES times (default 1; REMUS_VERIFY_BIN).
-VB=${REMUS_VERIFY_BIN:-$R}
+# `verify --s3` of the whole tier, VERIFIES times (default 1) by each of
+# REMUS_VERIFY_BIN (binaries separated by spaces, alternated; default
+# REMUS_BIN).
 for _ in $(seq "${VERIFIES:-1}"); do
-  T0=$(date +%s.%N)
-  "$VB" --data-dir "$D" --config "$D/c.toml" verify --s3 >"$D/v.out" 2>&1 || { tail -5 "$D/v.out"; break; }
-  echo "verify --s3: $(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$T0" "$(date +%s.%N)") s, $(tail -1 "$D/v.out")"
+  for VB in ${REMUS_VERIFY_BIN:-$R}; do
+    T0=$(date +%s.%N)
+    "$VB" --data-dir "$D" --config "$D/c.toml" verify --s3 >"$D/v.out" 2>&1 || { tail -5 "$D/v.out"; break; }
+    echo "verify --s3 ($VB): $(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$T0" "$(date +%s.%N)") s, $(tail -1 "$D/v.out")"
+  done
 done
 rm -rf "$D"

@@ -114,7 +114,9 @@ impl S3Tier {
         let mut held = HashSet::new();
         let mut damaged = HashSet::new();
         // Every index first: where each chunk is, so that a delta over a
-        // base in another pack can be read through its chain.
+        // base in another pack can be read through its chain. (Each is read
+        // again with its pack rather than kept: indexes are a few per cent
+        // of the packs' bytes, and `locs` holds as many entries already.)
         let mut locs = ChunkLocations::new();
         let mut indexes = Vec::new();
         for key in &index_keys {
@@ -132,7 +134,7 @@ impl S3Tier {
             for e in &ix.entries {
                 locs.insert(e.id, (ix.pack, *e));
             }
-            indexes.push(ix);
+            indexes.push(key);
         }
         // Then each pack: its whole chunks checked, then every copy of a
         // delta over its base, from this pack when it holds the base (and
@@ -142,7 +144,14 @@ impl S3Tier {
         // Packs whose bytes do not give their name, with no chunk found
         // damaged yet (a delta's own damage shows once it is read).
         let mut mismatched = Vec::new();
-        for ix in &indexes {
+        for key in indexes {
+            let ix = match self.checked(key, format::decode_index)? {
+                Ok(ix) => ix,
+                Err(e) => {
+                    r.damage.push(Damage::ObjectCorrupt { key: key.clone(), reason: format!("read again: {e}") });
+                    continue;
+                }
+            };
             let pack = ix.pack.to_hex();
             let body = self.client.get(&format::pack_key(&ix.pack))?;
             let mut bad = 0;
