@@ -307,25 +307,34 @@ fn a_checkpoints_page_table_is_gathered_into_few_packs() {
         assert!(c.packs.len() <= limit, "checkpoint at {e} names {} packs (limit {limit})", c.packs.len());
     }
     for target in [20u64, 330, 350] {
-        let h = tier.history(g, Reach::epoch(EpochId(target)), &mut |_, _| {}).unwrap();
-        let table = h.page_table(EpochId(target));
-        assert_eq!(table, local_table(&store, g, EpochId(target)), "epoch {target}");
+        let (h, locs) = read_back_from_s3(&tier, &store, g, EpochId(target));
         // The packs a restore reads, those holding the table's chunks: at
         // most the checkpoint's and one per segment after it.
-        let locs = tier.pack_locations(&h.packs).unwrap().expect("the history's packs are there");
-        let read: std::collections::BTreeSet<ChunkId> = table.values().map(|id| locs[id].0).collect();
+        let read: std::collections::BTreeSet<ChunkId> = h.page_table(EpochId(target)).values().map(|id| locs[id].0).collect();
         let segments = h.objects_read as usize - usize::from(h.base.is_some());
         assert!(read.len() <= limit + segments, "epoch {target}: {} packs, {segments} segments", read.len());
-        let mut got = 0;
-        tier.fetch_located(&locs, table.values().copied(), |id, data| {
-            assert_eq!(content_id(&data), id);
-            got += 1;
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(got, table.len());
     }
     assert_eq!(tier.verify(&mut |_| {}).unwrap().damage, vec![]);
+}
+
+/// Reads epoch `e` of `g` from S3 alone: its page table, checked against
+/// the local store's, and every chunk of it through the packs its history
+/// names, each checked against its id. Returns the history and where
+/// those packs hold each chunk.
+fn read_back_from_s3(tier: &S3Tier, store: &Store, g: GuestId, e: EpochId) -> (S3History, ChunkLocations) {
+    let h = tier.history(g, Reach::epoch(e), &mut |_, _| {}).unwrap();
+    let table = h.page_table(e);
+    assert_eq!(table, local_table(store, g, e), "epoch {e}");
+    let locs = tier.pack_locations(&h.packs).unwrap().expect("the history's packs are there");
+    let mut got = 0;
+    tier.fetch_located(&locs, table.values().copied(), |id, data| {
+        assert_eq!(content_id(&data), id);
+        got += 1;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(got, table.len(), "epoch {e}");
+    (h, locs)
 }
 
 #[test]
@@ -815,21 +824,10 @@ fn gathered_deltas_stay_deltas_and_every_checkpoint_reads_back() {
     assert!(checkpoints.len() >= 2, "{checkpoints:?}");
     let limit = spread_limit(64, tier.cfg.pack_bytes());
     for e in checkpoints.iter().copied().chain([EpochId(6), EpochId(203), EpochId(400)]) {
-        let h = tier.history(g, Reach::epoch(e), &mut |_, _| {}).unwrap();
+        let (h, _) = read_back_from_s3(&tier, &store, g, e);
         if let Some(c) = h.base.as_ref().filter(|c| c.manifest.epoch == e) {
             assert!(c.packs.len() <= limit, "checkpoint at {e} names {} packs (limit {limit})", c.packs.len());
         }
-        let table = h.page_table(e);
-        assert_eq!(table, local_table(&store, g, e), "epoch {e}");
-        let locs = tier.pack_locations(&h.packs).unwrap().expect("the history's packs are there");
-        let mut got = 0;
-        tier.fetch_located(&locs, table.values().copied(), |id, data| {
-            assert_eq!(content_id(&data), id);
-            got += 1;
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(got, table.len(), "epoch {e}");
     }
     assert_eq!(tier.verify(&mut |_| {}).unwrap().damage, vec![]);
 
