@@ -40,7 +40,10 @@ BACKUP_CONFIG="$D/c.toml" start_backup "$R" "$D" taskset -c 0
 taskset -c 1 "$R" --data-dir "$D" protect --backup "$ADDR" --seconds "${SECS:-10}" --pages-per-sec "${PAGES:-20000}" --json --drain-seconds 30 > "$D/p.json" 2>"$D/p.err"
 LAST=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['epochs_committed'])" "$D/p.json")
 echo "waiting for epoch $LAST to be uploaded" >&2
-for _ in $(seq 600); do grep -q "uploaded guest-.* epoch $LAST\$" "$D/b.out" && break; sleep 1; done
+AT=$(grep -o "uploaded guest-.* epoch [0-9]*" "$D/b.out" | tail -1 | grep -o "[0-9]*$")
+T0=$(date +%s)
+for _ in $(seq 1800); do grep -q "uploaded guest-.* epoch $LAST\$" "$D/b.out" && break; sleep 1; done
+echo "S3 upload caught up $(( $(date +%s) - T0 )) s after the run (epoch ${AT:-0} of $LAST uploaded when it ended)"
 kill $BP; wait $BP 2>/dev/null
 $PY - "$D/p.json" "$REMUS_TEST_S3_ENDPOINT" "$BUCKET" "$(du -sb "$D/store/packs" | cut -f1)" <<'PY'
 import collections, json, sys, boto3

@@ -134,14 +134,24 @@ impl Store {
 
     /// Calls `f(chunk, pack)` for `id` and each base of its local delta
     /// chain that S3 holds, with the pack holding it.
-    fn s3_chain(&self, id: &ChunkId, mut f: impl FnMut(ChunkId, ChunkId)) -> Result<(), StoreError> {
-        let mut at = Some(*id);
-        for _ in 0..=crate::db::MAX_DELTA_DEPTH {
-            let Some(id) = at else { break };
-            if let Some(pack) = self.s3_pack_of(&id)? {
-                f(id, pack);
+    fn s3_chain(&self, id: &ChunkId, f: impl FnMut(ChunkId, ChunkId)) -> Result<(), StoreError> {
+        self.s3_chain_from(id, self.s3_pack_of(id)?, f)
+    }
+
+    /// As [`s3_chain`](Self::s3_chain), with the pack holding `id` (if
+    /// any) already looked up.
+    fn s3_chain_from(&self, id: &ChunkId, pack: Option<ChunkId>, mut f: impl FnMut(ChunkId, ChunkId)) -> Result<(), StoreError> {
+        let (mut at, mut pack) = (*id, pack);
+        for depth in 0..=crate::db::MAX_DELTA_DEPTH {
+            if let Some(pack) = pack {
+                f(at, pack);
             }
-            at = self.delta_base(&id)?;
+            if depth == crate::db::MAX_DELTA_DEPTH {
+                break;
+            }
+            let Some(base) = self.delta_base(&at)? else { break };
+            pack = self.s3_pack_of(&base)?;
+            at = base;
         }
         Ok(())
     }
@@ -425,14 +435,27 @@ impl S3Tier {
                     if pass.in_pack.contains(&id) {
                         continue;
                     }
-                    if store.s3_pack_of(&id)?.is_some() {
-                        store.s3_chain_packs(&id, &mut pass.packs)?;
+                    // Each chunk's S3 mark looked up once: the walk down
+                    // its chain starts from what was found.
+                    let packs = &mut pass.packs;
+                    if let Some(pack) = store.s3_pack_of(&id)? {
+                        store.s3_chain_from(&id, Some(pack), |_, p| {
+                            packs.insert(p);
+                        })?;
                         continue;
                     }
-                    let in_pack = &pass.in_pack;
-                    let (value, base) = store.chunk_value_for_s3(&id, |b| Ok(in_pack.contains(b) || store.s3_pack_of(b)?.is_some()))?;
+                    let (in_pack, mut base_pack) = (&pass.in_pack, None);
+                    let (value, base) = store.chunk_value_for_s3(&id, |b| {
+                        if in_pack.contains(b) {
+                            return Ok(true);
+                        }
+                        base_pack = store.s3_pack_of(b)?;
+                        Ok(base_pack.is_some())
+                    })?;
                     if let Some(base) = base {
-                        store.s3_chain_packs(&base, &mut pass.packs)?;
+                        store.s3_chain_from(&base, base_pack, |_, p| {
+                            packs.insert(p);
+                        })?;
                         pass.report.deltas += 1;
                     }
                     pass.pack.push(id, &value);
