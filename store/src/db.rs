@@ -363,28 +363,32 @@ impl Store {
             o.set_memtable_whole_key_filtering(true);
             o
         };
-        let mut chunks = filtered();
+        // And in the tables: the same lookups, and the uploader's of each
+        // chunk's S3 mark (`meta`) and delta base (`bases`), most of which
+        // find nothing (a new chunk, a whole one), answered without a
+        // search of every level's index.
+        let bloomed = || {
+            let mut o = filtered();
+            let mut bbo = BlockBasedOptions::default();
+            bbo.set_bloom_filter(10.0, false);
+            o.set_block_based_table_factory(&bbo);
+            o
+        };
+        let mut chunks = bloomed();
         chunks.set_enable_blob_files(true);
         chunks.set_min_blob_size(256);
         chunks.set_blob_compression_type(DBCompressionType::None);
         chunks.set_enable_blob_gc(true);
-        let mut bbo = BlockBasedOptions::default();
-        bbo.set_bloom_filter(10.0, false);
-        chunks.set_block_based_table_factory(&bbo);
-        let mut held = filtered();
-        let mut hbo = BlockBasedOptions::default();
-        hbo.set_bloom_filter(10.0, false);
-        held.set_block_based_table_factory(&hbo);
         let mut usage = plain();
         usage.set_merge_operator_associative("remus-add-i64", add_usage);
         let mut cfs = vec![
             ColumnFamilyDescriptor::new(CF_CHUNKS, chunks),
             ColumnFamilyDescriptor::new(CF_EPOCHS, plain()),
             ColumnFamilyDescriptor::new(CF_PAGES, plain()),
-            ColumnFamilyDescriptor::new(CF_META, plain()),
-            ColumnFamilyDescriptor::new(CF_HELD, held),
+            ColumnFamilyDescriptor::new(CF_META, bloomed()),
+            ColumnFamilyDescriptor::new(CF_HELD, bloomed()),
             ColumnFamilyDescriptor::new(CF_USAGE, usage),
-            ColumnFamilyDescriptor::new(CF_BASES, plain()),
+            ColumnFamilyDescriptor::new(CF_BASES, bloomed()),
         ];
         if opts.read_only {
             // A store written before a column family existed opens for
