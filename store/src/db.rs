@@ -1297,30 +1297,30 @@ impl Store {
         }
     }
 
-    /// A chunk's value for the S3 tier: a delta as it is when
-    /// `base_in_s3` says the tier holds its base (returned with it), else
-    /// made whole (zstd).
+    /// A chunk's value for the S3 tier, with the base it stays a delta
+    /// over: a delta stays as it is when the tier holds its base, in a pack
+    /// (its mark, given with the base) or `pending` in the pack being
+    /// filled (given as `None`); otherwise it is made whole (zstd).
     ///
     /// # Errors
-    /// As [`chunk`](Self::chunk), or what `base_in_s3` returns.
+    /// As [`chunk`](Self::chunk).
     pub(crate) fn chunk_value_for_s3(
         &self,
         id: &ChunkId,
-        mut base_in_s3: impl FnMut(&ChunkId) -> Result<bool, StoreError>,
-    ) -> Result<(Vec<u8>, Option<ChunkId>), StoreError> {
+        pending: impl Fn(&ChunkId) -> bool,
+    ) -> Result<(Vec<u8>, Option<S3Base>), StoreError> {
         let v = self.chunk_value(id)?;
-        match v.split_first() {
-            Some((&CODEC_DELTA, delta)) => {
-                let (base, _) = delta_parts(delta).ok_or(StoreError::ChunkCorrupt(*id))?;
-                if base_in_s3(&base)? {
-                    return Ok((v, Some(base)));
-                }
-                let mut content = Vec::with_capacity(PAGE_SIZE);
-                self.undo_delta(id, delta, &mut content, 0)?;
-                Ok((compress_whole(&content)?.value(), None))
-            }
-            _ => Ok((v, None)),
+        let base = match v.split_first() {
+            Some((&CODEC_DELTA, delta)) => delta_parts(delta).ok_or(StoreError::ChunkCorrupt(*id))?.0,
+            _ => return Ok((v, None)),
+        };
+        let held = if pending(&base) { Some(None) } else { self.s3_pack_of(&base)?.map(Some) };
+        if let Some(pack) = held {
+            return Ok((v, Some((base, pack))));
         }
+        let mut content = Vec::with_capacity(PAGE_SIZE);
+        self.undo_delta(id, &v[1..], &mut content, 0)?;
+        Ok((compress_whole(&content)?.value(), None))
     }
 
     /// Flushes memtables (for tests that inspect files).
@@ -1484,6 +1484,10 @@ pub fn decode_chunk_value(id: &ChunkId, v: &[u8]) -> Result<Vec<u8>, StoreError>
     let (&codec, b) = v.split_first().ok_or(StoreError::ChunkCorrupt(*id))?;
     decode_chunk(id, codec, b)
 }
+
+/// The base a chunk stays a delta over in the S3 tier, and the pack holding
+/// it there (`None`: the pack being filled).
+pub(crate) type S3Base = (ChunkId, Option<ChunkId>);
 
 /// A chunk value as the S3 tier may hold it: whole content (checked
 /// against its id), or a delta whose base must be read first.

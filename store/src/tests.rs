@@ -738,9 +738,9 @@ fn deltas_kept_as_deltas(opts: StoreOptions) {
     }
     // The S3 tier gets a delta made whole when it lacks the base, as is
     // when it holds it.
-    let for_s3 = |held: bool| store.chunk_value_for_s3(&id(4), |b| Ok(held && *b == id(3))).unwrap();
+    let for_s3 = |held: bool| store.chunk_value_for_s3(&id(4), |b| held && *b == id(3)).unwrap();
     assert_eq!((for_s3(false).0[0], for_s3(false).1), (1, None));
-    assert_eq!(for_s3(true), (store.chunk_value(&id(4)).unwrap(), Some(id(3))));
+    assert_eq!(for_s3(true), (store.chunk_value(&id(4)).unwrap(), Some((id(3), None))));
     assert_eq!(store.verify(|_| {}).unwrap().damage, vec![]);
     // Keep only epochs 4 and 5 (the newest second): version 4 is a delta
     // over 3 over 2 over 1, which no kept epoch names; GC keeps them all.

@@ -147,7 +147,7 @@ impl S3Tier {
             let live: Vec<ChunkId> = ix.entries.iter().map(|e| e.id).filter(|id| referenced.contains(id)).collect();
             // A delta stays one over a base S3 holds (a live delta's base
             // is live: it is kept, or moved before its pack goes).
-            let value = |id: &ChunkId| store.chunk_value_for_s3(id, |b| Ok(store.s3_pack_of(b)?.is_some())).map(|(v, _)| (*id, v));
+            let value = |id: &ChunkId| store.chunk_value_for_s3(id, |_| false).map(|(v, _)| (*id, v));
             let values = match live.iter().map(value).collect::<Result<Vec<_>, _>>() {
                 Ok(v) => v,
                 Err(StoreError::ChunkMissing(id)) => {

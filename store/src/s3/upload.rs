@@ -127,7 +127,13 @@ impl Store {
     /// # Errors
     /// [`StoreError::Db`].
     pub(crate) fn s3_chain_packs(&self, id: &ChunkId, packs: &mut BTreeSet<ChunkId>) -> Result<(), StoreError> {
-        self.s3_chain(id, |_, pack| {
+        self.s3_chain_packs_from(id, self.s3_pack_of(id)?, packs)
+    }
+
+    /// As [`s3_chain_packs`](Self::s3_chain_packs), with the pack holding
+    /// `id` (if any) already looked up.
+    fn s3_chain_packs_from(&self, id: &ChunkId, pack: Option<ChunkId>, packs: &mut BTreeSet<ChunkId>) -> Result<(), StoreError> {
+        self.s3_chain_from(id, pack, |_, pack| {
             packs.insert(pack);
         })
     }
@@ -271,8 +277,8 @@ impl Pass<'_> {
             if self.in_pack.contains(&id) {
                 continue;
             }
-            let (store, in_pack) = (self.store, &self.in_pack);
-            match store.chunk_value_for_s3(&id, |b| Ok(in_pack.contains(b) || store.s3_pack_of(b)?.is_some())) {
+            let value = self.store.chunk_value_for_s3(&id, |b| self.in_pack.contains(b));
+            match value {
                 Ok((v, base)) => {
                     self.pack.push(id, &v);
                     self.report.deltas += u64::from(base.is_some());
@@ -437,25 +443,13 @@ impl S3Tier {
                     }
                     // Each chunk's S3 mark looked up once: the walk down
                     // its chain starts from what was found.
-                    let packs = &mut pass.packs;
                     if let Some(pack) = store.s3_pack_of(&id)? {
-                        store.s3_chain_from(&id, Some(pack), |_, p| {
-                            packs.insert(p);
-                        })?;
+                        store.s3_chain_packs_from(&id, Some(pack), &mut pass.packs)?;
                         continue;
                     }
-                    let (in_pack, mut base_pack) = (&pass.in_pack, None);
-                    let (value, base) = store.chunk_value_for_s3(&id, |b| {
-                        if in_pack.contains(b) {
-                            return Ok(true);
-                        }
-                        base_pack = store.s3_pack_of(b)?;
-                        Ok(base_pack.is_some())
-                    })?;
-                    if let Some(base) = base {
-                        store.s3_chain_from(&base, base_pack, |_, p| {
-                            packs.insert(p);
-                        })?;
+                    let (value, base) = store.chunk_value_for_s3(&id, |b| pass.in_pack.contains(b))?;
+                    if let Some((base, pack)) = base {
+                        store.s3_chain_packs_from(&base, pack, &mut pass.packs)?;
                         pass.report.deltas += 1;
                     }
                     pass.pack.push(id, &value);

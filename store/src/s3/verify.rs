@@ -18,9 +18,26 @@ use remus_types::content_id;
 /// Deltas whose bases lie in other packs, checked per batch.
 const DELTA_BATCH: usize = 4096;
 
-/// Content of a pack's whole chunks kept while its deltas are checked, at
-/// most (a delta over a base past it is checked as one in another pack).
+/// Content of a pack's chunks kept while its deltas are checked, at most
+/// (a delta over a base past it is checked as one in another pack).
 const HERE_BYTES: usize = 64 << 20;
+
+/// The content of the chunks of the pack being checked, read so far, for
+/// the deltas over them in the same pack: up to [`HERE_BYTES`].
+#[derive(Default)]
+struct Here {
+    content: HashMap<ChunkId, Vec<u8>>,
+    bytes: usize,
+}
+
+impl Here {
+    fn keep(&mut self, id: ChunkId, content: Vec<u8>) {
+        if self.bytes < HERE_BYTES {
+            self.bytes += content.len();
+            self.content.insert(id, content);
+        }
+    }
+}
 
 /// One copy of a delta in a pack, its base to be read.
 struct DeltaCopy {
@@ -159,7 +176,7 @@ impl S3Tier {
                 r.damage.push(Damage::PackCorrupt { pack: pack.clone(), reason: "truncated or bad header".into() });
                 bad += 1;
             }
-            let (mut here, mut here_bytes) = (HashMap::new(), 0);
+            let mut here = Here::default();
             let mut waiting = Vec::new();
             for e in &ix.entries {
                 r.chunks += 1;
@@ -167,10 +184,7 @@ impl S3Tier {
                 match value {
                     Some(Ok(HeldValue::Whole(content))) => {
                         held.insert(e.id);
-                        if here_bytes < HERE_BYTES {
-                            here_bytes += content.len();
-                            here.insert(e.id, content);
-                        }
+                        here.keep(e.id, content);
                     }
                     Some(Ok(HeldValue::Delta { base, xor })) => {
                         held.insert(e.id);
@@ -189,7 +203,7 @@ impl S3Tier {
                 let before = waiting.len();
                 let mut read = Vec::new();
                 waiting.retain(|d: &DeltaCopy| {
-                    let Some(base) = here.get(&d.base) else { return true };
+                    let Some(base) = here.content.get(&d.base) else { return true };
                     match undo_xor(&d.id, base, &d.xor) {
                         Ok(content) => read.push((d.id, content)),
                         Err(_) => unreadable.push((d.pack, d.id, Unread::Own)),
@@ -197,10 +211,7 @@ impl S3Tier {
                     false
                 });
                 for (id, content) in read {
-                    if here_bytes < HERE_BYTES {
-                        here_bytes += content.len();
-                        here.insert(id, content);
-                    }
+                    here.keep(id, content);
                 }
                 if waiting.len() == before {
                     break;
